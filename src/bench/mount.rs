@@ -1,0 +1,313 @@
+//! Starts and stops the ltxfs mount the benchmark measures, as a child process.
+//!
+//! The mount runs in a separate `ltxfs mount` process (the same binary, or the one
+//! named by `LTXFS_BIN`) so that the benchmark measures what users get, and so that a
+//! crash of the filesystem cannot take the benchmark down with it.
+
+use std::fs::File;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use super::{BenchError, ltxfs_mounted};
+
+/// How long the mount may take to appear.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long ltxfs may take to exit after SIGTERM before it is killed.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the mount table and the child are checked while waiting.
+const POLL_INTERVAL: Duration = Duration::from_millis(10);
+/// How much of the end of ltxfs's output goes into error messages.
+const OUTPUT_TAIL_BYTES: u64 = 4096;
+
+/// The mount point inside the benchmark directory.
+pub(super) fn mount_point(base: &Path) -> PathBuf {
+    base.join("mnt")
+}
+
+/// A running `ltxfs mount` child. Dropping it stops the child and, if need be,
+/// unmounts by force, so error paths cannot leave a mount behind.
+pub(super) struct MountGuard {
+    child: Option<Child>,
+    /// False once `stop` has run, so that dropping the guard afterwards does nothing.
+    active: bool,
+    mount_point: PathBuf,
+    log_path: PathBuf,
+}
+
+impl MountGuard {
+    /// Writes the configuration under `base` (an absolute path), starts ltxfs and
+    /// waits until the kernel lists the mount.
+    pub(super) fn start(base: &Path) -> Result<MountGuard, BenchError> {
+        let mount_point = mount_point(base);
+        let config_path = base.join("ltxfs.yml");
+        let log_path = base.join("ltxfs.log");
+        super::create_dir(&mount_point)?;
+        let config = format!("data:\n  dir: {}\n", yaml_quote(&base.join("data")));
+        std::fs::write(&config_path, config).map_err(|cause| BenchError::Io {
+            action: "write the configuration",
+            path: config_path.clone(),
+            cause,
+        })?;
+
+        // ltxfs's output goes to a file rather than a pipe: a pipe nobody drains
+        // would block ltxfs once it filled up during a long run.
+        let log_error = |cause| BenchError::Io {
+            action: "create the log file",
+            path: log_path.clone(),
+            cause,
+        };
+        let stdout = File::create(&log_path).map_err(log_error)?;
+        let stderr = stdout.try_clone().map_err(log_error)?;
+
+        let binary = ltxfs_binary()?;
+        let child = Command::new(&binary)
+            .arg("mount")
+            .arg(&mount_point)
+            .arg("--config")
+            .arg(&config_path)
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
+            .spawn()
+            .map_err(|cause| BenchError::Spawn { binary, cause })?;
+        let mut guard = MountGuard {
+            child: Some(child),
+            active: true,
+            mount_point,
+            log_path,
+        };
+        // On error the guard is dropped here, which stops the child.
+        guard.wait_until_ready()?;
+        Ok(guard)
+    }
+
+    pub(super) fn mount_point(&self) -> &Path {
+        &self.mount_point
+    }
+
+    fn wait_until_ready(&mut self) -> Result<(), BenchError> {
+        let started = Instant::now();
+        let max_polls = READY_TIMEOUT.as_millis() / POLL_INTERVAL.as_millis() + 1;
+        for _ in 0..max_polls {
+            if let Some(status) = self.try_wait()? {
+                self.child = None;
+                return Err(BenchError::MountExited {
+                    mount_point: self.mount_point.clone(),
+                    status: status.to_string(),
+                    output: self.output_tail(),
+                });
+            }
+            if ltxfs_mounted(&self.mount_point)? {
+                return Ok(());
+            }
+            if started.elapsed() >= READY_TIMEOUT {
+                break;
+            }
+            std::thread::sleep(POLL_INTERVAL);
+        }
+        Err(BenchError::MountTimeout {
+            mount_point: self.mount_point.clone(),
+            timeout: READY_TIMEOUT,
+            output: self.output_tail(),
+        })
+    }
+
+    fn try_wait(&mut self) -> Result<Option<ExitStatus>, BenchError> {
+        match self.child.as_mut() {
+            None => Ok(None),
+            Some(child) => child.try_wait().map_err(|cause| BenchError::Io {
+                action: "check on the ltxfs process for",
+                path: self.mount_point.clone(),
+                cause,
+            }),
+        }
+    }
+
+    /// Asks ltxfs to exit with SIGTERM, kills it if it has not exited after 10 s, and
+    /// unmounts by force if the mount is still there (also when ltxfs had already
+    /// exited on its own). Any of these fallbacks, or an
+    /// unsuccessful exit, is reported as an error; the mount is gone either way
+    /// unless the forced unmount failed too.
+    pub(super) fn stop(&mut self) -> Result<(), BenchError> {
+        if !self.active {
+            return Ok(());
+        }
+        self.active = false;
+        let mut problems = Vec::new();
+        if let Some(child) = self.child.take() {
+            stop_child(child, &mut problems);
+        }
+        match ltxfs_mounted(&self.mount_point) {
+            Ok(false) => {}
+            Ok(true) => {
+                problems.push("the mount was still there after ltxfs exited".to_string());
+                if let Err(problem) = force_unmount(&self.mount_point) {
+                    problems.push(problem);
+                }
+            }
+            Err(error) => problems.push(error.to_string()),
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(BenchError::Shutdown {
+                mount_point: self.mount_point.clone(),
+                problem: problems.join("; "),
+                output: self.output_tail(),
+            })
+        }
+    }
+
+    /// The last few KiB of what ltxfs printed, for error messages.
+    fn output_tail(&self) -> String {
+        let mut text = Vec::new();
+        let read = File::open(&self.log_path).and_then(|mut file| {
+            let length = file.metadata()?.len();
+            let start = length.saturating_sub(OUTPUT_TAIL_BYTES);
+            std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(start))?;
+            file.read_to_end(&mut text)
+        });
+        match read {
+            Err(error) => format!("(could not read {}: {error})", self.log_path.display()),
+            Ok(_) => {
+                let text = String::from_utf8_lossy(&text);
+                let text = text.trim();
+                if text.is_empty() {
+                    "(nothing)".to_string()
+                } else {
+                    text.to_string()
+                }
+            }
+        }
+    }
+}
+
+impl Drop for MountGuard {
+    fn drop(&mut self) {
+        // On the success path `stop` has already run and reported any problem.
+        let _ = self.stop();
+    }
+}
+
+/// The ltxfs executable: `LTXFS_BIN` if set, otherwise the running executable.
+fn ltxfs_binary() -> Result<PathBuf, BenchError> {
+    if let Some(binary) = std::env::var_os("LTXFS_BIN") {
+        return Ok(PathBuf::from(binary));
+    }
+    std::env::current_exe().map_err(|cause| BenchError::Io {
+        action: "find the running executable",
+        path: PathBuf::from("/proc/self/exe"),
+        cause,
+    })
+}
+
+/// Waits for the child to exit, polling, for at most `timeout`.
+fn wait_with_timeout(child: &mut Child, timeout: Duration) -> std::io::Result<Option<ExitStatus>> {
+    let started = Instant::now();
+    let max_polls = timeout.as_millis() / POLL_INTERVAL.as_millis() + 1;
+    for _ in 0..max_polls {
+        if let Some(status) = child.try_wait()? {
+            return Ok(Some(status));
+        }
+        if started.elapsed() >= timeout {
+            break;
+        }
+        std::thread::sleep(POLL_INTERVAL);
+    }
+    child.try_wait()
+}
+
+/// Asks the child to exit with SIGTERM and waits up to `STOP_TIMEOUT`, then kills it.
+/// Everything unexpected is added to `problems`.
+fn stop_child(mut child: Child, problems: &mut Vec<String>) {
+    match libc::pid_t::try_from(child.id()) {
+        // SAFETY: `kill` has no memory-safety preconditions. The pid is that of our
+        // own child, which has not been reaped, so it cannot name another process.
+        Ok(pid) => unsafe {
+            libc::kill(pid, libc::SIGTERM);
+        },
+        Err(_) => problems.push(format!("pid {} does not fit a pid_t", child.id())),
+    }
+    match wait_with_timeout(&mut child, STOP_TIMEOUT) {
+        Ok(Some(status)) if status.success() => {}
+        Ok(Some(status)) => problems.push(format!("ltxfs exited with {status} after SIGTERM")),
+        Ok(None) => {
+            problems.push(format!(
+                "ltxfs did not exit within {} s of SIGTERM and was killed",
+                STOP_TIMEOUT.as_secs()
+            ));
+            kill(&mut child, problems);
+        }
+        Err(error) => {
+            problems.push(format!("could not wait for ltxfs: {error}"));
+            kill(&mut child, problems);
+        }
+    }
+}
+
+/// Sends SIGKILL and reaps the child.
+fn kill(child: &mut Child, problems: &mut Vec<String>) {
+    if let Err(error) = child.kill().and_then(|()| child.wait().map(drop)) {
+        problems.push(format!("could not kill ltxfs: {error}"));
+    }
+}
+
+/// Detaches a mount whose process is gone. `umount -l` needs root; unprivileged
+/// users get the same effect from `fusermount3 -uz` or `fusermount -uz`.
+fn force_unmount(mount_point: &Path) -> Result<(), String> {
+    let attempts: [(&str, &[&str]); 3] = [
+        ("umount", &["-l"]),
+        ("fusermount3", &["-u", "-z"]),
+        ("fusermount", &["-u", "-z"]),
+    ];
+    let mut failures = Vec::new();
+    for (program, args) in attempts {
+        let outcome = Command::new(program)
+            .args(args)
+            .arg(mount_point)
+            .stdin(Stdio::null())
+            .output();
+        match outcome {
+            Ok(output) if output.status.success() => return Ok(()),
+            Ok(output) => failures.push(format!(
+                "{program} failed ({}): {}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr).trim()
+            )),
+            Err(error) => failures.push(format!("could not run {program}: {error}")),
+        }
+    }
+    Err(format!(
+        "could not unmount {}: {}",
+        mount_point.display(),
+        failures.join("; ")
+    ))
+}
+
+/// Quotes a path as a YAML double-quoted scalar.
+fn yaml_quote(path: &Path) -> String {
+    let mut quoted = String::from("\"");
+    for character in path.to_string_lossy().chars() {
+        match character {
+            '"' => quoted.push_str("\\\""),
+            '\\' => quoted.push_str("\\\\"),
+            '\n' => quoted.push_str("\\n"),
+            '\t' => quoted.push_str("\\t"),
+            other => quoted.push(other),
+        }
+    }
+    quoted.push('"');
+    quoted
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn yaml_quote_escapes_quotes_and_backslashes() {
+        assert_eq!(yaml_quote(Path::new("/a b/\"c\"\\d")), r#""/a b/\"c\"\\d""#);
+    }
+}

@@ -1,0 +1,152 @@
+//! The command line: parses arguments and runs a subcommand, returning the process
+//! exit status. Usage and configuration errors exit with status 2, other failures
+//! with 1; `ltxfs mount` with a command exits with that command's status.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{self, ExecCommand};
+use crate::mount::{self, MountError, MountRequest};
+
+/// Exit status for usage and configuration errors.
+pub const EXIT_USAGE: i32 = 2;
+/// Exit status for failures while running.
+pub const EXIT_FAILURE: i32 = 1;
+
+/// ltxfs: replicated SQLite over FUSE.
+#[derive(Debug, Parser)]
+#[command(name = "ltxfs", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Mount the filesystem in the foreground; databases opened under it are captured.
+    Mount {
+        /// Where to mount (overrides fuse.dir from the config).
+        mount_point: Option<PathBuf>,
+        /// The config file (default: ./ltxfs.yml, then /etc/ltxfs.yml, else defaults).
+        #[arg(long, short = 'c')]
+        config: Option<PathBuf>,
+        /// Do not expand $VAR and ${VAR} in the config file.
+        #[arg(long)]
+        no_expand_env: bool,
+        /// A command to run once mounted; ltxfs exits with its status.
+        #[arg(last = true)]
+        command: Vec<String>,
+    },
+    /// Compare SQLite on the mount against a plain directory on the same disk.
+    Bench {
+        /// Where to put the benchmark's files (default: a new directory here).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Seconds to measure each workload on each target.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        /// Size of the database for the point-read workload, in MB.
+        #[arg(long, default_value_t = 100)]
+        read_db_mb: u64,
+    },
+}
+
+/// Parses `args` and runs the command; returns the exit status.
+pub fn run(args: impl IntoIterator<Item = OsString>) -> i32 {
+    let cli = match Cli::try_parse_from(args) {
+        Ok(cli) => cli,
+        Err(error) => {
+            let _ = error.print();
+            return if error.use_stderr() { EXIT_USAGE } else { 0 };
+        }
+    };
+    match cli.command {
+        Command::Mount {
+            mount_point,
+            config,
+            no_expand_env,
+            command,
+        } => run_mount(mount_point, config, !no_expand_env, command),
+        Command::Bench {
+            dir,
+            seconds,
+            read_db_mb,
+        } => {
+            init_logging(false);
+            let options = crate::bench::BenchOptions {
+                dir,
+                seconds,
+                read_db_mb,
+            };
+            match crate::bench::run(&options) {
+                Ok(report) => {
+                    println!("{report}");
+                    0
+                }
+                Err(error) => fail(EXIT_FAILURE, &error),
+            }
+        }
+    }
+}
+
+fn run_mount(
+    mount_point: Option<PathBuf>,
+    config_path: Option<PathBuf>,
+    expand_env: bool,
+    command: Vec<String>,
+) -> i32 {
+    let loaded = match config::load(config_path.as_deref(), expand_env) {
+        Ok(loaded) => loaded,
+        Err(error) => return fail(EXIT_USAGE, &error),
+    };
+    init_logging(loaded.config.fuse.debug || loaded.config.log.debug);
+    if let Some(path) = &loaded.path {
+        tracing::info!(config = %path.display(), "config loaded");
+    }
+    let command = (!command.is_empty()).then(|| ExecCommand {
+        argv: command,
+        if_candidate: false,
+    });
+    let request = MountRequest {
+        mount_point,
+        config: loaded.config,
+        command,
+    };
+    match mount::run(request) {
+        Ok(code) => code,
+        Err(error @ MountError::Usage(_)) => fail(EXIT_USAGE, &error),
+        Err(error) => fail(EXIT_FAILURE, &error),
+    }
+}
+
+fn fail(code: i32, error: &dyn std::error::Error) -> i32 {
+    let mut message = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause = cause.to_string();
+        if !message.contains(&cause) {
+            message = format!("{message}: {cause}");
+        }
+        source = cause_source(source);
+    }
+    eprintln!("ltxfs: error: {}", message.replace('\n', " "));
+    code
+}
+
+fn cause_source<'a>(
+    error: Option<&'a (dyn std::error::Error + 'static)>,
+) -> Option<&'a (dyn std::error::Error + 'static)> {
+    error.and_then(|error| error.source())
+}
+
+fn init_logging(debug: bool) {
+    let default = if debug { "debug" } else { "info" };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("LTXFS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}

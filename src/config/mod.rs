@@ -1,0 +1,1198 @@
+//! The `ltxfs.yml` configuration file: finding it, reading it, and checking
+//! it.
+//!
+//! ltxfs is a successor to LiteFS, and a LiteFS user moves over by renaming
+//! `litefs.yml` to `ltxfs.yml`. So every key that LiteFS has and ltxfs
+//! supports keeps LiteFS's name, value syntax, default and meaning; the few
+//! deliberate differences are listed below. LiteFS keys that ltxfs does not
+//! support yet (`backup`, `tracing`, the proxy's HTTP timeouts, ...) are
+//! rejected with an error that says so, rather than as unknown keys.
+//!
+//! # Reading a file
+//!
+//! [`load`] picks the file: the path given with `--config` if any (an error
+//! if it does not exist), else `./ltxfs.yml`, else `/etc/ltxfs.yml`, else no
+//! file at all, in which case [`Config::default`] applies: a single-node
+//! primary. [`parse`] reads text. Both run three stages:
+//!
+//! 1. Environment variables are expanded in the raw text (unless turned
+//!    off): `$NAME`, `${NAME}`, LiteFS's `${NAME == 'value'}` comparisons,
+//!    and `$$` for a literal `$`. See the `env` submodule for the rules.
+//! 2. The YAML is read strictly: an unknown key, a value of the wrong type,
+//!    a malformed duration or a badly quoted `exec` command is an error that
+//!    names the key and the line.
+//! 3. [`Config::validate`] checks the settings together, such as
+//!    `lease.type: consul` requiring `lease.consul.url`.
+//!
+//! Invariants: a [`Config`] returned by [`parse`] or [`load`] has passed
+//! [`Config::validate`]; nothing in this module panics on any input; every
+//! error names the file (when there is one), the line (when it can be
+//! known) and the key.
+//!
+//! # Value syntax
+//!
+//! - Durations use Go's syntax, as in LiteFS: `10s`, `5m`, `1h30m`, `250ms`.
+//!   A bare `0` means zero; any other bare number is rejected (in LiteFS it
+//!   would silently mean nanoseconds).
+//! - Booleans accept `true`/`false` and the YAML 1.1 words LiteFS's YAML
+//!   library accepts: `yes`/`no`, `on`/`off`, `y`/`n`.
+//! - A key with an empty value (`hostname:`) means the default, and an empty
+//!   string counts as not set, as in LiteFS. This is what makes
+//!   `hostname: "${HOSTNAME}"` harmless when the variable is unset.
+//!
+//! # Differences from LiteFS
+//!
+//! - `lease.type: etcd`, `proxy.mode`, `proxy.db` as a list, and
+//!   `data.max-size` are ltxfs additions.
+//! - `proxy.max-lag` has no default (LiteFS: 10s); `0` also means no bound.
+//! - There is no `~/litefs.yml`-style search in the home directory.
+//! - `$$` is a literal `$` (Go expands it to an empty string), and malformed
+//!   `${...}` references are errors instead of being dropped silently.
+//! - `exec` command lines reject unquoted shell operators (`&&`, `|`, `>`,
+//!   ...) instead of silently ignoring the rest of the line.
+
+mod env;
+mod locate;
+mod raw;
+mod validate;
+mod values;
+
+use std::fmt;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub use values::{ValueError, parse_byte_size, parse_duration, split_command_line};
+
+use env::Expanded;
+use raw::{Choice, Choices, Flag, GoDuration, LITEFS_ONLY_KEYS, LITEFS_ONLY_MARKER, RawConfig};
+
+/// The configuration file's name, in the current directory and in `/etc`.
+pub const CONFIG_FILE_NAME: &str = "ltxfs.yml";
+
+/// The LiteFS file name, looked for only to tell the user to rename it.
+const LITEFS_CONFIG_FILE_NAME: &str = "litefs.yml";
+
+/// Default for `data.retention`, as in LiteFS.
+pub const DEFAULT_RETENTION: Duration = Duration::from_secs(10 * 60);
+/// Default for `data.retention-monitor-interval`, as in LiteFS.
+pub const DEFAULT_RETENTION_MONITOR_INTERVAL: Duration = Duration::from_secs(60);
+/// Default for `lease.reconnect-delay`, as in LiteFS.
+pub const DEFAULT_RECONNECT_DELAY: Duration = Duration::from_secs(1);
+/// Default for `lease.demote-delay`, as in LiteFS.
+pub const DEFAULT_DEMOTE_DELAY: Duration = Duration::from_secs(10);
+/// Default for `lease.consul.ttl`, as in LiteFS; also the least Consul accepts.
+pub const DEFAULT_CONSUL_TTL: Duration = Duration::from_secs(10);
+/// Default for `lease.consul.lock-delay`, as in LiteFS.
+pub const DEFAULT_CONSUL_LOCK_DELAY: Duration = Duration::from_secs(1);
+/// Default for `lease.etcd.ttl`, chosen to match the Consul default.
+pub const DEFAULT_ETCD_TTL: Duration = Duration::from_secs(10);
+/// Default for `http.addr`, as in LiteFS: port 20202 on every interface.
+pub const DEFAULT_HTTP_ADDR: &str = ":20202";
+/// Default for `proxy.primary-redirect-timeout`, as in LiteFS.
+pub const DEFAULT_PRIMARY_REDIRECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The whole `ltxfs.yml` configuration, with defaults filled in.
+///
+/// `Config::default()` is what runs when there is no file: a single-node
+/// primary (`lease.type: static`, `lease.candidate: true`) with LiteFS's
+/// defaults. Fields are public so that command-line flags can override them;
+/// call [`Config::validate`] again after changing them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// `exit-on-error`: exit the process when a fatal error occurs at
+    /// runtime instead of staying up for debugging. Default `true`, as in
+    /// LiteFS.
+    pub exit_on_error: bool,
+    /// `skip-sync`: start the `exec` commands without waiting to become
+    /// primary or to catch up with the primary. Default `false`.
+    pub skip_sync: bool,
+    /// `strict-verify`: verify database checksums after every transaction
+    /// (slow; for debugging). Default `false`.
+    pub strict_verify: bool,
+    /// `exec`: commands to run once the node is ready, in order. Every
+    /// command but the last runs to completion first (migrations, for
+    /// example); the last one is the application, which ltxfs supervises.
+    /// Default: none. A `-- CMD ARGS...` on the command line replaces it;
+    /// see [`ExecCommand::from_argv`].
+    pub exec: Vec<ExecCommand>,
+    /// `fuse`: the mount.
+    pub fuse: FuseConfig,
+    /// `data`: where and how long internal data is kept.
+    pub data: DataConfig,
+    /// `lease`: how the primary is chosen.
+    pub lease: LeaseConfig,
+    /// `http`: the API server other nodes talk to.
+    pub http: HttpConfig,
+    /// `proxy`: the optional HTTP proxy in front of the application.
+    pub proxy: ProxyConfig,
+    /// `log`: log output.
+    pub log: LogConfig,
+}
+
+/// One command of `exec`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecCommand {
+    /// The program and its arguments; never empty in a validated config.
+    pub argv: Vec<String>,
+    /// `if-candidate`: run this command only on a node that can become
+    /// primary (`lease.candidate: true`). Typically set on migrations.
+    /// Default `false`.
+    pub if_candidate: bool,
+}
+
+/// The `fuse` section.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FuseConfig {
+    /// `fuse.dir`: the mount point applications open databases in. No
+    /// default here; when unset, it comes from the command line.
+    pub dir: Option<PathBuf>,
+    /// `fuse.allow-other`: let users other than the mounting one use the
+    /// mount (needs `user_allow_other` in `/etc/fuse.conf`). Default `false`.
+    pub allow_other: bool,
+    /// `fuse.debug`: log every FUSE call (very verbose). Default `false`.
+    pub debug: bool,
+}
+
+/// The `data` section.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DataConfig {
+    /// `data.dir`: where databases and transaction (LTX) files are stored.
+    /// No default here; when unset, the caller picks a directory next to
+    /// the mount point.
+    pub dir: Option<PathBuf>,
+    /// `data.compress`: compress stored transaction files. Default `true`.
+    pub compress: bool,
+    /// `data.retention`: how long transaction files are kept for replicas
+    /// to catch up (the latest is always kept). Default 10 minutes.
+    pub retention: Duration,
+    /// `data.retention-monitor-interval`: how often old transaction files
+    /// are removed. Default 1 minute; never zero in a validated config.
+    pub retention_monitor_interval: Duration,
+    /// `data.max-size` (ltxfs only): an upper bound in bytes on retained
+    /// transaction files, enforced in addition to `retention`. Default:
+    /// no bound.
+    pub max_size: Option<u64>,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        Self {
+            dir: None,
+            compress: true,
+            retention: DEFAULT_RETENTION,
+            retention_monitor_interval: DEFAULT_RETENTION_MONITOR_INTERVAL,
+            max_size: None,
+        }
+    }
+}
+
+/// How the primary node is chosen (`lease.type`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum LeaseType {
+    /// `static`: the node with `lease.candidate: true` is always the primary;
+    /// replicas reach it at `lease.advertise-url`. The default.
+    #[default]
+    Static,
+    /// `consul`: nodes compete for a Consul lock; the primary can move.
+    Consul,
+    /// `etcd` (ltxfs only): nodes compete for an etcd lease.
+    Etcd,
+}
+
+impl Choices for LeaseType {
+    const CHOICES: &'static [(&'static str, Self)] = &[
+        ("static", Self::Static),
+        ("consul", Self::Consul),
+        ("etcd", Self::Etcd),
+    ];
+}
+
+/// The `lease` section.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseConfig {
+    /// `lease.type`. Default [`LeaseType::Static`].
+    pub lease_type: LeaseType,
+    /// `lease.hostname`: the name other nodes and the proxy use for this
+    /// node. Default: none (the OS host name is used at runtime).
+    pub hostname: Option<String>,
+    /// `lease.advertise-url`: the URL of this node's API for other nodes;
+    /// in a static lease, the primary's URL. Default: none (derived from the
+    /// host name and `http.addr` at runtime).
+    pub advertise_url: Option<String>,
+    /// `lease.candidate`: whether this node may become primary. Default
+    /// `true`.
+    pub candidate: bool,
+    /// `lease.promote`: a candidate takes the primary role automatically once
+    /// it has caught up. Default `false`.
+    pub promote: bool,
+    /// `lease.reconnect-delay`: the wait before reconnecting to the primary
+    /// or trying to become primary after a disconnect. Default 1 second.
+    pub reconnect_delay: Duration,
+    /// `lease.demote-delay`: the wait after a forced demotion before trying
+    /// to become primary again. Default 10 seconds.
+    pub demote_delay: Duration,
+    /// `lease.consul`: used when `lease_type` is Consul.
+    pub consul: ConsulConfig,
+    /// `lease.etcd`: used when `lease_type` is etcd.
+    pub etcd: EtcdConfig,
+}
+
+impl Default for LeaseConfig {
+    fn default() -> Self {
+        Self {
+            lease_type: LeaseType::Static,
+            hostname: None,
+            advertise_url: None,
+            candidate: true,
+            promote: false,
+            reconnect_delay: DEFAULT_RECONNECT_DELAY,
+            demote_delay: DEFAULT_DEMOTE_DELAY,
+            consul: ConsulConfig::default(),
+            etcd: EtcdConfig::default(),
+        }
+    }
+}
+
+/// The `lease.consul` section.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsulConfig {
+    /// `lease.consul.url`: the Consul API URL, possibly with a token and a
+    /// key prefix (`https://:TOKEN@host/prefix`). Required for Consul.
+    pub url: Option<String>,
+    /// `lease.consul.key`: the lock key, unique per cluster. Required for
+    /// Consul.
+    pub key: Option<String>,
+    /// `lease.consul.ttl`: how long the lease lives without renewal.
+    /// Default 10 seconds; Consul accepts 10 seconds to 24 hours.
+    pub ttl: Duration,
+    /// `lease.consul.lock-delay`: how long after a lease expires before
+    /// another node may take it. Default 1 second.
+    pub lock_delay: Duration,
+}
+
+impl Default for ConsulConfig {
+    fn default() -> Self {
+        Self {
+            url: None,
+            key: None,
+            ttl: DEFAULT_CONSUL_TTL,
+            lock_delay: DEFAULT_CONSUL_LOCK_DELAY,
+        }
+    }
+}
+
+/// The `lease.etcd` section (ltxfs only).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdConfig {
+    /// `lease.etcd.endpoints`: etcd client URLs (a string or a list).
+    /// Required for etcd.
+    pub endpoints: Vec<String>,
+    /// `lease.etcd.key`: the lease key, unique per cluster. Required for etcd.
+    pub key: Option<String>,
+    /// `lease.etcd.ttl`: the lease time-to-live, a whole number of seconds.
+    /// Default 10 seconds.
+    pub ttl: Duration,
+}
+
+impl Default for EtcdConfig {
+    fn default() -> Self {
+        Self {
+            endpoints: Vec::new(),
+            key: None,
+            ttl: DEFAULT_ETCD_TTL,
+        }
+    }
+}
+
+/// The `http` section.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpConfig {
+    /// `http.addr`: the API server's listen address, `[host]:port`. Default
+    /// `:20202`.
+    pub addr: String,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            addr: DEFAULT_HTTP_ADDR.to_owned(),
+        }
+    }
+}
+
+/// How the proxy sends a write that reaches a replica to the primary
+/// (`proxy.mode`, ltxfs only).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ProxyMode {
+    /// `replay`: answer with a `fly-replay` header so that Fly.io's edge
+    /// replays the request on the primary, as LiteFS does. The default.
+    #[default]
+    Replay,
+    /// `forward`: forward the request to the primary over the network.
+    Forward,
+}
+
+impl Choices for ProxyMode {
+    const CHOICES: &'static [(&'static str, Self)] =
+        &[("replay", Self::Replay), ("forward", Self::Forward)];
+}
+
+/// The `proxy` section. The proxy is enabled when any of `addr`, `target`
+/// or `db` is set, and then all three are required.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxyConfig {
+    /// `proxy.addr`: the proxy's listen address, `[host]:port`. Default: none.
+    pub addr: Option<String>,
+    /// `proxy.target`: the application's `host:port`. Default: none.
+    pub target: Option<String>,
+    /// `proxy.db`: the database(s) whose transaction ID the proxy tracks for
+    /// read-your-writes consistency; a string or a list. Default: none.
+    pub db: Vec<String>,
+    /// `proxy.debug`: log every proxied request. Default `false`.
+    pub debug: bool,
+    /// `proxy.passthrough`: path globs (`*` is the only wildcard) sent to
+    /// the application as is, without consistency handling. Default: none.
+    pub passthrough: Vec<String>,
+    /// `proxy.always-forward`: path globs whose read requests are still sent
+    /// to the primary. Default: none.
+    pub always_forward: Vec<String>,
+    /// `proxy.max-lag`: the replication lag above which the proxy's health
+    /// check fails. Default: no bound (LiteFS: 10 seconds); `0` also means
+    /// no bound.
+    pub max_lag: Option<Duration>,
+    /// `proxy.primary-redirect-timeout`: how long a write waits for a known
+    /// primary. Default 5 seconds.
+    pub primary_redirect_timeout: Duration,
+    /// `proxy.mode`. Default [`ProxyMode::Replay`].
+    pub mode: ProxyMode,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        Self {
+            addr: None,
+            target: None,
+            db: Vec::new(),
+            debug: false,
+            passthrough: Vec::new(),
+            always_forward: Vec::new(),
+            max_lag: None,
+            primary_redirect_timeout: DEFAULT_PRIMARY_REDIRECT_TIMEOUT,
+            mode: ProxyMode::Replay,
+        }
+    }
+}
+
+impl ProxyConfig {
+    /// Whether the proxy should run. In a validated config this implies that
+    /// `addr`, `target` and `db` are all set.
+    pub fn is_enabled(&self) -> bool {
+        self.addr.is_some() || self.target.is_some() || !self.db.is_empty()
+    }
+}
+
+/// Log line format (`log.format`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum LogFormat {
+    /// `text`: human-readable lines. The default.
+    #[default]
+    Text,
+    /// `json`: one JSON object per line.
+    Json,
+}
+
+impl Choices for LogFormat {
+    const CHOICES: &'static [(&'static str, Self)] = &[("text", Self::Text), ("json", Self::Json)];
+}
+
+/// The `log` section.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LogConfig {
+    /// `log.format`. Default [`LogFormat::Text`].
+    pub format: LogFormat,
+    /// `log.debug`: include debug messages. Default `false`.
+    pub debug: bool,
+    /// `log.timestamp`: start each line with a timestamp. Default `false`,
+    /// as in LiteFS, because service managers usually add one.
+    pub timestamp: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            exit_on_error: true,
+            skip_sync: false,
+            strict_verify: false,
+            exec: Vec::new(),
+            fuse: FuseConfig::default(),
+            data: DataConfig::default(),
+            lease: LeaseConfig::default(),
+            http: HttpConfig::default(),
+            proxy: ProxyConfig::default(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+impl Config {
+    /// Checks the settings together: required companions, ranges, address
+    /// syntax and conflicts. Returns the first problem as
+    /// [`ConfigError::Invalid`] naming the key and what to do; file and line
+    /// are filled in only when called through [`parse`] or [`load`].
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        match validate::first_problem(self) {
+            None => Ok(()),
+            Some(problem) => Err(ConfigError::Invalid {
+                file: None,
+                line: None,
+                key: problem.key,
+                message: problem.message,
+            }),
+        }
+    }
+}
+
+impl ExecCommand {
+    /// Builds the command given after `--` on the command line
+    /// (`ltxfs mount -- myapp -addr :8081`). The arguments are used exactly
+    /// as given, with no further splitting or quoting; the command runs
+    /// unconditionally (`if_candidate` is false).
+    pub fn from_argv<S: AsRef<str>>(argv: &[S]) -> Result<Self, ConfigError> {
+        let argv: Vec<String> = argv.iter().map(|arg| arg.as_ref().to_owned()).collect();
+        match argv.first() {
+            Some(program) if !program.is_empty() => Ok(Self {
+                argv,
+                if_candidate: false,
+            }),
+            _ => Err(ConfigError::Invalid {
+                file: None,
+                line: None,
+                key: "exec".to_owned(),
+                message: "no program follows `--` on the command line; write the program and \
+                          its arguments after `--`, or leave `--` out"
+                    .to_owned(),
+            }),
+        }
+    }
+}
+
+/// A configuration file that was found and read, or the defaults.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoadedConfig {
+    /// The validated configuration.
+    pub config: Config,
+    /// The absolute path of the file it came from, or `None` when no file
+    /// was found and the defaults apply.
+    pub path: Option<PathBuf>,
+}
+
+/// Why the configuration could not be used. Every message names the file
+/// (when there is one), the line (when known) and the key.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file named with `--config` does not exist.
+    #[error(
+        "config file {} does not exist; check the --config path, or leave --config out to \
+         search ./{CONFIG_FILE_NAME} and /etc/{CONFIG_FILE_NAME}",
+        path.display()
+    )]
+    NotFound {
+        /// The path as given.
+        path: PathBuf,
+    },
+
+    /// The file exists but could not be read.
+    #[error("cannot read config file {}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+
+    /// The text is not valid: YAML syntax, an unknown key, a wrong type, a
+    /// malformed value, or a malformed `${...}` reference.
+    #[error("{}{}{message}", Location(file.as_deref(), *line), KeyPrefix(key.as_deref()))]
+    Parse {
+        /// The file, when the text came from one.
+        file: Option<PathBuf>,
+        /// The 1-based line in the file as written (before `${...}`
+        /// expansion), when known.
+        line: Option<usize>,
+        /// The dotted key, such as `lease.consul.ttl`, when known.
+        key: Option<String>,
+        /// What is wrong and how to fix it.
+        message: String,
+    },
+
+    /// A key that LiteFS accepts but ltxfs does not support yet.
+    #[error(
+        "{}`{key}` is a LiteFS setting that ltxfs does not support yet; remove it from the \
+         config file.{}{hint}",
+        Location(file.as_deref(), *line),
+        if hint.is_empty() { "" } else { " " }
+    )]
+    UnsupportedLiteFsKey {
+        /// The file, when the text came from one.
+        file: Option<PathBuf>,
+        /// The 1-based line of the key, when known.
+        line: Option<usize>,
+        /// The dotted key, such as `backup` or `proxy.read-timeout`.
+        key: String,
+        /// What to do instead, or empty.
+        hint: &'static str,
+    },
+
+    /// The settings parse but do not work together (see
+    /// [`Config::validate`]).
+    #[error("{}{key}: {message}", Location(file.as_deref(), *line))]
+    Invalid {
+        /// The file, when the text came from one.
+        file: Option<PathBuf>,
+        /// The 1-based line of the key (or of its section when the key is
+        /// missing), when known.
+        line: Option<usize>,
+        /// The dotted key, such as `lease.consul.url` or `exec[1]`.
+        key: String,
+        /// What is wrong and how to fix it.
+        message: String,
+    },
+}
+
+impl ConfigError {
+    /// The 1-based line the error is about, when known.
+    pub fn line(&self) -> Option<usize> {
+        match self {
+            Self::NotFound { .. } | Self::Read { .. } => None,
+            Self::Parse { line, .. }
+            | Self::UnsupportedLiteFsKey { line, .. }
+            | Self::Invalid { line, .. } => *line,
+        }
+    }
+
+    /// The dotted key the error is about, when known.
+    pub fn key(&self) -> Option<&str> {
+        match self {
+            Self::NotFound { .. } | Self::Read { .. } => None,
+            Self::Parse { key, .. } => key.as_deref(),
+            Self::UnsupportedLiteFsKey { key, .. } | Self::Invalid { key, .. } => Some(key),
+        }
+    }
+
+    /// The file the error is about, when there is one.
+    pub fn file(&self) -> Option<&Path> {
+        match self {
+            Self::NotFound { path } | Self::Read { path, .. } => Some(path),
+            Self::Parse { file, .. }
+            | Self::UnsupportedLiteFsKey { file, .. }
+            | Self::Invalid { file, .. } => file.as_deref(),
+        }
+    }
+
+    /// Records the file the text came from.
+    fn in_file(mut self, path: &Path) -> Self {
+        match &mut self {
+            Self::NotFound { .. } | Self::Read { .. } => {}
+            Self::Parse { file, .. }
+            | Self::UnsupportedLiteFsKey { file, .. }
+            | Self::Invalid { file, .. } => *file = Some(path.to_owned()),
+        }
+        self
+    }
+}
+
+/// Formats the "where" part of an error: `FILE: line N: `.
+struct Location<'a>(Option<&'a Path>, Option<usize>);
+
+impl fmt::Display for Location<'_> {
+    fn fmt(&self, formatter: &mut fmt::Formatter) -> fmt::Result {
+        if let Some(file) = self.0 {
+            write!(formatter, "{}: ", file.display())?;
+        }
+        if let Some(line) = self.1 {
+            write!(formatter, "line {line}: ")?;
+        }
+        Ok(())
+    }
+}
+
+/// Formats an optional key as `KEY: `.
+struct KeyPrefix<'a>(Option<&'a str>);
+
+impl fmt::Display for KeyPrefix<'_> {
+    fn fmt(&self, formatter: &mut fmt::Formatter) -> fmt::Result {
+        match self.0 {
+            Some(key) => write!(formatter, "{key}: "),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Looks up an environment variable by name; `None` means unset.
+pub type EnvLookup = dyn Fn(&str) -> Option<String>;
+
+/// Parses configuration text, expanding environment variables from the
+/// process environment first when `expand_env` is true, and validates it.
+pub fn parse(text: &str, expand_env: bool) -> Result<Config, ConfigError> {
+    if expand_env {
+        parse_with_env(text, Some(&process_env))
+    } else {
+        parse_with_env(text, None)
+    }
+}
+
+/// Like [`parse`], but variables are looked up with `env` (no expansion
+/// when `None`). This lets tests and tools supply an environment without
+/// changing the process's.
+pub fn parse_with_env(text: &str, env: Option<&EnvLookup>) -> Result<Config, ConfigError> {
+    let expanded = match env {
+        Some(lookup) => env::expand(text, lookup).map_err(|error| ConfigError::Parse {
+            file: None,
+            line: Some(error.line),
+            key: None,
+            message: error.message,
+        })?,
+        None => Expanded::unchanged(text),
+    };
+
+    // `Option` makes a document that is only `~` or `null` mean "no settings".
+    let raw: Option<RawConfig> = serde_norway::from_str(&expanded.text)
+        .map_err(|error| parse_error_from_serde(&error, &expanded))?;
+    let config = raw.unwrap_or_default().into_config();
+
+    if let Some(problem) = validate::first_problem(&config) {
+        let line = locate::locate_key(&expanded.text, &problem.key)
+            .map(|line| expanded.original_line(line));
+        return Err(ConfigError::Invalid {
+            file: None,
+            line,
+            message: with_unset_variable_note(problem.message, line, &expanded),
+            key: problem.key,
+        });
+    }
+    Ok(config)
+}
+
+/// Expands environment variable references in `text` as [`parse`] does,
+/// looking them up with `env`; useful to show the effective file.
+pub fn expand_env_vars(text: &str, env: &EnvLookup) -> Result<String, ConfigError> {
+    env::expand(text, env)
+        .map(|expanded| expanded.text)
+        .map_err(|error| ConfigError::Parse {
+            file: None,
+            line: Some(error.line),
+            key: None,
+            message: error.message,
+        })
+}
+
+/// Looks a variable up in the process environment. A value that is not
+/// valid UTF-8 is converted lossily rather than treated as unset.
+fn process_env(name: &str) -> Option<String> {
+    std::env::var_os(name).map(|value| value.to_string_lossy().into_owned())
+}
+
+/// The files [`load`] tries, in order, when no path is given:
+/// `./ltxfs.yml`, then `/etc/ltxfs.yml`.
+pub fn default_search_paths() -> Vec<PathBuf> {
+    vec![
+        PathBuf::from(CONFIG_FILE_NAME),
+        Path::new("/etc").join(CONFIG_FILE_NAME),
+    ]
+}
+
+/// Finds, reads and validates the configuration.
+///
+/// With `explicit` (from `--config`), only that file is read, and a missing
+/// file is [`ConfigError::NotFound`]. Otherwise the [default search
+/// paths](default_search_paths) are tried in order; the first that exists is
+/// read, and when none exists the defaults apply
+/// ([`LoadedConfig::path`] is `None`). A file that exists but cannot be read
+/// is an error rather than skipped.
+pub fn load(explicit: Option<&Path>, expand_env: bool) -> Result<LoadedConfig, ConfigError> {
+    load_from(explicit, &default_search_paths(), expand_env)
+}
+
+/// [`load`] with the list of files to search given explicitly, for tests and
+/// embedders. `search_paths` is ignored when `explicit` is given.
+pub fn load_from(
+    explicit: Option<&Path>,
+    search_paths: &[PathBuf],
+    expand_env: bool,
+) -> Result<LoadedConfig, ConfigError> {
+    if let Some(path) = explicit {
+        let text = std::fs::read_to_string(path).map_err(|source| {
+            if source.kind() == io::ErrorKind::NotFound {
+                ConfigError::NotFound {
+                    path: path.to_owned(),
+                }
+            } else {
+                ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
+                }
+            }
+        })?;
+        return parse_file(path, &text, expand_env);
+    }
+
+    for candidate in search_paths {
+        match std::fs::read_to_string(candidate) {
+            Ok(text) => return parse_file(candidate, &text, expand_env),
+            Err(error) if error.kind() == io::ErrorKind::NotFound => continue,
+            Err(source) => {
+                return Err(ConfigError::Read {
+                    path: absolute(candidate),
+                    source,
+                });
+            }
+        }
+    }
+
+    warn_about_litefs_files(search_paths);
+    tracing::debug!("no {CONFIG_FILE_NAME} found; using the default configuration");
+    Ok(LoadedConfig {
+        config: Config::default(),
+        path: None,
+    })
+}
+
+fn absolute(path: &Path) -> PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_owned())
+}
+
+fn parse_file(path: &Path, text: &str, expand_env: bool) -> Result<LoadedConfig, ConfigError> {
+    let path = absolute(path);
+    let config = parse(text, expand_env).map_err(|error| error.in_file(&path))?;
+    tracing::debug!(path = %path.display(), "read configuration");
+    Ok(LoadedConfig {
+        config,
+        path: Some(path),
+    })
+}
+
+/// Warns when a `litefs.yml` sits where an `ltxfs.yml` was looked for: the
+/// user most likely forgot to rename it, and would otherwise silently get
+/// the defaults.
+fn warn_about_litefs_files(search_paths: &[PathBuf]) {
+    for candidate in search_paths {
+        let litefs_file = candidate.with_file_name(LITEFS_CONFIG_FILE_NAME);
+        if litefs_file.is_file() {
+            tracing::warn!(
+                "found {} but no {CONFIG_FILE_NAME}; ltxfs reads the same settings from \
+                 {CONFIG_FILE_NAME}, so rename it (using the defaults for now)",
+                litefs_file.display()
+            );
+        }
+    }
+}
+
+/// Adds a note when the line refers to environment variables that are not
+/// set, since an empty expansion is the usual cause of a missing value.
+fn with_unset_variable_note(message: String, line: Option<usize>, expanded: &Expanded) -> String {
+    let Some(line) = line else { return message };
+    let unset = expanded.unset_on_line(line);
+    if unset.is_empty() {
+        return message;
+    }
+    let names = unset
+        .iter()
+        .map(|name| format!("`{name}`"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let verb = if unset.len() == 1 { "is" } else { "are" };
+    format!(
+        "{message} (note: environment variable {names} on line {line} {verb} not set, \
+         so it expanded to an empty string)"
+    )
+}
+
+/// Removes serde_norway's ` at line N column M` and ` at position N`
+/// fragments; the line is reported separately, mapped to the original text.
+fn without_positions(message: &str) -> String {
+    let mut output = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(start) = rest.find(" at ") {
+        output.push_str(&rest[..start]);
+        let after = &rest[start + " at ".len()..];
+        if let Some(skipped) = skip_position(after) {
+            rest = skipped;
+        } else {
+            output.push_str(" at ");
+            rest = after;
+        }
+    }
+    output.push_str(rest);
+    output
+}
+
+/// Skips `line N column M` or `position N` at the start of `text`.
+fn skip_position(text: &str) -> Option<&str> {
+    fn skip_number(text: &str) -> Option<&str> {
+        let digits = text.bytes().take_while(u8::is_ascii_digit).count();
+        (digits > 0).then(|| &text[digits..])
+    }
+    if let Some(rest) = text.strip_prefix("line ") {
+        let rest = skip_number(rest)?;
+        return skip_number(rest.strip_prefix(" column ")?);
+    }
+    skip_number(text.strip_prefix("position ")?)
+}
+
+/// Replaces serde's "struct RawLease" (an internal type name) with words.
+fn without_internal_type_names(message: &str) -> String {
+    let mut output = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(start) = rest.find("struct Raw") {
+        output.push_str(&rest[..start]);
+        output.push_str("a mapping of keys");
+        let after = &rest[start + "struct Raw".len()..];
+        let name_length = after
+            .bytes()
+            .take_while(|byte| byte.is_ascii_alphanumeric())
+            .count();
+        rest = &after[name_length..];
+    }
+    output.push_str(rest);
+    output
+}
+
+/// Splits serde_norway's `path.to.key: message` into its two parts.
+fn split_key_prefix(message: &str) -> (Option<&str>, &str) {
+    if let Some((prefix, rest)) = message.split_once(": ") {
+        let looks_like_path = !prefix.is_empty()
+            && prefix.bytes().all(|byte| {
+                byte.is_ascii_alphanumeric()
+                    || matches!(byte, b'-' | b'_' | b'.' | b'[' | b']' | b'?')
+            });
+        if looks_like_path {
+            return (Some(prefix), rest);
+        }
+    }
+    (None, message)
+}
+
+/// Returns the text between the first pair of backquotes.
+fn first_quoted(text: &str) -> Option<&str> {
+    let start = text.find('`')? + 1;
+    let length = text[start..].find('`')?;
+    Some(&text[start..start + length])
+}
+
+fn join_key(section: Option<&str>, key: &str) -> String {
+    match section {
+        Some(section) => format!("{section}.{key}"),
+        None => key.to_owned(),
+    }
+}
+
+/// Levenshtein distance, for "did you mean" suggestions on short keys.
+fn edit_distance(left: &str, right: &str) -> usize {
+    let right: Vec<char> = right.chars().collect();
+    let mut previous: Vec<usize> = (0..=right.len()).collect();
+    for (i, left_char) in left.chars().enumerate() {
+        let mut current = vec![i + 1];
+        for (j, right_char) in right.iter().enumerate() {
+            let substitution = previous[j] + usize::from(left_char != *right_char);
+            current.push(substitution.min(previous[j + 1] + 1).min(current[j] + 1));
+        }
+        previous = current;
+    }
+    previous[right.len()]
+}
+
+/// Rewrites serde's "unknown field `x`, expected one of `a`, `b`" for a key
+/// under `section` into a message that names the full key, suggests a close
+/// match, and leaves out the LiteFS-only keys that serde lists.
+fn unknown_key_message(section: Option<&str>, rest: &str) -> Option<(String, String)> {
+    let after = rest.strip_prefix("unknown field ")?;
+    let unknown = first_quoted(after)?;
+    let expected_part = after.split_once("expected").map_or("", |(_, list)| list);
+    let allowed: Vec<&str> = expected_part
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .filter(|candidate| {
+            let full = join_key(section, candidate);
+            !LITEFS_ONLY_KEYS.iter().any(|(key, _)| *key == full)
+        })
+        .collect();
+
+    let normalized = unknown.to_ascii_lowercase().replace('_', "-");
+    let suggestion = allowed
+        .iter()
+        .map(|candidate| (edit_distance(&normalized, candidate), *candidate))
+        .filter(|(distance, candidate)| *distance <= 2 && *distance < candidate.len())
+        .min_by_key(|(distance, _)| *distance)
+        .map(|(_, candidate)| candidate);
+
+    let mut message = "unknown key".to_owned();
+    if let Some(suggestion) = suggestion {
+        message.push_str(&format!(" (did you mean `{suggestion}`?)"));
+    }
+    let place = match section {
+        Some(section) => format!("under `{section}`"),
+        None => "at the top level".to_owned(),
+    };
+    if allowed.is_empty() {
+        message.push_str(&format!("; no keys are allowed {place}"));
+    } else {
+        let list = allowed
+            .iter()
+            .map(|key| format!("`{key}`"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        message.push_str(&format!("; the keys allowed {place} are {list}"));
+    }
+    Some((join_key(section, unknown), message))
+}
+
+/// Converts a serde_norway error into a [`ConfigError`], with the line
+/// mapped back to the original text and the key split out.
+fn parse_error_from_serde(error: &serde_norway::Error, expanded: &Expanded) -> ConfigError {
+    let serde_line = error.location().map(|location| location.line());
+    let mut line = serde_line.map(|line| expanded.original_line(line));
+    let full_message = without_internal_type_names(&without_positions(&error.to_string()));
+    let (section, rest) = split_key_prefix(&full_message);
+
+    if rest == LITEFS_ONLY_MARKER {
+        let key = section.unwrap_or_default().to_owned();
+        let hint = LITEFS_ONLY_KEYS
+            .iter()
+            .find(|(known, _)| *known == key)
+            .map_or("", |(_, hint)| *hint);
+        // serde points at a mapping's first inner line; find the key's own.
+        if let Some(key_line) = locate::locate_key(&expanded.text, &key) {
+            line = Some(expanded.original_line(key_line));
+        }
+        return ConfigError::UnsupportedLiteFsKey {
+            file: None,
+            line,
+            key,
+            hint,
+        };
+    }
+
+    let (key, mut message) = if let Some((key, message)) = unknown_key_message(section, rest) {
+        (Some(key), message)
+    } else if let Some(duplicate) = rest.strip_prefix("duplicate field ").and_then(first_quoted) {
+        let key = join_key(section, duplicate);
+        // serde points at the enclosing mapping; find the second occurrence.
+        if let Some(key_line) = locate::locate_key_occurrence(&expanded.text, &key, 1) {
+            line = Some(expanded.original_line(key_line));
+        }
+        (
+            Some(key),
+            "the key appears more than once in the same section; keep only one".to_owned(),
+        )
+    } else {
+        (section.map(str::to_owned), rest.to_owned())
+    };
+
+    if message.contains("cannot start any token") {
+        let has_tab = serde_line
+            .and_then(|line| expanded.text.lines().nth(line.saturating_sub(1)))
+            .is_some_and(|text| text.contains('\t'));
+        if has_tab {
+            message.push_str(" (YAML does not allow tabs for indentation; use spaces)");
+        }
+    }
+    let message = with_unset_variable_note(message, line, expanded);
+    ConfigError::Parse {
+        file: None,
+        line,
+        key,
+        message,
+    }
+}
+
+/// Treats an empty string as "not set", as LiteFS does for string settings.
+fn non_empty(value: Option<String>) -> Option<String> {
+    value.filter(|text| !text.is_empty())
+}
+
+fn flag_or(value: Option<Flag>, default: bool) -> bool {
+    value.map_or(default, |flag| flag.0)
+}
+
+fn duration_or(value: Option<GoDuration>, default: Duration) -> Duration {
+    value.map_or(default, |duration| duration.0)
+}
+
+fn choice_or<T: Choices>(value: Option<Choice<T>>, default: T) -> T {
+    value.map_or(default, |choice| choice.0)
+}
+
+impl RawConfig {
+    /// Fills in the defaults for everything not written.
+    fn into_config(self) -> Config {
+        let defaults = Config::default();
+        let fuse = self.fuse.unwrap_or_default();
+        let data = self.data.unwrap_or_default();
+        let lease = self.lease.unwrap_or_default();
+        let consul = lease.consul.unwrap_or_default();
+        let etcd = lease.etcd.unwrap_or_default();
+        let http = self.http.unwrap_or_default();
+        let proxy = self.proxy.unwrap_or_default();
+        let log = self.log.unwrap_or_default();
+
+        Config {
+            exit_on_error: flag_or(self.exit_on_error, defaults.exit_on_error),
+            skip_sync: flag_or(self.skip_sync, defaults.skip_sync),
+            strict_verify: flag_or(self.strict_verify, defaults.strict_verify),
+            exec: self.exec.map(|exec| exec.0).unwrap_or_default(),
+            fuse: FuseConfig {
+                dir: non_empty(fuse.dir).map(PathBuf::from),
+                allow_other: flag_or(fuse.allow_other, defaults.fuse.allow_other),
+                debug: flag_or(fuse.debug, defaults.fuse.debug),
+            },
+            data: DataConfig {
+                dir: non_empty(data.dir).map(PathBuf::from),
+                compress: flag_or(data.compress, defaults.data.compress),
+                retention: duration_or(data.retention, defaults.data.retention),
+                retention_monitor_interval: duration_or(
+                    data.retention_monitor_interval,
+                    defaults.data.retention_monitor_interval,
+                ),
+                max_size: data.max_size.map(|size| size.0),
+            },
+            lease: LeaseConfig {
+                lease_type: choice_or(lease.lease_type, defaults.lease.lease_type),
+                hostname: non_empty(lease.hostname),
+                advertise_url: non_empty(lease.advertise_url),
+                candidate: flag_or(lease.candidate, defaults.lease.candidate),
+                promote: flag_or(lease.promote, defaults.lease.promote),
+                reconnect_delay: duration_or(lease.reconnect_delay, defaults.lease.reconnect_delay),
+                demote_delay: duration_or(lease.demote_delay, defaults.lease.demote_delay),
+                consul: ConsulConfig {
+                    url: non_empty(consul.url),
+                    key: non_empty(consul.key),
+                    ttl: duration_or(consul.ttl, defaults.lease.consul.ttl),
+                    lock_delay: duration_or(consul.lock_delay, defaults.lease.consul.lock_delay),
+                },
+                etcd: EtcdConfig {
+                    endpoints: etcd.endpoints.map(|list| list.0).unwrap_or_default(),
+                    key: non_empty(etcd.key),
+                    ttl: duration_or(etcd.ttl, defaults.lease.etcd.ttl),
+                },
+            },
+            http: HttpConfig {
+                addr: non_empty(http.addr).unwrap_or(defaults.http.addr),
+            },
+            proxy: ProxyConfig {
+                addr: non_empty(proxy.addr),
+                target: non_empty(proxy.target),
+                db: proxy.db.map(|list| list.0).unwrap_or_default(),
+                debug: flag_or(proxy.debug, defaults.proxy.debug),
+                passthrough: proxy.passthrough.map(|list| list.0).unwrap_or_default(),
+                always_forward: proxy.always_forward.map(|list| list.0).unwrap_or_default(),
+                max_lag: proxy.max_lag.map(|lag| lag.0).filter(|lag| !lag.is_zero()),
+                primary_redirect_timeout: duration_or(
+                    proxy.primary_redirect_timeout,
+                    defaults.proxy.primary_redirect_timeout,
+                ),
+                mode: choice_or(proxy.mode, defaults.proxy.mode),
+            },
+            log: LogConfig {
+                format: choice_or(log.format, defaults.log.format),
+                debug: flag_or(log.debug, defaults.log.debug),
+                timestamp: flag_or(log.timestamp, defaults.log.timestamp),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    fn parse_error(text: &str) -> ConfigError {
+        parse_with_env(text, Some(&no_env)).expect_err(text)
+    }
+
+    #[test]
+    fn positions_are_removed_from_serde_messages() {
+        assert_eq!(
+            without_positions("a: bad at line 3 column 4, while x at line 2 column 1"),
+            "a: bad, while x"
+        );
+        assert_eq!(without_positions("bad at position 7"), "bad");
+        assert_eq!(without_positions("look at this"), "look at this");
+        assert_eq!(without_positions("at line"), "at line");
+    }
+
+    #[test]
+    fn key_prefixes_are_split_off() {
+        assert_eq!(
+            split_key_prefix("lease.consul: unknown field `x`"),
+            (Some("lease.consul"), "unknown field `x`")
+        );
+        assert_eq!(
+            split_key_prefix("invalid type: string"),
+            (None, "invalid type: string")
+        );
+        assert_eq!(split_key_prefix("exec[1]: bad"), (Some("exec[1]"), "bad"));
+    }
+
+    #[test]
+    fn edit_distances() {
+        assert_eq!(edit_distance("advertise-url", "advertise-url"), 0);
+        assert_eq!(edit_distance("canidate", "candidate"), 1);
+        assert_eq!(edit_distance("", "abc"), 3);
+    }
+
+    #[test]
+    fn unknown_keys_get_suggestions_and_hide_litefs_only_keys() {
+        let error = parse_error("lease:\n  advertise_url: http://x:1\n");
+        let text = error.to_string();
+        assert_eq!(error.key(), Some("lease.advertise_url"));
+        assert_eq!(error.line(), Some(2));
+        assert!(text.contains("(did you mean `advertise-url`?)"), "{text}");
+        assert!(!text.contains("`databases`"), "{text}");
+
+        let top = parse_error("tracing_enabled: true\n").to_string();
+        assert!(
+            !top.contains("`backup`") && !top.contains("`tracing`,"),
+            "{top}"
+        );
+    }
+
+    #[test]
+    fn duplicate_keys_point_at_the_repeat() {
+        let error = parse_error("lease:\n  type: static\n  candidate: true\n  type: consul\n");
+        assert_eq!(error.key(), Some("lease.type"));
+        assert_eq!(error.line(), Some(4));
+    }
+
+    #[test]
+    fn tabs_get_a_hint() {
+        let error = parse_error("fuse:\n\tdir: /x\n");
+        assert!(error.to_string().contains("tabs"), "{error}");
+    }
+
+    #[test]
+    fn internal_type_names_are_not_shown() {
+        let error = parse_error("lease: 3\n");
+        assert_eq!(error.key(), Some("lease"));
+        assert!(
+            error.to_string().contains("expected a mapping of keys"),
+            "{error}"
+        );
+        let top = parse_error("just text\n");
+        assert!(!top.to_string().contains("Raw"), "{top}");
+    }
+
+    #[test]
+    fn a_null_document_is_the_default() {
+        assert_eq!(parse("~\n", false).unwrap(), Config::default());
+        assert_eq!(parse("# nothing\n", false).unwrap(), Config::default());
+        assert_eq!(parse("", false).unwrap(), Config::default());
+    }
+}

@@ -1,0 +1,661 @@
+//! Filesystem semantics of the mount, independent of FUSE so it can be tested
+//! without a mount.
+//!
+//! The mount is one flat directory (inode [`ROOT_INO`]) whose files are the store's
+//! nodes; a node's id is its inode number. Open files are numbered handles. This
+//! module decides what each operation means (which names exist, which operations are
+//! refused, which locks an owner loses when a file is closed); the FUSE adapter only
+//! translates arguments and replies.
+//!
+//! Invariants:
+//! - Every error an operation returns is an [`FsError`], and [`FsError::errno`] is the
+//!   only place an errno is chosen.
+//! - Closing a descriptor (`flush`) drops all POSIX locks its process holds on that
+//!   file; releasing the last reference to an open file description drops the OFD
+//!   locks taken through it, and cancels its waiting lock requests.
+//! - No operation blocks waiting for another FUSE request: a blocking lock request is
+//!   queued and completed by the call that frees the lock.
+
+use std::collections::{BTreeSet, HashMap};
+use std::ffi::OsStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::SystemTime;
+
+use crate::store::locks::{ByteRange, HeldLock, LockError, LockKind, LockOwner, LockRequest};
+use crate::store::{Node, NodeId, Store, StoreError};
+
+/// The inode number of the mount root.
+pub const ROOT_INO: u64 = 1;
+
+/// Errors of filesystem operations, each mapped to one errno by [`FsError::errno`].
+#[derive(Debug, thiserror::Error)]
+pub enum FsError {
+    /// The core refused or failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// No file with that inode number.
+    #[error("no file with inode {0}")]
+    NoSuchInode(u64),
+    /// The handle is not open.
+    #[error("no open file with handle {0}")]
+    BadHandle(u64),
+    /// The parent of a name is not the mount root.
+    #[error("the mount root is the only directory")]
+    NotADirectory,
+    /// The operation needs a file but got the root directory.
+    #[error("the mount root is a directory")]
+    IsADirectory,
+    /// A name that is not valid UTF-8.
+    #[error("file names must be UTF-8: {0:?}")]
+    NameNotUtf8(std::ffi::OsString),
+    /// An operation the flat SQLite-only layout does not offer.
+    #[error(
+        "{0} is not supported: the mount holds only SQLite databases and their journals, in one flat directory"
+    )]
+    Unsupported(&'static str),
+    /// Extended attributes are not kept.
+    #[error("extended attributes are not supported")]
+    NoExtendedAttributes,
+    /// The lock is held by another owner.
+    #[error("byte range is locked")]
+    WouldBlock,
+    /// A waiting lock request was cancelled because its file was closed.
+    #[error("lock wait cancelled because the file was closed")]
+    LockCancelled,
+    /// A lock request with a range whose end lies before its start.
+    #[error("lock range ends ({end}) before it starts ({start})")]
+    BadLockRange {
+        /// The first byte.
+        start: u64,
+        /// The last byte.
+        end: u64,
+    },
+}
+
+impl FsError {
+    /// The errno reported to the application. This is the only place errnos are chosen.
+    pub fn errno(&self) -> i32 {
+        match self {
+            FsError::Store(StoreError::NotFound(_)) | FsError::NoSuchInode(_) => libc::ENOENT,
+            FsError::Store(StoreError::InvalidName { .. }) => libc::EINVAL,
+            FsError::Store(StoreError::NotSqlite { .. }) => libc::EINVAL,
+            FsError::Store(StoreError::Io { source, .. }) => {
+                source.raw_os_error().unwrap_or(libc::EIO)
+            }
+            FsError::BadHandle(_) => libc::EBADF,
+            FsError::NotADirectory => libc::ENOTDIR,
+            FsError::IsADirectory => libc::EISDIR,
+            FsError::NameNotUtf8(_) => libc::EINVAL,
+            FsError::Unsupported(_) => libc::EPERM,
+            FsError::NoExtendedAttributes => libc::ENOSYS,
+            FsError::WouldBlock => libc::EAGAIN,
+            FsError::LockCancelled => libc::EINTR,
+            FsError::BadLockRange { .. } => libc::EINVAL,
+        }
+    }
+
+    /// True for errors an application causes by its own input, which deserve a log
+    /// line saying why they were refused.
+    pub fn is_refusal(&self) -> bool {
+        matches!(
+            self,
+            FsError::Store(StoreError::InvalidName { .. })
+                | FsError::Store(StoreError::NotSqlite { .. })
+                | FsError::NameNotUtf8(_)
+                | FsError::Unsupported(_)
+                | FsError::NotADirectory
+        )
+    }
+}
+
+impl From<LockError> for FsError {
+    fn from(error: LockError) -> FsError {
+        match error {
+            LockError::WouldBlock => FsError::WouldBlock,
+            LockError::Cancelled => FsError::LockCancelled,
+        }
+    }
+}
+
+/// Whether an inode is the root directory or a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeType {
+    /// The mount root.
+    Directory,
+    /// A database or companion file.
+    File,
+}
+
+/// The attributes reported by `stat`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Attr {
+    /// Inode number.
+    pub ino: u64,
+    /// Length in bytes.
+    pub size: u64,
+    /// Directory or file.
+    pub node_type: NodeType,
+    /// Permission bits.
+    pub perm: u16,
+    /// Owner.
+    pub uid: u32,
+    /// Group.
+    pub gid: u32,
+    /// Last access.
+    pub atime: SystemTime,
+    /// Last modification.
+    pub mtime: SystemTime,
+    /// Last status change.
+    pub ctime: SystemTime,
+}
+
+/// One entry of the root directory listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirEntry {
+    /// Inode number.
+    pub ino: u64,
+    /// Directory or file.
+    pub node_type: NodeType,
+    /// The name.
+    pub name: String,
+}
+
+/// A lock operation as `fcntl` asked for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LockCall {
+    /// The kernel's lock owner.
+    pub owner: LockOwner,
+    /// The calling process.
+    pub pid: u32,
+    /// First byte.
+    pub start: u64,
+    /// Last byte (inclusive).
+    pub end: u64,
+    /// `Some` to lock, `None` to unlock.
+    pub kind: Option<LockKind>,
+}
+
+/// Completes a lock request, possibly later and from another thread.
+pub type LockCompletion = Box<dyn FnOnce(Result<(), FsError>) + Send>;
+
+/// What `statfs` reports: the backing filesystem's numbers.
+#[derive(Debug, Clone, Copy)]
+pub struct FsStats {
+    /// Total blocks.
+    pub blocks: u64,
+    /// Free blocks.
+    pub blocks_free: u64,
+    /// Blocks available to unprivileged users.
+    pub blocks_available: u64,
+    /// Total inodes.
+    pub files: u64,
+    /// Free inodes.
+    pub files_free: u64,
+    /// Block size.
+    pub block_size: u32,
+    /// Longest name.
+    pub name_max: u32,
+}
+
+struct OpenFile {
+    node: Arc<Node>,
+    /// Lock owners that took locks through this handle.
+    lock_owners: Mutex<BTreeSet<LockOwner>>,
+}
+
+/// The filesystem: the store plus open handles.
+pub struct Fs {
+    store: Arc<Store>,
+    handles: RwLock<HashMap<u64, Arc<OpenFile>>>,
+    next_handle: AtomicU64,
+    root_time: SystemTime,
+    uid: u32,
+    gid: u32,
+}
+
+impl Fs {
+    /// A filesystem over `store`; the root directory is owned by `uid`/`gid`.
+    pub fn new(store: Arc<Store>, uid: u32, gid: u32) -> Fs {
+        Fs {
+            store,
+            handles: RwLock::new(HashMap::new()),
+            next_handle: AtomicU64::new(1),
+            root_time: SystemTime::now(),
+            uid,
+            gid,
+        }
+    }
+
+    /// The store behind this filesystem.
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    /// Looks a name up in a directory.
+    pub fn lookup(&self, parent: u64, name: &OsStr) -> Result<Attr, FsError> {
+        let name = root_child_name(parent, name)?;
+        let node = self
+            .store
+            .lookup(name)
+            .ok_or_else(|| StoreError::NotFound(name.to_string()))?;
+        node_attr(&node)
+    }
+
+    /// The attributes of an inode, through the handle when one is given.
+    pub fn getattr(&self, ino: u64, handle: Option<u64>) -> Result<Attr, FsError> {
+        if ino == ROOT_INO {
+            return Ok(self.root_attr());
+        }
+        node_attr(self.node_for(ino, handle)?.as_ref())
+    }
+
+    /// Changes the length of a file (the only attribute change that has meaning here;
+    /// mode, owner and time changes are accepted and ignored, as SQLite needs).
+    pub fn setattr(
+        &self,
+        ino: u64,
+        handle: Option<u64>,
+        size: Option<u64>,
+    ) -> Result<Attr, FsError> {
+        if ino == ROOT_INO {
+            return Ok(self.root_attr());
+        }
+        let node = self.node_for(ino, handle)?;
+        if let Some(size) = size {
+            node.truncate(size)?;
+        }
+        node_attr(&node)
+    }
+
+    /// Lists the root directory.
+    pub fn readdir(&self, ino: u64) -> Result<Vec<DirEntry>, FsError> {
+        if ino != ROOT_INO {
+            return Err(FsError::NotADirectory);
+        }
+        let mut entries = vec![
+            DirEntry {
+                ino: ROOT_INO,
+                node_type: NodeType::Directory,
+                name: ".".into(),
+            },
+            DirEntry {
+                ino: ROOT_INO,
+                node_type: NodeType::Directory,
+                name: "..".into(),
+            },
+        ];
+        entries.extend(self.store.list().into_iter().map(|node| DirEntry {
+            ino: node.id().0,
+            node_type: NodeType::File,
+            name: node.name().to_string(),
+        }));
+        Ok(entries)
+    }
+
+    /// Creates (or opens, when it exists) a file and opens it.
+    pub fn create(&self, parent: u64, name: &OsStr) -> Result<(Attr, u64), FsError> {
+        let name = root_child_name(parent, name)?;
+        let node = self.store.create(name)?;
+        let attr = node_attr(&node)?;
+        Ok((attr, self.add_handle(node)))
+    }
+
+    /// Opens a file.
+    pub fn open(&self, ino: u64) -> Result<u64, FsError> {
+        if ino == ROOT_INO {
+            return Err(FsError::IsADirectory);
+        }
+        let node = self.node_for(ino, None)?;
+        Ok(self.add_handle(node))
+    }
+
+    /// Reads from an open file.
+    pub fn read(&self, handle: u64, offset: u64, size: u32) -> Result<Vec<u8>, FsError> {
+        Ok(self.handle(handle)?.node.read_at(offset, size as usize)?)
+    }
+
+    /// Writes to an open file.
+    pub fn write(&self, handle: u64, offset: u64, data: &[u8]) -> Result<u32, FsError> {
+        self.handle(handle)?.node.write_at(offset, data)?;
+        Ok(data.len() as u32)
+    }
+
+    /// A descriptor of an open file was closed by `owner`: drop its POSIX locks.
+    pub fn flush(&self, handle: u64, owner: LockOwner) -> Result<(), FsError> {
+        self.handle(handle)?.node.locks().unlock_all(owner);
+        Ok(())
+    }
+
+    /// The last reference to an open file description went away.
+    pub fn release(&self, handle: u64) -> Result<(), FsError> {
+        let mut handles = self.handles.write().unwrap_or_else(|p| p.into_inner());
+        let released = handles.remove(&handle).ok_or(FsError::BadHandle(handle))?;
+        let owners = std::mem::take(&mut *lock_owners(&released));
+        // An owner that also locked through another open handle of the same file is a
+        // process with the file open elsewhere; its locks stay until that closes.
+        let still_used: BTreeSet<LockOwner> = handles
+            .values()
+            .filter(|other| other.node.id() == released.node.id())
+            .flat_map(|other| lock_owners(other).clone())
+            .collect();
+        drop(handles);
+        for owner in owners.difference(&still_used) {
+            released.node.locks().release_owner(*owner);
+        }
+        Ok(())
+    }
+
+    /// Flushes a file to stable storage.
+    pub fn fsync(&self, handle: u64, data_only: bool) -> Result<(), FsError> {
+        Ok(self.handle(handle)?.node.sync(data_only)?)
+    }
+
+    /// Makes creates and unlinks durable.
+    pub fn fsyncdir(&self) -> Result<(), FsError> {
+        Ok(self.store.sync_directories()?)
+    }
+
+    /// Removes a file.
+    pub fn unlink(&self, parent: u64, name: &OsStr) -> Result<NodeId, FsError> {
+        let name = root_child_name(parent, name)?;
+        Ok(self.store.unlink(name)?.id())
+    }
+
+    /// Reports the first lock that conflicts with `call` (`F_GETLK`).
+    pub fn getlk(&self, handle: u64, call: LockCall) -> Result<Option<HeldLock>, FsError> {
+        let request = lock_request(call, call.kind.unwrap_or(LockKind::Read))?;
+        Ok(self.handle(handle)?.node.locks().conflicting(&request))
+    }
+
+    /// Locks or unlocks a range (`F_SETLK`, or `F_SETLKW` when `wait` is true).
+    /// `completion` runs exactly once: at once, or later from the thread that frees
+    /// the conflicting lock, so the calling thread never blocks.
+    pub fn setlk(&self, handle: u64, call: LockCall, wait: bool, completion: LockCompletion) {
+        let open_file = match self.handle(handle) {
+            Ok(open_file) => open_file,
+            Err(error) => return completion(Err(error)),
+        };
+        let locks = open_file.node.locks();
+        let Some(kind) = call.kind else {
+            return completion(
+                ByteRange::new(call.start, call.end)
+                    .ok_or(FsError::BadLockRange {
+                        start: call.start,
+                        end: call.end,
+                    })
+                    .map(|range| locks.unlock(call.owner, range)),
+            );
+        };
+        let request = match lock_request(call, kind) {
+            Ok(request) => request,
+            Err(error) => return completion(Err(error)),
+        };
+        lock_owners(&open_file).insert(call.owner);
+        if wait {
+            locks.lock_or_queue(
+                request,
+                Box::new(move |result| completion(result.map_err(FsError::from))),
+            );
+        } else {
+            completion(locks.try_lock(request).map_err(FsError::from));
+        }
+    }
+
+    /// The backing filesystem's space figures.
+    pub fn statfs(&self) -> Result<FsStats, FsError> {
+        let stats = self.store.backing_filesystem_stats()?;
+        Ok(FsStats {
+            blocks: stats.f_blocks,
+            blocks_free: stats.f_bfree,
+            blocks_available: stats.f_bavail,
+            files: stats.f_files,
+            files_free: stats.f_ffree,
+            block_size: stats.f_bsize as u32,
+            name_max: stats.f_namemax as u32,
+        })
+    }
+
+    fn root_attr(&self) -> Attr {
+        Attr {
+            ino: ROOT_INO,
+            size: 0,
+            node_type: NodeType::Directory,
+            perm: 0o755,
+            uid: self.uid,
+            gid: self.gid,
+            atime: self.root_time,
+            mtime: self.root_time,
+            ctime: self.root_time,
+        }
+    }
+
+    fn add_handle(&self, node: Arc<Node>) -> u64 {
+        let handle = self.next_handle.fetch_add(1, Ordering::Relaxed);
+        let open_file = Arc::new(OpenFile {
+            node,
+            lock_owners: Mutex::new(BTreeSet::new()),
+        });
+        self.handles
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(handle, open_file);
+        handle
+    }
+
+    fn handle(&self, handle: u64) -> Result<Arc<OpenFile>, FsError> {
+        self.handles
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&handle)
+            .cloned()
+            .ok_or(FsError::BadHandle(handle))
+    }
+
+    /// The node of an inode: through the handle when given (it may be unlinked),
+    /// else the live node, else any open handle still holding the unlinked node.
+    fn node_for(&self, ino: u64, handle: Option<u64>) -> Result<Arc<Node>, FsError> {
+        if let Some(open_file) = handle.and_then(|h| self.handle(h).ok()) {
+            if open_file.node.id().0 == ino {
+                return Ok(open_file.node.clone());
+            }
+        }
+        if let Some(node) = self.store.node(NodeId(ino)) {
+            return Ok(node);
+        }
+        self.handles
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .find(|open_file| open_file.node.id().0 == ino)
+            .map(|open_file| open_file.node.clone())
+            .ok_or(FsError::NoSuchInode(ino))
+    }
+}
+
+fn lock_owners(open_file: &OpenFile) -> std::sync::MutexGuard<'_, BTreeSet<LockOwner>> {
+    open_file
+        .lock_owners
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+}
+
+fn lock_request(call: LockCall, kind: LockKind) -> Result<LockRequest, FsError> {
+    let range = ByteRange::new(call.start, call.end).ok_or(FsError::BadLockRange {
+        start: call.start,
+        end: call.end,
+    })?;
+    Ok(LockRequest {
+        owner: call.owner,
+        pid: call.pid,
+        range,
+        kind,
+    })
+}
+
+fn root_child_name(parent: u64, name: &OsStr) -> Result<&str, FsError> {
+    if parent != ROOT_INO {
+        return Err(FsError::NotADirectory);
+    }
+    name.to_str()
+        .ok_or_else(|| FsError::NameNotUtf8(name.to_os_string()))
+}
+
+fn node_attr(node: &Node) -> Result<Attr, FsError> {
+    use std::os::unix::fs::MetadataExt;
+    let metadata = node.metadata()?;
+    let time = |seconds: i64, nanos: i64| {
+        std::time::UNIX_EPOCH
+            + std::time::Duration::new(seconds.max(0) as u64, nanos.clamp(0, 999_999_999) as u32)
+    };
+    Ok(Attr {
+        ino: node.id().0,
+        size: metadata.len(),
+        node_type: NodeType::File,
+        perm: (metadata.mode() & 0o7777) as u16,
+        uid: metadata.uid(),
+        gid: metadata.gid(),
+        atime: time(metadata.atime(), metadata.atime_nsec()),
+        mtime: time(metadata.mtime(), metadata.mtime_nsec()),
+        ctime: time(metadata.ctime(), metadata.ctime_nsec()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+
+    fn new_fs() -> (tempfile::TempDir, Fs) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        (dir, Fs::new(store, 0, 0))
+    }
+
+    fn call(owner: LockOwner, start: u64, kind: Option<LockKind>) -> LockCall {
+        LockCall {
+            owner,
+            pid: owner as u32,
+            start,
+            end: start,
+            kind,
+        }
+    }
+
+    fn setlk_now(fs: &Fs, handle: u64, lock: LockCall) -> Result<(), FsError> {
+        let (sender, receiver) = mpsc::channel();
+        fs.setlk(
+            handle,
+            lock,
+            false,
+            Box::new(move |result| sender.send(result).unwrap()),
+        );
+        receiver.recv().unwrap()
+    }
+
+    #[test]
+    fn only_the_root_is_a_directory() {
+        let (_dir, fs) = new_fs();
+        let (attr, _handle) = fs.create(ROOT_INO, OsStr::new("app.db")).unwrap();
+        assert!(matches!(
+            fs.lookup(attr.ino, OsStr::new("x")),
+            Err(FsError::NotADirectory)
+        ));
+        assert!(matches!(fs.open(ROOT_INO), Err(FsError::IsADirectory)));
+        assert_eq!(
+            fs.lookup(ROOT_INO, OsStr::new("app.db")).unwrap().ino,
+            attr.ino
+        );
+        let names: Vec<_> = fs
+            .readdir(ROOT_INO)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.name)
+            .collect();
+        assert_eq!(names, vec![".", "..", "app.db"]);
+    }
+
+    #[test]
+    fn flush_drops_posix_locks_and_release_drops_ofd_locks() {
+        let (_dir, fs) = new_fs();
+        let (attr, first) = fs.create(ROOT_INO, OsStr::new("app.db")).unwrap();
+        let second = fs.open(attr.ino).unwrap();
+        setlk_now(&fs, first, call(10, 0, Some(LockKind::Write))).unwrap();
+        assert!(matches!(
+            setlk_now(&fs, second, call(20, 0, Some(LockKind::Read))),
+            Err(FsError::WouldBlock)
+        ));
+        fs.flush(first, 10).unwrap();
+        setlk_now(&fs, second, call(20, 0, Some(LockKind::Read))).unwrap();
+        // Owner 20 behaves like an OFD lock owner: it goes away only with its handle.
+        fs.flush(second, 99).unwrap();
+        assert!(
+            fs.getlk(first, call(10, 0, Some(LockKind::Write)))
+                .unwrap()
+                .is_some()
+        );
+        fs.release(second).unwrap();
+        assert!(
+            fs.getlk(first, call(10, 0, Some(LockKind::Write)))
+                .unwrap()
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn blocking_lock_completes_when_the_holder_closes() {
+        let (_dir, fs) = new_fs();
+        let (attr, holder) = fs.create(ROOT_INO, OsStr::new("app.db")).unwrap();
+        let waiter = fs.open(attr.ino).unwrap();
+        setlk_now(&fs, holder, call(1, 5, Some(LockKind::Write))).unwrap();
+        let (sender, receiver) = mpsc::channel();
+        fs.setlk(
+            waiter,
+            call(2, 5, Some(LockKind::Write)),
+            true,
+            Box::new(move |r| sender.send(r).unwrap()),
+        );
+        assert!(
+            receiver.try_recv().is_err(),
+            "the request must wait, not block or fail"
+        );
+        fs.flush(holder, 1).unwrap();
+        receiver
+            .recv_timeout(std::time::Duration::from_secs(1))
+            .unwrap()
+            .unwrap();
+        let conflict = fs
+            .getlk(holder, call(1, 5, Some(LockKind::Read)))
+            .unwrap()
+            .unwrap();
+        assert_eq!(conflict.kind, LockKind::Write);
+        assert_eq!(conflict.owner, 2);
+    }
+
+    #[test]
+    fn unlinked_open_file_keeps_its_attributes() {
+        let (_dir, fs) = new_fs();
+        let (attr, handle) = fs.create(ROOT_INO, OsStr::new("app.db-journal")).unwrap();
+        fs.write(handle, 0, b"abc").unwrap();
+        fs.unlink(ROOT_INO, OsStr::new("app.db-journal")).unwrap();
+        assert_eq!(fs.getattr(attr.ino, Some(handle)).unwrap().size, 3);
+        assert_eq!(fs.getattr(attr.ino, None).unwrap().size, 3);
+        fs.release(handle).unwrap();
+        assert!(matches!(
+            fs.getattr(attr.ino, None),
+            Err(FsError::NoSuchInode(_))
+        ));
+    }
+
+    #[test]
+    fn refusals_map_to_clear_errnos() {
+        let (_dir, fs) = new_fs();
+        let (_attr, handle) = fs.create(ROOT_INO, OsStr::new("notes.txt")).unwrap();
+        let error = fs.write(handle, 0, b"hello").unwrap_err();
+        assert_eq!(error.errno(), libc::EINVAL);
+        assert!(error.is_refusal());
+        assert!(error.to_string().contains("SQLite header"), "{error}");
+        let error = fs.create(ROOT_INO, OsStr::new(".primary")).unwrap_err();
+        assert_eq!(error.errno(), libc::EINVAL);
+    }
+}

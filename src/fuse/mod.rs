@@ -1,0 +1,492 @@
+//! The thin adapter between the kernel's FUSE protocol (through `fuser`) and [`Fs`].
+//!
+//! Each callback only translates arguments, calls one [`Fs`] method and replies. The
+//! single decision made here is how long the kernel may cache answers: the page cache
+//! is kept across opens (`FOPEN_KEEP_CACHE`) and lookups that find nothing are
+//! cached too, because on a primary every change reaches the kernel through this
+//! mount. Whatever changes files behind the kernel's back must invalidate them.
+//!
+//! Errors are turned into errnos by [`FsError::errno`] alone; refusals caused by an
+//! application's input are logged here with the reason.
+
+use std::ffi::OsStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, InitFlags,
+    KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
+    ReplyEmpty, ReplyEntry, ReplyLock, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request,
+    WriteFlags,
+};
+
+use crate::fs::{Attr, Fs, FsError, LockCall, NodeType};
+use crate::store::locks::LockKind;
+
+/// How long the kernel may trust entries, attributes and negative lookups.
+const CACHE_TTL: Duration = Duration::from_secs(1);
+
+/// The FUSE callbacks of an ltxfs mount.
+pub struct FuseAdapter {
+    fs: Arc<Fs>,
+}
+
+impl FuseAdapter {
+    /// An adapter serving `fs`.
+    pub fn new(fs: Arc<Fs>) -> FuseAdapter {
+        FuseAdapter { fs }
+    }
+}
+
+/// Turns an error into the errno the application sees, logging refusals with why.
+fn errno(operation: &str, error: FsError) -> Errno {
+    if error.is_refusal() {
+        tracing::warn!("refused {operation}: {error}");
+    } else if matches!(error, FsError::Store(crate::store::StoreError::Io { .. })) {
+        tracing::error!("{operation} failed: {error}");
+    }
+    Errno::from_i32(error.errno())
+}
+
+fn file_attr(attr: &Attr) -> FileAttr {
+    let (kind, nlink) = match attr.node_type {
+        NodeType::Directory => (FileType::Directory, 2),
+        NodeType::File => (FileType::RegularFile, 1),
+    };
+    let perm = match attr.node_type {
+        NodeType::Directory => attr.perm,
+        NodeType::File => attr.perm & 0o777,
+    };
+    FileAttr {
+        ino: INodeNo(attr.ino),
+        size: attr.size,
+        blocks: attr.size.div_ceil(512),
+        atime: attr.atime,
+        mtime: attr.mtime,
+        ctime: attr.ctime,
+        crtime: attr.ctime,
+        kind,
+        perm,
+        nlink,
+        uid: attr.uid,
+        gid: attr.gid,
+        rdev: 0,
+        blksize: 4096,
+        flags: 0,
+    }
+}
+
+/// The attributes of "no such file", which the kernel caches as a negative entry.
+fn negative_entry() -> FileAttr {
+    file_attr(&Attr {
+        ino: 0,
+        size: 0,
+        node_type: NodeType::File,
+        perm: 0,
+        uid: 0,
+        gid: 0,
+        atime: std::time::UNIX_EPOCH,
+        mtime: std::time::UNIX_EPOCH,
+        ctime: std::time::UNIX_EPOCH,
+    })
+}
+
+fn lock_kind(typ: i32) -> Option<LockKind> {
+    match typ {
+        libc::F_RDLCK => Some(LockKind::Read),
+        libc::F_WRLCK => Some(LockKind::Write),
+        _ => None,
+    }
+}
+
+fn lock_type(kind: LockKind) -> i32 {
+    match kind {
+        LockKind::Read => libc::F_RDLCK,
+        LockKind::Write => libc::F_WRLCK,
+    }
+}
+
+impl fuser::Filesystem for FuseAdapter {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        config
+            .add_capabilities(InitFlags::FUSE_POSIX_LOCKS)
+            .map_err(|_| std::io::Error::other("the kernel does not offer FUSE_POSIX_LOCKS"))?;
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        match self.fs.lookup(parent.0, name) {
+            Ok(attr) => reply.entry(&CACHE_TTL, &file_attr(&attr), Generation(0)),
+            Err(error) if error.errno() == libc::ENOENT => {
+                reply.entry(&CACHE_TTL, &negative_entry(), Generation(0))
+            }
+            Err(error) => reply.error(errno("lookup", error)),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.fs.getattr(ino.0, fh.map(|fh| fh.0)) {
+            Ok(attr) => reply.attr(&CACHE_TTL, &file_attr(&attr)),
+            Err(error) => reply.error(errno("getattr", error)),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _mode: Option<u32>,
+        _uid: Option<u32>,
+        _gid: Option<u32>,
+        size: Option<u64>,
+        _atime: Option<fuser::TimeOrNow>,
+        _mtime: Option<fuser::TimeOrNow>,
+        _ctime: Option<std::time::SystemTime>,
+        fh: Option<FileHandle>,
+        _crtime: Option<std::time::SystemTime>,
+        _chgtime: Option<std::time::SystemTime>,
+        _bkuptime: Option<std::time::SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        match self.fs.setattr(ino.0, fh.map(|fh| fh.0), size) {
+            Ok(attr) => reply.attr(&CACHE_TTL, &file_attr(&attr)),
+            Err(error) => reply.error(errno("truncate", error)),
+        }
+    }
+
+    fn mknod(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        _rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        reply.error(errno("mknod", FsError::Unsupported("mknod")));
+    }
+
+    fn mkdir(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        reply: ReplyEntry,
+    ) {
+        tracing::debug!(?name, "mkdir");
+        reply.error(errno(
+            "mkdir",
+            FsError::Unsupported("creating a subdirectory"),
+        ));
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        match self.fs.unlink(parent.0, name) {
+            Ok(_) => reply.ok(),
+            Err(error) => reply.error(errno("unlink", error)),
+        }
+    }
+
+    fn rmdir(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        reply.error(errno("rmdir", FsError::Unsupported("removing a directory")));
+    }
+
+    fn symlink(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _link_name: &OsStr,
+        _target: &std::path::Path,
+        reply: ReplyEntry,
+    ) {
+        reply.error(errno("symlink", FsError::Unsupported("a symbolic link")));
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _name: &OsStr,
+        _newparent: INodeNo,
+        _newname: &OsStr,
+        _flags: fuser::RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(errno("rename", FsError::Unsupported("renaming")));
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _newparent: INodeNo,
+        _newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        reply.error(errno("link", FsError::Unsupported("a hard link")));
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.fs.open(ino.0) {
+            Ok(handle) => reply.opened(FileHandle(handle), FopenFlags::FOPEN_KEEP_CACHE),
+            Err(error) => reply.error(errno("open", error)),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        match self.fs.read(fh.0, offset, size) {
+            Ok(data) => reply.data(&data),
+            Err(error) => reply.error(errno("read", error)),
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        match self.fs.write(fh.0, offset, data) {
+            Ok(written) => reply.written(written),
+            Err(error) => reply.error(errno("write", error)),
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        match self.fs.flush(fh.0, lock_owner.0) {
+            Ok(()) => reply.ok(),
+            Err(error) => reply.error(errno("flush", error)),
+        }
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        match self.fs.release(fh.0) {
+            Ok(()) => reply.ok(),
+            Err(error) => reply.error(errno("release", error)),
+        }
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        match self.fs.fsync(fh.0, datasync) {
+            Ok(()) => reply.ok(),
+            Err(error) => reply.error(errno("fsync", error)),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let entries = match self.fs.readdir(ino.0) {
+            Ok(entries) => entries,
+            Err(error) => return reply.error(errno("readdir", error)),
+        };
+        for (index, entry) in entries.iter().enumerate().skip(offset as usize) {
+            let kind = match entry.node_type {
+                NodeType::Directory => FileType::Directory,
+                NodeType::File => FileType::RegularFile,
+            };
+            if reply.add(INodeNo(entry.ino), index as u64 + 1, kind, &entry.name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        match self.fs.fsyncdir() {
+            Ok(()) => reply.ok(),
+            Err(error) => reply.error(errno("fsyncdir", error)),
+        }
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        match self.fs.statfs() {
+            Ok(stats) => reply.statfs(
+                stats.blocks,
+                stats.blocks_free,
+                stats.blocks_available,
+                stats.files,
+                stats.files_free,
+                stats.block_size,
+                stats.name_max,
+                stats.block_size,
+            ),
+            Err(error) => reply.error(errno("statfs", error)),
+        }
+    }
+
+    fn getxattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _name: &OsStr,
+        _size: u32,
+        reply: ReplyXattr,
+    ) {
+        reply.error(errno("getxattr", FsError::NoExtendedAttributes));
+    }
+
+    fn listxattr(&self, _req: &Request, _ino: INodeNo, _size: u32, reply: ReplyXattr) {
+        reply.error(errno("listxattr", FsError::NoExtendedAttributes));
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _name: &OsStr,
+        _value: &[u8],
+        _flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(errno("setxattr", FsError::NoExtendedAttributes));
+    }
+
+    fn removexattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        reply.error(errno("removexattr", FsError::NoExtendedAttributes));
+    }
+
+    fn access(&self, _req: &Request, _ino: INodeNo, _mask: fuser::AccessFlags, reply: ReplyEmpty) {
+        reply.ok();
+    }
+
+    fn create(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        _flags: i32,
+        reply: ReplyCreate,
+    ) {
+        match self.fs.create(parent.0, name) {
+            Ok((attr, handle)) => reply.created(
+                &CACHE_TTL,
+                &file_attr(&attr),
+                Generation(0),
+                FileHandle(handle),
+                FopenFlags::FOPEN_KEEP_CACHE,
+            ),
+            Err(error) => reply.error(errno("create", error)),
+        }
+    }
+
+    fn getlk(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        lock_owner: LockOwner,
+        start: u64,
+        end: u64,
+        typ: i32,
+        pid: u32,
+        reply: ReplyLock,
+    ) {
+        let call = LockCall {
+            owner: lock_owner.0,
+            pid,
+            start,
+            end,
+            kind: lock_kind(typ),
+        };
+        match self.fs.getlk(fh.0, call) {
+            Ok(Some(held)) => reply.locked(
+                held.range.start,
+                held.range.end,
+                lock_type(held.kind),
+                held.pid,
+            ),
+            Ok(None) => reply.locked(start, end, libc::F_UNLCK, 0),
+            Err(error) => reply.error(errno("getlk", error)),
+        }
+    }
+
+    fn setlk(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        lock_owner: LockOwner,
+        start: u64,
+        end: u64,
+        typ: i32,
+        pid: u32,
+        sleep: bool,
+        reply: ReplyEmpty,
+    ) {
+        let call = LockCall {
+            owner: lock_owner.0,
+            pid,
+            start,
+            end,
+            kind: lock_kind(typ),
+        };
+        self.fs.setlk(
+            fh.0,
+            call,
+            sleep,
+            Box::new(move |result| match result {
+                Ok(()) => reply.ok(),
+                Err(error) => reply.error(errno("setlk", error)),
+            }),
+        );
+    }
+}

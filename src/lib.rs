@@ -1,0 +1,13 @@
+//! ltxfs: a FUSE filesystem that makes SQLite databases replicated.
+//!
+//! See `ARCHITECTURE.md` for the code map.
+
+pub mod bench;
+pub mod cli;
+pub mod config;
+pub mod fs;
+pub mod fuse;
+pub mod ltx;
+pub mod mount;
+pub mod mountinfo;
+pub mod store;

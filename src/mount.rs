@@ -1,0 +1,430 @@
+//! Runs `ltxfs mount`: checks the mount point and data dir, mounts, runs the `exec`
+//! commands, and unmounts on a signal or when the command exits.
+//!
+//! Invariants:
+//! - Every check that can fail on bad input runs before anything is created or
+//!   changed on disk (the one exception: a stale mount of a crashed ltxfs is cleaned).
+//! - Only one ltxfs process uses a data dir at a time: an exclusive `flock` on
+//!   `<data dir>/lock`, held for the life of the process.
+//! - The FUSE session runs on its own threads; this module's async code only waits
+//!   for signals and child processes, and never touches the filesystem's state.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::config::{Config, ExecCommand};
+use crate::fs::Fs;
+use crate::fuse::FuseAdapter;
+use crate::mountinfo;
+use crate::store::Store;
+
+/// How many threads read and answer FUSE requests. More than the core count, so a
+/// slow `fsync` on one thread never stalls reads and lock calls on the others.
+const FUSE_WORKER_THREADS: usize = 8;
+
+/// The device the kernel's FUSE driver offers.
+const FUSE_DEVICE: &str = "/dev/fuse";
+
+/// Why `ltxfs mount` could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum MountError {
+    /// The user must fix the command line, the config, or the machine.
+    #[error("{0}")]
+    Usage(String),
+    /// Something failed while running.
+    #[error("{context}: {source}")]
+    Runtime {
+        /// What ltxfs was doing.
+        context: String,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl MountError {
+    fn runtime(context: impl Into<String>, source: io::Error) -> MountError {
+        MountError::Runtime {
+            context: context.into(),
+            source,
+        }
+    }
+}
+
+/// What `ltxfs mount` was asked to do.
+#[derive(Debug, Clone)]
+pub struct MountRequest {
+    /// The mount point from the command line; overrides `fuse.dir`.
+    pub mount_point: Option<PathBuf>,
+    /// The loaded configuration.
+    pub config: Config,
+    /// A command given after `--`; replaces the config's `exec`.
+    pub command: Option<ExecCommand>,
+}
+
+/// The checked places a mount uses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountPlan {
+    /// The absolute mount point.
+    pub mount_point: PathBuf,
+    /// The absolute data dir.
+    pub data_dir: PathBuf,
+    /// Whether the mount point must be created.
+    pub create_mount_point: bool,
+}
+
+/// The data dir used when the config names none: beside the mount point, never in it.
+pub fn default_data_dir(mount_point: &Path) -> PathBuf {
+    let name = mount_point
+        .file_name()
+        .map(|name| name.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "root".to_string());
+    mount_point
+        .parent()
+        .unwrap_or(Path::new("/"))
+        .join(format!("{name}.ltxfs"))
+}
+
+/// Checks the mount point and data dir without changing anything on disk, except
+/// that a stale mount left by a crashed ltxfs is cleaned.
+pub fn plan(request: &MountRequest) -> Result<MountPlan, MountError> {
+    let mount_point = request
+        .mount_point
+        .clone()
+        .or_else(|| request.config.fuse.dir.clone())
+        .ok_or_else(|| {
+            MountError::Usage(
+                "no mount point: give one (ltxfs mount ./mnt) or set fuse.dir in ltxfs.yml"
+                    .to_string(),
+            )
+        })?;
+    let mount_point = absolute(&mount_point)?;
+    let data_dir = match &request.config.data.dir {
+        Some(dir) => absolute(dir)?,
+        None => default_data_dir(&mount_point),
+    };
+    if data_dir.starts_with(&mount_point) {
+        return Err(MountError::Usage(format!(
+            "data dir {} is inside the mount point {}: set data.dir to a directory outside it",
+            data_dir.display(),
+            mount_point.display()
+        )));
+    }
+    if mount_point.starts_with(&data_dir) {
+        return Err(MountError::Usage(format!(
+            "mount point {} is inside the data dir {}: choose separate directories",
+            mount_point.display(),
+            data_dir.display()
+        )));
+    }
+    check_fuse_device()?;
+    clean_stale_mount(&mount_point)?;
+    let create_mount_point = check_mount_point(&mount_point)?;
+    check_data_dir(&data_dir)?;
+    Ok(MountPlan {
+        mount_point,
+        data_dir,
+        create_mount_point,
+    })
+}
+
+fn absolute(path: &Path) -> Result<PathBuf, MountError> {
+    std::path::absolute(path)
+        .map_err(|error| MountError::Usage(format!("bad path {}: {error}", path.display())))
+}
+
+fn check_fuse_device() -> Result<(), MountError> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(FUSE_DEVICE)
+        .map(drop)
+        .map_err(|error| {
+            MountError::Usage(format!(
+                "cannot open {FUSE_DEVICE} ({error}): load the fuse kernel module, or give the \
+                 container the device (docker run --device /dev/fuse --cap-add SYS_ADMIN)"
+            ))
+        })
+}
+
+/// Unmounts what a crashed ltxfs left at `mount_point`; refuses a live mount.
+fn clean_stale_mount(mount_point: &Path) -> Result<(), MountError> {
+    let is_ours = mountinfo::is_ltxfs_mount(mount_point)
+        .map_err(|error| MountError::runtime("read /proc/self/mountinfo", error))?;
+    if !is_ours {
+        return Ok(());
+    }
+    match std::fs::metadata(mount_point) {
+        Err(error) if error.raw_os_error() == Some(libc::ENOTCONN) => {
+            detach(mount_point).map_err(|error| {
+                MountError::runtime(
+                    format!("unmount the stale mount at {}", mount_point.display()),
+                    error,
+                )
+            })?;
+            tracing::warn!(mount_point = %mount_point.display(), "cleaned a stale mount left by an earlier ltxfs that did not exit cleanly");
+            Ok(())
+        }
+        _ => Err(MountError::Usage(format!(
+            "{} is already mounted by a running ltxfs: stop it first, or choose another mount point",
+            mount_point.display()
+        ))),
+    }
+}
+
+/// Lazily unmounts `path` (it goes away once nothing uses it).
+fn detach(path: &Path) -> io::Result<()> {
+    let path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| io::Error::other("path contains NUL"))?;
+    // SAFETY: `path` is a valid NUL-terminated string.
+    if unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Returns whether the mount point must be created.
+fn check_mount_point(mount_point: &Path) -> Result<bool, MountError> {
+    match std::fs::metadata(mount_point) {
+        Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(true),
+        Err(error) => Err(MountError::Usage(format!(
+            "cannot use mount point {}: {error}",
+            mount_point.display()
+        ))),
+        Ok(metadata) if !metadata.is_dir() => Err(MountError::Usage(format!(
+            "mount point {} is not a directory: remove it or choose another path",
+            mount_point.display()
+        ))),
+        Ok(_) => {
+            let mut entries = std::fs::read_dir(mount_point).map_err(|error| {
+                MountError::Usage(format!(
+                    "cannot list mount point {}: {error}",
+                    mount_point.display()
+                ))
+            })?;
+            if entries.next().is_some() {
+                return Err(MountError::Usage(format!(
+                    "mount point {} is not empty: ltxfs mounts only on an empty directory, so move \
+                     its contents away or choose another path",
+                    mount_point.display()
+                )));
+            }
+            Ok(false)
+        }
+    }
+}
+
+/// Checks that the data dir is (or can become) a writable directory.
+fn check_data_dir(data_dir: &Path) -> Result<(), MountError> {
+    let unusable = |why: String| {
+        MountError::Usage(format!(
+            "data dir {} is not usable: {why}; set data.dir to a writable directory",
+            data_dir.display()
+        ))
+    };
+    let mut existing = data_dir;
+    loop {
+        match std::fs::metadata(existing) {
+            Ok(metadata) if metadata.is_dir() => break,
+            Ok(_) => {
+                return Err(unusable(format!(
+                    "{} is not a directory",
+                    existing.display()
+                )));
+            }
+            Err(error) if error.kind() == io::ErrorKind::NotFound => match existing.parent() {
+                Some(parent) => existing = parent,
+                None => return Err(unusable("no existing parent directory".to_string())),
+            },
+            Err(error) => return Err(unusable(error.to_string())),
+        }
+    }
+    let path = std::ffi::CString::new(existing.as_os_str().as_encoded_bytes())
+        .map_err(|_| unusable("path contains NUL".to_string()))?;
+    // SAFETY: `path` is a valid NUL-terminated string.
+    if unsafe { libc::access(path.as_ptr(), libc::W_OK | libc::X_OK) } != 0 {
+        return Err(unusable(format!(
+            "{} is not writable ({})",
+            existing.display(),
+            io::Error::last_os_error()
+        )));
+    }
+    Ok(())
+}
+
+/// Takes the data dir's exclusive lock, creating the dir; fails when another ltxfs
+/// holds it.
+fn lock_data_dir(data_dir: &Path) -> Result<File, MountError> {
+    std::fs::create_dir_all(data_dir).map_err(|error| {
+        MountError::Usage(format!(
+            "cannot create data dir {}: {error}; set data.dir to a writable directory",
+            data_dir.display()
+        ))
+    })?;
+    let lock_path = data_dir.join("lock");
+    let mut lock_file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&lock_path)
+        .map_err(|error| {
+            MountError::Usage(format!(
+                "cannot open {}: {error}; set data.dir to a writable directory",
+                lock_path.display()
+            ))
+        })?;
+    // SAFETY: the descriptor is open for the duration of the call.
+    if unsafe { libc::flock(lock_file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let holder = std::fs::read_to_string(&lock_path).unwrap_or_default();
+        return Err(MountError::Usage(format!(
+            "another ltxfs process (pid {}) is using data dir {}: stop it first, or give each \
+             process its own data.dir",
+            holder.trim(),
+            data_dir.display()
+        )));
+    }
+    let pid = std::process::id().to_string();
+    lock_file
+        .set_len(0)
+        .and_then(|()| lock_file.write_all(pid.as_bytes()))
+        .map_err(|error| MountError::runtime(format!("write {}", lock_path.display()), error))?;
+    Ok(lock_file)
+}
+
+/// Mounts, runs the exec commands (if any), and returns the exit status ltxfs should
+/// end with.
+pub fn run(request: MountRequest) -> Result<i32, MountError> {
+    let plan = plan(&request)?;
+    let _data_dir_lock = lock_data_dir(&plan.data_dir)?;
+    if plan.create_mount_point {
+        std::fs::create_dir_all(&plan.mount_point).map_err(|error| {
+            MountError::Usage(format!(
+                "cannot create mount point {}: {error}",
+                plan.mount_point.display()
+            ))
+        })?;
+    }
+    let store = Store::open(&plan.data_dir)
+        .map_err(|error| MountError::runtime("open the data dir", io::Error::other(error)))?;
+    // SAFETY: getuid and getgid cannot fail.
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    let fs = Arc::new(Fs::new(Arc::new(store), uid, gid));
+    let session = start_session(&request.config, &plan.mount_point, fs)?;
+    tracing::info!(
+        mount_point = %plan.mount_point.display(),
+        data_dir = %plan.data_dir.display(),
+        "ltxfs mounted"
+    );
+
+    let commands = match request.command {
+        Some(command) => vec![command],
+        None => request.config.exec.clone(),
+    };
+    let commands: Vec<ExecCommand> = commands
+        .into_iter()
+        .filter(|command| !command.if_candidate || request.config.lease.candidate)
+        .collect();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|error| MountError::runtime("start the async runtime", error))?;
+    let exit_code = runtime.block_on(supervise(commands, &plan.mount_point));
+    unmount(session, &plan.mount_point);
+    exit_code
+}
+
+fn start_session(
+    config: &Config,
+    mount_point: &Path,
+    fs: Arc<Fs>,
+) -> Result<fuser::BackgroundSession, MountError> {
+    let mut options = fuser::Config::default();
+    options.mount_options = vec![
+        fuser::MountOption::FSName("ltxfs".to_string()),
+        fuser::MountOption::Subtype("ltxfs".to_string()),
+        fuser::MountOption::NoAtime,
+    ];
+    if config.fuse.allow_other {
+        options.acl = fuser::SessionACL::All;
+    }
+    options.n_threads = Some(FUSE_WORKER_THREADS);
+    options.clone_fd = true;
+    let session = fuser::Session::new(FuseAdapter::new(fs), mount_point, &options)
+        .map_err(|error| MountError::runtime(format!("mount {}", mount_point.display()), error))?;
+    session
+        .spawn()
+        .map_err(|error| MountError::runtime("start the FUSE threads", error))
+}
+
+fn unmount(session: fuser::BackgroundSession, mount_point: &Path) {
+    if let Err(error) = session.umount_and_join() {
+        // A process still has a file open: detach now, the kernel finishes later.
+        tracing::warn!(%error, "unmount failed; detaching the mount lazily");
+        if let Err(error) = detach(mount_point) {
+            tracing::error!(%error, mount_point = %mount_point.display(), "could not detach the mount");
+        }
+    }
+    tracing::info!(mount_point = %mount_point.display(), "ltxfs unmounted");
+}
+
+/// Waits for a signal, or runs the commands and forwards signals to them. Returns
+/// the exit status for ltxfs.
+async fn supervise(commands: Vec<ExecCommand>, mount_point: &Path) -> Result<i32, MountError> {
+    let mut terminate = signal(SignalKind::terminate())
+        .map_err(|error| MountError::runtime("listen for SIGTERM", error))?;
+    let mut interrupt = signal(SignalKind::interrupt())
+        .map_err(|error| MountError::runtime("listen for SIGINT", error))?;
+    if commands.is_empty() {
+        tokio::select! {
+            _ = terminate.recv() => tracing::info!("SIGTERM received, unmounting"),
+            _ = interrupt.recv() => tracing::info!("SIGINT received, unmounting"),
+        }
+        return Ok(0);
+    }
+    let last = commands.len() - 1;
+    for (index, command) in commands.iter().enumerate() {
+        let mut child = tokio::process::Command::new(&command.argv[0])
+            .args(&command.argv[1..])
+            .current_dir(std::env::current_dir().unwrap_or_else(|_| mount_point.to_path_buf()))
+            .spawn()
+            .map_err(|error| {
+                MountError::Usage(format!(
+                    "cannot run exec command {:?}: {error}",
+                    command.argv
+                ))
+            })?;
+        let pid = child.id();
+        let status = loop {
+            tokio::select! {
+                status = child.wait() => break status.map_err(|error| MountError::runtime("wait for the exec command", error))?,
+                _ = terminate.recv() => forward_signal(pid, libc::SIGTERM),
+                _ = interrupt.recv() => forward_signal(pid, libc::SIGINT),
+            }
+        };
+        let code = status
+            .code()
+            .unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
+        if index == last || code != 0 {
+            if index != last {
+                tracing::error!(command = ?command.argv, code, "exec command failed; not running the rest");
+            }
+            return Ok(code);
+        }
+    }
+    Ok(0)
+}
+
+fn forward_signal(pid: Option<u32>, signal: i32) {
+    if let Some(pid) = pid {
+        tracing::info!(pid, signal, "forwarding signal to the exec command");
+        // SAFETY: kill has no memory-safety preconditions.
+        unsafe { libc::kill(pid as i32, signal) };
+    }
+}

@@ -1,0 +1,549 @@
+//! The synchronous core: owns the databases' backing files, their names and locks.
+//!
+//! The mount root is flat. Every name in it is either a database or one of SQLite's
+//! companion files for a database (`-journal`, `-wal`, `-shm`, super-journals
+//! `-mj…`). The store keeps each database and its companions in one directory of the
+//! data dir (`dbs/<database name>/`), so that a later capability can keep a
+//! database's change-set log and position beside it.
+//!
+//! Invariants:
+//! - A database file only ever holds SQLite content: its first page carries the
+//!   SQLite header and every write is whole pages at page offsets. Anything else is
+//!   refused with [`StoreError::NotSqlite`] before a byte reaches the disk.
+//! - Each name maps to at most one live [`Node`]; an unlinked node stays usable by
+//!   the handles that still have it open, as on a local filesystem.
+//! - Node ids are never reused within one process, so the FUSE layer can use them as
+//!   inode numbers.
+//!
+//! The store never imports the FUSE layer.
+
+pub mod locks;
+mod names;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+pub use names::{FileKind, ParsedName, parse_name};
+
+use locks::LockTable;
+
+/// The first 16 bytes of every SQLite database file.
+pub const SQLITE_HEADER_MAGIC: &[u8; 16] = b"SQLite format 3\0";
+
+/// Errors of the core, at the boundary to the filesystem layer.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// No file has that name.
+    #[error("no such file: {0}")]
+    NotFound(String),
+    /// The name cannot be used for a file in the mount root.
+    #[error("invalid name {name:?}: {reason}")]
+    InvalidName {
+        /// The rejected name.
+        name: String,
+        /// Why it was rejected.
+        reason: &'static str,
+    },
+    /// A write or truncate would put content that is not SQLite's into a database file.
+    #[error("refused non-SQLite content in database {name:?}: {reason}")]
+    NotSqlite {
+        /// The database file's name.
+        name: String,
+        /// What was wrong with the content.
+        reason: String,
+    },
+    /// The backing filesystem failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What the store was doing.
+        context: String,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl StoreError {
+    fn io(context: impl Into<String>, source: io::Error) -> StoreError {
+        StoreError::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}
+
+/// A unique id for a file, stable for the lifetime of the process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NodeId(pub u64);
+
+/// One file in the mount root, backed by one file in the data dir.
+#[derive(Debug)]
+pub struct Node {
+    id: NodeId,
+    name: String,
+    kind: FileKind,
+    file: File,
+    locks: LockTable,
+    /// For a database file: the page size from its header, or 0 while it is empty.
+    page_size: AtomicU32,
+}
+
+impl Node {
+    /// The node's id.
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+
+    /// The name in the mount root.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// What kind of file this is.
+    pub fn kind(&self) -> &FileKind {
+        &self.kind
+    }
+
+    /// The file's byte-range locks.
+    pub fn locks(&self) -> &LockTable {
+        &self.locks
+    }
+
+    /// The backing file's metadata (size, times, owner).
+    pub fn metadata(&self) -> Result<std::fs::Metadata, StoreError> {
+        self.file
+            .metadata()
+            .map_err(|source| StoreError::io(format!("stat {}", self.name), source))
+    }
+
+    /// Reads up to `size` bytes at `offset`; shorter only at the end of the file.
+    pub fn read_at(&self, offset: u64, size: usize) -> Result<Vec<u8>, StoreError> {
+        let mut buffer = vec![0u8; size];
+        let mut filled = 0;
+        while filled < size {
+            match self
+                .file
+                .read_at(&mut buffer[filled..], offset + filled as u64)
+            {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+                Err(source) => {
+                    return Err(StoreError::io(format!("read {}", self.name), source));
+                }
+            }
+        }
+        buffer.truncate(filled);
+        Ok(buffer)
+    }
+
+    /// Writes `data` at `offset`, refusing content that is not SQLite's in a database.
+    pub fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), StoreError> {
+        let new_page_size = if self.kind == FileKind::Database {
+            Some(self.check_database_write(offset, data)?)
+        } else {
+            None
+        };
+        self.file
+            .write_all_at(data, offset)
+            .map_err(|source| StoreError::io(format!("write {}", self.name), source))?;
+        if let Some(page_size) = new_page_size {
+            self.page_size.store(page_size, Ordering::Release);
+        }
+        Ok(())
+    }
+
+    /// Sets the file's length, refusing a database length that is not whole pages.
+    pub fn truncate(&self, size: u64) -> Result<(), StoreError> {
+        if self.kind == FileKind::Database && size != 0 {
+            let page_size = self.page_size.load(Ordering::Acquire);
+            if page_size == 0 {
+                return Err(self.not_sqlite(format!(
+                    "cannot extend an empty database to {size} bytes before page 1 is written"
+                )));
+            }
+            if size % u64::from(page_size) != 0 {
+                return Err(self.not_sqlite(format!(
+                    "length {size} is not a multiple of the page size {page_size}"
+                )));
+            }
+        }
+        self.file
+            .set_len(size)
+            .map_err(|source| StoreError::io(format!("truncate {}", self.name), source))?;
+        if self.kind == FileKind::Database && size == 0 {
+            self.page_size.store(0, Ordering::Release);
+        }
+        Ok(())
+    }
+
+    /// Flushes the backing file to stable storage.
+    pub fn sync(&self, data_only: bool) -> Result<(), StoreError> {
+        let result = if data_only {
+            self.file.sync_data()
+        } else {
+            self.file.sync_all()
+        };
+        result.map_err(|source| StoreError::io(format!("fsync {}", self.name), source))
+    }
+
+    /// Checks a write to a database file and returns the page size it implies.
+    fn check_database_write(&self, offset: u64, data: &[u8]) -> Result<u32, StoreError> {
+        let page_size = if offset == 0 {
+            page_size_from_header(data).map_err(|reason| self.not_sqlite(reason))?
+        } else {
+            match self.page_size.load(Ordering::Acquire) {
+                0 => {
+                    return Err(self.not_sqlite(format!(
+                        "write at offset {offset} before page 1 (with the SQLite header) was written"
+                    )));
+                }
+                page_size => page_size,
+            }
+        };
+        let page = u64::from(page_size);
+        if offset % page != 0 || data.len() as u64 % page != 0 {
+            return Err(self.not_sqlite(format!(
+                "write of {} bytes at offset {offset} is not whole {page_size}-byte pages",
+                data.len()
+            )));
+        }
+        Ok(page_size)
+    }
+
+    fn not_sqlite(&self, reason: String) -> StoreError {
+        StoreError::NotSqlite {
+            name: self.name.clone(),
+            reason,
+        }
+    }
+}
+
+/// Reads the page size from the start of page 1, checking the SQLite header.
+fn page_size_from_header(page_one: &[u8]) -> Result<u32, String> {
+    if page_one.len() < 100 || &page_one[..16] != SQLITE_HEADER_MAGIC {
+        return Err("page 1 does not start with the SQLite header".to_string());
+    }
+    let page_size = match u16::from_be_bytes([page_one[16], page_one[17]]) {
+        1 => 65536,
+        size => u32::from(size),
+    };
+    if !(512..=65536).contains(&page_size) || !page_size.is_power_of_two() {
+        return Err(format!("page 1 declares an invalid page size {page_size}"));
+    }
+    Ok(page_size)
+}
+
+#[derive(Default)]
+struct Namespace {
+    by_name: BTreeMap<String, Arc<Node>>,
+    by_id: HashMap<NodeId, Arc<Node>>,
+}
+
+/// The set of databases under one data dir.
+pub struct Store {
+    dbs_dir: PathBuf,
+    namespace: RwLock<Namespace>,
+    next_id: AtomicU64,
+    /// Directories whose entries changed since the last directory sync.
+    dirty_dirs: Mutex<BTreeSet<PathBuf>>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("dbs_dir", &self.dbs_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The first node id; 1 is the FUSE root directory.
+const FIRST_NODE_ID: u64 = 2;
+
+impl Store {
+    /// Opens the store kept in `data_dir`, creating its layout if needed, and loads
+    /// every file already there.
+    pub fn open(data_dir: &Path) -> Result<Store, StoreError> {
+        let dbs_dir = data_dir.join("dbs");
+        std::fs::create_dir_all(&dbs_dir)
+            .map_err(|source| StoreError::io(format!("create {}", dbs_dir.display()), source))?;
+        let store = Store {
+            dbs_dir,
+            namespace: RwLock::new(Namespace::default()),
+            next_id: AtomicU64::new(FIRST_NODE_ID),
+            dirty_dirs: Mutex::new(BTreeSet::new()),
+        };
+        store.load_existing()?;
+        Ok(store)
+    }
+
+    fn load_existing(&self) -> Result<(), StoreError> {
+        let read_dir = |dir: &Path| {
+            std::fs::read_dir(dir)
+                .map_err(|source| StoreError::io(format!("list {}", dir.display()), source))
+        };
+        let mut namespace = self.write_namespace();
+        for db_entry in read_dir(&self.dbs_dir)? {
+            let db_entry = db_entry.map_err(|source| StoreError::io("list databases", source))?;
+            let Some(database) = db_entry.file_name().to_str().map(str::to_string) else {
+                tracing::warn!(dir = ?db_entry.path(), "skipping a database directory whose name is not UTF-8");
+                continue;
+            };
+            for file_entry in read_dir(&db_entry.path())? {
+                let file_entry =
+                    file_entry.map_err(|source| StoreError::io("list database files", source))?;
+                let backing_name = file_entry.file_name();
+                let Some(kind) = backing_name.to_str().and_then(FileKind::from_backing_name) else {
+                    continue;
+                };
+                let name = kind.root_name(&database);
+                let node = self.open_node(&name, kind, &file_entry.path(), false)?;
+                namespace.by_id.insert(node.id, node.clone());
+                namespace.by_name.insert(name, node);
+            }
+        }
+        Ok(())
+    }
+
+    /// The file called `name`, if it exists.
+    pub fn lookup(&self, name: &str) -> Option<Arc<Node>> {
+        self.read_namespace().by_name.get(name).cloned()
+    }
+
+    /// The live file with id `id`, if it has not been unlinked.
+    pub fn node(&self, id: NodeId) -> Option<Arc<Node>> {
+        self.read_namespace().by_id.get(&id).cloned()
+    }
+
+    /// Every live file, ordered by name.
+    pub fn list(&self) -> Vec<Arc<Node>> {
+        self.read_namespace().by_name.values().cloned().collect()
+    }
+
+    /// Creates the file `name` (or returns it when it already exists).
+    pub fn create(&self, name: &str) -> Result<Arc<Node>, StoreError> {
+        let parsed = parse_name(name)?;
+        let mut namespace = self.write_namespace();
+        if let Some(existing) = namespace.by_name.get(name) {
+            return Ok(existing.clone());
+        }
+        let db_dir = self.dbs_dir.join(&parsed.database);
+        if !db_dir.exists() {
+            std::fs::create_dir(&db_dir)
+                .map_err(|source| StoreError::io(format!("create {}", db_dir.display()), source))?;
+            self.mark_dir_dirty(&self.dbs_dir);
+        }
+        let node = self.open_node(
+            name,
+            parsed.kind.clone(),
+            &db_dir.join(parsed.kind.backing_name()),
+            true,
+        )?;
+        self.mark_dir_dirty(&db_dir);
+        namespace.by_id.insert(node.id, node.clone());
+        namespace.by_name.insert(name.to_string(), node.clone());
+        Ok(node)
+    }
+
+    /// Removes the file `name`; handles that have it open keep working.
+    pub fn unlink(&self, name: &str) -> Result<Arc<Node>, StoreError> {
+        let parsed = parse_name(name)?;
+        let mut namespace = self.write_namespace();
+        let node = namespace
+            .by_name
+            .get(name)
+            .cloned()
+            .ok_or_else(|| StoreError::NotFound(name.to_string()))?;
+        let db_dir = self.dbs_dir.join(&parsed.database);
+        let backing = db_dir.join(parsed.kind.backing_name());
+        std::fs::remove_file(&backing)
+            .map_err(|source| StoreError::io(format!("remove {}", backing.display()), source))?;
+        self.mark_dir_dirty(&db_dir);
+        namespace.by_name.remove(name);
+        namespace.by_id.remove(&node.id);
+        Ok(node)
+    }
+
+    /// Makes every create and unlink so far durable (SQLite's directory fsync).
+    pub fn sync_directories(&self) -> Result<(), StoreError> {
+        let dirs = std::mem::take(&mut *self.dirty_dirs.lock().unwrap_or_else(|p| p.into_inner()));
+        for dir in dirs.iter().rev() {
+            File::open(dir)
+                .and_then(|handle| handle.sync_all())
+                .map_err(|source| StoreError::io(format!("fsync {}", dir.display()), source))?;
+        }
+        Ok(())
+    }
+
+    /// Free and total space of the backing filesystem, for `statfs`.
+    pub fn backing_filesystem_stats(&self) -> Result<libc::statvfs, StoreError> {
+        let path = std::ffi::CString::new(self.dbs_dir.as_os_str().as_encoded_bytes())
+            .map_err(|_| StoreError::io("statfs", io::Error::other("path contains NUL")))?;
+        let mut stats = std::mem::MaybeUninit::<libc::statvfs>::zeroed();
+        // SAFETY: `path` is a valid NUL-terminated string and `stats` points to
+        // writable memory of the right size.
+        let rc = unsafe { libc::statvfs(path.as_ptr(), stats.as_mut_ptr()) };
+        if rc != 0 {
+            return Err(StoreError::io("statfs", io::Error::last_os_error()));
+        }
+        // SAFETY: statvfs returned 0, so it filled the struct.
+        Ok(unsafe { stats.assume_init() })
+    }
+
+    fn open_node(
+        &self,
+        name: &str,
+        kind: FileKind,
+        backing: &Path,
+        create: bool,
+    ) -> Result<Arc<Node>, StoreError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(create)
+            .truncate(false)
+            .open(backing)
+            .map_err(|source| StoreError::io(format!("open {}", backing.display()), source))?;
+        let page_size = if kind == FileKind::Database {
+            read_page_size(&file, name)?
+        } else {
+            0
+        };
+        Ok(Arc::new(Node {
+            id: NodeId(self.next_id.fetch_add(1, Ordering::Relaxed)),
+            name: name.to_string(),
+            kind,
+            file,
+            locks: LockTable::default(),
+            page_size: AtomicU32::new(page_size),
+        }))
+    }
+
+    fn mark_dir_dirty(&self, dir: &Path) {
+        self.dirty_dirs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(dir.to_path_buf());
+    }
+
+    fn read_namespace(&self) -> std::sync::RwLockReadGuard<'_, Namespace> {
+        self.namespace.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write_namespace(&self) -> std::sync::RwLockWriteGuard<'_, Namespace> {
+        self.namespace.write().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Reads the page size of an existing database file; 0 when it is empty.
+fn read_page_size(file: &File, name: &str) -> Result<u32, StoreError> {
+    let mut header = [0u8; 100];
+    let mut filled = 0;
+    while filled < header.len() {
+        match file.read_at(&mut header[filled..], filled as u64) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+            Err(source) => return Err(StoreError::io(format!("read header of {name}"), source)),
+        }
+    }
+    if filled == 0 {
+        return Ok(0);
+    }
+    page_size_from_header(&header[..filled]).map_err(|reason| StoreError::NotSqlite {
+        name: name.to_string(),
+        reason: format!("the stored file is damaged: {reason}"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn page_one(page_size: u32) -> Vec<u8> {
+        let mut page = vec![0u8; page_size as usize];
+        page[..16].copy_from_slice(SQLITE_HEADER_MAGIC);
+        let encoded = if page_size == 65536 {
+            1
+        } else {
+            page_size as u16
+        };
+        page[16..18].copy_from_slice(&encoded.to_be_bytes());
+        page
+    }
+
+    #[test]
+    fn database_writes_must_be_sqlite_pages() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let db = store.create("app.db").unwrap();
+        assert!(matches!(
+            db.write_at(0, b"hello world"),
+            Err(StoreError::NotSqlite { .. })
+        ));
+        assert!(matches!(
+            db.write_at(4096, &[0u8; 4096]),
+            Err(StoreError::NotSqlite { .. })
+        ));
+        db.write_at(0, &page_one(4096)).unwrap();
+        db.write_at(4096, &[7u8; 4096]).unwrap();
+        assert!(matches!(
+            db.write_at(4096, &[7u8; 100]),
+            Err(StoreError::NotSqlite { .. })
+        ));
+        assert!(matches!(
+            db.truncate(5000),
+            Err(StoreError::NotSqlite { .. })
+        ));
+        db.truncate(4096).unwrap();
+        assert_eq!(db.metadata().unwrap().len(), 4096);
+    }
+
+    #[test]
+    fn companions_take_any_bytes_and_files_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            store
+                .create("app.db")
+                .unwrap()
+                .write_at(0, &page_one(512))
+                .unwrap();
+            store
+                .create("app.db-wal")
+                .unwrap()
+                .write_at(3, b"abc")
+                .unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let names: Vec<_> = store.list().iter().map(|n| n.name().to_string()).collect();
+        assert_eq!(names, vec!["app.db", "app.db-wal"]);
+        let db = store.lookup("app.db").unwrap();
+        db.write_at(512, &[1u8; 512]).unwrap();
+        assert_eq!(
+            store.lookup("app.db-wal").unwrap().read_at(0, 10).unwrap(),
+            b"\0\0\0abc"
+        );
+    }
+
+    #[test]
+    fn unlinked_node_stays_readable_and_name_is_free() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let journal = store.create("app.db-journal").unwrap();
+        journal.write_at(0, b"journal").unwrap();
+        let removed = store.unlink("app.db-journal").unwrap();
+        assert_eq!(removed.id(), journal.id());
+        assert!(store.lookup("app.db-journal").is_none());
+        assert!(store.node(journal.id()).is_none());
+        assert_eq!(journal.read_at(0, 7).unwrap(), b"journal");
+        let again = store.create("app.db-journal").unwrap();
+        assert_ne!(again.id(), journal.id());
+        store.sync_directories().unwrap();
+    }
+}
