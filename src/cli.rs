@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
-use crate::config::{self, ExecCommand};
+use crate::config::{self, ExecCommand, LogConfig, LogFormat};
 use crate::mount::{self, MountError, MountRequest};
 
 /// Exit status for usage and configuration errors.
@@ -74,7 +74,7 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> i32 {
             seconds,
             read_db_mb,
         } => {
-            init_logging(false);
+            init_logging(&LogConfig::default(), false);
             let options = crate::bench::BenchOptions {
                 dir,
                 seconds,
@@ -101,14 +101,18 @@ fn run_mount(
         Ok(loaded) => loaded,
         Err(error) => return fail(EXIT_USAGE, &error),
     };
-    init_logging(loaded.config.fuse.debug || loaded.config.log.debug);
+    init_logging(&loaded.config.log, loaded.config.fuse.debug);
     if let Some(path) = &loaded.path {
         tracing::info!(config = %path.display(), "config loaded");
     }
-    let command = (!command.is_empty()).then(|| ExecCommand {
-        argv: command,
-        if_candidate: false,
-    });
+    let command = if command.is_empty() {
+        None
+    } else {
+        match ExecCommand::from_argv(&command) {
+            Ok(command) => Some(command),
+            Err(error) => return fail(EXIT_USAGE, &error),
+        }
+    };
     let request = MountRequest {
         mount_point,
         config: loaded.config,
@@ -141,12 +145,23 @@ fn cause_source<'a>(
     error.and_then(|error| error.source())
 }
 
-fn init_logging(debug: bool) {
-    let default = if debug { "debug" } else { "info" };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("LTXFS_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt()
+/// Sets up logging to stderr as `log.*` says. `LTXFS_LOG` (an `EnvFilter`
+/// directive such as `ltxfs=debug`) overrides the level; `fuse.debug` adds the
+/// FUSE request trace.
+fn init_logging(log: &LogConfig, fuse_debug: bool) {
+    let level = if log.debug { "debug" } else { "info" };
+    let fuser_level = if fuse_debug { "debug" } else { "warn" };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("LTXFS_LOG").unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(format!("{level},fuser={fuser_level}"))
+    });
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .try_init();
+        .with_ansi(false);
+    let _ = match (log.format, log.timestamp) {
+        (LogFormat::Json, true) => builder.json().try_init(),
+        (LogFormat::Json, false) => builder.json().without_time().try_init(),
+        (LogFormat::Text, true) => builder.try_init(),
+        (LogFormat::Text, false) => builder.without_time().try_init(),
+    };
 }

@@ -37,8 +37,7 @@ pub fn find(path: &Path) -> io::Result<Option<MountEntry>> {
     let table = std::fs::read_to_string("/proc/self/mountinfo")?;
     Ok(parse(&table)
         .into_iter()
-        .filter(|entry| entry.mount_point == path)
-        .next_back())
+        .rfind(|entry| entry.mount_point == path))
 }
 
 /// Returns true when `path` is currently an ltxfs mount point.

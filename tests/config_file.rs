@@ -875,7 +875,7 @@ fn unreadable_candidates_are_errors_not_skipped() {
     // A directory where the file should be cannot be read as text.
     let directory = temp.path().join("ltxfs.yml");
     fs::create_dir(&directory).unwrap();
-    let error = config::load_from(None, &[directory.clone()], true).unwrap_err();
+    let error = config::load_from(None, std::slice::from_ref(&directory), true).unwrap_err();
     assert!(matches!(error, ConfigError::Read { .. }), "{error:?}");
     assert_eq!(error.file(), Some(directory.as_path()));
 }

@@ -311,6 +311,7 @@ fn worker_lock_prober() {
     for (kind, start, len, want_kind, want_start, want_len) in cases {
         let mut fl = flock(kind, start, len);
         fcntl_lock(fd, libc::F_GETLK, &mut fl).expect("F_GETLK");
+        #[allow(clippy::unnecessary_cast)] // off_t is not i64 everywhere
         let got = (fl.l_type, fl.l_start as i64, fl.l_len as i64);
         if want_kind == unlck {
             assert_eq!(

@@ -52,20 +52,22 @@
 //!   ...) instead of silently ignoring the rest of the line.
 
 mod env;
+mod error;
 mod locate;
 mod raw;
 mod validate;
 mod values;
 
-use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use error::ConfigError;
 pub use values::{ValueError, parse_byte_size, parse_duration, split_command_line};
 
 use env::Expanded;
-use raw::{Choice, Choices, Flag, GoDuration, LITEFS_ONLY_KEYS, LITEFS_ONLY_MARKER, RawConfig};
+use error::{parse_error_from_serde, with_unset_variable_note};
+use raw::{Choice, Choices, Flag, GoDuration, RawConfig};
 
 /// The configuration file's name, in the current directory and in `/etc`.
 pub const CONFIG_FILE_NAME: &str = "ltxfs.yml";
@@ -487,150 +489,6 @@ pub struct LoadedConfig {
     pub path: Option<PathBuf>,
 }
 
-/// Why the configuration could not be used. Every message names the file
-/// (when there is one), the line (when known) and the key.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum ConfigError {
-    /// The file named with `--config` does not exist.
-    #[error(
-        "config file {} does not exist; check the --config path, or leave --config out to \
-         search ./{CONFIG_FILE_NAME} and /etc/{CONFIG_FILE_NAME}",
-        path.display()
-    )]
-    NotFound {
-        /// The path as given.
-        path: PathBuf,
-    },
-
-    /// The file exists but could not be read.
-    #[error("cannot read config file {}: {source}", path.display())]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// The underlying error.
-        #[source]
-        source: io::Error,
-    },
-
-    /// The text is not valid: YAML syntax, an unknown key, a wrong type, a
-    /// malformed value, or a malformed `${...}` reference.
-    #[error("{}{}{message}", Location(file.as_deref(), *line), KeyPrefix(key.as_deref()))]
-    Parse {
-        /// The file, when the text came from one.
-        file: Option<PathBuf>,
-        /// The 1-based line in the file as written (before `${...}`
-        /// expansion), when known.
-        line: Option<usize>,
-        /// The dotted key, such as `lease.consul.ttl`, when known.
-        key: Option<String>,
-        /// What is wrong and how to fix it.
-        message: String,
-    },
-
-    /// A key that LiteFS accepts but ltxfs does not support yet.
-    #[error(
-        "{}`{key}` is a LiteFS setting that ltxfs does not support yet; remove it from the \
-         config file.{}{hint}",
-        Location(file.as_deref(), *line),
-        if hint.is_empty() { "" } else { " " }
-    )]
-    UnsupportedLiteFsKey {
-        /// The file, when the text came from one.
-        file: Option<PathBuf>,
-        /// The 1-based line of the key, when known.
-        line: Option<usize>,
-        /// The dotted key, such as `backup` or `proxy.read-timeout`.
-        key: String,
-        /// What to do instead, or empty.
-        hint: &'static str,
-    },
-
-    /// The settings parse but do not work together (see
-    /// [`Config::validate`]).
-    #[error("{}{key}: {message}", Location(file.as_deref(), *line))]
-    Invalid {
-        /// The file, when the text came from one.
-        file: Option<PathBuf>,
-        /// The 1-based line of the key (or of its section when the key is
-        /// missing), when known.
-        line: Option<usize>,
-        /// The dotted key, such as `lease.consul.url` or `exec[1]`.
-        key: String,
-        /// What is wrong and how to fix it.
-        message: String,
-    },
-}
-
-impl ConfigError {
-    /// The 1-based line the error is about, when known.
-    pub fn line(&self) -> Option<usize> {
-        match self {
-            Self::NotFound { .. } | Self::Read { .. } => None,
-            Self::Parse { line, .. }
-            | Self::UnsupportedLiteFsKey { line, .. }
-            | Self::Invalid { line, .. } => *line,
-        }
-    }
-
-    /// The dotted key the error is about, when known.
-    pub fn key(&self) -> Option<&str> {
-        match self {
-            Self::NotFound { .. } | Self::Read { .. } => None,
-            Self::Parse { key, .. } => key.as_deref(),
-            Self::UnsupportedLiteFsKey { key, .. } | Self::Invalid { key, .. } => Some(key),
-        }
-    }
-
-    /// The file the error is about, when there is one.
-    pub fn file(&self) -> Option<&Path> {
-        match self {
-            Self::NotFound { path } | Self::Read { path, .. } => Some(path),
-            Self::Parse { file, .. }
-            | Self::UnsupportedLiteFsKey { file, .. }
-            | Self::Invalid { file, .. } => file.as_deref(),
-        }
-    }
-
-    /// Records the file the text came from.
-    fn in_file(mut self, path: &Path) -> Self {
-        match &mut self {
-            Self::NotFound { .. } | Self::Read { .. } => {}
-            Self::Parse { file, .. }
-            | Self::UnsupportedLiteFsKey { file, .. }
-            | Self::Invalid { file, .. } => *file = Some(path.to_owned()),
-        }
-        self
-    }
-}
-
-/// Formats the "where" part of an error: `FILE: line N: `.
-struct Location<'a>(Option<&'a Path>, Option<usize>);
-
-impl fmt::Display for Location<'_> {
-    fn fmt(&self, formatter: &mut fmt::Formatter) -> fmt::Result {
-        if let Some(file) = self.0 {
-            write!(formatter, "{}: ", file.display())?;
-        }
-        if let Some(line) = self.1 {
-            write!(formatter, "line {line}: ")?;
-        }
-        Ok(())
-    }
-}
-
-/// Formats an optional key as `KEY: `.
-struct KeyPrefix<'a>(Option<&'a str>);
-
-impl fmt::Display for KeyPrefix<'_> {
-    fn fmt(&self, formatter: &mut fmt::Formatter) -> fmt::Result {
-        match self.0 {
-            Some(key) => write!(formatter, "{key}: "),
-            None => Ok(()),
-        }
-    }
-}
-
 /// Looks up an environment variable by name; `None` means unset.
 pub type EnvLookup = dyn Fn(&str) -> Option<String>;
 
@@ -648,6 +506,8 @@ pub fn parse(text: &str, expand_env: bool) -> Result<Config, ConfigError> {
 /// when `None`). This lets tests and tools supply an environment without
 /// changing the process's.
 pub fn parse_with_env(text: &str, env: Option<&EnvLookup>) -> Result<Config, ConfigError> {
+    // Editors on Windows may add a byte order mark; it is not part of a key.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let expanded = match env {
         Some(lookup) => env::expand(text, lookup).map_err(|error| ConfigError::Parse {
             file: None,
@@ -657,6 +517,9 @@ pub fn parse_with_env(text: &str, env: Option<&EnvLookup>) -> Result<Config, Con
         })?,
         None => Expanded::unchanged(text),
     };
+    for (line, name) in &expanded.unset_variables {
+        tracing::debug!(line, variable = %name, "environment variable is not set; expanded to an empty string");
+    }
 
     // `Option` makes a document that is only `~` or `null` mean "no settings".
     let raw: Option<RawConfig> = serde_norway::from_str(&expanded.text)
@@ -790,225 +653,6 @@ fn warn_about_litefs_files(search_paths: &[PathBuf]) {
     }
 }
 
-/// Adds a note when the line refers to environment variables that are not
-/// set, since an empty expansion is the usual cause of a missing value.
-fn with_unset_variable_note(message: String, line: Option<usize>, expanded: &Expanded) -> String {
-    let Some(line) = line else { return message };
-    let unset = expanded.unset_on_line(line);
-    if unset.is_empty() {
-        return message;
-    }
-    let names = unset
-        .iter()
-        .map(|name| format!("`{name}`"))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let verb = if unset.len() == 1 { "is" } else { "are" };
-    format!(
-        "{message} (note: environment variable {names} on line {line} {verb} not set, \
-         so it expanded to an empty string)"
-    )
-}
-
-/// Removes serde_norway's ` at line N column M` and ` at position N`
-/// fragments; the line is reported separately, mapped to the original text.
-fn without_positions(message: &str) -> String {
-    let mut output = String::with_capacity(message.len());
-    let mut rest = message;
-    while let Some(start) = rest.find(" at ") {
-        output.push_str(&rest[..start]);
-        let after = &rest[start + " at ".len()..];
-        if let Some(skipped) = skip_position(after) {
-            rest = skipped;
-        } else {
-            output.push_str(" at ");
-            rest = after;
-        }
-    }
-    output.push_str(rest);
-    output
-}
-
-/// Skips `line N column M` or `position N` at the start of `text`.
-fn skip_position(text: &str) -> Option<&str> {
-    fn skip_number(text: &str) -> Option<&str> {
-        let digits = text.bytes().take_while(u8::is_ascii_digit).count();
-        (digits > 0).then(|| &text[digits..])
-    }
-    if let Some(rest) = text.strip_prefix("line ") {
-        let rest = skip_number(rest)?;
-        return skip_number(rest.strip_prefix(" column ")?);
-    }
-    skip_number(text.strip_prefix("position ")?)
-}
-
-/// Replaces serde's "struct RawLease" (an internal type name) with words.
-fn without_internal_type_names(message: &str) -> String {
-    let mut output = String::with_capacity(message.len());
-    let mut rest = message;
-    while let Some(start) = rest.find("struct Raw") {
-        output.push_str(&rest[..start]);
-        output.push_str("a mapping of keys");
-        let after = &rest[start + "struct Raw".len()..];
-        let name_length = after
-            .bytes()
-            .take_while(|byte| byte.is_ascii_alphanumeric())
-            .count();
-        rest = &after[name_length..];
-    }
-    output.push_str(rest);
-    output
-}
-
-/// Splits serde_norway's `path.to.key: message` into its two parts.
-fn split_key_prefix(message: &str) -> (Option<&str>, &str) {
-    if let Some((prefix, rest)) = message.split_once(": ") {
-        let looks_like_path = !prefix.is_empty()
-            && prefix.bytes().all(|byte| {
-                byte.is_ascii_alphanumeric()
-                    || matches!(byte, b'-' | b'_' | b'.' | b'[' | b']' | b'?')
-            });
-        if looks_like_path {
-            return (Some(prefix), rest);
-        }
-    }
-    (None, message)
-}
-
-/// Returns the text between the first pair of backquotes.
-fn first_quoted(text: &str) -> Option<&str> {
-    let start = text.find('`')? + 1;
-    let length = text[start..].find('`')?;
-    Some(&text[start..start + length])
-}
-
-fn join_key(section: Option<&str>, key: &str) -> String {
-    match section {
-        Some(section) => format!("{section}.{key}"),
-        None => key.to_owned(),
-    }
-}
-
-/// Levenshtein distance, for "did you mean" suggestions on short keys.
-fn edit_distance(left: &str, right: &str) -> usize {
-    let right: Vec<char> = right.chars().collect();
-    let mut previous: Vec<usize> = (0..=right.len()).collect();
-    for (i, left_char) in left.chars().enumerate() {
-        let mut current = vec![i + 1];
-        for (j, right_char) in right.iter().enumerate() {
-            let substitution = previous[j] + usize::from(left_char != *right_char);
-            current.push(substitution.min(previous[j + 1] + 1).min(current[j] + 1));
-        }
-        previous = current;
-    }
-    previous[right.len()]
-}
-
-/// Rewrites serde's "unknown field `x`, expected one of `a`, `b`" for a key
-/// under `section` into a message that names the full key, suggests a close
-/// match, and leaves out the LiteFS-only keys that serde lists.
-fn unknown_key_message(section: Option<&str>, rest: &str) -> Option<(String, String)> {
-    let after = rest.strip_prefix("unknown field ")?;
-    let unknown = first_quoted(after)?;
-    let expected_part = after.split_once("expected").map_or("", |(_, list)| list);
-    let allowed: Vec<&str> = expected_part
-        .split('`')
-        .skip(1)
-        .step_by(2)
-        .filter(|candidate| {
-            let full = join_key(section, candidate);
-            !LITEFS_ONLY_KEYS.iter().any(|(key, _)| *key == full)
-        })
-        .collect();
-
-    let normalized = unknown.to_ascii_lowercase().replace('_', "-");
-    let suggestion = allowed
-        .iter()
-        .map(|candidate| (edit_distance(&normalized, candidate), *candidate))
-        .filter(|(distance, candidate)| *distance <= 2 && *distance < candidate.len())
-        .min_by_key(|(distance, _)| *distance)
-        .map(|(_, candidate)| candidate);
-
-    let mut message = "unknown key".to_owned();
-    if let Some(suggestion) = suggestion {
-        message.push_str(&format!(" (did you mean `{suggestion}`?)"));
-    }
-    let place = match section {
-        Some(section) => format!("under `{section}`"),
-        None => "at the top level".to_owned(),
-    };
-    if allowed.is_empty() {
-        message.push_str(&format!("; no keys are allowed {place}"));
-    } else {
-        let list = allowed
-            .iter()
-            .map(|key| format!("`{key}`"))
-            .collect::<Vec<_>>()
-            .join(", ");
-        message.push_str(&format!("; the keys allowed {place} are {list}"));
-    }
-    Some((join_key(section, unknown), message))
-}
-
-/// Converts a serde_norway error into a [`ConfigError`], with the line
-/// mapped back to the original text and the key split out.
-fn parse_error_from_serde(error: &serde_norway::Error, expanded: &Expanded) -> ConfigError {
-    let serde_line = error.location().map(|location| location.line());
-    let mut line = serde_line.map(|line| expanded.original_line(line));
-    let full_message = without_internal_type_names(&without_positions(&error.to_string()));
-    let (section, rest) = split_key_prefix(&full_message);
-
-    if rest == LITEFS_ONLY_MARKER {
-        let key = section.unwrap_or_default().to_owned();
-        let hint = LITEFS_ONLY_KEYS
-            .iter()
-            .find(|(known, _)| *known == key)
-            .map_or("", |(_, hint)| *hint);
-        // serde points at a mapping's first inner line; find the key's own.
-        if let Some(key_line) = locate::locate_key(&expanded.text, &key) {
-            line = Some(expanded.original_line(key_line));
-        }
-        return ConfigError::UnsupportedLiteFsKey {
-            file: None,
-            line,
-            key,
-            hint,
-        };
-    }
-
-    let (key, mut message) = if let Some((key, message)) = unknown_key_message(section, rest) {
-        (Some(key), message)
-    } else if let Some(duplicate) = rest.strip_prefix("duplicate field ").and_then(first_quoted) {
-        let key = join_key(section, duplicate);
-        // serde points at the enclosing mapping; find the second occurrence.
-        if let Some(key_line) = locate::locate_key_occurrence(&expanded.text, &key, 1) {
-            line = Some(expanded.original_line(key_line));
-        }
-        (
-            Some(key),
-            "the key appears more than once in the same section; keep only one".to_owned(),
-        )
-    } else {
-        (section.map(str::to_owned), rest.to_owned())
-    };
-
-    if message.contains("cannot start any token") {
-        let has_tab = serde_line
-            .and_then(|line| expanded.text.lines().nth(line.saturating_sub(1)))
-            .is_some_and(|text| text.contains('\t'));
-        if has_tab {
-            message.push_str(" (YAML does not allow tabs for indentation; use spaces)");
-        }
-    }
-    let message = with_unset_variable_note(message, line, expanded);
-    ConfigError::Parse {
-        file: None,
-        line,
-        key,
-        message,
-    }
-}
-
 /// Treats an empty string as "not set", as LiteFS does for string settings.
 fn non_empty(value: Option<String>) -> Option<String> {
     value.filter(|text| !text.is_empty())
@@ -1113,80 +757,14 @@ mod tests {
         None
     }
 
-    fn parse_error(text: &str) -> ConfigError {
-        parse_with_env(text, Some(&no_env)).expect_err(text)
-    }
-
     #[test]
-    fn positions_are_removed_from_serde_messages() {
-        assert_eq!(
-            without_positions("a: bad at line 3 column 4, while x at line 2 column 1"),
-            "a: bad, while x"
-        );
-        assert_eq!(without_positions("bad at position 7"), "bad");
-        assert_eq!(without_positions("look at this"), "look at this");
-        assert_eq!(without_positions("at line"), "at line");
-    }
-
-    #[test]
-    fn key_prefixes_are_split_off() {
-        assert_eq!(
-            split_key_prefix("lease.consul: unknown field `x`"),
-            (Some("lease.consul"), "unknown field `x`")
-        );
-        assert_eq!(
-            split_key_prefix("invalid type: string"),
-            (None, "invalid type: string")
-        );
-        assert_eq!(split_key_prefix("exec[1]: bad"), (Some("exec[1]"), "bad"));
-    }
-
-    #[test]
-    fn edit_distances() {
-        assert_eq!(edit_distance("advertise-url", "advertise-url"), 0);
-        assert_eq!(edit_distance("canidate", "candidate"), 1);
-        assert_eq!(edit_distance("", "abc"), 3);
-    }
-
-    #[test]
-    fn unknown_keys_get_suggestions_and_hide_litefs_only_keys() {
-        let error = parse_error("lease:\n  advertise_url: http://x:1\n");
-        let text = error.to_string();
-        assert_eq!(error.key(), Some("lease.advertise_url"));
-        assert_eq!(error.line(), Some(2));
-        assert!(text.contains("(did you mean `advertise-url`?)"), "{text}");
-        assert!(!text.contains("`databases`"), "{text}");
-
-        let top = parse_error("tracing_enabled: true\n").to_string();
-        assert!(
-            !top.contains("`backup`") && !top.contains("`tracing`,"),
-            "{top}"
-        );
-    }
-
-    #[test]
-    fn duplicate_keys_point_at_the_repeat() {
-        let error = parse_error("lease:\n  type: static\n  candidate: true\n  type: consul\n");
-        assert_eq!(error.key(), Some("lease.type"));
-        assert_eq!(error.line(), Some(4));
-    }
-
-    #[test]
-    fn tabs_get_a_hint() {
-        let error = parse_error("fuse:\n\tdir: /x\n");
-        assert!(error.to_string().contains("tabs"), "{error}");
-    }
-
-    #[test]
-    fn internal_type_names_are_not_shown() {
-        let error = parse_error("lease: 3\n");
-        assert_eq!(error.key(), Some("lease"));
-        assert!(
-            error.to_string().contains("expected a mapping of keys"),
-            "{error}"
-        );
-        let top = parse_error("just text\n");
-        assert!(!top.to_string().contains("Raw"), "{top}");
+    fn byte_order_marks_and_windows_line_endings_are_accepted() {
+        let text = "\u{feff}fuse:\r\n  dir: /litefs\r\nlease:\r\n  type: consul\r\n";
+        let error = parse_with_env(text, Some(&no_env)).unwrap_err();
+        assert_eq!(error.key(), Some("lease.consul.url"));
+        assert_eq!(error.line(), Some(3));
+        let config = parse("\u{feff}fuse:\r\n  dir: /litefs\r\n", false).unwrap();
+        assert_eq!(config.fuse.dir, Some(PathBuf::from("/litefs")));
     }
 
     #[test]

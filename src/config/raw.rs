@@ -189,7 +189,7 @@ impl<'de> Deserialize<'de> for Flag {
 }
 
 /// A duration in Go syntax (`10s`, `1h30m`); see
-/// [`parse_duration`](super::values::parse_duration).
+/// [`parse_duration`].
 ///
 /// A bare `0` means zero. Any other bare number is rejected, because Go's
 /// YAML library would read `60` as 60 nanoseconds, which is never what is
@@ -237,7 +237,7 @@ impl<'de> Deserialize<'de> for GoDuration {
 }
 
 /// A byte size (`512MiB`, `1GB`, or a plain number of bytes); see
-/// [`parse_byte_size`](super::values::parse_byte_size).
+/// [`parse_byte_size`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct ByteSize(pub u64);
 

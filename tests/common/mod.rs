@@ -385,6 +385,14 @@ impl Mount {
         self.child.as_ref().map(Child::id)
     }
 
+    /// True while the ltxfs process has not exited.
+    pub fn is_running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(child) => child.try_wait().expect("try_wait").is_none(),
+            None => false,
+        }
+    }
+
     /// Everything ltxfs wrote to stderr, over all starts.
     pub fn stderr_text(&self) -> String {
         let mut text = String::new();

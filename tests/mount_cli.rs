@@ -1,0 +1,432 @@
+//! The `ltxfs mount` command line: bad input (exit status 2, one line on stderr,
+//! nothing changed on disk), signals, `-- CMD` exec, stale mounts, and what the mount
+//! refuses (non-SQLite content, subdirectories).
+
+mod common;
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+const EXIT_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A temporary directory with a config, for runs not managed by [`Mount`].
+struct Scratch {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+}
+
+impl Scratch {
+    fn new() -> Scratch {
+        require_fuse();
+        let (dir, root) = temp_root("ltxfs-cli-");
+        Scratch { _dir: dir, root }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.root.join(name)
+    }
+
+    /// Writes `ltxfs.yml` with `data.dir` = `data` and returns its path.
+    fn config(&self, data: &Path, fuse_dir: Option<&Path>, extra: &str) -> PathBuf {
+        let path = self.path("ltxfs.yml");
+        write_config(&path, data, fuse_dir, extra);
+        path
+    }
+
+    /// A snapshot of every path under the root (to prove nothing changed).
+    fn tree(&self) -> Vec<String> {
+        fn walk(dir: &Path, base: &Path, out: &mut Vec<String>) {
+            for entry in fs::read_dir(dir).unwrap().flatten() {
+                let path = entry.path();
+                let meta = fs::symlink_metadata(&path).unwrap();
+                out.push(format!(
+                    "{} {}",
+                    path.strip_prefix(base).unwrap().display(),
+                    meta.len()
+                ));
+                if meta.is_dir() {
+                    walk(&path, base, out);
+                }
+            }
+        }
+        let mut out = Vec::new();
+        walk(&self.root, &self.root, &mut out);
+        out.sort();
+        out
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        force_unmount(&self.path("mnt"));
+        force_unmount(&self.path("mnt2"));
+    }
+}
+
+/// Spawns `ltxfs mount <args...>` with piped output.
+fn spawn_ltxfs(args: &[&std::ffi::OsStr]) -> Child {
+    ltxfs_command()
+        .arg("mount")
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn ltxfs")
+}
+
+/// Runs ltxfs to completion (bounded) and returns (exit code, stderr).
+fn run_ltxfs(args: &[&std::ffi::OsStr]) -> (Option<i32>, String) {
+    let out = wait_all_unchecked(vec![spawn_ltxfs(args)], EXIT_TIMEOUT);
+    let out = out.into_iter().next().unwrap();
+    (out.status.code(), out.stderr)
+}
+
+/// Asserts the bad-input contract: status 2, exactly one non-empty stderr line that
+/// mentions one of `mentions` (case-insensitive).
+fn assert_usage_error(code: Option<i32>, stderr: &str, mentions: &[&str]) {
+    assert_eq!(code, Some(2), "exit status; stderr:\n{stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "expected one line on stderr, got:\n{stderr}"
+    );
+    let lower = lines[0].to_lowercase();
+    assert!(
+        mentions.iter().any(|m| lower.contains(&m.to_lowercase())),
+        "stderr does not mention any of {mentions:?}: {}",
+        lines[0]
+    );
+}
+
+fn os(p: &Path) -> &std::ffi::OsStr {
+    p.as_os_str()
+}
+
+// ---------------------------------------------------------------------------------
+// Bad input
+// ---------------------------------------------------------------------------------
+
+#[test]
+fn invalid_config_unknown_key() {
+    let s = Scratch::new();
+    let data = s.path("data");
+    let mnt = s.path("mnt");
+    let config = s.config(&data, None, "bogus_key: 1\n");
+    let before = s.tree();
+    let (code, stderr) = run_ltxfs(&[os(&mnt), "--config".as_ref(), os(&config)]);
+    assert_usage_error(code, &stderr, &["bogus_key"]);
+    assert_eq!(s.tree(), before, "something changed on disk");
+    assert!(!data.exists() && !mnt.exists());
+}
+
+#[test]
+fn invalid_config_unknown_nested_key() {
+    let s = Scratch::new();
+    let data = s.path("data");
+    let mnt = s.path("mnt");
+    fs::create_dir(&mnt).unwrap();
+    let config = s.path("ltxfs.yml");
+    fs::write(
+        &config,
+        format!(
+            "data:\n  dir: {}\n  bogus_nested: true\n",
+            yaml_str(&data.to_string_lossy())
+        ),
+    )
+    .unwrap();
+    let before = s.tree();
+    let (code, stderr) = run_ltxfs(&[os(&mnt), "--config".as_ref(), os(&config)]);
+    assert_usage_error(code, &stderr, &["bogus_nested"]);
+    assert_eq!(s.tree(), before, "something changed on disk");
+    assert!(!is_mounted(&mnt));
+}
+
+#[test]
+fn mount_point_is_non_empty_directory() {
+    let s = Scratch::new();
+    let data = s.path("data");
+    let mnt = s.path("mnt");
+    fs::create_dir(&mnt).unwrap();
+    fs::write(mnt.join("precious.txt"), "keep me").unwrap();
+    let config = s.config(&data, None, "");
+    let before = s.tree();
+    let (code, stderr) = run_ltxfs(&[os(&mnt), "--config".as_ref(), os(&config)]);
+    assert_usage_error(
+        code,
+        &stderr,
+        &[&mnt.to_string_lossy(), "empty", "mount point"],
+    );
+    assert!(!is_mounted(&mnt));
+    assert_eq!(s.tree(), before, "something changed on disk");
+    assert_eq!(
+        fs::read_to_string(mnt.join("precious.txt")).unwrap(),
+        "keep me"
+    );
+}
+
+#[test]
+fn mount_point_is_regular_file() {
+    let s = Scratch::new();
+    let data = s.path("data");
+    let mnt = s.path("mnt");
+    fs::write(&mnt, "not a directory").unwrap();
+    let config = s.config(&data, None, "");
+    let before = s.tree();
+    let (code, stderr) = run_ltxfs(&[os(&mnt), "--config".as_ref(), os(&config)]);
+    assert_usage_error(
+        code,
+        &stderr,
+        &[&mnt.to_string_lossy(), "directory", "mount point"],
+    );
+    assert!(!is_mounted(&mnt));
+    assert_eq!(s.tree(), before, "something changed on disk");
+    assert_eq!(fs::read_to_string(&mnt).unwrap(), "not a directory");
+}
+
+#[test]
+fn data_dir_not_writable() {
+    let s = Scratch::new();
+    let blocker = s.path("file");
+    fs::write(&blocker, "a regular file").unwrap();
+    let data = blocker.join("data");
+    let mnt = s.path("mnt");
+    fs::create_dir(&mnt).unwrap();
+    let config = s.config(&data, None, "");
+    let before = s.tree();
+    let (code, stderr) = run_ltxfs(&[os(&mnt), "--config".as_ref(), os(&config)]);
+    assert_usage_error(
+        code,
+        &stderr,
+        &[&blocker.to_string_lossy(), "data", "directory"],
+    );
+    assert!(!is_mounted(&mnt));
+    assert_eq!(s.tree(), before, "something changed on disk");
+}
+
+#[test]
+fn second_process_on_same_data_dir_fails() {
+    let first = Mount::start(MountOptions::default());
+    let mut first = first;
+    let db = first.db_path("one.db");
+    open_db(&db)
+        .execute_batch("CREATE TABLE t(x); INSERT INTO t VALUES(1);")
+        .unwrap();
+
+    let s = Scratch::new();
+    let mnt2 = s.path("mnt2");
+    fs::create_dir(&mnt2).unwrap();
+    let config = s.config(first.data_dir(), None, "");
+    let data_before = fs::read_dir(first.data_dir()).unwrap().count();
+    let (code, stderr) = run_ltxfs(&[os(&mnt2), "--config".as_ref(), os(&config)]);
+    assert_usage_error(
+        code,
+        &stderr,
+        &[
+            &first.data_dir().to_string_lossy(),
+            "data",
+            "lock",
+            "in use",
+            "already",
+        ],
+    );
+    assert!(!is_mounted(&mnt2), "the second mount must not be mounted");
+    assert!(first.is_running(), "the first ltxfs must keep running");
+    assert!(is_mounted(first.path()));
+    assert_eq!(fs::read_dir(first.data_dir()).unwrap().count(), data_before);
+    let conn = open_db(&db);
+    conn.execute("INSERT INTO t VALUES(2)", []).unwrap();
+    assert_eq!(query_i64(&conn, "SELECT sum(x) FROM t"), 3);
+    drop(conn);
+    let status = first.stop();
+    assert_eq!(status.code(), Some(0));
+}
+
+// ---------------------------------------------------------------------------------
+// Signals and exec
+// ---------------------------------------------------------------------------------
+
+fn signal_unmounts_cleanly(signal: libc::c_int) {
+    let mut mount = Mount::start(MountOptions::default());
+    let db = mount.db_path("keep.db");
+    open_db(&db)
+        .execute_batch("CREATE TABLE t(x); INSERT INTO t VALUES(42);")
+        .unwrap();
+    let status = mount.signal_and_wait(signal);
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "exit status after signal {signal}; stderr:\n{}",
+        mount.stderr_text()
+    );
+    assert!(!anything_mounted(mount.path()), "still mounted after exit");
+    mount.restart();
+    assert_eq!(query_i64(&open_db(&db), "SELECT x FROM t"), 42);
+}
+
+#[test]
+fn sigterm_unmounts_and_exits_zero() {
+    signal_unmounts_cleanly(libc::SIGTERM);
+}
+
+#[test]
+fn sigint_unmounts_and_exits_zero() {
+    signal_unmounts_cleanly(libc::SIGINT);
+}
+
+#[test]
+fn exec_exit_code_is_propagated() {
+    let s = Scratch::new();
+    let data = s.path("data");
+    let mnt = s.path("mnt");
+    fs::create_dir(&mnt).unwrap();
+    let config = s.config(&data, None, "");
+    // The command checks that the mount is there while it runs.
+    let script = "grep -F \" $1 \" /proc/self/mountinfo | grep -q ' fuse.ltxfs ' || exit 9; exit 7";
+    let (code, stderr) = run_ltxfs(&[
+        os(&mnt),
+        "--config".as_ref(),
+        os(&config),
+        "--".as_ref(),
+        "sh".as_ref(),
+        "-c".as_ref(),
+        script.as_ref(),
+        "sh".as_ref(),
+        os(&mnt),
+    ]);
+    assert_eq!(code, Some(7), "stderr:\n{stderr}");
+    assert!(!anything_mounted(&mnt), "still mounted after exec exit");
+}
+
+#[test]
+fn exec_receives_forwarded_sigterm() {
+    let s = Scratch::new();
+    let data = s.path("data");
+    let mnt = s.path("mnt");
+    fs::create_dir(&mnt).unwrap();
+    let config = s.config(&data, None, "");
+    let started = s.path("started");
+    let script = format!(
+        "trap 'exit 3' TERM; : > '{}'; while :; do sleep 0.1; done",
+        started.display()
+    );
+    let mut child = spawn_ltxfs(&[
+        os(&mnt),
+        "--config".as_ref(),
+        os(&config),
+        "--".as_ref(),
+        "sh".as_ref(),
+        "-c".as_ref(),
+        script.as_ref(),
+    ]);
+    let pid = child.id();
+    wait_until("the exec command to start", EXIT_TIMEOUT, || {
+        started.exists() || child.try_wait().ok().flatten().is_some()
+    });
+    assert!(started.exists(), "ltxfs exited before running the command");
+    assert!(is_mounted(&mnt), "command runs while mounted");
+    send_signal(pid, libc::SIGTERM);
+    let out = wait_all_unchecked(vec![child], EXIT_TIMEOUT);
+    assert_eq!(out[0].status.code(), Some(3), "stderr:\n{}", out[0].stderr);
+    assert!(!anything_mounted(&mnt), "still mounted after exec exit");
+}
+
+#[test]
+fn mount_point_from_config() {
+    let s = Scratch::new();
+    let data = s.path("data");
+    let mnt = s.path("mnt");
+    fs::create_dir(&mnt).unwrap();
+    let config = s.config(&data, Some(&mnt), "");
+    let (code, stderr) = run_ltxfs(&[
+        "--config".as_ref(),
+        os(&config),
+        "--".as_ref(),
+        "sh".as_ref(),
+        "-c".as_ref(),
+        "grep -F \" $1 \" /proc/self/mountinfo | grep -q ' fuse.ltxfs ' && exit 5; exit 9".as_ref(),
+        "sh".as_ref(),
+        os(&mnt),
+    ]);
+    assert_eq!(code, Some(5), "fuse.dir from the config; stderr:\n{stderr}");
+    assert!(!anything_mounted(&mnt));
+}
+
+// ---------------------------------------------------------------------------------
+// Stale mounts
+// ---------------------------------------------------------------------------------
+
+#[test]
+fn stale_mount_after_sigkill_is_cleaned() {
+    let mut mount = Mount::start(MountOptions::default());
+    let db = mount.db_path("survivor.db");
+    open_db(&db)
+        .execute_batch("CREATE TABLE t(x); INSERT INTO t VALUES('still here');")
+        .unwrap();
+    mount.kill9();
+    assert!(
+        anything_mounted(mount.path()),
+        "expected a stale mount after SIGKILL"
+    );
+    let probe = mount.path().to_path_buf();
+    let listing = run_bounded(Duration::from_secs(10), move || {
+        fs::read_dir(probe).map(|_| ())
+    });
+    assert!(
+        !matches!(listing, Some(Ok(()))),
+        "the stale mount should not answer"
+    );
+    mount.restart();
+    assert_eq!(query_string(&open_db(&db), "SELECT x FROM t"), "still here");
+    let status = mount.stop();
+    assert_eq!(status.code(), Some(0), "{}", mount.stderr_text());
+    assert!(!anything_mounted(mount.path()));
+}
+
+// ---------------------------------------------------------------------------------
+// What the mount refuses
+// ---------------------------------------------------------------------------------
+
+/// Creates `path`, writes `content`, fsyncs; returns the first error.
+fn write_file(path: &Path, content: &[u8]) -> std::io::Result<()> {
+    let mut file = fs::File::create(path)?;
+    file.write_all(content)?;
+    file.sync_all()?;
+    Ok(())
+}
+
+#[test]
+fn non_sqlite_content_is_refused() {
+    let mount = Mount::start(MountOptions::default());
+    for name in ["notes.txt", "fake.db"] {
+        let path = mount.db_path(name);
+        let result = write_file(&path, b"hello");
+        assert!(result.is_err(), "writing 'hello' into {name} succeeded");
+        if let Ok(content) = fs::read(&path) {
+            assert_ne!(content, b"hello", "{name} holds the refused bytes");
+        }
+    }
+    // A real database still works next to the refused files.
+    let conn = open_db(&mount.db_path("real.db"));
+    conn.execute_batch("CREATE TABLE t(x); INSERT INTO t VALUES(1);")
+        .unwrap();
+    assert_eq!(query_i64(&conn, "SELECT x FROM t"), 1);
+}
+
+#[test]
+fn mkdir_is_refused() {
+    let mount = Mount::start(MountOptions::default());
+    let sub = mount.db_path("sub");
+    assert!(
+        fs::create_dir(&sub).is_err(),
+        "mkdir in the mount succeeded"
+    );
+    assert!(!sub.exists());
+    assert!(!list_dir(mount.path()).contains(&"sub".to_string()));
+}
