@@ -22,7 +22,7 @@ use crate::config::{Config, ExecCommand};
 use crate::fs::Fs;
 use crate::fuse::FuseAdapter;
 use crate::mountinfo;
-use crate::store::Store;
+use crate::store::{CaptureOptions, Store};
 
 /// How many threads read and answer FUSE requests. More than the core count, so a
 /// slow `fsync` on one thread never stalls reads and lock calls on the others.
@@ -311,11 +311,16 @@ pub fn run(request: MountRequest) -> Result<i32, MountError> {
             ))
         })?;
     }
-    let store = Store::open(&plan.data_dir)
+    let capture = CaptureOptions {
+        compress: request.config.data.compress,
+        strict_verify: request.config.strict_verify,
+    };
+    let store = Store::open(&plan.data_dir, capture)
         .map_err(|error| MountError::runtime("open the data dir", io::Error::other(error)))?;
     // SAFETY: getuid and getgid cannot fail.
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
-    let fs = Arc::new(Fs::new(Arc::new(store), uid, gid));
+    let store = Arc::new(store);
+    let fs = Arc::new(Fs::new(store.clone(), uid, gid));
     let session = start_session(&request.config, &plan.mount_point, fs)?;
     tracing::info!(
         mount_point = %plan.mount_point.display(),
@@ -337,6 +342,9 @@ pub fn run(request: MountRequest) -> Result<i32, MountError> {
         .map_err(|error| MountError::runtime("start the async runtime", error))?;
     let exit_code = runtime.block_on(supervise(commands, &plan.mount_point));
     unmount(session, &plan.mount_point);
+    if let Err(error) = store.shutdown() {
+        tracing::error!(%error, "could not save state for a fast restart; the next start rereads the databases");
+    }
     exit_code
 }
 

@@ -121,9 +121,10 @@ fn invalid_config_unknown_key() {
     let config = s.config(&data, None, "bogus_key: 1\n");
     let before = s.tree();
     let (code, stderr) = run_ltxfs(&[os(&mnt), "--config".as_ref(), os(&config)]);
-    assert_usage_error(code, &stderr, &["bogus_key"]);
     assert_eq!(s.tree(), before, "something changed on disk");
     assert!(!data.exists() && !mnt.exists());
+    // Last, so that a wrong message does not hide the other checks.
+    assert_usage_error(code, &stderr, &["bogus_key"]);
 }
 
 #[test]
@@ -143,9 +144,10 @@ fn invalid_config_unknown_nested_key() {
     .unwrap();
     let before = s.tree();
     let (code, stderr) = run_ltxfs(&[os(&mnt), "--config".as_ref(), os(&config)]);
-    assert_usage_error(code, &stderr, &["bogus_nested"]);
     assert_eq!(s.tree(), before, "something changed on disk");
     assert!(!is_mounted(&mnt));
+    // Last, so that a wrong message does not hide the other checks.
+    assert_usage_error(code, &stderr, &["bogus_nested"]);
 }
 
 #[test]
@@ -158,16 +160,17 @@ fn mount_point_is_non_empty_directory() {
     let config = s.config(&data, None, "");
     let before = s.tree();
     let (code, stderr) = run_ltxfs(&[os(&mnt), "--config".as_ref(), os(&config)]);
-    assert_usage_error(
-        code,
-        &stderr,
-        &[&mnt.to_string_lossy(), "empty", "mount point"],
-    );
     assert!(!is_mounted(&mnt));
     assert_eq!(s.tree(), before, "something changed on disk");
     assert_eq!(
         fs::read_to_string(mnt.join("precious.txt")).unwrap(),
         "keep me"
+    );
+    // Last, so that a wrong message does not hide the other checks.
+    assert_usage_error(
+        code,
+        &stderr,
+        &[&mnt.to_string_lossy(), "empty", "mount point"],
     );
 }
 
@@ -180,14 +183,15 @@ fn mount_point_is_regular_file() {
     let config = s.config(&data, None, "");
     let before = s.tree();
     let (code, stderr) = run_ltxfs(&[os(&mnt), "--config".as_ref(), os(&config)]);
+    assert!(!is_mounted(&mnt));
+    assert_eq!(s.tree(), before, "something changed on disk");
+    assert_eq!(fs::read_to_string(&mnt).unwrap(), "not a directory");
+    // Last, so that a wrong message does not hide the other checks.
     assert_usage_error(
         code,
         &stderr,
         &[&mnt.to_string_lossy(), "directory", "mount point"],
     );
-    assert!(!is_mounted(&mnt));
-    assert_eq!(s.tree(), before, "something changed on disk");
-    assert_eq!(fs::read_to_string(&mnt).unwrap(), "not a directory");
 }
 
 #[test]
@@ -201,19 +205,19 @@ fn data_dir_not_writable() {
     let config = s.config(&data, None, "");
     let before = s.tree();
     let (code, stderr) = run_ltxfs(&[os(&mnt), "--config".as_ref(), os(&config)]);
+    assert!(!is_mounted(&mnt));
+    assert_eq!(s.tree(), before, "something changed on disk");
+    // Last, so that a wrong message does not hide the other checks.
     assert_usage_error(
         code,
         &stderr,
         &[&blocker.to_string_lossy(), "data", "directory"],
     );
-    assert!(!is_mounted(&mnt));
-    assert_eq!(s.tree(), before, "something changed on disk");
 }
 
 #[test]
 fn second_process_on_same_data_dir_fails() {
-    let first = Mount::start(MountOptions::default());
-    let mut first = first;
+    let mut first = Mount::start(MountOptions::default());
     let db = first.db_path("one.db");
     open_db(&db)
         .execute_batch("CREATE TABLE t(x); INSERT INTO t VALUES(1);")
@@ -225,16 +229,10 @@ fn second_process_on_same_data_dir_fails() {
     let config = s.config(first.data_dir(), None, "");
     let data_before = fs::read_dir(first.data_dir()).unwrap().count();
     let (code, stderr) = run_ltxfs(&[os(&mnt2), "--config".as_ref(), os(&config)]);
-    assert_usage_error(
+    assert_eq!(
         code,
-        &stderr,
-        &[
-            &first.data_dir().to_string_lossy(),
-            "data",
-            "lock",
-            "in use",
-            "already",
-        ],
+        Some(2),
+        "second ltxfs on the same data dir; stderr:\n{stderr}"
     );
     assert!(!is_mounted(&mnt2), "the second mount must not be mounted");
     assert!(first.is_running(), "the first ltxfs must keep running");
@@ -246,6 +244,13 @@ fn second_process_on_same_data_dir_fails() {
     drop(conn);
     let status = first.stop();
     assert_eq!(status.code(), Some(0));
+    // Last, so that a wrong message does not hide the other checks.
+    let data_dir = first.data_dir().to_string_lossy().into_owned();
+    assert_usage_error(
+        code,
+        &stderr,
+        &[&data_dir, "data", "lock", "in use", "already"],
+    );
 }
 
 // ---------------------------------------------------------------------------------
@@ -429,4 +434,27 @@ fn mkdir_is_refused() {
     );
     assert!(!sub.exists());
     assert!(!list_dir(mount.path()).contains(&"sub".to_string()));
+}
+
+/// SIGTERM while a client still has a database open: ltxfs still exits 0 in time
+/// and the mount is gone (the client's next access fails, it does not hang).
+#[test]
+fn sigterm_with_open_database() {
+    let mut mount = Mount::start(MountOptions::default());
+    let db = mount.db_path("busy.db");
+    let conn = open_db(&db);
+    conn.execute_batch("CREATE TABLE t(x); INSERT INTO t VALUES(1);")
+        .unwrap();
+    let status = mount.stop();
+    assert_eq!(status.code(), Some(0), "{}", mount.stderr_text());
+    assert!(!anything_mounted(mount.path()), "still mounted");
+    let result = run_bounded(Duration::from_secs(10), move || {
+        conn.execute("INSERT INTO t VALUES(2)", []).map(|_| ())
+    });
+    assert!(result.is_some(), "a client access hung after ltxfs exited");
+    mount.restart();
+    assert_eq!(
+        query_i64(&open_db(&db), "SELECT count(*) FROM t WHERE x = 1"),
+        1
+    );
 }

@@ -10,8 +10,13 @@ use std::path::Path;
 use common::*;
 use rusqlite::Connection;
 
-const OPS: usize = 300;
-const SEEDS: [u64; 2] = [0x5eed_0001, 0x5eed_0002];
+const OPS: usize = 500;
+/// (seed, page size)
+const SEEDS: [(u64, u32); 3] = [
+    (0x5eed_0001, 4096),
+    (0x5eed_0002, 1024),
+    (0x5eed_0003, 65536),
+];
 const COMPARE_EVERY: usize = 50;
 const REOPEN_EVERY: usize = 100;
 
@@ -207,9 +212,14 @@ fn execute(conn: &Connection, sql: &str) -> String {
     outcome
 }
 
-fn open(path: &Path, mode: &str) -> Connection {
+/// Opens with `page_size` (only effective on a new database), the journal mode and a
+/// small page cache, so that big transactions spill before COMMIT.
+fn open(path: &Path, mode: &str, page_size: u32) -> Connection {
     let conn = open_db(path);
+    conn.execute_batch(&format!("PRAGMA page_size={page_size}"))
+        .unwrap();
     set_journal_mode(&conn, mode);
+    conn.execute_batch("PRAGMA cache_size=20").unwrap();
     conn
 }
 
@@ -228,11 +238,11 @@ fn differential(mode: &str) {
     let mut mount = Mount::start(MountOptions::default());
     let (_plain_dir, plain) = temp_root("ltxfs-plain-");
     let mut finals = Vec::new();
-    for seed in SEEDS {
+    for (seed, page_size) in SEEDS {
         let reference_path = plain.join(format!("diff-{seed:x}.db"));
         let mounted_path = mount.db_path(&format!("diff-{seed:x}.db"));
-        let mut reference = open(&reference_path, mode);
-        let mut mounted = open(&mounted_path, mode);
+        let mut reference = open(&reference_path, mode, page_size);
+        let mut mounted = open(&mounted_path, mode, page_size);
         let mut rng = Rng::new(seed);
         let mut last = String::new();
         let mut errors = 0;
@@ -252,8 +262,8 @@ fn differential(mode: &str) {
             }
             if step % REOPEN_EVERY == 0 {
                 drop((reference, mounted));
-                reference = open(&reference_path, mode);
-                mounted = open(&mounted_path, mode);
+                reference = open(&reference_path, mode, page_size);
+                mounted = open(&mounted_path, mode, page_size);
             }
         }
         compare(OPS, seed, &reference, &mounted, &last);
@@ -264,6 +274,10 @@ fn differential(mode: &str) {
             final_schema.indexes.len()
         );
         assert_eq!(integrity_check(&mounted), "ok");
+        assert_eq!(
+            query_i64(&mounted, "PRAGMA page_size"),
+            i64::from(page_size)
+        );
         finals.push((mounted_path, dump(&reference)));
     }
     mount.restart();

@@ -134,7 +134,7 @@ fn worker_wal_reader() {
     let deadline = std::time::Instant::now() + Duration::from_secs(100);
     let mut reads = 0u64;
     let mut last = -1i64;
-    while !stop_file_exists(&job) && std::time::Instant::now() < deadline {
+    loop {
         conn.execute_batch("BEGIN").unwrap();
         let rows = query_i64(&conn, "SELECT count(*) FROM t");
         let counter = query_i64(&conn, "SELECT n FROM counter");
@@ -145,6 +145,12 @@ fn worker_wal_reader() {
         assert!(blob_bytes >= rows * 50, "payload sizes");
         last = rows;
         reads += 1;
+        if reads == 1 {
+            report("STARTED");
+        }
+        if stop_file_exists(&job) || std::time::Instant::now() >= deadline {
+            break;
+        }
     }
     report(format!("READS {reads}"));
 }
@@ -178,6 +184,9 @@ fn worker_checkpointer() {
                 Ok(_) => busy += 1,
                 Err(e) if e.sqlite_error_code() == Some(ErrorCode::DatabaseBusy) => busy += 1,
                 Err(e) => panic!("wal_checkpoint({mode}): {e}"),
+            }
+            if done + busy == 1 {
+                report("STARTED");
             }
             // Throttle so that the writers get the (two) CPUs too.
             std::thread::sleep(Duration::from_millis(5));
@@ -422,27 +431,33 @@ fn wal_checkpoints_while_processes_share_shm() {
     let db = mount.db_path("wal.db");
     create_counter_schema(&db, "wal");
     let stop = mount.root().join("stop-readers");
-    let writers = spawn_workers("worker_txn_loop", &txn_jobs(&db, "wal", 2, 150));
     let side = Job::new()
         .with("db", db.display())
         .with("stop", stop.display());
-    let others = vec![
-        spawn_worker("worker_wal_reader", &side.clone().with("mmap", 1)),
-        spawn_worker("worker_checkpointer", &side),
-    ];
+    // Reader and checkpointer run before, during and after the writers.
+    let mut reader = StreamingWorker::spawn("worker_wal_reader", &side.clone().with("mmap", 1));
+    let mut checkpointer = StreamingWorker::spawn("worker_checkpointer", &side);
+    reader.expect_marker("STARTED", Duration::from_secs(30));
+    checkpointer.expect_marker("STARTED", Duration::from_secs(30));
+    let writers = spawn_workers("worker_txn_loop", &txn_jobs(&db, "wal", 2, 150));
     let written = wait_all(writers, WORKER_TIMEOUT);
     assert!(written.iter().all(|o| o.marker("DONE").is_some()));
     fs::write(&stop, "stop").unwrap();
-    let outputs = wait_all(others, Duration::from_secs(60));
-    let reads: u64 = outputs[0]
-        .marker("READS ")
+    let mut reports = Vec::new();
+    for (name, worker) in [("reader", reader), ("checkpointer", checkpointer)] {
+        let (status, lines, stderr) = worker.finish(Duration::from_secs(60));
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "{name} failed ({status:?}):\n{}\n{stderr}",
+            lines.join("\n")
+        );
+        reports.push(lines.join("\n"));
+    }
+    let reads: u64 = find_marker(&reports[0], "READS ")
         .expect("reader report")
         .parse()
         .unwrap();
-    assert!(reads > 0, "reader never read");
-    let checkpoints = outputs[1]
-        .marker("CHECKPOINTS ")
-        .expect("checkpointer report");
+    let checkpoints = find_marker(&reports[1], "CHECKPOINTS ").expect("checkpointer report");
     eprintln!("checkpointer: {checkpoints}, reader: {reads} reads");
     verify_counter(&db, 2, 150);
 
@@ -679,7 +694,12 @@ fn page_size_change_by_vacuum_in_rollback_mode() {
     let expected = dump(&conn);
     for new_size in [16384i64, 1024, 8192] {
         conn.execute_batch(&format!("PRAGMA page_size={new_size}; VACUUM;"))
-            .unwrap();
+            .unwrap_or_else(|e| {
+                panic!(
+                    "VACUUM to page size {new_size}: {e}; ltxfs stderr:\n{}",
+                    mount.stderr_text()
+                )
+            });
         assert_eq!(query_i64(&conn, "PRAGMA page_size"), new_size);
         assert_eq!(dump(&conn), expected, "content after VACUUM to {new_size}");
         assert_eq!(integrity_check(&conn), "ok");
@@ -915,4 +935,102 @@ fn posix_locks_across_processes() {
     assert!(status.is_some_and(|s| s.success()), "waiter: {stderr}");
     let (status, _, stderr) = holder.finish(Duration::from_secs(20));
     assert!(status.is_some_and(|s| s.success()), "holder: {stderr}");
+}
+
+// ---------------------------------------------------------------------------------
+// Cache spills and journal mode changes
+// ---------------------------------------------------------------------------------
+
+/// A transaction bigger than the page cache spills pages to the database (rollback
+/// modes) or to the WAL before COMMIT; ROLLBACK must still restore everything.
+fn cache_spill(mode: &str) {
+    let mut mount = Mount::start(MountOptions::default());
+    let db = mount.db_path("spill.db");
+    let conn = open_db(&db);
+    set_journal_mode(&conn, mode);
+    conn.execute_batch(
+        "PRAGMA cache_size=10; CREATE TABLE t(id INTEGER PRIMARY KEY, b BLOB, s TEXT); CREATE INDEX t_s ON t(s);",
+    )
+    .unwrap();
+    fill_blobs(&conn, 1000, 1000);
+    let before = dump(&conn);
+    conn.execute_batch(
+        "BEGIN;
+         UPDATE t SET b = randomblob(1200);
+         INSERT INTO t(b, s) SELECT randomblob(900), 'new ' || id FROM t WHERE id % 2 = 0;
+         DELETE FROM t WHERE id % 3 = 0;
+         ROLLBACK;",
+    )
+    .unwrap();
+    assert_eq!(
+        dump(&conn),
+        before,
+        "{mode}: ROLLBACK of a spilled transaction"
+    );
+    assert_eq!(
+        dump(&open_db(&db)),
+        before,
+        "{mode}: seen by a fresh connection"
+    );
+    assert_eq!(integrity_check(&conn), "ok");
+    conn.execute_batch(
+        "BEGIN;
+         UPDATE t SET s = s || '!', b = randomblob(700) WHERE id % 2 = 1;
+         INSERT INTO t(b, s) SELECT randomblob(1100), 'copy ' || id FROM t WHERE id % 5 = 0;
+         COMMIT;",
+    )
+    .unwrap();
+    let after = dump(&conn);
+    assert_eq!(dump(&open_db(&db)), after, "{mode}: committed spill");
+    drop(conn);
+    mount.restart();
+    let conn = open_db(&db);
+    assert_eq!(dump(&conn), after, "{mode}: after remount");
+    assert_eq!(integrity_check(&conn), "ok");
+}
+
+#[test]
+fn cache_spill_rollback_delete() {
+    cache_spill("delete");
+}
+
+#[test]
+fn cache_spill_rollback_wal() {
+    cache_spill("wal");
+}
+
+#[test]
+fn journal_mode_switching() {
+    let mut mount = Mount::start(MountOptions::default());
+    let db = mount.db_path("switch.db");
+    let conn = open_db(&db);
+    conn.execute_batch("CREATE TABLE t(id INTEGER PRIMARY KEY, b BLOB, s TEXT)")
+        .unwrap();
+    let modes = [
+        "delete", "wal", "truncate", "wal", "persist", "memory", "wal", "delete",
+    ];
+    for (i, mode) in modes.into_iter().enumerate() {
+        set_journal_mode(&conn, mode);
+        fill_blobs(&conn, 50, 300 + i as i64 * 100);
+        conn.execute("UPDATE t SET s = s || ?1 WHERE id % 4 = 0", [mode])
+            .unwrap();
+        assert_eq!(
+            query_i64(&conn, "SELECT count(*) FROM t"),
+            50 * (i as i64 + 1)
+        );
+        let fresh = open_db(&db);
+        assert_eq!(dump(&fresh), dump(&conn), "after switching to {mode}");
+    }
+    assert_eq!(integrity_check(&conn), "ok");
+    let expected = dump(&conn);
+    let names = list_dir(mount.path());
+    assert!(
+        !names.iter().any(|n| n.ends_with("-wal")),
+        "WAL file left after leaving WAL mode: {names:?}"
+    );
+    drop(conn);
+    mount.restart();
+    let conn = open_db(&db);
+    assert_eq!(dump(&conn), expected);
+    assert_eq!(integrity_check(&conn), "ok");
 }

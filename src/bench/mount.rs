@@ -127,9 +127,9 @@ impl MountGuard {
 
     /// Asks ltxfs to exit with SIGTERM, kills it if it has not exited after 10 s, and
     /// unmounts by force if the mount is still there (also when ltxfs had already
-    /// exited on its own). Any of these fallbacks, or an
-    /// unsuccessful exit, is reported as an error; the mount is gone either way
-    /// unless the forced unmount failed too.
+    /// exited on its own). Any of these fallbacks, and an unsuccessful exit, are
+    /// reported as an error; the mount is gone either way unless the forced unmount
+    /// failed too.
     pub(super) fn stop(&mut self) -> Result<(), BenchError> {
         if !self.active {
             return Ok(());

@@ -71,6 +71,20 @@ impl WorkloadResult {
         (baseline > 0.0).then(|| target / baseline)
     }
 
+    /// How much the rounds disagree: the largest (max - min) / median over the
+    /// targets. A large spread means the machine was noisy and the ratios are uncertain.
+    pub fn spread(&self) -> f64 {
+        self.targets
+            .iter()
+            .filter(|target| target.median > 0.0)
+            .map(|target| {
+                let max = target.rounds.iter().copied().fold(f64::MIN, f64::max);
+                let min = target.rounds.iter().copied().fold(f64::MAX, f64::min);
+                (max - min) / target.median
+            })
+            .fold(0.0, f64::max)
+    }
+
     /// Whether target `index` reached the workload's goal relative to the baseline.
     pub fn goal_met(&self, index: usize) -> Option<bool> {
         self.ratio(index).map(|ratio| ratio >= self.workload.goal())
@@ -132,6 +146,7 @@ impl fmt::Display for BenchReport {
                 "met".to_string()
             });
         }
+        header.push("spread".to_string());
         let mut rows = vec![header];
         for result in &self.results {
             let mut row = vec![result.workload.name().to_string()];
@@ -156,6 +171,7 @@ impl fmt::Display for BenchReport {
                     None => "-".to_string(),
                 });
             }
+            row.push(format!("{:.0}%", result.spread() * 100.0));
             rows.push(row);
         }
         write_table(f, &rows)?;
@@ -163,11 +179,16 @@ impl fmt::Display for BenchReport {
         writeln!(f)?;
         writeln!(
             f,
+            "spread: (fastest - slowest round) / median for the noisiest target; a large spread means a noisy machine and uncertain ratios"
+        )?;
+        // No newline after the last line, so that `println!` adds exactly one.
+        write!(
+            f,
             "all goals met: {}",
             if self.all_goals_met() { "yes" } else { "no" }
         )?;
         for warning in &self.warnings {
-            writeln!(f, "warning: {warning}")?;
+            write!(f, "\nwarning: {warning}")?;
         }
         Ok(())
     }
@@ -253,6 +274,8 @@ mod tests {
         assert!(!report.all_goals_met());
         assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), 2.5);
         assert_eq!(median(&[]), 0.0);
+        // Native: (3000 - 1000) / 2000; mount: (600 - 400) / 500.
+        assert_eq!(insert.spread(), 1.0);
     }
 
     #[test]

@@ -80,6 +80,7 @@ impl FsError {
             FsError::Store(StoreError::NotFound(_)) | FsError::NoSuchInode(_) => libc::ENOENT,
             FsError::Store(StoreError::InvalidName { .. }) => libc::EINVAL,
             FsError::Store(StoreError::NotSqlite { .. }) => libc::EINVAL,
+            FsError::Store(StoreError::Capture { .. }) => libc::EIO,
             FsError::Store(StoreError::Io { source, .. }) => {
                 source.raw_os_error().unwrap_or(libc::EIO)
             }
@@ -323,7 +324,7 @@ impl Fs {
 
     /// A descriptor of an open file was closed by `owner`: drop its POSIX locks.
     pub fn flush(&self, handle: u64, owner: LockOwner) -> Result<(), FsError> {
-        self.handle(handle)?.node.locks().unlock_all(owner);
+        self.handle(handle)?.node.unlock_all(owner);
         Ok(())
     }
 
@@ -341,7 +342,7 @@ impl Fs {
             .collect();
         drop(handles);
         for owner in owners.difference(&still_used) {
-            released.node.locks().release_owner(*owner);
+            released.node.release_owner(*owner);
         }
         Ok(())
     }
@@ -376,7 +377,7 @@ impl Fs {
             Ok(open_file) => open_file,
             Err(error) => return completion(Err(error)),
         };
-        let locks = open_file.node.locks();
+        let node = &open_file.node;
         let Some(kind) = call.kind else {
             return completion(
                 ByteRange::new(call.start, call.end)
@@ -384,9 +385,10 @@ impl Fs {
                         start: call.start,
                         end: call.end,
                     })
-                    .map(|range| locks.unlock(call.owner, range)),
+                    .map(|range| node.unlock(call.owner, range)),
             );
         };
+        let locks = node.locks();
         let request = match lock_request(call, kind) {
             Ok(request) => request,
             Err(error) => return completion(Err(error)),
@@ -528,7 +530,7 @@ mod tests {
 
     fn new_fs() -> (tempfile::TempDir, Fs) {
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let store = Arc::new(Store::open(dir.path(), crate::store::CaptureOptions::default()).unwrap());
         (dir, Fs::new(store, 0, 0))
     }
 

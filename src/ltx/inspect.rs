@@ -1,12 +1,15 @@
-//! Whole-file helpers behind the future `ltxfs ltx verify` and `ltxfs ltx dump`
+//! Whole-file helpers behind the `ltxfs ltx verify` and `ltxfs ltx dump`
 //! commands.
 
-use std::io::{Read, Write};
+use std::fmt;
+use std::fs::File;
+use std::io::{BufReader, Read, Write};
+use std::path::Path;
 
 use super::checksum::page_checksum;
 use super::decoder::Decoder;
 use super::error::LtxError;
-use super::header::{Header, Trailer};
+use super::header::{Header, Trailer, parse_filename};
 
 /// What a successful [`verify`] or [`dump`] found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,6 +100,78 @@ pub fn dump<R: Read, W: Write + ?Sized>(reader: R, out: &mut W) -> Result<Summar
     )
     .map_err(out_err)?;
     Ok(summary)
+}
+
+impl fmt::Display for Summary {
+    /// One line for `ltxfs ltx verify`, e.g. `ok: 0000000000000001-0000000000000003.ltx
+    /// txid 1..3 (snapshot), 12 pages of 4096 bytes, commit 12, post-apply
+    /// checksum 8000…` (the TXIDs after `txid` are decimal; the name is hex).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let h = &self.header;
+        write!(
+            f,
+            "ok: {} txid {}..{}{}, {} page{} of {} bytes, commit {}, post-apply checksum {}{}",
+            h.filename(),
+            h.min_txid.get(),
+            h.max_txid.get(),
+            if h.is_snapshot() { " (snapshot)" } else { "" },
+            self.page_count,
+            if self.page_count == 1 { "" } else { "s" },
+            h.page_size,
+            h.commit,
+            self.trailer.post_apply_checksum,
+            if h.is_compressed() { ", lz4" } else { "" },
+        )
+    }
+}
+
+/// Opens the LTX file at `path` and [`verify`]s it.
+///
+/// Errors name the field or byte offset at fault, as [`verify`]'s do; an error
+/// opening or reading the file names the path.  If the file's name has the
+/// canonical `%016x-%016x.ltx` form, it must match the header's TXID range
+/// ([`LtxError::InvalidFilename`] otherwise); other names are not checked.
+pub fn verify_file(path: &Path) -> Result<Summary, LtxError> {
+    let summary = verify(open_buffered(path)?)?;
+    check_filename(path, &summary.header)?;
+    Ok(summary)
+}
+
+/// Opens the LTX file at `path` and [`dump`]s it to `out`.
+///
+/// As with [`dump`], on an error everything decoded before the problem has
+/// already been written.  The file name is checked as in [`verify_file`], after
+/// the listing.
+pub fn dump_file(path: &Path, out: &mut dyn Write) -> Result<Summary, LtxError> {
+    let summary = dump(open_buffered(path)?, out)?;
+    check_filename(path, &summary.header)?;
+    Ok(summary)
+}
+
+/// Opens `path` for reading behind a 64 KiB buffer.
+fn open_buffered(path: &Path) -> Result<BufReader<File>, LtxError> {
+    let file =
+        File::open(path).map_err(|e| LtxError::io(format!("opening {}", path.display()), e))?;
+    Ok(BufReader::with_capacity(1 << 16, file))
+}
+
+/// Fails if `path`'s file name is a canonical LTX name for another TXID range.
+fn check_filename(path: &Path, header: &Header) -> Result<(), LtxError> {
+    let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+        return Ok(());
+    };
+    match parse_filename(name) {
+        Ok((min, max)) if (min, max) != (header.min_txid, header.max_txid) => {
+            Err(LtxError::InvalidFilename {
+                name: name.to_owned(),
+                message: format!(
+                    "names transactions {min}..{max}, but the header covers {}..{}",
+                    header.min_txid, header.max_txid
+                ),
+            })
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Formats milliseconds since the Unix epoch as an RFC 3339 UTC timestamp with

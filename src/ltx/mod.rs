@@ -74,6 +74,7 @@
 //! # Ok::<(), ltxfs::ltx::LtxError>(())
 //! ```
 
+mod apply;
 mod checksum;
 mod decoder;
 mod encoder;
@@ -83,6 +84,7 @@ mod inspect;
 mod io_util;
 mod pages;
 
+pub use apply::{ApplyOutcome, apply, verify_database_checksum};
 pub use checksum::{Checksum, DatabaseChecksum, checksum_database, crc64, page_checksum};
 pub use decoder::Decoder;
 pub use encoder::Encoder;
@@ -93,6 +95,7 @@ pub use header::{
     is_valid_page_size, lock_page_number, parse_filename,
 };
 pub use inspect::{Summary, dump, format_timestamp_millis, verify};
+pub use inspect::{dump_file, verify_file};
 
 #[cfg(test)]
 mod tests;

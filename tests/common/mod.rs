@@ -48,6 +48,8 @@ use std::collections::BTreeMap;
 use std::fmt::Display;
 use std::fs::{self, File};
 use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
 use std::str::FromStr;
@@ -509,13 +511,13 @@ impl Mount {
             }
             if is_mounted(&self.mnt) {
                 let mnt = self.mnt.clone();
+                let parent_dev = fs::metadata(&self.root).expect("stat temp root").dev();
                 let left = deadline.saturating_duration_since(Instant::now());
-                let listed = run_bounded(left.max(POLL), move || {
-                    fs::read_dir(&mnt).and_then(|it| it.collect::<io::Result<Vec<_>>>())
-                });
-                match listed {
-                    Some(Ok(_)) => return,
-                    Some(Err(_)) => {}
+                let answered =
+                    run_bounded(left.max(POLL), move || answers_as_mount(&mnt, parent_dev));
+                match answered {
+                    Some(true) if is_mounted(&self.mnt) => return,
+                    Some(_) => {}
                     None => panic!(
                         "listing the mount {} hung for {READY_TIMEOUT:?}; stderr:\n{}",
                         self.mnt.display(),
@@ -533,6 +535,24 @@ impl Mount {
             thread::sleep(POLL);
         }
     }
+}
+
+/// True when `mnt` is the root of a live mount: opening it gives a directory on
+/// another device than its parent, and listing *that* directory (through
+/// `/proc/self/fd`, so a concurrent unmount cannot redirect the listing to the
+/// underlying directory) works. A stale mount fails with `ENOTCONN`.
+fn answers_as_mount(mnt: &Path, parent_dev: u64) -> bool {
+    let Ok(dir) = File::open(mnt) else {
+        return false;
+    };
+    match dir.metadata() {
+        Ok(meta) if meta.is_dir() && meta.dev() != parent_dev => {}
+        _ => return false,
+    }
+    let fd_path = format!("/proc/self/fd/{}", dir.as_raw_fd());
+    fs::read_dir(fd_path)
+        .and_then(|it| it.collect::<io::Result<Vec<_>>>())
+        .is_ok()
 }
 
 impl Drop for Mount {
@@ -807,6 +827,17 @@ impl StreamingWorker {
     /// of that line after the marker. Panics with the output so far on timeout or
     /// when the worker's stdout ends first.
     pub fn expect_marker(&mut self, marker: &str, timeout: Duration) -> String {
+        self.expect_marker_ctx(marker, timeout, String::new)
+    }
+
+    /// [`StreamingWorker::expect_marker`], adding `context()` (e.g. ltxfs's stderr)
+    /// to the failure message.
+    pub fn expect_marker_ctx(
+        &mut self,
+        marker: &str,
+        timeout: Duration,
+        context: impl Fn() -> String,
+    ) -> String {
         let deadline = Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -820,8 +851,9 @@ impl StreamingWorker {
                 }
                 Err(RecvTimeoutError::Timeout) => {
                     panic!(
-                        "no {marker:?} from worker within {timeout:?}; stdout so far:\n{}",
-                        self.seen.join("\n")
+                        "no {marker:?} from worker within {timeout:?}; stdout so far:\n{}\n{}",
+                        self.seen.join("\n"),
+                        context()
                     )
                 }
                 Err(RecvTimeoutError::Disconnected) => {
@@ -831,8 +863,9 @@ impl StreamingWorker {
                         .recv_timeout(Duration::from_secs(5))
                         .unwrap_or_default();
                     panic!(
-                        "worker ended ({status:?}) before printing {marker:?}; stdout:\n{}\nstderr:\n{stderr}",
-                        self.seen.join("\n")
+                        "worker ended ({status:?}) before printing {marker:?}; stdout:\n{}\nstderr:\n{stderr}\n{}",
+                        self.seen.join("\n"),
+                        context()
                     )
                 }
             }
@@ -873,7 +906,7 @@ impl StreamingWorker {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.lines.recv_timeout(left) {
                 Ok(line) => self.seen.push(line),
-                Err(_) => return self.seen,
+                Err(_) => return std::mem::take(&mut self.seen),
             }
         }
     }
@@ -881,6 +914,16 @@ impl StreamingWorker {
     /// Everything printed on stdout and consumed so far.
     pub fn seen(&self) -> &[String] {
         &self.seen
+    }
+}
+
+impl Drop for StreamingWorker {
+    /// A worker abandoned by a failing test is killed, not left running.
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = wait_timeout(&mut self.child, Duration::from_secs(10));
+        }
     }
 }
 

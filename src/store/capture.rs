@@ -1,0 +1,732 @@
+//! Change capture: turns every committed SQLite transaction on a database into one
+//! LTX change set in the database's log, and keeps the database's position.
+//!
+//! The commit moments, as SQLite defines them:
+//! - Rollback journal modes: the journal is invalidated — deleted (DELETE),
+//!   truncated to zero (TRUNCATE) or its header zeroed (PERSIST, and any mode under
+//!   `locking_mode=EXCLUSIVE`). Without a journal (MEMORY, OFF) the transaction
+//!   ends when the writer drops its RESERVED lock and no hot journal exists.
+//! - WAL: a frame whose header has a non-zero commit size has been written.
+//!
+//! Pages written to the database file since the last commit are remembered; at the
+//! commit they are read back and compared with their checksums, so pages SQLite
+//! wrote back unchanged (a rolled-back transaction, a checkpoint) produce nothing,
+//! and a transaction that changed nothing produces no change set.
+//!
+//! Invariants:
+//! - `position.checksum` always equals the checksum of the database's logical
+//!   content (database file plus committed WAL frames) as of the last change set,
+//!   kept incrementally from per-page checksums; the whole database is reread only
+//!   at start-up after a crash (or per transaction with `strict-verify`).
+//! - TXIDs increase by one per change set, with no gaps. The first change set of a
+//!   database is a snapshot holding every page.
+//! - If the content differs from the log at start-up (a crash between a commit
+//!   and its log append), the difference is recorded as one recovery change set
+//!   holding every page, so the log always replays to the database.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::ltx::{self, Checksum, Encoder, Header, TxId};
+
+use super::log::ChangeLog;
+use super::wal::{self, FRAME_HEADER_SIZE, FrameHeader, WalHeader};
+use super::{FileKind, StoreError, page_size_from_header};
+
+/// The first eight bytes of a valid rollback journal header.
+const JOURNAL_MAGIC: [u8; 8] = [0xd9, 0xd5, 0x05, 0xf9, 0x20, 0xa1, 0x63, 0xd7];
+/// Marks the file that saves per-page checksums at a clean shutdown.
+const CHECKSUMS_MAGIC: &[u8; 8] = b"LTXFSCK1";
+
+/// Where a database stands: its last change set's TXID and post-apply checksum.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Position {
+    /// The TXID of the last change set; 0 before the first.
+    pub txid: TxId,
+    /// The database checksum after it.
+    pub checksum: Checksum,
+}
+
+impl Position {
+    /// The 34-byte text LiteFS serves in `<db>-pos`: `%016x/%016x\n`.
+    pub fn to_pos_file(&self) -> String {
+        format!("{:016x}/{:016x}\n", self.txid.0, self.checksum.0)
+    }
+}
+
+/// Capture settings.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CaptureOptions {
+    /// LZ4-compress page blocks.
+    pub compress: bool,
+    /// Reread the whole database after each change set and compare checksums.
+    pub strict_verify: bool,
+}
+
+/// One database's capture state, shared by the nodes of its files.
+pub struct Database {
+    name: String,
+    dir: PathBuf,
+    options: CaptureOptions,
+    state: Mutex<CaptureState>,
+}
+
+impl std::fmt::Debug for Database {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Database").field("name", &self.name).finish_non_exhaustive()
+    }
+}
+
+struct CaptureState {
+    log: ChangeLog,
+    position: Position,
+    page_size: u32,
+    /// Size in pages after the last change set.
+    commit: u32,
+    /// Page checksums of the logical content, index `pgno - 1`; 0 for the lock page.
+    page_checksums: Vec<u64>,
+    /// XOR of `page_checksums` (without the flag bit).
+    checksum_xor: u64,
+    /// The committed page 1 says the database is in WAL mode.
+    wal_mode: bool,
+    /// Database-file pages written since the last rollback-mode commit.
+    dirty_pages: BTreeSet<u32>,
+    /// The database file was truncated since the last rollback-mode commit.
+    truncated: bool,
+    /// The state must be recomputed from the file before the next change set
+    /// (start-up found a hot journal that SQLite has yet to roll back).
+    needs_rescan: bool,
+    wal: WalTracker,
+    database_file: Option<Arc<File>>,
+    /// Page size in the database file's header, as last written (0 when empty).
+    file_page_size: u32,
+    wal_file: Option<Arc<File>>,
+    journal_file: Option<Arc<File>>,
+}
+
+#[derive(Default)]
+struct WalTracker {
+    header: Option<WalHeader>,
+    /// Pages of the transaction being written: pgno → page data offset.
+    transaction: BTreeMap<u32, u64>,
+    /// Committed pages of this WAL generation: pgno → page data offset.
+    committed: BTreeMap<u32, u64>,
+}
+
+impl WalTracker {
+    fn reset(&mut self) {
+        *self = WalTracker::default();
+    }
+}
+
+impl Database {
+    /// Opens a database's capture state from its directory, recovering after a crash.
+    pub(super) fn open(name: &str, dir: &Path, options: CaptureOptions) -> Result<Database, StoreError> {
+        let (log, tail) = ChangeLog::open(&dir.join("log"))?;
+        let position = tail
+            .map(|tail| Position { txid: tail.header.max_txid, checksum: tail.trailer.post_apply_checksum })
+            .unwrap_or(Position { txid: TxId(0), checksum: Checksum(0) });
+        let state = CaptureState {
+            log,
+            position,
+            page_size: tail.map_or(0, |tail| tail.header.page_size),
+            commit: tail.map_or(0, |tail| tail.header.commit),
+            page_checksums: Vec::new(),
+            checksum_xor: 0,
+            wal_mode: false,
+            dirty_pages: BTreeSet::new(),
+            truncated: false,
+            needs_rescan: true,
+            wal: WalTracker::default(),
+            database_file: None,
+            file_page_size: 0,
+            wal_file: None,
+            journal_file: None,
+        };
+        Ok(Database { name: name.to_string(), dir: dir.to_path_buf(), options, state: Mutex::new(state) })
+    }
+
+    /// The database's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The last change set's TXID and checksum.
+    pub fn position(&self) -> Position {
+        self.lock().position
+    }
+
+    /// The change-set log's path.
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join("log")
+    }
+
+    /// Brings the state in line with the files after they were all attached at
+    /// start-up: loads saved checksums after a clean shutdown, or rescans.
+    pub(super) fn recover(&self) -> Result<(), StoreError> {
+        let mut state = self.lock();
+        if state.hot_journal() {
+            tracing::info!(database = %self.name, "a hot journal is present; checking the database after SQLite rolls it back");
+            return Ok(());
+        }
+        if let Some(saved) = self.load_saved_checksums(&state) {
+            state.apply_saved_checksums(saved);
+        } else {
+            self.rescan(&mut state)?;
+        }
+        Ok(())
+    }
+
+    /// Registers the backing file of one of the database's files.
+    pub(super) fn attach(&self, kind: &FileKind, file: &Arc<File>) -> Result<(), StoreError> {
+        let mut state = self.lock();
+        match kind {
+            FileKind::Database => {
+                state.database_file = Some(file.clone());
+                state.file_page_size = state.read_file_page_size();
+            }
+            FileKind::Journal => state.journal_file = Some(file.clone()),
+            FileKind::Wal => {
+                state.wal_file = Some(file.clone());
+                state.wal.reset();
+                let committed = wal::read_committed(file).map_err(|source| io_error(&self.name, "read the WAL", source))?;
+                let mut header = [0u8; 32];
+                if wal::read_exact_at(file, &mut header, 0).map_err(|source| io_error(&self.name, "read the WAL", source))? {
+                    state.wal.header = WalHeader::parse(&header);
+                }
+                state.wal.committed = committed.pages;
+            }
+            FileKind::Shm | FileKind::SuperJournal(_) => {}
+        }
+        Ok(())
+    }
+
+    /// Called after bytes were written to one of the database's files.
+    pub(super) fn after_write(&self, kind: &FileKind, offset: u64, data: &[u8]) -> Result<(), StoreError> {
+        let mut state = self.lock();
+        let result = self.capture_write(&mut state, kind, offset, data);
+        state.rescan_after_failure(&result);
+        result
+    }
+
+    fn capture_write(
+        &self,
+        state: &mut MutexGuard<'_, CaptureState>,
+        kind: &FileKind,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), StoreError> {
+        match kind {
+            FileKind::Database => state.note_database_write(offset, data),
+            FileKind::Journal => {
+                if offset == 0 && data.len() >= 8 && data[..8].iter().all(|&b| b == 0) {
+                    self.commit_rollback(state)?;
+                }
+            }
+            FileKind::Wal => self.note_wal_write(state, offset, data)?,
+            FileKind::Shm | FileKind::SuperJournal(_) => {}
+        }
+        Ok(())
+    }
+
+    /// Called after one of the database's files was truncated.
+    pub(super) fn after_truncate(&self, kind: &FileKind, size: u64) -> Result<(), StoreError> {
+        let mut state = self.lock();
+        let result = match kind {
+            FileKind::Database if size == 0 || !state.wal_mode => {
+                if size == 0 {
+                    state.file_page_size = 0;
+                }
+                state.truncated = true;
+                Ok(())
+            }
+            FileKind::Journal if size == 0 => self.commit_rollback(&mut state),
+            FileKind::Wal if size == 0 => {
+                state.wal.reset();
+                Ok(())
+            }
+            _ => Ok(()),
+        };
+        state.rescan_after_failure(&result);
+        result
+    }
+
+    /// Called after one of the database's files was unlinked.
+    pub(super) fn after_unlink(&self, kind: &FileKind) -> Result<(), StoreError> {
+        let mut state = self.lock();
+        let result = self.capture_unlink(&mut state, kind);
+        state.rescan_after_failure(&result);
+        result
+    }
+
+    fn capture_unlink(&self, state: &mut MutexGuard<'_, CaptureState>, kind: &FileKind) -> Result<(), StoreError> {
+        match kind {
+            FileKind::Journal => {
+                state.journal_file = None;
+                self.commit_rollback(state)?;
+            }
+            FileKind::Wal => {
+                state.wal_file = None;
+                state.wal.reset();
+            }
+            FileKind::Database => {
+                state.database_file = None;
+                state.dirty_pages.clear();
+                state.truncated = false;
+                state.needs_rescan = false;
+                state.file_page_size = 0;
+                if state.commit > 0 || state.position.txid.0 > 0 {
+                    let page_size = state.page_size.max(512);
+                    self.emit(state, page_size, 0, &[])?;
+                }
+            }
+            FileKind::Shm | FileKind::SuperJournal(_) => {}
+        }
+        Ok(())
+    }
+
+    /// Called after a lock on the database file was released: a transaction in a
+    /// journal-less mode (MEMORY, OFF) ends when no writer lock remains.
+    pub(super) fn after_unlock(&self, writer_lock_held: bool) -> Result<(), StoreError> {
+        let mut state = self.lock();
+        if writer_lock_held || (state.dirty_pages.is_empty() && !state.truncated) || state.hot_journal() {
+            return Ok(());
+        }
+        let result = self.commit_rollback(&mut state);
+        state.rescan_after_failure(&result);
+        result
+    }
+
+    /// Called before SQLite's fsync of any of the database's files, so change sets
+    /// are durable no later than the transactions they record.
+    pub(super) fn before_sync(&self) -> Result<(), StoreError> {
+        self.lock().log.sync()
+    }
+
+    /// Saves per-page checksums so the next start need not reread the database.
+    pub(super) fn save_checksums(&self) -> Result<(), StoreError> {
+        let mut state = self.lock();
+        state.log.sync()?;
+        if state.needs_rescan || state.hot_journal() {
+            return Ok(());
+        }
+        let mut bytes = Vec::with_capacity(32 + state.page_checksums.len() * 8);
+        bytes.extend_from_slice(CHECKSUMS_MAGIC);
+        bytes.extend_from_slice(&state.position.txid.0.to_be_bytes());
+        bytes.extend_from_slice(&state.position.checksum.0.to_be_bytes());
+        bytes.extend_from_slice(&state.page_size.to_be_bytes());
+        bytes.extend_from_slice(&state.commit.to_be_bytes());
+        for checksum in &state.page_checksums {
+            bytes.extend_from_slice(&checksum.to_be_bytes());
+        }
+        let path = self.dir.join("checksums");
+        std::fs::write(&path, &bytes)
+            .and_then(|()| File::open(&path)?.sync_all())
+            .map_err(|source| io_error(&self.name, "save checksums", source))
+    }
+
+    fn load_saved_checksums(&self, state: &CaptureState) -> Option<Vec<u64>> {
+        let path = self.dir.join("checksums");
+        let bytes = std::fs::read(&path).ok()?;
+        // The file describes one moment; never trust it after anything changed.
+        if let Err(error) = std::fs::remove_file(&path) {
+            tracing::warn!(%error, "could not remove the saved checksums");
+            return None;
+        }
+        let word = |at: usize| bytes.get(at..at + 8).map(|b| u64::from_be_bytes(b.try_into().unwrap_or_default()));
+        let half = |at: usize| bytes.get(at..at + 4).map(|b| u32::from_be_bytes(b.try_into().unwrap_or_default()));
+        if bytes.get(..8)? != CHECKSUMS_MAGIC
+            || word(8)? != state.position.txid.0
+            || word(16)? != state.position.checksum.0
+            || half(24)? != state.page_size
+            || half(28)? != state.commit
+            || bytes.len() != 32 + state.commit as usize * 8
+        {
+            return None;
+        }
+        let checksums: Vec<u64> = (0..state.commit as usize).filter_map(|i| word(32 + i * 8)).collect();
+        let xor = checksums.iter().fold(0, |acc, c| acc ^ c);
+        (Checksum(xor | Checksum::FLAG) == state.position.checksum
+            || (state.commit == 0 && state.position.txid.0 == 0))
+            .then_some(checksums)
+    }
+
+    /// Rereads the logical content, and records any difference from the log as one
+    /// recovery change set (or the first snapshot).
+    fn rescan(&self, state: &mut MutexGuard<'_, CaptureState>) -> Result<(), StoreError> {
+        state.needs_rescan = false;
+        let Some((page_size, commit)) = state.logical_size()? else {
+            // No database content: nothing to record unless the log says otherwise.
+            if state.commit > 0 {
+                let page_size = state.page_size.max(512);
+                self.emit(state, page_size, 0, &[])?;
+            }
+            return Ok(());
+        };
+        let mut checksums = vec![0u64; commit as usize];
+        let lock_page = ltx::lock_page_number(page_size);
+        let mut page = vec![0u8; page_size as usize];
+        for pgno in 1..=commit {
+            if pgno == lock_page {
+                continue;
+            }
+            state.read_logical_page(pgno, page_size, &mut page)?;
+            checksums[pgno as usize - 1] = ltx::page_checksum(pgno, &page).0;
+        }
+        let xor = checksums.iter().fold(0, |acc, c| acc ^ c);
+        let actual = Checksum(xor | Checksum::FLAG);
+        if state.position.txid.0 > 0 && actual == state.position.checksum && page_size == state.page_size && commit == state.commit {
+            state.page_checksums = checksums;
+            state.checksum_xor = xor;
+            state.refresh_wal_mode()?;
+            return Ok(());
+        }
+        if state.position.txid.0 > 0 {
+            tracing::warn!(
+                database = %self.name,
+                txid = %state.position.txid,
+                "the database holds changes its log lacks (ltxfs stopped between a commit and recording it); recording them as one change set of every page"
+            );
+        }
+        let all_pages: Vec<u32> = (1..=commit).filter(|&p| p != lock_page).collect();
+        self.emit_pages(state, page_size, commit, &all_pages)?;
+        state.refresh_wal_mode()?;
+        Ok(())
+    }
+
+    fn commit_rollback(&self, state: &mut MutexGuard<'_, CaptureState>) -> Result<(), StoreError> {
+        if state.needs_rescan {
+            state.dirty_pages.clear();
+            state.truncated = false;
+            return self.rescan(state);
+        }
+        if state.dirty_pages.is_empty() && !state.truncated {
+            return Ok(());
+        }
+        let dirty = std::mem::take(&mut state.dirty_pages);
+        state.truncated = false;
+        let Some((page_size, commit)) = state.database_file_size()? else {
+            return Ok(());
+        };
+        let lock_page = ltx::lock_page_number(page_size);
+        if page_size != state.page_size || state.position.txid.0 == 0 {
+            let all_pages: Vec<u32> = (1..=commit).filter(|&p| p != lock_page).collect();
+            self.emit_pages(state, page_size, commit, &all_pages)?;
+        } else {
+            let candidates: Vec<u32> = dirty.into_iter().filter(|&p| p <= commit && p != lock_page).collect();
+            self.emit_pages(state, page_size, commit, &candidates)?;
+        }
+        state.refresh_wal_mode()
+    }
+
+    /// Follows SQLite's WAL writes. The kernel may split one write into several
+    /// requests at page-cache boundaries, so frames are recognised by their last
+    /// byte: when a write covers the end of a frame, that frame (header and page)
+    /// is complete in the file, because SQLite writes each frame front to back.
+    fn note_wal_write(&self, state: &mut MutexGuard<'_, CaptureState>, offset: u64, data: &[u8]) -> Result<(), StoreError> {
+        if offset == 0 {
+            state.wal.reset();
+            state.wal.header = WalHeader::parse(data);
+            return Ok(());
+        }
+        let Some(header) = state.wal.header else {
+            return Ok(());
+        };
+        let frame_size = FRAME_HEADER_SIZE + u64::from(header.page_size);
+        let end = offset + data.len() as u64;
+        if end < wal::WAL_HEADER_SIZE + frame_size {
+            return Ok(());
+        }
+        // Frames whose last byte lies in (offset, end].
+        let first = (offset.max(wal::WAL_HEADER_SIZE) - wal::WAL_HEADER_SIZE) / frame_size;
+        let last = (end - wal::WAL_HEADER_SIZE) / frame_size;
+        for index in first..last {
+            let frame_offset = header.frame_offset(index);
+            if frame_offset + frame_size <= offset {
+                continue;
+            }
+            self.note_wal_frame(state, &header, frame_offset)?;
+        }
+        Ok(())
+    }
+
+    fn note_wal_frame(&self, state: &mut MutexGuard<'_, CaptureState>, header: &WalHeader, frame_offset: u64) -> Result<(), StoreError> {
+        let Some(wal_file) = state.wal_file.clone() else {
+            return Ok(());
+        };
+        let mut frame_header = [0u8; FRAME_HEADER_SIZE as usize];
+        if !wal::read_exact_at(&wal_file, &mut frame_header, frame_offset).map_err(|source| io_error(&self.name, "read the WAL", source))? {
+            return Ok(());
+        }
+        let Some(frame) = FrameHeader::parse(&frame_header).filter(|frame| frame.matches(header)) else {
+            return Ok(());
+        };
+        state.wal.transaction.insert(frame.pgno, frame_offset + FRAME_HEADER_SIZE);
+        if frame.commit == 0 {
+            return Ok(());
+        }
+        let transaction = std::mem::take(&mut state.wal.transaction);
+        state.wal.committed.extend(transaction.iter().map(|(&pgno, &offset)| (pgno, offset)));
+        if state.needs_rescan {
+            return self.rescan(state);
+        }
+        let commit = frame.commit;
+        let lock_page = ltx::lock_page_number(header.page_size);
+        if header.page_size != state.page_size || state.position.txid.0 == 0 {
+            let all_pages: Vec<u32> = (1..=commit).filter(|&p| p != lock_page).collect();
+            self.emit_pages(state, header.page_size, commit, &all_pages)?;
+        } else {
+            let candidates: Vec<u32> = transaction.into_keys().filter(|&p| p <= commit && p != lock_page).collect();
+            self.emit_pages(state, header.page_size, commit, &candidates)?;
+        }
+        state.wal_mode = true;
+        Ok(())
+    }
+
+    /// Reads `candidates` (pages that may have changed), keeps those whose checksum
+    /// changed, and appends a change set unless nothing changed at all.
+    fn emit_pages(
+        &self,
+        state: &mut MutexGuard<'_, CaptureState>,
+        page_size: u32,
+        commit: u32,
+        candidates: &[u32],
+    ) -> Result<(), StoreError> {
+        let full = page_size != state.page_size || state.position.txid.0 == 0;
+        if full {
+            state.page_checksums.clear();
+            state.checksum_xor = 0;
+            state.page_size = page_size;
+        }
+        let mut changed: Vec<(u32, Vec<u8>)> = Vec::new();
+        for &pgno in candidates {
+            let mut page = vec![0u8; page_size as usize];
+            state.read_logical_page(pgno, page_size, &mut page)?;
+            let checksum = ltx::page_checksum(pgno, &page).0;
+            let old = state.page_checksums.get(pgno as usize - 1).copied().unwrap_or(0);
+            if full || checksum != old {
+                changed.push((pgno, page));
+            }
+        }
+        if !full && changed.is_empty() && commit == state.commit {
+            return Ok(());
+        }
+        // Pages cut off by a shrink leave the checksum; new pages enter it.
+        let removed = state.page_checksums.iter().skip(commit as usize).fold(0, |acc, c| acc ^ c);
+        state.checksum_xor ^= removed;
+        state.page_checksums.resize(commit as usize, 0);
+        for (pgno, page) in &changed {
+            let slot = *pgno as usize - 1;
+            let checksum = ltx::page_checksum(*pgno, page).0;
+            state.checksum_xor ^= state.page_checksums[slot] ^ checksum;
+            state.page_checksums[slot] = checksum;
+        }
+        self.emit(state, page_size, commit, &changed)
+    }
+
+    /// Encodes and appends one change set whose pages are already folded into the
+    /// page checksums, then advances the position.
+    fn emit(
+        &self,
+        state: &mut MutexGuard<'_, CaptureState>,
+        page_size: u32,
+        commit: u32,
+        pages: &[(u32, Vec<u8>)],
+    ) -> Result<(), StoreError> {
+        if commit == 0 {
+            state.page_checksums.clear();
+            state.checksum_xor = 0;
+        }
+        let txid = TxId(state.position.txid.0 + 1);
+        let snapshot = txid.0 == 1;
+        let post_apply = Checksum(state.checksum_xor | Checksum::FLAG);
+        let header = Header {
+            flags: if self.options.compress { ltx::FLAG_COMPRESS_LZ4 } else { 0 },
+            page_size,
+            commit,
+            min_txid: txid,
+            max_txid: txid,
+            timestamp: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |elapsed| elapsed.as_millis() as u64),
+            pre_apply_checksum: if snapshot { Checksum(0) } else { state.position.checksum },
+            wal_offset: 0,
+            wal_size: 0,
+            wal_salt1: 0,
+            wal_salt2: 0,
+            node_id: 0,
+        };
+        let encode_error = |error: ltx::LtxError| StoreError::Capture { database: self.name.clone(), message: error.to_string() };
+        let mut encoder = Encoder::new(Vec::with_capacity(pages.len() * (page_size as usize + 4) + 200), header).map_err(encode_error)?;
+        for (pgno, page) in pages {
+            encoder.encode_page(*pgno, page).map_err(encode_error)?;
+        }
+        encoder.finish(post_apply).map_err(encode_error)?;
+        let bytes = encoder.into_inner();
+        state.log.append(header, &bytes)?;
+        state.position = Position { txid, checksum: post_apply };
+        state.commit = commit;
+        state.page_size = page_size;
+        if self.options.strict_verify {
+            self.verify_strictly(state)?;
+        }
+        Ok(())
+    }
+
+    fn verify_strictly(&self, state: &mut MutexGuard<'_, CaptureState>) -> Result<(), StoreError> {
+        let Some((page_size, commit)) = state.logical_size()? else {
+            return Ok(());
+        };
+        let lock_page = ltx::lock_page_number(page_size);
+        let mut page = vec![0u8; page_size as usize];
+        let mut xor = 0;
+        for pgno in (1..=commit).filter(|&p| p != lock_page) {
+            state.read_logical_page(pgno, page_size, &mut page)?;
+            xor ^= ltx::page_checksum(pgno, &page).0;
+        }
+        let actual = Checksum(xor | Checksum::FLAG);
+        if actual != state.position.checksum || commit != state.commit {
+            return Err(StoreError::Capture {
+                database: self.name.clone(),
+                message: format!(
+                    "strict-verify: after TXID {} the position checksum is {} over {} pages but the database gives {} over {} pages",
+                    state.position.txid, state.position.checksum, state.commit, actual, commit
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    fn lock(&self) -> MutexGuard<'_, CaptureState> {
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+impl CaptureState {
+    /// After a failed capture the log may lack a committed transaction: reread the
+    /// database at the next commit so the difference is recorded.
+    fn rescan_after_failure(&mut self, result: &Result<(), StoreError>) {
+        if let Err(error) = result {
+            tracing::error!(%error, "change capture failed; the next commit rereads the database");
+            self.needs_rescan = true;
+        }
+    }
+
+    fn note_database_write(&mut self, offset: u64, data: &[u8]) {
+        // In WAL mode the database file is only written by checkpoints, which copy
+        // content already captured from the WAL, except for page 1 switching the
+        // database back to (or into) a rollback journal mode inside a journaled
+        // transaction.
+        let leaves_or_enters_wal = offset == 0 && data.len() > 18 && (data[18] == 1 || !self.wal_mode);
+        if self.wal_mode && !leaves_or_enters_wal {
+            return;
+        }
+        if offset == 0 {
+            if let Ok(size) = page_size_from_header(data) {
+                self.file_page_size = size;
+            }
+        }
+        let page_size = self.file_page_size;
+        if page_size == 0 {
+            return;
+        }
+        let first = offset / u64::from(page_size) + 1;
+        let last = (offset + data.len() as u64).div_ceil(u64::from(page_size));
+        self.dirty_pages.extend((first..=last).map(|pgno| pgno as u32));
+    }
+
+    fn read_file_page_size(&self) -> u32 {
+        let mut header = [0u8; 100];
+        match &self.database_file {
+            Some(file) if wal::read_exact_at(file, &mut header, 0).unwrap_or(false) => {
+                page_size_from_header(&header).unwrap_or(0)
+            }
+            _ => 0,
+        }
+    }
+
+    fn hot_journal(&self) -> bool {
+        let mut magic = [0u8; 8];
+        match &self.journal_file {
+            Some(file) => wal::read_exact_at(file, &mut magic, 0).unwrap_or(false) && magic == JOURNAL_MAGIC,
+            None => false,
+        }
+    }
+
+    fn apply_saved_checksums(&mut self, checksums: Vec<u64>) {
+        self.checksum_xor = checksums.iter().fold(0, |acc, c| acc ^ c);
+        self.page_checksums = checksums;
+        self.needs_rescan = false;
+        if let Err(error) = self.refresh_wal_mode() {
+            tracing::warn!(%error, "could not read page 1");
+        }
+    }
+
+    /// Page size and page count of the database file alone (rollback modes).
+    fn database_file_size(&self) -> Result<Option<(u32, u32)>, StoreError> {
+        let Some(file) = &self.database_file else {
+            return Ok(None);
+        };
+        let size = file.metadata().map_err(|source| io_error("database", "stat", source))?.len();
+        let page_size = self.file_page_size;
+        if size == 0 || page_size == 0 {
+            return Ok(None);
+        }
+        Ok(Some((page_size, (size / u64::from(page_size)) as u32)))
+    }
+
+    /// Page size and page count of the logical content: the newest committed WAL
+    /// commit size when the WAL has committed frames, else the database file.
+    fn logical_size(&self) -> Result<Option<(u32, u32)>, StoreError> {
+        if let (Some(wal_file), Some(header)) = (&self.wal_file, self.wal.header) {
+            let committed = wal::read_committed(wal_file).map_err(|source| io_error("database", "read the WAL", source))?;
+            if let Some(commit) = committed.commit {
+                return Ok(Some((header.page_size, commit)));
+            }
+        }
+        self.database_file_size()
+    }
+
+    /// Reads a page of the logical content: its newest WAL frame, else the file.
+    fn read_logical_page(&self, pgno: u32, page_size: u32, page: &mut [u8]) -> Result<(), StoreError> {
+        let wal_offset = self.wal.transaction.get(&pgno).or_else(|| self.wal.committed.get(&pgno));
+        let (file, offset) = match (wal_offset, &self.wal_file) {
+            (Some(&offset), Some(wal_file)) => (wal_file, offset),
+            _ => match &self.database_file {
+                Some(file) => (file, u64::from(pgno - 1) * u64::from(page_size)),
+                None => {
+                    page.fill(0);
+                    return Ok(());
+                }
+            },
+        };
+        page.fill(0);
+        let mut filled = 0;
+        while filled < page.len() {
+            match file.read_at(&mut page[filled..], offset + filled as u64) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(source) => return Err(io_error("database", "read a page", source)),
+            }
+        }
+        Ok(())
+    }
+
+    fn refresh_wal_mode(&mut self) -> Result<(), StoreError> {
+        if self.page_size == 0 {
+            return Ok(());
+        }
+        let mut page = vec![0u8; self.page_size as usize];
+        self.read_logical_page(1, self.page_size, &mut page)?;
+        self.wal_mode = page.get(18) == Some(&2);
+        Ok(())
+    }
+}
+
+fn io_error(database: &str, what: &str, source: std::io::Error) -> StoreError {
+    StoreError::Io { context: format!("{what} of {database}"), source }
+}

@@ -1,0 +1,178 @@
+//! The change-set log of one database: an append-only file of LTX change sets.
+//!
+//! Layout: a sequence of records, each an 8-byte big-endian length followed by that
+//! many bytes of one complete LTX file. Appending never creates, renames or fsyncs
+//! a file; [`ChangeLog::sync`] is called when SQLite asks for durability of this
+//! database's files, so a change set is durable no later than SQLite's commit.
+//!
+//! Invariants:
+//! - Records are in TXID order without gaps: each record's min TXID is one more
+//!   than the previous record's max TXID.
+//! - A record that is incomplete or fails LTX verification can only be the tail
+//!   left by a crash; opening the log cuts it off and says so in the log.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use crate::ltx::{self, Header, Trailer};
+
+use super::StoreError;
+
+const LENGTH_PREFIX: u64 = 8;
+/// The largest record accepted when reading: a change set of a database at the
+/// largest size SQLite allows with 64 KiB pages would not be held in memory anyway.
+const MAX_RECORD_SIZE: u64 = 1 << 34;
+
+/// Where one change set sits in the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordInfo {
+    /// Byte offset of the LTX bytes (after the length prefix).
+    pub offset: u64,
+    /// Length of the LTX bytes.
+    pub len: u64,
+    /// The change set's header.
+    pub header: Header,
+}
+
+/// The last change set in a log: where the database stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogTail {
+    /// Its header.
+    pub header: Header,
+    /// Its trailer (post-apply checksum).
+    pub trailer: Trailer,
+}
+
+/// An open change-set log.
+#[derive(Debug)]
+pub struct ChangeLog {
+    path: PathBuf,
+    file: File,
+    len: u64,
+    unsynced: bool,
+    records: Vec<RecordInfo>,
+}
+
+impl ChangeLog {
+    /// Opens (or creates) the log at `path`, cutting off a torn tail, and returns it
+    /// with its last change set.
+    pub fn open(path: &Path) -> Result<(ChangeLog, Option<LogTail>), StoreError> {
+        let io_error = |what: &str, source: io::Error| StoreError::Io {
+            context: format!("{what} {}", path.display()),
+            source,
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(|source| io_error("open", source))?;
+        let file_len = file.metadata().map_err(|source| io_error("stat", source))?.len();
+        let mut records = Vec::new();
+        let mut offset = 0;
+        let mut prefix = [0u8; LENGTH_PREFIX as usize];
+        let mut header_bytes = [0u8; ltx::HEADER_SIZE];
+        while offset + LENGTH_PREFIX <= file_len {
+            file.read_exact_at(&mut prefix, offset).map_err(|source| io_error("read", source))?;
+            let len = u64::from_be_bytes(prefix);
+            let start = offset + LENGTH_PREFIX;
+            if len < (ltx::HEADER_SIZE + ltx::TRAILER_SIZE) as u64
+                || len > MAX_RECORD_SIZE
+                || start + len > file_len
+            {
+                break;
+            }
+            file.read_exact_at(&mut header_bytes, start).map_err(|source| io_error("read", source))?;
+            let Ok(header) = Header::decode(&header_bytes) else {
+                break;
+            };
+            records.push(RecordInfo { offset: start, len, header });
+            offset = start + len;
+        }
+        let mut log = ChangeLog { path: path.to_path_buf(), file, len: offset, unsynced: false, records };
+        // Only the newest records can be torn; verify from the end until one is whole.
+        let tail = loop {
+            let Some(last) = log.records.last().copied() else {
+                break None;
+            };
+            let bytes = log.read(&last)?;
+            match ltx::verify(bytes.as_slice()) {
+                Ok(summary) => break Some(LogTail { header: summary.header, trailer: summary.trailer }),
+                Err(error) => {
+                    tracing::warn!(log = %path.display(), %error, txid = %last.header.max_txid, "dropping a damaged change set at the end of the log (left by a crash)");
+                    log.records.pop();
+                    log.len = last.offset - LENGTH_PREFIX;
+                }
+            }
+        };
+        if log.len != file_len {
+            tracing::warn!(log = %path.display(), kept = log.len, size = file_len, "cutting off an incomplete tail of the change-set log");
+            log.file.set_len(log.len).map_err(|source| io_error("truncate", source))?;
+        }
+        Ok((log, tail))
+    }
+
+    /// Appends one encoded change set.
+    pub fn append(&mut self, header: Header, ltx_bytes: &[u8]) -> Result<(), StoreError> {
+        let mut record = Vec::with_capacity(LENGTH_PREFIX as usize + ltx_bytes.len());
+        record.extend_from_slice(&(ltx_bytes.len() as u64).to_be_bytes());
+        record.extend_from_slice(ltx_bytes);
+        self.file.write_all_at(&record, self.len).map_err(|source| StoreError::Io {
+            context: format!("append to {}", self.path.display()),
+            source,
+        })?;
+        self.records.push(RecordInfo { offset: self.len + LENGTH_PREFIX, len: ltx_bytes.len() as u64, header });
+        self.len += record.len() as u64;
+        self.unsynced = true;
+        Ok(())
+    }
+
+    /// Makes every appended change set durable; cheap when nothing is new.
+    pub fn sync(&mut self) -> Result<(), StoreError> {
+        if self.unsynced {
+            self.file.sync_data().map_err(|source| StoreError::Io {
+                context: format!("fsync {}", self.path.display()),
+                source,
+            })?;
+            self.unsynced = false;
+        }
+        Ok(())
+    }
+
+    /// The records, oldest first.
+    pub fn records(&self) -> &[RecordInfo] {
+        &self.records
+    }
+
+    /// The LTX bytes of one record.
+    pub fn read(&self, record: &RecordInfo) -> Result<Vec<u8>, StoreError> {
+        let mut bytes = vec![0u8; record.len as usize];
+        self.file.read_exact_at(&mut bytes, record.offset).map_err(|source| StoreError::Io {
+            context: format!("read {}", self.path.display()),
+            source,
+        })?;
+        Ok(bytes)
+    }
+}
+
+/// Reads every change set of the log at `path` without changing it (for tools and
+/// tests). Stops at the first record that is incomplete.
+pub fn read_change_sets(path: &Path) -> io::Result<Vec<Vec<u8>>> {
+    let data = std::fs::read(path)?;
+    let mut sets = Vec::new();
+    let mut rest = data.as_slice();
+    while rest.len() >= LENGTH_PREFIX as usize {
+        let (prefix, after) = rest.split_at(LENGTH_PREFIX as usize);
+        let len = u64::from_be_bytes(prefix.try_into().map_err(io::Error::other)?) as usize;
+        if after.len() < len {
+            break;
+        }
+        let (record, after) = after.split_at(len);
+        sets.push(record.to_vec());
+        rest = after;
+    }
+    Ok(sets)
+}

@@ -1,0 +1,184 @@
+//! SQLite's write-ahead log layout, as far as capture and crash recovery need it.
+//!
+//! The WAL is a 32-byte header followed by frames; each frame is a 24-byte header
+//! and one page. A frame whose "commit" field is non-zero ends a transaction and
+//! gives the database size in pages after it. Frames belong to the current WAL
+//! generation only while their salts equal the header's, and SQLite trusts a frame
+//! only when the running checksum over header and frames matches.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+
+/// Size of the WAL file header.
+pub const WAL_HEADER_SIZE: u64 = 32;
+/// Size of each frame header.
+pub const FRAME_HEADER_SIZE: u64 = 24;
+const WAL_MAGIC_LITTLE_ENDIAN: u32 = 0x377f_0682;
+const WAL_MAGIC_BIG_ENDIAN: u32 = 0x377f_0683;
+
+/// The fields of a WAL header that identify one WAL generation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WalHeader {
+    /// Page size of the frames.
+    pub page_size: u32,
+    /// First salt; frames carry a copy.
+    pub salt1: u32,
+    /// Second salt; frames carry a copy.
+    pub salt2: u32,
+    /// Whether checksums read words big-endian.
+    big_endian_checksums: bool,
+    /// The running checksum after the header.
+    checksum: (u32, u32),
+}
+
+impl WalHeader {
+    /// Parses a WAL header; `None` when the bytes are not one.
+    pub fn parse(bytes: &[u8]) -> Option<WalHeader> {
+        let header: &[u8; 32] = bytes.get(..32)?.try_into().ok()?;
+        let word = |at: usize| u32::from_be_bytes([header[at], header[at + 1], header[at + 2], header[at + 3]]);
+        let big_endian_checksums = match word(0) {
+            WAL_MAGIC_LITTLE_ENDIAN => false,
+            WAL_MAGIC_BIG_ENDIAN => true,
+            _ => return None,
+        };
+        let page_size = match word(8) {
+            1 => 65536,
+            size => size,
+        };
+        if !(512..=65536).contains(&page_size) || !page_size.is_power_of_two() {
+            return None;
+        }
+        let checksum = wal_checksum(big_endian_checksums, (0, 0), &header[..24]);
+        if checksum != (word(24), word(28)) {
+            return None;
+        }
+        Some(WalHeader {
+            page_size,
+            salt1: word(16),
+            salt2: word(20),
+            big_endian_checksums,
+            checksum,
+        })
+    }
+
+    /// The byte offset of frame `index` (0-based).
+    pub fn frame_offset(&self, index: u64) -> u64 {
+        WAL_HEADER_SIZE + index * (FRAME_HEADER_SIZE + u64::from(self.page_size))
+    }
+}
+
+/// A frame header's fields.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameHeader {
+    /// The page the frame holds.
+    pub pgno: u32,
+    /// Database size in pages after this frame's transaction, or 0 if it does not
+    /// end a transaction.
+    pub commit: u32,
+    /// Salts copied from the WAL header.
+    pub salt1: u32,
+    /// Salts copied from the WAL header.
+    pub salt2: u32,
+    checksum: (u32, u32),
+}
+
+impl FrameHeader {
+    /// Parses a 24-byte frame header.
+    pub fn parse(bytes: &[u8]) -> Option<FrameHeader> {
+        let header: &[u8; 24] = bytes.get(..24)?.try_into().ok()?;
+        let word = |at: usize| u32::from_be_bytes([header[at], header[at + 1], header[at + 2], header[at + 3]]);
+        Some(FrameHeader {
+            pgno: word(0),
+            commit: word(4),
+            salt1: word(8),
+            salt2: word(12),
+            checksum: (word(16), word(20)),
+        })
+    }
+
+    /// True when the frame belongs to the generation `header` starts.
+    pub fn matches(&self, header: &WalHeader) -> bool {
+        self.salt1 == header.salt1 && self.salt2 == header.salt2 && self.pgno != 0
+    }
+}
+
+/// SQLite's WAL checksum: runs over 8-byte chunks, continuing from `start`.
+fn wal_checksum(big_endian: bool, start: (u32, u32), data: &[u8]) -> (u32, u32) {
+    let (mut s0, mut s1) = start;
+    for chunk in data.chunks_exact(8) {
+        let read = |bytes: &[u8]| {
+            let word = [bytes[0], bytes[1], bytes[2], bytes[3]];
+            if big_endian {
+                u32::from_be_bytes(word)
+            } else {
+                u32::from_le_bytes(word)
+            }
+        };
+        s0 = s0.wrapping_add(read(&chunk[..4])).wrapping_add(s1);
+        s1 = s1.wrapping_add(read(&chunk[4..])).wrapping_add(s0);
+    }
+    (s0, s1)
+}
+
+/// The committed content of a WAL as SQLite's recovery would see it.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct CommittedWal {
+    /// Database size in pages after the last committed transaction, if any.
+    pub commit: Option<u32>,
+    /// For each page, the offset of its page data in its newest committed frame.
+    pub pages: std::collections::BTreeMap<u32, u64>,
+    /// The WAL's page size.
+    pub page_size: u32,
+}
+
+/// Reads `wal` the way SQLite recovers it: frames count while salts and the running
+/// checksum hold, and only up to the last commit frame.
+pub fn read_committed(wal: &File) -> std::io::Result<CommittedWal> {
+    let mut header_bytes = [0u8; 32];
+    if !read_exact_at(wal, &mut header_bytes, 0)? {
+        return Ok(CommittedWal::default());
+    }
+    let Some(header) = WalHeader::parse(&header_bytes) else {
+        return Ok(CommittedWal::default());
+    };
+    let mut result = CommittedWal {
+        page_size: header.page_size,
+        ..CommittedWal::default()
+    };
+    let mut pending = std::collections::BTreeMap::new();
+    let mut checksum = header.checksum;
+    let mut frame = vec![0u8; (FRAME_HEADER_SIZE + u64::from(header.page_size)) as usize];
+    for index in 0.. {
+        let offset = header.frame_offset(index);
+        if !read_exact_at(wal, &mut frame, offset)? {
+            break;
+        }
+        let Some(frame_header) = FrameHeader::parse(&frame) else {
+            break;
+        };
+        if !frame_header.matches(&header) {
+            break;
+        }
+        let running = wal_checksum(header.big_endian_checksums, checksum, &frame[..8]);
+        let running = wal_checksum(header.big_endian_checksums, running, &frame[24..]);
+        if running != frame_header.checksum {
+            break;
+        }
+        checksum = running;
+        pending.insert(frame_header.pgno, offset + FRAME_HEADER_SIZE);
+        if frame_header.commit != 0 {
+            result.pages.append(&mut pending);
+            result.commit = Some(frame_header.commit);
+        }
+    }
+    Ok(result)
+}
+
+/// Fills `buffer` from `offset`; false when the file ends first.
+pub fn read_exact_at(file: &File, buffer: &mut [u8], offset: u64) -> std::io::Result<bool> {
+    match file.read_exact_at(buffer, offset) {
+        Ok(()) => Ok(true),
+        Err(error) if error.kind() == std::io::ErrorKind::UnexpectedEof => Ok(false),
+        Err(error) => Err(error),
+    }
+}
