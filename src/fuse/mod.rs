@@ -20,7 +20,7 @@ use fuser::{
     WriteFlags,
 };
 
-use crate::fs::{Attr, Fs, FsError, LockCall, NodeType};
+use crate::fs::{Attr, CachePolicy, Fs, FsError, LockCall, NodeType};
 use crate::store::locks::LockKind;
 
 /// How long the kernel may trust entries, attributes and negative lookups.
@@ -89,6 +89,13 @@ fn negative_entry() -> FileAttr {
         mtime: std::time::UNIX_EPOCH,
         ctime: std::time::UNIX_EPOCH,
     })
+}
+
+fn fopen_flags(cache: CachePolicy) -> FopenFlags {
+    match cache {
+        CachePolicy::KeepCache => FopenFlags::FOPEN_KEEP_CACHE,
+        CachePolicy::Direct => FopenFlags::FOPEN_DIRECT_IO,
+    }
 }
 
 fn lock_kind(typ: i32) -> Option<LockKind> {
@@ -232,7 +239,7 @@ impl fuser::Filesystem for FuseAdapter {
 
     fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.fs.open(ino.0) {
-            Ok(handle) => reply.opened(FileHandle(handle), FopenFlags::FOPEN_KEEP_CACHE),
+            Ok((handle, cache)) => reply.opened(FileHandle(handle), fopen_flags(cache)),
             Err(error) => reply.error(errno("open", error)),
         }
     }
@@ -422,7 +429,7 @@ impl fuser::Filesystem for FuseAdapter {
                 &file_attr(&attr),
                 Generation(0),
                 FileHandle(handle),
-                FopenFlags::FOPEN_KEEP_CACHE,
+                fopen_flags(CachePolicy::KeepCache),
             ),
             Err(error) => reply.error(errno("create", error)),
         }

@@ -34,7 +34,7 @@ use crate::ltx::{self, Checksum, Encoder, Header, TxId};
 
 use super::log::ChangeLog;
 use super::wal::{self, FRAME_HEADER_SIZE, FrameHeader, WalHeader};
-use super::{FileKind, StoreError, page_size_from_header};
+use super::{FileKind, NodeId, StoreError, page_size_from_header};
 
 /// The first eight bytes of a valid rollback journal header.
 const JOURNAL_MAGIC: [u8; 8] = [0xd9, 0xd5, 0x05, 0xf9, 0x20, 0xa1, 0x63, 0xd7];
@@ -70,13 +70,16 @@ pub struct CaptureOptions {
 pub struct Database {
     name: String,
     dir: PathBuf,
+    position_file_id: NodeId,
     options: CaptureOptions,
     state: Mutex<CaptureState>,
 }
 
 impl std::fmt::Debug for Database {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Database").field("name", &self.name).finish_non_exhaustive()
+        f.debug_struct("Database")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
     }
 }
 
@@ -124,11 +127,22 @@ impl WalTracker {
 
 impl Database {
     /// Opens a database's capture state from its directory, recovering after a crash.
-    pub(super) fn open(name: &str, dir: &Path, options: CaptureOptions) -> Result<Database, StoreError> {
+    pub(super) fn open(
+        name: &str,
+        dir: &Path,
+        options: CaptureOptions,
+        position_file_id: NodeId,
+    ) -> Result<Database, StoreError> {
         let (log, tail) = ChangeLog::open(&dir.join("log"))?;
         let position = tail
-            .map(|tail| Position { txid: tail.header.max_txid, checksum: tail.trailer.post_apply_checksum })
-            .unwrap_or(Position { txid: TxId(0), checksum: Checksum(0) });
+            .map(|tail| Position {
+                txid: tail.header.max_txid,
+                checksum: tail.trailer.post_apply_checksum,
+            })
+            .unwrap_or(Position {
+                txid: TxId(0),
+                checksum: Checksum(0),
+            });
         let state = CaptureState {
             log,
             position,
@@ -146,12 +160,23 @@ impl Database {
             wal_file: None,
             journal_file: None,
         };
-        Ok(Database { name: name.to_string(), dir: dir.to_path_buf(), options, state: Mutex::new(state) })
+        Ok(Database {
+            name: name.to_string(),
+            dir: dir.to_path_buf(),
+            position_file_id,
+            options,
+            state: Mutex::new(state),
+        })
     }
 
     /// The database's name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The id of the database's `-pos` file.
+    pub fn position_file_id(&self) -> NodeId {
+        self.position_file_id
     }
 
     /// The last change set's TXID and checksum.
@@ -192,9 +217,12 @@ impl Database {
             FileKind::Wal => {
                 state.wal_file = Some(file.clone());
                 state.wal.reset();
-                let committed = wal::read_committed(file).map_err(|source| io_error(&self.name, "read the WAL", source))?;
+                let committed = wal::read_committed(file)
+                    .map_err(|source| io_error(&self.name, "read the WAL", source))?;
                 let mut header = [0u8; 32];
-                if wal::read_exact_at(file, &mut header, 0).map_err(|source| io_error(&self.name, "read the WAL", source))? {
+                if wal::read_exact_at(file, &mut header, 0)
+                    .map_err(|source| io_error(&self.name, "read the WAL", source))?
+                {
                     state.wal.header = WalHeader::parse(&header);
                 }
                 state.wal.committed = committed.pages;
@@ -205,7 +233,12 @@ impl Database {
     }
 
     /// Called after bytes were written to one of the database's files.
-    pub(super) fn after_write(&self, kind: &FileKind, offset: u64, data: &[u8]) -> Result<(), StoreError> {
+    pub(super) fn after_write(
+        &self,
+        kind: &FileKind,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), StoreError> {
         let mut state = self.lock();
         let result = self.capture_write(&mut state, kind, offset, data);
         state.rescan_after_failure(&result);
@@ -262,7 +295,11 @@ impl Database {
         result
     }
 
-    fn capture_unlink(&self, state: &mut MutexGuard<'_, CaptureState>, kind: &FileKind) -> Result<(), StoreError> {
+    fn capture_unlink(
+        &self,
+        state: &mut MutexGuard<'_, CaptureState>,
+        kind: &FileKind,
+    ) -> Result<(), StoreError> {
         match kind {
             FileKind::Journal => {
                 state.journal_file = None;
@@ -292,7 +329,10 @@ impl Database {
     /// journal-less mode (MEMORY, OFF) ends when no writer lock remains.
     pub(super) fn after_unlock(&self, writer_lock_held: bool) -> Result<(), StoreError> {
         let mut state = self.lock();
-        if writer_lock_held || (state.dirty_pages.is_empty() && !state.truncated) || state.hot_journal() {
+        if writer_lock_held
+            || (state.dirty_pages.is_empty() && !state.truncated)
+            || state.hot_journal()
+        {
             return Ok(());
         }
         let result = self.commit_rollback(&mut state);
@@ -336,8 +376,16 @@ impl Database {
             tracing::warn!(%error, "could not remove the saved checksums");
             return None;
         }
-        let word = |at: usize| bytes.get(at..at + 8).map(|b| u64::from_be_bytes(b.try_into().unwrap_or_default()));
-        let half = |at: usize| bytes.get(at..at + 4).map(|b| u32::from_be_bytes(b.try_into().unwrap_or_default()));
+        let word = |at: usize| {
+            bytes
+                .get(at..at + 8)
+                .map(|b| u64::from_be_bytes(b.try_into().unwrap_or_default()))
+        };
+        let half = |at: usize| {
+            bytes
+                .get(at..at + 4)
+                .map(|b| u32::from_be_bytes(b.try_into().unwrap_or_default()))
+        };
         if bytes.get(..8)? != CHECKSUMS_MAGIC
             || word(8)? != state.position.txid.0
             || word(16)? != state.position.checksum.0
@@ -347,7 +395,9 @@ impl Database {
         {
             return None;
         }
-        let checksums: Vec<u64> = (0..state.commit as usize).filter_map(|i| word(32 + i * 8)).collect();
+        let checksums: Vec<u64> = (0..state.commit as usize)
+            .filter_map(|i| word(32 + i * 8))
+            .collect();
         let xor = checksums.iter().fold(0, |acc, c| acc ^ c);
         (Checksum(xor | Checksum::FLAG) == state.position.checksum
             || (state.commit == 0 && state.position.txid.0 == 0))
@@ -378,7 +428,11 @@ impl Database {
         }
         let xor = checksums.iter().fold(0, |acc, c| acc ^ c);
         let actual = Checksum(xor | Checksum::FLAG);
-        if state.position.txid.0 > 0 && actual == state.position.checksum && page_size == state.page_size && commit == state.commit {
+        if state.position.txid.0 > 0
+            && actual == state.position.checksum
+            && page_size == state.page_size
+            && commit == state.commit
+        {
             state.page_checksums = checksums;
             state.checksum_xor = xor;
             state.refresh_wal_mode()?;
@@ -416,7 +470,10 @@ impl Database {
             let all_pages: Vec<u32> = (1..=commit).filter(|&p| p != lock_page).collect();
             self.emit_pages(state, page_size, commit, &all_pages)?;
         } else {
-            let candidates: Vec<u32> = dirty.into_iter().filter(|&p| p <= commit && p != lock_page).collect();
+            let candidates: Vec<u32> = dirty
+                .into_iter()
+                .filter(|&p| p <= commit && p != lock_page)
+                .collect();
             self.emit_pages(state, page_size, commit, &candidates)?;
         }
         state.refresh_wal_mode()
@@ -426,7 +483,12 @@ impl Database {
     /// requests at page-cache boundaries, so frames are recognised by their last
     /// byte: when a write covers the end of a frame, that frame (header and page)
     /// is complete in the file, because SQLite writes each frame front to back.
-    fn note_wal_write(&self, state: &mut MutexGuard<'_, CaptureState>, offset: u64, data: &[u8]) -> Result<(), StoreError> {
+    fn note_wal_write(
+        &self,
+        state: &mut MutexGuard<'_, CaptureState>,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), StoreError> {
         if offset == 0 {
             state.wal.reset();
             state.wal.header = WalHeader::parse(data);
@@ -453,23 +515,37 @@ impl Database {
         Ok(())
     }
 
-    fn note_wal_frame(&self, state: &mut MutexGuard<'_, CaptureState>, header: &WalHeader, frame_offset: u64) -> Result<(), StoreError> {
+    fn note_wal_frame(
+        &self,
+        state: &mut MutexGuard<'_, CaptureState>,
+        header: &WalHeader,
+        frame_offset: u64,
+    ) -> Result<(), StoreError> {
         let Some(wal_file) = state.wal_file.clone() else {
             return Ok(());
         };
         let mut frame_header = [0u8; FRAME_HEADER_SIZE as usize];
-        if !wal::read_exact_at(&wal_file, &mut frame_header, frame_offset).map_err(|source| io_error(&self.name, "read the WAL", source))? {
+        if !wal::read_exact_at(&wal_file, &mut frame_header, frame_offset)
+            .map_err(|source| io_error(&self.name, "read the WAL", source))?
+        {
             return Ok(());
         }
-        let Some(frame) = FrameHeader::parse(&frame_header).filter(|frame| frame.matches(header)) else {
+        let Some(frame) = FrameHeader::parse(&frame_header).filter(|frame| frame.matches(header))
+        else {
             return Ok(());
         };
-        state.wal.transaction.insert(frame.pgno, frame_offset + FRAME_HEADER_SIZE);
+        state
+            .wal
+            .transaction
+            .insert(frame.pgno, frame_offset + FRAME_HEADER_SIZE);
         if frame.commit == 0 {
             return Ok(());
         }
         let transaction = std::mem::take(&mut state.wal.transaction);
-        state.wal.committed.extend(transaction.iter().map(|(&pgno, &offset)| (pgno, offset)));
+        state
+            .wal
+            .committed
+            .extend(transaction.iter().map(|(&pgno, &offset)| (pgno, offset)));
         if state.needs_rescan {
             return self.rescan(state);
         }
@@ -479,7 +555,10 @@ impl Database {
             let all_pages: Vec<u32> = (1..=commit).filter(|&p| p != lock_page).collect();
             self.emit_pages(state, header.page_size, commit, &all_pages)?;
         } else {
-            let candidates: Vec<u32> = transaction.into_keys().filter(|&p| p <= commit && p != lock_page).collect();
+            let candidates: Vec<u32> = transaction
+                .into_keys()
+                .filter(|&p| p <= commit && p != lock_page)
+                .collect();
             self.emit_pages(state, header.page_size, commit, &candidates)?;
         }
         state.wal_mode = true;
@@ -506,7 +585,11 @@ impl Database {
             let mut page = vec![0u8; page_size as usize];
             state.read_logical_page(pgno, page_size, &mut page)?;
             let checksum = ltx::page_checksum(pgno, &page).0;
-            let old = state.page_checksums.get(pgno as usize - 1).copied().unwrap_or(0);
+            let old = state
+                .page_checksums
+                .get(pgno as usize - 1)
+                .copied()
+                .unwrap_or(0);
             if full || checksum != old {
                 changed.push((pgno, page));
             }
@@ -515,7 +598,11 @@ impl Database {
             return Ok(());
         }
         // Pages cut off by a shrink leave the checksum; new pages enter it.
-        let removed = state.page_checksums.iter().skip(commit as usize).fold(0, |acc, c| acc ^ c);
+        let removed = state
+            .page_checksums
+            .iter()
+            .skip(commit as usize)
+            .fold(0, |acc, c| acc ^ c);
         state.checksum_xor ^= removed;
         state.page_checksums.resize(commit as usize, 0);
         for (pgno, page) in &changed {
@@ -544,7 +631,11 @@ impl Database {
         let snapshot = txid.0 == 1;
         let post_apply = Checksum(state.checksum_xor | Checksum::FLAG);
         let header = Header {
-            flags: if self.options.compress { ltx::FLAG_COMPRESS_LZ4 } else { 0 },
+            flags: if self.options.compress {
+                ltx::FLAG_COMPRESS_LZ4
+            } else {
+                0
+            },
             page_size,
             commit,
             min_txid: txid,
@@ -552,22 +643,36 @@ impl Database {
             timestamp: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |elapsed| elapsed.as_millis() as u64),
-            pre_apply_checksum: if snapshot { Checksum(0) } else { state.position.checksum },
+            pre_apply_checksum: if snapshot {
+                Checksum(0)
+            } else {
+                state.position.checksum
+            },
             wal_offset: 0,
             wal_size: 0,
             wal_salt1: 0,
             wal_salt2: 0,
             node_id: 0,
         };
-        let encode_error = |error: ltx::LtxError| StoreError::Capture { database: self.name.clone(), message: error.to_string() };
-        let mut encoder = Encoder::new(Vec::with_capacity(pages.len() * (page_size as usize + 4) + 200), header).map_err(encode_error)?;
+        let encode_error = |error: ltx::LtxError| StoreError::Capture {
+            database: self.name.clone(),
+            message: error.to_string(),
+        };
+        let mut encoder = Encoder::new(
+            Vec::with_capacity(pages.len() * (page_size as usize + 4) + 200),
+            header,
+        )
+        .map_err(encode_error)?;
         for (pgno, page) in pages {
             encoder.encode_page(*pgno, page).map_err(encode_error)?;
         }
         encoder.finish(post_apply).map_err(encode_error)?;
         let bytes = encoder.into_inner();
         state.log.append(header, &bytes)?;
-        state.position = Position { txid, checksum: post_apply };
+        state.position = Position {
+            txid,
+            checksum: post_apply,
+        };
         state.commit = commit;
         state.page_size = page_size;
         if self.options.strict_verify {
@@ -601,7 +706,9 @@ impl Database {
     }
 
     fn lock(&self) -> MutexGuard<'_, CaptureState> {
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -620,7 +727,8 @@ impl CaptureState {
         // content already captured from the WAL, except for page 1 switching the
         // database back to (or into) a rollback journal mode inside a journaled
         // transaction.
-        let leaves_or_enters_wal = offset == 0 && data.len() > 18 && (data[18] == 1 || !self.wal_mode);
+        let leaves_or_enters_wal =
+            offset == 0 && data.len() > 18 && (data[18] == 1 || !self.wal_mode);
         if self.wal_mode && !leaves_or_enters_wal {
             return;
         }
@@ -635,7 +743,8 @@ impl CaptureState {
         }
         let first = offset / u64::from(page_size) + 1;
         let last = (offset + data.len() as u64).div_ceil(u64::from(page_size));
-        self.dirty_pages.extend((first..=last).map(|pgno| pgno as u32));
+        self.dirty_pages
+            .extend((first..=last).map(|pgno| pgno as u32));
     }
 
     fn read_file_page_size(&self) -> u32 {
@@ -651,7 +760,9 @@ impl CaptureState {
     fn hot_journal(&self) -> bool {
         let mut magic = [0u8; 8];
         match &self.journal_file {
-            Some(file) => wal::read_exact_at(file, &mut magic, 0).unwrap_or(false) && magic == JOURNAL_MAGIC,
+            Some(file) => {
+                wal::read_exact_at(file, &mut magic, 0).unwrap_or(false) && magic == JOURNAL_MAGIC
+            }
             None => false,
         }
     }
@@ -670,7 +781,10 @@ impl CaptureState {
         let Some(file) = &self.database_file else {
             return Ok(None);
         };
-        let size = file.metadata().map_err(|source| io_error("database", "stat", source))?.len();
+        let size = file
+            .metadata()
+            .map_err(|source| io_error("database", "stat", source))?
+            .len();
         let page_size = self.file_page_size;
         if size == 0 || page_size == 0 {
             return Ok(None);
@@ -682,7 +796,8 @@ impl CaptureState {
     /// commit size when the WAL has committed frames, else the database file.
     fn logical_size(&self) -> Result<Option<(u32, u32)>, StoreError> {
         if let (Some(wal_file), Some(header)) = (&self.wal_file, self.wal.header) {
-            let committed = wal::read_committed(wal_file).map_err(|source| io_error("database", "read the WAL", source))?;
+            let committed = wal::read_committed(wal_file)
+                .map_err(|source| io_error("database", "read the WAL", source))?;
             if let Some(commit) = committed.commit {
                 return Ok(Some((header.page_size, commit)));
             }
@@ -691,8 +806,17 @@ impl CaptureState {
     }
 
     /// Reads a page of the logical content: its newest WAL frame, else the file.
-    fn read_logical_page(&self, pgno: u32, page_size: u32, page: &mut [u8]) -> Result<(), StoreError> {
-        let wal_offset = self.wal.transaction.get(&pgno).or_else(|| self.wal.committed.get(&pgno));
+    fn read_logical_page(
+        &self,
+        pgno: u32,
+        page_size: u32,
+        page: &mut [u8],
+    ) -> Result<(), StoreError> {
+        let wal_offset = self
+            .wal
+            .transaction
+            .get(&pgno)
+            .or_else(|| self.wal.committed.get(&pgno));
         let (file, offset) = match (wal_offset, &self.wal_file) {
             (Some(&offset), Some(wal_file)) => (wal_file, offset),
             _ => match &self.database_file {
@@ -728,5 +852,8 @@ impl CaptureState {
 }
 
 fn io_error(database: &str, what: &str, source: std::io::Error) -> StoreError {
-    StoreError::Io { context: format!("{what} of {database}"), source }
+    StoreError::Io {
+        context: format!("{what} of {database}"),
+        source,
+    }
 }

@@ -70,13 +70,17 @@ impl ChangeLog {
             .truncate(false)
             .open(path)
             .map_err(|source| io_error("open", source))?;
-        let file_len = file.metadata().map_err(|source| io_error("stat", source))?.len();
+        let file_len = file
+            .metadata()
+            .map_err(|source| io_error("stat", source))?
+            .len();
         let mut records = Vec::new();
         let mut offset = 0;
         let mut prefix = [0u8; LENGTH_PREFIX as usize];
         let mut header_bytes = [0u8; ltx::HEADER_SIZE];
         while offset + LENGTH_PREFIX <= file_len {
-            file.read_exact_at(&mut prefix, offset).map_err(|source| io_error("read", source))?;
+            file.read_exact_at(&mut prefix, offset)
+                .map_err(|source| io_error("read", source))?;
             let len = u64::from_be_bytes(prefix);
             let start = offset + LENGTH_PREFIX;
             if len < (ltx::HEADER_SIZE + ltx::TRAILER_SIZE) as u64
@@ -85,14 +89,25 @@ impl ChangeLog {
             {
                 break;
             }
-            file.read_exact_at(&mut header_bytes, start).map_err(|source| io_error("read", source))?;
+            file.read_exact_at(&mut header_bytes, start)
+                .map_err(|source| io_error("read", source))?;
             let Ok(header) = Header::decode(&header_bytes) else {
                 break;
             };
-            records.push(RecordInfo { offset: start, len, header });
+            records.push(RecordInfo {
+                offset: start,
+                len,
+                header,
+            });
             offset = start + len;
         }
-        let mut log = ChangeLog { path: path.to_path_buf(), file, len: offset, unsynced: false, records };
+        let mut log = ChangeLog {
+            path: path.to_path_buf(),
+            file,
+            len: offset,
+            unsynced: false,
+            records,
+        };
         // Only the newest records can be torn; verify from the end until one is whole.
         let tail = loop {
             let Some(last) = log.records.last().copied() else {
@@ -100,7 +115,12 @@ impl ChangeLog {
             };
             let bytes = log.read(&last)?;
             match ltx::verify(bytes.as_slice()) {
-                Ok(summary) => break Some(LogTail { header: summary.header, trailer: summary.trailer }),
+                Ok(summary) => {
+                    break Some(LogTail {
+                        header: summary.header,
+                        trailer: summary.trailer,
+                    });
+                }
                 Err(error) => {
                     tracing::warn!(log = %path.display(), %error, txid = %last.header.max_txid, "dropping a damaged change set at the end of the log (left by a crash)");
                     log.records.pop();
@@ -110,7 +130,9 @@ impl ChangeLog {
         };
         if log.len != file_len {
             tracing::warn!(log = %path.display(), kept = log.len, size = file_len, "cutting off an incomplete tail of the change-set log");
-            log.file.set_len(log.len).map_err(|source| io_error("truncate", source))?;
+            log.file
+                .set_len(log.len)
+                .map_err(|source| io_error("truncate", source))?;
         }
         Ok((log, tail))
     }
@@ -120,11 +142,17 @@ impl ChangeLog {
         let mut record = Vec::with_capacity(LENGTH_PREFIX as usize + ltx_bytes.len());
         record.extend_from_slice(&(ltx_bytes.len() as u64).to_be_bytes());
         record.extend_from_slice(ltx_bytes);
-        self.file.write_all_at(&record, self.len).map_err(|source| StoreError::Io {
-            context: format!("append to {}", self.path.display()),
-            source,
-        })?;
-        self.records.push(RecordInfo { offset: self.len + LENGTH_PREFIX, len: ltx_bytes.len() as u64, header });
+        self.file
+            .write_all_at(&record, self.len)
+            .map_err(|source| StoreError::Io {
+                context: format!("append to {}", self.path.display()),
+                source,
+            })?;
+        self.records.push(RecordInfo {
+            offset: self.len + LENGTH_PREFIX,
+            len: ltx_bytes.len() as u64,
+            header,
+        });
         self.len += record.len() as u64;
         self.unsynced = true;
         Ok(())
@@ -150,10 +178,12 @@ impl ChangeLog {
     /// The LTX bytes of one record.
     pub fn read(&self, record: &RecordInfo) -> Result<Vec<u8>, StoreError> {
         let mut bytes = vec![0u8; record.len as usize];
-        self.file.read_exact_at(&mut bytes, record.offset).map_err(|source| StoreError::Io {
-            context: format!("read {}", self.path.display()),
-            source,
-        })?;
+        self.file
+            .read_exact_at(&mut bytes, record.offset)
+            .map_err(|source| StoreError::Io {
+                context: format!("read {}", self.path.display()),
+                source,
+            })?;
         Ok(bytes)
     }
 }

@@ -40,6 +40,9 @@ use locks::{ByteRange, LockKind, LockOwner, LockTable};
 /// either means a writer is in a transaction.
 const PENDING_BYTE: u64 = 0x4000_0000;
 
+/// The suffix of the read-only file that shows a database's position.
+pub const POSITION_SUFFIX: &str = "-pos";
+
 /// The first 16 bytes of every SQLite database file.
 pub const SQLITE_HEADER_MAGIC: &[u8; 16] = b"SQLite format 3\0";
 
@@ -160,9 +163,14 @@ impl Node {
         if self.kind != FileKind::Database {
             return;
         }
-        let writer_bytes = ByteRange { start: PENDING_BYTE, end: PENDING_BYTE + 1 };
+        let writer_bytes = ByteRange {
+            start: PENDING_BYTE,
+            end: PENDING_BYTE + 1,
+        };
         let writer_lock_held = self.locks.held().iter().any(|lock| {
-            lock.kind == LockKind::Write && lock.range.start <= writer_bytes.end && writer_bytes.start <= lock.range.end
+            lock.kind == LockKind::Write
+                && lock.range.start <= writer_bytes.end
+                && writer_bytes.start <= lock.range.end
         });
         // An unlock cannot fail; a capture failure is logged and recovered from by
         // rereading the database at the next commit.
@@ -388,19 +396,56 @@ impl Store {
         if let Some(database) = databases.get(name) {
             return Ok(database.clone());
         }
-        let database = Arc::new(Database::open(name, &self.dbs_dir.join(name), self.capture)?);
+        let position_file_id = NodeId(self.next_id.fetch_add(1, Ordering::Relaxed));
+        let database = Arc::new(Database::open(
+            name,
+            &self.dbs_dir.join(name),
+            self.capture,
+            position_file_id,
+        )?);
         databases.insert(name.to_string(), database.clone());
         Ok(database)
     }
 
     /// The capture state of database `name`, if it was ever created.
     pub fn database(&self, name: &str) -> Option<Arc<Database>> {
-        self.databases.lock().unwrap_or_else(|p| p.into_inner()).get(name).cloned()
+        self.databases
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned()
+    }
+
+    /// The database whose `-pos` file is called `name`; only databases whose
+    /// database file exists have one.
+    pub fn position_file(&self, name: &str) -> Option<Arc<Database>> {
+        let database = name.strip_suffix(POSITION_SUFFIX)?;
+        self.lookup(database)?;
+        self.database(database)
+    }
+
+    /// The database whose `-pos` file has id `id`.
+    pub fn position_file_by_id(&self, id: NodeId) -> Option<Arc<Database>> {
+        let database = self
+            .databases
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .find(|database| database.position_file_id() == id)
+            .cloned()?;
+        self.lookup(database.name())?;
+        Some(database)
     }
 
     /// Flushes every log and saves checksums so the next start is fast.
     pub fn shutdown(&self) -> Result<(), StoreError> {
-        let databases: Vec<_> = self.databases.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
+        let databases: Vec<_> = self
+            .databases
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
         for database in databases {
             database.save_checksums()?;
         }

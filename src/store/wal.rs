@@ -35,7 +35,9 @@ impl WalHeader {
     /// Parses a WAL header; `None` when the bytes are not one.
     pub fn parse(bytes: &[u8]) -> Option<WalHeader> {
         let header: &[u8; 32] = bytes.get(..32)?.try_into().ok()?;
-        let word = |at: usize| u32::from_be_bytes([header[at], header[at + 1], header[at + 2], header[at + 3]]);
+        let word = |at: usize| {
+            u32::from_be_bytes([header[at], header[at + 1], header[at + 2], header[at + 3]])
+        };
         let big_endian_checksums = match word(0) {
             WAL_MAGIC_LITTLE_ENDIAN => false,
             WAL_MAGIC_BIG_ENDIAN => true,
@@ -86,7 +88,9 @@ impl FrameHeader {
     /// Parses a 24-byte frame header.
     pub fn parse(bytes: &[u8]) -> Option<FrameHeader> {
         let header: &[u8; 24] = bytes.get(..24)?.try_into().ok()?;
-        let word = |at: usize| u32::from_be_bytes([header[at], header[at + 1], header[at + 2], header[at + 3]]);
+        let word = |at: usize| {
+            u32::from_be_bytes([header[at], header[at + 1], header[at + 2], header[at + 3]])
+        };
         Some(FrameHeader {
             pgno: word(0),
             commit: word(4),
