@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 use crate::config::{self, ExecCommand, LogConfig, LogFormat};
+use crate::ltx;
 use crate::mount::{self, MountError, MountRequest};
 
 /// Exit status for usage and configuration errors.
@@ -35,9 +36,17 @@ enum Command {
         /// Do not expand $VAR and ${VAR} in the config file.
         #[arg(long)]
         no_expand_env: bool,
+        /// Do not record change sets; only for measuring what capture costs.
+        #[arg(long, hide = true)]
+        no_capture: bool,
         /// A command to run once mounted; ltxfs exits with its status.
         #[arg(last = true)]
         command: Vec<String>,
+    },
+    /// Inspect LTX change-set files.
+    Ltx {
+        #[command(subcommand)]
+        command: LtxCommand,
     },
     /// Compare SQLite on the mount against a plain directory on the same disk.
     Bench {
@@ -50,6 +59,20 @@ enum Command {
         /// Size of the database for the point-read workload, in MB.
         #[arg(long, default_value_t = 100)]
         read_db_mb: u64,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum LtxCommand {
+    /// Print an LTX file's header, pages with their checksums, and trailer.
+    Dump {
+        /// The LTX file.
+        file: PathBuf,
+    },
+    /// Check an LTX file completely; on damage, name the field or byte offset.
+    Verify {
+        /// The LTX file.
+        file: PathBuf,
     },
 }
 
@@ -67,8 +90,10 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> i32 {
             mount_point,
             config,
             no_expand_env,
+            no_capture,
             command,
-        } => run_mount(mount_point, config, !no_expand_env, command),
+        } => run_mount(mount_point, config, !no_expand_env, !no_capture, command),
+        Command::Ltx { command } => run_ltx(command),
         Command::Bench {
             dir,
             seconds,
@@ -91,10 +116,25 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> i32 {
     }
 }
 
+fn run_ltx(command: LtxCommand) -> i32 {
+    let result = match command {
+        LtxCommand::Dump { file } => ltx::dump_file(&file, &mut std::io::stdout().lock()),
+        LtxCommand::Verify { file } => ltx::verify_file(&file).map(|summary| {
+            println!("{summary}");
+            summary
+        }),
+    };
+    match result {
+        Ok(_) => 0,
+        Err(error) => fail(EXIT_FAILURE, &error),
+    }
+}
+
 fn run_mount(
     mount_point: Option<PathBuf>,
     config_path: Option<PathBuf>,
     expand_env: bool,
+    capture: bool,
     command: Vec<String>,
 ) -> i32 {
     let loaded = match config::load(config_path.as_deref(), expand_env) {
@@ -117,6 +157,7 @@ fn run_mount(
         mount_point,
         config: loaded.config,
         command,
+        capture,
     };
     match mount::run(request) {
         Ok(code) => code,

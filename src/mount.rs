@@ -66,6 +66,8 @@ pub struct MountRequest {
     pub config: Config,
     /// A command given after `--`; replaces the config's `exec`.
     pub command: Option<ExecCommand>,
+    /// Record change sets (off only to measure what capture costs).
+    pub capture: bool,
 }
 
 /// The checked places a mount uses.
@@ -312,6 +314,7 @@ pub fn run(request: MountRequest) -> Result<i32, MountError> {
         })?;
     }
     let capture = CaptureOptions {
+        enabled: request.capture,
         compress: request.config.data.compress,
         strict_verify: request.config.strict_verify,
     };

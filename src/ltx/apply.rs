@@ -11,7 +11,8 @@
 //! * **All or nothing with respect to bad input.**  [`apply`] decodes the whole
 //!   LTX file into memory and verifies every format rule, the file checksum
 //!   (and, for a snapshot, the post-apply checksum) before it writes a single
-//!   byte.  A corrupt, truncated or out-of-sequence file therefore leaves the
+//!   byte.  A corrupt or truncated file, or (when the caller passes the
+//!   expected pre-apply checksum) an out-of-sequence one, therefore leaves the
 //!   database exactly as it was.
 //! * **Not atomic with respect to crashes.**  Pages are written in place with
 //!   positional writes and the file is then resized.  A crash or an I/O error
@@ -66,19 +67,32 @@ pub struct ApplyOutcome {
 /// message gives both values.  A snapshot (minimum TXID 1) has no pre-apply
 /// checksum and replaces the whole database, so the check does not apply to it.
 ///
-/// The whole file is decoded into memory and verified (see the
-/// [module invariants](self)) before anything is written, so every decoding
-/// error leaves the database untouched.  Memory use is therefore about the
-/// size of the uncompressed page block.  Then each page is written at byte
-/// offset `(pgno - 1) * page_size` and the file is resized to
-/// `commit * page_size` bytes, which truncates it to zero when the file
-/// deletes the database (commit 0).  For a snapshot that covers the lock page,
-/// the lock page's bytes are also zeroed so the result does not depend on what
-/// the file held before.
+/// Each page is written at byte offset `(pgno - 1) * page_size`, then the file
+/// is resized to `commit * page_size` bytes, which truncates it to zero when
+/// the file deletes the database (commit 0).  For a snapshot that covers the
+/// lock page, the lock page's bytes are also zeroed so the result does not
+/// depend on what the file held before.
 ///
 /// Nothing is fsynced, and the database checksum is not recomputed: the
-/// returned [`ApplyOutcome::post_apply_checksum`] comes from the file.  An
-/// error while writing ([`LtxError::Io`]) leaves the database partly updated.
+/// returned [`ApplyOutcome::post_apply_checksum`] comes from the file's
+/// trailer (use [`verify_database_checksum`] to check the database against it).
+///
+/// # Invariants
+///
+/// * **All or nothing with respect to bad input.**  The whole LTX file is
+///   decoded into memory and every format rule, the file checksum (and, for a
+///   snapshot, the post-apply checksum) and the expected pre-apply checksum are
+///   checked before a single byte is written.  A corrupt, truncated or (given
+///   `expected_pre_apply`) out-of-sequence file leaves the database exactly as
+///   it was.  Memory use is therefore about the size of the uncompressed
+///   page block.
+/// * **Not atomic with respect to crashes.**  Pages are written in place and
+///   the file is then resized.  A crash, or an I/O error while writing
+///   ([`LtxError::Io`]), leaves some pages new and some old.  Callers that need
+///   crash safety provide it themselves, for example by applying to a copy and
+///   renaming it, or by saving the pages' previous contents first.
+/// * The database's page size is not known here: the caller must not apply a
+///   non-snapshot file whose page size differs from the database's.
 pub fn apply<R: Read>(
     ltx: R,
     database: &File,

@@ -76,6 +76,7 @@
 
 mod apply;
 mod checksum;
+mod compact;
 mod decoder;
 mod encoder;
 mod error;
@@ -86,6 +87,7 @@ mod pages;
 
 pub use apply::{ApplyOutcome, apply, verify_database_checksum};
 pub use checksum::{Checksum, DatabaseChecksum, checksum_database, crc64, page_checksum};
+pub use compact::compact;
 pub use decoder::Decoder;
 pub use encoder::Encoder;
 pub use error::LtxError;

@@ -58,12 +58,25 @@ impl Position {
 }
 
 /// Capture settings.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy)]
 pub struct CaptureOptions {
+    /// Record change sets at all. Off only to measure what capture costs
+    /// (`ltxfs mount --no-capture`, used by `ltxfs bench`).
+    pub enabled: bool,
     /// LZ4-compress page blocks.
     pub compress: bool,
     /// Reread the whole database after each change set and compare checksums.
     pub strict_verify: bool,
+}
+
+impl Default for CaptureOptions {
+    fn default() -> CaptureOptions {
+        CaptureOptions {
+            enabled: true,
+            compress: false,
+            strict_verify: false,
+        }
+    }
 }
 
 /// One database's capture state, shared by the nodes of its files.
@@ -192,6 +205,9 @@ impl Database {
     /// Brings the state in line with the files after they were all attached at
     /// start-up: loads saved checksums after a clean shutdown, or rescans.
     pub(super) fn recover(&self) -> Result<(), StoreError> {
+        if !self.options.enabled {
+            return Ok(());
+        }
         let mut state = self.lock();
         if state.hot_journal() {
             tracing::info!(database = %self.name, "a hot journal is present; checking the database after SQLite rolls it back");
@@ -239,6 +255,9 @@ impl Database {
         offset: u64,
         data: &[u8],
     ) -> Result<(), StoreError> {
+        if !self.options.enabled {
+            return Ok(());
+        }
         let mut state = self.lock();
         let result = self.capture_write(&mut state, kind, offset, data);
         state.rescan_after_failure(&result);
@@ -267,6 +286,9 @@ impl Database {
 
     /// Called after one of the database's files was truncated.
     pub(super) fn after_truncate(&self, kind: &FileKind, size: u64) -> Result<(), StoreError> {
+        if !self.options.enabled {
+            return Ok(());
+        }
         let mut state = self.lock();
         let result = match kind {
             FileKind::Database if size == 0 || !state.wal_mode => {
@@ -289,6 +311,9 @@ impl Database {
 
     /// Called after one of the database's files was unlinked.
     pub(super) fn after_unlink(&self, kind: &FileKind) -> Result<(), StoreError> {
+        if !self.options.enabled {
+            return Ok(());
+        }
         let mut state = self.lock();
         let result = self.capture_unlink(&mut state, kind);
         state.rescan_after_failure(&result);
@@ -328,6 +353,9 @@ impl Database {
     /// Called after a lock on the database file was released: a transaction in a
     /// journal-less mode (MEMORY, OFF) ends when no writer lock remains.
     pub(super) fn after_unlock(&self, writer_lock_held: bool) -> Result<(), StoreError> {
+        if !self.options.enabled {
+            return Ok(());
+        }
         let mut state = self.lock();
         if writer_lock_held
             || (state.dirty_pages.is_empty() && !state.truncated)
