@@ -119,10 +119,9 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> i32 {
 fn run_ltx(command: LtxCommand) -> i32 {
     let result = match command {
         LtxCommand::Dump { file } => ltx::dump_file(&file, &mut std::io::stdout().lock()),
-        LtxCommand::Verify { file } => ltx::verify_file(&file).map(|summary| {
-            println!("{summary}");
-            summary
-        }),
+        LtxCommand::Verify { file } => {
+            ltx::verify_file(&file).inspect(|summary| println!("{summary}"))
+        }
     };
     match result {
         Ok(_) => 0,

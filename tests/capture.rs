@@ -1,0 +1,338 @@
+//! Change capture on a real mount: for every journal mode, a random workload of
+//! transactions (inserts, updates, deletes, schema changes, VACUUM, checkpoints,
+//! rollbacks) runs on the mount. After every step the captured change sets are
+//! applied to a replica from empty, which must have the checksum the mount's
+//! `<db>-pos` file shows and the same content as the live database. At the end the
+//! replica must be byte-identical to the database file.
+
+mod common;
+
+use std::fs::{File, OpenOptions};
+use std::path::{Path, PathBuf};
+
+use common::{Mount, MountOptions, dump, first_difference, open_db, set_journal_mode};
+use ltxfs::ltx::{self, Checksum, TxId};
+use rusqlite::Connection;
+
+/// A replica built by applying the mount's change sets in order.
+struct Replica {
+    log: PathBuf,
+    file: File,
+    path: PathBuf,
+    applied: usize,
+    position: Option<(TxId, Checksum, u32, u32)>,
+}
+
+impl Replica {
+    fn new(mount: &Mount, name: &str) -> Replica {
+        let path = mount.root().join(format!("{name}.replica"));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        Replica {
+            log: mount.data_dir().join("dbs").join(name).join("log"),
+            file,
+            path,
+            applied: 0,
+            position: None,
+        }
+    }
+
+    /// Applies the change sets captured since the last call; returns how many.
+    fn catch_up(&mut self) -> usize {
+        let sets = ltxfs::store::log::read_change_sets(&self.log).unwrap();
+        let new = sets.len() - self.applied;
+        for set in &sets[self.applied..] {
+            let expected = self.position.map(|(_, checksum, _, _)| checksum);
+            let outcome = ltx::apply(set.as_slice(), &self.file, expected)
+                .unwrap_or_else(|e| panic!("change set {} does not apply: {e}", self.applied));
+            if let Some((txid, ..)) = self.position {
+                assert_eq!(outcome.min_txid.0, txid.0 + 1, "TXIDs must have no gaps");
+            }
+            self.position = Some((
+                outcome.max_txid,
+                outcome.post_apply_checksum,
+                outcome.page_size,
+                outcome.commit,
+            ));
+            self.applied += 1;
+        }
+        new
+    }
+
+    /// Checks the replica's full checksum and the mount's `-pos` file against the
+    /// last change set.
+    fn verify_position(&self, pos_file: &Path) {
+        let (txid, checksum, page_size, commit) = self.position.expect("nothing captured yet");
+        ltx::verify_database_checksum(&self.file, page_size, commit, checksum)
+            .unwrap_or_else(|e| panic!("replica at TXID {txid}: {e}"));
+        let pos = std::fs::read_to_string(pos_file).unwrap();
+        assert_eq!(pos, format!("{:016x}/{:016x}\n", txid.0, checksum.0));
+    }
+
+    fn dump(&self) -> String {
+        let conn = Connection::open_with_flags(
+            &self.path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .unwrap();
+        dump(&conn)
+    }
+}
+
+/// A small deterministic random generator (xorshift64*).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// Runs one random step; returns whether it should have produced a change set.
+fn random_step(conn: &Connection, rng: &mut Rng, mode: &str, tables: &mut Vec<String>) -> bool {
+    let table = tables[rng.below(tables.len() as u64) as usize].clone();
+    match rng.below(12) {
+        0..=3 => {
+            let rows = 1 + rng.below(20);
+            let size = 1 + rng.below(3000);
+            conn.execute_batch(&format!(
+                "BEGIN; WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i+1 FROM n WHERE i<{rows}) \
+                 INSERT INTO {table}(v) SELECT randomblob({size}) FROM n; COMMIT;"
+            ))
+            .unwrap();
+            true
+        }
+        4 => {
+            conn.execute_batch(&format!(
+                "UPDATE {table} SET v = randomblob(length(v) + 7) WHERE id % 3 = {}",
+                rng.below(3)
+            ))
+            .unwrap();
+            true
+        }
+        5 => {
+            conn.execute_batch(&format!(
+                "DELETE FROM {table} WHERE id % 4 = {}",
+                rng.below(4)
+            ))
+            .unwrap();
+            true
+        }
+        6 => {
+            // A rolled-back transaction, large enough to spill pages to the file.
+            conn.execute_batch(&format!(
+                "BEGIN; UPDATE {table} SET v = randomblob(2000); \
+                 INSERT INTO {table}(v) SELECT randomblob(4000) FROM {table}; ROLLBACK;"
+            ))
+            .unwrap();
+            false
+        }
+        7 if tables.len() < 4 => {
+            let name = format!("t{}", rng.next() % 1_000_000);
+            conn.execute_batch(&format!(
+                "CREATE TABLE IF NOT EXISTS {name}(id INTEGER PRIMARY KEY, v BLOB); \
+                 CREATE INDEX IF NOT EXISTS {name}_v ON {name}(v);"
+            ))
+            .unwrap();
+            tables.push(name);
+            true
+        }
+        8 if tables.len() > 1 => {
+            let index = rng.below(tables.len() as u64) as usize;
+            let name = tables.remove(index);
+            conn.execute_batch(&format!("DROP TABLE {name}")).unwrap();
+            true
+        }
+        9 => {
+            conn.execute_batch("VACUUM").unwrap();
+            true
+        }
+        10 if mode == "WAL" => {
+            let kind = ["PASSIVE", "FULL", "RESTART", "TRUNCATE"][rng.below(4) as usize];
+            conn.query_row(&format!("PRAGMA wal_checkpoint({kind})"), [], |_| Ok(()))
+                .unwrap();
+            false
+        }
+        _ => {
+            conn.execute_batch(&format!(
+                "INSERT INTO {table}(v) VALUES (randomblob({}))",
+                1 + rng.below(100)
+            ))
+            .unwrap();
+            true
+        }
+    }
+}
+
+fn capture_round_trip(mode: &str, seed: u64) {
+    let mount = Mount::start(MountOptions {
+        extra_yaml: "strict-verify: true\n".to_string(),
+        ..MountOptions::default()
+    });
+    let name = format!("{}.db", mode.to_lowercase());
+    let db = mount.db_path(&name);
+    let conn = open_db(&db);
+    set_journal_mode(&conn, mode);
+    conn.execute_batch("CREATE TABLE t0(id INTEGER PRIMARY KEY, v BLOB)")
+        .unwrap();
+    let mut replica = Replica::new(&mount, &name);
+    let pos_file = mount.db_path(&format!("{name}-pos"));
+    let mut tables = vec!["t0".to_string()];
+    let mut rng = Rng(seed);
+    replica.catch_up();
+    replica.verify_position(&pos_file);
+    for step in 0..60 {
+        random_step(&conn, &mut rng, mode, &mut tables);
+        replica.catch_up();
+        replica.verify_position(&pos_file);
+        if step % 10 == 9 {
+            let live = dump(&conn);
+            let copy = replica.dump();
+            assert!(
+                live == copy,
+                "{mode} step {step}: replica differs: {}",
+                first_difference(&live, &copy)
+            );
+        }
+    }
+    // A rollback with nothing written produces no change set.
+    conn.execute_batch(&format!(
+        "BEGIN; INSERT INTO {}(v) VALUES (1); ROLLBACK;",
+        tables[0]
+    ))
+    .unwrap();
+    assert_eq!(
+        replica.catch_up(),
+        0,
+        "a rolled-back transaction was captured"
+    );
+
+    if mode == "WAL" {
+        conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+            .unwrap();
+    }
+    drop(conn);
+    let live = std::fs::read(&db).unwrap();
+    let replayed = std::fs::read(&replica.path).unwrap();
+    assert!(
+        live == replayed,
+        "{mode}: replaying every change set from empty does not give the database file ({} vs {} bytes)",
+        live.len(),
+        replayed.len()
+    );
+}
+
+#[test]
+fn capture_round_trip_delete() {
+    capture_round_trip("DELETE", 1);
+}
+
+#[test]
+fn capture_round_trip_truncate() {
+    capture_round_trip("TRUNCATE", 2);
+}
+
+#[test]
+fn capture_round_trip_persist() {
+    capture_round_trip("PERSIST", 3);
+}
+
+#[test]
+fn capture_round_trip_memory() {
+    capture_round_trip("MEMORY", 4);
+}
+
+#[test]
+fn capture_round_trip_off() {
+    capture_round_trip("OFF", 5);
+}
+
+#[test]
+fn capture_round_trip_wal() {
+    capture_round_trip("WAL", 6);
+}
+
+#[test]
+fn switching_journal_modes_and_deleting_is_captured() {
+    let mount = Mount::start(MountOptions::default());
+    let db = mount.db_path("switch.db");
+    let mut replica = Replica::new(&mount, "switch.db");
+    let pos_file = mount.db_path("switch.db-pos");
+    {
+        let conn = open_db(&db);
+        conn.execute_batch("CREATE TABLE t(x); INSERT INTO t VALUES (1);")
+            .unwrap();
+        for mode in ["WAL", "DELETE", "WAL", "TRUNCATE"] {
+            set_journal_mode(&conn, mode);
+            conn.execute_batch("INSERT INTO t VALUES (2)").unwrap();
+            replica.catch_up();
+            replica.verify_position(&pos_file);
+            assert_eq!(dump(&conn), replica.dump(), "after switching to {mode}");
+        }
+        // A page-size change by VACUUM (rollback mode only).
+        conn.execute_batch("PRAGMA page_size = 1024; VACUUM;")
+            .unwrap();
+        replica.catch_up();
+        replica.verify_position(&pos_file);
+        assert_eq!(dump(&conn), replica.dump(), "after changing the page size");
+        // auto_vacuum truncation shrinks the file.
+        conn.execute_batch(
+            "PRAGMA auto_vacuum = FULL; VACUUM; \
+             INSERT INTO t SELECT randomblob(5000) FROM t; DELETE FROM t WHERE length(x) > 100;",
+        )
+        .unwrap();
+        replica.catch_up();
+        replica.verify_position(&pos_file);
+        assert_eq!(dump(&conn), replica.dump(), "after auto_vacuum");
+    }
+    let before = replica.applied;
+    std::fs::remove_file(&db).unwrap();
+    replica.catch_up();
+    assert_eq!(replica.applied, before + 1, "a delete is one change set");
+    let (_, checksum, _, commit) = replica.position.unwrap();
+    assert_eq!(commit, 0, "a delete has commit 0");
+    assert_eq!(checksum, Checksum::EMPTY_DATABASE);
+    assert!(
+        !mount.db_path("switch.db-pos").exists(),
+        "a deleted database has no position file"
+    );
+}
+
+#[test]
+fn position_survives_a_clean_restart_without_rereading() {
+    let mut mount = Mount::start(MountOptions::default());
+    let db = mount.db_path("keep.db");
+    {
+        let conn = open_db(&db);
+        set_journal_mode(&conn, "WAL");
+        conn.execute_batch("CREATE TABLE t(x); INSERT INTO t VALUES (1), (2);")
+            .unwrap();
+    }
+    let pos_file = mount.db_path("keep.db-pos");
+    let before = std::fs::read_to_string(&pos_file).unwrap();
+    mount.restart();
+    assert_eq!(std::fs::read_to_string(&pos_file).unwrap(), before);
+    assert!(
+        !mount.stderr_text().contains("holds changes its log lacks"),
+        "a clean restart must not need a recovery change set"
+    );
+    let conn = open_db(&db);
+    conn.execute_batch("INSERT INTO t VALUES (3)").unwrap();
+    let after = std::fs::read_to_string(&pos_file).unwrap();
+    assert_eq!(
+        u64::from_str_radix(&after[..16], 16).unwrap(),
+        u64::from_str_radix(&before[..16], 16).unwrap() + 1
+    );
+}
