@@ -20,7 +20,7 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::config::{Config, ExecCommand};
 use crate::fs::Fs;
-use crate::fuse::FuseAdapter;
+use crate::fuse::{self, MountedSession};
 use crate::mountinfo;
 use crate::store::{CaptureOptions, Store};
 
@@ -164,7 +164,7 @@ fn clean_stale_mount(mount_point: &Path) -> Result<(), MountError> {
     }
     match std::fs::metadata(mount_point) {
         Err(error) if error.raw_os_error() == Some(libc::ENOTCONN) => {
-            detach(mount_point).map_err(|error| {
+            fuse::detach(mount_point).map_err(|error| {
                 MountError::runtime(
                     format!("unmount the stale mount at {}", mount_point.display()),
                     error,
@@ -178,17 +178,6 @@ fn clean_stale_mount(mount_point: &Path) -> Result<(), MountError> {
             mount_point.display()
         ))),
     }
-}
-
-/// Lazily unmounts `path` (it goes away once nothing uses it).
-fn detach(path: &Path) -> io::Result<()> {
-    let path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
-        .map_err(|_| io::Error::other("path contains NUL"))?;
-    // SAFETY: `path` is a valid NUL-terminated string.
-    if unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 /// Returns whether the mount point must be created.
@@ -324,7 +313,13 @@ pub fn run(request: MountRequest) -> Result<i32, MountError> {
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
     let store = Arc::new(store);
     let fs = Arc::new(Fs::new(store.clone(), uid, gid));
-    let session = start_session(&request.config, &plan.mount_point, fs)?;
+    let session = MountedSession::start(
+        fs,
+        &plan.mount_point,
+        request.config.fuse.allow_other,
+        FUSE_WORKER_THREADS,
+    )
+    .map_err(|error| MountError::runtime(format!("mount {}", plan.mount_point.display()), error))?;
     tracing::info!(
         mount_point = %plan.mount_point.display(),
         data_dir = %plan.data_dir.display(),
@@ -344,45 +339,11 @@ pub fn run(request: MountRequest) -> Result<i32, MountError> {
         .build()
         .map_err(|error| MountError::runtime("start the async runtime", error))?;
     let exit_code = runtime.block_on(supervise(commands, &plan.mount_point));
-    unmount(session, &plan.mount_point);
+    session.unmount();
     if let Err(error) = store.shutdown() {
         tracing::error!(%error, "could not save state for a fast restart; the next start rereads the databases");
     }
     exit_code
-}
-
-fn start_session(
-    config: &Config,
-    mount_point: &Path,
-    fs: Arc<Fs>,
-) -> Result<fuser::BackgroundSession, MountError> {
-    let mut options = fuser::Config::default();
-    options.mount_options = vec![
-        fuser::MountOption::FSName("ltxfs".to_string()),
-        fuser::MountOption::Subtype("ltxfs".to_string()),
-        fuser::MountOption::NoAtime,
-    ];
-    if config.fuse.allow_other {
-        options.acl = fuser::SessionACL::All;
-    }
-    options.n_threads = Some(FUSE_WORKER_THREADS);
-    options.clone_fd = true;
-    let session = fuser::Session::new(FuseAdapter::new(fs), mount_point, &options)
-        .map_err(|error| MountError::runtime(format!("mount {}", mount_point.display()), error))?;
-    session
-        .spawn()
-        .map_err(|error| MountError::runtime("start the FUSE threads", error))
-}
-
-fn unmount(session: fuser::BackgroundSession, mount_point: &Path) {
-    if let Err(error) = session.umount_and_join() {
-        // A process still has a file open: detach now, the kernel finishes later.
-        tracing::warn!(%error, "unmount failed; detaching the mount lazily");
-        if let Err(error) = detach(mount_point) {
-            tracing::error!(%error, mount_point = %mount_point.display(), "could not detach the mount");
-        }
-    }
-    tracing::info!(mount_point = %mount_point.display(), "ltxfs unmounted");
 }
 
 /// Waits for a signal, or runs the commands and forwards signals to them. Returns

@@ -10,6 +10,7 @@
 //! application's input are logged here with the reason.
 
 use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,20 +21,110 @@ use fuser::{
     WriteFlags,
 };
 
-use crate::fs::{Attr, CachePolicy, Fs, FsError, LockCall, NodeType};
+use crate::fs::{Attr, CachePolicy, Fs, FsError, LockCall, NodeType, ROOT_INO};
 use crate::store::locks::LockKind;
+use crate::store::{KernelCache, NodeId};
 
 /// How long the kernel may trust entries, attributes and negative lookups.
 const CACHE_TTL: Duration = Duration::from_secs(1);
 
+/// A mounted ltxfs filesystem served by FUSE worker threads.
+pub struct MountedSession {
+    session: fuser::BackgroundSession,
+    mount_point: PathBuf,
+}
+
+impl MountedSession {
+    /// Mounts `fs` at `mount_point` and serves it on `threads` threads. The store
+    /// gets a [`KernelCache`] so the core can invalidate what the kernel cached.
+    pub fn start(
+        fs: Arc<Fs>,
+        mount_point: &Path,
+        allow_other: bool,
+        threads: usize,
+    ) -> std::io::Result<MountedSession> {
+        let mut options = fuser::Config::default();
+        options.mount_options = vec![
+            fuser::MountOption::FSName(crate::mountinfo::FS_NAME.to_string()),
+            fuser::MountOption::Subtype(crate::mountinfo::FS_NAME.to_string()),
+            fuser::MountOption::NoAtime,
+        ];
+        if allow_other {
+            options.acl = fuser::SessionACL::All;
+        }
+        options.n_threads = Some(threads);
+        options.clone_fd = true;
+        let store = fs.store().clone();
+        let session = fuser::Session::new(FuseAdapter::new(fs), mount_point, &options)?.spawn()?;
+        store.set_kernel_cache(Arc::new(KernelNotifier {
+            notifier: session.notifier(),
+        }));
+        Ok(MountedSession {
+            session,
+            mount_point: mount_point.to_path_buf(),
+        })
+    }
+
+    /// Unmounts and waits for the worker threads; if a process still has a file
+    /// open, detaches the mount instead (the kernel finishes once it is closed).
+    pub fn unmount(self) {
+        let mount_point = self.mount_point;
+        if let Err(error) = self.session.umount_and_join() {
+            tracing::warn!(%error, "unmount failed; detaching the mount lazily");
+            if let Err(error) = detach(&mount_point) {
+                tracing::error!(%error, mount_point = %mount_point.display(), "could not detach the mount");
+            }
+        }
+        tracing::info!(mount_point = %mount_point.display(), "ltxfs unmounted");
+    }
+}
+
+/// Lazily unmounts `path`: it disappears now and goes away once nothing uses it.
+pub fn detach(path: &Path) -> std::io::Result<()> {
+    let path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| std::io::Error::other("path contains NUL"))?;
+    // SAFETY: `path` is a valid NUL-terminated string.
+    if unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Tells the kernel to drop what it cached, through FUSE notifications.
+struct KernelNotifier {
+    notifier: fuser::Notifier,
+}
+
+impl KernelCache for KernelNotifier {
+    fn invalidate_file(&self, node: NodeId) {
+        // Offset 0 with a negative length drops every cached page and the attributes.
+        if let Err(error) = self.notifier.inval_inode(INodeNo(node.0), 0, -1) {
+            if error.raw_os_error() != Some(libc::ENOENT) {
+                tracing::warn!(%error, node = node.0, "could not invalidate cached pages");
+            }
+        }
+    }
+
+    fn invalidate_entry(&self, name: &str) {
+        if let Err(error) = self
+            .notifier
+            .inval_entry(INodeNo(ROOT_INO), OsStr::new(name))
+        {
+            if error.raw_os_error() != Some(libc::ENOENT) {
+                tracing::warn!(%error, name, "could not invalidate a cached entry");
+            }
+        }
+    }
+}
+
 /// The FUSE callbacks of an ltxfs mount.
-pub struct FuseAdapter {
+struct FuseAdapter {
     fs: Arc<Fs>,
 }
 
 impl FuseAdapter {
     /// An adapter serving `fs`.
-    pub fn new(fs: Arc<Fs>) -> FuseAdapter {
+    fn new(fs: Arc<Fs>) -> FuseAdapter {
         FuseAdapter { fs }
     }
 }

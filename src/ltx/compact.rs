@@ -36,7 +36,10 @@
 //!   LZ4 compression when asked for.
 //! * **Full outputs are checked.**  When the run contains a snapshot, the
 //!   output holds every page of the final database (`1..=commit` except the
-//!   lock page).  That is verified before anything is written, and the output's
+//!   lock page).  If that snapshot is not the first input, the output is still
+//!   not a snapshot (it starts where the run does), yet it may have a different
+//!   page size from the database it applies to; an applier has to accept that,
+//!   which is safe because the output rewrites every page.  That is verified before anything is written, and the output's
 //!   pages are checked against the last post-apply checksum (by the
 //!   [`Encoder`] for a snapshot, here otherwise), which catches a chain whose
 //!   checksums do not describe its pages.
@@ -106,8 +109,6 @@ struct Chain {
     last: Header,
     /// The trailer of the last input read so far.
     last_trailer: Trailer,
-    /// How many inputs have been read.
-    count: usize,
     /// Whether some input was a snapshot, so that `pages` holds every page of
     /// the database from that snapshot on.
     full: bool,
@@ -128,7 +129,6 @@ impl Chain {
             first: header,
             last: header,
             last_trailer: Trailer::default(),
-            count: 0,
             full,
             floor: header.commit,
             pages: BTreeMap::new(),
@@ -253,7 +253,6 @@ fn read_chain<R: Read>(inputs: impl IntoIterator<Item = R>) -> Result<Chain, Ltx
                     let first = c.first;
                     *c = Chain::start(header, true);
                     c.first = first;
-                    c.count = index - 1;
                 } else {
                     c.floor = c.floor.min(header.commit);
                 }
@@ -272,7 +271,6 @@ fn read_chain<R: Read>(inputs: impl IntoIterator<Item = R>) -> Result<Chain, Ltx
         }
         chain.last = header;
         chain.last_trailer = trailer;
-        chain.count = index;
     }
     chain.ok_or_else(|| {
         LtxError::InvalidArgument("compaction needs at least one input file".to_owned())
@@ -474,16 +472,39 @@ mod tests {
 
     #[test]
     fn decoding_errors_name_the_input() {
-        let snap = file((1, 1), 1, Checksum::ZERO, &[(1, 1)], db_checksum(&[1]));
-        let mut bad = snap.clone();
+        let s1 = db_checksum(&[1]);
+        let snap = file((1, 1), 1, Checksum::ZERO, &[(1, 1)], s1);
+        let mut bad = file((2, 2), 1, s1, &[(1, 2)], db_checksum(&[2]));
         bad.truncate(bad.len() - 3);
         let err = compact([&snap[..], &bad[..]], false, Vec::new()).unwrap_err();
         let msg = err.to_string();
         assert!(matches!(err, LtxError::Truncated { .. }), "{err:?}");
         assert!(
-            msg.contains("compaction input 2 (TXIDs 0000000000000001-0000000000000001)"),
+            msg.contains("compaction input 2 (TXIDs 0000000000000002-0000000000000002)"),
             "{msg}"
         );
+
+        // A header that cannot be decoded is named by position only.
+        let err = compact([&snap[..], &[0u8; 10][..]], false, Vec::new()).unwrap_err();
+        assert!(err.to_string().ends_with("of compaction input 2"), "{err}");
+    }
+
+    #[test]
+    fn full_output_is_checked_against_the_last_post_apply_checksum() {
+        let s0 = db_checksum(&[0]);
+        let s3 = db_checksum(&[3]);
+        let a = file((2, 2), 1, s0, &[(1, 1)], db_checksum(&[1]));
+        let b = file((1, 3), 1, Checksum::ZERO, &[(1, 3)], s3);
+        // The last file's post-apply checksum does not describe its page.
+        let c = file((4, 4), 1, s3, &[(1, 4)], db_checksum(&[5]));
+        let err = compact([&a[..], &b[..], &c[..]], false, Vec::new()).unwrap_err();
+        assert!(
+            matches!(err, LtxError::PostApplyChecksumMismatch { .. }),
+            "{err:?}"
+        );
+        // Without the snapshot the output is partial and cannot be checked.
+        let c = file((2, 2), 1, s0, &[(1, 4)], db_checksum(&[5]));
+        compact([&c[..]], false, Vec::new()).unwrap();
     }
 
     #[test]
@@ -505,7 +526,6 @@ mod tests {
         let chain = read_chain(files.iter().map(|f| &f[..])).unwrap();
         assert!(chain.full);
         assert_eq!(chain.floor, 1);
-        assert_eq!(chain.count, 3);
         assert_eq!(chain.pages.keys().copied().collect::<Vec<_>>(), [1, 3]);
 
         // Page 2 was truncated away and never rewritten, so it comes back as zeros.

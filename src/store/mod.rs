@@ -96,6 +96,16 @@ impl StoreError {
     }
 }
 
+/// What the kernel may have cached about the mount, which the core must drop when
+/// it changes a file behind the kernel's back (a replica applying a change set).
+/// The core owns this trait; the FUSE layer implements it.
+pub trait KernelCache: Send + Sync {
+    /// Drops every cached page and the attributes of a file.
+    fn invalidate_file(&self, node: NodeId);
+    /// Drops the cached directory entry (positive or negative) for a name.
+    fn invalidate_entry(&self, name: &str);
+}
+
 /// A unique id for a file, stable for the lifetime of the process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct NodeId(pub u64);
@@ -325,6 +335,7 @@ pub struct Store {
     capture: CaptureOptions,
     namespace: RwLock<Namespace>,
     databases: Mutex<BTreeMap<String, Arc<Database>>>,
+    kernel_cache: RwLock<Option<Arc<dyn KernelCache>>>,
     next_id: AtomicU64,
     /// Directories whose entries changed since the last directory sync.
     dirty_dirs: Mutex<BTreeSet<PathBuf>>,
@@ -353,6 +364,7 @@ impl Store {
             capture,
             namespace: RwLock::new(Namespace::default()),
             databases: Mutex::new(BTreeMap::new()),
+            kernel_cache: RwLock::new(None),
             next_id: AtomicU64::new(FIRST_NODE_ID),
             dirty_dirs: Mutex::new(BTreeSet::new()),
         };
@@ -414,6 +426,28 @@ impl Store {
             .unwrap_or_else(|p| p.into_inner())
             .get(name)
             .cloned()
+    }
+
+    /// Connects the store to the kernel's cache of the mount.
+    pub fn set_kernel_cache(&self, cache: Arc<dyn KernelCache>) {
+        *self.kernel_cache.write().unwrap_or_else(|p| p.into_inner()) = Some(cache);
+    }
+
+    /// Makes the kernel forget what it cached of file `name` (its pages, attributes
+    /// and directory entry), so readers see what the core wrote behind its back.
+    pub fn invalidate(&self, name: &str) {
+        let Some(cache) = self
+            .kernel_cache
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+        else {
+            return;
+        };
+        if let Some(node) = self.lookup(name) {
+            cache.invalidate_file(node.id());
+        }
+        cache.invalidate_entry(name);
     }
 
     /// The database whose `-pos` file is called `name`; only databases whose

@@ -1,0 +1,48 @@
+//! The core's API for invalidating what the kernel caches (which replicas use when
+//! they change files behind the kernel's back), exercised on an in-process mount.
+
+use std::sync::Arc;
+
+use ltxfs::fs::Fs;
+use ltxfs::fuse::MountedSession;
+use ltxfs::store::{CaptureOptions, Store};
+
+#[test]
+fn invalidation_makes_changes_behind_the_kernel_visible() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mount_point = dir.path().join("mnt");
+    std::fs::create_dir(&mount_point).unwrap();
+    let store = Arc::new(Store::open(&data, CaptureOptions::default()).unwrap());
+    let fs = Arc::new(Fs::new(store.clone(), 0, 0));
+    let session = MountedSession::start(fs, &mount_point, false, 2)
+        .unwrap_or_else(|e| panic!("cannot mount (tests need /dev/fuse and root): {e}"));
+
+    let through_mount = mount_point.join("cache.db-wal");
+    std::fs::write(&through_mount, b"old contents").unwrap();
+    assert_eq!(std::fs::read(&through_mount).unwrap(), b"old contents");
+
+    // Change the backing file directly, as a replica applying a change set does.
+    let backing = data.join("dbs").join("cache.db").join("wal");
+    std::fs::write(&backing, b"new contents").unwrap();
+    assert_eq!(
+        std::fs::read(&through_mount).unwrap(),
+        b"old contents",
+        "the kernel keeps pages cached across opens, so the change is not yet visible"
+    );
+
+    store.invalidate("cache.db-wal");
+    assert_eq!(std::fs::read(&through_mount).unwrap(), b"new contents");
+
+    // A negative entry is cached too, and dropped by the same call.
+    let missing = mount_point.join("later.db-shm");
+    assert!(!missing.exists());
+    store.create("later.db-shm").unwrap();
+    store.invalidate("later.db-shm");
+    assert!(
+        missing.exists(),
+        "the cached negative entry was not dropped"
+    );
+
+    session.unmount();
+}
