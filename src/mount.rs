@@ -22,6 +22,7 @@ use crate::config::{Config, ExecCommand};
 use crate::fs::Fs;
 use crate::fuse::{self, MountedSession};
 use crate::mountinfo;
+use crate::store::log::RetentionPolicy;
 use crate::store::{CaptureOptions, Store};
 
 /// How many threads read and answer FUSE requests. More than the core count, so a
@@ -338,12 +339,61 @@ pub fn run(request: MountRequest) -> Result<i32, MountError> {
         .enable_all()
         .build()
         .map_err(|error| MountError::runtime("start the async runtime", error))?;
+    let retention = RetentionMonitor::start(
+        store.clone(),
+        RetentionPolicy {
+            max_age: request.config.data.retention,
+            max_bytes: request.config.data.max_size,
+        },
+        request.config.data.retention_monitor_interval,
+    )
+    .map_err(|error| MountError::runtime("start the retention monitor", error))?;
     let exit_code = runtime.block_on(supervise(commands, &plan.mount_point));
+    retention.stop();
     session.unmount();
     if let Err(error) = store.shutdown() {
         tracing::error!(%error, "could not save state for a fast restart; the next start rereads the databases");
     }
     exit_code
+}
+
+/// A thread that applies the retention policy to every log at an interval.
+struct RetentionMonitor {
+    stop: std::sync::mpsc::Sender<()>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl RetentionMonitor {
+    fn start(
+        store: Arc<Store>,
+        policy: RetentionPolicy,
+        interval: std::time::Duration,
+    ) -> io::Result<RetentionMonitor> {
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("retention".to_string())
+            .spawn(move || {
+                while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                    stopped.recv_timeout(interval)
+                {
+                    let merged = store.enforce_retention(policy);
+                    if merged > 0 {
+                        tracing::info!(
+                            merged,
+                            "merged change sets older than the retention period"
+                        );
+                    }
+                }
+            })?;
+        Ok(RetentionMonitor { stop, thread })
+    }
+
+    fn stop(self) {
+        let _ = self.stop.send(());
+        if self.thread.join().is_err() {
+            tracing::error!("the retention monitor panicked");
+        }
+    }
 }
 
 /// Waits for a signal, or runs the commands and forwards signals to them. Returns

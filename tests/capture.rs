@@ -336,3 +336,50 @@ fn position_survives_a_clean_restart_without_rereading() {
         u64::from_str_radix(&before[..16], 16).unwrap() + 1
     );
 }
+
+#[test]
+fn retention_merges_old_change_sets_and_the_log_still_replays() {
+    let mount = Mount::start(MountOptions {
+        // Continues the generated `data:` section.
+        extra_yaml: "  retention: 1s\n  retention-monitor-interval: 100ms\n".to_string(),
+        ..MountOptions::default()
+    });
+    let db = mount.db_path("old.db");
+    let conn = open_db(&db);
+    set_journal_mode(&conn, "WAL");
+    conn.execute_batch("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
+        .unwrap();
+    for _ in 0..30 {
+        conn.execute_batch("INSERT INTO t(v) VALUES (randomblob(500))")
+            .unwrap();
+    }
+    let log = mount.data_dir().join("dbs").join("old.db").join("log");
+    let captured = ltxfs::store::log::read_change_sets(&log).unwrap().len();
+    assert!(
+        captured >= 30,
+        "expected at least 30 change sets, got {captured}"
+    );
+    common::wait_until(
+        "retention to merge old change sets",
+        std::time::Duration::from_secs(20),
+        || ltxfs::store::log::read_change_sets(&log).unwrap().len() == 1,
+    );
+    let sets = ltxfs::store::log::read_change_sets(&log).unwrap();
+    let header = ltx::Decoder::new(sets[0].as_slice())
+        .unwrap()
+        .header()
+        .clone();
+    assert_eq!(header.min_txid.0, 1, "the merged base starts the log");
+    assert_eq!(
+        header.max_txid.0 as usize, captured,
+        "the merged base covers every TXID"
+    );
+
+    // New transactions follow the merged base, and the log replays from empty.
+    conn.execute_batch("INSERT INTO t(v) VALUES (randomblob(10))")
+        .unwrap();
+    let mut replica = Replica::new(&mount, "old.db");
+    replica.catch_up();
+    replica.verify_position(&mount.db_path("old.db-pos"));
+    assert_eq!(dump(&conn), replica.dump());
+}

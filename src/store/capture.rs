@@ -32,7 +32,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::ltx::{self, Checksum, Encoder, Header, TxId};
 
-use super::log::ChangeLog;
+use super::log::{ChangeLog, RetentionPolicy};
 use super::wal::{self, FRAME_HEADER_SIZE, FrameHeader, WalHeader};
 use super::{FileKind, NodeId, StoreError, page_size_from_header};
 
@@ -372,6 +372,14 @@ impl Database {
     /// are durable no later than the transactions they record.
     pub(super) fn before_sync(&self) -> Result<(), StoreError> {
         self.lock().log.sync()
+    }
+
+    /// Merges change sets the retention policy no longer keeps; returns how many.
+    pub(super) fn enforce_retention(&self, policy: RetentionPolicy) -> Result<usize, StoreError> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |elapsed| elapsed.as_millis() as u64);
+        self.lock().log.enforce(policy, now, self.options.compress)
     }
 
     /// Saves per-page checksums so the next start need not reread the database.

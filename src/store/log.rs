@@ -188,6 +188,100 @@ impl ChangeLog {
     }
 }
 
+/// How much history a log keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetentionPolicy {
+    /// Change sets older than this (by their timestamp) are merged into the base.
+    pub max_age: std::time::Duration,
+    /// When the log is larger than this, the oldest change sets are merged too.
+    pub max_bytes: Option<u64>,
+}
+
+impl ChangeLog {
+    /// The log's size in bytes.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// True when the log holds no change set.
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
+
+    /// Merges the oldest change sets into one, so that none but the last is older
+    /// than the policy allows and the log fits its size bound where merging can
+    /// achieve that. The log stays replayable from its start: the merged change set
+    /// covers exactly the TXIDs it replaces. The new log is written beside the old
+    /// one, synced and renamed over it, so a crash leaves one or the other whole.
+    /// Returns how many change sets were merged away.
+    pub fn enforce(
+        &mut self,
+        policy: RetentionPolicy,
+        now_millis: u64,
+        compress: bool,
+    ) -> Result<usize, StoreError> {
+        let cutoff = now_millis.saturating_sub(policy.max_age.as_millis() as u64);
+        let mut merge = self
+            .records
+            .iter()
+            .take_while(|record| record.header.timestamp < cutoff)
+            .count();
+        if let Some(max_bytes) = policy.max_bytes {
+            let mut remaining = self.len;
+            for (index, record) in self.records.iter().enumerate() {
+                if remaining <= max_bytes {
+                    break;
+                }
+                remaining -= LENGTH_PREFIX + record.len;
+                merge = merge.max(index + 1);
+            }
+        }
+        if merge < 2 {
+            return Ok(0);
+        }
+        let io_error = |what: &str, source: io::Error| StoreError::Io {
+            context: format!("{what} {}", self.path.display()),
+            source,
+        };
+        let inputs = self.records[..merge]
+            .iter()
+            .map(|record| self.read(record))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut merged = Vec::new();
+        let header = ltx::compact(inputs.iter().map(Vec::as_slice), compress, &mut merged)
+            .map_err(|error| StoreError::Capture {
+                database: self.path.display().to_string(),
+                message: format!("compaction failed: {error}"),
+            })?;
+        let rest_start = self
+            .records
+            .get(merge)
+            .map_or(self.len, |record| record.offset - LENGTH_PREFIX);
+        let mut rest = vec![0u8; (self.len - rest_start) as usize];
+        self.file
+            .read_exact_at(&mut rest, rest_start)
+            .map_err(|source| io_error("read", source))?;
+        let new_path = self.path.with_extension("compacting");
+        let mut bytes = Vec::with_capacity(8 + merged.len() + rest.len());
+        bytes.extend_from_slice(&(merged.len() as u64).to_be_bytes());
+        bytes.extend_from_slice(&merged);
+        bytes.extend_from_slice(&rest);
+        std::fs::write(&new_path, &bytes)
+            .and_then(|()| File::open(&new_path)?.sync_all())
+            .map_err(|source| io_error("write", source))?;
+        std::fs::rename(&new_path, &self.path).map_err(|source| io_error("replace", source))?;
+        if let Some(dir) = self.path.parent() {
+            File::open(dir)
+                .and_then(|dir| dir.sync_all())
+                .map_err(|source| io_error("sync the directory of", source))?;
+        }
+        let (reopened, _) = ChangeLog::open(&self.path)?;
+        debug_assert_eq!(reopened.records.first().map(|r| r.header), Some(header));
+        *self = reopened;
+        Ok(merge - 1)
+    }
+}
+
 /// Reads every change set of the log at `path` without changing it (for tools and
 /// tests). Stops at the first record that is incomplete.
 pub fn read_change_sets(path: &Path) -> io::Result<Vec<Vec<u8>>> {

@@ -471,6 +471,29 @@ impl Store {
         Some(database)
     }
 
+    /// Applies the retention policy to every database's log; returns how many
+    /// change sets were merged away. A failure on one database is logged and the
+    /// others are still handled.
+    pub fn enforce_retention(&self, policy: log::RetentionPolicy) -> usize {
+        let databases: Vec<_> = self
+            .databases
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        databases
+            .iter()
+            .map(|database| match database.enforce_retention(policy) {
+                Ok(merged) => merged,
+                Err(error) => {
+                    tracing::error!(database = %database.name(), %error, "retention failed");
+                    0
+                }
+            })
+            .sum()
+    }
+
     /// Flushes every log and saves checksums so the next start is fast.
     pub fn shutdown(&self) -> Result<(), StoreError> {
         let databases: Vec<_> = self
