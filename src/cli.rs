@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 use crate::config::{self, ExecCommand, LogConfig, LogFormat};
 use crate::ltx;
 use crate::mount::{self, MountError, MountRequest};
+use crate::tools;
 
 /// Exit status for usage and configuration errors.
 pub const EXIT_USAGE: i32 = 2;
@@ -42,6 +43,34 @@ enum Command {
         /// A command to run once mounted; ltxfs exits with its status.
         #[arg(last = true)]
         command: Vec<String>,
+    },
+    /// Write a consistent copy of a database while writes continue.
+    Export {
+        /// The database's name in the mount.
+        #[arg(long)]
+        name: String,
+        /// Where to write the copy.
+        path: PathBuf,
+        /// The mount (default: fuse.dir from the config).
+        #[arg(long)]
+        mount: Option<PathBuf>,
+        /// The config file that names the mount.
+        #[arg(long, short = 'c')]
+        config: Option<PathBuf>,
+    },
+    /// Replace a database on the primary with a SQLite file, as one transaction.
+    Import {
+        /// The database's name in the mount.
+        #[arg(long)]
+        name: String,
+        /// The SQLite file to import.
+        path: PathBuf,
+        /// The mount (default: fuse.dir from the config).
+        #[arg(long)]
+        mount: Option<PathBuf>,
+        /// The config file that names the mount.
+        #[arg(long, short = 'c')]
+        config: Option<PathBuf>,
     },
     /// Inspect LTX change-set files.
     Ltx {
@@ -94,6 +123,22 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> i32 {
             command,
         } => run_mount(mount_point, config, !no_expand_env, !no_capture, command),
         Command::Ltx { command } => run_ltx(command),
+        Command::Export {
+            name,
+            path,
+            mount,
+            config,
+        } => run_tool(mount, config, |mount_dir| {
+            tools::export(mount_dir, &name, &path).map(|summary| summary.to_string())
+        }),
+        Command::Import {
+            name,
+            path,
+            mount,
+            config,
+        } => run_tool(mount, config, |mount_dir| {
+            tools::import(mount_dir, &name, &path).map(|summary| summary.to_string())
+        }),
         Command::Bench {
             dir,
             seconds,
@@ -113,6 +158,36 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> i32 {
                 Err(error) => fail(EXIT_FAILURE, &error),
             }
         }
+    }
+}
+
+/// Runs a tool against the mount named by `--mount` or by the config's fuse.dir.
+fn run_tool(
+    mount: Option<PathBuf>,
+    config_path: Option<PathBuf>,
+    tool: impl FnOnce(&std::path::Path) -> Result<String, tools::ToolError>,
+) -> i32 {
+    let mount_dir = match mount {
+        Some(dir) => dir,
+        None => match config::load(config_path.as_deref(), true) {
+            Ok(loaded) => match loaded.config.fuse.dir {
+                Some(dir) => dir,
+                None => {
+                    eprintln!(
+                        "ltxfs: error: no mount given: pass --mount DIR or set fuse.dir in ltxfs.yml"
+                    );
+                    return EXIT_USAGE;
+                }
+            },
+            Err(error) => return fail(EXIT_USAGE, &error),
+        },
+    };
+    match tool(&mount_dir) {
+        Ok(summary) => {
+            println!("{summary}");
+            0
+        }
+        Err(error) => fail(EXIT_FAILURE, &error),
     }
 }
 

@@ -11,3 +11,4 @@ pub mod ltx;
 pub mod mount;
 pub mod mountinfo;
 pub mod store;
+pub mod tools;
