@@ -365,9 +365,7 @@ fn retention_merges_old_change_sets_and_the_log_still_replays() {
         || ltxfs::store::log::read_change_sets(&log).unwrap().len() == 1,
     );
     let sets = ltxfs::store::log::read_change_sets(&log).unwrap();
-    *let header = ltx::Decoder::new(sets[0].as_slice())
-        .unwrap()
-        .header();
+    let header = *ltx::Decoder::new(sets[0].as_slice()).unwrap().header();
     assert_eq!(header.min_txid.0, 1, "the merged base starts the log");
     assert_eq!(
         header.max_txid.0 as usize, captured,
