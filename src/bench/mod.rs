@@ -152,7 +152,11 @@ pub enum BenchError {
     MountTable(std::io::Error),
 }
 
-/// Runs the whole benchmark: native directory against an ltxfs mount.
+/// The mount points under the workspace: without and with change capture.
+const MOUNT_NAMES: [&str; 2] = ["mnt-no-capture", "mnt"];
+
+/// Runs the whole benchmark: a native directory against an ltxfs mount without
+/// change capture and one with it.
 ///
 /// The mount is always stopped before this returns, also on errors.
 pub fn run(options: &BenchOptions) -> Result<BenchReport, BenchError> {
@@ -165,20 +169,28 @@ pub fn run(options: &BenchOptions) -> Result<BenchReport, BenchError> {
         dir: workspace.path().join("native"),
     };
     create_dir(&native.dir)?;
-    let mut mount = MountGuard::start(workspace.path())?;
+    let [plain_name, capturing_name] = MOUNT_NAMES;
+    let mut plain = MountGuard::start(workspace.path(), plain_name, false)?;
+    let mut capturing = MountGuard::start(workspace.path(), capturing_name, true)?;
     let targets = vec![
         native,
         Target {
+            name: "mount, no capture".to_string(),
+            dir: plain.mount_point().to_path_buf(),
+        },
+        Target {
             name: "mount".to_string(),
-            dir: mount.mount_point().to_path_buf(),
+            dir: capturing.mount_point().to_path_buf(),
         },
     ];
 
     let measured = measure(&targets, &plan)?;
 
     let mut warnings = Vec::new();
-    if let Err(error) = mount.stop() {
-        warnings.push(error.to_string());
+    for mount in [&mut plain, &mut capturing] {
+        if let Err(error) = mount.stop() {
+            warnings.push(error.to_string());
+        }
     }
     if let Err(error) = workspace.cleanup() {
         warnings.push(error.to_string());
@@ -332,13 +344,18 @@ impl Workspace {
             return Ok(());
         }
         self.remove = false;
-        let mount_point = mount::mount_point(&self.path);
-        if ltxfs_mounted(&mount_point)? {
-            return Err(BenchError::Io {
-                action: "remove the benchmark directory",
-                path: self.path.clone(),
-                cause: std::io::Error::other(format!("{} is still mounted", mount_point.display())),
-            });
+        for name in MOUNT_NAMES {
+            let mount_point = mount::mount_point(&self.path, name);
+            if ltxfs_mounted(&mount_point)? {
+                return Err(BenchError::Io {
+                    action: "remove the benchmark directory",
+                    path: self.path.clone(),
+                    cause: std::io::Error::other(format!(
+                        "{} is still mounted",
+                        mount_point.display()
+                    )),
+                });
+            }
         }
         std::fs::remove_dir_all(&self.path).map_err(|cause| BenchError::Io {
             action: "remove the benchmark directory",

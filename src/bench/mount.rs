@@ -22,8 +22,8 @@ const POLL_INTERVAL: Duration = Duration::from_millis(10);
 const OUTPUT_TAIL_BYTES: u64 = 4096;
 
 /// The mount point inside the benchmark directory.
-pub(super) fn mount_point(base: &Path) -> PathBuf {
-    base.join("mnt")
+pub(super) fn mount_point(base: &Path, name: &str) -> PathBuf {
+    base.join(name)
 }
 
 /// A running `ltxfs mount` child. Dropping it stops the child and, if need be,
@@ -39,12 +39,17 @@ pub(super) struct MountGuard {
 impl MountGuard {
     /// Writes the configuration under `base` (an absolute path), starts ltxfs and
     /// waits until the kernel lists the mount.
-    pub(super) fn start(base: &Path) -> Result<MountGuard, BenchError> {
-        let mount_point = mount_point(base);
-        let config_path = base.join("ltxfs.yml");
-        let log_path = base.join("ltxfs.log");
+    /// `name` names the mount point and its files under `base`; `capture` off
+    /// mounts with `--no-capture`, to measure what change capture costs.
+    pub(super) fn start(base: &Path, name: &str, capture: bool) -> Result<MountGuard, BenchError> {
+        let mount_point = mount_point(base, name);
+        let config_path = base.join(format!("{name}.yml"));
+        let log_path = base.join(format!("{name}.log"));
         super::create_dir(&mount_point)?;
-        let config = format!("data:\n  dir: {}\n", yaml_quote(&base.join("data")));
+        let config = format!(
+            "data:\n  dir: {}\n",
+            yaml_quote(&base.join(format!("{name}-data")))
+        );
         std::fs::write(&config_path, config).map_err(|cause| BenchError::Io {
             action: "write the configuration",
             path: config_path.clone(),
@@ -67,6 +72,7 @@ impl MountGuard {
             .arg(&mount_point)
             .arg("--config")
             .arg(&config_path)
+            .args((!capture).then_some("--no-capture"))
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(stderr)

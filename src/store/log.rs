@@ -1,8 +1,9 @@
 //! The change-set log of one database: an append-only file of LTX change sets.
 //!
 //! Layout: a sequence of records, each an 8-byte big-endian length followed by that
-//! many bytes of one complete LTX file. Appending never creates, renames or fsyncs
-//! a file; [`ChangeLog::sync`] is called when SQLite asks for durability of this
+//! many bytes of one complete LTX file, then zero padding (the file grows in
+//! preallocated chunks; a zero length ends the records). Appending never creates,
+//! renames or fsyncs a file; [`ChangeLog::sync`] is called when SQLite asks for durability of this
 //! database's files, so a change set is durable no later than SQLite's commit.
 //!
 //! Invariants:
@@ -15,12 +16,17 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::ltx::{self, Header, Trailer};
 
 use super::StoreError;
 
 const LENGTH_PREFIX: u64 = 8;
+/// The log grows in zero-filled chunks of this size, so that appending overwrites
+/// blocks that already exist and syncing it flushes data without a metadata commit.
+/// A length prefix of zero marks the end of the records.
+const PREALLOCATION: u64 = 4 << 20;
 /// The largest record accepted when reading: a change set of a database at the
 /// largest size SQLite allows with 64 KiB pages would not be held in memory anyway.
 const MAX_RECORD_SIZE: u64 = 1 << 34;
@@ -49,8 +55,10 @@ pub struct LogTail {
 #[derive(Debug)]
 pub struct ChangeLog {
     path: PathBuf,
-    file: File,
+    file: Arc<File>,
     len: u64,
+    /// Bytes the file holds, records plus zero padding.
+    allocated: u64,
     unsynced: bool,
     records: Vec<RecordInfo>,
 }
@@ -103,8 +111,9 @@ impl ChangeLog {
         }
         let mut log = ChangeLog {
             path: path.to_path_buf(),
-            file,
+            file: Arc::new(file),
             len: offset,
+            allocated: file_len,
             unsynced: false,
             records,
         };
@@ -128,11 +137,12 @@ impl ChangeLog {
                 }
             }
         };
-        if log.len != file_len {
+        if log.len != file_len && !log.tail_is_zero(file_len)? {
             tracing::warn!(log = %path.display(), kept = log.len, size = file_len, "cutting off an incomplete tail of the change-set log");
             log.file
                 .set_len(log.len)
                 .map_err(|source| io_error("truncate", source))?;
+            log.allocated = log.len;
         }
         Ok((log, tail))
     }
@@ -142,6 +152,7 @@ impl ChangeLog {
         let mut record = Vec::with_capacity(LENGTH_PREFIX as usize + ltx_bytes.len());
         record.extend_from_slice(&(ltx_bytes.len() as u64).to_be_bytes());
         record.extend_from_slice(ltx_bytes);
+        self.preallocate(self.len + record.len() as u64 + LENGTH_PREFIX)?;
         self.file
             .write_all_at(&record, self.len)
             .map_err(|source| StoreError::Io {
@@ -158,6 +169,43 @@ impl ChangeLog {
         Ok(())
     }
 
+    /// Makes sure the file holds at least `end` bytes (zeros past the records).
+    fn preallocate(&mut self, end: u64) -> Result<(), StoreError> {
+        if end <= self.allocated {
+            return Ok(());
+        }
+        let new_allocated = end.div_ceil(PREALLOCATION) * PREALLOCATION;
+        let zeros = vec![0u8; (new_allocated - self.allocated) as usize];
+        self.file
+            .write_all_at(&zeros, self.allocated)
+            .map_err(|source| StoreError::Io {
+                context: format!("extend {}", self.path.display()),
+                source,
+            })?;
+        self.allocated = new_allocated;
+        Ok(())
+    }
+
+    /// True when every byte from the end of the records to `file_len` is zero.
+    fn tail_is_zero(&self, file_len: u64) -> Result<bool, StoreError> {
+        let mut buffer = vec![0u8; 64 * 1024];
+        let mut offset = self.len;
+        while offset < file_len {
+            let chunk = (file_len - offset).min(buffer.len() as u64) as usize;
+            self.file
+                .read_exact_at(&mut buffer[..chunk], offset)
+                .map_err(|source| StoreError::Io {
+                    context: format!("read {}", self.path.display()),
+                    source,
+                })?;
+            if buffer[..chunk].iter().any(|&byte| byte != 0) {
+                return Ok(false);
+            }
+            offset += chunk as u64;
+        }
+        Ok(true)
+    }
+
     /// Makes every appended change set durable; cheap when nothing is new.
     pub fn sync(&mut self) -> Result<(), StoreError> {
         if self.unsynced {
@@ -168,6 +216,18 @@ impl ChangeLog {
             self.unsynced = false;
         }
         Ok(())
+    }
+
+    /// Hands out the file to sync when change sets were appended since the last
+    /// sync, and counts them as synced; [`ChangeLog::sync_failed`] undoes that. This
+    /// lets the caller fsync the log without holding the capture lock.
+    pub fn take_unsynced(&mut self) -> Option<Arc<File>> {
+        std::mem::take(&mut self.unsynced).then(|| self.file.clone())
+    }
+
+    /// Records that a sync of a handed-out file failed.
+    pub fn sync_failed(&mut self) {
+        self.unsynced = true;
     }
 
     /// The records, oldest first.
@@ -291,7 +351,7 @@ pub fn read_change_sets(path: &Path) -> io::Result<Vec<Vec<u8>>> {
     while rest.len() >= LENGTH_PREFIX as usize {
         let (prefix, after) = rest.split_at(LENGTH_PREFIX as usize);
         let len = u64::from_be_bytes(prefix.try_into().map_err(io::Error::other)?) as usize;
-        if after.len() < len {
+        if len == 0 || after.len() < len {
             break;
         }
         let (record, after) = after.split_at(len);

@@ -257,12 +257,13 @@ impl Node {
 
     /// Flushes the backing file to stable storage.
     pub fn sync(&self, data_only: bool) -> Result<(), StoreError> {
-        self.database.before_sync()?;
-        let result = if data_only {
-            self.file.sync_data()
-        } else {
-            self.file.sync_all()
-        };
+        let result = self.database.sync_with(|| {
+            if data_only {
+                self.file.sync_data()
+            } else {
+                self.file.sync_all()
+            }
+        })?;
         result.map_err(|source| StoreError::io(format!("fsync {}", self.name), source))
     }
 
@@ -576,8 +577,21 @@ impl Store {
         Ok(node)
     }
 
-    /// Makes every create and unlink so far durable (SQLite's directory fsync).
+    /// Makes every create and unlink so far durable (SQLite's directory fsync, which
+    /// `synchronous=EXTRA` uses to make a journal's deletion, the commit, durable).
+    /// The change-set logs are synced first, so no commit is durable before its
+    /// change set.
     pub fn sync_directories(&self) -> Result<(), StoreError> {
+        let databases: Vec<_> = self
+            .databases
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        for database in databases {
+            database.before_sync()?;
+        }
         let dirs = std::mem::take(&mut *self.dirty_dirs.lock().unwrap_or_else(|p| p.into_inner()));
         for dir in dirs.iter().rev() {
             File::open(dir)
