@@ -217,7 +217,7 @@ fn run_mount(
     };
     init_logging(&loaded.config.log, loaded.config.fuse.debug);
     if let Some(path) = &loaded.path {
-        tracing::info!(config = %path.display(), "config loaded");
+        tracing::debug!(config = %path.display(), "config loaded");
     }
     let command = if command.is_empty() {
         None

@@ -296,6 +296,16 @@ fn switching_journal_modes_and_deleting_is_captured() {
         replica.catch_up();
         replica.verify_position(&pos_file);
         assert_eq!(dump(&conn), replica.dump(), "after auto_vacuum");
+        // A VACUUM to a larger page size writes the new pages in chunks of the old.
+        conn.execute_batch("PRAGMA page_size = 8192; VACUUM;")
+            .unwrap();
+        let page_size: i64 = conn
+            .query_row("PRAGMA page_size", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(page_size, 8192);
+        replica.catch_up();
+        replica.verify_position(&pos_file);
+        assert_eq!(dump(&conn), replica.dump(), "after growing the page size");
     }
     let before = replica.applied;
     std::fs::remove_file(&db).unwrap();

@@ -121,6 +121,8 @@ pub struct Node {
     locks: LockTable,
     /// For a database file: the page size from its header, or 0 while it is empty.
     page_size: AtomicU32,
+    /// For a database file: the page size before the last change of page size.
+    previous_page_size: AtomicU32,
 }
 
 impl Node {
@@ -226,7 +228,10 @@ impl Node {
             .write_all_at(data, offset)
             .map_err(|source| StoreError::io(format!("write {}", self.name), source))?;
         if let Some(page_size) = new_page_size.filter(|&size| size != 0) {
-            self.page_size.store(page_size, Ordering::Release);
+            let old = self.page_size.swap(page_size, Ordering::AcqRel);
+            if old != page_size && old != 0 {
+                self.previous_page_size.store(old, Ordering::Release);
+            }
         }
         self.database.after_write(&self.kind, offset, data)
     }
@@ -270,30 +275,32 @@ impl Node {
     /// Checks a write to a database file and returns the page size it implies (0
     /// while page 1 has not been written).
     fn check_database_write(&self, offset: u64, data: &[u8]) -> Result<u32, StoreError> {
-        let page_size = if offset == 0 {
-            page_size_from_header(data).map_err(|reason| self.not_sqlite(reason))?
+        let current = self.page_size.load(Ordering::Acquire);
+        let previous = self.previous_page_size.load(Ordering::Acquire);
+        let len = data.len() as u64;
+        let whole_pages =
+            |size: u32| size != 0 && offset % u64::from(size) == 0 && len % u64::from(size) == 0;
+        let declared = if offset == 0 {
+            Some(page_size_from_header(data).map_err(|reason| self.not_sqlite(reason))?)
         } else {
-            match self.page_size.load(Ordering::Acquire) {
-                // SQLite may spill later pages of a new database before page 1; the
-                // page size is then only known from the write's own shape.
-                0 if is_plausible_page(offset, data.len()) => return Ok(0),
-                0 => {
-                    return Err(self.not_sqlite(format!(
-                        "write of {} bytes at offset {offset} before page 1 is not one whole page",
-                        data.len()
-                    )));
-                }
-                page_size => page_size,
-            }
+            None
         };
-        let page = u64::from(page_size);
-        if offset % page != 0 || data.len() as u64 % page != 0 {
-            return Err(self.not_sqlite(format!(
-                "write of {} bytes at offset {offset} is not whole {page_size}-byte pages",
-                data.len()
-            )));
+        // VACUUM that changes the page size writes the new content in pages of the
+        // old size, so during a change both sizes are whole pages.
+        match (declared, current) {
+            (Some(new), _) if whole_pages(new) || whole_pages(current) => Ok(new),
+            // SQLite may spill later pages of a new database before page 1; the page
+            // size is then only known from the write's own shape.
+            (None, 0) if is_plausible_page(offset, data.len()) => Ok(0),
+            (None, _) if whole_pages(current) || whole_pages(previous) => Ok(current),
+            (None, 0) => Err(self.not_sqlite(format!(
+                "write of {len} bytes at offset {offset} before page 1 is not one whole page"
+            ))),
+            _ => Err(self.not_sqlite(format!(
+                "write of {len} bytes at offset {offset} is not whole {}-byte pages",
+                declared.unwrap_or(current)
+            ))),
         }
-        Ok(page_size)
     }
 
     fn not_sqlite(&self, reason: String) -> StoreError {
@@ -646,6 +653,7 @@ impl Store {
             database: database.clone(),
             locks: LockTable::default(),
             page_size: AtomicU32::new(page_size),
+            previous_page_size: AtomicU32::new(0),
         }))
     }
 
