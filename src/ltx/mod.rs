@@ -7,8 +7,10 @@
 //! writes (the `ltx` v0.3 line), so files are interchangeable with LiteFS;
 //! `docs/ltx.md` describes it in full.
 //!
-//! This module is pure: it depends on nothing else in the crate and does no
-//! I/O beyond the [`std::io::Read`] and [`std::io::Write`] values handed to it.
+//! This module depends on nothing else in the crate. Encoding, decoding and
+//! [`compact`] do no I/O beyond the [`std::io::Read`] and [`std::io::Write`] values
+//! handed to them; [`apply`] and [`verify_database_checksum`] work on a database
+//! [`std::fs::File`], and [`dump_file`]/[`verify_file`] open the file they inspect.
 //!
 //! # Layout
 //!
