@@ -76,7 +76,7 @@ use super::header::{FLAG_COMPRESS_LZ4, Header, Trailer, lock_page_number};
 /// its file ends.  They are read one after another through a buffer, so plain
 /// [`File`](std::fs::File)s are fine.  The output is LZ4-compressed when
 /// `compress` is true, whether or not the inputs were.  See the
-/// [module documentation](self) for the rules the inputs must follow, how the
+/// module documentation of `ltx::compact` for the rules the inputs must follow, how the
 /// output is built, and the memory it needs.
 ///
 /// # Errors
