@@ -390,3 +390,43 @@ fn retention_merges_old_change_sets_and_the_log_still_replays() {
     replica.verify_position(&mount.db_path("old.db-pos"));
     assert_eq!(dump(&conn), replica.dump());
 }
+
+/// Regression: a WAL transaction larger than the page cache spills frames, and when
+/// it writes a spilled page again SQLite overwrites that frame in place, writes the
+/// following frames with zero salts and rewrites their headers at the commit. Such
+/// commits were missed (their pages lost from the log) until header rewrites were
+/// recognised.
+#[test]
+fn wal_transactions_that_spill_and_rewrite_frames_are_captured() {
+    let mount = Mount::start(MountOptions {
+        extra_yaml: "strict-verify: true\n".to_string(),
+        ..MountOptions::default()
+    });
+    let db = mount.db_path("spill.db");
+    let conn = open_db(&db);
+    set_journal_mode(&conn, "WAL");
+    conn.execute_batch("PRAGMA cache_size = 20; CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB);")
+        .unwrap();
+    let mut replica = Replica::new(&mount, "spill.db");
+    let pos_file = mount.db_path("spill.db-pos");
+    replica.catch_up();
+    for round in 0..5 {
+        conn.execute_batch(
+            "BEGIN; \
+             INSERT INTO t(v) SELECT randomblob(3000) FROM (SELECT 1 UNION ALL SELECT 2) a, \
+               (SELECT 1 UNION ALL SELECT 2 UNION ALL SELECT 3 UNION ALL SELECT 4 UNION ALL SELECT 5) b, \
+               (SELECT 1 UNION ALL SELECT 2 UNION ALL SELECT 3 UNION ALL SELECT 4 UNION ALL SELECT 5) c; \
+             UPDATE t SET v = randomblob(3000); \
+             UPDATE t SET v = randomblob(2000) WHERE id % 2 = 0; \
+             COMMIT;",
+        )
+        .unwrap();
+        assert_eq!(
+            replica.catch_up(),
+            1,
+            "round {round}: one change set per transaction"
+        );
+        replica.verify_position(&pos_file);
+        assert_eq!(dump(&conn), replica.dump(), "round {round}");
+    }
+}

@@ -280,6 +280,27 @@ fn sigterm_unmounts_and_exits_zero() {
     signal_unmounts_cleanly(libc::SIGTERM);
 }
 
+/// SIGTERM as soon as the mount is ready (no window where the signal kills ltxfs
+/// before its handler is installed).
+#[test]
+fn sigterm_right_after_ready() {
+    let mut mount = Mount::start(MountOptions::default());
+    for round in 0..30 {
+        let status = mount.stop();
+        assert_eq!(
+            status.code(),
+            Some(0),
+            "round {round}: {status}; stderr:\n{}",
+            mount.stderr_text()
+        );
+        assert!(
+            !anything_mounted(mount.path()),
+            "round {round}: still mounted"
+        );
+        mount.restart();
+    }
+}
+
 #[test]
 fn sigint_unmounts_and_exits_zero() {
     signal_unmounts_cleanly(libc::SIGINT);

@@ -10,7 +10,7 @@ use std::path::Path;
 use common::*;
 use rusqlite::Connection;
 
-const OPS: usize = 500;
+const OPS: usize = 400;
 /// (seed, page size)
 const SEEDS: [(u64, u32); 3] = [
     (0x5eed_0001, 4096),

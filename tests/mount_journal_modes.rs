@@ -367,6 +367,22 @@ fn worker_lock_waiter() {
     fcntl_lock(fd, libc::F_SETLK, &mut flock(libc::F_UNLCK as _, 1000, 10)).expect("unlock");
 }
 
+/// Tries F_SETLK for a write lock on bytes 1000..1010; reports `TRY OK` or the error.
+#[test]
+fn worker_lock_try() {
+    use std::os::fd::AsRawFd;
+    let Some(job) = worker_job() else { return };
+    let file = open_rw(job.get("path"));
+    match fcntl_lock(
+        file.as_raw_fd(),
+        libc::F_SETLK,
+        &mut flock(libc::F_WRLCK as _, 1000, 10),
+    ) {
+        Ok(()) => report("TRY OK"),
+        Err(e) => report(format!("TRY {e}")),
+    }
+}
+
 // ---------------------------------------------------------------------------------
 // Concurrent writers per journal mode
 // ---------------------------------------------------------------------------------
@@ -914,9 +930,74 @@ fn posix_locks_across_processes() {
         eprintln!("note: {msg}");
     }
 
-    let mut waiter = StreamingWorker::spawn("worker_lock_waiter", &Job::new().with("path", &path));
+    let mut waiter = start_blocked_waiter(&path);
+
+    holder.send_line("release");
+    holder.expect_marker("RELEASED", Duration::from_secs(20));
+    waiter.expect_marker("ACQUIRED", Duration::from_secs(20));
+    let (status, _, stderr) = waiter.finish(Duration::from_secs(20));
+    assert!(status.is_some_and(|s| s.success()), "waiter: {stderr}");
+    let (status, _, stderr) = holder.finish(Duration::from_secs(20));
+    assert!(status.is_some_and(|s| s.success()), "holder: {stderr}");
+
+    // Nobody holds the range any more.
+    let out = wait_all(
+        spawn_workers("worker_lock_try", &[Job::new().with("path", &path)]),
+        Duration::from_secs(30),
+    );
+    assert_eq!(out[0].marker("TRY ").as_deref(), Some("OK"), "{out:?}");
+}
+
+/// A process SIGKILLed while blocked in F_SETLKW dies promptly (the kernel sends
+/// FUSE_INTERRUPT and waits for the server's answer), never gets the lock, and does
+/// not keep it from the next process once the holder releases it.
+#[test]
+fn posix_lock_waiter_killed_while_blocked() {
+    let mount = Mount::start(MountOptions::default());
+    let db = mount.db_path("locks.db");
+    open_db(&db)
+        .execute_batch("CREATE TABLE x(a); INSERT INTO x VALUES(1);")
+        .unwrap();
+    let path = db.display().to_string();
+    let mut holder = StreamingWorker::spawn("worker_lock_holder", &Job::new().with("path", &path));
+    holder.expect_marker("LOCKED ", Duration::from_secs(30));
+
+    let mut doomed = start_blocked_waiter(&path);
+    let pid = doomed.pid();
+    send_signal(pid, libc::SIGKILL);
+    let status = reap_after_kill(&mut doomed.child);
+    assert!(
+        status.is_some(),
+        "a process SIGKILLed while blocked in F_SETLKW on the mount did not die within 10 s \
+         (state {}); ltxfs stderr:\n{}",
+        process_state(pid),
+        mount.stderr_text()
+    );
+    let lines = doomed.kill_and_collect();
+    assert!(
+        !lines.iter().any(|l| l.contains("ACQUIRED")),
+        "killed waiter got the lock: {lines:?}"
+    );
+
+    holder.send_line("release");
+    holder.expect_marker("RELEASED", Duration::from_secs(20));
+    let (status, _, stderr) = holder.finish(Duration::from_secs(20));
+    assert!(status.is_some_and(|s| s.success()), "holder: {stderr}");
+    let out = wait_all(
+        spawn_workers("worker_lock_try", &[Job::new().with("path", &path)]),
+        Duration::from_secs(30),
+    );
+    assert_eq!(
+        out[0].marker("TRY ").as_deref(),
+        Some("OK"),
+        "the range is still locked after the holder released it and the waiter died"
+    );
+}
+
+/// Spawns a `worker_lock_waiter` and waits until it is blocked in F_SETLKW.
+fn start_blocked_waiter(path: &str) -> StreamingWorker {
+    let mut waiter = StreamingWorker::spawn("worker_lock_waiter", &Job::new().with("path", path));
     waiter.expect_marker("WAITING", Duration::from_secs(30));
-    // The waiter must be blocked in F_SETLKW, not done.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while !in_fcntl(waiter.pid()) {
         if let Some(line) = waiter.next_line(POLL) {
@@ -927,14 +1008,7 @@ fn posix_locks_across_processes() {
             "the waiter never blocked in fcntl"
         );
     }
-
-    holder.send_line("release");
-    holder.expect_marker("RELEASED", Duration::from_secs(20));
-    waiter.expect_marker("ACQUIRED", Duration::from_secs(20));
-    let (status, _, stderr) = waiter.finish(Duration::from_secs(20));
-    assert!(status.is_some_and(|s| s.success()), "waiter: {stderr}");
-    let (status, _, stderr) = holder.finish(Duration::from_secs(20));
-    assert!(status.is_some_and(|s| s.success()), "holder: {stderr}");
+    waiter
 }
 
 // ---------------------------------------------------------------------------------

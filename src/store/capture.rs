@@ -126,6 +126,8 @@ struct CaptureState {
 #[derive(Default)]
 struct WalTracker {
     header: Option<WalHeader>,
+    /// Frames of this generation whose page has been written: 0..frames_written.
+    frames_written: u64,
     /// Pages of the transaction being written: pgno → page data offset.
     transaction: BTreeMap<u32, u64>,
     /// Committed pages of this WAL generation: pgno → page data offset.
@@ -553,6 +555,11 @@ impl Database {
     /// requests at page-cache boundaries, so frames are recognised by their last
     /// byte: when a write covers the end of a frame, that frame (header and page)
     /// is complete in the file, because SQLite writes each frame front to back.
+    ///
+    /// When a transaction writes a page twice, SQLite overwrites the earlier frame's
+    /// page in place and writes the later frames with zero salts and checksums;
+    /// at the commit it rewrites those frames' headers, the commit frame's last. So
+    /// a header-only write to a frame already written counts as completing it too.
     fn note_wal_write(
         &self,
         state: &mut MutexGuard<'_, CaptureState>,
@@ -569,18 +576,26 @@ impl Database {
         };
         let frame_size = FRAME_HEADER_SIZE + u64::from(header.page_size);
         let end = offset + data.len() as u64;
-        if end < wal::WAL_HEADER_SIZE + frame_size {
+        if end <= wal::WAL_HEADER_SIZE {
             return Ok(());
         }
-        // Frames whose last byte lies in (offset, end].
         let first = (offset.max(wal::WAL_HEADER_SIZE) - wal::WAL_HEADER_SIZE) / frame_size;
-        let last = (end - wal::WAL_HEADER_SIZE) / frame_size;
-        for index in first..last {
+        let last = (end - wal::WAL_HEADER_SIZE - 1) / frame_size;
+        for index in first..=last {
             let frame_offset = header.frame_offset(index);
-            if frame_offset + frame_size <= offset {
-                continue;
+            let frame_end = frame_offset + frame_size;
+            let header_end = frame_offset + FRAME_HEADER_SIZE;
+            let completes_frame = offset < frame_end && frame_end <= end;
+            let rewrites_header = offset < header_end
+                && header_end <= end
+                && frame_end > end
+                && index < state.wal.frames_written;
+            if completes_frame {
+                state.wal.frames_written = state.wal.frames_written.max(index + 1);
             }
-            self.note_wal_frame(state, &header, frame_offset)?;
+            if completes_frame || rewrites_header {
+                self.note_wal_frame(state, &header, frame_offset)?;
+            }
         }
         Ok(())
     }

@@ -23,8 +23,8 @@
 //! # Worker processes (re-exec pattern)
 //!
 //! SQLite must never be used across `fork` with an open connection, so concurrent
-//! clients are fresh processes: the test binary runs *itself*
-//! (`std::env::current_exe()`) with `--exact <worker> --nocapture --test-threads=1`
+//! clients are fresh processes: the test binary runs *itself* (`/proc/self/exe`, the
+//! running file even if a concurrent build replaced it) with `--exact <worker> --nocapture --test-threads=1`
 //! and the job in the environment variable [`WORKER_ENV`] (`LTXFS_WORKER_JOB`).
 //!
 //! A worker is an ordinary `#[test]` function whose name starts with `worker_` and
@@ -196,11 +196,56 @@ pub fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<ExitStatus> 
         }
         if Instant::now() >= deadline {
             let _ = child.kill();
-            let _ = child.wait();
+            let _ = reap_after_kill(child);
             return None;
         }
         thread::sleep(POLL);
     }
+}
+
+/// After SIGKILL, waits at most 10 s for `child` to go. A process stuck in an
+/// uninterruptible wait (e.g. a FUSE request the server never answers) does not die
+/// on SIGKILL; it is then left behind (`None`) instead of hanging the test.
+pub fn reap_after_kill(child: &mut Child) -> Option<ExitStatus> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        if Instant::now() >= deadline {
+            eprintln!(
+                "process {} did not die within 10 s of SIGKILL (state: {})",
+                child.id(),
+                process_state(child.id())
+            );
+            return None;
+        }
+        thread::sleep(POLL);
+    }
+}
+
+/// The state of every thread of `pid` from `/proc/<pid>/task/*/status` (e.g.
+/// `1234: D (disk sleep)`), plus its kernel wait channel.
+pub fn process_state(pid: u32) -> String {
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return "gone".into();
+    };
+    let mut states = Vec::new();
+    for task in tasks.flatten() {
+        let state = fs::read_to_string(task.path().join("status"))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("State:").map(|v| v.trim().to_string()))
+            })
+            .unwrap_or_default();
+        let wchan = fs::read_to_string(task.path().join("wchan")).unwrap_or_default();
+        states.push(format!(
+            "{}: {state} wchan={wchan}",
+            task.file_name().to_string_lossy()
+        ));
+    }
+    states.join(", ")
 }
 
 /// Runs `f` on a helper thread and waits at most `timeout` for its result. A call
@@ -326,10 +371,7 @@ pub struct Mount {
 impl Mount {
     /// Creates the directories and config, starts ltxfs and waits until it is ready.
     pub fn start(options: MountOptions) -> Mount {
-        let plain = std::env::var_os("LTXFS_DEV_PLAIN_DIR").is_some();
-        if !plain {
-            require_fuse();
-        }
+        require_fuse();
         let (dir, root) = temp_root("ltxfs-test-");
         let mnt = root.join("mnt");
         let data = root.join("data");
@@ -350,9 +392,7 @@ impl Mount {
             starts: 0,
             _dir: dir,
         };
-        if !plain {
-            mount.spawn_and_wait();
-        }
+        mount.spawn_and_wait();
         mount
     }
 
@@ -389,10 +429,15 @@ impl Mount {
 
     /// True while the ltxfs process has not exited.
     pub fn is_running(&mut self) -> bool {
-        match self.child.as_mut() {
-            Some(child) => child.try_wait().expect("try_wait").is_none(),
-            None => false,
+        let Some(child) = self.child.as_mut() else {
+            return false;
+        };
+        if child.try_wait().expect("try_wait").is_none() {
+            return true;
         }
+        // Reaped: its pid may be reused, so the watchdog must forget it.
+        self.watchdog.set_pid(0);
+        false
     }
 
     /// Everything ltxfs wrote to stderr, over all starts.
@@ -438,9 +483,6 @@ impl Mount {
     /// first stopped cleanly (SIGTERM, must exit 0). After [`Mount::kill9`] the stale
     /// mount is left for ltxfs to clean.
     pub fn restart(&mut self) {
-        if std::env::var_os("LTXFS_DEV_PLAIN_DIR").is_some() {
-            return;
-        }
         if self.child.is_some() {
             let status = self.stop();
             assert!(
@@ -648,8 +690,9 @@ pub fn spawn_worker(worker: &str, job: &Job) -> Child {
         worker.starts_with("worker_"),
         "worker tests are named worker_*"
     );
-    let exe = std::env::current_exe().expect("current_exe");
-    Command::new(exe)
+    // /proc/self/exe, not current_exe(): another cargo building in the same target
+    // dir may replace the test binary's file while this test runs.
+    Command::new("/proc/self/exe")
         .args(["--exact", worker, "--nocapture", "--test-threads=1"])
         .env(WORKER_ENV, job.encode())
         .env("RUST_BACKTRACE", "1")
@@ -753,37 +796,43 @@ pub fn wait_all_unchecked(mut children: Vec<Child>, timeout: Duration) -> Vec<Wo
             for (child, status) in children.iter_mut().zip(statuses.iter_mut()) {
                 if status.is_none() {
                     let _ = child.kill();
-                    *status = Some(child.wait().expect("wait"));
+                    *status = reap_after_kill(child);
                 }
             }
             break;
         }
         thread::sleep(POLL);
     }
-    let outputs: Vec<WorkerOutput> = readers
+    let collected: Vec<(Option<ExitStatus>, String, String)> = readers
         .into_iter()
         .zip(statuses)
-        .map(|((out, err), status)| WorkerOutput {
-            status: status.expect("status"),
-            stdout: out
-                .recv_timeout(Duration::from_secs(10))
-                .unwrap_or_default(),
-            stderr: err
-                .recv_timeout(Duration::from_secs(10))
-                .unwrap_or_default(),
+        .map(|((out, err), status)| {
+            let wait = Duration::from_secs(if status.is_some() { 10 } else { 1 });
+            (
+                status,
+                out.recv_timeout(wait).unwrap_or_default(),
+                err.recv_timeout(wait).unwrap_or_default(),
+            )
         })
         .collect();
     if timed_out {
         let mut report = String::new();
-        for (i, o) in outputs.iter().enumerate() {
+        for (i, (status, stdout, stderr)) in collected.iter().enumerate() {
+            let status = status.map_or("unkillable".to_string(), |s| s.to_string());
             report.push_str(&format!(
-                "\n=== worker #{i}: {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-                o.status, o.stdout, o.stderr
+                "\n=== worker #{i}: {status}\n--- stdout ---\n{stdout}\n--- stderr ---\n{stderr}"
             ));
         }
         panic!("workers did not finish within {timeout:?}:{report}");
     }
-    outputs
+    collected
+        .into_iter()
+        .map(|(status, stdout, stderr)| WorkerOutput {
+            status: status.expect("exited"),
+            stdout,
+            stderr,
+        })
+        .collect()
 }
 
 /// A worker whose stdout is read line by line while it runs.
