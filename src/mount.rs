@@ -29,6 +29,9 @@ use crate::store::{CaptureOptions, Store};
 /// slow `fsync` on one thread never stalls reads and lock calls on the others.
 const FUSE_WORKER_THREADS: usize = 8;
 
+/// How often blocking lock requests are checked for processes that died waiting.
+const LOCK_REAPER_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// The device the kernel's FUSE driver offers.
 const FUSE_DEVICE: &str = "/dev/fuse";
 
@@ -314,6 +317,16 @@ pub fn run(request: MountRequest) -> Result<i32, MountError> {
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
     let store = Arc::new(store);
     let fs = Arc::new(Fs::new(store.clone(), uid, gid));
+    // Signals are caught from before the mount exists, so a SIGTERM that arrives
+    // while mounting still unmounts cleanly instead of killing ltxfs.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|error| MountError::runtime("start the async runtime", error))?;
+    let signals = {
+        let _context = runtime.enter();
+        Signals::listen()?
+    };
     let session = MountedSession::start(
         fs,
         &plan.mount_point,
@@ -335,21 +348,36 @@ pub fn run(request: MountRequest) -> Result<i32, MountError> {
         .into_iter()
         .filter(|command| !command.if_candidate || request.config.lease.candidate)
         .collect();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|error| MountError::runtime("start the async runtime", error))?;
-    let retention = RetentionMonitor::start(
-        store.clone(),
-        RetentionPolicy {
-            max_age: request.config.data.retention,
-            max_bytes: request.config.data.max_size,
-        },
+    let policy = RetentionPolicy {
+        max_age: request.config.data.retention,
+        max_bytes: request.config.data.max_size,
+    };
+    let retention_store = store.clone();
+    let retention = PeriodicTask::start(
+        "retention",
         request.config.data.retention_monitor_interval,
+        move || {
+            let merged = retention_store.enforce_retention(policy);
+            if merged > 0 {
+                tracing::info!(merged, "merged change sets older than the retention period");
+            }
+        },
     )
     .map_err(|error| MountError::runtime("start the retention monitor", error))?;
-    let exit_code = runtime.block_on(supervise(commands, &plan.mount_point));
+    let reaper_store = store.clone();
+    let lock_reaper = PeriodicTask::start("lock-reaper", LOCK_REAPER_INTERVAL, move || {
+        let cancelled = reaper_store.cancel_abandoned_lock_waits();
+        if cancelled > 0 {
+            tracing::info!(
+                cancelled,
+                "cancelled lock waits of processes that died while waiting"
+            );
+        }
+    })
+    .map_err(|error| MountError::runtime("start the lock reaper", error))?;
+    let exit_code = runtime.block_on(supervise(commands, signals, &plan.mount_point));
     retention.stop();
+    lock_reaper.stop();
     session.unmount();
     if let Err(error) = store.shutdown() {
         tracing::error!(%error, "could not save state for a fast restart; the next start rereads the databases");
@@ -357,52 +385,68 @@ pub fn run(request: MountRequest) -> Result<i32, MountError> {
     exit_code
 }
 
-/// A thread that applies the retention policy to every log at an interval.
-struct RetentionMonitor {
+/// A background thread that runs a task at an interval until it is stopped.
+struct PeriodicTask {
     stop: std::sync::mpsc::Sender<()>,
     thread: std::thread::JoinHandle<()>,
 }
 
-impl RetentionMonitor {
+impl PeriodicTask {
     fn start(
-        store: Arc<Store>,
-        policy: RetentionPolicy,
+        name: &str,
         interval: std::time::Duration,
-    ) -> io::Result<RetentionMonitor> {
+        mut task: impl FnMut() + Send + 'static,
+    ) -> io::Result<PeriodicTask> {
         let (stop, stopped) = std::sync::mpsc::channel::<()>();
         let thread = std::thread::Builder::new()
-            .name("retention".to_string())
+            .name(name.to_string())
             .spawn(move || {
                 while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
                     stopped.recv_timeout(interval)
                 {
-                    let merged = store.enforce_retention(policy);
-                    if merged > 0 {
-                        tracing::info!(
-                            merged,
-                            "merged change sets older than the retention period"
-                        );
-                    }
+                    task();
                 }
             })?;
-        Ok(RetentionMonitor { stop, thread })
+        Ok(PeriodicTask { stop, thread })
     }
 
     fn stop(self) {
         let _ = self.stop.send(());
         if self.thread.join().is_err() {
-            tracing::error!("the retention monitor panicked");
+            tracing::error!("a background task panicked");
         }
+    }
+}
+
+/// The signals that stop ltxfs (and are forwarded to an exec command).
+struct Signals {
+    terminate: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// Starts catching SIGTERM and SIGINT; must run inside the async runtime.
+    fn listen() -> Result<Signals, MountError> {
+        Ok(Signals {
+            terminate: signal(SignalKind::terminate())
+                .map_err(|error| MountError::runtime("listen for SIGTERM", error))?,
+            interrupt: signal(SignalKind::interrupt())
+                .map_err(|error| MountError::runtime("listen for SIGINT", error))?,
+        })
     }
 }
 
 /// Waits for a signal, or runs the commands and forwards signals to them. Returns
 /// the exit status for ltxfs.
-async fn supervise(commands: Vec<ExecCommand>, mount_point: &Path) -> Result<i32, MountError> {
-    let mut terminate = signal(SignalKind::terminate())
-        .map_err(|error| MountError::runtime("listen for SIGTERM", error))?;
-    let mut interrupt = signal(SignalKind::interrupt())
-        .map_err(|error| MountError::runtime("listen for SIGINT", error))?;
+async fn supervise(
+    commands: Vec<ExecCommand>,
+    signals: Signals,
+    mount_point: &Path,
+) -> Result<i32, MountError> {
+    let Signals {
+        mut terminate,
+        mut interrupt,
+    } = signals;
     if commands.is_empty() {
         tokio::select! {
             _ = terminate.recv() => tracing::info!("SIGTERM received, unmounting"),

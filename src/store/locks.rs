@@ -202,6 +202,28 @@ impl LockTable {
         run_callbacks(granted);
     }
 
+    /// Cancels the queued requests for which `is_abandoned` is true (their process
+    /// died while waiting) and returns how many were cancelled.
+    pub fn cancel_waiters(&self, is_abandoned: impl Fn(&LockRequest) -> bool) -> usize {
+        let cancelled: VecDeque<Waiter> = {
+            let mut state = self.lock_state();
+            if state.waiters.is_empty() {
+                return 0;
+            }
+            let (cancelled, kept) = state
+                .waiters
+                .drain(..)
+                .partition(|waiter| is_abandoned(&waiter.request));
+            state.waiters = kept;
+            cancelled
+        };
+        let count = cancelled.len();
+        for waiter in cancelled {
+            (waiter.on_granted)(Err(LockError::Cancelled));
+        }
+        count
+    }
+
     /// True when `owner` holds any lock in this table.
     pub fn holds_any(&self, owner: LockOwner) -> bool {
         self.lock_state()
@@ -405,6 +427,27 @@ mod tests {
         table.unlock_all(1);
         assert_eq!(granted.load(Ordering::SeqCst), 1);
         assert!(table.holds_any(2));
+    }
+
+    #[test]
+    fn abandoned_waiters_are_cancelled_and_others_keep_waiting() {
+        let table = LockTable::default();
+        table.try_lock(request(1, 0, 0, LockKind::Write)).unwrap();
+        let results = Arc::new(std::sync::Mutex::new(Vec::new()));
+        for owner in [2, 3] {
+            let results = results.clone();
+            table.lock_or_queue(
+                request(owner, 0, 0, LockKind::Write),
+                Box::new(move |result| results.lock().unwrap().push((owner, result))),
+            );
+        }
+        assert_eq!(table.cancel_waiters(|request| request.owner == 2), 1);
+        assert_eq!(
+            *results.lock().unwrap(),
+            vec![(2, Err(LockError::Cancelled))]
+        );
+        table.unlock_all(1);
+        assert_eq!(results.lock().unwrap()[1], (3, Ok(())));
     }
 
     #[test]

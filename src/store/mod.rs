@@ -311,6 +311,29 @@ impl Node {
     }
 }
 
+/// True when process `pid` no longer exists, is exiting, or has a SIGKILL pending.
+fn process_is_gone(pid: u32) -> bool {
+    if pid == 0 || pid > i32::MAX as u32 {
+        // The kernel gave no process for this request; never cancel it.
+        return false;
+    }
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return true;
+    };
+    const SIGKILL_BIT: u64 = 1 << (libc::SIGKILL - 1);
+    status.lines().any(|line| {
+        let (key, value) = line.split_once(':').unwrap_or((line, ""));
+        let value = value.trim();
+        match key {
+            "State" => value.starts_with('Z') || value.starts_with('X'),
+            "SigPnd" | "ShdPnd" => {
+                u64::from_str_radix(value, 16).is_ok_and(|mask| mask & SIGKILL_BIT != 0)
+            }
+            _ => false,
+        }
+    })
+}
+
 /// True when a write could be one page of some valid SQLite page size.
 fn is_plausible_page(offset: u64, len: usize) -> bool {
     (512..=65536).contains(&len) && len.is_power_of_two() && offset % len as u64 == 0
@@ -498,6 +521,19 @@ impl Store {
                     tracing::error!(database = %database.name(), %error, "retention failed");
                     0
                 }
+            })
+            .sum()
+    }
+
+    /// Cancels blocking lock requests whose process has died or been killed while
+    /// waiting. FUSE does not tell ltxfs (the kernel's interrupt is not passed on),
+    /// and a killed process cannot exit until its request is answered.
+    pub fn cancel_abandoned_lock_waits(&self) -> usize {
+        self.list()
+            .iter()
+            .map(|node| {
+                node.locks()
+                    .cancel_waiters(|request| process_is_gone(request.pid))
             })
             .sum()
     }
