@@ -88,6 +88,9 @@ enum Command {
         /// Size of the database for the point-read workload, in MB.
         #[arg(long, default_value_t = 100)]
         read_db_mb: u64,
+        /// Also time a clean restart with a database of this many MB (0: skip).
+        #[arg(long, default_value_t = 0)]
+        restart_db_mb: u64,
     },
 }
 
@@ -143,12 +146,14 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> i32 {
             dir,
             seconds,
             read_db_mb,
+            restart_db_mb,
         } => {
             init_logging(&LogConfig::default(), false);
             let options = crate::bench::BenchOptions {
                 dir,
                 seconds,
                 read_db_mb,
+                restart_db_mb,
             };
             match crate::bench::run(&options) {
                 Ok(report) => {

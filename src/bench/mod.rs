@@ -32,10 +32,10 @@ mod report;
 mod workload;
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 pub use machine::MachineInfo;
-pub use report::{BenchReport, TargetResult, WorkloadResult};
+pub use report::{BenchReport, RestartResult, TargetResult, WorkloadResult};
 pub use workload::Workload;
 
 use mount::MountGuard;
@@ -53,6 +53,8 @@ pub struct BenchOptions {
     pub seconds: u64,
     /// The size of the database used by the read workloads, in MiB.
     pub read_db_mb: u64,
+    /// The size of the database whose clean restart is timed, in MiB; 0 skips it.
+    pub restart_db_mb: u64,
 }
 
 impl Default for BenchOptions {
@@ -61,6 +63,7 @@ impl Default for BenchOptions {
             dir: None,
             seconds: 5,
             read_db_mb: 100,
+            restart_db_mb: 0,
         }
     }
 }
@@ -187,11 +190,23 @@ pub fn run(options: &BenchOptions) -> Result<BenchReport, BenchError> {
     let measured = measure(&targets, &plan)?;
 
     let mut warnings = Vec::new();
-    for mount in [&mut plain, &mut capturing] {
-        if let Err(error) = mount.stop() {
-            warnings.push(error.to_string());
-        }
+    if let Err(error) = plain.stop() {
+        warnings.push(error.to_string());
     }
+    let restart = match options.restart_db_mb {
+        0 => {
+            if let Err(error) = capturing.stop() {
+                warnings.push(error.to_string());
+            }
+            None
+        }
+        size_mb => Some(time_restart(
+            workspace.path(),
+            capturing,
+            capturing_name,
+            size_mb,
+        )?),
+    };
     if let Err(error) = workspace.cleanup() {
         warnings.push(error.to_string());
     }
@@ -204,8 +219,70 @@ pub fn run(options: &BenchOptions) -> Result<BenchReport, BenchError> {
         read_db_bytes: measured.read_db.bytes,
         read_db_rows: measured.read_db.rows,
         results: measured.results,
+        restart,
         warnings,
     })
+}
+
+/// Fills a database of `size_mb` MiB through the capturing mount, stops ltxfs
+/// cleanly, and times a new start until the database's position can be read.
+fn time_restart(
+    base: &Path,
+    mut mount: MountGuard,
+    name: &str,
+    size_mb: u64,
+) -> Result<RestartResult, BenchError> {
+    const ROW_BYTES: u64 = 100_000;
+    const ROWS_PER_TRANSACTION: u64 = 100;
+    let path = mount.mount_point().join("restart.db");
+    let sql = |action: &'static str| {
+        let path = path.clone();
+        move |cause| BenchError::Sqlite {
+            action,
+            path,
+            cause,
+        }
+    };
+    {
+        let conn = rusqlite::Connection::open(&path).map_err(sql("open the database"))?;
+        conn.execute_batch(
+            "PRAGMA journal_mode=WAL; CREATE TABLE IF NOT EXISTS t(id INTEGER PRIMARY KEY, v BLOB);",
+        )
+        .map_err(sql("create the table"))?;
+        let transactions = (size_mb * 1024 * 1024).div_ceil(ROW_BYTES * ROWS_PER_TRANSACTION);
+        for _ in 0..transactions {
+            conn.execute_batch(&format!(
+                "BEGIN; WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {ROWS_PER_TRANSACTION}) \
+                 INSERT INTO t(v) SELECT randomblob({ROW_BYTES}) FROM n; COMMIT;"
+            ))
+            .map_err(sql("fill the database"))?;
+        }
+        conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+            .map_err(sql("checkpoint"))?;
+    }
+    let db_bytes = std::fs::metadata(&path)
+        .map_err(|cause| BenchError::Io {
+            action: "measure",
+            path: path.clone(),
+            cause,
+        })?
+        .len();
+    mount.stop()?;
+    let started = Instant::now();
+    let mut mount = MountGuard::start(base, name, true)?;
+    let position = mount.mount_point().join("restart.db-pos");
+    while std::fs::read(&position).map_or(true, |text| text.len() != 34) {
+        if started.elapsed() > Duration::from_secs(60) {
+            return Err(BenchError::Database {
+                path: position,
+                problem: "the position did not appear within 60 s of the restart".to_string(),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let ready = started.elapsed();
+    mount.stop()?;
+    Ok(RestartResult { db_bytes, ready })
 }
 
 /// How long and how often each workload runs.

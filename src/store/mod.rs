@@ -506,13 +506,7 @@ impl Store {
     /// change sets were merged away. A failure on one database is logged and the
     /// others are still handled.
     pub fn enforce_retention(&self, policy: log::RetentionPolicy) -> usize {
-        let databases: Vec<_> = self
-            .databases
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
-            .collect();
+        let databases = self.all_databases();
         databases
             .iter()
             .map(|database| match database.enforce_retention(policy) {
@@ -538,15 +532,19 @@ impl Store {
             .sum()
     }
 
-    /// Flushes every log and saves checksums so the next start is fast.
-    pub fn shutdown(&self) -> Result<(), StoreError> {
-        let databases: Vec<_> = self
-            .databases
+    /// Every database's capture state (a snapshot of the list).
+    fn all_databases(&self) -> Vec<Arc<Database>> {
+        self.databases
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .values()
             .cloned()
-            .collect();
+            .collect()
+    }
+
+    /// Flushes every log and saves checksums so the next start is fast.
+    pub fn shutdown(&self) -> Result<(), StoreError> {
+        let databases = self.all_databases();
         for database in databases {
             database.save_checksums()?;
         }
@@ -625,13 +623,7 @@ impl Store {
     /// The change-set logs are synced first, so no commit is durable before its
     /// change set.
     pub fn sync_directories(&self) -> Result<(), StoreError> {
-        let databases: Vec<_> = self
-            .databases
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
-            .collect();
+        let databases = self.all_databases();
         for database in databases {
             database.before_sync()?;
         }
