@@ -360,3 +360,140 @@ pub fn read_change_sets(path: &Path) -> io::Result<Vec<Vec<u8>>> {
     }
     Ok(sets)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ltx::{Checksum, Encoder, TxId, page_checksum};
+
+    const PAGE_SIZE: u32 = 512;
+
+    /// A chain of change sets: a one-page snapshot, then rewrites of page 1.
+    fn change_set(txid: u64, timestamp: u64) -> (Header, Vec<u8>) {
+        let page_of = |txid: u64| vec![txid as u8; PAGE_SIZE as usize];
+        let checksum_after =
+            |txid: u64| Checksum(page_checksum(1, &page_of(txid)).0 | Checksum::FLAG);
+        let header = Header {
+            flags: 0,
+            page_size: PAGE_SIZE,
+            commit: 1,
+            min_txid: TxId(txid),
+            max_txid: TxId(txid),
+            timestamp,
+            pre_apply_checksum: if txid == 1 {
+                Checksum(0)
+            } else {
+                checksum_after(txid - 1)
+            },
+            wal_offset: 0,
+            wal_size: 0,
+            wal_salt1: 0,
+            wal_salt2: 0,
+            node_id: 0,
+        };
+        let mut encoder = Encoder::new(Vec::new(), header).unwrap();
+        encoder.encode_page(1, &page_of(txid)).unwrap();
+        encoder.finish(checksum_after(txid)).unwrap();
+        (header, encoder.into_inner())
+    }
+
+    fn log_with(dir: &Path, count: u64) -> ChangeLog {
+        let (mut log, tail) = ChangeLog::open(&dir.join("log")).unwrap();
+        assert!(tail.is_none());
+        for txid in 1..=count {
+            let (header, bytes) = change_set(txid, txid * 1000);
+            log.append(header, &bytes).unwrap();
+        }
+        log
+    }
+
+    #[test]
+    fn reopening_keeps_records_and_skips_the_zero_padding() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = log_with(dir.path(), 3);
+        let len = log.len();
+        drop(log);
+        let file_len = std::fs::metadata(dir.path().join("log")).unwrap().len();
+        assert_eq!(
+            file_len, PREALLOCATION,
+            "the log grows in zero-filled chunks"
+        );
+        let (log, tail) = ChangeLog::open(&dir.path().join("log")).unwrap();
+        assert_eq!(log.len(), len);
+        assert_eq!(log.records().len(), 3);
+        assert_eq!(tail.unwrap().header.max_txid, TxId(3));
+        assert_eq!(read_change_sets(&dir.path().join("log")).unwrap().len(), 3);
+    }
+
+    #[test]
+    fn a_torn_last_record_is_cut_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = log_with(dir.path(), 3);
+        let (header, bytes) = change_set(4, 4000);
+        // A crash in the middle of appending: the prefix and half of the record.
+        let mut torn = (bytes.len() as u64).to_be_bytes().to_vec();
+        torn.extend_from_slice(&bytes[..bytes.len() / 2]);
+        log.file.write_all_at(&torn, log.len()).unwrap();
+        drop(log);
+        let (mut log, tail) = ChangeLog::open(&dir.path().join("log")).unwrap();
+        assert_eq!(log.records().len(), 3);
+        assert_eq!(tail.unwrap().header.max_txid, TxId(3));
+        // Appending after the cut continues the chain.
+        log.append(header, &bytes).unwrap();
+        drop(log);
+        let (log, tail) = ChangeLog::open(&dir.path().join("log")).unwrap();
+        assert_eq!(log.records().len(), 4);
+        assert_eq!(tail.unwrap().header.max_txid, TxId(4));
+    }
+
+    #[test]
+    fn a_damaged_last_record_is_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = log_with(dir.path(), 2);
+        let last = log.records()[1];
+        // Flip a byte of the last record's page.
+        log.file.write_all_at(&[0xff], last.offset + 200).unwrap();
+        drop(log);
+        let (log, tail) = ChangeLog::open(&dir.path().join("log")).unwrap();
+        assert_eq!(log.records().len(), 1);
+        assert_eq!(tail.unwrap().header.max_txid, TxId(1));
+    }
+
+    #[test]
+    fn retention_merges_old_records_by_age_and_by_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = log_with(dir.path(), 6);
+        let keep_all = RetentionPolicy {
+            max_age: std::time::Duration::from_secs(3600),
+            max_bytes: None,
+        };
+        assert_eq!(log.enforce(keep_all, 6000, false).unwrap(), 0);
+        // Change sets stamped before 4000 ms (TXIDs 1-3) are older than 2 s at 6000 ms.
+        let by_age = RetentionPolicy {
+            max_age: std::time::Duration::from_secs(2),
+            max_bytes: None,
+        };
+        assert_eq!(log.enforce(by_age, 6000, false).unwrap(), 2);
+        let ranges: Vec<_> = log
+            .records()
+            .iter()
+            .map(|r| (r.header.min_txid.0, r.header.max_txid.0))
+            .collect();
+        assert_eq!(ranges, vec![(1, 3), (4, 4), (5, 5), (6, 6)]);
+        // A size bound smaller than the log merges until it fits (or all is merged).
+        let by_size = RetentionPolicy {
+            max_age: std::time::Duration::from_secs(3600),
+            max_bytes: Some(1),
+        };
+        log.enforce(by_size, 6000, false).unwrap();
+        let ranges: Vec<_> = log
+            .records()
+            .iter()
+            .map(|r| (r.header.min_txid.0, r.header.max_txid.0))
+            .collect();
+        assert_eq!(ranges, vec![(1, 6)]);
+        let (reopened, tail) = ChangeLog::open(&dir.path().join("log")).unwrap();
+        assert_eq!(reopened.records().len(), 1);
+        assert_eq!(tail.unwrap().header.max_txid, TxId(6));
+    }
+}
