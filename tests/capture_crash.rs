@@ -158,3 +158,71 @@ fn sigkill_during_writes_loses_nothing_and_the_log_replays() {
         check_log_replays_to_database(&mount, name);
     }
 }
+
+/// Starts a large transaction that spills pages into the database file, reports
+/// `SPILLED`, and then waits to be killed.
+#[test]
+fn worker_spill_then_hang() {
+    let Some(job) = common::worker_job() else {
+        return;
+    };
+    let conn = open_db(job.get("db").as_ref());
+    conn.execute_batch(
+        "PRAGMA journal_mode=DELETE; PRAGMA cache_size=10; BEGIN; \
+         UPDATE t SET v = randomblob(3000); INSERT INTO t(v) SELECT randomblob(3000) FROM t;",
+    )
+    .unwrap();
+    println!("SPILLED");
+    let mut line = String::new();
+    let _ = std::io::stdin().read_line(&mut line);
+}
+
+#[test]
+fn a_client_killed_mid_transaction_produces_no_change_set() {
+    let mount = Mount::start(MountOptions::default());
+    let name = "aborted.db";
+    let db = mount.db_path(name);
+    {
+        let conn = open_db(&db);
+        conn.execute_batch(
+            "PRAGMA journal_mode=DELETE; CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB); \
+             INSERT INTO t(v) SELECT randomblob(3000) FROM (SELECT 1 UNION ALL SELECT 2 UNION ALL SELECT 3) a, \
+               (SELECT 1 UNION ALL SELECT 2 UNION ALL SELECT 3 UNION ALL SELECT 4) b, \
+               (SELECT 1 UNION ALL SELECT 2 UNION ALL SELECT 3 UNION ALL SELECT 4) c;",
+        )
+        .unwrap();
+    }
+    let log = mount.data_dir().join("dbs").join(name).join("log");
+    let before = ltxfs::store::log::read_change_sets(&log).unwrap().len();
+    let pos_before = std::fs::read_to_string(mount.db_path(&format!("{name}-pos"))).unwrap();
+    let mut worker = StreamingWorker::spawn(
+        "worker_spill_then_hang",
+        &Job::new().with("db", db.display()),
+    );
+    worker.expect_marker_ctx("SPILLED", Duration::from_secs(30), || mount.stderr_text());
+    assert!(
+        mount.db_path(&format!("{name}-journal")).exists(),
+        "the spilled transaction must have a hot journal"
+    );
+    send_signal(worker.pid(), libc::SIGKILL);
+    let _ = common::wait_timeout(&mut worker.child, Duration::from_secs(10));
+
+    // The next connection rolls the hot journal back; nothing was committed.
+    let conn = open_db(&db);
+    assert_eq!(integrity_check(&conn), "ok");
+    let rows: i64 = conn
+        .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(rows, 48, "the aborted transaction must leave no rows");
+    drop(conn);
+    assert_eq!(
+        ltxfs::store::log::read_change_sets(&log).unwrap().len(),
+        before,
+        "the aborted transaction and its rollback must not be captured"
+    );
+    assert_eq!(
+        std::fs::read_to_string(mount.db_path(&format!("{name}-pos"))).unwrap(),
+        pos_before
+    );
+    check_log_replays_to_database(&mount, name);
+}
