@@ -430,3 +430,45 @@ fn wal_transactions_that_spill_and_rewrite_frames_are_captured() {
         assert_eq!(dump(&conn), replica.dump(), "round {round}");
     }
 }
+
+/// `locking_mode=EXCLUSIVE` keeps SQLite's locks for the connection's life: WAL
+/// mode then keeps its index in memory, and rollback modes zero the journal header
+/// instead of deleting the journal. Both must still be captured per transaction.
+#[test]
+fn exclusive_locking_mode_is_captured_per_transaction() {
+    let mount = Mount::start(MountOptions {
+        extra_yaml: "strict-verify: true\n".to_string(),
+        ..MountOptions::default()
+    });
+    for mode in ["WAL", "DELETE", "TRUNCATE"] {
+        let name = format!("exclusive-{}.db", mode.to_lowercase());
+        let db = mount.db_path(&name);
+        let conn = open_db(&db);
+        conn.execute_batch("PRAGMA locking_mode=EXCLUSIVE").unwrap();
+        set_journal_mode(&conn, mode);
+        conn.execute_batch(
+            "PRAGMA journal_size_limit = 8192; CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB);",
+        )
+        .unwrap();
+        let mut replica = Replica::new(&mount, &name);
+        let pos_file = mount.db_path(&format!("{name}-pos"));
+        replica.catch_up();
+        for step in 0..5 {
+            conn.execute_batch(
+                "INSERT INTO t(v) SELECT randomblob(2000) FROM (SELECT 1 UNION ALL SELECT 2)",
+            )
+            .unwrap();
+            assert_eq!(
+                replica.catch_up(),
+                1,
+                "{mode} step {step}: one change set per transaction"
+            );
+            replica.verify_position(&pos_file);
+            assert_eq!(dump(&conn), replica.dump(), "{mode} step {step}");
+            if mode == "WAL" && step == 2 {
+                conn.query_row("PRAGMA wal_checkpoint(RESTART)", [], |_| Ok(()))
+                    .unwrap();
+            }
+        }
+    }
+}
