@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use tokio::signal::unix::{SignalKind, signal};
 
-use crate::config::{Config, ExecCommand};
+use crate::config::{Config, ExecCommand, LeaseType};
 use crate::fs::Fs;
 use crate::fuse::{self, MountedSession};
 use crate::mountinfo;
@@ -129,6 +129,7 @@ pub fn plan(request: &MountRequest) -> Result<MountPlan, MountError> {
             data_dir.display()
         )));
     }
+    check_supported(&request.config)?;
     check_fuse_device()?;
     clean_stale_mount(&mount_point)?;
     let create_mount_point = check_mount_point(&mount_point)?;
@@ -138,6 +139,27 @@ pub fn plan(request: &MountRequest) -> Result<MountPlan, MountError> {
         data_dir,
         create_mount_point,
     })
+}
+
+/// Refuses settings for capabilities this version does not have yet, rather than
+/// silently running as a lone primary where the user asked for something else.
+fn check_supported(config: &Config) -> Result<(), MountError> {
+    let unsupported = |what: &str| {
+        Err(MountError::Usage(format!(
+            "{what} is not supported yet: this ltxfs runs a single primary (replication, \
+             leases and the proxy are still to come); remove it from ltxfs.yml"
+        )))
+    };
+    if config.lease.lease_type != LeaseType::Static {
+        return unsupported("lease.type other than static");
+    }
+    if !config.lease.candidate {
+        return unsupported("a replica (lease.candidate: false)");
+    }
+    if config.proxy.is_enabled() {
+        return unsupported("the proxy section");
+    }
+    Ok(())
 }
 
 fn absolute(path: &Path) -> Result<PathBuf, MountError> {

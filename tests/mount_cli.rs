@@ -479,3 +479,58 @@ fn sigterm_with_open_database() {
         1
     );
 }
+
+#[test]
+fn exec_list_runs_in_order_and_stops_at_the_last() {
+    let s = Scratch::new();
+    let data = s.path("data");
+    let mnt = s.path("mnt");
+    fs::create_dir(&mnt).unwrap();
+    let migrated = s.path("migrated");
+    let candidate_only = s.path("candidate-only");
+    let extra = format!(
+        "exec:\n  \
+         - cmd: \"touch {}\"\n  \
+         - cmd: \"touch {}\"\n    if-candidate: true\n  \
+         - cmd: \"sh -c 'test -f {} && test -f {} && exit 6'\"\n",
+        migrated.display(),
+        candidate_only.display(),
+        migrated.display(),
+        candidate_only.display()
+    );
+    let config = s.config(&data, None, &extra);
+    let (code, stderr) = run_ltxfs(&[os(&mnt), "--config".as_ref(), os(&config)]);
+    assert_eq!(
+        code,
+        Some(6),
+        "the last command's status, after the others ran (the node is a candidate, \
+         so the if-candidate command runs too); stderr:\n{stderr}"
+    );
+    assert!(!anything_mounted(&mnt), "still mounted after exec exit");
+}
+
+#[test]
+fn settings_for_capabilities_not_built_yet_are_refused() {
+    for (extra, mentions) in [
+        (
+            "lease:\n  type: consul\n  consul:\n    url: \"http://localhost:8500\"\n    key: \"k\"\n",
+            "lease.type",
+        ),
+        (
+            "lease:\n  candidate: false\n  advertise-url: \"http://primary:20202\"\n",
+            "replica",
+        ),
+        (
+            "proxy:\n  addr: \":8080\"\n  target: \"localhost:8081\"\n",
+            "proxy",
+        ),
+    ] {
+        let s = Scratch::new();
+        let data = s.path("data");
+        let mnt = s.path("mnt");
+        let config = s.config(&data, None, extra);
+        let (code, stderr) = run_ltxfs(&[os(&mnt), "--config".as_ref(), os(&config)]);
+        assert_usage_error(code, &stderr, &[mentions]);
+        assert!(!data.exists(), "nothing may be created on refusal");
+    }
+}
