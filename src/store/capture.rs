@@ -376,40 +376,6 @@ impl Database {
         self.lock().log.sync()
     }
 
-    /// Runs SQLite's fsync of one of the database's files (`sync_file`) with the
-    /// log's fsync, when the log has unsynced change sets, on a second thread at the
-    /// same time: both are done before SQLite's fsync returns, and the filesystem
-    /// can commit them together. If only the file reached the disk before a power
-    /// failure, start-up records the difference (see `rescan`).
-    pub(super) fn sync_with(
-        &self,
-        sync_file: impl FnOnce() -> std::io::Result<()>,
-    ) -> Result<std::io::Result<()>, StoreError> {
-        let Some(log_file) = self.lock().log.take_unsynced() else {
-            return Ok(sync_file());
-        };
-        let (log_result, file_result) = std::thread::scope(|scope| {
-            let log_sync = scope.spawn(|| log_file.sync_data());
-            let file_result = sync_file();
-            (log_sync.join(), file_result)
-        });
-        match log_result {
-            Ok(Ok(())) => Ok(file_result),
-            Ok(Err(source)) => {
-                let mut state = self.lock();
-                state.log.sync_failed();
-                Err(io_error(&self.name, "fsync the change-set log", source))
-            }
-            Err(_) => {
-                self.lock().log.sync_failed();
-                Err(StoreError::Capture {
-                    database: self.name.clone(),
-                    message: "the thread syncing the change-set log panicked".to_string(),
-                })
-            }
-        }
-    }
-
     /// Merges change sets the retention policy no longer keeps; returns how many.
     pub(super) fn enforce_retention(&self, policy: RetentionPolicy) -> Result<usize, StoreError> {
         let now = std::time::SystemTime::now()

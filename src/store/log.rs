@@ -16,7 +16,6 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use crate::ltx::{self, Header, Trailer};
 
@@ -55,7 +54,7 @@ pub struct LogTail {
 #[derive(Debug)]
 pub struct ChangeLog {
     path: PathBuf,
-    file: Arc<File>,
+    file: File,
     len: u64,
     /// Bytes the file holds, records plus zero padding.
     allocated: u64,
@@ -111,7 +110,7 @@ impl ChangeLog {
         }
         let mut log = ChangeLog {
             path: path.to_path_buf(),
-            file: Arc::new(file),
+            file,
             len: offset,
             allocated: file_len,
             unsynced: false,
@@ -216,18 +215,6 @@ impl ChangeLog {
             self.unsynced = false;
         }
         Ok(())
-    }
-
-    /// Hands out the file to sync when change sets were appended since the last
-    /// sync, and counts them as synced; [`ChangeLog::sync_failed`] undoes that. This
-    /// lets the caller fsync the log without holding the capture lock.
-    pub fn take_unsynced(&mut self) -> Option<Arc<File>> {
-        std::mem::take(&mut self.unsynced).then(|| self.file.clone())
-    }
-
-    /// Records that a sync of a handed-out file failed.
-    pub fn sync_failed(&mut self) {
-        self.unsynced = true;
     }
 
     /// The records, oldest first.

@@ -262,13 +262,14 @@ impl Node {
 
     /// Flushes the backing file to stable storage.
     pub fn sync(&self, data_only: bool) -> Result<(), StoreError> {
-        let result = self.database.sync_with(|| {
-            if data_only {
-                self.file.sync_data()
-            } else {
-                self.file.sync_all()
-            }
-        })?;
+        // The log first: a change set is durable no later than its transaction.
+        // (Syncing both at once on two threads measured slower on this VM.)
+        self.database.before_sync()?;
+        let result = if data_only {
+            self.file.sync_data()
+        } else {
+            self.file.sync_all()
+        };
         result.map_err(|source| StoreError::io(format!("fsync {}", self.name), source))
     }
 
