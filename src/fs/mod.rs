@@ -289,10 +289,10 @@ impl Fs {
         if ino == ROOT_INO {
             return Ok(self.root_attr());
         }
-        if let Some(database) = self.store.position_file_by_id(NodeId(ino)) {
-            return Ok(self.position_attr(&database));
+        match self.resolve(ino, handle)? {
+            Opened::File(node) => node_attr(&node),
+            Opened::Position(database) => Ok(self.position_attr(&database)),
         }
-        node_attr(self.node_for(ino, handle)?.as_ref())
     }
 
     /// Changes the length of a file (the only attribute change that has meaning here;
@@ -306,17 +306,16 @@ impl Fs {
         if ino == ROOT_INO {
             return Ok(self.root_attr());
         }
-        if let Some(database) = self.store.position_file_by_id(NodeId(ino)) {
-            return match size {
-                Some(_) => Err(FsError::ReadOnlyPosition),
-                None => Ok(self.position_attr(&database)),
-            };
+        match (self.resolve(ino, handle)?, size) {
+            (Opened::File(node), size) => {
+                if let Some(size) = size {
+                    node.truncate(size)?;
+                }
+                node_attr(&node)
+            }
+            (Opened::Position(_), Some(_)) => Err(FsError::ReadOnlyPosition),
+            (Opened::Position(database), None) => Ok(self.position_attr(&database)),
         }
-        let node = self.node_for(ino, handle)?;
-        if let Some(size) = size {
-            node.truncate(size)?;
-        }
-        node_attr(&node)
     }
 
     /// Lists the root directory.
@@ -373,14 +372,12 @@ impl Fs {
         if ino == ROOT_INO {
             return Err(FsError::IsADirectory);
         }
-        if let Some(database) = self.store.position_file_by_id(NodeId(ino)) {
-            return Ok((
-                self.add_handle(Opened::Position(database)),
-                CachePolicy::Direct,
-            ));
-        }
-        let node = self.node_for(ino, None)?;
-        Ok((self.add_handle(Opened::File(node)), CachePolicy::KeepCache))
+        let opened = self.resolve(ino, None)?;
+        let cache = match opened {
+            Opened::File(_) => CachePolicy::KeepCache,
+            Opened::Position(_) => CachePolicy::Direct,
+        };
+        Ok((self.add_handle(opened), cache))
     }
 
     /// Reads from an open file.
@@ -556,6 +553,19 @@ impl Fs {
             .get(&handle)
             .cloned()
             .ok_or(FsError::BadHandle(handle))
+    }
+
+    /// What an inode is: a file (see [`Fs::node_for`]) or else a `-pos` file.
+    fn resolve(&self, ino: u64, handle: Option<u64>) -> Result<Opened, FsError> {
+        match self.node_for(ino, handle) {
+            Ok(node) => Ok(Opened::File(node)),
+            Err(FsError::NoSuchInode(_)) => self
+                .store
+                .position_file_by_id(NodeId(ino))
+                .map(Opened::Position)
+                .ok_or(FsError::NoSuchInode(ino)),
+            Err(error) => Err(error),
+        }
     }
 
     /// The node of an inode: through the handle when given (it may be unlinked),
