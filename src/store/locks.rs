@@ -224,6 +224,14 @@ impl LockTable {
         count
     }
 
+    /// True when any owner holds a write lock on a byte of `range`.
+    pub fn is_write_locked(&self, range: ByteRange) -> bool {
+        self.lock_state()
+            .held
+            .iter()
+            .any(|lock| lock.kind == LockKind::Write && lock.range.overlaps(&range))
+    }
+
     /// True when `owner` holds any lock in this table.
     pub fn holds_any(&self, owner: LockOwner) -> bool {
         self.lock_state()
@@ -363,6 +371,18 @@ mod tests {
             Err(LockError::WouldBlock)
         );
         table.try_lock(request(3, 15, 20, LockKind::Write)).unwrap();
+    }
+
+    #[test]
+    fn write_locked_sees_only_write_locks_on_the_range() {
+        let table = LockTable::default();
+        let writer_bytes = ByteRange::new(10, 11).unwrap();
+        table.try_lock(request(1, 0, 20, LockKind::Read)).unwrap();
+        assert!(!table.is_write_locked(writer_bytes));
+        table.try_lock(request(1, 11, 11, LockKind::Write)).unwrap();
+        assert!(table.is_write_locked(writer_bytes));
+        table.unlock(1, ByteRange::new(11, 11).unwrap());
+        assert!(!table.is_write_locked(writer_bytes));
     }
 
     #[test]

@@ -34,7 +34,7 @@ use std::sync::{Arc, Mutex, RwLock};
 pub use capture::{CaptureOptions, Database, Position};
 pub use names::{FileKind, ParsedName, parse_name};
 
-use locks::{ByteRange, LockKind, LockOwner, LockTable};
+use locks::{ByteRange, LockOwner, LockTable};
 
 /// SQLite's PENDING lock byte; RESERVED is the byte after it. A write lock on
 /// either means a writer is in a transaction.
@@ -179,11 +179,7 @@ impl Node {
             start: PENDING_BYTE,
             end: PENDING_BYTE + 1,
         };
-        let writer_lock_held = self.locks.held().iter().any(|lock| {
-            lock.kind == LockKind::Write
-                && lock.range.start <= writer_bytes.end
-                && writer_bytes.start <= lock.range.end
-        });
+        let writer_lock_held = self.locks.is_write_locked(writer_bytes);
         // An unlock cannot fail; a capture failure is logged and recovered from by
         // rereading the database at the next commit.
         let _ = self.database.after_unlock(writer_lock_held);
