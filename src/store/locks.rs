@@ -233,6 +233,7 @@ impl LockTable {
     }
 
     /// True when `owner` holds any lock in this table.
+    #[cfg(test)]
     pub fn holds_any(&self, owner: LockOwner) -> bool {
         self.lock_state()
             .held
@@ -241,6 +242,7 @@ impl LockTable {
     }
 
     /// A copy of the locks currently held, ordered by owner then start.
+    #[cfg(test)]
     pub fn held(&self) -> Vec<HeldLock> {
         let mut held = self.lock_state().held.clone();
         held.sort_by_key(|lock| (lock.owner, lock.range.start));
