@@ -534,3 +534,29 @@ fn settings_for_capabilities_not_built_yet_are_refused() {
         assert!(!data.exists(), "nothing may be created on refusal");
     }
 }
+
+#[test]
+fn missing_dev_fuse_is_a_usage_error() {
+    let s = Scratch::new();
+    let data = s.path("data");
+    let mnt = s.path("mnt");
+    let config = s.config(&data, None, "");
+    // A private mount namespace whose /dev is empty: /dev/fuse does not exist there.
+    let script = "mount -t tmpfs none /dev && exec \"$0\" mount \"$1\" --config \"$2\"";
+    let child = std::process::Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", script])
+        .arg(env!("CARGO_BIN_EXE_ltxfs"))
+        .arg(&mnt)
+        .arg(&config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn unshare (util-linux)");
+    let out = wait_all_unchecked(vec![child], EXIT_TIMEOUT)
+        .into_iter()
+        .next()
+        .unwrap();
+    assert_usage_error(out.status.code(), &out.stderr, &["/dev/fuse"]);
+    assert!(!data.exists() && !mnt.exists(), "nothing may be created");
+}
