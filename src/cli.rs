@@ -221,8 +221,12 @@ fn run_mount(
         Err(error) => return fail(EXIT_USAGE, &error),
     };
     init_logging(&loaded.config.log, loaded.config.fuse.debug);
-    if let Some(path) = &loaded.path {
-        tracing::debug!(config = %path.display(), "config loaded");
+    match &loaded.path {
+        Some(path) => tracing::debug!(config = %path.display(), "config loaded"),
+        None => tracing::debug!("no ltxfs.yml found; using the default configuration"),
+    }
+    for warning in &loaded.warnings {
+        tracing::warn!("{warning}");
     }
     let command = if command.is_empty() {
         None

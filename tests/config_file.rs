@@ -983,3 +983,28 @@ mod never_panics {
         }
     }
 }
+
+#[test]
+fn a_litefs_yml_without_ltxfs_yml_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let candidates = vec![dir.path().join("ltxfs.yml")];
+    std::fs::write(dir.path().join("litefs.yml"), "fuse:\n  dir: /litefs\n").unwrap();
+    let loaded = config::load_from(None, &candidates, true).unwrap();
+    assert!(
+        loaded.path.is_none(),
+        "litefs.yml is not read under its old name"
+    );
+    assert_eq!(loaded.warnings.len(), 1);
+    assert!(
+        loaded.warnings[0].contains("litefs.yml") && loaded.warnings[0].contains("rename"),
+        "{:?}",
+        loaded.warnings
+    );
+    std::fs::write(&candidates[0], "fuse:\n  dir: /ltxfs\n").unwrap();
+    assert!(
+        config::load_from(None, &candidates, true)
+            .unwrap()
+            .warnings
+            .is_empty()
+    );
+}

@@ -487,6 +487,9 @@ pub struct LoadedConfig {
     /// The absolute path of the file it came from, or `None` when no file
     /// was found and the defaults apply.
     pub path: Option<PathBuf>,
+    /// Things the user should hear about, for the caller to log once logging is
+    /// set up (the config decides how logging is set up, so it cannot log itself).
+    pub warnings: Vec<String>,
 }
 
 /// Looks up an environment variable by name; `None` means unset.
@@ -615,11 +618,10 @@ pub fn load_from(
         }
     }
 
-    warn_about_litefs_files(search_paths);
-    tracing::debug!("no {CONFIG_FILE_NAME} found; using the default configuration");
     Ok(LoadedConfig {
         config: Config::default(),
         path: None,
+        warnings: litefs_file_warnings(search_paths),
     })
 }
 
@@ -634,23 +636,26 @@ fn parse_file(path: &Path, text: &str, expand_env: bool) -> Result<LoadedConfig,
     Ok(LoadedConfig {
         config,
         path: Some(path),
+        warnings: Vec::new(),
     })
 }
 
-/// Warns when a `litefs.yml` sits where an `ltxfs.yml` was looked for: the
-/// user most likely forgot to rename it, and would otherwise silently get
-/// the defaults.
-fn warn_about_litefs_files(search_paths: &[PathBuf]) {
-    for candidate in search_paths {
-        let litefs_file = candidate.with_file_name(LITEFS_CONFIG_FILE_NAME);
-        if litefs_file.is_file() {
-            tracing::warn!(
+/// A warning for each `litefs.yml` that sits where an `ltxfs.yml` was looked
+/// for: the user most likely forgot to rename it, and would otherwise silently
+/// get the defaults.
+fn litefs_file_warnings(search_paths: &[PathBuf]) -> Vec<String> {
+    search_paths
+        .iter()
+        .map(|candidate| candidate.with_file_name(LITEFS_CONFIG_FILE_NAME))
+        .filter(|litefs_file| litefs_file.is_file())
+        .map(|litefs_file| {
+            format!(
                 "found {} but no {CONFIG_FILE_NAME}; ltxfs reads the same settings from \
                  {CONFIG_FILE_NAME}, so rename it (using the defaults for now)",
                 litefs_file.display()
-            );
-        }
-    }
+            )
+        })
+        .collect()
 }
 
 /// Treats an empty string as "not set", as LiteFS does for string settings.
