@@ -57,6 +57,16 @@ impl Position {
     }
 }
 
+/// Where a change set's transaction sits in the WAL (LTX header fields), so that
+/// after a power failure a change set the log lost can be rebuilt from the WAL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct WalSpan {
+    offset: u64,
+    size: u64,
+    salt1: u32,
+    salt2: u32,
+}
+
 /// Capture settings.
 #[derive(Debug, Clone, Copy)]
 pub struct CaptureOptions {
@@ -112,6 +122,9 @@ struct CaptureState {
     dirty_pages: BTreeSet<u32>,
     /// The database file was truncated since the last rollback-mode commit.
     truncated: bool,
+    /// A change set not derived from the WAL was appended since the log was last
+    /// synced; such change sets must be on disk before SQLite's next fsync.
+    unsynced_outside_wal: bool,
     /// The state must be recomputed from the file before the next change set
     /// (start-up found a hot journal that SQLite has yet to roll back).
     needs_rescan: bool,
@@ -132,6 +145,8 @@ struct WalTracker {
     transaction: BTreeMap<u32, u64>,
     /// Committed pages of this WAL generation: pgno → page data offset.
     committed: BTreeMap<u32, u64>,
+    /// Byte offset just past the last committed frame of this generation.
+    committed_end: u64,
 }
 
 impl WalTracker {
@@ -169,6 +184,7 @@ impl Database {
             dirty_pages: BTreeSet::new(),
             truncated: false,
             needs_rescan: true,
+            unsynced_outside_wal: false,
             wal: WalTracker::default(),
             database_file: None,
             file_page_size: 0,
@@ -237,13 +253,9 @@ impl Database {
                 state.wal.reset();
                 let committed = wal::read_committed(file)
                     .map_err(|source| io_error(&self.name, "read the WAL", source))?;
-                let mut header = [0u8; 32];
-                if wal::read_exact_at(file, &mut header, 0)
-                    .map_err(|source| io_error(&self.name, "read the WAL", source))?
-                {
-                    state.wal.header = WalHeader::parse(&header);
-                }
-                state.wal.committed = committed.pages;
+                state.wal.header = committed.header;
+                state.wal.committed = committed.pages();
+                state.wal.committed_end = committed.end();
             }
             FileKind::Shm | FileKind::SuperJournal(_) => {}
         }
@@ -344,7 +356,7 @@ impl Database {
                 state.file_page_size = 0;
                 if state.commit > 0 || state.position.txid.0 > 0 {
                     let page_size = state.page_size.max(512);
-                    self.emit(state, page_size, 0, &[])?;
+                    self.emit(state, page_size, 0, &[], None)?;
                 }
             }
             FileKind::Shm | FileKind::SuperJournal(_) => {}
@@ -373,7 +385,45 @@ impl Database {
     /// Called before SQLite's fsync of any of the database's files, so change sets
     /// are durable no later than the transactions they record.
     pub(super) fn before_sync(&self) -> Result<(), StoreError> {
-        self.lock().log.sync()
+        let mut state = self.lock();
+        // Change sets built from WAL frames need no sync here: the WAL that SQLite
+        // is making durable holds them, and start-up rebuilds any the log lost
+        // (`replay_wal_transactions`). The log is synced before the WAL can lose
+        // them (`before_change`).
+        if std::mem::take(&mut state.unsynced_outside_wal) {
+            if let Err(error) = state.log.sync() {
+                state.unsynced_outside_wal = true;
+                return Err(error);
+            }
+        }
+        Ok(())
+    }
+
+    /// Called before a write, truncate or unlink of one of the database's files:
+    /// syncs the log first when the change would destroy WAL frames that change
+    /// sets not yet on disk could have to be rebuilt from — a new WAL header (the
+    /// WAL restarts), a truncated or deleted WAL, or a checkpoint writing WAL
+    /// content into the database file (after which the content before those
+    /// transactions could no longer be read back).
+    pub(super) fn before_change(
+        &self,
+        kind: &FileKind,
+        write_offset: Option<u64>,
+    ) -> Result<(), StoreError> {
+        if !self.options.enabled {
+            return Ok(());
+        }
+        let mut state = self.lock();
+        let destroys_wal_frames = match kind {
+            FileKind::Wal => write_offset.is_none_or(|offset| offset == 0),
+            FileKind::Database => state.wal_mode,
+            _ => false,
+        };
+        if destroys_wal_frames {
+            state.log.sync()?;
+            state.unsynced_outside_wal = false;
+        }
+        Ok(())
     }
 
     /// Merges change sets the retention policy no longer keeps; returns how many.
@@ -450,20 +500,12 @@ impl Database {
             // No database content: nothing to record unless the log says otherwise.
             if state.commit > 0 {
                 let page_size = state.page_size.max(512);
-                self.emit(state, page_size, 0, &[])?;
+                self.emit(state, page_size, 0, &[], None)?;
             }
             return Ok(());
         };
-        let mut checksums = vec![0u64; commit as usize];
         let lock_page = ltx::lock_page_number(page_size);
-        let mut page = vec![0u8; page_size as usize];
-        for pgno in 1..=commit {
-            if pgno == lock_page {
-                continue;
-            }
-            state.read_logical_page(pgno, page_size, &mut page)?;
-            checksums[pgno as usize - 1] = ltx::page_checksum(pgno, &page).0;
-        }
+        let checksums = state.page_checksums_of_content(page_size, commit)?;
         let xor = checksums.iter().fold(0, |acc, c| acc ^ c);
         let actual = Checksum(xor | Checksum::FLAG);
         if state.position.txid.0 > 0
@@ -477,6 +519,9 @@ impl Database {
             return Ok(());
         }
         if state.position.txid.0 > 0 {
+            if self.replay_wal_transactions(state)? {
+                return Ok(());
+            }
             tracing::warn!(
                 database = %self.name,
                 txid = %state.position.txid,
@@ -484,9 +529,119 @@ impl Database {
             );
         }
         let all_pages: Vec<u32> = (1..=commit).filter(|&p| p != lock_page).collect();
-        self.emit_pages(state, page_size, commit, &all_pages)?;
+        self.emit_pages(state, page_size, commit, &all_pages, None)?;
         state.refresh_wal_mode()?;
         Ok(())
+    }
+
+    /// Rebuilds, one per transaction, the change sets the log lost in a power
+    /// failure from the WAL transactions that follow the log's last change set.
+    /// Returns false, changing nothing, when the WAL and the log do not line up that
+    /// way (the caller then records the difference as one change set).
+    fn replay_wal_transactions(
+        &self,
+        state: &mut MutexGuard<'_, CaptureState>,
+    ) -> Result<bool, StoreError> {
+        let Some(wal_file) = state.wal_file.clone() else {
+            return Ok(false);
+        };
+        let wal = wal::read_committed(&wal_file)
+            .map_err(|source| io_error(&self.name, "read the WAL", source))?;
+        let Some(header) = wal.header else {
+            return Ok(false);
+        };
+        // The WAL transactions the log already holds: up to the end of the last
+        // change set's span when it belongs to this WAL generation, else none (the
+        // log was synced before this generation began).
+        let last = state.log.records().last().map(|record| record.header);
+        let logged = match last {
+            Some(last)
+                if last.wal_size > 0
+                    && (last.wal_salt1, last.wal_salt2) == (header.salt1, header.salt2) =>
+            {
+                let end = last.wal_offset + last.wal_size;
+                match wal
+                    .transactions
+                    .iter()
+                    .position(|transaction| transaction.end == end)
+                {
+                    Some(index) => index + 1,
+                    None => return Ok(false),
+                }
+            }
+            _ => 0,
+        };
+        if logged == wal.transactions.len() {
+            return Ok(false);
+        }
+        // The content at the log's position: the database file and the frames of
+        // the transactions already logged.
+        let full_committed = std::mem::take(&mut state.wal.committed);
+        state.wal.transaction.clear();
+        for transaction in &wal.transactions[..logged] {
+            state
+                .wal
+                .committed
+                .extend(transaction.pages.iter().map(|(&p, &o)| (p, o)));
+        }
+        let size = match logged {
+            0 => state.database_file_size()?,
+            _ => Some((header.page_size, wal.transactions[logged - 1].commit)),
+        };
+        let matches = match size {
+            Some((page_size, commit)) if page_size == state.page_size && commit == state.commit => {
+                let checksums = state.page_checksums_of_content(page_size, commit)?;
+                let xor = checksums.iter().fold(0, |acc, c| acc ^ c);
+                let matches = Checksum(xor | Checksum::FLAG) == state.position.checksum;
+                if matches {
+                    state.page_checksums = checksums;
+                    state.checksum_xor = xor;
+                }
+                matches
+            }
+            _ => false,
+        };
+        if !matches {
+            state.wal.committed = full_committed;
+            return Ok(false);
+        }
+        let lock_page = ltx::lock_page_number(header.page_size);
+        let replayed = wal.transactions.len() - logged;
+        for transaction in &wal.transactions[logged..] {
+            state
+                .wal
+                .committed
+                .extend(transaction.pages.iter().map(|(&p, &o)| (p, o)));
+            let candidates: Vec<u32> = transaction
+                .pages
+                .keys()
+                .copied()
+                .filter(|&p| p <= transaction.commit && p != lock_page)
+                .collect();
+            let span = WalSpan {
+                offset: transaction.start,
+                size: transaction.end - transaction.start,
+                salt1: header.salt1,
+                salt2: header.salt2,
+            };
+            self.emit_pages(
+                state,
+                header.page_size,
+                transaction.commit,
+                &candidates,
+                Some(span),
+            )?;
+        }
+        state.wal.header = Some(header);
+        state.wal.committed_end = wal.end();
+        state.refresh_wal_mode()?;
+        tracing::warn!(
+            database = %self.name,
+            replayed,
+            txid = %state.position.txid,
+            "rebuilt change sets the log lost from the WAL"
+        );
+        Ok(true)
     }
 
     fn commit_rollback(&self, state: &mut MutexGuard<'_, CaptureState>) -> Result<(), StoreError> {
@@ -506,13 +661,13 @@ impl Database {
         let lock_page = ltx::lock_page_number(page_size);
         if page_size != state.page_size || state.position.txid.0 == 0 {
             let all_pages: Vec<u32> = (1..=commit).filter(|&p| p != lock_page).collect();
-            self.emit_pages(state, page_size, commit, &all_pages)?;
+            self.emit_pages(state, page_size, commit, &all_pages, None)?;
         } else {
             let candidates: Vec<u32> = dirty
                 .into_iter()
                 .filter(|&p| p <= commit && p != lock_page)
                 .collect();
-            self.emit_pages(state, page_size, commit, &candidates)?;
+            self.emit_pages(state, page_size, commit, &candidates, None)?;
         }
         state.refresh_wal_mode()
     }
@@ -535,6 +690,7 @@ impl Database {
         if offset == 0 {
             state.wal.reset();
             state.wal.header = WalHeader::parse(data);
+            state.wal.committed_end = wal::WAL_HEADER_SIZE;
             return Ok(());
         }
         let Some(header) = state.wal.header else {
@@ -597,6 +753,14 @@ impl Database {
             .wal
             .committed
             .extend(transaction.iter().map(|(&pgno, &offset)| (pgno, offset)));
+        let frame_end = frame_offset + FRAME_HEADER_SIZE + u64::from(header.page_size);
+        let span = WalSpan {
+            offset: state.wal.committed_end,
+            size: frame_end - state.wal.committed_end,
+            salt1: header.salt1,
+            salt2: header.salt2,
+        };
+        state.wal.committed_end = frame_end;
         if state.needs_rescan {
             return self.rescan(state);
         }
@@ -604,13 +768,13 @@ impl Database {
         let lock_page = ltx::lock_page_number(header.page_size);
         if header.page_size != state.page_size || state.position.txid.0 == 0 {
             let all_pages: Vec<u32> = (1..=commit).filter(|&p| p != lock_page).collect();
-            self.emit_pages(state, header.page_size, commit, &all_pages)?;
+            self.emit_pages(state, header.page_size, commit, &all_pages, Some(span))?;
         } else {
             let candidates: Vec<u32> = transaction
                 .into_keys()
                 .filter(|&p| p <= commit && p != lock_page)
                 .collect();
-            self.emit_pages(state, header.page_size, commit, &candidates)?;
+            self.emit_pages(state, header.page_size, commit, &candidates, Some(span))?;
         }
         state.wal_mode = true;
         Ok(())
@@ -624,6 +788,7 @@ impl Database {
         page_size: u32,
         commit: u32,
         candidates: &[u32],
+        wal_span: Option<WalSpan>,
     ) -> Result<(), StoreError> {
         let full = page_size != state.page_size || state.position.txid.0 == 0;
         if full {
@@ -662,7 +827,7 @@ impl Database {
             state.checksum_xor ^= state.page_checksums[slot] ^ checksum;
             state.page_checksums[slot] = checksum;
         }
-        self.emit(state, page_size, commit, &changed)
+        self.emit(state, page_size, commit, &changed, wal_span)
     }
 
     /// Encodes and appends one change set whose pages are already folded into the
@@ -673,6 +838,7 @@ impl Database {
         page_size: u32,
         commit: u32,
         pages: &[(u32, Vec<u8>)],
+        wal_span: Option<WalSpan>,
     ) -> Result<(), StoreError> {
         if commit == 0 {
             state.page_checksums.clear();
@@ -699,10 +865,10 @@ impl Database {
             } else {
                 state.position.checksum
             },
-            wal_offset: 0,
-            wal_size: 0,
-            wal_salt1: 0,
-            wal_salt2: 0,
+            wal_offset: wal_span.map_or(0, |span| span.offset),
+            wal_size: wal_span.map_or(0, |span| span.size),
+            wal_salt1: wal_span.map_or(0, |span| span.salt1),
+            wal_salt2: wal_span.map_or(0, |span| span.salt2),
             node_id: 0,
         };
         let encode_error = |error: ltx::LtxError| StoreError::Capture {
@@ -720,6 +886,9 @@ impl Database {
         encoder.finish(post_apply).map_err(encode_error)?;
         let bytes = encoder.into_inner();
         state.log.append(header, &bytes)?;
+        if wal_span.is_none() {
+            state.unsynced_outside_wal = true;
+        }
         state.position = Position {
             txid,
             checksum: post_apply,
@@ -736,13 +905,10 @@ impl Database {
         let Some((page_size, commit)) = state.logical_size()? else {
             return Ok(());
         };
-        let lock_page = ltx::lock_page_number(page_size);
-        let mut page = vec![0u8; page_size as usize];
-        let mut xor = 0;
-        for pgno in (1..=commit).filter(|&p| p != lock_page) {
-            state.read_logical_page(pgno, page_size, &mut page)?;
-            xor ^= ltx::page_checksum(pgno, &page).0;
-        }
+        let xor = state
+            .page_checksums_of_content(page_size, commit)?
+            .iter()
+            .fold(0, |acc, c| acc ^ c);
         let actual = Checksum(xor | Checksum::FLAG);
         if actual != state.position.checksum || commit != state.commit {
             return Err(StoreError::Capture {
@@ -849,7 +1015,7 @@ impl CaptureState {
         if let (Some(wal_file), Some(header)) = (&self.wal_file, self.wal.header) {
             let committed = wal::read_committed(wal_file)
                 .map_err(|source| io_error("database", "read the WAL", source))?;
-            if let Some(commit) = committed.commit {
+            if let Some(commit) = committed.commit() {
                 return Ok(Some((header.page_size, commit)));
             }
         }
@@ -889,6 +1055,23 @@ impl CaptureState {
             }
         }
         Ok(())
+    }
+
+    /// The page checksums of the logical content's pages 1..=commit (0 for the
+    /// lock page), read through [`CaptureState::read_logical_page`].
+    fn page_checksums_of_content(
+        &self,
+        page_size: u32,
+        commit: u32,
+    ) -> Result<Vec<u64>, StoreError> {
+        let lock_page = ltx::lock_page_number(page_size);
+        let mut page = vec![0u8; page_size as usize];
+        let mut checksums = vec![0u64; commit as usize];
+        for pgno in (1..=commit).filter(|&p| p != lock_page) {
+            self.read_logical_page(pgno, page_size, &mut page)?;
+            checksums[pgno as usize - 1] = ltx::page_checksum(pgno, &page).0;
+        }
+        Ok(checksums)
     }
 
     fn refresh_wal_mode(&mut self) -> Result<(), StoreError> {

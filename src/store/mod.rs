@@ -220,6 +220,7 @@ impl Node {
         } else {
             None
         };
+        self.database.before_change(&self.kind, Some(offset))?;
         self.file
             .write_all_at(data, offset)
             .map_err(|source| StoreError::io(format!("write {}", self.name), source))?;
@@ -247,6 +248,7 @@ impl Node {
                 )));
             }
         }
+        self.database.before_change(&self.kind, None)?;
         self.file
             .set_len(size)
             .map_err(|source| StoreError::io(format!("truncate {}", self.name), source))?;
@@ -605,6 +607,7 @@ impl Store {
             .ok_or_else(|| StoreError::NotFound(name.to_string()))?;
         let db_dir = self.dbs_dir.join(&parsed.database);
         let backing = db_dir.join(parsed.kind.backing_name());
+        node.database.before_change(&node.kind, None)?;
         std::fs::remove_file(&backing)
             .map_err(|source| StoreError::io(format!("remove {}", backing.display()), source))?;
         self.mark_dir_dirty(&db_dir);

@@ -124,15 +124,57 @@ fn wal_checksum(big_endian: bool, start: (u32, u32), data: &[u8]) -> (u32, u32) 
     (s0, s1)
 }
 
+/// One committed transaction in a WAL.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WalTransaction {
+    /// Database size in pages after the transaction.
+    pub commit: u32,
+    /// Its pages: page number to the offset of the page data in its newest frame.
+    pub pages: std::collections::BTreeMap<u32, u64>,
+    /// Byte offset of its first frame.
+    pub start: u64,
+    /// Byte offset just past its commit frame.
+    pub end: u64,
+}
+
 /// The committed content of a WAL as SQLite's recovery would see it.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct CommittedWal {
+    /// The WAL's header, when it has a valid one.
+    pub header: Option<WalHeader>,
+    /// The committed transactions, oldest first.
+    pub transactions: Vec<WalTransaction>,
+}
+
+impl CommittedWal {
     /// Database size in pages after the last committed transaction, if any.
-    pub commit: Option<u32>,
+    pub fn commit(&self) -> Option<u32> {
+        self.transactions
+            .last()
+            .map(|transaction| transaction.commit)
+    }
+
     /// For each page, the offset of its page data in its newest committed frame.
-    pub pages: std::collections::BTreeMap<u32, u64>,
-    /// The WAL's page size.
-    pub page_size: u32,
+    pub fn pages(&self) -> std::collections::BTreeMap<u32, u64> {
+        let mut pages = std::collections::BTreeMap::new();
+        for transaction in &self.transactions {
+            pages.extend(
+                transaction
+                    .pages
+                    .iter()
+                    .map(|(&pgno, &offset)| (pgno, offset)),
+            );
+        }
+        pages
+    }
+
+    /// Byte offset just past the last committed frame (the first frame's offset
+    /// when nothing is committed).
+    pub fn end(&self) -> u64 {
+        self.transactions
+            .last()
+            .map_or(WAL_HEADER_SIZE, |transaction| transaction.end)
+    }
 }
 
 /// Reads `wal` the way SQLite recovers it: frames count while salts and the running
@@ -146,12 +188,16 @@ pub fn read_committed(wal: &File) -> std::io::Result<CommittedWal> {
         return Ok(CommittedWal::default());
     };
     let mut result = CommittedWal {
-        page_size: header.page_size,
-        ..CommittedWal::default()
+        header: Some(header),
+        transactions: Vec::new(),
     };
-    let mut pending = std::collections::BTreeMap::new();
+    let mut pending = WalTransaction {
+        start: WAL_HEADER_SIZE,
+        ..WalTransaction::default()
+    };
     let mut checksum = header.checksum;
-    let mut frame = vec![0u8; (FRAME_HEADER_SIZE + u64::from(header.page_size)) as usize];
+    let frame_size = FRAME_HEADER_SIZE + u64::from(header.page_size);
+    let mut frame = vec![0u8; frame_size as usize];
     for index in 0.. {
         let offset = header.frame_offset(index);
         if !read_exact_at(wal, &mut frame, offset)? {
@@ -169,10 +215,19 @@ pub fn read_committed(wal: &File) -> std::io::Result<CommittedWal> {
             break;
         }
         checksum = running;
-        pending.insert(frame_header.pgno, offset + FRAME_HEADER_SIZE);
+        pending
+            .pages
+            .insert(frame_header.pgno, offset + FRAME_HEADER_SIZE);
         if frame_header.commit != 0 {
-            result.pages.append(&mut pending);
-            result.commit = Some(frame_header.commit);
+            pending.commit = frame_header.commit;
+            pending.end = offset + frame_size;
+            let next = WalTransaction {
+                start: pending.end,
+                ..WalTransaction::default()
+            };
+            result
+                .transactions
+                .push(std::mem::replace(&mut pending, next));
         }
     }
     Ok(result)
