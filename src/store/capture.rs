@@ -215,11 +215,6 @@ impl Database {
         self.lock().position
     }
 
-    /// The change-set log's path.
-    pub fn log_path(&self) -> PathBuf {
-        self.dir.join("log")
-    }
-
     /// Brings the state in line with the files after they were all attached at
     /// start-up: loads saved checksums after a clean shutdown, or rescans.
     pub(super) fn recover(&self) -> Result<(), StoreError> {
