@@ -51,12 +51,8 @@ enum Command {
         name: String,
         /// Where to write the copy.
         path: PathBuf,
-        /// The mount (default: fuse.dir from the config).
-        #[arg(long)]
-        mount: Option<PathBuf>,
-        /// The config file that names the mount.
-        #[arg(long, short = 'c')]
-        config: Option<PathBuf>,
+        #[command(flatten)]
+        mount: MountSelection,
     },
     /// Replace a database on the primary with a SQLite file, as one transaction.
     Import {
@@ -65,12 +61,8 @@ enum Command {
         name: String,
         /// The SQLite file to import.
         path: PathBuf,
-        /// The mount (default: fuse.dir from the config).
-        #[arg(long)]
-        mount: Option<PathBuf>,
-        /// The config file that names the mount.
-        #[arg(long, short = 'c')]
-        config: Option<PathBuf>,
+        #[command(flatten)]
+        mount: MountSelection,
     },
     /// Inspect LTX change-set files.
     Ltx {
@@ -92,6 +84,17 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         restart_db_mb: u64,
     },
+}
+
+/// Which running mount a tool works through.
+#[derive(Debug, clap::Args)]
+struct MountSelection {
+    /// The mount (default: fuse.dir from the config).
+    #[arg(long)]
+    mount: Option<PathBuf>,
+    /// The config file that names the mount.
+    #[arg(long, short = 'c')]
+    config: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -126,20 +129,10 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> i32 {
             command,
         } => run_mount(mount_point, config, !no_expand_env, !no_capture, command),
         Command::Ltx { command } => run_ltx(command),
-        Command::Export {
-            name,
-            path,
-            mount,
-            config,
-        } => run_tool(mount, config, |mount_dir| {
+        Command::Export { name, path, mount } => run_tool(mount, |mount_dir| {
             tools::export(mount_dir, &name, &path).map(|summary| summary.to_string())
         }),
-        Command::Import {
-            name,
-            path,
-            mount,
-            config,
-        } => run_tool(mount, config, |mount_dir| {
+        Command::Import { name, path, mount } => run_tool(mount, |mount_dir| {
             tools::import(mount_dir, &name, &path).map(|summary| summary.to_string())
         }),
         Command::Bench {
@@ -168,13 +161,12 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> i32 {
 
 /// Runs a tool against the mount named by `--mount` or by the config's fuse.dir.
 fn run_tool(
-    mount: Option<PathBuf>,
-    config_path: Option<PathBuf>,
+    selection: MountSelection,
     tool: impl FnOnce(&std::path::Path) -> Result<String, tools::ToolError>,
 ) -> i32 {
-    let mount_dir = match mount {
+    let mount_dir = match selection.mount {
         Some(dir) => dir,
-        None => match config::load(config_path.as_deref(), true) {
+        None => match config::load(selection.config.as_deref(), true) {
             Ok(loaded) => match loaded.config.fuse.dir {
                 Some(dir) => dir,
                 None => {
