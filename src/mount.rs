@@ -23,7 +23,7 @@ use crate::fs::Fs;
 use crate::fuse::{self, MountedSession};
 use crate::mountinfo;
 use crate::store::log::RetentionPolicy;
-use crate::store::{CaptureOptions, Store};
+use crate::store::{CaptureOptions, Role, Store};
 
 /// How many threads read and answer FUSE requests. More than the core count, so a
 /// slow `fsync` on one thread never stalls reads and lock calls on the others.
@@ -333,7 +333,12 @@ pub fn run(request: MountRequest) -> Result<i32, MountError> {
         compress: request.config.data.compress,
         strict_verify: request.config.strict_verify,
     };
-    let store = Store::open(&plan.data_dir, capture)
+    let role = if request.config.lease.candidate {
+        Role::Primary
+    } else {
+        Role::Replica
+    };
+    let store = Store::open(&plan.data_dir, capture, role)
         .map_err(|error| MountError::runtime("open the data dir", io::Error::other(error)))?;
     // SAFETY: getuid and getgid cannot fail.
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use ltxfs::fs::Fs;
 use ltxfs::fuse::MountedSession;
-use ltxfs::store::{CaptureOptions, Store};
+use ltxfs::store::{CaptureOptions, Role, Store};
 
 #[test]
 fn invalidation_makes_changes_behind_the_kernel_visible() {
@@ -13,7 +13,7 @@ fn invalidation_makes_changes_behind_the_kernel_visible() {
     let data = dir.path().join("data");
     let mount_point = dir.path().join("mnt");
     std::fs::create_dir(&mount_point).unwrap();
-    let store = Arc::new(Store::open(&data, CaptureOptions::default()).unwrap());
+    let store = Arc::new(Store::open(&data, CaptureOptions::default(), Role::Primary).unwrap());
     let fs = Arc::new(Fs::new(store.clone(), 0, 0));
     let session = MountedSession::start(fs, &mount_point, false, 2)
         .unwrap_or_else(|e| panic!("cannot mount (tests need /dev/fuse and root): {e}"));

@@ -23,10 +23,16 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::SystemTime;
 
 use crate::store::locks::{ByteRange, HeldLock, LockError, LockKind, LockOwner, LockRequest};
-use crate::store::{Database, Node, NodeId, POSITION_SUFFIX, Store, StoreError};
+use crate::store::{
+    Database, LAG_FILE, Node, NodeId, POSITION_SUFFIX, PRIMARY_FILE, Store, StoreError, parse_name,
+};
 
 /// The inode number of the mount root.
 pub const ROOT_INO: u64 = 1;
+/// The inode of `.primary` (node ids start after the reserved ones).
+const PRIMARY_INO: u64 = 2;
+/// The inode of `.lag`.
+const LAG_INO: u64 = 3;
 
 /// Errors of filesystem operations, each mapped to one errno by [`FsError::errno`].
 #[derive(Debug, thiserror::Error)]
@@ -83,7 +89,9 @@ impl FsError {
             FsError::Store(StoreError::NotFound(_)) | FsError::NoSuchInode(_) => libc::ENOENT,
             FsError::Store(StoreError::InvalidName { .. }) => libc::EINVAL,
             FsError::Store(StoreError::NotSqlite { .. }) => libc::EINVAL,
-            FsError::Store(StoreError::Capture { .. }) => libc::EIO,
+            FsError::Store(StoreError::Capture { .. })
+            | FsError::Store(StoreError::ChangeSetRejected { .. }) => libc::EIO,
+            FsError::Store(StoreError::ReadOnlyReplica { .. }) => libc::EROFS,
             FsError::Store(StoreError::Io { source, .. }) => {
                 source.raw_os_error().unwrap_or(libc::EIO)
             }
@@ -210,6 +218,55 @@ enum Opened {
     File(Arc<Node>),
     /// A database's read-only `-pos` file.
     Position(Arc<Database>),
+    /// `.primary` or `.lag`.
+    Status(StatusFile),
+}
+
+/// The read-only files in the mount root that tell applications about the cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StatusFile {
+    /// `.primary`: the primary's hostname and a newline, on a replica connected to
+    /// a primary; absent on the primary and on a replica that knows no primary
+    /// (LiteFS's convention, which write-redirecting middleware relies on).
+    Primary,
+    /// `.lag`: milliseconds since the primary's last timestamp and a newline (0 on
+    /// the primary); absent on a replica that has not heard from a primary.
+    Lag,
+}
+
+impl StatusFile {
+    const ALL: [StatusFile; 2] = [StatusFile::Primary, StatusFile::Lag];
+
+    fn name(self) -> &'static str {
+        match self {
+            StatusFile::Primary => PRIMARY_FILE,
+            StatusFile::Lag => LAG_FILE,
+        }
+    }
+
+    fn ino(self) -> u64 {
+        match self {
+            StatusFile::Primary => PRIMARY_INO,
+            StatusFile::Lag => LAG_INO,
+        }
+    }
+
+    fn from_name(name: &str) -> Option<StatusFile> {
+        StatusFile::ALL.into_iter().find(|file| file.name() == name)
+    }
+
+    fn from_ino(ino: u64) -> Option<StatusFile> {
+        StatusFile::ALL.into_iter().find(|file| file.ino() == ino)
+    }
+
+    /// The file's content now, or `None` when it does not exist now.
+    fn content(self, store: &Store) -> Option<String> {
+        let cluster = store.cluster();
+        match self {
+            StatusFile::Primary => cluster.primary().map(|hostname| format!("{hostname}\n")),
+            StatusFile::Lag => cluster.lag().map(|lag| format!("{}\n", lag.as_millis())),
+        }
+    }
 }
 
 struct OpenFile {
@@ -222,7 +279,7 @@ impl OpenFile {
     fn node(&self) -> Result<&Arc<Node>, FsError> {
         match &self.opened {
             Opened::File(node) => Ok(node),
-            Opened::Position(_) => Err(FsError::ReadOnlyPosition),
+            Opened::Position(_) | Opened::Status(_) => Err(FsError::ReadOnlyPosition),
         }
     }
 
@@ -230,6 +287,7 @@ impl OpenFile {
         match &self.opened {
             Opened::File(node) => node.id().0,
             Opened::Position(database) => database.position_file_id().0,
+            Opened::Status(file) => file.ino(),
         }
     }
 }
@@ -277,6 +335,9 @@ impl Fs {
         if let Some(database) = self.store.position_file(name) {
             return Ok(self.position_attr(&database));
         }
+        if let Some(file) = StatusFile::from_name(name) {
+            return self.status_attr(file);
+        }
         let node = self
             .store
             .lookup(name)
@@ -292,6 +353,7 @@ impl Fs {
         match self.resolve(ino, handle)? {
             Opened::File(node) => node_attr(&node),
             Opened::Position(database) => Ok(self.position_attr(&database)),
+            Opened::Status(file) => self.status_attr(file),
         }
     }
 
@@ -309,12 +371,14 @@ impl Fs {
         match (self.resolve(ino, handle)?, size) {
             (Opened::File(node), size) => {
                 if let Some(size) = size {
+                    self.store.check_writable(node.name(), node.kind())?;
                     node.truncate(size)?;
                 }
                 node_attr(&node)
             }
-            (Opened::Position(_), Some(_)) => Err(FsError::ReadOnlyPosition),
+            (Opened::Position(_) | Opened::Status(_), Some(_)) => Err(FsError::ReadOnlyPosition),
             (Opened::Position(database), None) => Ok(self.position_attr(&database)),
+            (Opened::Status(file), None) => self.status_attr(file),
         }
     }
 
@@ -335,6 +399,15 @@ impl Fs {
                 name: "..".into(),
             },
         ];
+        for file in StatusFile::ALL {
+            if file.content(&self.store).is_some() {
+                entries.push(DirEntry {
+                    ino: file.ino(),
+                    node_type: NodeType::File,
+                    name: file.name().to_string(),
+                });
+            }
+        }
         for node in self.store.list() {
             if let Some(database) = self
                 .store
@@ -362,20 +435,32 @@ impl Fs {
     /// Creates (or opens, when it exists) a file and opens it.
     pub fn create(&self, parent: u64, name: &OsStr) -> Result<(Attr, u64), FsError> {
         let name = root_child_name(parent, name)?;
+        if StatusFile::from_name(name).is_some() {
+            return Err(FsError::ReadOnlyPosition);
+        }
+        if self.store.lookup(name).is_none() {
+            self.store.check_writable(name, &parse_name(name)?.kind)?;
+        }
         let node = self.store.create(name)?;
         let attr = node_attr(&node)?;
         Ok((attr, self.add_handle(Opened::File(node))))
     }
 
-    /// Opens a file, saying how the kernel may cache it.
-    pub fn open(&self, ino: u64) -> Result<(u64, CachePolicy), FsError> {
+    /// Opens a file (for writing too when `write` is true), saying how the kernel
+    /// may cache it.
+    pub fn open(&self, ino: u64, write: bool) -> Result<(u64, CachePolicy), FsError> {
         if ino == ROOT_INO {
             return Err(FsError::IsADirectory);
         }
         let opened = self.resolve(ino, None)?;
-        let cache = match opened {
-            Opened::File(_) => CachePolicy::KeepCache,
-            Opened::Position(_) => CachePolicy::Direct,
+        let cache = match &opened {
+            Opened::File(node) => {
+                if write {
+                    self.store.check_writable(node.name(), node.kind())?;
+                }
+                CachePolicy::KeepCache
+            }
+            Opened::Position(_) | Opened::Status(_) => CachePolicy::Direct,
         };
         Ok((self.add_handle(opened), cache))
     }
@@ -385,11 +470,13 @@ impl Fs {
         match &self.handle(handle)?.opened {
             Opened::File(node) => Ok(node.read_at(offset, size as usize)?),
             Opened::Position(database) => {
-                let text = database.position().to_pos_file().into_bytes();
-                let start = (offset as usize).min(text.len());
-                let end = start.saturating_add(size as usize).min(text.len());
-                Ok(text[start..end].to_vec())
+                Ok(slice_of(database.position().to_pos_file(), offset, size))
             }
+            Opened::Status(file) => Ok(slice_of(
+                file.content(&self.store).unwrap_or_default(),
+                offset,
+                size,
+            )),
         }
     }
 
@@ -432,7 +519,7 @@ impl Fs {
     pub fn fsync(&self, handle: u64, data_only: bool) -> Result<(), FsError> {
         match &self.handle(handle)?.opened {
             Opened::File(node) => Ok(node.sync(data_only)?),
-            Opened::Position(_) => Ok(()),
+            Opened::Position(_) | Opened::Status(_) => Ok(()),
         }
     }
 
@@ -444,6 +531,10 @@ impl Fs {
     /// Removes a file.
     pub fn unlink(&self, parent: u64, name: &OsStr) -> Result<NodeId, FsError> {
         let name = root_child_name(parent, name)?;
+        if StatusFile::from_name(name).is_some() {
+            return Err(FsError::ReadOnlyPosition);
+        }
+        self.store.check_writable(name, &parse_name(name)?.kind)?;
         Ok(self.store.unlink(name)?.id())
     }
 
@@ -533,6 +624,23 @@ impl Fs {
         }
     }
 
+    fn status_attr(&self, file: StatusFile) -> Result<Attr, FsError> {
+        let content = file
+            .content(&self.store)
+            .ok_or_else(|| StoreError::NotFound(file.name().to_string()))?;
+        Ok(Attr {
+            ino: file.ino(),
+            size: content.len() as u64,
+            node_type: NodeType::File,
+            perm: 0o444,
+            uid: self.uid,
+            gid: self.gid,
+            atime: self.root_time,
+            mtime: self.root_time,
+            ctime: self.root_time,
+        })
+    }
+
     fn add_handle(&self, opened: Opened) -> u64 {
         let handle = self.next_handle.fetch_add(1, Ordering::Relaxed);
         let open_file = Arc::new(OpenFile {
@@ -557,6 +665,12 @@ impl Fs {
 
     /// What an inode is: a file (see [`Fs::node_for`]) or else a `-pos` file.
     fn resolve(&self, ino: u64, handle: Option<u64>) -> Result<Opened, FsError> {
+        if let Some(file) = StatusFile::from_ino(ino) {
+            return match file.content(&self.store) {
+                Some(_) => Ok(Opened::Status(file)),
+                None => Err(FsError::NoSuchInode(ino)),
+            };
+        }
         match self.node_for(ino, handle) {
             Ok(node) => Ok(Opened::File(node)),
             Err(FsError::NoSuchInode(_)) => self
@@ -591,6 +705,16 @@ impl Fs {
             .find_map(|open_file| open_node(open_file))
             .ok_or(FsError::NoSuchInode(ino))
     }
+}
+
+/// The part of a generated file's `text` that a read at `offset` of `size` bytes gets.
+fn slice_of(text: String, offset: u64, size: u32) -> Vec<u8> {
+    let text = text.into_bytes();
+    let start = usize::try_from(offset)
+        .unwrap_or(usize::MAX)
+        .min(text.len());
+    let end = start.saturating_add(size as usize).min(text.len());
+    text[start..end].to_vec()
 }
 
 fn lock_owners(open_file: &OpenFile) -> std::sync::MutexGuard<'_, BTreeSet<LockOwner>> {
@@ -648,8 +772,14 @@ mod tests {
 
     fn new_fs() -> (tempfile::TempDir, Fs) {
         let dir = tempfile::tempdir().unwrap();
-        let store =
-            Arc::new(Store::open(dir.path(), crate::store::CaptureOptions::default()).unwrap());
+        let store = Arc::new(
+            Store::open(
+                dir.path(),
+                crate::store::CaptureOptions::default(),
+                crate::store::Role::Primary,
+            )
+            .unwrap(),
+        );
         (dir, Fs::new(store, 0, 0))
     }
 
@@ -682,7 +812,10 @@ mod tests {
             fs.lookup(attr.ino, OsStr::new("x")),
             Err(FsError::NotADirectory)
         ));
-        assert!(matches!(fs.open(ROOT_INO), Err(FsError::IsADirectory)));
+        assert!(matches!(
+            fs.open(ROOT_INO, true),
+            Err(FsError::IsADirectory)
+        ));
         assert_eq!(
             fs.lookup(ROOT_INO, OsStr::new("app.db")).unwrap().ino,
             attr.ino
@@ -700,7 +833,7 @@ mod tests {
     fn flush_drops_posix_locks_and_release_drops_ofd_locks() {
         let (_dir, fs) = new_fs();
         let (attr, first) = fs.create(ROOT_INO, OsStr::new("app.db")).unwrap();
-        let second = fs.open(attr.ino).unwrap().0;
+        let second = fs.open(attr.ino, true).unwrap().0;
         setlk_now(&fs, first, call(10, 0, Some(LockKind::Write))).unwrap();
         assert!(matches!(
             setlk_now(&fs, second, call(20, 0, Some(LockKind::Read))),
@@ -727,7 +860,7 @@ mod tests {
     fn blocking_lock_completes_when_the_holder_closes() {
         let (_dir, fs) = new_fs();
         let (attr, holder) = fs.create(ROOT_INO, OsStr::new("app.db")).unwrap();
-        let waiter = fs.open(attr.ino).unwrap().0;
+        let waiter = fs.open(attr.ino, true).unwrap().0;
         setlk_now(&fs, holder, call(1, 5, Some(LockKind::Write))).unwrap();
         let (sender, receiver) = mpsc::channel();
         fs.setlk(
@@ -776,7 +909,7 @@ mod tests {
         let attr = fs.lookup(ROOT_INO, OsStr::new("app.db-pos")).unwrap();
         assert_eq!(attr.size, 34);
         assert_eq!(attr.perm, 0o444);
-        let (handle, cache) = fs.open(attr.ino).unwrap();
+        let (handle, cache) = fs.open(attr.ino, true).unwrap();
         assert_eq!(cache, CachePolicy::Direct);
         assert_eq!(
             fs.read(handle, 0, 100).unwrap(),

@@ -105,6 +105,17 @@ impl KernelCache for KernelNotifier {
         }
     }
 
+    fn invalidate_pages(&self, node: NodeId, offset: u64, len: u64) {
+        let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
+            return self.invalidate_file(node);
+        };
+        if let Err(error) = self.notifier.inval_inode(INodeNo(node.0), offset, len) {
+            if error.raw_os_error() != Some(libc::ENOENT) {
+                tracing::warn!(%error, node = node.0, "could not invalidate cached pages");
+            }
+        }
+    }
+
     fn invalidate_entry(&self, name: &str) {
         if let Err(error) = self
             .notifier
@@ -328,8 +339,9 @@ impl fuser::Filesystem for FuseAdapter {
         reply.error(errno("link", FsError::Unsupported("a hard link")));
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        match self.fs.open(ino.0) {
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let write = flags.0 & libc::O_ACCMODE != libc::O_RDONLY;
+        match self.fs.open(ino.0, write) {
             Ok((handle, cache)) => reply.opened(FileHandle(handle), fopen_flags(cache)),
             Err(error) => reply.error(errno("open", error)),
         }

@@ -24,6 +24,12 @@
 //!   and its log append), the difference is recorded as one recovery change set
 //!   holding every page, so the log always replays to the database.
 
+mod apply;
+mod history;
+
+pub use apply::{AppliedChangeSet, ReceivedChangeSet};
+pub use history::CatchUp;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -34,7 +40,7 @@ use crate::ltx::{self, Checksum, Encoder, Header, TxId};
 
 use super::log::{ChangeLog, RetentionPolicy};
 use super::wal::{self, FRAME_HEADER_SIZE, FrameHeader, WalHeader};
-use super::{FileKind, NodeId, StoreError, page_size_from_header};
+use super::{CommitSignal, FileKind, NodeId, StoreError, page_size_from_header};
 
 /// The first eight bytes of a valid rollback journal header.
 const JOURNAL_MAGIC: [u8; 8] = [0xd9, 0xd5, 0x05, 0xf9, 0x20, 0xa1, 0x63, 0xd7];
@@ -51,6 +57,12 @@ pub struct Position {
 }
 
 impl Position {
+    /// No known position: a replica here needs a snapshot.
+    pub const UNKNOWN: Position = Position {
+        txid: TxId(0),
+        checksum: Checksum(0),
+    };
+
     /// The 34-byte text LiteFS serves in `<db>-pos`: `%016x/%016x\n`.
     pub fn to_pos_file(&self) -> String {
         format!("{:016x}/{:016x}\n", self.txid.0, self.checksum.0)
@@ -95,6 +107,7 @@ pub struct Database {
     dir: PathBuf,
     position_file_id: NodeId,
     options: CaptureOptions,
+    commits: Arc<CommitSignal>,
     state: Mutex<CaptureState>,
 }
 
@@ -162,6 +175,7 @@ impl Database {
         dir: &Path,
         options: CaptureOptions,
         position_file_id: NodeId,
+        commits: Arc<CommitSignal>,
     ) -> Result<Database, StoreError> {
         let (log, tail) = ChangeLog::open(&dir.join("log"))?;
         let position = tail
@@ -196,6 +210,7 @@ impl Database {
             dir: dir.to_path_buf(),
             position_file_id,
             options,
+            commits,
             state: Mutex::new(state),
         })
     }
@@ -217,9 +232,12 @@ impl Database {
 
     /// Brings the state in line with the files after they were all attached at
     /// start-up: loads saved checksums after a clean shutdown, or rescans.
-    pub(super) fn recover(&self) -> Result<(), StoreError> {
+    pub(super) fn recover(&self, role: super::Role) -> Result<(), StoreError> {
         if !self.options.enabled {
             return Ok(());
+        }
+        if role == super::Role::Replica {
+            return self.repair_replica();
         }
         let mut state = self.lock();
         if state.hot_journal() {
@@ -893,6 +911,7 @@ impl Database {
         if self.options.strict_verify {
             self.verify_strictly(state)?;
         }
+        self.commits.notify(&self.name);
         Ok(())
     }
 

@@ -104,6 +104,10 @@ pub type OnGranted = Box<dyn FnOnce(Result<(), LockError>) + Send>;
 struct Waiter {
     request: LockRequest,
     on_granted: OnGranted,
+    /// ltxfs's own request to keep readers out (replica apply): while it waits, no
+    /// other owner is granted an overlapping lock, so a stream of short readers
+    /// cannot starve it.
+    priority: bool,
 }
 
 #[derive(Default)]
@@ -137,7 +141,7 @@ impl LockTable {
     /// Takes a lock without waiting.
     pub fn try_lock(&self, request: LockRequest) -> Result<(), LockError> {
         let mut state = self.lock_state();
-        if state.first_conflict(&request).is_some() {
+        if state.first_conflict(&request).is_some() || state.fenced(&request) {
             return Err(LockError::WouldBlock);
         }
         state.set(request);
@@ -148,17 +152,48 @@ impl LockTable {
     /// when the lock is free, otherwise on the thread that later makes it free (or
     /// with [`LockError::Cancelled`] when the owner goes away first).
     pub fn lock_or_queue(&self, request: LockRequest, on_granted: OnGranted) -> LockOutcome {
+        self.enqueue(request, on_granted, false)
+    }
+
+    /// Takes a lock for ltxfs itself, blocking the calling thread until it is
+    /// granted. While it waits, other owners' new overlapping requests wait behind
+    /// it (a non-blocking one fails), so readers that come and go cannot starve it.
+    /// Never call this on a FUSE worker thread: it waits for other requests.
+    pub fn lock_with_priority(&self, request: LockRequest) {
+        let (granted_tx, granted_rx) = std::sync::mpsc::sync_channel(1);
+        let on_granted: OnGranted = Box::new(move |result| {
+            let _ = granted_tx.send(result);
+        });
+        self.enqueue(request, on_granted, true);
+        // A priority waiter is never cancelled: its owner is not a kernel lock
+        // owner, so no close or reaper can match it.
+        let _ = granted_rx.recv();
+    }
+
+    fn enqueue(&self, request: LockRequest, on_granted: OnGranted, priority: bool) -> LockOutcome {
         let mut state = self.lock_state();
-        if state.first_conflict(&request).is_none() {
+        if state.first_conflict(&request).is_none() && !state.fenced(&request) {
             state.set(request);
             drop(state);
             on_granted(Ok(()));
             return LockOutcome::Granted;
         }
-        state.waiters.push_back(Waiter {
+        let waiter = Waiter {
             request,
             on_granted,
-        });
+            priority,
+        };
+        if priority {
+            // Ahead of ordinary waiters, behind earlier priority ones.
+            let at = state
+                .waiters
+                .iter()
+                .position(|waiter| !waiter.priority)
+                .unwrap_or(state.waiters.len());
+            state.waiters.insert(at, waiter);
+        } else {
+            state.waiters.push_back(waiter);
+        }
         LockOutcome::Queued
     }
 
@@ -265,6 +300,15 @@ fn run_callbacks(granted: Vec<OnGranted>) {
 }
 
 impl LockState {
+    /// True when a waiting priority request of another owner overlaps `request`.
+    fn fenced(&self, request: &LockRequest) -> bool {
+        self.waiters.iter().any(|waiter| {
+            waiter.priority
+                && waiter.request.owner != request.owner
+                && waiter.request.range.overlaps(&request.range)
+        })
+    }
+
     fn first_conflict(&self, request: &LockRequest) -> Option<HeldLock> {
         self.held
             .iter()
@@ -336,7 +380,13 @@ impl LockState {
         let mut granted = Vec::new();
         let mut still_waiting = VecDeque::with_capacity(self.waiters.len());
         while let Some(waiter) = self.waiters.pop_front() {
-            if self.first_conflict(&waiter.request).is_none() {
+            let fenced = !waiter.priority
+                && still_waiting.iter().any(|earlier: &Waiter| {
+                    earlier.priority
+                        && earlier.request.owner != waiter.request.owner
+                        && earlier.request.range.overlaps(&waiter.request.range)
+                });
+            if !fenced && self.first_conflict(&waiter.request).is_none() {
                 self.set(waiter.request);
                 granted.push(waiter.on_granted);
             } else {

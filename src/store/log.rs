@@ -217,6 +217,55 @@ impl ChangeLog {
         Ok(())
     }
 
+    /// Replaces the whole log with one snapshot change set (a replica bootstrapped
+    /// by the primary's snapshot keeps no older history).
+    pub fn replace_with_snapshot(&mut self, ltx_bytes: &[u8]) -> Result<(), StoreError> {
+        let mut bytes = Vec::with_capacity(8 + ltx_bytes.len());
+        bytes.extend_from_slice(&(ltx_bytes.len() as u64).to_be_bytes());
+        bytes.extend_from_slice(ltx_bytes);
+        self.replace_contents(&bytes)
+    }
+
+    /// Writes `bytes` (whole records) beside the log, syncs them, renames them over
+    /// the log and reopens it.
+    fn replace_contents(&mut self, bytes: &[u8]) -> Result<(), StoreError> {
+        let io_error = |what: &str, source: io::Error| StoreError::Io {
+            context: format!("{what} {}", self.path.display()),
+            source,
+        };
+        let new_path = self.path.with_extension("replacing");
+        std::fs::write(&new_path, bytes)
+            .and_then(|()| File::open(&new_path)?.sync_all())
+            .map_err(|source| io_error("write", source))?;
+        std::fs::rename(&new_path, &self.path).map_err(|source| io_error("replace", source))?;
+        if let Some(dir) = self.path.parent() {
+            File::open(dir)
+                .and_then(|dir| dir.sync_all())
+                .map_err(|source| io_error("sync the directory of", source))?;
+        }
+        let (reopened, _) = ChangeLog::open(&self.path)?;
+        *self = reopened;
+        Ok(())
+    }
+
+    /// The post-apply checksum in a record's trailer.
+    pub fn post_apply_checksum(&self, record: &RecordInfo) -> Result<ltx::Checksum, StoreError> {
+        let mut trailer = [0u8; ltx::TRAILER_SIZE];
+        let at = record.offset + record.len - ltx::TRAILER_SIZE as u64;
+        self.file
+            .read_exact_at(&mut trailer, at)
+            .map_err(|source| StoreError::Io {
+                context: format!("read {}", self.path.display()),
+                source,
+            })?;
+        Trailer::decode(&trailer)
+            .map(|trailer| trailer.post_apply_checksum)
+            .map_err(|error| StoreError::Capture {
+                database: self.path.display().to_string(),
+                message: format!("a logged change set has a bad trailer: {error}"),
+            })
+    }
+
     /// The records, oldest first.
     pub fn records(&self) -> &[RecordInfo] {
         &self.records
@@ -308,23 +357,12 @@ impl ChangeLog {
         self.file
             .read_exact_at(&mut rest, rest_start)
             .map_err(|source| io_error("read", source))?;
-        let new_path = self.path.with_extension("compacting");
         let mut bytes = Vec::with_capacity(8 + merged.len() + rest.len());
         bytes.extend_from_slice(&(merged.len() as u64).to_be_bytes());
         bytes.extend_from_slice(&merged);
         bytes.extend_from_slice(&rest);
-        std::fs::write(&new_path, &bytes)
-            .and_then(|()| File::open(&new_path)?.sync_all())
-            .map_err(|source| io_error("write", source))?;
-        std::fs::rename(&new_path, &self.path).map_err(|source| io_error("replace", source))?;
-        if let Some(dir) = self.path.parent() {
-            File::open(dir)
-                .and_then(|dir| dir.sync_all())
-                .map_err(|source| io_error("sync the directory of", source))?;
-        }
-        let (reopened, _) = ChangeLog::open(&self.path)?;
-        debug_assert_eq!(reopened.records.first().map(|r| r.header), Some(header));
-        *self = reopened;
+        self.replace_contents(&bytes)?;
+        debug_assert_eq!(self.records.first().map(|r| r.header), Some(header));
         Ok(merge - 1)
     }
 }

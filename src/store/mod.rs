@@ -18,9 +18,11 @@
 //! The store never imports the FUSE layer.
 
 mod capture;
+pub mod cluster;
 pub mod locks;
 pub mod log;
 mod names;
+mod replica;
 mod wal;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -31,8 +33,12 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
-pub use capture::{CaptureOptions, Database, Position};
+pub use capture::{
+    AppliedChangeSet, CaptureOptions, CatchUp, Database, Position, ReceivedChangeSet,
+};
+pub use cluster::{ClusterView, Role};
 pub use names::{FileKind, ParsedName, parse_name};
+pub use replica::LTXFS_LOCK_OWNER;
 
 use locks::{ByteRange, LockOwner, LockTable};
 
@@ -76,6 +82,21 @@ pub enum StoreError {
         /// What went wrong.
         message: String,
     },
+    /// A change set from the primary does not follow this replica's position or
+    /// fails verification; nothing was applied.
+    #[error("change set for database {database:?} rejected: {reason}")]
+    ChangeSetRejected {
+        /// The database.
+        database: String,
+        /// What did not match.
+        reason: String,
+    },
+    /// Local processes may not change databases on a replica.
+    #[error("{name:?} is read-only on a replica; write on the primary")]
+    ReadOnlyReplica {
+        /// The file.
+        name: String,
+    },
     /// The backing filesystem failed.
     #[error("{context}: {source}")]
     Io {
@@ -102,8 +123,38 @@ impl StoreError {
 pub trait KernelCache: Send + Sync {
     /// Drops every cached page and the attributes of a file.
     fn invalidate_file(&self, node: NodeId);
+    /// Drops the cached pages of `len` bytes at `offset` (to the end of the file
+    /// when `len` is 0) and the file's attributes.
+    fn invalidate_pages(&self, node: NodeId, offset: u64, len: u64);
     /// Drops the cached directory entry (positive or negative) for a name.
     fn invalidate_entry(&self, name: &str);
+}
+
+/// Hears about every new position of every database: a change set captured on the
+/// primary or applied on a replica. Called with the database's capture lock held,
+/// so it must return at once (the replication bridge wakes async tasks).
+pub trait CommitListener: Send + Sync {
+    /// Database `name` has a new position.
+    fn committed(&self, name: &str);
+}
+
+/// The store's slot for its [`CommitListener`], shared with every database.
+#[derive(Default)]
+pub(crate) struct CommitSignal {
+    listener: RwLock<Option<Arc<dyn CommitListener>>>,
+}
+
+impl CommitSignal {
+    fn notify(&self, name: &str) {
+        if let Some(listener) = self
+            .listener
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            listener.committed(name);
+        }
+    }
 }
 
 /// A unique id for a file, stable for the lifetime of the process.
@@ -366,6 +417,8 @@ pub struct Store {
     namespace: RwLock<Namespace>,
     databases: Mutex<BTreeMap<String, Arc<Database>>>,
     kernel_cache: RwLock<Option<Arc<dyn KernelCache>>>,
+    commits: Arc<CommitSignal>,
+    cluster: ClusterView,
     next_id: AtomicU64,
     /// Directories whose entries changed since the last directory sync.
     dirty_dirs: Mutex<BTreeSet<PathBuf>>,
@@ -379,13 +432,19 @@ impl std::fmt::Debug for Store {
     }
 }
 
-/// The first node id; 1 is the FUSE root directory.
-const FIRST_NODE_ID: u64 = 2;
+/// The first node id; 1 is the FUSE root directory, 2 and 3 the `.primary` and
+/// `.lag` files.
+const FIRST_NODE_ID: u64 = 4;
+
+/// The file in the mount root that names the primary on a replica.
+pub const PRIMARY_FILE: &str = ".primary";
+/// The file in the mount root that gives the replication lag in milliseconds.
+pub const LAG_FILE: &str = ".lag";
 
 impl Store {
     /// Opens the store kept in `data_dir`, creating its layout if needed, and loads
     /// every file already there.
-    pub fn open(data_dir: &Path, capture: CaptureOptions) -> Result<Store, StoreError> {
+    pub fn open(data_dir: &Path, capture: CaptureOptions, role: Role) -> Result<Store, StoreError> {
         let dbs_dir = data_dir.join("dbs");
         std::fs::create_dir_all(&dbs_dir)
             .map_err(|source| StoreError::io(format!("create {}", dbs_dir.display()), source))?;
@@ -395,6 +454,8 @@ impl Store {
             namespace: RwLock::new(Namespace::default()),
             databases: Mutex::new(BTreeMap::new()),
             kernel_cache: RwLock::new(None),
+            commits: Arc::new(CommitSignal::default()),
+            cluster: ClusterView::new(role),
             next_id: AtomicU64::new(FIRST_NODE_ID),
             dirty_dirs: Mutex::new(BTreeSet::new()),
         };
@@ -427,7 +488,7 @@ impl Store {
                 namespace.by_id.insert(node.id, node.clone());
                 namespace.by_name.insert(name, node);
             }
-            capture.recover()?;
+            capture.recover(self.cluster.role())?;
         }
         Ok(())
     }
@@ -444,6 +505,7 @@ impl Store {
             &self.dbs_dir.join(name),
             self.capture,
             position_file_id,
+            self.commits.clone(),
         )?);
         databases.insert(name.to_string(), database.clone());
         Ok(database)
@@ -458,20 +520,67 @@ impl Store {
             .cloned()
     }
 
+    /// This node's role and its view of the primary.
+    pub fn cluster(&self) -> &ClusterView {
+        &self.cluster
+    }
+
+    /// Sets who hears about new positions (replaces any earlier listener).
+    pub fn set_commit_listener(&self, listener: Arc<dyn CommitListener>) {
+        *self
+            .commits
+            .listener
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = Some(listener);
+    }
+
+    /// Records that this replica is (`Some`) or is no longer (`None`) connected to
+    /// the primary called `hostname`, and makes the kernel forget `.primary`'s
+    /// cached directory entry so applications never read a stale answer.
+    pub fn set_primary(&self, hostname: Option<String>) {
+        self.cluster.set_primary(hostname);
+        if let Some(cache) = self.kernel_cache() {
+            cache.invalidate_entry(PRIMARY_FILE);
+        }
+    }
+
+    /// Refuses changes to a database (or its journals) on a replica: only
+    /// `-wal` and `-shm`, which readers need, may be written there.
+    pub fn check_writable(&self, name: &str, kind: &FileKind) -> Result<(), StoreError> {
+        let readers_need_it = matches!(kind, FileKind::Wal | FileKind::Shm);
+        if self.cluster.role() == Role::Replica && !readers_need_it {
+            return Err(StoreError::ReadOnlyReplica {
+                name: name.to_string(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Every database that has a position, with it, ordered by name.
+    pub fn positions(&self) -> Vec<(String, Position)> {
+        self.all_databases()
+            .into_iter()
+            .map(|database| (database.name().to_string(), database.position()))
+            .filter(|(_, position)| position.txid.0 > 0)
+            .collect()
+    }
+
     /// Connects the store to the kernel's cache of the mount.
     pub fn set_kernel_cache(&self, cache: Arc<dyn KernelCache>) {
         *self.kernel_cache.write().unwrap_or_else(|p| p.into_inner()) = Some(cache);
     }
 
-    /// Makes the kernel forget what it cached of file `name` (its pages, attributes
-    /// and directory entry), so readers see what the core wrote behind its back.
-    pub fn invalidate(&self, name: &str) {
-        let Some(cache) = self
-            .kernel_cache
+    fn kernel_cache(&self) -> Option<Arc<dyn KernelCache>> {
+        self.kernel_cache
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
-        else {
+    }
+
+    /// Makes the kernel forget what it cached of file `name` (its pages, attributes
+    /// and directory entry), so readers see what the core wrote behind its back.
+    pub fn invalidate(&self, name: &str) {
+        let Some(cache) = self.kernel_cache() else {
             return;
         };
         if let Some(node) = self.lookup(name) {
@@ -581,7 +690,7 @@ impl Store {
         }
         let capture = self.open_database(&parsed.database)?;
         if new_database {
-            capture.recover()?;
+            capture.recover(self.cluster.role())?;
         }
         let node = self.open_node(
             name,
@@ -741,7 +850,7 @@ mod tests {
     #[test]
     fn database_writes_must_be_sqlite_pages() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), CaptureOptions::default()).unwrap();
+        let store = Store::open(dir.path(), CaptureOptions::default(), Role::Primary).unwrap();
         let db = store.create("app.db").unwrap();
         assert!(matches!(
             db.write_at(0, b"hello world"),
@@ -771,7 +880,7 @@ mod tests {
     fn companions_take_any_bytes_and_files_survive_reopen() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let store = Store::open(dir.path(), CaptureOptions::default()).unwrap();
+            let store = Store::open(dir.path(), CaptureOptions::default(), Role::Primary).unwrap();
             store
                 .create("app.db")
                 .unwrap()
@@ -783,7 +892,7 @@ mod tests {
                 .write_at(3, b"abc")
                 .unwrap();
         }
-        let store = Store::open(dir.path(), CaptureOptions::default()).unwrap();
+        let store = Store::open(dir.path(), CaptureOptions::default(), Role::Primary).unwrap();
         let names: Vec<_> = store.list().iter().map(|n| n.name().to_string()).collect();
         assert_eq!(names, vec!["app.db", "app.db-wal"]);
         let db = store.lookup("app.db").unwrap();
@@ -797,7 +906,7 @@ mod tests {
     #[test]
     fn unlinked_node_stays_readable_and_name_is_free() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), CaptureOptions::default()).unwrap();
+        let store = Store::open(dir.path(), CaptureOptions::default(), Role::Primary).unwrap();
         let journal = store.create("app.db-journal").unwrap();
         journal.write_at(0, b"journal").unwrap();
         let removed = store.unlink("app.db-journal").unwrap();

@@ -106,6 +106,55 @@ impl FrameHeader {
     }
 }
 
+/// Bytes of the wal-index (`-shm`) that [`wal_index_after_apply`] rewrites: two
+/// copies of the 48-byte header and the 40-byte checkpoint information.
+pub const WAL_INDEX_PREFIX: usize = 136;
+const WAL_INDEX_HEADER_SIZE: usize = 48;
+
+/// The start of a wal-index (`-shm` file) after a replica wrote a change set
+/// straight into the database file, or `None` when `prefix` holds no valid
+/// header (SQLite then rebuilds the index, so there is nothing to update).
+///
+/// Readers compare the wal-index header with their own copy at the start of each
+/// read transaction and drop their page cache when it changed, so the change
+/// counter is advanced; the header says the WAL is empty (the replica's content is
+/// all in the database file) and gives the new size in pages. The header's fields
+/// are in the host's byte order, as SQLite keeps them in shared memory.
+pub fn wal_index_after_apply(prefix: &[u8], page_size: u32, pages: u32) -> Option<Vec<u8>> {
+    let prefix = prefix.get(..WAL_INDEX_PREFIX)?;
+    let header = &prefix[..WAL_INDEX_HEADER_SIZE];
+    let word = |at: usize| {
+        u32::from_ne_bytes([header[at], header[at + 1], header[at + 2], header[at + 3]])
+    };
+    let is_init = header[12] != 0;
+    let big_endian_checksums = header[13] != 0;
+    let intact = header == &prefix[WAL_INDEX_HEADER_SIZE..2 * WAL_INDEX_HEADER_SIZE]
+        && wal_checksum(big_endian_checksums, (0, 0), &header[..40]) == (word(40), word(44));
+    if !is_init || !intact {
+        return None;
+    }
+    let mut new = header.to_vec();
+    new[8..12].copy_from_slice(&word(8).wrapping_add(1).to_ne_bytes());
+    // SQLite stores the page size in 16 bits: 65536 becomes 1.
+    let encoded_page_size = ((page_size & 0xff00) | (page_size >> 16)) as u16;
+    new[14..16].copy_from_slice(&encoded_page_size.to_ne_bytes());
+    new[16..20].copy_from_slice(&0u32.to_ne_bytes());
+    new[20..24].copy_from_slice(&pages.to_ne_bytes());
+    let (c0, c1) = wal_checksum(big_endian_checksums, (0, 0), &new[..40]);
+    new[40..44].copy_from_slice(&c0.to_ne_bytes());
+    new[44..48].copy_from_slice(&c1.to_ne_bytes());
+    let mut out = Vec::with_capacity(WAL_INDEX_PREFIX);
+    out.extend_from_slice(&new);
+    out.extend_from_slice(&new);
+    out.extend_from_slice(&prefix[2 * WAL_INDEX_HEADER_SIZE..]);
+    // Checkpoint information: nothing is backfilled from the (empty) WAL, and read
+    // mark 0 ("the database file alone") is the one readers will take.
+    let checkpoint = 2 * WAL_INDEX_HEADER_SIZE;
+    out[checkpoint..checkpoint + 8].fill(0);
+    out[checkpoint + 32..checkpoint + 36].fill(0);
+    Some(out)
+}
+
 /// SQLite's WAL checksum: runs over 8-byte chunks, continuing from `start`.
 fn wal_checksum(big_endian: bool, start: (u32, u32), data: &[u8]) -> (u32, u32) {
     let (mut s0, mut s1) = start;

@@ -1,0 +1,312 @@
+//! The replica's side of replication: checking a change set from the primary
+//! against the database's position and applying it to the database file.
+//!
+//! Invariants:
+//! - Nothing is written unless the change set follows the position (TXID and
+//!   pre-apply checksum) and the checksum it leads to, computed from the page
+//!   checksums before any write, equals its post-apply checksum.
+//! - The change set is in the log before its pages reach the database file, so a
+//!   crash part-way through is repaired at start-up by applying it again (a change
+//!   set holds whole pages, so applying it twice gives the same content).
+//! - Keeping readers out while pages are written is the caller's job (the store
+//!   holds SQLite's locks); this module only writes.
+
+use crate::ltx::{self, Checksum, Decoder, Header};
+use std::os::unix::fs::FileExt;
+
+use super::{CaptureState, Database, Position};
+use crate::store::StoreError;
+
+/// A change set from the primary, decoded and verified, not yet applied.
+#[derive(Debug)]
+pub struct ReceivedChangeSet {
+    header: Header,
+    pages: Vec<(u32, Vec<u8>)>,
+    post_apply: Checksum,
+    bytes: Vec<u8>,
+}
+
+impl ReceivedChangeSet {
+    /// Decodes `ltx` completely, checking its format and file checksum.
+    pub fn decode(database: &str, ltx: Vec<u8>) -> Result<ReceivedChangeSet, StoreError> {
+        let rejected = |error: ltx::LtxError| StoreError::ChangeSetRejected {
+            database: database.to_string(),
+            reason: error.to_string(),
+        };
+        let mut decoder = Decoder::new(&ltx[..]).map_err(rejected)?;
+        let header = *decoder.header();
+        let mut pages = Vec::new();
+        while let Some(page) = decoder.next_page().map_err(rejected)? {
+            pages.push(page);
+        }
+        let trailer = decoder.finish().map_err(rejected)?;
+        Ok(ReceivedChangeSet {
+            header,
+            pages,
+            post_apply: trailer.post_apply_checksum,
+            bytes: ltx,
+        })
+    }
+
+    /// The change set's header.
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    /// Whether page 1 of the content after this change set says WAL mode, when
+    /// the change set holds page 1.
+    pub fn wal_mode_after(&self) -> Option<bool> {
+        self.pages
+            .first()
+            .filter(|(pgno, _)| *pgno == 1)
+            .map(|(_, page)| page.get(18) == Some(&2))
+    }
+}
+
+/// What applying a change set did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppliedChangeSet {
+    /// The database's new position.
+    pub position: Position,
+    /// The page size after applying.
+    pub page_size: u32,
+    /// The database size in pages after applying.
+    pub commit: u32,
+    /// The pages written, in increasing order.
+    pub pages: Vec<u32>,
+    /// Whether the database is in WAL mode after applying.
+    pub wal_mode: bool,
+}
+
+impl Database {
+    /// Whether the database's committed content is in WAL mode.
+    pub fn is_wal_mode(&self) -> bool {
+        self.lock().wal_mode
+    }
+
+    /// Applies a change set from the primary to the database file and the log.
+    /// Refuses, changing nothing, a change set that does not follow the position
+    /// or would not lead to its post-apply checksum.
+    pub fn apply_received(
+        &self,
+        received: ReceivedChangeSet,
+    ) -> Result<AppliedChangeSet, StoreError> {
+        let mut state = self.lock();
+        let header = received.header;
+        let rejected = |reason: String| StoreError::ChangeSetRejected {
+            database: self.name.clone(),
+            reason,
+        };
+        if !state.wal.committed.is_empty() {
+            return Err(rejected(
+                "the replica's WAL holds transactions of its own; it must be folded into the database first".into(),
+            ));
+        }
+        let snapshot = header.is_snapshot();
+        if !snapshot {
+            if header.min_txid.0 != state.position.txid.0 + 1 {
+                return Err(rejected(format!(
+                    "change set {} does not follow TXID {}",
+                    header.filename(),
+                    state.position.txid
+                )));
+            }
+            if header.pre_apply_checksum != state.position.checksum {
+                return Err(rejected(format!(
+                    "change set {} starts from checksum {} but the database is at {}",
+                    header.filename(),
+                    header.pre_apply_checksum,
+                    state.position.checksum
+                )));
+            }
+        }
+        let full = snapshot || header.page_size != state.page_size;
+        let new_checksums = checksums_of(&received);
+        let xor = checksum_after(&state, &received, &new_checksums, full);
+        let reached = Checksum(xor | Checksum::FLAG);
+        if reached != received.post_apply {
+            // The database and its bookkeeping disagree with the primary's history:
+            // forget the position so that the next connection asks for a snapshot.
+            state.position = Position::UNKNOWN;
+            return Err(rejected(format!(
+                "change set {} would lead to checksum {} instead of {}",
+                header.filename(),
+                reached,
+                received.post_apply
+            )));
+        }
+        if snapshot {
+            state.log.replace_with_snapshot(&received.bytes)?;
+        } else {
+            state.log.append(header, &received.bytes)?;
+        }
+        if let Err(error) = write_pages(&state, &header, &received.pages) {
+            state.position = Position::UNKNOWN;
+            return Err(error);
+        }
+        let wal_mode = match (header.commit, received.wal_mode_after()) {
+            (0, _) => false,
+            (_, Some(wal_mode)) => wal_mode,
+            (_, None) => state.wal_mode,
+        };
+        update_page_checksums(&mut state, &received, &new_checksums, full, xor);
+        state.position = Position {
+            txid: header.max_txid,
+            checksum: received.post_apply,
+        };
+        state.page_size = header.page_size;
+        state.commit = header.commit;
+        state.file_page_size = if header.commit == 0 {
+            0
+        } else {
+            header.page_size
+        };
+        state.wal_mode = wal_mode;
+        let position = state.position;
+        drop(state);
+        self.commits.notify(&self.name);
+        Ok(AppliedChangeSet {
+            position,
+            page_size: header.page_size,
+            commit: header.commit,
+            pages: received.pages.iter().map(|(pgno, _)| *pgno).collect(),
+            wal_mode,
+        })
+    }
+
+    /// At start-up on a replica: when the database does not match the log's last
+    /// change set (a crash while it was being applied), applies that change set
+    /// again; when that does not help, forgets the position so that the primary
+    /// sends a snapshot.
+    pub(in crate::store) fn repair_replica(&self) -> Result<(), StoreError> {
+        let mut state = self.lock();
+        if state.position.txid.0 == 0 {
+            return Ok(());
+        }
+        if state.content_matches_position()? {
+            return Ok(());
+        }
+        let Some(last) = state.log.records().last().copied() else {
+            state.position = Position::UNKNOWN;
+            return Ok(());
+        };
+        let bytes = state.log.read(&last)?;
+        let repaired = match ReceivedChangeSet::decode(&self.name, bytes) {
+            Ok(received) => {
+                write_pages(&state, &received.header, &received.pages)?;
+                state.page_size = received.header.page_size;
+                state.commit = received.header.commit;
+                state.file_page_size = received.header.page_size;
+                state.content_matches_position()?
+            }
+            Err(_) => false,
+        };
+        if repaired {
+            tracing::warn!(database = %self.name, txid = %state.position.txid, "finished applying a change set a crash interrupted");
+        } else {
+            tracing::warn!(database = %self.name, "the database does not match its log; it will be replaced by a snapshot from the primary");
+            state.position = Position::UNKNOWN;
+        }
+        state.refresh_wal_mode()?;
+        Ok(())
+    }
+}
+
+impl CaptureState {
+    /// Rereads the database file and, when its checksum is the position's, keeps
+    /// the page checksums.
+    fn content_matches_position(&mut self) -> Result<bool, StoreError> {
+        let Some((page_size, commit)) = self.database_file_size()? else {
+            return Ok(self.commit == 0);
+        };
+        if page_size != self.page_size || commit != self.commit {
+            return Ok(false);
+        }
+        let checksums = self.page_checksums_of_content(page_size, commit)?;
+        let xor = checksums.iter().fold(0, |acc, c| acc ^ c);
+        if Checksum(xor | Checksum::FLAG) != self.position.checksum {
+            return Ok(false);
+        }
+        self.page_checksums = checksums;
+        self.checksum_xor = xor;
+        self.needs_rescan = false;
+        Ok(true)
+    }
+}
+
+/// The page checksums of the pages a change set writes.
+fn checksums_of(received: &ReceivedChangeSet) -> Vec<u64> {
+    received
+        .pages
+        .iter()
+        .map(|(pgno, page)| ltx::page_checksum(*pgno, page).0)
+        .collect()
+}
+
+/// The XOR of the page checksums after applying a change set with pages
+/// `new_checksums`, computed without changing anything, the same way capture keeps
+/// them on the primary.
+fn checksum_after(
+    state: &CaptureState,
+    received: &ReceivedChangeSet,
+    new_checksums: &[u64],
+    full: bool,
+) -> u64 {
+    let new = new_checksums.iter().fold(0, |acc, c| acc ^ c);
+    if full {
+        return new;
+    }
+    let commit = received.header.commit as usize;
+    let kept = &state.page_checksums[..commit.min(state.page_checksums.len())];
+    let cut = state.page_checksums[kept.len()..]
+        .iter()
+        .fold(0, |acc, c| acc ^ c);
+    let replaced = received.pages.iter().fold(0, |acc, (pgno, _)| {
+        acc ^ kept.get(*pgno as usize - 1).copied().unwrap_or(0)
+    });
+    state.checksum_xor ^ cut ^ replaced ^ new
+}
+
+/// Folds an applied change set into the page checksums.
+fn update_page_checksums(
+    state: &mut CaptureState,
+    received: &ReceivedChangeSet,
+    new_checksums: &[u64],
+    full: bool,
+    xor: u64,
+) {
+    if full {
+        state.page_checksums.clear();
+    }
+    state
+        .page_checksums
+        .resize(received.header.commit as usize, 0);
+    for ((pgno, _), checksum) in received.pages.iter().zip(new_checksums) {
+        state.page_checksums[*pgno as usize - 1] = *checksum;
+    }
+    state.checksum_xor = xor;
+}
+
+fn write_pages(
+    state: &CaptureState,
+    header: &Header,
+    pages: &[(u32, Vec<u8>)],
+) -> Result<(), StoreError> {
+    let Some(file) = &state.database_file else {
+        return Err(StoreError::Capture {
+            database: "replica".into(),
+            message: "the database file is not open".into(),
+        });
+    };
+    let io_error = |source| StoreError::Io {
+        context: format!("apply change set {}", header.filename()),
+        source,
+    };
+    let page_size = u64::from(header.page_size);
+    for (pgno, page) in pages {
+        file.write_all_at(page, u64::from(pgno - 1) * page_size)
+            .map_err(io_error)?;
+    }
+    file.set_len(u64::from(header.commit) * page_size)
+        .map_err(io_error)
+}

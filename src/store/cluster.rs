@@ -1,0 +1,127 @@
+//! What this node knows about its place in the cluster: whether it is the primary
+//! or a replica, which primary it follows, and when it last heard from it.
+//!
+//! The store keeps this because the filesystem serves it (`.primary`, `.lag`) and
+//! because the role decides whether local processes may write databases. The
+//! replication client updates it; nothing here does I/O.
+//!
+//! Invariants: `primary` is `Some` only while a replica is connected to a primary
+//! (so `.primary` is never stale); a primary never has one.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Whether local processes may write this node's databases.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Local writes are captured as change sets.
+    Primary,
+    /// Databases change only by applying the primary's change sets; local
+    /// processes may read them but not open them for writing.
+    Replica,
+}
+
+impl Role {
+    /// The role's name as operators see it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Primary => "primary",
+            Role::Replica => "replica",
+        }
+    }
+}
+
+/// The node's role and its view of the primary.
+#[derive(Debug)]
+pub struct ClusterView {
+    role: AtomicU8,
+    primary: Mutex<Option<String>>,
+    /// The primary's clock (Unix ms) in its last message; 0 before the first.
+    last_primary_timestamp_ms: AtomicU64,
+}
+
+impl ClusterView {
+    pub(super) fn new(role: Role) -> ClusterView {
+        ClusterView {
+            role: AtomicU8::new(role as u8),
+            primary: Mutex::new(None),
+            last_primary_timestamp_ms: AtomicU64::new(0),
+        }
+    }
+
+    /// This node's role.
+    pub fn role(&self) -> Role {
+        if self.role.load(Ordering::Acquire) == Role::Primary as u8 {
+            Role::Primary
+        } else {
+            Role::Replica
+        }
+    }
+
+    /// Changes this node's role; a primary follows no one.
+    pub fn set_role(&self, role: Role) {
+        self.role.store(role as u8, Ordering::Release);
+        if role == Role::Primary {
+            self.set_primary(None);
+        }
+    }
+
+    /// The hostname of the primary this replica is connected to, if any.
+    pub fn primary(&self) -> Option<String> {
+        self.primary
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Records that this replica is (`Some`) or is no longer (`None`) connected to
+    /// a primary ([`super::Store::set_primary`] also refreshes the kernel's view).
+    pub(super) fn set_primary(&self, hostname: Option<String>) {
+        *self.primary.lock().unwrap_or_else(|p| p.into_inner()) = hostname;
+    }
+
+    /// Records the primary's clock from a message it sent.
+    pub fn note_primary_timestamp(&self, unix_ms: u64) {
+        self.last_primary_timestamp_ms
+            .fetch_max(unix_ms, Ordering::AcqRel);
+    }
+
+    /// How far this node is behind the primary: zero on the primary, the time
+    /// since the primary's last timestamp on a replica, `None` on a replica that
+    /// has not heard from a primary yet.
+    pub fn lag(&self) -> Option<Duration> {
+        if self.role() == Role::Primary {
+            return Some(Duration::ZERO);
+        }
+        let last = self.last_primary_timestamp_ms.load(Ordering::Acquire);
+        if last == 0 {
+            return None;
+        }
+        Some(Duration::from_millis(unix_now_ms().saturating_sub(last)))
+    }
+}
+
+/// The current time in Unix milliseconds (0 if the clock is before 1970).
+pub fn unix_now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_millis() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn primary_has_no_primary_and_no_lag() {
+        let view = ClusterView::new(Role::Replica);
+        assert_eq!(view.lag(), None);
+        view.set_primary(Some("node-a".into()));
+        view.note_primary_timestamp(unix_now_ms());
+        assert!(view.lag().unwrap() < Duration::from_secs(5));
+        view.set_role(Role::Primary);
+        assert_eq!(view.primary(), None);
+        assert_eq!(view.lag(), Some(Duration::ZERO));
+    }
+}

@@ -1,0 +1,414 @@
+//! Applying the primary's change sets on a replica while local processes read.
+//!
+//! Readers are kept out only while pages are written locally, never while a change
+//! set travels the network: the caller hands over a complete change set, which is
+//! decoded and verified before any lock is taken. ltxfs then takes, for itself,
+//! the SQLite locks every reader needs — in WAL mode the wal-index read marks and
+//! writer locks in `-shm`, in rollback modes the database file's PENDING, RESERVED
+//! and SHARED bytes — with priority over new readers, so a stream of short read
+//! transactions cannot starve it. A reader that finds them taken gets `SQLITE_BUSY`
+//! and retries within its busy timeout, as it would behind a local writer.
+//!
+//! Before the locks are released the kernel's cached pages of the database are
+//! dropped and, in WAL mode, the wal-index header is advanced, so every reader's
+//! next transaction sees the new content and drops its own page cache.
+
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+
+use super::locks::{ByteRange, LockKind, LockOwner, LockRequest};
+use super::wal::{WAL_INDEX_PREFIX, wal_index_after_apply};
+use super::{
+    AppliedChangeSet, FileKind, Node, PENDING_BYTE, ReceivedChangeSet, Role, Store, StoreError,
+    parse_name,
+};
+
+/// The lock owner ltxfs itself uses. Kernel lock owners are hashed pointers, so
+/// this value does not collide with an application's.
+pub const LTXFS_LOCK_OWNER: LockOwner = u64::MAX;
+
+/// The wal-index locks every WAL-mode reader and writer takes in `-shm`: the
+/// writer, checkpointer and recovery locks and the five read marks. The "DMS" byte
+/// after them, which connections hold for as long as they are open, is left alone.
+const WAL_INDEX_LOCKS: ByteRange = ByteRange {
+    start: 120,
+    end: 127,
+};
+
+/// The rollback-mode locks of the database file: PENDING, RESERVED and the SHARED
+/// range that every reader locks.
+const DATABASE_LOCKS: ByteRange = ByteRange {
+    start: PENDING_BYTE,
+    end: PENDING_BYTE + 511,
+};
+
+/// A lock ltxfs holds on a file until dropped.
+struct HeldByLtxfs {
+    node: Arc<Node>,
+    range: ByteRange,
+}
+
+impl HeldByLtxfs {
+    /// Blocks until ltxfs holds an exclusive lock on `range` of `node`.
+    fn take(node: Arc<Node>, range: ByteRange) -> HeldByLtxfs {
+        node.locks().lock_with_priority(LockRequest {
+            owner: LTXFS_LOCK_OWNER,
+            pid: 0,
+            range,
+            kind: LockKind::Write,
+        });
+        HeldByLtxfs { node, range }
+    }
+}
+
+impl Drop for HeldByLtxfs {
+    fn drop(&mut self) {
+        self.node.locks().unlock(LTXFS_LOCK_OWNER, self.range);
+    }
+}
+
+impl Store {
+    /// Applies one change set from the primary to database `name`, creating the
+    /// database when it is new. Blocks while readers finish their transactions, so
+    /// never call it on a FUSE worker thread.
+    pub fn apply_change_set(
+        &self,
+        name: &str,
+        ltx: Vec<u8>,
+    ) -> Result<AppliedChangeSet, StoreError> {
+        let rejected = |reason: &str| StoreError::ChangeSetRejected {
+            database: name.to_string(),
+            reason: reason.to_string(),
+        };
+        if self.cluster.role() != Role::Replica {
+            return Err(rejected("this node is the primary"));
+        }
+        if parse_name(name)?.kind != FileKind::Database {
+            return Err(rejected("the name is not a database's"));
+        }
+        let received = ReceivedChangeSet::decode(name, ltx)?;
+        let database_node = match self.lookup(name) {
+            Some(node) => node,
+            None => self.create(name)?,
+        };
+        let database = database_node.database().clone();
+        let wal_before = database.is_wal_mode();
+        let wal_after = received.wal_mode_after().unwrap_or(wal_before);
+        let index_node = if wal_before || wal_after {
+            let shm = format!("{name}-shm");
+            Some(match self.lookup(&shm) {
+                Some(node) => node,
+                None => self.create(&shm)?,
+            })
+        } else {
+            None
+        };
+        // Readers of the wal-index first, then (when readers use them) the database
+        // file's locks; released in reverse order when `held` is dropped.
+        let mut held = Vec::with_capacity(2);
+        if let Some(index_node) = &index_node {
+            held.push(HeldByLtxfs::take(index_node.clone(), WAL_INDEX_LOCKS));
+        }
+        if !wal_before {
+            held.push(HeldByLtxfs::take(database_node.clone(), DATABASE_LOCKS));
+        }
+        let applied = database.apply_received(received)?;
+        self.drop_cached_pages(&database_node, &applied);
+        if let (Some(index_node), true) = (&index_node, applied.wal_mode) {
+            self.advance_wal_index(index_node, &applied)?;
+        }
+        drop(held);
+        Ok(applied)
+    }
+
+    /// Makes the kernel drop its cached copies of the pages a change set wrote
+    /// (and the file's attributes, since its size may have changed).
+    fn drop_cached_pages(&self, node: &Node, applied: &AppliedChangeSet) {
+        let Some(cache) = self.kernel_cache() else {
+            return;
+        };
+        let page_size = u64::from(applied.page_size);
+        let mut runs: Vec<(u32, u32)> = Vec::new();
+        for &pgno in &applied.pages {
+            match runs.last_mut() {
+                Some((_, last)) if *last + 1 == pgno => *last = pgno,
+                _ => runs.push((pgno, pgno)),
+            }
+        }
+        // Pages past the new end were cut off; a length of 0 means "to the end".
+        runs.push((applied.commit + 1, 0));
+        for (first, last) in runs {
+            let offset = u64::from(first - 1) * page_size;
+            let len = if last == 0 {
+                0
+            } else {
+                u64::from(last - first + 1) * page_size
+            };
+            cache.invalidate_pages(node.id(), offset, len);
+        }
+    }
+
+    /// Advances the wal-index header so WAL-mode readers see the new content. The
+    /// kernel's copy of `-shm` (which readers map) is written back and dropped
+    /// first, and dropped again after the backing file changed.
+    fn advance_wal_index(
+        &self,
+        index_node: &Node,
+        applied: &AppliedChangeSet,
+    ) -> Result<(), StoreError> {
+        let cache = self.kernel_cache();
+        if let Some(cache) = &cache {
+            cache.invalidate_file(index_node.id());
+        }
+        let prefix = index_node.read_at(0, WAL_INDEX_PREFIX)?;
+        if let Some(new) = wal_index_after_apply(&prefix, applied.page_size, applied.commit) {
+            index_node
+                .file
+                .write_all_at(&new, 0)
+                .map_err(|source| StoreError::io(format!("write {}", index_node.name), source))?;
+        }
+        if let Some(cache) = &cache {
+            cache.invalidate_file(index_node.id());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::ltx::{Checksum, DatabaseChecksum, Encoder, Header, TxId};
+    use crate::store::{CaptureOptions, Position, SQLITE_HEADER_MAGIC};
+
+    const PAGE_SIZE: u32 = 512;
+
+    /// A database of `pages` pages where page `n` is filled with `fill(n)`, page 1
+    /// carrying the SQLite header (rollback mode).
+    fn page(pgno: u32, fill: u8) -> Vec<u8> {
+        let mut page = vec![fill; PAGE_SIZE as usize];
+        if pgno == 1 {
+            page[..16].copy_from_slice(SQLITE_HEADER_MAGIC);
+            page[16..18].copy_from_slice(&(PAGE_SIZE as u16).to_be_bytes());
+            page[18] = 1;
+            page[19] = 1;
+        }
+        page
+    }
+
+    /// Builds change sets the way the primary would, keeping the checksum.
+    struct History {
+        pages: Vec<Vec<u8>>,
+        txid: u64,
+        checksum: Checksum,
+    }
+
+    impl History {
+        fn new() -> History {
+            History {
+                pages: Vec::new(),
+                txid: 0,
+                checksum: Checksum(0),
+            }
+        }
+
+        fn commit(&mut self, changes: &[(u32, u8)], commit: u32) -> Vec<u8> {
+            for &(pgno, fill) in changes {
+                let slot = pgno as usize - 1;
+                if self.pages.len() <= slot {
+                    self.pages.resize(slot + 1, vec![0; PAGE_SIZE as usize]);
+                }
+                self.pages[slot] = page(pgno, fill);
+            }
+            self.pages.truncate(commit as usize);
+            let mut database = DatabaseChecksum::new(PAGE_SIZE).unwrap();
+            for (index, page) in self.pages.iter().enumerate() {
+                database.add_page(index as u32 + 1, page);
+            }
+            self.txid += 1;
+            let header = Header {
+                page_size: PAGE_SIZE,
+                commit,
+                min_txid: TxId(self.txid),
+                max_txid: TxId(self.txid),
+                timestamp: 1,
+                pre_apply_checksum: self.checksum,
+                ..Header::default()
+            };
+            let mut bytes = Vec::new();
+            let mut encoder = Encoder::new(&mut bytes, header).unwrap();
+            let mut sorted: Vec<u32> = changes.iter().map(|&(pgno, _)| pgno).collect();
+            sorted.sort_unstable();
+            sorted.dedup();
+            for pgno in sorted.into_iter().filter(|&pgno| pgno <= commit) {
+                encoder
+                    .encode_page(pgno, &self.pages[pgno as usize - 1])
+                    .unwrap();
+            }
+            self.checksum = database.value();
+            encoder.finish(self.checksum).unwrap();
+            bytes
+        }
+
+        fn position(&self) -> Position {
+            Position {
+                txid: TxId(self.txid),
+                checksum: self.checksum,
+            }
+        }
+
+        fn content(&self) -> Vec<u8> {
+            self.pages.concat()
+        }
+    }
+
+    fn replica(dir: &std::path::Path) -> Store {
+        Store::open(dir, CaptureOptions::default(), Role::Replica).unwrap()
+    }
+
+    #[test]
+    fn applies_change_sets_in_order_and_refuses_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = replica(dir.path());
+        let mut history = History::new();
+        let snapshot = history.commit(&[(1, 1), (2, 2), (3, 3)], 3);
+        store.apply_change_set("app.db", snapshot).unwrap();
+        let second = history.commit(&[(2, 9)], 3);
+        let third = history.commit(&[(1, 4), (4, 4)], 4);
+        // Out of order: nothing changes.
+        assert!(matches!(
+            store.apply_change_set("app.db", third.clone()),
+            Err(StoreError::ChangeSetRejected { .. })
+        ));
+        store.apply_change_set("app.db", second).unwrap();
+        let applied = store.apply_change_set("app.db", third).unwrap();
+        assert_eq!(applied.position, history.position());
+        assert_eq!(
+            store.database("app.db").unwrap().position(),
+            history.position()
+        );
+        let node = store.lookup("app.db").unwrap();
+        assert_eq!(node.read_at(0, 1 << 20).unwrap(), history.content());
+        // A corrupted change set is refused before anything is written.
+        let mut corrupt = history.commit(&[(3, 7)], 4);
+        let middle = corrupt.len() / 2;
+        corrupt[middle] ^= 1;
+        assert!(store.apply_change_set("app.db", corrupt).is_err());
+        assert_eq!(
+            node.read_at(0, 1 << 20).unwrap().len(),
+            4 * PAGE_SIZE as usize
+        );
+    }
+
+    #[test]
+    fn a_restarted_replica_resumes_and_repairs_an_interrupted_apply() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut history = History::new();
+        {
+            let store = replica(dir.path());
+            store
+                .apply_change_set("app.db", history.commit(&[(1, 1), (2, 2)], 2))
+                .unwrap();
+            store
+                .apply_change_set("app.db", history.commit(&[(2, 5), (3, 6)], 3))
+                .unwrap();
+            // A crash after the log append, part-way through writing the pages.
+            store.lookup("app.db").unwrap().file.set_len(512).unwrap();
+        }
+        let store = replica(dir.path());
+        assert_eq!(
+            store.database("app.db").unwrap().position(),
+            history.position()
+        );
+        assert_eq!(
+            store.lookup("app.db").unwrap().read_at(0, 1 << 20).unwrap(),
+            history.content()
+        );
+        store
+            .apply_change_set("app.db", history.commit(&[(3, 8)], 3))
+            .unwrap();
+    }
+
+    #[test]
+    fn a_database_that_matches_nothing_asks_for_a_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut history = History::new();
+        {
+            let store = replica(dir.path());
+            store
+                .apply_change_set("app.db", history.commit(&[(1, 1), (2, 2)], 2))
+                .unwrap();
+            store
+                .apply_change_set("app.db", history.commit(&[(1, 3)], 2))
+                .unwrap();
+            store
+                .lookup("app.db")
+                .unwrap()
+                .file
+                .write_all_at(&[0xee; 512], 512)
+                .unwrap();
+        }
+        let store = replica(dir.path());
+        let database = store.database("app.db").unwrap();
+        // Applying the last change set again does not help: page 2 is not in it.
+        assert_eq!(database.position(), Position::UNKNOWN);
+    }
+
+    #[test]
+    fn the_primary_refuses_change_sets() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), CaptureOptions::default(), Role::Primary).unwrap();
+        let mut history = History::new();
+        assert!(matches!(
+            store.apply_change_set("app.db", history.commit(&[(1, 1)], 1)),
+            Err(StoreError::ChangeSetRejected { .. })
+        ));
+    }
+
+    #[test]
+    fn readers_are_kept_out_while_pages_are_written_and_cannot_starve_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(replica(dir.path()));
+        let mut history = History::new();
+        store
+            .apply_change_set("app.db", history.commit(&[(1, 1)], 1))
+            .unwrap();
+        let node = store.lookup("app.db").unwrap();
+        let shared = |owner| LockRequest {
+            owner,
+            pid: owner as u32,
+            range: ByteRange::new(PENDING_BYTE + 2, PENDING_BYTE + 2).unwrap(),
+            kind: LockKind::Read,
+        };
+        // A reader in a transaction holds SHARED; the apply waits for it.
+        node.locks().try_lock(shared(1)).unwrap();
+        let (done_tx, done_rx) = mpsc::channel();
+        let applier = {
+            let store = store.clone();
+            let change_set = history.commit(&[(1, 2)], 1);
+            std::thread::spawn(move || {
+                let result = store.apply_change_set("app.db", change_set);
+                done_tx.send(()).unwrap();
+                result
+            })
+        };
+        assert!(done_rx.recv_timeout(Duration::from_millis(200)).is_err());
+        // While the apply waits, a new reader is turned away (it retries later).
+        let waiting = (0..100).any(|_| {
+            std::thread::sleep(Duration::from_millis(5));
+            let refused = node.locks().try_lock(shared(2)).is_err();
+            node.locks()
+                .unlock(2, ByteRange::new(0, u64::MAX >> 1).unwrap());
+            refused
+        });
+        assert!(waiting, "a new reader got in ahead of the waiting apply");
+        node.locks()
+            .unlock(1, ByteRange::new(0, u64::MAX >> 1).unwrap());
+        done_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        applier.join().unwrap().unwrap();
+        node.locks().try_lock(shared(2)).unwrap();
+        assert_eq!(node.read_at(0, 512).unwrap(), page(1, 2));
+    }
+}
