@@ -10,12 +10,16 @@ use clap::{Parser, Subcommand};
 use crate::config::{self, ExecCommand, LogConfig, LogFormat};
 use crate::ltx;
 use crate::mount::{self, MountError, MountRequest};
+use crate::replication::{self, ReplicationError};
 use crate::tools;
 
 /// Exit status for usage and configuration errors.
 pub const EXIT_USAGE: i32 = 2;
 /// Exit status for failures while running.
 pub const EXIT_FAILURE: i32 = 1;
+
+/// Where `ltxfs status` asks by default: the local node's replication address.
+pub const DEFAULT_STATUS_URL: &str = "http://127.0.0.1:20202";
 
 /// ltxfs: replicated SQLite over FUSE.
 #[derive(Debug, Parser)]
@@ -63,6 +67,15 @@ enum Command {
         path: PathBuf,
         #[command(flatten)]
         mount: MountSelection,
+    },
+    /// Show a node's role, its primary, and every database's TXID, checksum and lag.
+    Status {
+        /// The node's replication address (http.addr, or lease.advertise-url).
+        #[arg(long, default_value = DEFAULT_STATUS_URL)]
+        url: String,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
     },
     /// Inspect LTX change-set files.
     Ltx {
@@ -128,6 +141,7 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> i32 {
             no_capture,
             command,
         } => run_mount(mount_point, config, !no_expand_env, !no_capture, command),
+        Command::Status { url, json } => run_status(&url, json),
         Command::Ltx { command } => run_ltx(command),
         Command::Export { name, path, mount } => run_tool(mount, |mount_dir| {
             tools::export(mount_dir, &name, &path).map(|summary| summary.to_string())
@@ -184,6 +198,28 @@ fn run_tool(
             println!("{summary}");
             0
         }
+        Err(error) => fail(EXIT_FAILURE, &error),
+    }
+}
+
+fn run_status(url: &str, json: bool) -> i32 {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => return fail(EXIT_FAILURE, &error),
+    };
+    match runtime.block_on(replication::fetch_status(url)) {
+        Ok(status) if json => {
+            println!("{}", status.to_json());
+            0
+        }
+        Ok(status) => {
+            println!("{status}");
+            0
+        }
+        Err(error @ ReplicationError::InvalidUrl { .. }) => fail(EXIT_USAGE, &error),
         Err(error) => fail(EXIT_FAILURE, &error),
     }
 }

@@ -3,6 +3,7 @@
 //! See `ARCHITECTURE.md` for the code map.
 
 pub mod bench;
+pub mod bridge;
 pub mod cli;
 pub mod config;
 pub mod fs;
@@ -10,5 +11,6 @@ pub mod fuse;
 pub mod ltx;
 pub mod mount;
 pub mod mountinfo;
+pub mod replication;
 pub mod store;
 pub mod tools;

@@ -6,8 +6,12 @@
 //!   changed on disk (the one exception: a stale mount of a crashed ltxfs is cleaned).
 //! - Only one ltxfs process uses a data dir at a time: an exclusive `flock` on
 //!   `<data dir>/lock`, held for the life of the process.
-//! - The FUSE session runs on its own threads; this module's async code only waits
-//!   for signals and child processes, and never touches the filesystem's state.
+//! - The FUSE session runs on its own threads; this module's async code waits for
+//!   signals and child processes and runs the replication tasks, which reach the
+//!   store only through its public API (and `bridge` for commit notifications).
+//! - The node's address (`http.addr`) is bound before the mount exists, so a busy
+//!   port is reported up front; on the way out the replication tasks stop before
+//!   the unmount.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
@@ -17,6 +21,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use tokio::signal::unix::{SignalKind, signal};
+use tokio_util::sync::CancellationToken;
+
+use crate::bridge::CommitBridge;
+use crate::replication::{self, NodeContext};
 
 use crate::config::{Config, ExecCommand, LeaseType};
 use crate::fs::Fs;
@@ -28,6 +36,13 @@ use crate::store::{CaptureOptions, Role, Store};
 /// How many threads read and answer FUSE requests. More than the core count, so a
 /// slow `fsync` on one thread never stalls reads and lock calls on the others.
 const FUSE_WORKER_THREADS: usize = 8;
+
+/// Threads of the async runtime (signals, exec, replication). Applying change sets
+/// and reading logs run on its blocking pool, not on these.
+const ASYNC_WORKER_THREADS: usize = 2;
+
+/// How long replication tasks may take to stop at shutdown.
+const REPLICATION_STOP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// How often blocking lock requests are checked for processes that died waiting.
 const LOCK_REAPER_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
@@ -147,14 +162,18 @@ fn check_supported(config: &Config) -> Result<(), MountError> {
     let unsupported = |what: &str| {
         Err(MountError::Usage(format!(
             "{what} is not supported yet: this ltxfs runs a single primary (replication, \
-             leases and the proxy are still to come); remove it from ltxfs.yml"
+             Consul and etcd leases and the proxy are still to come); remove it from ltxfs.yml"
         )))
     };
     if config.lease.lease_type != LeaseType::Static {
         return unsupported("lease.type other than static");
     }
-    if !config.lease.candidate {
-        return unsupported("a replica (lease.candidate: false)");
+    if !config.lease.candidate && config.lease.advertise_url.is_none() {
+        return Err(MountError::Usage(
+            "a replica (lease.candidate: false) with the static lease needs \
+             lease.advertise-url: the primary's URL, e.g. http://primary:20202"
+                .to_string(),
+        ));
     }
     if config.proxy.is_enabled() {
         return unsupported("the proxy section");
@@ -333,6 +352,7 @@ pub fn run(request: MountRequest) -> Result<i32, MountError> {
         compress: request.config.data.compress,
         strict_verify: request.config.strict_verify,
     };
+    let listener = bind_node_address(&request.config.http.addr)?;
     let role = if request.config.lease.candidate {
         Role::Primary
     } else {
@@ -346,7 +366,8 @@ pub fn run(request: MountRequest) -> Result<i32, MountError> {
     let fs = Arc::new(Fs::new(store.clone(), uid, gid));
     // Signals are caught from before the mount exists, so a SIGTERM that arrives
     // while mounting still unmounts cleanly instead of killing ltxfs.
-    let runtime = tokio::runtime::Builder::new_current_thread()
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(ASYNC_WORKER_THREADS)
         .enable_all()
         .build()
         .map_err(|error| MountError::runtime("start the async runtime", error))?;
@@ -402,7 +423,10 @@ pub fn run(request: MountRequest) -> Result<i32, MountError> {
         }
     })
     .map_err(|error| MountError::runtime("start the lock reaper", error))?;
+    let replication =
+        ReplicationTasks::start(&runtime, &request.config, &store, &plan.data_dir, listener)?;
     let exit_code = runtime.block_on(supervise(commands, signals, &plan.mount_point));
+    replication.stop(&runtime);
     retention.stop();
     lock_reaper.stop();
     session.unmount();
@@ -410,6 +434,105 @@ pub fn run(request: MountRequest) -> Result<i32, MountError> {
         tracing::error!(%error, "could not save state for a fast restart; the next start rereads the databases");
     }
     exit_code
+}
+
+/// Binds the node's address (`http.addr`; `:PORT` means every interface).
+fn bind_node_address(addr: &str) -> Result<std::net::TcpListener, MountError> {
+    let address = match addr.strip_prefix(':') {
+        Some(port) => format!("0.0.0.0:{port}"),
+        None => addr.to_string(),
+    };
+    let listener = std::net::TcpListener::bind(&address).map_err(|error| {
+        MountError::Usage(format!(
+            "cannot listen on http.addr {addr:?}: {error}; choose another address in ltxfs.yml"
+        ))
+    })?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|error| MountError::runtime("configure the node's listener", error))?;
+    Ok(listener)
+}
+
+/// This node's name: `lease.hostname`, else the machine's hostname.
+fn node_hostname(config: &Config) -> String {
+    if let Some(hostname) = &config.lease.hostname {
+        return hostname.clone();
+    }
+    let mut buffer = [0u8; 256];
+    // SAFETY: the buffer is writable for its whole length.
+    let rc = unsafe { libc::gethostname(buffer.as_mut_ptr().cast(), buffer.len()) };
+    let len = buffer.iter().position(|&b| b == 0).unwrap_or(buffer.len());
+    if rc != 0 || len == 0 {
+        return "localhost".to_string();
+    }
+    String::from_utf8_lossy(&buffer[..len]).into_owned()
+}
+
+/// The replication server every node runs (status on all, change sets on the
+/// primary) and, on a replica, the client that follows the primary.
+struct ReplicationTasks {
+    shutdown: CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl ReplicationTasks {
+    fn start(
+        runtime: &tokio::runtime::Runtime,
+        config: &Config,
+        store: &Arc<Store>,
+        data_dir: &Path,
+        listener: std::net::TcpListener,
+    ) -> Result<ReplicationTasks, MountError> {
+        let _context = runtime.enter();
+        let listener = tokio::net::TcpListener::from_std(listener)
+            .map_err(|error| MountError::runtime("listen on http.addr", error))?;
+        let hostname = node_hostname(config);
+        let commits = Arc::new(CommitBridge::new());
+        store.set_commit_listener(commits.clone());
+        let node = Arc::new(NodeContext {
+            store: store.clone(),
+            hostname: hostname.clone(),
+            commits,
+            spool_dir: data_dir.to_path_buf(),
+        });
+        let shutdown = CancellationToken::new();
+        let mut tasks = vec![runtime.spawn({
+            let shutdown = shutdown.clone();
+            async move {
+                if let Err(error) = replication::serve(listener, node, shutdown).await {
+                    tracing::error!(%error, "the replication server stopped");
+                }
+            }
+        })];
+        if store.cluster().role() == Role::Replica {
+            if let Some(primary_url) = config.lease.advertise_url.clone() {
+                tasks.push(runtime.spawn(replication::follow(
+                    store.clone(),
+                    primary_url,
+                    hostname,
+                    config.lease.reconnect_delay,
+                    shutdown.clone(),
+                )));
+            }
+        }
+        Ok(ReplicationTasks { shutdown, tasks })
+    }
+
+    /// Cancels the tasks and waits (bounded) for them to finish.
+    fn stop(self, runtime: &tokio::runtime::Runtime) {
+        self.shutdown.cancel();
+        let finished = runtime.block_on(async {
+            tokio::time::timeout(REPLICATION_STOP_TIMEOUT, async {
+                for task in self.tasks {
+                    let _ = task.await;
+                }
+            })
+            .await
+        });
+        if finished.is_err() {
+            tracing::warn!("replication tasks did not stop in time");
+        }
+    }
 }
 
 /// A background thread that runs a task at an interval until it is stopped.

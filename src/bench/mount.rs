@@ -47,7 +47,7 @@ impl MountGuard {
         let log_path = base.join(format!("{name}.log"));
         super::create_dir(&mount_point)?;
         let config = format!(
-            "data:\n  dir: {}\n",
+            "data:\n  dir: {}\nhttp:\n  addr: \"127.0.0.1:0\"\n",
             yaml_quote(&base.join(format!("{name}-data")))
         );
         std::fs::write(&config_path, config).map_err(|cause| BenchError::Io {

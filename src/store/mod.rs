@@ -484,6 +484,16 @@ impl Store {
                     continue;
                 };
                 let name = kind.root_name(&database);
+                if kind == FileKind::Shm && self.cluster.role() == Role::Replica {
+                    // A replica's readers must rebuild the wal-index from its content
+                    // (its WAL is folded into the database below); no process can
+                    // have it open before the mount exists.
+                    File::options()
+                        .write(true)
+                        .open(file_entry.path())
+                        .and_then(|file| file.set_len(0))
+                        .map_err(|source| StoreError::io("reset the wal-index", source))?;
+                }
                 let node = self.open_node(&name, kind, &file_entry.path(), false, &capture)?;
                 namespace.by_id.insert(node.id, node.clone());
                 namespace.by_name.insert(name, node);

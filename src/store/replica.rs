@@ -118,7 +118,34 @@ impl Store {
             self.advance_wal_index(index_node, &applied)?;
         }
         drop(held);
+        if applied.commit == 0 {
+            // The primary deleted the database: its file disappears here too (the
+            // log stays, so the position is kept).
+            self.remove_applied_file(&database_node)?;
+        }
         Ok(applied)
+    }
+
+    /// Removes a database file the primary deleted, without recording anything.
+    fn remove_applied_file(&self, node: &Node) -> Result<(), StoreError> {
+        let parsed = parse_name(&node.name)?;
+        let backing = self
+            .dbs_dir
+            .join(&parsed.database)
+            .join(parsed.kind.backing_name());
+        {
+            let mut namespace = self.write_namespace();
+            std::fs::remove_file(&backing).map_err(|source| {
+                StoreError::io(format!("remove {}", backing.display()), source)
+            })?;
+            namespace.by_name.remove(&node.name);
+            namespace.by_id.remove(&node.id);
+        }
+        self.mark_dir_dirty(backing.parent().unwrap_or(&self.dbs_dir));
+        if let Some(cache) = self.kernel_cache() {
+            cache.invalidate_entry(&node.name);
+        }
+        Ok(())
     }
 
     /// Makes the kernel drop its cached copies of the pages a change set wrote

@@ -290,3 +290,58 @@ pub fn read_exact_at(file: &File, buffer: &mut [u8], offset: u64) -> std::io::Re
         Err(error) => Err(error),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A valid wal-index start as SQLite leaves it after some transactions.
+    fn wal_index(change: u32, frames: u32, pages: u32) -> Vec<u8> {
+        let mut header = vec![0u8; WAL_INDEX_HEADER_SIZE];
+        header[0..4].copy_from_slice(&3_007_000u32.to_ne_bytes());
+        header[8..12].copy_from_slice(&change.to_ne_bytes());
+        header[12] = 1;
+        header[14..16].copy_from_slice(&4096u16.to_ne_bytes());
+        header[16..20].copy_from_slice(&frames.to_ne_bytes());
+        header[20..24].copy_from_slice(&pages.to_ne_bytes());
+        let (c0, c1) = wal_checksum(false, (0, 0), &header[..40]);
+        header[40..44].copy_from_slice(&c0.to_ne_bytes());
+        header[44..48].copy_from_slice(&c1.to_ne_bytes());
+        let mut prefix = header.clone();
+        prefix.extend_from_slice(&header);
+        let mut checkpoint = vec![0u8; 40];
+        checkpoint[0..4].copy_from_slice(&frames.to_ne_bytes());
+        checkpoint[4..8].copy_from_slice(&frames.to_ne_bytes());
+        prefix.extend_from_slice(&checkpoint);
+        prefix
+    }
+
+    #[test]
+    fn wal_index_after_apply_advances_the_change_counter_and_empties_the_wal() {
+        let before = wal_index(7, 12, 30);
+        let after = wal_index_after_apply(&before, 4096, 42).unwrap();
+        assert_eq!(after.len(), WAL_INDEX_PREFIX);
+        let word = |at: usize| u32::from_ne_bytes(after[at..at + 4].try_into().unwrap());
+        assert_eq!(word(8), 8, "change counter");
+        assert_eq!(word(16), 0, "no frames");
+        assert_eq!(word(20), 42, "pages");
+        assert_eq!(after[..48], after[48..96], "both copies");
+        assert_eq!(
+            wal_checksum(false, (0, 0), &after[..40]),
+            (word(40), word(44))
+        );
+        assert_eq!((word(96), word(100)), (0, 0), "backfill and read mark 0");
+    }
+
+    #[test]
+    fn wal_index_without_a_valid_header_is_left_for_sqlite_to_rebuild() {
+        assert_eq!(wal_index_after_apply(&[0u8; 10], 4096, 1), None);
+        assert_eq!(
+            wal_index_after_apply(&[0u8; WAL_INDEX_PREFIX], 4096, 1),
+            None
+        );
+        let mut torn = wal_index(7, 12, 30);
+        torn[50] ^= 1;
+        assert_eq!(wal_index_after_apply(&torn, 4096, 1), None);
+    }
+}

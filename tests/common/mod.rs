@@ -129,7 +129,9 @@ pub fn yaml_str(s: &str) -> String {
 }
 
 /// Writes an `ltxfs.yml` with `data.dir` and, if given, `fuse.dir`, plus `extra`
-/// (raw top-level YAML appended as is).
+/// (raw top-level YAML appended as is). Unless `extra` has an `http` section, the
+/// node listens on a free loopback port, so tests running at once never collide
+/// on the default port.
 pub fn write_config(path: &Path, data_dir: &Path, fuse_dir: Option<&Path>, extra: &str) {
     let mut text = format!("data:\n  dir: {}\n", yaml_str(&data_dir.to_string_lossy()));
     if let Some(fuse_dir) = fuse_dir {
@@ -139,6 +141,9 @@ pub fn write_config(path: &Path, data_dir: &Path, fuse_dir: Option<&Path>, extra
         ));
     }
     text.push_str(extra);
+    if !extra.lines().any(|line| line.starts_with("http:")) {
+        text.push_str("http:\n  addr: \"127.0.0.1:0\"\n");
+    }
     fs::write(path, text).expect("write ltxfs.yml");
 }
 

@@ -180,6 +180,7 @@ impl Database {
     /// sends a snapshot.
     pub(in crate::store) fn repair_replica(&self) -> Result<(), StoreError> {
         let mut state = self.lock();
+        state.fold_wal_into_database(&self.name)?;
         if state.position.txid.0 == 0 {
             return Ok(());
         }
@@ -213,6 +214,48 @@ impl Database {
 }
 
 impl CaptureState {
+    /// Copies the WAL's committed pages into the database file and empties the WAL
+    /// (a checkpoint done by ltxfs), so that all of a replica's content is in the
+    /// database file, where change sets are applied. Only at start-up, while no
+    /// process has the database open.
+    fn fold_wal_into_database(&mut self, name: &str) -> Result<(), StoreError> {
+        let (Some(wal_file), Some(database_file)) =
+            (self.wal_file.clone(), self.database_file.clone())
+        else {
+            return Ok(());
+        };
+        if self.wal.committed.is_empty() {
+            return Ok(());
+        }
+        let Some((page_size, commit)) = self.logical_size()? else {
+            return Ok(());
+        };
+        let io_error = |what: &str, source| StoreError::Io {
+            context: format!("{what} of {name}"),
+            source,
+        };
+        let mut page = vec![0u8; page_size as usize];
+        for pgno in 1..=commit {
+            if self.wal.committed.contains_key(&pgno) {
+                self.read_logical_page(pgno, page_size, &mut page)?;
+                database_file
+                    .write_all_at(&page, u64::from(pgno - 1) * u64::from(page_size))
+                    .map_err(|source| io_error("fold the WAL into the database", source))?;
+            }
+        }
+        database_file
+            .set_len(u64::from(commit) * u64::from(page_size))
+            .and_then(|()| database_file.sync_all())
+            .map_err(|source| io_error("fold the WAL into the database", source))?;
+        wal_file
+            .set_len(0)
+            .map_err(|source| io_error("empty the WAL", source))?;
+        self.wal.reset();
+        self.file_page_size = page_size;
+        tracing::info!(database = %name, "moved the WAL's transactions into the database file before following the primary");
+        Ok(())
+    }
+
     /// Rereads the database file and, when its checksum is the position's, keeps
     /// the page checksums.
     fn content_matches_position(&mut self) -> Result<bool, StoreError> {

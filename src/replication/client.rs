@@ -1,0 +1,563 @@
+//! The replica's side: one stream to the primary, applied message by message.
+//!
+//! The client is a small state machine:
+//!
+//! ```text
+//!   Disconnected ──(backoff elapsed)──▶ Connecting ──(Hello)──▶ CatchingUp ──(Ready)──▶ Live
+//!        ▲                                  │                       │                    │
+//!        └──────────── the stream fails, ends, goes silent, or sends something invalid ◀─┘
+//! ```
+//!
+//! - `Disconnected`: not connected; `.primary` is absent. Waits out the backoff
+//!   (100 ms, doubling up to the configured reconnect delay).
+//! - `Connecting`: connects and sends this replica's position for every database;
+//!   the only message accepted now is `Hello`, which names the primary (served in
+//!   `.primary` from then on) and resets the backoff.
+//! - `CatchingUp`: applies change sets until `Ready`.
+//! - `Live`: applies change sets as they commit on the primary.
+//!
+//! In every connected state heartbeats update the lag, and a heartbeat's positions
+//! must equal this replica's own (everything sent before it has been applied);
+//! chunks of one change set are collected until the last, then the whole change set
+//! is applied on the blocking pool (the store keeps readers out while it writes, not
+//! while bytes travel the network). A change set the store rejects (it does not
+//! follow this replica's position, or does not verify) is never applied: the client
+//! reconnects, and the primary, seeing the position it cannot follow, sends a
+//! snapshot.
+//!
+//! Invariants: `.primary` names a primary only between its `Hello` and the end
+//! of that stream; nothing from the network reaches the store before [`wire`]
+//! validated it; cancellation stops the client at its next await.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::ltx::{HEADER_SIZE, Header};
+use crate::store::{Position, Store, StoreError};
+
+use super::chunk::Reassembler;
+use super::proto::replication_client::ReplicationClient;
+use super::wire::{self, DatabaseName, PrimaryMessage};
+use super::{
+    MAX_CHANGE_SET_BYTES, MAX_MESSAGE_BYTES, PRIMARY_SILENCE_TIMEOUT, ReplicationError, blocking,
+    endpoint, remote_error,
+};
+
+/// The first reconnect delay; it doubles after each failed attempt.
+const INITIAL_RECONNECT_DELAY: Duration = Duration::from_millis(100);
+
+/// Follows the primary at `primary_url` until `shutdown` is cancelled: applies
+/// its change sets to `store`, reconnecting with backoff up to `reconnect_delay`.
+/// `hostname` is this replica's name, for the primary's logs.
+pub async fn follow(
+    store: Arc<Store>,
+    primary_url: String,
+    hostname: String,
+    reconnect_delay: Duration,
+    shutdown: CancellationToken,
+) {
+    let mut replica = Replica {
+        store,
+        url: primary_url,
+        hostname,
+        session: Session::new(MAX_CHANGE_SET_BYTES),
+        backoff: Backoff::new(reconnect_delay),
+    };
+    // The last failure logged as a warning: the same failure again (the primary
+    // is still down) is only logged at debug level.
+    let mut last_warning = None;
+    loop {
+        replica.session.enter(State::Connecting);
+        let ended = tokio::select! {
+            error = replica.run_stream() => error,
+            () = shutdown.cancelled() => break,
+        };
+        let was_following = replica.session.state != State::Connecting;
+        replica.disconnect();
+        let delay = replica.backoff.next_delay();
+        let message = ended.to_string();
+        {
+            let error: &dyn std::error::Error = &ended;
+            if was_following || last_warning.as_ref() != Some(&message) {
+                tracing::warn!(primary = %replica.url, error, retry_in = ?delay, "not following the primary");
+            } else {
+                tracing::debug!(primary = %replica.url, error, retry_in = ?delay, "not following the primary");
+            }
+        }
+        last_warning = Some(message);
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = shutdown.cancelled() => break,
+        }
+    }
+    replica.disconnect();
+    tracing::info!(primary = %replica.url, "stopped following the primary");
+}
+
+/// Where the client is (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Disconnected,
+    Connecting,
+    CatchingUp,
+    Live,
+}
+
+/// What the client must do for a message.
+#[derive(Debug, PartialEq, Eq)]
+enum Step {
+    /// A stream began: `hostname` is now the primary.
+    Connected { hostname: String, timestamp_ms: u64 },
+    /// A change set is complete: apply it.
+    Apply {
+        database: DatabaseName,
+        ltx: Vec<u8>,
+    },
+    /// Part of a change set arrived; nothing to do yet.
+    Collecting,
+    /// The replica has caught up.
+    CaughtUp,
+    /// The primary is idle; its clock and where each database stands.
+    Heartbeat {
+        timestamp_ms: u64,
+        positions: Vec<(DatabaseName, Position)>,
+    },
+}
+
+/// The protocol rules a stream must follow, without any I/O.
+#[derive(Debug)]
+struct Session {
+    state: State,
+    chunks: Reassembler,
+}
+
+impl Session {
+    fn new(max_change_set_bytes: u64) -> Session {
+        Session {
+            state: State::Disconnected,
+            chunks: Reassembler::new(max_change_set_bytes),
+        }
+    }
+
+    fn enter(&mut self, state: State) {
+        if state != self.state {
+            tracing::debug!(from = ?self.state, to = ?state, "replication state");
+        }
+        if matches!(state, State::Disconnected | State::Connecting) {
+            self.chunks.clear();
+        }
+        self.state = state;
+    }
+
+    /// Checks that `message` may come now and says what to do with it.
+    fn receive(&mut self, message: PrimaryMessage) -> Result<Step, ReplicationError> {
+        let unexpected = |message: &PrimaryMessage, state| ReplicationError::UnexpectedMessage {
+            message: message.kind(),
+            state,
+        };
+        match (self.state, message) {
+            (State::Disconnected, message) => Err(unexpected(&message, "disconnected")),
+            (
+                State::Connecting,
+                PrimaryMessage::Hello {
+                    hostname,
+                    timestamp_ms,
+                },
+            ) => {
+                self.enter(State::CatchingUp);
+                Ok(Step::Connected {
+                    hostname,
+                    timestamp_ms,
+                })
+            }
+            (State::Connecting, message) => Err(unexpected(&message, "waiting for Hello")),
+            (_, PrimaryMessage::Chunk(chunk)) => Ok(match self.chunks.push(chunk)? {
+                Some((database, ltx)) => Step::Apply { database, ltx },
+                None => Step::Collecting,
+            }),
+            (_, message) if self.chunks.pending().is_some() => {
+                Err(unexpected(&message, "receiving the chunks of a change set"))
+            }
+            (_, message @ PrimaryMessage::Hello { .. }) => {
+                Err(unexpected(&message, "already connected"))
+            }
+            (State::CatchingUp, PrimaryMessage::Ready) => {
+                self.enter(State::Live);
+                Ok(Step::CaughtUp)
+            }
+            (_, message @ PrimaryMessage::Ready) => Err(unexpected(&message, "already live")),
+            (
+                _,
+                PrimaryMessage::Heartbeat {
+                    timestamp_ms,
+                    positions,
+                },
+            ) => Ok(Step::Heartbeat {
+                timestamp_ms,
+                positions,
+            }),
+        }
+    }
+}
+
+/// The reconnect delays: from [`INITIAL_RECONNECT_DELAY`], doubling up to a
+/// maximum, back to the start after a successful `Hello`.
+#[derive(Debug)]
+struct Backoff {
+    next: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    fn new(max: Duration) -> Backoff {
+        Backoff {
+            next: INITIAL_RECONNECT_DELAY.min(max),
+            max,
+        }
+    }
+
+    fn next_delay(&mut self) -> Duration {
+        let delay = self.next;
+        self.next = self.next.saturating_mul(2).min(self.max);
+        delay
+    }
+
+    fn reset(&mut self) {
+        self.next = INITIAL_RECONNECT_DELAY.min(self.max);
+    }
+}
+
+/// A replica following one primary.
+struct Replica {
+    store: Arc<Store>,
+    url: String,
+    hostname: String,
+    session: Session,
+    backoff: Backoff,
+}
+
+impl Replica {
+    /// Connects and applies the stream until it ends; returns why it ended.
+    async fn run_stream(&mut self) -> ReplicationError {
+        match self.try_run_stream().await {
+            Ok(never) => match never {},
+            Err(error) => error,
+        }
+    }
+
+    async fn try_run_stream(&mut self) -> Result<std::convert::Infallible, ReplicationError> {
+        let channel =
+            endpoint(&self.url)?
+                .connect()
+                .await
+                .map_err(|source| ReplicationError::Connect {
+                    url: self.url.clone(),
+                    source,
+                })?;
+        let mut client =
+            ReplicationClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES);
+        let store = self.store.clone();
+        let positions = blocking(move || Ok(store.positions())).await?;
+        let request = wire::stream_request(&self.hostname, &positions);
+        let mut stream = client
+            .stream(request)
+            .await
+            .map_err(|status| remote_error(&self.url, &status))?
+            .into_inner();
+        loop {
+            let message = tokio::time::timeout(PRIMARY_SILENCE_TIMEOUT, stream.message())
+                .await
+                .map_err(|_| ReplicationError::PrimarySilent(PRIMARY_SILENCE_TIMEOUT))?
+                .map_err(|status| remote_error(&self.url, &status))?
+                .ok_or(ReplicationError::StreamEnded)?;
+            let message = wire::parse_primary_message(message)?;
+            match self.session.receive(message)? {
+                Step::Connected {
+                    hostname,
+                    timestamp_ms,
+                } => {
+                    tracing::info!(primary = %hostname, url = %self.url, "following the primary");
+                    self.store.set_primary(Some(hostname));
+                    self.store.cluster().note_primary_timestamp(timestamp_ms);
+                    self.backoff.reset();
+                }
+                Step::Apply { database, ltx } => self.apply(database, ltx).await?,
+                Step::Collecting => {}
+                Step::CaughtUp => {
+                    tracing::info!(primary = %self.url, "caught up with the primary");
+                }
+                Step::Heartbeat {
+                    timestamp_ms,
+                    positions,
+                } => {
+                    self.store.cluster().note_primary_timestamp(timestamp_ms);
+                    let store = self.store.clone();
+                    blocking(move || check_positions(&store, positions)).await?;
+                }
+            }
+        }
+    }
+
+    /// Applies one whole change set on the blocking pool.
+    async fn apply(&self, database: DatabaseName, ltx: Vec<u8>) -> Result<(), ReplicationError> {
+        let header = Header::decode(ltx.get(..HEADER_SIZE).unwrap_or(&ltx)).map_err(|source| {
+            ReplicationError::InvalidChangeSet {
+                database: database.as_str().to_string(),
+                source,
+            }
+        })?;
+        let store = self.store.clone();
+        let name = database.as_str().to_string();
+        let applied = blocking(move || Ok(store.apply_change_set(&name, ltx)?)).await;
+        match applied {
+            Ok(applied) => {
+                // The change set's timestamp is when it committed on the primary.
+                self.store
+                    .cluster()
+                    .note_primary_timestamp(header.timestamp);
+                tracing::debug!(
+                    database = database.as_str(),
+                    min_txid = %header.min_txid,
+                    max_txid = %header.max_txid,
+                    pages = applied.pages.len(),
+                    "applied a change set"
+                );
+                Ok(())
+            }
+            Err(ReplicationError::Store(error @ StoreError::ChangeSetRejected { .. })) => {
+                let error_ref: &dyn std::error::Error = &error;
+                tracing::warn!(
+                    database = database.as_str(),
+                    error = error_ref,
+                    "refused a change set from the primary; reconnecting to resynchronise"
+                );
+                Err(ReplicationError::Store(error))
+            }
+            Err(error) => Err(error),
+        }
+    }
+
+    /// Leaves the stream: this replica no longer has a primary.
+    fn disconnect(&mut self) {
+        self.store.set_primary(None);
+        self.session.enter(State::Disconnected);
+    }
+}
+
+/// Checks that every database is where the primary's heartbeat says it is.
+fn check_positions(
+    store: &Store,
+    positions: Vec<(DatabaseName, Position)>,
+) -> Result<(), ReplicationError> {
+    for (name, primary) in positions {
+        let local = store
+            .database(name.as_str())
+            .map_or(Position::UNKNOWN, |database| database.position());
+        if local != primary {
+            return Err(ReplicationError::Diverged {
+                database: name.as_str().to_string(),
+                local,
+                primary,
+            });
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ltx::{Checksum, TxId};
+    use crate::replication::CHUNK_SIZE;
+    use crate::replication::wire::Chunk;
+
+    fn name(name: &str) -> DatabaseName {
+        DatabaseName::parse("test", name.to_string()).unwrap()
+    }
+
+    fn hello() -> PrimaryMessage {
+        PrimaryMessage::Hello {
+            hostname: "node-a".into(),
+            timestamp_ms: 5,
+        }
+    }
+
+    fn chunk(database: &str, data: Vec<u8>, last: bool) -> PrimaryMessage {
+        PrimaryMessage::Chunk(Chunk {
+            database: name(database),
+            data,
+            last,
+        })
+    }
+
+    fn heartbeat() -> PrimaryMessage {
+        PrimaryMessage::Heartbeat {
+            timestamp_ms: 9,
+            positions: Vec::new(),
+        }
+    }
+
+    fn connected() -> Session {
+        let mut session = Session::new(MAX_CHANGE_SET_BYTES);
+        session.enter(State::Connecting);
+        session.receive(hello()).unwrap();
+        session
+    }
+
+    #[test]
+    fn the_backoff_doubles_up_to_the_reconnect_delay_and_resets() {
+        let mut backoff = Backoff::new(Duration::from_secs(1));
+        let delays: Vec<u128> = (0..6).map(|_| backoff.next_delay().as_millis()).collect();
+        assert_eq!(delays, vec![100, 200, 400, 800, 1000, 1000]);
+        backoff.reset();
+        assert_eq!(backoff.next_delay(), Duration::from_millis(100));
+
+        let mut short = Backoff::new(Duration::from_millis(30));
+        assert_eq!(short.next_delay(), Duration::from_millis(30));
+        assert_eq!(short.next_delay(), Duration::from_millis(30));
+    }
+
+    #[test]
+    fn a_stream_goes_from_connecting_through_catching_up_to_live() {
+        let mut session = Session::new(MAX_CHANGE_SET_BYTES);
+        session.enter(State::Connecting);
+        assert_eq!(
+            session.receive(hello()).unwrap(),
+            Step::Connected {
+                hostname: "node-a".into(),
+                timestamp_ms: 5
+            }
+        );
+        assert_eq!(session.state, State::CatchingUp);
+        assert_eq!(
+            session.receive(chunk("app.db", vec![1; 3], true)).unwrap(),
+            Step::Apply {
+                database: name("app.db"),
+                ltx: vec![1; 3]
+            }
+        );
+        assert!(matches!(
+            session.receive(heartbeat()).unwrap(),
+            Step::Heartbeat {
+                timestamp_ms: 9,
+                ..
+            }
+        ));
+        assert_eq!(
+            session.receive(PrimaryMessage::Ready).unwrap(),
+            Step::CaughtUp
+        );
+        assert_eq!(session.state, State::Live);
+        assert_eq!(
+            session.receive(chunk("app.db", vec![2], false)).unwrap(),
+            Step::Collecting
+        );
+        assert_eq!(
+            session.receive(chunk("app.db", vec![3], true)).unwrap(),
+            Step::Apply {
+                database: name("app.db"),
+                ltx: vec![2, 3]
+            }
+        );
+    }
+
+    #[test]
+    fn messages_out_of_order_are_rejected() {
+        let mut session = Session::new(MAX_CHANGE_SET_BYTES);
+        session.enter(State::Connecting);
+        for message in [
+            PrimaryMessage::Ready,
+            heartbeat(),
+            chunk("a.db", vec![1], true),
+        ] {
+            assert!(matches!(
+                session.receive(message),
+                Err(ReplicationError::UnexpectedMessage {
+                    state: "waiting for Hello",
+                    ..
+                })
+            ));
+        }
+
+        let mut session = connected();
+        assert!(matches!(
+            session.receive(hello()),
+            Err(ReplicationError::UnexpectedMessage {
+                message: "Hello",
+                ..
+            })
+        ));
+        session.receive(PrimaryMessage::Ready).unwrap();
+        assert!(matches!(
+            session.receive(PrimaryMessage::Ready),
+            Err(ReplicationError::UnexpectedMessage {
+                message: "Ready",
+                state: "already live"
+            })
+        ));
+
+        let mut session = connected();
+        session.receive(chunk("a.db", vec![1], false)).unwrap();
+        assert!(matches!(
+            session.receive(heartbeat()),
+            Err(ReplicationError::UnexpectedMessage {
+                message: "Heartbeat",
+                state: "receiving the chunks of a change set"
+            })
+        ));
+    }
+
+    #[test]
+    fn a_reconnect_forgets_an_incomplete_change_set() {
+        let mut session = connected();
+        session
+            .receive(chunk("a.db", vec![1; CHUNK_SIZE], false))
+            .unwrap();
+        session.enter(State::Disconnected);
+        session.enter(State::Connecting);
+        session.receive(hello()).unwrap();
+        assert_eq!(
+            session.receive(chunk("b.db", vec![2], true)).unwrap(),
+            Step::Apply {
+                database: name("b.db"),
+                ltx: vec![2]
+            }
+        );
+    }
+
+    #[test]
+    fn an_oversized_change_set_is_refused() {
+        let mut session = Session::new(4);
+        session.enter(State::Connecting);
+        session.receive(hello()).unwrap();
+        session.receive(chunk("a.db", vec![1; 3], false)).unwrap();
+        assert!(matches!(
+            session.receive(chunk("a.db", vec![1; 3], true)),
+            Err(ReplicationError::OversizedChangeSet { .. })
+        ));
+    }
+
+    #[test]
+    fn a_heartbeat_position_that_differs_is_divergence() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(
+            dir.path(),
+            crate::store::CaptureOptions::default(),
+            crate::store::Role::Replica,
+        )
+        .unwrap();
+        let claimed = Position {
+            txid: TxId(3),
+            checksum: Checksum(Checksum::FLAG | 1),
+        };
+        let error = check_positions(&store, vec![(name("app.db"), claimed)]).unwrap_err();
+        assert!(matches!(
+            error,
+            ReplicationError::Diverged { ref database, local, primary }
+                if database == "app.db" && local == Position::UNKNOWN && primary == claimed
+        ));
+        assert!(check_positions(&store, Vec::new()).is_ok());
+    }
+}

@@ -1,0 +1,370 @@
+//! Replication over gRPC: the primary streams every database's change sets to its
+//! replicas, which apply them in order.
+//!
+//! The wire protocol is `proto/ltxfs/replication/v1/replication.proto` (package
+//! `ltxfs.replication.v1`, built by `build.rs`). Its generated types never leave
+//! this module: `wire` validates every message from a peer into the domain types
+//! the rest of the module works with, and a message that does not validate is a
+//! [`ReplicationError`] naming what was wrong.
+//!
+//! - `server` (the primary): [`serve`] answers `Stream` with a `Hello`, the
+//!   change sets (or a snapshot) each database needs from the replica's position,
+//!   `Ready`, then live change sets and heartbeats; `Status` answers on every node.
+//! - `client` (a replica): [`follow`] keeps one stream open to the primary and
+//!   applies what arrives, reconnecting with backoff.
+//! - `chunk`: how a change set is split into `LtxChunk` messages and put back
+//!   together, with the limits on both.
+//! - `status`: the node status behind `ltxfs status`.
+//!
+//! # Memory per replica stream
+//!
+//! The primary produces each stream in its own task, writing messages into a
+//! bounded channel of [`STREAM_BUFFER_MESSAGES`] that tonic drains into the HTTP/2
+//! stream. When a replica reads slowly, HTTP/2 flow control stops the draining, the
+//! channel fills and the producer waits; nothing else buffers. A stream therefore
+//! holds at most `STREAM_BUFFER_MESSAGES × CHUNK_SIZE` (8 MiB) in its channel, plus
+//! the batch of change sets being sent (at most [`MAX_CATCH_UP_BYTES`], or one
+//! change set when a single one is larger) or one [`CHUNK_SIZE`] buffer while a
+//! snapshot is read back from its spool file, plus the one message tonic is
+//! encoding, HTTP/2's send buffer (hyper's default, 400 KiB) and what is in flight within the replica's receive window
+//! (`RECEIVE_WINDOW_BYTES`, 4 MiB). Snapshots are spooled to an unnamed file in
+//! [`NodeContext::spool_dir`] rather than streamed straight from the database,
+//! because writing a snapshot holds the database's capture lock: a slow replica
+//! must never hold up commits on the primary.
+//!
+//! On a replica, one change set is reassembled in memory before it is applied
+//! (the store applies whole change sets); [`MAX_CHANGE_SET_BYTES`] bounds it. A
+//! replica that hears nothing for [`PRIMARY_SILENCE_TIMEOUT`] drops the stream,
+//! and the primary drops connections that stop answering HTTP/2 pings, so a
+//! vanished peer never holds a stream open.
+//!
+//! Errors: [`ReplicationError`] is the one error type; `status_from_error` is
+//! the one place a `tonic::Status` is made from it.
+
+mod chunk;
+mod client;
+mod server;
+mod status;
+mod wire;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::bridge::CommitBridge;
+use crate::ltx::{LtxError, TxId};
+use crate::store::{Position, Store, StoreError};
+
+pub use client::follow;
+pub use server::serve;
+pub use status::{DatabaseStatus, NodeStatus, fetch_status};
+
+/// The code generated from the schema; private to this module.
+#[allow(clippy::all, clippy::pedantic)]
+mod proto {
+    tonic::include_proto!("ltxfs.replication.v1");
+}
+
+/// The protocol revision within package `ltxfs.replication.v1` that this build
+/// speaks. Both sides refuse a peer that sends another.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// The largest piece of a change set in one `LtxChunk` message.
+pub const CHUNK_SIZE: usize = 1024 * 1024;
+
+/// The largest change set a replica accepts (a snapshot is one change set).
+pub const MAX_CHANGE_SET_BYTES: u64 = 4 * 1024 * 1024 * 1024;
+
+/// About how many bytes of change sets the primary reads from a log at once.
+pub const MAX_CATCH_UP_BYTES: u64 = 4 * 1024 * 1024;
+
+/// How many messages the primary queues for one replica before it waits.
+pub const STREAM_BUFFER_MESSAGES: usize = 8;
+
+/// How long the primary stays silent on a stream before it sends a heartbeat.
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
+
+/// How long a replica waits for any message before it gives up on the stream.
+pub const PRIMARY_SILENCE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The largest gRPC message either side decodes: a chunk with room to spare, or
+/// a heartbeat or status listing many databases.
+const MAX_MESSAGE_BYTES: usize = 4 * CHUNK_SIZE;
+
+/// How long a node waits for a TCP connection to another.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The HTTP/2 receive window a client opens: how much the primary may send
+/// before the replica has read it. Larger than the default 64 KiB so a snapshot
+/// is not held to one window per round trip.
+const RECEIVE_WINDOW_BYTES: u32 = 4 * 1024 * 1024;
+
+/// The longest database name or hostname accepted from a peer (a file name's
+/// limit on Linux).
+const MAX_NAME_BYTES: usize = 255;
+
+/// What a node serving replication needs.
+#[derive(Debug)]
+pub struct NodeContext {
+    /// The node's databases and its role.
+    pub store: Arc<Store>,
+    /// This node's name (`lease.hostname`), sent to replicas in `Hello`.
+    pub hostname: String,
+    /// Wakes streams when a database commits; must be the store's commit listener.
+    pub commits: Arc<CommitBridge>,
+    /// Where snapshots are spooled before they are sent (on the data dir's disk).
+    pub spool_dir: PathBuf,
+}
+
+/// Everything that can go wrong in replication.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicationError {
+    /// The address of a node cannot be used.
+    #[error("invalid URL {url:?}: {reason}")]
+    InvalidUrl {
+        /// The rejected URL.
+        url: String,
+        /// Why.
+        reason: String,
+    },
+    /// No connection could be made to a node.
+    #[error("could not connect to {url}")]
+    Connect {
+        /// The node's URL.
+        url: String,
+        /// What the transport said.
+        #[source]
+        source: tonic::transport::Error,
+    },
+    /// The replication server failed.
+    #[error("replication server failed")]
+    Serve(#[source] tonic::transport::Error),
+    /// The peer answered with a gRPC error.
+    #[error("{url} answered {code:?}: {message}")]
+    Remote {
+        /// The peer's URL.
+        url: String,
+        /// The gRPC status code.
+        code: tonic::Code,
+        /// The peer's message.
+        message: String,
+    },
+    /// A `Stream` request reached a node that is not the primary.
+    #[error("this node is not the primary{}", primary_hint(.primary))]
+    NotPrimary {
+        /// The primary this node follows, if it knows one.
+        primary: Option<String>,
+    },
+    /// A message lacks a field that must be set (such as the `oneof`).
+    #[error("{message} message has no {field}")]
+    MissingField {
+        /// The message type.
+        message: &'static str,
+        /// The missing field.
+        field: &'static str,
+    },
+    /// A message names a database that cannot exist in the mount root.
+    #[error("{message} message names an invalid database {name:?}: {reason}")]
+    InvalidDatabaseName {
+        /// The message type.
+        message: &'static str,
+        /// The name as received (cut to a readable length).
+        name: String,
+        /// Why it is invalid.
+        reason: String,
+    },
+    /// A message lists the same database twice.
+    #[error("{message} message lists database {name:?} twice")]
+    DuplicateDatabase {
+        /// The message type.
+        message: &'static str,
+        /// The database.
+        name: String,
+    },
+    /// A position that no database can have.
+    #[error("{message} message has an invalid position for {database:?}: {reason}")]
+    InvalidPosition {
+        /// The message type.
+        message: &'static str,
+        /// The database.
+        database: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// A hostname that cannot be served in `.primary`.
+    #[error("{message} message has an invalid hostname {hostname:?}: {reason}")]
+    InvalidHostname {
+        /// The message type.
+        message: &'static str,
+        /// The hostname as received (cut to a readable length).
+        hostname: String,
+        /// Why it is invalid.
+        reason: &'static str,
+    },
+    /// The peer speaks another revision of the protocol.
+    #[error(
+        "{message} message speaks protocol version {received}; this node speaks {PROTOCOL_VERSION}"
+    )]
+    ProtocolVersion {
+        /// The message type.
+        message: &'static str,
+        /// The version the peer sent.
+        received: u32,
+    },
+    /// A status names a role other than "primary" or "replica".
+    #[error("status message has an unknown role {0:?}")]
+    UnknownRole(String),
+    /// A chunk is larger than [`CHUNK_SIZE`].
+    #[error(
+        "chunk of {len} bytes for database {database:?} exceeds the chunk size of {CHUNK_SIZE} bytes"
+    )]
+    OversizedChunk {
+        /// The database.
+        database: String,
+        /// The chunk's length.
+        len: usize,
+    },
+    /// Reassembling a change set would exceed [`MAX_CHANGE_SET_BYTES`].
+    #[error("change set for database {database:?} exceeds {MAX_CHANGE_SET_BYTES} bytes")]
+    OversizedChangeSet {
+        /// The database.
+        database: String,
+    },
+    /// A chunk of one database arrived while a change set of another was incomplete.
+    #[error("chunk for database {received:?} while the change set of {pending:?} is incomplete")]
+    InterleavedChunk {
+        /// The database whose change set is incomplete.
+        pending: String,
+        /// The database of the chunk that arrived.
+        received: String,
+    },
+    /// A change set ended without any bytes.
+    #[error("empty change set for database {database:?}")]
+    EmptyChangeSet {
+        /// The database.
+        database: String,
+    },
+    /// A message arrived where the protocol does not allow it.
+    #[error("unexpected {message} message while {state}")]
+    UnexpectedMessage {
+        /// The message type.
+        message: &'static str,
+        /// What the receiver was doing.
+        state: &'static str,
+    },
+    /// Bytes that should be an LTX change set are not.
+    #[error("change set for database {database:?} is not valid LTX")]
+    InvalidChangeSet {
+        /// The database.
+        database: String,
+        /// What the LTX decoder found.
+        #[source]
+        source: LtxError,
+    },
+    /// A heartbeat says a database is somewhere this replica is not, after this
+    /// replica applied everything sent before it.
+    #[error(
+        "database {database:?} is at TXID {} (checksum {}) here but at TXID {} (checksum {}) on the primary's stream",
+        .local.txid, .local.checksum, .primary.txid, .primary.checksum
+    )]
+    Diverged {
+        /// The database.
+        database: String,
+        /// Its position on this replica.
+        local: Position,
+        /// Its position according to the primary.
+        primary: Position,
+    },
+    /// The primary sent nothing for [`PRIMARY_SILENCE_TIMEOUT`].
+    #[error("the primary sent nothing for {0:?}")]
+    PrimarySilent(Duration),
+    /// The primary ended the stream.
+    #[error("the primary ended the stream")]
+    StreamEnded,
+    /// The primary's own change set ends before a position it claims.
+    #[error("database {database:?}: the change set after TXID {after} ends at TXID {max_txid}")]
+    NoProgress {
+        /// The database.
+        database: String,
+        /// The position the change set should follow.
+        after: TxId,
+        /// Where the change set ends.
+        max_txid: TxId,
+    },
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Spooling or reading a snapshot failed.
+    #[error("{context}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A blocking task panicked or was cancelled.
+    #[error("a background task failed")]
+    Task(#[source] tokio::task::JoinError),
+}
+
+fn primary_hint(primary: &Option<String>) -> String {
+    match primary {
+        Some(primary) => format!("; the primary is {primary}"),
+        None => "; no primary is known".to_string(),
+    }
+}
+
+/// The gRPC status a peer receives for `error`: the one place a status is made.
+fn status_from_error(error: &ReplicationError) -> tonic::Status {
+    use ReplicationError as E;
+    let code = match error {
+        E::NotPrimary { .. } => tonic::Code::FailedPrecondition,
+        E::ProtocolVersion { .. } => tonic::Code::FailedPrecondition,
+        E::MissingField { .. }
+        | E::InvalidDatabaseName { .. }
+        | E::DuplicateDatabase { .. }
+        | E::InvalidPosition { .. }
+        | E::InvalidHostname { .. } => tonic::Code::InvalidArgument,
+        _ => tonic::Code::Internal,
+    };
+    tonic::Status::new(code, error.to_string())
+}
+
+/// The connection settings for the node at `url` (plain `http://` only).
+fn endpoint(url: &str) -> Result<tonic::transport::Endpoint, ReplicationError> {
+    let invalid = |reason: String| ReplicationError::InvalidUrl {
+        url: url.to_string(),
+        reason,
+    };
+    if !url.starts_with("http://") {
+        return Err(invalid("it must start with http://".to_string()));
+    }
+    let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
+        .map_err(|error| invalid(error.to_string()))?;
+    Ok(endpoint
+        .connect_timeout(CONNECT_TIMEOUT)
+        .tcp_nodelay(true)
+        .initial_stream_window_size(RECEIVE_WINDOW_BYTES)
+        .initial_connection_window_size(RECEIVE_WINDOW_BYTES))
+}
+
+/// The error for a gRPC status a peer at `url` answered with.
+fn remote_error(url: &str, status: &tonic::Status) -> ReplicationError {
+    ReplicationError::Remote {
+        url: url.to_string(),
+        code: status.code(),
+        message: status.message().to_string(),
+    }
+}
+
+/// Runs blocking work (file I/O, the store's locks) off the async threads.
+async fn blocking<T, F>(work: F) -> Result<T, ReplicationError>
+where
+    F: FnOnce() -> Result<T, ReplicationError> + Send + 'static,
+    T: Send + 'static,
+{
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(ReplicationError::Task)?
+}

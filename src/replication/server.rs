@@ -1,0 +1,566 @@
+//! The primary's side: the gRPC server answering `Stream` and `Status`.
+//!
+//! Each `Stream` gets its own producer task, which sends, in order:
+//! 1. `Hello` with this node's hostname and clock;
+//! 2. for every database the primary has, what the replica needs from the
+//!    position it sent (`Database::catch_up`, in batches of at most
+//!    [`MAX_CATCH_UP_BYTES`]), or a snapshot when that position cannot be
+//!    followed, repeated until nothing more is needed;
+//! 3. `Ready`;
+//! 4. then, woken by the [`CommitBridge`](crate::bridge::CommitBridge) or by the
+//!    heartbeat timer, whatever any database needs from the position last sent on
+//!    this stream (a database that appears later starts from no position, so it
+//!    gets a snapshot), and a `Heartbeat` whenever the stream has been silent for
+//!    [`HEARTBEAT_INTERVAL`].
+//!
+//! Invariants: the chunks of one change set are consecutive; the producer keeps,
+//! per database, the position the replica reaches after the last change set sent,
+//! and every heartbeat carries exactly these; the producer writes into a channel
+//! of [`STREAM_BUFFER_MESSAGES`], so a slow replica makes it wait rather than
+//! buffer (see the module docs of `replication` for the memory bound); every call
+//! into the store runs on the blocking pool; the producer stops when the replica
+//! goes away, on shutdown, or when this node stops being the primary.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
+
+use crate::ltx::{HEADER_SIZE, Header, TRAILER_SIZE, Trailer};
+use crate::store::cluster::unix_now_ms;
+use crate::store::{CatchUp, Position, Role};
+
+use super::chunk::Pieces;
+use super::proto::replication_server::{Replication, ReplicationServer};
+use super::proto::{StatusRequest, StatusResponse, StreamMessage, StreamRequest};
+use super::wire;
+use super::{
+    CHUNK_SIZE, HEARTBEAT_INTERVAL, MAX_CATCH_UP_BYTES, MAX_MESSAGE_BYTES, NodeContext,
+    ReplicationError, STREAM_BUFFER_MESSAGES, blocking, status, status_from_error,
+};
+
+/// The buffer between the store's snapshot encoder and the spool file.
+const SPOOL_BUFFER_BYTES: usize = 256 * 1024;
+
+/// How long a failing stream tries to tell its replica why.
+const FAILURE_REPORT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How often the server pings an idle HTTP/2 connection, and how long it waits
+/// for the answer before dropping the connection and the streams on it: a
+/// replica whose machine vanished must not keep a producer waiting forever.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Serves replication on `listener` until `shutdown` is cancelled.
+pub async fn serve(
+    listener: TcpListener,
+    node: Arc<NodeContext>,
+    shutdown: CancellationToken,
+) -> Result<(), ReplicationError> {
+    if let Ok(address) = listener.local_addr() {
+        tracing::info!(%address, hostname = %node.hostname, "serving replication");
+    }
+    let service = ReplicationService {
+        node,
+        shutdown: shutdown.clone(),
+    };
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    Server::builder()
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .add_service(
+            ReplicationServer::new(service)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .serve_with_incoming_shutdown(incoming, shutdown.cancelled())
+        .await
+        .map_err(ReplicationError::Serve)
+}
+
+struct ReplicationService {
+    node: Arc<NodeContext>,
+    shutdown: CancellationToken,
+}
+
+type MessageSender = mpsc::Sender<Result<StreamMessage, tonic::Status>>;
+
+#[tonic::async_trait]
+impl Replication for ReplicationService {
+    type StreamStream = ReceiverStream<Result<StreamMessage, tonic::Status>>;
+
+    async fn stream(
+        &self,
+        request: tonic::Request<StreamRequest>,
+    ) -> Result<tonic::Response<Self::StreamStream>, tonic::Status> {
+        let peer = request
+            .remote_addr()
+            .map_or_else(|| "an unknown address".to_string(), |addr| addr.to_string());
+        self.open_stream(request.into_inner(), peer)
+            .map(tonic::Response::new)
+            .map_err(|error| status_from_error(&error))
+    }
+
+    async fn status(
+        &self,
+        _request: tonic::Request<StatusRequest>,
+    ) -> Result<tonic::Response<StatusResponse>, tonic::Status> {
+        let node = self.node.clone();
+        let status = blocking(move || Ok(status::local_status(&node)))
+            .await
+            .map_err(|error| status_from_error(&error))?;
+        Ok(tonic::Response::new(status::to_proto(&status)))
+    }
+}
+
+impl ReplicationService {
+    fn open_stream(
+        &self,
+        request: StreamRequest,
+        peer: String,
+    ) -> Result<ReceiverStream<Result<StreamMessage, tonic::Status>>, ReplicationError> {
+        let cluster = self.node.store.cluster();
+        if cluster.role() != Role::Primary {
+            return Err(ReplicationError::NotPrimary {
+                primary: cluster.primary(),
+            });
+        }
+        let open = match wire::parse_stream_request(request) {
+            Ok(open) => open,
+            Err(error) => {
+                let error_ref: &dyn std::error::Error = &error;
+                tracing::warn!(%peer, error = error_ref, "refused a replication stream");
+                return Err(error);
+            }
+        };
+        tracing::info!(replica = %open.hostname, %peer, databases = open.positions.len(), "replica connected");
+        let (messages, receiver) = mpsc::channel(STREAM_BUFFER_MESSAGES);
+        let producer = Producer {
+            node: self.node.clone(),
+            replica: open.hostname,
+            messages,
+            initial: open
+                .positions
+                .into_iter()
+                .map(|(name, position)| (name.as_str().to_string(), position))
+                .collect(),
+            sent: BTreeMap::new(),
+            last_sent: Instant::now(),
+        };
+        tokio::spawn(producer.run(self.shutdown.clone()));
+        Ok(ReceiverStream::new(receiver))
+    }
+}
+
+/// Why a producer stopped early.
+enum Stop {
+    /// The replica went away (the response stream was dropped).
+    ReplicaGone,
+    /// Something failed; the replica is told.
+    Failed(ReplicationError),
+}
+
+impl From<ReplicationError> for Stop {
+    fn from(error: ReplicationError) -> Stop {
+        Stop::Failed(error)
+    }
+}
+
+/// Produces one replica's stream.
+struct Producer {
+    node: Arc<NodeContext>,
+    /// The replica's hostname, for logs.
+    replica: String,
+    messages: MessageSender,
+    /// The positions the replica had when it connected.
+    initial: BTreeMap<String, Position>,
+    /// Per database, the position the replica reaches after what was sent.
+    sent: BTreeMap<String, Position>,
+    /// When the last message was queued.
+    last_sent: Instant,
+}
+
+impl Producer {
+    async fn run(mut self, shutdown: CancellationToken) {
+        let messages = self.messages.clone();
+        let outcome = tokio::select! {
+            outcome = self.produce() => outcome,
+            () = messages.closed() => Err(Stop::ReplicaGone),
+            () = shutdown.cancelled() => Ok(()),
+        };
+        match outcome {
+            Ok(()) => {
+                tracing::info!(replica = %self.replica, "replication stream closed for shutdown")
+            }
+            Err(Stop::ReplicaGone) => {
+                tracing::info!(replica = %self.replica, "replica disconnected")
+            }
+            Err(Stop::Failed(error)) => {
+                {
+                    let error: &dyn std::error::Error = &error;
+                    tracing::warn!(replica = %self.replica, error, "replication stream failed");
+                }
+                // Tell the replica why, unless it is gone or stalled.
+                let report = messages.send(Err(status_from_error(&error)));
+                let _ = tokio::time::timeout(FAILURE_REPORT_TIMEOUT, report).await;
+            }
+        }
+    }
+
+    async fn produce(&mut self) -> Result<(), Stop> {
+        self.send(wire::hello(&self.node.hostname, unix_now_ms()))
+            .await?;
+        let mut commits = self.node.commits.subscribe();
+        commits.mark_seen();
+        // Catching up means reaching where every database was when the stream
+        // started; commits during the catch-up are sent too, but not waited for.
+        let store = self.node.store.clone();
+        let targets: BTreeMap<String, Position> = blocking(move || Ok(store.positions()))
+            .await?
+            .into_iter()
+            .collect();
+        while self.round(Some(&targets)).await? && !self.reached(&targets) {}
+        self.send(wire::ready()).await?;
+        tracing::info!(replica = %self.replica, "replica caught up");
+        loop {
+            let cluster = self.node.store.cluster();
+            if cluster.role() != Role::Primary {
+                return Err(Stop::Failed(ReplicationError::NotPrimary {
+                    primary: cluster.primary(),
+                }));
+            }
+            commits.mark_seen();
+            if self.round(None).await? {
+                continue;
+            }
+            tokio::select! {
+                () = commits.changed() => {}
+                () = tokio::time::sleep_until(self.heartbeat_due()) => self.heartbeat().await?,
+            }
+        }
+    }
+
+    /// Sends the next batch of every database (of `only`, when given) that is not
+    /// where this stream left it; returns whether anything was sent.
+    async fn round(&mut self, only: Option<&BTreeMap<String, Position>>) -> Result<bool, Stop> {
+        let store = self.node.store.clone();
+        let current = self
+            .beating(blocking(move || Ok(store.positions())))
+            .await?;
+        let mut progressed = false;
+        for (name, position) in current {
+            if only.is_some_and(|only| !only.contains_key(&name)) {
+                continue;
+            }
+            let from = self.from(&name);
+            if position == from {
+                self.sent.insert(name, from);
+                continue;
+            }
+            progressed |= self.send_next(&name, from).await?;
+        }
+        Ok(progressed)
+    }
+
+    /// Whether this stream has brought every database at least to `targets`.
+    fn reached(&self, targets: &BTreeMap<String, Position>) -> bool {
+        targets.iter().all(|(name, target)| {
+            self.sent
+                .get(name)
+                .is_some_and(|sent| sent.txid >= target.txid)
+        })
+    }
+
+    /// Where the replica stands on `name`, as far as this stream knows.
+    fn from(&self, name: &str) -> Position {
+        self.sent
+            .get(name)
+            .or_else(|| self.initial.get(name))
+            .copied()
+            .unwrap_or(Position::UNKNOWN)
+    }
+
+    /// Sends one batch of change sets of `name` after `from`, or a snapshot;
+    /// returns whether anything was sent.
+    async fn send_next(&mut self, name: &str, from: Position) -> Result<bool, Stop> {
+        let Some(database) = self.node.store.database(name) else {
+            return Ok(false);
+        };
+        let answer = self
+            .beating(blocking(move || {
+                Ok(database.catch_up(from, MAX_CATCH_UP_BYTES)?)
+            }))
+            .await?;
+        match answer {
+            CatchUp::ChangeSets(change_sets) => {
+                let sent_any = !change_sets.is_empty();
+                let mut position = from;
+                for change_set in change_sets {
+                    position = end_position(name, position, &change_set)?;
+                    for (piece, last) in Pieces::new(change_set) {
+                        self.send(wire::ltx_chunk(name, piece, last)).await?;
+                    }
+                    self.sent.insert(name.to_string(), position);
+                }
+                Ok(sent_any)
+            }
+            CatchUp::Snapshot(reason) => {
+                tracing::info!(replica = %self.replica, database = name, %reason, "sending a snapshot");
+                self.send_snapshot(name).await?;
+                Ok(true)
+            }
+        }
+    }
+
+    /// Spools a snapshot of `name` to a file, then streams it in chunks.
+    async fn send_snapshot(&mut self, name: &str) -> Result<(), Stop> {
+        let Some(database) = self.node.store.database(name) else {
+            return Ok(());
+        };
+        let dir = self.node.spool_dir.clone();
+        let (file, len, position) = self
+            .beating(blocking(move || {
+                let io = |context: String| move |source| ReplicationError::Io { context, source };
+                let mut file = tempfile::tempfile_in(&dir).map_err(io(format!(
+                    "create a snapshot spool file in {}",
+                    dir.display()
+                )))?;
+                let mut writer = BufWriter::with_capacity(SPOOL_BUFFER_BYTES, &mut file);
+                let position = database.write_snapshot(&mut writer)?;
+                writer
+                    .flush()
+                    .map_err(io("write a snapshot spool file".to_string()))?;
+                drop(writer);
+                let len = file
+                    .metadata()
+                    .map_err(io("stat a snapshot spool file".to_string()))?
+                    .len();
+                Ok((Arc::new(file), len, position))
+            }))
+            .await?;
+        tracing::debug!(replica = %self.replica, database = name, bytes = len, txid = %position.txid, "snapshot spooled");
+        let mut offset = 0u64;
+        loop {
+            let size = (len - offset).min(CHUNK_SIZE as u64);
+            let piece = read_piece(file.clone(), offset, size).await?;
+            offset += size;
+            let last = offset == len;
+            self.send(wire::ltx_chunk(name, piece, last)).await?;
+            if last {
+                break;
+            }
+        }
+        self.sent.insert(name.to_string(), position);
+        Ok(())
+    }
+
+    /// Runs `work` (which must not send), sending heartbeats while it takes long.
+    /// Never called between the chunks of one change set.
+    async fn beating<T>(
+        &mut self,
+        work: impl Future<Output = Result<T, ReplicationError>>,
+    ) -> Result<T, Stop> {
+        let mut work = std::pin::pin!(work);
+        loop {
+            tokio::select! {
+                result = &mut work => return result.map_err(Stop::Failed),
+                () = tokio::time::sleep_until(self.heartbeat_due()) => self.heartbeat().await?,
+            }
+        }
+    }
+
+    fn heartbeat_due(&self) -> Instant {
+        self.last_sent + HEARTBEAT_INTERVAL
+    }
+
+    async fn heartbeat(&mut self) -> Result<(), Stop> {
+        let message = wire::heartbeat(unix_now_ms(), &self.sent);
+        self.send(message).await
+    }
+
+    /// Queues a message, waiting while the replica is behind.
+    async fn send(&mut self, message: StreamMessage) -> Result<(), Stop> {
+        self.messages
+            .send(Ok(message))
+            .await
+            .map_err(|_| Stop::ReplicaGone)?;
+        self.last_sent = Instant::now();
+        Ok(())
+    }
+}
+
+/// Reads `size` bytes at `offset` of a spooled snapshot.
+async fn read_piece(file: Arc<File>, offset: u64, size: u64) -> Result<Vec<u8>, ReplicationError> {
+    blocking(move || {
+        let mut piece = vec![0u8; size as usize];
+        file.read_exact_at(&mut piece, offset)
+            .map_err(|source| ReplicationError::Io {
+                context: format!("read a snapshot spool file at offset {offset}"),
+                source,
+            })?;
+        Ok(piece)
+    })
+    .await
+}
+
+/// The position a replica at `from` reaches by applying `change_set` (of the
+/// primary's own log): its header's last TXID and its trailer's checksum.
+fn end_position(
+    name: &str,
+    from: Position,
+    change_set: &[u8],
+) -> Result<Position, ReplicationError> {
+    let invalid = |source| ReplicationError::InvalidChangeSet {
+        database: name.to_string(),
+        source,
+    };
+    let header =
+        Header::decode(change_set.get(..HEADER_SIZE).unwrap_or(change_set)).map_err(invalid)?;
+    let trailer_start = change_set.len().saturating_sub(TRAILER_SIZE);
+    let trailer = Trailer::decode(&change_set[trailer_start..]).map_err(invalid)?;
+    if header.max_txid <= from.txid {
+        return Err(ReplicationError::NoProgress {
+            database: name.to_string(),
+            after: from.txid,
+            max_txid: header.max_txid,
+        });
+    }
+    Ok(Position {
+        txid: header.max_txid,
+        checksum: trailer.post_apply_checksum,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bridge::CommitBridge;
+    use crate::ltx::{Checksum, DatabaseChecksum, Encoder, TxId};
+    use crate::store::{CaptureOptions, Store};
+
+    #[tokio::test]
+    async fn a_replica_refuses_streams_and_names_its_primary() {
+        let dir = tempfile::tempdir().unwrap();
+        let store =
+            Arc::new(Store::open(dir.path(), CaptureOptions::default(), Role::Replica).unwrap());
+        store.set_primary(Some("node-a".into()));
+        let service = ReplicationService {
+            node: Arc::new(NodeContext {
+                store,
+                hostname: "node-b".into(),
+                commits: Arc::new(CommitBridge::new()),
+                spool_dir: dir.path().to_path_buf(),
+            }),
+            shutdown: CancellationToken::new(),
+        };
+        let request = tonic::Request::new(wire::stream_request("node-c", &[]));
+        let Err(status) = service.stream(request).await else {
+            panic!("a replica must not serve a stream");
+        };
+        assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+        assert_eq!(
+            status.message(),
+            "this node is not the primary; the primary is node-a"
+        );
+        let answer = service
+            .status(tonic::Request::new(StatusRequest {}))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            (answer.role.as_str(), answer.primary.as_str()),
+            ("replica", "node-a")
+        );
+    }
+
+    #[tokio::test]
+    async fn a_bad_stream_request_is_an_invalid_argument() {
+        let dir = tempfile::tempdir().unwrap();
+        let store =
+            Arc::new(Store::open(dir.path(), CaptureOptions::default(), Role::Primary).unwrap());
+        let service = ReplicationService {
+            node: Arc::new(NodeContext {
+                store,
+                hostname: "node-a".into(),
+                commits: Arc::new(CommitBridge::new()),
+                spool_dir: dir.path().to_path_buf(),
+            }),
+            shutdown: CancellationToken::new(),
+        };
+        let mut request = wire::stream_request("node-c", &[]);
+        request
+            .positions
+            .push(wire::position_to_proto("app.db-wal", Position::UNKNOWN));
+        let Err(status) = service.stream(tonic::Request::new(request)).await else {
+            panic!("an invalid request must be refused");
+        };
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert!(
+            status.message().contains("app.db-wal"),
+            "{}",
+            status.message()
+        );
+    }
+
+    fn change_set(min: u64, max: u64) -> (Vec<u8>, Checksum) {
+        let page = vec![7u8; 512];
+        let mut checksum = DatabaseChecksum::new(512).unwrap();
+        checksum.add_page(1, &page);
+        let header = Header {
+            page_size: 512,
+            commit: 1,
+            min_txid: TxId(min),
+            max_txid: TxId(max),
+            timestamp: 1,
+            pre_apply_checksum: if min == 1 {
+                Checksum::ZERO
+            } else {
+                Checksum(Checksum::FLAG | 5)
+            },
+            ..Header::default()
+        };
+        let mut bytes = Vec::new();
+        let mut encoder = Encoder::new(&mut bytes, header).unwrap();
+        encoder.encode_page(1, &page).unwrap();
+        encoder.finish(checksum.value()).unwrap();
+        (bytes, checksum.value())
+    }
+
+    #[test]
+    fn the_end_position_comes_from_header_and_trailer() {
+        let (bytes, checksum) = change_set(3, 4);
+        let from = Position {
+            txid: TxId(2),
+            checksum: Checksum(Checksum::FLAG | 5),
+        };
+        assert_eq!(
+            end_position("app.db", from, &bytes).unwrap(),
+            Position {
+                txid: TxId(4),
+                checksum
+            }
+        );
+        let at_four = Position {
+            txid: TxId(4),
+            checksum,
+        };
+        assert!(matches!(
+            end_position("app.db", at_four, &bytes),
+            Err(ReplicationError::NoProgress { .. })
+        ));
+        assert!(matches!(
+            end_position("app.db", from, &bytes[..50]),
+            Err(ReplicationError::InvalidChangeSet { .. })
+        ));
+    }
+}

@@ -1,0 +1,326 @@
+//! A node's status as operators see it (`ltxfs status`): its role, its primary,
+//! and every database's position and lag.
+//!
+//! The `Status` RPC serves [`local_status`]; [`fetch_status`] asks a node for
+//! its status and validates the answer like any other message from a peer.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::time::Duration;
+
+use crate::store::{Position, Role};
+
+use super::proto::replication_client::ReplicationClient;
+use super::proto::{self, StatusRequest};
+use super::wire;
+use super::{MAX_MESSAGE_BYTES, NodeContext, ReplicationError, endpoint, remote_error};
+
+/// How long `ltxfs status` waits for an answer.
+const STATUS_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What a node reports about itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeStatus {
+    /// Whether the node is the primary or a replica.
+    pub role: Role,
+    /// The node's hostname.
+    pub hostname: String,
+    /// The primary's hostname: the node itself on the primary, the primary it is
+    /// connected to on a replica, `None` on a replica that knows no primary.
+    pub primary: Option<String>,
+    /// Every database that has a position, ordered by name.
+    pub databases: Vec<DatabaseStatus>,
+}
+
+/// One database's position and lag.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DatabaseStatus {
+    /// The database's name.
+    pub name: String,
+    /// Its last TXID and the checksum after it.
+    pub position: Position,
+    /// How long since the primary's last timestamp (zero on the primary); `None`
+    /// on a replica that has not heard from a primary.
+    pub lag: Option<Duration>,
+}
+
+/// The JSON form of a [`NodeStatus`], fields in the table's order.
+#[derive(serde::Serialize)]
+struct JsonStatus<'a> {
+    role: &'static str,
+    hostname: &'a str,
+    primary: Option<&'a str>,
+    databases: Vec<JsonDatabase<'a>>,
+}
+
+#[derive(serde::Serialize)]
+struct JsonDatabase<'a> {
+    name: &'a str,
+    txid: u64,
+    /// 16 hex digits, as in `<db>-pos`.
+    checksum: String,
+    lag_ms: Option<u64>,
+}
+
+impl NodeStatus {
+    /// The status as one line of JSON; checksums are 16 hex digits, lag is in
+    /// milliseconds or `null`.
+    pub fn to_json(&self) -> String {
+        let json = JsonStatus {
+            role: self.role.as_str(),
+            hostname: &self.hostname,
+            primary: self.primary.as_deref(),
+            databases: self
+                .databases
+                .iter()
+                .map(|database| JsonDatabase {
+                    name: &database.name,
+                    txid: database.position.txid.0,
+                    checksum: database.position.checksum.to_string(),
+                    lag_ms: database.lag.map(|lag| lag.as_millis() as u64),
+                })
+                .collect(),
+        };
+        // Serializing strings, numbers and options cannot fail.
+        serde_json::to_string(&json).unwrap_or_default()
+    }
+}
+
+impl fmt::Display for NodeStatus {
+    /// A short table, readable at a glance.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "role:     {}", self.role.as_str())?;
+        writeln!(f, "hostname: {}", self.hostname)?;
+        writeln!(
+            f,
+            "primary:  {}",
+            self.primary.as_deref().unwrap_or("(none)")
+        )?;
+        if self.databases.is_empty() {
+            return write!(f, "no databases");
+        }
+        let width = self
+            .databases
+            .iter()
+            .map(|database| database.name.len())
+            .chain(["DATABASE".len()])
+            .max()
+            .unwrap_or(0);
+        writeln!(f)?;
+        write!(
+            f,
+            "{:<width$}  {:>10}  {:<16}  LAG",
+            "DATABASE", "TXID", "CHECKSUM"
+        )?;
+        for database in &self.databases {
+            let lag = match database.lag {
+                Some(lag) => format!("{} ms", lag.as_millis()),
+                None => "unknown".to_string(),
+            };
+            write!(
+                f,
+                "\n{:<width$}  {:>10}  {}  {lag}",
+                database.name, database.position.txid.0, database.position.checksum
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// This node's status, read from its store (takes database locks: call it on
+/// the blocking pool).
+pub(super) fn local_status(node: &NodeContext) -> NodeStatus {
+    let cluster = node.store.cluster();
+    let role = cluster.role();
+    let primary = match role {
+        Role::Primary => Some(node.hostname.clone()),
+        Role::Replica => cluster.primary(),
+    };
+    let lag = cluster.lag();
+    NodeStatus {
+        role,
+        hostname: node.hostname.clone(),
+        primary,
+        databases: node
+            .store
+            .positions()
+            .into_iter()
+            .map(|(name, position)| DatabaseStatus {
+                name,
+                position,
+                lag,
+            })
+            .collect(),
+    }
+}
+
+/// The wire form of a status.
+pub(super) fn to_proto(status: &NodeStatus) -> proto::StatusResponse {
+    proto::StatusResponse {
+        role: status.role.as_str().to_string(),
+        hostname: status.hostname.clone(),
+        primary: status.primary.clone().unwrap_or_default(),
+        databases: status
+            .databases
+            .iter()
+            .map(|database| proto::DatabaseStatus {
+                name: database.name.clone(),
+                txid: database.position.txid.0,
+                checksum: database.position.checksum.0,
+                lag_ms: database.lag.map(|lag| lag.as_millis() as u64),
+            })
+            .collect(),
+    }
+}
+
+/// Validates a node's status answer.
+fn from_proto(response: proto::StatusResponse) -> Result<NodeStatus, ReplicationError> {
+    const MESSAGE: &str = "StatusResponse";
+    let role = match response.role.as_str() {
+        "primary" => Role::Primary,
+        "replica" => Role::Replica,
+        _ => return Err(ReplicationError::UnknownRole(response.role)),
+    };
+    let primary = if response.primary.is_empty() {
+        None
+    } else {
+        Some(wire::parse_hostname(MESSAGE, response.primary)?)
+    };
+    let mut seen = BTreeSet::new();
+    let databases = response
+        .databases
+        .into_iter()
+        .map(|database| {
+            let (name, position) =
+                wire::parse_position(MESSAGE, database.name, database.txid, database.checksum)?;
+            wire::check_unique(MESSAGE, &mut seen, &name)?;
+            Ok(DatabaseStatus {
+                name: name.as_str().to_string(),
+                position,
+                lag: database.lag_ms.map(Duration::from_millis),
+            })
+        })
+        .collect::<Result<_, ReplicationError>>()?;
+    Ok(NodeStatus {
+        role,
+        hostname: wire::parse_hostname(MESSAGE, response.hostname)?,
+        primary,
+        databases,
+    })
+}
+
+/// Asks the node at `url` (such as `http://127.0.0.1:20202`) for its status.
+pub async fn fetch_status(url: &str) -> Result<NodeStatus, ReplicationError> {
+    let channel = endpoint(url)?
+        .timeout(STATUS_TIMEOUT)
+        .connect()
+        .await
+        .map_err(|source| ReplicationError::Connect {
+            url: url.to_string(),
+            source,
+        })?;
+    let mut client = ReplicationClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let response = client
+        .status(StatusRequest {})
+        .await
+        .map_err(|status| remote_error(url, &status))?;
+    from_proto(response.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ltx::{Checksum, TxId};
+
+    fn sample() -> NodeStatus {
+        NodeStatus {
+            role: Role::Replica,
+            hostname: "node-b".into(),
+            primary: Some("node-a".into()),
+            databases: vec![
+                DatabaseStatus {
+                    name: "app.db".into(),
+                    position: Position {
+                        txid: TxId(42),
+                        checksum: Checksum(0x8000_0000_0000_00ff),
+                    },
+                    lag: Some(Duration::from_millis(3)),
+                },
+                DatabaseStatus {
+                    name: "a-much-longer-name.db".into(),
+                    position: Position {
+                        txid: TxId(7),
+                        checksum: Checksum(Checksum::FLAG),
+                    },
+                    lag: None,
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn status_round_trips_through_the_wire() {
+        let status = sample();
+        assert_eq!(from_proto(to_proto(&status)).unwrap(), status);
+        let primary = NodeStatus {
+            role: Role::Primary,
+            primary: None,
+            databases: Vec::new(),
+            ..status
+        };
+        assert_eq!(from_proto(to_proto(&primary)).unwrap(), primary);
+    }
+
+    #[test]
+    fn a_bad_status_is_rejected() {
+        let mut response = to_proto(&sample());
+        response.role = "leader".into();
+        assert!(matches!(
+            from_proto(response).unwrap_err(),
+            ReplicationError::UnknownRole(role) if role == "leader"
+        ));
+        let mut response = to_proto(&sample());
+        response.databases[0].name = "app.db-wal".into();
+        assert!(matches!(
+            from_proto(response).unwrap_err(),
+            ReplicationError::InvalidDatabaseName { .. }
+        ));
+        let mut response = to_proto(&sample());
+        response.databases[1].checksum = 0;
+        assert!(matches!(
+            from_proto(response).unwrap_err(),
+            ReplicationError::InvalidPosition { .. }
+        ));
+    }
+
+    #[test]
+    fn the_table_shows_every_database() {
+        let table = sample().to_string();
+        assert_eq!(
+            table,
+            "role:     replica\n\
+             hostname: node-b\n\
+             primary:  node-a\n\
+             \n\
+             DATABASE                     TXID  CHECKSUM          LAG\n\
+             app.db                         42  80000000000000ff  3 ms\n\
+             a-much-longer-name.db           7  8000000000000000  unknown"
+        );
+    }
+
+    #[test]
+    fn json_has_hex_checksums_and_null_lag() {
+        let text = sample().to_json();
+        assert!(
+            text.starts_with(r#"{"role":"replica","hostname":"node-b""#),
+            "{text}"
+        );
+        let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(json["role"], "replica");
+        assert_eq!(json["primary"], "node-a");
+        assert_eq!(json["databases"][0]["txid"], 42);
+        assert_eq!(json["databases"][0]["checksum"], "80000000000000ff");
+        assert_eq!(json["databases"][0]["lag_ms"], 3);
+        assert!(json["databases"][1]["lag_ms"].is_null());
+    }
+}

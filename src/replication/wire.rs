@@ -1,0 +1,514 @@
+//! The boundary between the generated protobuf types and the domain: builds the
+//! messages this node sends, and validates every message a peer sends into a
+//! domain type.
+//!
+//! Invariants: nothing from the network is trusted. A database name is one the
+//! store would accept as a database's name in the mount root, a hostname can be
+//! served in `.primary` (one line, no spaces), a position has a TXID of at least 1
+//! and a checksum with bit 63 set, a chunk is at most [`CHUNK_SIZE`] bytes, and a
+//! message's `oneof` is set. Anything else is a [`ReplicationError`] that names
+//! the message and the field.
+
+use std::collections::BTreeSet;
+
+use crate::ltx::{Checksum, TxId};
+use crate::store::{FileKind, Position, parse_name};
+
+use super::proto::{self, stream_message};
+use super::{CHUNK_SIZE, MAX_NAME_BYTES, PROTOCOL_VERSION, ReplicationError};
+
+/// How much of a rejected name or hostname an error message shows.
+const SHOWN_CHARS: usize = 80;
+
+/// A database name received from a peer, checked as the store checks names.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(super) struct DatabaseName(String);
+
+impl DatabaseName {
+    /// Checks that `name` (from a `message`) is a database's name in the mount root.
+    pub(super) fn parse(message: &'static str, name: String) -> Result<Self, ReplicationError> {
+        let invalid = |reason: String| ReplicationError::InvalidDatabaseName {
+            message,
+            name: shown(&name),
+            reason,
+        };
+        if name.len() > MAX_NAME_BYTES {
+            return Err(invalid(format!(
+                "{} bytes is longer than {MAX_NAME_BYTES}",
+                name.len()
+            )));
+        }
+        let parsed = parse_name(&name).map_err(|error| invalid(error.to_string()))?;
+        if parsed.kind != FileKind::Database {
+            return Err(invalid(format!(
+                "it names a companion file of database {:?}",
+                parsed.database
+            )));
+        }
+        Ok(DatabaseName(name))
+    }
+
+    /// The name.
+    pub(super) fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// What a replica asks for when it opens a stream.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) struct StreamOpen {
+    /// The replica's hostname.
+    pub(super) hostname: String,
+    /// Where each of the replica's databases stands.
+    pub(super) positions: Vec<(DatabaseName, Position)>,
+}
+
+/// A message from the primary on a stream, validated.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum PrimaryMessage {
+    /// The stream's first message.
+    Hello {
+        /// The primary's hostname.
+        hostname: String,
+        /// The primary's clock, in Unix milliseconds.
+        timestamp_ms: u64,
+    },
+    /// Part of a change set.
+    Chunk(Chunk),
+    /// Every database has been caught up.
+    Ready,
+    /// The primary is idle.
+    Heartbeat {
+        /// The primary's clock, in Unix milliseconds.
+        timestamp_ms: u64,
+        /// Where each database stands on this stream.
+        positions: Vec<(DatabaseName, Position)>,
+    },
+}
+
+impl PrimaryMessage {
+    /// The message type's name, for errors and logs.
+    pub(super) fn kind(&self) -> &'static str {
+        match self {
+            PrimaryMessage::Hello { .. } => "Hello",
+            PrimaryMessage::Chunk(_) => "LtxChunk",
+            PrimaryMessage::Ready => "Ready",
+            PrimaryMessage::Heartbeat { .. } => "Heartbeat",
+        }
+    }
+}
+
+/// Part of one change set, at most [`CHUNK_SIZE`] bytes.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) struct Chunk {
+    /// The database the change set belongs to.
+    pub(super) database: DatabaseName,
+    /// The bytes.
+    pub(super) data: Vec<u8>,
+    /// Whether this is the change set's last chunk.
+    pub(super) last: bool,
+}
+
+/// The request a replica sends to open a stream.
+pub(super) fn stream_request(
+    hostname: &str,
+    positions: &[(String, Position)],
+) -> proto::StreamRequest {
+    proto::StreamRequest {
+        hostname: hostname.to_string(),
+        positions: positions
+            .iter()
+            .map(|(name, position)| position_to_proto(name, *position))
+            .collect(),
+        protocol_version: PROTOCOL_VERSION,
+    }
+}
+
+/// Validates a replica's request to open a stream.
+pub(super) fn parse_stream_request(
+    request: proto::StreamRequest,
+) -> Result<StreamOpen, ReplicationError> {
+    const MESSAGE: &str = "StreamRequest";
+    check_protocol_version(MESSAGE, request.protocol_version)?;
+    Ok(StreamOpen {
+        hostname: parse_hostname(MESSAGE, request.hostname)?,
+        positions: parse_positions(MESSAGE, request.positions)?,
+    })
+}
+
+/// The first message of a stream.
+pub(super) fn hello(hostname: &str, timestamp_ms: u64) -> proto::StreamMessage {
+    message(stream_message::Message::Hello(proto::Hello {
+        hostname: hostname.to_string(),
+        timestamp_ms,
+        protocol_version: PROTOCOL_VERSION,
+    }))
+}
+
+/// A piece of a change set of `database`.
+pub(super) fn ltx_chunk(database: &str, data: Vec<u8>, last: bool) -> proto::StreamMessage {
+    message(stream_message::Message::LtxChunk(proto::LtxChunk {
+        database: database.to_string(),
+        data,
+        last,
+    }))
+}
+
+/// The marker that every database has been caught up.
+pub(super) fn ready() -> proto::StreamMessage {
+    message(stream_message::Message::Ready(proto::Ready {}))
+}
+
+/// A heartbeat with the primary's clock and the stream's positions.
+pub(super) fn heartbeat<'a>(
+    timestamp_ms: u64,
+    positions: impl IntoIterator<Item = (&'a String, &'a Position)>,
+) -> proto::StreamMessage {
+    message(stream_message::Message::Heartbeat(proto::Heartbeat {
+        timestamp_ms,
+        positions: positions
+            .into_iter()
+            .map(|(name, position)| position_to_proto(name, *position))
+            .collect(),
+    }))
+}
+
+fn message(message: stream_message::Message) -> proto::StreamMessage {
+    proto::StreamMessage {
+        message: Some(message),
+    }
+}
+
+/// Validates a message from the primary.
+pub(super) fn parse_primary_message(
+    message: proto::StreamMessage,
+) -> Result<PrimaryMessage, ReplicationError> {
+    let message = message.message.ok_or(ReplicationError::MissingField {
+        message: "StreamMessage",
+        field: "message (Hello, LtxChunk, Ready or Heartbeat)",
+    })?;
+    Ok(match message {
+        stream_message::Message::Hello(hello) => {
+            check_protocol_version("Hello", hello.protocol_version)?;
+            PrimaryMessage::Hello {
+                hostname: parse_hostname("Hello", hello.hostname)?,
+                timestamp_ms: hello.timestamp_ms,
+            }
+        }
+        stream_message::Message::LtxChunk(chunk) => {
+            let database = DatabaseName::parse("LtxChunk", chunk.database)?;
+            if chunk.data.len() > CHUNK_SIZE {
+                return Err(ReplicationError::OversizedChunk {
+                    database: database.0,
+                    len: chunk.data.len(),
+                });
+            }
+            PrimaryMessage::Chunk(Chunk {
+                database,
+                data: chunk.data,
+                last: chunk.last,
+            })
+        }
+        stream_message::Message::Ready(proto::Ready {}) => PrimaryMessage::Ready,
+        stream_message::Message::Heartbeat(heartbeat) => PrimaryMessage::Heartbeat {
+            timestamp_ms: heartbeat.timestamp_ms,
+            positions: parse_positions("Heartbeat", heartbeat.positions)?,
+        },
+    })
+}
+
+/// The wire form of a database's position.
+pub(super) fn position_to_proto(name: &str, position: Position) -> proto::DatabasePosition {
+    proto::DatabasePosition {
+        name: name.to_string(),
+        txid: position.txid.0,
+        checksum: position.checksum.0,
+    }
+}
+
+/// Validates a list of positions: valid names, each at most once, real positions.
+pub(super) fn parse_positions(
+    message: &'static str,
+    positions: Vec<proto::DatabasePosition>,
+) -> Result<Vec<(DatabaseName, Position)>, ReplicationError> {
+    let mut seen = BTreeSet::new();
+    positions
+        .into_iter()
+        .map(|position| {
+            let parsed = parse_position(message, position.name, position.txid, position.checksum)?;
+            check_unique(message, &mut seen, &parsed.0)?;
+            Ok(parsed)
+        })
+        .collect()
+}
+
+/// Validates one database's name and position.
+pub(super) fn parse_position(
+    message: &'static str,
+    name: String,
+    txid: u64,
+    checksum: u64,
+) -> Result<(DatabaseName, Position), ReplicationError> {
+    let name = DatabaseName::parse(message, name)?;
+    let invalid = |reason| ReplicationError::InvalidPosition {
+        message,
+        database: name.0.clone(),
+        reason,
+    };
+    if txid == 0 {
+        return Err(invalid("TXID 0 (TXIDs start at 1)"));
+    }
+    let checksum = Checksum(checksum);
+    if !checksum.has_flag() {
+        return Err(invalid("the checksum does not have bit 63 set"));
+    }
+    let position = Position {
+        txid: TxId(txid),
+        checksum,
+    };
+    Ok((name, position))
+}
+
+/// Fails when `name` is already in `seen` (a message lists it twice).
+pub(super) fn check_unique(
+    message: &'static str,
+    seen: &mut BTreeSet<DatabaseName>,
+    name: &DatabaseName,
+) -> Result<(), ReplicationError> {
+    if seen.insert(name.clone()) {
+        Ok(())
+    } else {
+        Err(ReplicationError::DuplicateDatabase {
+            message,
+            name: name.0.clone(),
+        })
+    }
+}
+
+/// Validates a hostname that may be served in `.primary`.
+pub(super) fn parse_hostname(
+    message: &'static str,
+    hostname: String,
+) -> Result<String, ReplicationError> {
+    let invalid = |reason| ReplicationError::InvalidHostname {
+        message,
+        hostname: shown(&hostname),
+        reason,
+    };
+    if hostname.is_empty() {
+        return Err(invalid("it is empty"));
+    }
+    if hostname.len() > MAX_NAME_BYTES {
+        return Err(invalid("it is longer than 255 bytes"));
+    }
+    if hostname
+        .chars()
+        .any(|c| c.is_whitespace() || c.is_control())
+    {
+        return Err(invalid("it contains whitespace or a control character"));
+    }
+    Ok(hostname)
+}
+
+fn check_protocol_version(message: &'static str, received: u32) -> Result<(), ReplicationError> {
+    if received == PROTOCOL_VERSION {
+        Ok(())
+    } else {
+        Err(ReplicationError::ProtocolVersion { message, received })
+    }
+}
+
+/// The start of a peer's string, for an error message.
+fn shown(text: &str) -> String {
+    match text.char_indices().nth(SHOWN_CHARS) {
+        Some((end, _)) => format!("{}…", &text[..end]),
+        None => text.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn position(txid: u64) -> Position {
+        Position {
+            txid: TxId(txid),
+            checksum: Checksum(Checksum::FLAG | txid),
+        }
+    }
+
+    fn parse(message: stream_message::Message) -> Result<PrimaryMessage, ReplicationError> {
+        parse_primary_message(proto::StreamMessage {
+            message: Some(message),
+        })
+    }
+
+    #[test]
+    fn a_stream_request_round_trips() {
+        let positions = vec![
+            ("a.db".to_string(), position(3)),
+            ("b".to_string(), position(9)),
+        ];
+        let open = parse_stream_request(stream_request("node-b", &positions)).unwrap();
+        assert_eq!(open.hostname, "node-b");
+        let names: Vec<_> = open
+            .positions
+            .iter()
+            .map(|(n, p)| (n.as_str(), *p))
+            .collect();
+        assert_eq!(names, vec![("a.db", position(3)), ("b", position(9))]);
+    }
+
+    #[test]
+    fn messages_from_the_primary_round_trip() {
+        let hello = parse_primary_message(hello("node-a", 1234)).unwrap();
+        assert_eq!(
+            hello,
+            PrimaryMessage::Hello {
+                hostname: "node-a".into(),
+                timestamp_ms: 1234
+            }
+        );
+        assert_eq!(
+            parse_primary_message(ready()).unwrap(),
+            PrimaryMessage::Ready
+        );
+        let chunk = parse_primary_message(ltx_chunk("app.db", vec![1, 2, 3], true)).unwrap();
+        assert_eq!(
+            chunk,
+            PrimaryMessage::Chunk(Chunk {
+                database: DatabaseName("app.db".into()),
+                data: vec![1, 2, 3],
+                last: true
+            })
+        );
+        let name = "app.db".to_string();
+        let beat = parse_primary_message(heartbeat(99, [(&name, &position(4))])).unwrap();
+        assert_eq!(
+            beat,
+            PrimaryMessage::Heartbeat {
+                timestamp_ms: 99,
+                positions: vec![(DatabaseName("app.db".into()), position(4))]
+            }
+        );
+    }
+
+    #[test]
+    fn a_message_without_its_oneof_is_rejected() {
+        let error = parse_primary_message(proto::StreamMessage { message: None }).unwrap_err();
+        assert!(matches!(
+            error,
+            ReplicationError::MissingField {
+                message: "StreamMessage",
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn bad_database_names_are_rejected() {
+        for name in [
+            "",
+            ".primary",
+            "app.db-journal",
+            "app.db-wal",
+            "app.db-pos",
+            "dir/app.db",
+            "nul\0",
+        ] {
+            let error = parse(stream_message::Message::LtxChunk(proto::LtxChunk {
+                database: name.to_string(),
+                data: vec![1],
+                last: true,
+            }))
+            .unwrap_err();
+            assert!(
+                matches!(
+                    &error,
+                    ReplicationError::InvalidDatabaseName {
+                        message: "LtxChunk",
+                        ..
+                    }
+                ),
+                "{name:?}: {error}"
+            );
+        }
+        let long = "x".repeat(MAX_NAME_BYTES + 1);
+        let error = DatabaseName::parse("Heartbeat", long).unwrap_err();
+        assert!(error.to_string().contains("longer than 255"), "{error}");
+        assert!(error.to_string().len() < 300, "the name is cut: {error}");
+    }
+
+    #[test]
+    fn an_oversized_chunk_is_rejected() {
+        let error =
+            parse_primary_message(ltx_chunk("app.db", vec![0; CHUNK_SIZE + 1], false)).unwrap_err();
+        assert!(matches!(
+            error,
+            ReplicationError::OversizedChunk { len, .. } if len == CHUNK_SIZE + 1
+        ));
+        assert!(parse_primary_message(ltx_chunk("app.db", vec![0; CHUNK_SIZE], false)).is_ok());
+    }
+
+    #[test]
+    fn invalid_positions_are_rejected() {
+        let bad = |txid, checksum| {
+            parse_positions(
+                "Heartbeat",
+                vec![proto::DatabasePosition {
+                    name: "app.db".into(),
+                    txid,
+                    checksum,
+                }],
+            )
+            .unwrap_err()
+        };
+        assert!(matches!(
+            bad(0, Checksum::FLAG),
+            ReplicationError::InvalidPosition { .. }
+        ));
+        assert!(matches!(
+            bad(5, 7),
+            ReplicationError::InvalidPosition { .. }
+        ));
+        let twice = vec![
+            position_to_proto("app.db", position(1)),
+            position_to_proto("app.db", position(2)),
+        ];
+        assert!(matches!(
+            parse_positions("StreamRequest", twice).unwrap_err(),
+            ReplicationError::DuplicateDatabase { .. }
+        ));
+    }
+
+    #[test]
+    fn bad_hostnames_and_versions_are_rejected() {
+        for hostname in ["", "two words", "line\nbreak", &"h".repeat(256)] {
+            let mut request = stream_request("ok", &[]);
+            request.hostname = hostname.to_string();
+            assert!(matches!(
+                parse_stream_request(request).unwrap_err(),
+                ReplicationError::InvalidHostname { .. }
+            ));
+        }
+        let mut request = stream_request("ok", &[]);
+        request.protocol_version = 2;
+        assert!(matches!(
+            parse_stream_request(request).unwrap_err(),
+            ReplicationError::ProtocolVersion { received: 2, .. }
+        ));
+        let error = parse(stream_message::Message::Hello(proto::Hello {
+            hostname: "node-a".into(),
+            timestamp_ms: 1,
+            protocol_version: 0,
+        }))
+        .unwrap_err();
+        assert!(matches!(
+            error,
+            ReplicationError::ProtocolVersion {
+                message: "Hello",
+                received: 0
+            }
+        ));
+    }
+}

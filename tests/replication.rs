@@ -1,0 +1,471 @@
+//! Replication between separate `ltxfs mount` processes on loopback: a primary and
+//! replicas with the static lease, continuous writes and reads, late joiners,
+//! restarts, and a relay that damages the bytes between nodes.
+//!
+//! Clients are worker processes (see `tests/common/mod.rs`); the `worker_*` tests do
+//! nothing in a normal run.
+
+mod common;
+
+use std::fs;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+use rusqlite::{OpenFlags, params};
+
+const WORKER_TIMEOUT: Duration = Duration::from_secs(120);
+const CONVERGE_TIMEOUT: Duration = Duration::from_secs(60);
+const DB: &str = "app.db";
+
+// ---------------------------------------------------------------------------------
+// A cluster of ltxfs processes
+// ---------------------------------------------------------------------------------
+
+fn node_yaml(hostname: &str, candidate: bool, addr: &str, primary_url: Option<&str>) -> String {
+    let mut yaml = format!(
+        "lease:\n  type: static\n  candidate: {candidate}\n  hostname: {hostname}\n  reconnect-delay: 500ms\n"
+    );
+    if let Some(url) = primary_url {
+        yaml.push_str(&format!("  advertise-url: {url}\n"));
+    }
+    yaml.push_str(&format!("http:\n  addr: {addr}\n"));
+    yaml
+}
+
+/// The address a node's replication server listens on, from its log.
+fn listen_addr(mount: &Mount) -> String {
+    let mut found = None;
+    wait_until(
+        "the node's listen address in its log",
+        READY_TIMEOUT,
+        || {
+            found = mount
+                .stderr_text()
+                .lines()
+                .filter(|line| line.contains("serving replication"))
+                .filter_map(|line| line.split("address=").nth(1))
+                .filter_map(|rest| rest.split_whitespace().next())
+                .next_back()
+                .map(str::to_string);
+            found.is_some()
+        },
+    );
+    found.unwrap()
+}
+
+/// Starts a primary on a free port, then rewrites its config with that port so a
+/// restart listens on the same address.
+fn start_primary(hostname: &str) -> (Mount, String) {
+    let primary = Mount::start(MountOptions {
+        extra_yaml: node_yaml(hostname, true, "127.0.0.1:0", None),
+        ..MountOptions::default()
+    });
+    let addr = listen_addr(&primary);
+    write_config(
+        primary.config_path(),
+        primary.data_dir(),
+        None,
+        &node_yaml(hostname, true, &addr, None),
+    );
+    (primary, format!("http://{addr}"))
+}
+
+fn start_replica(hostname: &str, primary_url: &str) -> Mount {
+    Mount::start(MountOptions {
+        extra_yaml: node_yaml(hostname, false, "127.0.0.1:0", Some(primary_url)),
+        ..MountOptions::default()
+    })
+}
+
+fn position(mount: &Mount, db: &str) -> Option<String> {
+    fs::read_to_string(mount.db_path(&format!("{db}-pos"))).ok()
+}
+
+/// Waits until every replica's position of `db` equals the primary's.
+fn wait_converged(primary: &Mount, replicas: &[&Mount], db: &str) -> String {
+    let target = position(primary, db).expect("the primary has a position");
+    for replica in replicas {
+        let deadline = Instant::now() + CONVERGE_TIMEOUT;
+        loop {
+            let last = position(replica, db);
+            if last.as_deref() == Some(target.as_str()) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "replica at {last:?}, primary at {target:?} after {CONVERGE_TIMEOUT:?}; replica stderr:\n{}\nprimary stderr:\n{}",
+                replica.stderr_text(),
+                primary.stderr_text()
+            );
+            thread::sleep(POLL);
+        }
+    }
+    target
+}
+
+fn dump_of(path: &Path) -> String {
+    let conn = rusqlite::Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    conn.busy_timeout(BUSY_TIMEOUT).unwrap();
+    assert_eq!(
+        integrity_check(&conn),
+        "ok",
+        "integrity of {}",
+        path.display()
+    );
+    dump(&conn)
+}
+
+fn create_schema(db: &Path, mode: &str) {
+    let conn = open_db(db);
+    set_journal_mode(&conn, mode);
+    conn.execute_batch(
+        "CREATE TABLE IF NOT EXISTS t(seq INTEGER PRIMARY KEY, payload BLOB NOT NULL);
+         CREATE TABLE IF NOT EXISTS totals(n INTEGER NOT NULL, s INTEGER NOT NULL);
+         INSERT INTO totals SELECT 0, 0 WHERE NOT EXISTS (SELECT 1 FROM totals);",
+    )
+    .expect("create schema");
+}
+
+fn writer_job(db: &Path, mode: &str, first: u64, count: u64) -> Job {
+    Job::new()
+        .with("db", db.display())
+        .with("mode", mode)
+        .with("first", first)
+        .with("count", count)
+}
+
+fn reader_job(db: &Path, stop: &Path) -> Job {
+    Job::new()
+        .with("db", db.display())
+        .with("stop", stop.display())
+}
+
+fn run_writer(db: &Path, mode: &str, first: u64, count: u64) {
+    let outputs = wait_all(
+        vec![spawn_worker(
+            "worker_writer",
+            &writer_job(db, mode, first, count),
+        )],
+        WORKER_TIMEOUT,
+    );
+    assert!(outputs[0].marker("written=").is_some());
+}
+
+// ---------------------------------------------------------------------------------
+// Workers
+// ---------------------------------------------------------------------------------
+
+/// `count` transactions, each adding one row and updating the totals to match.
+#[test]
+fn worker_writer() {
+    let Some(job) = worker_job() else { return };
+    let conn = open_db(Path::new(job.get("db")));
+    set_journal_mode(&conn, job.get("mode"));
+    let first: i64 = job.parse("first");
+    let count: i64 = job.parse("count");
+    for seq in first..first + count {
+        conn.execute_batch("BEGIN IMMEDIATE").unwrap();
+        conn.execute(
+            "INSERT INTO t(seq, payload) VALUES(?1, randomblob(?2))",
+            params![seq, 100 + (seq * 37) % 3000],
+        )
+        .unwrap_or_else(|e| panic!("insert {seq}: {e}"));
+        conn.execute("UPDATE totals SET n = n + 1, s = s + ?1", params![seq])
+            .unwrap();
+        conn.execute_batch("COMMIT").unwrap();
+    }
+    report("written=1");
+}
+
+/// Reads until the stop file exists, checking in every read transaction that the
+/// rows and the totals agree (a partial transaction would break that), that the
+/// count never goes back, and that no read fails.
+#[test]
+fn worker_reader() {
+    let Some(job) = worker_job() else { return };
+    let conn = open_db(Path::new(job.get("db")));
+    let stop = PathBuf::from(job.get("stop"));
+    let mut reads = 0u64;
+    let mut last_n = 0i64;
+    while !stop.exists() {
+        let (rows, n, sum, s): (i64, i64, i64, i64) = conn
+            .query_row(
+                "SELECT (SELECT count(*) FROM t), (SELECT n FROM totals),
+                        (SELECT coalesce(sum(seq), 0) FROM t), (SELECT s FROM totals)",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )
+            .unwrap_or_else(|e| panic!("read {reads}: {e}"));
+        assert_eq!(
+            (rows, sum),
+            (n, s),
+            "read {reads} saw a partial transaction"
+        );
+        assert!(
+            n >= last_n,
+            "read {reads}: the count went back from {last_n} to {n}"
+        );
+        last_n = n;
+        reads += 1;
+    }
+    report(format!("reads={reads}"));
+    report(format!("last={last_n}"));
+}
+
+// ---------------------------------------------------------------------------------
+// Tests
+// ---------------------------------------------------------------------------------
+
+fn replicas_follow_while_readers_read(mode: &str) {
+    let (primary, url) = start_primary("node-a");
+    let replica_b = start_replica("node-b", &url);
+    let replica_c = start_replica("node-c", &url);
+    create_schema(&primary.db_path(DB), mode);
+    wait_converged(&primary, &[&replica_b, &replica_c], DB);
+
+    // The replica knows its primary; the primary has no `.primary`.
+    assert_eq!(
+        fs::read_to_string(replica_b.path().join(".primary")).unwrap(),
+        "node-a\n"
+    );
+    assert!(!primary.path().join(".primary").exists());
+    let lag: u64 = fs::read_to_string(replica_b.path().join(".lag"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(lag < 60_000, "lag {lag} ms");
+
+    let stop = primary.root().join("stop-readers");
+    let readers: Vec<_> = [&replica_b, &replica_c]
+        .iter()
+        .flat_map(|replica| {
+            (0..2).map(|_| spawn_worker("worker_reader", &reader_job(&replica.db_path(DB), &stop)))
+        })
+        .collect();
+    run_writer(&primary.db_path(DB), mode, 0, 300);
+    let target = wait_converged(&primary, &[&replica_b, &replica_c], DB);
+    fs::write(&stop, "").unwrap();
+    let outputs = wait_all(readers, WORKER_TIMEOUT);
+    for output in &outputs {
+        let reads: u64 = output.marker("reads=").unwrap().parse().unwrap();
+        assert!(reads > 0, "a reader never read");
+        // A connection open all along sees the last transaction: the replica's
+        // apply made it drop its page cache.
+        assert_eq!(output.marker("last=").unwrap(), "300", "reads: {reads}");
+    }
+    let primary_dump = dump_of(&primary.db_path(DB));
+    assert!(
+        primary_dump.contains("300"),
+        "the writes are on the primary"
+    );
+    for replica in [&replica_b, &replica_c] {
+        assert_eq!(dump_of(&replica.db_path(DB)), primary_dump);
+        assert_eq!(position(replica, DB).unwrap(), target);
+    }
+
+    // Writes on a replica fail at once with SQLite's read-only error.
+    let conn = open_db(&replica_b.db_path(DB));
+    let error = conn
+        .execute("INSERT INTO t(seq, payload) VALUES(-1, x'00')", [])
+        .unwrap_err();
+    assert!(
+        error.to_string().contains("readonly database"),
+        "unexpected error: {error}"
+    );
+    drop(conn);
+    assert_eq!(dump_of(&replica_b.db_path(DB)), primary_dump);
+}
+
+#[test]
+fn replicas_follow_wal_mode_while_readers_read() {
+    replicas_follow_while_readers_read("wal");
+}
+
+#[test]
+fn replicas_follow_delete_mode_while_readers_read() {
+    replicas_follow_while_readers_read("delete");
+}
+
+#[test]
+fn late_joiner_restarted_replica_and_restarted_primary_converge() {
+    let (mut primary, url) = start_primary("node-a");
+    create_schema(&primary.db_path(DB), "wal");
+    run_writer(&primary.db_path(DB), "wal", 0, 100);
+    // A second database created and dropped before the replica exists.
+    let other = primary.db_path("other.db");
+    open_db(&other)
+        .execute_batch("CREATE TABLE x(a); INSERT INTO x VALUES(1);")
+        .unwrap();
+
+    let mut replica = start_replica("node-b", &url);
+    wait_converged(&primary, &[&replica], DB);
+    wait_converged(&primary, &[&replica], "other.db");
+    assert_eq!(dump_of(&replica.db_path(DB)), dump_of(&primary.db_path(DB)));
+
+    // A replica killed mid-stream resumes from its position.
+    replica.kill9();
+    run_writer(&primary.db_path(DB), "wal", 100, 50);
+    replica.restart();
+    wait_converged(&primary, &[&replica], DB);
+    let snapshots = primary
+        .stderr_text()
+        .lines()
+        .filter(|line| line.contains("snapshot") && line.contains(DB))
+        .count();
+    assert_eq!(
+        snapshots,
+        1,
+        "only the late joiner needed a snapshot:\n{}",
+        primary.stderr_text()
+    );
+
+    // The primary restarts; the replica reconnects and follows new writes.
+    primary.restart();
+    run_writer(&primary.db_path(DB), "wal", 150, 50);
+    wait_converged(&primary, &[&replica], DB);
+    assert_eq!(dump_of(&replica.db_path(DB)), dump_of(&primary.db_path(DB)));
+
+    // A database deleted on the primary disappears on the replica.
+    fs::remove_file(&other).unwrap();
+    wait_until(
+        "other.db to disappear on the replica",
+        CONVERGE_TIMEOUT,
+        || fs::metadata(replica.db_path("other.db")).map_or(true, |m| m.len() == 0),
+    );
+}
+
+// ---------------------------------------------------------------------------------
+// A relay that damages bytes between replica and primary
+// ---------------------------------------------------------------------------------
+
+/// What the relay does to bytes from the primary.
+#[derive(Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+enum Damage {
+    None = 0,
+    /// Flip one bit in every chunk of bytes.
+    Corrupt = 1,
+    /// Cut the connection after a few KiB.
+    Truncate = 2,
+    /// Hold every chunk back for a while.
+    Delay = 3,
+}
+
+struct Relay {
+    addr: String,
+    damage: Arc<AtomicU8>,
+    damaged_chunks: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Relay {
+    fn start(upstream: &str) -> Relay {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let upstream = upstream.trim_start_matches("http://").to_string();
+        let damage = Arc::new(AtomicU8::new(Damage::None as u8));
+        let damaged_chunks = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (d, c, s) = (damage.clone(), damaged_chunks.clone(), stop.clone());
+        thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((client, _)) => {
+                        let Ok(server) = TcpStream::connect(&upstream) else {
+                            continue;
+                        };
+                        let (client2, server2) =
+                            (client.try_clone().unwrap(), server.try_clone().unwrap());
+                        // Requests pass unchanged; responses are damaged.
+                        thread::spawn(move || pipe(client, server, None));
+                        let (d, c) = (d.clone(), c.clone());
+                        thread::spawn(move || pipe(server2, client2, Some((d, c))));
+                    }
+                    Err(_) => thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        Relay {
+            addr,
+            damage,
+            damaged_chunks,
+            stop,
+        }
+    }
+
+    fn set(&self, damage: Damage) {
+        self.damage.store(damage as u8, Ordering::Relaxed);
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn pipe(mut from: TcpStream, mut to: TcpStream, damage: Option<(Arc<AtomicU8>, Arc<AtomicU64>)>) {
+    let mut buffer = vec![0u8; 16 * 1024];
+    let mut relayed = 0usize;
+    loop {
+        let n = match from.read(&mut buffer) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let chunk = &mut buffer[..n];
+        if let Some((damage, damaged)) = &damage {
+            match damage.load(Ordering::Relaxed) {
+                x if x == Damage::Corrupt as u8 => {
+                    chunk[n / 2] ^= 0x10;
+                    damaged.fetch_add(1, Ordering::Relaxed);
+                }
+                x if x == Damage::Truncate as u8 && relayed > 4096 => {
+                    damaged.fetch_add(1, Ordering::Relaxed);
+                    break;
+                }
+                x if x == Damage::Delay as u8 => {
+                    damaged.fetch_add(1, Ordering::Relaxed);
+                    thread::sleep(Duration::from_millis(30));
+                }
+                _ => {}
+            }
+        }
+        relayed += n;
+        if to.write_all(chunk).is_err() {
+            break;
+        }
+    }
+    let _ = from.shutdown(std::net::Shutdown::Both);
+    let _ = to.shutdown(std::net::Shutdown::Both);
+}
+
+#[test]
+fn damaged_delayed_and_cut_streams_never_corrupt_a_replica() {
+    let (primary, url) = start_primary("node-a");
+    let relay = Relay::start(&url);
+    let replica = start_replica("node-b", &format!("http://{}", relay.addr));
+    create_schema(&primary.db_path(DB), "wal");
+    wait_converged(&primary, &[&replica], DB);
+    let mut first = 0;
+    for damage in [Damage::Corrupt, Damage::Truncate, Damage::Delay] {
+        relay.set(damage);
+        let before = relay.damaged_chunks.load(Ordering::Relaxed);
+        run_writer(&primary.db_path(DB), "wal", first, 40);
+        first += 40;
+        wait_until("the relay to damage some bytes", CONVERGE_TIMEOUT, || {
+            relay.damaged_chunks.load(Ordering::Relaxed) > before
+        });
+        relay.set(Damage::None);
+        wait_converged(&primary, &[&replica], DB);
+        assert_eq!(dump_of(&replica.db_path(DB)), dump_of(&primary.db_path(DB)));
+    }
+}
