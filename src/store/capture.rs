@@ -27,7 +27,7 @@
 mod apply;
 mod history;
 
-pub use apply::{AppliedChangeSet, ReceivedChangeSet};
+pub use apply::{AppliedChangeSet, LoggedChangeSet, ReceivedChangeSet};
 pub use history::CatchUp;
 
 use std::collections::{BTreeMap, BTreeSet};

@@ -34,7 +34,8 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 pub use capture::{
-    AppliedChangeSet, CaptureOptions, CatchUp, Database, Position, ReceivedChangeSet,
+    AppliedChangeSet, CaptureOptions, CatchUp, Database, LoggedChangeSet, Position,
+    ReceivedChangeSet,
 };
 pub use cluster::{ClusterView, Role};
 pub use names::{FileKind, ParsedName, parse_name};
@@ -419,6 +420,8 @@ pub struct Store {
     kernel_cache: RwLock<Option<Arc<dyn KernelCache>>>,
     commits: Arc<CommitSignal>,
     cluster: ClusterView,
+    /// Held by the one change set being applied on a replica.
+    applying: Mutex<()>,
     next_id: AtomicU64,
     /// Directories whose entries changed since the last directory sync.
     dirty_dirs: Mutex<BTreeSet<PathBuf>>,
@@ -456,6 +459,7 @@ impl Store {
             kernel_cache: RwLock::new(None),
             commits: Arc::new(CommitSignal::default()),
             cluster: ClusterView::new(role),
+            applying: Mutex::new(()),
             next_id: AtomicU64::new(FIRST_NODE_ID),
             dirty_dirs: Mutex::new(BTreeSet::new()),
         };

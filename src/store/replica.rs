@@ -87,6 +87,7 @@ impl Store {
             return Err(rejected("the name is not a database's"));
         }
         let received = ReceivedChangeSet::decode(name, ltx)?;
+        let _one_at_a_time = self.applying.lock().unwrap_or_else(|p| p.into_inner());
         let database_node = match self.lookup(name) {
             Some(node) => node,
             None => self.create(name)?,
@@ -103,6 +104,9 @@ impl Store {
         } else {
             None
         };
+        // The log first, before readers are kept out (a snapshot's log is synced).
+        // Nothing that can fail comes between this and writing the pages.
+        let logged = database.log_received(received)?;
         // Readers of the wal-index first, then (when readers use them) the database
         // file's locks; released in reverse order when `held` is dropped.
         let mut held = Vec::with_capacity(2);
@@ -112,9 +116,11 @@ impl Store {
         if !wal_before {
             held.push(HeldByLtxfs::take(database_node.clone(), DATABASE_LOCKS));
         }
-        let applied = database.apply_received(received)?;
+        let applied = database.write_logged(logged)?;
         self.drop_cached_pages(&database_node, &applied);
-        if let (Some(index_node), true) = (&index_node, applied.wal_mode) {
+        if let Some(index_node) = &index_node {
+            // Also when the change set leaves WAL mode: connections still in WAL
+            // mode must notice that the content changed.
             self.advance_wal_index(index_node, &applied)?;
         }
         drop(held);

@@ -63,6 +63,18 @@ impl ReceivedChangeSet {
     }
 }
 
+/// A change set in the log whose pages are not written yet.
+#[derive(Debug)]
+pub struct LoggedChangeSet {
+    received: ReceivedChangeSet,
+    /// The page checksums of its pages, in its page order.
+    new_checksums: Vec<u64>,
+    /// The XOR of all page checksums after it.
+    xor: u64,
+    /// It replaces every page (a snapshot or a page-size change).
+    full: bool,
+}
+
 /// What applying a change set did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AppliedChangeSet {
@@ -84,13 +96,12 @@ impl Database {
         self.lock().wal_mode
     }
 
-    /// Applies a change set from the primary to the database file and the log.
-    /// Refuses, changing nothing, a change set that does not follow the position
-    /// or would not lead to its post-apply checksum.
-    pub fn apply_received(
-        &self,
-        received: ReceivedChangeSet,
-    ) -> Result<AppliedChangeSet, StoreError> {
+    /// Checks that a change set from the primary follows the position and leads to
+    /// its post-apply checksum, and appends it to the log (a snapshot replaces the
+    /// log). Refuses, changing nothing, any other change set. Its pages are
+    /// written by [`Database::write_logged`], which must come next: the store
+    /// runs one apply at a time.
+    pub fn log_received(&self, received: ReceivedChangeSet) -> Result<LoggedChangeSet, StoreError> {
         let mut state = self.lock();
         let header = received.header;
         let rejected = |reason: String| StoreError::ChangeSetRejected {
@@ -140,6 +151,25 @@ impl Database {
         } else {
             state.log.append(header, &received.bytes)?;
         }
+        Ok(LoggedChangeSet {
+            received,
+            new_checksums,
+            xor,
+            full,
+        })
+    }
+
+    /// Writes the pages of a change set [`Database::log_received`] logged into the
+    /// database file and advances the position. The caller keeps readers out.
+    pub fn write_logged(&self, logged: LoggedChangeSet) -> Result<AppliedChangeSet, StoreError> {
+        let mut state = self.lock();
+        let LoggedChangeSet {
+            received,
+            new_checksums,
+            xor,
+            full,
+        } = logged;
+        let header = received.header;
         if let Err(error) = write_pages(&state, &header, &received.pages) {
             state.position = Position::UNKNOWN;
             return Err(error);
