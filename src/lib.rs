@@ -8,6 +8,7 @@ pub mod cli;
 pub mod config;
 pub mod fs;
 pub mod fuse;
+pub mod lease;
 pub mod ltx;
 pub mod mount;
 pub mod mountinfo;
