@@ -24,7 +24,8 @@ use std::time::SystemTime;
 
 use crate::store::locks::{ByteRange, HeldLock, LockError, LockKind, LockOwner, LockRequest};
 use crate::store::{
-    Database, LAG_FILE, Node, NodeId, POSITION_SUFFIX, PRIMARY_FILE, Store, StoreError, parse_name,
+    Database, LAG_FILE, Node, NodeId, POSITION_SUFFIX, PRIMARY_FILE, Store, StoreError,
+    WriteAccess, parse_name,
 };
 
 /// The inode number of the mount root.
@@ -371,7 +372,8 @@ impl Fs {
         match (self.resolve(ino, handle)?, size) {
             (Opened::File(node), size) => {
                 if let Some(size) = size {
-                    self.store.check_writable(node.name(), node.kind())?;
+                    self.store
+                        .check_writable(node.name(), node.kind(), WriteAccess::Change)?;
                     node.truncate(size)?;
                 }
                 node_attr(&node)
@@ -439,7 +441,8 @@ impl Fs {
             return Err(FsError::ReadOnlyGenerated);
         }
         if self.store.lookup(name).is_none() {
-            self.store.check_writable(name, &parse_name(name)?.kind)?;
+            self.store
+                .check_writable(name, &parse_name(name)?.kind, WriteAccess::Open)?;
         }
         let node = self.store.create(name)?;
         let attr = node_attr(&node)?;
@@ -456,7 +459,8 @@ impl Fs {
         let cache = match &opened {
             Opened::File(node) => {
                 if write {
-                    self.store.check_writable(node.name(), node.kind())?;
+                    self.store
+                        .check_writable(node.name(), node.kind(), WriteAccess::Open)?;
                 }
                 CachePolicy::KeepCache
             }
@@ -482,7 +486,11 @@ impl Fs {
 
     /// Writes to an open file.
     pub fn write(&self, handle: u64, offset: u64, data: &[u8]) -> Result<u32, FsError> {
-        self.handle(handle)?.node()?.write_at(offset, data)?;
+        let open_file = self.handle(handle)?;
+        let node = open_file.node()?;
+        self.store
+            .check_writable(node.name(), node.kind(), WriteAccess::Change)?;
+        node.write_at(offset, data)?;
         Ok(data.len() as u32)
     }
 
@@ -534,7 +542,8 @@ impl Fs {
         if StatusFile::from_name(name).is_some() {
             return Err(FsError::ReadOnlyGenerated);
         }
-        self.store.check_writable(name, &parse_name(name)?.kind)?;
+        self.store
+            .check_writable(name, &parse_name(name)?.kind, WriteAccess::Change)?;
         Ok(self.store.unlink(name)?.id())
     }
 

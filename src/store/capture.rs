@@ -40,7 +40,7 @@ use crate::ltx::{self, Checksum, Encoder, Header, TxId};
 
 use super::log::{ChangeLog, RetentionPolicy};
 use super::wal::{self, FRAME_HEADER_SIZE, FrameHeader, WalHeader};
-use super::{CommitSignal, FileKind, NodeId, StoreError, page_size_from_header};
+use super::{FileKind, NodeId, Shared, StoreError, page_size_from_header};
 
 /// The first eight bytes of a valid rollback journal header.
 const JOURNAL_MAGIC: [u8; 8] = [0xd9, 0xd5, 0x05, 0xf9, 0x20, 0xa1, 0x63, 0xd7];
@@ -107,7 +107,7 @@ pub struct Database {
     dir: PathBuf,
     position_file_id: NodeId,
     options: CaptureOptions,
-    commits: Arc<CommitSignal>,
+    shared: Arc<Shared>,
     state: Mutex<CaptureState>,
 }
 
@@ -175,7 +175,7 @@ impl Database {
         dir: &Path,
         options: CaptureOptions,
         position_file_id: NodeId,
-        commits: Arc<CommitSignal>,
+        shared: Arc<Shared>,
     ) -> Result<Database, StoreError> {
         let (log, tail) = ChangeLog::open(&dir.join("log"))?;
         let position = tail
@@ -210,7 +210,7 @@ impl Database {
             dir: dir.to_path_buf(),
             position_file_id,
             options,
-            commits,
+            shared,
             state: Mutex::new(state),
         })
     }
@@ -882,7 +882,7 @@ impl Database {
             wal_size: wal_span.map_or(0, |span| span.size),
             wal_salt1: wal_span.map_or(0, |span| span.salt1),
             wal_salt2: wal_span.map_or(0, |span| span.salt2),
-            node_id: 0,
+            node_id: self.shared.epoch(),
         };
         let encode_error = |error: ltx::LtxError| StoreError::Capture {
             database: self.name.clone(),
@@ -911,7 +911,7 @@ impl Database {
         if self.options.strict_verify {
             self.verify_strictly(state)?;
         }
-        self.commits.notify(&self.name);
+        self.shared.notify(&self.name);
         Ok(())
     }
 

@@ -131,6 +131,15 @@ pub trait KernelCache: Send + Sync {
     fn invalidate_entry(&self, name: &str);
 }
 
+/// What a local process asks to do with a file, for [`Store::check_writable`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteAccess {
+    /// Open or create it for writing.
+    Open,
+    /// Write, truncate or unlink it.
+    Change,
+}
+
 /// Hears about every new position of every database: a change set captured on the
 /// primary or applied on a replica. Called with the database's capture lock held,
 /// so it must return at once (the replication bridge wakes async tasks).
@@ -139,13 +148,21 @@ pub trait CommitListener: Send + Sync {
     fn committed(&self, name: &str);
 }
 
-/// The store's slot for its [`CommitListener`], shared with every database.
+/// What the store shares with every database: the [`CommitListener`] and the
+/// lease epoch under which this node writes change sets.
 #[derive(Default)]
-pub(crate) struct CommitSignal {
+pub(crate) struct Shared {
     listener: RwLock<Option<Arc<dyn CommitListener>>>,
+    /// Stored in every change set captured here (the LTX header's node ID field),
+    /// so replicas can refuse an older primary's change sets (fencing).
+    epoch: AtomicU64,
 }
 
-impl CommitSignal {
+impl Shared {
+    fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
     fn notify(&self, name: &str) {
         if let Some(listener) = self
             .listener
@@ -418,7 +435,7 @@ pub struct Store {
     namespace: RwLock<Namespace>,
     databases: Mutex<BTreeMap<String, Arc<Database>>>,
     kernel_cache: RwLock<Option<Arc<dyn KernelCache>>>,
-    commits: Arc<CommitSignal>,
+    shared: Arc<Shared>,
     cluster: ClusterView,
     /// Held by the one change set being applied on a replica.
     applying: Mutex<()>,
@@ -457,7 +474,7 @@ impl Store {
             namespace: RwLock::new(Namespace::default()),
             databases: Mutex::new(BTreeMap::new()),
             kernel_cache: RwLock::new(None),
-            commits: Arc::new(CommitSignal::default()),
+            shared: Arc::new(Shared::default()),
             cluster: ClusterView::new(role),
             applying: Mutex::new(()),
             next_id: AtomicU64::new(FIRST_NODE_ID),
@@ -519,7 +536,7 @@ impl Store {
             &self.dbs_dir.join(name),
             self.capture,
             position_file_id,
-            self.commits.clone(),
+            self.shared.clone(),
         )?);
         databases.insert(name.to_string(), database.clone());
         Ok(database)
@@ -542,7 +559,7 @@ impl Store {
     /// Sets who hears about new positions (replaces any earlier listener).
     pub fn set_commit_listener(&self, listener: Arc<dyn CommitListener>) {
         *self
-            .commits
+            .shared
             .listener
             .write()
             .unwrap_or_else(|p| p.into_inner()) = Some(listener);
@@ -558,16 +575,34 @@ impl Store {
         }
     }
 
-    /// Refuses changes to a database (or its journals) on a replica: only
-    /// `-wal` and `-shm`, which readers need, may be written there.
-    pub fn check_writable(&self, name: &str, kind: &FileKind) -> Result<(), StoreError> {
-        let readers_need_it = matches!(kind, FileKind::Wal | FileKind::Shm);
-        if self.cluster.role() == Role::Replica && !readers_need_it {
+    /// Refuses, on a replica, what a local process may not do to a file: open or
+    /// create a database or journal for writing, or change any file but `-shm`
+    /// (which readers need for their read marks). Opening `-wal` for writing is
+    /// allowed because SQLite's readers create it, but writing it is not, so a
+    /// connection opened while this node was primary cannot commit after it
+    /// became a replica.
+    pub fn check_writable(
+        &self,
+        name: &str,
+        kind: &FileKind,
+        access: WriteAccess,
+    ) -> Result<(), StoreError> {
+        let allowed = match kind {
+            FileKind::Shm => true,
+            FileKind::Wal => access == WriteAccess::Open,
+            _ => false,
+        };
+        if self.cluster.role() == Role::Replica && !allowed {
             return Err(StoreError::ReadOnlyReplica {
                 name: name.to_string(),
             });
         }
         Ok(())
+    }
+
+    /// Sets the lease epoch stored in the change sets this node captures from now on.
+    pub fn set_epoch(&self, epoch: u64) {
+        self.shared.epoch.store(epoch, Ordering::Release);
     }
 
     /// Every database that has a position, with it, ordered by name.

@@ -236,6 +236,7 @@ mod tests {
         pages: Vec<Vec<u8>>,
         txid: u64,
         checksum: Checksum,
+        epoch: u64,
     }
 
     impl History {
@@ -244,6 +245,7 @@ mod tests {
                 pages: Vec::new(),
                 txid: 0,
                 checksum: Checksum(0),
+                epoch: 1,
             }
         }
 
@@ -268,6 +270,7 @@ mod tests {
                 max_txid: TxId(self.txid),
                 timestamp: 1,
                 pre_apply_checksum: self.checksum,
+                node_id: self.epoch,
                 ..Header::default()
             };
             let mut bytes = Vec::new();
@@ -387,6 +390,31 @@ mod tests {
         let database = store.database("app.db").unwrap();
         // Applying the last change set again does not help: page 2 is not in it.
         assert_eq!(database.position(), Position::UNKNOWN);
+    }
+
+    #[test]
+    fn change_sets_of_an_older_lease_epoch_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = replica(dir.path());
+        let mut history = History::new();
+        history.epoch = 2;
+        store
+            .apply_change_set("app.db", history.commit(&[(1, 1)], 1))
+            .unwrap();
+        let mut old_primary = History {
+            pages: history.pages.clone(),
+            txid: history.txid,
+            checksum: history.checksum,
+            epoch: 1,
+        };
+        let error = store
+            .apply_change_set("app.db", old_primary.commit(&[(1, 9)], 1))
+            .unwrap_err();
+        assert!(error.to_string().contains("epoch"), "{error}");
+        history.epoch = 3;
+        store
+            .apply_change_set("app.db", history.commit(&[(1, 2)], 1))
+            .unwrap();
     }
 
     #[test]

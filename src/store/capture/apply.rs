@@ -113,7 +113,38 @@ impl Database {
                 "the replica's WAL holds transactions of its own; it must be folded into the database first".into(),
             ));
         }
+        // Fencing: the LTX node ID field holds the lease epoch the change set was
+        // written under; once a newer primary's change set was applied, an older
+        // primary's are refused.
+        let seen_epoch = state
+            .log
+            .records()
+            .last()
+            .map_or(0, |record| record.header.node_id);
+        if header.node_id < seen_epoch {
+            return Err(rejected(format!(
+                "change set {} was written under lease epoch {} but this replica already follows epoch {}",
+                header.filename(),
+                header.node_id,
+                seen_epoch
+            )));
+        }
         let snapshot = header.is_snapshot();
+        if snapshot && state.position.txid > header.max_txid {
+            tracing::warn!(
+                database = %self.name,
+                first = header.max_txid.0 + 1,
+                last = state.position.txid.0,
+                "discarding this node's transactions that the primary does not have; replacing the database with the primary's snapshot"
+            );
+        } else if snapshot && state.position.txid.0 > 0 {
+            tracing::info!(
+                database = %self.name,
+                local_txid = %state.position.txid,
+                snapshot_txid = %header.max_txid,
+                "replacing the database with the primary's snapshot"
+            );
+        }
         if !snapshot {
             if header.min_txid.0 != state.position.txid.0 + 1 {
                 return Err(rejected(format!(
@@ -194,7 +225,7 @@ impl Database {
         state.wal_mode = wal_mode;
         let position = state.position;
         drop(state);
-        self.commits.notify(&self.name);
+        self.shared.notify(&self.name);
         Ok(AppliedChangeSet {
             position,
             page_size: header.page_size,

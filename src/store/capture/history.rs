@@ -104,6 +104,7 @@ impl Database {
             max_txid: position.txid,
             timestamp: crate::store::cluster::unix_now_ms(),
             pre_apply_checksum: Checksum(0),
+            node_id: self.shared.epoch(),
             ..Header::default()
         };
         let mut encoder = Encoder::new(out, header).map_err(encode_error)?;
