@@ -12,6 +12,7 @@ pub mod lease;
 pub mod ltx;
 pub mod mount;
 pub mod mountinfo;
+pub mod node;
 pub mod replication;
 pub mod store;
 pub mod tools;

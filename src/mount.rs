@@ -24,6 +24,9 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
 use crate::bridge::CommitBridge;
+use crate::lease::static_lease::StaticLease;
+use crate::lease::{Lease, LeaseHolder};
+use crate::node::{self, NodeSettings};
 use crate::replication::{self, NodeContext};
 
 use crate::config::{Config, ExecCommand, LeaseType};
@@ -353,13 +356,21 @@ pub fn run(request: MountRequest) -> Result<i32, MountError> {
         strict_verify: request.config.strict_verify,
     };
     let listener = bind_node_address(&request.config.http.addr)?;
-    let role = if request.config.lease.candidate {
+    // The static lease's candidate is the primary from the start (epoch 1, as the
+    // lease says), so writes work as soon as the mount does; every other node
+    // starts as a replica until it holds the lease.
+    let static_primary =
+        request.config.lease.lease_type == LeaseType::Static && request.config.lease.candidate;
+    let role = if static_primary {
         Role::Primary
     } else {
         Role::Replica
     };
     let store = Store::open(&plan.data_dir, capture, role)
         .map_err(|error| MountError::runtime("open the data dir", io::Error::other(error)))?;
+    if static_primary {
+        store.set_epoch(StaticLease::EPOCH.0);
+    }
     // SAFETY: getuid and getgid cannot fail.
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
     let store = Arc::new(store);
@@ -453,6 +464,20 @@ fn bind_node_address(addr: &str) -> Result<std::net::TcpListener, MountError> {
     Ok(listener)
 }
 
+/// The coordinator the config names.
+fn make_lease(config: &Config, me: &LeaseHolder) -> Arc<dyn Lease> {
+    let primary = if config.lease.candidate {
+        me.clone()
+    } else {
+        LeaseHolder {
+            // Replicas learn the static primary's name from its stream.
+            hostname: String::new(),
+            advertise_url: config.lease.advertise_url.clone().unwrap_or_default(),
+        }
+    };
+    Arc::new(StaticLease::new(config.lease.candidate, primary))
+}
+
 /// This node's name: `lease.hostname`, else the machine's hostname.
 fn node_hostname(config: &Config) -> String {
     if let Some(hostname) = &config.lease.hostname {
@@ -487,6 +512,20 @@ impl ReplicationTasks {
         let listener = tokio::net::TcpListener::from_std(listener)
             .map_err(|error| MountError::runtime("listen on http.addr", error))?;
         let hostname = node_hostname(config);
+        let port = listener
+            .local_addr()
+            .map_err(|error| MountError::runtime("read the node's address", error))?
+            .port();
+        let own_url = format!("http://{hostname}:{port}");
+        // With the static lease, advertise-url names the primary on every node;
+        // with a coordinator it is how others reach this node.
+        let me = LeaseHolder {
+            hostname: hostname.clone(),
+            advertise_url: match (&config.lease.advertise_url, config.lease.candidate) {
+                (Some(url), true) => url.clone(),
+                _ => own_url,
+            },
+        };
         let commits = Arc::new(CommitBridge::new());
         store.set_commit_listener(commits.clone());
         let node = Arc::new(NodeContext {
@@ -504,17 +543,14 @@ impl ReplicationTasks {
                 }
             }
         })];
-        if store.cluster().role() == Role::Replica {
-            if let Some(primary_url) = config.lease.advertise_url.clone() {
-                tasks.push(runtime.spawn(replication::follow(
-                    store.clone(),
-                    primary_url,
-                    hostname,
-                    config.lease.reconnect_delay,
-                    shutdown.clone(),
-                )));
-            }
-        }
+        let settings = NodeSettings {
+            store: store.clone(),
+            lease: make_lease(config, &me),
+            me,
+            candidate: config.lease.candidate,
+            reconnect_delay: config.lease.reconnect_delay,
+        };
+        tasks.push(runtime.spawn(node::run(settings, shutdown.clone())));
         Ok(ReplicationTasks { shutdown, tasks })
     }
 

@@ -20,6 +20,9 @@ pub struct StaticLease {
 }
 
 impl StaticLease {
+    /// The epoch of the static primary's change sets.
+    pub const EPOCH: Epoch = Epoch(1);
+
     /// A static lease where `primary` is the primary and this node is it when
     /// `candidate` is true.
     pub fn new(candidate: bool, primary: LeaseHolder) -> StaticLease {
@@ -35,7 +38,7 @@ impl Lease for StaticLease {
 
     async fn try_acquire(&self, _me: &LeaseHolder) -> Result<Option<HeldLease>, LeaseError> {
         Ok(self.candidate.then(|| HeldLease {
-            epoch: Epoch(1),
+            epoch: StaticLease::EPOCH,
             handle: "static".to_string(),
             renew_by: Instant::now() + STATIC_RENEWAL,
         }))
@@ -58,7 +61,7 @@ impl Lease for StaticLease {
             tokio::time::sleep(wait).await;
         }
         Ok(LeaseState {
-            holder: Some((self.primary.clone(), Epoch(1))),
+            holder: Some((self.primary.clone(), StaticLease::EPOCH)),
             index: 1,
         })
     }

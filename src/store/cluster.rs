@@ -60,7 +60,7 @@ impl ClusterView {
     }
 
     /// Changes this node's role; a primary follows no one.
-    pub fn set_role(&self, role: Role) {
+    pub(super) fn set_role(&self, role: Role) {
         self.role.store(role as u8, Ordering::Release);
         if role == Role::Primary {
             self.set_primary(None);

@@ -600,6 +600,15 @@ impl Store {
         Ok(())
     }
 
+    /// Makes this node the primary (local writes are captured) or a replica (local
+    /// writes are refused), and drops the kernel's cached `.primary` entry.
+    pub fn set_role(&self, role: Role) {
+        self.cluster.set_role(role);
+        if let Some(cache) = self.kernel_cache() {
+            cache.invalidate_entry(PRIMARY_FILE);
+        }
+    }
+
     /// Sets the lease epoch stored in the change sets this node captures from now on.
     pub fn set_epoch(&self, epoch: u64) {
         self.shared.epoch.store(epoch, Ordering::Release);
