@@ -44,6 +44,9 @@ const FUSE_WORKER_THREADS: usize = 8;
 /// and reading logs run on its blocking pool, not on these.
 const ASYNC_WORKER_THREADS: usize = 2;
 
+/// The file in the data dir that keeps the cluster ID.
+const CLUSTER_ID_FILE: &str = "cluster-id";
+
 /// How long replication tasks may take to stop at shutdown.
 const REPLICATION_STOP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -436,7 +439,15 @@ pub fn run(request: MountRequest) -> Result<i32, MountError> {
     .map_err(|error| MountError::runtime("start the lock reaper", error))?;
     let replication =
         ReplicationTasks::start(&runtime, &request.config, &store, &plan.data_dir, listener)?;
-    let exit_code = runtime.block_on(supervise(commands, signals, &plan.mount_point));
+    let failed = replication.failed.clone();
+    let exit_code = runtime.block_on(async {
+        tokio::select! {
+            exit_code = supervise(commands, signals, &plan.mount_point) => exit_code,
+            () = failed.cancelled() => Err(MountError::Usage(
+                "this node cannot join the cluster (see the error above)".to_string(),
+            )),
+        }
+    });
     replication.stop(&runtime);
     retention.stop();
     lock_reaper.stop();
@@ -497,6 +508,8 @@ fn node_hostname(config: &Config) -> String {
 /// primary) and, on a replica, the client that follows the primary.
 struct ReplicationTasks {
     shutdown: CancellationToken,
+    /// Cancelled when the node must stop (its data belongs to another cluster).
+    failed: CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -549,9 +562,23 @@ impl ReplicationTasks {
             me,
             candidate: config.lease.candidate,
             reconnect_delay: config.lease.reconnect_delay,
+            cluster_id_path: data_dir.join(CLUSTER_ID_FILE),
         };
-        tasks.push(runtime.spawn(node::run(settings, shutdown.clone())));
-        Ok(ReplicationTasks { shutdown, tasks })
+        let failed = CancellationToken::new();
+        tasks.push(runtime.spawn({
+            let (shutdown, failed) = (shutdown.clone(), failed.clone());
+            async move {
+                if let Err(error) = node::run(settings, shutdown).await {
+                    tracing::error!(%error, "stopping");
+                    failed.cancel();
+                }
+            }
+        }));
+        Ok(ReplicationTasks {
+            shutdown,
+            failed,
+            tasks,
+        })
     }
 
     /// Cancels the tasks and waits (bounded) for them to finish.

@@ -9,12 +9,18 @@
 //! backend sets well inside the TTL), it stops accepting writes at once — before
 //! the lease can have expired anywhere — and turns into a replica.
 //!
+//! Before anything else the node checks that its data belongs to the cluster the
+//! coordinator serves: the cluster ID kept in the data dir must equal the one
+//! stored beside the lease key (a node without one adopts it; the first node of a
+//! new cluster stores its own). A mismatch stops the node with a message saying so.
+//!
 //! Invariants:
 //! - The store is the primary only while this node holds an unexpired lease.
 //! - At most one replication client runs, following the current holder.
 //! - On shutdown the primary stops accepting writes, then releases the lease so a
 //!   candidate can take over without waiting for expiry.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,7 +28,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::lease::{HeldLease, Lease, LeaseHolder, LeaseState};
+use crate::lease::{HeldLease, Lease, LeaseError, LeaseHolder, LeaseState};
 use crate::replication;
 use crate::store::{Role, Store};
 
@@ -44,6 +50,41 @@ pub struct NodeSettings {
     pub candidate: bool,
     /// The longest pause between reconnects to the primary.
     pub reconnect_delay: Duration,
+    /// The file in the data dir that keeps the cluster ID.
+    pub cluster_id_path: PathBuf,
+}
+
+/// Why the role loop stopped the node.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// The data dir belongs to another cluster than the coordinator's.
+    #[error("{0}")]
+    ClusterMismatch(LeaseError),
+    /// The cluster ID file could not be read or written.
+    #[error("cluster ID file {path}: {source}")]
+    ClusterIdFile {
+        /// The file.
+        path: PathBuf,
+        /// What failed.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A new random cluster ID: 16 lower-case hex digits.
+fn new_cluster_id() -> String {
+    let mut bytes = [0u8; 8];
+    // SAFETY: the buffer is writable for its whole length.
+    let filled = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+    if filled != bytes.len() as isize {
+        // getrandom cannot fail for 8 bytes once the kernel's pool is ready; fall
+        // back to the clock rather than refusing to start.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |elapsed| elapsed.as_nanos() as u64);
+        bytes = (nanos ^ u64::from(std::process::id())).to_be_bytes();
+    }
+    format!("{:016x}", u64::from_be_bytes(bytes))
 }
 
 /// The replication client following one primary.
@@ -53,13 +94,18 @@ struct Following {
     task: JoinHandle<()>,
 }
 
-/// Runs the role loop until `shutdown` is cancelled.
-pub async fn run(settings: NodeSettings, shutdown: CancellationToken) {
+/// Runs the role loop until `shutdown` is cancelled; fails only when this node
+/// must not take part in the cluster.
+pub async fn run(settings: NodeSettings, shutdown: CancellationToken) -> Result<(), NodeError> {
     let mut node = Node {
         settings,
         following: None,
         index: None,
     };
+    tokio::select! {
+        () = shutdown.cancelled() => return Ok(()),
+        joined = node.join_cluster() => joined?,
+    }
     loop {
         let held = tokio::select! {
             () = shutdown.cancelled() => None,
@@ -67,7 +113,7 @@ pub async fn run(settings: NodeSettings, shutdown: CancellationToken) {
         };
         let Some(held) = held else {
             node.stop_following().await;
-            return;
+            return Ok(());
         };
         node.stop_following().await;
         node.promote(&held);
@@ -83,7 +129,7 @@ pub async fn run(settings: NodeSettings, shutdown: CancellationToken) {
             } else {
                 tracing::info!("released the lease");
             }
-            return;
+            return Ok(());
         }
     }
 }
@@ -96,6 +142,48 @@ struct Node {
 }
 
 impl Node {
+    /// Checks (retrying while the coordinator is unreachable) that the data dir
+    /// belongs to the coordinator's cluster, adopting its ID when the data dir has
+    /// none.
+    async fn join_cluster(&mut self) -> Result<(), NodeError> {
+        let path = self.settings.cluster_id_path.clone();
+        let file_error = |source| NodeError::ClusterIdFile {
+            path: path.clone(),
+            source,
+        };
+        let local = match std::fs::read_to_string(&path) {
+            Ok(text) => Some(text.trim().to_string()),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => None,
+            Err(error) => return Err(file_error(error)),
+        };
+        let proposed = local.clone().unwrap_or_else(new_cluster_id);
+        let mut failures = 0u32;
+        let stored = loop {
+            match self.settings.lease.check_cluster_id(&proposed).await {
+                Ok(stored) => break stored,
+                Err(LeaseError::ClusterMismatch { remote, .. }) if local.is_none() => break remote,
+                Err(error @ LeaseError::ClusterMismatch { .. }) => {
+                    return Err(NodeError::ClusterMismatch(error));
+                }
+                Err(error) => {
+                    failures += 1;
+                    if failures == 1 || failures % 20 == 0 {
+                        tracing::warn!(%error, failures, "cannot check the cluster ID; retrying");
+                    }
+                    tokio::time::sleep(COORDINATOR_RETRY).await;
+                }
+            }
+        };
+        if local.as_deref() != Some(stored.as_str()) {
+            let temporary = path.with_extension("tmp");
+            std::fs::write(&temporary, format!("{stored}\n"))
+                .and_then(|()| std::fs::rename(&temporary, &path))
+                .map_err(file_error)?;
+            tracing::info!(cluster = %stored, "joined the cluster");
+        }
+        Ok(())
+    }
+
     /// Follows the holder of the lease until this node acquires it.
     async fn until_primary(&mut self) -> Option<HeldLease> {
         let mut failures = 0u32;
@@ -214,5 +302,198 @@ impl Node {
             following.stop.cancel();
             let _ = following.task.await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::time::Instant as StdInstant;
+
+    use super::*;
+    use crate::lease::Epoch;
+    use crate::store::CaptureOptions;
+
+    /// An in-memory lease with the trait's semantics, whose renewals can be made
+    /// to fail.
+    #[derive(Debug, Default)]
+    struct MemoryLease {
+        state: Mutex<MemoryState>,
+    }
+
+    #[derive(Debug, Default)]
+    struct MemoryState {
+        holder: Option<(LeaseHolder, Epoch)>,
+        epoch: u64,
+        index: u64,
+        renewals_fail: bool,
+        cluster_id: Option<String>,
+    }
+
+    const TTL: Duration = Duration::from_millis(600);
+
+    #[async_trait::async_trait]
+    impl Lease for MemoryLease {
+        fn ttl(&self) -> Duration {
+            TTL
+        }
+
+        async fn try_acquire(&self, me: &LeaseHolder) -> Result<Option<HeldLease>, LeaseError> {
+            let mut state = self.state.lock().unwrap();
+            if state.holder.is_some() {
+                return Ok(None);
+            }
+            state.epoch += 1;
+            state.index += 1;
+            state.holder = Some((me.clone(), Epoch(state.epoch)));
+            Ok(Some(HeldLease {
+                epoch: Epoch(state.epoch),
+                handle: "memory".into(),
+                renew_by: StdInstant::now() + TTL / 2,
+            }))
+        }
+
+        async fn renew(&self, held: &HeldLease) -> Result<HeldLease, LeaseError> {
+            let state = self.state.lock().unwrap();
+            if state.renewals_fail {
+                return Err(LeaseError::Lost("renewals fail".into()));
+            }
+            Ok(HeldLease {
+                renew_by: StdInstant::now() + TTL / 2,
+                ..held.clone()
+            })
+        }
+
+        async fn release(&self, _held: &HeldLease) -> Result<(), LeaseError> {
+            let mut state = self.state.lock().unwrap();
+            state.holder = None;
+            state.index += 1;
+            Ok(())
+        }
+
+        async fn watch(
+            &self,
+            since: Option<u64>,
+            wait: Duration,
+        ) -> Result<LeaseState, LeaseError> {
+            let deadline = StdInstant::now() + wait;
+            loop {
+                {
+                    let state = self.state.lock().unwrap();
+                    if since != Some(state.index) || StdInstant::now() >= deadline {
+                        return Ok(LeaseState {
+                            holder: state.holder.clone(),
+                            index: state.index,
+                        });
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+
+        async fn check_cluster_id(&self, local: &str) -> Result<String, LeaseError> {
+            let mut state = self.state.lock().unwrap();
+            match &state.cluster_id {
+                Some(stored) if stored != local => Err(LeaseError::ClusterMismatch {
+                    local: local.to_string(),
+                    remote: stored.clone(),
+                }),
+                Some(stored) => Ok(stored.clone()),
+                None => {
+                    state.cluster_id = Some(local.to_string());
+                    Ok(local.to_string())
+                }
+            }
+        }
+    }
+
+    fn settings(dir: &std::path::Path, lease: Arc<MemoryLease>) -> NodeSettings {
+        NodeSettings {
+            store: Arc::new(Store::open(dir, CaptureOptions::default(), Role::Replica).unwrap()),
+            lease,
+            me: LeaseHolder {
+                hostname: "me".into(),
+                advertise_url: "http://127.0.0.1:1".into(),
+            },
+            candidate: true,
+            reconnect_delay: Duration::from_millis(100),
+            cluster_id_path: dir.join("cluster-id"),
+        }
+    }
+
+    async fn wait_for_role(store: &Store, role: Role) {
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while store.cluster().role() != role {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("the node did not become {}", role.as_str()));
+    }
+
+    #[tokio::test]
+    async fn a_candidate_takes_a_free_lease_and_stops_writing_before_it_could_expire() {
+        let dir = tempfile::tempdir().unwrap();
+        let lease = Arc::new(MemoryLease::default());
+        let settings = settings(dir.path(), lease.clone());
+        let store = settings.store.clone();
+        let shutdown = CancellationToken::new();
+        let node = tokio::spawn(run(settings, shutdown.clone()));
+        wait_for_role(&store, Role::Primary).await;
+        assert!(lease.state.lock().unwrap().cluster_id.is_some());
+        // Renewals start failing: the node is a replica again before TTL / 2.
+        lease.state.lock().unwrap().renewals_fail = true;
+        let lost_at = StdInstant::now();
+        wait_for_role(&store, Role::Replica).await;
+        assert!(lost_at.elapsed() < TTL / 2 + Duration::from_millis(100));
+        shutdown.cancel();
+        node.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn shutdown_releases_the_lease() {
+        let dir = tempfile::tempdir().unwrap();
+        let lease = Arc::new(MemoryLease::default());
+        let settings = settings(dir.path(), lease.clone());
+        let store = settings.store.clone();
+        let shutdown = CancellationToken::new();
+        let node = tokio::spawn(run(settings, shutdown.clone()));
+        wait_for_role(&store, Role::Primary).await;
+        shutdown.cancel();
+        node.await.unwrap().unwrap();
+        assert_eq!(store.cluster().role(), Role::Replica);
+        assert!(lease.state.lock().unwrap().holder.is_none());
+    }
+
+    #[tokio::test]
+    async fn data_of_another_cluster_refuses_to_join_and_a_new_node_adopts_the_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let lease = Arc::new(MemoryLease::default());
+        lease.state.lock().unwrap().cluster_id = Some("aaaa".into());
+        // A node without a cluster ID adopts the coordinator's.
+        let mut settings_new = settings(dir.path(), lease.clone());
+        settings_new.candidate = false;
+        let shutdown = CancellationToken::new();
+        let node = tokio::spawn(run(settings_new, shutdown.clone()));
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while std::fs::read_to_string(dir.path().join("cluster-id")).is_err() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .unwrap();
+        shutdown.cancel();
+        node.await.unwrap().unwrap();
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("cluster-id")).unwrap(),
+            "aaaa\n"
+        );
+        // Data of another cluster is refused.
+        let other = tempfile::tempdir().unwrap();
+        std::fs::write(other.path().join("cluster-id"), "bbbb\n").unwrap();
+        let error = run(settings(other.path(), lease), CancellationToken::new())
+            .await
+            .unwrap_err();
+        assert!(error.to_string().contains("bbbb"), "{error}");
     }
 }
