@@ -44,6 +44,9 @@ const FUSE_WORKER_THREADS: usize = 8;
 /// and reading logs run on its blocking pool, not on these.
 const ASYNC_WORKER_THREADS: usize = 2;
 
+/// How often `exec` checks whether the node is ready to run its commands.
+const READINESS_POLL: std::time::Duration = std::time::Duration::from_millis(20);
+
 /// The file in the data dir that keeps the cluster ID.
 const CLUSTER_ID_FILE: &str = "cluster-id";
 
@@ -442,7 +445,7 @@ pub fn run(request: MountRequest) -> Result<i32, MountError> {
     let failed = replication.failed.clone();
     let exit_code = runtime.block_on(async {
         tokio::select! {
-            exit_code = supervise(commands, signals, &plan.mount_point) => exit_code,
+            exit_code = supervise(commands, signals, &plan.mount_point, &store) => exit_code,
             () = failed.cancelled() => Err(MountError::Usage(
                 "this node cannot join the cluster (see the error above)".to_string(),
             )),
@@ -655,11 +658,22 @@ async fn supervise(
     commands: Vec<ExecCommand>,
     signals: Signals,
     mount_point: &Path,
+    store: &Store,
 ) -> Result<i32, MountError> {
     let Signals {
         mut terminate,
         mut interrupt,
     } = signals;
+    if !commands.is_empty() {
+        // Commands (migrations above all) start once the node is the primary or
+        // follows one, so they neither fail on a replica that knows no primary
+        // nor read stale data.
+        tokio::select! {
+            () = ready(store) => {}
+            _ = terminate.recv() => return Ok(0),
+            _ = interrupt.recv() => return Ok(0),
+        }
+    }
     if commands.is_empty() {
         tokio::select! {
             _ = terminate.recv() => tracing::info!("SIGTERM received, unmounting"),
@@ -698,6 +712,22 @@ async fn supervise(
         }
     }
     Ok(0)
+}
+
+/// Returns once this node is the primary or a replica connected to a primary.
+async fn ready(store: &Store) {
+    let mut logged = false;
+    loop {
+        let cluster = store.cluster();
+        if cluster.role() == Role::Primary || cluster.primary().is_some() {
+            return;
+        }
+        if !logged {
+            tracing::info!("waiting to become the primary or to reach it before running exec");
+            logged = true;
+        }
+        tokio::time::sleep(READINESS_POLL).await;
+    }
 }
 
 fn forward_signal(pid: Option<u32>, signal: i32) {
