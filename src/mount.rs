@@ -24,6 +24,8 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
 use crate::bridge::CommitBridge;
+use crate::lease::consul::ConsulLease;
+use crate::lease::etcd::EtcdLease;
 use crate::lease::static_lease::StaticLease;
 use crate::lease::{Lease, LeaseHolder};
 use crate::node::{self, NodeSettings};
@@ -170,14 +172,18 @@ pub fn plan(request: &MountRequest) -> Result<MountPlan, MountError> {
 fn check_supported(config: &Config) -> Result<(), MountError> {
     let unsupported = |what: &str| {
         Err(MountError::Usage(format!(
-            "{what} is not supported yet: this ltxfs runs a single primary (replication, \
-             Consul and etcd leases and the proxy are still to come); remove it from ltxfs.yml"
+            "{what} is not supported yet: the write-forwarding proxy is still to come; \
+             remove it from ltxfs.yml"
         )))
     };
     if config.lease.lease_type != LeaseType::Static {
-        return unsupported("lease.type other than static");
+        // Builds the client only to check its settings; it contacts nothing.
+        coordinator(config)?;
     }
-    if !config.lease.candidate && config.lease.advertise_url.is_none() {
+    if config.lease.lease_type == LeaseType::Static
+        && !config.lease.candidate
+        && config.lease.advertise_url.is_none()
+    {
         return Err(MountError::Usage(
             "a replica (lease.candidate: false) with the static lease needs \
              lease.advertise-url: the primary's URL, e.g. http://primary:20202"
@@ -478,8 +484,25 @@ fn bind_node_address(addr: &str) -> Result<std::net::TcpListener, MountError> {
     Ok(listener)
 }
 
-/// The coordinator the config names.
-fn make_lease(config: &Config, me: &LeaseHolder) -> Arc<dyn Lease> {
+/// The Consul or etcd client the config names (`None` for the static lease).
+fn coordinator(config: &Config) -> Result<Option<Arc<dyn Lease>>, MountError> {
+    let setup_error = |error: &dyn std::fmt::Display| MountError::Usage(error.to_string());
+    Ok(match config.lease.lease_type {
+        LeaseType::Static => None,
+        LeaseType::Consul => Some(Arc::new(
+            ConsulLease::new(&config.lease.consul).map_err(|e| setup_error(&e))?,
+        )),
+        LeaseType::Etcd => Some(Arc::new(
+            EtcdLease::new(&config.lease.etcd).map_err(|e| setup_error(&e))?,
+        )),
+    })
+}
+
+/// The lease the config names: a coordinator, or the static lease.
+fn make_lease(config: &Config, me: &LeaseHolder) -> Result<Arc<dyn Lease>, MountError> {
+    if let Some(lease) = coordinator(config)? {
+        return Ok(lease);
+    }
     let primary = if config.lease.candidate {
         me.clone()
     } else {
@@ -489,7 +512,7 @@ fn make_lease(config: &Config, me: &LeaseHolder) -> Arc<dyn Lease> {
             advertise_url: config.lease.advertise_url.clone().unwrap_or_default(),
         }
     };
-    Arc::new(StaticLease::new(config.lease.candidate, primary))
+    Ok(Arc::new(StaticLease::new(config.lease.candidate, primary)))
 }
 
 /// This node's name: `lease.hostname`, else the machine's hostname.
@@ -561,7 +584,7 @@ impl ReplicationTasks {
         })];
         let settings = NodeSettings {
             store: store.clone(),
-            lease: make_lease(config, &me),
+            lease: make_lease(config, &me)?,
             me,
             candidate: config.lease.candidate,
             reconnect_delay: config.lease.reconnect_delay,

@@ -513,8 +513,8 @@ fn exec_list_runs_in_order_and_stops_at_the_last() {
 fn settings_for_capabilities_not_built_yet_or_incomplete_are_refused() {
     for (extra, mentions) in [
         (
-            "lease:\n  type: consul\n  consul:\n    url: \"http://localhost:8500\"\n    key: \"k\"\n",
-            "lease.type",
+            "lease:\n  type: consul\n  consul:\n    url: \"http://localhost:8500\"\n",
+            "lease.consul.key",
         ),
         ("lease:\n  candidate: false\n", "advertise-url"),
         (

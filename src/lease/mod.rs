@@ -15,6 +15,9 @@
 //! - Lease values read from the coordinator are validated: a malformed value is a
 //!   [`LeaseError::MalformedValue`], never a panic or a silently wrong primary.
 
+pub mod consul;
+pub mod etcd;
+pub mod http;
 pub mod static_lease;
 
 use std::time::{Duration, Instant};

@@ -1,0 +1,263 @@
+//! A small HTTP/1.1 client for the coordinators' HTTP APIs (Consul's, and any
+//! other coordinator that speaks plain HTTP with JSON).
+//!
+//! One [`HttpClient`] keeps a pool of keep-alive connections; [`HttpClient::request`]
+//! sends one request and reads the whole answer.
+//!
+//! Invariants:
+//! - Every request is bounded in time: connecting, sending and reading the whole
+//!   body must finish within the caller's `timeout`, or the request fails with
+//!   [`HttpError::Timeout`] and its connection is dropped.
+//! - Every answer is bounded in size ([`MAX_BODY`]): a larger body is an error, not
+//!   an allocation the peer controls.
+//! - Nothing here panics on what the network sends; HTTP status codes are returned
+//!   to the caller, who decides what they mean.
+//! - Dropping the future of a request cancels it (its connection is closed).
+//! - Only `http://` URLs: TLS is not supported.
+//!
+//! A client's pooled connections belong to the tokio runtime that made them, so a
+//! client should be used within one runtime.
+
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Bytes;
+use hyper::header::{HeaderMap, HeaderName, HeaderValue};
+use hyper::{Method, Request, StatusCode, Uri};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use super::LeaseError;
+
+/// The largest response body accepted. Coordinators' answers about one key are a
+/// few hundred bytes (Consul caps a value at 512 KiB).
+pub const MAX_BODY: usize = 4 * 1024 * 1024;
+
+/// How long an idle pooled connection is kept.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// An HTTP/1.1 client with a connection pool. Cloning it shares the pool.
+#[derive(Debug, Clone)]
+pub struct HttpClient {
+    inner: Client<HttpConnector, Full<Bytes>>,
+}
+
+/// A complete answer.
+#[derive(Debug, Clone)]
+pub struct HttpResponse {
+    /// The status code, whatever it is.
+    pub status: StatusCode,
+    /// The response headers.
+    pub headers: HeaderMap,
+    /// The whole body (at most [`MAX_BODY`] bytes).
+    pub body: Bytes,
+}
+
+impl HttpResponse {
+    /// The value of header `name` when it is present and visible ASCII.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name)?.to_str().ok()
+    }
+
+    /// The body as text for error messages: lossy UTF-8, trimmed, at most 200
+    /// characters.
+    pub fn body_excerpt(&self) -> String {
+        let text = String::from_utf8_lossy(&self.body);
+        let text = text.trim();
+        match text.char_indices().nth(200) {
+            Some((end, _)) => format!("{}…", &text[..end]),
+            None => text.to_string(),
+        }
+    }
+}
+
+/// Why a request got no complete answer.
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    /// The request could not be built (bad URL, header or scheme).
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    /// No complete answer within the timeout.
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    /// Connecting, sending or receiving failed.
+    #[error("{0}")]
+    Transport(String),
+    /// The answer's body is larger than [`MAX_BODY`].
+    #[error("the answer is larger than {MAX_BODY} bytes")]
+    BodyTooLarge,
+}
+
+impl HttpError {
+    /// The lease error for a failed request to `coordinator` ("consul", "etcd") at
+    /// `url` (which must not contain credentials).
+    pub fn into_lease_error(self, coordinator: &'static str, url: &str) -> LeaseError {
+        LeaseError::Unavailable {
+            coordinator,
+            url: url.to_string(),
+            reason: self.to_string(),
+        }
+    }
+}
+
+impl Default for HttpClient {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl HttpClient {
+    /// A client with an empty pool. Needs no runtime until the first request.
+    pub fn new() -> HttpClient {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        let inner = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .pool_timer(TokioTimer::new())
+            .build(connector);
+        HttpClient { inner }
+    }
+
+    /// Sends `method url` with `headers` and `body`, and reads the whole answer,
+    /// all within `timeout`. Any status code is an answer; only the absence of a
+    /// complete answer is an error.
+    pub async fn request(
+        &self,
+        method: Method,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: Bytes,
+        timeout: Duration,
+    ) -> Result<HttpResponse, HttpError> {
+        let request = build_request(method, url, headers, body)?;
+        let exchange = async {
+            let response = self
+                .inner
+                .request(request)
+                .await
+                .map_err(|error| HttpError::Transport(error_chain(&error)))?;
+            let (parts, body) = response.into_parts();
+            let body = Limited::new(body, MAX_BODY)
+                .collect()
+                .await
+                .map_err(|error| {
+                    if error.is::<http_body_util::LengthLimitError>() {
+                        HttpError::BodyTooLarge
+                    } else {
+                        HttpError::Transport(error_chain(error.as_ref()))
+                    }
+                })?
+                .to_bytes();
+            Ok(HttpResponse {
+                status: parts.status,
+                headers: parts.headers,
+                body,
+            })
+        };
+        tokio::time::timeout(timeout, exchange)
+            .await
+            .map_err(|_| HttpError::Timeout(timeout))?
+    }
+}
+
+/// Checks the URL and headers and assembles the request.
+fn build_request(
+    method: Method,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: Bytes,
+) -> Result<Request<Full<Bytes>>, HttpError> {
+    let uri: Uri = url
+        .parse()
+        .map_err(|error| HttpError::InvalidRequest(format!("URL {url:?}: {error}")))?;
+    if uri.scheme_str() != Some("http") {
+        return Err(HttpError::InvalidRequest(format!(
+            "URL {url:?}: only http:// URLs are supported (no TLS)"
+        )));
+    }
+    let mut request = Request::new(Full::new(body));
+    *request.method_mut() = method;
+    *request.uri_mut() = uri;
+    for (name, value) in headers {
+        let name = HeaderName::from_bytes(name.as_bytes())
+            .map_err(|error| HttpError::InvalidRequest(format!("header {name:?}: {error}")))?;
+        let value = HeaderValue::from_str(value).map_err(|error| {
+            HttpError::InvalidRequest(format!("value of header {name}: {error}"))
+        })?;
+        request.headers_mut().append(name, value);
+    }
+    Ok(request)
+}
+
+/// An error and its sources on one line, so "connection refused" is not hidden
+/// behind "client error (Connect)".
+fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_plain_http_urls_are_accepted() {
+        let error = build_request(Method::GET, "https://h/x", &[], Bytes::new()).unwrap_err();
+        assert!(error.to_string().contains("no TLS"), "{error}");
+        let error = build_request(Method::GET, "not a url", &[], Bytes::new()).unwrap_err();
+        assert!(matches!(error, HttpError::InvalidRequest(_)), "{error}");
+        let error =
+            build_request(Method::GET, "http://h/x", &[("a b", "c")], Bytes::new()).unwrap_err();
+        assert!(error.to_string().contains("header"), "{error}");
+        let request = build_request(
+            Method::PUT,
+            "http://h:1/x?y=z",
+            &[("X-A", "b")],
+            Bytes::new(),
+        )
+        .unwrap();
+        assert_eq!(request.headers()["x-a"], "b");
+        assert_eq!(request.uri().path_and_query().unwrap(), "/x?y=z");
+    }
+
+    #[tokio::test]
+    async fn a_closed_port_is_a_transport_error_naming_the_cause() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/", listener.local_addr().unwrap());
+        drop(listener);
+        let error = HttpClient::new()
+            .request(Method::GET, &url, &[], Bytes::new(), Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        assert!(matches!(error, HttpError::Transport(_)), "{error}");
+        assert!(
+            error.to_string().to_lowercase().contains("refused"),
+            "{error}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_silent_server_times_out() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/", listener.local_addr().unwrap());
+        let error = HttpClient::new()
+            .request(
+                Method::GET,
+                &url,
+                &[],
+                Bytes::new(),
+                Duration::from_millis(200),
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(error, HttpError::Timeout(_)), "{error}");
+        drop(listener);
+    }
+}
