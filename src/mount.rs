@@ -551,17 +551,26 @@ impl ReplicationTasks {
         let listener = tokio::net::TcpListener::from_std(listener)
             .map_err(|error| MountError::runtime("listen on http.addr", error))?;
         let hostname = node_hostname(config);
-        let port = listener
+        let address = listener
             .local_addr()
-            .map_err(|error| MountError::runtime("read the node's address", error))?
-            .port();
-        let own_url = format!("http://{hostname}:{port}");
+            .map_err(|error| MountError::runtime("read the node's address", error))?;
+        // Without lease.advertise-url others reach this node at the address it is
+        // bound to, or by its hostname when it listens on every interface.
+        let own_url = if address.ip().is_unspecified() {
+            format!("http://{hostname}:{}", address.port())
+        } else {
+            format!("http://{address}")
+        };
         // With the static lease, advertise-url names the primary on every node;
         // with a coordinator it is how others reach this node.
         let me = LeaseHolder {
             hostname: hostname.clone(),
-            advertise_url: match (&config.lease.advertise_url, config.lease.candidate) {
-                (Some(url), true) => url.clone(),
+            advertise_url: match &config.lease.advertise_url {
+                Some(url)
+                    if config.lease.candidate || config.lease.lease_type != LeaseType::Static =>
+                {
+                    url.clone()
+                }
                 _ => own_url,
             },
         };
