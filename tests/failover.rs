@@ -6,6 +6,8 @@
 //! does nothing in a normal run.
 
 mod common;
+// Shared with the lease tests, which use more of it.
+#[allow(dead_code)]
 #[path = "support/etcd.rs"]
 mod etcd;
 
