@@ -83,7 +83,11 @@ enum Command {
         command: LtxCommand,
     },
     /// Compare SQLite on the mount against a plain directory on the same disk.
+    #[command(args_conflicts_with_subcommands = true)]
     Bench {
+        /// Measure something else than SQLite on the mount.
+        #[command(subcommand)]
+        mode: Option<BenchMode>,
         /// Where to put the benchmark's files (default: a new directory here).
         #[arg(long)]
         dir: Option<PathBuf>,
@@ -96,6 +100,24 @@ enum Command {
         /// Also time a clean restart with a database of this many MB (0: skip).
         #[arg(long, default_value_t = 0)]
         restart_db_mb: u64,
+    },
+}
+
+/// The other benchmarks of `ltxfs bench`.
+#[derive(Debug, Subcommand)]
+enum BenchMode {
+    /// Measure replication between ltxfs processes on loopback: lag, snapshot
+    /// bootstrap, and what two replicas cost the primary.
+    Replication {
+        /// Where to put the benchmark's files (default: a new directory here).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Seconds to measure each lag and each primary's throughput.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        /// Size of the database a new replica bootstraps from, in MB (0: skip).
+        #[arg(long, default_value_t = 200)]
+        snapshot_db_mb: u64,
     },
 }
 
@@ -150,6 +172,30 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> i32 {
             tools::import(mount_dir, &name, &path).map(|summary| summary.to_string())
         }),
         Command::Bench {
+            mode:
+                Some(BenchMode::Replication {
+                    dir,
+                    seconds,
+                    snapshot_db_mb,
+                }),
+            ..
+        } => {
+            init_logging(&LogConfig::default(), false);
+            let options = crate::bench::ReplicationOptions {
+                dir,
+                seconds,
+                snapshot_db_mb,
+            };
+            match crate::bench::run_replication(&options) {
+                Ok(report) => {
+                    println!("{report}");
+                    0
+                }
+                Err(error) => fail(EXIT_FAILURE, &error),
+            }
+        }
+        Command::Bench {
+            mode: None,
             dir,
             seconds,
             read_db_mb,
@@ -316,4 +362,39 @@ fn init_logging(log: &LogConfig, fuse_debug: bool) {
         (LogFormat::Text, true) => builder.try_init(),
         (LogFormat::Text, false) => builder.without_time().try_init(),
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bench_replication_is_a_mode_of_bench() {
+        let cli = Cli::try_parse_from(["ltxfs", "bench", "replication", "--seconds", "2"])
+            .expect("parses");
+        assert!(matches!(
+            cli.command,
+            Command::Bench {
+                mode: Some(BenchMode::Replication {
+                    seconds: 2,
+                    snapshot_db_mb: 200,
+                    ..
+                }),
+                ..
+            }
+        ));
+        let cli = Cli::try_parse_from(["ltxfs", "bench", "--seconds", "2"]).expect("parses");
+        assert!(matches!(
+            cli.command,
+            Command::Bench {
+                mode: None,
+                seconds: 2,
+                ..
+            }
+        ));
+        // The SQLite benchmark's options do not apply to the replication benchmark.
+        assert!(
+            Cli::try_parse_from(["ltxfs", "bench", "--read-db-mb", "5", "replication"]).is_err()
+        );
+    }
 }

@@ -87,6 +87,35 @@ fn position(mount: &Mount, db: &str) -> Option<String> {
     fs::read_to_string(mount.db_path(&format!("{db}-pos"))).ok()
 }
 
+/// The TXID and the checksum (16 hex digits) in `db`'s `-pos` file.
+fn pos_file(mount: &Mount, db: &str) -> (u64, String) {
+    let text = position(mount, db).expect("the database has a position");
+    let (txid, checksum) = text
+        .trim_end()
+        .split_once('/')
+        .unwrap_or_else(|| panic!("malformed -pos file {text:?}"));
+    let txid = u64::from_str_radix(txid, 16).unwrap_or_else(|e| panic!("TXID in {text:?}: {e}"));
+    (txid, checksum.to_string())
+}
+
+/// Runs `ltxfs status --url URL` (with `--json` when asked); returns its stdout.
+fn ltxfs_status(url: &str, json: bool) -> String {
+    let mut command = ltxfs_command();
+    command.args(["status", "--url", url]);
+    if json {
+        command.arg("--json");
+    }
+    let output = run_bounded(READY_TIMEOUT, move || command.output())
+        .expect("ltxfs status finishes")
+        .expect("run ltxfs status");
+    assert!(
+        output.status.success(),
+        "ltxfs status --url {url} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).expect("UTF-8 output")
+}
+
 /// Waits until every replica's position of `db` equals the primary's.
 fn wait_converged(primary: &Mount, replicas: &[&Mount], db: &str) -> String {
     let target = position(primary, db).expect("the primary has a position");
@@ -467,5 +496,54 @@ fn damaged_delayed_and_cut_streams_never_corrupt_a_replica() {
         relay.set(Damage::None);
         wait_converged(&primary, &[&replica], DB);
         assert_eq!(dump_of(&replica.db_path(DB)), dump_of(&primary.db_path(DB)));
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// ltxfs status
+// ---------------------------------------------------------------------------------
+
+#[test]
+fn ltxfs_status_agrees_with_the_pos_files_on_primary_and_replica() {
+    let (primary, primary_url) = start_primary("node-a");
+    let replica = start_replica("node-b", &primary_url);
+    create_schema(&primary.db_path(DB), "wal");
+    run_writer(&primary.db_path(DB), "wal", 0, 20);
+    wait_converged(&primary, &[&replica], DB);
+    let replica_url = format!("http://{}", listen_addr(&replica));
+
+    for (mount, url, role, hostname) in [
+        (&primary, &primary_url, "primary", "node-a"),
+        (&replica, &replica_url, "replica", "node-b"),
+    ] {
+        let (txid, checksum) = pos_file(mount, DB);
+
+        let text = ltxfs_status(url, true);
+        let json: serde_json::Value = serde_json::from_str(text.trim_end())
+            .unwrap_or_else(|e| panic!("ltxfs status --json printed {text:?}: {e}"));
+        assert_eq!(json["role"], role, "{text}");
+        assert_eq!(json["hostname"], hostname, "{text}");
+        assert_eq!(json["primary"], "node-a", "{text}");
+        let databases = json["databases"].as_array().expect("a list of databases");
+        assert_eq!(databases.len(), 1, "{text}");
+        assert_eq!(databases[0]["name"], DB, "{text}");
+        assert_eq!(databases[0]["txid"].as_u64(), Some(txid), "{text}");
+        assert_eq!(databases[0]["checksum"], checksum.as_str(), "{text}");
+        // Both have a lag: zero on the primary, since the last heartbeat on the replica.
+        assert!(databases[0]["lag_ms"].is_u64(), "{text}");
+
+        let table = ltxfs_status(url, false);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines[0], format!("role:     {role}"), "{table}");
+        assert_eq!(lines[1], format!("hostname: {hostname}"), "{table}");
+        assert_eq!(lines[2], "primary:  node-a", "{table}");
+        let row: Vec<&str> = lines
+            .iter()
+            .find(|line| line.starts_with(DB))
+            .unwrap_or_else(|| panic!("no row for {DB}:\n{table}"))
+            .split_whitespace()
+            .collect();
+        assert_eq!(row[1], txid.to_string(), "{table}");
+        assert_eq!(row[2], checksum, "{table}");
     }
 }

@@ -4,15 +4,29 @@
 //! positions and content — first by snapshot, then change set by change set,
 //! including a change set larger than one chunk and a database created while the
 //! stream is live — and both nodes must report their status.
+//!
+//! Bad input from the network: a TCP proxy between replica and primary flips a
+//! bit in a change set's bytes or cuts the connection in the middle of a change
+//! set, and a replica that is ahead of its primary connects. The replica must
+//! refuse what is wrong with a log line naming it, apply nothing of it, and
+//! converge by itself. These tests run on a current-thread runtime, so the
+//! replica's and the primary's log events reach the subscriber each test installs
+//! for its own thread. (Bad input that needs precise control over the messages is
+//! tested inside the crate, in `src/replication/bad_input_tests.rs`, which can use
+//! the generated protocol types.)
 
+use std::io::Write;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ltxfs::bridge::CommitBridge;
 use ltxfs::ltx::TxId;
 use ltxfs::replication::{self, CHUNK_SIZE, NodeContext};
-use ltxfs::store::{CaptureOptions, Role, SQLITE_HEADER_MAGIC, Store};
+use ltxfs::store::{CaptureOptions, Position, Role, SQLITE_HEADER_MAGIC, Store};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 const PAGE_SIZE: usize = 4096;
@@ -75,6 +89,18 @@ async fn start_node(dir: &Path, role: Role, hostname: &str, shutdown: &Cancellat
     });
     let server = tokio::spawn(replication::serve(listener, context, shutdown.clone()));
     Node { store, url, server }
+}
+
+/// Every database of `store` with its position and its content.
+fn state(store: &Store) -> Vec<(String, Position, Vec<u8>)> {
+    store
+        .positions()
+        .into_iter()
+        .map(|(name, position)| {
+            let content = content(store, &name);
+            (name, position, content)
+        })
+        .collect()
 }
 
 /// Waits until the replica has every database of the primary at the same position.
@@ -191,4 +217,334 @@ async fn status_of_a_node_that_is_not_listening_names_the_url() {
         matches!(error, replication::ReplicationError::InvalidUrl { .. }),
         "{error}"
     );
+}
+
+// ---------------------------------------------------------------------------------
+// Bad input
+// ---------------------------------------------------------------------------------
+
+/// The fill byte of the pages whose bytes the proxy damages; no other page and no
+/// protocol message holds a run of it.
+const DAMAGED_FILL: u8 = 0xc3;
+
+/// How many equal bytes in a row mark a damaged page's content on the wire.
+const RUN: usize = 256;
+
+/// The log of one test's thread.
+#[derive(Clone, Default)]
+struct Logs(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Logs {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Logs {
+    /// Captures the events of this thread until the guard is dropped.
+    fn capture() -> (Logs, tracing::subscriber::DefaultGuard) {
+        let logs = Logs::default();
+        let writer = logs.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_env_filter("ltxfs=debug")
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        (logs, tracing::subscriber::set_default(subscriber))
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+
+    /// Waits for a line at `level` containing every one of `parts`.
+    async fn wait_for(&self, level: &str, parts: &[&str]) -> String {
+        let deadline = Instant::now() + CONVERGE_TIMEOUT;
+        loop {
+            let text = self.text();
+            let found = text
+                .lines()
+                .find(|line| line.contains(level) && parts.iter().all(|part| line.contains(part)));
+            if let Some(line) = found {
+                return line.to_string();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {level} line with {parts:?} in the log:\n{text}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+/// What the proxy does to the primary's bytes on its first connection.
+#[derive(Clone, Copy)]
+enum Damage {
+    /// Flips one bit in the middle of the first run of [`RUN`] bytes equal to
+    /// [`DAMAGED_FILL`].
+    FlipBit,
+    /// Closes the connection once this many bytes equal to [`DAMAGED_FILL`]
+    /// have passed.
+    CutAfter(usize),
+}
+
+/// A TCP proxy between a replica and its primary: damages the primary's bytes on
+/// the first connection, and holds every later connection until released.
+struct Proxy {
+    url: String,
+    connections: watch::Receiver<usize>,
+    release: CancellationToken,
+}
+
+impl Proxy {
+    /// A proxy on a free loopback port in front of the node at `upstream`.
+    async fn start(upstream: &str, damage: Damage) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let upstream = upstream.trim_start_matches("http://").to_string();
+        let (count, connections) = watch::channel(0);
+        let release = CancellationToken::new();
+        let gate = release.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                count.send_modify(|count| *count += 1);
+                let first = *count.borrow() == 1;
+                let upstream = upstream.clone();
+                let gate = gate.clone();
+                tokio::spawn(async move {
+                    if !first {
+                        gate.cancelled().await;
+                    }
+                    let Ok(mut server) = TcpStream::connect(&upstream).await else {
+                        return;
+                    };
+                    if first {
+                        relay_damaged(client, server, damage).await;
+                    } else {
+                        let mut client = client;
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                });
+            }
+        });
+        Proxy {
+            url,
+            connections,
+            release,
+        }
+    }
+
+    /// Waits until the replica has given up the first connection and opened the
+    /// next, which the proxy holds until released.
+    async fn wait_for_reconnect(&mut self, logs: &Logs) {
+        let reconnected = self.connections.wait_for(|&count| count >= 2);
+        tokio::time::timeout(CONVERGE_TIMEOUT, reconnected)
+            .await
+            .unwrap_or_else(|_| panic!("the replica did not reconnect; log:\n{}", logs.text()))
+            .unwrap();
+    }
+}
+
+/// Relays one connection, passing requests unchanged and damaging responses.
+async fn relay_damaged(client: TcpStream, server: TcpStream, damage: Damage) {
+    let (mut client_read, mut client_write) = client.into_split();
+    let (mut server_read, mut server_write) = server.into_split();
+    tokio::spawn(async move {
+        let _ = tokio::io::copy(&mut client_read, &mut server_write).await;
+    });
+    let mut buffer = vec![0u8; 64 * 1024];
+    let mut flipped = false;
+    let mut fill_seen = 0;
+    loop {
+        let n = match server_read.read(&mut buffer).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let bytes = &mut buffer[..n];
+        match damage {
+            Damage::FlipBit if !flipped => {
+                if let Some(start) = run_start(bytes) {
+                    bytes[start + RUN / 2] ^= 0x01;
+                    flipped = true;
+                }
+            }
+            Damage::FlipBit => {}
+            Damage::CutAfter(limit) => {
+                fill_seen += bytes.iter().filter(|&&byte| byte == DAMAGED_FILL).count();
+                if fill_seen >= limit {
+                    break;
+                }
+            }
+        }
+        if client_write.write_all(bytes).await.is_err() {
+            break;
+        }
+    }
+    let _ = client_write.shutdown().await;
+}
+
+/// Where the first run of [`RUN`] bytes equal to [`DAMAGED_FILL`] starts.
+fn run_start(bytes: &[u8]) -> Option<usize> {
+    let mut run = 0;
+    for (index, &byte) in bytes.iter().enumerate() {
+        run = if byte == DAMAGED_FILL { run + 1 } else { 0 };
+        if run == RUN {
+            return Some(index + 1 - RUN);
+        }
+    }
+    None
+}
+
+/// A primary with `app.db` at TXID 1, and a replica following it through a proxy
+/// that does `damage`; returns once the replica has caught up.
+async fn through_proxy(
+    damage: Damage,
+    primary_dir: &Path,
+    replica_dir: &Path,
+    shutdown: &CancellationToken,
+) -> (Node, Node, Proxy) {
+    let primary = start_node(primary_dir, Role::Primary, "node-a", shutdown).await;
+    commit(&primary.store, "app.db", [(1, 1), (2, 2)]);
+    let proxy = Proxy::start(&primary.url, damage).await;
+    let replica = start_node(replica_dir, Role::Replica, "node-b", shutdown).await;
+    tokio::spawn(replication::follow(
+        replica.store.clone(),
+        proxy.url.clone(),
+        "node-b".to_string(),
+        Duration::from_millis(200),
+        shutdown.clone(),
+    ));
+    converge(&primary.store, &replica.store).await;
+    (primary, replica, proxy)
+}
+
+#[tokio::test]
+async fn a_bit_flipped_on_the_wire_is_refused_and_never_applied() {
+    let (logs, _guard) = Logs::capture();
+    let (primary_dir, replica_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let shutdown = CancellationToken::new();
+    let (primary, replica, mut proxy) = through_proxy(
+        Damage::FlipBit,
+        primary_dir.path(),
+        replica_dir.path(),
+        &shutdown,
+    )
+    .await;
+    let before = state(&replica.store);
+    commit(
+        &primary.store,
+        "app.db",
+        [(2, DAMAGED_FILL), (3, DAMAGED_FILL)],
+    );
+
+    proxy.wait_for_reconnect(&logs).await;
+    assert!(state(&replica.store) == before, "nothing was applied");
+    logs.wait_for(
+        "WARN",
+        &[
+            "refused a change set from the primary; nothing was applied",
+            "change set for database \"app.db\" fails its CRC-64",
+        ],
+    )
+    .await;
+    proxy.release.cancel();
+    converge(&primary.store, &replica.store).await;
+    assert!(state(&replica.store) == state(&primary.store));
+    shutdown.cancel();
+}
+
+#[tokio::test]
+async fn a_connection_cut_in_the_middle_of_a_change_set_applies_nothing() {
+    let (logs, _guard) = Logs::capture();
+    let (primary_dir, replica_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let shutdown = CancellationToken::new();
+    // Cut after a chunk and a half of a change set of three chunks.
+    let (primary, replica, mut proxy) = through_proxy(
+        Damage::CutAfter(CHUNK_SIZE * 3 / 2),
+        primary_dir.path(),
+        replica_dir.path(),
+        &shutdown,
+    )
+    .await;
+    let before = state(&replica.store);
+    let pages = (3 * CHUNK_SIZE / PAGE_SIZE) as u32;
+    commit(
+        &primary.store,
+        "app.db",
+        (2..=pages).map(|pgno| (pgno, DAMAGED_FILL)),
+    );
+
+    proxy.wait_for_reconnect(&logs).await;
+    assert!(state(&replica.store) == before, "nothing was applied");
+    logs.wait_for(
+        "WARN",
+        &[
+            "not following the primary",
+            "the stream broke off after",
+            "of a change set for database \"app.db\", which was dropped",
+        ],
+    )
+    .await;
+    proxy.release.cancel();
+    converge(&primary.store, &replica.store).await;
+    assert!(state(&replica.store) == state(&primary.store));
+    shutdown.cancel();
+}
+
+#[tokio::test]
+async fn a_replica_ahead_of_its_primary_is_reset_to_the_primarys_snapshot() {
+    let (logs, _guard) = Logs::capture();
+    let (primary_dir, replica_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let shutdown = CancellationToken::new();
+    // The replica's data dir holds three transactions of its own: it is at TXID 3
+    // when it connects to a primary at TXID 1.
+    {
+        let earlier =
+            Store::open(replica_dir.path(), CaptureOptions::default(), Role::Primary).unwrap();
+        commit(&earlier, "app.db", [(1, 7), (2, 7), (3, 7)]);
+        commit(&earlier, "app.db", [(4, 8)]);
+        commit(&earlier, "app.db", [(5, 9)]);
+    }
+    let primary = start_node(primary_dir.path(), Role::Primary, "node-a", &shutdown).await;
+    commit(&primary.store, "app.db", [(1, 1), (2, 2)]);
+    let replica = start_node(replica_dir.path(), Role::Replica, "node-b", &shutdown).await;
+    assert_eq!(
+        replica.store.database("app.db").unwrap().position().txid,
+        TxId(3)
+    );
+    tokio::spawn(replication::follow(
+        replica.store.clone(),
+        primary.url.clone(),
+        "node-b".to_string(),
+        Duration::from_millis(200),
+        shutdown.clone(),
+    ));
+
+    converge(&primary.store, &replica.store).await;
+    // Nothing of the replica's own history is left: two pages, the primary's.
+    assert!(state(&replica.store) == state(&primary.store));
+    assert_eq!(content(&replica.store, "app.db").len(), 2 * PAGE_SIZE);
+    logs.wait_for(
+        "INFO",
+        &[
+            "sending a snapshot",
+            "the replica is at TXID 0000000000000003 but the primary only at 0000000000000001",
+        ],
+    )
+    .await;
+    logs.wait_for(
+        "WARN",
+        &[
+            "applied the primary's snapshot, which takes the database back",
+            "from_txid=0000000000000003",
+            "to_txid=0000000000000001",
+        ],
+    )
+    .await;
+    shutdown.cancel();
 }

@@ -25,9 +25,13 @@
 //! the report gives, per target, the median over the rounds, and the ratio of each
 //! target to the baseline. A ratio of 1.0 means "as fast as a plain directory"; the
 //! goals (`Workload::goal`) come from the issue that asked for this benchmark.
+//!
+//! `ltxfs bench replication` (the `replication` module) measures replication
+//! instead, with the same working directory, mounts and table rendering.
 
 mod machine;
 mod mount;
+mod replication;
 mod report;
 mod workload;
 
@@ -35,6 +39,10 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 pub use machine::MachineInfo;
+pub use replication::{
+    CpuUse, LagResult, ReplicationBenchError, ReplicationOptions, ReplicationReport,
+    SnapshotResult, ThroughputResult, run as run_replication,
+};
 pub use report::{BenchReport, RestartResult, TargetResult, WorkloadResult};
 pub use workload::Workload;
 
@@ -415,14 +423,25 @@ impl Workspace {
     }
 
     /// Removes the directory if the benchmark created it, but never while something
-    /// is still mounted inside it.
+    /// is still mounted inside it (mount points are its direct entries).
     fn cleanup(&mut self) -> Result<(), BenchError> {
         if !self.remove {
             return Ok(());
         }
         self.remove = false;
-        for name in MOUNT_NAMES {
-            let mount_point = mount::mount_point(&self.path, name);
+        let entries = std::fs::read_dir(&self.path).map_err(|cause| BenchError::Io {
+            action: "list the benchmark directory",
+            path: self.path.clone(),
+            cause,
+        })?;
+        for entry in entries {
+            let mount_point = entry
+                .map_err(|cause| BenchError::Io {
+                    action: "list the benchmark directory",
+                    path: self.path.clone(),
+                    cause,
+                })?
+                .path();
             if ltxfs_mounted(&mount_point)? {
                 return Err(BenchError::Io {
                     action: "remove the benchmark directory",

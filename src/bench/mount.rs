@@ -6,6 +6,7 @@
 
 use std::fs::File;
 use std::io::Read;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -27,7 +28,9 @@ pub(super) fn mount_point(base: &Path, name: &str) -> PathBuf {
 }
 
 /// A running `ltxfs mount` child. Dropping it stops the child and, if need be,
-/// unmounts by force, so error paths cannot leave a mount behind.
+/// unmounts by force, so error paths cannot leave a mount behind. Start it from a
+/// thread that outlives it (the benchmark's main thread): the child is told to
+/// exit when the thread that started it ends.
 pub(super) struct MountGuard {
     child: Option<Child>,
     /// False once `stop` has run, so that dropping the guard afterwards does nothing.
@@ -42,12 +45,23 @@ impl MountGuard {
     /// `name` names the mount point and its files under `base`; `capture` off
     /// mounts with `--no-capture`, to measure what change capture costs.
     pub(super) fn start(base: &Path, name: &str, capture: bool) -> Result<MountGuard, BenchError> {
+        MountGuard::start_configured(base, name, capture, "")
+    }
+
+    /// Like [`MountGuard::start`], with `extra_config` (whole YAML sections other
+    /// than `data` and `http`, e.g. `lease`) appended to the configuration.
+    pub(super) fn start_configured(
+        base: &Path,
+        name: &str,
+        capture: bool,
+        extra_config: &str,
+    ) -> Result<MountGuard, BenchError> {
         let mount_point = mount_point(base, name);
         let config_path = base.join(format!("{name}.yml"));
         let log_path = base.join(format!("{name}.log"));
         super::create_dir(&mount_point)?;
         let config = format!(
-            "data:\n  dir: {}\nhttp:\n  addr: \"127.0.0.1:0\"\n",
+            "data:\n  dir: {}\nhttp:\n  addr: \"127.0.0.1:0\"\n{extra_config}",
             yaml_quote(&base.join(format!("{name}-data")))
         );
         std::fs::write(&config_path, config).map_err(|cause| BenchError::Io {
@@ -67,7 +81,8 @@ impl MountGuard {
         let stderr = stdout.try_clone().map_err(log_error)?;
 
         let binary = ltxfs_binary()?;
-        let child = Command::new(&binary)
+        let mut command = Command::new(&binary);
+        command
             .arg("mount")
             .arg(&mount_point)
             .arg("--config")
@@ -75,7 +90,9 @@ impl MountGuard {
             .args((!capture).then_some("--no-capture"))
             .stdin(Stdio::null())
             .stdout(stdout)
-            .stderr(stderr)
+            .stderr(stderr);
+        exit_with_parent(&mut command);
+        let child = command
             .spawn()
             .map_err(|cause| BenchError::Spawn { binary, cause })?;
         let mut guard = MountGuard {
@@ -91,6 +108,16 @@ impl MountGuard {
 
     pub(super) fn mount_point(&self) -> &Path {
         &self.mount_point
+    }
+
+    /// The file that receives everything ltxfs prints.
+    pub(super) fn log_path(&self) -> &Path {
+        &self.log_path
+    }
+
+    /// The ltxfs process's id, while it runs.
+    pub(super) fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     fn wait_until_ready(&mut self) -> Result<(), BenchError> {
@@ -207,6 +234,29 @@ fn ltxfs_binary() -> Result<PathBuf, BenchError> {
         path: PathBuf::from("/proc/self/exe"),
         cause,
     })
+}
+
+/// Makes the kernel send SIGTERM to the child when the thread that spawns it ends
+/// (with the benchmark, if it dies without running its destructors, e.g. on
+/// SIGINT or SIGKILL), so ltxfs unmounts itself rather than staying behind.
+fn exit_with_parent(command: &mut Command) {
+    // SAFETY: `getpid` has no preconditions.
+    let parent = unsafe { libc::getpid() };
+    // SAFETY: the closure runs in the child between fork and exec; it only makes
+    // the async-signal-safe system calls `prctl` and `getppid` and builds errors
+    // from error numbers, which does not allocate.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The benchmark may have died before the request took effect.
+            if libc::getppid() != parent {
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            Ok(())
+        });
+    }
 }
 
 /// Waits for the child to exit, polling, for at most `timeout`.

@@ -219,7 +219,7 @@ impl fmt::Display for BenchReport {
 
 /// Writes rows of cells with the first column left-aligned and the others
 /// right-aligned, each as wide as its widest cell.
-fn write_table(f: &mut fmt::Formatter<'_>, rows: &[Vec<String>]) -> fmt::Result {
+pub(super) fn write_table(f: &mut fmt::Formatter<'_>, rows: &[Vec<String>]) -> fmt::Result {
     let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
     let widths: Vec<usize> = (0..columns)
         .map(|column| {

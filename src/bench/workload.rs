@@ -10,7 +10,7 @@ use rusqlite::backup::{Backup, StepResult};
 use super::{BenchError, Target};
 
 /// The size of the value stored in each row.
-const PAYLOAD_BYTES: usize = 100;
+pub(super) const PAYLOAD_BYTES: usize = 100;
 /// The database used by the read workloads, in each target's directory.
 const READ_DB: &str = "read.db";
 /// Rows inserted per step while building the read database.
@@ -23,7 +23,7 @@ const SELECTS_PER_CLOCK_CHECK: u64 = 100;
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 const CREATE_TABLE: &str = "CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB NOT NULL)";
-const INSERT: &str = "INSERT INTO t(v) VALUES (?1)";
+pub(super) const INSERT: &str = "INSERT INTO t(v) VALUES (?1)";
 const SELECT: &str = "SELECT v FROM t WHERE id = ?1";
 
 /// One measured workload.
@@ -81,7 +81,8 @@ impl Workload {
         }
     }
 
-    fn database_name(self) -> &'static str {
+    /// The file name of the workload's database in a target's directory.
+    pub(super) fn database_name(self) -> &'static str {
         match self {
             Workload::InsertWalNormal => "insert-wal-normal.db",
             Workload::InsertWalFull => "insert-wal-full.db",
@@ -259,7 +260,7 @@ fn select_one(select: &mut rusqlite::CachedStatement<'_>, id: i64) -> rusqlite::
 }
 
 /// Removes any earlier copy of the database, then creates it with table `t`.
-fn create_database(path: &Path, journal_mode: &str) -> Result<Connection, BenchError> {
+pub(super) fn create_database(path: &Path, journal_mode: &str) -> Result<Connection, BenchError> {
     remove_database(path)?;
     let conn = open_database(path)?;
     set_journal_mode(&conn, path, journal_mode)?;
@@ -384,7 +385,7 @@ fn copy_database(
     expect_journal_mode(&conn, destination, "wal")
 }
 
-fn sql_error(action: &'static str, path: &Path, cause: rusqlite::Error) -> BenchError {
+pub(super) fn sql_error(action: &'static str, path: &Path, cause: rusqlite::Error) -> BenchError {
     BenchError::Sqlite {
         action,
         path: path.to_path_buf(),

@@ -2,10 +2,11 @@
 //!
 //! Invariants: every piece is at most [`CHUNK_SIZE`] bytes and only the last has
 //! `last` set; a change set of at most one chunk is moved, not copied. The
-//! [`Reassembler`] accepts chunks of one database until one has `last` set, never
-//! holds more than its limit (refusing the chunk that would pass it), refuses a
-//! chunk of another database while a change set is incomplete, and refuses an
-//! empty change set.
+//! [`Reassembler`] accepts chunks of one database until one carries the change
+//! set's CRC (the last), never holds more than its limit (refusing the chunk that
+//! would pass it), refuses a chunk of another database while a change set is
+//! incomplete, and refuses an empty change set. It does not check the CRC: the
+//! replica does that on the blocking pool, right before applying.
 
 use super::wire::{Chunk, DatabaseName};
 use super::{CHUNK_SIZE, ReplicationError};
@@ -48,6 +49,17 @@ impl Iterator for Pieces {
     }
 }
 
+/// A whole change set as it arrived, not yet verified.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) struct ChangeSet {
+    /// The database its chunks are labelled with.
+    pub(super) database: DatabaseName,
+    /// Its LTX bytes.
+    pub(super) ltx: Vec<u8>,
+    /// The CRC its last chunk carried.
+    pub(super) crc64: u64,
+}
+
 /// Collects the chunks of one change set at a time.
 #[derive(Debug)]
 pub(super) struct Reassembler {
@@ -64,9 +76,12 @@ impl Reassembler {
         }
     }
 
-    /// The database whose change set is incomplete, if any.
-    pub(super) fn pending(&self) -> Option<&DatabaseName> {
-        self.pending.as_ref().map(|(database, _)| database)
+    /// The database whose change set is incomplete and how many of its bytes
+    /// have arrived, if any.
+    pub(super) fn pending(&self) -> Option<(&DatabaseName, u64)> {
+        self.pending
+            .as_ref()
+            .map(|(database, data)| (database, data.len() as u64))
     }
 
     /// Forgets an incomplete change set (the stream it came on is gone).
@@ -76,10 +91,7 @@ impl Reassembler {
 
     /// Adds a chunk; returns the whole change set when this was its last chunk.
     /// After an error the incomplete change set is dropped.
-    pub(super) fn push(
-        &mut self,
-        chunk: Chunk,
-    ) -> Result<Option<(DatabaseName, Vec<u8>)>, ReplicationError> {
+    pub(super) fn push(&mut self, chunk: Chunk) -> Result<Option<ChangeSet>, ReplicationError> {
         let (database, mut data) = match self.pending.take() {
             None => (chunk.database, chunk.data),
             Some((pending, _)) if pending != chunk.database => {
@@ -103,17 +115,21 @@ impl Reassembler {
                 database: database.as_str().to_string(),
             });
         }
-        if !chunk.last {
+        let Some(crc64) = chunk.crc64 else {
             self.pending = Some((database, data));
             return Ok(None);
-        }
+        };
         if data.is_empty() {
             return Err(ReplicationError::EmptyChangeSet {
                 database: database.as_str().to_string(),
             });
         }
         data.shrink_to_fit();
-        Ok(Some((database, data)))
+        Ok(Some(ChangeSet {
+            database,
+            ltx: data,
+            crc64,
+        }))
     }
 }
 
@@ -125,11 +141,20 @@ mod tests {
         DatabaseName::parse("test", name.to_string()).unwrap()
     }
 
+    /// A chunk; the last carries the CRC 7.
     fn chunk(database: &str, data: Vec<u8>, last: bool) -> Chunk {
         Chunk {
             database: name(database),
             data,
-            last,
+            crc64: last.then_some(7),
+        }
+    }
+
+    fn change_set(database: &str, ltx: Vec<u8>) -> ChangeSet {
+        ChangeSet {
+            database: name(database),
+            ltx,
+            crc64: 7,
         }
     }
 
@@ -161,9 +186,7 @@ mod tests {
                 assert!(whole.is_none(), "nothing may follow the last chunk");
                 whole = reassembler.push(chunk("app.db", piece, last)).unwrap();
             }
-            let (database, data) = whole.unwrap();
-            assert_eq!(database.as_str(), "app.db");
-            assert_eq!(data, original);
+            assert_eq!(whole, Some(change_set("app.db", original)));
             assert!(reassembler.pending().is_none());
         }
     }
@@ -189,8 +212,10 @@ mod tests {
                 .is_none()
         );
         assert_eq!(
-            reassembler.pending().map(DatabaseName::as_str),
-            Some("a.db")
+            reassembler
+                .pending()
+                .map(|(database, received)| (database.as_str(), received)),
+            Some(("a.db", 1))
         );
         let error = reassembler.push(chunk("b.db", vec![2], true)).unwrap_err();
         assert!(matches!(
@@ -218,7 +243,7 @@ mod tests {
         ));
         assert_eq!(
             reassembler.push(chunk("a.db", vec![0; 10], true)).unwrap(),
-            Some((name("a.db"), vec![0; 10]))
+            Some(change_set("a.db", vec![0; 10]))
         );
     }
 
@@ -229,7 +254,7 @@ mod tests {
         reassembler.clear();
         assert_eq!(
             reassembler.push(chunk("b.db", vec![2], true)).unwrap(),
-            Some((name("b.db"), vec![2]))
+            Some(change_set("b.db", vec![2]))
         );
     }
 }

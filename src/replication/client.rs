@@ -19,15 +19,18 @@
 //! In every connected state heartbeats update the lag, and a heartbeat's positions
 //! must equal this replica's own (everything sent before it has been applied);
 //! chunks of one change set are collected until the last, then the whole change set
-//! is applied on the blocking pool (the store keeps readers out while it writes, not
-//! while bytes travel the network). A change set the store rejects (it does not
-//! follow this replica's position, or does not verify) is never applied: the client
-//! reconnects, and the primary, seeing the position it cannot follow, sends a
-//! snapshot.
+//! is checked against the CRC on its last chunk and applied on the blocking pool
+//! (the store keeps readers out while it writes, not while bytes travel the
+//! network). A change set that fails its CRC, or that the store rejects (it does
+//! not follow this replica's position, or does not verify), is never applied: the
+//! client logs why and reconnects, and the primary sends what this replica's
+//! position needs (a snapshot when it cannot follow it). A stream that breaks off
+//! between the chunks of a change set drops that change set and names it.
 //!
 //! Invariants: `.primary` names a primary only between its `Hello` and the end
 //! of that stream; nothing from the network reaches the store before [`wire`]
-//! validated it; cancellation stops the client at its next await.
+//! validated it and its CRC matched; cancellation stops the client at its next
+//! await.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,9 +38,10 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::ltx::{HEADER_SIZE, Header};
-use crate::store::{Position, Store, StoreError};
+use crate::store::{AppliedChangeSet, Position, Store, StoreError};
 
-use super::chunk::Reassembler;
+use super::chunk::{ChangeSet, Reassembler};
+use super::crc::ChangeSetCrc;
 use super::proto::replication_client::ReplicationClient;
 use super::wire::{self, DatabaseName, PrimaryMessage};
 use super::{
@@ -110,11 +114,8 @@ enum State {
 enum Step {
     /// A stream began: `hostname` is now the primary.
     Connected { hostname: String, timestamp_ms: u64 },
-    /// A change set is complete: apply it.
-    Apply {
-        database: DatabaseName,
-        ltx: Vec<u8>,
-    },
+    /// A change set is complete: verify and apply it.
+    Apply(ChangeSet),
     /// Part of a change set arrived; nothing to do yet.
     Collecting,
     /// The replica has caught up.
@@ -174,7 +175,7 @@ impl Session {
             }
             (State::Connecting, message) => Err(unexpected(&message, "waiting for Hello")),
             (_, PrimaryMessage::Chunk(chunk)) => Ok(match self.chunks.push(chunk)? {
-                Some((database, ltx)) => Step::Apply { database, ltx },
+                Some(change_set) => Step::Apply(change_set),
                 None => Step::Collecting,
             }),
             (_, message) if self.chunks.pending().is_some() => {
@@ -198,6 +199,18 @@ impl Session {
                 timestamp_ms,
                 positions,
             }),
+        }
+    }
+
+    /// Why the stream stopped, naming the change set it cut short, if any.
+    fn interrupted(&self, cause: ReplicationError) -> ReplicationError {
+        match self.chunks.pending() {
+            Some((database, received)) => ReplicationError::TruncatedChangeSet {
+                database: database.as_str().to_string(),
+                received,
+                cause: Box::new(cause),
+            },
+            None => cause,
         }
     }
 }
@@ -267,11 +280,21 @@ impl Replica {
             .map_err(|status| remote_error(&self.url, &status))?
             .into_inner();
         loop {
-            let message = tokio::time::timeout(PRIMARY_SILENCE_TIMEOUT, stream.message())
-                .await
-                .map_err(|_| ReplicationError::PrimarySilent(PRIMARY_SILENCE_TIMEOUT))?
-                .map_err(|status| remote_error(&self.url, &status))?
-                .ok_or(ReplicationError::StreamEnded)?;
+            let message =
+                match tokio::time::timeout(PRIMARY_SILENCE_TIMEOUT, stream.message()).await {
+                    Ok(Ok(Some(message))) => message,
+                    Ok(Ok(None)) => {
+                        return Err(self.session.interrupted(ReplicationError::StreamEnded));
+                    }
+                    Ok(Err(status)) => {
+                        return Err(self.session.interrupted(remote_error(&self.url, &status)));
+                    }
+                    Err(_) => {
+                        return Err(self.session.interrupted(ReplicationError::PrimarySilent(
+                            PRIMARY_SILENCE_TIMEOUT,
+                        )));
+                    }
+                };
             let message = wire::parse_primary_message(message)?;
             match self.session.receive(message)? {
                 Step::Connected {
@@ -283,7 +306,7 @@ impl Replica {
                     self.store.cluster().note_primary_timestamp(timestamp_ms);
                     self.backoff.reset();
                 }
-                Step::Apply { database, ltx } => self.apply(database, ltx).await?,
+                Step::Apply(change_set) => self.apply(change_set).await?,
                 Step::Collecting => {}
                 Step::CaughtUp => {
                     tracing::info!(primary = %self.url, "caught up with the primary");
@@ -300,25 +323,31 @@ impl Replica {
         }
     }
 
-    /// Applies one whole change set on the blocking pool.
-    async fn apply(&self, database: DatabaseName, ltx: Vec<u8>) -> Result<(), ReplicationError> {
-        let header = Header::decode(ltx.get(..HEADER_SIZE).unwrap_or(&ltx)).map_err(|source| {
-            ReplicationError::InvalidChangeSet {
-                database: database.as_str().to_string(),
-                source,
-            }
-        })?;
+    /// Verifies and applies one whole change set on the blocking pool.
+    async fn apply(&self, change_set: ChangeSet) -> Result<(), ReplicationError> {
+        let database = change_set.database.as_str().to_string();
         let store = self.store.clone();
-        let name = database.as_str().to_string();
-        let applied = blocking(move || Ok(store.apply_change_set(&name, ltx)?)).await;
+        let applied = blocking(move || verify_and_apply(&store, change_set)).await;
         match applied {
-            Ok(applied) => {
+            Ok(Applied {
+                header,
+                before,
+                applied,
+            }) => {
                 // The change set's timestamp is when it committed on the primary.
                 self.store
                     .cluster()
                     .note_primary_timestamp(header.timestamp);
+                if let Some(before) = before.filter(|before| before.txid > applied.position.txid) {
+                    tracing::warn!(
+                        database,
+                        from_txid = %before.txid,
+                        to_txid = %applied.position.txid,
+                        "applied the primary's snapshot, which takes the database back: the primary is behind this replica"
+                    );
+                }
                 tracing::debug!(
-                    database = database.as_str(),
+                    database,
                     min_txid = %header.min_txid,
                     max_txid = %header.max_txid,
                     pages = applied.pages.len(),
@@ -326,14 +355,20 @@ impl Replica {
                 );
                 Ok(())
             }
-            Err(ReplicationError::Store(error @ StoreError::ChangeSetRejected { .. })) => {
-                let error_ref: &dyn std::error::Error = &error;
-                tracing::warn!(
-                    database = database.as_str(),
-                    error = error_ref,
-                    "refused a change set from the primary; reconnecting to resynchronise"
-                );
-                Err(ReplicationError::Store(error))
+            Err(
+                error @ (ReplicationError::ChangeSetCrc { .. }
+                | ReplicationError::InvalidChangeSet { .. }
+                | ReplicationError::Store(StoreError::ChangeSetRejected { .. })),
+            ) => {
+                {
+                    let error: &dyn std::error::Error = &error;
+                    tracing::warn!(
+                        database,
+                        error,
+                        "refused a change set from the primary; nothing was applied; reconnecting to resynchronise"
+                    );
+                }
+                Err(error)
             }
             Err(error) => Err(error),
         }
@@ -344,6 +379,48 @@ impl Replica {
         self.store.set_primary(None);
         self.session.enter(State::Disconnected);
     }
+}
+
+/// What applying a change set did.
+struct Applied {
+    /// The change set's header.
+    header: Header,
+    /// The database's position before, if it existed.
+    before: Option<Position>,
+    /// What the store did.
+    applied: AppliedChangeSet,
+}
+
+/// Checks a change set's CRC, then hands it to the store (blocks: call it on the
+/// blocking pool). A change set whose CRC differs never reaches the store.
+fn verify_and_apply(store: &Store, change_set: ChangeSet) -> Result<Applied, ReplicationError> {
+    let ChangeSet {
+        database,
+        ltx,
+        crc64,
+    } = change_set;
+    let name = database.as_str();
+    let computed = ChangeSetCrc::of(name, &ltx);
+    if computed != crc64 {
+        return Err(ReplicationError::ChangeSetCrc {
+            database: name.to_string(),
+            sent: crc64,
+            computed,
+        });
+    }
+    let header = Header::decode(ltx.get(..HEADER_SIZE).unwrap_or(&ltx)).map_err(|source| {
+        ReplicationError::InvalidChangeSet {
+            database: name.to_string(),
+            source,
+        }
+    })?;
+    let before = store.database(name).map(|database| database.position());
+    let applied = store.apply_change_set(name, ltx)?;
+    Ok(Applied {
+        header,
+        before,
+        applied,
+    })
 }
 
 /// Checks that every database is where the primary's heartbeat says it is.
@@ -384,11 +461,20 @@ mod tests {
         }
     }
 
+    /// A chunk; the last carries the CRC 7.
     fn chunk(database: &str, data: Vec<u8>, last: bool) -> PrimaryMessage {
         PrimaryMessage::Chunk(Chunk {
             database: name(database),
             data,
-            last,
+            crc64: last.then_some(7),
+        })
+    }
+
+    fn apply(database: &str, ltx: Vec<u8>) -> Step {
+        Step::Apply(ChangeSet {
+            database: name(database),
+            ltx,
+            crc64: 7,
         })
     }
 
@@ -433,10 +519,7 @@ mod tests {
         assert_eq!(session.state, State::CatchingUp);
         assert_eq!(
             session.receive(chunk("app.db", vec![1; 3], true)).unwrap(),
-            Step::Apply {
-                database: name("app.db"),
-                ltx: vec![1; 3]
-            }
+            apply("app.db", vec![1; 3])
         );
         assert!(matches!(
             session.receive(heartbeat()).unwrap(),
@@ -456,10 +539,7 @@ mod tests {
         );
         assert_eq!(
             session.receive(chunk("app.db", vec![3], true)).unwrap(),
-            Step::Apply {
-                database: name("app.db"),
-                ltx: vec![2, 3]
-            }
+            apply("app.db", vec![2, 3])
         );
     }
 
@@ -520,10 +600,28 @@ mod tests {
         session.receive(hello()).unwrap();
         assert_eq!(
             session.receive(chunk("b.db", vec![2], true)).unwrap(),
-            Step::Apply {
-                database: name("b.db"),
-                ltx: vec![2]
-            }
+            apply("b.db", vec![2])
+        );
+    }
+
+    #[test]
+    fn a_stream_that_stops_between_chunks_names_the_dropped_change_set() {
+        let mut session = connected();
+        let error = session.interrupted(ReplicationError::StreamEnded);
+        assert!(matches!(error, ReplicationError::StreamEnded));
+        session
+            .receive(chunk("a.db", vec![1; CHUNK_SIZE], false))
+            .unwrap();
+        let error = session.interrupted(ReplicationError::StreamEnded);
+        assert_eq!(
+            error.to_string(),
+            format!(
+                "the stream broke off after {CHUNK_SIZE} bytes of a change set for database \"a.db\", which was dropped"
+            )
+        );
+        assert_eq!(
+            std::error::Error::source(&error).map(ToString::to_string),
+            Some("the primary ended the stream".to_string())
         );
     }
 

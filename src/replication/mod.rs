@@ -14,7 +14,35 @@
 //!   applies what arrives, reconnecting with backoff.
 //! - `chunk`: how a change set is split into `LtxChunk` messages and put back
 //!   together, with the limits on both.
+//! - `crc`: the CRC-64 on each change set's last chunk that binds the change set
+//!   to its database.
 //! - `status`: the node status behind `ltxfs status`.
+//!
+//! # Bad input
+//!
+//! Whatever a peer sends, a replica applies only whole change sets that arrived
+//! intact, for the database they were written for, and that follow its position;
+//! anything else is refused with a warning naming what was wrong, nothing is
+//! applied, and the replica reconnects (with backoff) and sends its position again,
+//! from which the primary sends what it needs:
+//!
+//! - A message that does not decode, or breaks a rule of `wire` or the stream's
+//!   order (`client`'s state machine), ends the stream with an error naming it.
+//! - A stream that breaks off between the chunks of a change set drops the
+//!   incomplete change set ([`ReplicationError::TruncatedChangeSet`]).
+//! - A change set whose bytes or database name were damaged, whose chunks were
+//!   reordered or repeated, or that is labelled with another database's name fails
+//!   its CRC ([`ReplicationError::ChangeSetCrc`]) before the store sees it.
+//! - A whole change set that was reordered, repeated, or claims a TXID this replica
+//!   is past does not follow the position, and the store refuses it
+//!   (`StoreError::ChangeSetRejected`); so does one that does not verify.
+//! - A heartbeat claiming a position this replica is not at is
+//!   [`ReplicationError::Diverged`]. A primary that is really behind the replica
+//!   answers the reconnect with a snapshot (`Database::catch_up`), which the
+//!   replica applies, warning that it moves the database back.
+//! - A peer of another protocol revision is refused in `Hello` or `StreamRequest`
+//!   ([`ReplicationError::ProtocolVersion`]); one of another major version
+//!   answers UNIMPLEMENTED ([`ReplicationError::UnsupportedProtocol`]).
 //!
 //! # Memory per replica stream
 //!
@@ -41,8 +69,11 @@
 //! Errors: [`ReplicationError`] is the one error type; `status_from_error` is
 //! the one place a `tonic::Status` is made from it.
 
+#[cfg(test)]
+mod bad_input_tests;
 mod chunk;
 mod client;
+mod crc;
 mod server;
 mod status;
 mod wire;
@@ -201,6 +232,18 @@ pub enum ReplicationError {
         /// Why it is invalid.
         reason: &'static str,
     },
+    /// The peer does not serve this protocol's package: it speaks another major
+    /// version, or is not an ltxfs node.
+    #[error(
+        "{url} does not serve ltxfs.replication.v1 (it answered UNIMPLEMENTED{}); it speaks another major version of the protocol or is not an ltxfs node",
+        remote_detail(.message)
+    )]
+    UnsupportedProtocol {
+        /// The peer's URL.
+        url: String,
+        /// The peer's message.
+        message: String,
+    },
     /// The peer speaks another revision of the protocol.
     #[error(
         "{message} message speaks protocol version {received}; this node speaks {PROTOCOL_VERSION}"
@@ -237,6 +280,39 @@ pub enum ReplicationError {
         pending: String,
         /// The database of the chunk that arrived.
         received: String,
+    },
+    /// A chunk that is not the last of its change set carries a CRC.
+    #[error(
+        "LtxChunk message for database {database:?} carries a crc64 but is not the last chunk of its change set"
+    )]
+    MisplacedCrc {
+        /// The database.
+        database: String,
+    },
+    /// A change set's CRC does not match its bytes and database name.
+    #[error(
+        "change set for database {database:?} fails its CRC-64: the primary sent {sent:016x} but the name and bytes received give {computed:016x}; it was damaged, reordered or repeated on the way, or belongs to another database"
+    )]
+    ChangeSetCrc {
+        /// The database the change set is labelled with.
+        database: String,
+        /// The CRC on its last chunk.
+        sent: u64,
+        /// The CRC of what arrived.
+        computed: u64,
+    },
+    /// The stream failed between the chunks of a change set, which was dropped.
+    #[error(
+        "the stream broke off after {received} bytes of a change set for database {database:?}, which was dropped"
+    )]
+    TruncatedChangeSet {
+        /// The database.
+        database: String,
+        /// How many bytes of the change set had arrived.
+        received: u64,
+        /// Why the stream failed.
+        #[source]
+        cause: Box<ReplicationError>,
     },
     /// A change set ended without any bytes.
     #[error("empty change set for database {database:?}")]
@@ -308,6 +384,15 @@ pub enum ReplicationError {
     Task(#[source] tokio::task::JoinError),
 }
 
+/// A peer's message after its status code, when it sent one.
+fn remote_detail(message: &str) -> String {
+    if message.is_empty() {
+        String::new()
+    } else {
+        format!(": {message:?}")
+    }
+}
+
 fn primary_hint(primary: &Option<String>) -> String {
     match primary {
         Some(primary) => format!("; the primary is {primary}"),
@@ -351,6 +436,12 @@ fn endpoint(url: &str) -> Result<tonic::transport::Endpoint, ReplicationError> {
 
 /// The error for a gRPC status a peer at `url` answered with.
 fn remote_error(url: &str, status: &tonic::Status) -> ReplicationError {
+    if status.code() == tonic::Code::Unimplemented {
+        return ReplicationError::UnsupportedProtocol {
+            url: url.to_string(),
+            message: status.message().to_string(),
+        };
+    }
     ReplicationError::Remote {
         url: url.to_string(),
         code: status.code(),

@@ -13,7 +13,8 @@
 //!    gets a snapshot), and a `Heartbeat` whenever the stream has been silent for
 //!    [`HEARTBEAT_INTERVAL`].
 //!
-//! Invariants: the chunks of one change set are consecutive; the producer keeps,
+//! Invariants: the chunks of one change set are consecutive, and the last carries
+//! the change set's CRC over the database's name and its bytes; the producer keeps,
 //! per database, the position the replica reaches after the last change set sent,
 //! and every heartbeat carries exactly these; the producer writes into a channel
 //! of [`STREAM_BUFFER_MESSAGES`], so a slow replica makes it wait rather than
@@ -41,6 +42,7 @@ use crate::store::cluster::unix_now_ms;
 use crate::store::{CatchUp, Position, Role};
 
 use super::chunk::Pieces;
+use super::crc::ChangeSetCrc;
 use super::proto::replication_server::{Replication, ReplicationServer};
 use super::proto::{StatusRequest, StatusResponse, StreamMessage, StreamRequest};
 use super::wire;
@@ -160,6 +162,13 @@ impl ReplicationService {
         tokio::spawn(producer.run(self.shutdown.clone()));
         Ok(ReceiverStream::new(receiver))
     }
+}
+
+/// What a database needs next on a stream: the change sets after its position,
+/// each with its CRC, or a snapshot (and why).
+enum Next {
+    ChangeSets(Vec<(Vec<u8>, u64)>),
+    Snapshot(String),
 }
 
 /// Why a producer stopped early.
@@ -296,25 +305,38 @@ impl Producer {
         let Some(database) = self.node.store.database(name) else {
             return Ok(false);
         };
+        let crc_name = name.to_string();
         let answer = self
             .beating(blocking(move || {
-                Ok(database.catch_up(from, MAX_CATCH_UP_BYTES)?)
+                Ok(match database.catch_up(from, MAX_CATCH_UP_BYTES)? {
+                    CatchUp::ChangeSets(change_sets) => Next::ChangeSets(
+                        change_sets
+                            .into_iter()
+                            .map(|ltx| {
+                                let crc = ChangeSetCrc::of(&crc_name, &ltx);
+                                (ltx, crc)
+                            })
+                            .collect(),
+                    ),
+                    CatchUp::Snapshot(reason) => Next::Snapshot(reason),
+                })
             }))
             .await?;
         match answer {
-            CatchUp::ChangeSets(change_sets) => {
+            Next::ChangeSets(change_sets) => {
                 let sent_any = !change_sets.is_empty();
                 let mut position = from;
-                for change_set in change_sets {
+                for (change_set, crc) in change_sets {
                     position = end_position(name, position, &change_set)?;
                     for (piece, last) in Pieces::new(change_set) {
-                        self.send(wire::ltx_chunk(name, piece, last)).await?;
+                        self.send(wire::ltx_chunk(name, piece, last.then_some(crc)))
+                            .await?;
                     }
                     self.sent.insert(name.to_string(), position);
                 }
                 Ok(sent_any)
             }
-            CatchUp::Snapshot(reason) => {
+            Next::Snapshot(reason) => {
                 tracing::info!(replica = %self.replica, database = name, %reason, "sending a snapshot");
                 self.send_snapshot(name).await?;
                 Ok(true)
@@ -350,12 +372,15 @@ impl Producer {
             .await?;
         tracing::debug!(replica = %self.replica, database = name, bytes = len, txid = %position.txid, "snapshot spooled");
         let mut offset = 0u64;
+        let mut crc = ChangeSetCrc::new(name);
         loop {
             let size = (len - offset).min(CHUNK_SIZE as u64);
-            let piece = read_piece(file.clone(), offset, size).await?;
+            let piece;
+            (piece, crc) = read_piece(file.clone(), offset, size, crc).await?;
             offset += size;
             let last = offset == len;
-            self.send(wire::ltx_chunk(name, piece, last)).await?;
+            self.send(wire::ltx_chunk(name, piece, last.then(|| crc.value())))
+                .await?;
             if last {
                 break;
             }
@@ -399,8 +424,14 @@ impl Producer {
     }
 }
 
-/// Reads `size` bytes at `offset` of a spooled snapshot.
-async fn read_piece(file: Arc<File>, offset: u64, size: u64) -> Result<Vec<u8>, ReplicationError> {
+/// Reads `size` bytes at `offset` of a spooled snapshot, and continues the
+/// snapshot's `crc` over them.
+async fn read_piece(
+    file: Arc<File>,
+    offset: u64,
+    size: u64,
+    mut crc: ChangeSetCrc,
+) -> Result<(Vec<u8>, ChangeSetCrc), ReplicationError> {
     blocking(move || {
         let mut piece = vec![0u8; size as usize];
         file.read_exact_at(&mut piece, offset)
@@ -408,7 +439,8 @@ async fn read_piece(file: Arc<File>, offset: u64, size: u64) -> Result<Vec<u8>, 
                 context: format!("read a snapshot spool file at offset {offset}"),
                 source,
             })?;
-        Ok(piece)
+        crc.update(&piece);
+        Ok((piece, crc))
     })
     .await
 }

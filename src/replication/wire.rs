@@ -5,9 +5,10 @@
 //! Invariants: nothing from the network is trusted. A database name is one the
 //! store would accept as a database's name in the mount root, a hostname can be
 //! served in `.primary` (one line, no spaces), a position has a TXID of at least 1
-//! and a checksum with bit 63 set, a chunk is at most [`CHUNK_SIZE`] bytes, and a
-//! message's `oneof` is set. Anything else is a [`ReplicationError`] that names
-//! the message and the field.
+//! and a checksum with bit 63 set, a chunk is at most [`CHUNK_SIZE`] bytes and
+//! carries a CRC-64 exactly when it is the last of its change set, and a message's
+//! `oneof` is set. Anything else is a [`ReplicationError`] that names the message
+//! and the field.
 
 use std::collections::BTreeSet;
 
@@ -105,8 +106,9 @@ pub(super) struct Chunk {
     pub(super) database: DatabaseName,
     /// The bytes.
     pub(super) data: Vec<u8>,
-    /// Whether this is the change set's last chunk.
-    pub(super) last: bool,
+    /// On the change set's last chunk, and only there, the CRC-64 that binds the
+    /// whole change set to its database (see [`ChangeSetCrc`](super::crc::ChangeSetCrc)).
+    pub(super) crc64: Option<u64>,
 }
 
 /// The request a replica sends to open a stream.
@@ -145,12 +147,13 @@ pub(super) fn hello(hostname: &str, timestamp_ms: u64) -> proto::StreamMessage {
     }))
 }
 
-/// A piece of a change set of `database`.
-pub(super) fn ltx_chunk(database: &str, data: Vec<u8>, last: bool) -> proto::StreamMessage {
+/// A piece of a change set of `database`; `crc64` is given on the last piece only.
+pub(super) fn ltx_chunk(database: &str, data: Vec<u8>, crc64: Option<u64>) -> proto::StreamMessage {
     message(stream_message::Message::LtxChunk(proto::LtxChunk {
         database: database.to_string(),
         data,
-        last,
+        last: crc64.is_some(),
+        crc64,
     }))
 }
 
@@ -203,10 +206,24 @@ pub(super) fn parse_primary_message(
                     len: chunk.data.len(),
                 });
             }
+            match (chunk.last, chunk.crc64) {
+                (true, None) => {
+                    return Err(ReplicationError::MissingField {
+                        message: "LtxChunk",
+                        field: "crc64 (required on the last chunk of a change set)",
+                    });
+                }
+                (false, Some(_)) => {
+                    return Err(ReplicationError::MisplacedCrc {
+                        database: database.0,
+                    });
+                }
+                _ => {}
+            }
             PrimaryMessage::Chunk(Chunk {
                 database,
                 data: chunk.data,
-                last: chunk.last,
+                crc64: chunk.crc64,
             })
         }
         stream_message::Message::Ready(proto::Ready {}) => PrimaryMessage::Ready,
@@ -373,15 +390,20 @@ mod tests {
             parse_primary_message(ready()).unwrap(),
             PrimaryMessage::Ready
         );
-        let chunk = parse_primary_message(ltx_chunk("app.db", vec![1, 2, 3], true)).unwrap();
+        let chunk = parse_primary_message(ltx_chunk("app.db", vec![1, 2, 3], Some(77))).unwrap();
         assert_eq!(
             chunk,
             PrimaryMessage::Chunk(Chunk {
                 database: DatabaseName("app.db".into()),
                 data: vec![1, 2, 3],
-                last: true
+                crc64: Some(77)
             })
         );
+        let chunk = parse_primary_message(ltx_chunk("app.db", vec![4], None)).unwrap();
+        assert!(matches!(
+            chunk,
+            PrimaryMessage::Chunk(Chunk { crc64: None, .. })
+        ));
         let name = "app.db".to_string();
         let beat = parse_primary_message(heartbeat(99, [(&name, &position(4))])).unwrap();
         assert_eq!(
@@ -420,6 +442,7 @@ mod tests {
                 database: name.to_string(),
                 data: vec![1],
                 last: true,
+                crc64: Some(1),
             }))
             .unwrap_err();
             assert!(
@@ -442,12 +465,36 @@ mod tests {
     #[test]
     fn an_oversized_chunk_is_rejected() {
         let error =
-            parse_primary_message(ltx_chunk("app.db", vec![0; CHUNK_SIZE + 1], false)).unwrap_err();
+            parse_primary_message(ltx_chunk("app.db", vec![0; CHUNK_SIZE + 1], None)).unwrap_err();
         assert!(matches!(
             error,
             ReplicationError::OversizedChunk { len, .. } if len == CHUNK_SIZE + 1
         ));
-        assert!(parse_primary_message(ltx_chunk("app.db", vec![0; CHUNK_SIZE], false)).is_ok());
+        assert!(parse_primary_message(ltx_chunk("app.db", vec![0; CHUNK_SIZE], None)).is_ok());
+    }
+
+    #[test]
+    fn the_crc_comes_with_the_last_chunk_and_only_with_it() {
+        let chunk = |last, crc64| {
+            parse(stream_message::Message::LtxChunk(proto::LtxChunk {
+                database: "app.db".into(),
+                data: vec![1],
+                last,
+                crc64,
+            }))
+        };
+        assert!(matches!(
+            chunk(true, None).unwrap_err(),
+            ReplicationError::MissingField {
+                message: "LtxChunk",
+                ..
+            }
+        ));
+        let error = chunk(false, Some(5)).unwrap_err();
+        assert!(
+            matches!(&error, ReplicationError::MisplacedCrc { database } if database == "app.db"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -882,7 +882,15 @@ impl Database {
             wal_size: wal_span.map_or(0, |span| span.size),
             wal_salt1: wal_span.map_or(0, |span| span.salt1),
             wal_salt2: wal_span.map_or(0, |span| span.salt2),
-            node_id: self.shared.epoch(),
+            // The epoch never goes back within a log: change sets rebuilt at
+            // start-up, before the lease is known, keep the last logged epoch.
+            node_id: self.shared.epoch().max(
+                state
+                    .log
+                    .records()
+                    .last()
+                    .map_or(0, |record| record.header.node_id),
+            ),
         };
         let encode_error = |error: ltx::LtxError| StoreError::Capture {
             database: self.name.clone(),

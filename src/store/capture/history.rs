@@ -43,9 +43,11 @@ impl Database {
             )));
         }
         let records = state.log.records();
+        // Records are in TXID order without gaps (the log's invariant), so the
+        // one ending at the position is found by binary search.
         let Some(index) = records
-            .iter()
-            .position(|record| record.header.max_txid == from.txid)
+            .binary_search_by_key(&from.txid, |record| record.header.max_txid)
+            .ok()
         else {
             return Ok(CatchUp::Snapshot(format!(
                 "TXID {} is no longer in the primary's log (retention)",

@@ -1,0 +1,193 @@
+//! The nodes of the replication benchmark: `ltxfs mount` processes with a static
+//! lease on loopback, and what the benchmark reads from them.
+//!
+//! A primary is started with `http.addr: 127.0.0.1:0`, so the kernel picks its
+//! port; the benchmark learns the address from the primary's log line
+//! `serving replication address=...` and names it in each replica's
+//! `lease.advertise-url`. Replicas listen on a port of their own choosing too.
+//!
+//! Invariants: a [`Node`] owns its [`MountGuard`], so dropping it stops the
+//! process and removes the mount; every wait here has a timeout.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use super::ReplicationBenchError;
+use super::cpu::Process;
+use crate::bench::mount::MountGuard;
+
+/// How long a primary may take to log its replication address once mounted.
+const ADDRESS_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often a starting primary's log is read while waiting for its address.
+const LOG_POLL_INTERVAL: Duration = Duration::from_millis(10);
+/// How often positions are read while waiting for a replica; short, because the
+/// snapshot figure includes up to one interval.
+const POSITION_POLL_INTERVAL: Duration = Duration::from_millis(1);
+/// What the primary logs when its replication server listens.
+const SERVING_LINE: &str = "serving replication";
+
+/// One running `ltxfs mount` process of the cluster.
+pub(super) struct Node {
+    name: String,
+    mount: MountGuard,
+}
+
+impl Node {
+    /// Starts a primary (`lease.candidate: true`) named `name` under `base` and
+    /// returns it with the URL replicas reach it at.
+    pub(super) fn start_primary(
+        base: &Path,
+        name: &str,
+    ) -> Result<(Node, String), ReplicationBenchError> {
+        let lease = format!("lease:\n  type: static\n  candidate: true\n  hostname: {name}\n");
+        let node = Node {
+            name: name.to_string(),
+            mount: MountGuard::start_configured(base, name, true, &lease)?,
+        };
+        let address = node.wait_for_address()?;
+        Ok((node, format!("http://{address}")))
+    }
+
+    /// Starts a replica named `name` under `base` that follows the primary at
+    /// `primary_url`. Returns once mounted, usually before it has caught up.
+    pub(super) fn start_replica(
+        base: &Path,
+        name: &str,
+        primary_url: &str,
+    ) -> Result<Node, ReplicationBenchError> {
+        let lease = format!(
+            "lease:\n  type: static\n  candidate: false\n  hostname: {name}\n  advertise-url: {primary_url}\n"
+        );
+        Ok(Node {
+            name: name.to_string(),
+            mount: MountGuard::start_configured(base, name, true, &lease)?,
+        })
+    }
+
+    /// The node's name, which is also its `lease.hostname`.
+    pub(super) fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The process to measure the CPU time of, while the node runs.
+    pub(super) fn process(&self) -> Option<Process> {
+        self.mount.pid().map(|pid| Process {
+            name: self.name.clone(),
+            pid,
+        })
+    }
+
+    /// The mount point, where applications open databases.
+    pub(super) fn mount_point(&self) -> &Path {
+        self.mount.mount_point()
+    }
+
+    /// The path of database `database` in this node's mount.
+    pub(super) fn db_path(&self, database: &str) -> PathBuf {
+        self.mount.mount_point().join(database)
+    }
+
+    /// The content of the database's `-pos` file (`TXID/checksum`, both 16 hex
+    /// digits), or `None` while the node does not have the database.
+    pub(super) fn position(&self, database: &str) -> Option<String> {
+        std::fs::read_to_string(self.db_path(&format!("{database}-pos"))).ok()
+    }
+
+    /// Stops the process and checks that the mount is gone.
+    pub(super) fn stop(mut self) -> Result<(), ReplicationBenchError> {
+        Ok(self.mount.stop()?)
+    }
+
+    /// Waits until the node's log names the address it serves replication on.
+    fn wait_for_address(&self) -> Result<String, ReplicationBenchError> {
+        let started = Instant::now();
+        loop {
+            // The log may not exist or be readable yet; that is the same as no line.
+            let log = std::fs::read_to_string(self.mount.log_path()).unwrap_or_default();
+            if let Some(address) = serving_address(&log) {
+                return Ok(address.to_string());
+            }
+            if started.elapsed() >= ADDRESS_TIMEOUT {
+                return Err(ReplicationBenchError::NoAddress {
+                    node: self.name.clone(),
+                    timeout: ADDRESS_TIMEOUT,
+                    log: self.mount.log_path().to_path_buf(),
+                });
+            }
+            std::thread::sleep(LOG_POLL_INTERVAL);
+        }
+    }
+}
+
+/// Waits until every replica's position of `database` equals the primary's, and
+/// returns how long that took.
+pub(super) fn wait_converged(
+    primary: &Node,
+    replicas: &[&Node],
+    database: &str,
+    timeout: Duration,
+) -> Result<Duration, ReplicationBenchError> {
+    let started = Instant::now();
+    let target = primary
+        .position(database)
+        .ok_or_else(|| ReplicationBenchError::NoPosition {
+            node: primary.name.clone(),
+            database: database.to_string(),
+        })?;
+    for replica in replicas {
+        wait_for_position(replica, database, &target, timeout, started)?;
+    }
+    Ok(started.elapsed())
+}
+
+/// Waits until `node`'s position of `database` is `target`, at most until
+/// `timeout` after `started`.
+pub(super) fn wait_for_position(
+    node: &Node,
+    database: &str,
+    target: &str,
+    timeout: Duration,
+    started: Instant,
+) -> Result<(), ReplicationBenchError> {
+    loop {
+        let last = node.position(database);
+        if last.as_deref() == Some(target) {
+            return Ok(());
+        }
+        if started.elapsed() >= timeout {
+            return Err(ReplicationBenchError::NotConverged {
+                replica: node.name.clone(),
+                database: database.to_string(),
+                target: target.trim().to_string(),
+                last: last.map(|text| text.trim().to_string()),
+                timeout,
+            });
+        }
+        std::thread::sleep(POSITION_POLL_INTERVAL);
+    }
+}
+
+/// The address in the last `serving replication address=...` line of a log.
+fn serving_address(log: &str) -> Option<&str> {
+    log.lines()
+        .filter(|line| line.contains(SERVING_LINE))
+        .filter_map(|line| line.split("address=").nth(1))
+        .filter_map(|rest| rest.split_whitespace().next())
+        .next_back()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_address_comes_from_the_last_serving_line() {
+        let log = "\
+2026-11-22T10:00:00Z  INFO ltxfs::mount: mounted
+2026-11-22T10:00:00Z  INFO ltxfs::replication::server: serving replication address=127.0.0.1:4100 hostname=primary
+2026-11-22T10:00:01Z  INFO ltxfs::replication::server: serving replication address=127.0.0.1:4200 hostname=primary
+";
+        assert_eq!(serving_address(log), Some("127.0.0.1:4200"));
+        assert_eq!(serving_address("INFO ltxfs::mount: mounted\n"), None);
+    }
+}

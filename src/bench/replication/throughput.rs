@@ -1,0 +1,128 @@
+//! What replicas cost the primary: single-row INSERT transactions per second (WAL,
+//! `synchronous=NORMAL`, the `ltxfs bench` workload) on a primary that two
+//! replicas follow, against one that no replica follows, side by side.
+//!
+//! Both primaries are separate `ltxfs mount` processes on the same disk. As in
+//! `ltxfs bench`, each warms up, then they take turns in rounds (the order
+//! alternating), and the report gives each one's median. After every round on the
+//! followed primary the benchmark waits until both replicas have caught up, so that
+//! a backlog never spills into the other primary's round; how long that took is
+//! reported too. So is the CPU time each process used per transaction, over the
+//! rounds and catching up after them, which shows where the time goes.
+
+use std::time::Duration;
+
+use super::ReplicationBenchError;
+use super::cluster::{self, Node};
+use super::cpu::{CpuMeter, CpuUse, Process};
+use crate::bench::workload::{ReadDatabase, Session};
+use crate::bench::{Plan, Target, TargetResult, Workload, WorkloadResult};
+
+/// The workload measured.
+const WORKLOAD: Workload = Workload::InsertWalNormal;
+/// How long the replicas may take to catch up after a round.
+const CONVERGE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The figures of the comparison.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ThroughputResult {
+    /// Transactions per second of the primary alone (target 0, the baseline) and
+    /// of the followed one (target 1).
+    pub result: WorkloadResult,
+    /// After each round on the followed primary, how long the replicas took to
+    /// reach its position.
+    pub catch_up: Vec<Duration>,
+    /// Per target, the CPU time per transaction of each process involved: the
+    /// primary, its replicas, and the benchmark itself (SQLite's side).
+    pub cpu: Vec<Vec<CpuUse>>,
+}
+
+/// Runs the rounds on `alone` and on `followed`, which `replicas` follow.
+pub(super) fn compare(
+    alone: &Node,
+    followed: &Node,
+    replicas: &[&Node],
+    plan: &Plan,
+) -> Result<ThroughputResult, ReplicationBenchError> {
+    let targets = [
+        Target {
+            name: "no replicas".to_string(),
+            dir: alone.mount_point().to_path_buf(),
+        },
+        Target {
+            name: format!("{} replicas", replicas.len()),
+            dir: followed.mount_point().to_path_buf(),
+        },
+    ];
+    // The insert workload reads nothing, so it needs no read database.
+    let no_read_db = ReadDatabase { rows: 0, bytes: 0 };
+    let mut sessions = targets
+        .iter()
+        .map(|target| Session::open(WORKLOAD, target, &no_read_db))
+        .collect::<Result<Vec<_>, _>>()?;
+    let database = WORKLOAD.database_name();
+    let converge = || cluster::wait_converged(followed, replicas, database, CONVERGE_TIMEOUT);
+    converge()?;
+    for session in &mut sessions {
+        session.run_for(plan.warm_up)?;
+    }
+    converge()?;
+
+    let benchmark = Process {
+        name: "benchmark".to_string(),
+        pid: std::process::id(),
+    };
+    let mut meters = [
+        CpuMeter::new(
+            alone
+                .process()
+                .into_iter()
+                .chain([benchmark.clone()])
+                .collect(),
+        ),
+        CpuMeter::new(
+            std::iter::once(followed)
+                .chain(replicas.iter().copied())
+                .filter_map(Node::process)
+                .chain([benchmark])
+                .collect(),
+        ),
+    ];
+    let mut rounds = vec![Vec::with_capacity(plan.rounds); targets.len()];
+    let mut catch_up = Vec::with_capacity(plan.rounds);
+    for round in 0..plan.rounds {
+        // Alternate the order so that neither primary always runs first.
+        let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+        for index in order {
+            meters[index].start();
+            rounds[index].push(sessions[index].run_for(plan.round)?);
+            if index == 1 {
+                catch_up.push(converge()?);
+            }
+            meters[index].stop();
+        }
+    }
+    let cpu = meters
+        .iter()
+        .zip(&rounds)
+        .map(|(meter, rates)| {
+            let transactions: f64 = rates
+                .iter()
+                .map(|rate| rate * plan.round.as_secs_f64())
+                .sum();
+            meter.per_transaction(transactions)
+        })
+        .collect();
+    Ok(ThroughputResult {
+        result: WorkloadResult::new(
+            WORKLOAD,
+            targets
+                .iter()
+                .zip(rounds)
+                .map(|(target, rounds)| TargetResult::new(&target.name, rounds))
+                .collect(),
+        ),
+        catch_up,
+        cpu,
+    })
+}
