@@ -15,11 +15,14 @@
 //! tested inside the crate, in `src/replication/bad_input_tests.rs`, which can use
 //! the generated protocol types.)
 
-use std::io::Write;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+#[path = "support/logs.rs"]
+mod logs;
+
+use logs::Logs;
 use ltxfs::bridge::CommitBridge;
 use ltxfs::ltx::TxId;
 use ltxfs::replication::{self, CHUNK_SIZE, NodeContext};
@@ -229,58 +232,6 @@ const DAMAGED_FILL: u8 = 0xc3;
 
 /// How many equal bytes in a row mark a damaged page's content on the wire.
 const RUN: usize = 256;
-
-/// The log of one test's thread.
-#[derive(Clone, Default)]
-struct Logs(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Logs {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(bytes);
-        Ok(bytes.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Logs {
-    /// Captures the events of this thread until the guard is dropped.
-    fn capture() -> (Logs, tracing::subscriber::DefaultGuard) {
-        let logs = Logs::default();
-        let writer = logs.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_env_filter("ltxfs=debug")
-            .with_ansi(false)
-            .with_writer(move || writer.clone())
-            .finish();
-        (logs, tracing::subscriber::set_default(subscriber))
-    }
-
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-
-    /// Waits for a line at `level` containing every one of `parts`.
-    async fn wait_for(&self, level: &str, parts: &[&str]) -> String {
-        let deadline = Instant::now() + CONVERGE_TIMEOUT;
-        loop {
-            let text = self.text();
-            let found = text
-                .lines()
-                .find(|line| line.contains(level) && parts.iter().all(|part| line.contains(part)));
-            if let Some(line) = found {
-                return line.to_string();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no {level} line with {parts:?} in the log:\n{text}"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-}
 
 /// What the proxy does to the primary's bytes on its first connection.
 #[derive(Clone, Copy)]

@@ -11,11 +11,14 @@
 //! tests run on a current-thread runtime, so the client's and the server's log
 //! events reach the subscriber each test installs for its own thread.
 
-use std::io::Write;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+#[path = "../../tests/support/logs.rs"]
+mod logs;
+
+use logs::Logs;
 use tempfile::TempDir;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
@@ -147,58 +150,6 @@ async fn converge(primary: &Store, replica: &Store, logs: &Logs) {
 // ---------------------------------------------------------------------------------
 // Logs
 // ---------------------------------------------------------------------------------
-
-/// The log of one test's thread.
-#[derive(Clone, Default)]
-struct Logs(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Logs {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(bytes);
-        Ok(bytes.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Logs {
-    /// Captures the events of this thread until the guard is dropped.
-    fn capture() -> (Logs, tracing::subscriber::DefaultGuard) {
-        let logs = Logs::default();
-        let writer = logs.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_env_filter("ltxfs=debug")
-            .with_ansi(false)
-            .with_writer(move || writer.clone())
-            .finish();
-        (logs, tracing::subscriber::set_default(subscriber))
-    }
-
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-
-    /// Waits for a line at `level` containing every one of `parts`.
-    async fn wait_for(&self, level: &str, parts: &[&str]) -> String {
-        let deadline = Instant::now() + TIMEOUT;
-        loop {
-            let text = self.text();
-            let found = text
-                .lines()
-                .find(|line| line.contains(level) && parts.iter().all(|part| line.contains(part)));
-            if let Some(line) = found {
-                return line.to_string();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no {level} line with {parts:?} in the log:\n{text}"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-}
 
 // ---------------------------------------------------------------------------------
 // The relay
