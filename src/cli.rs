@@ -77,6 +77,13 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Make this candidate replica the primary: the primary hands its role over
+    /// (no write it accepted is lost) and becomes a replica.
+    Promote {
+        /// The replica's replication address (http.addr, or lease.advertise-url).
+        #[arg(long, default_value = DEFAULT_STATUS_URL)]
+        url: String,
+    },
     /// Inspect LTX change-set files.
     Ltx {
         #[command(subcommand)]
@@ -164,6 +171,7 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> i32 {
             command,
         } => run_mount(mount_point, config, !no_expand_env, !no_capture, command),
         Command::Status { url, json } => run_status(&url, json),
+        Command::Promote { url } => run_promote(&url),
         Command::Ltx { command } => run_ltx(command),
         Command::Export { name, path, mount } => run_tool(mount, |mount_dir| {
             tools::export(mount_dir, &name, &path).map(|summary| summary.to_string())
@@ -248,15 +256,34 @@ fn run_tool(
     }
 }
 
-fn run_status(url: &str, json: bool) -> i32 {
-    let runtime = match tokio::runtime::Builder::new_current_thread()
+/// Runs one call to a node on a runtime of its own, failing with `ReplicationError`s.
+fn call_node<T>(call: impl Future<Output = Result<T, ReplicationError>>) -> Result<T, i32> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-    {
-        Ok(runtime) => runtime,
-        Err(error) => return fail(EXIT_FAILURE, &error),
-    };
-    match runtime.block_on(replication::fetch_status(url)) {
+        .map_err(|error| fail(EXIT_FAILURE, &error))?;
+    runtime.block_on(call).map_err(|error| match error {
+        ReplicationError::InvalidUrl { .. } => fail(EXIT_USAGE, &error),
+        error => fail(EXIT_FAILURE, &error),
+    })
+}
+
+fn run_promote(url: &str) -> i32 {
+    let started = std::time::Instant::now();
+    match call_node(replication::request_promote(url)) {
+        Ok(previous) => {
+            println!(
+                "this node is the primary; it took over from {previous} in {} ms",
+                started.elapsed().as_millis()
+            );
+            0
+        }
+        Err(status) => status,
+    }
+}
+
+fn run_status(url: &str, json: bool) -> i32 {
+    match call_node(replication::fetch_status(url)) {
         Ok(status) if json => {
             println!("{}", status.to_json());
             0
@@ -265,8 +292,7 @@ fn run_status(url: &str, json: bool) -> i32 {
             println!("{status}");
             0
         }
-        Err(error @ ReplicationError::InvalidUrl { .. }) => fail(EXIT_USAGE, &error),
-        Err(error) => fail(EXIT_FAILURE, &error),
+        Err(status) => status,
     }
 }
 

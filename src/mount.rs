@@ -29,7 +29,7 @@ use crate::lease::etcd::EtcdLease;
 use crate::lease::static_lease::StaticLease;
 use crate::lease::{Lease, LeaseHolder};
 use crate::node::{self, NodeSettings};
-use crate::replication::{self, NodeContext};
+use crate::replication::{self, Handoffs, NodeContext};
 
 use crate::config::{Config, ExecCommand, LeaseType};
 use crate::fs::Fs;
@@ -52,8 +52,12 @@ const READINESS_POLL: std::time::Duration = std::time::Duration::from_millis(20)
 /// The file in the data dir that keeps the cluster ID.
 const CLUSTER_ID_FILE: &str = "cluster-id";
 
-/// How long replication tasks may take to stop at shutdown.
-const REPLICATION_STOP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// How long the role loop may take to stop at shutdown: a primary's handoff
+/// waits up to `HANDOFF_TIMEOUT` for the new primary.
+const REPLICATION_STOP_TIMEOUT: std::time::Duration =
+    replication::HANDOFF_TIMEOUT.saturating_add(std::time::Duration::from_secs(2));
+/// How long the replication server may take to stop after the role loop.
+const SERVER_STOP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// How often blocking lock requests are checked for processes that died waiting.
 const LOCK_REAPER_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
@@ -533,10 +537,14 @@ fn node_hostname(config: &Config) -> String {
 /// The replication server every node runs (status on all, change sets on the
 /// primary) and, on a replica, the client that follows the primary.
 struct ReplicationTasks {
-    shutdown: CancellationToken,
+    /// Stops the role loop.
+    node_shutdown: CancellationToken,
+    /// Stops the replication server, once the role loop has stopped.
+    server_shutdown: CancellationToken,
     /// Cancelled when the node must stop (its data belongs to another cluster).
     failed: CancellationToken,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    role_loop: tokio::task::JoinHandle<()>,
+    server: tokio::task::JoinHandle<()>,
 }
 
 impl ReplicationTasks {
@@ -576,21 +584,24 @@ impl ReplicationTasks {
         };
         let commits = Arc::new(CommitBridge::new());
         store.set_commit_listener(commits.clone());
+        let (handoffs, control) = Handoffs::new();
+        let handoffs = Arc::new(handoffs);
         let node = Arc::new(NodeContext {
             store: store.clone(),
             hostname: hostname.clone(),
             commits,
             spool_dir: data_dir.to_path_buf(),
+            handoffs: handoffs.clone(),
         });
-        let shutdown = CancellationToken::new();
-        let mut tasks = vec![runtime.spawn({
-            let shutdown = shutdown.clone();
+        let server_shutdown = CancellationToken::new();
+        let server = runtime.spawn({
+            let shutdown = server_shutdown.clone();
             async move {
                 if let Err(error) = replication::serve(listener, node, shutdown).await {
                     tracing::error!(%error, "the replication server stopped");
                 }
             }
-        })];
+        });
         let settings = NodeSettings {
             store: store.clone(),
             lease: make_lease(config, &me)?,
@@ -598,38 +609,48 @@ impl ReplicationTasks {
             candidate: config.lease.candidate,
             reconnect_delay: config.lease.reconnect_delay,
             cluster_id_path: data_dir.join(CLUSTER_ID_FILE),
+            handoffs,
+            control,
         };
         let failed = CancellationToken::new();
-        tasks.push(runtime.spawn({
-            let (shutdown, failed) = (shutdown.clone(), failed.clone());
+        let node_shutdown = CancellationToken::new();
+        let role_loop = runtime.spawn({
+            let (shutdown, failed) = (node_shutdown.clone(), failed.clone());
             async move {
                 if let Err(error) = node::run(settings, shutdown).await {
                     tracing::error!(%error, "stopping");
                     failed.cancel();
                 }
             }
-        }));
+        });
         Ok(ReplicationTasks {
-            shutdown,
+            node_shutdown,
+            server_shutdown,
             failed,
-            tasks,
+            role_loop,
+            server,
         })
     }
 
-    /// Cancels the tasks and waits (bounded) for them to finish.
+    /// Stops the role loop (a primary hands its role over first, which needs the
+    /// server), then the server, waiting (bounded) for each.
     fn stop(self, runtime: &tokio::runtime::Runtime) {
-        self.shutdown.cancel();
-        let finished = runtime.block_on(async {
-            tokio::time::timeout(REPLICATION_STOP_TIMEOUT, async {
-                for task in self.tasks {
-                    let _ = task.await;
-                }
-            })
-            .await
+        runtime.block_on(async {
+            self.node_shutdown.cancel();
+            if tokio::time::timeout(REPLICATION_STOP_TIMEOUT, self.role_loop)
+                .await
+                .is_err()
+            {
+                tracing::warn!("the role loop did not stop in time");
+            }
+            self.server_shutdown.cancel();
+            if tokio::time::timeout(SERVER_STOP_TIMEOUT, self.server)
+                .await
+                .is_err()
+            {
+                tracing::warn!("the replication server did not stop in time");
+            }
         });
-        if finished.is_err() {
-            tracing::warn!("replication tasks did not stop in time");
-        }
     }
 }
 

@@ -24,12 +24,16 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::lease::{HeldLease, Lease, LeaseError, LeaseHolder, LeaseState};
-use crate::replication;
+use crate::replication::{
+    self, ControlRequest, FollowSettings, FollowerState, HANDOFF_TIMEOUT, HandoffPhase, Handoffs,
+    ReplicationError,
+};
 use crate::store::{Role, Store};
 
 /// How long one watch of the lease waits for a change before asking again.
@@ -52,6 +56,10 @@ pub struct NodeSettings {
     pub reconnect_delay: Duration,
     /// The file in the data dir that keeps the cluster ID.
     pub cluster_id_path: PathBuf,
+    /// The open streams and the handoff phase, shared with the replication server.
+    pub handoffs: Arc<Handoffs>,
+    /// Requests from the `Handoff` and `Promote` RPCs.
+    pub control: mpsc::Receiver<ControlRequest>,
 }
 
 /// Why the role loop stopped the node.
@@ -92,19 +100,59 @@ struct Following {
     url: String,
     stop: CancellationToken,
     task: JoinHandle<()>,
+    /// What the client says about its stream.
+    state: watch::Receiver<FollowerState>,
+}
+
+/// Why this node stopped holding the lease.
+enum HoldEnd {
+    /// A renewal failed or did not succeed by the renewal deadline.
+    Lost,
+    /// A candidate replica asked for the primary role.
+    HandOffTo {
+        hostname: String,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+}
+
+/// What woke a replica's role loop.
+enum Event {
+    Lease(Result<LeaseState, LeaseError>),
+    FollowerChanged,
+    Control(ControlRequest),
+    HandoffCallEnded(Result<(), String>),
 }
 
 /// Runs the role loop until `shutdown` is cancelled; fails only when this node
 /// must not take part in the cluster.
 pub async fn run(settings: NodeSettings, shutdown: CancellationToken) -> Result<(), NodeError> {
+    let NodeSettings {
+        store,
+        lease,
+        me,
+        candidate,
+        reconnect_delay,
+        cluster_id_path,
+        handoffs,
+        control,
+    } = settings;
     let mut node = Node {
-        settings,
+        store,
+        lease,
+        me,
+        candidate,
+        reconnect_delay,
+        handoffs,
+        control,
         following: None,
         index: None,
+        primary: None,
+        promotions: Vec::new(),
+        handoff_call: None,
     };
     tokio::select! {
         () = shutdown.cancelled() => return Ok(()),
-        joined = node.join_cluster() => joined?,
+        joined = node.join_cluster(&cluster_id_path) => joined?,
     }
     loop {
         let held = tokio::select! {
@@ -113,45 +161,62 @@ pub async fn run(settings: NodeSettings, shutdown: CancellationToken) -> Result<
         };
         let Some(held) = held else {
             node.stop_following().await;
+            node.answer_promotions(Err("this node is shutting down".to_string()));
             return Ok(());
         };
         node.stop_following().await;
         node.promote(&held);
-        let stopped = tokio::select! {
-            () = shutdown.cancelled() => true,
-            () = node.hold(held.clone()) => false,
+        let end = tokio::select! {
+            () = shutdown.cancelled() => None,
+            end = node.hold(held.clone()) => Some(end),
         };
-        // Either way this node no longer accepts writes.
-        node.demote();
-        if stopped {
-            if let Err(error) = node.settings.lease.release(&held).await {
-                tracing::warn!(%error, "could not release the lease; another node takes over when it expires");
-            } else {
-                tracing::info!("released the lease");
+        match end {
+            Some(HoldEnd::Lost) => node.demote().await,
+            Some(HoldEnd::HandOffTo { hostname, reply }) => {
+                let outcome = node.hand_off(&held, Some(hostname)).await;
+                let _ = reply.send(outcome);
             }
-            return Ok(());
+            None => {
+                if let Err(reason) = node.hand_off(&held, None).await {
+                    tracing::info!(%reason, "no handoff");
+                    node.demote().await;
+                    node.release(&held).await;
+                }
+                return Ok(());
+            }
         }
     }
 }
 
 struct Node {
-    settings: NodeSettings,
+    store: Arc<Store>,
+    lease: Arc<dyn Lease>,
+    me: LeaseHolder,
+    candidate: bool,
+    reconnect_delay: Duration,
+    handoffs: Arc<Handoffs>,
+    control: mpsc::Receiver<ControlRequest>,
     following: Option<Following>,
     /// The lease state index of the last watch.
     index: Option<u64>,
+    /// The hostname of the last primary seen in the lease.
+    primary: Option<String>,
+    /// `Promote` requests waiting for this node to become the primary.
+    promotions: Vec<oneshot::Sender<Result<String, String>>>,
+    /// The request to the primary for a handoff to this node, while it runs.
+    handoff_call: Option<JoinHandle<Result<(), ReplicationError>>>,
 }
 
 impl Node {
     /// Checks (retrying while the coordinator is unreachable) that the data dir
     /// belongs to the coordinator's cluster, adopting its ID when the data dir has
     /// none.
-    async fn join_cluster(&mut self) -> Result<(), NodeError> {
-        let path = self.settings.cluster_id_path.clone();
+    async fn join_cluster(&mut self, path: &std::path::Path) -> Result<(), NodeError> {
         let file_error = |source| NodeError::ClusterIdFile {
-            path: path.clone(),
+            path: path.to_path_buf(),
             source,
         };
-        let local = match std::fs::read_to_string(&path) {
+        let local = match std::fs::read_to_string(path) {
             Ok(text) => Some(text.trim().to_string()),
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => None,
             Err(error) => return Err(file_error(error)),
@@ -159,7 +224,7 @@ impl Node {
         let proposed = local.clone().unwrap_or_else(new_cluster_id);
         let mut failures = 0u32;
         let stored = loop {
-            match self.settings.lease.check_cluster_id(&proposed).await {
+            match self.lease.check_cluster_id(&proposed).await {
                 Ok(stored) => break stored,
                 Err(LeaseError::ClusterMismatch { remote, .. }) if local.is_none() => break remote,
                 Err(error @ LeaseError::ClusterMismatch { .. }) => {
@@ -177,23 +242,30 @@ impl Node {
         if local.as_deref() != Some(stored.as_str()) {
             let temporary = path.with_extension("tmp");
             std::fs::write(&temporary, format!("{stored}\n"))
-                .and_then(|()| std::fs::rename(&temporary, &path))
+                .and_then(|()| std::fs::rename(&temporary, path))
                 .map_err(file_error)?;
             tracing::info!(cluster = %stored, "joined the cluster");
         }
         Ok(())
     }
 
-    /// Follows the holder of the lease until this node acquires it.
+    /// Follows the holder of the lease until this node acquires it, answering
+    /// control requests meanwhile.
     async fn until_primary(&mut self) -> Option<HeldLease> {
         let mut failures = 0u32;
         loop {
-            let state = match self.settings.lease.watch(self.index, WATCH_WAIT).await {
-                Ok(state) => {
+            let event = tokio::select! {
+                watched = self.lease.watch(self.index, WATCH_WAIT) => Event::Lease(watched),
+                () = follower_changed(&mut self.following) => Event::FollowerChanged,
+                Some(request) = self.control.recv() => Event::Control(request),
+                outcome = call_ended(&mut self.handoff_call) => Event::HandoffCallEnded(outcome),
+            };
+            let state = match event {
+                Event::Lease(Ok(state)) => {
                     failures = 0;
                     state
                 }
-                Err(error) => {
+                Event::Lease(Err(error)) => {
                     failures += 1;
                     if failures == 1 || failures % 20 == 0 {
                         tracing::warn!(%error, failures, "cannot read the lease; still serving reads, retrying");
@@ -202,29 +274,88 @@ impl Node {
                     tokio::time::sleep(COORDINATOR_RETRY).await;
                     continue;
                 }
+                Event::FollowerChanged => {
+                    // Whether this node may take a free lease may have changed:
+                    // read the lease again at once.
+                    self.index = None;
+                    continue;
+                }
+                Event::Control(request) => {
+                    self.answer_as_replica(request);
+                    continue;
+                }
+                Event::HandoffCallEnded(outcome) => {
+                    if let Err(reason) = outcome {
+                        self.answer_promotions(Err(reason));
+                    }
+                    continue;
+                }
             };
             self.index = Some(state.index);
             if let Some(held) = self.try_acquire(&state).await {
                 return Some(held);
             }
             if let Some((holder, _)) = &state.holder {
-                if holder.advertise_url != self.settings.me.advertise_url {
-                    self.follow(&holder.advertise_url).await;
+                self.primary = Some(holder.hostname.clone());
+                if holder.advertise_url != self.me.advertise_url {
+                    let url = holder.advertise_url.clone();
+                    self.follow(&url).await;
                 }
             }
         }
     }
 
-    /// Takes the lease when this node is a candidate and nobody else holds it.
+    /// Answers a control request while this node is a replica.
+    fn answer_as_replica(&mut self, request: ControlRequest) {
+        match request {
+            ControlRequest::HandOffTo { reply, .. } => {
+                let _ = reply.send(Err("this node is not the primary".to_string()));
+            }
+            ControlRequest::Promote { reply } => {
+                let refusal = if !self.candidate {
+                    Some("this node is not a candidate (lease.candidate is false)".to_string())
+                } else if let Some(following) = &self.following {
+                    if self.handoff_call.is_none() {
+                        let (url, hostname) = (following.url.clone(), self.me.hostname.clone());
+                        tracing::info!(primary = %url, "asking the primary to hand its role to this node");
+                        self.handoff_call = Some(tokio::spawn(async move {
+                            replication::request_handoff(&url, &hostname).await
+                        }));
+                    }
+                    None
+                } else {
+                    Some("this node follows no primary to take over from".to_string())
+                };
+                match refusal {
+                    Some(reason) => {
+                        let _ = reply.send(Err(reason));
+                    }
+                    None => self.promotions.push(reply),
+                }
+            }
+        }
+    }
+
+    /// Answers every waiting `Promote` request.
+    fn answer_promotions(&mut self, outcome: Result<String, String>) {
+        for reply in self.promotions.drain(..) {
+            let _ = reply.send(outcome.clone());
+        }
+    }
+
+    /// Takes the lease when this node is a candidate, nobody else holds it, and
+    /// taking it loses nothing: this node has everything the last primary
+    /// accepted (its stream handed off to this node, or it has ended), and no
+    /// handoff to another node may still complete.
     async fn try_acquire(&mut self, state: &LeaseState) -> Option<HeldLease> {
         let free = match &state.holder {
             None => true,
-            Some((holder, _)) => holder == &self.settings.me,
+            Some((holder, _)) => holder == &self.me,
         };
-        if !self.settings.candidate || !free {
+        if !self.candidate || !free || !self.may_take_free_lease() {
             return None;
         }
-        match self.settings.lease.try_acquire(&self.settings.me).await {
+        match self.lease.try_acquire(&self.me).await {
             Ok(held) => held,
             Err(error) => {
                 tracing::warn!(%error, "could not acquire the lease");
@@ -233,43 +364,159 @@ impl Node {
         }
     }
 
-    /// Keeps renewing the lease; returns when it is lost or its renewal deadline
-    /// passes without a successful renewal.
-    async fn hold(&mut self, mut held: HeldLease) {
-        let lease = self.settings.lease.clone();
+    fn may_take_free_lease(&self) -> bool {
+        let Some(following) = &self.following else {
+            return true;
+        };
+        let state = following.state.borrow();
+        match &state.handoff {
+            Some(handoff) if handoff.to == self.me.hostname => true,
+            Some(handoff) if handoff.at.elapsed() < HANDOFF_TIMEOUT => false,
+            _ => !state.connected,
+        }
+    }
+
+    /// Keeps renewing the lease, answering control requests; returns when the
+    /// lease is lost (or its renewal deadline passes without a successful renewal)
+    /// or a replica asks for the primary role.
+    async fn hold(&mut self, mut held: HeldLease) -> HoldEnd {
+        let lease = self.lease.clone();
         loop {
             let now = Instant::now();
             let deadline = Instant::from_std(held.renew_by);
             // Renew at a third of the remaining time, so two attempts fit before the
             // deadline.
             let next = now + deadline.saturating_duration_since(now) / 3;
-            tokio::time::sleep_until(next).await;
+            tokio::select! {
+                () = tokio::time::sleep_until(next) => {}
+                Some(request) = self.control.recv() => {
+                    match request {
+                        ControlRequest::HandOffTo { hostname, reply } => {
+                            return HoldEnd::HandOffTo { hostname, reply };
+                        }
+                        ControlRequest::Promote { reply } => {
+                            let _ = reply.send(Err("this node is already the primary".to_string()));
+                        }
+                    }
+                    continue;
+                }
+            }
             match tokio::time::timeout_at(deadline, lease.renew(&held)).await {
                 Ok(Ok(renewed)) => held = renewed,
                 Ok(Err(error)) => {
                     tracing::error!(%error, "lost the lease; no longer accepting writes");
-                    return;
+                    return HoldEnd::Lost;
                 }
                 Err(_) => {
                     tracing::error!(
                         "could not renew the lease in time; no longer accepting writes"
                     );
-                    return;
+                    return HoldEnd::Lost;
                 }
             }
         }
     }
 
-    fn promote(&mut self, held: &HeldLease) {
-        let store = &self.settings.store;
-        store.set_epoch(held.epoch.0);
-        store.set_role(Role::Primary);
-        tracing::info!(epoch = held.epoch.0, positions = ?store.positions(), "this node is the primary");
+    /// Hands the primary role to the candidate replica `to` (by default the most
+    /// caught-up one): stops local writes, sends every stream up to the final
+    /// positions and a `Handoff`, releases the lease, and waits for `to` to take
+    /// it. This node is a replica afterwards, whatever the outcome.
+    async fn hand_off(&mut self, held: &HeldLease, to: Option<String>) -> Result<(), String> {
+        let target = match to {
+            Some(hostname) if self.handoffs.candidate_connected(&hostname) => hostname,
+            Some(hostname) => {
+                return Err(format!(
+                    "{hostname} is not a candidate replica connected to this primary"
+                ));
+            }
+            None => self
+                .handoffs
+                .most_caught_up_candidate()
+                .ok_or_else(|| "no candidate replica is connected".to_string())?,
+        };
+        let started = Instant::now();
+        tracing::info!(to = %target, "handing the primary role over");
+        self.handoffs.set_phase(HandoffPhase::Draining);
+        self.demote().await;
+        let store = self.store.clone();
+        let positions = tokio::task::spawn_blocking(move || store.positions())
+            .await
+            .unwrap_or_default();
+        self.handoffs.set_phase(HandoffPhase::HandingOff {
+            to: target.clone(),
+            positions,
+        });
+        self.release(held).await;
+        let outcome = self.wait_for_holder(&target).await;
+        self.handoffs.set_phase(HandoffPhase::Idle);
+        match outcome {
+            Ok(()) => {
+                tracing::info!(to = %target, elapsed = ?started.elapsed(), "handed the primary role over");
+                Ok(())
+            }
+            Err(reason) => {
+                tracing::warn!(to = %target, %reason, "the handoff did not complete");
+                Err(reason)
+            }
+        }
     }
 
-    fn demote(&mut self) {
-        if self.settings.store.cluster().role() == Role::Primary {
-            self.settings.store.set_role(Role::Replica);
+    /// Waits (at most [`HANDOFF_TIMEOUT`]) until `hostname` holds the lease.
+    async fn wait_for_holder(&mut self, hostname: &str) -> Result<(), String> {
+        let deadline = Instant::now() + HANDOFF_TIMEOUT;
+        let mut index = None;
+        loop {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let late = || format!("{hostname} did not take the lease within {HANDOFF_TIMEOUT:?}");
+            if remaining.is_zero() {
+                return Err(late());
+            }
+            match tokio::time::timeout_at(deadline, self.lease.watch(index, remaining)).await {
+                Err(_) => return Err(late()),
+                Ok(Ok(state)) => {
+                    if state
+                        .holder
+                        .is_some_and(|(holder, _)| holder.hostname == hostname)
+                    {
+                        return Ok(());
+                    }
+                    index = Some(state.index);
+                }
+                Ok(Err(error)) => {
+                    tracing::warn!(%error, "cannot read the lease during the handoff; retrying");
+                    index = None;
+                    tokio::time::sleep(COORDINATOR_RETRY.min(remaining)).await;
+                }
+            }
+        }
+    }
+
+    async fn release(&self, held: &HeldLease) {
+        match self.lease.release(held).await {
+            Ok(()) => tracing::info!("released the lease"),
+            Err(error) => tracing::warn!(
+                %error,
+                "could not release the lease; another node takes over when it expires"
+            ),
+        }
+    }
+
+    fn promote(&mut self, held: &HeldLease) {
+        self.store.set_epoch(held.epoch.0);
+        self.store.set_role(Role::Primary);
+        tracing::info!(epoch = held.epoch.0, positions = ?self.store.positions(), "this node is the primary");
+        if let Some(call) = self.handoff_call.take() {
+            call.abort();
+        }
+        let previous = self.primary.clone().unwrap_or_default();
+        self.answer_promotions(Ok(previous));
+    }
+
+    /// Stops accepting local writes, waiting for changes being made.
+    async fn demote(&mut self) {
+        if self.store.cluster().role() == Role::Primary {
+            let store = self.store.clone();
+            let _ = tokio::task::spawn_blocking(move || store.set_role(Role::Replica)).await;
             tracing::info!("this node is a replica");
         }
         self.index = None;
@@ -282,11 +529,16 @@ impl Node {
         }
         self.stop_following().await;
         let stop = CancellationToken::new();
+        let (state, state_receiver) = watch::channel(FollowerState::default());
         let task = tokio::spawn(replication::follow(
-            self.settings.store.clone(),
-            url.to_string(),
-            self.settings.me.hostname.clone(),
-            self.settings.reconnect_delay,
+            FollowSettings {
+                store: self.store.clone(),
+                primary_url: url.to_string(),
+                hostname: self.me.hostname.clone(),
+                candidate: self.candidate,
+                reconnect_delay: self.reconnect_delay,
+            },
+            state,
             stop.clone(),
         ));
         tracing::info!(primary = url, "following the primary");
@@ -294,6 +546,7 @@ impl Node {
             url: url.to_string(),
             stop,
             task,
+            state: state_receiver,
         });
     }
 
@@ -303,6 +556,34 @@ impl Node {
             let _ = following.task.await;
         }
     }
+}
+
+/// Returns when the followed client's state changes; never when nothing is
+/// followed.
+async fn follower_changed(following: &mut Option<Following>) {
+    if let Some(following) = following {
+        if following.state.changed().await.is_ok() {
+            return;
+        }
+    }
+    std::future::pending().await
+}
+
+/// Returns the outcome of the handoff request to the primary when it ends; never
+/// when none runs.
+async fn call_ended(
+    call: &mut Option<JoinHandle<Result<(), ReplicationError>>>,
+) -> Result<(), String> {
+    let Some(handle) = call else {
+        return std::future::pending().await;
+    };
+    let outcome = match handle.await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(error)) => Err(error.to_string()),
+        Err(error) => Err(format!("the handoff request failed: {error}")),
+    };
+    *call = None;
+    outcome
 }
 
 #[cfg(test)]
@@ -408,6 +689,7 @@ mod tests {
     }
 
     fn settings(dir: &std::path::Path, lease: Arc<MemoryLease>) -> NodeSettings {
+        let (handoffs, control) = Handoffs::new();
         NodeSettings {
             store: Arc::new(Store::open(dir, CaptureOptions::default(), Role::Replica).unwrap()),
             lease,
@@ -418,6 +700,8 @@ mod tests {
             candidate: true,
             reconnect_delay: Duration::from_millis(100),
             cluster_id_path: dir.join("cluster-id"),
+            handoffs: Arc::new(handoffs),
+            control,
         }
     }
 

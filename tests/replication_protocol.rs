@@ -25,11 +25,14 @@ mod logs;
 use logs::Logs;
 use ltxfs::bridge::CommitBridge;
 use ltxfs::ltx::TxId;
-use ltxfs::replication::{self, CHUNK_SIZE, NodeContext};
+use ltxfs::replication::{
+    self, CHUNK_SIZE, FollowSettings, FollowerState, HandoffPhase, Handoffs, NodeContext,
+};
 use ltxfs::store::{CaptureOptions, Position, Role, SQLITE_HEADER_MAGIC, Store};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 const PAGE_SIZE: usize = 4096;
@@ -75,7 +78,8 @@ fn content(store: &Store, name: &str) -> Vec<u8> {
 struct Node {
     store: Arc<Store>,
     url: String,
-    server: tokio::task::JoinHandle<Result<(), replication::ReplicationError>>,
+    server: JoinHandle<Result<(), replication::ReplicationError>>,
+    handoffs: Arc<Handoffs>,
 }
 
 async fn start_node(dir: &Path, role: Role, hostname: &str, shutdown: &CancellationToken) -> Node {
@@ -84,14 +88,40 @@ async fn start_node(dir: &Path, role: Role, hostname: &str, shutdown: &Cancellat
     store.set_commit_listener(commits.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
+    let handoffs = Arc::new(Handoffs::new().0);
     let context = Arc::new(NodeContext {
         store: store.clone(),
         hostname: hostname.to_string(),
         commits,
         spool_dir: dir.to_path_buf(),
+        handoffs: handoffs.clone(),
     });
     let server = tokio::spawn(replication::serve(listener, context, shutdown.clone()));
-    Node { store, url, server }
+    Node {
+        store,
+        url,
+        server,
+        handoffs,
+    }
+}
+
+/// Makes `replica` follow the primary at `url` as the candidate `node-b`; returns
+/// the client's task and its state.
+fn follow(
+    replica: &Node,
+    url: &str,
+    shutdown: &CancellationToken,
+) -> (JoinHandle<()>, watch::Receiver<FollowerState>) {
+    let settings = FollowSettings {
+        store: replica.store.clone(),
+        primary_url: url.to_string(),
+        hostname: "node-b".to_string(),
+        candidate: true,
+        reconnect_delay: Duration::from_millis(200),
+    };
+    let (state, receiver) = watch::channel(FollowerState::default());
+    let task = tokio::spawn(replication::follow(settings, state, shutdown.clone()));
+    (task, receiver)
 }
 
 /// Every database of `store` with its position and its content.
@@ -139,13 +169,7 @@ async fn a_replica_follows_the_primary_and_both_report_their_status() {
     commit(&primary.store, "app.db", [(2, 20)]);
 
     let replica = start_node(replica_dir.path(), Role::Replica, "node-b", &shutdown).await;
-    let follower = tokio::spawn(replication::follow(
-        replica.store.clone(),
-        primary.url.clone(),
-        "node-b".to_string(),
-        Duration::from_millis(200),
-        shutdown.clone(),
-    ));
+    let follower = follow(&replica, &primary.url, &shutdown).0;
     converge(&primary.store, &replica.store).await;
     assert_eq!(replica.store.cluster().primary().as_deref(), Some("node-a"));
 
@@ -204,6 +228,67 @@ async fn a_replica_follows_the_primary_and_both_report_their_status() {
             .unwrap()
             .unwrap();
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handoff_sends_everything_accepted_then_names_the_new_primary() {
+    let primary_dir = tempfile::tempdir().unwrap();
+    let replica_dir = tempfile::tempdir().unwrap();
+    let shutdown = CancellationToken::new();
+    let primary = start_node(primary_dir.path(), Role::Primary, "node-a", &shutdown).await;
+    commit(&primary.store, "app.db", [(1, 1), (2, 2)]);
+    let replica = start_node(replica_dir.path(), Role::Replica, "node-b", &shutdown).await;
+    let (_follower, mut state) = follow(&replica, &primary.url, &shutdown);
+    converge(&primary.store, &replica.store).await;
+    assert_eq!(
+        primary.handoffs.most_caught_up_candidate().as_deref(),
+        Some("node-b")
+    );
+    assert!(state.borrow().connected);
+
+    // The handoff starts while the primary still commits; once writes have
+    // stopped, its final positions are sent, then the Handoff.
+    primary.handoffs.set_phase(HandoffPhase::Draining);
+    for value in 3..40u8 {
+        commit(
+            &primary.store,
+            "app.db",
+            [(2, value), (u32::from(value), value)],
+        );
+    }
+    commit(&primary.store, "new.db", [(1, 0)]);
+    primary.store.set_role(Role::Replica);
+    let final_positions = primary.store.positions();
+    primary.handoffs.set_phase(HandoffPhase::HandingOff {
+        to: "node-b".into(),
+        positions: final_positions.clone(),
+    });
+    let seen = tokio::time::timeout(
+        Duration::from_secs(5),
+        state.wait_for(|state| state.handoff.is_some()),
+    )
+    .await
+    .expect("the replica receives the handoff")
+    .unwrap()
+    .clone();
+    assert_eq!(seen.handoff.unwrap().to, "node-b");
+    // Everything the primary accepted was applied before the Handoff arrived.
+    assert_eq!(replica.store.positions(), final_positions);
+    for name in ["app.db", "new.db"] {
+        assert!(
+            content(&primary.store, name) == content(&replica.store, name),
+            "{name} differs"
+        );
+    }
+    // The replica leaves the stream; the old primary serves no new one.
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        state.wait_for(|state| !state.connected),
+    )
+    .await
+    .expect("the replica leaves the stream")
+    .unwrap();
+    shutdown.cancel();
 }
 
 #[tokio::test]
@@ -363,13 +448,7 @@ async fn through_proxy(
     commit(&primary.store, "app.db", [(1, 1), (2, 2)]);
     let proxy = Proxy::start(&primary.url, damage).await;
     let replica = start_node(replica_dir, Role::Replica, "node-b", shutdown).await;
-    tokio::spawn(replication::follow(
-        replica.store.clone(),
-        proxy.url.clone(),
-        "node-b".to_string(),
-        Duration::from_millis(200),
-        shutdown.clone(),
-    ));
+    follow(&replica, &proxy.url, shutdown);
     converge(&primary.store, &replica.store).await;
     (primary, replica, proxy)
 }
@@ -468,13 +547,7 @@ async fn a_replica_ahead_of_its_primary_is_reset_to_the_primarys_snapshot() {
         replica.store.database("app.db").unwrap().position().txid,
         TxId(3)
     );
-    tokio::spawn(replication::follow(
-        replica.store.clone(),
-        primary.url.clone(),
-        "node-b".to_string(),
-        Duration::from_millis(200),
-        shutdown.clone(),
-    ));
+    follow(&replica, &primary.url, &shutdown);
 
     converge(&primary.store, &replica.store).await;
     // Nothing of the replica's own history is left: two pages, the primary's.

@@ -24,8 +24,7 @@ use std::time::SystemTime;
 
 use crate::store::locks::{ByteRange, HeldLock, LockError, LockKind, LockOwner, LockRequest};
 use crate::store::{
-    Database, LAG_FILE, Node, NodeId, POSITION_SUFFIX, PRIMARY_FILE, Store, StoreError,
-    WriteAccess, parse_name,
+    Database, LAG_FILE, Node, NodeId, POSITION_SUFFIX, PRIMARY_FILE, Store, StoreError, parse_name,
 };
 
 /// The inode number of the mount root.
@@ -372,8 +371,7 @@ impl Fs {
         match (self.resolve(ino, handle)?, size) {
             (Opened::File(node), size) => {
                 if let Some(size) = size {
-                    self.store
-                        .check_writable(node.name(), node.kind(), WriteAccess::Change)?;
+                    let _permit = self.store.permit_change(node.name(), node.kind())?;
                     node.truncate(size)?;
                 }
                 node_attr(&node)
@@ -441,8 +439,7 @@ impl Fs {
             return Err(FsError::ReadOnlyGenerated);
         }
         if self.store.lookup(name).is_none() {
-            self.store
-                .check_writable(name, &parse_name(name)?.kind, WriteAccess::Open)?;
+            self.store.check_openable(name, &parse_name(name)?.kind)?;
         }
         let node = self.store.create(name)?;
         let attr = node_attr(&node)?;
@@ -459,8 +456,7 @@ impl Fs {
         let cache = match &opened {
             Opened::File(node) => {
                 if write {
-                    self.store
-                        .check_writable(node.name(), node.kind(), WriteAccess::Open)?;
+                    self.store.check_openable(node.name(), node.kind())?;
                 }
                 CachePolicy::KeepCache
             }
@@ -488,8 +484,7 @@ impl Fs {
     pub fn write(&self, handle: u64, offset: u64, data: &[u8]) -> Result<u32, FsError> {
         let open_file = self.handle(handle)?;
         let node = open_file.node()?;
-        self.store
-            .check_writable(node.name(), node.kind(), WriteAccess::Change)?;
+        let _permit = self.store.permit_change(node.name(), node.kind())?;
         node.write_at(offset, data)?;
         Ok(data.len() as u32)
     }
@@ -542,8 +537,7 @@ impl Fs {
         if StatusFile::from_name(name).is_some() {
             return Err(FsError::ReadOnlyGenerated);
         }
-        self.store
-            .check_writable(name, &parse_name(name)?.kind, WriteAccess::Change)?;
+        let _permit = self.store.permit_change(name, &parse_name(name)?.kind)?;
         Ok(self.store.unlink(name)?.id())
     }
 

@@ -35,8 +35,14 @@ use crate::store::{CaptureOptions, Position, Role, SQLITE_HEADER_MAGIC, Store};
 use super::proto::replication_client::ReplicationClient;
 use super::proto::replication_server::{Replication, ReplicationServer};
 use super::proto::stream_message::Message;
-use super::proto::{self, StatusRequest, StatusResponse, StreamMessage, StreamRequest};
-use super::{CHUNK_SIZE, NodeContext, PROTOCOL_VERSION, follow, serve};
+use super::proto::{
+    self, HandoffRequest, HandoffResponse, PromoteRequest, PromoteResponse, StatusRequest,
+    StatusResponse, StreamMessage, StreamRequest,
+};
+use super::{
+    CHUNK_SIZE, FollowSettings, FollowerState, Handoffs, NodeContext, PROTOCOL_VERSION, follow,
+    serve,
+};
 
 const PAGE_SIZE: usize = 4096;
 /// The longest any one wait in these tests may take.
@@ -116,8 +122,26 @@ fn serve_primary(
         hostname: "node-a".into(),
         commits,
         spool_dir: dir.to_path_buf(),
+        handoffs: Arc::new(Handoffs::new().0),
     });
     tokio::spawn(serve(listener, node, shutdown.clone()))
+}
+
+/// Follows the primary at `url` as the replica `node-b` until `shutdown`.
+fn follow_as_node_b(
+    replica: &Arc<Store>,
+    url: String,
+    shutdown: &CancellationToken,
+) -> JoinHandle<()> {
+    let settings = FollowSettings {
+        store: replica.clone(),
+        primary_url: url,
+        hostname: "node-b".into(),
+        candidate: false,
+        reconnect_delay: RECONNECT_DELAY,
+    };
+    let (state, _) = watch::channel(FollowerState::default());
+    tokio::spawn(follow(settings, state, shutdown.clone()))
 }
 
 /// A loopback listener on a free port, and its URL.
@@ -245,6 +269,20 @@ impl Replication for RelayService {
     ) -> Result<tonic::Response<StatusResponse>, tonic::Status> {
         self.0.upstream().await.status(request.into_inner()).await
     }
+
+    async fn handoff(
+        &self,
+        request: tonic::Request<HandoffRequest>,
+    ) -> Result<tonic::Response<HandoffResponse>, tonic::Status> {
+        self.0.upstream().await.handoff(request.into_inner()).await
+    }
+
+    async fn promote(
+        &self,
+        request: tonic::Request<PromoteRequest>,
+    ) -> Result<tonic::Response<PromoteResponse>, tonic::Status> {
+        self.0.upstream().await.promote(request.into_inner()).await
+    }
 }
 
 /// Forwards the primary's messages on one stream, through `tamper` when given,
@@ -350,13 +388,7 @@ impl Cluster {
         let replica = Arc::new(
             Store::open(replica_dir.path(), CaptureOptions::default(), Role::Replica).unwrap(),
         );
-        let follower = tokio::spawn(follow(
-            replica.clone(),
-            relay_url,
-            "node-b".into(),
-            RECONNECT_DELAY,
-            shutdown.clone(),
-        ));
+        let follower = follow_as_node_b(&replica, relay_url, &shutdown);
         Cluster {
             primary,
             replica,
@@ -716,6 +748,7 @@ async fn a_replica_speaking_another_protocol_revision_is_refused() {
     let mut client = ReplicationClient::connect(url).await.unwrap();
     let request = |protocol_version| StreamRequest {
         hostname: "node-z".into(),
+        candidate: false,
         positions: Vec::new(),
         protocol_version,
     };
@@ -769,13 +802,7 @@ async fn a_node_of_another_major_protocol_version_is_named_and_then_followed() {
     let replica = Arc::new(
         Store::open(replica_dir.path(), CaptureOptions::default(), Role::Replica).unwrap(),
     );
-    let follower = tokio::spawn(follow(
-        replica.clone(),
-        url.clone(),
-        "node-b".into(),
-        RECONNECT_DELAY,
-        shutdown.clone(),
-    ));
+    let follower = follow_as_node_b(&replica, url.clone(), &shutdown);
     logs.wait_for(
         "WARN",
         &[

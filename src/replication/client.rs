@@ -14,7 +14,15 @@
 //!   the only message accepted now is `Hello`, which names the primary (served in
 //!   `.primary` from then on) and resets the backoff.
 //! - `CatchingUp`: applies change sets until `Ready`.
-//! - `Live`: applies change sets as they commit on the primary.
+//! - `Live`: applies change sets as they commit on the primary, until a
+//!   `Handoff`: the primary has stopped accepting writes and sent everything it
+//!   accepted. The client checks that its positions equal the handoff's, publishes
+//!   the handoff in its [`FollowerState`] (the role loop of the replica named in it
+//!   takes the lease), and leaves the stream.
+//!
+//! The [`FollowerState`] also says whether a stream is open (from `Hello` to its
+//! end), so the role loop never takes a free lease while change sets may still
+//! arrive.
 //!
 //! In every connected state heartbeats update the lag, and a heartbeat's positions
 //! must equal this replica's own (everything sent before it has been applied);
@@ -35,6 +43,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::watch;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::ltx::{HEADER_SIZE, Header};
@@ -42,6 +52,7 @@ use crate::store::{AppliedChangeSet, Position, Store, StoreError};
 
 use super::chunk::{ChangeSet, Reassembler};
 use super::crc::ChangeSetCrc;
+use super::handoff::{FollowerState, HandoffSeen};
 use super::proto::replication_client::ReplicationClient;
 use super::wire::{self, DatabaseName, PrimaryMessage};
 use super::{
@@ -52,22 +63,38 @@ use super::{
 /// The first reconnect delay; it doubles after each failed attempt.
 const INITIAL_RECONNECT_DELAY: Duration = Duration::from_millis(100);
 
-/// Follows the primary at `primary_url` until `shutdown` is cancelled: applies
-/// its change sets to `store`, reconnecting with backoff up to `reconnect_delay`.
-/// `hostname` is this replica's name, for the primary's logs.
+/// What a replica needs to follow a primary.
+#[derive(Debug, Clone)]
+pub struct FollowSettings {
+    /// The replica's databases.
+    pub store: Arc<Store>,
+    /// The primary's address.
+    pub primary_url: String,
+    /// This replica's name, for the primary's logs.
+    pub hostname: String,
+    /// Whether this replica may become the primary (the primary hands its role
+    /// only to candidates).
+    pub candidate: bool,
+    /// The longest pause between reconnects.
+    pub reconnect_delay: Duration,
+}
+
+/// Follows the primary until `shutdown` is cancelled: applies its change sets,
+/// reconnecting with backoff, and publishes in `state` whether a stream is open
+/// and the last `Handoff` received.
 pub async fn follow(
-    store: Arc<Store>,
-    primary_url: String,
-    hostname: String,
-    reconnect_delay: Duration,
+    settings: FollowSettings,
+    state: watch::Sender<FollowerState>,
     shutdown: CancellationToken,
 ) {
     let mut replica = Replica {
-        store,
-        url: primary_url,
-        hostname,
+        store: settings.store,
+        url: settings.primary_url,
+        hostname: settings.hostname,
+        candidate: settings.candidate,
         session: Session::new(MAX_CHANGE_SET_BYTES),
-        backoff: Backoff::new(reconnect_delay),
+        backoff: Backoff::new(settings.reconnect_delay),
+        state,
     };
     // The last failure logged as a warning: the same failure again (the primary
     // is still down) is only logged at debug level.
@@ -123,6 +150,11 @@ enum Step {
     /// The primary is idle; its clock and where each database stands.
     Heartbeat {
         timestamp_ms: u64,
+        positions: Vec<(DatabaseName, Position)>,
+    },
+    /// The primary hands its role to `to`; every database must be at `positions`.
+    HandedOff {
+        to: String,
         positions: Vec<(DatabaseName, Position)>,
     },
 }
@@ -199,6 +231,12 @@ impl Session {
                 timestamp_ms,
                 positions,
             }),
+            (State::Live, PrimaryMessage::Handoff { to, positions }) => {
+                Ok(Step::HandedOff { to, positions })
+            }
+            (_, message @ PrimaryMessage::Handoff { .. }) => {
+                Err(unexpected(&message, "catching up"))
+            }
         }
     }
 
@@ -247,8 +285,10 @@ struct Replica {
     store: Arc<Store>,
     url: String,
     hostname: String,
+    candidate: bool,
     session: Session,
     backoff: Backoff,
+    state: watch::Sender<FollowerState>,
 }
 
 impl Replica {
@@ -273,7 +313,7 @@ impl Replica {
             ReplicationClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES);
         let store = self.store.clone();
         let positions = blocking(move || Ok(store.positions())).await?;
-        let request = wire::stream_request(&self.hostname, &positions);
+        let request = wire::stream_request(&self.hostname, self.candidate, &positions);
         let mut stream = client
             .stream(request)
             .await
@@ -305,6 +345,7 @@ impl Replica {
                     self.store.set_primary(Some(hostname));
                     self.store.cluster().note_primary_timestamp(timestamp_ms);
                     self.backoff.reset();
+                    self.state.send_modify(|state| state.connected = true);
                 }
                 Step::Apply(change_set) => self.apply(change_set).await?,
                 Step::Collecting => {}
@@ -318,6 +359,20 @@ impl Replica {
                     self.store.cluster().note_primary_timestamp(timestamp_ms);
                     let store = self.store.clone();
                     blocking(move || check_positions(&store, positions)).await?;
+                }
+                Step::HandedOff { to, positions } => {
+                    // Everything the primary accepted was applied before this
+                    // message; the positions prove it.
+                    let store = self.store.clone();
+                    blocking(move || check_positions(&store, positions)).await?;
+                    tracing::info!(primary = %self.url, new_primary = %to, "the primary hands its role over");
+                    self.state.send_modify(|state| {
+                        state.handoff = Some(HandoffSeen {
+                            to: to.clone(),
+                            at: Instant::now(),
+                        });
+                    });
+                    return Err(ReplicationError::HandedOff { to });
                 }
             }
         }
@@ -378,6 +433,7 @@ impl Replica {
     fn disconnect(&mut self) {
         self.store.set_primary(None);
         self.session.enter(State::Disconnected);
+        self.state.send_modify(|state| state.connected = false);
     }
 }
 

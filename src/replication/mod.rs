@@ -17,6 +17,9 @@
 //! - `crc`: the CRC-64 on each change set's last chunk that binds the change set
 //!   to its database.
 //! - `status`: the node status behind `ltxfs status`.
+//! - `handoff`: what the server, the client and the node's role loop share to
+//!   move the primary role (open streams, the handoff phase, control requests,
+//!   the follower's state), and the `Handoff` and `Promote` calls.
 //!
 //! # Bad input
 //!
@@ -74,6 +77,7 @@ mod bad_input_tests;
 mod chunk;
 mod client;
 mod crc;
+mod handoff;
 mod server;
 mod status;
 mod wire;
@@ -82,11 +86,17 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tonic::transport::Channel;
+
 use crate::bridge::CommitBridge;
 use crate::ltx::{LtxError, TxId};
 use crate::store::{Position, Store, StoreError};
 
-pub use client::follow;
+pub use client::{FollowSettings, follow};
+pub use handoff::{
+    ControlRequest, FollowerState, HANDOFF_TIMEOUT, HandoffPhase, HandoffSeen, Handoffs,
+    request_handoff, request_promote,
+};
 pub use server::serve;
 pub use status::{DatabaseStatus, NodeStatus, fetch_status};
 
@@ -145,6 +155,8 @@ pub struct NodeContext {
     pub commits: Arc<CommitBridge>,
     /// Where snapshots are spooled before they are sent (on the data dir's disk).
     pub spool_dir: PathBuf,
+    /// The open streams and the handoff phase, shared with the role loop.
+    pub handoffs: Arc<Handoffs>,
 }
 
 /// Everything that can go wrong in replication.
@@ -357,6 +369,15 @@ pub enum ReplicationError {
     /// The primary ended the stream.
     #[error("the primary ended the stream")]
     StreamEnded,
+    /// The primary handed its role to another node; the stream is over.
+    #[error("the primary handed its role to {to}")]
+    HandedOff {
+        /// The new primary's hostname.
+        to: String,
+    },
+    /// A handoff or promotion was asked for and did not happen.
+    #[error("{0}")]
+    HandoffRefused(String),
     /// The primary's own change set ends before a position it claims.
     #[error("database {database:?}: the change set after TXID {after} ends at TXID {max_txid}")]
     NoProgress {
@@ -404,7 +425,7 @@ fn primary_hint(primary: &Option<String>) -> String {
 fn status_from_error(error: &ReplicationError) -> tonic::Status {
     use ReplicationError as E;
     let code = match error {
-        E::NotPrimary { .. } => tonic::Code::FailedPrecondition,
+        E::NotPrimary { .. } | E::HandoffRefused(_) => tonic::Code::FailedPrecondition,
         E::ProtocolVersion { .. } => tonic::Code::FailedPrecondition,
         E::MissingField { .. }
         | E::InvalidDatabaseName { .. }
@@ -432,6 +453,24 @@ fn endpoint(url: &str) -> Result<tonic::transport::Endpoint, ReplicationError> {
         .tcp_nodelay(true)
         .initial_stream_window_size(RECEIVE_WINDOW_BYTES)
         .initial_connection_window_size(RECEIVE_WINDOW_BYTES))
+}
+
+/// A client for calls with one answer to the node at `url`, each of which fails
+/// after `timeout`.
+async fn unary_client(
+    url: &str,
+    timeout: Duration,
+) -> Result<proto::replication_client::ReplicationClient<Channel>, ReplicationError> {
+    let channel = endpoint(url)?
+        .timeout(timeout)
+        .connect()
+        .await
+        .map_err(|source| ReplicationError::Connect {
+            url: url.to_string(),
+            source,
+        })?;
+    Ok(proto::replication_client::ReplicationClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES))
 }
 
 /// The error for a gRPC status a peer at `url` answered with.

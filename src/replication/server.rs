@@ -1,4 +1,5 @@
-//! The primary's side: the gRPC server answering `Stream` and `Status`.
+//! The primary's side: the gRPC server answering `Stream`, `Status`, and the
+//! `Handoff` and `Promote` requests (which it passes to the role loop).
 //!
 //! Each `Stream` gets its own producer task, which sends, in order:
 //! 1. `Hello` with this node's hostname and clock;
@@ -11,7 +12,9 @@
 //!    heartbeat timer, whatever any database needs from the position last sent on
 //!    this stream (a database that appears later starts from no position, so it
 //!    gets a snapshot), and a `Heartbeat` whenever the stream has been silent for
-//!    [`HEARTBEAT_INTERVAL`].
+//!    [`HEARTBEAT_INTERVAL`];
+//! 5. when the primary hands its role over (see `handoff`), what the replica
+//!    lacks up to the final positions, then `Handoff`, and the stream ends.
 //!
 //! Invariants: the chunks of one change set are consecutive, and the last carries
 //! the change set's CRC over the database's name and its bytes; the producer keeps,
@@ -20,7 +23,8 @@
 //! of [`STREAM_BUFFER_MESSAGES`], so a slow replica makes it wait rather than
 //! buffer (see the module docs of `replication` for the memory bound); every call
 //! into the store runs on the blocking pool; the producer stops when the replica
-//! goes away, on shutdown, or when this node stops being the primary.
+//! goes away, on shutdown, or when this node stops being the primary (after the
+//! `Handoff`, when it hands the role over).
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -30,7 +34,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -43,8 +47,12 @@ use crate::store::{CatchUp, Position, Role};
 
 use super::chunk::Pieces;
 use super::crc::ChangeSetCrc;
+use super::handoff::{ControlRequest, HandoffPhase, RegisteredStream};
 use super::proto::replication_server::{Replication, ReplicationServer};
-use super::proto::{StatusRequest, StatusResponse, StreamMessage, StreamRequest};
+use super::proto::{
+    HandoffRequest, HandoffResponse, PromoteRequest, PromoteResponse, StatusRequest,
+    StatusResponse, StreamMessage, StreamRequest,
+};
 use super::wire;
 use super::{
     CHUNK_SIZE, HEARTBEAT_INTERVAL, MAX_CATCH_UP_BYTES, MAX_MESSAGE_BYTES, NodeContext,
@@ -123,6 +131,50 @@ impl Replication for ReplicationService {
             .map_err(|error| status_from_error(&error))?;
         Ok(tonic::Response::new(status::to_proto(&status)))
     }
+
+    async fn handoff(
+        &self,
+        request: tonic::Request<HandoffRequest>,
+    ) -> Result<tonic::Response<HandoffResponse>, tonic::Status> {
+        let hostname = wire::parse_hostname("HandoffRequest", request.into_inner().hostname)
+            .map_err(|error| status_from_error(&error))?;
+        tracing::info!(replica = %hostname, "a replica asks for the primary role");
+        let (reply, answer) = oneshot::channel();
+        self.ask_role_loop(ControlRequest::HandOffTo { hostname, reply }, answer)
+            .await?;
+        Ok(tonic::Response::new(HandoffResponse {}))
+    }
+
+    async fn promote(
+        &self,
+        _request: tonic::Request<PromoteRequest>,
+    ) -> Result<tonic::Response<PromoteResponse>, tonic::Status> {
+        tracing::info!("asked to become the primary");
+        let (reply, answer) = oneshot::channel();
+        let previous_primary = self
+            .ask_role_loop(ControlRequest::Promote { reply }, answer)
+            .await?;
+        Ok(tonic::Response::new(PromoteResponse { previous_primary }))
+    }
+}
+
+impl ReplicationService {
+    /// Hands `request` to the role loop and waits for its answer.
+    async fn ask_role_loop<T>(
+        &self,
+        request: ControlRequest,
+        answer: oneshot::Receiver<Result<T, String>>,
+    ) -> Result<T, tonic::Status> {
+        let stopped = || ReplicationError::HandoffRefused("this node is shutting down".to_string());
+        if !self.node.handoffs.request(request).await {
+            return Err(status_from_error(&stopped()));
+        }
+        match answer.await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(reason)) => Err(status_from_error(&ReplicationError::HandoffRefused(reason))),
+            Err(_) => Err(status_from_error(&stopped())),
+        }
+    }
 }
 
 impl ReplicationService {
@@ -149,6 +201,8 @@ impl ReplicationService {
         let (messages, receiver) = mpsc::channel(STREAM_BUFFER_MESSAGES);
         let producer = Producer {
             node: self.node.clone(),
+            registered: self.node.handoffs.register(&open.hostname, open.candidate),
+            handoff: self.node.handoffs.watch_phase(),
             replica: open.hostname,
             messages,
             initial: open
@@ -188,6 +242,10 @@ impl From<ReplicationError> for Stop {
 /// Produces one replica's stream.
 struct Producer {
     node: Arc<NodeContext>,
+    /// This stream in the handoff registry.
+    registered: RegisteredStream,
+    /// The handoff phase.
+    handoff: watch::Receiver<HandoffPhase>,
     /// The replica's hostname, for logs.
     replica: String,
     messages: MessageSender,
@@ -208,9 +266,7 @@ impl Producer {
             () = shutdown.cancelled() => Ok(()),
         };
         match outcome {
-            Ok(()) => {
-                tracing::info!(replica = %self.replica, "replication stream closed for shutdown")
-            }
+            Ok(()) => tracing::info!(replica = %self.replica, "replication stream closed"),
             Err(Stop::ReplicaGone) => {
                 tracing::info!(replica = %self.replica, "replica disconnected")
             }
@@ -242,21 +298,42 @@ impl Producer {
         self.send(wire::ready()).await?;
         tracing::info!(replica = %self.replica, "replica caught up");
         loop {
-            let cluster = self.node.store.cluster();
-            if cluster.role() != Role::Primary {
-                return Err(Stop::Failed(ReplicationError::NotPrimary {
-                    primary: cluster.primary(),
-                }));
+            let phase = self.handoff.borrow_and_update().clone();
+            match phase {
+                HandoffPhase::HandingOff { to, positions } => {
+                    return self.hand_off(&to, &positions).await;
+                }
+                HandoffPhase::Draining => {}
+                HandoffPhase::Idle => {
+                    let cluster = self.node.store.cluster();
+                    if cluster.role() != Role::Primary {
+                        return Err(Stop::Failed(ReplicationError::NotPrimary {
+                            primary: cluster.primary(),
+                        }));
+                    }
+                }
             }
             commits.mark_seen();
             if self.round(None).await? {
                 continue;
             }
+            let heartbeat_due = self.heartbeat_due();
             tokio::select! {
                 () = commits.changed() => {}
-                () = tokio::time::sleep_until(self.heartbeat_due()) => self.heartbeat().await?,
+                _ = self.handoff.changed() => {}
+                () = tokio::time::sleep_until(heartbeat_due) => self.heartbeat().await?,
             }
         }
+    }
+
+    /// Sends what the replica lacks up to `positions` (where the primary stopped
+    /// accepting writes), then the `Handoff` naming `to`; the stream ends there.
+    async fn hand_off(&mut self, to: &str, positions: &[(String, Position)]) -> Result<(), Stop> {
+        let targets: BTreeMap<String, Position> = positions.iter().cloned().collect();
+        while !self.reached(&targets) && self.round(Some(&targets)).await? {}
+        self.send(wire::handoff(to, positions)).await?;
+        tracing::info!(replica = %self.replica, new_primary = to, "sent the handoff");
+        Ok(())
     }
 
     /// Sends the next batch of every database (of `only`, when given) that is not
@@ -273,12 +350,19 @@ impl Producer {
             }
             let from = self.from(&name);
             if position == from {
-                self.sent.insert(name, from);
+                self.record_sent(&name, from);
                 continue;
             }
             progressed |= self.send_next(&name, from).await?;
         }
         Ok(progressed)
+    }
+
+    /// Records that the replica reaches `position` of `name` with what was sent.
+    fn record_sent(&mut self, name: &str, position: Position) {
+        if self.sent.insert(name.to_string(), position) != Some(position) {
+            self.registered.sent(name, position);
+        }
     }
 
     /// Whether this stream has brought every database at least to `targets`.
@@ -332,7 +416,7 @@ impl Producer {
                         self.send(wire::ltx_chunk(name, piece, last.then_some(crc)))
                             .await?;
                     }
-                    self.sent.insert(name.to_string(), position);
+                    self.record_sent(name, position);
                 }
                 Ok(sent_any)
             }
@@ -385,7 +469,7 @@ impl Producer {
                 break;
             }
         }
-        self.sent.insert(name.to_string(), position);
+        self.record_sent(name, position);
         Ok(())
     }
 
@@ -478,6 +562,7 @@ mod tests {
     use super::*;
     use crate::bridge::CommitBridge;
     use crate::ltx::{Checksum, DatabaseChecksum, Encoder, TxId};
+    use crate::replication::Handoffs;
     use crate::store::{CaptureOptions, Store};
 
     #[tokio::test]
@@ -492,10 +577,11 @@ mod tests {
                 hostname: "node-b".into(),
                 commits: Arc::new(CommitBridge::new()),
                 spool_dir: dir.path().to_path_buf(),
+                handoffs: Arc::new(Handoffs::new().0),
             }),
             shutdown: CancellationToken::new(),
         };
-        let request = tonic::Request::new(wire::stream_request("node-c", &[]));
+        let request = tonic::Request::new(wire::stream_request("node-c", false, &[]));
         let Err(status) = service.stream(request).await else {
             panic!("a replica must not serve a stream");
         };
@@ -526,10 +612,11 @@ mod tests {
                 hostname: "node-a".into(),
                 commits: Arc::new(CommitBridge::new()),
                 spool_dir: dir.path().to_path_buf(),
+                handoffs: Arc::new(Handoffs::new().0),
             }),
             shutdown: CancellationToken::new(),
         };
-        let mut request = wire::stream_request("node-c", &[]);
+        let mut request = wire::stream_request("node-c", false, &[]);
         request
             .positions
             .push(wire::position_to_proto("app.db-wal", Position::UNKNOWN));

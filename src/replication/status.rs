@@ -10,10 +10,9 @@ use std::time::Duration;
 
 use crate::store::{Position, Role};
 
-use super::proto::replication_client::ReplicationClient;
 use super::proto::{self, StatusRequest};
 use super::wire;
-use super::{MAX_MESSAGE_BYTES, NodeContext, ReplicationError, endpoint, remote_error};
+use super::{NodeContext, ReplicationError, remote_error, unary_client};
 
 /// How long `ltxfs status` waits for an answer.
 const STATUS_TIMEOUT: Duration = Duration::from_secs(5);
@@ -211,15 +210,7 @@ fn from_proto(response: proto::StatusResponse) -> Result<NodeStatus, Replication
 
 /// Asks the node at `url` (such as `http://127.0.0.1:20202`) for its status.
 pub async fn fetch_status(url: &str) -> Result<NodeStatus, ReplicationError> {
-    let channel = endpoint(url)?
-        .timeout(STATUS_TIMEOUT)
-        .connect()
-        .await
-        .map_err(|source| ReplicationError::Connect {
-            url: url.to_string(),
-            source,
-        })?;
-    let mut client = ReplicationClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let mut client = unary_client(url, STATUS_TIMEOUT).await?;
     let response = client
         .status(StatusRequest {})
         .await

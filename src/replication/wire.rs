@@ -60,6 +60,8 @@ impl DatabaseName {
 pub(super) struct StreamOpen {
     /// The replica's hostname.
     pub(super) hostname: String,
+    /// Whether the replica may become the primary.
+    pub(super) candidate: bool,
     /// Where each of the replica's databases stands.
     pub(super) positions: Vec<(DatabaseName, Position)>,
 }
@@ -85,6 +87,13 @@ pub(super) enum PrimaryMessage {
         /// Where each database stands on this stream.
         positions: Vec<(DatabaseName, Position)>,
     },
+    /// The primary hands its role to the replica called `to`; nothing follows.
+    Handoff {
+        /// The replica that takes the lease.
+        to: String,
+        /// Where every database stands after everything the primary accepted.
+        positions: Vec<(DatabaseName, Position)>,
+    },
 }
 
 impl PrimaryMessage {
@@ -95,6 +104,7 @@ impl PrimaryMessage {
             PrimaryMessage::Chunk(_) => "LtxChunk",
             PrimaryMessage::Ready => "Ready",
             PrimaryMessage::Heartbeat { .. } => "Heartbeat",
+            PrimaryMessage::Handoff { .. } => "Handoff",
         }
     }
 }
@@ -114,10 +124,12 @@ pub(super) struct Chunk {
 /// The request a replica sends to open a stream.
 pub(super) fn stream_request(
     hostname: &str,
+    candidate: bool,
     positions: &[(String, Position)],
 ) -> proto::StreamRequest {
     proto::StreamRequest {
         hostname: hostname.to_string(),
+        candidate,
         positions: positions
             .iter()
             .map(|(name, position)| position_to_proto(name, *position))
@@ -134,6 +146,7 @@ pub(super) fn parse_stream_request(
     check_protocol_version(MESSAGE, request.protocol_version)?;
     Ok(StreamOpen {
         hostname: parse_hostname(MESSAGE, request.hostname)?,
+        candidate: request.candidate,
         positions: parse_positions(MESSAGE, request.positions)?,
     })
 }
@@ -176,6 +189,17 @@ pub(super) fn heartbeat<'a>(
     }))
 }
 
+/// The last message of a stream whose primary hands its role to `to`.
+pub(super) fn handoff(to: &str, positions: &[(String, Position)]) -> proto::StreamMessage {
+    message(stream_message::Message::Handoff(proto::Handoff {
+        to: to.to_string(),
+        positions: positions
+            .iter()
+            .map(|(name, position)| position_to_proto(name, *position))
+            .collect(),
+    }))
+}
+
 fn message(message: stream_message::Message) -> proto::StreamMessage {
     proto::StreamMessage {
         message: Some(message),
@@ -188,7 +212,7 @@ pub(super) fn parse_primary_message(
 ) -> Result<PrimaryMessage, ReplicationError> {
     let message = message.message.ok_or(ReplicationError::MissingField {
         message: "StreamMessage",
-        field: "message (Hello, LtxChunk, Ready or Heartbeat)",
+        field: "message (Hello, LtxChunk, Ready, Heartbeat or Handoff)",
     })?;
     Ok(match message {
         stream_message::Message::Hello(hello) => {
@@ -230,6 +254,10 @@ pub(super) fn parse_primary_message(
         stream_message::Message::Heartbeat(heartbeat) => PrimaryMessage::Heartbeat {
             timestamp_ms: heartbeat.timestamp_ms,
             positions: parse_positions("Heartbeat", heartbeat.positions)?,
+        },
+        stream_message::Message::Handoff(handoff) => PrimaryMessage::Handoff {
+            to: parse_hostname("Handoff", handoff.to)?,
+            positions: parse_positions("Handoff", handoff.positions)?,
         },
     })
 }
@@ -366,8 +394,9 @@ mod tests {
             ("a.db".to_string(), position(3)),
             ("b".to_string(), position(9)),
         ];
-        let open = parse_stream_request(stream_request("node-b", &positions)).unwrap();
+        let open = parse_stream_request(stream_request("node-b", true, &positions)).unwrap();
         assert_eq!(open.hostname, "node-b");
+        assert!(open.candidate);
         let names: Vec<_> = open
             .positions
             .iter()
@@ -413,6 +442,21 @@ mod tests {
                 positions: vec![(DatabaseName("app.db".into()), position(4))]
             }
         );
+        let handed_off = parse_primary_message(handoff("node-b", &[(name, position(4))])).unwrap();
+        assert_eq!(
+            handed_off,
+            PrimaryMessage::Handoff {
+                to: "node-b".into(),
+                positions: vec![(DatabaseName("app.db".into()), position(4))]
+            }
+        );
+        assert!(matches!(
+            parse_primary_message(handoff("", &[])).unwrap_err(),
+            ReplicationError::InvalidHostname {
+                message: "Handoff",
+                ..
+            }
+        ));
     }
 
     #[test]
@@ -531,14 +575,14 @@ mod tests {
     #[test]
     fn bad_hostnames_and_versions_are_rejected() {
         for hostname in ["", "two words", "line\nbreak", &"h".repeat(256)] {
-            let mut request = stream_request("ok", &[]);
+            let mut request = stream_request("ok", false, &[]);
             request.hostname = hostname.to_string();
             assert!(matches!(
                 parse_stream_request(request).unwrap_err(),
                 ReplicationError::InvalidHostname { .. }
             ));
         }
-        let mut request = stream_request("ok", &[]);
+        let mut request = stream_request("ok", false, &[]);
         request.protocol_version = 2;
         assert!(matches!(
             parse_stream_request(request).unwrap_err(),

@@ -31,7 +31,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 
 pub use capture::{
     AppliedChangeSet, CaptureOptions, CatchUp, Database, LoggedChangeSet, Position,
@@ -131,13 +131,11 @@ pub trait KernelCache: Send + Sync {
     fn invalidate_entry(&self, name: &str);
 }
 
-/// What a local process asks to do with a file, for [`Store::check_writable`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WriteAccess {
-    /// Open or create it for writing.
-    Open,
-    /// Write, truncate or unlink it.
-    Change,
+/// Permission to make one local change under the current role; a role change
+/// waits until it is dropped.
+#[must_use = "hold the permit while the change is made"]
+pub struct WritePermit<'a> {
+    _gate: RwLockReadGuard<'a, ()>,
 }
 
 /// Hears about every new position of every database: a change set captured on the
@@ -439,6 +437,10 @@ pub struct Store {
     cluster: ClusterView,
     /// Held by the one change set being applied on a replica.
     applying: Mutex<()>,
+    /// Read-held by every local change while it is made, write-held while the
+    /// role changes: once [`Store::set_role`] returns, no change that was allowed
+    /// under the old role is still being made.
+    role_gate: RwLock<()>,
     next_id: AtomicU64,
     /// Directories whose entries changed since the last directory sync.
     dirty_dirs: Mutex<BTreeSet<PathBuf>>,
@@ -477,6 +479,7 @@ impl Store {
             shared: Arc::new(Shared::default()),
             cluster: ClusterView::new(role),
             applying: Mutex::new(()),
+            role_gate: RwLock::new(()),
             next_id: AtomicU64::new(FIRST_NODE_ID),
             dirty_dirs: Mutex::new(BTreeSet::new()),
         };
@@ -575,24 +578,30 @@ impl Store {
         }
     }
 
-    /// Refuses, on a replica, what a local process may not do to a file: open or
-    /// create a database or journal for writing, or change any file but `-shm`
-    /// (which readers need for their read marks). Opening `-wal` for writing is
-    /// allowed because SQLite's readers create it, but writing it is not, so a
-    /// connection opened while this node was primary cannot commit after it
-    /// became a replica.
-    pub fn check_writable(
+    /// Refuses, on a replica, to open or create a file for writing, except `-shm`
+    /// (which readers need for their read marks) and `-wal` (which SQLite's readers
+    /// create; writing it is refused by [`Store::permit_change`], so a connection
+    /// opened while this node was primary cannot commit after it became a replica).
+    pub fn check_openable(&self, name: &str, kind: &FileKind) -> Result<(), StoreError> {
+        let allowed = matches!(kind, FileKind::Shm | FileKind::Wal);
+        self.check_role(name, allowed)
+    }
+
+    /// Permission to change (write, truncate or unlink) a file: refused on a
+    /// replica for every file but `-shm`. The permit must be held while the change
+    /// is made, so that a role change waits for it.
+    pub fn permit_change(
         &self,
         name: &str,
         kind: &FileKind,
-        access: WriteAccess,
-    ) -> Result<(), StoreError> {
-        let allowed = match kind {
-            FileKind::Shm => true,
-            FileKind::Wal => access == WriteAccess::Open,
-            _ => false,
-        };
-        if self.cluster.role() == Role::Replica && !allowed {
+    ) -> Result<WritePermit<'_>, StoreError> {
+        let gate = self.role_gate.read().unwrap_or_else(|p| p.into_inner());
+        self.check_role(name, *kind == FileKind::Shm)?;
+        Ok(WritePermit { _gate: gate })
+    }
+
+    fn check_role(&self, name: &str, allowed_on_a_replica: bool) -> Result<(), StoreError> {
+        if self.cluster.role() == Role::Replica && !allowed_on_a_replica {
             return Err(StoreError::ReadOnlyReplica {
                 name: name.to_string(),
             });
@@ -601,9 +610,14 @@ impl Store {
     }
 
     /// Makes this node the primary (local writes are captured) or a replica (local
-    /// writes are refused), and drops the kernel's cached `.primary` entry.
+    /// writes are refused), and drops the kernel's cached `.primary` entry. Waits
+    /// for local changes being made under the old role, so a new replica's
+    /// positions are final when this returns.
     pub fn set_role(&self, role: Role) {
-        self.cluster.set_role(role);
+        {
+            let _gate = self.role_gate.write().unwrap_or_else(|p| p.into_inner());
+            self.cluster.set_role(role);
+        }
         if let Some(cache) = self.kernel_cache() {
             cache.invalidate_entry(PRIMARY_FILE);
         }

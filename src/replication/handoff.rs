@@ -1,0 +1,253 @@
+//! What the replication server and the node's role loop share to move the
+//! primary role from one node to another (a handoff).
+//!
+//! On the primary, [`Handoffs`] knows every open stream (its replica, whether it
+//! is a candidate, how far it has been sent) and the handoff phase, which every
+//! stream's producer watches:
+//!
+//! ```text
+//!   Idle ──(handoff starts)──▶ Draining ──(writes stopped)──▶ HandingOff { to, positions }
+//!    ▲                                                                 │
+//!    └─────────────────────────(the new primary holds the lease)──────┘
+//! ```
+//!
+//! - `Draining`: the node is stopping local writes; producers wait instead of
+//!   treating the lost primary role as an error.
+//! - `HandingOff`: no write is accepted any more and `positions` is where every
+//!   database ends; each producer sends what its replica still lacks up to there,
+//!   then a `Handoff` naming the replica `to`, and ends its stream.
+//!
+//! On a replica, the client publishes a [`FollowerState`]: whether it is
+//! connected to a primary's stream, and the last `Handoff` it received (after
+//! applying everything before it, so the replica is exactly at the handoff's
+//! positions). The role loop takes a free lease only when that is safe: not while
+//! a live stream may still carry change sets, and not while a handoff to another
+//! node may still complete.
+//!
+//! [`ControlRequest`]s carry the `Handoff` and `Promote` RPCs from the server to
+//! the role loop, through a channel of [`CONTROL_REQUESTS`].
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+
+use crate::store::Position;
+
+use super::proto;
+use super::wire::parse_hostname;
+use super::{ReplicationError, remote_error, unary_client};
+
+/// How many control requests may wait for the role loop.
+pub const CONTROL_REQUESTS: usize = 4;
+
+/// Where a primary's handoff stands.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum HandoffPhase {
+    /// No handoff: a producer on a node that is not the primary stops.
+    #[default]
+    Idle,
+    /// Local writes are being stopped; producers wait for the final positions.
+    Draining,
+    /// Local writes are stopped: every stream is brought to `positions`, then told
+    /// that `to` takes over.
+    HandingOff {
+        /// The replica that takes the lease.
+        to: String,
+        /// Where every database ends.
+        positions: Vec<(String, Position)>,
+    },
+}
+
+/// A request from an RPC for the role loop. Each carries where its answer goes.
+#[derive(Debug)]
+pub enum ControlRequest {
+    /// A candidate replica asks this primary to hand the lease to it. Answered
+    /// once the replica holds the lease.
+    HandOffTo {
+        /// The replica's hostname.
+        hostname: String,
+        /// The outcome: an error says why the handoff did not happen.
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+    /// The operator asks this replica to become the primary. Answered with the
+    /// previous primary's hostname once this node is the primary.
+    Promote {
+        /// The outcome: an error says why this node did not become the primary.
+        reply: oneshot::Sender<Result<String, String>>,
+    },
+}
+
+/// One open stream, as the handoff sees it.
+#[derive(Debug, Clone)]
+struct StreamEntry {
+    replica: String,
+    candidate: bool,
+    /// The sum of the TXIDs sent on the stream, per database: how far along the
+    /// replica will be once it has applied what was sent.
+    sent: BTreeMap<String, u64>,
+}
+
+/// The primary's side of handoffs: open streams, the phase, and the channel to
+/// the role loop.
+#[derive(Debug)]
+pub struct Handoffs {
+    phase: watch::Sender<HandoffPhase>,
+    streams: Mutex<BTreeMap<u64, StreamEntry>>,
+    next_stream: AtomicU64,
+    control: mpsc::Sender<ControlRequest>,
+}
+
+impl Handoffs {
+    /// A new registry, and the receiving end of its control requests (for the
+    /// role loop).
+    pub fn new() -> (Handoffs, mpsc::Receiver<ControlRequest>) {
+        let (control, requests) = mpsc::channel(CONTROL_REQUESTS);
+        let handoffs = Handoffs {
+            phase: watch::Sender::new(HandoffPhase::Idle),
+            streams: Mutex::new(BTreeMap::new()),
+            next_stream: AtomicU64::new(1),
+            control,
+        };
+        (handoffs, requests)
+    }
+
+    /// Moves to `phase`; every producer sees it.
+    pub fn set_phase(&self, phase: HandoffPhase) {
+        self.phase.send_replace(phase);
+    }
+
+    /// Watches the phase.
+    pub(super) fn watch_phase(&self) -> watch::Receiver<HandoffPhase> {
+        self.phase.subscribe()
+    }
+
+    /// The candidate replica that will be ready soonest: the one whose stream has
+    /// been sent the most; `None` when no candidate is connected.
+    pub fn most_caught_up_candidate(&self) -> Option<String> {
+        let streams = self.streams.lock().unwrap_or_else(|p| p.into_inner());
+        streams
+            .values()
+            .filter(|entry| entry.candidate)
+            .max_by_key(|entry| entry.sent.values().sum::<u64>())
+            .map(|entry| entry.replica.clone())
+    }
+
+    /// Whether a candidate called `hostname` has a stream open.
+    pub fn candidate_connected(&self, hostname: &str) -> bool {
+        let streams = self.streams.lock().unwrap_or_else(|p| p.into_inner());
+        streams
+            .values()
+            .any(|entry| entry.candidate && entry.replica == hostname)
+    }
+
+    /// Hands a request to the role loop; `false` when the loop has stopped.
+    pub(super) async fn request(&self, request: ControlRequest) -> bool {
+        self.control.send(request).await.is_ok()
+    }
+
+    /// Records a new stream; it is forgotten when the returned guard drops.
+    pub(super) fn register(self: &Arc<Self>, replica: &str, candidate: bool) -> RegisteredStream {
+        let id = self.next_stream.fetch_add(1, Ordering::Relaxed);
+        self.streams
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                id,
+                StreamEntry {
+                    replica: replica.to_string(),
+                    candidate,
+                    sent: BTreeMap::new(),
+                },
+            );
+        RegisteredStream {
+            handoffs: self.clone(),
+            id,
+        }
+    }
+}
+
+/// A stream known to [`Handoffs`] while this lives.
+pub(super) struct RegisteredStream {
+    handoffs: Arc<Handoffs>,
+    id: u64,
+}
+
+impl RegisteredStream {
+    /// Records that the stream has been sent `name` up to `position`.
+    pub(super) fn sent(&self, name: &str, position: Position) {
+        let mut streams = self
+            .handoffs
+            .streams
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(entry) = streams.get_mut(&self.id) {
+            entry.sent.insert(name.to_string(), position.txid.0);
+        }
+    }
+}
+
+impl Drop for RegisteredStream {
+    fn drop(&mut self) {
+        self.handoffs
+            .streams
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.id);
+    }
+}
+
+/// What a replica's client tells the role loop.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FollowerState {
+    /// Whether a stream from the primary is open (between its `Hello` and its
+    /// end): change sets may still arrive on it.
+    pub connected: bool,
+    /// The last `Handoff` received, if any.
+    pub handoff: Option<HandoffSeen>,
+}
+
+/// A `Handoff` a replica received, after applying everything before it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HandoffSeen {
+    /// The replica that takes the lease.
+    pub to: String,
+    /// When it arrived.
+    pub at: Instant,
+}
+
+/// How long a handoff or a promotion may take before the node asking gives up.
+/// The old primary waits at most [`HANDOFF_TIMEOUT`] for the new one.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// How long a primary handing off waits for the chosen replica to take the lease,
+/// and how long other candidates leave a free lease to it.
+pub const HANDOFF_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Asks the primary at `primary_url` to hand the lease to the candidate replica
+/// `hostname`; returns once that replica holds it.
+pub async fn request_handoff(primary_url: &str, hostname: &str) -> Result<(), ReplicationError> {
+    let mut client = unary_client(primary_url, REQUEST_TIMEOUT).await?;
+    client
+        .handoff(proto::HandoffRequest {
+            hostname: hostname.to_string(),
+        })
+        .await
+        .map_err(|status| remote_error(primary_url, &status))?;
+    Ok(())
+}
+
+/// Asks the candidate replica at `url` to become the primary; returns the
+/// previous primary's hostname once it is the primary.
+pub async fn request_promote(url: &str) -> Result<String, ReplicationError> {
+    let mut client = unary_client(url, REQUEST_TIMEOUT).await?;
+    let response = client
+        .promote(proto::PromoteRequest {})
+        .await
+        .map_err(|status| remote_error(url, &status))?;
+    parse_hostname("PromoteResponse", response.into_inner().previous_primary)
+}
