@@ -1,6 +1,8 @@
 //! Failover between separate `ltxfs mount` processes electing their primary with a
 //! real etcd on loopback: the primary is SIGKILLed during writes, a candidate
-//! takes over, and the old primary rejoins as a replica.
+//! takes over, and the old primary rejoins as a replica; a primary stopped with
+//! SIGTERM, or asked by `ltxfs promote`, hands its role to a candidate without
+//! losing a write it acknowledged.
 //!
 //! Clients are worker processes (see `tests/common/mod.rs`); the `worker_*` test
 //! does nothing in a normal run.
@@ -12,7 +14,10 @@ mod common;
 mod etcd;
 
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::thread;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -23,16 +28,20 @@ const TTL: Duration = Duration::from_secs(2);
 const DB: &str = "app.db";
 const TAKEOVER_TIMEOUT: Duration = Duration::from_secs(20);
 
-fn node_yaml(hostname: &str, etcd_url: &str) -> String {
+fn node_yaml(hostname: &str, candidate: bool, etcd_url: &str) -> String {
     format!(
-        "lease:\n  type: etcd\n  candidate: true\n  hostname: {hostname}\n  reconnect-delay: 300ms\n  etcd:\n    endpoints: [\"{etcd_url}\"]\n    key: \"ltxfs-failover/primary\"\n    ttl: {}s\n",
+        "lease:\n  type: etcd\n  candidate: {candidate}\n  hostname: {hostname}\n  reconnect-delay: 300ms\n  etcd:\n    endpoints: [\"{etcd_url}\"]\n    key: \"ltxfs-failover/primary\"\n    ttl: {}s\n",
         TTL.as_secs()
     )
 }
 
 fn start_node(hostname: &str, etcd_url: &str) -> Mount {
+    start_node_as(hostname, true, etcd_url)
+}
+
+fn start_node_as(hostname: &str, candidate: bool, etcd_url: &str) -> Mount {
     Mount::start(MountOptions {
-        extra_yaml: node_yaml(hostname, etcd_url),
+        extra_yaml: node_yaml(hostname, candidate, etcd_url),
         ..MountOptions::default()
     })
 }
@@ -195,4 +204,214 @@ fn a_clean_shutdown_releases_the_lease_at_once() {
     assert!(takeover < TTL, "the lease was not released: {takeover:?}");
     insert(&node_b.db_path(DB), 20, 5);
     assert_eq!(rows(&node_b.db_path(DB)), 25);
+}
+
+/// Inserts rows `first`, `first + 1`, ... into a database until it is told to
+/// stop or an insert fails, counting the inserts SQLite reported committed.
+struct Writer {
+    stop: Arc<AtomicBool>,
+    acknowledged: Arc<AtomicI64>,
+    thread: thread::JoinHandle<Option<String>>,
+}
+
+impl Writer {
+    fn start(db: PathBuf, first: i64) -> Writer {
+        let stop = Arc::new(AtomicBool::new(false));
+        let acknowledged = Arc::new(AtomicI64::new(0));
+        let thread = thread::spawn({
+            let (stop, acknowledged) = (stop.clone(), acknowledged.clone());
+            move || {
+                let conn = open_db(&db);
+                let mut committed = 0;
+                while !stop.load(Ordering::Acquire) {
+                    let seq = first + committed;
+                    if let Err(error) = conn.execute("INSERT INTO t(seq) VALUES(?1)", params![seq])
+                    {
+                        return Some(error.to_string());
+                    }
+                    committed += 1;
+                    acknowledged.store(committed, Ordering::Release);
+                }
+                None
+            }
+        });
+        Writer {
+            stop,
+            acknowledged,
+            thread,
+        }
+    }
+
+    fn acknowledged(&self) -> i64 {
+        self.acknowledged.load(Ordering::Acquire)
+    }
+
+    fn wait_for(&self, rows: i64) {
+        wait_until("the writer to commit rows", TAKEOVER_TIMEOUT, || {
+            self.acknowledged() >= rows || self.thread.is_finished()
+        });
+        assert!(self.acknowledged() >= rows, "the writer stopped early");
+    }
+
+    /// Stops the writer; returns how many rows it committed and the error that
+    /// stopped it, if one did.
+    fn finish(self) -> (i64, Option<String>) {
+        self.stop.store(true, Ordering::Release);
+        let error = self.thread.join().expect("the writer thread panicked");
+        (self.acknowledged.load(Ordering::Acquire), error)
+    }
+}
+
+/// Checks that the `acknowledged` rows from `first` on are all in `db`.
+fn assert_has_rows(db: &Path, first: i64, acknowledged: i64) {
+    let conn = rusqlite::Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+    conn.busy_timeout(BUSY_TIMEOUT).unwrap();
+    let present = query_i64(
+        &conn,
+        &format!(
+            "SELECT count(*) FROM t WHERE seq BETWEEN {first} AND {}",
+            first + acknowledged - 1
+        ),
+    );
+    assert_eq!(present, acknowledged, "acknowledged rows are missing");
+}
+
+/// The handoff's duration as the old primary logged it, in milliseconds.
+fn logged_handoff(mount: &Mount) -> Option<f64> {
+    let text = mount.stderr_text();
+    let line = text
+        .lines()
+        .rfind(|line| line.contains("handed the primary role over"))?;
+    let elapsed = line.split("elapsed=").nth(1)?.split_whitespace().next()?;
+    let (number, scale) = if let Some(ms) = elapsed.strip_suffix("ms") {
+        (ms, 1.0)
+    } else if let Some(us) = elapsed.strip_suffix("µs") {
+        (us, 0.001)
+    } else {
+        (elapsed.strip_suffix('s')?, 1000.0)
+    };
+    number.parse::<f64>().ok().map(|value| value * scale)
+}
+
+fn create_table(mount: &Mount) {
+    let conn = open_db(&mount.db_path(DB));
+    set_journal_mode(&conn, "wal");
+    conn.execute_batch("CREATE TABLE t(seq INTEGER PRIMARY KEY)")
+        .unwrap();
+}
+
+#[test]
+fn sigterm_hands_the_role_to_the_candidate_without_losing_an_acknowledged_write() {
+    let etcd = etcd::Etcd::start();
+    let mut node_a = start_node("node-a", etcd.url());
+    assert_eq!(wait_for_primary(&[("node-a", &node_a)]), "node-a");
+    // node-c is not a candidate: the handoff must go to node-b.
+    let node_c = start_node_as("node-c", false, etcd.url());
+    let node_b = start_node("node-b", etcd.url());
+    let nodes = [
+        ("node-a", &node_a),
+        ("node-b", &node_b),
+        ("node-c", &node_c),
+    ];
+    assert_eq!(wait_for_primary(&nodes), "node-a");
+    create_table(&node_a);
+    wait_converged(&node_a, &[&node_b, &node_c]);
+
+    // SIGTERM while a writer commits as fast as it can.
+    let writer = Writer::start(node_a.db_path(DB), 0);
+    writer.wait_for(200);
+    let signalled_at = Instant::now();
+    send_signal(node_a.pid().unwrap(), libc::SIGTERM);
+    wait_writable(&node_b);
+    let takeover = signalled_at.elapsed();
+    let (acknowledged, error) = writer.finish();
+    let status = node_a.signal_and_wait(libc::SIGTERM);
+    assert!(status.success(), "{}", node_a.stderr_text());
+    let handoff_ms = logged_handoff(&node_a)
+        .unwrap_or_else(|| panic!("node-a logged no handoff:\n{}", node_a.stderr_text()));
+    report(format!(
+        "SIGTERM to writes on node-b: {takeover:?}; node-a's handoff took {handoff_ms:.1} ms; \
+         {acknowledged} rows acknowledged; the writer stopped with {error:?}"
+    ));
+    assert!(takeover < TTL, "the handoff took {takeover:?}");
+
+    // Every acknowledged write is on the new primary and on the other replica.
+    assert_has_rows(&node_b.db_path(DB), 0, acknowledged);
+    assert_eq!(
+        wait_for_primary(&[("node-b", &node_b), ("node-c", &node_c)]),
+        "node-b"
+    );
+    insert(&node_b.db_path(DB), 1_000_000, 10);
+    wait_converged(&node_b, &[&node_c]);
+    assert_has_rows(&node_c.db_path(DB), 0, acknowledged);
+}
+
+#[test]
+fn promote_moves_the_role_to_a_replica_and_the_old_primary_follows_it() {
+    let etcd = etcd::Etcd::start();
+    let node_a = start_node("node-a", etcd.url());
+    assert_eq!(wait_for_primary(&[("node-a", &node_a)]), "node-a");
+    let node_b = start_node("node-b", etcd.url());
+    let node_c = start_node_as("node-c", false, etcd.url());
+    let nodes = [
+        ("node-a", &node_a),
+        ("node-b", &node_b),
+        ("node-c", &node_c),
+    ];
+    assert_eq!(wait_for_primary(&nodes), "node-a");
+    create_table(&node_a);
+    insert(&node_a.db_path(DB), 0, 50);
+    wait_converged(&node_a, &[&node_b, &node_c]);
+
+    // A replica that is not a candidate refuses, saying why.
+    let refused = ltxfs_command()
+        .args([
+            "promote",
+            "--url",
+            &format!("http://{}", node_c.listen_addr()),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("not a candidate"), "{stderr}");
+
+    let mut durations = Vec::new();
+    let rounds = [
+        (("node-a", &node_a), ("node-b", &node_b)),
+        (("node-b", &node_b), ("node-a", &node_a)),
+    ];
+    for (round, ((_, from), (to_name, to))) in rounds.into_iter().enumerate() {
+        let first = 1000 * (round as i64 + 1);
+        let writer = Writer::start(from.db_path(DB), first);
+        writer.wait_for(100);
+        let started = Instant::now();
+        let promoted = ltxfs_command()
+            .args(["promote", "--url", &format!("http://{}", to.listen_addr())])
+            .output()
+            .unwrap();
+        let elapsed = started.elapsed();
+        let stdout = String::from_utf8_lossy(&promoted.stdout);
+        assert!(
+            promoted.status.success(),
+            "{stdout}{}",
+            String::from_utf8_lossy(&promoted.stderr)
+        );
+        assert!(stdout.contains("this node is the primary"), "{stdout}");
+        // The new primary accepts writes at once and has every acknowledged one.
+        insert(&to.db_path(DB), -1 - round as i64, 1);
+        let (acknowledged, _) = writer.finish();
+        assert_has_rows(&to.db_path(DB), first, acknowledged);
+        durations.push((elapsed, logged_handoff(from)));
+        // The old primary and the other replica follow the new one.
+        assert_eq!(wait_for_primary(&nodes), to_name);
+        wait_converged(to, &[from, &node_c]);
+        let error = open_db(&from.db_path(DB))
+            .execute("INSERT INTO t(seq) VALUES(-100)", [])
+            .unwrap_err();
+        assert!(error.to_string().contains("readonly"), "{error}");
+    }
+    report(format!(
+        "ltxfs promote (command run time, logged handoff ms): {durations:?}"
+    ));
 }

@@ -38,27 +38,6 @@ fn node_yaml(hostname: &str, candidate: bool, addr: &str, primary_url: Option<&s
     yaml
 }
 
-/// The address a node's replication server listens on, from its log.
-fn listen_addr(mount: &Mount) -> String {
-    let mut found = None;
-    wait_until(
-        "the node's listen address in its log",
-        READY_TIMEOUT,
-        || {
-            found = mount
-                .stderr_text()
-                .lines()
-                .filter(|line| line.contains("serving replication"))
-                .filter_map(|line| line.split("address=").nth(1))
-                .filter_map(|rest| rest.split_whitespace().next())
-                .next_back()
-                .map(str::to_string);
-            found.is_some()
-        },
-    );
-    found.unwrap()
-}
-
 /// Starts a primary on a free port, then rewrites its config with that port so a
 /// restart listens on the same address.
 fn start_primary(hostname: &str) -> (Mount, String) {
@@ -66,7 +45,7 @@ fn start_primary(hostname: &str) -> (Mount, String) {
         extra_yaml: node_yaml(hostname, true, "127.0.0.1:0", None),
         ..MountOptions::default()
     });
-    let addr = listen_addr(&primary);
+    let addr = primary.listen_addr();
     write_config(
         primary.config_path(),
         primary.data_dir(),
@@ -510,7 +489,7 @@ fn ltxfs_status_agrees_with_the_pos_files_on_primary_and_replica() {
     create_schema(&primary.db_path(DB), "wal");
     run_writer(&primary.db_path(DB), "wal", 0, 20);
     wait_converged(&primary, &[&replica], DB);
-    let replica_url = format!("http://{}", listen_addr(&replica));
+    let replica_url = format!("http://{}", replica.listen_addr());
 
     for (mount, url, role, hostname) in [
         (&primary, &primary_url, "primary", "node-a"),

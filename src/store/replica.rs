@@ -104,6 +104,19 @@ impl Store {
         } else {
             None
         };
+        if let Some(index_node) = index_node
+            .as_ref()
+            .filter(|_| database.has_wal_transactions())
+        {
+            // This node wrote in WAL mode as the primary: its own transactions move
+            // into the database file before the primary's are written there.
+            let _readers_out = HeldByLtxfs::take(index_node.clone(), WAL_INDEX_LOCKS);
+            if let Some(folded) = database.fold_wal()? {
+                self.drop_cached_pages(&database_node, &folded);
+                self.invalidate(&format!("{name}-wal"));
+                self.advance_wal_index(index_node, &folded)?;
+            }
+        }
         // The log first, before readers are kept out (a snapshot's log is synced).
         // Nothing that can fail comes between this and writing the pages.
         let logged = database.log_received(received)?;

@@ -457,6 +457,31 @@ impl Mount {
         text
     }
 
+    /// The address this node's replication server listens on (of its latest
+    /// start), from its log.
+    pub fn listen_addr(&self) -> String {
+        let mut found = None;
+        wait_until(
+            "the node's listen address in its log",
+            READY_TIMEOUT,
+            || {
+                found = self
+                    .stderr_text()
+                    .rsplit("--- ltxfs start #")
+                    .next()
+                    .into_iter()
+                    .flat_map(str::lines)
+                    .filter(|line| line.contains("serving replication"))
+                    .filter_map(|line| line.split("address=").nth(1))
+                    .filter_map(|rest| rest.split_whitespace().next())
+                    .next_back()
+                    .map(str::to_string);
+                found.is_some()
+            },
+        );
+        found.unwrap()
+    }
+
     /// SIGKILLs ltxfs and reaps it, leaving the (now stale) mount in place.
     pub fn kill9(&mut self) {
         if let Some(child) = self.child.as_ref() {

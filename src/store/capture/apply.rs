@@ -235,13 +235,37 @@ impl Database {
         })
     }
 
+    /// Copies the WAL's committed transactions into the database file and empties
+    /// the WAL, so change sets from the primary can be applied to the file; what
+    /// was done, when there was anything to fold. Needed once when a primary that
+    /// wrote in WAL mode becomes a replica. The caller must keep every reader out
+    /// (the wal-index locks) and then advance the wal-index, as for an apply.
+    pub(in crate::store) fn fold_wal(&self) -> Result<Option<AppliedChangeSet>, StoreError> {
+        let mut state = self.lock();
+        let Some(pages) = state.fold_wal_into_database(&self.name)? else {
+            return Ok(None);
+        };
+        Ok(Some(AppliedChangeSet {
+            position: state.position,
+            page_size: state.page_size,
+            commit: state.commit,
+            pages,
+            wal_mode: state.wal_mode,
+        }))
+    }
+
+    /// Whether the WAL holds committed transactions not yet in the database file.
+    pub(in crate::store) fn has_wal_transactions(&self) -> bool {
+        !self.lock().wal.committed.is_empty()
+    }
+
     /// At start-up on a replica: when the database does not match the log's last
     /// change set (a crash while it was being applied), applies that change set
     /// again; when that does not help, forgets the position so that the primary
     /// sends a snapshot.
     pub(in crate::store) fn repair_replica(&self) -> Result<(), StoreError> {
         let mut state = self.lock();
-        state.fold_wal_into_database(&self.name)?;
+        let _ = state.fold_wal_into_database(&self.name)?;
         if state.position.txid.0 == 0 {
             return Ok(());
         }
@@ -277,20 +301,22 @@ impl Database {
 impl CaptureState {
     /// Copies the WAL's committed pages into the database file and empties the WAL
     /// (a checkpoint done by ltxfs), so that all of a replica's content is in the
-    /// database file, where change sets are applied. Only at start-up, while no
-    /// process has the database open.
-    fn fold_wal_into_database(&mut self, name: &str) -> Result<(), StoreError> {
+    /// database file, where change sets are applied; returns the pages it wrote,
+    /// when it folded anything. Only while no process reads the database: at
+    /// start-up, or under the wal-index locks.
+    fn fold_wal_into_database(&mut self, name: &str) -> Result<Option<Vec<u32>>, StoreError> {
         let (Some(wal_file), Some(database_file)) =
             (self.wal_file.clone(), self.database_file.clone())
         else {
-            return Ok(());
+            return Ok(None);
         };
         if self.wal.committed.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
         let Some((page_size, commit)) = self.logical_size()? else {
-            return Ok(());
+            return Ok(None);
         };
+        let mut folded = Vec::new();
         let io_error = |what: &str, source| StoreError::Io {
             context: format!("{what} of {name}"),
             source,
@@ -302,6 +328,7 @@ impl CaptureState {
                 database_file
                     .write_all_at(&page, u64::from(pgno - 1) * u64::from(page_size))
                     .map_err(|source| io_error("fold the WAL into the database", source))?;
+                folded.push(pgno);
             }
         }
         database_file
@@ -314,7 +341,7 @@ impl CaptureState {
         self.wal.reset();
         self.file_page_size = page_size;
         tracing::info!(database = %name, "moved the WAL's transactions into the database file before following the primary");
-        Ok(())
+        Ok(Some(folded))
     }
 
     /// Rereads the database file and, when its checksum is the position's, keeps
