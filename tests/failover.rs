@@ -415,3 +415,191 @@ fn promote_moves_the_role_to_a_replica_and_the_old_primary_follows_it() {
         "ltxfs promote (command run time, logged handoff ms): {durations:?}"
     ));
 }
+
+/// Writes through whichever node is the primary, as an application behind a
+/// write-forwarding proxy would: it keeps a connection to a node whose `.primary`
+/// is absent and inserts one row at a time; after a failure it looks for the
+/// primary again. Records every acknowledged row and the longest time without a
+/// successful write.
+struct ClusterWriter {
+    stop: Arc<AtomicBool>,
+    acknowledged: Arc<AtomicI64>,
+    thread: thread::JoinHandle<ClusterWrites>,
+}
+
+/// What a [`ClusterWriter`] did.
+#[derive(Debug)]
+struct ClusterWrites {
+    acknowledged: Vec<i64>,
+    attempts: i64,
+    longest_outage: Duration,
+}
+
+impl ClusterWriter {
+    fn start(mounts: Vec<PathBuf>) -> ClusterWriter {
+        let stop = Arc::new(AtomicBool::new(false));
+        let acknowledged = Arc::new(AtomicI64::new(0));
+        let thread = thread::spawn({
+            let (stop, acknowledged) = (stop.clone(), acknowledged.clone());
+            move || {
+                let mut writes = ClusterWrites {
+                    acknowledged: Vec::new(),
+                    attempts: 0,
+                    longest_outage: Duration::ZERO,
+                };
+                let mut last_success = Instant::now();
+                let mut primary: Option<rusqlite::Connection> = None;
+                while !stop.load(Ordering::Acquire) {
+                    let seq = writes.attempts;
+                    writes.attempts += 1;
+                    let conn = primary
+                        .take()
+                        .or_else(|| mounts.iter().find_map(|mount| open_primary(mount)));
+                    let committed = conn.filter(|conn| {
+                        conn.execute("INSERT INTO t(seq) VALUES(?1)", params![seq])
+                            .is_ok()
+                    });
+                    if let Some(conn) = committed {
+                        primary = Some(conn);
+                        writes.acknowledged.push(seq);
+                        acknowledged.fetch_add(1, Ordering::AcqRel);
+                        last_success = Instant::now();
+                    } else {
+                        writes.longest_outage = writes.longest_outage.max(last_success.elapsed());
+                        thread::sleep(Duration::from_millis(1));
+                    }
+                }
+                writes
+            }
+        });
+        ClusterWriter {
+            stop,
+            acknowledged,
+            thread,
+        }
+    }
+
+    /// Waits until `more` rows beyond those acknowledged now are acknowledged.
+    fn wait_for_more(&self, more: i64) {
+        let target = self.acknowledged.load(Ordering::Acquire) + more;
+        wait_until(
+            "the cluster writer to commit more rows",
+            TAKEOVER_TIMEOUT,
+            || self.acknowledged.load(Ordering::Acquire) >= target,
+        );
+    }
+
+    fn finish(self) -> ClusterWrites {
+        self.stop.store(true, Ordering::Release);
+        self.thread.join().expect("the cluster writer panicked")
+    }
+}
+
+/// A connection to the database on `mount` when that node looks like the
+/// primary (no `.primary`).
+fn open_primary(mount: &Path) -> Option<rusqlite::Connection> {
+    if mount.join(".primary").exists() {
+        return None;
+    }
+    // Never create the file: a stopped node's mount point is a plain directory.
+    let conn = rusqlite::Connection::open_with_flags(
+        mount.join(DB),
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .ok()?;
+    conn.busy_timeout(Duration::from_millis(200)).ok()?;
+    Some(conn)
+}
+
+#[test]
+fn a_rolling_restart_of_every_node_loses_no_acknowledged_write() {
+    let etcd = etcd::Etcd::start();
+    let mut node_a = start_node("node-a", etcd.url());
+    assert_eq!(wait_for_primary(&[("node-a", &node_a)]), "node-a");
+    let mut node_b = start_node("node-b", etcd.url());
+    let mut node_c = start_node("node-c", etcd.url());
+    create_table(&node_a);
+    wait_converged(&node_a, &[&node_b, &node_c]);
+
+    let writer = ClusterWriter::start(vec![
+        node_a.path().to_path_buf(),
+        node_b.path().to_path_buf(),
+        node_c.path().to_path_buf(),
+    ]);
+    let mut primaries = Vec::new();
+    for restarted in ["node-a", "node-b", "node-c"] {
+        writer.wait_for_more(200);
+        let mount = match restarted {
+            "node-a" => &mut node_a,
+            "node-b" => &mut node_b,
+            _ => &mut node_c,
+        };
+        // Restart stops the node with SIGTERM (it must exit 0) and starts it again.
+        mount.restart();
+        let nodes = [
+            ("node-a", &node_a),
+            ("node-b", &node_b),
+            ("node-c", &node_c),
+        ];
+        primaries.push(wait_for_primary(&nodes));
+        let primary = nodes
+            .iter()
+            .find(|(name, _)| *name == primaries.last().unwrap())
+            .unwrap()
+            .1;
+        let others: Vec<&Mount> = nodes
+            .iter()
+            .filter(|(name, _)| name != primaries.last().unwrap())
+            .map(|(_, mount)| *mount)
+            .collect();
+        wait_converged(primary, &others);
+    }
+    writer.wait_for_more(200);
+    let writes = writer.finish();
+    report(format!(
+        "rolling restart: primaries after each restart {primaries:?}; {} of {} writes acknowledged; longest time without a write {:?}",
+        writes.acknowledged.len(),
+        writes.attempts,
+        writes.longest_outage
+    ));
+    assert!(
+        writes.longest_outage < Duration::from_secs(1),
+        "writes failed for {:?}",
+        writes.longest_outage
+    );
+    // Every acknowledged row is on every node.
+    let nodes = [&node_a, &node_b, &node_c];
+    let primary = nodes
+        .iter()
+        .find(|node| !node.path().join(".primary").exists())
+        .unwrap();
+    let others: Vec<&Mount> = nodes
+        .iter()
+        .copied()
+        .filter(|node| node.path() != primary.path())
+        .collect();
+    wait_converged(primary, &others);
+    for node in nodes {
+        let conn = rusqlite::Connection::open_with_flags(
+            node.db_path(DB),
+            OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .unwrap();
+        let mut statement = conn.prepare("SELECT seq FROM t").unwrap();
+        let present: std::collections::BTreeSet<i64> = statement
+            .query_map([], |row| row.get(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        let missing: Vec<_> = writes
+            .acknowledged
+            .iter()
+            .filter(|seq| !present.contains(seq))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "{} lacks acknowledged rows {missing:?}",
+            node.path().display()
+        );
+    }
+}
