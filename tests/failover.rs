@@ -12,6 +12,8 @@ mod common;
 #[allow(dead_code)]
 #[path = "support/etcd.rs"]
 mod etcd;
+#[path = "support/history.rs"]
+mod history;
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -88,6 +90,19 @@ fn wait_writable(mount: &Mount) {
             .execute_batch("BEGIN IMMEDIATE; INSERT INTO t(seq) VALUES(-1); ROLLBACK;")
             .is_ok()
     });
+}
+
+/// The history check (see `support/history.rs`) over `nodes`' data dirs.
+fn check_history(nodes: &[(&str, &Mount)]) {
+    let histories: Vec<_> = nodes
+        .iter()
+        .map(|(name, mount)| (*name, history::read_history(mount.data_dir())))
+        .collect();
+    let compared = history::check_histories(&histories);
+    report(format!(
+        "history check: {compared} transactions compared across nodes, none accepted twice with different content"
+    ));
+    assert!(compared > 0, "the nodes share no transaction to compare");
 }
 
 fn insert(db: &Path, from: i64, count: i64) {
@@ -178,6 +193,7 @@ fn a_candidate_takes_over_from_a_killed_primary_and_the_old_one_rejoins() {
         .execute("INSERT INTO t(seq) VALUES(-1)", [])
         .unwrap_err();
     assert!(error.to_string().contains("readonly"), "{error}");
+    check_history(&nodes);
 }
 
 #[test]
@@ -344,6 +360,11 @@ fn sigterm_hands_the_role_to_the_candidate_without_losing_an_acknowledged_write(
     insert(&node_b.db_path(DB), 1_000_000, 10);
     wait_converged(&node_b, &[&node_c]);
     assert_has_rows(&node_c.db_path(DB), 0, acknowledged);
+    check_history(&[
+        ("node-a", &node_a),
+        ("node-b", &node_b),
+        ("node-c", &node_c),
+    ]);
 }
 
 #[test]
@@ -414,6 +435,7 @@ fn promote_moves_the_role_to_a_replica_and_the_old_primary_follows_it() {
     report(format!(
         "ltxfs promote (command run time, logged handoff ms): {durations:?}"
     ));
+    check_history(&nodes);
 }
 
 /// Writes through whichever node is the primary, as an application behind a
@@ -602,4 +624,20 @@ fn a_rolling_restart_of_every_node_loses_no_acknowledged_write() {
             node.path().display()
         );
     }
+    check_history(&[
+        ("node-a", &node_a),
+        ("node-b", &node_b),
+        ("node-c", &node_c),
+    ]);
+}
+
+#[test]
+#[should_panic(expected = "app.db TXID 7 was accepted with different content")]
+fn the_history_check_catches_a_txid_accepted_twice_with_different_content() {
+    let accepted = |epoch, checksum| history::Accepted { epoch, checksum };
+    let node_a =
+        history::History::from([((DB.to_string(), 7), accepted(3, 0x8000_0000_0000_0001))]);
+    let node_b =
+        history::History::from([((DB.to_string(), 7), accepted(4, 0x8000_0000_0000_0002))]);
+    history::check_histories(&[("node-a", node_a), ("node-b", node_b)]);
 }

@@ -1,0 +1,88 @@
+//! The history check of the cluster tests: every node keeps, in its change-set
+//! log (`<data dir>/dbs/<database>/log`), each transaction it accepted, as the
+//! LTX change set with its TXIDs, the lease epoch it was written under (the
+//! header's node ID) and the database checksum after it. Across the nodes of a
+//! run, no TXID may have been accepted with different content: wherever two
+//! logs hold a change set ending at the same TXID of a database, its epoch and
+//! checksum must be the same.
+//!
+//! A log that a snapshot replaced starts at the snapshot; change sets merged by
+//! retention end at the last TXID of the merge. Both still end at TXIDs that the
+//! other logs can be compared with.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::Path;
+
+use ltxfs::ltx::{HEADER_SIZE, Header, TRAILER_SIZE, Trailer};
+use ltxfs::store::log::read_change_sets;
+
+/// Where one accepted transaction left a database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Accepted {
+    /// The lease epoch it was written under.
+    pub epoch: u64,
+    /// The database checksum after it.
+    pub checksum: u64,
+}
+
+/// One node's accepted transactions: per database, per last TXID of a change set.
+pub type History = BTreeMap<(String, u64), Accepted>;
+
+/// Reads the history kept in the data dir `data_dir` (the node may be running:
+/// an incomplete last record is left out).
+pub fn read_history(data_dir: &Path) -> History {
+    let mut history = History::new();
+    let Ok(databases) = fs::read_dir(data_dir.join("dbs")) else {
+        return history;
+    };
+    for entry in databases {
+        let entry = entry.expect("list the databases of a data dir");
+        let database = entry.file_name().to_string_lossy().into_owned();
+        let log = entry.path().join("log");
+        if !log.exists() {
+            continue;
+        }
+        let change_sets = read_change_sets(&log)
+            .unwrap_or_else(|error| panic!("read {}: {error}", log.display()));
+        for ltx in change_sets {
+            let header = Header::decode(&ltx[..HEADER_SIZE]).expect("a logged LTX header");
+            let trailer =
+                Trailer::decode(&ltx[ltx.len() - TRAILER_SIZE..]).expect("a logged LTX trailer");
+            history.insert(
+                (database.clone(), header.max_txid.0),
+                Accepted {
+                    epoch: header.node_id,
+                    checksum: trailer.post_apply_checksum.0,
+                },
+            );
+        }
+    }
+    history
+}
+
+/// Checks that no TXID was accepted with different content on two nodes; panics
+/// naming both otherwise. Returns how many (database, TXID) points were compared
+/// between at least two nodes.
+pub fn check_histories(nodes: &[(&str, History)]) -> usize {
+    let mut seen: BTreeMap<&(String, u64), (&str, Accepted)> = BTreeMap::new();
+    let mut compared = 0;
+    for (node, history) in nodes {
+        for (point, accepted) in history {
+            match seen.get(point) {
+                Some((first_node, first)) => {
+                    assert_eq!(
+                        first, accepted,
+                        "{} TXID {} was accepted with different content: {first_node} has {first:?}, {node} has {accepted:?}",
+                        point.0, point.1
+                    );
+                    compared += 1;
+                }
+                None => {
+                    seen.insert(point, (node, *accepted));
+                }
+            }
+        }
+    }
+    compared
+}
