@@ -43,7 +43,8 @@
 //! - The ACL token is sent only as `X-Consul-Token` and never appears in an error
 //!   message or in `Debug` output.
 //!
-//! TLS (`https://` URLs) is not supported yet.
+//! An `https://` URL (Fly.io's `FLY_CONSUL_URL`) is reached over TLS, verified
+//! against the built-in root certificates (see `http`).
 
 use std::fmt;
 use std::sync::Arc;
@@ -638,7 +639,7 @@ impl KvEntry {
 /// The parts of `lease.consul.url` the lease uses.
 #[derive(Debug, PartialEq, Eq)]
 struct ParsedUrl {
-    /// `http://host:port`.
+    /// `http://host:port` or `https://host:port`.
     base: String,
     /// The percent-decoded password, if the URL has one.
     password: Option<String>,
@@ -646,14 +647,13 @@ struct ParsedUrl {
     prefix: String,
 }
 
-/// Splits `http://[user[:password]@]host[:port][/prefix]`.
+/// Splits `http[s]://[user[:password]@]host[:port][/prefix]`.
 fn parse_url(url: &str) -> Result<ParsedUrl, String> {
-    let Some(rest) = url.strip_prefix("http://") else {
-        return Err(if url.starts_with("https://") {
-            "https:// is not supported yet (no TLS); use an http:// address".to_string()
-        } else {
-            "expected an http:// URL".to_string()
-        });
+    let Some((scheme, rest)) = ["http://", "https://"]
+        .into_iter()
+        .find_map(|scheme| Some((scheme, url.strip_prefix(scheme)?)))
+    else {
+        return Err("expected an http:// or https:// URL".to_string());
     };
     if rest.contains(['?', '#']) {
         return Err("a query or fragment is not allowed".to_string());
@@ -666,7 +666,7 @@ fn parse_url(url: &str) -> Result<ParsedUrl, String> {
     if host.is_empty() {
         return Err("the URL has no host".to_string());
     }
-    let base = format!("http://{host}");
+    let base = format!("{scheme}{host}");
     base.parse::<hyper::Uri>()
         .map_err(|error| format!("bad host {host:?}: {error}"))?;
     let password = match userinfo.and_then(|userinfo| userinfo.split_once(':')) {
@@ -785,7 +785,8 @@ mod tests {
                 prefix: String::new(),
             }
         );
-        assert!(parse_url("https://h").unwrap_err().contains("TLS"));
+        assert_eq!(parse_url("https://h:443/p").unwrap().base, "https://h:443");
+        assert!(parse_url("ftp://h").unwrap_err().contains("https://"));
         assert!(parse_url("consul:8500").is_err());
         assert!(parse_url("http://h/x?y").is_err());
         assert!(parse_url("http://:t@/x").is_err());
@@ -810,10 +811,10 @@ mod tests {
         assert_eq!(lease.api.token.as_deref(), Some("from-env"));
         assert_eq!(lease.key(), "k");
 
-        let error = ConsulLease::with_env_token(&config("https://:tok@h/x", "k"), None)
+        let error = ConsulLease::with_env_token(&config("https://:tok@h/x?q", "k"), None)
             .unwrap_err()
             .to_string();
-        assert!(error.contains("https://***@h/x"), "{error}");
+        assert!(error.contains("https://***@h/x?q"), "{error}");
         assert!(!error.contains("tok@"), "{error}");
     }
 

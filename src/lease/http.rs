@@ -13,7 +13,10 @@
 //! - Nothing here panics on what the network sends; HTTP status codes are returned
 //!   to the caller, who decides what they mean.
 //! - Dropping the future of a request cancels it (its connection is closed).
-//! - Only `http://` URLs: TLS is not supported.
+//! - `http://` and `https://` URLs. TLS (rustls) verifies the server's
+//!   certificate against the Mozilla root certificates built in (webpki-roots), so
+//!   it works in containers without a system certificate store, as Fly.io's Consul
+//!   (`FLY_CONSUL_URL`, an `https://` URL) needs.
 //!
 //! A client's pooled connections belong to the tokio runtime that made them, so a
 //! client should be used within one runtime.
@@ -24,6 +27,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Bytes;
 use hyper::header::{HeaderMap, HeaderName, HeaderValue};
 use hyper::{Method, Request, StatusCode, Uri};
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
@@ -40,7 +44,7 @@ const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// An HTTP/1.1 client with a connection pool. Cloning it shares the pool.
 #[derive(Debug, Clone)]
 pub struct HttpClient {
-    inner: Client<HttpConnector, Full<Bytes>>,
+    inner: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
 }
 
 /// A complete answer.
@@ -112,6 +116,13 @@ impl HttpClient {
     pub fn new() -> HttpClient {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
+        // The TLS connector hands `https` to rustls and passes `http` through.
+        connector.enforce_http(false);
+        let connector = HttpsConnectorBuilder::new()
+            .with_webpki_roots()
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(connector);
         let inner = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(POOL_IDLE_TIMEOUT)
             .pool_timer(TokioTimer::new())
@@ -171,9 +182,9 @@ fn build_request(
     let uri: Uri = url
         .parse()
         .map_err(|error| HttpError::InvalidRequest(format!("URL {url:?}: {error}")))?;
-    if uri.scheme_str() != Some("http") {
+    if !matches!(uri.scheme_str(), Some("http" | "https")) {
         return Err(HttpError::InvalidRequest(format!(
-            "URL {url:?}: only http:// URLs are supported (no TLS)"
+            "URL {url:?}: only http:// and https:// URLs are supported"
         )));
     }
     let mut request = Request::new(Full::new(body));
@@ -208,9 +219,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_plain_http_urls_are_accepted() {
-        let error = build_request(Method::GET, "https://h/x", &[], Bytes::new()).unwrap_err();
-        assert!(error.to_string().contains("no TLS"), "{error}");
+    fn only_http_and_https_urls_are_accepted() {
+        let error = build_request(Method::GET, "ftp://h/x", &[], Bytes::new()).unwrap_err();
+        assert!(error.to_string().contains("https://"), "{error}");
+        build_request(Method::GET, "https://h/x", &[], Bytes::new()).unwrap();
         let error = build_request(Method::GET, "not a url", &[], Bytes::new()).unwrap_err();
         assert!(matches!(error, HttpError::InvalidRequest(_)), "{error}");
         let error =
@@ -225,6 +237,34 @@ mod tests {
         .unwrap();
         assert_eq!(request.headers()["x-a"], "b");
         assert_eq!(request.uri().path_and_query().unwrap(), "/x?y=z");
+    }
+
+    #[tokio::test]
+    async fn an_https_url_is_reached_over_tls_with_the_host_name() {
+        use tokio::io::AsyncReadExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        // A server that reads what the client sends first, then hangs up.
+        let server = tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut first = vec![0u8; 512];
+            let read = socket.read(&mut first).await.unwrap();
+            first.truncate(read);
+            first
+        });
+        let url = format!("https://localhost:{port}/v1/kv/x");
+        let error = HttpClient::new()
+            .request(Method::GET, &url, &[], Bytes::new(), Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        assert!(matches!(error, HttpError::Transport(_)), "{error}");
+        let first = server.await.unwrap();
+        // A TLS handshake record (0x16) carrying a ClientHello (1), whose server
+        // name extension names the host; never the plain-text request.
+        assert_eq!(first.first(), Some(&0x16), "{first:?}");
+        assert_eq!(first.get(5), Some(&1), "{first:?}");
+        assert!(first.windows(9).any(|window| window == b"localhost"));
+        assert!(!first.windows(3).any(|window| window == b"GET"));
     }
 
     #[tokio::test]
