@@ -12,6 +12,9 @@ mod common;
 #[allow(dead_code)]
 #[path = "support/etcd.rs"]
 mod etcd;
+#[allow(dead_code)]
+#[path = "support/fake_consul.rs"]
+mod fake_consul;
 #[path = "support/history.rs"]
 mod history;
 
@@ -30,20 +33,31 @@ const TTL: Duration = Duration::from_secs(2);
 const DB: &str = "app.db";
 const TAKEOVER_TIMEOUT: Duration = Duration::from_secs(20);
 
-fn node_yaml(hostname: &str, candidate: bool, etcd_url: &str) -> String {
+fn node_yaml(hostname: &str, candidate: bool, coordinator_url: &str) -> String {
+    let coordinator = match coordinator_url.strip_prefix("consul+") {
+        // Consul's shortest session TTL is 10 s.
+        Some(consul_url) => format!(
+            "type: consul\n  consul:\n    url: \"{consul_url}\"\n    key: \"ltxfs-failover/primary\"\n    ttl: 10s\n    lock-delay: 1s\n"
+        ),
+        None => format!(
+            "type: etcd\n  etcd:\n    endpoints: [\"{coordinator_url}\"]\n    key: \"ltxfs-failover/primary\"\n    ttl: {}s\n",
+            TTL.as_secs()
+        ),
+    };
     format!(
-        "lease:\n  type: etcd\n  candidate: {candidate}\n  hostname: {hostname}\n  reconnect-delay: 300ms\n  etcd:\n    endpoints: [\"{etcd_url}\"]\n    key: \"ltxfs-failover/primary\"\n    ttl: {}s\n",
-        TTL.as_secs()
+        "lease:\n  candidate: {candidate}\n  hostname: {hostname}\n  reconnect-delay: 300ms\n  {coordinator}"
     )
 }
 
-fn start_node(hostname: &str, etcd_url: &str) -> Mount {
-    start_node_as(hostname, true, etcd_url)
+/// Starts a candidate node; `coordinator_url` is etcd's URL, or Consul's prefixed
+/// with `consul+`.
+fn start_node(hostname: &str, coordinator_url: &str) -> Mount {
+    start_node_as(hostname, true, coordinator_url)
 }
 
-fn start_node_as(hostname: &str, candidate: bool, etcd_url: &str) -> Mount {
+fn start_node_as(hostname: &str, candidate: bool, coordinator_url: &str) -> Mount {
     Mount::start(MountOptions {
-        extra_yaml: node_yaml(hostname, candidate, etcd_url),
+        extra_yaml: node_yaml(hostname, candidate, coordinator_url),
         ..MountOptions::default()
     })
 }
@@ -319,11 +333,23 @@ fn create_table(mount: &Mount) {
 #[test]
 fn sigterm_hands_the_role_to_the_candidate_without_losing_an_acknowledged_write() {
     let etcd = etcd::Etcd::start();
-    let mut node_a = start_node("node-a", etcd.url());
+    sigterm_hands_the_role_over(etcd.url());
+}
+
+#[test]
+fn sigterm_hands_the_role_over_with_consul_too() {
+    let consul = fake_consul::FakeConsul::start(fake_consul::Options::default());
+    sigterm_hands_the_role_over(&format!("consul+{}", consul.url()));
+}
+
+/// SIGTERM to the primary while it commits: the candidate takes over at once and
+/// has every acknowledged write; the replica that is not a candidate follows it.
+fn sigterm_hands_the_role_over(coordinator_url: &str) {
+    let mut node_a = start_node("node-a", coordinator_url);
     assert_eq!(wait_for_primary(&[("node-a", &node_a)]), "node-a");
     // node-c is not a candidate: the handoff must go to node-b.
-    let node_c = start_node_as("node-c", false, etcd.url());
-    let node_b = start_node("node-b", etcd.url());
+    let node_c = start_node_as("node-c", false, coordinator_url);
+    let node_b = start_node("node-b", coordinator_url);
     let nodes = [
         ("node-a", &node_a),
         ("node-b", &node_b),
@@ -345,8 +371,13 @@ fn sigterm_hands_the_role_to_the_candidate_without_losing_an_acknowledged_write(
     assert!(status.success(), "{}", node_a.stderr_text());
     let handoff_ms = logged_handoff(&node_a)
         .unwrap_or_else(|| panic!("node-a logged no handoff:\n{}", node_a.stderr_text()));
+    let coordinator = if coordinator_url.starts_with("consul+") {
+        "consul"
+    } else {
+        "etcd"
+    };
     report(format!(
-        "SIGTERM to writes on node-b: {takeover:?}; node-a's handoff took {handoff_ms:.1} ms; \
+        "{coordinator}: SIGTERM to writes on node-b: {takeover:?}; node-a's handoff took {handoff_ms:.1} ms; \
          {acknowledged} rows acknowledged; the writer stopped with {error:?}"
     ));
     assert!(takeover < TTL, "the handoff took {takeover:?}");
