@@ -105,6 +105,22 @@ async fn start_node(dir: &Path, role: Role, hostname: &str, shutdown: &Cancellat
     }
 }
 
+/// The body of `GET <url>/metrics`, which must answer 200.
+async fn metrics(url: &str) -> String {
+    let response = ltxfs::lease::http::HttpClient::new()
+        .request(
+            hyper::Method::GET,
+            &format!("{url}/metrics"),
+            &[],
+            Default::default(),
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status, 200);
+    String::from_utf8(response.body.to_vec()).unwrap()
+}
+
 /// Makes `replica` follow the primary at `url` as the candidate `node-b`; returns
 /// the client's task and its state.
 fn follow(
@@ -213,6 +229,48 @@ async fn a_replica_follows_the_primary_and_both_report_their_status() {
     assert_eq!(
         status.databases[0].position,
         primary.store.database("app.db").unwrap().position()
+    );
+
+    // The same figures as Prometheus metrics, over plain HTTP/1.1 on the same port.
+    let primary_metrics = metrics(&primary.url).await;
+    assert!(
+        primary_metrics.contains("\nltxfs_primary 1\n"),
+        "{primary_metrics}"
+    );
+    assert!(
+        primary_metrics.contains("\nltxfs_lag_seconds 0.000\n"),
+        "{primary_metrics}"
+    );
+    assert!(
+        primary_metrics.contains("\nltxfs_replica_streams 1\n"),
+        "{primary_metrics}"
+    );
+    assert!(
+        primary_metrics.contains("\nltxfs_db_txid{db=\"app.db\"} 4\n"),
+        "{primary_metrics}"
+    );
+    let replica_metrics = metrics(&replica.url).await;
+    assert!(
+        replica_metrics.contains("\nltxfs_primary 0\n"),
+        "{replica_metrics}"
+    );
+    assert!(
+        replica_metrics.contains("\nltxfs_replica_streams 0\n"),
+        "{replica_metrics}"
+    );
+    assert!(
+        replica_metrics.contains("\nltxfs_db_txid{db=\"other.db\"} 1\n"),
+        "{replica_metrics}"
+    );
+    let lag: f64 = replica_metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("ltxfs_lag_seconds "))
+        .expect("a replica that heard from its primary reports its lag")
+        .parse()
+        .unwrap();
+    assert!(
+        lag <= (replication::HEARTBEAT_INTERVAL * 2).as_secs_f64(),
+        "lag {lag}"
     );
 
     shutdown.cancel();

@@ -137,6 +137,11 @@ impl Handoffs {
             .map(|entry| entry.replica.clone())
     }
 
+    /// How many streams are open.
+    pub fn stream_count(&self) -> usize {
+        self.streams.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
     /// Whether a candidate called `hostname` has a stream open.
     pub fn candidate_connected(&self, hostname: &str) -> bool {
         let streams = self.streams.lock().unwrap_or_else(|p| p.into_inner());

@@ -38,6 +38,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
+use tonic::codegen::http;
+use tonic::service::Routes;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 
@@ -85,17 +87,42 @@ pub async fn serve(
         shutdown: shutdown.clone(),
     };
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let metrics_node = service.node.clone();
+    let grpc = ReplicationServer::new(service)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let routes = Routes::new(grpc).into_axum_router().route(
+        METRICS_PATH,
+        axum::routing::get(move || metrics(metrics_node.clone())),
+    );
     Server::builder()
+        // Plain HTTP/1.1 for `GET /metrics`; gRPC uses HTTP/2 on the same port.
+        .accept_http1(true)
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
-        .add_service(
-            ReplicationServer::new(service)
-                .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(MAX_MESSAGE_BYTES),
-        )
+        .add_routes(Routes::from(routes))
         .serve_with_incoming_shutdown(incoming, shutdown.cancelled())
         .await
         .map_err(ReplicationError::Serve)
+}
+
+/// Where the node's Prometheus metrics are served.
+pub const METRICS_PATH: &str = "/metrics";
+
+/// Answers `GET /metrics` (see `status::local_metrics`).
+async fn metrics(node: Arc<NodeContext>) -> impl axum::response::IntoResponse {
+    match blocking(move || Ok(status::local_metrics(&node))).await {
+        Ok(text) => (
+            http::StatusCode::OK,
+            [(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+            text,
+        ),
+        Err(error) => (
+            http::StatusCode::INTERNAL_SERVER_ERROR,
+            [(http::header::CONTENT_TYPE, "text/plain")],
+            error.to_string(),
+        ),
+    }
 }
 
 struct ReplicationService {

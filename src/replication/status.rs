@@ -153,6 +153,56 @@ pub(super) fn local_status(node: &NodeContext) -> NodeStatus {
     }
 }
 
+/// This node's metrics in Prometheus's text exposition format, served at
+/// `GET /metrics` on the node's address: its role, each database's TXID, the
+/// replication lag, and how many replicas stream from it.
+pub(super) fn local_metrics(node: &NodeContext) -> String {
+    let status = local_status(node);
+    let lag = node.store.cluster().lag();
+    let mut text = String::new();
+    let mut metric = |name: &str, help: &str, samples: Vec<(String, String)>| {
+        text.push_str(&format!("# HELP {name} {help}\n# TYPE {name} gauge\n"));
+        for (labels, value) in samples {
+            text.push_str(&format!("{name}{labels} {value}\n"));
+        }
+    };
+    let unlabelled = |value: String| vec![(String::new(), value)];
+    metric(
+        "ltxfs_primary",
+        "1 on the primary, 0 on a replica.",
+        unlabelled(u8::from(status.role == Role::Primary).to_string()),
+    );
+    metric(
+        "ltxfs_lag_seconds",
+        "Seconds since the primary's last timestamp: 0 on the primary, absent on a replica that has not heard from a primary.",
+        lag.map(|lag| format!("{:.3}", lag.as_secs_f64()))
+            .map(unlabelled)
+            .unwrap_or_default(),
+    );
+    metric(
+        "ltxfs_replica_streams",
+        "Replicas streaming change sets from this node.",
+        unlabelled(node.handoffs.stream_count().to_string()),
+    );
+    // Label values escape backslashes and quotes.
+    let label = |name: &str| {
+        format!(
+            "{{db=\"{}\"}}",
+            name.replace('\\', "\\\\").replace('"', "\\\"")
+        )
+    };
+    metric(
+        "ltxfs_db_txid",
+        "The TXID of the database's last transaction.",
+        status
+            .databases
+            .iter()
+            .map(|database| (label(&database.name), database.position.txid.0.to_string()))
+            .collect(),
+    );
+    text
+}
+
 /// The wire form of a status.
 pub(super) fn to_proto(status: &NodeStatus) -> proto::StatusResponse {
     proto::StatusResponse {
