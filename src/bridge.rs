@@ -1,5 +1,6 @@
 //! The one bridge between the FUSE threads and the async tasks: commits captured
-//! (or applied) by the store wake the replication streams waiting for them.
+//! (or applied) by the store, and changes of the node's role or primary, wake the
+//! async tasks waiting for them (replication streams, the proxy).
 //!
 //! The store calls [`CommitBridge::committed`] on a FUSE thread while it holds a
 //! database's capture lock, so it must never block or wait for an async task. It
@@ -48,6 +49,12 @@ impl CommitListener for CommitBridge {
         // Never blocks: the watch's lock is only ever held to change or copy a u64.
         self.commits
             .send_modify(|count| *count = count.wrapping_add(1));
+    }
+
+    /// A role or primary change wakes subscribers too: they look again at what
+    /// they wait for.
+    fn cluster_changed(&self) {
+        self.committed("");
     }
 }
 

@@ -13,6 +13,7 @@ pub mod ltx;
 pub mod mount;
 pub mod mountinfo;
 pub mod node;
+pub mod proxy;
 pub mod replication;
 pub mod store;
 pub mod tools;

@@ -29,6 +29,7 @@ use crate::lease::etcd::EtcdLease;
 use crate::lease::static_lease::StaticLease;
 use crate::lease::{Lease, LeaseHolder};
 use crate::node::{self, NodeSettings};
+use crate::proxy::{self, ProxyNode, ProxySettings, WriteGate};
 use crate::replication::{self, Handoffs, NodeContext};
 
 use crate::config::{Config, ExecCommand, LeaseType};
@@ -171,15 +172,9 @@ pub fn plan(request: &MountRequest) -> Result<MountPlan, MountError> {
     })
 }
 
-/// Refuses settings for capabilities this version does not have yet, rather than
-/// silently running as a lone primary where the user asked for something else.
+/// Refuses settings that cannot work together, before anything changes: the
+/// coordinator's client settings, and a static replica without the primary's URL.
 fn check_supported(config: &Config) -> Result<(), MountError> {
-    let unsupported = |what: &str| {
-        Err(MountError::Usage(format!(
-            "{what} is not supported yet: the write-forwarding proxy is still to come; \
-             remove it from ltxfs.yml"
-        )))
-    };
     if config.lease.lease_type != LeaseType::Static {
         // Builds the client only to check its settings; it contacts nothing.
         coordinator(config)?;
@@ -193,9 +188,6 @@ fn check_supported(config: &Config) -> Result<(), MountError> {
              lease.advertise-url: the primary's URL, e.g. http://primary:20202"
                 .to_string(),
         ));
-    }
-    if config.proxy.is_enabled() {
-        return unsupported("the proxy section");
     }
     Ok(())
 }
@@ -372,6 +364,10 @@ pub fn run(request: MountRequest) -> Result<i32, MountError> {
         strict_verify: request.config.strict_verify,
     };
     let listener = bind_node_address(&request.config.http.addr)?;
+    let proxy_listener = match &request.config.proxy.addr {
+        Some(addr) if request.config.proxy.is_enabled() => Some(bind_address("proxy.addr", addr)?),
+        _ => None,
+    };
     // The static lease's candidate is the primary from the start (epoch 1, as the
     // lease says), so writes work as soon as the mount does; every other node
     // starts as a replica until it holds the lease.
@@ -450,8 +446,14 @@ pub fn run(request: MountRequest) -> Result<i32, MountError> {
         }
     })
     .map_err(|error| MountError::runtime("start the lock reaper", error))?;
-    let replication =
-        ReplicationTasks::start(&runtime, &request.config, &store, &plan.data_dir, listener)?;
+    let replication = ReplicationTasks::start(
+        &runtime,
+        &request.config,
+        &store,
+        &plan.data_dir,
+        listener,
+        proxy_listener,
+    )?;
     let failed = replication.failed.clone();
     let exit_code = runtime.block_on(async {
         tokio::select! {
@@ -473,19 +475,58 @@ pub fn run(request: MountRequest) -> Result<i32, MountError> {
 
 /// Binds the node's address (`http.addr`; `:PORT` means every interface).
 fn bind_node_address(addr: &str) -> Result<std::net::TcpListener, MountError> {
+    bind_address("http.addr", addr)
+}
+
+/// Binds the listen address `addr` of config key `key` (`:PORT` means every
+/// interface), non-blocking for tokio.
+fn bind_address(key: &str, addr: &str) -> Result<std::net::TcpListener, MountError> {
     let address = match addr.strip_prefix(':') {
         Some(port) => format!("0.0.0.0:{port}"),
         None => addr.to_string(),
     };
     let listener = std::net::TcpListener::bind(&address).map_err(|error| {
         MountError::Usage(format!(
-            "cannot listen on http.addr {addr:?}: {error}; choose another address in ltxfs.yml"
+            "cannot listen on {key} {addr:?}: {error}; choose another address in ltxfs.yml"
         ))
     })?;
     listener
         .set_nonblocking(true)
         .map_err(|error| MountError::runtime("configure the node's listener", error))?;
     Ok(listener)
+}
+
+/// Waits for every task.
+async fn join_all(tasks: Vec<tokio::task::JoinHandle<()>>) {
+    for task in tasks {
+        let _ = task.await;
+    }
+}
+
+/// The host of an `http://host:port[/...]` URL (as is, when it is not one).
+fn url_host(url: &str) -> &str {
+    let authority = url.strip_prefix("http://").unwrap_or(url);
+    let authority = authority.split('/').next().unwrap_or(authority);
+    match authority.rsplit_once(':') {
+        // An IPv6 address without a port ends with `]`.
+        Some((host, port)) if !port.contains(']') => host,
+        _ => authority,
+    }
+}
+
+/// The proxy's settings from `proxy.*` (the mode depends on `FLY_APP_NAME`).
+fn proxy_settings(config: &Config) -> ProxySettings {
+    let proxy = &config.proxy;
+    ProxySettings {
+        target: proxy.target.clone().unwrap_or_default(),
+        databases: proxy.db.clone(),
+        passthrough: proxy.passthrough.clone(),
+        always_forward: proxy.always_forward.clone(),
+        max_lag: proxy.max_lag,
+        redirect_timeout: proxy.primary_redirect_timeout,
+        mode: proxy.mode_in(std::env::var("FLY_APP_NAME").ok().as_deref()),
+        debug: proxy.debug,
+    }
 }
 
 /// The Consul or etcd client the config names (`None` for the static lease).
@@ -544,7 +585,8 @@ struct ReplicationTasks {
     /// Cancelled when the node must stop (its data belongs to another cluster).
     failed: CancellationToken,
     role_loop: tokio::task::JoinHandle<()>,
-    server: tokio::task::JoinHandle<()>,
+    /// The replication server and, when configured, the proxy.
+    servers: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl ReplicationTasks {
@@ -554,10 +596,15 @@ impl ReplicationTasks {
         store: &Arc<Store>,
         data_dir: &Path,
         listener: std::net::TcpListener,
+        proxy_listener: Option<std::net::TcpListener>,
     ) -> Result<ReplicationTasks, MountError> {
         let _context = runtime.enter();
         let listener = tokio::net::TcpListener::from_std(listener)
             .map_err(|error| MountError::runtime("listen on http.addr", error))?;
+        let proxy_listener = proxy_listener
+            .map(tokio::net::TcpListener::from_std)
+            .transpose()
+            .map_err(|error| MountError::runtime("listen on proxy.addr", error))?;
         let hostname = node_hostname(config);
         let address = listener
             .local_addr()
@@ -586,22 +633,53 @@ impl ReplicationTasks {
         store.set_commit_listener(commits.clone());
         let (handoffs, control) = Handoffs::new();
         let handoffs = Arc::new(handoffs);
+        let writes = Arc::new(WriteGate::new());
+        // Replicas' proxies forward writes to this node's proxy at the host
+        // others reach this node by.
+        let proxy_url = match &proxy_listener {
+            Some(proxy) => {
+                let port = proxy
+                    .local_addr()
+                    .map_err(|error| MountError::runtime("read the proxy's address", error))?
+                    .port();
+                Some(format!("http://{}:{port}", url_host(&me.advertise_url)))
+            }
+            None => None,
+        };
         let node = Arc::new(NodeContext {
             store: store.clone(),
             hostname: hostname.clone(),
-            commits,
+            commits: commits.clone(),
             spool_dir: data_dir.to_path_buf(),
             handoffs: handoffs.clone(),
+            proxy_url,
         });
         let server_shutdown = CancellationToken::new();
-        let server = runtime.spawn({
+        let mut servers = vec![runtime.spawn({
             let shutdown = server_shutdown.clone();
             async move {
                 if let Err(error) = replication::serve(listener, node, shutdown).await {
                     tracing::error!(%error, "the replication server stopped");
                 }
             }
-        });
+        })];
+        if let Some(proxy_listener) = proxy_listener {
+            let settings = proxy_settings(config);
+            let proxy_node = ProxyNode {
+                store: store.clone(),
+                commits,
+                writes: writes.clone(),
+            };
+            let shutdown = server_shutdown.clone();
+            servers.push(runtime.spawn(async move {
+                if let Err(error) =
+                    proxy::serve(proxy_listener, settings, proxy_node, shutdown).await
+                {
+                    let error: &dyn std::error::Error = &error;
+                    tracing::error!(error, "the proxy stopped");
+                }
+            }));
+        }
         let settings = NodeSettings {
             store: store.clone(),
             lease: make_lease(config, &me)?,
@@ -611,6 +689,7 @@ impl ReplicationTasks {
             cluster_id_path: data_dir.join(CLUSTER_ID_FILE),
             handoffs,
             control,
+            writes,
         };
         let failed = CancellationToken::new();
         let node_shutdown = CancellationToken::new();
@@ -628,7 +707,7 @@ impl ReplicationTasks {
             server_shutdown,
             failed,
             role_loop,
-            server,
+            servers,
         })
     }
 
@@ -644,11 +723,12 @@ impl ReplicationTasks {
                 tracing::warn!("the role loop did not stop in time");
             }
             self.server_shutdown.cancel();
-            if tokio::time::timeout(SERVER_STOP_TIMEOUT, self.server)
+            let servers = join_all(self.servers);
+            if tokio::time::timeout(SERVER_STOP_TIMEOUT, servers)
                 .await
                 .is_err()
             {
-                tracing::warn!("the replication server did not stop in time");
+                tracing::warn!("the replication server or the proxy did not stop in time");
             }
         });
     }

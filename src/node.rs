@@ -30,6 +30,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::lease::{HeldLease, Lease, LeaseError, LeaseHolder, LeaseState};
+use crate::proxy::WriteGate;
 use crate::replication::{
     self, ControlRequest, FollowSettings, FollowerState, HANDOFF_TIMEOUT, HandoffPhase, Handoffs,
     ReplicationError,
@@ -38,6 +39,8 @@ use crate::store::{Role, Store};
 
 /// How long one watch of the lease waits for a change before asking again.
 const WATCH_WAIT: Duration = Duration::from_secs(10);
+/// How long a handoff waits for the writes in the application to finish.
+const WRITE_DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
 /// The pause after a coordinator error before asking again.
 const COORDINATOR_RETRY: Duration = Duration::from_millis(500);
 
@@ -60,6 +63,8 @@ pub struct NodeSettings {
     pub handoffs: Arc<Handoffs>,
     /// Requests from the `Handoff` and `Promote` RPCs.
     pub control: mpsc::Receiver<ControlRequest>,
+    /// The proxy's writes in the application, which a handoff waits for.
+    pub writes: Arc<WriteGate>,
 }
 
 /// Why the role loop stopped the node.
@@ -135,6 +140,7 @@ pub async fn run(settings: NodeSettings, shutdown: CancellationToken) -> Result<
         cluster_id_path,
         handoffs,
         control,
+        writes,
     } = settings;
     let mut node = Node {
         store,
@@ -144,6 +150,7 @@ pub async fn run(settings: NodeSettings, shutdown: CancellationToken) -> Result<
         reconnect_delay,
         handoffs,
         control,
+        writes,
         following: None,
         index: None,
         primary: None,
@@ -196,6 +203,7 @@ struct Node {
     reconnect_delay: Duration,
     handoffs: Arc<Handoffs>,
     control: mpsc::Receiver<ControlRequest>,
+    writes: Arc<WriteGate>,
     following: Option<Following>,
     /// The lease state index of the last watch.
     index: Option<u64>,
@@ -437,6 +445,12 @@ impl Node {
         let started = Instant::now();
         tracing::info!(to = %target, "handing the primary role over");
         self.handoffs.set_phase(HandoffPhase::Draining);
+        // Writes the proxy passed to the application finish first; new ones wait
+        // at the proxy for the new primary.
+        let unfinished = self.writes.close_and_drain(WRITE_DRAIN_TIMEOUT).await;
+        if unfinished > 0 {
+            tracing::warn!(unfinished, timeout = ?WRITE_DRAIN_TIMEOUT, "handing over while writes are still in the application; they may fail");
+        }
         self.demote().await;
         let store = self.store.clone();
         let positions = tokio::task::spawn_blocking(move || store.positions())
@@ -503,6 +517,7 @@ impl Node {
 
     fn promote(&mut self, held: &HeldLease) {
         self.store.set_epoch(held.epoch.0);
+        self.writes.open();
         self.store.set_role(Role::Primary);
         tracing::info!(epoch = held.epoch.0, positions = ?self.store.positions(), "this node is the primary");
         if let Some(call) = self.handoff_call.take() {
@@ -702,6 +717,7 @@ mod tests {
             cluster_id_path: dir.join("cluster-id"),
             handoffs: Arc::new(handoffs),
             control,
+            writes: Arc::new(WriteGate::new()),
         }
     }
 

@@ -280,7 +280,8 @@ fn every_key_parses() {
     assert_eq!(proxy.always_forward, vec!["/admin/*"]);
     assert_eq!(proxy.max_lag, Some(Duration::from_secs(3)));
     assert_eq!(proxy.primary_redirect_timeout, Duration::from_secs(2));
-    assert_eq!(proxy.mode, ProxyMode::Forward);
+    assert_eq!(proxy.mode, Some(ProxyMode::Forward));
+    assert_eq!(proxy.mode_in(Some("my-app")), ProxyMode::Forward);
 
     assert_eq!(config.log.format, LogFormat::Json);
     assert!(config.log.debug);
@@ -329,7 +330,9 @@ fn defaults_are_a_single_node_primary_with_litefs_defaults() {
         config.proxy.primary_redirect_timeout,
         Duration::from_secs(5)
     );
-    assert_eq!(config.proxy.mode, ProxyMode::Replay);
+    assert_eq!(config.proxy.mode, None);
+    assert_eq!(config.proxy.mode_in(Some("my-app")), ProxyMode::Replay);
+    assert_eq!(config.proxy.mode_in(None), ProxyMode::Forward);
     assert_eq!(config.log.format, LogFormat::Text);
     assert!(!config.log.debug);
     assert!(!config.log.timestamp);

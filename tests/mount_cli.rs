@@ -510,7 +510,7 @@ fn exec_list_runs_in_order_and_stops_at_the_last() {
 }
 
 #[test]
-fn settings_for_capabilities_not_built_yet_or_incomplete_are_refused() {
+fn incomplete_or_contradictory_settings_are_refused() {
     for (extra, mentions) in [
         (
             "lease:\n  type: consul\n  consul:\n    url: \"http://localhost:8500\"\n",

@@ -95,6 +95,7 @@ async fn start_node(dir: &Path, role: Role, hostname: &str, shutdown: &Cancellat
         commits,
         spool_dir: dir.to_path_buf(),
         handoffs: handoffs.clone(),
+        proxy_url: None,
     });
     let server = tokio::spawn(replication::serve(listener, context, shutdown.clone()));
     Node {

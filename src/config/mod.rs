@@ -366,8 +366,10 @@ pub struct ProxyConfig {
     /// `proxy.primary-redirect-timeout`: how long a write waits for a known
     /// primary. Default 5 seconds.
     pub primary_redirect_timeout: Duration,
-    /// `proxy.mode`. Default [`ProxyMode::Replay`].
-    pub mode: ProxyMode,
+    /// `proxy.mode`. Default (`None`): [`ProxyMode::Replay`] on Fly.io (where
+    /// `FLY_APP_NAME` is set), [`ProxyMode::Forward`] elsewhere; see
+    /// [`ProxyConfig::mode_in`].
+    pub mode: Option<ProxyMode>,
 }
 
 impl Default for ProxyConfig {
@@ -381,7 +383,7 @@ impl Default for ProxyConfig {
             always_forward: Vec::new(),
             max_lag: None,
             primary_redirect_timeout: DEFAULT_PRIMARY_REDIRECT_TIMEOUT,
-            mode: ProxyMode::Replay,
+            mode: None,
         }
     }
 }
@@ -391,6 +393,15 @@ impl ProxyConfig {
     /// `addr`, `target` and `db` are all set.
     pub fn is_enabled(&self) -> bool {
         self.addr.is_some() || self.target.is_some() || !self.db.is_empty()
+    }
+
+    /// The mode in effect: the configured one, else replay on Fly.io
+    /// (`fly_app_name` is `FLY_APP_NAME`) and forward elsewhere.
+    pub fn mode_in(&self, fly_app_name: Option<&str>) -> ProxyMode {
+        self.mode.unwrap_or(match fly_app_name {
+            Some(name) if !name.is_empty() => ProxyMode::Replay,
+            _ => ProxyMode::Forward,
+        })
     }
 }
 
@@ -743,7 +754,7 @@ impl RawConfig {
                     proxy.primary_redirect_timeout,
                     defaults.proxy.primary_redirect_timeout,
                 ),
-                mode: choice_or(proxy.mode, defaults.proxy.mode),
+                mode: proxy.mode.map(|choice| choice.0),
             },
             log: LogConfig {
                 format: choice_or(log.format, defaults.log.format),

@@ -123,6 +123,7 @@ fn serve_primary(
         commits,
         spool_dir: dir.to_path_buf(),
         handoffs: Arc::new(Handoffs::new().0),
+        proxy_url: None,
     });
     tokio::spawn(serve(listener, node, shutdown.clone()))
 }

@@ -140,7 +140,11 @@ enum State {
 #[derive(Debug, PartialEq, Eq)]
 enum Step {
     /// A stream began: `hostname` is now the primary.
-    Connected { hostname: String, timestamp_ms: u64 },
+    Connected {
+        hostname: String,
+        timestamp_ms: u64,
+        proxy_url: Option<String>,
+    },
     /// A change set is complete: verify and apply it.
     Apply(ChangeSet),
     /// Part of a change set arrived; nothing to do yet.
@@ -197,12 +201,14 @@ impl Session {
                 PrimaryMessage::Hello {
                     hostname,
                     timestamp_ms,
+                    proxy_url,
                 },
             ) => {
                 self.enter(State::CatchingUp);
                 Ok(Step::Connected {
                     hostname,
                     timestamp_ms,
+                    proxy_url,
                 })
             }
             (State::Connecting, message) => Err(unexpected(&message, "waiting for Hello")),
@@ -340,8 +346,10 @@ impl Replica {
                 Step::Connected {
                     hostname,
                     timestamp_ms,
+                    proxy_url,
                 } => {
                     tracing::info!(primary = %hostname, url = %self.url, "following the primary");
+                    self.store.cluster().set_primary_proxy_url(proxy_url);
                     self.store.set_primary(Some(hostname));
                     self.store.cluster().note_primary_timestamp(timestamp_ms);
                     self.backoff.reset();
@@ -514,6 +522,7 @@ mod tests {
         PrimaryMessage::Hello {
             hostname: "node-a".into(),
             timestamp_ms: 5,
+            proxy_url: None,
         }
     }
 
@@ -569,7 +578,8 @@ mod tests {
             session.receive(hello()).unwrap(),
             Step::Connected {
                 hostname: "node-a".into(),
-                timestamp_ms: 5
+                timestamp_ms: 5,
+                proxy_url: None,
             }
         );
         assert_eq!(session.state, State::CatchingUp);

@@ -157,6 +157,9 @@ pub struct NodeContext {
     pub spool_dir: PathBuf,
     /// The open streams and the handoff phase, shared with the role loop.
     pub handoffs: Arc<Handoffs>,
+    /// The URL of this node's write-forwarding proxy as other nodes reach it, when
+    /// it runs one; sent to replicas in `Hello`.
+    pub proxy_url: Option<String>,
 }
 
 /// Everything that can go wrong in replication.

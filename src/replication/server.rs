@@ -310,8 +310,12 @@ impl Producer {
     }
 
     async fn produce(&mut self) -> Result<(), Stop> {
-        self.send(wire::hello(&self.node.hostname, unix_now_ms()))
-            .await?;
+        self.send(wire::hello(
+            &self.node.hostname,
+            unix_now_ms(),
+            self.node.proxy_url.as_deref(),
+        ))
+        .await?;
         let mut commits = self.node.commits.subscribe();
         commits.mark_seen();
         // Catching up means reaching where every database was when the stream
@@ -605,6 +609,7 @@ mod tests {
                 commits: Arc::new(CommitBridge::new()),
                 spool_dir: dir.path().to_path_buf(),
                 handoffs: Arc::new(Handoffs::new().0),
+                proxy_url: None,
             }),
             shutdown: CancellationToken::new(),
         };
@@ -640,6 +645,7 @@ mod tests {
                 commits: Arc::new(CommitBridge::new()),
                 spool_dir: dir.path().to_path_buf(),
                 handoffs: Arc::new(Handoffs::new().0),
+                proxy_url: None,
             }),
             shutdown: CancellationToken::new(),
         };

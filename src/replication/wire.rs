@@ -75,6 +75,8 @@ pub(super) enum PrimaryMessage {
         hostname: String,
         /// The primary's clock, in Unix milliseconds.
         timestamp_ms: u64,
+        /// The primary's write-forwarding proxy, if it runs one.
+        proxy_url: Option<String>,
     },
     /// Part of a change set.
     Chunk(Chunk),
@@ -152,11 +154,16 @@ pub(super) fn parse_stream_request(
 }
 
 /// The first message of a stream.
-pub(super) fn hello(hostname: &str, timestamp_ms: u64) -> proto::StreamMessage {
+pub(super) fn hello(
+    hostname: &str,
+    timestamp_ms: u64,
+    proxy_url: Option<&str>,
+) -> proto::StreamMessage {
     message(stream_message::Message::Hello(proto::Hello {
         hostname: hostname.to_string(),
         timestamp_ms,
         protocol_version: PROTOCOL_VERSION,
+        proxy_url: proxy_url.unwrap_or_default().to_string(),
     }))
 }
 
@@ -220,6 +227,7 @@ pub(super) fn parse_primary_message(
             PrimaryMessage::Hello {
                 hostname: parse_hostname("Hello", hello.hostname)?,
                 timestamp_ms: hello.timestamp_ms,
+                proxy_url: parse_proxy_url(hello.proxy_url)?,
             }
         }
         stream_message::Message::LtxChunk(chunk) => {
@@ -355,6 +363,28 @@ pub(super) fn parse_hostname(
     Ok(hostname)
 }
 
+/// Validates the proxy URL in a `Hello`: empty for none, else an `http://` URL of
+/// at most 2048 bytes without whitespace.
+fn parse_proxy_url(url: String) -> Result<Option<String>, ReplicationError> {
+    if url.is_empty() {
+        return Ok(None);
+    }
+    let invalid = |reason: &str| ReplicationError::InvalidUrl {
+        url: shown(&url),
+        reason: format!("the Hello message's proxy URL {reason}"),
+    };
+    if url.len() > 2048 {
+        return Err(invalid("is longer than 2048 bytes"));
+    }
+    if !url.starts_with("http://") || url.len() == "http://".len() {
+        return Err(invalid("is not an http:// URL with a host"));
+    }
+    if url.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(invalid("contains whitespace or a control character"));
+    }
+    Ok(Some(url))
+}
+
 fn check_protocol_version(message: &'static str, received: u32) -> Result<(), ReplicationError> {
     if received == PROTOCOL_VERSION {
         Ok(())
@@ -407,14 +437,26 @@ mod tests {
 
     #[test]
     fn messages_from_the_primary_round_trip() {
-        let hello = parse_primary_message(hello("node-a", 1234)).unwrap();
+        let hello_message = parse_primary_message(hello("node-a", 1234, None)).unwrap();
         assert_eq!(
-            hello,
+            hello_message,
             PrimaryMessage::Hello {
                 hostname: "node-a".into(),
-                timestamp_ms: 1234
+                timestamp_ms: 1234,
+                proxy_url: None,
             }
         );
+        let with_proxy = parse_primary_message(hello("node-a", 1, Some("http://a:8080"))).unwrap();
+        assert!(matches!(
+            with_proxy,
+            PrimaryMessage::Hello { proxy_url: Some(url), .. } if url == "http://a:8080"
+        ));
+        for bad in ["ftp://a", "http://", "http://a b"] {
+            assert!(matches!(
+                parse_primary_message(hello("node-a", 1, Some(bad))).unwrap_err(),
+                ReplicationError::InvalidUrl { .. }
+            ));
+        }
         assert_eq!(
             parse_primary_message(ready()).unwrap(),
             PrimaryMessage::Ready
@@ -592,6 +634,7 @@ mod tests {
             hostname: "node-a".into(),
             timestamp_ms: 1,
             protocol_version: 0,
+            proxy_url: String::new(),
         }))
         .unwrap_err();
         assert!(matches!(

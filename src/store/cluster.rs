@@ -37,6 +37,8 @@ impl Role {
 pub struct ClusterView {
     role: AtomicU8,
     primary: Mutex<Option<String>>,
+    /// The URL of the primary's write-forwarding proxy, when it runs one.
+    primary_proxy_url: Mutex<Option<String>>,
     /// The primary's clock (Unix ms) in its last message; 0 before the first.
     last_primary_timestamp_ms: AtomicU64,
 }
@@ -46,6 +48,7 @@ impl ClusterView {
         ClusterView {
             role: AtomicU8::new(role as u8),
             primary: Mutex::new(None),
+            primary_proxy_url: Mutex::new(None),
             last_primary_timestamp_ms: AtomicU64::new(0),
         }
     }
@@ -78,7 +81,28 @@ impl ClusterView {
     /// Records that this replica is (`Some`) or is no longer (`None`) connected to
     /// a primary ([`super::Store::set_primary`] also refreshes the kernel's view).
     pub(super) fn set_primary(&self, hostname: Option<String>) {
+        if hostname.is_none() {
+            self.set_primary_proxy_url(None);
+        }
         *self.primary.lock().unwrap_or_else(|p| p.into_inner()) = hostname;
+    }
+
+    /// The URL of the primary's write-forwarding proxy, when this replica is
+    /// connected to a primary that runs one.
+    pub fn primary_proxy_url(&self) -> Option<String> {
+        self.primary_proxy_url
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Records the primary's proxy URL (from its `Hello`); set before the primary
+    /// itself, and forgotten with it.
+    pub fn set_primary_proxy_url(&self, url: Option<String>) {
+        *self
+            .primary_proxy_url
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = url;
     }
 
     /// Records the primary's clock from a message it sent.

@@ -144,6 +144,9 @@ pub struct WritePermit<'a> {
 pub trait CommitListener: Send + Sync {
     /// Database `name` has a new position.
     fn committed(&self, name: &str);
+
+    /// The node's role, or the primary it follows, changed.
+    fn cluster_changed(&self) {}
 }
 
 /// What the store shares with every database: the [`CommitListener`] and the
@@ -162,14 +165,22 @@ impl Shared {
     }
 
     fn notify(&self, name: &str) {
-        if let Some(listener) = self
-            .listener
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-        {
+        if let Some(listener) = self.listener() {
             listener.committed(name);
         }
+    }
+
+    fn notify_cluster_change(&self) {
+        if let Some(listener) = self.listener() {
+            listener.cluster_changed();
+        }
+    }
+
+    fn listener(&self) -> Option<Arc<dyn CommitListener>> {
+        self.listener
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 }
 
@@ -576,6 +587,7 @@ impl Store {
         if let Some(cache) = self.kernel_cache() {
             cache.invalidate_entry(PRIMARY_FILE);
         }
+        self.shared.notify_cluster_change();
     }
 
     /// Refuses, on a replica, to open or create a file for writing, except `-shm`
@@ -618,6 +630,7 @@ impl Store {
             let _gate = self.role_gate.write().unwrap_or_else(|p| p.into_inner());
             self.cluster.set_role(role);
         }
+        self.shared.notify_cluster_change();
         if let Some(cache) = self.kernel_cache() {
             cache.invalidate_entry(PRIMARY_FILE);
         }
