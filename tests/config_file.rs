@@ -57,6 +57,7 @@ lease:
 fn fly_env(name: &str) -> Option<String> {
     let value = match name {
         "HOSTNAME" => "148e21ea7d5589",
+        "FLY_MACHINE_ID" => "148e21ea7d5589",
         "FLY_APP_NAME" => "my-app",
         "FLY_REGION" => "ams",
         "PRIMARY_REGION" => "ams",
@@ -103,6 +104,23 @@ fn assert_names(error: &ConfigError, key: &str, line: usize) {
         message.contains(&format!("line {line}")),
         "message lacks `line {line}`: {message}"
     );
+}
+
+#[test]
+fn the_fly_io_deployment_config_parses() {
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/fly/ltxfs.yml"),
+    )
+    .unwrap();
+    let primary = parse_with_env(&text, Some(&fly_env)).unwrap();
+    assert_eq!(primary.lease.lease_type, LeaseType::Consul);
+    assert!(primary.lease.candidate);
+    assert_eq!(primary.lease.hostname.as_deref(), Some("148e21ea7d5589"));
+    assert_eq!(primary.proxy.addr.as_deref(), Some(":8080"));
+    assert_eq!(primary.proxy.mode_in(Some("my-app")), ProxyMode::Replay);
+    assert!(primary.exec[0].if_candidate && !primary.exec[1].if_candidate);
+    let replica = parse_with_env(&text, Some(&fly_replica_env)).unwrap();
+    assert!(!replica.lease.candidate);
 }
 
 #[test]
