@@ -21,7 +21,7 @@ mod history;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -137,15 +137,45 @@ fn position(mount: &Mount) -> Option<String> {
     fs::read_to_string(mount.db_path(&format!("{DB}-pos"))).ok()
 }
 
+/// The TXID in a `-pos` file's text.
+fn txid_of(position: &str) -> u64 {
+    u64::from_str_radix(position.split('/').next().unwrap_or_default(), 16).unwrap_or(0)
+}
+
+/// Waits, while writes go on, until every one of `others` has reached the TXID
+/// `primary` is at now.
+fn wait_caught_up(primary: &Mount, others: &[&Mount]) {
+    let target = position(primary).map_or(0, |text| txid_of(&text));
+    wait_until("the replicas to catch up", TAKEOVER_TIMEOUT, || {
+        others
+            .iter()
+            .all(|other| position(other).is_some_and(|text| txid_of(&text) >= target))
+    });
+}
+
+/// Waits until every one of `others` is at `primary`'s position; on timeout,
+/// fails with every node's position and log.
 fn wait_converged(primary: &Mount, others: &[&Mount]) {
-    wait_until(
-        "the replicas to reach the primary",
-        TAKEOVER_TIMEOUT,
-        || {
-            let target = position(primary);
-            target.is_some() && others.iter().all(|other| position(other) == target)
-        },
-    );
+    let deadline = Instant::now() + TAKEOVER_TIMEOUT;
+    loop {
+        let target = position(primary);
+        if target.is_some() && others.iter().all(|other| position(other) == target) {
+            return;
+        }
+        if Instant::now() >= deadline {
+            let mut report = format!("the replicas did not reach the primary at {target:?}\n");
+            for other in others {
+                report.push_str(&format!(
+                    "replica at {:?}, log:\n{}\n",
+                    position(other),
+                    other.stderr_text()
+                ));
+            }
+            report.push_str(&format!("primary log:\n{}", primary.stderr_text()));
+            panic!("{report}");
+        }
+        thread::sleep(POLL);
+    }
 }
 
 #[test]
@@ -389,6 +419,13 @@ fn sigterm_hands_the_role_over(coordinator_url: &str) {
         "node-b"
     );
     insert(&node_b.db_path(DB), 1_000_000, 10);
+    // The promoted replica knew its content exactly: it captures without
+    // rereading the database or "recovering" change sets.
+    let log = node_b.stderr_text();
+    assert!(
+        !log.contains("rebuilt change sets") && !log.contains("changes its log lacks"),
+        "{log}"
+    );
     wait_converged(&node_b, &[&node_c]);
     assert_has_rows(&node_c.db_path(DB), 0, acknowledged);
     check_history(&[
@@ -473,12 +510,21 @@ fn promote_moves_the_role_to_a_replica_and_the_old_primary_follows_it() {
 /// write-forwarding proxy would: it keeps a connection to a node whose `.primary`
 /// is absent and inserts one row at a time; after a failure it looks for the
 /// primary again. Records every acknowledged row and the longest time without a
-/// successful write.
+/// successful write. Like a load balancer, it stops using a node before that
+/// node is stopped ([`ClusterWriter::drain`]): a connection left open on a mount
+/// whose ltxfs exits would fault on its memory-mapped `-shm`.
 struct ClusterWriter {
     stop: Arc<AtomicBool>,
     acknowledged: Arc<AtomicI64>,
+    /// 1 + the index of the mount not to use; 0 for none.
+    drained: Arc<AtomicUsize>,
+    /// Counts the writer's iterations, so `drain` knows it was seen.
+    iterations: Arc<AtomicUsize>,
     thread: thread::JoinHandle<ClusterWrites>,
 }
+
+/// The pause between a [`ClusterWriter`]'s writes.
+const WRITE_PAUSE: Duration = Duration::from_millis(1);
 
 /// What a [`ClusterWriter`] did.
 #[derive(Debug)]
@@ -492,8 +538,11 @@ impl ClusterWriter {
     fn start(mounts: Vec<PathBuf>) -> ClusterWriter {
         let stop = Arc::new(AtomicBool::new(false));
         let acknowledged = Arc::new(AtomicI64::new(0));
+        let drained = Arc::new(AtomicUsize::new(0));
+        let iterations = Arc::new(AtomicUsize::new(0));
         let thread = thread::spawn({
             let (stop, acknowledged) = (stop.clone(), acknowledged.clone());
+            let (drained, iterations) = (drained.clone(), iterations.clone());
             move || {
                 let mut writes = ClusterWrites {
                     acknowledged: Vec::new(),
@@ -501,14 +550,20 @@ impl ClusterWriter {
                     longest_outage: Duration::ZERO,
                 };
                 let mut last_success = Instant::now();
-                let mut primary: Option<rusqlite::Connection> = None;
+                let mut primary: Option<(usize, rusqlite::Connection)> = None;
                 while !stop.load(Ordering::Acquire) {
+                    let usable = |index: usize| drained.load(Ordering::Acquire) != index + 1;
                     let seq = writes.attempts;
                     writes.attempts += 1;
                     let conn = primary
                         .take()
-                        .or_else(|| mounts.iter().find_map(|mount| open_primary(mount)));
-                    let committed = conn.filter(|conn| {
+                        .filter(|(index, _)| usable(*index))
+                        .or_else(|| {
+                            (0..mounts.len())
+                                .filter(|index| usable(*index))
+                                .find_map(|index| Some((index, open_primary(&mounts[index])?)))
+                        });
+                    let committed = conn.filter(|(_, conn)| {
                         conn.execute("INSERT INTO t(seq) VALUES(?1)", params![seq])
                             .is_ok()
                     });
@@ -517,10 +572,13 @@ impl ClusterWriter {
                         writes.acknowledged.push(seq);
                         acknowledged.fetch_add(1, Ordering::AcqRel);
                         last_success = Instant::now();
+                        // A steady load the debug build's replicas keep up with.
+                        thread::sleep(WRITE_PAUSE);
                     } else {
                         writes.longest_outage = writes.longest_outage.max(last_success.elapsed());
                         thread::sleep(Duration::from_millis(1));
                     }
+                    iterations.fetch_add(1, Ordering::AcqRel);
                 }
                 writes
             }
@@ -528,8 +586,24 @@ impl ClusterWriter {
         ClusterWriter {
             stop,
             acknowledged,
+            drained,
+            iterations,
             thread,
         }
+    }
+
+    /// Stops using mount `index` (closing a connection to it) before returning;
+    /// `None` uses every mount again.
+    fn drain(&self, index: Option<usize>) {
+        self.drained
+            .store(index.map_or(0, |index| index + 1), Ordering::Release);
+        // Two iterations later, the one running during the store has ended too.
+        let seen = self.iterations.load(Ordering::Acquire) + 2;
+        wait_until(
+            "the cluster writer to drain a node",
+            TAKEOVER_TIMEOUT,
+            || self.iterations.load(Ordering::Acquire) >= seen || self.thread.is_finished(),
+        );
     }
 
     /// Waits until `more` rows beyond those acknowledged now are acknowledged.
@@ -580,7 +654,7 @@ fn a_rolling_restart_of_every_node_loses_no_acknowledged_write() {
         node_c.path().to_path_buf(),
     ]);
     let mut primaries = Vec::new();
-    for restarted in ["node-a", "node-b", "node-c"] {
+    for (index, restarted) in ["node-a", "node-b", "node-c"].into_iter().enumerate() {
         writer.wait_for_more(200);
         let mount = match restarted {
             "node-a" => &mut node_a,
@@ -588,7 +662,9 @@ fn a_rolling_restart_of_every_node_loses_no_acknowledged_write() {
             _ => &mut node_c,
         };
         // Restart stops the node with SIGTERM (it must exit 0) and starts it again.
+        writer.drain(Some(index));
         mount.restart();
+        writer.drain(None);
         let nodes = [
             ("node-a", &node_a),
             ("node-b", &node_b),
@@ -605,7 +681,7 @@ fn a_rolling_restart_of_every_node_loses_no_acknowledged_write() {
             .filter(|(name, _)| name != primaries.last().unwrap())
             .map(|(_, mount)| *mount)
             .collect();
-        wait_converged(primary, &others);
+        wait_caught_up(primary, &others);
     }
     writer.wait_for_more(200);
     let writes = writer.finish();

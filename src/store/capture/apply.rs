@@ -215,6 +215,9 @@ impl Database {
             txid: header.max_txid,
             checksum: received.post_apply,
         };
+        // The page checksums now describe the content exactly (the change set
+        // verified against them), so a promotion captures without rereading it.
+        state.needs_rescan = false;
         state.page_size = header.page_size;
         state.commit = header.commit;
         state.file_page_size = if header.commit == 0 {
