@@ -126,6 +126,13 @@ enum BenchMode {
         #[arg(long, default_value_t = 200)]
         snapshot_db_mb: u64,
     },
+    /// Measure the latency the proxy adds to a read against calling the
+    /// application directly.
+    Proxy {
+        /// Requests measured per path.
+        #[arg(long, default_value_t = 20_000)]
+        requests: usize,
+    },
 }
 
 /// Which running mount a tool works through.
@@ -195,6 +202,19 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> i32 {
                 snapshot_db_mb,
             };
             match crate::bench::run_replication(&options) {
+                Ok(report) => {
+                    println!("{report}");
+                    0
+                }
+                Err(error) => fail(EXIT_FAILURE, &error),
+            }
+        }
+        Command::Bench {
+            mode: Some(BenchMode::Proxy { requests }),
+            ..
+        } => {
+            init_logging(&LogConfig::default(), false);
+            match crate::bench::run_proxy(&crate::bench::ProxyOptions { requests }) {
                 Ok(report) => {
                     println!("{report}");
                     0

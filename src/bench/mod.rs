@@ -27,10 +27,13 @@
 //! goals (`Workload::goal`) come from the issue that asked for this benchmark.
 //!
 //! `ltxfs bench replication` (the `replication` module) measures replication
-//! instead, with the same working directory, mounts and table rendering.
+//! instead, with the same working directory, mounts and table rendering;
+//! `ltxfs bench proxy` (the `proxy` module) measures what the write-forwarding
+//! proxy adds to a read.
 
 mod machine;
 mod mount;
+mod proxy;
 mod replication;
 mod report;
 mod workload;
@@ -39,6 +42,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 pub use machine::MachineInfo;
+pub use proxy::{
+    GOAL_ADDED_P50, Latencies, ProxyBenchError, ProxyOptions, ProxyReport, run as run_proxy,
+};
 pub use replication::{
     CpuUse, LagResult, ReplicationBenchError, ReplicationOptions, ReplicationReport,
     SnapshotResult, ThroughputResult, run as run_replication,

@@ -328,7 +328,7 @@ fn lags(commits: &[(i64, Instant)], seen: &[(i64, Instant)]) -> (Vec<Duration>, 
 
 /// The `p`th percentile of sorted figures by the nearest-rank method, or zero
 /// when there are none.
-fn percentile(sorted: &[Duration], p: usize) -> Duration {
+pub(in crate::bench) fn percentile(sorted: &[Duration], p: usize) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
     }

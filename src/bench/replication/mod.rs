@@ -45,6 +45,7 @@ use std::time::Duration;
 
 pub use cpu::CpuUse;
 pub use lag::LagResult;
+pub(in crate::bench) use lag::percentile;
 pub use report::ReplicationReport;
 pub use snapshot::SnapshotResult;
 pub use throughput::ThroughputResult;
