@@ -507,6 +507,110 @@ fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::lease::http::HttpClient;
+    use crate::store::CaptureOptions;
+    use crate::store::cluster::unix_now_ms;
+
+    /// A proxy on a replica store (in `dir`) in front of an app that must never
+    /// be reached; returns the store and the proxy's URL.
+    async fn replica_proxy(
+        dir: &std::path::Path,
+        max_lag: Option<Duration>,
+        shutdown: &CancellationToken,
+    ) -> (Arc<Store>, String) {
+        let store = Arc::new(Store::open(dir, CaptureOptions::default(), Role::Replica).unwrap());
+        let commits = Arc::new(CommitBridge::new());
+        store.set_commit_listener(commits.clone());
+        // Nothing listens here: reaching the app would be a 502.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let target = closed.local_addr().unwrap().to_string();
+        drop(closed);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let settings = ProxySettings {
+            target,
+            databases: vec!["app.db".into()],
+            passthrough: Vec::new(),
+            always_forward: vec!["/logout".into()],
+            max_lag,
+            redirect_timeout: Duration::from_millis(200),
+            mode: ProxyMode::Forward,
+            debug: false,
+        };
+        let node = ProxyNode {
+            store: store.clone(),
+            commits,
+            writes: Arc::new(WriteGate::new()),
+        };
+        tokio::spawn(serve(listener, settings, node, shutdown.clone()));
+        (store, url)
+    }
+
+    async fn call(method: Method, url: &str, headers: &[(&str, &str)]) -> (u16, String) {
+        let response = HttpClient::new()
+            .request(method, url, headers, Bytes::new(), Duration::from_secs(5))
+            .await
+            .unwrap();
+        (
+            response.status.as_u16(),
+            String::from_utf8_lossy(&response.body).into_owned(),
+        )
+    }
+
+    #[tokio::test]
+    async fn without_a_primary_writes_wait_then_fail_with_503_and_health_says_why() {
+        let dir = tempfile::tempdir().unwrap();
+        let shutdown = CancellationToken::new();
+        let (_store, url) = replica_proxy(dir.path(), None, &shutdown).await;
+        let started = std::time::Instant::now();
+        let (status, text) = call(Method::POST, &format!("{url}/items"), &[]).await;
+        assert_eq!(status, 503, "{text}");
+        assert!(text.contains("no primary took this write"), "{text}");
+        assert!(started.elapsed() >= Duration::from_millis(200));
+        // A GET listed in always-forward is a write too.
+        let (status, _) = call(Method::GET, &format!("{url}/logout"), &[]).await;
+        assert_eq!(status, 503);
+        let (status, text) = call(Method::GET, &format!("{url}{HEALTH_PATH}"), &[]).await;
+        assert_eq!(
+            (status, text.trim()),
+            (503, "replica, not connected to a primary")
+        );
+        shutdown.cancel();
+    }
+
+    #[tokio::test]
+    async fn health_fails_past_max_lag_and_a_cookie_ahead_of_the_replica_times_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let shutdown = CancellationToken::new();
+        let max_lag = Duration::from_secs(2);
+        let (store, url) = replica_proxy(dir.path(), Some(max_lag), &shutdown).await;
+        store.set_primary(Some("node-a".into()));
+        // The primary was last heard from longer ago than max-lag.
+        store
+            .cluster()
+            .note_primary_timestamp(unix_now_ms() - 5_000);
+        let (status, text) = call(Method::GET, &format!("{url}{HEALTH_PATH}"), &[]).await;
+        assert_eq!(status, 503, "{text}");
+        assert!(text.contains("exceeds proxy.max-lag"), "{text}");
+        store.cluster().note_primary_timestamp(unix_now_ms());
+        let (status, text) = call(Method::GET, &format!("{url}{HEALTH_PATH}"), &[]).await;
+        assert_eq!(status, 200, "{text}");
+        assert!(text.starts_with("replica of node-a, lag"), "{text}");
+        // A cookie naming a TXID this replica never reaches: 504, never the app.
+        let cookie = format!("{TXID_COOKIE}={:016x}", 7);
+        let (status, text) =
+            call(Method::GET, &format!("{url}/items"), &[("cookie", &cookie)]).await;
+        assert_eq!(status, 504, "{text}");
+        // A malformed cookie is ignored: the read goes to the app (closed: 502).
+        let (status, _) = call(
+            Method::GET,
+            &format!("{url}/items"),
+            &[("cookie", "__txid=zz")],
+        )
+        .await;
+        assert_eq!(status, 502);
+        shutdown.cancel();
+    }
 
     #[test]
     fn globs_match_with_stars_only() {
