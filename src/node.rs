@@ -113,9 +113,9 @@ struct Following {
 enum HoldEnd {
     /// A renewal failed or did not succeed by the renewal deadline.
     Lost,
-    /// A candidate replica asked for the primary role.
+    /// A candidate replica connected to this primary asked for the role.
     HandOffTo {
-        hostname: String,
+        target: String,
         reply: oneshot::Sender<Result<(), String>>,
     },
 }
@@ -179,15 +179,19 @@ pub async fn run(settings: NodeSettings, shutdown: CancellationToken) -> Result<
         };
         match end {
             Some(HoldEnd::Lost) => node.demote().await,
-            Some(HoldEnd::HandOffTo { hostname, reply }) => {
-                let outcome = node.hand_off(&held, Some(hostname)).await;
+            Some(HoldEnd::HandOffTo { target, reply }) => {
+                let outcome = node.hand_off(&held, &target).await;
                 let _ = reply.send(outcome);
             }
             None => {
-                if let Err(reason) = node.hand_off(&held, None).await {
-                    tracing::info!(%reason, "no handoff");
-                    node.demote().await;
-                    node.release(&held).await;
+                match node.handoffs.most_caught_up_candidate() {
+                    // Its outcome is logged; either way this node stops now.
+                    Some(target) => drop(node.hand_off(&held, &target).await),
+                    None => {
+                        tracing::info!("no candidate replica is connected: no handoff");
+                        node.demote().await;
+                        node.release(&held).await;
+                    }
                 }
                 return Ok(());
             }
@@ -400,7 +404,12 @@ impl Node {
                 Some(request) = self.control.recv() => {
                     match request {
                         ControlRequest::HandOffTo { hostname, reply } => {
-                            return HoldEnd::HandOffTo { hostname, reply };
+                            if self.handoffs.candidate_connected(&hostname) {
+                                return HoldEnd::HandOffTo { target: hostname, reply };
+                            }
+                            let _ = reply.send(Err(format!(
+                                "{hostname} is not a candidate replica connected to this primary"
+                            )));
                         }
                         ControlRequest::Promote { reply } => {
                             let _ = reply.send(Err("this node is already the primary".to_string()));
@@ -425,23 +434,12 @@ impl Node {
         }
     }
 
-    /// Hands the primary role to the candidate replica `to` (by default the most
-    /// caught-up one): stops local writes, sends every stream up to the final
-    /// positions and a `Handoff`, releases the lease, and waits for `to` to take
-    /// it. This node is a replica afterwards, whatever the outcome.
-    async fn hand_off(&mut self, held: &HeldLease, to: Option<String>) -> Result<(), String> {
-        let target = match to {
-            Some(hostname) if self.handoffs.candidate_connected(&hostname) => hostname,
-            Some(hostname) => {
-                return Err(format!(
-                    "{hostname} is not a candidate replica connected to this primary"
-                ));
-            }
-            None => self
-                .handoffs
-                .most_caught_up_candidate()
-                .ok_or_else(|| "no candidate replica is connected".to_string())?,
-        };
+    /// Hands the primary role to the candidate replica `target`: stops local
+    /// writes, sends every stream up to the final positions and a `Handoff`,
+    /// releases the lease, and waits for `target` to take it. This node is a
+    /// replica without the lease afterwards, whatever the outcome.
+    async fn hand_off(&mut self, held: &HeldLease, target: &str) -> Result<(), String> {
+        let target = target.to_string();
         let started = Instant::now();
         tracing::info!(to = %target, "handing the primary role over");
         self.handoffs.set_phase(HandoffPhase::Draining);
@@ -623,6 +621,7 @@ mod tests {
         epoch: u64,
         index: u64,
         renewals_fail: bool,
+        renewals: u64,
         cluster_id: Option<String>,
     }
 
@@ -650,10 +649,11 @@ mod tests {
         }
 
         async fn renew(&self, held: &HeldLease) -> Result<HeldLease, LeaseError> {
-            let state = self.state.lock().unwrap();
+            let mut state = self.state.lock().unwrap();
             if state.renewals_fail {
                 return Err(LeaseError::Lost("renewals fail".into()));
             }
+            state.renewals += 1;
             Ok(HeldLease {
                 renew_by: StdInstant::now() + TTL / 2,
                 ..held.clone()
@@ -746,6 +746,35 @@ mod tests {
         let lost_at = StdInstant::now();
         wait_for_role(&store, Role::Replica).await;
         assert!(lost_at.elapsed() < TTL / 2 + Duration::from_millis(100));
+        shutdown.cancel();
+        node.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_handoff_to_a_node_that_is_not_a_connected_candidate_is_refused_and_the_lease_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let lease = Arc::new(MemoryLease::default());
+        let settings = settings(dir.path(), lease.clone());
+        let (store, handoffs) = (settings.store.clone(), settings.handoffs.clone());
+        let shutdown = CancellationToken::new();
+        let node = tokio::spawn(run(settings, shutdown.clone()));
+        wait_for_role(&store, Role::Primary).await;
+        let (reply, answer) = oneshot::channel();
+        let request = ControlRequest::HandOffTo {
+            hostname: "nobody".into(),
+            reply,
+        };
+        assert!(handoffs.request(request).await);
+        let refusal = answer.await.unwrap().unwrap_err();
+        assert!(
+            refusal.contains("nobody is not a candidate replica"),
+            "{refusal}"
+        );
+        // Still the primary, renewing, after longer than the lease lasts.
+        let renewals = lease.state.lock().unwrap().renewals;
+        tokio::time::sleep(TTL * 2).await;
+        assert_eq!(store.cluster().role(), Role::Primary);
+        assert!(lease.state.lock().unwrap().renewals > renewals + 1);
         shutdown.cancel();
         node.await.unwrap().unwrap();
     }

@@ -151,7 +151,7 @@ impl Handoffs {
     }
 
     /// Hands a request to the role loop; `false` when the loop has stopped.
-    pub(super) async fn request(&self, request: ControlRequest) -> bool {
+    pub async fn request(&self, request: ControlRequest) -> bool {
         self.control.send(request).await.is_ok()
     }
 
