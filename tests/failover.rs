@@ -748,3 +748,96 @@ fn the_history_check_catches_a_txid_accepted_twice_with_different_content() {
         history::History::from([((DB.to_string(), 7), accepted(4, 0x8000_0000_0000_0002))]);
     history::check_histories(&[("node-a", node_a), ("node-b", node_b)]);
 }
+
+/// Whether the node accepts a write transaction now (rolled back).
+fn accepts_writes(mount: &Mount) -> bool {
+    let Ok(conn) = rusqlite::Connection::open_with_flags(
+        mount.db_path(DB),
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    ) else {
+        return false;
+    };
+    conn.execute_batch("BEGIN IMMEDIATE; INSERT INTO t(seq) VALUES(-7); ROLLBACK;")
+        .is_ok()
+}
+
+#[test]
+fn a_stalled_coordinator_stops_writes_before_expiry_and_never_makes_two_primaries() {
+    let consul = fake_consul::FakeConsul::start(fake_consul::Options {
+        // Sessions end exactly at their TTL, the soonest Consul allows.
+        expiry_factor: 1.0,
+        ..fake_consul::Options::default()
+    });
+    let url = format!("consul+{}", consul.url());
+    let node_a = start_node("node-a", &url);
+    assert_eq!(wait_for_primary(&[("node-a", &node_a)]), "node-a");
+    let node_b = start_node("node-b", &url);
+    assert_eq!(
+        wait_for_primary(&[("node-a", &node_a), ("node-b", &node_b)]),
+        "node-a"
+    );
+    create_table(&node_a);
+    insert(&node_a.db_path(DB), 0, 10);
+    wait_converged(&node_a, &[&node_b]);
+
+    // Consul stops answering: every request hangs.
+    consul.set_stalled(true);
+    let stalled_at = Instant::now();
+    let mut writable_at_once = 0;
+    let mut a_stopped = None;
+    let mut b_read = 0;
+    while stalled_at.elapsed() < Duration::from_secs(8) {
+        let (a, b) = (accepts_writes(&node_a), accepts_writes(&node_b));
+        writable_at_once = writable_at_once.max(usize::from(a) + usize::from(b));
+        if !a && a_stopped.is_none() {
+            a_stopped = Some(stalled_at.elapsed());
+        }
+        // The replica keeps serving reads.
+        b_read = b_read.max(rows(&node_b.db_path(DB)));
+        thread::sleep(Duration::from_millis(50));
+    }
+    let a_stopped = a_stopped.expect("node-a kept accepting writes without its lease");
+    // Consul's TTL is 10 s; the primary must stop well before it could expire.
+    assert!(
+        a_stopped < Duration::from_secs(6),
+        "node-a stopped after {a_stopped:?}"
+    );
+    assert_eq!(b_read, 10);
+
+    // Consul answers again: one node becomes the primary (once node-a's session
+    // expired and the lock-delay passed), never two.
+    consul.set_stalled(false);
+    let healed_at = Instant::now();
+    let nodes = [("node-a", &node_a), ("node-b", &node_b)];
+    let mut primary = None;
+    while primary.is_none() {
+        assert!(
+            healed_at.elapsed() < TAKEOVER_TIMEOUT,
+            "no primary after the stall"
+        );
+        let (a, b) = (accepts_writes(&node_a), accepts_writes(&node_b));
+        writable_at_once = writable_at_once.max(usize::from(a) + usize::from(b));
+        primary = agreed_primary(&nodes).filter(|_| a || b);
+        thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(writable_at_once, 1, "two nodes accepted writes at once");
+    report(format!(
+        "stalled Consul: node-a stopped writes {a_stopped:?} after the stall (TTL 10 s); {} took over {:?} after Consul answered again",
+        primary.as_deref().unwrap_or_default(),
+        healed_at.elapsed()
+    ));
+    let primary_mount = if primary.as_deref() == Some("node-a") {
+        &node_a
+    } else {
+        &node_b
+    };
+    insert(&primary_mount.db_path(DB), 10, 5);
+    let other = if primary.as_deref() == Some("node-a") {
+        &node_b
+    } else {
+        &node_a
+    };
+    wait_converged(primary_mount, &[other]);
+    assert_eq!(rows(&other.db_path(DB)), 15);
+    check_history(&nodes);
+}
