@@ -108,10 +108,9 @@ fn assert_names(error: &ConfigError, key: &str, line: usize) {
 
 #[test]
 fn the_fly_io_deployment_config_parses() {
-    let text = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/fly/ltxfs.yml"),
-    )
-    .unwrap();
+    let text =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/fly/ltxfs.yml"))
+            .unwrap();
     let primary = parse_with_env(&text, Some(&fly_env)).unwrap();
     assert_eq!(primary.lease.lease_type, LeaseType::Consul);
     assert!(primary.lease.candidate);

@@ -142,7 +142,8 @@ fn the_django_example_writes_on_the_primary_and_replays_writes_from_a_replica() 
     assert_eq!(text(&created), "created 1 on node-a\n");
 
     // The replica reads it once replication has brought it.
-    let position = |mount: &Mount| std::fs::read_to_string(mount.db_path(&format!("{DB}-pos"))).ok();
+    let position =
+        |mount: &Mount| std::fs::read_to_string(mount.db_path(&format!("{DB}-pos"))).ok();
     wait_until("the replica to catch up", TIMEOUT, || {
         position(&replica).is_some() && position(&replica) == position(&primary)
     });
@@ -156,6 +157,13 @@ fn the_django_example_writes_on_the_primary_and_replays_writes_from_a_replica() 
     let refused = on_replica.request("POST", "lost?");
     assert_eq!(refused.status, 409, "{}", text(&refused));
     assert_eq!(refused.header("fly-replay"), Some("instance=node-a"));
-    assert!(text(&refused).contains("read replica of node-a"), "{}", text(&refused));
-    assert_eq!(text(&on_primary.request("GET", "")), "1\thello from django\n");
+    assert!(
+        text(&refused).contains("read replica of node-a"),
+        "{}",
+        text(&refused)
+    );
+    assert_eq!(
+        text(&on_primary.request("GET", "")),
+        "1\thello from django\n"
+    );
 }
