@@ -420,6 +420,11 @@ impl Node {
             }
             match tokio::time::timeout_at(deadline, lease.renew(&held)).await {
                 Ok(Ok(renewed)) => held = renewed,
+                // The coordinator did not answer: the lease is still this node's
+                // until the renewal deadline, so try again before it.
+                Ok(Err(error @ LeaseError::Unavailable { .. })) => {
+                    tracing::warn!(%error, renew_by = ?deadline.saturating_duration_since(Instant::now()), "could not renew the lease; retrying before the renewal deadline");
+                }
                 Ok(Err(error)) => {
                     tracing::error!(%error, "lost the lease; no longer accepting writes");
                     return HoldEnd::Lost;
@@ -621,6 +626,8 @@ mod tests {
         epoch: u64,
         index: u64,
         renewals_fail: bool,
+        /// How many coming renewals answer "unavailable".
+        renewals_unavailable: u32,
         renewals: u64,
         cluster_id: Option<String>,
     }
@@ -652,6 +659,14 @@ mod tests {
             let mut state = self.state.lock().unwrap();
             if state.renewals_fail {
                 return Err(LeaseError::Lost("renewals fail".into()));
+            }
+            if state.renewals_unavailable > 0 {
+                state.renewals_unavailable -= 1;
+                return Err(LeaseError::Unavailable {
+                    coordinator: "memory",
+                    url: "memory:".into(),
+                    reason: "no answer".into(),
+                });
             }
             state.renewals += 1;
             Ok(HeldLease {
@@ -775,6 +790,35 @@ mod tests {
         tokio::time::sleep(TTL * 2).await;
         assert_eq!(store.cluster().role(), Role::Primary);
         assert!(lease.state.lock().unwrap().renewals > renewals + 1);
+        shutdown.cancel();
+        node.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_unanswered_renewal_is_retried_before_the_deadline() {
+        let dir = tempfile::tempdir().unwrap();
+        let lease = Arc::new(MemoryLease::default());
+        let settings = settings(dir.path(), lease.clone());
+        let store = settings.store.clone();
+        let shutdown = CancellationToken::new();
+        let node = tokio::spawn(run(settings, shutdown.clone()));
+        wait_for_role(&store, Role::Primary).await;
+        // One renewal goes unanswered; the next one, still before the renewal
+        // deadline, succeeds, so the node never stops being the primary.
+        let renewals = {
+            let mut state = lease.state.lock().unwrap();
+            state.renewals_unavailable = 1;
+            state.renewals
+        };
+        let deadline = StdInstant::now() + TTL * 2;
+        while StdInstant::now() < deadline {
+            assert_eq!(store.cluster().role(), Role::Primary);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let state = lease.state.lock().unwrap();
+        assert_eq!(state.renewals_unavailable, 0);
+        assert!(state.renewals > renewals);
+        drop(state);
         shutdown.cancel();
         node.await.unwrap().unwrap();
     }
