@@ -1,0 +1,505 @@
+//! A network partition of the primary: three `ltxfs mount` processes elect their
+//! primary with a real etcd on loopback; node-a, the primary, reaches etcd and is
+//! reached by the replicas only through TCP proxies (`support/tcp_proxy.rs`).
+//! Cutting both proxies cuts node-a off from the coordinator and the replicas: it
+//! must stop accepting writes within the lease TTL, and the majority side must
+//! elect a new primary that accepts writes. After the heal node-a rejoins as a
+//! replica of the new primary; the transactions it accepted after the partition
+//! that never reached the others are discarded (replication is asynchronous) and
+//! counted.
+
+mod common;
+// Shared with the lease tests, which use more of it.
+#[allow(dead_code)]
+#[path = "support/etcd.rs"]
+mod etcd;
+#[path = "support/history.rs"]
+mod history;
+#[path = "support/tcp_proxy.rs"]
+mod tcp_proxy;
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+use ltxfs::replication::PRIMARY_SILENCE_TIMEOUT;
+use rusqlite::{OpenFlags, params};
+use tcp_proxy::TcpProxy;
+
+/// The lease TTL the nodes use.
+const TTL: Duration = Duration::from_secs(2);
+/// The bound on reaching a state that does not depend on the partition's timings
+/// (start-up, agreement, catching up).
+const TIMEOUT: Duration = Duration::from_secs(20);
+/// How long after the partition a new primary must be elected and accept writes.
+/// Two conditions must both hold before a candidate takes the lease: node-a's
+/// lease expired in etcd (at most `TTL` after its last keep-alive, which was
+/// before the partition) and the candidate's stream from node-a ended (at most
+/// `PRIMARY_SILENCE_TIMEOUT` after the last message, also before the partition).
+/// Their sum bounds the later of the two; the margin covers etcd's expiry
+/// granularity (it checks leases every 0.5 s), the acquisition (a few loopback
+/// requests), the other replica following the new primary, and this test's
+/// polling in a debug build.
+const ELECTION_BOUND: Duration =
+    Duration::from_secs(TTL.as_secs() + PRIMARY_SILENCE_TIMEOUT.as_secs() + 2);
+const DB: &str = "app.db";
+/// The first row node-a's writer inserts.
+const FIRST_ON_A: i64 = 1_000;
+/// The first row the new primary's writer inserts.
+const FIRST_ON_NEW: i64 = 1_000_000;
+
+fn node_yaml(hostname: &str, etcd_url: &str, advertise: Option<(&str, SocketAddr)>) -> String {
+    let (advertise_url, http) = match advertise {
+        Some((url, addr)) => (
+            format!("  advertise-url: \"{url}\"\n"),
+            format!("http:\n  addr: \"{addr}\"\n"),
+        ),
+        None => (String::new(), String::new()),
+    };
+    format!(
+        "lease:\n  candidate: true\n  hostname: {hostname}\n  reconnect-delay: 300ms\n{advertise_url}  type: etcd\n  etcd:\n    endpoints: [\"{etcd_url}\"]\n    key: \"ltxfs-partition/primary\"\n    ttl: {}s\n{http}",
+        TTL.as_secs()
+    )
+}
+
+/// The hostname of the node the others follow, once every other node names it in
+/// `.primary` and it has no `.primary` itself.
+fn agreed_primary(nodes: &[(&str, &Mount)]) -> Option<String> {
+    let named: Vec<Option<String>> = nodes
+        .iter()
+        .map(|(_, mount)| {
+            fs::read_to_string(mount.path().join(".primary"))
+                .ok()
+                .map(|text| text.trim().to_string())
+        })
+        .collect();
+    let primary = nodes
+        .iter()
+        .zip(&named)
+        .find(|(_, named)| named.is_none())
+        .map(|((name, _), _)| name.to_string())?;
+    let others_agree = named
+        .iter()
+        .zip(nodes)
+        .filter(|(_, (name, _))| *name != primary)
+        .all(|(named, _)| named.as_deref() == Some(primary.as_str()));
+    others_agree.then_some(primary)
+}
+
+fn wait_for_primary(nodes: &[(&str, &Mount)]) -> String {
+    let mut primary = None;
+    wait_until("the nodes to agree on a primary", TIMEOUT, || {
+        primary = agreed_primary(nodes);
+        primary.is_some()
+    });
+    primary.unwrap()
+}
+
+/// Whether the node accepts a write transaction now (rolled back). Waits for a
+/// writer holding the write lock, so that only a refusal counts as one.
+fn accepts_writes(mount: &Mount) -> bool {
+    let Ok(conn) = rusqlite::Connection::open_with_flags(
+        mount.db_path(DB),
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    ) else {
+        return false;
+    };
+    conn.busy_timeout(BUSY_TIMEOUT).unwrap();
+    conn.execute_batch("BEGIN IMMEDIATE; INSERT INTO t(seq) VALUES(-7); ROLLBACK;")
+        .is_ok()
+}
+
+/// Creates the table once `mount` accepts writes (a lone node's missing
+/// `.primary` does not tell a primary from a node that has not decided yet).
+fn create_table_when_writable(mount: &Mount) {
+    wait_until("node-a to accept writes", TIMEOUT, || {
+        // Before it is the primary, creating the database is refused.
+        let Ok(conn) = rusqlite::Connection::open(mount.db_path(DB)) else {
+            return false;
+        };
+        conn.busy_timeout(BUSY_TIMEOUT).unwrap();
+        conn.query_row("PRAGMA journal_mode=wal", [], |row| row.get::<_, String>(0))
+            .is_ok_and(|mode| mode == "wal")
+            && conn
+                .execute_batch("CREATE TABLE IF NOT EXISTS t(seq INTEGER PRIMARY KEY)")
+                .is_ok()
+    });
+}
+
+fn insert(db: &Path, from: i64, count: i64) {
+    let conn = open_db(db);
+    for seq in from..from + count {
+        conn.execute("INSERT INTO t(seq) VALUES(?1)", params![seq])
+            .unwrap_or_else(|e| panic!("insert {seq} on {}: {e}", db.display()));
+    }
+}
+
+/// Every row in the node's table.
+fn seqs(mount: &Mount) -> BTreeSet<i64> {
+    let conn =
+        rusqlite::Connection::open_with_flags(mount.db_path(DB), OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .unwrap();
+    conn.busy_timeout(BUSY_TIMEOUT).unwrap();
+    let mut statement = conn.prepare("SELECT seq FROM t").unwrap();
+    statement
+        .query_map([], |row| row.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect()
+}
+
+fn position(mount: &Mount) -> Option<String> {
+    fs::read_to_string(mount.db_path(&format!("{DB}-pos"))).ok()
+}
+
+/// The TXID in a `-pos` file's text.
+fn txid_of(position: &str) -> u64 {
+    u64::from_str_radix(position.split('/').next().unwrap_or_default(), 16).unwrap_or(0)
+}
+
+/// Waits, while writes go on, until every one of `others` has reached the TXID
+/// `primary` is at now.
+fn wait_caught_up(primary: &Mount, others: &[&Mount]) {
+    let target = position(primary).map_or(0, |text| txid_of(&text));
+    wait_until("the replicas to catch up", TIMEOUT, || {
+        others
+            .iter()
+            .all(|other| position(other).is_some_and(|text| txid_of(&text) >= target))
+    });
+}
+
+/// Waits until every one of `others` is at `primary`'s position; on timeout,
+/// fails with every node's position and log.
+fn wait_converged(primary: &Mount, others: &[&Mount]) {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let target = position(primary);
+        if target.is_some() && others.iter().all(|other| position(other) == target) {
+            return;
+        }
+        if Instant::now() >= deadline {
+            let mut report = format!("the replicas did not reach the primary at {target:?}\n");
+            for other in others {
+                report.push_str(&format!(
+                    "replica at {:?}, log:\n{}\n",
+                    position(other),
+                    other.stderr_text()
+                ));
+            }
+            report.push_str(&format!("primary log:\n{}", primary.stderr_text()));
+            panic!("{report}");
+        }
+        thread::sleep(POLL);
+    }
+}
+
+/// The history check (see `support/history.rs`) over `nodes`' data dirs.
+fn check_history(nodes: &[(&str, &Mount)]) -> usize {
+    let histories: Vec<_> = nodes
+        .iter()
+        .map(|(name, mount)| (*name, history::read_history(mount.data_dir())))
+        .collect();
+    history::check_histories(&histories)
+}
+
+/// How a [`Writer`] ended.
+struct WriterEnd {
+    /// Rows SQLite reported committed: `first .. first + acknowledged`.
+    acknowledged: i64,
+    /// When the first insert failed, and its error.
+    failure: Option<(Instant, String)>,
+}
+
+/// Inserts rows `first`, `first + 1`, ... into a database on one connection,
+/// as fast as it can, until it is told to stop or an insert fails.
+struct Writer {
+    stop: Arc<AtomicBool>,
+    acknowledged: Arc<AtomicI64>,
+    thread: thread::JoinHandle<Option<(Instant, String)>>,
+}
+
+impl Writer {
+    fn start(db: PathBuf, first: i64) -> Writer {
+        let stop = Arc::new(AtomicBool::new(false));
+        let acknowledged = Arc::new(AtomicI64::new(0));
+        let thread = thread::spawn({
+            let (stop, acknowledged) = (stop.clone(), acknowledged.clone());
+            move || {
+                let conn = open_db(&db);
+                let mut committed = 0;
+                while !stop.load(Ordering::Acquire) {
+                    let seq = first + committed;
+                    if let Err(error) = conn.execute("INSERT INTO t(seq) VALUES(?1)", params![seq])
+                    {
+                        return Some((Instant::now(), error.to_string()));
+                    }
+                    committed += 1;
+                    acknowledged.store(committed, Ordering::Release);
+                }
+                None
+            }
+        });
+        Writer {
+            stop,
+            acknowledged,
+            thread,
+        }
+    }
+
+    fn acknowledged(&self) -> i64 {
+        self.acknowledged.load(Ordering::Acquire)
+    }
+
+    /// Waits until `rows` rows are acknowledged; panics if the writer failed.
+    fn wait_for(&self, rows: i64) {
+        wait_until("the writer to commit rows", TIMEOUT, || {
+            self.acknowledged() >= rows || self.thread.is_finished()
+        });
+        assert!(self.acknowledged() >= rows, "the writer stopped early");
+    }
+
+    /// Waits until the writer fails by itself.
+    fn wait_failed(self) -> WriterEnd {
+        wait_until("the writer to fail", TIMEOUT, || self.thread.is_finished());
+        self.finish()
+    }
+
+    fn finish(self) -> WriterEnd {
+        self.stop.store(true, Ordering::Release);
+        let failure = self.thread.join().expect("the writer thread panicked");
+        WriterEnd {
+            acknowledged: self.acknowledged.load(Ordering::Acquire),
+            failure,
+        }
+    }
+}
+
+fn loopback_address(url: &str) -> SocketAddr {
+    url.strip_prefix("http://")
+        .and_then(|address| address.parse().ok())
+        .unwrap_or_else(|| panic!("not an http://address URL: {url}"))
+}
+
+#[test]
+fn a_partitioned_primary_stops_writes_and_the_majority_elects_a_new_one() {
+    let etcd = etcd::Etcd::start();
+    // Everything between node-a and the rest goes through the two proxies.
+    let etcd_proxy = TcpProxy::start(loopback_address(etcd.url()));
+    let a_http = etcd::free_loopback_address();
+    let a_proxy = TcpProxy::start(a_http);
+    let node_a = Mount::start(MountOptions {
+        extra_yaml: node_yaml("node-a", &etcd_proxy.url(), Some((&a_proxy.url(), a_http))),
+        ..MountOptions::default()
+    });
+    assert_eq!(wait_for_primary(&[("node-a", &node_a)]), "node-a");
+    create_table_when_writable(&node_a);
+    let start = |hostname: &str| {
+        Mount::start(MountOptions {
+            extra_yaml: node_yaml(hostname, etcd.url(), None),
+            ..MountOptions::default()
+        })
+    };
+    let node_b = start("node-b");
+    let node_c = start("node-c");
+    let nodes = [
+        ("node-a", &node_a),
+        ("node-b", &node_b),
+        ("node-c", &node_c),
+    ];
+    assert_eq!(wait_for_primary(&nodes), "node-a");
+    insert(&node_a.db_path(DB), 0, 100);
+    wait_converged(&node_a, &[&node_b, &node_c]);
+
+    // node-a commits as fast as it can; the replicas follow it live.
+    let writer = Writer::start(node_a.db_path(DB), FIRST_ON_A);
+    writer.wait_for(200);
+    wait_caught_up(&node_a, &[&node_b, &node_c]);
+    writer.wait_for(writer.acknowledged() + 50);
+
+    // The partition: node-a reaches neither etcd nor the replicas, nor they it.
+    etcd_proxy.partition();
+    a_proxy.partition();
+    let partitioned_at = Instant::now();
+    let acknowledged_at_partition = writer.acknowledged();
+
+    // node-a stops accepting writes within the TTL.
+    let mut refused_after = None;
+    wait_until("node-a to refuse writes", TIMEOUT, || {
+        let refused = !accepts_writes(&node_a);
+        if refused {
+            refused_after = Some(partitioned_at.elapsed());
+        }
+        refused
+    });
+    let refused_after = refused_after.unwrap();
+    let on_a = writer.wait_failed();
+    let (failed_at, error) = on_a
+        .failure
+        .clone()
+        .expect("node-a's writer stopped without an error");
+    let writer_stopped_after = failed_at.saturating_duration_since(partitioned_at);
+    report(format!(
+        "partition: node-a's writer failed {writer_stopped_after:?} after the partition ({error}); \
+         a probe was refused after {refused_after:?}; TTL {TTL:?}; the writer had {} rows \
+         acknowledged at the partition, {} at the end",
+        acknowledged_at_partition, on_a.acknowledged
+    ));
+    assert!(
+        error.contains("readonly") || error.contains("disk I/O error"),
+        "node-a's writer failed with an unexpected error: {error}"
+    );
+    assert!(
+        writer_stopped_after < TTL && refused_after < TTL,
+        "node-a kept accepting writes: the writer failed after {writer_stopped_after:?}, a probe \
+         was refused after {refused_after:?} (TTL {TTL:?}); log:\n{}",
+        node_a.stderr_text()
+    );
+    let a_log = node_a.stderr_text();
+    let why = a_log
+        .lines()
+        .find(|line| line.contains("no longer accepting writes"))
+        .unwrap_or_else(|| panic!("node-a did not log why it stopped accepting writes:\n{a_log}"));
+    report(format!("partition: node-a logged: {why}"));
+
+    // The majority side elects a new primary; node-a stays refused all along, and
+    // never two nodes accept writes at once.
+    let majority = [("node-b", &node_b), ("node-c", &node_c)];
+    let mut writable_at_once = 0;
+    let (new_primary, elected_after) = loop {
+        let elapsed = partitioned_at.elapsed();
+        assert!(
+            !accepts_writes(&node_a),
+            "node-a accepted a write again while cut off, {elapsed:?} after the partition"
+        );
+        let (b, c) = (accepts_writes(&node_b), accepts_writes(&node_c));
+        writable_at_once = writable_at_once.max(usize::from(b) + usize::from(c));
+        let elected =
+            agreed_primary(&majority).filter(|primary| if primary == "node-b" { b } else { c });
+        if let Some(primary) = elected {
+            break (primary, elapsed);
+        }
+        assert!(
+            elapsed < TIMEOUT,
+            "no new primary {elapsed:?} after the partition; logs:\nnode-b:\n{}\nnode-c:\n{}",
+            node_b.stderr_text(),
+            node_c.stderr_text()
+        );
+        thread::sleep(POLL);
+    };
+    report(format!(
+        "partition: {new_primary} was elected and accepted writes {elected_after:?} after the \
+         partition (bound {ELECTION_BOUND:?} = TTL {TTL:?} + silence timeout \
+         {PRIMARY_SILENCE_TIMEOUT:?} + 2 s)"
+    ));
+    assert!(
+        elected_after < ELECTION_BOUND,
+        "the election took {elected_after:?}"
+    );
+    assert_eq!(
+        writable_at_once, 1,
+        "node-b and node-c accepted writes at once"
+    );
+    let (new_mount, other) = if new_primary == "node-b" {
+        (&node_b, &node_c)
+    } else {
+        (&node_c, &node_b)
+    };
+
+    // Writes resume on the new primary, and continue through the heal.
+    let new_writer = Writer::start(new_mount.db_path(DB), FIRST_ON_NEW);
+    new_writer.wait_for(200);
+    assert!(
+        !accepts_writes(&node_a),
+        "node-a accepted a write while cut off"
+    );
+
+    // The heal: node-a rejoins as a replica of the new primary and converges.
+    etcd_proxy.heal();
+    a_proxy.heal();
+    let healed_at = Instant::now();
+    assert_eq!(wait_for_primary(&nodes), new_primary);
+    wait_caught_up(new_mount, &[&node_a, other]);
+    let rejoined_after = healed_at.elapsed();
+    let on_new = new_writer.finish();
+    assert!(
+        on_new.failure.is_none(),
+        "the new primary's writer failed: {:?}",
+        on_new.failure
+    );
+    wait_converged(new_mount, &[&node_a, other]);
+
+    // Every row the new primary has (all its writer's among them) is on node-a.
+    let on_new_primary = seqs(new_mount);
+    let on_node_a = seqs(&node_a);
+    let written_on_new: BTreeSet<i64> =
+        (FIRST_ON_NEW..FIRST_ON_NEW + on_new.acknowledged).collect();
+    assert!(
+        written_on_new.is_subset(&on_new_primary),
+        "the new primary lost rows its writer acknowledged"
+    );
+    assert_eq!(
+        on_node_a, on_new_primary,
+        "node-a does not have the new primary's rows"
+    );
+    assert_eq!(seqs(other), on_new_primary);
+    // node-a's acknowledged rows that never reached the others were discarded:
+    // always the last ones it acknowledged.
+    let acknowledged_on_a = FIRST_ON_A..FIRST_ON_A + on_a.acknowledged;
+    let discarded: Vec<i64> = acknowledged_on_a
+        .clone()
+        .filter(|seq| !on_new_primary.contains(seq))
+        .collect();
+    let kept = on_a.acknowledged - discarded.len() as i64;
+    assert!(
+        acknowledged_on_a
+            .clone()
+            .all(|seq| on_new_primary.contains(&seq) == (seq < FIRST_ON_A + kept)),
+        "the rows of node-a that were discarded are not its last ones: {discarded:?}"
+    );
+    let a_log = node_a.stderr_text();
+    if !discarded.is_empty() {
+        let replaced = a_log
+            .lines()
+            .find(|line| line.contains("replacing the database with the primary's snapshot"))
+            .unwrap_or_else(|| {
+                panic!(
+                    "node-a discarded {} acknowledged rows without saying so:\n{a_log}",
+                    discarded.len()
+                )
+            });
+        report(format!("partition: node-a logged: {replaced}"));
+    }
+    // node-a is a replica: it refuses writes.
+    let refusal = open_db(&node_a.db_path(DB))
+        .execute("INSERT INTO t(seq) VALUES(-1)", [])
+        .unwrap_err();
+    assert!(refusal.to_string().contains("readonly"), "{refusal}");
+    let compared = check_history(&nodes);
+    assert!(compared > 0, "the nodes share no transaction to compare");
+    report(format!(
+        "partition: after the heal node-a followed {new_primary} and caught up in \
+         {rejoined_after:?}; of the {} rows node-a acknowledged, {} were discarded (the last \
+         ones; {} acknowledged after the partition); the new primary's writer committed {} \
+         rows, all on node-a; history check: {compared} transactions compared; proxies: \
+         etcd {:?}, node-a {:?}",
+        on_a.acknowledged,
+        discarded.len(),
+        on_a.acknowledged - acknowledged_at_partition,
+        on_new.acknowledged,
+        etcd_proxy.stats(),
+        a_proxy.stats()
+    ));
+    for (name, proxy) in [("etcd", &etcd_proxy), ("node-a", &a_proxy)] {
+        assert_eq!(
+            proxy.stats().refused,
+            0,
+            "the {name} proxy refused connections: the partition was not faithful"
+        );
+    }
+}
