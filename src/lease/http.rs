@@ -203,7 +203,7 @@ fn build_request(
 
 /// An error and its sources on one line, so "connection refused" is not hidden
 /// behind "client error (Connect)".
-fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+pub(crate) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {

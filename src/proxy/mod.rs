@@ -56,6 +56,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::bridge::CommitBridge;
 use crate::config::ProxyMode;
+use crate::lease::http::error_chain;
 use crate::store::{Role, Store};
 
 pub use gate::{WriteGate, WritePass};
@@ -490,18 +491,6 @@ fn empty() -> ProxyBody {
     Full::new(Bytes::new())
         .map_err(|never| match never {})
         .boxed()
-}
-
-/// An error and its sources on one line.
-fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]
