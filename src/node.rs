@@ -815,10 +815,11 @@ mod tests {
             assert_eq!(store.cluster().role(), Role::Primary);
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        let state = lease.state.lock().unwrap();
-        assert_eq!(state.renewals_unavailable, 0);
-        assert!(state.renewals > renewals);
-        drop(state);
+        {
+            let state = lease.state.lock().unwrap();
+            assert_eq!(state.renewals_unavailable, 0);
+            assert!(state.renewals > renewals);
+        }
         shutdown.cancel();
         node.await.unwrap().unwrap();
     }

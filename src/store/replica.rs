@@ -130,6 +130,16 @@ impl Store {
             held.push(HeldByLtxfs::take(database_node.clone(), DATABASE_LOCKS));
         }
         let applied = database.write_logged(logged)?;
+        // The page size a local write of page 1 would have recorded, which local
+        // changes are checked against once this node is the primary.
+        let page_size = if applied.commit == 0 {
+            0
+        } else {
+            applied.page_size
+        };
+        database_node
+            .page_size
+            .store(page_size, std::sync::atomic::Ordering::Release);
         self.drop_cached_pages(&database_node, &applied);
         if let Some(index_node) = &index_node {
             // Also when the change set leaves WAL mode: connections still in WAL
@@ -315,6 +325,20 @@ mod tests {
 
     fn replica(dir: &std::path::Path) -> Store {
         Store::open(dir, CaptureOptions::default(), Role::Replica).unwrap()
+    }
+
+    #[test]
+    fn a_database_created_by_a_snapshot_takes_local_changes_after_promotion() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = replica(dir.path());
+        let mut history = History::new();
+        let snapshot = history.commit(&[(1, 1), (2, 2)], 2);
+        store.apply_change_set("app.db", snapshot).unwrap();
+        store.set_role(Role::Primary);
+        // SQLite's size hint extends the file before it writes the new page.
+        let node = store.lookup("app.db").unwrap();
+        node.truncate(3 * u64::from(PAGE_SIZE)).unwrap();
+        node.write_at(2 * u64::from(PAGE_SIZE), &page(3, 3)).unwrap();
     }
 
     #[test]
