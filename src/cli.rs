@@ -126,6 +126,16 @@ enum BenchMode {
         #[arg(long, default_value_t = 200)]
         snapshot_db_mb: u64,
     },
+    /// Measure handing the primary role between two candidate ltxfs processes
+    /// with an etcd lease on loopback: time until the new primary accepts writes.
+    Handoff {
+        /// Where to put the benchmark's files (default: a new directory here).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Handoffs to measure; the direction alternates.
+        #[arg(long, default_value_t = 20)]
+        rounds: usize,
+    },
     /// Measure the latency the proxy adds to a read against calling the
     /// application directly.
     Proxy {
@@ -194,56 +204,50 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> i32 {
                     snapshot_db_mb,
                 }),
             ..
-        } => {
-            init_logging(&LogConfig::default(), false);
-            let options = crate::bench::ReplicationOptions {
+        } => run_bench(|| {
+            crate::bench::run_replication(&crate::bench::ReplicationOptions {
                 dir,
                 seconds,
                 snapshot_db_mb,
-            };
-            match crate::bench::run_replication(&options) {
-                Ok(report) => {
-                    println!("{report}");
-                    0
-                }
-                Err(error) => fail(EXIT_FAILURE, &error),
-            }
-        }
+            })
+        }),
+        Command::Bench {
+            mode: Some(BenchMode::Handoff { dir, rounds }),
+            ..
+        } => run_bench(|| crate::bench::run_handoff(&crate::bench::HandoffOptions { dir, rounds })),
         Command::Bench {
             mode: Some(BenchMode::Proxy { requests }),
             ..
-        } => {
-            init_logging(&LogConfig::default(), false);
-            match crate::bench::run_proxy(&crate::bench::ProxyOptions { requests }) {
-                Ok(report) => {
-                    println!("{report}");
-                    0
-                }
-                Err(error) => fail(EXIT_FAILURE, &error),
-            }
-        }
+        } => run_bench(|| crate::bench::run_proxy(&crate::bench::ProxyOptions { requests })),
         Command::Bench {
             mode: None,
             dir,
             seconds,
             read_db_mb,
             restart_db_mb,
-        } => {
-            init_logging(&LogConfig::default(), false);
-            let options = crate::bench::BenchOptions {
+        } => run_bench(|| {
+            crate::bench::run(&crate::bench::BenchOptions {
                 dir,
                 seconds,
                 read_db_mb,
                 restart_db_mb,
-            };
-            match crate::bench::run(&options) {
-                Ok(report) => {
-                    println!("{report}");
-                    0
-                }
-                Err(error) => fail(EXIT_FAILURE, &error),
-            }
+            })
+        }),
+    }
+}
+
+/// Runs one of the `ltxfs bench` benchmarks with logging to stderr, and prints
+/// its report on stdout.
+fn run_bench<R: std::fmt::Display, E: std::error::Error>(
+    bench: impl FnOnce() -> Result<R, E>,
+) -> i32 {
+    init_logging(&LogConfig::default(), false);
+    match bench() {
+        Ok(report) => {
+            println!("{report}");
+            0
         }
+        Err(error) => fail(EXIT_FAILURE, &error),
     }
 }
 
@@ -442,5 +446,32 @@ mod tests {
         assert!(
             Cli::try_parse_from(["ltxfs", "bench", "--read-db-mb", "5", "replication"]).is_err()
         );
+    }
+
+    #[test]
+    fn bench_handoff_takes_rounds_and_a_dir() {
+        let cli = Cli::try_parse_from(["ltxfs", "bench", "handoff"]).expect("parses");
+        assert!(matches!(
+            cli.command,
+            Command::Bench {
+                mode: Some(BenchMode::Handoff {
+                    rounds: 20,
+                    dir: None
+                }),
+                ..
+            }
+        ));
+        let cli = Cli::try_parse_from(["ltxfs", "bench", "handoff", "--rounds", "4", "--dir", "x"])
+            .expect("parses");
+        assert!(matches!(
+            cli.command,
+            Command::Bench {
+                mode: Some(BenchMode::Handoff {
+                    rounds: 4,
+                    dir: Some(_)
+                }),
+                ..
+            }
+        ));
     }
 }

@@ -28,9 +28,12 @@
 //!
 //! `ltxfs bench replication` (the `replication` module) measures replication
 //! instead, with the same working directory, mounts and table rendering;
+//! `ltxfs bench handoff` (the `handoff` module) times handing the primary role
+//! from one candidate to another with the same working directory and nodes;
 //! `ltxfs bench proxy` (the `proxy` module) measures what the write-forwarding
 //! proxy adds to a read.
 
+mod handoff;
 mod machine;
 mod mount;
 mod proxy;
@@ -41,6 +44,10 @@ mod workload;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+pub use handoff::{
+    GOAL_FIRST_WRITE, HandoffBenchError, HandoffOptions, HandoffReport, HandoffRound, LEASE_TTL,
+    Percentiles, run as run_handoff,
+};
 pub use machine::MachineInfo;
 pub use proxy::{
     GOAL_ADDED_P50, Latencies, ProxyBenchError, ProxyOptions, ProxyReport, run as run_proxy,
@@ -472,6 +479,25 @@ impl Drop for Workspace {
         // On the success path `cleanup` has already run and reported any problem.
         let _ = self.cleanup();
     }
+}
+
+/// Writes the line a benchmark report ends with, whether every goal was met,
+/// then one line per warning. There is no newline after the last line, so that
+/// `println!` adds exactly one.
+fn write_verdict(
+    f: &mut std::fmt::Formatter<'_>,
+    all_goals_met: bool,
+    warnings: &[String],
+) -> std::fmt::Result {
+    write!(
+        f,
+        "all goals met: {}",
+        if all_goals_met { "yes" } else { "no" }
+    )?;
+    for warning in warnings {
+        write!(f, "\nwarning: {warning}")?;
+    }
+    Ok(())
 }
 
 fn create_dir(path: &Path) -> Result<(), BenchError> {

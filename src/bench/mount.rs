@@ -239,7 +239,7 @@ fn ltxfs_binary() -> Result<PathBuf, BenchError> {
 /// Makes the kernel send SIGTERM to the child when the thread that spawns it ends
 /// (with the benchmark, if it dies without running its destructors, e.g. on
 /// SIGINT or SIGKILL), so ltxfs unmounts itself rather than staying behind.
-fn exit_with_parent(command: &mut Command) {
+pub(super) fn exit_with_parent(command: &mut Command) {
     // SAFETY: `getpid` has no preconditions.
     let parent = unsafe { libc::getpid() };
     // SAFETY: the closure runs in the child between fork and exec; it only makes

@@ -338,7 +338,8 @@ mod tests {
         // SQLite's size hint extends the file before it writes the new page.
         let node = store.lookup("app.db").unwrap();
         node.truncate(3 * u64::from(PAGE_SIZE)).unwrap();
-        node.write_at(2 * u64::from(PAGE_SIZE), &page(3, 3)).unwrap();
+        node.write_at(2 * u64::from(PAGE_SIZE), &page(3, 3))
+            .unwrap();
     }
 
     #[test]

@@ -1,10 +1,12 @@
-//! The nodes of the replication benchmark: `ltxfs mount` processes with a static
-//! lease on loopback, and what the benchmark reads from them.
+//! The nodes of the replication benchmarks: `ltxfs mount` processes on loopback,
+//! and what the benchmarks read from them. `ltxfs bench replication` uses the
+//! static lease ([`Node::start_primary`], [`Node::start_replica`]); `ltxfs bench
+//! handoff` passes a lease section of its own to [`Node::start`].
 //!
-//! A primary is started with `http.addr: 127.0.0.1:0`, so the kernel picks its
-//! port; the benchmark learns the address from the primary's log line
-//! `serving replication address=...` and names it in each replica's
-//! `lease.advertise-url`. Replicas listen on a port of their own choosing too.
+//! Every node is started with `http.addr: 127.0.0.1:0`, so the kernel picks its
+//! port; the benchmark learns the address from the node's log line
+//! `serving replication address=...` ([`Node::wait_for_url`]) and, with the
+//! static lease, names the primary's in each replica's `lease.advertise-url`.
 //!
 //! Invariants: a [`Node`] owns its [`MountGuard`], so dropping it stops the
 //! process and removes the mount; every wait here has a timeout.
@@ -16,9 +18,9 @@ use super::ReplicationBenchError;
 use super::cpu::Process;
 use crate::bench::mount::MountGuard;
 
-/// How long a primary may take to log its replication address once mounted.
+/// How long a node may take to log its replication address once mounted.
 const ADDRESS_TIMEOUT: Duration = Duration::from_secs(10);
-/// How often a starting primary's log is read while waiting for its address.
+/// How often a starting node's log is read while waiting for its address.
 const LOG_POLL_INTERVAL: Duration = Duration::from_millis(10);
 /// How often positions are read while waiting for a replica; short, because the
 /// snapshot figure includes up to one interval.
@@ -27,12 +29,25 @@ const POSITION_POLL_INTERVAL: Duration = Duration::from_millis(1);
 const SERVING_LINE: &str = "serving replication";
 
 /// One running `ltxfs mount` process of the cluster.
-pub(super) struct Node {
+pub(in crate::bench) struct Node {
     name: String,
     mount: MountGuard,
 }
 
 impl Node {
+    /// Starts a node named `name` under `base` with `lease` (a whole `lease:`
+    /// YAML section whose `hostname` is `name`) and returns once it is mounted.
+    pub(in crate::bench) fn start(
+        base: &Path,
+        name: &str,
+        lease: &str,
+    ) -> Result<Node, ReplicationBenchError> {
+        Ok(Node {
+            name: name.to_string(),
+            mount: MountGuard::start_configured(base, name, true, lease)?,
+        })
+    }
+
     /// Starts a primary (`lease.candidate: true`) named `name` under `base` and
     /// returns it with the URL replicas reach it at.
     pub(super) fn start_primary(
@@ -40,12 +55,9 @@ impl Node {
         name: &str,
     ) -> Result<(Node, String), ReplicationBenchError> {
         let lease = format!("lease:\n  type: static\n  candidate: true\n  hostname: {name}\n");
-        let node = Node {
-            name: name.to_string(),
-            mount: MountGuard::start_configured(base, name, true, &lease)?,
-        };
-        let address = node.wait_for_address()?;
-        Ok((node, format!("http://{address}")))
+        let node = Node::start(base, name, &lease)?;
+        let url = node.wait_for_url()?;
+        Ok((node, url))
     }
 
     /// Starts a replica named `name` under `base` that follows the primary at
@@ -58,14 +70,11 @@ impl Node {
         let lease = format!(
             "lease:\n  type: static\n  candidate: false\n  hostname: {name}\n  advertise-url: {primary_url}\n"
         );
-        Ok(Node {
-            name: name.to_string(),
-            mount: MountGuard::start_configured(base, name, true, &lease)?,
-        })
+        Node::start(base, name, &lease)
     }
 
     /// The node's name, which is also its `lease.hostname`.
-    pub(super) fn name(&self) -> &str {
+    pub(in crate::bench) fn name(&self) -> &str {
         &self.name
     }
 
@@ -83,29 +92,35 @@ impl Node {
     }
 
     /// The path of database `database` in this node's mount.
-    pub(super) fn db_path(&self, database: &str) -> PathBuf {
+    pub(in crate::bench) fn db_path(&self, database: &str) -> PathBuf {
         self.mount.mount_point().join(database)
     }
 
     /// The content of the database's `-pos` file (`TXID/checksum`, both 16 hex
     /// digits), or `None` while the node does not have the database.
-    pub(super) fn position(&self, database: &str) -> Option<String> {
+    pub(in crate::bench) fn position(&self, database: &str) -> Option<String> {
         std::fs::read_to_string(self.db_path(&format!("{database}-pos"))).ok()
     }
 
+    /// The file that receives everything the node prints.
+    pub(in crate::bench) fn log_path(&self) -> &Path {
+        self.mount.log_path()
+    }
+
     /// Stops the process and checks that the mount is gone.
-    pub(super) fn stop(mut self) -> Result<(), ReplicationBenchError> {
+    pub(in crate::bench) fn stop(mut self) -> Result<(), ReplicationBenchError> {
         Ok(self.mount.stop()?)
     }
 
-    /// Waits until the node's log names the address it serves replication on.
-    fn wait_for_address(&self) -> Result<String, ReplicationBenchError> {
+    /// Waits until the node's log names the address it serves replication on,
+    /// and returns the URL other nodes (and `ltxfs promote`) reach it at.
+    pub(in crate::bench) fn wait_for_url(&self) -> Result<String, ReplicationBenchError> {
         let started = Instant::now();
         loop {
             // The log may not exist or be readable yet; that is the same as no line.
             let log = std::fs::read_to_string(self.mount.log_path()).unwrap_or_default();
             if let Some(address) = serving_address(&log) {
-                return Ok(address.to_string());
+                return Ok(format!("http://{address}"));
             }
             if started.elapsed() >= ADDRESS_TIMEOUT {
                 return Err(ReplicationBenchError::NoAddress {
@@ -121,7 +136,7 @@ impl Node {
 
 /// Waits until every replica's position of `database` equals the primary's, and
 /// returns how long that took.
-pub(super) fn wait_converged(
+pub(in crate::bench) fn wait_converged(
     primary: &Node,
     replicas: &[&Node],
     database: &str,

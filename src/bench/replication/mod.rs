@@ -51,7 +51,7 @@ pub use snapshot::SnapshotResult;
 pub use throughput::ThroughputResult;
 
 use super::{BenchError, BenchOptions, MachineInfo, Plan, Workspace};
-use cluster::Node;
+pub(in crate::bench) use cluster::{Node, wait_converged};
 use lag::LagRun;
 
 /// The paced rate of the first lag measurement, in transactions per second.
