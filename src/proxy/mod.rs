@@ -547,6 +547,97 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_request_body_streams_through_to_the_app_as_it_is_sent() {
+        use http_body_util::StreamBody;
+        use hyper::body::Frame;
+        use tokio::sync::{mpsc, oneshot};
+
+        // The app counts the body's bytes and says when the first part arrived.
+        let (first_seen, first_arrived) = oneshot::channel::<()>();
+        let first_seen = Arc::new(std::sync::Mutex::new(Some(first_seen)));
+        let app = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let target = app.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            let (stream, _) = app.accept().await.unwrap();
+            let service = service_fn(move |request: Request<Incoming>| {
+                let first_seen = first_seen.clone();
+                async move {
+                    let mut body = request.into_body();
+                    let mut received = 0;
+                    while let Some(frame) = body.frame().await {
+                        if let Ok(data) = frame.unwrap().into_data() {
+                            received += data.len();
+                            if let Some(seen) = first_seen.lock().unwrap().take() {
+                                let _ = seen.send(());
+                            }
+                        }
+                    }
+                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(received.to_string()))))
+                }
+            });
+            let _ = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+
+        // The proxy, on a primary: a POST goes to the local app.
+        let dir = tempfile::tempdir().unwrap();
+        let store =
+            Arc::new(Store::open(dir.path(), CaptureOptions::default(), Role::Primary).unwrap());
+        let commits = Arc::new(CommitBridge::new());
+        store.set_commit_listener(commits.clone());
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let proxy_addr = listener.local_addr().unwrap();
+        let settings = ProxySettings {
+            target,
+            databases: vec!["app.db".into()],
+            passthrough: Vec::new(),
+            always_forward: Vec::new(),
+            max_lag: None,
+            redirect_timeout: Duration::from_secs(5),
+            mode: ProxyMode::Forward,
+            debug: false,
+        };
+        let node = ProxyNode {
+            store,
+            commits,
+            writes: Arc::new(WriteGate::new()),
+        };
+        let shutdown = CancellationToken::new();
+        tokio::spawn(serve(listener, settings, node, shutdown.clone()));
+
+        // A chunked upload whose second part is sent only once the app has the
+        // first: a proxy that buffered the body would never let it finish.
+        let (parts, parts_rx) = mpsc::channel::<Result<Frame<Bytes>, Infallible>>(1);
+        let body = StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(parts_rx));
+        let stream = tokio::net::TcpStream::connect(proxy_addr).await.unwrap();
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        let request = Request::post("/upload").body(body).unwrap();
+        let response = tokio::spawn(async move { sender.send_request(request).await });
+        parts
+            .send(Ok(Frame::data(Bytes::from(vec![1u8; 1000]))))
+            .await
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(5), first_arrived)
+            .await
+            .expect("the first part reached the app before the body ended")
+            .unwrap();
+        parts
+            .send(Ok(Frame::data(Bytes::from(vec![2u8; 500]))))
+            .await
+            .unwrap();
+        drop(parts);
+        let response = response.await.unwrap().unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let text = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(text, "1500");
+        shutdown.cancel();
+    }
+
+    #[tokio::test]
     async fn without_a_primary_writes_wait_then_fail_with_503_and_health_says_why() {
         let dir = tempfile::tempdir().unwrap();
         let shutdown = CancellationToken::new();
