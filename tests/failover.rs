@@ -9,6 +9,8 @@
 
 mod common;
 // Shared with the lease tests, which use more of it.
+#[path = "support/cluster.rs"]
+mod cluster;
 #[allow(dead_code)]
 #[path = "support/etcd.rs"]
 mod etcd;
@@ -18,20 +20,19 @@ mod fake_consul;
 #[path = "support/history.rs"]
 mod history;
 
-use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use cluster::*;
 use common::*;
 use rusqlite::{OpenFlags, params};
 
 /// The lease TTL the nodes use (etcd's minimum with the test etcd's timings is 1 s).
 const TTL: Duration = Duration::from_secs(2);
-const DB: &str = "app.db";
-const TAKEOVER_TIMEOUT: Duration = Duration::from_secs(20);
+const TAKEOVER_TIMEOUT: Duration = CLUSTER_TIMEOUT;
 
 fn node_yaml(hostname: &str, candidate: bool, coordinator_url: &str) -> String {
     let coordinator = match coordinator_url.strip_prefix("consul+") {
@@ -62,39 +63,6 @@ fn start_node_as(hostname: &str, candidate: bool, coordinator_url: &str) -> Moun
     })
 }
 
-/// The hostname of the node the others follow, once every other node names it in
-/// `.primary` and it has no `.primary` itself.
-fn agreed_primary(nodes: &[(&str, &Mount)]) -> Option<String> {
-    let named: Vec<Option<String>> = nodes
-        .iter()
-        .map(|(_, mount)| {
-            fs::read_to_string(mount.path().join(".primary"))
-                .ok()
-                .map(|text| text.trim().to_string())
-        })
-        .collect();
-    let (primary, _) = nodes
-        .iter()
-        .zip(&named)
-        .find(|(_, named)| named.is_none())
-        .map(|((name, _), _)| (name.to_string(), ()))?;
-    let others_agree = named
-        .iter()
-        .zip(nodes)
-        .filter(|(_, (name, _))| *name != primary)
-        .all(|(named, _)| named.as_deref() == Some(primary.as_str()));
-    others_agree.then_some(primary)
-}
-
-fn wait_for_primary(nodes: &[(&str, &Mount)]) -> String {
-    let mut primary = None;
-    wait_until("the nodes to agree on a primary", TAKEOVER_TIMEOUT, || {
-        primary = agreed_primary(nodes);
-        primary.is_some()
-    });
-    primary.unwrap()
-}
-
 /// Waits until `mount` accepts a write transaction (it is the primary); a lone
 /// node's missing `.primary` does not tell a primary from a replica that lost its
 /// primary.
@@ -106,76 +74,10 @@ fn wait_writable(mount: &Mount) {
     });
 }
 
-/// The history check (see `support/history.rs`) over `nodes`' data dirs.
-fn check_history(nodes: &[(&str, &Mount)]) {
-    let histories: Vec<_> = nodes
-        .iter()
-        .map(|(name, mount)| (*name, history::read_history(mount.data_dir())))
-        .collect();
-    let compared = history::check_histories(&histories);
-    report(format!(
-        "history check: {compared} transactions compared across nodes, none accepted twice with different content"
-    ));
-    assert!(compared > 0, "the nodes share no transaction to compare");
-}
-
-fn insert(db: &Path, from: i64, count: i64) {
-    let conn = open_db(db);
-    for seq in from..from + count {
-        conn.execute("INSERT INTO t(seq) VALUES(?1)", params![seq])
-            .unwrap_or_else(|e| panic!("insert {seq} on {}: {e}", db.display()));
-    }
-}
-
 fn rows(db: &Path) -> i64 {
     let conn = rusqlite::Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
     conn.busy_timeout(BUSY_TIMEOUT).unwrap();
     query_i64(&conn, "SELECT count(*) FROM t")
-}
-
-fn position(mount: &Mount) -> Option<String> {
-    fs::read_to_string(mount.db_path(&format!("{DB}-pos"))).ok()
-}
-
-/// The TXID in a `-pos` file's text.
-fn txid_of(position: &str) -> u64 {
-    u64::from_str_radix(position.split('/').next().unwrap_or_default(), 16).unwrap_or(0)
-}
-
-/// Waits, while writes go on, until every one of `others` has reached the TXID
-/// `primary` is at now.
-fn wait_caught_up(primary: &Mount, others: &[&Mount]) {
-    let target = position(primary).map_or(0, |text| txid_of(&text));
-    wait_until("the replicas to catch up", TAKEOVER_TIMEOUT, || {
-        others
-            .iter()
-            .all(|other| position(other).is_some_and(|text| txid_of(&text) >= target))
-    });
-}
-
-/// Waits until every one of `others` is at `primary`'s position; on timeout,
-/// fails with every node's position and log.
-fn wait_converged(primary: &Mount, others: &[&Mount]) {
-    let deadline = Instant::now() + TAKEOVER_TIMEOUT;
-    loop {
-        let target = position(primary);
-        if target.is_some() && others.iter().all(|other| position(other) == target) {
-            return;
-        }
-        if Instant::now() >= deadline {
-            let mut report = format!("the replicas did not reach the primary at {target:?}\n");
-            for other in others {
-                report.push_str(&format!(
-                    "replica at {:?}, log:\n{}\n",
-                    position(other),
-                    other.stderr_text()
-                ));
-            }
-            report.push_str(&format!("primary log:\n{}", primary.stderr_text()));
-            panic!("{report}");
-        }
-        thread::sleep(POLL);
-    }
 }
 
 #[test]
@@ -747,18 +649,6 @@ fn the_history_check_catches_a_txid_accepted_twice_with_different_content() {
     let node_b =
         history::History::from([((DB.to_string(), 7), accepted(4, 0x8000_0000_0000_0002))]);
     history::check_histories(&[("node-a", node_a), ("node-b", node_b)]);
-}
-
-/// Whether the node accepts a write transaction now (rolled back).
-fn accepts_writes(mount: &Mount) -> bool {
-    let Ok(conn) = rusqlite::Connection::open_with_flags(
-        mount.db_path(DB),
-        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    ) else {
-        return false;
-    };
-    conn.execute_batch("BEGIN IMMEDIATE; INSERT INTO t(seq) VALUES(-7); ROLLBACK;")
-        .is_ok()
 }
 
 #[test]

@@ -10,6 +10,8 @@
 
 mod common;
 // Shared with the lease tests, which use more of it.
+#[path = "support/cluster.rs"]
+mod cluster;
 #[allow(dead_code)]
 #[path = "support/etcd.rs"]
 mod etcd;
@@ -19,14 +21,14 @@ mod history;
 mod tcp_proxy;
 
 use std::collections::BTreeSet;
-use std::fs;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use cluster::*;
 use common::*;
 use ltxfs::replication::PRIMARY_SILENCE_TIMEOUT;
 use rusqlite::{OpenFlags, params};
@@ -36,7 +38,7 @@ use tcp_proxy::TcpProxy;
 const TTL: Duration = Duration::from_secs(2);
 /// The bound on reaching a state that does not depend on the partition's timings
 /// (start-up, agreement, catching up).
-const TIMEOUT: Duration = Duration::from_secs(20);
+const TIMEOUT: Duration = CLUSTER_TIMEOUT;
 /// How long after the partition a new primary must be elected and accept writes.
 /// Two conditions must both hold before a candidate takes the lease: node-a's
 /// lease expired in etcd (at most `TTL` after its last keep-alive, which was
@@ -48,7 +50,6 @@ const TIMEOUT: Duration = Duration::from_secs(20);
 /// polling in a debug build.
 const ELECTION_BOUND: Duration =
     Duration::from_secs(TTL.as_secs() + PRIMARY_SILENCE_TIMEOUT.as_secs() + 2);
-const DB: &str = "app.db";
 /// The first row node-a's writer inserts.
 const FIRST_ON_A: i64 = 1_000;
 /// The first row the new primary's writer inserts.
@@ -68,53 +69,6 @@ fn node_yaml(hostname: &str, etcd_url: &str, advertise: Option<(&str, SocketAddr
     )
 }
 
-/// The hostname of the node the others follow, once every other node names it in
-/// `.primary` and it has no `.primary` itself.
-fn agreed_primary(nodes: &[(&str, &Mount)]) -> Option<String> {
-    let named: Vec<Option<String>> = nodes
-        .iter()
-        .map(|(_, mount)| {
-            fs::read_to_string(mount.path().join(".primary"))
-                .ok()
-                .map(|text| text.trim().to_string())
-        })
-        .collect();
-    let primary = nodes
-        .iter()
-        .zip(&named)
-        .find(|(_, named)| named.is_none())
-        .map(|((name, _), _)| name.to_string())?;
-    let others_agree = named
-        .iter()
-        .zip(nodes)
-        .filter(|(_, (name, _))| *name != primary)
-        .all(|(named, _)| named.as_deref() == Some(primary.as_str()));
-    others_agree.then_some(primary)
-}
-
-fn wait_for_primary(nodes: &[(&str, &Mount)]) -> String {
-    let mut primary = None;
-    wait_until("the nodes to agree on a primary", TIMEOUT, || {
-        primary = agreed_primary(nodes);
-        primary.is_some()
-    });
-    primary.unwrap()
-}
-
-/// Whether the node accepts a write transaction now (rolled back). Waits for a
-/// writer holding the write lock, so that only a refusal counts as one.
-fn accepts_writes(mount: &Mount) -> bool {
-    let Ok(conn) = rusqlite::Connection::open_with_flags(
-        mount.db_path(DB),
-        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    ) else {
-        return false;
-    };
-    conn.busy_timeout(BUSY_TIMEOUT).unwrap();
-    conn.execute_batch("BEGIN IMMEDIATE; INSERT INTO t(seq) VALUES(-7); ROLLBACK;")
-        .is_ok()
-}
-
 /// Creates the table once `mount` accepts writes (a lone node's missing
 /// `.primary` does not tell a primary from a node that has not decided yet).
 fn create_table_when_writable(mount: &Mount) {
@@ -132,14 +86,6 @@ fn create_table_when_writable(mount: &Mount) {
     });
 }
 
-fn insert(db: &Path, from: i64, count: i64) {
-    let conn = open_db(db);
-    for seq in from..from + count {
-        conn.execute("INSERT INTO t(seq) VALUES(?1)", params![seq])
-            .unwrap_or_else(|e| panic!("insert {seq} on {}: {e}", db.display()));
-    }
-}
-
 /// Every row in the node's table.
 fn seqs(mount: &Mount) -> BTreeSet<i64> {
     let conn =
@@ -152,60 +98,6 @@ fn seqs(mount: &Mount) -> BTreeSet<i64> {
         .unwrap()
         .map(Result::unwrap)
         .collect()
-}
-
-fn position(mount: &Mount) -> Option<String> {
-    fs::read_to_string(mount.db_path(&format!("{DB}-pos"))).ok()
-}
-
-/// The TXID in a `-pos` file's text.
-fn txid_of(position: &str) -> u64 {
-    u64::from_str_radix(position.split('/').next().unwrap_or_default(), 16).unwrap_or(0)
-}
-
-/// Waits, while writes go on, until every one of `others` has reached the TXID
-/// `primary` is at now.
-fn wait_caught_up(primary: &Mount, others: &[&Mount]) {
-    let target = position(primary).map_or(0, |text| txid_of(&text));
-    wait_until("the replicas to catch up", TIMEOUT, || {
-        others
-            .iter()
-            .all(|other| position(other).is_some_and(|text| txid_of(&text) >= target))
-    });
-}
-
-/// Waits until every one of `others` is at `primary`'s position; on timeout,
-/// fails with every node's position and log.
-fn wait_converged(primary: &Mount, others: &[&Mount]) {
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
-        let target = position(primary);
-        if target.is_some() && others.iter().all(|other| position(other) == target) {
-            return;
-        }
-        if Instant::now() >= deadline {
-            let mut report = format!("the replicas did not reach the primary at {target:?}\n");
-            for other in others {
-                report.push_str(&format!(
-                    "replica at {:?}, log:\n{}\n",
-                    position(other),
-                    other.stderr_text()
-                ));
-            }
-            report.push_str(&format!("primary log:\n{}", primary.stderr_text()));
-            panic!("{report}");
-        }
-        thread::sleep(POLL);
-    }
-}
-
-/// The history check (see `support/history.rs`) over `nodes`' data dirs.
-fn check_history(nodes: &[(&str, &Mount)]) -> usize {
-    let histories: Vec<_> = nodes
-        .iter()
-        .map(|(name, mount)| (*name, history::read_history(mount.data_dir())))
-        .collect();
-    history::check_histories(&histories)
 }
 
 /// How a [`Writer`] ended.
@@ -480,14 +372,12 @@ fn a_partitioned_primary_stops_writes_and_the_majority_elects_a_new_one() {
         .execute("INSERT INTO t(seq) VALUES(-1)", [])
         .unwrap_err();
     assert!(refusal.to_string().contains("readonly"), "{refusal}");
-    let compared = check_history(&nodes);
-    assert!(compared > 0, "the nodes share no transaction to compare");
+    check_history(&nodes);
     report(format!(
         "partition: after the heal node-a followed {new_primary} and caught up in \
          {rejoined_after:?}; of the {} rows node-a acknowledged, {} were discarded (the last \
          ones; {} acknowledged after the partition); the new primary's writer committed {} \
-         rows, all on node-a; history check: {compared} transactions compared; proxies: \
-         etcd {:?}, node-a {:?}",
+         rows, all on node-a; proxies: etcd {:?}, node-a {:?}",
         on_a.acknowledged,
         discarded.len(),
         on_a.acknowledged - acknowledged_at_partition,

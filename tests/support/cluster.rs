@@ -1,0 +1,136 @@
+//! Helpers of the cluster tests (`failover`, `partition`): several `ltxfs mount`
+//! processes sharing one database, `app.db`, whose table `t(seq)` the tests
+//! write; every wait is bounded by [`CLUSTER_TIMEOUT`].
+
+use std::fs;
+use std::path::Path;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use rusqlite::{OpenFlags, params};
+
+use crate::common::{BUSY_TIMEOUT, Mount, POLL, open_db, report, wait_until};
+use crate::history;
+
+/// The database every cluster test uses.
+pub const DB: &str = "app.db";
+/// How long a cluster may take to agree, converge or catch up.
+pub const CLUSTER_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The hostname of the node the others follow, once every other node names it in
+/// `.primary` and it has no `.primary` itself.
+pub fn agreed_primary(nodes: &[(&str, &Mount)]) -> Option<String> {
+    let named: Vec<Option<String>> = nodes
+        .iter()
+        .map(|(_, mount)| {
+            fs::read_to_string(mount.path().join(".primary"))
+                .ok()
+                .map(|text| text.trim().to_string())
+        })
+        .collect();
+    let primary = nodes
+        .iter()
+        .zip(&named)
+        .find(|(_, named)| named.is_none())
+        .map(|((name, _), _)| name.to_string())?;
+    let others_agree = named
+        .iter()
+        .zip(nodes)
+        .filter(|(_, (name, _))| *name != primary)
+        .all(|(named, _)| named.as_deref() == Some(primary.as_str()));
+    others_agree.then_some(primary)
+}
+
+/// Waits until the nodes agree on a primary; its hostname.
+pub fn wait_for_primary(nodes: &[(&str, &Mount)]) -> String {
+    let mut primary = None;
+    wait_until("the nodes to agree on a primary", CLUSTER_TIMEOUT, || {
+        primary = agreed_primary(nodes);
+        primary.is_some()
+    });
+    primary.unwrap()
+}
+
+/// Whether the node accepts a write transaction now (rolled back). Waits for a
+/// writer holding the write lock, so that only a refusal counts as one.
+pub fn accepts_writes(mount: &Mount) -> bool {
+    let Ok(conn) = rusqlite::Connection::open_with_flags(
+        mount.db_path(DB),
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    ) else {
+        return false;
+    };
+    conn.busy_timeout(BUSY_TIMEOUT).unwrap();
+    conn.execute_batch("BEGIN IMMEDIATE; INSERT INTO t(seq) VALUES(-7); ROLLBACK;")
+        .is_ok()
+}
+
+/// Inserts rows `from .. from + count`, one transaction each.
+pub fn insert(db: &Path, from: i64, count: i64) {
+    let conn = open_db(db);
+    for seq in from..from + count {
+        conn.execute("INSERT INTO t(seq) VALUES(?1)", params![seq])
+            .unwrap_or_else(|e| panic!("insert {seq} on {}: {e}", db.display()));
+    }
+}
+
+/// The text of the node's `app.db-pos`.
+pub fn position(mount: &Mount) -> Option<String> {
+    fs::read_to_string(mount.db_path(&format!("{DB}-pos"))).ok()
+}
+
+/// The TXID in a `-pos` file's text.
+pub fn txid_of(position: &str) -> u64 {
+    u64::from_str_radix(position.split('/').next().unwrap_or_default(), 16).unwrap_or(0)
+}
+
+/// Waits, while writes go on, until every one of `others` has reached the TXID
+/// `primary` is at now.
+pub fn wait_caught_up(primary: &Mount, others: &[&Mount]) {
+    let target = position(primary).map_or(0, |text| txid_of(&text));
+    wait_until("the replicas to catch up", CLUSTER_TIMEOUT, || {
+        others
+            .iter()
+            .all(|other| position(other).is_some_and(|text| txid_of(&text) >= target))
+    });
+}
+
+/// Waits until every one of `others` is at `primary`'s position; on timeout,
+/// fails with every node's position and log.
+pub fn wait_converged(primary: &Mount, others: &[&Mount]) {
+    let deadline = Instant::now() + CLUSTER_TIMEOUT;
+    loop {
+        let target = position(primary);
+        if target.is_some() && others.iter().all(|other| position(other) == target) {
+            return;
+        }
+        if Instant::now() >= deadline {
+            let mut report = format!("the replicas did not reach the primary at {target:?}\n");
+            for other in others {
+                report.push_str(&format!(
+                    "replica at {:?}, log:\n{}\n",
+                    position(other),
+                    other.stderr_text()
+                ));
+            }
+            report.push_str(&format!("primary log:\n{}", primary.stderr_text()));
+            panic!("{report}");
+        }
+        thread::sleep(POLL);
+    }
+}
+
+/// The history check (see `support/history.rs`) over `nodes`' data dirs: fails
+/// on a TXID accepted with different content, and when the nodes share no
+/// transaction to compare.
+pub fn check_history(nodes: &[(&str, &Mount)]) {
+    let histories: Vec<_> = nodes
+        .iter()
+        .map(|(name, mount)| (*name, history::read_history(mount.data_dir())))
+        .collect();
+    let compared = history::check_histories(&histories);
+    report(format!(
+        "history check: {compared} transactions compared across nodes, none accepted twice with different content"
+    ));
+    assert!(compared > 0, "the nodes share no transaction to compare");
+}
