@@ -363,7 +363,7 @@ pub fn run(request: MountRequest) -> Result<i32, MountError> {
         compress: request.config.data.compress,
         strict_verify: request.config.strict_verify,
     };
-    let listener = bind_node_address(&request.config.http.addr)?;
+    let listener = bind_address("http.addr", &request.config.http.addr)?;
     let proxy_listener = match &request.config.proxy.addr {
         Some(addr) if request.config.proxy.is_enabled() => Some(bind_address("proxy.addr", addr)?),
         _ => None,
@@ -471,11 +471,6 @@ pub fn run(request: MountRequest) -> Result<i32, MountError> {
         tracing::error!(%error, "could not save state for a fast restart; the next start rereads the databases");
     }
     exit_code
-}
-
-/// Binds the node's address (`http.addr`; `:PORT` means every interface).
-fn bind_node_address(addr: &str) -> Result<std::net::TcpListener, MountError> {
-    bind_address("http.addr", addr)
 }
 
 /// Binds the listen address `addr` of config key `key` (`:PORT` means every

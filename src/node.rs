@@ -736,6 +736,25 @@ mod tests {
         }
     }
 
+    /// Runs the role loop of a candidate over a fresh memory lease in `dir`, until
+    /// it is the primary.
+    async fn start_primary(
+        dir: &std::path::Path,
+    ) -> (
+        Arc<MemoryLease>,
+        Arc<Store>,
+        CancellationToken,
+        JoinHandle<Result<(), NodeError>>,
+    ) {
+        let lease = Arc::new(MemoryLease::default());
+        let settings = settings(dir, lease.clone());
+        let store = settings.store.clone();
+        let shutdown = CancellationToken::new();
+        let node = tokio::spawn(run(settings, shutdown.clone()));
+        wait_for_role(&store, Role::Primary).await;
+        (lease, store, shutdown, node)
+    }
+
     async fn wait_for_role(store: &Store, role: Role) {
         tokio::time::timeout(Duration::from_secs(5), async {
             while store.cluster().role() != role {
@@ -749,12 +768,7 @@ mod tests {
     #[tokio::test]
     async fn a_candidate_takes_a_free_lease_and_stops_writing_before_it_could_expire() {
         let dir = tempfile::tempdir().unwrap();
-        let lease = Arc::new(MemoryLease::default());
-        let settings = settings(dir.path(), lease.clone());
-        let store = settings.store.clone();
-        let shutdown = CancellationToken::new();
-        let node = tokio::spawn(run(settings, shutdown.clone()));
-        wait_for_role(&store, Role::Primary).await;
+        let (lease, store, shutdown, node) = start_primary(dir.path()).await;
         assert!(lease.state.lock().unwrap().cluster_id.is_some());
         // Renewals start failing: the node is a replica again before TTL / 2.
         lease.state.lock().unwrap().renewals_fail = true;
@@ -797,12 +811,7 @@ mod tests {
     #[tokio::test]
     async fn an_unanswered_renewal_is_retried_before_the_deadline() {
         let dir = tempfile::tempdir().unwrap();
-        let lease = Arc::new(MemoryLease::default());
-        let settings = settings(dir.path(), lease.clone());
-        let store = settings.store.clone();
-        let shutdown = CancellationToken::new();
-        let node = tokio::spawn(run(settings, shutdown.clone()));
-        wait_for_role(&store, Role::Primary).await;
+        let (lease, store, shutdown, node) = start_primary(dir.path()).await;
         // One renewal goes unanswered; the next one, still before the renewal
         // deadline, succeeds, so the node never stops being the primary.
         let renewals = {
@@ -827,12 +836,7 @@ mod tests {
     #[tokio::test]
     async fn shutdown_releases_the_lease() {
         let dir = tempfile::tempdir().unwrap();
-        let lease = Arc::new(MemoryLease::default());
-        let settings = settings(dir.path(), lease.clone());
-        let store = settings.store.clone();
-        let shutdown = CancellationToken::new();
-        let node = tokio::spawn(run(settings, shutdown.clone()));
-        wait_for_role(&store, Role::Primary).await;
+        let (lease, store, shutdown, node) = start_primary(dir.path()).await;
         shutdown.cancel();
         node.await.unwrap().unwrap();
         assert_eq!(store.cluster().role(), Role::Replica);
