@@ -652,6 +652,21 @@ fn the_history_check_catches_a_txid_accepted_twice_with_different_content() {
 }
 
 #[test]
+fn the_history_check_reports_equal_content_under_different_epochs() {
+    let accepted = |epoch, checksum| history::Accepted { epoch, checksum };
+    let node_a =
+        history::History::from([((DB.to_string(), 7), accepted(3, 0x8000_0000_0000_0001))]);
+    let node_b =
+        history::History::from([((DB.to_string(), 7), accepted(5, 0x8000_0000_0000_0001))]);
+    let comparison = history::check_histories(&[("node-a", node_a), ("node-b", node_b)]);
+    assert_eq!(comparison.compared, 1);
+    assert_eq!(
+        comparison.epoch_differences,
+        ["app.db TXID 7: node-a has epoch 3, node-b has epoch 5 (same checksum 8000000000000001)"]
+    );
+}
+
+#[test]
 fn a_stalled_coordinator_stops_writes_before_expiry_and_never_makes_two_primaries() {
     let consul = fake_consul::FakeConsul::start(fake_consul::Options {
         // Sessions end exactly at their TTL, the soonest Consul allows.

@@ -128,9 +128,16 @@ pub fn check_history(nodes: &[(&str, &Mount)]) {
         .iter()
         .map(|(name, mount)| (*name, history::read_history(mount.data_dir())))
         .collect();
-    let compared = history::check_histories(&histories);
+    let comparison = history::check_histories(&histories);
     report(format!(
-        "history check: {compared} transactions compared across nodes, none accepted twice with different content"
+        "history check: {} transactions compared across nodes, none accepted twice with different content",
+        comparison.compared
     ));
-    assert!(compared > 0, "the nodes share no transaction to compare");
+    for difference in &comparison.epoch_differences {
+        report(format!("history check: epochs differ: {difference}"));
+    }
+    assert!(
+        comparison.compared > 0,
+        "the nodes share no transaction to compare"
+    );
 }
