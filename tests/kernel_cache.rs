@@ -46,3 +46,37 @@ fn invalidation_makes_changes_behind_the_kernel_visible() {
 
     session.unmount();
 }
+
+/// Regression test: under load, a reader on a replica now and then got the file
+/// size from before an apply together with page 1 from after it, which SQLite
+/// reports as "database disk image is malformed". A replica therefore never lets
+/// the kernel keep attributes: every `stat` gets the size the file has now.
+#[test]
+fn a_replica_answers_every_stat_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mount_point = dir.path().join("mnt");
+    std::fs::create_dir(&mount_point).unwrap();
+    let store = Arc::new(Store::open(&data, CaptureOptions::default(), Role::Primary).unwrap());
+    let fs = Arc::new(Fs::new(store.clone(), 0, 0));
+    let session = MountedSession::start(fs, &mount_point, false, 2)
+        .unwrap_or_else(|e| panic!("cannot mount (tests need /dev/fuse and root): {e}"));
+    let through_mount = mount_point.join("sizes.db-wal");
+    let backing = data.join("dbs").join("sizes.db").join("wal");
+    let size = || std::fs::metadata(&through_mount).unwrap().len();
+
+    std::fs::write(&through_mount, b"12345").unwrap();
+    assert_eq!(size(), 5);
+
+    // A replica's files change behind the kernel: each stat asks ltxfs.
+    store.set_role(Role::Replica);
+    store.invalidate("sizes.db-wal");
+    std::fs::write(&backing, b"1234567").unwrap();
+    assert_eq!(size(), 7);
+    std::fs::write(&backing, b"123456789").unwrap();
+    assert_eq!(size(), 9, "the replica's attributes were cached");
+    std::fs::write(&backing, b"1").unwrap();
+    assert_eq!(size(), 1, "the replica's attributes were cached");
+
+    session.unmount();
+}

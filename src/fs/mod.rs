@@ -345,6 +345,18 @@ impl Fs {
         node_attr(&node)
     }
 
+    /// Whether the kernel may keep file attributes (above all the size) for a
+    /// while. On a primary every change reaches the kernel through the mount. On
+    /// a replica, change sets are applied behind the kernel's back; invalidating
+    /// the attributes then proved not enough: under load a reader now and then
+    /// got the file size from before an apply together with page 1 from after it
+    /// (SQLite's "database disk image is malformed", `nPage > nPageFile`). So a
+    /// replica answers every `fstat` itself: it runs while the reader holds its
+    /// SQLite lock, which an apply excludes, so the size always matches page 1.
+    pub fn attributes_may_be_cached(&self) -> bool {
+        self.store.cluster().role() == crate::store::Role::Primary
+    }
+
     /// The attributes of an inode, through the handle when one is given.
     pub fn getattr(&self, ino: u64, handle: Option<u64>) -> Result<Attr, FsError> {
         if ino == ROOT_INO {

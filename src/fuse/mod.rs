@@ -5,6 +5,8 @@
 //! is kept across opens (`FOPEN_KEEP_CACHE`) and lookups that find nothing are
 //! cached too, because on a primary every change reaches the kernel through this
 //! mount. Whatever changes files behind the kernel's back must invalidate them.
+//! Attributes are the exception: on a replica the kernel gets them anew for every
+//! `stat` (see [`Fs::attributes_may_be_cached`]).
 //!
 //! Errors are turned into errnos by [`FsError::errno`] alone; refusals caused by an
 //! application's input are logged here with the reason.
@@ -138,6 +140,15 @@ impl FuseAdapter {
     fn new(fs: Arc<Fs>) -> FuseAdapter {
         FuseAdapter { fs }
     }
+
+    /// How long the kernel may keep the attributes it is given now.
+    fn attr_ttl(&self) -> Duration {
+        if self.fs.attributes_may_be_cached() {
+            CACHE_TTL
+        } else {
+            Duration::ZERO
+        }
+    }
 }
 
 /// Turns an error into the errno the application sees, logging refusals with why.
@@ -225,7 +236,12 @@ impl fuser::Filesystem for FuseAdapter {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         match self.fs.lookup(parent.0, name) {
-            Ok(attr) => reply.entry(&CACHE_TTL, &file_attr(&attr), Generation(0)),
+            Ok(attr) => reply.entry_with_ttls(
+                &self.attr_ttl(),
+                &CACHE_TTL,
+                &file_attr(&attr),
+                Generation(0),
+            ),
             Err(error) if error.errno() == libc::ENOENT => {
                 reply.entry(&CACHE_TTL, &negative_entry(), Generation(0))
             }
@@ -235,7 +251,7 @@ impl fuser::Filesystem for FuseAdapter {
 
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
         match self.fs.getattr(ino.0, fh.map(|fh| fh.0)) {
-            Ok(attr) => reply.attr(&CACHE_TTL, &file_attr(&attr)),
+            Ok(attr) => reply.attr(&self.attr_ttl(), &file_attr(&attr)),
             Err(error) => reply.error(errno("getattr", error)),
         }
     }

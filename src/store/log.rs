@@ -13,7 +13,7 @@
 //!   left by a crash; opening the log cuts it off and says so in the log.
 
 use std::fs::{File, OpenOptions};
-use std::io;
+use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -218,33 +218,64 @@ impl ChangeLog {
     }
 
     /// Replaces the whole log with one snapshot change set (a replica bootstrapped
-    /// by the primary's snapshot keeps no older history).
-    pub fn replace_with_snapshot(&mut self, ltx_bytes: &[u8]) -> Result<(), StoreError> {
-        let mut bytes = Vec::with_capacity(8 + ltx_bytes.len());
-        bytes.extend_from_slice(&(ltx_bytes.len() as u64).to_be_bytes());
-        bytes.extend_from_slice(ltx_bytes);
-        self.replace_contents(&bytes)
+    /// by the primary's snapshot keeps no older history). `header` is the one
+    /// `ltx_bytes` starts with, which the caller has decoded and verified.
+    pub fn replace_with_snapshot(
+        &mut self,
+        header: Header,
+        ltx_bytes: &[u8],
+    ) -> Result<(), StoreError> {
+        let prefix = (ltx_bytes.len() as u64).to_be_bytes();
+        let records = vec![RecordInfo {
+            offset: LENGTH_PREFIX,
+            len: ltx_bytes.len() as u64,
+            header,
+        }];
+        self.replace_contents(&[&prefix, ltx_bytes], records)
     }
 
-    /// Writes `bytes` (whole records) beside the log, syncs them, renames them over
-    /// the log and reopens it.
-    fn replace_contents(&mut self, bytes: &[u8]) -> Result<(), StoreError> {
+    /// Writes `parts` (whole records, one after another) beside the log, syncs
+    /// them, renames them over the log and takes them as its content. `records`
+    /// describes those bytes: they were verified before, so they are not reread.
+    fn replace_contents(
+        &mut self,
+        parts: &[&[u8]],
+        records: Vec<RecordInfo>,
+    ) -> Result<(), StoreError> {
         let io_error = |what: &str, source: io::Error| StoreError::Io {
             context: format!("{what} {}", self.path.display()),
             source,
         };
         let new_path = self.path.with_extension("replacing");
-        std::fs::write(&new_path, bytes)
-            .and_then(|()| File::open(&new_path)?.sync_all())
-            .map_err(|source| io_error("write", source))?;
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&new_path)
+            .map_err(|source| io_error("create", source))?;
+        for part in parts {
+            file.write_all(part)
+                .map_err(|source| io_error("write", source))?;
+        }
+        file.sync_all()
+            .map_err(|source| io_error("fsync", source))?;
         std::fs::rename(&new_path, &self.path).map_err(|source| io_error("replace", source))?;
         if let Some(dir) = self.path.parent() {
             File::open(dir)
                 .and_then(|dir| dir.sync_all())
                 .map_err(|source| io_error("sync the directory of", source))?;
         }
-        let (reopened, _) = ChangeLog::open(&self.path)?;
-        *self = reopened;
+        let len = parts.iter().map(|part| part.len() as u64).sum();
+        debug_assert_eq!(records.last().map_or(0, |last| last.offset + last.len), len);
+        *self = ChangeLog {
+            path: self.path.clone(),
+            file,
+            len,
+            allocated: len,
+            unsynced: false,
+            records,
+        };
         Ok(())
     }
 
@@ -357,12 +388,20 @@ impl ChangeLog {
         self.file
             .read_exact_at(&mut rest, rest_start)
             .map_err(|source| io_error("read", source))?;
-        let mut bytes = Vec::with_capacity(8 + merged.len() + rest.len());
-        bytes.extend_from_slice(&(merged.len() as u64).to_be_bytes());
-        bytes.extend_from_slice(&merged);
-        bytes.extend_from_slice(&rest);
-        self.replace_contents(&bytes)?;
-        debug_assert_eq!(self.records.first().map(|r| r.header), Some(header));
+        // The kept records move to just after the merged one.
+        let merged_end = LENGTH_PREFIX + merged.len() as u64;
+        let records = std::iter::once(RecordInfo {
+            offset: LENGTH_PREFIX,
+            len: merged.len() as u64,
+            header,
+        })
+        .chain(self.records[merge..].iter().map(|record| RecordInfo {
+            offset: record.offset - rest_start + merged_end,
+            ..*record
+        }))
+        .collect();
+        let prefix = (merged.len() as u64).to_be_bytes();
+        self.replace_contents(&[&prefix, &merged, &rest], records)?;
         Ok(merge - 1)
     }
 }

@@ -178,7 +178,7 @@ impl Database {
             )));
         }
         if snapshot {
-            state.log.replace_with_snapshot(&received.bytes)?;
+            state.log.replace_with_snapshot(header, &received.bytes)?;
         } else {
             state.log.append(header, &received.bytes)?;
         }
