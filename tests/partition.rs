@@ -365,6 +365,13 @@ fn a_partitioned_primary_stops_writes_and_the_majority_elects_a_new_one() {
                     discarded.len()
                 )
             });
+        // Each of node-a's rows was a transaction of its own, so the TXIDs it
+        // names as discarded are exactly its discarded rows.
+        assert!(
+            replaced.contains(&format!("discarded={}", discarded.len())),
+            "node-a discarded {} acknowledged rows but logged: {replaced}",
+            discarded.len()
+        );
         report(format!("partition: node-a logged: {replaced}"));
     }
     // node-a is a replica: it refuses writes.

@@ -623,9 +623,46 @@ async fn a_replica_ahead_of_its_primary_is_reset_to_the_primarys_snapshot() {
     logs.wait_for(
         "WARN",
         &[
-            "applied the primary's snapshot, which takes the database back",
-            "from_txid=0000000000000003",
-            "to_txid=0000000000000001",
+            "discarding this node's transactions that the primary does not have",
+            "first=0000000000000002",
+            "last=0000000000000003",
+        ],
+    )
+    .await;
+    shutdown.cancel();
+}
+
+#[tokio::test]
+async fn a_diverged_replica_names_exactly_the_transactions_the_snapshot_discards() {
+    let (logs, _guard) = Logs::capture();
+    let (primary_dir, replica_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let shutdown = CancellationToken::new();
+    // Both histories hold the same two transactions; then the replica's data dir
+    // (an isolated former primary) adds two of its own, and the primary one.
+    {
+        let earlier =
+            Store::open(replica_dir.path(), CaptureOptions::default(), Role::Primary).unwrap();
+        commit(&earlier, "app.db", [(1, 1), (2, 2)]);
+        commit(&earlier, "app.db", [(3, 3)]);
+        commit(&earlier, "app.db", [(4, 8)]);
+        commit(&earlier, "app.db", [(5, 9)]);
+    }
+    let primary = start_node(primary_dir.path(), Role::Primary, "node-a", &shutdown).await;
+    commit(&primary.store, "app.db", [(1, 1), (2, 2)]);
+    commit(&primary.store, "app.db", [(3, 3)]);
+    commit(&primary.store, "app.db", [(4, 4)]);
+    let replica = start_node(replica_dir.path(), Role::Replica, "node-b", &shutdown).await;
+    follow(&replica, &primary.url, &shutdown);
+
+    converge(&primary.store, &replica.store).await;
+    assert!(state(&replica.store) == state(&primary.store));
+    logs.wait_for(
+        "WARN",
+        &[
+            "discarding this node's transactions that the primary does not have",
+            "first=0000000000000003",
+            "last=0000000000000004",
+            "discarded=2",
         ],
     )
     .await;

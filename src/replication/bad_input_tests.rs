@@ -752,6 +752,7 @@ async fn a_replica_speaking_another_protocol_revision_is_refused() {
         candidate: false,
         positions: Vec::new(),
         protocol_version,
+        histories: Vec::new(),
     };
 
     let status = client

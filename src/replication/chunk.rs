@@ -8,6 +8,8 @@
 //! incomplete, and refuses an empty change set. It does not check the CRC: the
 //! replica does that on the blocking pool, right before applying.
 
+use crate::ltx::TxId;
+
 use super::wire::{Chunk, DatabaseName};
 use super::{CHUNK_SIZE, ReplicationError};
 
@@ -58,6 +60,9 @@ pub(super) struct ChangeSet {
     pub(super) ltx: Vec<u8>,
     /// The CRC its last chunk carried.
     pub(super) crc64: u64,
+    /// For a snapshot sent because the histories diverged, the newest TXID this
+    /// replica's history shares with the primary's, as its last chunk said.
+    pub(super) shared_txid: Option<TxId>,
 }
 
 /// Collects the chunks of one change set at a time.
@@ -129,6 +134,7 @@ impl Reassembler {
             database,
             ltx: data,
             crc64,
+            shared_txid: chunk.shared_txid,
         }))
     }
 }
@@ -147,6 +153,7 @@ mod tests {
             database: name(database),
             data,
             crc64: last.then_some(7),
+            shared_txid: None,
         }
     }
 
@@ -155,6 +162,7 @@ mod tests {
             database: name(database),
             ltx,
             crc64: 7,
+            shared_txid: None,
         }
     }
 

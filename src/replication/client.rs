@@ -47,7 +47,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::ltx::{HEADER_SIZE, Header};
+use crate::ltx::{HEADER_SIZE, Header, TxId};
 use crate::store::{AppliedChangeSet, Position, Store, StoreError};
 
 use super::chunk::{ChangeSet, Reassembler};
@@ -318,8 +318,14 @@ impl Replica {
         let mut client =
             ReplicationClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES);
         let store = self.store.clone();
-        let positions = blocking(move || Ok(store.positions())).await?;
-        let request = wire::stream_request(&self.hostname, self.candidate, &positions);
+        let (positions, histories) = blocking(move || {
+            Ok((
+                store.positions(),
+                store.histories(wire::MAX_HISTORY_POINTS)?,
+            ))
+        })
+        .await?;
+        let request = wire::stream_request(&self.hostname, self.candidate, &positions, &histories);
         let mut stream = client
             .stream(request)
             .await
@@ -395,19 +401,15 @@ impl Replica {
             Ok(Applied {
                 header,
                 before,
+                shared_txid,
                 applied,
             }) => {
                 // The change set's timestamp is when it committed on the primary.
                 self.store
                     .cluster()
                     .note_primary_timestamp(header.timestamp);
-                if let Some(before) = before.filter(|before| before.txid > applied.position.txid) {
-                    tracing::warn!(
-                        database,
-                        from_txid = %before.txid,
-                        to_txid = %applied.position.txid,
-                        "applied the primary's snapshot, which takes the database back: the primary is behind this replica"
-                    );
+                if header.is_snapshot() {
+                    log_replaced(&database, before, shared_txid, applied.position);
                 }
                 tracing::debug!(
                     database,
@@ -445,12 +447,57 @@ impl Replica {
     }
 }
 
+/// Says what replacing `database` (at `before`) with the primary's snapshot
+/// (reaching `after`) discarded: this node's transactions after the newest TXID
+/// its history shares with the primary's, when the primary could tell.
+fn log_replaced(
+    database: &str,
+    before: Option<Position>,
+    shared_txid: Option<TxId>,
+    after: Position,
+) {
+    let Some(before) = before.filter(|before| before.txid.0 > 0) else {
+        return;
+    };
+    match shared_txid {
+        Some(shared) if shared < before.txid => tracing::warn!(
+            database,
+            first = %TxId(shared.0 + 1),
+            last = %before.txid,
+            discarded = before.txid.0 - shared.0,
+            snapshot_txid = %after.txid,
+            "discarding this node's transactions that the primary does not have; replacing the database with the primary's snapshot"
+        ),
+        Some(_) => tracing::info!(
+            database,
+            local_txid = %before.txid,
+            snapshot_txid = %after.txid,
+            "replacing the database with the primary's snapshot; this node's history is part of the primary's"
+        ),
+        None if before.txid > after.txid => tracing::warn!(
+            database,
+            first = %TxId(after.txid.0 + 1),
+            last = %before.txid,
+            "discarding this node's transactions that the primary does not have (at least these: the primary could not say where the histories part); replacing the database with the primary's snapshot"
+        ),
+        None => tracing::warn!(
+            database,
+            local_txid = %before.txid,
+            snapshot_txid = %after.txid,
+            "replacing the database with the primary's snapshot; the primary could not say where the histories part, so this node's transactions it lacks cannot be named"
+        ),
+    }
+}
+
 /// What applying a change set did.
 struct Applied {
     /// The change set's header.
     header: Header,
     /// The database's position before, if it existed.
     before: Option<Position>,
+    /// For a snapshot, the newest TXID this node's history shares with the
+    /// primary's, if the primary could tell.
+    shared_txid: Option<TxId>,
     /// What the store did.
     applied: AppliedChangeSet,
 }
@@ -462,6 +509,7 @@ fn verify_and_apply(store: &Store, change_set: ChangeSet) -> Result<Applied, Rep
         database,
         ltx,
         crc64,
+        shared_txid,
     } = change_set;
     let name = database.as_str();
     let computed = ChangeSetCrc::of(name, &ltx);
@@ -483,6 +531,7 @@ fn verify_and_apply(store: &Store, change_set: ChangeSet) -> Result<Applied, Rep
     Ok(Applied {
         header,
         before,
+        shared_txid,
         applied,
     })
 }
@@ -532,6 +581,7 @@ mod tests {
             database: name(database),
             data,
             crc64: last.then_some(7),
+            shared_txid: None,
         })
     }
 
@@ -540,6 +590,7 @@ mod tests {
             database: name(database),
             ltx,
             crc64: 7,
+            shared_txid: None,
         })
     }
 

@@ -296,13 +296,16 @@ pub enum ReplicationError {
         /// The database of the chunk that arrived.
         received: String,
     },
-    /// A chunk that is not the last of its change set carries a CRC.
+    /// A chunk that is not the last of its change set carries a field that
+    /// belongs on the last one (`crc64`, `shared_txid`).
     #[error(
-        "LtxChunk message for database {database:?} carries a crc64 but is not the last chunk of its change set"
+        "LtxChunk message for database {database:?} carries {field} but is not the last chunk of its change set"
     )]
-    MisplacedCrc {
+    MisplacedLastChunkField {
         /// The database.
         database: String,
+        /// The field.
+        field: &'static str,
     },
     /// A change set's CRC does not match its bytes and database name.
     #[error(

@@ -43,7 +43,7 @@ use tonic::service::Routes;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 
-use crate::ltx::{HEADER_SIZE, Header, TRAILER_SIZE, Trailer};
+use crate::ltx::{HEADER_SIZE, Header, TRAILER_SIZE, Trailer, TxId};
 use crate::store::cluster::unix_now_ms;
 use crate::store::{CatchUp, Position, Role};
 
@@ -237,6 +237,7 @@ impl ReplicationService {
                 .into_iter()
                 .map(|(name, position)| (name.as_str().to_string(), position))
                 .collect(),
+            histories: open.histories,
             sent: BTreeMap::new(),
             last_sent: Instant::now(),
         };
@@ -249,7 +250,10 @@ impl ReplicationService {
 /// each with its CRC, or a snapshot (and why).
 enum Next {
     ChangeSets(Vec<(Vec<u8>, u64)>),
-    Snapshot(String),
+    Snapshot {
+        reason: String,
+        shared_txid: Option<TxId>,
+    },
 }
 
 /// Why a producer stopped early.
@@ -278,6 +282,8 @@ struct Producer {
     messages: MessageSender,
     /// The positions the replica had when it connected.
     initial: BTreeMap<String, Position>,
+    /// Where the replica's newest change sets ended when it connected.
+    histories: BTreeMap<String, Vec<Position>>,
     /// Per database, the position the replica reaches after what was sent.
     sent: BTreeMap<String, Position>,
     /// When the last message was queued.
@@ -421,9 +427,15 @@ impl Producer {
             return Ok(false);
         };
         let crc_name = name.to_string();
+        // The replica's history describes where it stood when it connected.
+        let history = if self.sent.contains_key(name) {
+            Vec::new()
+        } else {
+            self.histories.remove(name).unwrap_or_default()
+        };
         let answer = self
             .beating(blocking(move || {
-                Ok(match database.catch_up(from, MAX_CATCH_UP_BYTES)? {
+                Ok(match database.catch_up(from, &history, MAX_CATCH_UP_BYTES)? {
                     CatchUp::ChangeSets(change_sets) => Next::ChangeSets(
                         change_sets
                             .into_iter()
@@ -433,7 +445,13 @@ impl Producer {
                             })
                             .collect(),
                     ),
-                    CatchUp::Snapshot(reason) => Next::Snapshot(reason),
+                    CatchUp::Snapshot {
+                        reason,
+                        shared_txid,
+                    } => Next::Snapshot {
+                        reason,
+                        shared_txid,
+                    },
                 })
             }))
             .await?;
@@ -444,23 +462,27 @@ impl Producer {
                 for (change_set, crc) in change_sets {
                     position = end_position(name, position, &change_set)?;
                     for (piece, last) in Pieces::new(change_set) {
-                        self.send(wire::ltx_chunk(name, piece, last.then_some(crc)))
+                        self.send(wire::ltx_chunk(name, piece, last.then_some(crc), None))
                             .await?;
                     }
                     self.record_sent(name, position);
                 }
                 Ok(sent_any)
             }
-            Next::Snapshot(reason) => {
-                tracing::info!(replica = %self.replica, database = name, %reason, "sending a snapshot");
-                self.send_snapshot(name).await?;
+            Next::Snapshot {
+                reason,
+                shared_txid,
+            } => {
+                tracing::info!(replica = %self.replica, database = name, %reason, shared_txid = shared_txid.map(|txid| txid.0), "sending a snapshot");
+                self.send_snapshot(name, shared_txid).await?;
                 Ok(true)
             }
         }
     }
 
-    /// Spools a snapshot of `name` to a file, then streams it in chunks.
-    async fn send_snapshot(&mut self, name: &str) -> Result<(), Stop> {
+    /// Spools a snapshot of `name` to a file, then streams it in chunks; the last
+    /// says which TXID the replica's history shares with this one, if known.
+    async fn send_snapshot(&mut self, name: &str, shared_txid: Option<TxId>) -> Result<(), Stop> {
         let Some(database) = self.node.store.database(name) else {
             return Ok(());
         };
@@ -494,8 +516,13 @@ impl Producer {
             (piece, crc) = read_piece(file.clone(), offset, size, crc).await?;
             offset += size;
             let last = offset == len;
-            self.send(wire::ltx_chunk(name, piece, last.then(|| crc.value())))
-                .await?;
+            self.send(wire::ltx_chunk(
+                name,
+                piece,
+                last.then(|| crc.value()),
+                shared_txid.filter(|_| last),
+            ))
+            .await?;
             if last {
                 break;
             }
@@ -613,7 +640,7 @@ mod tests {
             }),
             shutdown: CancellationToken::new(),
         };
-        let request = tonic::Request::new(wire::stream_request("node-c", false, &[]));
+        let request = tonic::Request::new(wire::stream_request("node-c", false, &[], &[]));
         let Err(status) = service.stream(request).await else {
             panic!("a replica must not serve a stream");
         };
@@ -649,7 +676,7 @@ mod tests {
             }),
             shutdown: CancellationToken::new(),
         };
-        let mut request = wire::stream_request("node-c", false, &[]);
+        let mut request = wire::stream_request("node-c", false, &[], &[]);
         request
             .positions
             .push(wire::position_to_proto("app.db-wal", Position::UNKNOWN));

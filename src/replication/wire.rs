@@ -10,7 +10,7 @@
 //! `oneof` is set. Anything else is a [`ReplicationError`] that names the message
 //! and the field.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use crate::ltx::{Checksum, TxId};
 use crate::store::{FileKind, Position, parse_name};
@@ -64,7 +64,13 @@ pub(super) struct StreamOpen {
     pub(super) candidate: bool,
     /// Where each of the replica's databases stands.
     pub(super) positions: Vec<(DatabaseName, Position)>,
+    /// Per database, where its newest change sets end on the replica, newest
+    /// first (see [`MAX_HISTORY_POINTS`]).
+    pub(super) histories: BTreeMap<String, Vec<Position>>,
 }
+
+/// How many change-set ends a replica sends per database when it opens a stream.
+pub(super) const MAX_HISTORY_POINTS: usize = 4096;
 
 /// A message from the primary on a stream, validated.
 #[derive(Debug, PartialEq, Eq)]
@@ -121,6 +127,9 @@ pub(super) struct Chunk {
     /// On the change set's last chunk, and only there, the CRC-64 that binds the
     /// whole change set to its database (see [`ChangeSetCrc`](super::crc::ChangeSetCrc)).
     pub(super) crc64: Option<u64>,
+    /// On the last chunk of a snapshot sent because the histories diverged, the
+    /// newest TXID the replica's and the primary's histories share.
+    pub(super) shared_txid: Option<TxId>,
 }
 
 /// The request a replica sends to open a stream.
@@ -128,6 +137,7 @@ pub(super) fn stream_request(
     hostname: &str,
     candidate: bool,
     positions: &[(String, Position)],
+    histories: &[(String, Vec<Position>)],
 ) -> proto::StreamRequest {
     proto::StreamRequest {
         hostname: hostname.to_string(),
@@ -137,6 +147,19 @@ pub(super) fn stream_request(
             .map(|(name, position)| position_to_proto(name, *position))
             .collect(),
         protocol_version: PROTOCOL_VERSION,
+        histories: histories
+            .iter()
+            .map(|(name, points)| proto::DatabaseHistory {
+                name: name.clone(),
+                points: points
+                    .iter()
+                    .map(|point| proto::HistoryPoint {
+                        txid: point.txid.0,
+                        checksum: point.checksum.0,
+                    })
+                    .collect(),
+            })
+            .collect(),
     }
 }
 
@@ -150,7 +173,39 @@ pub(super) fn parse_stream_request(
         hostname: parse_hostname(MESSAGE, request.hostname)?,
         candidate: request.candidate,
         positions: parse_positions(MESSAGE, request.positions)?,
+        histories: parse_histories(MESSAGE, request.histories)?,
     })
+}
+
+/// Validates the replica's histories: valid names, each at most once, at most
+/// [`MAX_HISTORY_POINTS`] real positions each.
+fn parse_histories(
+    message: &'static str,
+    histories: Vec<proto::DatabaseHistory>,
+) -> Result<BTreeMap<String, Vec<Position>>, ReplicationError> {
+    let mut seen = BTreeSet::new();
+    let mut parsed = BTreeMap::new();
+    for history in histories {
+        let name = DatabaseName::parse(message, history.name)?;
+        check_unique(message, &mut seen, &name)?;
+        if history.points.len() > MAX_HISTORY_POINTS {
+            return Err(ReplicationError::InvalidPosition {
+                message,
+                database: name.0,
+                reason: "the history lists more than 4096 points",
+            });
+        }
+        let points = history
+            .points
+            .into_iter()
+            .map(|point| {
+                parse_position(message, name.0.clone(), point.txid, point.checksum)
+                    .map(|(_, position)| position)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        parsed.insert(name.0, points);
+    }
+    Ok(parsed)
 }
 
 /// The first message of a stream.
@@ -167,13 +222,20 @@ pub(super) fn hello(
     }))
 }
 
-/// A piece of a change set of `database`; `crc64` is given on the last piece only.
-pub(super) fn ltx_chunk(database: &str, data: Vec<u8>, crc64: Option<u64>) -> proto::StreamMessage {
+/// A piece of a change set of `database`; `crc64` is given on the last piece
+/// only, and so is `shared_txid` (a snapshot's, when the histories diverged).
+pub(super) fn ltx_chunk(
+    database: &str,
+    data: Vec<u8>,
+    crc64: Option<u64>,
+    shared_txid: Option<TxId>,
+) -> proto::StreamMessage {
     message(stream_message::Message::LtxChunk(proto::LtxChunk {
         database: database.to_string(),
         data,
         last: crc64.is_some(),
         crc64,
+        shared_txid: shared_txid.map(|txid| txid.0),
     }))
 }
 
@@ -246,16 +308,24 @@ pub(super) fn parse_primary_message(
                     });
                 }
                 (false, Some(_)) => {
-                    return Err(ReplicationError::MisplacedCrc {
+                    return Err(ReplicationError::MisplacedLastChunkField {
                         database: database.0,
+                        field: "a crc64",
                     });
                 }
                 _ => {}
+            }
+            if !chunk.last && chunk.shared_txid.is_some() {
+                return Err(ReplicationError::MisplacedLastChunkField {
+                    database: database.0,
+                    field: "a shared_txid",
+                });
             }
             PrimaryMessage::Chunk(Chunk {
                 database,
                 data: chunk.data,
                 crc64: chunk.crc64,
+                shared_txid: chunk.shared_txid.map(TxId),
             })
         }
         stream_message::Message::Ready(proto::Ready {}) => PrimaryMessage::Ready,
@@ -424,7 +494,7 @@ mod tests {
             ("a.db".to_string(), position(3)),
             ("b".to_string(), position(9)),
         ];
-        let open = parse_stream_request(stream_request("node-b", true, &positions)).unwrap();
+        let open = parse_stream_request(stream_request("node-b", true, &positions, &[])).unwrap();
         assert_eq!(open.hostname, "node-b");
         assert!(open.candidate);
         let names: Vec<_> = open
@@ -461,16 +531,17 @@ mod tests {
             parse_primary_message(ready()).unwrap(),
             PrimaryMessage::Ready
         );
-        let chunk = parse_primary_message(ltx_chunk("app.db", vec![1, 2, 3], Some(77))).unwrap();
+        let chunk = parse_primary_message(ltx_chunk("app.db", vec![1, 2, 3], Some(77), None)).unwrap();
         assert_eq!(
             chunk,
             PrimaryMessage::Chunk(Chunk {
                 database: DatabaseName("app.db".into()),
                 data: vec![1, 2, 3],
-                crc64: Some(77)
+                crc64: Some(77),
+                shared_txid: None,
             })
         );
-        let chunk = parse_primary_message(ltx_chunk("app.db", vec![4], None)).unwrap();
+        let chunk = parse_primary_message(ltx_chunk("app.db", vec![4], None, None)).unwrap();
         assert!(matches!(
             chunk,
             PrimaryMessage::Chunk(Chunk { crc64: None, .. })
@@ -529,6 +600,7 @@ mod tests {
                 data: vec![1],
                 last: true,
                 crc64: Some(1),
+                shared_txid: None,
             }))
             .unwrap_err();
             assert!(
@@ -549,14 +621,51 @@ mod tests {
     }
 
     #[test]
+    fn a_replica_history_and_a_shared_txid_travel_and_are_checked() {
+        let points = vec![position(7), position(6)];
+        let histories = [("app.db".to_string(), points.clone())];
+        let open = parse_stream_request(stream_request("node-b", false, &[], &histories)).unwrap();
+        assert_eq!(open.histories.get("app.db"), Some(&points));
+        let too_long = [("app.db".to_string(), vec![position(1); MAX_HISTORY_POINTS + 1])];
+        assert!(matches!(
+            parse_stream_request(stream_request("node-b", false, &[], &too_long)).unwrap_err(),
+            ReplicationError::InvalidPosition { database, .. } if database == "app.db"
+        ));
+        let bad_point = [("app.db".to_string(), vec![Position::UNKNOWN])];
+        assert!(matches!(
+            parse_stream_request(stream_request("node-b", false, &[], &bad_point)).unwrap_err(),
+            ReplicationError::InvalidPosition { .. }
+        ));
+
+        let last = parse_primary_message(ltx_chunk("app.db", vec![1], Some(7), Some(TxId(3))));
+        assert!(matches!(
+            last.unwrap(),
+            PrimaryMessage::Chunk(Chunk { shared_txid: Some(TxId(3)), .. })
+        ));
+        let not_last = parse_primary_message(message(stream_message::Message::LtxChunk(
+            proto::LtxChunk {
+                database: "app.db".into(),
+                data: vec![1],
+                last: false,
+                crc64: None,
+                shared_txid: Some(3),
+            },
+        )));
+        assert!(matches!(
+            not_last.unwrap_err(),
+            ReplicationError::MisplacedLastChunkField { field: "a shared_txid", .. }
+        ));
+    }
+
+    #[test]
     fn an_oversized_chunk_is_rejected() {
         let error =
-            parse_primary_message(ltx_chunk("app.db", vec![0; CHUNK_SIZE + 1], None)).unwrap_err();
+            parse_primary_message(ltx_chunk("app.db", vec![0; CHUNK_SIZE + 1], None, None)).unwrap_err();
         assert!(matches!(
             error,
             ReplicationError::OversizedChunk { len, .. } if len == CHUNK_SIZE + 1
         ));
-        assert!(parse_primary_message(ltx_chunk("app.db", vec![0; CHUNK_SIZE], None)).is_ok());
+        assert!(parse_primary_message(ltx_chunk("app.db", vec![0; CHUNK_SIZE], None, None)).is_ok());
     }
 
     #[test]
@@ -567,6 +676,7 @@ mod tests {
                 data: vec![1],
                 last,
                 crc64,
+                shared_txid: None,
             }))
         };
         assert!(matches!(
@@ -578,7 +688,7 @@ mod tests {
         ));
         let error = chunk(false, Some(5)).unwrap_err();
         assert!(
-            matches!(&error, ReplicationError::MisplacedCrc { database } if database == "app.db"),
+            matches!(&error, ReplicationError::MisplacedLastChunkField { database, field: "a crc64" } if database == "app.db"),
             "{error}"
         );
     }
@@ -617,14 +727,14 @@ mod tests {
     #[test]
     fn bad_hostnames_and_versions_are_rejected() {
         for hostname in ["", "two words", "line\nbreak", &"h".repeat(256)] {
-            let mut request = stream_request("ok", false, &[]);
+            let mut request = stream_request("ok", false, &[], &[]);
             request.hostname = hostname.to_string();
             assert!(matches!(
                 parse_stream_request(request).unwrap_err(),
                 ReplicationError::InvalidHostname { .. }
             ));
         }
-        let mut request = stream_request("ok", false, &[]);
+        let mut request = stream_request("ok", false, &[], &[]);
         request.protocol_version = 2;
         assert!(matches!(
             parse_stream_request(request).unwrap_err(),

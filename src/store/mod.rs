@@ -650,6 +650,17 @@ impl Store {
             .collect()
     }
 
+    /// Per database with a position, where its newest change sets (at most
+    /// `limit`) end, newest first: what a replica shows the primary so that,
+    /// when their histories diverged, it can say where.
+    pub fn histories(&self, limit: usize) -> Result<Vec<(String, Vec<Position>)>, StoreError> {
+        self.all_databases()
+            .into_iter()
+            .filter(|database| database.position().txid.0 > 0)
+            .map(|database| Ok((database.name().to_string(), database.history(limit)?)))
+            .collect()
+    }
+
     /// Connects the store to the kernel's cache of the mount.
     pub fn set_kernel_cache(&self, cache: Arc<dyn KernelCache>) {
         *self.kernel_cache.write().unwrap_or_else(|p| p.into_inner()) = Some(cache);

@@ -237,7 +237,7 @@ mod tests {
 
     use super::*;
     use crate::ltx::{Checksum, DatabaseChecksum, Encoder, Header, TxId};
-    use crate::store::{CaptureOptions, Position, SQLITE_HEADER_MAGIC};
+    use crate::store::{CaptureOptions, CatchUp, Position, SQLITE_HEADER_MAGIC};
 
     const PAGE_SIZE: u32 = 512;
 
@@ -255,6 +255,7 @@ mod tests {
     }
 
     /// Builds change sets the way the primary would, keeping the checksum.
+    #[derive(Clone)]
     struct History {
         pages: Vec<Vec<u8>>,
         txid: u64,
@@ -325,6 +326,59 @@ mod tests {
 
     fn replica(dir: &std::path::Path) -> Store {
         Store::open(dir, CaptureOptions::default(), Role::Replica).unwrap()
+    }
+
+    #[test]
+    fn a_snapshot_for_a_diverged_replica_names_the_newest_shared_transaction() {
+        let dir = tempfile::tempdir().unwrap();
+        let primary = replica(&dir.path().join("primary"));
+        let diverged = replica(&dir.path().join("diverged"));
+        let mut history = History::new();
+        for changes in [&[(1, 1), (2, 2)][..], &[(1, 3)], &[(2, 4)]] {
+            let change_set = history.commit(changes, 2);
+            primary
+                .apply_change_set("app.db", change_set.clone())
+                .unwrap();
+            diverged.apply_change_set("app.db", change_set).unwrap();
+        }
+        // TXIDs 1-3 are shared; then the two histories part, as when an isolated
+        // primary goes on writing while another node takes over.
+        let mut isolated = history.clone();
+        for fill in [5, 6] {
+            let change_set = history.commit(&[(2, fill)], 2);
+            primary.apply_change_set("app.db", change_set).unwrap();
+        }
+        for fill in [7, 8, 9] {
+            let change_set = isolated.commit(&[(2, fill)], 2);
+            diverged.apply_change_set("app.db", change_set).unwrap();
+        }
+        let histories = diverged.histories(100).unwrap();
+        let [(name, points)] = histories.as_slice() else {
+            panic!("one database has a history: {histories:?}");
+        };
+        assert_eq!(name, "app.db");
+        assert_eq!(points.len(), 6);
+        assert_eq!(points[0], isolated.position(), "newest first");
+
+        let database = primary.database("app.db").unwrap();
+        let answer = database
+            .catch_up(isolated.position(), points, u64::MAX)
+            .unwrap();
+        assert!(
+            matches!(answer, CatchUp::Snapshot { shared_txid: Some(TxId(3)), .. }),
+            "{answer:?}"
+        );
+        // Without the replica's history, or with only its own tail, nothing is
+        // known to be shared.
+        for points in [&[][..], &points[..3]] {
+            let answer = database
+                .catch_up(isolated.position(), points, u64::MAX)
+                .unwrap();
+            assert!(
+                matches!(answer, CatchUp::Snapshot { shared_txid: None, .. }),
+                "{answer:?}"
+            );
+        }
     }
 
     #[test]

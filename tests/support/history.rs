@@ -6,8 +6,13 @@
 //! logs hold a change set ending at the same TXID of a database, the checksum
 //! after it must be the same. The epochs of such a pair are compared too, but a
 //! difference there with equal content is reported rather than failed: the
-//! issue's property is about content, and a reported difference is a lead to
-//! follow (two nodes claiming the same transaction under different leases).
+//! issue's property is about content, and equal content legitimately comes
+//! with another epoch when a node was resynchronised by snapshot. A snapshot
+//! carries the epoch of the primary that sent it (so that the replica then
+//! refuses older primaries), while the other nodes logged that TXID as the
+//! change set of the primary that wrote it. The partition test shows this: a
+//! replica that had one more of the isolated primary's transactions than the
+//! new primary gets the new primary's snapshot at its first TXID.
 //!
 //! A log that a snapshot replaced starts at the snapshot; change sets merged by
 //! retention end at the last TXID of the merge. Both still end at TXIDs that the

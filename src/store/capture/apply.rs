@@ -129,22 +129,9 @@ impl Database {
                 seen_epoch
             )));
         }
+        // What a snapshot discards is logged by the replication client, which
+        // knows where the primary's history and this one part.
         let snapshot = header.is_snapshot();
-        if snapshot && state.position.txid > header.max_txid {
-            tracing::warn!(
-                database = %self.name,
-                first = header.max_txid.0 + 1,
-                last = state.position.txid.0,
-                "discarding this node's transactions that the primary does not have; replacing the database with the primary's snapshot"
-            );
-        } else if snapshot && state.position.txid.0 > 0 {
-            tracing::info!(
-                database = %self.name,
-                local_txid = %state.position.txid,
-                snapshot_txid = %header.max_txid,
-                "replacing the database with the primary's snapshot"
-            );
-        }
         if !snapshot {
             if header.min_txid.0 != state.position.txid.0 + 1 {
                 return Err(rejected(format!(

@@ -20,27 +20,47 @@ pub enum CatchUp {
     /// replica is caught up.
     ChangeSets(Vec<Vec<u8>>),
     /// The position is not in this database's history; the replica needs a
-    /// snapshot. The text says why, for the log.
-    Snapshot(String),
+    /// snapshot.
+    Snapshot {
+        /// Why, for the log.
+        reason: String,
+        /// The newest of the replica's history points that this log shares;
+        /// `None` when none is.
+        shared_txid: Option<TxId>,
+    },
 }
 
 impl Database {
     /// The change sets after `from`, up to about `max_bytes` of them (always at
     /// least one when any follow), or why a snapshot is needed instead.
-    pub fn catch_up(&self, from: Position, max_bytes: u64) -> Result<CatchUp, StoreError> {
+    /// `replica_history` is where the replica's newest change sets end, newest
+    /// first (possibly empty); a snapshot's answer says which of them this log
+    /// shares.
+    pub fn catch_up(
+        &self,
+        from: Position,
+        replica_history: &[Position],
+        max_bytes: u64,
+    ) -> Result<CatchUp, StoreError> {
         let state = self.lock();
         let current = state.position;
         if from == current || current.txid.0 == 0 {
             return Ok(CatchUp::ChangeSets(Vec::new()));
         }
+        let snapshot = |reason: String| -> Result<CatchUp, StoreError> {
+            Ok(CatchUp::Snapshot {
+                reason,
+                shared_txid: shared_point(&state, replica_history)?,
+            })
+        };
         if from.txid.0 == 0 {
-            return Ok(CatchUp::Snapshot("the replica has no position".into()));
+            return snapshot("the replica has no position".into());
         }
         if from.txid > current.txid {
-            return Ok(CatchUp::Snapshot(format!(
+            return snapshot(format!(
                 "the replica is at TXID {} but the primary only at {}",
                 from.txid, current.txid
-            )));
+            ));
         }
         let records = state.log.records();
         // Records are in TXID order without gaps (the log's invariant), so the
@@ -49,17 +69,17 @@ impl Database {
             .binary_search_by_key(&from.txid, |record| record.header.max_txid)
             .ok()
         else {
-            return Ok(CatchUp::Snapshot(format!(
+            return snapshot(format!(
                 "TXID {} is no longer in the primary's log (retention)",
                 from.txid
-            )));
+            ));
         };
         let logged = state.log.post_apply_checksum(&records[index])?;
         if logged != from.checksum {
-            return Ok(CatchUp::Snapshot(format!(
+            return snapshot(format!(
                 "at TXID {} the replica's checksum {} differs from the primary's {}",
                 from.txid, from.checksum, logged
-            )));
+            ));
         }
         let mut change_sets = Vec::new();
         let mut bytes = 0u64;
@@ -71,6 +91,25 @@ impl Database {
             change_sets.push(state.log.read(record)?);
         }
         Ok(CatchUp::ChangeSets(change_sets))
+    }
+
+    /// Where this database's newest change sets (at most `limit`) end, newest
+    /// first.
+    pub fn history(&self, limit: usize) -> Result<Vec<Position>, StoreError> {
+        let state = self.lock();
+        state
+            .log
+            .records()
+            .iter()
+            .rev()
+            .take(limit)
+            .map(|record| {
+                Ok(Position {
+                    txid: record.header.max_txid,
+                    checksum: state.log.post_apply_checksum(record)?,
+                })
+            })
+            .collect()
     }
 
     /// Writes a snapshot of the current content (every page, TXID range 1 to the
@@ -119,4 +158,24 @@ impl Database {
         encoder.finish(position.checksum).map_err(encode_error)?;
         Ok(())
     }
+}
+
+/// The newest point of `replica_history` (newest first) that this log shares: a
+/// change set of the log ends there with the same checksum. `None` when no
+/// point is shared (the histories part before the oldest point, or the log no
+/// longer reaches back to where they part).
+fn shared_point(
+    state: &MutexGuard<'_, CaptureState>,
+    replica_history: &[Position],
+) -> Result<Option<TxId>, StoreError> {
+    let records = state.log.records();
+    for point in replica_history {
+        if let Ok(index) =
+            records.binary_search_by_key(&point.txid, |record| record.header.max_txid)
+            && state.log.post_apply_checksum(&records[index])? == point.checksum
+        {
+            return Ok(Some(point.txid));
+        }
+    }
+    Ok(None)
 }
