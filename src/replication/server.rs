@@ -435,24 +435,26 @@ impl Producer {
         };
         let answer = self
             .beating(blocking(move || {
-                Ok(match database.catch_up(from, &history, MAX_CATCH_UP_BYTES)? {
-                    CatchUp::ChangeSets(change_sets) => Next::ChangeSets(
-                        change_sets
-                            .into_iter()
-                            .map(|ltx| {
-                                let crc = ChangeSetCrc::of(&crc_name, &ltx);
-                                (ltx, crc)
-                            })
-                            .collect(),
-                    ),
-                    CatchUp::Snapshot {
-                        reason,
-                        shared_txid,
-                    } => Next::Snapshot {
-                        reason,
-                        shared_txid,
+                Ok(
+                    match database.catch_up(from, &history, MAX_CATCH_UP_BYTES)? {
+                        CatchUp::ChangeSets(change_sets) => Next::ChangeSets(
+                            change_sets
+                                .into_iter()
+                                .map(|ltx| {
+                                    let crc = ChangeSetCrc::of(&crc_name, &ltx);
+                                    (ltx, crc)
+                                })
+                                .collect(),
+                        ),
+                        CatchUp::Snapshot {
+                            reason,
+                            shared_txid,
+                        } => Next::Snapshot {
+                            reason,
+                            shared_txid,
+                        },
                     },
-                })
+                )
             }))
             .await?;
         match answer {

@@ -531,7 +531,8 @@ mod tests {
             parse_primary_message(ready()).unwrap(),
             PrimaryMessage::Ready
         );
-        let chunk = parse_primary_message(ltx_chunk("app.db", vec![1, 2, 3], Some(77), None)).unwrap();
+        let chunk =
+            parse_primary_message(ltx_chunk("app.db", vec![1, 2, 3], Some(77), None)).unwrap();
         assert_eq!(
             chunk,
             PrimaryMessage::Chunk(Chunk {
@@ -626,7 +627,10 @@ mod tests {
         let histories = [("app.db".to_string(), points.clone())];
         let open = parse_stream_request(stream_request("node-b", false, &[], &histories)).unwrap();
         assert_eq!(open.histories.get("app.db"), Some(&points));
-        let too_long = [("app.db".to_string(), vec![position(1); MAX_HISTORY_POINTS + 1])];
+        let too_long = [(
+            "app.db".to_string(),
+            vec![position(1); MAX_HISTORY_POINTS + 1],
+        )];
         assert!(matches!(
             parse_stream_request(stream_request("node-b", false, &[], &too_long)).unwrap_err(),
             ReplicationError::InvalidPosition { database, .. } if database == "app.db"
@@ -640,7 +644,10 @@ mod tests {
         let last = parse_primary_message(ltx_chunk("app.db", vec![1], Some(7), Some(TxId(3))));
         assert!(matches!(
             last.unwrap(),
-            PrimaryMessage::Chunk(Chunk { shared_txid: Some(TxId(3)), .. })
+            PrimaryMessage::Chunk(Chunk {
+                shared_txid: Some(TxId(3)),
+                ..
+            })
         ));
         let not_last = parse_primary_message(message(stream_message::Message::LtxChunk(
             proto::LtxChunk {
@@ -653,19 +660,24 @@ mod tests {
         )));
         assert!(matches!(
             not_last.unwrap_err(),
-            ReplicationError::MisplacedLastChunkField { field: "a shared_txid", .. }
+            ReplicationError::MisplacedLastChunkField {
+                field: "a shared_txid",
+                ..
+            }
         ));
     }
 
     #[test]
     fn an_oversized_chunk_is_rejected() {
-        let error =
-            parse_primary_message(ltx_chunk("app.db", vec![0; CHUNK_SIZE + 1], None, None)).unwrap_err();
+        let error = parse_primary_message(ltx_chunk("app.db", vec![0; CHUNK_SIZE + 1], None, None))
+            .unwrap_err();
         assert!(matches!(
             error,
             ReplicationError::OversizedChunk { len, .. } if len == CHUNK_SIZE + 1
         ));
-        assert!(parse_primary_message(ltx_chunk("app.db", vec![0; CHUNK_SIZE], None, None)).is_ok());
+        assert!(
+            parse_primary_message(ltx_chunk("app.db", vec![0; CHUNK_SIZE], None, None)).is_ok()
+        );
     }
 
     #[test]

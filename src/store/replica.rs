@@ -365,7 +365,13 @@ mod tests {
             .catch_up(isolated.position(), points, u64::MAX)
             .unwrap();
         assert!(
-            matches!(answer, CatchUp::Snapshot { shared_txid: Some(TxId(3)), .. }),
+            matches!(
+                answer,
+                CatchUp::Snapshot {
+                    shared_txid: Some(TxId(3)),
+                    ..
+                }
+            ),
             "{answer:?}"
         );
         // Without the replica's history, or with only its own tail, nothing is
@@ -375,7 +381,13 @@ mod tests {
                 .catch_up(isolated.position(), points, u64::MAX)
                 .unwrap();
             assert!(
-                matches!(answer, CatchUp::Snapshot { shared_txid: None, .. }),
+                matches!(
+                    answer,
+                    CatchUp::Snapshot {
+                        shared_txid: None,
+                        ..
+                    }
+                ),
                 "{answer:?}"
             );
         }
