@@ -377,9 +377,15 @@ impl Producer {
     /// where this stream left it; returns whether anything was sent.
     async fn round(&mut self, only: Option<&BTreeMap<String, Position>>) -> Result<bool, Stop> {
         let store = self.node.store.clone();
-        let current = self
-            .beating(blocking(move || Ok(store.positions())))
-            .await?;
+        // Reading the positions here saves each commit a trip to the blocking
+        // pool; only while a capture lock is held are they read there.
+        let current = match store.try_positions() {
+            Some(current) => current,
+            None => {
+                self.beating(blocking(move || Ok(store.positions())))
+                    .await?
+            }
+        };
         let mut progressed = false;
         for (name, position) in current {
             if only.is_some_and(|only| !only.contains_key(&name)) {

@@ -230,6 +230,18 @@ impl Database {
         self.lock().position
     }
 
+    /// The position, without waiting: `None` while a commit, an apply or a
+    /// snapshot holds the capture lock.
+    pub fn try_position(&self) -> Option<Position> {
+        match self.state.try_lock() {
+            Ok(state) => Some(state.position),
+            Err(std::sync::TryLockError::Poisoned(poisoned)) => {
+                Some(poisoned.into_inner().position)
+            }
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        }
+    }
+
     /// Brings the state in line with the files after they were all attached at
     /// start-up: loads saved checksums after a clean shutdown, or rescans.
     pub(super) fn recover(&self, role: super::Role) -> Result<(), StoreError> {

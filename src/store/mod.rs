@@ -650,6 +650,19 @@ impl Store {
             .collect()
     }
 
+    /// [`Store::positions`] without waiting: `None` when a database's capture
+    /// lock is held (then [`Store::positions`] must be asked off async threads).
+    pub fn try_positions(&self) -> Option<Vec<(String, Position)>> {
+        let mut positions = Vec::new();
+        for database in self.all_databases() {
+            let position = database.try_position()?;
+            if position.txid.0 > 0 {
+                positions.push((database.name().to_string(), position));
+            }
+        }
+        Some(positions)
+    }
+
     /// Per database with a position, where its newest change sets (at most
     /// `limit`) end, newest first: what a replica shows the primary so that,
     /// when their histories diverged, it can say where.
