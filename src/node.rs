@@ -33,7 +33,7 @@ use crate::lease::{HeldLease, Lease, LeaseError, LeaseHolder, LeaseState};
 use crate::proxy::WriteGate;
 use crate::replication::{
     self, ControlRequest, FollowSettings, FollowerState, HANDOFF_TIMEOUT, HandoffPhase, Handoffs,
-    ReplicationError,
+    LastHeard, PRESUMED_GONE_AFTER, ReplicationError,
 };
 use crate::store::{Role, Store};
 
@@ -107,6 +107,19 @@ struct Following {
     task: JoinHandle<()>,
     /// What the client says about its stream.
     state: watch::Receiver<FollowerState>,
+    /// When the client last heard from the primary.
+    last_heard: Arc<LastHeard>,
+}
+
+impl Following {
+    /// When an open stream will have been silent long enough for its primary to
+    /// be presumed gone, if it is open.
+    fn presumed_gone_at(&self) -> Option<Instant> {
+        if !self.state.borrow().connected {
+            return None;
+        }
+        Some(self.last_heard.at().unwrap_or_else(Instant::now) + PRESUMED_GONE_AFTER)
+    }
 }
 
 /// Why this node stopped holding the lease.
@@ -126,6 +139,8 @@ enum Event {
     FollowerChanged,
     Control(ControlRequest),
     HandoffCallEnded(Result<(), String>),
+    /// The moment to look at a free lease again has come.
+    Recheck,
 }
 
 /// Runs the role loop until `shutdown` is cancelled; fails only when this node
@@ -156,6 +171,7 @@ pub async fn run(settings: NodeSettings, shutdown: CancellationToken) -> Result<
         primary: None,
         promotions: Vec::new(),
         handoff_call: None,
+        recheck_at: None,
     };
     tokio::select! {
         () = shutdown.cancelled() => return Ok(()),
@@ -217,6 +233,9 @@ struct Node {
     promotions: Vec<oneshot::Sender<Result<String, String>>>,
     /// The request to the primary for a handoff to this node, while it runs.
     handoff_call: Option<JoinHandle<Result<(), ReplicationError>>>,
+    /// When a free lease this node declined (its stream was still open) should
+    /// be looked at again: when the stream will have been silent long enough.
+    recheck_at: Option<Instant>,
 }
 
 impl Node {
@@ -271,6 +290,7 @@ impl Node {
                 () = follower_changed(&mut self.following) => Event::FollowerChanged,
                 Some(request) = self.control.recv() => Event::Control(request),
                 outcome = call_ended(&mut self.handoff_call) => Event::HandoffCallEnded(outcome),
+                () = sleep_until(self.recheck_at) => Event::Recheck,
             };
             let state = match event {
                 Event::Lease(Ok(state)) => {
@@ -286,9 +306,10 @@ impl Node {
                     tokio::time::sleep(COORDINATOR_RETRY).await;
                     continue;
                 }
-                Event::FollowerChanged => {
+                Event::FollowerChanged | Event::Recheck => {
                     // Whether this node may take a free lease may have changed:
                     // read the lease again at once.
+                    self.recheck_at = None;
                     self.index = None;
                     continue;
                 }
@@ -364,7 +385,14 @@ impl Node {
             None => true,
             Some((holder, _)) => holder == &self.me,
         };
-        if !self.candidate || !free || !self.may_take_free_lease() {
+        if !self.candidate || !free {
+            return None;
+        }
+        if !self.may_take_free_lease() {
+            self.recheck_at = self
+                .following
+                .as_ref()
+                .and_then(Following::presumed_gone_at);
             return None;
         }
         match self.lease.try_acquire(&self.me).await {
@@ -380,11 +408,14 @@ impl Node {
         let Some(following) = &self.following else {
             return true;
         };
+        let presumed_gone_at = following.presumed_gone_at();
         let state = following.state.borrow();
         match &state.handoff {
             Some(handoff) if handoff.to == self.me.hostname => true,
             Some(handoff) if handoff.at.elapsed() < HANDOFF_TIMEOUT => false,
-            _ => !state.connected,
+            // A stream still open but silent while nobody holds the lease: its
+            // primary stopped or was cut off, and nothing more can arrive.
+            _ => presumed_gone_at.is_none_or(|at| at <= Instant::now()),
         }
     }
 
@@ -548,6 +579,7 @@ impl Node {
         self.stop_following().await;
         let stop = CancellationToken::new();
         let (state, state_receiver) = watch::channel(FollowerState::default());
+        let last_heard = Arc::new(LastHeard::default());
         let task = tokio::spawn(replication::follow(
             FollowSettings {
                 store: self.store.clone(),
@@ -555,6 +587,7 @@ impl Node {
                 hostname: self.me.hostname.clone(),
                 candidate: self.candidate,
                 reconnect_delay: self.reconnect_delay,
+                last_heard: last_heard.clone(),
             },
             state,
             stop.clone(),
@@ -565,6 +598,7 @@ impl Node {
             stop,
             task,
             state: state_receiver,
+            last_heard,
         });
     }
 
@@ -585,6 +619,14 @@ async fn follower_changed(following: &mut Option<Following>) {
         }
     }
     std::future::pending().await
+}
+
+/// Returns at `at`; never when there is no such moment.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Returns the outcome of the handoff request to the primary when it ends; never

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use cluster::*;
 use common::*;
-use ltxfs::replication::PRIMARY_SILENCE_TIMEOUT;
+use ltxfs::replication::PRESUMED_GONE_AFTER;
 use rusqlite::{OpenFlags, params};
 use tcp_proxy::TcpProxy;
 
@@ -42,14 +42,21 @@ const TIMEOUT: Duration = CLUSTER_TIMEOUT;
 /// How long after the partition a new primary must be elected and accept writes.
 /// Two conditions must both hold before a candidate takes the lease: node-a's
 /// lease expired in etcd (at most `TTL` after its last keep-alive, which was
-/// before the partition) and the candidate's stream from node-a ended (at most
-/// `PRIMARY_SILENCE_TIMEOUT` after the last message, also before the partition).
-/// Their sum bounds the later of the two; the margin covers etcd's expiry
-/// granularity (it checks leases every 0.5 s), the acquisition (a few loopback
-/// requests), the other replica following the new primary, and this test's
-/// polling in a debug build.
-const ELECTION_BOUND: Duration =
-    Duration::from_secs(TTL.as_secs() + PRIMARY_SILENCE_TIMEOUT.as_secs() + 2);
+/// before the partition) and the candidate's stream from node-a has been silent
+/// for `PRESUMED_GONE_AFTER` (counted from the last message, also before the
+/// partition). Both clocks start at the partition, so the longer of the two
+/// bounds the later; the margin covers etcd's expiry granularity (it checks
+/// leases every 0.5 s), the acquisition (a few loopback requests), the other
+/// replica following the new primary, and this test's polling in a debug build.
+/// (Before candidates presumed a silent primary gone, they waited for the
+/// stream's 5 s silence timeout: about 5 s here.)
+const ELECTION_BOUND: Duration = Duration::from_secs(
+    if TTL.as_secs() > PRESUMED_GONE_AFTER.as_secs() {
+        TTL.as_secs()
+    } else {
+        PRESUMED_GONE_AFTER.as_secs()
+    } + 2,
+);
 /// The first row node-a's writer inserts.
 const FIRST_ON_A: i64 = 1_000;
 /// The first row the new primary's writer inserts.
@@ -286,8 +293,8 @@ fn a_partitioned_primary_stops_writes_and_the_majority_elects_a_new_one() {
     };
     report(format!(
         "partition: {new_primary} was elected and accepted writes {elected_after:?} after the \
-         partition (bound {ELECTION_BOUND:?} = TTL {TTL:?} + silence timeout \
-         {PRIMARY_SILENCE_TIMEOUT:?} + 2 s)"
+         partition (bound {ELECTION_BOUND:?} = the longer of TTL {TTL:?} and presumed gone \
+         after {PRESUMED_GONE_AFTER:?} of silence, + 2 s)"
     ));
     assert!(
         elected_after < ELECTION_BOUND,

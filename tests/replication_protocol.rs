@@ -135,6 +135,7 @@ fn follow(
         hostname: "node-b".to_string(),
         candidate: true,
         reconnect_delay: Duration::from_millis(200),
+        last_heard: Default::default(),
     };
     let (state, receiver) = watch::channel(FollowerState::default());
     let task = tokio::spawn(replication::follow(settings, state, shutdown.clone()));

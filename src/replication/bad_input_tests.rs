@@ -140,6 +140,7 @@ fn follow_as_node_b(
         hostname: "node-b".into(),
         candidate: false,
         reconnect_delay: RECONNECT_DELAY,
+        last_heard: Default::default(),
     };
     let (state, _) = watch::channel(FollowerState::default());
     tokio::spawn(follow(settings, state, shutdown.clone()))

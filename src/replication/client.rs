@@ -52,7 +52,7 @@ use crate::store::{AppliedChangeSet, Position, Store, StoreError};
 
 use super::chunk::{ChangeSet, Reassembler};
 use super::crc::ChangeSetCrc;
-use super::handoff::{FollowerState, HandoffSeen};
+use super::handoff::{FollowerState, HandoffSeen, LastHeard};
 use super::proto::replication_client::ReplicationClient;
 use super::wire::{self, DatabaseName, PrimaryMessage};
 use super::{
@@ -77,6 +77,8 @@ pub struct FollowSettings {
     pub candidate: bool,
     /// The longest pause between reconnects.
     pub reconnect_delay: Duration,
+    /// Where the client notes each message from the primary.
+    pub last_heard: Arc<LastHeard>,
 }
 
 /// Follows the primary until `shutdown` is cancelled: applies its change sets,
@@ -95,6 +97,7 @@ pub async fn follow(
         session: Session::new(MAX_CHANGE_SET_BYTES),
         backoff: Backoff::new(settings.reconnect_delay),
         state,
+        last_heard: settings.last_heard,
     };
     // The last failure logged as a warning: the same failure again (the primary
     // is still down) is only logged at debug level.
@@ -295,6 +298,7 @@ struct Replica {
     session: Session,
     backoff: Backoff,
     state: watch::Sender<FollowerState>,
+    last_heard: Arc<LastHeard>,
 }
 
 impl Replica {
@@ -347,6 +351,7 @@ impl Replica {
                         )));
                     }
                 };
+            self.last_heard.record();
             let message = wire::parse_primary_message(message)?;
             match self.session.receive(message)? {
                 Step::Connected {

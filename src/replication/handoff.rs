@@ -216,6 +216,31 @@ pub struct FollowerState {
     pub handoff: Option<HandoffSeen>,
 }
 
+/// When a replica last heard from its primary: the replication client records
+/// every message, and the role loop reads it to tell a primary that went silent
+/// (stopped or cut off) from one that is still streaming.
+#[derive(Debug, Default)]
+pub struct LastHeard(Mutex<Option<Instant>>);
+
+impl LastHeard {
+    /// Notes that a message arrived now.
+    pub fn record(&self) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+    }
+
+    /// When the last message arrived, if one did.
+    pub fn at(&self) -> Option<Instant> {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// How long a stream may be silent, while nobody holds the lease, before a
+/// candidate presumes its primary gone and may take the lease: two heartbeats
+/// missed. (A live primary sends at least a heartbeat every
+/// [`HEARTBEAT_INTERVAL`](super::HEARTBEAT_INTERVAL); the stream itself is only
+/// dropped after [`PRIMARY_SILENCE_TIMEOUT`](super::PRIMARY_SILENCE_TIMEOUT).)
+pub const PRESUMED_GONE_AFTER: Duration = Duration::from_secs(2);
+
 /// A `Handoff` a replica received, after applying everything before it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HandoffSeen {

@@ -94,8 +94,8 @@ use crate::store::{Position, Store, StoreError};
 
 pub use client::{FollowSettings, follow};
 pub use handoff::{
-    ControlRequest, FollowerState, HANDOFF_TIMEOUT, HandoffPhase, HandoffSeen, Handoffs,
-    request_handoff, request_promote,
+    ControlRequest, FollowerState, HANDOFF_TIMEOUT, HandoffPhase, HandoffSeen, Handoffs, LastHeard,
+    PRESUMED_GONE_AFTER, request_handoff, request_promote,
 };
 pub use server::serve;
 pub use status::{DatabaseStatus, NodeStatus, fetch_status};
