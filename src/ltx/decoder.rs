@@ -315,7 +315,7 @@ impl<R: Read> Decoder<R> {
             });
         }
         let trailer = Trailer::from_array(&bytes);
-        let mut digest = self.digest.clone();
+        let mut digest = self.digest;
         digest.update(&trailer.post_apply_checksum.0.to_be_bytes());
         let actual = Checksum(digest.finalize() | Checksum::FLAG);
         if actual != trailer.file_checksum {

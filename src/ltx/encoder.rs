@@ -229,7 +229,7 @@ impl<W: Write> Encoder<W> {
             return Err(LtxError::io("closing the ltx LZ4 frame", e));
         }
         let post_bytes = post_apply_checksum.0.to_be_bytes();
-        let mut digest = self.digest.clone();
+        let mut digest = self.digest;
         digest.update(&post_bytes);
         let trailer = Trailer {
             post_apply_checksum,
