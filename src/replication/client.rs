@@ -323,10 +323,9 @@ impl Replica {
             ReplicationClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES);
         let store = self.store.clone();
         let (positions, histories) = blocking(move || {
-            Ok((
-                store.positions(),
-                store.histories(wire::MAX_HISTORY_POINTS)?,
-            ))
+            let positions = store.positions();
+            let limit = wire::history_points_per_database(positions.len());
+            Ok((positions, store.histories(limit)?))
         })
         .await?;
         let request = wire::stream_request(&self.hostname, self.candidate, &positions, &histories);

@@ -69,8 +69,19 @@ pub(super) struct StreamOpen {
     pub(super) histories: BTreeMap<String, Vec<Position>>,
 }
 
-/// How many change-set ends a replica sends per database when it opens a stream.
+/// How many change-set ends a replica sends per database when it opens a stream,
+/// at most.
 pub(super) const MAX_HISTORY_POINTS: usize = 4096;
+
+/// How many it sends over all its databases, so that the request stays far
+/// below the message size limit however many databases there are (a point takes
+/// at most 24 bytes on the wire).
+const MAX_TOTAL_HISTORY_POINTS: usize = 32_768;
+
+/// How many change-set ends a replica with `databases` databases sends for each.
+pub(super) fn history_points_per_database(databases: usize) -> usize {
+    (MAX_TOTAL_HISTORY_POINTS / databases.max(1)).min(MAX_HISTORY_POINTS)
+}
 
 /// A message from the primary on a stream, validated.
 #[derive(Debug, PartialEq, Eq)]
@@ -665,6 +676,30 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn the_histories_of_many_databases_stay_far_below_the_message_limit() {
+        use prost::Message;
+        assert_eq!(history_points_per_database(1), MAX_HISTORY_POINTS);
+        let databases = 1000;
+        let limit = history_points_per_database(databases);
+        assert_eq!(limit, 32);
+        let name = |i: usize| format!("{i:0>250}.db");
+        let worst = Position {
+            txid: TxId(u64::MAX),
+            checksum: Checksum(u64::MAX),
+        };
+        let positions: Vec<_> = (0..databases).map(|i| (name(i), worst)).collect();
+        let histories: Vec<_> = (0..databases)
+            .map(|i| (name(i), vec![worst; limit]))
+            .collect();
+        let request = stream_request("node-b", true, &positions, &histories);
+        assert!(
+            request.encoded_len() < super::super::MAX_MESSAGE_BYTES / 2,
+            "{} bytes",
+            request.encoded_len()
+        );
     }
 
     #[test]
