@@ -389,10 +389,13 @@ impl Node {
             return None;
         }
         if !self.may_take_free_lease() {
+            // Only a moment still to come: one already past means the lease was
+            // declined for another reason, and waking at once would spin.
             self.recheck_at = self
                 .following
                 .as_ref()
-                .and_then(Following::presumed_gone_at);
+                .and_then(Following::presumed_gone_at)
+                .filter(|at| *at > Instant::now());
             return None;
         }
         match self.lease.try_acquire(&self.me).await {
