@@ -146,33 +146,7 @@ enum Event {
 /// Runs the role loop until `shutdown` is cancelled; fails only when this node
 /// must not take part in the cluster.
 pub async fn run(settings: NodeSettings, shutdown: CancellationToken) -> Result<(), NodeError> {
-    let NodeSettings {
-        store,
-        lease,
-        me,
-        candidate,
-        reconnect_delay,
-        cluster_id_path,
-        handoffs,
-        control,
-        writes,
-    } = settings;
-    let mut node = Node {
-        store,
-        lease,
-        me,
-        candidate,
-        reconnect_delay,
-        handoffs,
-        control,
-        writes,
-        following: None,
-        index: None,
-        primary: None,
-        promotions: Vec::new(),
-        handoff_call: None,
-        recheck_at: None,
-    };
+    let (mut node, cluster_id_path) = Node::new(settings);
     tokio::select! {
         () = shutdown.cancelled() => return Ok(()),
         joined = node.join_cluster(&cluster_id_path) => joined?,
@@ -239,6 +213,38 @@ struct Node {
 }
 
 impl Node {
+    /// A role loop in its starting state, and where its cluster ID is kept.
+    fn new(settings: NodeSettings) -> (Node, PathBuf) {
+        let NodeSettings {
+            store,
+            lease,
+            me,
+            candidate,
+            reconnect_delay,
+            cluster_id_path,
+            handoffs,
+            control,
+            writes,
+        } = settings;
+        let node = Node {
+            store,
+            lease,
+            me,
+            candidate,
+            reconnect_delay,
+            handoffs,
+            control,
+            writes,
+            following: None,
+            index: None,
+            primary: None,
+            promotions: Vec::new(),
+            handoff_call: None,
+            recheck_at: None,
+        };
+        (node, cluster_id_path)
+    }
+
     /// Checks (retrying while the coordinator is unreachable) that the data dir
     /// belongs to the coordinator's cluster, adopting its ID when the data dir has
     /// none.
@@ -808,6 +814,40 @@ mod tests {
         })
         .await
         .unwrap_or_else(|_| panic!("the node did not become {}", role.as_str()));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stream_silent_for_two_heartbeats_no_longer_holds_a_candidate_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut node, _) = Node::new(settings(dir.path(), Arc::new(MemoryLease::default())));
+        let (state, receiver) = watch::channel(FollowerState {
+            connected: true,
+            handoff: None,
+        });
+        let last_heard = Arc::new(LastHeard::default());
+        last_heard.record();
+        node.following = Some(Following {
+            url: "http://127.0.0.1:1".into(),
+            stop: CancellationToken::new(),
+            task: tokio::spawn(async {}),
+            state: receiver,
+            last_heard: last_heard.clone(),
+        });
+        assert!(
+            !node.may_take_free_lease(),
+            "the stream was just heard from"
+        );
+        tokio::time::advance(PRESUMED_GONE_AFTER - Duration::from_millis(1)).await;
+        assert!(
+            !node.may_take_free_lease(),
+            "not yet silent for long enough"
+        );
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert!(node.may_take_free_lease(), "silent for two heartbeats");
+        last_heard.record();
+        assert!(!node.may_take_free_lease(), "heard from again");
+        state.send_modify(|state| state.connected = false);
+        assert!(node.may_take_free_lease(), "the stream ended");
     }
 
     #[tokio::test]
