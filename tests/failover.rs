@@ -8,7 +8,8 @@
 //! does nothing in a normal run.
 
 mod common;
-// Shared with the lease tests, which use more of it.
+// Shared with the partition test, which uses more of it.
+#[allow(dead_code)]
 #[path = "support/cluster.rs"]
 mod cluster;
 #[allow(dead_code)]
@@ -168,62 +169,6 @@ fn a_clean_shutdown_releases_the_lease_at_once() {
     assert_eq!(rows(&node_b.db_path(DB)), 25);
 }
 
-/// Inserts rows `first`, `first + 1`, ... into a database until it is told to
-/// stop or an insert fails, counting the inserts SQLite reported committed.
-struct Writer {
-    stop: Arc<AtomicBool>,
-    acknowledged: Arc<AtomicI64>,
-    thread: thread::JoinHandle<Option<String>>,
-}
-
-impl Writer {
-    fn start(db: PathBuf, first: i64) -> Writer {
-        let stop = Arc::new(AtomicBool::new(false));
-        let acknowledged = Arc::new(AtomicI64::new(0));
-        let thread = thread::spawn({
-            let (stop, acknowledged) = (stop.clone(), acknowledged.clone());
-            move || {
-                let conn = open_db(&db);
-                let mut committed = 0;
-                while !stop.load(Ordering::Acquire) {
-                    let seq = first + committed;
-                    if let Err(error) = conn.execute("INSERT INTO t(seq) VALUES(?1)", params![seq])
-                    {
-                        return Some(error.to_string());
-                    }
-                    committed += 1;
-                    acknowledged.store(committed, Ordering::Release);
-                }
-                None
-            }
-        });
-        Writer {
-            stop,
-            acknowledged,
-            thread,
-        }
-    }
-
-    fn acknowledged(&self) -> i64 {
-        self.acknowledged.load(Ordering::Acquire)
-    }
-
-    fn wait_for(&self, rows: i64) {
-        wait_until("the writer to commit rows", TAKEOVER_TIMEOUT, || {
-            self.acknowledged() >= rows || self.thread.is_finished()
-        });
-        assert!(self.acknowledged() >= rows, "the writer stopped early");
-    }
-
-    /// Stops the writer; returns how many rows it committed and the error that
-    /// stopped it, if one did.
-    fn finish(self) -> (i64, Option<String>) {
-        self.stop.store(true, Ordering::Release);
-        let error = self.thread.join().expect("the writer thread panicked");
-        (self.acknowledged.load(Ordering::Acquire), error)
-    }
-}
-
 /// Checks that the `acknowledged` rows from `first` on are all in `db`.
 fn assert_has_rows(db: &Path, first: i64, acknowledged: i64) {
     let conn = rusqlite::Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
@@ -298,7 +243,11 @@ fn sigterm_hands_the_role_over(coordinator_url: &str) {
     send_signal(node_a.pid().unwrap(), libc::SIGTERM);
     wait_writable(&node_b);
     let takeover = signalled_at.elapsed();
-    let (acknowledged, error) = writer.finish();
+    let WriterEnd {
+        acknowledged,
+        failure,
+    } = writer.finish();
+    let error = failure.map(|(_, error)| error);
     let status = node_a.signal_and_wait(libc::SIGTERM);
     assert!(status.success(), "{}", node_a.stderr_text());
     let handoff_ms = logged_handoff(&node_a)
@@ -391,7 +340,7 @@ fn promote_moves_the_role_to_a_replica_and_the_old_primary_follows_it() {
         assert!(stdout.contains("this node is the primary"), "{stdout}");
         // The new primary accepts writes at once and has every acknowledged one.
         insert(&to.db_path(DB), -1 - round as i64, 1);
-        let (acknowledged, _) = writer.finish();
+        let acknowledged = writer.finish().acknowledged;
         assert_has_rows(&to.db_path(DB), first, acknowledged);
         durations.push((elapsed, logged_handoff(from)));
         // The old primary and the other replica follow the new one.

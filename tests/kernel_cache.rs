@@ -7,16 +7,53 @@ use ltxfs::fs::Fs;
 use ltxfs::fuse::MountedSession;
 use ltxfs::store::{CaptureOptions, Role, Store};
 
+/// A primary's store mounted in-process in a new temporary directory.
+struct Mounted {
+    dir: tempfile::TempDir,
+    store: Arc<Store>,
+    session: MountedSession,
+}
+
+impl Mounted {
+    fn start() -> Mounted {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("mnt")).unwrap();
+        let store = Arc::new(
+            Store::open(
+                &dir.path().join("data"),
+                CaptureOptions::default(),
+                Role::Primary,
+            )
+            .unwrap(),
+        );
+        let fs = Arc::new(Fs::new(store.clone(), 0, 0));
+        let session = MountedSession::start(fs, &dir.path().join("mnt"), false, 2)
+            .unwrap_or_else(|e| panic!("cannot mount (tests need /dev/fuse and root): {e}"));
+        Mounted {
+            dir,
+            store,
+            session,
+        }
+    }
+
+    /// The data dir, whose backing files the tests change behind the kernel.
+    fn data(&self) -> std::path::PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn mount_point(&self) -> std::path::PathBuf {
+        self.dir.path().join("mnt")
+    }
+
+    fn unmount(self) {
+        self.session.unmount();
+    }
+}
+
 #[test]
 fn invalidation_makes_changes_behind_the_kernel_visible() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    let mount_point = dir.path().join("mnt");
-    std::fs::create_dir(&mount_point).unwrap();
-    let store = Arc::new(Store::open(&data, CaptureOptions::default(), Role::Primary).unwrap());
-    let fs = Arc::new(Fs::new(store.clone(), 0, 0));
-    let session = MountedSession::start(fs, &mount_point, false, 2)
-        .unwrap_or_else(|e| panic!("cannot mount (tests need /dev/fuse and root): {e}"));
+    let mounted = Mounted::start();
+    let (data, mount_point, store) = (mounted.data(), mounted.mount_point(), &mounted.store);
 
     let through_mount = mount_point.join("cache.db-wal");
     std::fs::write(&through_mount, b"old contents").unwrap();
@@ -44,7 +81,7 @@ fn invalidation_makes_changes_behind_the_kernel_visible() {
         "the cached negative entry was not dropped"
     );
 
-    session.unmount();
+    mounted.unmount();
 }
 
 /// Regression test: under load, a reader on a replica now and then got the file
@@ -53,14 +90,8 @@ fn invalidation_makes_changes_behind_the_kernel_visible() {
 /// the kernel keep attributes: every `stat` gets the size the file has now.
 #[test]
 fn a_replica_answers_every_stat_itself() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    let mount_point = dir.path().join("mnt");
-    std::fs::create_dir(&mount_point).unwrap();
-    let store = Arc::new(Store::open(&data, CaptureOptions::default(), Role::Primary).unwrap());
-    let fs = Arc::new(Fs::new(store.clone(), 0, 0));
-    let session = MountedSession::start(fs, &mount_point, false, 2)
-        .unwrap_or_else(|e| panic!("cannot mount (tests need /dev/fuse and root): {e}"));
+    let mounted = Mounted::start();
+    let (data, mount_point, store) = (mounted.data(), mounted.mount_point(), &mounted.store);
     let through_mount = mount_point.join("sizes.db-wal");
     let backing = data.join("dbs").join("sizes.db").join("wal");
     let size = || std::fs::metadata(&through_mount).unwrap().len();
@@ -78,5 +109,5 @@ fn a_replica_answers_every_stat_itself() {
     std::fs::write(&backing, b"1").unwrap();
     assert_eq!(size(), 1, "the replica's attributes were cached");
 
-    session.unmount();
+    mounted.unmount();
 }

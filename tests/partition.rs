@@ -9,7 +9,7 @@
 //! counted.
 
 mod common;
-// Shared with the lease tests, which use more of it.
+// Shared with the failover tests.
 #[path = "support/cluster.rs"]
 mod cluster;
 #[allow(dead_code)]
@@ -22,16 +22,13 @@ mod tcp_proxy;
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use cluster::*;
 use common::*;
 use ltxfs::replication::PRESUMED_GONE_AFTER;
-use rusqlite::{OpenFlags, params};
+use rusqlite::OpenFlags;
 use tcp_proxy::TcpProxy;
 
 /// The lease TTL the nodes use.
@@ -105,78 +102,6 @@ fn seqs(mount: &Mount) -> BTreeSet<i64> {
         .unwrap()
         .map(Result::unwrap)
         .collect()
-}
-
-/// How a [`Writer`] ended.
-struct WriterEnd {
-    /// Rows SQLite reported committed: `first .. first + acknowledged`.
-    acknowledged: i64,
-    /// When the first insert failed, and its error.
-    failure: Option<(Instant, String)>,
-}
-
-/// Inserts rows `first`, `first + 1`, ... into a database on one connection,
-/// as fast as it can, until it is told to stop or an insert fails.
-struct Writer {
-    stop: Arc<AtomicBool>,
-    acknowledged: Arc<AtomicI64>,
-    thread: thread::JoinHandle<Option<(Instant, String)>>,
-}
-
-impl Writer {
-    fn start(db: PathBuf, first: i64) -> Writer {
-        let stop = Arc::new(AtomicBool::new(false));
-        let acknowledged = Arc::new(AtomicI64::new(0));
-        let thread = thread::spawn({
-            let (stop, acknowledged) = (stop.clone(), acknowledged.clone());
-            move || {
-                let conn = open_db(&db);
-                let mut committed = 0;
-                while !stop.load(Ordering::Acquire) {
-                    let seq = first + committed;
-                    if let Err(error) = conn.execute("INSERT INTO t(seq) VALUES(?1)", params![seq])
-                    {
-                        return Some((Instant::now(), error.to_string()));
-                    }
-                    committed += 1;
-                    acknowledged.store(committed, Ordering::Release);
-                }
-                None
-            }
-        });
-        Writer {
-            stop,
-            acknowledged,
-            thread,
-        }
-    }
-
-    fn acknowledged(&self) -> i64 {
-        self.acknowledged.load(Ordering::Acquire)
-    }
-
-    /// Waits until `rows` rows are acknowledged; panics if the writer failed.
-    fn wait_for(&self, rows: i64) {
-        wait_until("the writer to commit rows", TIMEOUT, || {
-            self.acknowledged() >= rows || self.thread.is_finished()
-        });
-        assert!(self.acknowledged() >= rows, "the writer stopped early");
-    }
-
-    /// Waits until the writer fails by itself.
-    fn wait_failed(self) -> WriterEnd {
-        wait_until("the writer to fail", TIMEOUT, || self.thread.is_finished());
-        self.finish()
-    }
-
-    fn finish(self) -> WriterEnd {
-        self.stop.store(true, Ordering::Release);
-        let failure = self.thread.join().expect("the writer thread panicked");
-        WriterEnd {
-            acknowledged: self.acknowledged.load(Ordering::Acquire),
-            failure,
-        }
-    }
 }
 
 fn loopback_address(url: &str) -> SocketAddr {

@@ -643,19 +643,25 @@ impl Store {
 
     /// Every database that has a position, with it, ordered by name.
     pub fn positions(&self) -> Vec<(String, Position)> {
-        self.all_databases()
-            .into_iter()
-            .map(|database| (database.name().to_string(), database.position()))
-            .filter(|(_, position)| position.txid.0 > 0)
-            .collect()
+        self.positions_read_by(|database| Some(database.position()))
+            .unwrap_or_default()
     }
 
     /// [`Store::positions`] without waiting: `None` when a database's capture
     /// lock is held (then [`Store::positions`] must be asked off async threads).
     pub fn try_positions(&self) -> Option<Vec<(String, Position)>> {
+        self.positions_read_by(Database::try_position)
+    }
+
+    /// The positions `read` gives, leaving out databases without one; `None` as
+    /// soon as `read` gives none.
+    fn positions_read_by(
+        &self,
+        read: impl Fn(&Database) -> Option<Position>,
+    ) -> Option<Vec<(String, Position)>> {
         let mut positions = Vec::new();
         for database in self.all_databases() {
-            let position = database.try_position()?;
+            let position = read(&database)?;
             if position.txid.0 > 0 {
                 positions.push((database.name().to_string(), position));
             }

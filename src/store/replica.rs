@@ -361,36 +361,18 @@ mod tests {
         assert_eq!(points[0], isolated.position(), "newest first");
 
         let database = primary.database("app.db").unwrap();
-        let answer = database
+        let shared_txid = |points: &[Position]| match database
             .catch_up(isolated.position(), points, u64::MAX)
-            .unwrap();
-        assert!(
-            matches!(
-                answer,
-                CatchUp::Snapshot {
-                    shared_txid: Some(TxId(3)),
-                    ..
-                }
-            ),
-            "{answer:?}"
-        );
+            .unwrap()
+        {
+            CatchUp::Snapshot { shared_txid, .. } => shared_txid,
+            other => panic!("a snapshot was not asked for: {other:?}"),
+        };
+        assert_eq!(shared_txid(points), Some(TxId(3)));
         // Without the replica's history, or with only its own tail, nothing is
         // known to be shared.
-        for points in [&[][..], &points[..3]] {
-            let answer = database
-                .catch_up(isolated.position(), points, u64::MAX)
-                .unwrap();
-            assert!(
-                matches!(
-                    answer,
-                    CatchUp::Snapshot {
-                        shared_txid: None,
-                        ..
-                    }
-                ),
-                "{answer:?}"
-            );
-        }
+        assert_eq!(shared_txid(&[]), None);
+        assert_eq!(shared_txid(&points[..3]), None);
     }
 
     #[test]

@@ -3,7 +3,9 @@
 //! write; every wait is bounded by [`CLUSTER_TIMEOUT`].
 
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -140,4 +142,80 @@ pub fn check_history(nodes: &[(&str, &Mount)]) {
         comparison.compared > 0,
         "the nodes share no transaction to compare"
     );
+}
+
+/// How a [`Writer`] ended.
+pub struct WriterEnd {
+    /// Rows SQLite reported committed: `first .. first + acknowledged`.
+    pub acknowledged: i64,
+    /// When the first insert failed, and its error.
+    pub failure: Option<(Instant, String)>,
+}
+
+/// Inserts rows `first`, `first + 1`, ... into a database on one connection,
+/// as fast as it can, until it is told to stop or an insert fails.
+pub struct Writer {
+    stop: Arc<AtomicBool>,
+    acknowledged: Arc<AtomicI64>,
+    thread: thread::JoinHandle<Option<(Instant, String)>>,
+}
+
+impl Writer {
+    pub fn start(db: PathBuf, first: i64) -> Writer {
+        let stop = Arc::new(AtomicBool::new(false));
+        let acknowledged = Arc::new(AtomicI64::new(0));
+        let thread = thread::spawn({
+            let (stop, acknowledged) = (stop.clone(), acknowledged.clone());
+            move || {
+                let conn = open_db(&db);
+                let mut committed = 0;
+                while !stop.load(Ordering::Acquire) {
+                    let seq = first + committed;
+                    if let Err(error) = conn.execute("INSERT INTO t(seq) VALUES(?1)", params![seq])
+                    {
+                        return Some((Instant::now(), error.to_string()));
+                    }
+                    committed += 1;
+                    acknowledged.store(committed, Ordering::Release);
+                }
+                None
+            }
+        });
+        Writer {
+            stop,
+            acknowledged,
+            thread,
+        }
+    }
+
+    pub fn acknowledged(&self) -> i64 {
+        self.acknowledged.load(Ordering::Acquire)
+    }
+
+    /// Waits until `rows` rows are acknowledged; panics if the writer failed.
+    pub fn wait_for(&self, rows: i64) {
+        wait_until("the writer to commit rows", CLUSTER_TIMEOUT, || {
+            self.acknowledged() >= rows || self.thread.is_finished()
+        });
+        assert!(self.acknowledged() >= rows, "the writer stopped early");
+    }
+
+    /// Waits until the writer fails by itself.
+    pub fn wait_failed(self) -> WriterEnd {
+        wait_until("the writer to fail", CLUSTER_TIMEOUT, || {
+            self.thread.is_finished()
+        });
+        self.finish()
+    }
+
+    /// Stops the writer; says how many rows it committed and how it failed, if
+    /// it did.
+    pub fn finish(self) -> WriterEnd {
+        self.stop.store(true, Ordering::Release);
+        let failure = self.thread.join().expect("the writer thread panicked");
+        WriterEnd {
+            acknowledged: self.acknowledged.load(Ordering::Acquire),
+            failure,
+        }
+    }
 }
