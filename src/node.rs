@@ -33,7 +33,7 @@ use crate::lease::{HeldLease, Lease, LeaseError, LeaseHolder, LeaseState};
 use crate::proxy::WriteGate;
 use crate::replication::{
     self, ControlRequest, FollowSettings, FollowerState, HANDOFF_TIMEOUT, HandoffPhase, Handoffs,
-    LastHeard, PRESUMED_GONE_AFTER, ReplicationError,
+    KnownPeers, LastHeard, PRESUMED_GONE_AFTER, ReplicationError,
 };
 use crate::store::{Role, Store};
 
@@ -41,6 +41,9 @@ use crate::store::{Role, Store};
 const WATCH_WAIT: Duration = Duration::from_secs(10);
 /// How long a handoff waits for the writes in the application to finish.
 const WRITE_DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long a candidate that took over from a failed primary spends catching
+/// up from the other replicas, at most, before it accepts writes.
+const PEER_CATCH_UP_TIMEOUT: Duration = Duration::from_secs(10);
 /// The pause after a coordinator error before asking again.
 const COORDINATOR_RETRY: Duration = Duration::from_millis(500);
 
@@ -161,7 +164,28 @@ pub async fn run(settings: NodeSettings, shutdown: CancellationToken) -> Result<
             node.answer_promotions(Err("this node is shutting down".to_string()));
             return Ok(());
         };
+        // A handoff to this node brought it everything the last primary
+        // accepted; after a failure, another replica may hold more.
+        let handed_to_me = node.handed_off_to_me();
         node.stop_following().await;
+        let held = if handed_to_me {
+            held
+        } else {
+            let caught_up = tokio::select! {
+                () = shutdown.cancelled() => None,
+                caught_up = node.catch_up_from_peers(held.clone()) => Some(caught_up),
+            };
+            match caught_up {
+                Some(Some(held)) => held,
+                // The lease was lost while catching up: back to following.
+                Some(None) => continue,
+                None => {
+                    node.release(&held).await;
+                    node.answer_promotions(Err("this node is shutting down".to_string()));
+                    return Ok(());
+                }
+            }
+        };
         node.promote(&held);
         let end = tokio::select! {
             () = shutdown.cancelled() => None,
@@ -210,6 +234,8 @@ struct Node {
     /// When a free lease this node declined (its stream was still open) should
     /// be looked at again: when the stream will have been silent long enough.
     recheck_at: Option<Instant>,
+    /// The replicas the last primary named, kept across streams.
+    known_peers: Arc<KnownPeers>,
 }
 
 impl Node {
@@ -241,6 +267,7 @@ impl Node {
             promotions: Vec::new(),
             handoff_call: None,
             recheck_at: None,
+            known_peers: Arc::new(KnownPeers::default()),
         };
         (node, cluster_id_path)
     }
@@ -428,19 +455,56 @@ impl Node {
         }
     }
 
+    /// Whether the last primary handed its role to this node: then this node has
+    /// everything that primary accepted.
+    fn handed_off_to_me(&self) -> bool {
+        self.following.as_ref().is_some_and(|following| {
+            following
+                .state
+                .borrow()
+                .handoff
+                .as_ref()
+                .is_some_and(|handoff| handoff.to == self.me.hostname)
+        })
+    }
+
+    /// Brings this node up to the most advanced replica of the last primary (see
+    /// `replication::catch_up_from_peers`) before it accepts writes, for at most
+    /// [`PEER_CATCH_UP_TIMEOUT`], renewing the lease meanwhile. Returns the lease
+    /// as last renewed, or `None` when it was lost.
+    async fn catch_up_from_peers(&mut self, mut held: HeldLease) -> Option<HeldLease> {
+        let peers = self.known_peers.get();
+        if peers.is_empty() {
+            return Some(held);
+        }
+        let started = Instant::now();
+        let catch_up = tokio::time::timeout(
+            PEER_CATCH_UP_TIMEOUT,
+            replication::catch_up_from_peers(&self.store, &self.me.hostname, &peers),
+        );
+        let mut catch_up = std::pin::pin!(catch_up);
+        loop {
+            tokio::select! {
+                caught_up = &mut catch_up => {
+                    if caught_up.is_err() {
+                        tracing::warn!(timeout = ?PEER_CATCH_UP_TIMEOUT, "catching up from the peers took too long; accepting writes without what they may still hold");
+                    }
+                    tracing::info!(elapsed = ?started.elapsed(), "done catching up from the peers");
+                    return Some(held);
+                }
+                () = tokio::time::sleep_until(next_renewal(&held)) => {}
+            }
+            held = renew(self.lease.as_ref(), held).await?;
+        }
+    }
+
     /// Keeps renewing the lease, answering control requests; returns when the
     /// lease is lost (or its renewal deadline passes without a successful renewal)
     /// or a replica asks for the primary role.
     async fn hold(&mut self, mut held: HeldLease) -> HoldEnd {
-        let lease = self.lease.clone();
         loop {
-            let now = Instant::now();
-            let deadline = Instant::from_std(held.renew_by);
-            // Renew at a third of the remaining time, so two attempts fit before the
-            // deadline.
-            let next = now + deadline.saturating_duration_since(now) / 3;
             tokio::select! {
-                () = tokio::time::sleep_until(next) => {}
+                () = tokio::time::sleep_until(next_renewal(&held)) => {}
                 Some(request) = self.control.recv() => {
                     match request {
                         ControlRequest::HandOffTo { hostname, reply } => {
@@ -458,23 +522,9 @@ impl Node {
                     continue;
                 }
             }
-            match tokio::time::timeout_at(deadline, lease.renew(&held)).await {
-                Ok(Ok(renewed)) => held = renewed,
-                // The coordinator did not answer: the lease is still this node's
-                // until the renewal deadline, so try again before it.
-                Ok(Err(error @ LeaseError::Unavailable { .. })) => {
-                    tracing::warn!(%error, renew_by = ?deadline.saturating_duration_since(Instant::now()), "could not renew the lease; retrying before the renewal deadline");
-                }
-                Ok(Err(error)) => {
-                    tracing::error!(%error, "lost the lease; no longer accepting writes");
-                    return HoldEnd::Lost;
-                }
-                Err(_) => {
-                    tracing::error!(
-                        "could not renew the lease in time; no longer accepting writes"
-                    );
-                    return HoldEnd::Lost;
-                }
+            match renew(self.lease.as_ref(), held).await {
+                Some(renewed) => held = renewed,
+                None => return HoldEnd::Lost,
             }
         }
     }
@@ -559,6 +609,8 @@ impl Node {
     }
 
     fn promote(&mut self, held: &HeldLease) {
+        // A later takeover asks the peers the next primary names.
+        self.known_peers.replace(Vec::new());
         self.store.set_epoch(held.epoch.0);
         self.writes.open();
         self.store.set_role(Role::Primary);
@@ -597,6 +649,9 @@ impl Node {
                 candidate: self.candidate,
                 reconnect_delay: self.reconnect_delay,
                 last_heard: last_heard.clone(),
+                advertise_url: Some(self.me.advertise_url.clone())
+                    .filter(|url| url.starts_with("http://")),
+                known_peers: self.known_peers.clone(),
             },
             state,
             stop.clone(),
@@ -615,6 +670,35 @@ impl Node {
         if let Some(following) = self.following.take() {
             following.stop.cancel();
             let _ = following.task.await;
+        }
+    }
+}
+
+/// When to renew `held`: at a third of the time left before its renewal
+/// deadline, so two attempts fit before it.
+fn next_renewal(held: &HeldLease) -> Instant {
+    let now = Instant::now();
+    now + Instant::from_std(held.renew_by).saturating_duration_since(now) / 3
+}
+
+/// Renews `held` before its renewal deadline: the renewed lease, the same one
+/// when the coordinator did not answer (it is still this node's until the
+/// deadline, so the caller tries again), or `None` when it is lost.
+async fn renew(lease: &dyn Lease, held: HeldLease) -> Option<HeldLease> {
+    let deadline = Instant::from_std(held.renew_by);
+    match tokio::time::timeout_at(deadline, lease.renew(&held)).await {
+        Ok(Ok(renewed)) => Some(renewed),
+        Ok(Err(error @ LeaseError::Unavailable { .. })) => {
+            tracing::warn!(%error, renew_by = ?deadline.saturating_duration_since(Instant::now()), "could not renew the lease; retrying before the renewal deadline");
+            Some(held)
+        }
+        Ok(Err(error)) => {
+            tracing::error!(%error, "lost the lease; no longer accepting writes");
+            None
+        }
+        Err(_) => {
+            tracing::error!("could not renew the lease in time; no longer accepting writes");
+            None
         }
     }
 }

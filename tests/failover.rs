@@ -143,6 +143,102 @@ fn a_candidate_takes_over_from_a_killed_primary_and_the_old_one_rejoins() {
     check_history(&nodes);
 }
 
+/// Starts node-a as the primary, then the candidate node-b and node-c, which
+/// may never become the primary; returns once all three agree on node-a.
+fn start_a_with_b_and_follower_c(etcd_url: &str) -> [Mount; 3] {
+    let node_a = start_node("node-a", etcd_url);
+    assert_eq!(wait_for_primary(&[("node-a", &node_a)]), "node-a");
+    let node_b = start_node("node-b", etcd_url);
+    let node_c = start_node_as("node-c", false, etcd_url);
+    let nodes = [
+        ("node-a", &node_a),
+        ("node-b", &node_b),
+        ("node-c", &node_c),
+    ];
+    assert_eq!(wait_for_primary(&nodes), "node-a");
+    [node_a, node_b, node_c]
+}
+
+/// A node's process stopped with SIGSTOP until this is dropped (SIGCONT), even
+/// when the test fails meanwhile.
+struct Frozen(u32);
+
+impl Frozen {
+    fn freeze(mount: &Mount) -> Frozen {
+        let pid = mount.pid().expect("the node runs");
+        send_signal(pid, libc::SIGSTOP);
+        Frozen(pid)
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        send_signal(self.0, libc::SIGCONT);
+    }
+}
+
+#[test]
+fn a_candidate_behind_another_replica_catches_up_from_it_before_taking_writes() {
+    let etcd = etcd::Etcd::start();
+    // node-b is the only other candidate, so it takes over; node-c only follows.
+    let [mut node_a, node_b, node_c] = start_a_with_b_and_follower_c(etcd.url());
+    let conn = open_db(&node_a.db_path(DB));
+    set_journal_mode(&conn, "wal");
+    conn.execute_batch("CREATE TABLE t(seq INTEGER PRIMARY KEY, pad BLOB)")
+        .unwrap();
+    insert(&node_a.db_path(DB), 0, 10);
+    wait_converged(&node_a, &[&node_b, &node_c]);
+    wait_until("node-b to hear of node-c", CLUSTER_TIMEOUT, || {
+        node_b
+            .stderr_text()
+            .lines()
+            .any(|line| line.contains("the primary's replicas") && line.contains("node-c"))
+    });
+
+    // node-b stops reading its stream, so it falls far behind (more than the
+    // stream's buffers and window hold), while node-c keeps up. Every row is
+    // acknowledged on node-a before it dies.
+    let frozen = Frozen::freeze(&node_b);
+    const ROWS_WHILE_BEHIND: i64 = 200;
+    for seq in 10..10 + ROWS_WHILE_BEHIND {
+        conn.execute(
+            "INSERT INTO t(seq, pad) VALUES(?1, randomblob(65536))",
+            params![seq],
+        )
+        .unwrap();
+    }
+    drop(conn);
+    let acknowledged = 10 + ROWS_WHILE_BEHIND;
+    wait_converged(&node_a, &[&node_c]);
+    node_a.kill9();
+    drop(frozen);
+
+    // node-b takes the lease, but accepts writes only once it has what node-c
+    // has: nothing node-a acknowledged is lost, and node-c discards nothing.
+    let survivors = [("node-b", &node_b), ("node-c", &node_c)];
+    assert_eq!(wait_for_primary(&survivors), "node-b");
+    wait_writable(&node_b);
+    assert_eq!(rows(&node_b.db_path(DB)), acknowledged);
+    let logs = node_b.stderr_text();
+    assert!(
+        logs.contains("catching up from a peer that is ahead of this node"),
+        "node-b did not catch up from node-c:\n{logs}"
+    );
+    insert(&node_b.db_path(DB), acknowledged, 5);
+    wait_converged(&node_b, &[&node_c]);
+    assert_eq!(rows(&node_c.db_path(DB)), acknowledged + 5);
+    let logs = node_c.stderr_text();
+    assert!(
+        !logs.contains("discarding this node's transactions"),
+        "node-c discarded transactions:\n{logs}"
+    );
+    check_history(&[
+        ("node-a", &node_a),
+        ("node-b", &node_b),
+        ("node-c", &node_c),
+    ]);
+}
+
 #[test]
 fn a_clean_shutdown_releases_the_lease_at_once() {
     let etcd = etcd::Etcd::start();
@@ -289,16 +385,12 @@ fn sigterm_hands_the_role_over(coordinator_url: &str) {
 #[test]
 fn promote_moves_the_role_to_a_replica_and_the_old_primary_follows_it() {
     let etcd = etcd::Etcd::start();
-    let node_a = start_node("node-a", etcd.url());
-    assert_eq!(wait_for_primary(&[("node-a", &node_a)]), "node-a");
-    let node_b = start_node("node-b", etcd.url());
-    let node_c = start_node_as("node-c", false, etcd.url());
+    let [node_a, node_b, node_c] = start_a_with_b_and_follower_c(etcd.url());
     let nodes = [
         ("node-a", &node_a),
         ("node-b", &node_b),
         ("node-c", &node_c),
     ];
-    assert_eq!(wait_for_primary(&nodes), "node-a");
     create_table(&node_a);
     insert(&node_a.db_path(DB), 0, 50);
     wait_converged(&node_a, &[&node_b, &node_c]);

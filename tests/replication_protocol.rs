@@ -26,7 +26,8 @@ use logs::Logs;
 use ltxfs::bridge::CommitBridge;
 use ltxfs::ltx::TxId;
 use ltxfs::replication::{
-    self, CHUNK_SIZE, FollowSettings, FollowerState, HandoffPhase, Handoffs, NodeContext,
+    self, CHUNK_SIZE, FollowSettings, FollowerState, HandoffPhase, Handoffs, KnownPeers,
+    NodeContext, Peer, PeerCatchUp,
 };
 use ltxfs::store::{CaptureOptions, Position, Role, SQLITE_HEADER_MAGIC, Store};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -129,17 +130,37 @@ fn follow(
     url: &str,
     shutdown: &CancellationToken,
 ) -> (JoinHandle<()>, watch::Receiver<FollowerState>) {
+    let (task, state, _) = follow_as(replica, "node-b", url, shutdown);
+    (task, state)
+}
+
+/// Makes `replica` follow the primary at `url` as the candidate `hostname`,
+/// advertising its own URL; returns the client's task, its state and the peers
+/// the primary names to it.
+fn follow_as(
+    replica: &Node,
+    hostname: &str,
+    url: &str,
+    shutdown: &CancellationToken,
+) -> (
+    JoinHandle<()>,
+    watch::Receiver<FollowerState>,
+    Arc<KnownPeers>,
+) {
+    let known_peers = Arc::new(KnownPeers::default());
     let settings = FollowSettings {
         store: replica.store.clone(),
         primary_url: url.to_string(),
-        hostname: "node-b".to_string(),
+        hostname: hostname.to_string(),
         candidate: true,
         reconnect_delay: Duration::from_millis(200),
         last_heard: Default::default(),
+        advertise_url: Some(replica.url.clone()),
+        known_peers: known_peers.clone(),
     };
     let (state, receiver) = watch::channel(FollowerState::default());
     let task = tokio::spawn(replication::follow(settings, state, shutdown.clone()));
-    (task, receiver)
+    (task, receiver, known_peers)
 }
 
 /// Every database of `store` with its position and its content.
@@ -348,6 +369,79 @@ async fn a_handoff_sends_everything_accepted_then_names_the_new_primary() {
     .await
     .expect("the replica leaves the stream")
     .unwrap();
+    shutdown.cancel();
+}
+
+/// Polls `condition` until it holds, or fails naming `what`.
+async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + CONVERGE_TIMEOUT;
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_taking_over_catches_up_from_the_peer_that_is_ahead() {
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let shutdown = CancellationToken::new();
+    let primary_stop = CancellationToken::new();
+    let primary = start_node(dirs[0].path(), Role::Primary, "node-a", &primary_stop).await;
+    let node_b = start_node(dirs[1].path(), Role::Replica, "node-b", &shutdown).await;
+    let node_c = start_node(dirs[2].path(), Role::Replica, "node-c", &shutdown).await;
+    commit(&primary.store, "app.db", [(1, 1), (2, 2)]);
+    let b_stop = CancellationToken::new();
+    let (b_task, _, b_peers) = follow_as(&node_b, "node-b", &primary.url, &b_stop);
+    let (_c_task, _, _) = follow_as(&node_c, "node-c", &primary.url, &shutdown);
+    converge(&primary.store, &node_b.store).await;
+    converge(&primary.store, &node_c.store).await;
+    // The primary names both caught-up replicas to each of them.
+    let both = |peers: &[Peer]| {
+        peers
+            .iter()
+            .map(|peer| peer.hostname.as_str())
+            .collect::<Vec<_>>()
+            == ["node-b", "node-c"]
+    };
+    eventually("node-b to hear of node-c", || both(&b_peers.get())).await;
+    assert!(b_peers.get().iter().any(|peer| peer.url == node_c.url));
+
+    // node-b falls behind: only node-c receives what the primary commits next,
+    // including a new database.
+    b_stop.cancel();
+    b_task.await.unwrap();
+    for value in 3..20u8 {
+        commit(
+            &primary.store,
+            "app.db",
+            [(2, value), (u32::from(value), value)],
+        );
+    }
+    commit(&primary.store, "new.db", [(1, 9)]);
+    converge(&primary.store, &node_c.store).await;
+    let primary_state = state(&primary.store);
+    // The primary dies.
+    primary_stop.cancel();
+    primary.server.await.unwrap().unwrap();
+    assert_ne!(node_b.store.positions(), primary.store.positions());
+
+    // node-b takes over: it catches up from node-c, and a peer that cannot be
+    // reached is reported, not waited for.
+    let mut peers = b_peers.get();
+    peers.push(Peer {
+        hostname: "node-gone".into(),
+        url: "http://127.0.0.1:1".into(),
+    });
+    let report = replication::catch_up_from_peers(&node_b.store, "node-b", &peers).await;
+    assert_eq!(report.caught_up_from, ["node-c"]);
+    assert_eq!(report.unreachable, ["node-gone"]);
+    assert!(
+        state(&node_b.store) == primary_state,
+        "node-b differs from the old primary"
+    );
+    // Nothing more to fetch: asking again catches up from nobody.
+    let again = replication::catch_up_from_peers(&node_b.store, "node-b", &peers[..2]).await;
+    assert_eq!(again, PeerCatchUp::default());
     shutdown.cancel();
 }
 

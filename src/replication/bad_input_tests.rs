@@ -141,6 +141,8 @@ fn follow_as_node_b(
         candidate: false,
         reconnect_delay: RECONNECT_DELAY,
         last_heard: Default::default(),
+        advertise_url: None,
+        known_peers: Default::default(),
     };
     let (state, _) = watch::channel(FollowerState::default());
     tokio::spawn(follow(settings, state, shutdown.clone()))
@@ -754,6 +756,7 @@ async fn a_replica_speaking_another_protocol_revision_is_refused() {
         positions: Vec::new(),
         protocol_version,
         histories: Vec::new(),
+        ..StreamRequest::default()
     };
 
     let status = client

@@ -20,6 +20,12 @@
 //!   the handoff in its [`FollowerState`] (the role loop of the replica named in it
 //!   takes the lease), and leaves the stream.
 //!
+//! In `Live`, `Peers` messages name the primary's other replicas; the client
+//! keeps the latest list in [`KnownPeers`] for the role loop, which asks them for
+//! what this node lacks if it takes over after the primary failed.
+//! [`catch_up_from`] runs that catch-up: one stream to a peer, through the same
+//! state machine from `Connecting` to `Ready`, applying what it sends.
+//!
 //! The [`FollowerState`] also says whether a stream is open (from `Hello` to its
 //! end), so the role loop never takes a free lease while change sets may still
 //! arrive.
@@ -53,11 +59,11 @@ use crate::store::{AppliedChangeSet, Position, Store, StoreError};
 use super::chunk::{ChangeSet, Reassembler};
 use super::crc::ChangeSetCrc;
 use super::handoff::{FollowerState, HandoffSeen, LastHeard};
-use super::proto::replication_client::ReplicationClient;
-use super::wire::{self, DatabaseName, PrimaryMessage};
+use super::peers::{KnownPeers, Peer};
+use super::proto;
+use super::wire::{self, DatabaseName, PrimaryMessage, StreamAsker};
 use super::{
-    MAX_CHANGE_SET_BYTES, MAX_MESSAGE_BYTES, PRIMARY_SILENCE_TIMEOUT, ReplicationError, blocking,
-    endpoint, remote_error,
+    MAX_CHANGE_SET_BYTES, PRIMARY_SILENCE_TIMEOUT, ReplicationError, blocking, remote_error,
 };
 
 /// The first reconnect delay; it doubles after each failed attempt.
@@ -79,6 +85,11 @@ pub struct FollowSettings {
     pub reconnect_delay: Duration,
     /// Where the client notes each message from the primary.
     pub last_heard: Arc<LastHeard>,
+    /// Where other nodes reach this replica (`lease.advertise-url`), which the
+    /// primary passes on to its other replicas.
+    pub advertise_url: Option<String>,
+    /// Where the client keeps the peers the primary names.
+    pub known_peers: Arc<KnownPeers>,
 }
 
 /// Follows the primary until `shutdown` is cancelled: applies its change sets,
@@ -94,10 +105,12 @@ pub async fn follow(
         url: settings.primary_url,
         hostname: settings.hostname,
         candidate: settings.candidate,
+        advertise_url: settings.advertise_url,
         session: Session::new(MAX_CHANGE_SET_BYTES),
         backoff: Backoff::new(settings.reconnect_delay),
         state,
         last_heard: settings.last_heard,
+        known_peers: settings.known_peers,
     };
     // The last failure logged as a warning: the same failure again (the primary
     // is still down) is only logged at debug level.
@@ -159,6 +172,8 @@ enum Step {
         timestamp_ms: u64,
         positions: Vec<(DatabaseName, Position)>,
     },
+    /// The primary's other replicas.
+    Peers(Vec<Peer>),
     /// The primary hands its role to `to`; every database must be at `positions`.
     HandedOff {
         to: String,
@@ -243,6 +258,8 @@ impl Session {
             (State::Live, PrimaryMessage::Handoff { to, positions }) => {
                 Ok(Step::HandedOff { to, positions })
             }
+            (State::Live, PrimaryMessage::Peers(peers)) => Ok(Step::Peers(peers)),
+            (_, message @ PrimaryMessage::Peers(_)) => Err(unexpected(&message, "catching up")),
             (_, message @ PrimaryMessage::Handoff { .. }) => {
                 Err(unexpected(&message, "catching up"))
             }
@@ -295,10 +312,12 @@ struct Replica {
     url: String,
     hostname: String,
     candidate: bool,
+    advertise_url: Option<String>,
     session: Session,
     backoff: Backoff,
     state: watch::Sender<FollowerState>,
     last_heard: Arc<LastHeard>,
+    known_peers: Arc<KnownPeers>,
 }
 
 impl Replica {
@@ -311,47 +330,15 @@ impl Replica {
     }
 
     async fn try_run_stream(&mut self) -> Result<std::convert::Infallible, ReplicationError> {
-        let channel =
-            endpoint(&self.url)?
-                .connect()
-                .await
-                .map_err(|source| ReplicationError::Connect {
-                    url: self.url.clone(),
-                    source,
-                })?;
-        let mut client =
-            ReplicationClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES);
-        let store = self.store.clone();
-        let (positions, histories) = blocking(move || {
-            let positions = store.positions();
-            let limit = wire::history_points_per_database(positions.len());
-            Ok((positions, store.histories(limit)?))
-        })
-        .await?;
-        let request = wire::stream_request(&self.hostname, self.candidate, &positions, &histories);
-        let mut stream = client
-            .stream(request)
-            .await
-            .map_err(|status| remote_error(&self.url, &status))?
-            .into_inner();
+        let asker = StreamAsker {
+            hostname: &self.hostname,
+            candidate: self.candidate,
+            advertise_url: self.advertise_url.as_deref(),
+        };
+        let mut stream = open_stream(&self.store, &self.url, asker, None).await?;
         loop {
-            let message =
-                match tokio::time::timeout(PRIMARY_SILENCE_TIMEOUT, stream.message()).await {
-                    Ok(Ok(Some(message))) => message,
-                    Ok(Ok(None)) => {
-                        return Err(self.session.interrupted(ReplicationError::StreamEnded));
-                    }
-                    Ok(Err(status)) => {
-                        return Err(self.session.interrupted(remote_error(&self.url, &status)));
-                    }
-                    Err(_) => {
-                        return Err(self.session.interrupted(ReplicationError::PrimarySilent(
-                            PRIMARY_SILENCE_TIMEOUT,
-                        )));
-                    }
-                };
+            let message = next_message(&mut stream, &self.session, &self.url).await?;
             self.last_heard.record();
-            let message = wire::parse_primary_message(message)?;
             match self.session.receive(message)? {
                 Step::Connected {
                     hostname,
@@ -365,7 +352,13 @@ impl Replica {
                     self.backoff.reset();
                     self.state.send_modify(|state| state.connected = true);
                 }
-                Step::Apply(change_set) => self.apply(change_set).await?,
+                Step::Apply(change_set) => {
+                    let header = apply(&self.store, "the primary", &self.url, change_set).await?;
+                    // The change set's timestamp is when it committed on the primary.
+                    self.store
+                        .cluster()
+                        .note_primary_timestamp(header.timestamp);
+                }
                 Step::Collecting => {}
                 Step::CaughtUp => {
                     tracing::info!(primary = %self.url, "caught up with the primary");
@@ -377,6 +370,10 @@ impl Replica {
                     self.store.cluster().note_primary_timestamp(timestamp_ms);
                     let store = self.store.clone();
                     blocking(move || check_positions(&store, positions)).await?;
+                }
+                Step::Peers(peers) => {
+                    tracing::info!(primary = %self.url, peers = ?peers.iter().map(|peer| &peer.hostname).collect::<Vec<_>>(), "the primary's replicas");
+                    self.known_peers.replace(peers);
                 }
                 Step::HandedOff { to, positions } => {
                     // Everything the primary accepted was applied before this
@@ -396,53 +393,6 @@ impl Replica {
         }
     }
 
-    /// Verifies and applies one whole change set on the blocking pool.
-    async fn apply(&self, change_set: ChangeSet) -> Result<(), ReplicationError> {
-        let database = change_set.database.as_str().to_string();
-        let store = self.store.clone();
-        let applied = blocking(move || verify_and_apply(&store, change_set)).await;
-        match applied {
-            Ok(Applied {
-                header,
-                before,
-                shared_txid,
-                applied,
-            }) => {
-                // The change set's timestamp is when it committed on the primary.
-                self.store
-                    .cluster()
-                    .note_primary_timestamp(header.timestamp);
-                if header.is_snapshot() {
-                    log_replaced(&database, before, shared_txid, applied.position);
-                }
-                tracing::debug!(
-                    database,
-                    min_txid = %header.min_txid,
-                    max_txid = %header.max_txid,
-                    pages = applied.pages.len(),
-                    "applied a change set"
-                );
-                Ok(())
-            }
-            Err(
-                error @ (ReplicationError::ChangeSetCrc { .. }
-                | ReplicationError::InvalidChangeSet { .. }
-                | ReplicationError::Store(StoreError::ChangeSetRejected { .. })),
-            ) => {
-                {
-                    let error: &dyn std::error::Error = &error;
-                    tracing::warn!(
-                        database,
-                        error,
-                        "refused a change set from the primary; nothing was applied; reconnecting to resynchronise"
-                    );
-                }
-                Err(error)
-            }
-            Err(error) => Err(error),
-        }
-    }
-
     /// Leaves the stream: this replica no longer has a primary.
     fn disconnect(&mut self) {
         self.store.set_primary(None);
@@ -451,11 +401,158 @@ impl Replica {
     }
 }
 
+/// Catches `databases` up from the node at `url` (a peer of this node's last
+/// primary, which need not be a primary itself): applies the change sets that
+/// follow this node's positions, or a snapshot of a database it lacks, until the
+/// peer's `Ready`. `peer` is its hostname, for the logs; `hostname` this node's.
+pub(super) async fn catch_up_from(
+    store: &Arc<Store>,
+    peer: &str,
+    url: &str,
+    hostname: &str,
+    databases: Vec<String>,
+) -> Result<(), ReplicationError> {
+    let asker = StreamAsker {
+        hostname,
+        candidate: true,
+        advertise_url: None,
+    };
+    let mut stream = open_stream(store, url, asker, Some(databases)).await?;
+    let source = format!("peer {peer}");
+    let mut session = Session::new(MAX_CHANGE_SET_BYTES);
+    session.enter(State::Connecting);
+    loop {
+        let message = next_message(&mut stream, &session, url).await?;
+        match session.receive(message)? {
+            Step::Connected { .. } | Step::Collecting | Step::Heartbeat { .. } => {}
+            Step::Apply(change_set) => {
+                apply(store, &source, url, change_set).await?;
+            }
+            Step::CaughtUp => return Ok(()),
+            Step::Peers(_) | Step::HandedOff { .. } => {
+                return Err(ReplicationError::UnexpectedMessage {
+                    message: "Peers or Handoff",
+                    state: "catching up from a peer",
+                });
+            }
+        }
+    }
+}
+
+/// Connects to the node at `url` and opens a stream from this node's positions:
+/// of every database to follow a primary, or of `catch_up` only.
+async fn open_stream(
+    store: &Arc<Store>,
+    url: &str,
+    asker: StreamAsker<'_>,
+    catch_up: Option<Vec<String>>,
+) -> Result<tonic::Streaming<proto::StreamMessage>, ReplicationError> {
+    let mut client = super::connect(url, None).await?;
+    let store = store.clone();
+    let only = catch_up.clone();
+    let (positions, histories) = blocking(move || {
+        let mut positions = store.positions();
+        if let Some(only) = &only {
+            positions.retain(|(name, _)| only.contains(name));
+        }
+        let limit = wire::history_points_per_database(positions.len());
+        let mut histories = store.histories(limit)?;
+        if let Some(only) = &only {
+            histories.retain(|(name, _)| only.contains(name));
+        }
+        Ok((positions, histories))
+    })
+    .await?;
+    let request = wire::stream_request(
+        &asker,
+        &positions,
+        &histories,
+        catch_up.as_deref().unwrap_or_default(),
+    );
+    Ok(client
+        .stream(request)
+        .await
+        .map_err(|status| remote_error(url, &status))?
+        .into_inner())
+}
+
+/// The next message on `stream`, validated; an error names what ended the
+/// stream, and the change set it cut short.
+async fn next_message(
+    stream: &mut tonic::Streaming<proto::StreamMessage>,
+    session: &Session,
+    url: &str,
+) -> Result<PrimaryMessage, ReplicationError> {
+    let message = match tokio::time::timeout(PRIMARY_SILENCE_TIMEOUT, stream.message()).await {
+        Ok(Ok(Some(message))) => message,
+        Ok(Ok(None)) => return Err(session.interrupted(ReplicationError::StreamEnded)),
+        Ok(Err(status)) => return Err(session.interrupted(remote_error(url, &status))),
+        Err(_) => {
+            return Err(
+                session.interrupted(ReplicationError::PrimarySilent(PRIMARY_SILENCE_TIMEOUT))
+            );
+        }
+    };
+    wire::parse_primary_message(message)
+}
+
+/// Verifies and applies one whole change set from `source` (such as "the
+/// primary"), at `url`, on the blocking pool; returns its header.
+async fn apply(
+    store: &Arc<Store>,
+    source: &str,
+    url: &str,
+    change_set: ChangeSet,
+) -> Result<Header, ReplicationError> {
+    let database = change_set.database.as_str().to_string();
+    let applying = store.clone();
+    let applied = blocking(move || verify_and_apply(&applying, change_set)).await;
+    match applied {
+        Ok(Applied {
+            header,
+            before,
+            shared_txid,
+            applied,
+        }) => {
+            if header.is_snapshot() {
+                log_replaced(&database, source, before, shared_txid, applied.position);
+            }
+            tracing::debug!(
+                database,
+                from = url,
+                min_txid = %header.min_txid,
+                max_txid = %header.max_txid,
+                pages = applied.pages.len(),
+                "applied a change set"
+            );
+            Ok(header)
+        }
+        Err(
+            error @ (ReplicationError::ChangeSetCrc { .. }
+            | ReplicationError::InvalidChangeSet { .. }
+            | ReplicationError::Store(StoreError::ChangeSetRejected { .. })),
+        ) => {
+            {
+                let error: &dyn std::error::Error = &error;
+                tracing::warn!(
+                    database,
+                    url,
+                    error,
+                    "refused a change set from {source}; nothing was applied; reconnecting to resynchronise"
+                );
+            }
+            Err(error)
+        }
+        Err(error) => Err(error),
+    }
+}
+
 /// Says what replacing `database` (at `before`) with the primary's snapshot
 /// (reaching `after`) discarded: this node's transactions after the newest TXID
 /// its history shares with the primary's, when the primary could tell.
 fn log_replaced(
     database: &str,
+    source: &str,
     before: Option<Position>,
     shared_txid: Option<TxId>,
     after: Position,
@@ -470,25 +567,25 @@ fn log_replaced(
             last = %before.txid,
             discarded = before.txid.0 - shared.0,
             snapshot_txid = %after.txid,
-            "discarding this node's transactions that the primary does not have; replacing the database with the primary's snapshot"
+            "discarding this node's transactions that {source} does not have; replacing the database with {source}'s snapshot"
         ),
         Some(_) => tracing::info!(
             database,
             local_txid = %before.txid,
             snapshot_txid = %after.txid,
-            "replacing the database with the primary's snapshot; this node's history is part of the primary's"
+            "replacing the database with {source}'s snapshot; this node's history is part of {source}'s"
         ),
         None if before.txid > after.txid => tracing::warn!(
             database,
             first = %TxId(after.txid.0 + 1),
             last = %before.txid,
-            "discarding this node's transactions that the primary does not have (at least these: the primary could not say where the histories part); replacing the database with the primary's snapshot"
+            "discarding this node's transactions that {source} does not have (at least these: {source} could not say where the histories part); replacing the database with {source}'s snapshot"
         ),
         None => tracing::warn!(
             database,
             local_txid = %before.txid,
             snapshot_txid = %after.txid,
-            "replacing the database with the primary's snapshot; the primary could not say where the histories part, so this node's transactions it lacks cannot be named"
+            "replacing the database with {source}'s snapshot; {source} could not say where the histories part, so this node's transactions it lacks cannot be named"
         ),
     }
 }
@@ -690,6 +787,14 @@ mod tests {
                 ..
             })
         ));
+        // Peers come after Ready only.
+        assert!(matches!(
+            session.receive(PrimaryMessage::Peers(Vec::new())),
+            Err(ReplicationError::UnexpectedMessage {
+                message: "Peers",
+                state: "catching up"
+            })
+        ));
         session.receive(PrimaryMessage::Ready).unwrap();
         assert!(matches!(
             session.receive(PrimaryMessage::Ready),
@@ -698,6 +803,10 @@ mod tests {
                 state: "already live"
             })
         ));
+        assert_eq!(
+            session.receive(PrimaryMessage::Peers(Vec::new())).unwrap(),
+            Step::Peers(Vec::new())
+        );
 
         let mut session = connected();
         session.receive(chunk("a.db", vec![1], false)).unwrap();

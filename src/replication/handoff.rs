@@ -24,10 +24,15 @@
 //! a live stream may still carry change sets, and not while a handoff to another
 //! node may still complete.
 //!
+//! The registry also publishes the peers: the replicas whose streams have caught
+//! up and that said where they can be reached. Every live stream sends them to its
+//! replica (`Peers`), so that a candidate taking over after this primary failed
+//! knows whom to catch up from.
+//!
 //! [`ControlRequest`]s carry the `Handoff` and `Promote` RPCs from the server to
 //! the role loop, through a channel of [`CONTROL_REQUESTS`].
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -38,9 +43,10 @@ use tokio::time::Instant;
 
 use crate::store::Position;
 
+use super::peers::{MAX_PEERS, Peer};
 use super::proto;
 use super::wire::parse_hostname;
-use super::{ReplicationError, remote_error, unary_client};
+use super::{ReplicationError, connect, remote_error};
 
 /// How many control requests may wait for the role loop.
 pub const CONTROL_REQUESTS: usize = 4;
@@ -87,6 +93,11 @@ pub enum ControlRequest {
 struct StreamEntry {
     replica: String,
     candidate: bool,
+    /// Where other nodes reach the replica, if it said.
+    advertise_url: Option<String>,
+    /// Whether the stream has sent `Ready`: the replica has everything the
+    /// primary had when it connected.
+    caught_up: bool,
     /// The sum of the TXIDs sent on the stream, per database: how far along the
     /// replica will be once it has applied what was sent.
     sent: BTreeMap<String, u64>,
@@ -98,6 +109,8 @@ struct StreamEntry {
 pub struct Handoffs {
     phase: watch::Sender<HandoffPhase>,
     streams: Mutex<BTreeMap<u64, StreamEntry>>,
+    /// The caught-up replicas that can be reached, as published to every stream.
+    peers: watch::Sender<Vec<Peer>>,
     next_stream: AtomicU64,
     control: mpsc::Sender<ControlRequest>,
 }
@@ -110,6 +123,7 @@ impl Handoffs {
         let handoffs = Handoffs {
             phase: watch::Sender::new(HandoffPhase::Idle),
             streams: Mutex::new(BTreeMap::new()),
+            peers: watch::Sender::new(Vec::new()),
             next_stream: AtomicU64::new(1),
             control,
         };
@@ -124,6 +138,33 @@ impl Handoffs {
     /// Watches the phase.
     pub(super) fn watch_phase(&self) -> watch::Receiver<HandoffPhase> {
         self.phase.subscribe()
+    }
+
+    /// Watches the peers.
+    pub(super) fn watch_peers(&self) -> watch::Receiver<Vec<Peer>> {
+        self.peers.subscribe()
+    }
+
+    /// Publishes the peers `streams` make up, when they changed.
+    fn publish_peers(&self, streams: &BTreeMap<u64, StreamEntry>) {
+        let peers: BTreeSet<Peer> = streams
+            .values()
+            .filter(|entry| entry.caught_up)
+            .filter_map(|entry| {
+                Some(Peer {
+                    hostname: entry.replica.clone(),
+                    url: entry.advertise_url.clone()?,
+                })
+            })
+            .collect();
+        let peers: Vec<Peer> = peers.into_iter().take(MAX_PEERS).collect();
+        self.peers.send_if_modified(|published| {
+            let changed = *published != peers;
+            if changed {
+                *published = peers;
+            }
+            changed
+        });
     }
 
     /// The candidate replica that will be ready soonest: the one whose stream has
@@ -156,7 +197,12 @@ impl Handoffs {
     }
 
     /// Records a new stream; it is forgotten when the returned guard drops.
-    pub(super) fn register(self: &Arc<Self>, replica: &str, candidate: bool) -> RegisteredStream {
+    pub(super) fn register(
+        self: &Arc<Self>,
+        replica: &str,
+        candidate: bool,
+        advertise_url: Option<String>,
+    ) -> RegisteredStream {
         let id = self.next_stream.fetch_add(1, Ordering::Relaxed);
         self.streams
             .lock()
@@ -166,6 +212,8 @@ impl Handoffs {
                 StreamEntry {
                     replica: replica.to_string(),
                     candidate,
+                    advertise_url,
+                    caught_up: false,
                     sent: BTreeMap::new(),
                 },
             );
@@ -183,26 +231,35 @@ pub(super) struct RegisteredStream {
 }
 
 impl RegisteredStream {
+    /// Records that the stream has sent `Ready`: its replica is now a peer.
+    pub(super) fn caught_up(&self) {
+        let mut streams = self.streams();
+        if let Some(entry) = streams.get_mut(&self.id) {
+            entry.caught_up = true;
+        }
+        self.handoffs.publish_peers(&streams);
+    }
+
     /// Records that the stream has been sent `name` up to `position`.
     pub(super) fn sent(&self, name: &str, position: Position) {
-        let mut streams = self
-            .handoffs
-            .streams
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if let Some(entry) = streams.get_mut(&self.id) {
+        if let Some(entry) = self.streams().get_mut(&self.id) {
             entry.sent.insert(name.to_string(), position.txid.0);
         }
+    }
+
+    fn streams(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, StreamEntry>> {
+        self.handoffs
+            .streams
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 }
 
 impl Drop for RegisteredStream {
     fn drop(&mut self) {
-        self.handoffs
-            .streams
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&self.id);
+        let mut streams = self.streams();
+        streams.remove(&self.id);
+        self.handoffs.publish_peers(&streams);
     }
 }
 
@@ -261,7 +318,7 @@ pub const HANDOFF_TIMEOUT: Duration = Duration::from_secs(5);
 /// Asks the primary at `primary_url` to hand the lease to the candidate replica
 /// `hostname`; returns once that replica holds it.
 pub async fn request_handoff(primary_url: &str, hostname: &str) -> Result<(), ReplicationError> {
-    let mut client = unary_client(primary_url, REQUEST_TIMEOUT).await?;
+    let mut client = connect(primary_url, Some(REQUEST_TIMEOUT)).await?;
     client
         .handoff(proto::HandoffRequest {
             hostname: hostname.to_string(),
@@ -274,7 +331,7 @@ pub async fn request_handoff(primary_url: &str, hostname: &str) -> Result<(), Re
 /// Asks the candidate replica at `url` to become the primary; returns the
 /// previous primary's hostname once it is the primary.
 pub async fn request_promote(url: &str) -> Result<String, ReplicationError> {
-    let mut client = unary_client(url, REQUEST_TIMEOUT).await?;
+    let mut client = connect(url, Some(REQUEST_TIMEOUT)).await?;
     let response = client
         .promote(proto::PromoteRequest {})
         .await

@@ -20,6 +20,9 @@
 //! - `handoff`: what the server, the client and the node's role loop share to
 //!   move the primary role (open streams, the handoff phase, control requests,
 //!   the follower's state), and the `Handoff` and `Promote` calls.
+//! - `peers`: the replicas a primary names to each other, and how a candidate
+//!   that takes over after its primary failed catches up from them before it
+//!   accepts writes.
 //!
 //! # Bad input
 //!
@@ -78,6 +81,7 @@ mod chunk;
 mod client;
 mod crc;
 mod handoff;
+mod peers;
 mod server;
 mod status;
 mod wire;
@@ -97,6 +101,7 @@ pub use handoff::{
     ControlRequest, FollowerState, HANDOFF_TIMEOUT, HandoffPhase, HandoffSeen, Handoffs, LastHeard,
     PRESUMED_GONE_AFTER, request_handoff, request_promote,
 };
+pub use peers::{KnownPeers, Peer, PeerCatchUp, catch_up_from_peers};
 pub use server::serve;
 pub use status::{DatabaseStatus, NodeStatus, fetch_status};
 
@@ -269,6 +274,9 @@ pub enum ReplicationError {
         /// The version the peer sent.
         received: u32,
     },
+    /// A `Peers` message names more peers than a node accepts.
+    #[error("Peers message names {0} peers; at most {MAX_PEERS} are accepted", MAX_PEERS = peers::MAX_PEERS)]
+    TooManyPeers(usize),
     /// A status names a role other than "primary" or "replica".
     #[error("status message has an unknown role {0:?}")]
     UnknownRole(String),
@@ -461,14 +469,17 @@ fn endpoint(url: &str) -> Result<tonic::transport::Endpoint, ReplicationError> {
         .initial_connection_window_size(RECEIVE_WINDOW_BYTES))
 }
 
-/// A client for calls with one answer to the node at `url`, each of which fails
-/// after `timeout`.
-async fn unary_client(
+/// A client of the node at `url`. With `call_timeout`, each call fails after it
+/// (for calls with one answer; a stream must not be cut off).
+async fn connect(
     url: &str,
-    timeout: Duration,
+    call_timeout: Option<Duration>,
 ) -> Result<proto::replication_client::ReplicationClient<Channel>, ReplicationError> {
-    let channel = endpoint(url)?
-        .timeout(timeout)
+    let mut endpoint = endpoint(url)?;
+    if let Some(timeout) = call_timeout {
+        endpoint = endpoint.timeout(timeout);
+    }
+    let channel = endpoint
         .connect()
         .await
         .map_err(|source| ReplicationError::Connect {

@@ -7,7 +7,8 @@
 //!    position it sent (`Database::catch_up`, in batches of at most
 //!    [`MAX_CATCH_UP_BYTES`]), or a snapshot when that position cannot be
 //!    followed, repeated until nothing more is needed;
-//! 3. `Ready`;
+//! 3. `Ready`, then `Peers`: the replicas that have caught up and can be
+//!    reached, sent again whenever that list changes;
 //! 4. then, woken by the [`CommitBridge`](crate::bridge::CommitBridge) or by the
 //!    heartbeat timer, whatever any database needs from the position last sent on
 //!    this stream (a database that appears later starts from no position, so it
@@ -15,6 +16,12 @@
 //!    [`HEARTBEAT_INTERVAL`];
 //! 5. when the primary hands its role over (see `handoff`), what the replica
 //!    lacks up to the final positions, then `Handoff`, and the stream ends.
+//!
+//! A request naming `catch_up_databases` comes from a node that took the lease
+//! after its primary failed and catches up from this one: every node answers it,
+//! whatever its role, with steps 1–3 for those databases only, and the stream
+//! ends after `Ready`. It is not a replica's stream: it is neither a candidate
+//! for a handoff nor a peer.
 //!
 //! Invariants: the chunks of one change set are consecutive, and the last carries
 //! the change set's CRC over the database's name and its bytes; the producer keeps,
@@ -26,7 +33,7 @@
 //! goes away, on shutdown, or when this node stops being the primary (after the
 //! `Handoff`, when it hands the role over).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::os::unix::fs::FileExt;
@@ -50,6 +57,7 @@ use crate::store::{CatchUp, Position, Role};
 use super::chunk::Pieces;
 use super::crc::ChangeSetCrc;
 use super::handoff::{ControlRequest, HandoffPhase, RegisteredStream};
+use super::peers::Peer;
 use super::proto::replication_server::{Replication, ReplicationServer};
 use super::proto::{
     HandoffRequest, HandoffResponse, PromoteRequest, PromoteResponse, StatusRequest,
@@ -210,12 +218,6 @@ impl ReplicationService {
         request: StreamRequest,
         peer: String,
     ) -> Result<ReceiverStream<Result<StreamMessage, tonic::Status>>, ReplicationError> {
-        let cluster = self.node.store.cluster();
-        if cluster.role() != Role::Primary {
-            return Err(ReplicationError::NotPrimary {
-                primary: cluster.primary(),
-            });
-        }
         let open = match wire::parse_stream_request(request) {
             Ok(open) => open,
             Err(error) => {
@@ -224,11 +226,36 @@ impl ReplicationService {
                 return Err(error);
             }
         };
-        tracing::info!(replica = %open.hostname, %peer, databases = open.positions.len(), "replica connected");
+        let purpose = if open.catch_up_databases.is_empty() {
+            let cluster = self.node.store.cluster();
+            if cluster.role() != Role::Primary {
+                return Err(ReplicationError::NotPrimary {
+                    primary: cluster.primary(),
+                });
+            }
+            tracing::info!(replica = %open.hostname, %peer, databases = open.positions.len(), "replica connected");
+            Purpose::Follow {
+                registered: self.node.handoffs.register(
+                    &open.hostname,
+                    open.candidate,
+                    open.advertise_url,
+                ),
+                peers: self.node.handoffs.watch_peers(),
+            }
+        } else {
+            tracing::info!(node = %open.hostname, %peer, databases = open.catch_up_databases.len(), "a node taking over as the primary catches up from this one");
+            Purpose::CatchUp {
+                databases: open
+                    .catch_up_databases
+                    .into_iter()
+                    .map(|name| name.as_str().to_string())
+                    .collect(),
+            }
+        };
         let (messages, receiver) = mpsc::channel(STREAM_BUFFER_MESSAGES);
         let producer = Producer {
             node: self.node.clone(),
-            registered: self.node.handoffs.register(&open.hostname, open.candidate),
+            purpose,
             handoff: self.node.handoffs.watch_phase(),
             replica: open.hostname,
             messages,
@@ -244,6 +271,20 @@ impl ReplicationService {
         tokio::spawn(producer.run(self.shutdown.clone()));
         Ok(ReceiverStream::new(receiver))
     }
+}
+
+/// What a stream is for.
+enum Purpose {
+    /// A replica follows this primary.
+    Follow {
+        /// The stream in the handoff registry.
+        registered: RegisteredStream,
+        /// The peers to tell the replica about.
+        peers: watch::Receiver<Vec<Peer>>,
+    },
+    /// A node that took over the lease catches up on these databases from this
+    /// one (which need not be the primary); the stream ends at `Ready`.
+    CatchUp { databases: BTreeSet<String> },
 }
 
 /// What a database needs next on a stream: the change sets after its position,
@@ -273,8 +314,7 @@ impl From<ReplicationError> for Stop {
 /// Produces one replica's stream.
 struct Producer {
     node: Arc<NodeContext>,
-    /// This stream in the handoff registry.
-    registered: RegisteredStream,
+    purpose: Purpose,
     /// The handoff phase.
     handoff: watch::Receiver<HandoffPhase>,
     /// The replica's hostname, for logs.
@@ -330,11 +370,33 @@ impl Producer {
         let targets: BTreeMap<String, Position> = blocking(move || Ok(store.positions()))
             .await?
             .into_iter()
+            .filter(|(name, _)| match &self.purpose {
+                Purpose::Follow { .. } => true,
+                Purpose::CatchUp { databases } => databases.contains(name),
+            })
             .collect();
         while self.round(Some(&targets)).await? && !self.reached(&targets) {}
         self.send(wire::ready()).await?;
+        let mut peers = match &mut self.purpose {
+            Purpose::CatchUp { .. } => {
+                tracing::info!(node = %self.replica, "the node taking over has what this one had");
+                return Ok(());
+            }
+            Purpose::Follow { registered, peers } => {
+                registered.caught_up();
+                peers.clone()
+            }
+        };
         tracing::info!(replica = %self.replica, "replica caught up");
+        // The peers last sent; the replica hears the list at once, then each
+        // change.
+        let mut peers_sent = None;
         loop {
+            let current = peers.borrow_and_update().clone();
+            if peers_sent.as_ref() != Some(&current) {
+                self.send(wire::peers(&current)).await?;
+                peers_sent = Some(current);
+            }
             let phase = self.handoff.borrow_and_update().clone();
             match phase {
                 HandoffPhase::HandingOff { to, positions } => {
@@ -358,6 +420,7 @@ impl Producer {
             tokio::select! {
                 () = commits.changed() => {}
                 _ = self.handoff.changed() => {}
+                _ = peers.changed() => {}
                 () = tokio::time::sleep_until(heartbeat_due) => self.heartbeat().await?,
             }
         }
@@ -404,7 +467,9 @@ impl Producer {
     /// Records that the replica reaches `position` of `name` with what was sent.
     fn record_sent(&mut self, name: &str, position: Position) {
         if self.sent.insert(name.to_string(), position) != Some(position) {
-            self.registered.sent(name, position);
+            if let Purpose::Follow { registered, .. } = &self.purpose {
+                registered.sent(name, position);
+            }
         }
     }
 
@@ -648,7 +713,12 @@ mod tests {
             }),
             shutdown: CancellationToken::new(),
         };
-        let request = tonic::Request::new(wire::stream_request("node-c", false, &[], &[]));
+        let request = tonic::Request::new(wire::stream_request(
+            &wire::test_asker("node-c", false),
+            &[],
+            &[],
+            &[],
+        ));
         let Err(status) = service.stream(request).await else {
             panic!("a replica must not serve a stream");
         };
@@ -684,7 +754,7 @@ mod tests {
             }),
             shutdown: CancellationToken::new(),
         };
-        let mut request = wire::stream_request("node-c", false, &[], &[]);
+        let mut request = wire::stream_request(&wire::test_asker("node-c", false), &[], &[], &[]);
         request
             .positions
             .push(wire::position_to_proto("app.db-wal", Position::UNKNOWN));

@@ -15,6 +15,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use crate::ltx::{Checksum, TxId};
 use crate::store::{FileKind, Position, parse_name};
 
+use super::peers::{MAX_PEERS, Peer};
 use super::proto::{self, stream_message};
 use super::{CHUNK_SIZE, MAX_NAME_BYTES, PROTOCOL_VERSION, ReplicationError};
 
@@ -67,6 +68,11 @@ pub(super) struct StreamOpen {
     /// Per database, where its newest change sets end on the replica, newest
     /// first (see [`MAX_HISTORY_POINTS`]).
     pub(super) histories: BTreeMap<String, Vec<Position>>,
+    /// Where other nodes reach the replica, if it said.
+    pub(super) advertise_url: Option<String>,
+    /// When not empty, the requester catches up from this node before it takes
+    /// over as the primary: only these databases, and the stream ends at `Ready`.
+    pub(super) catch_up_databases: Vec<DatabaseName>,
 }
 
 /// How many change-set ends a replica sends per database when it opens a stream,
@@ -113,6 +119,8 @@ pub(super) enum PrimaryMessage {
         /// Where every database stands after everything the primary accepted.
         positions: Vec<(DatabaseName, Position)>,
     },
+    /// The replicas connected to the primary.
+    Peers(Vec<Peer>),
 }
 
 impl PrimaryMessage {
@@ -124,6 +132,7 @@ impl PrimaryMessage {
             PrimaryMessage::Ready => "Ready",
             PrimaryMessage::Heartbeat { .. } => "Heartbeat",
             PrimaryMessage::Handoff { .. } => "Handoff",
+            PrimaryMessage::Peers(_) => "Peers",
         }
     }
 }
@@ -143,16 +152,39 @@ pub(super) struct Chunk {
     pub(super) shared_txid: Option<TxId>,
 }
 
+/// Who asks for a stream.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct StreamAsker<'a> {
+    /// Its hostname.
+    pub(super) hostname: &'a str,
+    /// Whether it may become the primary.
+    pub(super) candidate: bool,
+    /// Where other nodes reach it, if it says.
+    pub(super) advertise_url: Option<&'a str>,
+}
+
+/// A replica without an advertised URL, for tests.
+#[cfg(test)]
+pub(super) fn test_asker(hostname: &str, candidate: bool) -> StreamAsker<'_> {
+    StreamAsker {
+        hostname,
+        candidate,
+        advertise_url: None,
+    }
+}
+
 /// The request a replica sends to open a stream.
 pub(super) fn stream_request(
-    hostname: &str,
-    candidate: bool,
+    replica: &StreamAsker<'_>,
     positions: &[(String, Position)],
     histories: &[(String, Vec<Position>)],
+    catch_up_databases: &[String],
 ) -> proto::StreamRequest {
     proto::StreamRequest {
-        hostname: hostname.to_string(),
-        candidate,
+        hostname: replica.hostname.to_string(),
+        candidate: replica.candidate,
+        advertise_url: replica.advertise_url.unwrap_or_default().to_string(),
+        catch_up_databases: catch_up_databases.to_vec(),
         positions: positions
             .iter()
             .map(|(name, position)| position_to_proto(name, *position))
@@ -185,7 +217,25 @@ pub(super) fn parse_stream_request(
         candidate: request.candidate,
         positions: parse_positions(MESSAGE, request.positions)?,
         histories: parse_histories(MESSAGE, request.histories)?,
+        advertise_url: parse_node_url(MESSAGE, "advertise URL", request.advertise_url)?,
+        catch_up_databases: parse_database_names(MESSAGE, request.catch_up_databases)?,
     })
+}
+
+/// Validates a list of database names: valid, each at most once.
+fn parse_database_names(
+    message: &'static str,
+    names: Vec<String>,
+) -> Result<Vec<DatabaseName>, ReplicationError> {
+    let mut seen = BTreeSet::new();
+    names
+        .into_iter()
+        .map(|name| {
+            let name = DatabaseName::parse(message, name)?;
+            check_unique(message, &mut seen, &name)?;
+            Ok(name)
+        })
+        .collect()
 }
 
 /// Validates the replica's histories: valid names, each at most once, at most
@@ -280,6 +330,19 @@ pub(super) fn handoff(to: &str, positions: &[(String, Position)]) -> proto::Stre
     }))
 }
 
+/// The replicas connected to the primary.
+pub(super) fn peers(peers: &[Peer]) -> proto::StreamMessage {
+    message(stream_message::Message::Peers(proto::Peers {
+        peers: peers
+            .iter()
+            .map(|peer| proto::Peer {
+                hostname: peer.hostname.clone(),
+                url: peer.url.clone(),
+            })
+            .collect(),
+    }))
+}
+
 fn message(message: stream_message::Message) -> proto::StreamMessage {
     proto::StreamMessage {
         message: Some(message),
@@ -292,7 +355,7 @@ pub(super) fn parse_primary_message(
 ) -> Result<PrimaryMessage, ReplicationError> {
     let message = message.message.ok_or(ReplicationError::MissingField {
         message: "StreamMessage",
-        field: "message (Hello, LtxChunk, Ready, Heartbeat or Handoff)",
+        field: "message (Hello, LtxChunk, Ready, Heartbeat, Handoff or Peers)",
     })?;
     Ok(match message {
         stream_message::Message::Hello(hello) => {
@@ -300,7 +363,7 @@ pub(super) fn parse_primary_message(
             PrimaryMessage::Hello {
                 hostname: parse_hostname("Hello", hello.hostname)?,
                 timestamp_ms: hello.timestamp_ms,
-                proxy_url: parse_proxy_url(hello.proxy_url)?,
+                proxy_url: parse_node_url("Hello", "proxy URL", hello.proxy_url)?,
             }
         }
         stream_message::Message::LtxChunk(chunk) => {
@@ -348,6 +411,26 @@ pub(super) fn parse_primary_message(
             to: parse_hostname("Handoff", handoff.to)?,
             positions: parse_positions("Handoff", handoff.positions)?,
         },
+        stream_message::Message::Peers(peers) => {
+            if peers.peers.len() > MAX_PEERS {
+                return Err(ReplicationError::TooManyPeers(peers.peers.len()));
+            }
+            let peers = peers
+                .peers
+                .into_iter()
+                .map(|peer| {
+                    let hostname = parse_hostname("Peers", peer.hostname)?;
+                    match parse_node_url("Peers", "peer URL", peer.url)? {
+                        Some(url) => Ok(Peer { hostname, url }),
+                        None => Err(ReplicationError::MissingField {
+                            message: "Peers",
+                            field: "a peer's url",
+                        }),
+                    }
+                })
+                .collect::<Result<_, _>>()?;
+            PrimaryMessage::Peers(peers)
+        }
     })
 }
 
@@ -444,15 +527,19 @@ pub(super) fn parse_hostname(
     Ok(hostname)
 }
 
-/// Validates the proxy URL in a `Hello`: empty for none, else an `http://` URL of
-/// at most 2048 bytes without whitespace.
-fn parse_proxy_url(url: String) -> Result<Option<String>, ReplicationError> {
+/// Validates a node's URL (`field` of a `message`): empty for none, else an
+/// `http://` URL of at most 2048 bytes without whitespace.
+fn parse_node_url(
+    message: &str,
+    field: &str,
+    url: String,
+) -> Result<Option<String>, ReplicationError> {
     if url.is_empty() {
         return Ok(None);
     }
     let invalid = |reason: &str| ReplicationError::InvalidUrl {
         url: shown(&url),
-        reason: format!("the Hello message's proxy URL {reason}"),
+        reason: format!("the {message} message's {field} {reason}"),
     };
     if url.len() > 2048 {
         return Err(invalid("is longer than 2048 bytes"));
@@ -505,7 +592,13 @@ mod tests {
             ("a.db".to_string(), position(3)),
             ("b".to_string(), position(9)),
         ];
-        let open = parse_stream_request(stream_request("node-b", true, &positions, &[])).unwrap();
+        let open = parse_stream_request(stream_request(
+            &test_asker("node-b", true),
+            &positions,
+            &[],
+            &[],
+        ))
+        .unwrap();
         assert_eq!(open.hostname, "node-b");
         assert!(open.candidate);
         let names: Vec<_> = open
@@ -585,6 +678,87 @@ mod tests {
     }
 
     #[test]
+    fn a_catch_up_request_names_its_databases_and_its_url() {
+        let asker = StreamAsker {
+            hostname: "node-b",
+            candidate: true,
+            advertise_url: Some("http://10.0.0.2:20202"),
+        };
+        let catch_up = ["a.db".to_string(), "new.db".to_string()];
+        let request = stream_request(&asker, &[("a.db".to_string(), position(3))], &[], &catch_up);
+        let open = parse_stream_request(request).unwrap();
+        assert_eq!(open.advertise_url.as_deref(), Some("http://10.0.0.2:20202"));
+        let names: Vec<_> = open
+            .catch_up_databases
+            .iter()
+            .map(DatabaseName::as_str)
+            .collect();
+        assert_eq!(names, ["a.db", "new.db"]);
+
+        let twice = ["a.db".to_string(), "a.db".to_string()];
+        assert!(matches!(
+            parse_stream_request(stream_request(&asker, &[], &[], &twice)).unwrap_err(),
+            ReplicationError::DuplicateDatabase { .. }
+        ));
+        let companion = ["a.db-wal".to_string()];
+        assert!(matches!(
+            parse_stream_request(stream_request(&asker, &[], &[], &companion)).unwrap_err(),
+            ReplicationError::InvalidDatabaseName { .. }
+        ));
+        let bad_url = StreamAsker {
+            advertise_url: Some("node-b:20202"),
+            ..asker
+        };
+        assert!(matches!(
+            parse_stream_request(stream_request(&bad_url, &[], &[], &[])).unwrap_err(),
+            ReplicationError::InvalidUrl { .. }
+        ));
+    }
+
+    #[test]
+    fn peers_travel_and_are_checked() {
+        let peer = |hostname: &str, url: &str| Peer {
+            hostname: hostname.into(),
+            url: url.into(),
+        };
+        let sent = vec![
+            peer("node-b", "http://10.0.0.2:20202"),
+            peer("node-c", "http://10.0.0.3:20202"),
+        ];
+        assert_eq!(
+            parse_primary_message(peers(&sent)).unwrap(),
+            PrimaryMessage::Peers(sent)
+        );
+        assert_eq!(
+            parse_primary_message(peers(&[])).unwrap(),
+            PrimaryMessage::Peers(Vec::new())
+        );
+        assert!(matches!(
+            parse_primary_message(peers(&[peer("node b", "http://b")])).unwrap_err(),
+            ReplicationError::InvalidHostname {
+                message: "Peers",
+                ..
+            }
+        ));
+        assert!(matches!(
+            parse_primary_message(peers(&[peer("node-b", "")])).unwrap_err(),
+            ReplicationError::MissingField {
+                message: "Peers",
+                ..
+            }
+        ));
+        assert!(matches!(
+            parse_primary_message(peers(&[peer("node-b", "https://b")])).unwrap_err(),
+            ReplicationError::InvalidUrl { .. }
+        ));
+        let many = vec![peer("node-b", "http://b"); MAX_PEERS + 1];
+        assert!(matches!(
+            parse_primary_message(peers(&many)).unwrap_err(),
+            ReplicationError::TooManyPeers(count) if count == MAX_PEERS + 1
+        ));
+    }
+
+    #[test]
     fn a_message_without_its_oneof_is_rejected() {
         let error = parse_primary_message(proto::StreamMessage { message: None }).unwrap_err();
         assert!(matches!(
@@ -636,19 +810,31 @@ mod tests {
     fn a_replica_history_and_a_shared_txid_travel_and_are_checked() {
         let points = vec![position(7), position(6)];
         let histories = [("app.db".to_string(), points.clone())];
-        let open = parse_stream_request(stream_request("node-b", false, &[], &histories)).unwrap();
+        let open = parse_stream_request(stream_request(
+            &test_asker("node-b", false),
+            &[],
+            &histories,
+            &[],
+        ))
+        .unwrap();
         assert_eq!(open.histories.get("app.db"), Some(&points));
         let too_long = [(
             "app.db".to_string(),
             vec![position(1); MAX_HISTORY_POINTS + 1],
         )];
         assert!(matches!(
-            parse_stream_request(stream_request("node-b", false, &[], &too_long)).unwrap_err(),
+            parse_stream_request(stream_request(&test_asker("node-b", false), &[], &too_long, &[])).unwrap_err(),
             ReplicationError::InvalidPosition { database, .. } if database == "app.db"
         ));
         let bad_point = [("app.db".to_string(), vec![Position::UNKNOWN])];
         assert!(matches!(
-            parse_stream_request(stream_request("node-b", false, &[], &bad_point)).unwrap_err(),
+            parse_stream_request(stream_request(
+                &test_asker("node-b", false),
+                &[],
+                &bad_point,
+                &[]
+            ))
+            .unwrap_err(),
             ReplicationError::InvalidPosition { .. }
         ));
 
@@ -694,7 +880,7 @@ mod tests {
         let histories: Vec<_> = (0..databases)
             .map(|i| (name(i), vec![worst; limit]))
             .collect();
-        let request = stream_request("node-b", true, &positions, &histories);
+        let request = stream_request(&test_asker("node-b", true), &positions, &histories, &[]);
         assert!(
             request.encoded_len() < super::super::MAX_MESSAGE_BYTES / 2,
             "{} bytes",
@@ -774,14 +960,14 @@ mod tests {
     #[test]
     fn bad_hostnames_and_versions_are_rejected() {
         for hostname in ["", "two words", "line\nbreak", &"h".repeat(256)] {
-            let mut request = stream_request("ok", false, &[], &[]);
+            let mut request = stream_request(&test_asker("ok", false), &[], &[], &[]);
             request.hostname = hostname.to_string();
             assert!(matches!(
                 parse_stream_request(request).unwrap_err(),
                 ReplicationError::InvalidHostname { .. }
             ));
         }
-        let mut request = stream_request("ok", false, &[], &[]);
+        let mut request = stream_request(&test_asker("ok", false), &[], &[], &[]);
         request.protocol_version = 2;
         assert!(matches!(
             parse_stream_request(request).unwrap_err(),
