@@ -648,7 +648,11 @@ impl ReplicationTasks {
             spool_dir: data_dir.to_path_buf(),
             handoffs: handoffs.clone(),
             proxy_url,
+            synchronous: config.replication.synchronous,
         });
+        if config.replication.synchronous {
+            store.set_commit_hold(handoffs.clone());
+        }
         let server_shutdown = CancellationToken::new();
         let mut servers = vec![runtime.spawn({
             let shutdown = server_shutdown.clone();

@@ -58,11 +58,19 @@ fn start_node(hostname: &str, coordinator_url: &str) -> Mount {
 }
 
 fn start_node_as(hostname: &str, candidate: bool, coordinator_url: &str) -> Mount {
+    start_node_with(hostname, candidate, coordinator_url, "")
+}
+
+/// [`start_node_as`] with more of the config file.
+fn start_node_with(hostname: &str, candidate: bool, coordinator_url: &str, more: &str) -> Mount {
     Mount::start(MountOptions {
-        extra_yaml: node_yaml(hostname, candidate, coordinator_url),
+        extra_yaml: format!("{}{more}", node_yaml(hostname, candidate, coordinator_url)),
         ..MountOptions::default()
     })
 }
+
+/// The config that turns synchronous replication on.
+const SYNCHRONOUS: &str = "replication:\n  synchronous: true\n";
 
 /// Waits until `mount` accepts a write transaction (it is the primary); a lone
 /// node's missing `.primary` does not tell a primary from a replica that lost its
@@ -145,11 +153,11 @@ fn a_candidate_takes_over_from_a_killed_primary_and_the_old_one_rejoins() {
 
 /// Starts node-a as the primary, then the candidate node-b and node-c, which
 /// may never become the primary; returns once all three agree on node-a.
-fn start_a_with_b_and_follower_c(etcd_url: &str) -> [Mount; 3] {
-    let node_a = start_node("node-a", etcd_url);
+fn start_a_with_b_and_follower_c(etcd_url: &str, more_config: &str) -> [Mount; 3] {
+    let node_a = start_node_with("node-a", true, etcd_url, more_config);
     assert_eq!(wait_for_primary(&[("node-a", &node_a)]), "node-a");
-    let node_b = start_node("node-b", etcd_url);
-    let node_c = start_node_as("node-c", false, etcd_url);
+    let node_b = start_node_with("node-b", true, etcd_url, more_config);
+    let node_c = start_node_with("node-c", false, etcd_url, more_config);
     let nodes = [
         ("node-a", &node_a),
         ("node-b", &node_b),
@@ -181,7 +189,7 @@ impl Drop for Frozen {
 fn a_candidate_behind_another_replica_catches_up_from_it_before_taking_writes() {
     let etcd = etcd::Etcd::start();
     // node-b is the only other candidate, so it takes over; node-c only follows.
-    let [mut node_a, node_b, node_c] = start_a_with_b_and_follower_c(etcd.url());
+    let [mut node_a, node_b, node_c] = start_a_with_b_and_follower_c(etcd.url(), "");
     let conn = open_db(&node_a.db_path(DB));
     set_journal_mode(&conn, "wal");
     conn.execute_batch("CREATE TABLE t(seq INTEGER PRIMARY KEY, pad BLOB)")
@@ -237,6 +245,58 @@ fn a_candidate_behind_another_replica_catches_up_from_it_before_taking_writes() 
         ("node-b", &node_b),
         ("node-c", &node_c),
     ]);
+}
+
+#[test]
+fn with_synchronous_replication_a_killed_primary_loses_no_acknowledged_write() {
+    let etcd = etcd::Etcd::start();
+    let [mut node_a, node_b, node_c] = start_a_with_b_and_follower_c(etcd.url(), SYNCHRONOUS);
+    create_table(&node_a);
+    wait_converged(&node_a, &[&node_b, &node_c]);
+    // Commits wait for replicas whose streams have caught up; the primary names
+    // those to its replicas.
+    wait_until("node-a to count both replicas", CLUSTER_TIMEOUT, || {
+        node_b.stderr_text().lines().any(|line| {
+            line.contains("the primary's replicas")
+                && line.contains("node-b")
+                && line.contains("node-c")
+        })
+    });
+    // Rows of 64 KiB, so that what the replicas' connections can buffer is soon
+    // exceeded.
+    let acknowledged = Arc::new(AtomicI64::new(0));
+    let writer = thread::spawn({
+        let (db, acknowledged) = (node_a.db_path(DB), acknowledged.clone());
+        move || {
+            let conn = open_db(&db);
+            for seq in 0.. {
+                let insert = "INSERT INTO t(seq, pad) VALUES(?1, randomblob(65536))";
+                if conn.execute(insert, params![seq]).is_err() {
+                    return;
+                }
+                acknowledged.store(seq + 1, Ordering::Release);
+            }
+        }
+    });
+    wait_until("the first rows", CLUSTER_TIMEOUT, || {
+        acknowledged.load(Ordering::Acquire) >= 20
+    });
+    // Both replicas stop taking anything in, then the primary dies. Without
+    // synchronous replication the writer would go on being acknowledged for
+    // rows no replica receives.
+    let frozen = [Frozen::freeze(&node_b), Frozen::freeze(&node_c)];
+    thread::sleep(Duration::from_millis(1500));
+    node_a.kill9();
+    writer.join().unwrap();
+    drop(frozen);
+    let acknowledged = acknowledged.load(Ordering::Acquire);
+    report(format!(
+        "synchronous: {acknowledged} rows acknowledged before the primary was killed"
+    ));
+    let survivors = [("node-b", &node_b), ("node-c", &node_c)];
+    assert_eq!(wait_for_primary(&survivors), "node-b");
+    wait_writable(&node_b);
+    assert_has_rows(&node_b.db_path(DB), 0, acknowledged);
 }
 
 #[test]
@@ -299,7 +359,7 @@ fn logged_handoff(mount: &Mount) -> Option<f64> {
 fn create_table(mount: &Mount) {
     let conn = open_db(&mount.db_path(DB));
     set_journal_mode(&conn, "wal");
-    conn.execute_batch("CREATE TABLE t(seq INTEGER PRIMARY KEY)")
+    conn.execute_batch("CREATE TABLE t(seq INTEGER PRIMARY KEY, pad BLOB)")
         .unwrap();
 }
 
@@ -385,7 +445,7 @@ fn sigterm_hands_the_role_over(coordinator_url: &str) {
 #[test]
 fn promote_moves_the_role_to_a_replica_and_the_old_primary_follows_it() {
     let etcd = etcd::Etcd::start();
-    let [node_a, node_b, node_c] = start_a_with_b_and_follower_c(etcd.url());
+    let [node_a, node_b, node_c] = start_a_with_b_and_follower_c(etcd.url(), "");
     let nodes = [
         ("node-a", &node_a),
         ("node-b", &node_b),

@@ -84,6 +84,17 @@ struct Node {
 }
 
 async fn start_node(dir: &Path, role: Role, hostname: &str, shutdown: &CancellationToken) -> Node {
+    start_node_with(dir, role, hostname, false, shutdown).await
+}
+
+/// [`start_node`], replicating synchronously when `synchronous`.
+async fn start_node_with(
+    dir: &Path,
+    role: Role,
+    hostname: &str,
+    synchronous: bool,
+    shutdown: &CancellationToken,
+) -> Node {
     let store = Arc::new(Store::open(dir, CaptureOptions::default(), role).unwrap());
     let commits = Arc::new(CommitBridge::new());
     store.set_commit_listener(commits.clone());
@@ -97,7 +108,11 @@ async fn start_node(dir: &Path, role: Role, hostname: &str, shutdown: &Cancellat
         spool_dir: dir.to_path_buf(),
         handoffs: handoffs.clone(),
         proxy_url: None,
+        synchronous,
     });
+    if synchronous {
+        store.set_commit_hold(handoffs.clone());
+    }
     let server = tokio::spawn(replication::serve(listener, context, shutdown.clone()));
     Node {
         store,
@@ -442,6 +457,108 @@ async fn a_node_taking_over_catches_up_from_the_peer_that_is_ahead() {
     // Nothing more to fetch: asking again catches up from nobody.
     let again = replication::catch_up_from_peers(&node_b.store, "node-b", &peers[..2]).await;
     assert_eq!(again, PeerCatchUp::default());
+    shutdown.cancel();
+}
+
+/// Commits like [`commit`], then holds the commit as the filesystem does after
+/// a change (on the calling thread: it may block); returns the TXID committed.
+fn commit_and_hold(
+    store: &Store,
+    name: &str,
+    pages: impl IntoIterator<Item = (u32, u8)>,
+) -> Result<TxId, ltxfs::store::StoreError> {
+    let before = store
+        .database(name)
+        .map_or(0, |database| database.captured_txid());
+    commit(store, name, pages);
+    let database = store.database(name).unwrap();
+    store.hold_commit(&database, before)?;
+    Ok(database.position().txid)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_synchronous_primary_returns_a_commit_once_a_replica_has_it() {
+    let primary_dir = tempfile::tempdir().unwrap();
+    let replica_dir = tempfile::tempdir().unwrap();
+    let shutdown = CancellationToken::new();
+    let primary =
+        start_node_with(primary_dir.path(), Role::Primary, "node-a", true, &shutdown).await;
+    // Without a replica, a commit stands on the primary alone.
+    let alone = primary.store.clone();
+    tokio::task::spawn_blocking(move || commit_and_hold(&alone, "app.db", [(1, 1), (2, 2)]))
+        .await
+        .unwrap()
+        .unwrap();
+
+    let replica = start_node(replica_dir.path(), Role::Replica, "node-b", &shutdown).await;
+    let (_follower, _, peers) = follow_as(&replica, "node-b", &primary.url, &shutdown);
+    // The primary counts the replica's stream once it has caught up: the replica
+    // then hears of itself as a peer.
+    eventually("node-b to catch up", || !peers.get().is_empty()).await;
+    let (store, replica_store) = (primary.store.clone(), replica.store.clone());
+    tokio::task::spawn_blocking(move || {
+        for value in 3..30u8 {
+            let txid = commit_and_hold(&store, "app.db", [(2, value), (3, value)]).unwrap();
+            // The commit returned only once the replica had applied it.
+            let reached = replica_store.database("app.db").unwrap().position().txid;
+            assert!(
+                reached >= txid,
+                "commit {txid} returned with the replica at {reached}"
+            );
+        }
+    })
+    .await
+    .unwrap();
+    shutdown.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_no_replica_acknowledges_fails_when_the_primary_is_demoted() {
+    let primary_dir = tempfile::tempdir().unwrap();
+    let replica_dir = tempfile::tempdir().unwrap();
+    let shutdown = CancellationToken::new();
+    let primary =
+        start_node_with(primary_dir.path(), Role::Primary, "node-a", true, &shutdown).await;
+    commit(&primary.store, "app.db", [(1, 1), (2, 2)]);
+    let replica = start_node(replica_dir.path(), Role::Replica, "node-b", &shutdown).await;
+    let (_follower, _, peers) = follow_as(&replica, "node-b", &primary.url, &shutdown);
+    eventually("node-b to catch up", || !peers.get().is_empty()).await;
+    // A reader on the replica holds its SHARED lock, so the replica cannot apply
+    // (and acknowledge) the next commit, as a replica cut off would not.
+    let reader = ltxfs::store::locks::LockRequest {
+        owner: 7,
+        pid: 7,
+        range: ltxfs::store::locks::ByteRange::new(0x4000_0002, 0x4000_0002).unwrap(),
+        kind: ltxfs::store::locks::LockKind::Read,
+    };
+    let replica_db = replica.store.lookup("app.db").unwrap();
+    replica_db.locks().try_lock(reader).unwrap();
+    // Released however the test ends, so the replica's apply can finish.
+    struct Unlock(Arc<ltxfs::store::Node>, ltxfs::store::locks::ByteRange);
+    impl Drop for Unlock {
+        fn drop(&mut self) {
+            self.0.locks().unlock(7, self.1);
+        }
+    }
+    let _unlock = Unlock(replica_db.clone(), reader.range);
+    let store = primary.store.clone();
+    let held = tokio::task::spawn_blocking(move || commit_and_hold(&store, "app.db", [(2, 3)]));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !held.is_finished(),
+        "the commit returned before a replica had it"
+    );
+    // The primary loses its role: the held commit fails, naming why.
+    let demoting = primary.store.clone();
+    tokio::task::spawn_blocking(move || demoting.set_role(Role::Replica))
+        .await
+        .unwrap();
+    let error = tokio::time::timeout(Duration::from_secs(5), held)
+        .await
+        .expect("the held commit ends once the primary is demoted")
+        .unwrap()
+        .unwrap_err();
+    assert!(error.to_string().contains("was not replicated"), "{error}");
     shutdown.cancel();
 }
 

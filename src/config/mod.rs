@@ -126,6 +126,8 @@ pub struct Config {
     pub lease: LeaseConfig,
     /// `http`: the API server other nodes talk to.
     pub http: HttpConfig,
+    /// `replication`.
+    pub replication: ReplicationConfig,
     /// `proxy`: the optional HTTP proxy in front of the application.
     pub proxy: ProxyConfig,
     /// `log`: log output.
@@ -323,6 +325,15 @@ impl Default for HttpConfig {
     }
 }
 
+/// The `replication` section (ltxfs only).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReplicationConfig {
+    /// `replication.synchronous`: a commit on the primary returns to the
+    /// application only once a replica has it (while a replica is connected).
+    /// Default false.
+    pub synchronous: bool,
+}
+
 /// How the proxy sends a write that reaches a replica to the primary
 /// (`proxy.mode`, ltxfs only).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -442,6 +453,7 @@ impl Default for Config {
             data: DataConfig::default(),
             lease: LeaseConfig::default(),
             http: HttpConfig::default(),
+            replication: ReplicationConfig::default(),
             proxy: ProxyConfig::default(),
             log: LogConfig::default(),
         }
@@ -696,6 +708,7 @@ impl RawConfig {
         let consul = lease.consul.unwrap_or_default();
         let etcd = lease.etcd.unwrap_or_default();
         let http = self.http.unwrap_or_default();
+        let replication = self.replication.unwrap_or_default();
         let proxy = self.proxy.unwrap_or_default();
         let log = self.log.unwrap_or_default();
 
@@ -741,6 +754,9 @@ impl RawConfig {
             },
             http: HttpConfig {
                 addr: non_empty(http.addr).unwrap_or(defaults.http.addr),
+            },
+            replication: ReplicationConfig {
+                synchronous: flag_or(replication.synchronous, defaults.replication.synchronous),
             },
             proxy: ProxyConfig {
                 addr: non_empty(proxy.addr),

@@ -57,6 +57,7 @@ pub(crate) struct RawConfig {
     pub data: Option<RawData>,
     pub lease: Option<RawLease>,
     pub http: Option<RawHttp>,
+    pub replication: Option<RawReplication>,
     pub proxy: Option<RawProxy>,
     pub log: Option<RawLog>,
     #[serde(default, rename = "backup")]
@@ -123,6 +124,12 @@ pub(crate) struct RawHttp {
     pub addr: Option<String>,
     #[serde(default, rename = "snapshot-timeout")]
     pub _snapshot_timeout: LiteFsOnly,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub(crate) struct RawReplication {
+    pub synchronous: Option<Flag>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -90,7 +90,8 @@ impl FsError {
             FsError::Store(StoreError::InvalidName { .. }) => libc::EINVAL,
             FsError::Store(StoreError::NotSqlite { .. }) => libc::EINVAL,
             FsError::Store(StoreError::Capture { .. })
-            | FsError::Store(StoreError::ChangeSetRejected { .. }) => libc::EIO,
+            | FsError::Store(StoreError::ChangeSetRejected { .. })
+            | FsError::Store(StoreError::NotReplicated { .. }) => libc::EIO,
             FsError::Store(StoreError::ReadOnlyReplica { .. }) => libc::EROFS,
             FsError::Store(StoreError::Io { source, .. }) => {
                 source.raw_os_error().unwrap_or(libc::EIO)
@@ -383,8 +384,12 @@ impl Fs {
         match (self.resolve(ino, handle)?, size) {
             (Opened::File(node), size) => {
                 if let Some(size) = size {
-                    let _permit = self.store.permit_change(node.name(), node.kind())?;
-                    node.truncate(size)?;
+                    let captured = node.database().captured_txid();
+                    {
+                        let _permit = self.store.permit_change(node.name(), node.kind())?;
+                        node.truncate(size)?;
+                    }
+                    self.store.hold_commit(node.database(), captured)?;
                 }
                 node_attr(&node)
             }
@@ -496,8 +501,12 @@ impl Fs {
     pub fn write(&self, handle: u64, offset: u64, data: &[u8]) -> Result<u32, FsError> {
         let open_file = self.handle(handle)?;
         let node = open_file.node()?;
-        let _permit = self.store.permit_change(node.name(), node.kind())?;
-        node.write_at(offset, data)?;
+        let captured = node.database().captured_txid();
+        {
+            let _permit = self.store.permit_change(node.name(), node.kind())?;
+            node.write_at(offset, data)?;
+        }
+        self.store.hold_commit(node.database(), captured)?;
         Ok(data.len() as u32)
     }
 
@@ -549,8 +558,16 @@ impl Fs {
         if StatusFile::from_name(name).is_some() {
             return Err(FsError::ReadOnlyGenerated);
         }
-        let _permit = self.store.permit_change(name, &parse_name(name)?.kind)?;
-        Ok(self.store.unlink(name)?.id())
+        let database = self.store.lookup(name).map(|node| node.database().clone());
+        let captured = database
+            .as_ref()
+            .map_or(0, |database| database.captured_txid());
+        let node = {
+            let _permit = self.store.permit_change(name, &parse_name(name)?.kind)?;
+            self.store.unlink(name)?
+        };
+        self.store.hold_commit(node.database(), captured)?;
+        Ok(node.id())
     }
 
     /// Reports the first lock that conflicts with `call` (`F_GETLK`).

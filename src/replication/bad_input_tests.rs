@@ -36,8 +36,8 @@ use super::proto::replication_client::ReplicationClient;
 use super::proto::replication_server::{Replication, ReplicationServer};
 use super::proto::stream_message::Message;
 use super::proto::{
-    self, HandoffRequest, HandoffResponse, PromoteRequest, PromoteResponse, StatusRequest,
-    StatusResponse, StreamMessage, StreamRequest,
+    self, AcknowledgeRequest, AcknowledgeResponse, HandoffRequest, HandoffResponse, PromoteRequest,
+    PromoteResponse, StatusRequest, StatusResponse, StreamMessage, StreamRequest,
 };
 use super::{
     CHUNK_SIZE, FollowSettings, FollowerState, Handoffs, NodeContext, PROTOCOL_VERSION, follow,
@@ -124,6 +124,7 @@ fn serve_primary(
         spool_dir: dir.to_path_buf(),
         handoffs: Arc::new(Handoffs::new().0),
         proxy_url: None,
+        synchronous: false,
     });
     tokio::spawn(serve(listener, node, shutdown.clone()))
 }
@@ -286,6 +287,17 @@ impl Replication for RelayService {
         request: tonic::Request<PromoteRequest>,
     ) -> Result<tonic::Response<PromoteResponse>, tonic::Status> {
         self.0.upstream().await.promote(request.into_inner()).await
+    }
+
+    async fn acknowledge(
+        &self,
+        request: tonic::Request<AcknowledgeRequest>,
+    ) -> Result<tonic::Response<AcknowledgeResponse>, tonic::Status> {
+        self.0
+            .upstream()
+            .await
+            .acknowledge(request.into_inner())
+            .await
     }
 }
 

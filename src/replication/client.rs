@@ -46,6 +46,7 @@
 //! validated it and its CRC matched; cancellation stops the client at its next
 //! await.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -160,6 +161,8 @@ enum Step {
         hostname: String,
         timestamp_ms: u64,
         proxy_url: Option<String>,
+        /// The stream to name in acknowledgements, when the primary wants them.
+        acknowledge_stream: Option<u64>,
     },
     /// A change set is complete: verify and apply it.
     Apply(ChangeSet),
@@ -220,6 +223,7 @@ impl Session {
                     hostname,
                     timestamp_ms,
                     proxy_url,
+                    acknowledge_stream,
                 },
             ) => {
                 self.enter(State::CatchingUp);
@@ -227,6 +231,7 @@ impl Session {
                     hostname,
                     timestamp_ms,
                     proxy_url,
+                    acknowledge_stream,
                 })
             }
             (State::Connecting, message) => Err(unexpected(&message, "waiting for Hello")),
@@ -335,7 +340,9 @@ impl Replica {
             candidate: self.candidate,
             advertise_url: self.advertise_url.as_deref(),
         };
-        let mut stream = open_stream(&self.store, &self.url, asker, None).await?;
+        let (client, mut stream) = open_stream(&self.store, &self.url, asker, None).await?;
+        // Sends acknowledgements while the stream lasts, if the primary wants them.
+        let mut acknowledger = None;
         loop {
             let message = next_message(&mut stream, &self.session, &self.url).await?;
             self.last_heard.record();
@@ -344,8 +351,11 @@ impl Replica {
                     hostname,
                     timestamp_ms,
                     proxy_url,
+                    acknowledge_stream,
                 } => {
-                    tracing::info!(primary = %hostname, url = %self.url, "following the primary");
+                    tracing::info!(primary = %hostname, url = %self.url, synchronous = acknowledge_stream.is_some(), "following the primary");
+                    acknowledger = acknowledge_stream
+                        .map(|stream_id| Acknowledger::start(client.clone(), &self.url, stream_id));
                     self.store.cluster().set_primary_proxy_url(proxy_url);
                     self.store.set_primary(Some(hostname));
                     self.store.cluster().note_primary_timestamp(timestamp_ms);
@@ -353,7 +363,12 @@ impl Replica {
                     self.state.send_modify(|state| state.connected = true);
                 }
                 Step::Apply(change_set) => {
-                    let header = apply(&self.store, "the primary", &self.url, change_set).await?;
+                    let database = change_set.database.as_str().to_string();
+                    let (header, position) =
+                        apply(&self.store, "the primary", &self.url, change_set).await?;
+                    if let Some(acknowledger) = &acknowledger {
+                        acknowledger.applied(&database, position);
+                    }
                     // The change set's timestamp is when it committed on the primary.
                     self.store
                         .cluster()
@@ -417,7 +432,7 @@ pub(super) async fn catch_up_from(
         candidate: true,
         advertise_url: None,
     };
-    let mut stream = open_stream(store, url, asker, Some(databases)).await?;
+    let (_, mut stream) = open_stream(store, url, asker, Some(databases)).await?;
     let source = format!("peer {peer}");
     let mut session = Session::new(MAX_CHANGE_SET_BYTES);
     session.enter(State::Connecting);
@@ -440,13 +455,14 @@ pub(super) async fn catch_up_from(
 }
 
 /// Connects to the node at `url` and opens a stream from this node's positions:
-/// of every database to follow a primary, or of `catch_up` only.
+/// of every database to follow a primary, or of `catch_up` only. Returns the
+/// client too, for other calls on the same connection.
 async fn open_stream(
     store: &Arc<Store>,
     url: &str,
     asker: StreamAsker<'_>,
     catch_up: Option<Vec<String>>,
-) -> Result<tonic::Streaming<proto::StreamMessage>, ReplicationError> {
+) -> Result<(Client, tonic::Streaming<proto::StreamMessage>), ReplicationError> {
     let mut client = super::connect(url, None).await?;
     let store = store.clone();
     let only = catch_up.clone();
@@ -469,11 +485,63 @@ async fn open_stream(
         &histories,
         catch_up.as_deref().unwrap_or_default(),
     );
-    Ok(client
+    let stream = client
         .stream(request)
         .await
         .map_err(|status| remote_error(url, &status))?
-        .into_inner())
+        .into_inner();
+    Ok((client, stream))
+}
+
+type Client = proto::replication_client::ReplicationClient<tonic::transport::Channel>;
+
+/// How long a replica waits before it sends an acknowledgement again after one
+/// failed.
+const ACKNOWLEDGE_RETRY: Duration = Duration::from_millis(100);
+
+/// Tells a synchronous primary, from a task of its own, where this replica's
+/// databases stand after what it applied from one stream. Acknowledgements
+/// coalesce: while one is on its way, later applies only update the next. The
+/// task stops when this is dropped (the stream ended).
+struct Acknowledger {
+    applied: watch::Sender<BTreeMap<String, Position>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Acknowledger {
+    fn start(mut client: Client, url: &str, stream_id: u64) -> Acknowledger {
+        let (applied, mut receiver) = watch::channel(BTreeMap::new());
+        let url = url.to_string();
+        let task = tokio::spawn(async move {
+            while receiver.changed().await.is_ok() {
+                loop {
+                    let request = wire::acknowledgement(stream_id, &receiver.borrow_and_update());
+                    match client.acknowledge(request).await {
+                        Ok(_) => break,
+                        Err(status) => {
+                            let error = remote_error(&url, &status);
+                            tracing::debug!(%error, "could not acknowledge; retrying");
+                            tokio::time::sleep(ACKNOWLEDGE_RETRY).await;
+                        }
+                    }
+                }
+            }
+        });
+        Acknowledger { applied, task }
+    }
+
+    /// Notes that a change set brought `database` to `position`.
+    fn applied(&self, database: &str, position: Position) {
+        self.applied.send_modify(|applied| {
+            applied.insert(database.to_string(), position);
+        });
+    }
+}
+
+impl Drop for Acknowledger {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
 
 /// The next message on `stream`, validated; an error names what ended the
@@ -497,13 +565,14 @@ async fn next_message(
 }
 
 /// Verifies and applies one whole change set from `source` (such as "the
-/// primary"), at `url`, on the blocking pool; returns its header.
+/// primary"), at `url`, on the blocking pool; returns its header and the
+/// database's position after it.
 async fn apply(
     store: &Arc<Store>,
     source: &str,
     url: &str,
     change_set: ChangeSet,
-) -> Result<Header, ReplicationError> {
+) -> Result<(Header, Position), ReplicationError> {
     let database = change_set.database.as_str().to_string();
     let applying = store.clone();
     let applied = blocking(move || verify_and_apply(&applying, change_set)).await;
@@ -525,7 +594,7 @@ async fn apply(
                 pages = applied.pages.len(),
                 "applied a change set"
             );
-            Ok(header)
+            Ok((header, applied.position))
         }
         Err(
             error @ (ReplicationError::ChangeSetCrc { .. }
@@ -673,6 +742,7 @@ mod tests {
             hostname: "node-a".into(),
             timestamp_ms: 5,
             proxy_url: None,
+            acknowledge_stream: None,
         }
     }
 
@@ -732,6 +802,7 @@ mod tests {
                 hostname: "node-a".into(),
                 timestamp_ms: 5,
                 proxy_url: None,
+                acknowledge_stream: None,
             }
         );
         assert_eq!(session.state, State::CatchingUp);

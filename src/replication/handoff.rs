@@ -34,14 +34,15 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
-use crate::store::Position;
+use crate::ltx::TxId;
+use crate::store::{CommitHold, Position};
 
 use super::peers::{MAX_PEERS, Peer};
 use super::proto;
@@ -98,6 +99,8 @@ struct StreamEntry {
     /// Whether the stream has sent `Ready`: the replica has everything the
     /// primary had when it connected.
     caught_up: bool,
+    /// Per database, the TXID the replica acknowledged having applied.
+    acknowledged: BTreeMap<String, TxId>,
     /// The sum of the TXIDs sent on the stream, per database: how far along the
     /// replica will be once it has applied what was sent.
     sent: BTreeMap<String, u64>,
@@ -109,6 +112,9 @@ struct StreamEntry {
 pub struct Handoffs {
     phase: watch::Sender<HandoffPhase>,
     streams: Mutex<BTreeMap<u64, StreamEntry>>,
+    /// Signalled when a replica acknowledges, or a stream opens or closes: what
+    /// commits held for synchronous replication wait on.
+    streams_changed: Condvar,
     /// The caught-up replicas that can be reached, as published to every stream.
     peers: watch::Sender<Vec<Peer>>,
     next_stream: AtomicU64,
@@ -123,6 +129,7 @@ impl Handoffs {
         let handoffs = Handoffs {
             phase: watch::Sender::new(HandoffPhase::Idle),
             streams: Mutex::new(BTreeMap::new()),
+            streams_changed: Condvar::new(),
             peers: watch::Sender::new(Vec::new()),
             next_stream: AtomicU64::new(1),
             control,
@@ -138,6 +145,20 @@ impl Handoffs {
     /// Watches the phase.
     pub(super) fn watch_phase(&self) -> watch::Receiver<HandoffPhase> {
         self.phase.subscribe()
+    }
+
+    /// Records what the replica of stream `stream_id` acknowledged, and wakes
+    /// the commits waiting for it. An acknowledgement for a stream that has
+    /// closed is ignored.
+    pub(super) fn acknowledge(&self, stream_id: u64, positions: &[(String, Position)]) {
+        let mut streams = self.streams.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(entry) = streams.get_mut(&stream_id) {
+            for (name, position) in positions {
+                let acknowledged = entry.acknowledged.entry(name.clone()).or_default();
+                *acknowledged = (*acknowledged).max(position.txid);
+            }
+            self.streams_changed.notify_all();
+        }
     }
 
     /// Watches the peers.
@@ -214,6 +235,7 @@ impl Handoffs {
                     candidate,
                     advertise_url,
                     caught_up: false,
+                    acknowledged: BTreeMap::new(),
                     sent: BTreeMap::new(),
                 },
             );
@@ -231,13 +253,20 @@ pub(super) struct RegisteredStream {
 }
 
 impl RegisteredStream {
-    /// Records that the stream has sent `Ready`: its replica is now a peer.
+    /// The stream's number, which its replica's acknowledgements name.
+    pub(super) fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Records that the stream has sent `Ready`: its replica is now a peer, and
+    /// a replica commits wait for.
     pub(super) fn caught_up(&self) {
         let mut streams = self.streams();
         if let Some(entry) = streams.get_mut(&self.id) {
             entry.caught_up = true;
         }
         self.handoffs.publish_peers(&streams);
+        self.handoffs.streams_changed.notify_all();
     }
 
     /// Records that the stream has been sent `name` up to `position`.
@@ -260,6 +289,48 @@ impl Drop for RegisteredStream {
         let mut streams = self.streams();
         streams.remove(&self.id);
         self.handoffs.publish_peers(&streams);
+        self.handoffs.streams_changed.notify_all();
+    }
+}
+
+/// How often a commit held for synchronous replication looks again whether this
+/// node is still the primary.
+const ROLE_RECHECK: Duration = Duration::from_millis(20);
+
+/// Synchronous replication: a commit waits until one replica whose stream has
+/// caught up acknowledges it. With no such replica it stands on this node alone
+/// (a cluster of one keeps working; the first replica to catch up is waited for
+/// again). Demotion ends the wait with an error.
+impl CommitHold for Handoffs {
+    fn wait_replicated(
+        &self,
+        database: &str,
+        txid: TxId,
+        still_primary: &dyn Fn() -> bool,
+    ) -> Result<(), String> {
+        let mut streams = self.streams.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            let mut replicas = streams.values().filter(|entry| entry.caught_up).peekable();
+            let alone = replicas.peek().is_none();
+            if replicas.any(|entry| entry.acknowledged.get(database) >= Some(&txid)) {
+                return Ok(());
+            }
+            // Demotion ends the streams too: it is looked at before their absence.
+            if !still_primary() {
+                return Err(
+                    "this node stopped being the primary before a replica acknowledged it"
+                        .to_string(),
+                );
+            }
+            if alone {
+                return Ok(());
+            }
+            streams = self
+                .streams_changed
+                .wait_timeout(streams, ROLE_RECHECK)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
     }
 }
 

@@ -165,6 +165,10 @@ pub struct NodeContext {
     /// The URL of this node's write-forwarding proxy as other nodes reach it, when
     /// it runs one; sent to replicas in `Hello`.
     pub proxy_url: Option<String>,
+    /// Whether commits wait for a replica (synchronous replication): replicas are
+    /// then asked to acknowledge what they apply. The store's commit hold must be
+    /// `handoffs`.
+    pub synchronous: bool,
 }
 
 /// Everything that can go wrong in replication.

@@ -60,8 +60,8 @@ use super::handoff::{ControlRequest, HandoffPhase, RegisteredStream};
 use super::peers::Peer;
 use super::proto::replication_server::{Replication, ReplicationServer};
 use super::proto::{
-    HandoffRequest, HandoffResponse, PromoteRequest, PromoteResponse, StatusRequest,
-    StatusResponse, StreamMessage, StreamRequest,
+    AcknowledgeRequest, AcknowledgeResponse, HandoffRequest, HandoffResponse, PromoteRequest,
+    PromoteResponse, StatusRequest, StatusResponse, StreamMessage, StreamRequest,
 };
 use super::wire;
 use super::{
@@ -165,6 +165,20 @@ impl Replication for ReplicationService {
             .await
             .map_err(|error| status_from_error(&error))?;
         Ok(tonic::Response::new(status::to_proto(&status)))
+    }
+
+    async fn acknowledge(
+        &self,
+        request: tonic::Request<AcknowledgeRequest>,
+    ) -> Result<tonic::Response<AcknowledgeResponse>, tonic::Status> {
+        let (stream_id, positions) = wire::parse_acknowledgement(request.into_inner())
+            .map_err(|error| status_from_error(&error))?;
+        let positions: Vec<(String, Position)> = positions
+            .into_iter()
+            .map(|(name, position)| (name.as_str().to_string(), position))
+            .collect();
+        self.node.handoffs.acknowledge(stream_id, &positions);
+        Ok(tonic::Response::new(AcknowledgeResponse {}))
     }
 
     async fn handoff(
@@ -356,10 +370,15 @@ impl Producer {
     }
 
     async fn produce(&mut self) -> Result<(), Stop> {
+        let acknowledge_stream = match &self.purpose {
+            Purpose::Follow { registered, .. } if self.node.synchronous => Some(registered.id()),
+            _ => None,
+        };
         self.send(wire::hello(
             &self.node.hostname,
             unix_now_ms(),
             self.node.proxy_url.as_deref(),
+            acknowledge_stream,
         ))
         .await?;
         let mut commits = self.node.commits.subscribe();
@@ -710,6 +729,7 @@ mod tests {
                 spool_dir: dir.path().to_path_buf(),
                 handoffs: Arc::new(Handoffs::new().0),
                 proxy_url: None,
+                synchronous: false,
             }),
             shutdown: CancellationToken::new(),
         };
@@ -751,6 +771,7 @@ mod tests {
                 spool_dir: dir.path().to_path_buf(),
                 handoffs: Arc::new(Handoffs::new().0),
                 proxy_url: None,
+                synchronous: false,
             }),
             shutdown: CancellationToken::new(),
         };

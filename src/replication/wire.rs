@@ -100,6 +100,9 @@ pub(super) enum PrimaryMessage {
         timestamp_ms: u64,
         /// The primary's write-forwarding proxy, if it runs one.
         proxy_url: Option<String>,
+        /// When the primary replicates synchronously, the stream's number, which
+        /// the replica's acknowledgements name.
+        acknowledge_stream: Option<u64>,
     },
     /// Part of a change set.
     Chunk(Chunk),
@@ -274,13 +277,40 @@ pub(super) fn hello(
     hostname: &str,
     timestamp_ms: u64,
     proxy_url: Option<&str>,
+    acknowledge_stream: Option<u64>,
 ) -> proto::StreamMessage {
     message(stream_message::Message::Hello(proto::Hello {
         hostname: hostname.to_string(),
         timestamp_ms,
         protocol_version: PROTOCOL_VERSION,
         proxy_url: proxy_url.unwrap_or_default().to_string(),
+        stream_id: acknowledge_stream.unwrap_or_default(),
+        acknowledge: acknowledge_stream.is_some(),
     }))
+}
+
+/// A replica's acknowledgement of what it applied from stream `stream_id`.
+pub(super) fn acknowledgement(
+    stream_id: u64,
+    positions: &BTreeMap<String, Position>,
+) -> proto::AcknowledgeRequest {
+    proto::AcknowledgeRequest {
+        stream_id,
+        positions: positions
+            .iter()
+            .map(|(name, position)| position_to_proto(name, *position))
+            .collect(),
+    }
+}
+
+/// Validates a replica's acknowledgement: the stream it names and its positions.
+pub(super) fn parse_acknowledgement(
+    request: proto::AcknowledgeRequest,
+) -> Result<(u64, Vec<(DatabaseName, Position)>), ReplicationError> {
+    Ok((
+        request.stream_id,
+        parse_positions("AcknowledgeRequest", request.positions)?,
+    ))
 }
 
 /// A piece of a change set of `database`; `crc64` is given on the last piece
@@ -364,6 +394,7 @@ pub(super) fn parse_primary_message(
                 hostname: parse_hostname("Hello", hello.hostname)?,
                 timestamp_ms: hello.timestamp_ms,
                 proxy_url: parse_node_url("Hello", "proxy URL", hello.proxy_url)?,
+                acknowledge_stream: hello.acknowledge.then_some(hello.stream_id),
             }
         }
         stream_message::Message::LtxChunk(chunk) => {
@@ -611,23 +642,33 @@ mod tests {
 
     #[test]
     fn messages_from_the_primary_round_trip() {
-        let hello_message = parse_primary_message(hello("node-a", 1234, None)).unwrap();
+        let hello_message = parse_primary_message(hello("node-a", 1234, None, None)).unwrap();
         assert_eq!(
             hello_message,
             PrimaryMessage::Hello {
                 hostname: "node-a".into(),
                 timestamp_ms: 1234,
                 proxy_url: None,
+                acknowledge_stream: None,
             }
         );
-        let with_proxy = parse_primary_message(hello("node-a", 1, Some("http://a:8080"))).unwrap();
+        let synchronous = parse_primary_message(hello("node-a", 1, None, Some(0))).unwrap();
+        assert!(matches!(
+            synchronous,
+            PrimaryMessage::Hello {
+                acknowledge_stream: Some(0),
+                ..
+            }
+        ));
+        let with_proxy =
+            parse_primary_message(hello("node-a", 1, Some("http://a:8080"), None)).unwrap();
         assert!(matches!(
             with_proxy,
             PrimaryMessage::Hello { proxy_url: Some(url), .. } if url == "http://a:8080"
         ));
         for bad in ["ftp://a", "http://", "http://a b"] {
             assert!(matches!(
-                parse_primary_message(hello("node-a", 1, Some(bad))).unwrap_err(),
+                parse_primary_message(hello("node-a", 1, Some(bad), None)).unwrap_err(),
                 ReplicationError::InvalidUrl { .. }
             ));
         }
@@ -977,7 +1018,7 @@ mod tests {
             hostname: "node-a".into(),
             timestamp_ms: 1,
             protocol_version: 0,
-            proxy_url: String::new(),
+            ..proto::Hello::default()
         }))
         .unwrap_err();
         assert!(matches!(

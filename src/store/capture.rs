@@ -34,6 +34,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::ltx::{self, Checksum, Encoder, Header, TxId};
@@ -109,6 +110,10 @@ pub struct Database {
     options: CaptureOptions,
     shared: Arc<Shared>,
     state: Mutex<CaptureState>,
+    /// The TXID of the last transaction captured here (0 before the first): a
+    /// change that moves it committed a transaction, which synchronous
+    /// replication holds until a replica has it.
+    captured_txid: AtomicU64,
 }
 
 impl std::fmt::Debug for Database {
@@ -212,7 +217,13 @@ impl Database {
             options,
             shared,
             state: Mutex::new(state),
+            captured_txid: AtomicU64::new(0),
         })
+    }
+
+    /// The TXID of the last transaction captured on this node, 0 before the first.
+    pub fn captured_txid(&self) -> u64 {
+        self.captured_txid.load(Ordering::Acquire)
     }
 
     /// The database's name.
@@ -931,6 +942,7 @@ impl Database {
         if self.options.strict_verify {
             self.verify_strictly(state)?;
         }
+        self.captured_txid.store(txid.0, Ordering::Release);
         self.shared.notify(&self.name);
         Ok(())
     }

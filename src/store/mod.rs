@@ -41,6 +41,7 @@ pub use cluster::{ClusterView, Role};
 pub use names::{FileKind, ParsedName, parse_name};
 pub use replica::LTXFS_LOCK_OWNER;
 
+use crate::ltx::TxId;
 use locks::{ByteRange, LockOwner, LockTable};
 
 /// SQLite's PENDING lock byte; RESERVED is the byte after it. A write lock on
@@ -90,6 +91,19 @@ pub enum StoreError {
         /// The database.
         database: String,
         /// What did not match.
+        reason: String,
+    },
+    /// A transaction committed here, but the node stopped being the primary
+    /// before a replica had it: the application must not count on it.
+    #[error(
+        "database {database:?}: transaction {txid} committed on this node but was not replicated: {reason}"
+    )]
+    NotReplicated {
+        /// The database.
+        database: String,
+        /// The transaction.
+        txid: TxId,
+        /// Why.
         reason: String,
     },
     /// Local processes may not change databases on a replica.
@@ -147,6 +161,22 @@ pub trait CommitListener: Send + Sync {
 
     /// The node's role, or the primary it follows, changed.
     fn cluster_changed(&self) {}
+}
+
+/// Holds a local change that committed a transaction until a replica has the
+/// transaction (synchronous replication). Called on a FUSE worker thread with no
+/// store lock held, so it may block; it must return once it is no use waiting.
+pub trait CommitHold: Send + Sync {
+    /// Blocks until a replica has `database` up to `txid` (`Ok`), or no replica
+    /// is there to wait for (`Ok`: the commit stands on this node alone), or
+    /// `still_primary` turns false (`Err` saying why the commit was not
+    /// replicated).
+    fn wait_replicated(
+        &self,
+        database: &str,
+        txid: TxId,
+        still_primary: &dyn Fn() -> bool,
+    ) -> Result<(), String>;
 }
 
 /// What the store shares with every database: the [`CommitListener`] and the
@@ -444,6 +474,8 @@ pub struct Store {
     namespace: RwLock<Namespace>,
     databases: Mutex<BTreeMap<String, Arc<Database>>>,
     kernel_cache: RwLock<Option<Arc<dyn KernelCache>>>,
+    /// Synchronous replication's hold on commits, when it is on.
+    commit_hold: RwLock<Option<Arc<dyn CommitHold>>>,
     shared: Arc<Shared>,
     cluster: ClusterView,
     /// Held by the one change set being applied on a replica.
@@ -487,6 +519,7 @@ impl Store {
             namespace: RwLock::new(Namespace::default()),
             databases: Mutex::new(BTreeMap::new()),
             kernel_cache: RwLock::new(None),
+            commit_hold: RwLock::new(None),
             shared: Arc::new(Shared::default()),
             cluster: ClusterView::new(role),
             applying: Mutex::new(()),
@@ -568,6 +601,39 @@ impl Store {
     /// This node's role and its view of the primary.
     pub fn cluster(&self) -> &ClusterView {
         &self.cluster
+    }
+
+    /// Turns synchronous replication on: every local change that commits a
+    /// transaction waits in [`Store::hold_commit`] for `hold`.
+    pub fn set_commit_hold(&self, hold: Arc<dyn CommitHold>) {
+        *self.commit_hold.write().unwrap_or_else(|p| p.into_inner()) = Some(hold);
+    }
+
+    /// After a local change to one of `database`'s files, made while its
+    /// [`WritePermit`] was held and finished now that the permit is dropped (a
+    /// role change must not wait for a replica): when the change committed a
+    /// transaction (the captured TXID moved from `captured_before`), waits until
+    /// a replica has it, if synchronous replication is on.
+    pub fn hold_commit(&self, database: &Database, captured_before: u64) -> Result<(), StoreError> {
+        let captured = database.captured_txid();
+        if captured == captured_before {
+            return Ok(());
+        }
+        let hold = self
+            .commit_hold
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let Some(hold) = hold else {
+            return Ok(());
+        };
+        let still_primary = || self.cluster.role() == Role::Primary;
+        hold.wait_replicated(database.name(), TxId(captured), &still_primary)
+            .map_err(|reason| StoreError::NotReplicated {
+                database: database.name().to_string(),
+                txid: TxId(captured),
+                reason,
+            })
     }
 
     /// Sets who hears about new positions (replaces any earlier listener).
