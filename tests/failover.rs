@@ -248,10 +248,30 @@ fn a_candidate_behind_another_replica_catches_up_from_it_before_taking_writes() 
 }
 
 #[test]
-fn with_synchronous_replication_a_killed_primary_loses_no_acknowledged_write() {
+fn with_synchronous_replication_a_killed_primary_loses_no_acknowledged_write_in_wal_mode() {
+    a_killed_synchronous_primary_loses_no_acknowledged_write("wal");
+}
+
+#[test]
+fn with_synchronous_replication_a_killed_primary_loses_no_acknowledged_write_in_delete_mode() {
+    a_killed_synchronous_primary_loses_no_acknowledged_write("delete");
+}
+
+/// The commit is held where it happens: a WAL commit frame's write, a journal's
+/// deletion, or the unlock that ends a journal-less transaction.
+#[test]
+fn with_synchronous_replication_a_killed_primary_loses_no_acknowledged_write_in_memory_mode() {
+    a_killed_synchronous_primary_loses_no_acknowledged_write("memory");
+}
+
+fn a_killed_synchronous_primary_loses_no_acknowledged_write(journal_mode: &str) {
     let etcd = etcd::Etcd::start();
     let [mut node_a, node_b, node_c] = start_a_with_b_and_follower_c(etcd.url(), SYNCHRONOUS);
-    create_table(&node_a);
+    let conn = open_db(&node_a.db_path(DB));
+    set_journal_mode(&conn, journal_mode);
+    conn.execute_batch("CREATE TABLE t(seq INTEGER PRIMARY KEY, pad BLOB)")
+        .unwrap();
+    drop(conn);
     wait_converged(&node_a, &[&node_b, &node_c]);
     // Commits wait for replicas whose streams have caught up; the primary names
     // those to its replicas.
@@ -267,8 +287,11 @@ fn with_synchronous_replication_a_killed_primary_loses_no_acknowledged_write() {
     let acknowledged = Arc::new(AtomicI64::new(0));
     let writer = thread::spawn({
         let (db, acknowledged) = (node_a.db_path(DB), acknowledged.clone());
+        let journal_mode = journal_mode.to_string();
         move || {
             let conn = open_db(&db);
+            // MEMORY is a per-connection mode.
+            set_journal_mode(&conn, &journal_mode);
             for seq in 0.. {
                 let insert = "INSERT INTO t(seq, pad) VALUES(?1, randomblob(65536))";
                 if conn.execute(insert, params![seq]).is_err() {
@@ -291,7 +314,7 @@ fn with_synchronous_replication_a_killed_primary_loses_no_acknowledged_write() {
     drop(frozen);
     let acknowledged = acknowledged.load(Ordering::Acquire);
     report(format!(
-        "synchronous: {acknowledged} rows acknowledged before the primary was killed"
+        "synchronous, {journal_mode} mode: {acknowledged} rows acknowledged before the primary was killed"
     ));
     let survivors = [("node-b", &node_b), ("node-c", &node_c)];
     assert_eq!(wait_for_primary(&survivors), "node-b");
@@ -359,7 +382,7 @@ fn logged_handoff(mount: &Mount) -> Option<f64> {
 fn create_table(mount: &Mount) {
     let conn = open_db(&mount.db_path(DB));
     set_journal_mode(&conn, "wal");
-    conn.execute_batch("CREATE TABLE t(seq INTEGER PRIMARY KEY, pad BLOB)")
+    conn.execute_batch("CREATE TABLE t(seq INTEGER PRIMARY KEY)")
         .unwrap();
 }
 

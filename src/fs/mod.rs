@@ -589,14 +589,19 @@ impl Fs {
             Err(error) => return completion(Err(error)),
         };
         let Some(kind) = call.kind else {
-            return completion(
-                ByteRange::new(call.start, call.end)
-                    .ok_or(FsError::BadLockRange {
-                        start: call.start,
-                        end: call.end,
-                    })
-                    .map(|range| node.unlock(call.owner, range)),
-            );
+            // An unlock ends a transaction of a journal-less mode (MEMORY, OFF).
+            let captured = node.database().captured_txid();
+            let unlocked = ByteRange::new(call.start, call.end)
+                .ok_or(FsError::BadLockRange {
+                    start: call.start,
+                    end: call.end,
+                })
+                .map(|range| node.unlock(call.owner, range));
+            return completion(unlocked.and_then(|()| {
+                self.store
+                    .hold_commit(node.database(), captured)
+                    .map_err(FsError::from)
+            }));
         };
         let locks = node.locks();
         let request = match lock_request(call, kind) {
