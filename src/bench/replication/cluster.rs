@@ -54,7 +54,17 @@ impl Node {
         base: &Path,
         name: &str,
     ) -> Result<(Node, String), ReplicationBenchError> {
-        let lease = format!("lease:\n  type: static\n  candidate: true\n  hostname: {name}\n");
+        Node::start_primary_with(base, name, "")
+    }
+
+    /// [`Node::start_primary`] with `more_config` added to its config.
+    pub(super) fn start_primary_with(
+        base: &Path,
+        name: &str,
+        more_config: &str,
+    ) -> Result<(Node, String), ReplicationBenchError> {
+        let lease =
+            format!("lease:\n  type: static\n  candidate: true\n  hostname: {name}\n{more_config}");
         let node = Node::start(base, name, &lease)?;
         let url = node.wait_for_url()?;
         Ok((node, url))

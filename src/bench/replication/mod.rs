@@ -22,7 +22,8 @@
 //!    it runs while `alone` holds no other database, so the snapshot is the
 //!    whole bootstrap;
 //! 3. the primary's single-row insert throughput with two replicas against none,
-//!    in alternating rounds (see `throughput`).
+//!    and with two replicas under synchronous replication (`synchronous`, with
+//!    `synchronous-replica-1` and `-2`), in rotating rounds (see `throughput`).
 //!
 //! `--seconds` is the measured time of each lag measurement and of each primary
 //! in the comparison, as in `ltxfs bench`.
@@ -53,6 +54,10 @@ pub use throughput::ThroughputResult;
 use super::{BenchError, BenchOptions, MachineInfo, Plan, Workspace};
 pub(in crate::bench) use cluster::{Node, wait_converged};
 use lag::LagRun;
+use throughput::Followed;
+
+/// What the synchronous primary of the throughput comparison adds to its config.
+const SYNCHRONOUS_CONFIG: &str = "replication:\n  synchronous: true\n";
 
 /// The paced rate of the first lag measurement, in transactions per second.
 pub const PACED_RATE: u32 = 1000;
@@ -142,6 +147,12 @@ pub fn run(options: &ReplicationOptions) -> Result<ReplicationReport, Replicatio
     ];
     let (alone, alone_url) = Node::start_primary(&base, "alone")?;
     let followers: Vec<&Node> = replicas.iter().collect();
+    let (synchronous, synchronous_url) =
+        Node::start_primary_with(&base, "synchronous", SYNCHRONOUS_CONFIG)?;
+    let synchronous_replicas = [
+        Node::start_replica(&base, "synchronous-replica-1", &synchronous_url)?,
+        Node::start_replica(&base, "synchronous-replica-2", &synchronous_url)?,
+    ];
 
     let measured = plan.round * plan.rounds as u32;
     let mut lags = Vec::with_capacity(2);
@@ -176,10 +187,30 @@ pub fn run(options: &ReplicationOptions) -> Result<ReplicationReport, Replicatio
         }
     };
 
-    let throughput = throughput::compare(&alone, &primary, &followers, &plan)?;
+    let throughput = throughput::compare(
+        &alone,
+        &[
+            Followed {
+                name: format!("{} replicas", followers.len()),
+                primary: &primary,
+                replicas: followers.clone(),
+            },
+            Followed {
+                name: format!("{} replicas, synchronous", synchronous_replicas.len()),
+                primary: &synchronous,
+                replicas: synchronous_replicas.iter().collect(),
+            },
+        ],
+        &plan,
+    )?;
 
     drop(followers);
-    for node in replicas.into_iter().chain([primary, alone]) {
+    for node in
+        replicas
+            .into_iter()
+            .chain(synchronous_replicas)
+            .chain([primary, synchronous, alone])
+    {
         if let Err(error) = node.stop() {
             warnings.push(error.to_string());
         }

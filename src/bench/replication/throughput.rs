@@ -27,9 +27,9 @@ const CONVERGE_TIMEOUT: Duration = Duration::from_secs(120);
 #[derive(Debug, Clone, PartialEq)]
 pub struct ThroughputResult {
     /// Transactions per second of the primary alone (target 0, the baseline) and
-    /// of the followed one (target 1).
+    /// of each followed one (targets 1 and on).
     pub result: WorkloadResult,
-    /// After each round on the followed primary, how long the replicas took to
+    /// After each round on a followed primary, how long its replicas took to
     /// reach its position.
     pub catch_up: Vec<Duration>,
     /// Per target, the CPU time per transaction of each process involved: the
@@ -37,23 +37,31 @@ pub struct ThroughputResult {
     pub cpu: Vec<Vec<CpuUse>>,
 }
 
-/// Runs the rounds on `alone` and on `followed`, which `replicas` follow.
+/// A primary that replicas follow, as the comparison measures it.
+pub(super) struct Followed<'a> {
+    /// How the report names it.
+    pub name: String,
+    /// The primary.
+    pub primary: &'a Node,
+    /// Its replicas.
+    pub replicas: Vec<&'a Node>,
+}
+
+/// Runs the rounds on `alone` and on each of `followed`.
 pub(super) fn compare(
     alone: &Node,
-    followed: &Node,
-    replicas: &[&Node],
+    followed: &[Followed<'_>],
     plan: &Plan,
 ) -> Result<ThroughputResult, ReplicationBenchError> {
-    let targets = [
-        Target {
-            name: "no replicas".to_string(),
-            dir: alone.mount_point().to_path_buf(),
-        },
-        Target {
-            name: format!("{} replicas", replicas.len()),
-            dir: followed.mount_point().to_path_buf(),
-        },
-    ];
+    let targets: Vec<Target> = std::iter::once(Target {
+        name: "no replicas".to_string(),
+        dir: alone.mount_point().to_path_buf(),
+    })
+    .chain(followed.iter().map(|followed| Target {
+        name: followed.name.clone(),
+        dir: followed.primary.mount_point().to_path_buf(),
+    }))
+    .collect();
     // The insert workload reads nothing, so it needs no read database.
     let no_read_db = ReadDatabase { rows: 0, bytes: 0 };
     let mut sessions = targets
@@ -61,43 +69,55 @@ pub(super) fn compare(
         .map(|target| Session::open(WORKLOAD, target, &no_read_db))
         .collect::<Result<Vec<_>, _>>()?;
     let database = WORKLOAD.database_name();
-    let converge = || cluster::wait_converged(followed, replicas, database, CONVERGE_TIMEOUT);
-    converge()?;
+    let converge = |followed: &Followed<'_>| {
+        cluster::wait_converged(
+            followed.primary,
+            &followed.replicas,
+            database,
+            CONVERGE_TIMEOUT,
+        )
+    };
+    for followed in followed {
+        converge(followed)?;
+    }
     for session in &mut sessions {
         session.run_for(plan.warm_up)?;
     }
-    converge()?;
+    for followed in followed {
+        converge(followed)?;
+    }
 
     let benchmark = Process {
         name: "benchmark".to_string(),
         pid: std::process::id(),
     };
-    let mut meters = [
+    let mut meters: Vec<CpuMeter> = std::iter::once(CpuMeter::new(
+        alone
+            .process()
+            .into_iter()
+            .chain([benchmark.clone()])
+            .collect(),
+    ))
+    .chain(followed.iter().map(|followed| {
         CpuMeter::new(
-            alone
-                .process()
-                .into_iter()
+            std::iter::once(followed.primary)
+                .chain(followed.replicas.iter().copied())
+                .filter_map(Node::process)
                 .chain([benchmark.clone()])
                 .collect(),
-        ),
-        CpuMeter::new(
-            std::iter::once(followed)
-                .chain(replicas.iter().copied())
-                .filter_map(Node::process)
-                .chain([benchmark])
-                .collect(),
-        ),
-    ];
+        )
+    }))
+    .collect();
     let mut rounds = vec![Vec::with_capacity(plan.rounds); targets.len()];
-    let mut catch_up = Vec::with_capacity(plan.rounds);
+    let mut catch_up = Vec::with_capacity(plan.rounds * followed.len());
     for round in 0..plan.rounds {
-        // Alternate the order so that neither primary always runs first.
-        let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
-        for index in order {
+        // Rotate the order so that no primary always runs first.
+        for turn in 0..targets.len() {
+            let index = (turn + round) % targets.len();
             meters[index].start();
             rounds[index].push(sessions[index].run_for(plan.round)?);
-            if index == 1 {
-                catch_up.push(converge()?);
+            if let Some(followed) = index.checked_sub(1).map(|at| &followed[at]) {
+                catch_up.push(converge(followed)?);
             }
             meters[index].stop();
         }
