@@ -59,7 +59,12 @@ const FIRST_ON_A: i64 = 1_000;
 /// The first row the new primary's writer inserts.
 const FIRST_ON_NEW: i64 = 1_000_000;
 
-fn node_yaml(hostname: &str, etcd_url: &str, advertise: Option<(&str, SocketAddr)>) -> String {
+fn node_yaml(
+    hostname: &str,
+    etcd_url: &str,
+    advertise: Option<(&str, SocketAddr)>,
+    synchronous: bool,
+) -> String {
     let (advertise_url, http) = match advertise {
         Some((url, addr)) => (
             format!("  advertise-url: \"{url}\"\n"),
@@ -68,7 +73,7 @@ fn node_yaml(hostname: &str, etcd_url: &str, advertise: Option<(&str, SocketAddr
         None => (String::new(), String::new()),
     };
     format!(
-        "lease:\n  candidate: true\n  hostname: {hostname}\n  reconnect-delay: 300ms\n{advertise_url}  type: etcd\n  etcd:\n    endpoints: [\"{etcd_url}\"]\n    key: \"ltxfs-partition/primary\"\n    ttl: {}s\n{http}",
+        "lease:\n  candidate: true\n  hostname: {hostname}\n  reconnect-delay: 300ms\n{advertise_url}  type: etcd\n  etcd:\n    endpoints: [\"{etcd_url}\"]\n    key: \"ltxfs-partition/primary\"\n    ttl: {}s\n{http}replication:\n  synchronous: {synchronous}\n",
         TTL.as_secs()
     )
 }
@@ -112,20 +117,36 @@ fn loopback_address(url: &str) -> SocketAddr {
 
 #[test]
 fn a_partitioned_primary_stops_writes_and_the_majority_elects_a_new_one() {
+    partition(false);
+}
+
+/// With synchronous replication the cut-off primary acknowledges nothing more:
+/// none of its acknowledged rows is discarded.
+#[test]
+fn a_partitioned_synchronous_primary_loses_no_acknowledged_write() {
+    partition(true);
+}
+
+fn partition(synchronous: bool) {
     let etcd = etcd::Etcd::start();
     // Everything between node-a and the rest goes through the two proxies.
     let etcd_proxy = TcpProxy::start(loopback_address(etcd.url()));
     let a_http = etcd::free_loopback_address();
     let a_proxy = TcpProxy::start(a_http);
     let node_a = Mount::start(MountOptions {
-        extra_yaml: node_yaml("node-a", &etcd_proxy.url(), Some((&a_proxy.url(), a_http))),
+        extra_yaml: node_yaml(
+            "node-a",
+            &etcd_proxy.url(),
+            Some((&a_proxy.url(), a_http)),
+            synchronous,
+        ),
         ..MountOptions::default()
     });
     assert_eq!(wait_for_primary(&[("node-a", &node_a)]), "node-a");
     create_table_when_writable(&node_a);
     let start = |hostname: &str| {
         Mount::start(MountOptions {
-            extra_yaml: node_yaml(hostname, etcd.url(), None),
+            extra_yaml: node_yaml(hostname, etcd.url(), None, synchronous),
             ..MountOptions::default()
         })
     };
@@ -286,6 +307,11 @@ fn a_partitioned_primary_stops_writes_and_the_majority_elects_a_new_one() {
             .all(|seq| on_new_primary.contains(&seq) == (seq < FIRST_ON_A + kept)),
         "the rows of node-a that were discarded are not its last ones: {discarded:?}"
     );
+    assert!(
+        !synchronous || discarded.is_empty(),
+        "a synchronous primary discarded {} rows it had acknowledged",
+        discarded.len()
+    );
     let a_log = node_a.stderr_text();
     if !discarded.is_empty() {
         let replaced = a_log
@@ -313,7 +339,7 @@ fn a_partitioned_primary_stops_writes_and_the_majority_elects_a_new_one() {
     assert!(refusal.to_string().contains("readonly"), "{refusal}");
     check_history(&nodes);
     report(format!(
-        "partition: after the heal node-a followed {new_primary} and caught up in \
+        "partition (synchronous: {synchronous}): after the heal node-a followed {new_primary} and caught up in \
          {rejoined_after:?}; of the {} rows node-a acknowledged, {} were discarded (the last \
          ones; {} acknowledged after the partition); the new primary's writer committed {} \
          rows, all on node-a; proxies: etcd {:?}, node-a {:?}",
