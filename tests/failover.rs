@@ -310,16 +310,30 @@ fn a_killed_synchronous_primary_loses_no_acknowledged_write(journal_mode: &str) 
     let frozen = [Frozen::freeze(&node_b), Frozen::freeze(&node_c)];
     thread::sleep(Duration::from_millis(1500));
     node_a.kill9();
+    let killed_at = Instant::now();
     writer.join().unwrap();
     drop(frozen);
     let acknowledged = acknowledged.load(Ordering::Acquire);
-    report(format!(
-        "synchronous, {journal_mode} mode: {acknowledged} rows acknowledged before the primary was killed"
-    ));
+    // A candidate takes over within the TTL (plus detection), and writes resume.
     let survivors = [("node-b", &node_b), ("node-c", &node_c)];
     assert_eq!(wait_for_primary(&survivors), "node-b");
     wait_writable(&node_b);
+    let takeover = killed_at.elapsed();
+    report(format!(
+        "synchronous, {journal_mode} mode: {acknowledged} rows acknowledged before the primary \
+         was killed; node-b accepted writes {takeover:?} after the kill (TTL {TTL:?})"
+    ));
+    assert!(
+        takeover < TTL * 2 + Duration::from_secs(2),
+        "takeover took {takeover:?}"
+    );
     assert_has_rows(&node_b.db_path(DB), 0, acknowledged);
+    // The commit in flight when the primary died may have reached a replica:
+    // its application got an error, but the transaction can still be there.
+    let before = rows(&node_b.db_path(DB));
+    insert(&node_b.db_path(DB), 1_000_000, 5);
+    wait_converged(&node_b, &[&node_c]);
+    assert_eq!(rows(&node_c.db_path(DB)), before + 5);
 }
 
 #[test]
