@@ -510,6 +510,34 @@ fn exec_list_runs_in_order_and_stops_at_the_last() {
 }
 
 #[test]
+fn an_if_candidate_command_does_not_run_on_a_node_that_may_not_become_primary() {
+    let s = Scratch::new();
+    let data = s.path("data");
+    let mnt = s.path("mnt");
+    fs::create_dir(&mnt).unwrap();
+    let candidate_only = s.path("candidate-only");
+    // exec starts on a replica once it reaches its primary.
+    let primary = Mount::start(MountOptions::default());
+    let extra = format!(
+        "lease:\n  candidate: false\n  advertise-url: \"http://{}\"\n\
+         exec:\n  \
+         - cmd: \"touch {}\"\n    if-candidate: true\n  \
+         - cmd: \"sh -c 'test -f {} || exit 7'\"\n",
+        primary.listen_addr(),
+        candidate_only.display(),
+        candidate_only.display()
+    );
+    let config = s.config(&data, None, &extra);
+    let (code, stderr) = run_ltxfs(&[os(&mnt), "--config".as_ref(), os(&config)]);
+    assert_eq!(
+        code,
+        Some(7),
+        "the if-candidate command ran on a node that is not a candidate; stderr:\n{stderr}"
+    );
+    assert!(!anything_mounted(&mnt), "still mounted after exec exit");
+}
+
+#[test]
 fn incomplete_or_contradictory_settings_are_refused() {
     for (extra, mentions) in [
         (
