@@ -387,6 +387,28 @@ async fn a_handoff_sends_everything_accepted_then_names_the_new_primary() {
     shutdown.cancel();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_of_many_chunks_arrives_whole() {
+    let primary_dir = tempfile::tempdir().unwrap();
+    let replica_dir = tempfile::tempdir().unwrap();
+    let shutdown = CancellationToken::new();
+    let primary = start_node(primary_dir.path(), Role::Primary, "node-a", &shutdown).await;
+    // About 6 MiB: the snapshot is streamed in several chunks while it is spooled.
+    commit(
+        &primary.store,
+        "big.db",
+        (1..=1500u32).map(|pgno| (pgno, (pgno % 251) as u8)),
+    );
+    let replica = start_node(replica_dir.path(), Role::Replica, "node-b", &shutdown).await;
+    let (_follower, _) = follow(&replica, &primary.url, &shutdown);
+    converge(&primary.store, &replica.store).await;
+    assert!(
+        state(&primary.store) == state(&replica.store),
+        "the replica's copy differs"
+    );
+    shutdown.cancel();
+}
+
 /// Polls `condition` until it holds, or fails naming `what`.
 async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
     let deadline = Instant::now() + CONVERGE_TIMEOUT;

@@ -64,7 +64,8 @@
 //! (`RECEIVE_WINDOW_BYTES`, 4 MiB). Snapshots are spooled to an unnamed file in
 //! [`NodeContext::spool_dir`] rather than streamed straight from the database,
 //! because writing a snapshot holds the database's capture lock: a slow replica
-//! must never hold up commits on the primary.
+//! must never hold up commits on the primary. The stream reads the spool file
+//! while it is still being written, so spooling and sending overlap.
 //!
 //! On a replica, one change set is reassembled in memory before it is applied
 //! (the store applies whole change sets); [`MAX_CHANGE_SET_BYTES`] bounds it. A

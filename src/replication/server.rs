@@ -572,42 +572,61 @@ impl Producer {
         }
     }
 
-    /// Spools a snapshot of `name` to a file, then streams it in chunks; the last
-    /// says which TXID the replica's history shares with this one, if known.
+    /// Spools a snapshot of `name` to a file and streams it in chunks as the file
+    /// grows; the last says which TXID the replica's history shares with this
+    /// one, if known. A chunk goes out only once the bytes after it exist or the
+    /// spool is complete, so the last chunk is always known to be the last.
+    /// Heartbeats are sent while the first chunk is awaited, never between the
+    /// chunks.
     async fn send_snapshot(&mut self, name: &str, shared_txid: Option<TxId>) -> Result<(), Stop> {
         let Some(database) = self.node.store.database(name) else {
             return Ok(());
         };
         let dir = self.node.spool_dir.clone();
-        let (file, len, position) = self
-            .beating(blocking(move || {
-                let io = |context: String| move |source| ReplicationError::Io { context, source };
-                let mut file = tempfile::tempfile_in(&dir).map_err(io(format!(
-                    "create a snapshot spool file in {}",
-                    dir.display()
-                )))?;
-                let mut writer = BufWriter::with_capacity(SPOOL_BUFFER_BYTES, &mut file);
-                let position = database.write_snapshot(&mut writer)?;
-                writer
-                    .flush()
-                    .map_err(io("write a snapshot spool file".to_string()))?;
-                drop(writer);
-                let len = file
-                    .metadata()
-                    .map_err(io("stat a snapshot spool file".to_string()))?
-                    .len();
-                Ok((Arc::new(file), len, position))
-            }))
-            .await?;
-        tracing::debug!(replica = %self.replica, database = name, bytes = len, txid = %position.txid, "snapshot spooled");
+        let io = |context: String| move |source| ReplicationError::Io { context, source };
+        let file = Arc::new(tempfile::tempfile_in(&dir).map_err(io(format!(
+            "create a snapshot spool file in {}",
+            dir.display()
+        )))?);
+        let (progress, mut spooled) = watch::channel(0u64);
+        let spool_file = file.clone();
+        let spooling = tokio::task::spawn_blocking(move || {
+            let mut counting = CountingWriter {
+                file: &spool_file,
+                written: 0,
+                progress,
+            };
+            let mut writer = BufWriter::with_capacity(SPOOL_BUFFER_BYTES, &mut counting);
+            let position = database.write_snapshot(&mut writer)?;
+            writer
+                .flush()
+                .map_err(io("write a snapshot spool file".to_string()))?;
+            drop(writer);
+            Ok::<_, ReplicationError>((counting.written, position))
+        });
+        let mut spooling = std::pin::pin!(spooling);
+        let mut done: Option<(u64, Position)> = None;
         let mut offset = 0u64;
         let mut crc = ChangeSetCrc::new(name);
         loop {
-            let size = (len - offset).min(CHUNK_SIZE as u64);
+            while done.is_none() && *spooled.borrow() <= offset + CHUNK_SIZE as u64 {
+                tokio::select! {
+                    biased;
+                    finished = &mut spooling => {
+                        done = Some(finished.map_err(ReplicationError::Task)??);
+                    }
+                    _ = spooled.changed() => {}
+                    () = tokio::time::sleep_until(self.heartbeat_due()), if offset == 0 => {
+                        self.heartbeat().await?;
+                    }
+                }
+            }
+            let available = done.map_or_else(|| *spooled.borrow(), |(len, _)| len);
+            let size = (available - offset).min(CHUNK_SIZE as u64);
             let piece;
             (piece, crc) = read_piece(file.clone(), offset, size, crc).await?;
             offset += size;
-            let last = offset == len;
+            let last = done.is_some_and(|(len, _)| offset == len);
             self.send(wire::ltx_chunk(
                 name,
                 piece,
@@ -615,12 +634,12 @@ impl Producer {
                 shared_txid.filter(|_| last),
             ))
             .await?;
-            if last {
-                break;
+            if let Some((len, position)) = done.filter(|_| last) {
+                tracing::debug!(replica = %self.replica, database = name, bytes = len, txid = %position.txid, "snapshot sent");
+                self.record_sent(name, position);
+                return Ok(());
             }
         }
-        self.record_sent(name, position);
-        Ok(())
     }
 
     /// Runs `work` (which must not send), sending heartbeats while it takes long.
@@ -654,6 +673,27 @@ impl Producer {
             .await
             .map_err(|_| Stop::ReplicaGone)?;
         self.last_sent = Instant::now();
+        Ok(())
+    }
+}
+
+/// Writes a snapshot into its spool file, publishing how many bytes the file
+/// holds after each write, so the stream can send them while the rest is written.
+struct CountingWriter<'a> {
+    file: &'a File,
+    written: u64,
+    progress: watch::Sender<u64>,
+}
+
+impl Write for CountingWriter<'_> {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        let count = self.file.write(bytes)?;
+        self.written += count as u64;
+        self.progress.send_replace(self.written);
+        Ok(count)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
     }
 }
