@@ -534,6 +534,85 @@ async fn a_synchronous_primary_returns_a_commit_once_a_replica_has_it() {
     shutdown.cancel();
 }
 
+/// A reader's SHARED lock on a replica's database, which keeps the replica from
+/// applying (and acknowledging) change sets until it is dropped.
+struct Reader(Arc<ltxfs::store::Node>, ltxfs::store::locks::ByteRange);
+
+impl Reader {
+    const OWNER: u64 = 7;
+
+    fn lock(store: &Store, name: &str) -> Reader {
+        let range = ltxfs::store::locks::ByteRange::new(0x4000_0002, 0x4000_0002).unwrap();
+        let node = store.lookup(name).unwrap();
+        node.locks()
+            .try_lock(ltxfs::store::locks::LockRequest {
+                owner: Reader::OWNER,
+                pid: 7,
+                range,
+                kind: ltxfs::store::locks::LockKind::Read,
+            })
+            .unwrap();
+        Reader(node, range)
+    }
+}
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        self.0.locks().unlock(Reader::OWNER, self.1);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_held_when_a_synchronous_primary_hands_off_returns_once_acknowledged() {
+    let primary_dir = tempfile::tempdir().unwrap();
+    let replica_dir = tempfile::tempdir().unwrap();
+    let shutdown = CancellationToken::new();
+    let primary =
+        start_node_with(primary_dir.path(), Role::Primary, "node-a", true, &shutdown).await;
+    commit(&primary.store, "app.db", [(1, 1), (2, 2)]);
+    let replica = start_node(replica_dir.path(), Role::Replica, "node-b", &shutdown).await;
+    let (_follower, mut state, peers) = follow_as(&replica, "node-b", &primary.url, &shutdown);
+    eventually("node-b to catch up", || !peers.get().is_empty()).await;
+    let reader = Reader::lock(&replica.store, "app.db");
+    let store = primary.store.clone();
+    let held = tokio::task::spawn_blocking(move || commit_and_hold(&store, "app.db", [(2, 3)]));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        !held.is_finished(),
+        "the commit returned before a replica had it"
+    );
+
+    // The handoff demotes the primary while the commit is held; the handoff
+    // delivers it, and the replica acknowledges it before leaving the stream.
+    primary.handoffs.set_phase(HandoffPhase::Draining);
+    let demoting = primary.store.clone();
+    tokio::task::spawn_blocking(move || demoting.set_role(Role::Replica))
+        .await
+        .unwrap();
+    primary.handoffs.set_phase(HandoffPhase::HandingOff {
+        to: "node-b".into(),
+        positions: primary.store.positions(),
+    });
+    drop(reader);
+    let txid = tokio::time::timeout(Duration::from_secs(5), held)
+        .await
+        .expect("the held commit ends")
+        .unwrap()
+        .expect("the handed-off commit was acknowledged");
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        state.wait_for(|state| state.handoff.is_some()),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(
+        replica.store.database("app.db").unwrap().position().txid,
+        txid
+    );
+    shutdown.cancel();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_commit_no_replica_acknowledges_fails_when_the_primary_is_demoted() {
     let primary_dir = tempfile::tempdir().unwrap();
@@ -547,22 +626,7 @@ async fn a_commit_no_replica_acknowledges_fails_when_the_primary_is_demoted() {
     eventually("node-b to catch up", || !peers.get().is_empty()).await;
     // A reader on the replica holds its SHARED lock, so the replica cannot apply
     // (and acknowledge) the next commit, as a replica cut off would not.
-    let reader = ltxfs::store::locks::LockRequest {
-        owner: 7,
-        pid: 7,
-        range: ltxfs::store::locks::ByteRange::new(0x4000_0002, 0x4000_0002).unwrap(),
-        kind: ltxfs::store::locks::LockKind::Read,
-    };
-    let replica_db = replica.store.lookup("app.db").unwrap();
-    replica_db.locks().try_lock(reader).unwrap();
-    // Released however the test ends, so the replica's apply can finish.
-    struct Unlock(Arc<ltxfs::store::Node>, ltxfs::store::locks::ByteRange);
-    impl Drop for Unlock {
-        fn drop(&mut self) {
-            self.0.locks().unlock(7, self.1);
-        }
-    }
-    let _unlock = Unlock(replica_db.clone(), reader.range);
+    let _reader = Reader::lock(&replica.store, "app.db");
     let store = primary.store.clone();
     let held = tokio::task::spawn_blocking(move || commit_and_hold(&store, "app.db", [(2, 3)]));
     tokio::time::sleep(Duration::from_millis(300)).await;

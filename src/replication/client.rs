@@ -402,6 +402,11 @@ impl Replica {
                             at: Instant::now(),
                         });
                     });
+                    // A synchronous primary may hold commits the last change
+                    // sets carried: they are acknowledged before the stream ends.
+                    if let Some(acknowledger) = acknowledger.take() {
+                        acknowledger.flush(&self.url).await;
+                    }
                     return Err(ReplicationError::HandedOff { to });
                 }
             }
@@ -506,17 +511,24 @@ const ACKNOWLEDGE_RETRY: Duration = Duration::from_millis(100);
 struct Acknowledger {
     applied: watch::Sender<BTreeMap<String, Position>>,
     task: tokio::task::JoinHandle<()>,
+    client: Client,
+    stream_id: u64,
 }
 
+/// How long a replica handed off by a synchronous primary tries to send its last
+/// acknowledgement.
+const FINAL_ACKNOWLEDGEMENT_TIMEOUT: Duration = Duration::from_secs(1);
+
 impl Acknowledger {
-    fn start(mut client: Client, url: &str, stream_id: u64) -> Acknowledger {
+    fn start(client: Client, url: &str, stream_id: u64) -> Acknowledger {
         let (applied, mut receiver) = watch::channel(BTreeMap::new());
         let url = url.to_string();
+        let mut task_client = client.clone();
         let task = tokio::spawn(async move {
             while receiver.changed().await.is_ok() {
                 loop {
                     let request = wire::acknowledgement(stream_id, &receiver.borrow_and_update());
-                    match client.acknowledge(request).await {
+                    match task_client.acknowledge(request).await {
                         Ok(_) => break,
                         Err(status) => {
                             let error = remote_error(&url, &status);
@@ -527,7 +539,34 @@ impl Acknowledger {
                 }
             }
         });
-        Acknowledger { applied, task }
+        Acknowledger {
+            applied,
+            task,
+            client,
+            stream_id,
+        }
+    }
+
+    /// Sends where every database stands now and waits for the primary's answer
+    /// (at most [`FINAL_ACKNOWLEDGEMENT_TIMEOUT`]), then stops.
+    async fn flush(mut self, url: &str) {
+        let request = wire::acknowledgement(self.stream_id, &self.applied.borrow());
+        let sent = tokio::time::timeout(
+            FINAL_ACKNOWLEDGEMENT_TIMEOUT,
+            self.client.acknowledge(request),
+        )
+        .await;
+        match sent {
+            Ok(Ok(_)) => {}
+            Ok(Err(status)) => {
+                let error = remote_error(url, &status);
+                tracing::warn!(%error, "could not send the last acknowledgement");
+            }
+            Err(_) => tracing::warn!(
+                primary = url,
+                "the last acknowledgement was not answered in time"
+            ),
+        }
     }
 
     /// Notes that a change set brought `database` to `position`.

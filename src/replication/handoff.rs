@@ -300,7 +300,9 @@ const ROLE_RECHECK: Duration = Duration::from_millis(20);
 /// Synchronous replication: a commit waits until one replica whose stream has
 /// caught up acknowledges it. With no such replica it stands on this node alone
 /// (a cluster of one keeps working; the first replica to catch up is waited for
-/// again). Demotion ends the wait with an error.
+/// again). Demotion ends the wait with an error, unless the node is handing its
+/// role over: then the wait goes on while the streams deliver the last change
+/// sets and their replicas acknowledge them.
 impl CommitHold for Handoffs {
     fn wait_replicated(
         &self,
@@ -315,8 +317,11 @@ impl CommitHold for Handoffs {
             if replicas.any(|entry| entry.acknowledged.get(database) >= Some(&txid)) {
                 return Ok(());
             }
-            // Demotion ends the streams too: it is looked at before their absence.
-            if !still_primary() {
+            // Demotion ends the streams too: it is looked at before their
+            // absence. A handoff, though, still delivers what was committed, and
+            // its streams stay until their replicas have acknowledged it.
+            let handing_off = *self.phase.borrow() != HandoffPhase::Idle;
+            if !still_primary() && (alone || !handing_off) {
                 return Err(
                     "this node stopped being the primary before a replica acknowledged it"
                         .to_string(),

@@ -72,6 +72,9 @@ use super::{
 /// The buffer between the store's snapshot encoder and the spool file.
 const SPOOL_BUFFER_BYTES: usize = 256 * 1024;
 
+/// How long a stream that sent its `Handoff` waits for the replica to leave it.
+const HANDOFF_LEAVE_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// How long a failing stream tries to tell its replica why.
 const FAILURE_REPORT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -452,6 +455,9 @@ impl Producer {
         while !self.reached(&targets) && self.round(Some(&targets)).await? {}
         self.send(wire::handoff(to, positions)).await?;
         tracing::info!(replica = %self.replica, new_primary = to, "sent the handoff");
+        // The stream stays registered until the replica leaves it, so that its
+        // last acknowledgement still counts for commits held for it.
+        let _ = tokio::time::timeout(HANDOFF_LEAVE_TIMEOUT, self.messages.closed()).await;
         Ok(())
     }
 
