@@ -534,6 +534,38 @@ async fn a_synchronous_primary_returns_a_commit_once_a_replica_has_it() {
     shutdown.cancel();
 }
 
+/// A synchronous primary `node-a` with `app.db`, and a replica `node-b` whose
+/// stream has caught up; with their directories and the replica's state.
+async fn synchronous_pair(
+    shutdown: &CancellationToken,
+) -> (
+    [tempfile::TempDir; 2],
+    Node,
+    Node,
+    watch::Receiver<FollowerState>,
+) {
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let primary = start_node_with(dirs[0].path(), Role::Primary, "node-a", true, shutdown).await;
+    commit(&primary.store, "app.db", [(1, 1), (2, 2)]);
+    let replica = start_node(dirs[1].path(), Role::Replica, "node-b", shutdown).await;
+    let (_, state, peers) = follow_as(&replica, "node-b", &primary.url, shutdown);
+    eventually("node-b to catch up", || !peers.get().is_empty()).await;
+    (dirs, primary, replica, state)
+}
+
+/// Commits on `primary` from a blocking task and checks that the commit is held
+/// (no replica can acknowledge it yet).
+async fn held_commit(primary: &Arc<Store>) -> JoinHandle<Result<TxId, ltxfs::store::StoreError>> {
+    let store = primary.clone();
+    let held = tokio::task::spawn_blocking(move || commit_and_hold(&store, "app.db", [(2, 3)]));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !held.is_finished(),
+        "the commit returned before a replica had it"
+    );
+    held
+}
+
 /// A reader's SHARED lock on a replica's database, which keeps the replica from
 /// applying (and acknowledging) change sets until it is dropped.
 struct Reader(Arc<ltxfs::store::Node>, ltxfs::store::locks::ByteRange);
@@ -564,23 +596,10 @@ impl Drop for Reader {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_commit_held_when_a_synchronous_primary_hands_off_returns_once_acknowledged() {
-    let primary_dir = tempfile::tempdir().unwrap();
-    let replica_dir = tempfile::tempdir().unwrap();
     let shutdown = CancellationToken::new();
-    let primary =
-        start_node_with(primary_dir.path(), Role::Primary, "node-a", true, &shutdown).await;
-    commit(&primary.store, "app.db", [(1, 1), (2, 2)]);
-    let replica = start_node(replica_dir.path(), Role::Replica, "node-b", &shutdown).await;
-    let (_follower, mut state, peers) = follow_as(&replica, "node-b", &primary.url, &shutdown);
-    eventually("node-b to catch up", || !peers.get().is_empty()).await;
+    let (_dirs, primary, replica, mut state) = synchronous_pair(&shutdown).await;
     let reader = Reader::lock(&replica.store, "app.db");
-    let store = primary.store.clone();
-    let held = tokio::task::spawn_blocking(move || commit_and_hold(&store, "app.db", [(2, 3)]));
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(
-        !held.is_finished(),
-        "the commit returned before a replica had it"
-    );
+    let held = held_commit(&primary.store).await;
 
     // The handoff demotes the primary while the commit is held; the handoff
     // delivers it, and the replica acknowledges it before leaving the stream.
@@ -615,25 +634,12 @@ async fn a_commit_held_when_a_synchronous_primary_hands_off_returns_once_acknowl
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_commit_no_replica_acknowledges_fails_when_the_primary_is_demoted() {
-    let primary_dir = tempfile::tempdir().unwrap();
-    let replica_dir = tempfile::tempdir().unwrap();
     let shutdown = CancellationToken::new();
-    let primary =
-        start_node_with(primary_dir.path(), Role::Primary, "node-a", true, &shutdown).await;
-    commit(&primary.store, "app.db", [(1, 1), (2, 2)]);
-    let replica = start_node(replica_dir.path(), Role::Replica, "node-b", &shutdown).await;
-    let (_follower, _, peers) = follow_as(&replica, "node-b", &primary.url, &shutdown);
-    eventually("node-b to catch up", || !peers.get().is_empty()).await;
+    let (_dirs, primary, replica, _) = synchronous_pair(&shutdown).await;
     // A reader on the replica holds its SHARED lock, so the replica cannot apply
     // (and acknowledge) the next commit, as a replica cut off would not.
     let _reader = Reader::lock(&replica.store, "app.db");
-    let store = primary.store.clone();
-    let held = tokio::task::spawn_blocking(move || commit_and_hold(&store, "app.db", [(2, 3)]));
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(
-        !held.is_finished(),
-        "the commit returned before a replica had it"
-    );
+    let held = held_commit(&primary.store).await;
     // The primary loses its role: the held commit fails, naming why.
     let demoting = primary.store.clone();
     tokio::task::spawn_blocking(move || demoting.set_role(Role::Replica))
