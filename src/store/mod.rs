@@ -168,9 +168,9 @@ pub trait CommitListener: Send + Sync {
 /// store lock held, so it may block; it must return once it is no use waiting.
 pub trait CommitHold: Send + Sync {
     /// Blocks until a replica has `database` up to `txid` (`Ok`), or no replica
-    /// is there to wait for (`Ok`: the commit stands on this node alone), or
-    /// `still_primary` turns false (`Err` saying why the commit was not
-    /// replicated).
+    /// is there to wait for (`Ok`: the commit stands on this node alone), or no
+    /// replica will acknowledge it now that `still_primary` turned false (`Err`
+    /// saying why the commit was not replicated).
     fn wait_replicated(
         &self,
         database: &str,
