@@ -26,6 +26,13 @@
 //! [`catch_up_from`] runs that catch-up: one stream to a peer, through the same
 //! state machine from `Connecting` to `Ready`, applying what it sends.
 //!
+//! When the primary's `Hello` asks for acknowledgements (synchronous
+//! replication), an `Acknowledger` task tells the primary where each database
+//! stands after every change set applied from the stream, coalescing while a call
+//! is on its way; on a `Handoff` the client sends a last one and waits for its
+//! answer before it leaves, so commits the primary holds for the last change sets
+//! are released.
+//!
 //! The [`FollowerState`] also says whether a stream is open (from `Hello` to its
 //! end), so the role loop never takes a free lease while change sets may still
 //! arrive.
