@@ -516,6 +516,7 @@ fn ltxfs_status_agrees_with_the_pos_files_on_primary_and_replica() {
         assert_eq!(json["role"], role, "{text}");
         assert_eq!(json["hostname"], hostname, "{text}");
         assert_eq!(json["primary"], "node-a", "{text}");
+        assert_eq!(json["synchronous"], false, "{text}");
         let databases = json["databases"].as_array().expect("a list of databases");
         assert_eq!(databases.len(), 1, "{text}");
         assert_eq!(databases[0]["name"], DB, "{text}");
@@ -529,6 +530,7 @@ fn ltxfs_status_agrees_with_the_pos_files_on_primary_and_replica() {
         assert_eq!(lines[0], format!("role:     {role}"), "{table}");
         assert_eq!(lines[1], format!("hostname: {hostname}"), "{table}");
         assert_eq!(lines[2], "primary:  node-a", "{table}");
+        assert_eq!(lines[3], "commits:  asynchronous", "{table}");
         let row: Vec<&str> = lines
             .iter()
             .find(|line| line.starts_with(DB))

@@ -29,6 +29,8 @@ pub struct NodeStatus {
     pub primary: Option<String>,
     /// Every database that has a position, ordered by name.
     pub databases: Vec<DatabaseStatus>,
+    /// Whether the node replicates synchronously (`replication.synchronous`).
+    pub synchronous: bool,
 }
 
 /// One database's position and lag.
@@ -49,6 +51,7 @@ struct JsonStatus<'a> {
     role: &'static str,
     hostname: &'a str,
     primary: Option<&'a str>,
+    synchronous: bool,
     databases: Vec<JsonDatabase<'a>>,
 }
 
@@ -69,6 +72,7 @@ impl NodeStatus {
             role: self.role.as_str(),
             hostname: &self.hostname,
             primary: self.primary.as_deref(),
+            synchronous: self.synchronous,
             databases: self
                 .databases
                 .iter()
@@ -94,6 +98,15 @@ impl fmt::Display for NodeStatus {
             f,
             "primary:  {}",
             self.primary.as_deref().unwrap_or("(none)")
+        )?;
+        writeln!(
+            f,
+            "commits:  {}",
+            if self.synchronous {
+                "synchronous (wait for a replica)"
+            } else {
+                "asynchronous"
+            }
         )?;
         if self.databases.is_empty() {
             return write!(f, "no databases");
@@ -140,6 +153,7 @@ pub(super) fn local_status(node: &NodeContext) -> NodeStatus {
         role,
         hostname: node.hostname.clone(),
         primary,
+        synchronous: node.synchronous,
         databases: node
             .store
             .positions()
@@ -209,6 +223,7 @@ pub(super) fn to_proto(status: &NodeStatus) -> proto::StatusResponse {
         role: status.role.as_str().to_string(),
         hostname: status.hostname.clone(),
         primary: status.primary.clone().unwrap_or_default(),
+        synchronous: status.synchronous,
         databases: status
             .databases
             .iter()
@@ -255,6 +270,7 @@ fn from_proto(response: proto::StatusResponse) -> Result<NodeStatus, Replication
         hostname: wire::parse_hostname(MESSAGE, response.hostname)?,
         primary,
         databases,
+        synchronous: response.synchronous,
     })
 }
 
@@ -278,6 +294,7 @@ mod tests {
             role: Role::Replica,
             hostname: "node-b".into(),
             primary: Some("node-a".into()),
+            synchronous: true,
             databases: vec![
                 DatabaseStatus {
                     name: "app.db".into(),
@@ -342,6 +359,7 @@ mod tests {
             "role:     replica\n\
              hostname: node-b\n\
              primary:  node-a\n\
+             commits:  synchronous (wait for a replica)\n\
              \n\
              DATABASE                     TXID  CHECKSUM          LAG\n\
              app.db                         42  80000000000000ff  3 ms\n\
@@ -359,6 +377,7 @@ mod tests {
         let json: serde_json::Value = serde_json::from_str(&text).unwrap();
         assert_eq!(json["role"], "replica");
         assert_eq!(json["primary"], "node-a");
+        assert_eq!(json["synchronous"], true);
         assert_eq!(json["databases"][0]["txid"], 42);
         assert_eq!(json["databases"][0]["checksum"], "80000000000000ff");
         assert_eq!(json["databases"][0]["lag_ms"], 3);
