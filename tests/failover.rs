@@ -232,6 +232,12 @@ fn a_candidate_behind_another_replica_catches_up_from_it_before_taking_writes() 
         logs.contains("catching up from a peer that is ahead of this node"),
         "node-b did not catch up from node-c:\n{logs}"
     );
+    if let Some(done) = logs
+        .lines()
+        .find(|line| line.contains("done catching up from the peers"))
+    {
+        report(format!("node-b: {}", done.trim()));
+    }
     insert(&node_b.db_path(DB), acknowledged, 5);
     wait_converged(&node_b, &[&node_c]);
     assert_eq!(rows(&node_c.db_path(DB)), acknowledged + 5);
