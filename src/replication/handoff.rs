@@ -259,7 +259,7 @@ impl RegisteredStream {
     }
 
     /// Records that the stream has sent `Ready`: its replica is now a peer, and
-    /// a replica commits wait for.
+    /// one that synchronous commits wait for.
     pub(super) fn caught_up(&self) {
         let mut streams = self.streams();
         if let Some(entry) = streams.get_mut(&self.id) {
