@@ -311,7 +311,8 @@ fn defaults_are_a_single_node_primary_with_litefs_defaults() {
     assert_eq!(parse_without_env("").unwrap(), config);
     assert_eq!(parse_without_env("# only a comment\n").unwrap(), config);
     // Empty sections and empty values mean the defaults too.
-    let empty_sections = "fuse:\ndata:\nlease:\n  consul:\nhttp:\n  addr:\nproxy:\nlog:\nexec:\n";
+    let empty_sections =
+        "fuse:\ndata:\nlease:\n  consul:\nhttp:\n  addr:\nreplication:\nproxy:\nlog:\nexec:\n";
     assert_eq!(parse_without_env(empty_sections).unwrap(), config);
     assert!(config.validate().is_ok());
 
@@ -341,6 +342,7 @@ fn defaults_are_a_single_node_primary_with_litefs_defaults() {
     assert_eq!(config.lease.consul.lock_delay, Duration::from_secs(1));
     assert_eq!(config.lease.etcd.ttl, Duration::from_secs(10));
     assert_eq!(config.http.addr, ":20202");
+    assert!(!config.replication.synchronous);
     assert!(!config.proxy.is_enabled());
     assert_eq!(config.proxy.max_lag, None);
     assert_eq!(
@@ -374,6 +376,15 @@ fn unknown_keys_name_the_key_and_line() {
 
     let flow = parse_err("proxy: {addr: ':8080', targett: 'x:1'}\n");
     assert_names(&flow, "proxy.targett", 1);
+
+    let replication = parse_err("replication:\n  sync: true\n");
+    assert_names(&replication, "replication.sync", 2);
+    assert!(
+        parse_without_env("replication:\n  synchronous: true\n")
+            .unwrap()
+            .replication
+            .synchronous
+    );
 }
 
 #[test]
