@@ -30,7 +30,6 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::bridge::CommitBridge;
-use crate::config::ProxyMode;
 use crate::lease::http::HttpClient;
 use crate::proxy::{self, ProxyNode, ProxySettings, WriteGate};
 use crate::store::{CaptureOptions, Role, Store};
@@ -174,16 +173,7 @@ async fn measure(
         .map_err(setup("read the proxy's address"))?;
     let commits = Arc::new(CommitBridge::new());
     store.set_commit_listener(commits.clone());
-    let settings = ProxySettings {
-        target: app_addr.to_string(),
-        databases: vec!["bench.db".to_string()],
-        passthrough: Vec::new(),
-        always_forward: Vec::new(),
-        max_lag: None,
-        redirect_timeout: Duration::from_secs(5),
-        mode: ProxyMode::Forward,
-        debug: false,
-    };
+    let settings = ProxySettings::forwarding(app_addr.to_string(), vec!["bench.db".to_string()]);
     let node = ProxyNode {
         store,
         commits,

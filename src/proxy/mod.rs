@@ -55,7 +55,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::bridge::CommitBridge;
-use crate::config::ProxyMode;
+use crate::config::{ProxyConfig, ProxyMode};
 use crate::lease::http::error_chain;
 use crate::store::{Role, Store};
 
@@ -96,6 +96,23 @@ pub struct ProxySettings {
     pub mode: ProxyMode,
     /// Log every request.
     pub debug: bool,
+}
+
+impl ProxySettings {
+    /// Forwarding writes to the primary's proxy, tracking `databases`, with every
+    /// other setting at its `proxy.*` default.
+    pub fn forwarding(target: String, databases: Vec<String>) -> ProxySettings {
+        ProxySettings {
+            target,
+            databases,
+            passthrough: Vec::new(),
+            always_forward: Vec::new(),
+            max_lag: None,
+            redirect_timeout: ProxyConfig::default().primary_redirect_timeout,
+            mode: ProxyMode::Forward,
+            debug: false,
+        }
+    }
 }
 
 /// What the proxy needs from the node.
@@ -517,14 +534,10 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let settings = ProxySettings {
-            target,
-            databases: vec!["app.db".into()],
-            passthrough: Vec::new(),
             always_forward: vec!["/logout".into()],
             max_lag,
             redirect_timeout: Duration::from_millis(200),
-            mode: ProxyMode::Forward,
-            debug: false,
+            ..ProxySettings::forwarding(target, vec!["app.db".into()])
         };
         let node = ProxyNode {
             store: store.clone(),
@@ -588,16 +601,7 @@ mod tests {
         store.set_commit_listener(commits.clone());
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let proxy_addr = listener.local_addr().unwrap();
-        let settings = ProxySettings {
-            target,
-            databases: vec!["app.db".into()],
-            passthrough: Vec::new(),
-            always_forward: Vec::new(),
-            max_lag: None,
-            redirect_timeout: Duration::from_secs(5),
-            mode: ProxyMode::Forward,
-            debug: false,
-        };
+        let settings = ProxySettings::forwarding(target, vec!["app.db".into()]);
         let node = ProxyNode {
             store,
             commits,
