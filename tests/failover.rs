@@ -93,8 +93,7 @@ fn rows(db: &Path) -> i64 {
 fn a_candidate_takes_over_from_a_killed_primary_and_the_old_one_rejoins() {
     let etcd = etcd::Etcd::start();
     let mut node_a = start_node("node-a", etcd.url());
-    let primary = wait_for_primary(&[("node-a", &node_a)]);
-    assert_eq!(primary, "node-a");
+    wait_until_primary(&node_a);
     let node_b = start_node("node-b", etcd.url());
     let node_c = start_node("node-c", etcd.url());
     let nodes = [
@@ -155,7 +154,7 @@ fn a_candidate_takes_over_from_a_killed_primary_and_the_old_one_rejoins() {
 /// may never become the primary; returns once all three agree on node-a.
 fn start_a_with_b_and_follower_c(etcd_url: &str, more_config: &str) -> [Mount; 3] {
     let node_a = start_node_with("node-a", true, etcd_url, more_config);
-    assert_eq!(wait_for_primary(&[("node-a", &node_a)]), "node-a");
+    wait_until_primary(&node_a);
     let node_b = start_node_with("node-b", true, etcd_url, more_config);
     let node_c = start_node_with("node-c", false, etcd_url, more_config);
     let nodes = [
@@ -346,7 +345,7 @@ fn a_killed_synchronous_primary_loses_no_acknowledged_write(journal_mode: &str) 
 fn a_clean_shutdown_releases_the_lease_at_once() {
     let etcd = etcd::Etcd::start();
     let mut node_a = start_node("node-a", etcd.url());
-    assert_eq!(wait_for_primary(&[("node-a", &node_a)]), "node-a");
+    wait_until_primary(&node_a);
     let node_b = start_node("node-b", etcd.url());
     assert_eq!(
         wait_for_primary(&[("node-a", &node_a), ("node-b", &node_b)]),
@@ -422,7 +421,7 @@ fn sigterm_hands_the_role_over_with_consul_too() {
 /// has every acknowledged write; the replica that is not a candidate follows it.
 fn sigterm_hands_the_role_over(coordinator_url: &str) {
     let mut node_a = start_node("node-a", coordinator_url);
-    assert_eq!(wait_for_primary(&[("node-a", &node_a)]), "node-a");
+    wait_until_primary(&node_a);
     // node-c is not a candidate: the handoff must go to node-b.
     let node_c = start_node_as("node-c", false, coordinator_url);
     let node_b = start_node("node-b", coordinator_url);
@@ -688,7 +687,7 @@ fn open_primary(mount: &Path) -> Option<rusqlite::Connection> {
 fn a_rolling_restart_of_every_node_loses_no_acknowledged_write() {
     let etcd = etcd::Etcd::start();
     let mut node_a = start_node("node-a", etcd.url());
-    assert_eq!(wait_for_primary(&[("node-a", &node_a)]), "node-a");
+    wait_until_primary(&node_a);
     let mut node_b = start_node("node-b", etcd.url());
     let mut node_c = start_node("node-c", etcd.url());
     create_table(&node_a);
@@ -819,7 +818,7 @@ fn a_stalled_coordinator_stops_writes_before_expiry_and_never_makes_two_primarie
     });
     let url = format!("consul+{}", consul.url());
     let node_a = start_node("node-a", &url);
-    assert_eq!(wait_for_primary(&[("node-a", &node_a)]), "node-a");
+    wait_until_primary(&node_a);
     let node_b = start_node("node-b", &url);
     assert_eq!(
         wait_for_primary(&[("node-a", &node_a), ("node-b", &node_b)]),

@@ -142,7 +142,7 @@ fn partition(synchronous: bool) {
         ),
         ..MountOptions::default()
     });
-    assert_eq!(wait_for_primary(&[("node-a", &node_a)]), "node-a");
+    wait_until_primary(&node_a);
     create_table_when_writable(&node_a);
     let start = |hostname: &str| {
         Mount::start(MountOptions {

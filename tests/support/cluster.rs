@@ -53,6 +53,15 @@ pub fn wait_for_primary(nodes: &[(&str, &Mount)]) -> String {
     primary.unwrap()
 }
 
+/// Waits until `mount` logged that it became the primary. A lone node's missing
+/// `.primary` does not say so: a node that has not taken the lease yet has none
+/// either, and a node started next could take the lease first.
+pub fn wait_until_primary(mount: &Mount) {
+    wait_until("the node to become the primary", CLUSTER_TIMEOUT, || {
+        mount.stderr_text().contains("this node is the primary")
+    });
+}
+
 /// Whether the node accepts a write transaction now (rolled back). Waits for a
 /// writer holding the write lock, so that only a refusal counts as one.
 pub fn accepts_writes(mount: &Mount) -> bool {
