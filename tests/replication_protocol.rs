@@ -53,8 +53,37 @@ fn page(pgno: u32, fill: u8) -> Vec<u8> {
     page
 }
 
+/// Page `pgno` full of bytes that do not compress (a xorshift sequence seeded
+/// with its number).
+fn incompressible_page(pgno: u32) -> Vec<u8> {
+    let mut state = u64::from(pgno).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut page: Vec<u8> = (0..PAGE_SIZE)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect();
+    if pgno == 1 {
+        page[..100].copy_from_slice(&self::page(1, 0)[..100]);
+    }
+    page
+}
+
 /// Commits one rollback-journal transaction writing `pages` of database `name`.
 fn commit(store: &Store, name: &str, pages: impl IntoIterator<Item = (u32, u8)>) {
+    commit_pages(
+        store,
+        name,
+        pages
+            .into_iter()
+            .map(|(pgno, fill)| (pgno, page(pgno, fill))),
+    );
+}
+
+/// Commits one rollback-journal transaction writing the given pages of `name`.
+fn commit_pages(store: &Store, name: &str, pages: impl IntoIterator<Item = (u32, Vec<u8>)>) {
     let database = store
         .lookup(name)
         .unwrap_or_else(|| store.create(name).unwrap());
@@ -63,9 +92,9 @@ fn commit(store: &Store, name: &str, pages: impl IntoIterator<Item = (u32, u8)>)
     journal
         .write_at(0, &[0xd9, 0xd5, 0x05, 0xf9, 0x20, 0xa1, 0x63, 0xd7])
         .unwrap();
-    for (pgno, fill) in pages {
+    for (pgno, page) in pages {
         database
-            .write_at(u64::from(pgno - 1) * PAGE_SIZE as u64, &page(pgno, fill))
+            .write_at(u64::from(pgno - 1) * PAGE_SIZE as u64, &page)
             .unwrap();
     }
     store.unlink(&journal_name).unwrap();
@@ -393,11 +422,15 @@ async fn a_snapshot_of_many_chunks_arrives_whole() {
     let replica_dir = tempfile::tempdir().unwrap();
     let shutdown = CancellationToken::new();
     let primary = start_node(primary_dir.path(), Role::Primary, "node-a", &shutdown).await;
-    // About 6 MiB: the snapshot is streamed in several chunks while it is spooled.
-    commit(
+    // 24 MiB that do not compress: the snapshot is streamed in many chunks while
+    // the primary spools it, and the replica holds only part of it in memory,
+    // spooling the rest (MAX_CHANGE_SET_IN_MEMORY).
+    let pages = 6000u32;
+    assert!(pages as usize * PAGE_SIZE > 2 * replication::MAX_CHANGE_SET_IN_MEMORY);
+    commit_pages(
         &primary.store,
         "big.db",
-        (1..=1500u32).map(|pgno| (pgno, (pgno % 251) as u8)),
+        (1..=pages).map(|pgno| (pgno, incompressible_page(pgno))),
     );
     let replica = start_node(replica_dir.path(), Role::Replica, "node-b", &shutdown).await;
     let (_follower, _) = follow(&replica, &primary.url, &shutdown);

@@ -61,17 +61,18 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::ltx::{HEADER_SIZE, Header, TxId};
+use crate::ltx::{Header, TxId};
 use crate::store::{AppliedChangeSet, Position, Store, StoreError};
 
-use super::chunk::{ChangeSet, Reassembler};
-use super::crc::ChangeSetCrc;
+use super::chunk::{ChangeSet, Pushed, Reassembler};
 use super::handoff::{FollowerState, HandoffSeen, LastHeard};
 use super::peers::{KnownPeers, Peer};
 use super::proto;
+use super::spool::{ArrivedChangeSet, IncomingSpool};
 use super::wire::{self, DatabaseName, PrimaryMessage, StreamAsker};
 use super::{
-    MAX_CHANGE_SET_BYTES, PRIMARY_SILENCE_TIMEOUT, ReplicationError, blocking, remote_error,
+    MAX_CHANGE_SET_BYTES, MAX_CHANGE_SET_IN_MEMORY, PRIMARY_SILENCE_TIMEOUT, ReplicationError,
+    blocking, remote_error,
 };
 
 /// The first reconnect delay; it doubles after each failed attempt.
@@ -109,6 +110,7 @@ pub async fn follow(
     shutdown: CancellationToken,
 ) {
     let mut replica = Replica {
+        spool: IncomingSpool::new(settings.store.clone()),
         store: settings.store,
         url: settings.primary_url,
         hostname: settings.hostname,
@@ -173,6 +175,8 @@ enum Step {
     },
     /// A change set is complete: verify and apply it.
     Apply(ChangeSet),
+    /// Part of a change set arrived, more than may be held in memory: spool it.
+    Spill(Vec<u8>),
     /// Part of a change set arrived; nothing to do yet.
     Collecting,
     /// The replica has caught up.
@@ -202,7 +206,7 @@ impl Session {
     fn new(max_change_set_bytes: u64) -> Session {
         Session {
             state: State::Disconnected,
-            chunks: Reassembler::new(max_change_set_bytes),
+            chunks: Reassembler::new(max_change_set_bytes, MAX_CHANGE_SET_IN_MEMORY),
         }
     }
 
@@ -243,8 +247,9 @@ impl Session {
             }
             (State::Connecting, message) => Err(unexpected(&message, "waiting for Hello")),
             (_, PrimaryMessage::Chunk(chunk)) => Ok(match self.chunks.push(chunk)? {
-                Some(change_set) => Step::Apply(change_set),
-                None => Step::Collecting,
+                Pushed::Complete(change_set) => Step::Apply(change_set),
+                Pushed::Spill(bytes) => Step::Spill(bytes),
+                Pushed::Incomplete => Step::Collecting,
             }),
             (_, message) if self.chunks.pending().is_some() => {
                 Err(unexpected(&message, "receiving the chunks of a change set"))
@@ -326,6 +331,8 @@ struct Replica {
     candidate: bool,
     advertise_url: Option<String>,
     session: Session,
+    /// Where a change set too large for memory collects.
+    spool: IncomingSpool,
     backoff: Backoff,
     state: watch::Sender<FollowerState>,
     last_heard: Arc<LastHeard>,
@@ -369,8 +376,10 @@ impl Replica {
                     self.backoff.reset();
                     self.state.send_modify(|state| state.connected = true);
                 }
+                Step::Spill(bytes) => self.spool.append(bytes).await?,
                 Step::Apply(change_set) => {
                     let database = change_set.database.as_str().to_string();
+                    let change_set = self.spool.complete(change_set).await?;
                     let (header, position) =
                         apply(&self.store, "the primary", &self.url, change_set).await?;
                     if let Some(acknowledger) = &acknowledger {
@@ -424,6 +433,7 @@ impl Replica {
     fn disconnect(&mut self) {
         self.store.set_primary(None);
         self.session.enter(State::Disconnected);
+        self.spool.clear();
         self.state.send_modify(|state| state.connected = false);
     }
 }
@@ -447,12 +457,15 @@ pub(super) async fn catch_up_from(
     let (_, mut stream) = open_stream(store, url, asker, Some(databases)).await?;
     let source = format!("peer {peer}");
     let mut session = Session::new(MAX_CHANGE_SET_BYTES);
+    let mut spool = IncomingSpool::new(store.clone());
     session.enter(State::Connecting);
     loop {
         let message = next_message(&mut stream, &session, url).await?;
         match session.receive(message)? {
             Step::Connected { .. } | Step::Collecting | Step::Heartbeat { .. } => {}
+            Step::Spill(bytes) => spool.append(bytes).await?,
             Step::Apply(change_set) => {
+                let change_set = spool.complete(change_set).await?;
                 apply(store, &source, url, change_set).await?;
             }
             Step::CaughtUp => return Ok(()),
@@ -617,7 +630,7 @@ async fn apply(
     store: &Arc<Store>,
     source: &str,
     url: &str,
-    change_set: ChangeSet,
+    change_set: ArrivedChangeSet,
 ) -> Result<(Header, Position), ReplicationError> {
     let database = change_set.database.as_str().to_string();
     let applying = store.clone();
@@ -720,30 +733,28 @@ struct Applied {
 
 /// Checks a change set's CRC, then hands it to the store (blocks: call it on the
 /// blocking pool). A change set whose CRC differs never reaches the store.
-fn verify_and_apply(store: &Store, change_set: ChangeSet) -> Result<Applied, ReplicationError> {
-    let ChangeSet {
+fn verify_and_apply(
+    store: &Store,
+    change_set: ArrivedChangeSet,
+) -> Result<Applied, ReplicationError> {
+    let ArrivedChangeSet {
         database,
-        ltx,
+        bytes,
         crc64,
+        computed_crc64,
         shared_txid,
     } = change_set;
     let name = database.as_str();
-    let computed = ChangeSetCrc::of(name, &ltx);
-    if computed != crc64 {
+    if computed_crc64 != crc64 {
         return Err(ReplicationError::ChangeSetCrc {
             database: name.to_string(),
             sent: crc64,
-            computed,
+            computed: computed_crc64,
         });
     }
-    let header = Header::decode(ltx.get(..HEADER_SIZE).unwrap_or(&ltx)).map_err(|source| {
-        ReplicationError::InvalidChangeSet {
-            database: name.to_string(),
-            source,
-        }
-    })?;
+    let header = bytes.header(name)?;
     let before = store.database(name).map(|database| database.position());
-    let applied = store.apply_change_set(name, ltx)?;
+    let applied = store.apply_change_set(name, bytes)?;
     Ok(Applied {
         header,
         before,
@@ -777,6 +788,7 @@ mod tests {
     use super::*;
     use crate::ltx::{Checksum, TxId};
     use crate::replication::CHUNK_SIZE;
+    use crate::replication::crc::ChangeSetCrc;
     use crate::replication::wire::Chunk;
 
     fn name(name: &str) -> DatabaseName {
@@ -805,7 +817,9 @@ mod tests {
     fn apply(database: &str, ltx: Vec<u8>) -> Step {
         Step::Apply(ChangeSet {
             database: name(database),
+            computed_crc64: ChangeSetCrc::of(database, &ltx),
             ltx,
+            spilled: 0,
             crc64: 7,
             shared_txid: None,
         })

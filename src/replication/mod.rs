@@ -67,8 +67,11 @@
 //! must never hold up commits on the primary. The stream reads the spool file
 //! while it is still being written, so spooling and sending overlap.
 //!
-//! On a replica, one change set is reassembled in memory before it is applied
-//! (the store applies whole change sets); [`MAX_CHANGE_SET_BYTES`] bounds it. A
+//! On a replica, one change set is reassembled before it is applied (the store
+//! applies whole change sets): in memory up to [`MAX_CHANGE_SET_IN_MEMORY`] bytes,
+//! in an unnamed spool file beside the databases beyond that (a snapshot of a
+//! large database), so a replica's memory does not grow with its databases;
+//! [`MAX_CHANGE_SET_BYTES`] bounds the change set. A
 //! replica that hears nothing for [`PRIMARY_SILENCE_TIMEOUT`] drops the stream,
 //! and the primary drops connections that stop answering HTTP/2 pings, so a
 //! vanished peer never holds a stream open.
@@ -84,6 +87,7 @@ mod crc;
 mod handoff;
 mod peers;
 mod server;
+mod spool;
 mod status;
 mod wire;
 
@@ -119,8 +123,13 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// The largest piece of a change set in one `LtxChunk` message.
 pub const CHUNK_SIZE: usize = 1024 * 1024;
 
-/// The largest change set a replica accepts (a snapshot is one change set).
-pub const MAX_CHANGE_SET_BYTES: u64 = 4 * 1024 * 1024 * 1024;
+/// The largest change set a replica accepts. A snapshot is one change set as
+/// large as its database, so this only guards the disk against a runaway peer.
+pub const MAX_CHANGE_SET_BYTES: u64 = 1 << 40;
+
+/// How many bytes of one arriving change set a replica holds in memory (plus
+/// one chunk); the bytes before them go to a spool file.
+pub const MAX_CHANGE_SET_IN_MEMORY: usize = 8 * CHUNK_SIZE;
 
 /// About how many bytes of change sets the primary reads from a log at once.
 pub const MAX_CATCH_UP_BYTES: u64 = 4 * 1024 * 1024;

@@ -27,7 +27,7 @@
 mod apply;
 mod history;
 
-pub use apply::{AppliedChangeSet, LoggedChangeSet, ReceivedChangeSet};
+pub use apply::{AppliedChangeSet, ChangeSetBytes, LoggedChangeSet, ReceivedChangeSet};
 pub use history::CatchUp;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -39,7 +39,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::ltx::{self, Checksum, Encoder, Header, TxId};
 
-use super::log::{ChangeLog, RetentionPolicy};
+use super::log::{ChangeLog, LtxBytes, RetentionPolicy};
 use super::wal::{self, FRAME_HEADER_SIZE, FrameHeader, WalHeader};
 use super::{FileKind, NodeId, Shared, StoreError, page_size_from_header};
 
@@ -929,7 +929,7 @@ impl Database {
         }
         encoder.finish(post_apply).map_err(encode_error)?;
         let bytes = encoder.into_inner();
-        state.log.append(header, &bytes)?;
+        state.log.append(header, LtxBytes::Memory(&bytes))?;
         if wal_span.is_none() {
             state.unsynced_outside_wal = true;
         }

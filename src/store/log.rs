@@ -13,7 +13,7 @@
 //!   left by a crash; opening the log cuts it off and says so in the log.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, Write};
+use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -29,6 +29,172 @@ const PREALLOCATION: u64 = 4 << 20;
 /// The largest record accepted when reading: a change set of a database at the
 /// largest size SQLite allows with 64 KiB pages would not be held in memory anyway.
 const MAX_RECORD_SIZE: u64 = 1 << 34;
+
+/// The LTX bytes of one change set to put in the log: in memory, or the first
+/// `len` bytes of a file (a change set a replica spooled while it arrived).
+#[derive(Debug, Clone, Copy)]
+pub enum LtxBytes<'a> {
+    /// Bytes in memory.
+    Memory(&'a [u8]),
+    /// Bytes `offset..offset + len` of `file`.
+    File {
+        /// The file that holds them.
+        file: &'a File,
+        /// Where they start.
+        offset: u64,
+        /// How many bytes.
+        len: u64,
+    },
+}
+
+impl LtxBytes<'_> {
+    /// How many bytes there are.
+    pub fn size(&self) -> u64 {
+        match self {
+            LtxBytes::Memory(bytes) => bytes.len() as u64,
+            LtxBytes::File { len, .. } => *len,
+        }
+    }
+
+    /// Writes them into `to` at offset `at`; from a file, the kernel copies them
+    /// (`copy_file_range`) when it can.
+    fn write_at(&self, to: &File, at: u64) -> io::Result<()> {
+        match *self {
+            LtxBytes::Memory(bytes) => to.write_all_at(bytes, at),
+            LtxBytes::File { file, offset, len } => copy_range(file, offset, len, to, at),
+        }
+    }
+}
+
+/// Copies bytes `offset..offset + len` of `from` into `to` at `at`.
+fn copy_range(from: &File, offset: u64, len: u64, to: &File, at: u64) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let mut copied = 0u64;
+    while copied < len {
+        let mut from_offset = (offset + copied) as libc::loff_t;
+        let mut to_offset = (at + copied) as libc::loff_t;
+        let chunk = (len - copied).min(COPY_CHUNK) as usize;
+        // SAFETY: both descriptors are open for the call, and the offsets are
+        // valid pointers to local variables.
+        let result = unsafe {
+            libc::copy_file_range(
+                from.as_raw_fd(),
+                &mut from_offset,
+                to.as_raw_fd(),
+                &mut to_offset,
+                chunk,
+                0,
+            )
+        };
+        match result {
+            0 => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("the file ended after {copied} of {len} bytes"),
+                ));
+            }
+            count if count > 0 => copied += count as u64,
+            _ => {
+                let error = io::Error::last_os_error();
+                match error.raw_os_error() {
+                    Some(libc::EINTR) => {}
+                    // Not between these files (another filesystem, or a kernel
+                    // without it): copy through memory.
+                    Some(libc::EXDEV | libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP) => {
+                        return copy_range_through_memory(
+                            from,
+                            offset + copied,
+                            len - copied,
+                            to,
+                            at + copied,
+                        );
+                    }
+                    _ => return Err(error),
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Copies bytes `offset..offset + len` of `from` into `to` at `at` through a
+/// buffer.
+fn copy_range_through_memory(
+    from: &File,
+    offset: u64,
+    len: u64,
+    to: &File,
+    at: u64,
+) -> io::Result<()> {
+    let mut buffer = vec![0u8; COPY_BUFFER.min(len) as usize];
+    let mut copied = 0;
+    while copied < len {
+        let size = (len - copied).min(buffer.len() as u64) as usize;
+        from.read_exact_at(&mut buffer[..size], offset + copied)?;
+        to.write_all_at(&buffer[..size], at + copied)?;
+        copied += size as u64;
+    }
+    Ok(())
+}
+
+/// The most one `copy_file_range` call is asked to copy.
+const COPY_CHUNK: u64 = 64 << 20;
+/// The buffer of a copy the kernel cannot do.
+const COPY_BUFFER: u64 = 1 << 20;
+
+/// Reads the first `len` bytes of a file from its start, by position, so the
+/// file's own offset does not matter.
+#[derive(Debug)]
+pub struct FileRangeReader<'a> {
+    file: &'a File,
+    offset: u64,
+    len: u64,
+    /// The first error reading the file, kept so that a caller can tell it from
+    /// bad content once a decoder has turned it into its own error.
+    read_error: Option<io::Error>,
+}
+
+impl<'a> FileRangeReader<'a> {
+    /// Reads bytes `offset..offset + len` of `file`.
+    pub fn new(file: &'a File, offset: u64, len: u64) -> FileRangeReader<'a> {
+        FileRangeReader {
+            file,
+            offset,
+            len: offset + len,
+            read_error: None,
+        }
+    }
+
+    /// The error reading the file, if one happened.
+    pub fn take_read_error(&mut self) -> Option<io::Error> {
+        self.read_error.take()
+    }
+}
+
+impl io::Read for FileRangeReader<'_> {
+    fn read(&mut self, buffer: &mut [u8]) -> io::Result<usize> {
+        let size = (self.len - self.offset).min(buffer.len() as u64) as usize;
+        if size == 0 {
+            return Ok(0);
+        }
+        let count = self
+            .file
+            .read_at(&mut buffer[..size], self.offset)
+            .and_then(|count| match count {
+                0 => Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the file is shorter than expected",
+                )),
+                count => Ok(count),
+            })
+            .inspect_err(|error| {
+                self.read_error
+                    .get_or_insert_with(|| io::Error::new(error.kind(), error.to_string()));
+            })?;
+        self.offset += count as u64;
+        Ok(count)
+    }
+}
 
 /// Where one change set sits in the log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -121,8 +287,15 @@ impl ChangeLog {
             let Some(last) = log.records.last().copied() else {
                 break None;
             };
-            let bytes = log.read(&last)?;
-            match ltx::verify(bytes.as_slice()) {
+            let mut reader = FileRangeReader::new(&log.file, last.offset, last.len);
+            let verified = ltx::verify(io::BufReader::with_capacity(
+                COPY_BUFFER as usize,
+                &mut reader,
+            ));
+            if let Some(source) = reader.take_read_error() {
+                return Err(io_error("read", source));
+            }
+            match verified {
                 Ok(summary) => {
                     break Some(LogTail {
                         header: summary.header,
@@ -147,23 +320,33 @@ impl ChangeLog {
     }
 
     /// Appends one encoded change set.
-    pub fn append(&mut self, header: Header, ltx_bytes: &[u8]) -> Result<(), StoreError> {
-        let mut record = Vec::with_capacity(LENGTH_PREFIX as usize + ltx_bytes.len());
-        record.extend_from_slice(&(ltx_bytes.len() as u64).to_be_bytes());
-        record.extend_from_slice(ltx_bytes);
-        self.preallocate(self.len + record.len() as u64 + LENGTH_PREFIX)?;
-        self.file
-            .write_all_at(&record, self.len)
-            .map_err(|source| StoreError::Io {
-                context: format!("append to {}", self.path.display()),
-                source,
-            })?;
+    pub fn append(&mut self, header: Header, ltx: LtxBytes<'_>) -> Result<(), StoreError> {
+        let ltx_len = ltx.size();
+        let record_len = LENGTH_PREFIX + ltx_len;
+        self.preallocate(self.len + record_len + LENGTH_PREFIX)?;
+        let written = match ltx {
+            LtxBytes::Memory(bytes) => {
+                // One write for the prefix and the bytes of a small change set.
+                let mut record = Vec::with_capacity(record_len as usize);
+                record.extend_from_slice(&ltx_len.to_be_bytes());
+                record.extend_from_slice(bytes);
+                self.file.write_all_at(&record, self.len)
+            }
+            LtxBytes::File { .. } => self
+                .file
+                .write_all_at(&ltx_len.to_be_bytes(), self.len)
+                .and_then(|()| ltx.write_at(&self.file, self.len + LENGTH_PREFIX)),
+        };
+        written.map_err(|source| StoreError::Io {
+            context: format!("append to {}", self.path.display()),
+            source,
+        })?;
         self.records.push(RecordInfo {
             offset: self.len + LENGTH_PREFIX,
-            len: ltx_bytes.len() as u64,
+            len: ltx_len,
             header,
         });
-        self.len += record.len() as u64;
+        self.len += record_len;
         self.unsynced = true;
         Ok(())
     }
@@ -223,15 +406,15 @@ impl ChangeLog {
     pub fn replace_with_snapshot(
         &mut self,
         header: Header,
-        ltx_bytes: &[u8],
+        ltx: LtxBytes<'_>,
     ) -> Result<(), StoreError> {
-        let prefix = (ltx_bytes.len() as u64).to_be_bytes();
+        let prefix = ltx.size().to_be_bytes();
         let records = vec![RecordInfo {
             offset: LENGTH_PREFIX,
-            len: ltx_bytes.len() as u64,
+            len: ltx.size(),
             header,
         }];
-        self.replace_contents(&[&prefix, ltx_bytes], records)
+        self.replace_contents(&[LtxBytes::Memory(&prefix), ltx], records)
     }
 
     /// Writes `parts` (whole records, one after another) beside the log, syncs
@@ -239,7 +422,7 @@ impl ChangeLog {
     /// describes those bytes: they were verified before, so they are not reread.
     fn replace_contents(
         &mut self,
-        parts: &[&[u8]],
+        parts: &[LtxBytes<'_>],
         records: Vec<RecordInfo>,
     ) -> Result<(), StoreError> {
         let io_error = |what: &str, source: io::Error| StoreError::Io {
@@ -247,16 +430,18 @@ impl ChangeLog {
             source,
         };
         let new_path = self.path.with_extension("replacing");
-        let mut file = OpenOptions::new()
+        let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(true)
             .open(&new_path)
             .map_err(|source| io_error("create", source))?;
+        let mut at = 0;
         for part in parts {
-            file.write_all(part)
+            part.write_at(&file, at)
                 .map_err(|source| io_error("write", source))?;
+            at += part.size();
         }
         file.sync_all()
             .map_err(|source| io_error("fsync", source))?;
@@ -266,7 +451,7 @@ impl ChangeLog {
                 .and_then(|dir| dir.sync_all())
                 .map_err(|source| io_error("sync the directory of", source))?;
         }
-        let len = parts.iter().map(|part| part.len() as u64).sum();
+        let len = at;
         debug_assert_eq!(records.last().map_or(0, |last| last.offset + last.len), len);
         *self = ChangeLog {
             path: self.path.clone(),
@@ -300,6 +485,16 @@ impl ChangeLog {
     /// The records, oldest first.
     pub fn records(&self) -> &[RecordInfo] {
         &self.records
+    }
+
+    /// The LTX bytes of one record, left in the log's file (a record can be as
+    /// large as the database).
+    pub fn record_in_file(&self, record: &RecordInfo) -> Result<(File, u64, u64), StoreError> {
+        let file = self.file.try_clone().map_err(|source| StoreError::Io {
+            context: format!("reopen {}", self.path.display()),
+            source,
+        })?;
+        Ok((file, record.offset, record.len))
     }
 
     /// The LTX bytes of one record.
@@ -401,7 +596,14 @@ impl ChangeLog {
         }))
         .collect();
         let prefix = (merged.len() as u64).to_be_bytes();
-        self.replace_contents(&[&prefix, &merged, &rest], records)?;
+        self.replace_contents(
+            &[
+                LtxBytes::Memory(&prefix),
+                LtxBytes::Memory(&merged),
+                LtxBytes::Memory(&rest),
+            ],
+            records,
+        )?;
         Ok(merge - 1)
     }
 }
@@ -466,7 +668,7 @@ mod tests {
         assert!(tail.is_none());
         for txid in 1..=count {
             let (header, bytes) = change_set(txid, txid * 1000);
-            log.append(header, &bytes).unwrap();
+            log.append(header, LtxBytes::Memory(&bytes)).unwrap();
         }
         log
     }
@@ -503,7 +705,7 @@ mod tests {
         assert_eq!(log.records().len(), 3);
         assert_eq!(tail.unwrap().header.max_txid, TxId(3));
         // Appending after the cut continues the chain.
-        log.append(header, &bytes).unwrap();
+        log.append(header, LtxBytes::Memory(&bytes)).unwrap();
         drop(log);
         let (log, tail) = ChangeLog::open(&dir.path().join("log")).unwrap();
         assert_eq!(log.records().len(), 4);

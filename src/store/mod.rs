@@ -34,7 +34,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 
 pub use capture::{
-    AppliedChangeSet, CaptureOptions, CatchUp, Database, LoggedChangeSet, Position,
+    AppliedChangeSet, CaptureOptions, CatchUp, ChangeSetBytes, Database, LoggedChangeSet, Position,
     ReceivedChangeSet,
 };
 pub use cluster::{ClusterView, Role};

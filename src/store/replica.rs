@@ -19,8 +19,8 @@ use std::sync::Arc;
 use super::locks::{ByteRange, LockKind, LockOwner, LockRequest};
 use super::wal::{WAL_INDEX_PREFIX, wal_index_after_apply};
 use super::{
-    AppliedChangeSet, FileKind, Node, PENDING_BYTE, ReceivedChangeSet, Role, Store, StoreError,
-    parse_name,
+    AppliedChangeSet, ChangeSetBytes, FileKind, Node, PENDING_BYTE, ReceivedChangeSet, Role, Store,
+    StoreError, parse_name,
 };
 
 /// The lock owner ltxfs itself uses. Kernel lock owners are hashed pointers, so
@@ -68,13 +68,26 @@ impl Drop for HeldByLtxfs {
 }
 
 impl Store {
+    /// An unnamed file beside the databases, for a change set that arrives in
+    /// pieces too large to hold in memory; it disappears once closed. Beside
+    /// the logs, so the kernel can copy it into one.
+    pub fn change_set_spool(&self) -> Result<std::fs::File, StoreError> {
+        tempfile::tempfile_in(&self.dbs_dir).map_err(|source| StoreError::Io {
+            context: format!(
+                "create a file for an incoming change set in {}",
+                self.dbs_dir.display()
+            ),
+            source,
+        })
+    }
+
     /// Applies one change set from the primary to database `name`, creating the
     /// database when it is new. Blocks while readers finish their transactions, so
     /// never call it on a FUSE worker thread.
     pub fn apply_change_set(
         &self,
         name: &str,
-        ltx: Vec<u8>,
+        ltx: ChangeSetBytes,
     ) -> Result<AppliedChangeSet, StoreError> {
         let rejected = |reason: &str| StoreError::ChangeSetRejected {
             database: name.to_string(),
@@ -337,20 +350,26 @@ mod tests {
         for changes in [&[(1, 1), (2, 2)][..], &[(1, 3)], &[(2, 4)]] {
             let change_set = history.commit(changes, 2);
             primary
-                .apply_change_set("app.db", change_set.clone())
+                .apply_change_set("app.db", ChangeSetBytes::InMemory(change_set.clone()))
                 .unwrap();
-            diverged.apply_change_set("app.db", change_set).unwrap();
+            diverged
+                .apply_change_set("app.db", ChangeSetBytes::InMemory(change_set))
+                .unwrap();
         }
         // TXIDs 1-3 are shared; then the two histories part, as when an isolated
         // primary goes on writing while another node takes over.
         let mut isolated = history.clone();
         for fill in [5, 6] {
             let change_set = history.commit(&[(2, fill)], 2);
-            primary.apply_change_set("app.db", change_set).unwrap();
+            primary
+                .apply_change_set("app.db", ChangeSetBytes::InMemory(change_set))
+                .unwrap();
         }
         for fill in [7, 8, 9] {
             let change_set = isolated.commit(&[(2, fill)], 2);
-            diverged.apply_change_set("app.db", change_set).unwrap();
+            diverged
+                .apply_change_set("app.db", ChangeSetBytes::InMemory(change_set))
+                .unwrap();
         }
         let histories = diverged.histories(100).unwrap();
         let [(name, points)] = histories.as_slice() else {
@@ -381,7 +400,9 @@ mod tests {
         let store = replica(dir.path());
         let mut history = History::new();
         let snapshot = history.commit(&[(1, 1), (2, 2)], 2);
-        store.apply_change_set("app.db", snapshot).unwrap();
+        store
+            .apply_change_set("app.db", ChangeSetBytes::InMemory(snapshot))
+            .unwrap();
         store.set_role(Role::Primary);
         // SQLite's size hint extends the file before it writes the new page.
         let node = store.lookup("app.db").unwrap();
@@ -390,22 +411,82 @@ mod tests {
             .unwrap();
     }
 
+    /// `ltx` in a file, between other bytes, as a replica's spool or log holds it.
+    fn in_file(ltx: &[u8]) -> ChangeSetBytes {
+        use std::io::Write;
+        let mut file = tempfile::tempfile().unwrap();
+        file.write_all(&[0xAA; 10]).unwrap();
+        file.write_all(ltx).unwrap();
+        file.write_all(&[0xBB; 10]).unwrap();
+        ChangeSetBytes::InFile {
+            file,
+            offset: 10,
+            len: ltx.len() as u64,
+        }
+    }
+
+    #[test]
+    fn change_sets_in_a_file_apply_like_those_in_memory_and_outlive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = replica(dir.path());
+        let mut history = History::new();
+        let snapshot = history.commit(&[(1, 1), (2, 2), (3, 3), (4, 4), (5, 5)], 5);
+        store
+            .apply_change_set("app.db", in_file(&snapshot))
+            .unwrap();
+        // Pages 2, 3 and 5: two runs of consecutive pages, and a longer database.
+        let next = history.commit(&[(2, 6), (3, 7), (5, 8), (6, 9)], 6);
+        let applied = store.apply_change_set("app.db", in_file(&next)).unwrap();
+        assert_eq!(applied.pages, [2, 3, 5, 6]);
+        assert_eq!(applied.position, history.position());
+        let node = store.lookup("app.db").unwrap();
+        assert_eq!(node.read_at(0, 1 << 20).unwrap(), history.content());
+        // A corrupted change set in a file is refused before anything is written.
+        let (position_before, content_before) = (history.position(), history.content());
+        let mut corrupt = history.commit(&[(1, 3)], 6);
+        let middle = corrupt.len() / 2;
+        corrupt[middle] ^= 1;
+        assert!(matches!(
+            store.apply_change_set("app.db", in_file(&corrupt)),
+            Err(StoreError::ChangeSetRejected { .. })
+        ));
+        assert_eq!(node.read_at(0, 1 << 20).unwrap(), content_before);
+        drop(node);
+        drop(store);
+        // The log holds both change sets: a restart finds the same position.
+        let store = replica(dir.path());
+        assert_eq!(
+            store.database("app.db").unwrap().position(),
+            position_before
+        );
+        assert_eq!(
+            store.lookup("app.db").unwrap().read_at(0, 1 << 20).unwrap(),
+            content_before
+        );
+    }
+
     #[test]
     fn applies_change_sets_in_order_and_refuses_the_rest() {
         let dir = tempfile::tempdir().unwrap();
         let store = replica(dir.path());
         let mut history = History::new();
         let snapshot = history.commit(&[(1, 1), (2, 2), (3, 3)], 3);
-        store.apply_change_set("app.db", snapshot).unwrap();
+        store
+            .apply_change_set("app.db", ChangeSetBytes::InMemory(snapshot))
+            .unwrap();
         let second = history.commit(&[(2, 9)], 3);
         let third = history.commit(&[(1, 4), (4, 4)], 4);
         // Out of order: nothing changes.
         assert!(matches!(
-            store.apply_change_set("app.db", third.clone()),
+            store.apply_change_set("app.db", ChangeSetBytes::InMemory(third.clone())),
             Err(StoreError::ChangeSetRejected { .. })
         ));
-        store.apply_change_set("app.db", second).unwrap();
-        let applied = store.apply_change_set("app.db", third).unwrap();
+        store
+            .apply_change_set("app.db", ChangeSetBytes::InMemory(second))
+            .unwrap();
+        let applied = store
+            .apply_change_set("app.db", ChangeSetBytes::InMemory(third))
+            .unwrap();
         assert_eq!(applied.position, history.position());
         assert_eq!(
             store.database("app.db").unwrap().position(),
@@ -417,7 +498,11 @@ mod tests {
         let mut corrupt = history.commit(&[(3, 7)], 4);
         let middle = corrupt.len() / 2;
         corrupt[middle] ^= 1;
-        assert!(store.apply_change_set("app.db", corrupt).is_err());
+        assert!(
+            store
+                .apply_change_set("app.db", ChangeSetBytes::InMemory(corrupt))
+                .is_err()
+        );
         assert_eq!(
             node.read_at(0, 1 << 20).unwrap().len(),
             4 * PAGE_SIZE as usize
@@ -431,10 +516,16 @@ mod tests {
         {
             let store = replica(dir.path());
             store
-                .apply_change_set("app.db", history.commit(&[(1, 1), (2, 2)], 2))
+                .apply_change_set(
+                    "app.db",
+                    ChangeSetBytes::InMemory(history.commit(&[(1, 1), (2, 2)], 2)),
+                )
                 .unwrap();
             store
-                .apply_change_set("app.db", history.commit(&[(2, 5), (3, 6)], 3))
+                .apply_change_set(
+                    "app.db",
+                    ChangeSetBytes::InMemory(history.commit(&[(2, 5), (3, 6)], 3)),
+                )
                 .unwrap();
             // A crash after the log append, part-way through writing the pages.
             store.lookup("app.db").unwrap().file.set_len(512).unwrap();
@@ -449,7 +540,10 @@ mod tests {
             history.content()
         );
         store
-            .apply_change_set("app.db", history.commit(&[(3, 8)], 3))
+            .apply_change_set(
+                "app.db",
+                ChangeSetBytes::InMemory(history.commit(&[(3, 8)], 3)),
+            )
             .unwrap();
     }
 
@@ -460,10 +554,16 @@ mod tests {
         {
             let store = replica(dir.path());
             store
-                .apply_change_set("app.db", history.commit(&[(1, 1), (2, 2)], 2))
+                .apply_change_set(
+                    "app.db",
+                    ChangeSetBytes::InMemory(history.commit(&[(1, 1), (2, 2)], 2)),
+                )
                 .unwrap();
             store
-                .apply_change_set("app.db", history.commit(&[(1, 3)], 2))
+                .apply_change_set(
+                    "app.db",
+                    ChangeSetBytes::InMemory(history.commit(&[(1, 3)], 2)),
+                )
                 .unwrap();
             store
                 .lookup("app.db")
@@ -485,7 +585,10 @@ mod tests {
         let mut history = History::new();
         history.epoch = 2;
         store
-            .apply_change_set("app.db", history.commit(&[(1, 1)], 1))
+            .apply_change_set(
+                "app.db",
+                ChangeSetBytes::InMemory(history.commit(&[(1, 1)], 1)),
+            )
             .unwrap();
         let mut old_primary = History {
             pages: history.pages.clone(),
@@ -494,12 +597,18 @@ mod tests {
             epoch: 1,
         };
         let error = store
-            .apply_change_set("app.db", old_primary.commit(&[(1, 9)], 1))
+            .apply_change_set(
+                "app.db",
+                ChangeSetBytes::InMemory(old_primary.commit(&[(1, 9)], 1)),
+            )
             .unwrap_err();
         assert!(error.to_string().contains("epoch"), "{error}");
         history.epoch = 3;
         store
-            .apply_change_set("app.db", history.commit(&[(1, 2)], 1))
+            .apply_change_set(
+                "app.db",
+                ChangeSetBytes::InMemory(history.commit(&[(1, 2)], 1)),
+            )
             .unwrap();
     }
 
@@ -509,7 +618,10 @@ mod tests {
         let store = Store::open(dir.path(), CaptureOptions::default(), Role::Primary).unwrap();
         let mut history = History::new();
         assert!(matches!(
-            store.apply_change_set("app.db", history.commit(&[(1, 1)], 1)),
+            store.apply_change_set(
+                "app.db",
+                ChangeSetBytes::InMemory(history.commit(&[(1, 1)], 1))
+            ),
             Err(StoreError::ChangeSetRejected { .. })
         ));
     }
@@ -520,7 +632,10 @@ mod tests {
         let store = Arc::new(replica(dir.path()));
         let mut history = History::new();
         store
-            .apply_change_set("app.db", history.commit(&[(1, 1)], 1))
+            .apply_change_set(
+                "app.db",
+                ChangeSetBytes::InMemory(history.commit(&[(1, 1)], 1)),
+            )
             .unwrap();
         let node = store.lookup("app.db").unwrap();
         let shared = |owner| LockRequest {
@@ -536,7 +651,7 @@ mod tests {
             let store = store.clone();
             let change_set = history.commit(&[(1, 2)], 1);
             std::thread::spawn(move || {
-                let result = store.apply_change_set("app.db", change_set);
+                let result = store.apply_change_set("app.db", ChangeSetBytes::InMemory(change_set));
                 done_tx.send(()).unwrap();
                 result
             })

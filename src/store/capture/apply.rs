@@ -11,39 +11,167 @@
 //! - Keeping readers out while pages are written is the caller's job (the store
 //!   holds SQLite's locks); this module only writes.
 
-use crate::ltx::{self, Checksum, Decoder, Header};
+use std::fs::File;
+use std::io::{BufReader, Read};
 use std::os::unix::fs::FileExt;
+
+use crate::ltx::{self, Checksum, Decoder, Header, Trailer};
 
 use super::{CaptureState, Database, Position};
 use crate::store::StoreError;
+use crate::store::log::{FileRangeReader, LtxBytes};
+
+/// The read buffer for decoding a change set kept in a file.
+const FILE_READ_BUFFER: usize = 1 << 20;
+/// The most bytes of consecutive pages written to the database file at once.
+const WRITE_RUN_BYTES: usize = 1 << 20;
+
+/// The LTX bytes of a change set from the primary: in memory, or, for one too
+/// large to hold there (a snapshot of a large database), in a file.
+#[derive(Debug)]
+pub enum ChangeSetBytes {
+    /// The whole change set.
+    InMemory(Vec<u8>),
+    /// Bytes `offset..offset + len` of `file`.
+    InFile {
+        /// The file that holds them (the replica's spool file, or the log).
+        file: File,
+        /// Where they start.
+        offset: u64,
+        /// How many there are.
+        len: u64,
+    },
+}
+
+impl ChangeSetBytes {
+    fn as_log_bytes(&self) -> LtxBytes<'_> {
+        match self {
+            ChangeSetBytes::InMemory(bytes) => LtxBytes::Memory(bytes),
+            ChangeSetBytes::InFile { file, offset, len } => LtxBytes::File {
+                file,
+                offset: *offset,
+                len: *len,
+            },
+        }
+    }
+
+    /// Decodes the change set's header alone.
+    pub fn header(&self, database: &str) -> Result<Header, StoreError> {
+        let mut bytes = [0u8; ltx::HEADER_SIZE];
+        let available = match self {
+            ChangeSetBytes::InMemory(ltx) => {
+                let available = ltx.len().min(ltx::HEADER_SIZE);
+                bytes[..available].copy_from_slice(&ltx[..available]);
+                available
+            }
+            ChangeSetBytes::InFile { file, offset, len } => {
+                let available = (*len).min(ltx::HEADER_SIZE as u64) as usize;
+                file.read_exact_at(&mut bytes[..available], *offset)
+                    .map_err(|source| StoreError::Io {
+                        context: format!("read a change set of {database}"),
+                        source,
+                    })?;
+                available
+            }
+        };
+        Header::decode(&bytes[..available]).map_err(|error| StoreError::ChangeSetRejected {
+            database: database.to_string(),
+            reason: error.to_string(),
+        })
+    }
+
+    /// Decodes the change set, checking its format and file checksum, and hands
+    /// each page to `visit` in order; returns the header and trailer.
+    fn for_each_page(
+        &self,
+        database: &str,
+        visit: impl FnMut(u32, &[u8]) -> Result<(), StoreError>,
+    ) -> Result<(Header, Trailer), StoreError> {
+        match self {
+            ChangeSetBytes::InMemory(bytes) => decode_pages(database, &bytes[..], visit),
+            ChangeSetBytes::InFile { file, offset, len } => {
+                let mut reader = FileRangeReader::new(file, *offset, *len);
+                let decoded = decode_pages(
+                    database,
+                    BufReader::with_capacity(FILE_READ_BUFFER, &mut reader),
+                    visit,
+                );
+                match reader.take_read_error() {
+                    Some(source) => Err(StoreError::Io {
+                        context: format!("read a change set of {database}"),
+                        source,
+                    }),
+                    None => decoded,
+                }
+            }
+        }
+    }
+}
+
+/// Decodes one LTX file from `reader`, handing each page to `visit`.
+fn decode_pages(
+    database: &str,
+    reader: impl Read,
+    mut visit: impl FnMut(u32, &[u8]) -> Result<(), StoreError>,
+) -> Result<(Header, Trailer), StoreError> {
+    let rejected = |error: ltx::LtxError| StoreError::ChangeSetRejected {
+        database: database.to_string(),
+        reason: error.to_string(),
+    };
+    let mut decoder = Decoder::new(reader).map_err(rejected)?;
+    let header = *decoder.header();
+    let mut page = vec![0u8; header.page_size as usize];
+    while let Some(pgno) = decoder.next_page_into(&mut page).map_err(rejected)? {
+        visit(pgno, &page)?;
+    }
+    let trailer = decoder.finish().map_err(rejected)?;
+    Ok((header, trailer))
+}
 
 /// A change set from the primary, decoded and verified, not yet applied.
 #[derive(Debug)]
 pub struct ReceivedChangeSet {
     header: Header,
-    pages: Vec<(u32, Vec<u8>)>,
+    /// The pages it writes, in increasing order.
+    page_numbers: Vec<u32>,
+    /// Their page checksums, in the same order.
+    page_checksums: Vec<u64>,
+    /// Whether page 1 of the content after it says WAL mode, when it holds page 1.
+    wal_mode_after: Option<bool>,
     post_apply: Checksum,
-    bytes: Vec<u8>,
+    /// The pages' bytes, kept from decoding a change set that was in memory; one
+    /// in a file is decoded again to write its pages.
+    decoded_pages: Option<Vec<Vec<u8>>>,
+    bytes: ChangeSetBytes,
 }
 
 impl ReceivedChangeSet {
-    /// Decodes `ltx` completely, checking its format and file checksum.
-    pub fn decode(database: &str, ltx: Vec<u8>) -> Result<ReceivedChangeSet, StoreError> {
-        let rejected = |error: ltx::LtxError| StoreError::ChangeSetRejected {
-            database: database.to_string(),
-            reason: error.to_string(),
-        };
-        let mut decoder = Decoder::new(&ltx[..]).map_err(rejected)?;
-        let header = *decoder.header();
-        let mut pages = Vec::new();
-        while let Some(page) = decoder.next_page().map_err(rejected)? {
-            pages.push(page);
-        }
-        let trailer = decoder.finish().map_err(rejected)?;
+    /// Decodes `ltx` completely, checking its format and file checksum. Only the
+    /// pages of a change set in memory are kept in memory.
+    pub fn decode(database: &str, ltx: ChangeSetBytes) -> Result<ReceivedChangeSet, StoreError> {
+        let keep_pages = matches!(ltx, ChangeSetBytes::InMemory(_));
+        let mut page_numbers = Vec::new();
+        let mut page_checksums = Vec::new();
+        let mut wal_mode_after = None;
+        let mut decoded_pages = Vec::new();
+        let (header, trailer) = ltx.for_each_page(database, |pgno, page| {
+            page_numbers.push(pgno);
+            page_checksums.push(ltx::page_checksum(pgno, page).0);
+            if pgno == 1 {
+                wal_mode_after = Some(page.get(18) == Some(&2));
+            }
+            if keep_pages {
+                decoded_pages.push(page.to_vec());
+            }
+            Ok(())
+        })?;
         Ok(ReceivedChangeSet {
             header,
-            pages,
+            page_numbers,
+            page_checksums,
+            wal_mode_after,
             post_apply: trailer.post_apply_checksum,
+            decoded_pages: keep_pages.then_some(decoded_pages),
             bytes: ltx,
         })
     }
@@ -56,10 +184,7 @@ impl ReceivedChangeSet {
     /// Whether page 1 of the content after this change set says WAL mode, when
     /// the change set holds page 1.
     pub fn wal_mode_after(&self) -> Option<bool> {
-        self.pages
-            .first()
-            .filter(|(pgno, _)| *pgno == 1)
-            .map(|(_, page)| page.get(18) == Some(&2))
+        self.wal_mode_after
     }
 }
 
@@ -67,8 +192,6 @@ impl ReceivedChangeSet {
 #[derive(Debug)]
 pub struct LoggedChangeSet {
     received: ReceivedChangeSet,
-    /// The page checksums of its pages, in its page order.
-    new_checksums: Vec<u64>,
     /// The XOR of all page checksums after it.
     xor: u64,
     /// It replaces every page (a snapshot or a page-size change).
@@ -150,8 +273,7 @@ impl Database {
             }
         }
         let full = snapshot || header.page_size != state.page_size;
-        let new_checksums = checksums_of(&received);
-        let xor = checksum_after(&state, &received, &new_checksums, full);
+        let xor = checksum_after(&state, &received, full);
         let reached = Checksum(xor | Checksum::FLAG);
         if reached != received.post_apply {
             // The database and its bookkeeping disagree with the primary's history:
@@ -165,13 +287,14 @@ impl Database {
             )));
         }
         if snapshot {
-            state.log.replace_with_snapshot(header, &received.bytes)?;
+            state
+                .log
+                .replace_with_snapshot(header, received.bytes.as_log_bytes())?;
         } else {
-            state.log.append(header, &received.bytes)?;
+            state.log.append(header, received.bytes.as_log_bytes())?;
         }
         Ok(LoggedChangeSet {
             received,
-            new_checksums,
             xor,
             full,
         })
@@ -183,12 +306,11 @@ impl Database {
         let mut state = self.lock();
         let LoggedChangeSet {
             received,
-            new_checksums,
             xor,
             full,
         } = logged;
         let header = received.header;
-        if let Err(error) = write_pages(&state, &header, &received.pages) {
+        if let Err(error) = write_pages(&state, &self.name, &received) {
             state.position = Position::UNKNOWN;
             return Err(error);
         }
@@ -197,7 +319,7 @@ impl Database {
             (_, Some(wal_mode)) => wal_mode,
             (_, None) => state.wal_mode,
         };
-        update_page_checksums(&mut state, &received, &new_checksums, full, xor);
+        update_page_checksums(&mut state, &received, full, xor);
         state.position = Position {
             txid: header.max_txid,
             checksum: received.post_apply,
@@ -220,7 +342,7 @@ impl Database {
             position,
             page_size: header.page_size,
             commit: header.commit,
-            pages: received.pages.iter().map(|(pgno, _)| *pgno).collect(),
+            pages: received.page_numbers,
             wal_mode,
         })
     }
@@ -266,10 +388,11 @@ impl Database {
             state.position = Position::UNKNOWN;
             return Ok(());
         };
-        let bytes = state.log.read(&last)?;
+        let (file, offset, len) = state.log.record_in_file(&last)?;
+        let bytes = ChangeSetBytes::InFile { file, offset, len };
         let repaired = match ReceivedChangeSet::decode(&self.name, bytes) {
             Ok(received) => {
-                write_pages(&state, &received.header, &received.pages)?;
+                write_pages(&state, &self.name, &received)?;
                 state.page_size = received.header.page_size;
                 state.commit = received.header.commit;
                 state.file_page_size = received.header.page_size;
@@ -355,25 +478,10 @@ impl CaptureState {
     }
 }
 
-/// The page checksums of the pages a change set writes.
-fn checksums_of(received: &ReceivedChangeSet) -> Vec<u64> {
-    received
-        .pages
-        .iter()
-        .map(|(pgno, page)| ltx::page_checksum(*pgno, page).0)
-        .collect()
-}
-
-/// The XOR of the page checksums after applying a change set with pages
-/// `new_checksums`, computed without changing anything, the same way capture keeps
-/// them on the primary.
-fn checksum_after(
-    state: &CaptureState,
-    received: &ReceivedChangeSet,
-    new_checksums: &[u64],
-    full: bool,
-) -> u64 {
-    let new = new_checksums.iter().fold(0, |acc, c| acc ^ c);
+/// The XOR of the page checksums after applying a change set, computed without
+/// changing anything, the same way capture keeps them on the primary.
+fn checksum_after(state: &CaptureState, received: &ReceivedChangeSet, full: bool) -> u64 {
+    let new = received.page_checksums.iter().fold(0, |acc, c| acc ^ c);
     if full {
         return new;
     }
@@ -382,7 +490,7 @@ fn checksum_after(
     let cut = state.page_checksums[kept.len()..]
         .iter()
         .fold(0, |acc, c| acc ^ c);
-    let replaced = received.pages.iter().fold(0, |acc, (pgno, _)| {
+    let replaced = received.page_numbers.iter().fold(0, |acc, pgno| {
         acc ^ kept.get(*pgno as usize - 1).copied().unwrap_or(0)
     });
     state.checksum_xor ^ cut ^ replaced ^ new
@@ -392,7 +500,6 @@ fn checksum_after(
 fn update_page_checksums(
     state: &mut CaptureState,
     received: &ReceivedChangeSet,
-    new_checksums: &[u64],
     full: bool,
     xor: u64,
 ) {
@@ -402,32 +509,95 @@ fn update_page_checksums(
     state
         .page_checksums
         .resize(received.header.commit as usize, 0);
-    for ((pgno, _), checksum) in received.pages.iter().zip(new_checksums) {
+    for (pgno, checksum) in received.page_numbers.iter().zip(&received.page_checksums) {
         state.page_checksums[*pgno as usize - 1] = *checksum;
     }
     state.checksum_xor = xor;
 }
 
+/// Writes the pages of `received` into the database file of `database` and
+/// sets its size. Runs of consecutive pages go out in one write each.
 fn write_pages(
     state: &CaptureState,
-    header: &Header,
-    pages: &[(u32, Vec<u8>)],
+    database: &str,
+    received: &ReceivedChangeSet,
 ) -> Result<(), StoreError> {
+    let header = &received.header;
     let Some(file) = &state.database_file else {
         return Err(StoreError::Capture {
-            database: "replica".into(),
+            database: database.to_string(),
             message: "the database file is not open".into(),
         });
     };
     let io_error = |source| StoreError::Io {
-        context: format!("apply change set {}", header.filename()),
+        context: format!("apply change set {} to {database}", header.filename()),
         source,
     };
-    let page_size = u64::from(header.page_size);
-    for (pgno, page) in pages {
-        file.write_all_at(page, u64::from(pgno - 1) * page_size)
-            .map_err(io_error)?;
+    let mut writer = PageRunWriter::new(file, header.page_size);
+    match &received.decoded_pages {
+        Some(pages) => {
+            for (pgno, page) in received.page_numbers.iter().zip(pages) {
+                writer.write(*pgno, page).map_err(io_error)?;
+            }
+        }
+        None => {
+            // Decoded again from its file: the pages must be the ones checked.
+            let mut expected = received.page_numbers.iter();
+            received.bytes.for_each_page(database, |pgno, page| {
+                if expected.next() != Some(&pgno) {
+                    return Err(StoreError::ChangeSetRejected {
+                        database: database.to_string(),
+                        reason: format!(
+                            "change set {} changed in its file while it was applied",
+                            header.filename()
+                        ),
+                    });
+                }
+                writer.write(pgno, page).map_err(io_error)
+            })?;
+        }
     }
-    file.set_len(u64::from(header.commit) * page_size)
+    writer.flush().map_err(io_error)?;
+    file.set_len(u64::from(header.commit) * u64::from(header.page_size))
         .map_err(io_error)
+}
+
+/// Collects consecutive pages and writes each run with one `pwrite`.
+struct PageRunWriter<'a> {
+    file: &'a File,
+    page_size: u64,
+    /// The pages of the current run, from page `first`.
+    run: Vec<u8>,
+    first: u32,
+}
+
+impl<'a> PageRunWriter<'a> {
+    fn new(file: &'a File, page_size: u32) -> PageRunWriter<'a> {
+        PageRunWriter {
+            file,
+            page_size: u64::from(page_size),
+            run: Vec::new(),
+            first: 0,
+        }
+    }
+
+    fn write(&mut self, pgno: u32, page: &[u8]) -> std::io::Result<()> {
+        let run_pages = (self.run.len() as u64 / self.page_size) as u32;
+        let follows = !self.run.is_empty() && self.first + run_pages == pgno;
+        if !follows || self.run.len() + page.len() > WRITE_RUN_BYTES {
+            self.flush()?;
+            self.first = pgno;
+        }
+        self.run.extend_from_slice(page);
+        Ok(())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if !self.run.is_empty() {
+            let offset = u64::from(self.first - 1) * self.page_size;
+            self.file.write_all_at(&self.run, offset)?;
+            self.run.clear();
+        }
+        Ok(())
+    }
 }
