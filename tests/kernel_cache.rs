@@ -5,7 +5,8 @@ use std::sync::Arc;
 
 use ltxfs::fs::Fs;
 use ltxfs::fuse::MountedSession;
-use ltxfs::store::{CaptureOptions, Role, Store};
+use ltxfs::ltx::{Checksum, Encoder, Header, TxId, page_checksum};
+use ltxfs::store::{CaptureOptions, ChangeSetBytes, Role, Store};
 
 /// A primary's store mounted in-process in a new temporary directory.
 struct Mounted {
@@ -108,6 +109,72 @@ fn a_replica_answers_every_stat_itself() {
     assert_eq!(size(), 9, "the replica's attributes were cached");
     std::fs::write(&backing, b"1").unwrap();
     assert_eq!(size(), 1, "the replica's attributes were cached");
+
+    mounted.unmount();
+}
+
+/// A change set from a primary: database `new.db` holding one 4096-byte page
+/// (TXID 1), or, with `deleted`, that database deleted (TXID 2).
+fn new_database_change_set(deleted: bool) -> Vec<u8> {
+    let mut page = vec![0u8; 4096];
+    page[..16].copy_from_slice(b"SQLite format 3\0");
+    page[16..18].copy_from_slice(&4096u16.to_be_bytes());
+    page[18] = 1;
+    page[19] = 1;
+    let with_page = Checksum(page_checksum(1, &page).0 | Checksum::FLAG);
+    let txid = TxId(if deleted { 2 } else { 1 });
+    let header = Header {
+        page_size: 4096,
+        commit: u32::from(!deleted),
+        min_txid: txid,
+        max_txid: txid,
+        timestamp: 1,
+        pre_apply_checksum: if deleted { with_page } else { Checksum(0) },
+        ..Header::default()
+    };
+    let mut encoder = Encoder::new(Vec::new(), header).unwrap();
+    if !deleted {
+        encoder.encode_page(1, &page).unwrap();
+    }
+    let after = if deleted {
+        Checksum(Checksum::FLAG)
+    } else {
+        with_page
+    };
+    encoder.finish(after).unwrap();
+    encoder.into_inner()
+}
+
+/// Regression test: a replica that received a new database did not tell the
+/// kernel, which had cached an application's failed lookup of it, so the
+/// database and its `-pos` file stayed invisible for up to a second.
+#[test]
+fn a_database_a_replica_receives_or_loses_is_seen_at_once() {
+    let mounted = Mounted::start();
+    let (mount_point, store) = (mounted.mount_point(), &mounted.store);
+    store.set_role(Role::Replica);
+    let database = mount_point.join("new.db");
+    let position = mount_point.join("new.db-pos");
+    // The kernel now caches both names as missing for a second.
+    assert!(!database.exists() && !position.exists());
+
+    store
+        .apply_change_set(
+            "new.db",
+            ChangeSetBytes::InMemory(new_database_change_set(false)),
+        )
+        .unwrap();
+    assert!(database.exists(), "the new database is not visible");
+    assert!(position.exists(), "its -pos file is not visible");
+
+    store
+        .apply_change_set(
+            "new.db",
+            ChangeSetBytes::InMemory(new_database_change_set(true)),
+        )
+        .unwrap();
+    assert!(!database.exists(), "the deleted database is still visible");
+    assert!(!position.exists(), "its -pos file is still visible");
 
     mounted.unmount();
 }

@@ -11,7 +11,6 @@
 //! exactly the bytes the reassembler handed out; [`IncomingSpool::clear`]
 //! forgets an incomplete one, and the file disappears once dropped.
 
-use std::fs::File;
 use std::io::Write;
 use std::sync::Arc;
 
@@ -19,7 +18,7 @@ use super::chunk::ChangeSet;
 use super::wire::DatabaseName;
 use super::{ReplicationError, blocking};
 use crate::ltx::TxId;
-use crate::store::{ChangeSetBytes, Store};
+use crate::store::{ChangeSetBytes, ChangeSetSpool, Store};
 
 /// A whole change set as it arrived, not yet verified.
 #[derive(Debug)]
@@ -41,8 +40,8 @@ pub(super) struct ArrivedChangeSet {
 #[derive(Debug)]
 pub(super) struct IncomingSpool {
     store: Arc<Store>,
-    /// The file and how many bytes it holds.
-    file: Option<(File, u64)>,
+    /// The file and how many bytes of the change set it holds.
+    file: Option<(ChangeSetSpool, u64)>,
 }
 
 impl IncomingSpool {
@@ -55,20 +54,17 @@ impl IncomingSpool {
     pub(super) async fn append(&mut self, bytes: Vec<u8>) -> Result<(), ReplicationError> {
         let store = self.store.clone();
         let spooled = self.file.take();
-        let (file, len) = blocking(move || {
-            let (mut file, len) = match spooled {
-                Some(spooled) => spooled,
-                None => (store.change_set_spool()?, 0),
-            };
-            file.write_all(&bytes)
-                .map_err(|source| ReplicationError::Io {
-                    context: "write an incoming change set to its spool file".to_string(),
-                    source,
-                })?;
-            Ok((file, len + bytes.len() as u64))
-        })
-        .await?;
-        self.file = Some((file, len));
+        self.file = Some(
+            blocking(move || {
+                let (mut spool, len) = match spooled {
+                    Some(spooled) => spooled,
+                    None => (store.change_set_spool()?, 0),
+                };
+                write_to(&mut spool, &bytes)?;
+                Ok((spool, len + bytes.len() as u64))
+            })
+            .await?,
+        );
         Ok(())
     }
 
@@ -99,16 +95,12 @@ impl IncomingSpool {
         }
         let bytes = match spooled {
             None => ChangeSetBytes::InMemory(tail),
-            Some((mut file, len)) => {
+            Some((mut spool, len)) => {
                 blocking(move || {
-                    file.write_all(&tail)
-                        .map_err(|source| ReplicationError::Io {
-                            context: "write an incoming change set to its spool file".to_string(),
-                            source,
-                        })?;
+                    write_to(&mut spool, &tail)?;
                     Ok(ChangeSetBytes::InFile {
-                        file,
-                        offset: 0,
+                        file: spool.file,
+                        offset: spool.start,
                         len: len + tail.len() as u64,
                     })
                 })
@@ -128,4 +120,15 @@ impl IncomingSpool {
     pub(super) fn clear(&mut self) {
         self.file = None;
     }
+}
+
+/// Appends `bytes` to the spool file.
+fn write_to(spool: &mut ChangeSetSpool, bytes: &[u8]) -> Result<(), ReplicationError> {
+    spool
+        .file
+        .write_all(bytes)
+        .map_err(|source| ReplicationError::Io {
+            context: "write an incoming change set to its spool file".to_string(),
+            source,
+        })
 }

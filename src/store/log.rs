@@ -229,6 +229,9 @@ pub struct ChangeLog {
 }
 
 impl ChangeLog {
+    /// The bytes before each record's LTX bytes (its length).
+    pub const RECORD_PREFIX: u64 = LENGTH_PREFIX;
+
     /// Opens (or creates) the log at `path`, cutting off a torn tail, and returns it
     /// with its last change set.
     pub fn open(path: &Path) -> Result<(ChangeLog, Option<LogTail>), StoreError> {
@@ -403,11 +406,22 @@ impl ChangeLog {
     /// Replaces the whole log with one snapshot change set (a replica bootstrapped
     /// by the primary's snapshot keeps no older history). `header` is the one
     /// `ltx_bytes` starts with, which the caller has decoded and verified.
+    /// A snapshot in a file that holds nothing else but room for the record's
+    /// length before it becomes the log itself, without a copy.
     pub fn replace_with_snapshot(
         &mut self,
         header: Header,
         ltx: LtxBytes<'_>,
     ) -> Result<(), StoreError> {
+        if let LtxBytes::File {
+            file,
+            offset: LENGTH_PREFIX,
+            len,
+        } = ltx
+            && self.adopt_snapshot_file(header, file, len)?
+        {
+            return Ok(());
+        }
         let prefix = ltx.size().to_be_bytes();
         let records = vec![RecordInfo {
             offset: LENGTH_PREFIX,
@@ -415,6 +429,89 @@ impl ChangeLog {
             header,
         }];
         self.replace_contents(&[LtxBytes::Memory(&prefix), ltx], records)
+    }
+
+    /// Makes `file` the log when it holds exactly a length prefix's room and a
+    /// snapshot of `len` bytes: writes the prefix, syncs the file, gives it a name
+    /// beside the log (through `/proc/self/fd`, as it may have none) and renames
+    /// that over the log. False, changing nothing the log depends on, when the
+    /// file holds more or cannot be linked there (another filesystem).
+    fn adopt_snapshot_file(
+        &mut self,
+        header: Header,
+        file: &File,
+        len: u64,
+    ) -> Result<bool, StoreError> {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::ffi::OsStrExt;
+        let io_error = |what: &str, source: io::Error| StoreError::Io {
+            context: format!("{what} {}", self.path.display()),
+            source,
+        };
+        let size = file
+            .metadata()
+            .map_err(|source| io_error("measure the snapshot for", source))?
+            .len();
+        if size != LENGTH_PREFIX + len {
+            return Ok(false);
+        }
+        file.write_all_at(&len.to_be_bytes(), 0)
+            .and_then(|()| file.sync_all())
+            .map_err(|source| io_error("write the snapshot for", source))?;
+        let new_path = self.path.with_extension("replacing");
+        // A name left by a crash while replacing the log before.
+        let _ = std::fs::remove_file(&new_path);
+        let from = std::ffi::CString::new(format!("/proc/self/fd/{}", file.as_raw_fd()));
+        let to = std::ffi::CString::new(new_path.as_os_str().as_bytes());
+        let (Ok(from), Ok(to)) = (from, to) else {
+            return Ok(false);
+        };
+        // SAFETY: both paths are NUL-terminated strings that outlive the call.
+        let linked = unsafe {
+            libc::linkat(
+                libc::AT_FDCWD,
+                from.as_ptr(),
+                libc::AT_FDCWD,
+                to.as_ptr(),
+                libc::AT_SYMLINK_FOLLOW,
+            )
+        };
+        if linked != 0 {
+            let error = io::Error::last_os_error();
+            tracing::debug!(log = %self.path.display(), %error, "copying a snapshot into the log instead of linking it");
+            return Ok(false);
+        }
+        std::fs::rename(&new_path, &self.path).map_err(|source| io_error("replace", source))?;
+        self.sync_directory()?;
+        let file = file
+            .try_clone()
+            .map_err(|source| io_error("reopen", source))?;
+        *self = ChangeLog {
+            path: self.path.clone(),
+            file,
+            len: size,
+            allocated: size,
+            unsynced: false,
+            records: vec![RecordInfo {
+                offset: LENGTH_PREFIX,
+                len,
+                header,
+            }],
+        };
+        Ok(true)
+    }
+
+    /// Syncs the directory of the log, after its name was given to a new file.
+    fn sync_directory(&self) -> Result<(), StoreError> {
+        if let Some(dir) = self.path.parent() {
+            File::open(dir)
+                .and_then(|dir| dir.sync_all())
+                .map_err(|source| StoreError::Io {
+                    context: format!("sync the directory of {}", self.path.display()),
+                    source,
+                })?;
+        }
+        Ok(())
     }
 
     /// Writes `parts` (whole records, one after another) beside the log, syncs
@@ -446,11 +543,7 @@ impl ChangeLog {
         file.sync_all()
             .map_err(|source| io_error("fsync", source))?;
         std::fs::rename(&new_path, &self.path).map_err(|source| io_error("replace", source))?;
-        if let Some(dir) = self.path.parent() {
-            File::open(dir)
-                .and_then(|dir| dir.sync_all())
-                .map_err(|source| io_error("sync the directory of", source))?;
-        }
+        self.sync_directory()?;
         let len = at;
         debug_assert_eq!(records.last().map_or(0, |last| last.offset + last.len), len);
         *self = ChangeLog {
@@ -689,6 +782,47 @@ mod tests {
         assert_eq!(log.records().len(), 3);
         assert_eq!(tail.unwrap().header.max_txid, TxId(3));
         assert_eq!(read_change_sets(&dir.path().join("log")).unwrap().len(), 3);
+    }
+
+    /// A snapshot (change set 1) in an unnamed file in `dir`, after a length
+    /// prefix's room, followed by `extra` bytes.
+    fn snapshot_in_file(dir: &Path, extra: usize) -> (Header, File, u64) {
+        let (header, bytes) = change_set(1, 1000);
+        let file = tempfile::tempfile_in(dir).unwrap();
+        let mut content = vec![0u8; LENGTH_PREFIX as usize];
+        content.extend_from_slice(&bytes);
+        content.extend(std::iter::repeat_n(7u8, extra));
+        file.write_all_at(&content, 0).unwrap();
+        (header, file, bytes.len() as u64)
+    }
+
+    #[test]
+    fn a_snapshot_file_with_room_for_the_prefix_becomes_the_log() {
+        use std::os::unix::fs::MetadataExt;
+        for extra in [0, 3] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut log = log_with(dir.path(), 3);
+            let (header, file, len) = snapshot_in_file(dir.path(), extra);
+            log.replace_with_snapshot(
+                header,
+                LtxBytes::File {
+                    file: &file,
+                    offset: LENGTH_PREFIX,
+                    len,
+                },
+            )
+            .unwrap();
+            let log_inode = std::fs::metadata(dir.path().join("log")).unwrap().ino();
+            let adopted = log_inode == file.metadata().unwrap().ino();
+            // A file holding more than the snapshot is copied instead.
+            assert_eq!(adopted, extra == 0, "extra bytes: {extra}");
+            assert_eq!(log.records().len(), 1);
+            drop(log);
+            let (log, tail) = ChangeLog::open(&dir.path().join("log")).unwrap();
+            assert_eq!(log.records().len(), 1);
+            assert_eq!(tail.unwrap().header.max_txid, TxId(1));
+            assert!(!dir.path().join("log.replacing").exists());
+        }
     }
 
     #[test]

@@ -17,10 +17,11 @@ use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
 use super::locks::{ByteRange, LockKind, LockOwner, LockRequest};
+use super::log::ChangeLog;
 use super::wal::{WAL_INDEX_PREFIX, wal_index_after_apply};
 use super::{
-    AppliedChangeSet, ChangeSetBytes, FileKind, Node, PENDING_BYTE, ReceivedChangeSet, Role, Store,
-    StoreError, parse_name,
+    AppliedChangeSet, ChangeSetBytes, FileKind, Node, PENDING_BYTE, POSITION_SUFFIX,
+    ReceivedChangeSet, Role, Store, StoreError, parse_name,
 };
 
 /// The lock owner ltxfs itself uses. Kernel lock owners are hashed pointers, so
@@ -67,18 +68,41 @@ impl Drop for HeldByLtxfs {
     }
 }
 
+/// A file for a change set that arrives in pieces, made by
+/// [`Store::change_set_spool`]: append its bytes, then hand it over as
+/// [`ChangeSetBytes::InFile`] from offset `start`.
+#[derive(Debug)]
+pub struct ChangeSetSpool {
+    /// The file, positioned at `start`.
+    pub file: std::fs::File,
+    /// Where the change set's bytes begin.
+    pub start: u64,
+}
+
 impl Store {
     /// An unnamed file beside the databases, for a change set that arrives in
-    /// pieces too large to hold in memory; it disappears once closed. Beside
-    /// the logs, so the kernel can copy it into one.
-    pub fn change_set_spool(&self) -> Result<std::fs::File, StoreError> {
-        tempfile::tempfile_in(&self.dbs_dir).map_err(|source| StoreError::Io {
-            context: format!(
+    /// pieces too large to hold in memory; it disappears once closed. The change
+    /// set goes after [`ChangeSetSpool::start`] bytes, room the store keeps so
+    /// that a snapshot's spool can become its database's log without a copy.
+    pub fn change_set_spool(&self) -> Result<ChangeSetSpool, StoreError> {
+        use std::io::Write;
+        let context = || {
+            format!(
                 "create a file for an incoming change set in {}",
                 self.dbs_dir.display()
-            ),
+            )
+        };
+        let mut file = tempfile::tempfile_in(&self.dbs_dir).map_err(|source| StoreError::Io {
+            context: context(),
             source,
-        })
+        })?;
+        let start = ChangeLog::RECORD_PREFIX;
+        file.write_all(&vec![0; start as usize])
+            .map_err(|source| StoreError::Io {
+                context: context(),
+                source,
+            })?;
+        Ok(ChangeSetSpool { file, start })
     }
 
     /// Applies one change set from the primary to database `name`, creating the
@@ -101,9 +125,15 @@ impl Store {
         }
         let received = ReceivedChangeSet::decode(name, ltx)?;
         let _one_at_a_time = self.applying.lock().unwrap_or_else(|p| p.into_inner());
+        // The names this change set makes exist or vanish: the kernel caches
+        // lookups, failed ones too, so it is told to forget them afterwards.
+        let mut changed_entries = Vec::new();
         let database_node = match self.lookup(name) {
             Some(node) => node,
-            None => self.create(name)?,
+            None => {
+                changed_entries.push(name.to_string());
+                self.create(name)?
+            }
         };
         let database = database_node.database().clone();
         let wal_before = database.is_wal_mode();
@@ -112,7 +142,11 @@ impl Store {
             let shm = format!("{name}-shm");
             Some(match self.lookup(&shm) {
                 Some(node) => node,
-                None => self.create(&shm)?,
+                None => {
+                    let node = self.create(&shm)?;
+                    changed_entries.push(shm);
+                    node
+                }
             })
         } else {
             None
@@ -164,6 +198,15 @@ impl Store {
             // The primary deleted the database: its file disappears here too (the
             // log stays, so the position is kept).
             self.remove_applied_file(&database_node)?;
+        }
+        // The `-pos` file exists while the database file does.
+        if applied.commit == 0 || changed_entries.first().is_some_and(|first| first == name) {
+            changed_entries.push(format!("{name}{POSITION_SUFFIX}"));
+        }
+        if let Some(cache) = self.kernel_cache() {
+            for name in &changed_entries {
+                cache.invalidate_entry(name);
+            }
         }
         Ok(applied)
     }
