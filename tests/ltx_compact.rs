@@ -7,7 +7,7 @@
 
 use ltxfs::ltx::{
     Checksum, Decoder, Encoder, FLAG_COMPRESS_LZ4, Header, LtxError, TxId, checksum_database,
-    compact, verify,
+    compact, compact_onto_snapshot, verify,
 };
 use proptest::prelude::*;
 
@@ -56,6 +56,21 @@ fn apply_all(base: &[u8], files: &[Vec<u8>]) -> Vec<u8> {
 fn compact_files(files: &[Vec<u8>], compress: bool) -> Result<(Header, Vec<u8>), LtxError> {
     let mut out = Vec::new();
     let header = compact(files.iter().map(|f| &f[..]), compress, &mut out)?;
+    Ok((header, out))
+}
+
+/// Compacts `files`, whose first is a snapshot, streaming that snapshot.
+fn compact_files_onto_snapshot(
+    files: &[Vec<u8>],
+    compress: bool,
+) -> Result<(Header, Vec<u8>), LtxError> {
+    let mut out = Vec::new();
+    let header = compact_onto_snapshot(
+        || Ok(&files[0][..]),
+        files[1..].iter().map(|f| &f[..]),
+        compress,
+        &mut out,
+    )?;
     Ok((header, out))
 }
 
@@ -580,6 +595,13 @@ proptest! {
         let n = p.files.len();
         let (a, b) = (range.0.index(n), range.1.index(n));
         let (start, end) = (a.min(b), a.max(b) + 1);
+
+        // Streaming the first snapshot instead of holding it gives the same file,
+        // for the whole chain and for every run that starts with it.
+        prop_assert_eq!(
+            compact_files_onto_snapshot(&p.files[..end], compress).unwrap(),
+            compact_files(&p.files[..end], compress).unwrap()
+        );
         let (header, out) = compact_files(&p.files[start..end], compress).unwrap();
         let (first, _) = header_and_post(&p.files[start]);
         prop_assert_eq!(header.min_txid, first.min_txid);
@@ -595,4 +617,48 @@ proptest! {
             p.images[end - 1].clone()
         );
     }
+}
+
+#[test]
+fn compacting_onto_a_snapshot_refuses_a_first_input_that_is_not_one() {
+    let mut p = Primary::new(PS, false);
+    p.commit(&[(1, 1)], 1);
+    p.commit(&[(1, 2)], 1);
+    let error = compact_files_onto_snapshot(&p.files[1..], false).unwrap_err();
+    assert!(
+        matches!(error, LtxError::InvalidArgument(ref message) if message.contains("needs a snapshot first")),
+        "{error:?}"
+    );
+}
+
+#[test]
+fn compacting_onto_a_snapshot_that_reads_differently_the_second_time_fails() {
+    let mut p = Primary::new(PS, false);
+    p.commit(&[(1, 1), (2, 2), (3, 3)], 3);
+    p.commit(&[(2, 9)], 3);
+    let other = {
+        let mut q = Primary::new(PS, false);
+        q.commit(&[(1, 1), (2, 2)], 2);
+        q.files[0].clone()
+    };
+    let mut opened = 0;
+    let mut out = Vec::new();
+    let error = compact_onto_snapshot(
+        || {
+            opened += 1;
+            Ok(if opened == 1 {
+                &p.files[0][..]
+            } else {
+                &other[..]
+            })
+        },
+        [&p.files[1][..]],
+        false,
+        &mut out,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(error, LtxError::InvalidArgument(_)),
+        "the snapshot changed between its two readings: {error:?}"
+    );
 }

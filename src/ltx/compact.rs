@@ -56,8 +56,10 @@
 //! Compaction keeps the latest version of every page the run touched in memory
 //! (one page per distinct page number still inside the database), and reads
 //! the inputs one at a time, so memory use is proportional to the number of
-//! distinct pages touched, not to the total size of the inputs.  Compacting a
-//! run that starts with a snapshot therefore holds the whole database.
+//! distinct pages touched, not to the total size of the inputs.  [`compact`]
+//! therefore holds the whole database for a run that starts with a snapshot;
+//! [`compact_onto_snapshot`] does not: it reads that snapshot twice and streams
+//! it into the output, keeping only the pages the later inputs touched.
 
 use std::collections::BTreeMap;
 use std::collections::btree_map::Entry;
@@ -239,42 +241,107 @@ fn check_follows(chain: &Chain, next: &Header, index: usize) -> Result<(), LtxEr
 fn read_chain<R: Read>(inputs: impl IntoIterator<Item = R>) -> Result<Chain, LtxError> {
     let mut chain: Option<Chain> = None;
     for (i, reader) in inputs.into_iter().enumerate() {
-        let index = i + 1;
-        let mut decoder =
-            Decoder::new(BufReader::new(reader)).map_err(|e| in_input(e, index, None))?;
-        let header = *decoder.header();
-        let chain = match chain.as_mut() {
-            None => chain.insert(Chain::start(header, header.is_snapshot())),
-            Some(c) => {
-                check_follows(c, &header, index)?;
-                if header.is_snapshot() {
-                    // A snapshot in the middle of the run replaces everything
-                    // before it, but the output still starts where the run does.
-                    let first = c.first;
-                    *c = Chain::start(header, true);
-                    c.first = first;
-                } else {
-                    c.floor = c.floor.min(header.commit);
-                }
-                c
-            }
-        };
-        read_pages(&mut decoder, &mut chain.pages)
-            .map_err(|e| in_input(e, index, Some(&header)))?;
-        let trailer = decoder
-            .finish()
-            .map_err(|e| in_input(e, index, Some(&header)))?;
-        // The input leaves the database `commit` pages long, so anything
-        // written earlier beyond that is gone.
-        if let Some(beyond) = header.commit.checked_add(1) {
-            drop(chain.pages.split_off(&beyond));
-        }
-        chain.last = header;
-        chain.last_trailer = trailer;
+        fold_input(&mut chain, i + 1, reader)?;
     }
     chain.ok_or_else(|| {
         LtxError::InvalidArgument("compaction needs at least one input file".to_owned())
     })
+}
+
+/// Reads and verifies input number `index` (1-based), folding its pages into
+/// `chain` (starting it with the first input); returns the input's header.
+fn fold_input<R: Read>(
+    chain: &mut Option<Chain>,
+    index: usize,
+    reader: R,
+) -> Result<Header, LtxError> {
+    let mut decoder = Decoder::new(BufReader::new(reader)).map_err(|e| in_input(e, index, None))?;
+    let header = *decoder.header();
+    let chain = match chain.as_mut() {
+        None => chain.insert(Chain::start(header, header.is_snapshot())),
+        Some(c) => {
+            check_follows(c, &header, index)?;
+            if header.is_snapshot() {
+                // A snapshot in the middle of the run replaces everything
+                // before it, but the output still starts where the run does.
+                let first = c.first;
+                *c = Chain::start(header, true);
+                c.first = first;
+            } else {
+                c.floor = c.floor.min(header.commit);
+            }
+            c
+        }
+    };
+    read_pages(&mut decoder, &mut chain.pages).map_err(|e| in_input(e, index, Some(&header)))?;
+    let trailer = decoder
+        .finish()
+        .map_err(|e| in_input(e, index, Some(&header)))?;
+    // The input leaves the database `commit` pages long, so anything
+    // written earlier beyond that is gone.
+    if let Some(beyond) = header.commit.checked_add(1) {
+        drop(chain.pages.split_off(&beyond));
+    }
+    chain.last = header;
+    chain.last_trailer = trailer;
+    Ok(header)
+}
+
+/// Compacts a run whose first input is a snapshot, like [`compact`], without
+/// holding the snapshot's pages: `open_base` opens the snapshot, which is read
+/// twice (verified to its end first, then streamed into the output under the
+/// pages of the later inputs), so memory is proportional to the pages the
+/// `rest` of the run touched, not to the database. The output is the same,
+/// byte for byte, as [`compact`]'s. It is written only after every input was
+/// verified; the second reading of the snapshot must give the same pages, or
+/// the output is left incomplete (callers write to a temporary file).
+///
+/// # Errors
+///
+/// Those of [`compact`], and [`LtxError::InvalidArgument`] when the first
+/// input is not a snapshot.
+pub fn compact_onto_snapshot<S: Read, R: Read>(
+    mut open_base: impl FnMut() -> std::io::Result<S>,
+    rest: impl IntoIterator<Item = R>,
+    compress: bool,
+    out: impl Write,
+) -> Result<Header, LtxError> {
+    let open = |open_base: &mut dyn FnMut() -> std::io::Result<S>| {
+        open_base()
+            .map_err(|e| in_input(LtxError::io("opening", e), 1, None))
+            .and_then(|reader| {
+                Decoder::new(BufReader::new(reader)).map_err(|e| in_input(e, 1, None))
+            })
+    };
+    let mut base = open(&mut open_base)?;
+    let base_header = *base.header();
+    if !base_header.is_snapshot() {
+        return Err(LtxError::InvalidArgument(format!(
+            "compaction onto a snapshot needs a snapshot first, not {}",
+            describe_input(1, Some(&base_header))
+        )));
+    }
+    let trailer = base
+        .finish()
+        .map_err(|e| in_input(e, 1, Some(&base_header)))?;
+    let mut chain = Chain::start(base_header, true);
+    chain.last_trailer = trailer;
+    let mut chain = Some(chain);
+    let mut base_replaced = false;
+    for (i, reader) in rest.into_iter().enumerate() {
+        base_replaced |= fold_input(&mut chain, i + 2, reader)?.is_snapshot();
+    }
+    let Some(chain) = chain else {
+        return Err(LtxError::InvalidArgument(
+            "compaction lost its chain; this is a bug in compaction".to_owned(),
+        ));
+    };
+    if base_replaced {
+        // A later snapshot holds every page since, all of them in `chain`.
+        return write_output(&chain, compress, out);
+    }
+    let base = open(&mut open_base)?;
+    write_output_onto(&chain, base, compress, out)
 }
 
 /// Reads every page of `decoder` into `pages`, replacing older versions.
@@ -326,11 +393,11 @@ fn check_complete(
     }
 }
 
-/// Writes the compacted file for `chain` and returns its header.
-fn write_output(chain: &Chain, compress: bool, out: impl Write) -> Result<Header, LtxError> {
+/// The header of the compacted file for `chain`.
+fn output_header(chain: &Chain, compress: bool) -> Header {
     let first = &chain.first;
     let last = &chain.last;
-    let header = Header {
+    Header {
         flags: if compress { FLAG_COMPRESS_LZ4 } else { 0 },
         page_size: last.page_size,
         commit: last.commit,
@@ -343,7 +410,12 @@ fn write_output(chain: &Chain, compress: bool, out: impl Write) -> Result<Header
         wal_salt1: 0,
         wal_salt2: 0,
         node_id: last.node_id,
-    };
+    }
+}
+
+/// Writes the compacted file for `chain` and returns its header.
+fn write_output(chain: &Chain, compress: bool, out: impl Write) -> Result<Header, LtxError> {
+    let header = output_header(chain, compress);
     if chain.full {
         check_complete(&chain.pages, chain.floor, header.commit, header.page_size)?;
     }
@@ -394,6 +466,53 @@ fn write_output(chain: &Chain, compress: bool, out: impl Write) -> Result<Header
         }
     }
     encoder.finish(post_apply)?;
+    Ok(header)
+}
+
+/// Writes the compacted file for `chain`, whose first input is the snapshot
+/// `base` (its pages not in `chain`), and returns its header. Every page up to
+/// the chain's floor comes from `chain` or else `base`, every page above it from
+/// `chain` or else is zeros; the output is a snapshot, which the encoder checks
+/// against the last post-apply checksum.
+fn write_output_onto<S: Read>(
+    chain: &Chain,
+    mut base: Decoder<S>,
+    compress: bool,
+    out: impl Write,
+) -> Result<Header, LtxError> {
+    let header = output_header(chain, compress);
+    let page_size = header.page_size as usize;
+    let lock = lock_page_number(header.page_size);
+    let zeros = vec![0u8; page_size];
+    let mut base_page = vec![0u8; page_size];
+    let base_header = *base.header();
+    let mut encoder = Encoder::new(BufWriter::new(out), header)?;
+    for pgno in 1..=header.commit {
+        if pgno == lock {
+            continue;
+        }
+        let below_floor = pgno <= chain.floor;
+        if below_floor {
+            // The snapshot holds every page up to its commit, in order, and the
+            // floor is at most its commit.
+            let read = base
+                .next_page_into(&mut base_page)
+                .map_err(|e| in_input(e, 1, Some(&base_header)))?;
+            if read != Some(pgno) {
+                return Err(LtxError::InvalidArgument(format!(
+                    "{} read again gave page {read:?} where page {pgno} was expected",
+                    describe_input(1, Some(&base_header))
+                )));
+            }
+        }
+        let page = match chain.pages.get(&pgno) {
+            Some(page) => page,
+            None if below_floor => &base_page,
+            None => &zeros,
+        };
+        encoder.encode_page(pgno, page)?;
+    }
+    encoder.finish(chain.last_trailer.post_apply_checksum)?;
     Ok(header)
 }
 

@@ -13,7 +13,7 @@
 //!   left by a crash; opening the log cuts it off and says so in the log.
 
 use std::fs::{File, OpenOptions};
-use std::io;
+use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -422,13 +422,22 @@ impl ChangeLog {
         {
             return Ok(());
         }
-        let prefix = ltx.size().to_be_bytes();
-        let records = vec![RecordInfo {
-            offset: LENGTH_PREFIX,
-            len: ltx.size(),
-            header,
-        }];
-        self.replace_contents(&[LtxBytes::Memory(&prefix), ltx], records)
+        let path = self.path.clone();
+        self.replace_contents(|file| {
+            LtxBytes::Memory(&ltx.size().to_be_bytes())
+                .write_at(file, 0)
+                .and_then(|()| ltx.write_at(file, LENGTH_PREFIX))
+                .map_err(|source| StoreError::Io {
+                    context: format!("write {}", path.display()),
+                    source,
+                })?;
+            let record = RecordInfo {
+                offset: LENGTH_PREFIX,
+                len: ltx.size(),
+                header,
+            };
+            Ok((LENGTH_PREFIX + ltx.size(), vec![record]))
+        })
     }
 
     /// Makes `file` the log when it holds exactly a length prefix's room and a
@@ -514,13 +523,13 @@ impl ChangeLog {
         Ok(())
     }
 
-    /// Writes `parts` (whole records, one after another) beside the log, syncs
-    /// them, renames them over the log and takes them as its content. `records`
-    /// describes those bytes: they were verified before, so they are not reread.
+    /// Writes new content for the log beside it with `write`, which returns the
+    /// records it wrote (verified before, so they are not reread) and how many
+    /// bytes they take; syncs it, renames it over the log and takes it as the
+    /// log's content.
     fn replace_contents(
         &mut self,
-        parts: &[LtxBytes<'_>],
-        records: Vec<RecordInfo>,
+        write: impl FnOnce(&File) -> Result<(u64, Vec<RecordInfo>), StoreError>,
     ) -> Result<(), StoreError> {
         let io_error = |what: &str, source: io::Error| StoreError::Io {
             context: format!("{what} {}", self.path.display()),
@@ -534,17 +543,11 @@ impl ChangeLog {
             .truncate(true)
             .open(&new_path)
             .map_err(|source| io_error("create", source))?;
-        let mut at = 0;
-        for part in parts {
-            part.write_at(&file, at)
-                .map_err(|source| io_error("write", source))?;
-            at += part.size();
-        }
+        let (len, records) = write(&file)?;
         file.sync_all()
             .map_err(|source| io_error("fsync", source))?;
         std::fs::rename(&new_path, &self.path).map_err(|source| io_error("replace", source))?;
         self.sync_directory()?;
-        let len = at;
         debug_assert_eq!(records.last().map_or(0, |last| last.offset + last.len), len);
         *self = ChangeLog {
             path: self.path.clone(),
@@ -658,45 +661,71 @@ impl ChangeLog {
             context: format!("{what} {}", self.path.display()),
             source,
         };
-        let inputs = self.records[..merge]
-            .iter()
-            .map(|record| self.read(record))
-            .collect::<Result<Vec<_>, _>>()?;
-        let mut merged = Vec::new();
-        let header = ltx::compact(inputs.iter().map(Vec::as_slice), compress, &mut merged)
+        let source = self
+            .file
+            .try_clone()
+            .map_err(|source| io_error("reopen", source))?;
+        let path = self.path.clone();
+        let merged_records: Vec<RecordInfo> = self.records[..merge].to_vec();
+        let kept_records: Vec<RecordInfo> = self.records[merge..].to_vec();
+        let rest_start = kept_records
+            .first()
+            .map_or(self.len, |record| record.offset - LENGTH_PREFIX);
+        let rest_len = self.len - rest_start;
+        self.replace_contents(|file| {
+            let io_error = |what: &str, source: io::Error| StoreError::Io {
+                context: format!("{what} {}", path.display()),
+                source,
+            };
+            // The merged change set goes after room for its length, read from
+            // the log as it is written, never whole in memory.
+            let mut out = io::BufWriter::with_capacity(COPY_BUFFER as usize, file);
+            out.write_all(&[0; LENGTH_PREFIX as usize])
+                .map_err(|source| io_error("write", source))?;
+            let reader = |record: &RecordInfo| {
+                io::BufReader::with_capacity(
+                    COPY_BUFFER as usize,
+                    FileRangeReader::new(&source, record.offset, record.len),
+                )
+            };
+            let header = match merged_records.split_first() {
+                Some((base, rest)) if base.header.is_snapshot() => ltx::compact_onto_snapshot(
+                    || Ok(reader(base)),
+                    rest.iter().map(reader),
+                    compress,
+                    &mut out,
+                ),
+                _ => ltx::compact(merged_records.iter().map(reader), compress, &mut out),
+            }
             .map_err(|error| StoreError::Capture {
-                database: self.path.display().to_string(),
+                database: path.display().to_string(),
                 message: format!("compaction failed: {error}"),
             })?;
-        let rest_start = self
-            .records
-            .get(merge)
-            .map_or(self.len, |record| record.offset - LENGTH_PREFIX);
-        let mut rest = vec![0u8; (self.len - rest_start) as usize];
-        self.file
-            .read_exact_at(&mut rest, rest_start)
-            .map_err(|source| io_error("read", source))?;
-        // The kept records move to just after the merged one.
-        let merged_end = LENGTH_PREFIX + merged.len() as u64;
-        let records = std::iter::once(RecordInfo {
-            offset: LENGTH_PREFIX,
-            len: merged.len() as u64,
-            header,
-        })
-        .chain(self.records[merge..].iter().map(|record| RecordInfo {
-            offset: record.offset - rest_start + merged_end,
-            ..*record
-        }))
-        .collect();
-        let prefix = (merged.len() as u64).to_be_bytes();
-        self.replace_contents(
-            &[
-                LtxBytes::Memory(&prefix),
-                LtxBytes::Memory(&merged),
-                LtxBytes::Memory(&rest),
-            ],
-            records,
-        )?;
+            out.flush().map_err(|source| io_error("write", source))?;
+            drop(out);
+            let merged_len = file
+                .metadata()
+                .map_err(|source| io_error("measure", source))?
+                .len()
+                - LENGTH_PREFIX;
+            file.write_all_at(&merged_len.to_be_bytes(), 0)
+                .map_err(|source| io_error("write", source))?;
+            // The kept records move to just after the merged one.
+            let merged_end = LENGTH_PREFIX + merged_len;
+            copy_range(&source, rest_start, rest_len, file, merged_end)
+                .map_err(|source| io_error("copy the newer records of", source))?;
+            let records = std::iter::once(RecordInfo {
+                offset: LENGTH_PREFIX,
+                len: merged_len,
+                header,
+            })
+            .chain(kept_records.iter().map(|record| RecordInfo {
+                offset: record.offset - rest_start + merged_end,
+                ..*record
+            }))
+            .collect();
+            Ok((merged_end + rest_len, records))
+        })?;
         Ok(merge - 1)
     }
 }
