@@ -114,6 +114,8 @@ pub struct Database {
     /// change that moves it committed a transaction, which synchronous
     /// replication holds until a replica has it.
     captured_txid: AtomicU64,
+    /// Held while retention compacts the log, without the capture lock.
+    compacting: Mutex<()>,
 }
 
 impl std::fmt::Debug for Database {
@@ -218,6 +220,7 @@ impl Database {
             shared,
             state: Mutex::new(state),
             captured_txid: AtomicU64::new(0),
+            compacting: Mutex::new(()),
         })
     }
 
@@ -467,7 +470,15 @@ impl Database {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |elapsed| elapsed.as_millis() as u64);
-        self.lock().log.enforce(policy, now, self.options.compress)
+        // One compaction at a time; commits wait for the database's lock only
+        // while the plan is made and while the merged change set is put in place,
+        // not while it is merged (the whole database, for a base snapshot).
+        let _one_at_a_time = self.compacting.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(plan) = self.lock().log.plan_compaction(policy, now)? else {
+            return Ok(0);
+        };
+        let merged = plan.merge(self.options.compress)?;
+        self.lock().log.finish_compaction(merged)
     }
 
     /// Saves per-page checksums so the next start need not reread the database.

@@ -239,6 +239,13 @@ impl ChangeLog {
             context: format!("{what} {}", path.display()),
             source,
         };
+        // A compaction a crash interrupted left its half-written log beside.
+        match std::fs::remove_file(compacting_path(path)) {
+            Err(error) if error.kind() != io::ErrorKind::NotFound => {
+                return Err(io_error("remove the unfinished compaction of", error));
+            }
+            _ => {}
+        }
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -495,18 +502,15 @@ impl ChangeLog {
         let file = file
             .try_clone()
             .map_err(|source| io_error("reopen", source))?;
-        *self = ChangeLog {
-            path: self.path.clone(),
+        self.take_replacement(
             file,
-            len: size,
-            allocated: size,
-            unsynced: false,
-            records: vec![RecordInfo {
+            size,
+            vec![RecordInfo {
                 offset: LENGTH_PREFIX,
                 len,
                 header,
             }],
-        };
+        );
         Ok(true)
     }
 
@@ -549,6 +553,13 @@ impl ChangeLog {
         std::fs::rename(&new_path, &self.path).map_err(|source| io_error("replace", source))?;
         self.sync_directory()?;
         debug_assert_eq!(records.last().map_or(0, |last| last.offset + last.len), len);
+        self.take_replacement(file, len, records);
+        Ok(())
+    }
+
+    /// Takes `file`, synced and renamed over the log, as the log: `len` bytes
+    /// holding `records`.
+    fn take_replacement(&mut self, file: File, len: u64, records: Vec<RecordInfo>) {
         *self = ChangeLog {
             path: self.path.clone(),
             file,
@@ -557,7 +568,6 @@ impl ChangeLog {
             unsynced: false,
             records,
         };
-        Ok(())
     }
 
     /// The post-apply checksum in a record's trailer.
@@ -631,13 +641,28 @@ impl ChangeLog {
     /// achieve that. The log stays replayable from its start: the merged change set
     /// covers exactly the TXIDs it replaces. The new log is written beside the old
     /// one, synced and renamed over it, so a crash leaves one or the other whole.
-    /// Returns how many change sets were merged away.
+    /// Returns how many change sets were merged away. In one call; the store
+    /// uses the three steps ([`ChangeLog::plan_compaction`],
+    /// [`CompactionPlan::merge`], [`ChangeLog::finish_compaction`]) so that it
+    /// holds the database's lock only for the first and the last.
     pub fn enforce(
         &mut self,
         policy: RetentionPolicy,
         now_millis: u64,
         compress: bool,
     ) -> Result<usize, StoreError> {
+        match self.plan_compaction(policy, now_millis)? {
+            Some(plan) => self.finish_compaction(plan.merge(compress)?),
+            None => Ok(0),
+        }
+    }
+
+    /// Chooses the oldest change sets to merge under `policy`, if at least two.
+    pub fn plan_compaction(
+        &self,
+        policy: RetentionPolicy,
+        now_millis: u64,
+    ) -> Result<Option<CompactionPlan>, StoreError> {
         let cutoff = now_millis.saturating_sub(policy.max_age.as_millis() as u64);
         let mut merge = self
             .records
@@ -655,78 +680,153 @@ impl ChangeLog {
             }
         }
         if merge < 2 {
+            return Ok(None);
+        }
+        let source = self.file.try_clone().map_err(|source| StoreError::Io {
+            context: format!("reopen {}", self.path.display()),
+            source,
+        })?;
+        Ok(Some(CompactionPlan {
+            path: self.path.clone(),
+            source,
+            merged: self.records[..merge].to_vec(),
+        }))
+    }
+
+    /// Puts a merged change set in place of the change sets it merged, copying
+    /// the newer ones after it; returns how many change sets were merged away.
+    /// Does nothing, and returns 0, when the log no longer starts with those
+    /// change sets (it was replaced meanwhile).
+    pub fn finish_compaction(&mut self, merged: MergedChangeSets) -> Result<usize, StoreError> {
+        let MergedChangeSets {
+            plan,
+            file,
+            merged_len,
+            header,
+        } = merged;
+        let compacting_path = compacting_path(&self.path);
+        if !self.records.starts_with(&plan.merged) {
+            let _ = std::fs::remove_file(&compacting_path);
             return Ok(0);
         }
         let io_error = |what: &str, source: io::Error| StoreError::Io {
-            context: format!("{what} {}", self.path.display()),
+            context: format!("{what} {}", compacting_path.display()),
             source,
         };
-        let source = self
-            .file
-            .try_clone()
-            .map_err(|source| io_error("reopen", source))?;
-        let path = self.path.clone();
-        let merged_records: Vec<RecordInfo> = self.records[..merge].to_vec();
-        let kept_records: Vec<RecordInfo> = self.records[merge..].to_vec();
+        let count = plan.merged.len();
+        let kept_records = &self.records[count..];
         let rest_start = kept_records
             .first()
             .map_or(self.len, |record| record.offset - LENGTH_PREFIX);
         let rest_len = self.len - rest_start;
-        self.replace_contents(|file| {
-            let io_error = |what: &str, source: io::Error| StoreError::Io {
-                context: format!("{what} {}", path.display()),
-                source,
-            };
-            // The merged change set goes after room for its length, read from
-            // the log as it is written, never whole in memory.
-            let mut out = io::BufWriter::with_capacity(COPY_BUFFER as usize, file);
-            out.write_all(&[0; LENGTH_PREFIX as usize])
-                .map_err(|source| io_error("write", source))?;
-            let reader = |record: &RecordInfo| {
-                io::BufReader::with_capacity(
-                    COPY_BUFFER as usize,
-                    FileRangeReader::new(&source, record.offset, record.len),
-                )
-            };
-            let header = match merged_records.split_first() {
-                Some((base, rest)) if base.header.is_snapshot() => ltx::compact_onto_snapshot(
-                    || Ok(reader(base)),
-                    rest.iter().map(reader),
-                    compress,
-                    &mut out,
-                ),
-                _ => ltx::compact(merged_records.iter().map(reader), compress, &mut out),
-            }
-            .map_err(|error| StoreError::Capture {
-                database: path.display().to_string(),
-                message: format!("compaction failed: {error}"),
-            })?;
-            out.flush().map_err(|source| io_error("write", source))?;
-            drop(out);
-            let merged_len = file
-                .metadata()
-                .map_err(|source| io_error("measure", source))?
-                .len()
-                - LENGTH_PREFIX;
-            file.write_all_at(&merged_len.to_be_bytes(), 0)
-                .map_err(|source| io_error("write", source))?;
-            // The kept records move to just after the merged one.
-            let merged_end = LENGTH_PREFIX + merged_len;
-            copy_range(&source, rest_start, rest_len, file, merged_end)
-                .map_err(|source| io_error("copy the newer records of", source))?;
-            let records = std::iter::once(RecordInfo {
-                offset: LENGTH_PREFIX,
-                len: merged_len,
-                header,
-            })
-            .chain(kept_records.iter().map(|record| RecordInfo {
-                offset: record.offset - rest_start + merged_end,
-                ..*record
-            }))
-            .collect();
-            Ok((merged_end + rest_len, records))
+        // The kept records move to just after the merged one.
+        let merged_end = LENGTH_PREFIX + merged_len;
+        copy_range(&self.file, rest_start, rest_len, &file, merged_end)
+            .and_then(|()| file.write_all_at(&merged_len.to_be_bytes(), 0))
+            .and_then(|()| file.sync_all())
+            .map_err(|source| io_error("finish", source))?;
+        std::fs::rename(&compacting_path, &self.path)
+            .map_err(|source| io_error("rename", source))?;
+        self.sync_directory()?;
+        let records = std::iter::once(RecordInfo {
+            offset: LENGTH_PREFIX,
+            len: merged_len,
+            header,
+        })
+        .chain(kept_records.iter().map(|record| RecordInfo {
+            offset: record.offset - rest_start + merged_end,
+            ..*record
+        }))
+        .collect();
+        let len = merged_end + rest_len;
+        self.take_replacement(file, len, records);
+        Ok(count - 1)
+    }
+}
+
+/// Where a compaction writes the new log before renaming it over the log.
+fn compacting_path(log_path: &Path) -> PathBuf {
+    log_path.with_extension("compacting")
+}
+
+/// The oldest change sets of a log, to merge into one
+/// ([`ChangeLog::plan_compaction`]).
+#[derive(Debug)]
+pub struct CompactionPlan {
+    path: PathBuf,
+    /// The log's file, read by position: its records do not change while
+    /// newer ones are appended.
+    source: File,
+    merged: Vec<RecordInfo>,
+}
+
+/// The merged change set, written beside the log after room for its length,
+/// not yet in the log ([`ChangeLog::finish_compaction`]).
+#[derive(Debug)]
+pub struct MergedChangeSets {
+    plan: CompactionPlan,
+    file: File,
+    merged_len: u64,
+    header: Header,
+}
+
+impl CompactionPlan {
+    /// Merges the planned change sets into a new file beside the log, reading
+    /// them from the log as it is written, never whole in memory (a base
+    /// snapshot is streamed, see [`ltx::compact_onto_snapshot`]). Needs no lock:
+    /// the planned records never change.
+    pub fn merge(self, compress: bool) -> Result<MergedChangeSets, StoreError> {
+        let compacting_path = compacting_path(&self.path);
+        let io_error = |what: &str, source: io::Error| StoreError::Io {
+            context: format!("{what} {}", compacting_path.display()),
+            source,
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&compacting_path)
+            .map_err(|source| io_error("create", source))?;
+        let mut out = io::BufWriter::with_capacity(COPY_BUFFER as usize, &file);
+        out.write_all(&[0; LENGTH_PREFIX as usize])
+            .map_err(|source| io_error("write", source))?;
+        let reader = |record: &RecordInfo| {
+            io::BufReader::with_capacity(
+                COPY_BUFFER as usize,
+                FileRangeReader::new(&self.source, record.offset, record.len),
+            )
+        };
+        let header = match self.merged.split_first() {
+            Some((base, rest)) if base.header.is_snapshot() => ltx::compact_onto_snapshot(
+                || Ok(reader(base)),
+                rest.iter().map(reader),
+                compress,
+                &mut out,
+            ),
+            _ => ltx::compact(self.merged.iter().map(reader), compress, &mut out),
+        }
+        .map_err(|error| StoreError::Capture {
+            database: self.path.display().to_string(),
+            message: format!("compaction failed: {error}"),
         })?;
-        Ok(merge - 1)
+        out.flush().map_err(|source| io_error("write", source))?;
+        drop(out);
+        // Synced here, so that finishing, under the database's lock, only syncs
+        // the newer change sets it copies.
+        file.sync_data()
+            .map_err(|source| io_error("fsync", source))?;
+        let merged_len = file
+            .metadata()
+            .map_err(|source| io_error("measure", source))?
+            .len()
+            - LENGTH_PREFIX;
+        Ok(MergedChangeSets {
+            plan: self,
+            file,
+            merged_len,
+            header,
+        })
     }
 }
 
@@ -886,6 +986,70 @@ mod tests {
         let (log, tail) = ChangeLog::open(&dir.path().join("log")).unwrap();
         assert_eq!(log.records().len(), 1);
         assert_eq!(tail.unwrap().header.max_txid, TxId(1));
+    }
+
+    /// Change sets stamped before 4000 ms are older than 2 s at 6000 ms.
+    const BEFORE_4000_MS: RetentionPolicy = RetentionPolicy {
+        max_age: std::time::Duration::from_secs(2),
+        max_bytes: None,
+    };
+
+    fn txid_ranges(log: &ChangeLog) -> Vec<(u64, u64)> {
+        log.records()
+            .iter()
+            .map(|r| (r.header.min_txid.0, r.header.max_txid.0))
+            .collect()
+    }
+
+    #[test]
+    fn change_sets_appended_while_a_compaction_merges_are_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = log_with(dir.path(), 4);
+        let merged = merge_before_4000_ms(&log);
+        // Commits go on while the merge runs without the database's lock.
+        for txid in 5..=6 {
+            let (header, bytes) = change_set(txid, txid * 1000);
+            log.append(header, LtxBytes::Memory(&bytes)).unwrap();
+        }
+        assert_eq!(log.finish_compaction(merged).unwrap(), 2);
+        assert_eq!(txid_ranges(&log), [(1, 3), (4, 4), (5, 5), (6, 6)]);
+        assert!(!dir.path().join("log.compacting").exists());
+        drop(log);
+        let (log, tail) = ChangeLog::open(&dir.path().join("log")).unwrap();
+        assert_eq!(txid_ranges(&log), [(1, 3), (4, 4), (5, 5), (6, 6)]);
+        assert_eq!(tail.unwrap().header.max_txid, TxId(6));
+    }
+
+    /// The first three change sets of `log` (older than 4000 ms) merged.
+    fn merge_before_4000_ms(log: &ChangeLog) -> MergedChangeSets {
+        let plan = log.plan_compaction(BEFORE_4000_MS, 6000).unwrap().unwrap();
+        plan.merge(false).unwrap()
+    }
+
+    #[test]
+    fn a_compaction_of_a_log_replaced_meanwhile_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = log_with(dir.path(), 4);
+        let merged = merge_before_4000_ms(&log);
+        // A replica got a snapshot meanwhile.
+        let (header, bytes) = change_set(1, 9000);
+        log.replace_with_snapshot(header, LtxBytes::Memory(&bytes))
+            .unwrap();
+        assert_eq!(log.finish_compaction(merged).unwrap(), 0);
+        assert_eq!(txid_ranges(&log), [(1, 1)]);
+        assert!(!dir.path().join("log.compacting").exists());
+    }
+
+    #[test]
+    fn opening_removes_a_compaction_a_crash_left_unfinished() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = log_with(dir.path(), 4);
+        let merged = merge_before_4000_ms(&log);
+        assert!(dir.path().join("log.compacting").exists());
+        drop((log, merged));
+        let (log, _) = ChangeLog::open(&dir.path().join("log")).unwrap();
+        assert_eq!(log.records().len(), 4);
+        assert!(!dir.path().join("log.compacting").exists());
     }
 
     #[test]
