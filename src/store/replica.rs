@@ -474,9 +474,15 @@ mod tests {
         let store = replica(dir.path());
         let mut history = History::new();
         let snapshot = history.commit(&[(1, 1), (2, 2), (3, 3), (4, 4), (5, 5)], 5);
-        store
-            .apply_change_set("app.db", in_file(&snapshot))
-            .unwrap();
+        // The snapshot in a spool the store made: the spool becomes the log.
+        let mut spool = store.change_set_spool().unwrap();
+        std::io::Write::write_all(&mut spool.file, &snapshot).unwrap();
+        let spooled = ChangeSetBytes::InFile {
+            file: spool.file,
+            offset: spool.start,
+            len: snapshot.len() as u64,
+        };
+        store.apply_change_set("app.db", spooled).unwrap();
         // Pages 2, 3 and 5: two runs of consecutive pages, and a longer database.
         let next = history.commit(&[(2, 6), (3, 7), (5, 8), (6, 9)], 6);
         let applied = store.apply_change_set("app.db", in_file(&next)).unwrap();
