@@ -134,6 +134,12 @@ pub const MAX_CHANGE_SET_IN_MEMORY: usize = 8 * CHUNK_SIZE;
 /// About how many bytes of change sets the primary reads from a log at once.
 pub const MAX_CATCH_UP_BYTES: u64 = 4 * 1024 * 1024;
 
+/// The most bytes of change sets a live stream reads from the log on its own
+/// task, when the capture lock is free: a commit's change set, just written and
+/// still in the page cache, takes microseconds to read, less than a trip to the
+/// blocking pool. More is read there.
+pub const MAX_INLINE_CATCH_UP_BYTES: u64 = 64 * 1024;
+
 /// How many messages the primary queues for one replica before it waits.
 pub const STREAM_BUFFER_MESSAGES: usize = 8;
 

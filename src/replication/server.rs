@@ -65,8 +65,9 @@ use super::proto::{
 };
 use super::wire;
 use super::{
-    CHUNK_SIZE, HEARTBEAT_INTERVAL, MAX_CATCH_UP_BYTES, MAX_MESSAGE_BYTES, NodeContext,
-    ReplicationError, STREAM_BUFFER_MESSAGES, blocking, status, status_from_error,
+    CHUNK_SIZE, HEARTBEAT_INTERVAL, MAX_CATCH_UP_BYTES, MAX_INLINE_CATCH_UP_BYTES,
+    MAX_MESSAGE_BYTES, NodeContext, ReplicationError, STREAM_BUFFER_MESSAGES, blocking, status,
+    status_from_error,
 };
 
 /// The buffer between the store's snapshot encoder and the spool file.
@@ -314,6 +315,30 @@ enum Next {
     },
 }
 
+impl Next {
+    /// What `catch_up` says database `name` needs, with each change set's CRC.
+    fn of(catch_up: CatchUp, name: &str) -> Next {
+        match catch_up {
+            CatchUp::ChangeSets(change_sets) => Next::ChangeSets(
+                change_sets
+                    .into_iter()
+                    .map(|ltx| {
+                        let crc = ChangeSetCrc::of(name, &ltx);
+                        (ltx, crc)
+                    })
+                    .collect(),
+            ),
+            CatchUp::Snapshot {
+                reason,
+                shared_txid,
+            } => Next::Snapshot {
+                reason,
+                shared_txid,
+            },
+        }
+    }
+}
+
 /// Why a producer stopped early.
 enum Stop {
     /// The replica went away (the response stream was dropped).
@@ -529,30 +554,22 @@ impl Producer {
         } else {
             self.histories.remove(name).unwrap_or_default()
         };
-        let answer = self
-            .beating(blocking(move || {
-                Ok(
-                    match database.catch_up(from, &history, MAX_CATCH_UP_BYTES)? {
-                        CatchUp::ChangeSets(change_sets) => Next::ChangeSets(
-                            change_sets
-                                .into_iter()
-                                .map(|ltx| {
-                                    let crc = ChangeSetCrc::of(&crc_name, &ltx);
-                                    (ltx, crc)
-                                })
-                                .collect(),
-                        ),
-                        CatchUp::Snapshot {
-                            reason,
-                            shared_txid,
-                        } => Next::Snapshot {
-                            reason,
-                            shared_txid,
-                        },
-                    },
-                )
-            }))
-            .await?;
+        // Following live, a commit's few bytes are read here; the rest, and
+        // anything that waits for the capture lock, on the blocking pool.
+        let live = history
+            .is_empty()
+            .then(|| database.try_catch_up_live(from, MAX_INLINE_CATCH_UP_BYTES))
+            .flatten();
+        let answer = match live {
+            Some(catch_up) => Next::of(catch_up.map_err(|error| Stop::Failed(error.into()))?, name),
+            None => {
+                self.beating(blocking(move || {
+                    let catch_up = database.catch_up(from, &history, MAX_CATCH_UP_BYTES)?;
+                    Ok(Next::of(catch_up, &crc_name))
+                }))
+                .await?
+            }
+        };
         match answer {
             Next::ChangeSets(change_sets) => {
                 let sent_any = !change_sets.is_empty();

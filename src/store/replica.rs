@@ -454,6 +454,81 @@ mod tests {
             .unwrap();
     }
 
+    #[test]
+    fn a_live_catch_up_is_answered_without_waiting_only_when_it_is_small() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = replica(dir.path());
+        let mut history = History::new();
+        let mut positions = Vec::new();
+        for fill in 1..=4 {
+            let change_set = history.commit(&[(1, fill), (2, fill)], 2);
+            store
+                .apply_change_set("app.db", ChangeSetBytes::InMemory(change_set))
+                .unwrap();
+            positions.push(history.position());
+        }
+        let database = store.database("app.db").unwrap();
+        let change_sets = |answer: Option<Result<CatchUp, StoreError>>| match answer {
+            Some(Ok(CatchUp::ChangeSets(change_sets))) => Some(change_sets.len()),
+            None => None,
+            other => panic!("unexpected answer {other:?}"),
+        };
+        // The change sets after the position, as logged.
+        let small = database.try_catch_up_live(positions[1], u64::MAX);
+        assert_eq!(change_sets(small), Some(2));
+        let logged =
+            crate::store::log::read_change_sets(&dir.path().join("dbs").join("app.db").join("log"))
+                .unwrap();
+        assert_eq!(
+            database
+                .try_catch_up_live(positions[1], u64::MAX)
+                .unwrap()
+                .unwrap(),
+            CatchUp::ChangeSets(logged[2..].to_vec())
+        );
+        assert_eq!(
+            change_sets(database.try_catch_up_live(positions[3], 0)),
+            Some(0)
+        );
+        // More than allowed, a position the log lacks, or the lock taken: the
+        // caller goes to the blocking path.
+        assert_eq!(
+            change_sets(database.try_catch_up_live(positions[1], 10)),
+            None
+        );
+        assert_eq!(
+            change_sets(database.try_catch_up_live(Position::UNKNOWN, u64::MAX)),
+            None
+        );
+        // Writing a snapshot holds the capture lock while its writer waits.
+        struct Waiting(std::sync::mpsc::Sender<()>, std::sync::mpsc::Receiver<()>);
+        impl std::io::Write for Waiting {
+            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+                let _ = self.0.send(());
+                let _ = self.1.recv();
+                Ok(bytes.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let (holding, held) = std::sync::mpsc::channel();
+        let (release, released) = std::sync::mpsc::channel();
+        std::thread::scope(|scope| {
+            let writer = scope.spawn(|| {
+                let mut waiting = Waiting(holding, released);
+                database.write_snapshot(&mut waiting).unwrap();
+            });
+            held.recv().unwrap();
+            assert_eq!(
+                change_sets(database.try_catch_up_live(positions[1], u64::MAX)),
+                None
+            );
+            drop(release);
+            writer.join().unwrap();
+        });
+    }
+
     /// `ltx` in a file, between other bytes, as a replica's spool or log holds it.
     fn in_file(ltx: &[u8]) -> ChangeSetBytes {
         use std::io::Write;

@@ -43,6 +43,43 @@ impl Database {
         max_bytes: u64,
     ) -> Result<CatchUp, StoreError> {
         let state = self.lock();
+        self.catch_up_locked(&state, from, replica_history, max_bytes)
+    }
+
+    /// [`Database::catch_up`] for a replica following live, when it is cheap:
+    /// the capture lock is free (it is not waited for) and the change sets after
+    /// `from` are in the log and take at most `max_bytes` in all (just written,
+    /// so read from the page cache). `None` otherwise, including when a snapshot
+    /// would be needed. Lets a stream skip a trip to a thread that may block.
+    pub fn try_catch_up_live(
+        &self,
+        from: Position,
+        max_bytes: u64,
+    ) -> Option<Result<CatchUp, StoreError>> {
+        let state = match self.state.try_lock() {
+            Ok(state) => state,
+            Err(std::sync::TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+        };
+        let records = state.log.records();
+        let after = records
+            .binary_search_by_key(&from.txid, |record| record.header.max_txid)
+            .ok()?
+            + 1;
+        let pending: u64 = records[after..].iter().map(|record| record.len).sum();
+        if pending > max_bytes {
+            return None;
+        }
+        Some(self.catch_up_locked(&state, from, &[], max_bytes))
+    }
+
+    fn catch_up_locked(
+        &self,
+        state: &MutexGuard<'_, CaptureState>,
+        from: Position,
+        replica_history: &[Position],
+        max_bytes: u64,
+    ) -> Result<CatchUp, StoreError> {
         let current = state.position;
         if from == current || current.txid.0 == 0 {
             return Ok(CatchUp::ChangeSets(Vec::new()));
@@ -50,7 +87,7 @@ impl Database {
         let snapshot = |reason: String| -> Result<CatchUp, StoreError> {
             Ok(CatchUp::Snapshot {
                 reason,
-                shared_txid: shared_point(&state, replica_history)?,
+                shared_txid: shared_point(state, replica_history)?,
             })
         };
         if from.txid.0 == 0 {
