@@ -142,13 +142,15 @@ const COPY_CHUNK: u64 = 64 << 20;
 /// The buffer of a copy the kernel cannot do.
 const COPY_BUFFER: u64 = 1 << 20;
 
-/// Reads the first `len` bytes of a file from its start, by position, so the
-/// file's own offset does not matter.
+/// Reads a range of a file by position, so the file's own offset does not
+/// matter.
 #[derive(Debug)]
 pub struct FileRangeReader<'a> {
     file: &'a File,
+    /// Where the next read starts.
     offset: u64,
-    len: u64,
+    /// Where the range ends.
+    end: u64,
     /// The first error reading the file, kept so that a caller can tell it from
     /// bad content once a decoder has turned it into its own error.
     read_error: Option<io::Error>,
@@ -160,7 +162,7 @@ impl<'a> FileRangeReader<'a> {
         FileRangeReader {
             file,
             offset,
-            len: offset + len,
+            end: offset + len,
             read_error: None,
         }
     }
@@ -173,7 +175,7 @@ impl<'a> FileRangeReader<'a> {
 
 impl io::Read for FileRangeReader<'_> {
     fn read(&mut self, buffer: &mut [u8]) -> io::Result<usize> {
-        let size = (self.len - self.offset).min(buffer.len() as u64) as usize;
+        let size = (self.end - self.offset).min(buffer.len() as u64) as usize;
         if size == 0 {
             return Ok(0);
         }

@@ -8,6 +8,9 @@
 //! - The change set is in the log before its pages reach the database file, so a
 //!   crash part-way through is repaired at start-up by applying it again (a change
 //!   set holds whole pages, so applying it twice gives the same content).
+//! - A change set in a file is never held in memory whole: it is decoded once to
+//!   check it and again to write its pages. A second decoding that differs stops
+//!   the writing and forgets the position, so the primary sends a snapshot.
 //! - Keeping readers out while pages are written is the caller's job (the store
 //!   holds SQLite's locks); this module only writes.
 
