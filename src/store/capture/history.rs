@@ -66,9 +66,12 @@ impl Database {
             .binary_search_by_key(&from.txid, |record| record.header.max_txid)
             .ok()?
             + 1;
-        let pending: u64 = records[after..].iter().map(|record| record.len).sum();
-        if pending > max_bytes {
-            return None;
+        let mut pending = 0u64;
+        for record in &records[after..] {
+            pending += record.len;
+            if pending > max_bytes {
+                return None;
+            }
         }
         Some(self.catch_up_locked(&state, from, &[], max_bytes))
     }
