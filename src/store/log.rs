@@ -666,11 +666,12 @@ impl ChangeLog {
         now_millis: u64,
     ) -> Result<Option<CompactionPlan>, StoreError> {
         let cutoff = now_millis.saturating_sub(policy.max_age.as_millis() as u64);
-        let mut merge = self
+        let too_old = self
             .records
             .iter()
             .take_while(|record| record.header.timestamp < cutoff)
             .count();
+        let mut too_large = 0;
         if let Some(max_bytes) = policy.max_bytes {
             let mut remaining = self.len;
             for (index, record) in self.records.iter().enumerate() {
@@ -678,10 +679,25 @@ impl ChangeLog {
                     break;
                 }
                 remaining -= LENGTH_PREFIX + record.len;
-                merge = merge.max(index + 1);
+                too_large = index + 1;
             }
         }
+        let merge = too_old.max(too_large);
         if merge < 2 {
+            return Ok(None);
+        }
+        // Merging into a base snapshot rewrites the whole database; unless the
+        // size bound asks for it, that waits until the old change sets are worth it.
+        if let Some((base, old)) = self.records[..merge].split_first()
+            && too_large < 2
+            && base.header.is_snapshot()
+            && old
+                .iter()
+                .map(|record| record.len)
+                .sum::<u64>()
+                .saturating_mul(BASE_REWRITE_RATIO)
+                < base.len
+        {
             return Ok(None);
         }
         let source = self.file.try_clone().map_err(|source| StoreError::Io {
@@ -745,6 +761,13 @@ impl ChangeLog {
         Ok(count - 1)
     }
 }
+
+/// Change sets older than the retention period are merged into the log's base
+/// snapshot only once they take at least 1/`BASE_REWRITE_RATIO` of its size (or
+/// the size bound requires it). Merging rewrites the whole base, so this bounds
+/// the rewriting to a few times the volume of changes, instead of the whole
+/// database at every pass; retention is how long change sets are kept at least.
+const BASE_REWRITE_RATIO: u64 = 4;
 
 /// Where a compaction writes the new log before renaming it over the log.
 fn compacting_path(log_path: &Path) -> PathBuf {
@@ -1001,6 +1024,67 @@ mod tests {
             .iter()
             .map(|r| (r.header.min_txid.0, r.header.max_txid.0))
             .collect()
+    }
+
+    /// A log whose base snapshot (TXID 1, stamped 1000 ms) holds `pages` pages,
+    /// then change sets 2..=`last` (stamped TXID × 1000 ms) that rewrite page 1.
+    fn log_with_large_base(dir: &Path, pages: u32, last: u64) -> ChangeLog {
+        let page = |pgno: u32, fill: u64| vec![(u64::from(pgno) + fill) as u8; PAGE_SIZE as usize];
+        let mut xor = (1..=pages).fold(0, |xor, pgno| xor ^ page_checksum(pgno, &page(pgno, 0)).0);
+        let (mut log, _) = ChangeLog::open(&dir.join("log")).unwrap();
+        let mut before = Checksum(0);
+        let mut page_one = page(1, 0);
+        for txid in 1..=last {
+            if txid > 1 {
+                let new = page(1, txid);
+                xor ^= page_checksum(1, &page_one).0 ^ page_checksum(1, &new).0;
+                page_one = new;
+            }
+            let header = Header {
+                page_size: PAGE_SIZE,
+                commit: pages,
+                min_txid: TxId(txid),
+                max_txid: TxId(txid),
+                timestamp: txid * 1000,
+                pre_apply_checksum: before,
+                ..Header::default()
+            };
+            let mut encoder = Encoder::new(Vec::new(), header).unwrap();
+            if txid == 1 {
+                for pgno in 1..=pages {
+                    encoder.encode_page(pgno, &page(pgno, 0)).unwrap();
+                }
+            } else {
+                encoder.encode_page(1, &page_one).unwrap();
+            }
+            before = Checksum(xor | Checksum::FLAG);
+            encoder.finish(before).unwrap();
+            log.append(header, LtxBytes::Memory(&encoder.into_inner()))
+                .unwrap();
+        }
+        log
+    }
+
+    #[test]
+    fn old_change_sets_wait_to_be_merged_into_a_large_base_until_they_are_worth_it() {
+        let dir = tempfile::tempdir().unwrap();
+        // A base of 64 pages and two old change sets of one page each.
+        let mut log = log_with_large_base(dir.path(), 64, 5);
+        assert_eq!(log.enforce(BEFORE_4000_MS, 6000, false).unwrap(), 0);
+        assert_eq!(log.records().len(), 5, "the base is not rewritten yet");
+        // The size bound still merges at once.
+        let small = RetentionPolicy {
+            max_age: BEFORE_4000_MS.max_age,
+            max_bytes: Some(100),
+        };
+        assert!(log.enforce(small, 6000, false).unwrap() > 0);
+        assert_eq!(txid_ranges(&log)[0].0, 1);
+
+        // With a small base, the same old change sets are merged by age.
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = log_with_large_base(dir.path(), 2, 5);
+        assert_eq!(log.enforce(BEFORE_4000_MS, 6000, false).unwrap(), 2);
+        assert_eq!(txid_ranges(&log), [(1, 3), (4, 4), (5, 5)]);
     }
 
     #[test]
