@@ -30,8 +30,8 @@ const PREALLOCATION: u64 = 4 << 20;
 /// largest size SQLite allows with 64 KiB pages would not be held in memory anyway.
 const MAX_RECORD_SIZE: u64 = 1 << 34;
 
-/// The LTX bytes of one change set to put in the log: in memory, or the first
-/// `len` bytes of a file (a change set a replica spooled while it arrived).
+/// The LTX bytes of one change set to put in the log: in memory, or a range of
+/// a file (a change set a replica spooled while it arrived).
 #[derive(Debug, Clone, Copy)]
 pub enum LtxBytes<'a> {
     /// Bytes in memory.
@@ -414,9 +414,9 @@ impl ChangeLog {
 
     /// Replaces the whole log with one snapshot change set (a replica bootstrapped
     /// by the primary's snapshot keeps no older history). `header` is the one
-    /// `ltx_bytes` starts with, which the caller has decoded and verified.
-    /// A snapshot in a file that holds nothing else but room for the record's
-    /// length before it becomes the log itself, without a copy.
+    /// `ltx` starts with, which the caller has decoded and verified. When `ltx`
+    /// is a file holding only room for the record's length and then the
+    /// snapshot, that file becomes the log itself, without a copy.
     pub fn replace_with_snapshot(
         &mut self,
         header: Header,
