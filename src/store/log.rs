@@ -598,11 +598,15 @@ impl ChangeLog {
     /// The LTX bytes of one record, left in the log's file (a record can be as
     /// large as the database).
     pub fn record_in_file(&self, record: &RecordInfo) -> Result<(File, u64, u64), StoreError> {
-        let file = self.file.try_clone().map_err(|source| StoreError::Io {
+        Ok((self.reopened()?, record.offset, record.len))
+    }
+
+    /// Another handle on the log's file.
+    fn reopened(&self) -> Result<File, StoreError> {
+        self.file.try_clone().map_err(|source| StoreError::Io {
             context: format!("reopen {}", self.path.display()),
             source,
-        })?;
-        Ok((file, record.offset, record.len))
+        })
     }
 
     /// The LTX bytes of one record.
@@ -700,13 +704,9 @@ impl ChangeLog {
         {
             return Ok(None);
         }
-        let source = self.file.try_clone().map_err(|source| StoreError::Io {
-            context: format!("reopen {}", self.path.display()),
-            source,
-        })?;
         Ok(Some(CompactionPlan {
             path: self.path.clone(),
-            source,
+            source: self.reopened()?,
             merged: self.records[..merge].to_vec(),
         }))
     }

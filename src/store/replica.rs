@@ -128,11 +128,11 @@ impl Store {
         // The names this change set makes exist or vanish: the kernel caches
         // lookups, failed ones too, so it is told to forget them afterwards.
         let mut changed_entries = Vec::new();
-        let database_node = match self.lookup(name) {
-            Some(node) => node,
+        let (database_node, database_created) = match self.lookup(name) {
+            Some(node) => (node, false),
             None => {
                 changed_entries.push(name.to_string());
-                self.create(name)?
+                (self.create(name)?, true)
             }
         };
         let database = database_node.database().clone();
@@ -200,7 +200,7 @@ impl Store {
             self.remove_applied_file(&database_node)?;
         }
         // The `-pos` file exists while the database file does.
-        if applied.commit == 0 || changed_entries.first().is_some_and(|first| first == name) {
+        if applied.commit == 0 || database_created {
             changed_entries.push(format!("{name}{POSITION_SUFFIX}"));
         }
         if let Some(cache) = self.kernel_cache() {
