@@ -39,6 +39,7 @@ mod mount;
 mod proxy;
 mod replication;
 mod report;
+mod round_trip;
 mod workload;
 
 use std::path::{Path, PathBuf};
@@ -57,6 +58,7 @@ pub use replication::{
     SnapshotResult, ThroughputResult, run as run_replication,
 };
 pub use report::{BenchReport, RestartResult, TargetResult, WorkloadResult};
+pub use round_trip::RoundTrip;
 pub use workload::Workload;
 
 use mount::MountGuard;
@@ -209,6 +211,8 @@ pub fn run(options: &BenchOptions) -> Result<BenchReport, BenchError> {
     ];
 
     let measured = measure(&targets, &plan)?;
+    let round_trip =
+        round_trip::measure(workspace.path(), &targets[0].dir, capturing.mount_point())?;
 
     let mut warnings = Vec::new();
     if let Err(error) = plain.stop() {
@@ -240,6 +244,7 @@ pub fn run(options: &BenchOptions) -> Result<BenchReport, BenchError> {
         read_db_bytes: measured.read_db.bytes,
         read_db_rows: measured.read_db.rows,
         results: measured.results,
+        round_trip,
         restart,
         warnings,
     })

@@ -71,6 +71,30 @@ impl Workload {
         }
     }
 
+    /// How many FUSE requests one operation makes at least (a SELECT, for the read
+    /// workloads), counted with `strace -f` on the bundled SQLite doing the same
+    /// thing in a plain directory. Lookups and attribute reads the kernel may
+    /// answer from its cache, and reads of pages it holds, are not counted.
+    pub fn fuse_requests(self) -> f64 {
+        match self {
+            // Six `fcntl` lock calls on the `-shm` file (take and release a read
+            // mark exclusively to advance it, take it shared, take and release the
+            // writer lock, release the read mark) and two writes: SQLite writes a
+            // WAL frame's header and its page separately.
+            Workload::InsertWalNormal => 8.0,
+            // The same and the WAL's `fsync`.
+            Workload::InsertWalFull => 9.0,
+            // Nine lock calls on the database, ten writes, four `fsync`s (the
+            // journal twice, the directory, the database), creating the journal
+            // and opening the directory, closing the journal (its flush),
+            // `fchown` and `unlink` of the journal.
+            Workload::InsertDeleteFull => 28.0,
+            // Taking and releasing a read mark.
+            Workload::SelectPerTransaction => 2.0,
+            Workload::SelectBatched => 2.0 / SELECTS_PER_TRANSACTION as f64,
+        }
+    }
+
     /// The journal mode and `synchronous` setting of an insert workload.
     fn insert_settings(self) -> Option<(&'static str, &'static str)> {
         match self {
