@@ -452,3 +452,38 @@ fn dump_lists_header_pages_and_trailer() {
     assert!(text.contains("pgno 1"), "{text}");
     assert!(!text.contains("trailer"), "{text}");
 }
+
+/// ltxfs writes LZ4 frames without LZ4's content checksum (the file checksum
+/// covers the same bytes), but logs written before that, and other writers, have
+/// frames with block and content checksums: those must still decode.
+#[test]
+fn compressed_frames_with_and_without_lz4_checksums_decode() {
+    const FRAME_DESCRIPTOR_FLAGS: usize = HEADER_SIZE + 4;
+    const CONTENT_CHECKSUM_FLAG: u8 = 0x04;
+    let header = incremental_header(512, 3, FLAG_COMPRESS_LZ4);
+    let pages = vec![(1, page(512, 7)), (3, page(512, 9))];
+    let ours = encode(header, &pages, Checksum::EMPTY_DATABASE);
+    assert_eq!(
+        ours[FRAME_DESCRIPTOR_FLAGS] & CONTENT_CHECKSUM_FLAG,
+        0,
+        "ltxfs's frame has a content checksum"
+    );
+    let expected = decode(&ours).unwrap();
+
+    let frame = &ours[HEADER_SIZE..ours.len() - TRAILER_SIZE];
+    let mut block = Vec::new();
+    std::io::Read::read_to_end(&mut lz4_flex::frame::FrameDecoder::new(frame), &mut block).unwrap();
+    let info = lz4_flex::frame::FrameInfo::new()
+        .content_checksum(true)
+        .block_checksums(true);
+    let mut z = lz4_flex::frame::FrameEncoder::with_frame_info(info, Vec::new());
+    std::io::Write::write_all(&mut z, &block).unwrap();
+    let mut checksummed = ours[..HEADER_SIZE].to_vec();
+    checksummed.extend_from_slice(&z.finish().unwrap());
+    checksummed.extend_from_slice(&ours[ours.len() - TRAILER_SIZE..]);
+    assert_ne!(
+        checksummed[FRAME_DESCRIPTOR_FLAGS] & CONTENT_CHECKSUM_FLAG,
+        0
+    );
+    assert_eq!(decode(&checksummed).unwrap(), expected);
+}
