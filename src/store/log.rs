@@ -26,6 +26,13 @@ const LENGTH_PREFIX: u64 = 8;
 /// blocks that already exist and syncing it flushes data without a metadata commit.
 /// A length prefix of zero marks the end of the records.
 const PREALLOCATION: u64 = 4 << 20;
+/// The log is zero-filled in writes of this size. The kernel sizes the page
+/// cache's folios after the writes that create them, and every later write into a
+/// folio does work for all of it: after one 4 MiB write of zeros, each append of
+/// a small change set cost about 5 µs on ext4 here, against about 1 µs after
+/// writes of 16 or 64 KiB (and the 4 MiB write itself took 15 ms, against 1.3 ms
+/// in 64 KiB pieces).
+const ZERO_FILL_PIECE: usize = 64 << 10;
 /// The largest record accepted when reading: a change set of a database at the
 /// largest size SQLite allows with 64 KiB pages would not be held in memory anyway.
 const MAX_RECORD_SIZE: u64 = 1 << 34;
@@ -369,13 +376,18 @@ impl ChangeLog {
             return Ok(());
         }
         let new_allocated = end.div_ceil(PREALLOCATION) * PREALLOCATION;
-        let zeros = vec![0u8; (new_allocated - self.allocated) as usize];
-        self.file
-            .write_all_at(&zeros, self.allocated)
-            .map_err(|source| StoreError::Io {
-                context: format!("extend {}", self.path.display()),
-                source,
-            })?;
+        let zeros = [0u8; ZERO_FILL_PIECE];
+        let mut offset = self.allocated;
+        while offset < new_allocated {
+            let piece = (new_allocated - offset).min(ZERO_FILL_PIECE as u64) as usize;
+            self.file
+                .write_all_at(&zeros[..piece], offset)
+                .map_err(|source| StoreError::Io {
+                    context: format!("extend {}", self.path.display()),
+                    source,
+                })?;
+            offset += piece as u64;
+        }
         self.allocated = new_allocated;
         Ok(())
     }
@@ -930,6 +942,11 @@ mod tests {
         assert_eq!(
             file_len, PREALLOCATION,
             "the log grows in zero-filled chunks"
+        );
+        let content = std::fs::read(dir.path().join("log")).unwrap();
+        assert!(
+            content[len as usize..].iter().all(|&byte| byte == 0),
+            "the chunk is zero-filled to its end"
         );
         let (log, tail) = ChangeLog::open(&dir.path().join("log")).unwrap();
         assert_eq!(log.len(), len);
