@@ -70,8 +70,9 @@ use super::{
     status_from_error,
 };
 
-/// The buffer between the store's snapshot encoder and the spool file.
-const SPOOL_BUFFER_BYTES: usize = 256 * 1024;
+/// The buffer between the store's snapshot encoder and the spool file: one
+/// write's worth (see [`crate::store::WRITE_PIECE_BYTES`]).
+const SPOOL_BUFFER_BYTES: usize = crate::store::WRITE_PIECE_BYTES;
 
 /// How long a stream that sent its `Handoff` waits for the replica to leave it.
 const HANDOFF_LEAVE_TIMEOUT: Duration = Duration::from_secs(2);

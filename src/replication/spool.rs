@@ -122,13 +122,17 @@ impl IncomingSpool {
     }
 }
 
-/// Appends `bytes` to the spool file.
+/// Appends `bytes` to the spool file, at most
+/// [`WRITE_PIECE_BYTES`](crate::store::WRITE_PIECE_BYTES) per system call.
 fn write_to(spool: &mut ChangeSetSpool, bytes: &[u8]) -> Result<(), ReplicationError> {
-    spool
-        .file
-        .write_all(bytes)
-        .map_err(|source| ReplicationError::Io {
-            context: "write an incoming change set to its spool file".to_string(),
-            source,
-        })
+    for piece in bytes.chunks(crate::store::WRITE_PIECE_BYTES) {
+        spool
+            .file
+            .write_all(piece)
+            .map_err(|source| ReplicationError::Io {
+                context: "write an incoming change set to its spool file".to_string(),
+                source,
+            })?;
+    }
+    Ok(())
 }

@@ -19,22 +19,16 @@ use std::path::{Path, PathBuf};
 
 use crate::ltx::{self, Header, Trailer};
 
-use super::StoreError;
+use super::{StoreError, WRITE_PIECE_BYTES, write_all_at_in_pieces};
 
 const LENGTH_PREFIX: u64 = 8;
 /// The log grows in zero-filled chunks of this size, so that appending overwrites
 /// blocks that already exist and syncing it flushes data without a metadata commit.
 /// A length prefix of zero marks the end of the records.
 const PREALLOCATION: u64 = 4 << 20;
-/// The log is zero-filled in writes of this size. The kernel sizes the page
-/// cache's folios after the writes that create them, and every later write into a
-/// folio does work for all of it: after one 4 MiB write of zeros, each append of
-/// a small change set cost about 5 µs on ext4 here, against about 1 µs after
-/// writes of 16 or 64 KiB (and the 4 MiB write itself took 15 ms, against 1.3 ms
-/// in 64 KiB pieces).
-const ZERO_FILL_PIECE: usize = 64 << 10;
-/// The zeros of one piece.
-static ZEROS: [u8; ZERO_FILL_PIECE] = [0; ZERO_FILL_PIECE];
+/// The zeros the log is extended with, one write at a time (see
+/// [`WRITE_PIECE_BYTES`]).
+static ZEROS: [u8; WRITE_PIECE_BYTES] = [0; WRITE_PIECE_BYTES];
 /// The largest record accepted when reading: a change set of a database at the
 /// largest size SQLite allows with 64 KiB pages would not be held in memory anyway.
 const MAX_RECORD_SIZE: u64 = 1 << 34;
@@ -69,7 +63,7 @@ impl LtxBytes<'_> {
     /// (`copy_file_range`) when it can.
     fn write_at(&self, to: &File, at: u64) -> io::Result<()> {
         match *self {
-            LtxBytes::Memory(bytes) => to.write_all_at(bytes, at),
+            LtxBytes::Memory(bytes) => write_all_at_in_pieces(to, bytes, at),
             LtxBytes::File { file, offset, len } => copy_range(file, offset, len, to, at),
         }
     }
@@ -351,7 +345,7 @@ impl ChangeLog {
                 let mut record = Vec::with_capacity(record_len as usize);
                 record.extend_from_slice(&ltx_len.to_be_bytes());
                 record.extend_from_slice(bytes);
-                self.file.write_all_at(&record, self.len)
+                write_all_at_in_pieces(&self.file, &record, self.len)
             }
             LtxBytes::File { .. } => self
                 .file
@@ -380,7 +374,7 @@ impl ChangeLog {
         let new_allocated = end.div_ceil(PREALLOCATION) * PREALLOCATION;
         let mut offset = self.allocated;
         while offset < new_allocated {
-            let piece = (new_allocated - offset).min(ZERO_FILL_PIECE as u64) as usize;
+            let piece = (new_allocated - offset).min(WRITE_PIECE_BYTES as u64) as usize;
             self.file
                 .write_all_at(&ZEROS[..piece], offset)
                 .map_err(|source| StoreError::Io {

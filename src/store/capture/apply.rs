@@ -21,13 +21,11 @@ use std::os::unix::fs::FileExt;
 use crate::ltx::{self, Checksum, Decoder, Header, Trailer};
 
 use super::{CaptureState, Database, Position};
-use crate::store::StoreError;
 use crate::store::log::{FileRangeReader, LtxBytes};
+use crate::store::{StoreError, WRITE_PIECE_BYTES};
 
 /// The read buffer for decoding a change set kept in a file.
 const FILE_READ_BUFFER: usize = 1 << 20;
-/// The most bytes of consecutive pages written to the database file at once.
-const WRITE_RUN_BYTES: usize = 1 << 20;
 
 /// The LTX bytes of a change set from the primary: in memory, or, for one too
 /// large to hold there (a snapshot of a large database), in a file.
@@ -565,7 +563,8 @@ fn write_pages(
         .map_err(io_error)
 }
 
-/// Collects consecutive pages and writes each run with one `pwrite`.
+/// Collects consecutive pages and writes each run of up to [`WRITE_PIECE_BYTES`]
+/// with one `pwrite`.
 struct PageRunWriter<'a> {
     file: &'a File,
     page_size: u64,
@@ -587,7 +586,7 @@ impl<'a> PageRunWriter<'a> {
     fn write(&mut self, pgno: u32, page: &[u8]) -> std::io::Result<()> {
         let run_pages = (self.run.len() as u64 / self.page_size) as u32;
         let follows = !self.run.is_empty() && self.first + run_pages == pgno;
-        if !follows || self.run.len() + page.len() > WRITE_RUN_BYTES {
+        if !follows || self.run.len() + page.len() > WRITE_PIECE_BYTES {
             self.flush()?;
             self.first = pgno;
         }
