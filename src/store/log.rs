@@ -134,7 +134,7 @@ fn copy_range_through_memory(
     while copied < len {
         let size = (len - copied).min(buffer.len() as u64) as usize;
         from.read_exact_at(&mut buffer[..size], offset + copied)?;
-        to.write_all_at(&buffer[..size], at + copied)?;
+        write_all_at_in_pieces(to, &buffer[..size], at + copied)?;
         copied += size as u64;
     }
     Ok(())
