@@ -81,10 +81,15 @@ impl RoundTrip {
 /// and on a null FUSE filesystem mounted at `<base>/mnt-null`, taking turns.
 pub fn measure(base: &Path, native_dir: &Path, mount_dir: &Path) -> Result<RoundTrip, BenchError> {
     let null = NullMount::start(&base.join("mnt-null"))?;
+    let paths = [
+        native_dir.join("round-trip"),
+        mount_dir.join("round-trip.db"),
+        null.mount_point.join(NULL_FILE_NAME),
+    ];
     let files = [
-        open_lock_file(&native_dir.join("round-trip"))?,
-        open_lock_file(&mount_dir.join("round-trip.db"))?,
-        open_lock_file(&null.mount_point.join(NULL_FILE_NAME))?,
+        open_lock_file(&paths[0])?,
+        open_lock_file(&paths[1])?,
+        open_lock_file(&paths[2])?,
     ];
     let mut samples: [Vec<Duration>; 3] = Default::default();
     for sample in 0..SAMPLES {
@@ -95,7 +100,7 @@ pub fn measure(base: &Path, native_dir: &Path, mount_dir: &Path) -> Result<Round
             } else {
                 files.len() - 1 - index
             };
-            samples[index].push(time_lock_calls(&files[index])?);
+            samples[index].push(time_lock_calls(&files[index], &paths[index])?);
         }
     }
     let [native, mount, null_fuse] = samples.map(median);
@@ -122,16 +127,16 @@ fn open_lock_file(path: &Path) -> Result<File, BenchError> {
 
 /// Takes and releases a write lock on one byte [`CALLS_PER_SAMPLE`] / 2 times and
 /// returns the time per call.
-fn time_lock_calls(file: &File) -> Result<Duration, BenchError> {
+fn time_lock_calls(file: &File, path: &Path) -> Result<Duration, BenchError> {
     let started = Instant::now();
     for _ in 0..CALLS_PER_SAMPLE / 2 {
-        set_lock(file, libc::F_WRLCK)?;
-        set_lock(file, libc::F_UNLCK)?;
+        set_lock(file, path, libc::F_WRLCK)?;
+        set_lock(file, path, libc::F_UNLCK)?;
     }
     Ok(started.elapsed() / CALLS_PER_SAMPLE)
 }
 
-fn set_lock(file: &File, kind: libc::c_int) -> Result<(), BenchError> {
+fn set_lock(file: &File, path: &Path, kind: libc::c_int) -> Result<(), BenchError> {
     // SAFETY: an all-zero `flock` is a valid value of the plain C struct.
     let mut lock: libc::flock = unsafe { std::mem::zeroed() };
     lock.l_type = kind as libc::c_short;
@@ -142,7 +147,7 @@ fn set_lock(file: &File, kind: libc::c_int) -> Result<(), BenchError> {
     if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETLK, &lock) } == -1 {
         return Err(BenchError::Io {
             action: "lock a byte of",
-            path: PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd())),
+            path: path.to_path_buf(),
             cause: std::io::Error::last_os_error(),
         });
     }
@@ -187,7 +192,11 @@ impl Drop for NullMount {
         if let Some(session) = self.session.take()
             && let Err(error) = session.umount_and_join()
         {
-            tracing::warn!(%error, mount_point = %self.mount_point.display(), "could not unmount the null FUSE filesystem");
+            // As ltxfs's own mount does: detach it, so none is left behind.
+            tracing::warn!(%error, mount_point = %self.mount_point.display(), "could not unmount the null FUSE filesystem; detaching it");
+            if let Err(error) = crate::fuse::detach(&self.mount_point) {
+                tracing::error!(%error, mount_point = %self.mount_point.display(), "could not detach the null FUSE filesystem");
+            }
         }
     }
 }
