@@ -68,6 +68,9 @@ pub struct NodeSettings {
     pub control: mpsc::Receiver<ControlRequest>,
     /// The proxy's writes in the application, which a handoff waits for.
     pub writes: Arc<WriteGate>,
+    /// Where the replication client runs: a runtime that runs nothing else, since
+    /// the client applies small change sets on its own thread.
+    pub replica_runtime: tokio::runtime::Handle,
 }
 
 /// Why the role loop stopped the node.
@@ -222,6 +225,7 @@ struct Node {
     handoffs: Arc<Handoffs>,
     control: mpsc::Receiver<ControlRequest>,
     writes: Arc<WriteGate>,
+    replica_runtime: tokio::runtime::Handle,
     following: Option<Following>,
     /// The lease state index of the last watch.
     index: Option<u64>,
@@ -251,6 +255,7 @@ impl Node {
             handoffs,
             control,
             writes,
+            replica_runtime,
         } = settings;
         let node = Node {
             store,
@@ -261,6 +266,7 @@ impl Node {
             handoffs,
             control,
             writes,
+            replica_runtime,
             following: None,
             index: None,
             primary: None,
@@ -641,7 +647,7 @@ impl Node {
         let stop = CancellationToken::new();
         let (state, state_receiver) = watch::channel(FollowerState::default());
         let last_heard = Arc::new(LastHeard::default());
-        let task = tokio::spawn(replication::follow(
+        let task = self.replica_runtime.spawn(replication::follow(
             FollowSettings {
                 store: self.store.clone(),
                 primary_url: url.to_string(),
@@ -868,6 +874,7 @@ mod tests {
             handoffs: Arc::new(handoffs),
             control,
             writes: Arc::new(WriteGate::new()),
+            replica_runtime: tokio::runtime::Handle::current(),
         }
     }
 

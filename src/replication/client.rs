@@ -40,9 +40,11 @@
 //! In every connected state heartbeats update the lag, and a heartbeat's positions
 //! must equal this replica's own (everything sent before it has been applied);
 //! chunks of one change set are collected until the last, then the whole change set
-//! is checked against the CRC on its last chunk and applied on the blocking pool
-//! (the store keeps readers out while it writes, not while bytes travel the
-//! network). A change set that fails its CRC, or that the store rejects (it does
+//! is checked against the CRC on its last chunk and applied: on the client's own
+//! thread when it is small and no reader holds a lock the apply takes (the follow
+//! loop has a runtime of its own, so a live change set goes from the socket to the
+//! database without changing threads), otherwise on the blocking pool (the store keeps readers out while it writes,
+//! not while bytes travel the network). A change set that fails its CRC, or that the store rejects (it does
 //! not follow this replica's position, or does not verify), is never applied: the
 //! client logs why and reconnects, and the primary sends what this replica's
 //! position needs (a snapshot when it cannot follow it). A stream that breaks off
@@ -62,7 +64,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::ltx::{Header, TxId};
-use crate::store::{AppliedChangeSet, Position, Store, StoreError};
+use crate::store::{AppliedChangeSet, ChangeSetBytes, Position, Store, StoreError};
 
 use super::chunk::{ChangeSet, Pushed, Reassembler};
 use super::handoff::{FollowerState, HandoffSeen, LastHeard};
@@ -380,8 +382,14 @@ impl Replica {
                 Step::Apply(change_set) => {
                     let database = change_set.database.as_str().to_string();
                     let change_set = self.spool.complete(change_set).await?;
-                    let (header, position) =
-                        apply(&self.store, "the primary", &self.url, change_set).await?;
+                    let (header, position) = apply(
+                        &self.store,
+                        "the primary",
+                        &self.url,
+                        change_set,
+                        ApplyOn::ClientThread,
+                    )
+                    .await?;
                     if let Some(acknowledger) = &acknowledger {
                         acknowledger.applied(&database, position);
                     }
@@ -466,7 +474,7 @@ pub(super) async fn catch_up_from(
             Step::Spill(bytes) => spool.append(bytes).await?,
             Step::Apply(change_set) => {
                 let change_set = spool.complete(change_set).await?;
-                apply(store, &source, url, change_set).await?;
+                apply(store, &source, url, change_set, ApplyOn::BlockingPool).await?;
             }
             Step::CaughtUp => return Ok(()),
             Step::Peers(_) | Step::HandedOff { .. } => {
@@ -623,18 +631,45 @@ async fn next_message(
     wire::parse_primary_message(message)
 }
 
+/// The largest change set the follow loop applies on its own thread; larger ones
+/// (a snapshot, a long catch-up) go to the blocking pool, so the stream's
+/// connection keeps being served while they are written.
+const MAX_INLINE_APPLY_BYTES: usize = 256 * 1024;
+
+/// Where [`apply`] runs the store's work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ApplyOn {
+    /// On the calling task's thread, when the change set is small and no reader
+    /// holds a lock the apply takes. Only for the
+    /// follow loop, whose runtime ([`crate::node::NodeSettings::replica_runtime`])
+    /// runs nothing else: a change set then goes from the socket to the database
+    /// on one thread, without a hand-off to the blocking pool and back.
+    ClientThread,
+    /// Always on the blocking pool (a catch-up from a peer runs on the shared
+    /// runtime, whose workers must not block).
+    BlockingPool,
+}
+
 /// Verifies and applies one whole change set from `source` (such as "the
-/// primary"), at `url`, on the blocking pool; returns its header and the
-/// database's position after it.
+/// primary"), at `url`, where `on` says; returns its header and the database's
+/// position after it.
 async fn apply(
     store: &Arc<Store>,
     source: &str,
     url: &str,
     change_set: ArrivedChangeSet,
+    on: ApplyOn,
 ) -> Result<(Header, Position), ReplicationError> {
     let database = change_set.database.as_str().to_string();
-    let applying = store.clone();
-    let applied = blocking(move || verify_and_apply(&applying, change_set)).await;
+    let small = matches!(&change_set.bytes, ChangeSetBytes::InMemory(bytes) if bytes.len() <= MAX_INLINE_APPLY_BYTES);
+    // An apply that would wait for a reader's transaction goes to the blocking
+    // pool too: the stream's connection must keep answering while it waits.
+    let applied = if on == ApplyOn::ClientThread && small && !store.apply_would_wait(&database) {
+        verify_and_apply(store, change_set)
+    } else {
+        let applying = store.clone();
+        blocking(move || verify_and_apply(&applying, change_set)).await
+    };
     match applied {
         Ok(Applied {
             header,

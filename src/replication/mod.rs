@@ -140,6 +140,17 @@ pub const MAX_CATCH_UP_BYTES: u64 = 4 * 1024 * 1024;
 /// blocking pool. More is read there.
 pub const MAX_INLINE_CATCH_UP_BYTES: u64 = 64 * 1024;
 
+/// How long a live stream waits after its last send before it sends the commits
+/// that came since. Commits that follow each other closely then reach a replica
+/// together, so the primary's stream and the replica wake once for all of them
+/// rather than once each, which on two shared cores was most of what replicas
+/// cost the primary (`docs/benchmarks.md`). A commit that comes later than this
+/// after the last send goes out at once; one that comes sooner waits at most
+/// this long, plus up to 1 ms (tokio's timers tick once per millisecond). Streams
+/// of a synchronous primary never wait: each held commit waits for its own
+/// acknowledgement.
+pub const LIVE_BATCH_INTERVAL: Duration = Duration::from_millis(1);
+
 /// How many messages the primary queues for one replica before it waits.
 pub const STREAM_BUFFER_MESSAGES: usize = 8;
 

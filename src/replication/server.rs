@@ -13,7 +13,9 @@
 //!    heartbeat timer, whatever any database needs from the position last sent on
 //!    this stream (a database that appears later starts from no position, so it
 //!    gets a snapshot), and a `Heartbeat` whenever the stream has been silent for
-//!    [`HEARTBEAT_INTERVAL`];
+//!    [`HEARTBEAT_INTERVAL`]; a commit within [`LIVE_BATCH_INTERVAL`] of the last
+//!    send waits for the rest of that interval, so close commits go out together
+//!    (never with synchronous replication);
 //! 5. when the primary hands its role over (see `handoff`), what the replica
 //!    lacks up to the final positions, then `Handoff`, and the stream ends.
 //!
@@ -65,9 +67,9 @@ use super::proto::{
 };
 use super::wire;
 use super::{
-    CHUNK_SIZE, HEARTBEAT_INTERVAL, MAX_CATCH_UP_BYTES, MAX_INLINE_CATCH_UP_BYTES,
-    MAX_MESSAGE_BYTES, NodeContext, ReplicationError, STREAM_BUFFER_MESSAGES, blocking, status,
-    status_from_error,
+    CHUNK_SIZE, HEARTBEAT_INTERVAL, LIVE_BATCH_INTERVAL, MAX_CATCH_UP_BYTES,
+    MAX_INLINE_CATCH_UP_BYTES, MAX_MESSAGE_BYTES, NodeContext, ReplicationError,
+    STREAM_BUFFER_MESSAGES, blocking, status, status_from_error,
 };
 
 /// The buffer between the store's snapshot encoder and the spool file: one
@@ -466,7 +468,13 @@ impl Producer {
             }
             let heartbeat_due = self.heartbeat_due();
             tokio::select! {
-                () = commits.changed() => {}
+                () = commits.changed() => {
+                    // Commits close to the last send wait to go out together;
+                    // a held synchronous commit never waits.
+                    if !self.node.synchronous {
+                        tokio::time::sleep_until(self.last_sent + LIVE_BATCH_INTERVAL).await;
+                    }
+                }
                 _ = self.handoff.changed() => {}
                 _ = peers.changed() => {}
                 () = tokio::time::sleep_until(heartbeat_due) => self.heartbeat().await?,

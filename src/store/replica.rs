@@ -105,6 +105,27 @@ impl Store {
         Ok(ChangeSetSpool { file, start })
     }
 
+    /// Whether an apply to database `name` would now have to wait for a reader
+    /// (or a local writer) to finish: someone holds a lock the apply takes. The
+    /// answer can be stale at once, so it only chooses where to apply (a caller
+    /// that must not wait long applies elsewhere when it is true).
+    pub fn apply_would_wait(&self, name: &str) -> bool {
+        let held_by_others = |node: Option<Arc<Node>>, range: ByteRange| {
+            node.is_some_and(|node| {
+                node.locks()
+                    .conflicting(&LockRequest {
+                        owner: LTXFS_LOCK_OWNER,
+                        pid: 0,
+                        range,
+                        kind: LockKind::Write,
+                    })
+                    .is_some()
+            })
+        };
+        held_by_others(self.lookup(&format!("{name}-shm")), WAL_INDEX_LOCKS)
+            || held_by_others(self.lookup(name), DATABASE_LOCKS)
+    }
+
     /// Applies one change set from the primary to database `name`, creating the
     /// database when it is new. Blocks while readers finish their transactions, so
     /// never call it on a FUSE worker thread.
@@ -748,6 +769,45 @@ mod tests {
             ),
             Err(StoreError::ChangeSetRejected { .. })
         ));
+    }
+
+    #[test]
+    fn an_apply_would_wait_exactly_while_a_reader_holds_a_lock_it_takes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = replica(dir.path());
+        let mut history = History::new();
+        assert!(!store.apply_would_wait("app.db"), "no database yet");
+        store
+            .apply_change_set(
+                "app.db",
+                ChangeSetBytes::InMemory(history.commit(&[(1, 1)], 1)),
+            )
+            .unwrap();
+        assert!(!store.apply_would_wait("app.db"));
+        let node = store.lookup("app.db").unwrap();
+        let everything = ByteRange::new(0, u64::MAX >> 1).unwrap();
+        // A rollback-mode reader's SHARED lock.
+        let reader = LockRequest {
+            owner: 1,
+            pid: 1,
+            range: ByteRange::new(PENDING_BYTE + 2, PENDING_BYTE + 2).unwrap(),
+            kind: LockKind::Read,
+        };
+        node.locks().try_lock(reader).unwrap();
+        assert!(store.apply_would_wait("app.db"));
+        node.locks().unlock(1, everything);
+        assert!(!store.apply_would_wait("app.db"));
+        // A WAL-mode reader's read mark in `-shm`.
+        let shm = store.create("app.db-shm").unwrap();
+        shm.locks()
+            .try_lock(LockRequest {
+                range: ByteRange::new(123, 123).unwrap(),
+                ..reader
+            })
+            .unwrap();
+        assert!(store.apply_would_wait("app.db"));
+        shm.locks().unlock(1, everything);
+        assert!(!store.apply_would_wait("app.db"));
     }
 
     #[test]
