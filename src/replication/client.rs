@@ -43,9 +43,10 @@
 //! is checked against the CRC on its last chunk and applied: on the client's own
 //! thread when it is small and no reader holds a lock the apply takes (the follow
 //! loop has a runtime of its own, so a live change set goes from the socket to the
-//! database without changing threads), otherwise on the blocking pool (the store keeps readers out while it writes,
-//! not while bytes travel the network). A change set that fails its CRC, or that the store rejects (it does
-//! not follow this replica's position, or does not verify), is never applied: the
+//! database without changing threads), otherwise on the blocking pool (the store
+//! keeps readers out while it writes, not while bytes travel the network). A
+//! change set that fails its CRC, or that the store rejects (it does not follow
+//! this replica's position, or does not verify), is never applied: the
 //! client logs why and reconnects, and the primary sends what this replica's
 //! position needs (a snapshot when it cannot follow it). A stream that breaks off
 //! between the chunks of a change set drops that change set and names it.
@@ -640,10 +641,10 @@ const MAX_INLINE_APPLY_BYTES: usize = 256 * 1024;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum ApplyOn {
     /// On the calling task's thread, when the change set is small and no reader
-    /// holds a lock the apply takes. Only for the
-    /// follow loop, whose runtime ([`crate::node::NodeSettings::replica_runtime`])
-    /// runs nothing else: a change set then goes from the socket to the database
-    /// on one thread, without a hand-off to the blocking pool and back.
+    /// holds a lock the apply takes. Only for the follow loop, whose runtime
+    /// ([`crate::node::NodeSettings::replica_runtime`]) runs nothing else: a
+    /// change set then goes from the socket to the database on one thread,
+    /// without a hand-off to the blocking pool and back.
     ClientThread,
     /// Always on the blocking pool (a catch-up from a peer runs on the shared
     /// runtime, whose workers must not block).
