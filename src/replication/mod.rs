@@ -86,6 +86,7 @@ mod client;
 mod crc;
 mod handoff;
 mod peers;
+mod precise_timer;
 mod server;
 mod spool;
 mod status;
@@ -146,7 +147,8 @@ pub const MAX_INLINE_CATCH_UP_BYTES: u64 = 64 * 1024;
 /// rather than once each, which on two shared cores was most of what replicas
 /// cost the primary (`docs/benchmarks.md`). A commit that comes later than this
 /// after the last send goes out at once; one that comes sooner waits at most
-/// this long, plus up to 1 ms (tokio's timers tick once per millisecond). Streams
+/// this long (timed by a `timerfd`, since tokio's timers round up to whole
+/// milliseconds). Streams
 /// of a synchronous primary never wait: each held commit waits for its own
 /// acknowledgement.
 pub const LIVE_BATCH_INTERVAL: Duration = Duration::from_millis(1);

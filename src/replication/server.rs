@@ -60,6 +60,7 @@ use super::chunk::Pieces;
 use super::crc::ChangeSetCrc;
 use super::handoff::{ControlRequest, HandoffPhase, RegisteredStream};
 use super::peers::Peer;
+use super::precise_timer::PreciseTimer;
 use super::proto::replication_server::{Replication, ReplicationServer};
 use super::proto::{
     AcknowledgeRequest, AcknowledgeResponse, HandoffRequest, HandoffResponse, PromoteRequest,
@@ -438,6 +439,16 @@ impl Producer {
             }
         };
         tracing::info!(replica = %self.replica, "replica caught up");
+        // Commits close to the last send wait to go out together; a held
+        // synchronous commit never waits.
+        let mut batch_timer = if self.node.synchronous {
+            None
+        } else {
+            Some(PreciseTimer::new().map_err(|source| ReplicationError::Io {
+                context: "create the stream's batching timer".to_string(),
+                source,
+            })?)
+        };
         // The peers last sent; the replica hears the list at once, then each
         // change.
         let mut peers_sent = None;
@@ -469,10 +480,12 @@ impl Producer {
             let heartbeat_due = self.heartbeat_due();
             tokio::select! {
                 () = commits.changed() => {
-                    // Commits close to the last send wait to go out together;
-                    // a held synchronous commit never waits.
-                    if !self.node.synchronous {
-                        tokio::time::sleep_until(self.last_sent + LIVE_BATCH_INTERVAL).await;
+                    if let Some(timer) = &mut batch_timer {
+                        let batch_end = (self.last_sent + LIVE_BATCH_INTERVAL).into_std();
+                        timer.sleep_until(batch_end).await.map_err(|source| ReplicationError::Io {
+                            context: "wait on the stream's batching timer".to_string(),
+                            source,
+                        })?;
                     }
                 }
                 _ = self.handoff.changed() => {}
