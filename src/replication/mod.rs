@@ -148,9 +148,8 @@ pub const MAX_INLINE_CATCH_UP_BYTES: u64 = 64 * 1024;
 /// cost the primary (`docs/benchmarks.md`). A commit that comes later than this
 /// after the last send goes out at once; one that comes sooner waits at most
 /// this long (timed by a `timerfd`, since tokio's timers round up to whole
-/// milliseconds). Streams
-/// of a synchronous primary never wait: each held commit waits for its own
-/// acknowledgement.
+/// milliseconds). Streams of a synchronous primary never wait: each held commit
+/// waits for its own acknowledgement.
 pub const LIVE_BATCH_INTERVAL: Duration = Duration::from_millis(1);
 
 /// How many messages the primary queues for one replica before it waits.
