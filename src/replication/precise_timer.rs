@@ -49,6 +49,7 @@ impl PreciseTimer {
         let Some(wait) = deadline.checked_duration_since(Instant::now()) else {
             return Ok(());
         };
+        // A zero expiry would disarm the timer rather than fire it.
         if wait.is_zero() {
             return Ok(());
         }
@@ -59,7 +60,7 @@ impl PreciseTimer {
             },
             it_value: libc::timespec {
                 tv_sec: wait.as_secs() as libc::time_t,
-                tv_nsec: libc::c_long::from(wait.subsec_nanos() as i32),
+                tv_nsec: wait.subsec_nanos() as libc::c_long,
             },
         };
         let fd = self.fd.get_ref().as_raw_fd();
