@@ -15,7 +15,8 @@
 //!    gets a snapshot), and a `Heartbeat` whenever the stream has been silent for
 //!    [`HEARTBEAT_INTERVAL`]; a commit within [`LIVE_BATCH_INTERVAL`] of the last
 //!    send waits for the rest of that interval, so close commits go out together
-//!    (never with synchronous replication);
+//!    (never with synchronous replication); after a send the stream looks again
+//!    when the interval is over instead of being woken by each commit;
 //! 5. when the primary hands its role over (see `handoff`), what the replica
 //!    lacks up to the final positions, then `Handoff`, and the stream ends.
 //!
@@ -426,7 +427,7 @@ impl Producer {
                 Purpose::CatchUp { databases } => databases.contains(name),
             })
             .collect();
-        while self.round(Some(&targets)).await? && !self.reached(&targets) {}
+        while self.round(Some(&targets)).await?.sent_any() && !self.reached(&targets) {}
         self.send(wire::ready()).await?;
         let mut peers = match &mut self.purpose {
             Purpose::CatchUp { .. } => {
@@ -474,19 +475,21 @@ impl Producer {
                 }
             }
             commits.mark_seen();
-            if self.round(None).await? {
-                continue;
-            }
+            // After a send, a batching stream looks again when the interval is
+            // over rather than being woken by each commit meanwhile, so under
+            // load a commit wakes no async task, and the stream wakes once per
+            // interval. A stream that found nothing waits for the next commit.
+            let waiting_out_batch = match self.round(None).await? {
+                Round::Nothing => false,
+                Round::SentAll if batch_timer.is_some() => true,
+                Round::SentAll | Round::SentSome => continue,
+            };
+            let batch_end = (self.last_sent + LIVE_BATCH_INTERVAL).into_std();
             let heartbeat_due = self.heartbeat_due();
             tokio::select! {
-                () = commits.changed() => {
-                    if let Some(timer) = &mut batch_timer {
-                        let batch_end = (self.last_sent + LIVE_BATCH_INTERVAL).into_std();
-                        timer.sleep_until(batch_end).await.map_err(|source| ReplicationError::Io {
-                            context: "wait on the stream's batching timer".to_string(),
-                            source,
-                        })?;
-                    }
+                waited = wait_batch(&mut batch_timer, batch_end), if waiting_out_batch => waited?,
+                () = commits.changed(), if !waiting_out_batch => {
+                    wait_batch(&mut batch_timer, batch_end).await?;
                 }
                 _ = self.handoff.changed() => {}
                 _ = peers.changed() => {}
@@ -499,7 +502,7 @@ impl Producer {
     /// accepting writes), then the `Handoff` naming `to`; the stream ends there.
     async fn hand_off(&mut self, to: &str, positions: &[(String, Position)]) -> Result<(), Stop> {
         let targets: BTreeMap<String, Position> = positions.iter().cloned().collect();
-        while !self.reached(&targets) && self.round(Some(&targets)).await? {}
+        while !self.reached(&targets) && self.round(Some(&targets)).await?.sent_any() {}
         self.send(wire::handoff(to, positions)).await?;
         tracing::info!(replica = %self.replica, new_primary = to, "sent the handoff");
         // The stream stays registered until the replica leaves it, so that its
@@ -509,8 +512,9 @@ impl Producer {
     }
 
     /// Sends the next batch of every database (of `only`, when given) that is not
-    /// where this stream left it; returns whether anything was sent.
-    async fn round(&mut self, only: Option<&BTreeMap<String, Position>>) -> Result<bool, Stop> {
+    /// where this stream left it; says whether that brought every database to
+    /// where it stood when the round began.
+    async fn round(&mut self, only: Option<&BTreeMap<String, Position>>) -> Result<Round, Stop> {
         let store = self.node.store.clone();
         // Reading the positions here saves each commit a trip to the blocking
         // pool; only while a capture lock is held are they read there.
@@ -522,6 +526,7 @@ impl Producer {
             }
         };
         let mut progressed = false;
+        let mut behind = false;
         for (name, position) in current {
             if only.is_some_and(|only| !only.contains_key(&name)) {
                 continue;
@@ -532,8 +537,13 @@ impl Producer {
                 continue;
             }
             progressed |= self.send_next(&name, from).await?;
+            behind |= self.from(&name) != position;
         }
-        Ok(progressed)
+        Ok(match (progressed, behind) {
+            (false, _) => Round::Nothing,
+            (true, false) => Round::SentAll,
+            (true, true) => Round::SentSome,
+        })
     }
 
     /// Records that the replica reaches `position` of `name` with what was sent.
@@ -720,6 +730,39 @@ impl Producer {
         self.last_sent = Instant::now();
         Ok(())
     }
+}
+
+/// What one round of a stream sent.
+enum Round {
+    /// Every database was where the stream had left it.
+    Nothing,
+    /// Every database is now where it stood when the round began.
+    SentAll,
+    /// Something was sent, and some database has more to send.
+    SentSome,
+}
+
+impl Round {
+    fn sent_any(&self) -> bool {
+        !matches!(self, Round::Nothing)
+    }
+}
+
+/// Waits until `batch_end` on a batching stream's timer; returns at once on a
+/// stream that does not batch.
+async fn wait_batch(
+    timer: &mut Option<PreciseTimer>,
+    batch_end: std::time::Instant,
+) -> Result<(), Stop> {
+    let Some(timer) = timer else {
+        return Ok(());
+    };
+    timer.sleep_until(batch_end).await.map_err(|source| {
+        Stop::Failed(ReplicationError::Io {
+            context: "wait on the stream's batching timer".to_string(),
+            source,
+        })
+    })
 }
 
 /// Writes a snapshot into its spool file, publishing how many bytes the file

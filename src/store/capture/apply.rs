@@ -559,8 +559,13 @@ fn write_pages(
         }
     }
     writer.flush().map_err(io_error)?;
-    file.set_len(u64::from(header.commit) * u64::from(header.page_size))
-        .map_err(io_error)
+    // Most change sets leave the size as it was, and setting the same length
+    // again still costs ext4 a truncation: a seventh of a replica's time.
+    let size = u64::from(header.commit) * u64::from(header.page_size);
+    if file.metadata().map_err(io_error)?.len() != size {
+        file.set_len(size).map_err(io_error)?;
+    }
+    Ok(())
 }
 
 /// Collects consecutive pages and writes each run of up to [`WRITE_PIECE_BYTES`]
