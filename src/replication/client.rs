@@ -65,7 +65,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::ltx::{Header, TxId};
-use crate::store::{AppliedChangeSet, ChangeSetBytes, Position, Store, StoreError};
+use crate::store::{AppliedChangeSet, ChangeSetBytes, Position, Store, StoreError, TryApply};
 
 use super::chunk::{ChangeSet, Pushed, Reassembler};
 use super::handoff::{FollowerState, HandoffSeen, LastHeard};
@@ -640,8 +640,8 @@ const MAX_INLINE_APPLY_BYTES: usize = 256 * 1024;
 /// Where [`apply`] runs the store's work.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum ApplyOn {
-    /// On the calling task's thread, when the change set is small and no reader
-    /// holds a lock the apply takes. Only for the follow loop, whose runtime
+    /// On the calling task's thread, when the change set is small and applying
+    /// it needs no waiting (see [`Store::try_apply_change_set`]). Only for the follow loop, whose runtime
     /// ([`crate::node::NodeSettings::replica_runtime`]) runs nothing else: a
     /// change set then goes from the socket to the database on one thread,
     /// without a hand-off to the blocking pool and back.
@@ -663,10 +663,8 @@ async fn apply(
 ) -> Result<(Header, Position), ReplicationError> {
     let database = change_set.database.as_str().to_string();
     let small = matches!(&change_set.bytes, ChangeSetBytes::InMemory(bytes) if bytes.len() <= MAX_INLINE_APPLY_BYTES);
-    // An apply that would wait for a reader's transaction goes to the blocking
-    // pool too: the stream's connection must keep answering while it waits.
-    let applied = if on == ApplyOn::ClientThread && small && !store.apply_would_wait(&database) {
-        verify_and_apply(store, change_set)
+    let applied = if on == ApplyOn::ClientThread && small {
+        verify_and_apply_here(store, change_set).await
     } else {
         let applying = store.clone();
         blocking(move || verify_and_apply(&applying, change_set)).await
@@ -767,12 +765,31 @@ struct Applied {
     applied: AppliedChangeSet,
 }
 
-/// Checks a change set's CRC, then hands it to the store (blocks: call it on the
-/// blocking pool). A change set whose CRC differs never reaches the store.
-fn verify_and_apply(
+/// A change set whose CRC checked out, and what the follow loop reports about it
+/// once it is applied.
+struct Verified {
+    header: Header,
+    before: Option<Position>,
+    shared_txid: Option<TxId>,
+}
+
+impl Verified {
+    fn applied(self, applied: AppliedChangeSet) -> Applied {
+        Applied {
+            header: self.header,
+            before: self.before,
+            shared_txid: self.shared_txid,
+            applied,
+        }
+    }
+}
+
+/// Checks a change set's CRC and reads its header (from its file, for one in a
+/// file) and where the database stands; returns the bytes to apply.
+fn verify(
     store: &Store,
     change_set: ArrivedChangeSet,
-) -> Result<Applied, ReplicationError> {
+) -> Result<(Verified, ChangeSetBytes), ReplicationError> {
     let ArrivedChangeSet {
         database,
         bytes,
@@ -790,13 +807,42 @@ fn verify_and_apply(
     }
     let header = bytes.header(name)?;
     let before = store.database(name).map(|database| database.position());
-    let applied = store.apply_change_set(name, bytes)?;
-    Ok(Applied {
+    let verified = Verified {
         header,
         before,
         shared_txid,
-        applied,
-    })
+    };
+    Ok((verified, bytes))
+}
+
+/// Verifies and applies a change set (blocks: call it on the blocking pool).
+fn verify_and_apply(
+    store: &Store,
+    change_set: ArrivedChangeSet,
+) -> Result<Applied, ReplicationError> {
+    let name = change_set.database.as_str().to_string();
+    let (verified, bytes) = verify(store, change_set)?;
+    let applied = store.apply_change_set(&name, bytes)?;
+    Ok(verified.applied(applied))
+}
+
+/// Verifies and applies a change set in memory on the calling task's thread,
+/// unless applying would wait (for a reader, say): then the store hands it back
+/// and it is applied on the blocking pool, so this thread never waits.
+async fn verify_and_apply_here(
+    store: &Arc<Store>,
+    change_set: ArrivedChangeSet,
+) -> Result<Applied, ReplicationError> {
+    let name = change_set.database.as_str().to_string();
+    let (verified, bytes) = verify(store, change_set)?;
+    let applied = match store.try_apply_change_set(&name, bytes)? {
+        TryApply::Applied(applied) => applied,
+        TryApply::WouldWait(pending) => {
+            let store = store.clone();
+            blocking(move || Ok(store.apply_pending_change_set(pending)?)).await?
+        }
+    };
+    Ok(verified.applied(applied))
 }
 
 /// Checks that every database is where the primary's heartbeat says it is.

@@ -39,7 +39,7 @@ pub use capture::{
 };
 pub use cluster::{ClusterView, Role};
 pub use names::{FileKind, ParsedName, parse_name};
-pub use replica::{ChangeSetSpool, LTXFS_LOCK_OWNER};
+pub use replica::{ChangeSetSpool, LTXFS_LOCK_OWNER, PendingChangeSet, TryApply};
 
 use crate::ltx::TxId;
 use locks::{ByteRange, LockOwner, LockTable};

@@ -20,8 +20,8 @@ use super::locks::{ByteRange, LockKind, LockOwner, LockRequest};
 use super::log::ChangeLog;
 use super::wal::{WAL_INDEX_PREFIX, wal_index_after_apply};
 use super::{
-    AppliedChangeSet, ChangeSetBytes, FileKind, Node, PENDING_BYTE, POSITION_SUFFIX,
-    ReceivedChangeSet, Role, Store, StoreError, parse_name,
+    AppliedChangeSet, ChangeSetBytes, FileKind, LoggedChangeSet, Node, PENDING_BYTE,
+    POSITION_SUFFIX, ReceivedChangeSet, Role, Store, StoreError, parse_name,
 };
 
 /// The lock owner ltxfs itself uses. Kernel lock owners are hashed pointers, so
@@ -60,11 +60,80 @@ impl HeldByLtxfs {
         });
         HeldByLtxfs { node, range }
     }
+
+    /// Takes the lock if nobody else holds any part of it and no priority waiter
+    /// is queued for it.
+    fn try_take(node: Arc<Node>, range: ByteRange) -> Option<HeldByLtxfs> {
+        node.locks()
+            .try_lock(LockRequest {
+                owner: LTXFS_LOCK_OWNER,
+                pid: 0,
+                range,
+                kind: LockKind::Write,
+            })
+            .ok()?;
+        Some(HeldByLtxfs { node, range })
+    }
 }
 
 impl Drop for HeldByLtxfs {
     fn drop(&mut self) {
         self.node.locks().unlock(LTXFS_LOCK_OWNER, self.range);
+    }
+}
+
+/// A change set [`Store::try_apply_change_set`] left unapplied, decoded and
+/// verified, for [`Store::apply_pending_change_set`].
+#[derive(Debug)]
+pub struct PendingChangeSet {
+    name: String,
+    received: ReceivedChangeSet,
+}
+
+/// What [`Store::try_apply_change_set`] did.
+#[derive(Debug)]
+pub enum TryApply {
+    /// The change set is applied.
+    Applied(AppliedChangeSet),
+    /// Applying would have waited; nothing changed.
+    WouldWait(PendingChangeSet),
+}
+
+/// The files one apply changes.
+struct ApplyTarget {
+    /// The database's name.
+    name: String,
+    database_node: Arc<Node>,
+    /// Its `-shm`, when the database is or becomes WAL mode.
+    index_node: Option<Arc<Node>>,
+    /// Whether the database was in WAL mode before the change set.
+    wal_before: bool,
+    /// Names the apply made exist, for the kernel to forget its failed lookups.
+    changed_entries: Vec<String>,
+    database_created: bool,
+}
+
+impl ApplyTarget {
+    /// The locks readers take, waiting for those who hold them: the wal-index's
+    /// first, then (when readers use them) the database file's; released in
+    /// reverse order when the result is dropped.
+    fn keep_readers_out(&self) -> Vec<HeldByLtxfs> {
+        self.lock_nodes()
+            .map(|(node, range)| HeldByLtxfs::take(node, range))
+            .collect()
+    }
+
+    /// The same locks, or none when anyone else holds one of them.
+    fn try_keep_readers_out(&self) -> Option<Vec<HeldByLtxfs>> {
+        self.lock_nodes()
+            .map(|(node, range)| HeldByLtxfs::try_take(node, range))
+            .collect()
+    }
+
+    fn lock_nodes(&self) -> impl Iterator<Item = (Arc<Node>, ByteRange)> {
+        let index = self.index_node.clone().map(|node| (node, WAL_INDEX_LOCKS));
+        let database = (!self.wal_before).then(|| (self.database_node.clone(), DATABASE_LOCKS));
+        index.into_iter().chain(database)
     }
 }
 
@@ -105,27 +174,6 @@ impl Store {
         Ok(ChangeSetSpool { file, start })
     }
 
-    /// Whether an apply to database `name` would now have to wait for a reader
-    /// (or a local writer) to finish: someone holds a lock the apply takes. The
-    /// answer can be stale at once, so it only chooses where to apply (a caller
-    /// that must not wait long applies elsewhere when it is true).
-    pub fn apply_would_wait(&self, name: &str) -> bool {
-        let held_by_others = |node: Option<Arc<Node>>, range: ByteRange| {
-            node.is_some_and(|node| {
-                node.locks()
-                    .conflicting(&LockRequest {
-                        owner: LTXFS_LOCK_OWNER,
-                        pid: 0,
-                        range,
-                        kind: LockKind::Write,
-                    })
-                    .is_some()
-            })
-        };
-        held_by_others(self.lookup(&format!("{name}-shm")), WAL_INDEX_LOCKS)
-            || held_by_others(self.lookup(name), DATABASE_LOCKS)
-    }
-
     /// Applies one change set from the primary to database `name`, creating the
     /// database when it is new. Blocks while readers finish their transactions, so
     /// never call it on a FUSE worker thread.
@@ -134,6 +182,64 @@ impl Store {
         name: &str,
         ltx: ChangeSetBytes,
     ) -> Result<AppliedChangeSet, StoreError> {
+        let received = self.receive(name, ltx)?;
+        self.apply_received(name, received)
+    }
+
+    /// Applies one change set like [`Store::apply_change_set`] if that needs no
+    /// waiting: not for a reader's (or local writer's) transaction, not for
+    /// another apply, not for creating the database or folding this node's own
+    /// WAL transactions first, and not for syncing a snapshot's log. Otherwise
+    /// it changes nothing and hands the change set, decoded and verified, back
+    /// for [`Store::apply_pending_change_set`].
+    pub fn try_apply_change_set(
+        &self,
+        name: &str,
+        ltx: ChangeSetBytes,
+    ) -> Result<TryApply, StoreError> {
+        let received = self.receive(name, ltx)?;
+        let would_wait = |received| {
+            Ok(TryApply::WouldWait(PendingChangeSet {
+                name: name.to_string(),
+                received,
+            }))
+        };
+        // A snapshot's log is synced, which is done before readers are kept out.
+        if received.header().is_snapshot() {
+            return would_wait(received);
+        }
+        let _one_at_a_time = match self.applying.try_lock() {
+            Ok(guard) => guard,
+            Err(std::sync::TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return would_wait(received),
+        };
+        let Some(target) = self.existing_target(name, &received) else {
+            return would_wait(received);
+        };
+        if target.database_node.database().has_wal_transactions() {
+            return would_wait(received);
+        }
+        let Some(held) = target.try_keep_readers_out() else {
+            return would_wait(received);
+        };
+        // Nothing that can fail comes between logging and writing the pages.
+        let logged = target.database_node.database().log_received(received)?;
+        self.write_and_publish(target, logged, held)
+            .map(TryApply::Applied)
+    }
+
+    /// Applies a change set [`Store::try_apply_change_set`] handed back, waiting as
+    /// [`Store::apply_change_set`] does.
+    pub fn apply_pending_change_set(
+        &self,
+        pending: PendingChangeSet,
+    ) -> Result<AppliedChangeSet, StoreError> {
+        self.apply_received(&pending.name, pending.received)
+    }
+
+    /// Checks that this node may apply a change set to `name`, then decodes and
+    /// verifies `ltx`, before any lock is taken.
+    fn receive(&self, name: &str, ltx: ChangeSetBytes) -> Result<ReceivedChangeSet, StoreError> {
         let rejected = |reason: &str| StoreError::ChangeSetRejected {
             database: name.to_string(),
             reason: reason.to_string(),
@@ -144,8 +250,65 @@ impl Store {
         if parse_name(name)?.kind != FileKind::Database {
             return Err(rejected("the name is not a database's"));
         }
-        let received = ReceivedChangeSet::decode(name, ltx)?;
+        ReceivedChangeSet::decode(name, ltx)
+    }
+
+    /// Applies a decoded change set, waiting for whatever it must.
+    fn apply_received(
+        &self,
+        name: &str,
+        received: ReceivedChangeSet,
+    ) -> Result<AppliedChangeSet, StoreError> {
         let _one_at_a_time = self.applying.lock().unwrap_or_else(|p| p.into_inner());
+        let target = self.create_target(name, &received)?;
+        let database = target.database_node.database().clone();
+        if let Some(index_node) = target
+            .index_node
+            .as_ref()
+            .filter(|_| database.has_wal_transactions())
+        {
+            // This node wrote in WAL mode as the primary: its own transactions move
+            // into the database file before the primary's are written there.
+            let _readers_out = HeldByLtxfs::take(index_node.clone(), WAL_INDEX_LOCKS);
+            if let Some(folded) = database.fold_wal()? {
+                self.drop_cached_pages(&target.database_node, &folded);
+                self.invalidate(&format!("{name}-wal"));
+                self.advance_wal_index(index_node, &folded)?;
+            }
+        }
+        // The log first, before readers are kept out (a snapshot's log is synced).
+        // Nothing that can fail comes between this and writing the pages.
+        let logged = database.log_received(received)?;
+        let held = target.keep_readers_out();
+        self.write_and_publish(target, logged, held)
+    }
+
+    /// The files an apply of `received` to `name` changes, when they all exist.
+    fn existing_target(&self, name: &str, received: &ReceivedChangeSet) -> Option<ApplyTarget> {
+        let database_node = self.lookup(name)?;
+        let wal_before = database_node.database().is_wal_mode();
+        let index_node = if wal_before || received.wal_mode_after().unwrap_or(wal_before) {
+            Some(self.lookup(&format!("{name}-shm"))?)
+        } else {
+            None
+        };
+        Some(ApplyTarget {
+            name: name.to_string(),
+            database_node,
+            index_node,
+            wal_before,
+            changed_entries: Vec::new(),
+            database_created: false,
+        })
+    }
+
+    /// The files an apply of `received` to `name` changes, creating those that
+    /// do not exist yet.
+    fn create_target(
+        &self,
+        name: &str,
+        received: &ReceivedChangeSet,
+    ) -> Result<ApplyTarget, StoreError> {
         // The names this change set makes exist or vanish: the kernel caches
         // lookups, failed ones too, so it is told to forget them afterwards.
         let mut changed_entries = Vec::new();
@@ -156,10 +319,8 @@ impl Store {
                 (self.create(name)?, true)
             }
         };
-        let database = database_node.database().clone();
-        let wal_before = database.is_wal_mode();
-        let wal_after = received.wal_mode_after().unwrap_or(wal_before);
-        let index_node = if wal_before || wal_after {
+        let wal_before = database_node.database().is_wal_mode();
+        let index_node = if wal_before || received.wal_mode_after().unwrap_or(wal_before) {
             let shm = format!("{name}-shm");
             Some(match self.lookup(&shm) {
                 Some(node) => node,
@@ -172,32 +333,27 @@ impl Store {
         } else {
             None
         };
-        if let Some(index_node) = index_node
-            .as_ref()
-            .filter(|_| database.has_wal_transactions())
-        {
-            // This node wrote in WAL mode as the primary: its own transactions move
-            // into the database file before the primary's are written there.
-            let _readers_out = HeldByLtxfs::take(index_node.clone(), WAL_INDEX_LOCKS);
-            if let Some(folded) = database.fold_wal()? {
-                self.drop_cached_pages(&database_node, &folded);
-                self.invalidate(&format!("{name}-wal"));
-                self.advance_wal_index(index_node, &folded)?;
-            }
-        }
-        // The log first, before readers are kept out (a snapshot's log is synced).
-        // Nothing that can fail comes between this and writing the pages.
-        let logged = database.log_received(received)?;
-        // Readers of the wal-index first, then (when readers use them) the database
-        // file's locks; released in reverse order when `held` is dropped.
-        let mut held = Vec::with_capacity(2);
-        if let Some(index_node) = &index_node {
-            held.push(HeldByLtxfs::take(index_node.clone(), WAL_INDEX_LOCKS));
-        }
-        if !wal_before {
-            held.push(HeldByLtxfs::take(database_node.clone(), DATABASE_LOCKS));
-        }
-        let applied = database.write_logged(logged)?;
+        Ok(ApplyTarget {
+            name: name.to_string(),
+            database_node,
+            index_node,
+            wal_before,
+            changed_entries,
+            database_created,
+        })
+    }
+
+    /// Writes a logged change set's pages while readers are kept out (`held`),
+    /// makes readers see them, lets readers in again, and then makes the files
+    /// the change set created or deleted appear or vanish.
+    fn write_and_publish(
+        &self,
+        mut target: ApplyTarget,
+        logged: LoggedChangeSet,
+        held: Vec<HeldByLtxfs>,
+    ) -> Result<AppliedChangeSet, StoreError> {
+        let database_node = &target.database_node;
+        let applied = database_node.database().write_logged(logged)?;
         // The page size a local write of page 1 would have recorded, which local
         // changes are checked against once this node is the primary.
         let page_size = if applied.commit == 0 {
@@ -208,8 +364,8 @@ impl Store {
         database_node
             .page_size
             .store(page_size, std::sync::atomic::Ordering::Release);
-        self.drop_cached_pages(&database_node, &applied);
-        if let Some(index_node) = &index_node {
+        self.drop_cached_pages(database_node, &applied);
+        if let Some(index_node) = &target.index_node {
             // Also when the change set leaves WAL mode: connections still in WAL
             // mode must notice that the content changed.
             self.advance_wal_index(index_node, &applied)?;
@@ -218,14 +374,16 @@ impl Store {
         if applied.commit == 0 {
             // The primary deleted the database: its file disappears here too (the
             // log stays, so the position is kept).
-            self.remove_applied_file(&database_node)?;
+            self.remove_applied_file(database_node)?;
         }
         // The `-pos` file exists while the database file does.
-        if applied.commit == 0 || database_created {
-            changed_entries.push(format!("{name}{POSITION_SUFFIX}"));
+        if applied.commit == 0 || target.database_created {
+            target
+                .changed_entries
+                .push(format!("{}{POSITION_SUFFIX}", target.name));
         }
         if let Some(cache) = self.kernel_cache() {
-            for name in &changed_entries {
+            for name in &target.changed_entries {
                 cache.invalidate_entry(name);
             }
         }
@@ -338,6 +496,8 @@ mod tests {
         txid: u64,
         checksum: Checksum,
         epoch: u64,
+        /// Whether page 1, when written, says WAL mode.
+        wal: bool,
     }
 
     impl History {
@@ -347,6 +507,7 @@ mod tests {
                 txid: 0,
                 checksum: Checksum(0),
                 epoch: 1,
+                wal: false,
             }
         }
 
@@ -357,6 +518,9 @@ mod tests {
                     self.pages.resize(slot + 1, vec![0; PAGE_SIZE as usize]);
                 }
                 self.pages[slot] = page(pgno, fill);
+                if pgno == 1 && self.wal {
+                    self.pages[slot][18..20].copy_from_slice(&[2, 2]);
+                }
             }
             self.pages.truncate(commit as usize);
             let mut database = DatabaseChecksum::new(PAGE_SIZE).unwrap();
@@ -740,6 +904,7 @@ mod tests {
             txid: history.txid,
             checksum: history.checksum,
             epoch: 1,
+            wal: false,
         };
         let error = store
             .apply_change_set(
@@ -771,22 +936,52 @@ mod tests {
         ));
     }
 
+    /// Tries to apply `change_set`; returns whether it was applied. One that was
+    /// not must have changed nothing.
+    fn try_apply(store: &Store, change_set: &[u8]) -> Option<PendingChangeSet> {
+        let before = store.database("app.db").map(|database| database.position());
+        let content = store
+            .lookup("app.db")
+            .map(|node| node.read_at(0, 1 << 20).unwrap());
+        match store
+            .try_apply_change_set("app.db", ChangeSetBytes::InMemory(change_set.to_vec()))
+            .unwrap()
+        {
+            TryApply::Applied(_) => None,
+            TryApply::WouldWait(pending) => {
+                let after = store.database("app.db").map(|database| database.position());
+                assert_eq!(after, before, "a change set handed back moved the position");
+                let now = store
+                    .lookup("app.db")
+                    .map(|node| node.read_at(0, 1 << 20).unwrap());
+                assert_eq!(
+                    now, content,
+                    "a change set handed back changed the database"
+                );
+                Some(pending)
+            }
+        }
+    }
+
     #[test]
-    fn an_apply_would_wait_exactly_while_a_reader_holds_a_lock_it_takes() {
+    fn an_apply_that_would_wait_changes_nothing_and_is_handed_back() {
         let dir = tempfile::tempdir().unwrap();
         let store = replica(dir.path());
         let mut history = History::new();
-        assert!(!store.apply_would_wait("app.db"), "no database yet");
-        store
-            .apply_change_set(
-                "app.db",
-                ChangeSetBytes::InMemory(history.commit(&[(1, 1)], 1)),
-            )
-            .unwrap();
-        assert!(!store.apply_would_wait("app.db"));
+        // A new database is created on the blocking path.
+        let first = history.commit(&[(1, 1)], 1);
+        let pending = try_apply(&store, &first).expect("a new database was created in place");
+        assert!(store.lookup("app.db").is_none());
+        store.apply_pending_change_set(pending).unwrap();
+        assert!(try_apply(&store, &history.commit(&[(1, 2)], 1)).is_none());
+        assert_eq!(
+            store.lookup("app.db").unwrap().read_at(0, 512).unwrap(),
+            page(1, 2)
+        );
+
+        // A rollback-mode reader's SHARED lock.
         let node = store.lookup("app.db").unwrap();
         let everything = ByteRange::new(0, u64::MAX >> 1).unwrap();
-        // A rollback-mode reader's SHARED lock.
         let reader = LockRequest {
             owner: 1,
             pid: 1,
@@ -794,20 +989,38 @@ mod tests {
             kind: LockKind::Read,
         };
         node.locks().try_lock(reader).unwrap();
-        assert!(store.apply_would_wait("app.db"));
+        let pending = try_apply(&store, &history.commit(&[(1, 3)], 1))
+            .expect("applied while a reader held SHARED");
         node.locks().unlock(1, everything);
-        assert!(!store.apply_would_wait("app.db"));
-        // A WAL-mode reader's read mark in `-shm`.
-        let shm = store.create("app.db-shm").unwrap();
+        store.apply_pending_change_set(pending).unwrap();
+        assert_eq!(node.read_at(0, 512).unwrap(), page(1, 3));
+
+        // Another apply in progress.
+        let busy = store.applying.lock().unwrap();
+        let pending = try_apply(&store, &history.commit(&[(1, 4)], 1))
+            .expect("applied while another apply ran");
+        drop(busy);
+        store.apply_pending_change_set(pending).unwrap();
+
+        // A WAL-mode reader's read mark in `-shm`: `-shm` joins the apply once
+        // the database is in WAL mode.
+        history.wal = true;
+        let pending = try_apply(&store, &history.commit(&[(1, 5)], 1))
+            .expect("the first WAL-mode change set created -shm in place");
+        store.apply_pending_change_set(pending).unwrap();
+        let shm = store.lookup("app.db-shm").unwrap();
         shm.locks()
             .try_lock(LockRequest {
                 range: ByteRange::new(123, 123).unwrap(),
                 ..reader
             })
             .unwrap();
-        assert!(store.apply_would_wait("app.db"));
+        let pending = try_apply(&store, &history.commit(&[(1, 6)], 1))
+            .expect("applied while a WAL reader held a read mark");
         shm.locks().unlock(1, everything);
-        assert!(!store.apply_would_wait("app.db"));
+        store.apply_pending_change_set(pending).unwrap();
+        assert!(try_apply(&store, &history.commit(&[(1, 7)], 1)).is_none());
+        assert_eq!(node.read_at(0, 512).unwrap(), history.pages[0]);
     }
 
     #[test]
