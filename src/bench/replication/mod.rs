@@ -37,6 +37,7 @@
 mod cluster;
 mod cpu;
 mod lag;
+mod placement;
 mod report;
 mod snapshot;
 mod throughput;
@@ -123,6 +124,9 @@ pub enum ReplicationBenchError {
         /// How long the benchmark waited.
         timeout: Duration,
     },
+    /// Threads could not be moved to the CPUs the placed rounds give them.
+    #[error("place the benchmark's threads on CPUs: {0}")]
+    Placement(std::io::Error),
     /// A measuring thread panicked.
     #[error("the {0} thread panicked")]
     ThreadPanicked(&'static str),

@@ -9,12 +9,19 @@
 //! a backlog never spills into the other primary's round; how long that took is
 //! reported too. So is the CPU time each process used per transaction, over the
 //! rounds and catching up after them, which shows where the time goes.
+//!
+//! On a machine of two CPUs or more, a second set of rounds compares the lone
+//! primary with the first followed one again, with the application's side (the
+//! benchmark's SQLite thread and the primaries' FUSE workers) on one CPU and
+//! replication on the others (see `placement`): what the primary loses to
+//! replication itself, apart from sharing CPUs with it.
 
 use std::time::Duration;
 
 use super::ReplicationBenchError;
 use super::cluster::{self, Node};
 use super::cpu::{CpuMeter, CpuUse, Process};
+use super::placement::Placement;
 use crate::bench::workload::{ReadDatabase, Session};
 use crate::bench::{Plan, Target, TargetResult, Workload, WorkloadResult};
 
@@ -35,6 +42,10 @@ pub struct ThroughputResult {
     /// Per target, the CPU time per transaction of each process involved: the
     /// primary, its replicas, and the benchmark itself (SQLite's side).
     pub cpu: Vec<Vec<CpuUse>>,
+    /// The lone primary (target 0) and the first followed one (target 1) again,
+    /// with the application's side and replication on CPUs of their own; `None`
+    /// on a machine of one CPU.
+    pub placed: Option<WorkloadResult>,
 }
 
 /// A primary that replicas follow, as the comparison measures it.
@@ -68,15 +79,6 @@ pub(super) fn compare(
         .iter()
         .map(|target| Session::open(WORKLOAD, target, &no_read_db))
         .collect::<Result<Vec<_>, _>>()?;
-    let database = WORKLOAD.database_name();
-    let converge = |followed: &Followed<'_>| {
-        cluster::wait_converged(
-            followed.primary,
-            &followed.replicas,
-            database,
-            CONVERGE_TIMEOUT,
-        )
-    };
     for followed in followed {
         converge(followed)?;
     }
@@ -122,6 +124,10 @@ pub(super) fn compare(
             meters[index].stop();
         }
     }
+    let placed = match followed.first() {
+        Some(first) => placed_rounds(alone, first, &targets[..2], &mut sessions[..2], plan)?,
+        None => None,
+    };
     let cpu = meters
         .iter()
         .zip(&rounds)
@@ -134,15 +140,75 @@ pub(super) fn compare(
         })
         .collect();
     Ok(ThroughputResult {
-        result: WorkloadResult::new(
-            WORKLOAD,
-            targets
-                .iter()
-                .zip(rounds)
-                .map(|(target, rounds)| TargetResult::new(&target.name, rounds))
-                .collect(),
-        ),
+        result: workload_result(&targets, rounds),
         catch_up,
         cpu,
+        placed,
     })
+}
+
+/// Rounds taking turns on `alone` and `followed` (`targets` and `sessions`, in
+/// that order) with the application's side on one CPU and replication on the
+/// others; `None` on a machine of one CPU.
+fn placed_rounds(
+    alone: &Node,
+    followed: &Followed<'_>,
+    targets: &[Target],
+    sessions: &mut [Session],
+    plan: &Plan,
+) -> Result<Option<WorkloadResult>, ReplicationBenchError> {
+    let primaries: Vec<Process> = [alone, followed.primary]
+        .into_iter()
+        .filter_map(Node::process)
+        .collect();
+    let replicas: Vec<Process> = followed
+        .replicas
+        .iter()
+        .copied()
+        .filter_map(Node::process)
+        .collect();
+    let Some(placement) =
+        Placement::apply(&primaries, &replicas).map_err(ReplicationBenchError::Placement)?
+    else {
+        return Ok(None);
+    };
+    let mut rounds = vec![Vec::with_capacity(plan.rounds); targets.len()];
+    for session in sessions.iter_mut() {
+        session.run_for(plan.warm_up)?;
+    }
+    converge(followed)?;
+    for round in 0..plan.rounds {
+        for turn in 0..targets.len() {
+            let index = (turn + round) % targets.len();
+            rounds[index].push(sessions[index].run_for(plan.round)?);
+            if index == 1 {
+                converge(followed)?;
+            }
+        }
+    }
+    drop(placement);
+    Ok(Some(workload_result(targets, rounds)))
+}
+
+/// Waits until the replicas of `followed` have its position; returns how long
+/// that took.
+fn converge(followed: &Followed<'_>) -> Result<Duration, ReplicationBenchError> {
+    cluster::wait_converged(
+        followed.primary,
+        &followed.replicas,
+        WORKLOAD.database_name(),
+        CONVERGE_TIMEOUT,
+    )
+}
+
+/// Each target's rates in its rounds, as the workload's result.
+fn workload_result(targets: &[Target], rounds: Vec<Vec<f64>>) -> WorkloadResult {
+    WorkloadResult::new(
+        WORKLOAD,
+        targets
+            .iter()
+            .zip(rounds)
+            .map(|(target, rounds)| TargetResult::new(&target.name, rounds))
+            .collect(),
+    )
 }
