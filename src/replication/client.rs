@@ -641,7 +641,8 @@ const MAX_INLINE_APPLY_BYTES: usize = 256 * 1024;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum ApplyOn {
     /// On the calling task's thread, when the change set is small and applying
-    /// it needs no waiting (see [`Store::try_apply_change_set`]). Only for the follow loop, whose runtime
+    /// it needs no waiting (see [`Store::try_apply_change_set`]). Only for the
+    /// follow loop, whose runtime
     /// ([`crate::node::NodeSettings::replica_runtime`]) runs nothing else: a
     /// change set then goes from the socket to the database on one thread,
     /// without a hand-off to the blocking pool and back.
@@ -785,7 +786,8 @@ impl Verified {
 }
 
 /// Checks a change set's CRC and reads its header (from its file, for one in a
-/// file) and where the database stands; returns the bytes to apply.
+/// file) and where the database stands; returns the bytes to apply. A change
+/// set whose CRC differs never reaches the store.
 fn verify(
     store: &Store,
     change_set: ArrivedChangeSet,
@@ -828,7 +830,8 @@ fn verify_and_apply(
 
 /// Verifies and applies a change set in memory on the calling task's thread,
 /// unless applying would wait (for a reader, say): then the store hands it back
-/// and it is applied on the blocking pool, so this thread never waits.
+/// and it is applied on the blocking pool, so this thread never waits for a
+/// reader's transaction.
 async fn verify_and_apply_here(
     store: &Arc<Store>,
     change_set: ArrivedChangeSet,
