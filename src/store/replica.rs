@@ -137,6 +137,14 @@ impl ApplyTarget {
     }
 }
 
+/// Whether the database of `database_node` is in WAL mode before `received`, and
+/// whether its `-shm` takes part in applying it (WAL mode before or after).
+fn wal_modes(database_node: &Node, received: &ReceivedChangeSet) -> (bool, bool) {
+    let wal_before = database_node.database().is_wal_mode();
+    let wal_after = received.wal_mode_after().unwrap_or(wal_before);
+    (wal_before, wal_before || wal_after)
+}
+
 /// A file for a change set that arrives in pieces, made by
 /// [`Store::change_set_spool`]: append its bytes, then hand it over as
 /// [`ChangeSetBytes::InFile`] from offset `start`.
@@ -286,8 +294,8 @@ impl Store {
     /// The files an apply of `received` to `name` changes, when they all exist.
     fn existing_target(&self, name: &str, received: &ReceivedChangeSet) -> Option<ApplyTarget> {
         let database_node = self.lookup(name)?;
-        let wal_before = database_node.database().is_wal_mode();
-        let index_node = if wal_before || received.wal_mode_after().unwrap_or(wal_before) {
+        let (wal_before, uses_index) = wal_modes(&database_node, received);
+        let index_node = if uses_index {
             Some(self.lookup(&format!("{name}-shm"))?)
         } else {
             None
@@ -319,8 +327,8 @@ impl Store {
                 (self.create(name)?, true)
             }
         };
-        let wal_before = database_node.database().is_wal_mode();
-        let index_node = if wal_before || received.wal_mode_after().unwrap_or(wal_before) {
+        let (wal_before, uses_index) = wal_modes(&database_node, received);
+        let index_node = if uses_index {
             let shm = format!("{name}-shm");
             Some(match self.lookup(&shm) {
                 Some(node) => node,

@@ -25,8 +25,8 @@ const FUSE_THREAD_PREFIX: &str = "fuser";
 /// Threads moved to chosen CPUs until dropped.
 #[derive(Debug)]
 pub(super) struct Placement {
-    /// Every thread moved, as (process, thread) ids.
-    moved: Vec<(u32, u32)>,
+    /// The id of every thread moved.
+    moved: Vec<u32>,
     /// Every CPU this process could use before.
     all: libc::cpu_set_t,
 }
@@ -76,7 +76,7 @@ impl Placement {
     fn pin(&mut self, pid: u32, thread: u32, cpus: &libc::cpu_set_t) -> io::Result<()> {
         match set_affinity(thread, cpus) {
             Ok(()) => {
-                self.moved.push((pid, thread));
+                self.moved.push(thread);
                 Ok(())
             }
             // A thread that ended meanwhile needs no place.
@@ -91,7 +91,7 @@ impl Placement {
 
 impl Drop for Placement {
     fn drop(&mut self) {
-        for &(_, thread) in &self.moved {
+        for &thread in &self.moved {
             // A thread that ended since needs nothing; the others cannot fail
             // to get back CPUs they had.
             let _ = set_affinity(thread, &self.all);
