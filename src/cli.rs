@@ -7,11 +7,13 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
-use crate::config::{self, ExecCommand, LogConfig, LogFormat};
+use crate::config::{self, BackupDestination, ExecCommand, LogConfig, LogFormat};
 use crate::ltx;
 use crate::mount::{self, MountError, MountRequest};
 use crate::replication::{self, ReplicationError};
 use crate::tools;
+
+mod backup_commands;
 
 /// Exit status for usage and configuration errors.
 pub const EXIT_USAGE: i32 = 2;
@@ -84,6 +86,30 @@ enum Command {
         #[arg(long, default_value = DEFAULT_STATUS_URL)]
         url: String,
     },
+    /// Rebuild a database from its backup (no running node needed).
+    Restore {
+        /// The database's name in the mount.
+        #[arg(long)]
+        name: String,
+        /// Where to write the restored SQLite file.
+        output: PathBuf,
+        #[command(flatten)]
+        source: BackupSource,
+        /// Restore the state right after this TXID (decimal, or hex with 0x).
+        #[arg(long, conflicts_with = "timestamp")]
+        txid: Option<String>,
+        /// Restore the state of this moment (RFC 3339, e.g. 2026-12-06T10:00:00Z).
+        #[arg(long)]
+        timestamp: Option<String>,
+        /// Do nothing when OUTPUT already exists.
+        #[arg(long)]
+        if_not_exists: bool,
+    },
+    /// Show or check what a backup destination holds.
+    Backup {
+        #[command(subcommand)]
+        command: BackupCommand,
+    },
     /// Inspect LTX change-set files.
     Ltx {
         #[command(subcommand)]
@@ -107,6 +133,41 @@ enum Command {
         /// Also time a clean restart with a database of this many MB (0: skip).
         #[arg(long, default_value_t = 0)]
         restart_db_mb: u64,
+    },
+}
+
+/// Where `restore` and `backup` read from.
+#[derive(Debug, clap::Args)]
+struct BackupSource {
+    /// Take the first of backup.destinations (and its credentials) from this config file.
+    #[arg(long, short = 'c', conflicts_with = "url")]
+    config: Option<PathBuf>,
+    /// The destination's URL (s3://, gs://, az://, file://); credentials from the environment.
+    #[arg(long)]
+    url: Option<String>,
+}
+
+/// `ltxfs backup` subcommands.
+#[derive(Debug, Subcommand)]
+enum BackupCommand {
+    /// Per database: the earliest and latest restorable TXID and time, and the bytes held.
+    List {
+        #[command(flatten)]
+        source: BackupSource,
+        /// Only this database.
+        #[arg(long)]
+        name: Option<String>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Read every object, check digests and checksums; exit 1 naming the first bad one.
+    Verify {
+        #[command(flatten)]
+        source: BackupSource,
+        /// Only this database.
+        #[arg(long)]
+        name: Option<String>,
     },
 }
 
@@ -190,6 +251,27 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> i32 {
         Command::Status { url, json } => run_status(&url, json),
         Command::Promote { url } => run_promote(&url),
         Command::Ltx { command } => run_ltx(command),
+        Command::Restore {
+            name,
+            output,
+            source,
+            txid,
+            timestamp,
+            if_not_exists,
+        } => backup_commands::run_restore(
+            &source_destination(source),
+            &name,
+            &output,
+            txid.as_deref(),
+            timestamp.as_deref(),
+            if_not_exists,
+        ),
+        Command::Backup {
+            command: BackupCommand::List { source, name, json },
+        } => backup_commands::run_list(&source_destination(source), name.as_deref(), json),
+        Command::Backup {
+            command: BackupCommand::Verify { source, name },
+        } => backup_commands::run_verify(&source_destination(source), name.as_deref()),
         Command::Export { name, path, mount } => run_tool(mount, |mount_dir| {
             tools::export(mount_dir, &name, &path).map(|summary| summary.to_string())
         }),
@@ -234,6 +316,23 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> i32 {
             })
         }),
     }
+}
+
+/// The destination `--url` names, or the first of `--config`'s (or the default
+/// config file's) `backup.destinations`.
+fn source_destination(source: BackupSource) -> Result<BackupDestination, i32> {
+    if let Some(url) = source.url {
+        return Ok(BackupDestination {
+            url,
+            ..BackupDestination::default()
+        });
+    }
+    let loaded =
+        config::load(source.config.as_deref(), true).map_err(|error| fail(EXIT_USAGE, &error))?;
+    loaded.config.backup.destinations.into_iter().next().ok_or_else(|| {
+        eprintln!("ltxfs: error: no backup destination: pass --url URL, or --config FILE with backup.destinations");
+        EXIT_USAGE
+    })
 }
 
 /// Runs one of the `ltxfs bench` benchmarks with logging to stderr, and prints
@@ -373,7 +472,7 @@ fn run_mount(
     }
 }
 
-fn fail(code: i32, error: &dyn std::error::Error) -> i32 {
+pub(crate) fn fail(code: i32, error: &dyn std::error::Error) -> i32 {
     let mut message = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {

@@ -2,6 +2,7 @@
 //!
 //! See `ARCHITECTURE.md` for the code map.
 
+pub mod backup;
 pub mod bench;
 pub mod bridge;
 pub mod cli;

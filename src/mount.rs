@@ -23,6 +23,7 @@ use std::sync::Arc;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
+use crate::backup::{BackupStatus, Destination, Uploader};
 use crate::bridge::CommitBridge;
 use crate::lease::consul::ConsulLease;
 use crate::lease::etcd::EtcdLease;
@@ -349,6 +350,7 @@ fn lock_data_dir(data_dir: &Path) -> Result<File, MountError> {
 /// end with.
 pub fn run(request: MountRequest) -> Result<i32, MountError> {
     let plan = plan(&request)?;
+    check_backup_destinations(&request.config)?;
     let _data_dir_lock = lock_data_dir(&plan.data_dir)?;
     if plan.create_mount_point {
         std::fs::create_dir_all(&plan.mount_point).map_err(|error| {
@@ -378,6 +380,9 @@ pub fn run(request: MountRequest) -> Result<i32, MountError> {
     } else {
         Role::Replica
     };
+    if request.config.backup.restore_on_boot && request.config.lease.candidate {
+        restore_on_boot(&request.config, &plan.data_dir)?;
+    }
     let store = Store::open(&plan.data_dir, capture, role)
         .map_err(|error| MountError::runtime("open the data dir", io::Error::other(error)))?;
     if static_primary {
@@ -398,6 +403,7 @@ pub fn run(request: MountRequest) -> Result<i32, MountError> {
         let _context = runtime.enter();
         Signals::listen()?
     };
+    let backup_destinations = open_backup_destinations(&request.config)?;
     let session = MountedSession::start(
         fs,
         &plan.mount_point,
@@ -454,6 +460,18 @@ pub fn run(request: MountRequest) -> Result<i32, MountError> {
         listener,
         proxy_listener,
     )?;
+    let backup_shutdown = CancellationToken::new();
+    let backup_tasks = {
+        let _context = runtime.enter();
+        Uploader {
+            store: store.clone(),
+            destinations: backup_destinations,
+            config: request.config.backup.clone(),
+            spool_dir: plan.data_dir.clone(),
+            status: Arc::new(BackupStatus::default()),
+        }
+        .spawn(&backup_shutdown)
+    };
     let failed = replication.failed.clone();
     let exit_code = runtime.block_on(async {
         tokio::select! {
@@ -461,6 +479,15 @@ pub fn run(request: MountRequest) -> Result<i32, MountError> {
             () = failed.cancelled() => Err(MountError::Usage(
                 "this node cannot join the cluster (see the error above)".to_string(),
             )),
+        }
+    });
+    backup_shutdown.cancel();
+    runtime.block_on(async {
+        if tokio::time::timeout(SERVER_STOP_TIMEOUT, join_all(backup_tasks))
+            .await
+            .is_err()
+        {
+            tracing::warn!("the backup uploaders did not stop in time");
         }
     });
     replication.stop(&runtime);
@@ -471,6 +498,78 @@ pub fn run(request: MountRequest) -> Result<i32, MountError> {
         tracing::error!(%error, "could not save state for a fast restart; the next start rereads the databases");
     }
     exit_code
+}
+
+/// Connects to every `backup.destinations` entry and checks that it answers
+/// with the credentials given, before anything is created or mounted: a wrong
+/// URL, a missing bucket or bad credentials is a usage error naming the
+/// destination. Uses a runtime of its own, dropped with its connections.
+fn check_backup_destinations(config: &Config) -> Result<(), MountError> {
+    if config.backup.destinations.is_empty() {
+        return Ok(());
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|error| {
+            MountError::runtime("start a runtime to check backup destinations", error)
+        })?;
+    for destination in open_backup_destinations(config)? {
+        runtime
+            .block_on(destination.check())
+            .map_err(|error| MountError::Usage(error.to_string()))?;
+    }
+    Ok(())
+}
+
+/// `backup.restore-on-boot`: when the data dir holds no database, restores
+/// every database of the first destination into it, before the store opens
+/// and so before any write or `exec` command. A data dir with data is never
+/// restored over.
+fn restore_on_boot(config: &Config, data_dir: &Path) -> Result<(), MountError> {
+    let empty = crate::store::seed::data_dir_is_empty(data_dir)
+        .map_err(|error| MountError::runtime("read the data dir", io::Error::other(error)))?;
+    if !empty {
+        tracing::info!("the data dir has databases; not restoring from the backup");
+        return Ok(());
+    }
+    let Some(destination) = open_backup_destinations(config)?.into_iter().next() else {
+        return Ok(());
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|error| MountError::runtime("start a runtime to restore", error))?;
+    let restored = runtime
+        .block_on(crate::backup::restore::restore_into_data_dir(
+            &destination,
+            data_dir,
+        ))
+        .map_err(|error| MountError::runtime("restore from the backup", io::Error::other(error)))?;
+    if restored.is_empty() {
+        tracing::info!(destination = %destination, "the backup holds no database; starting empty");
+    }
+    for (name, database) in restored {
+        tracing::info!(
+            database = name,
+            txid = %database.txid,
+            bytes = database.bytes,
+            destination = %destination,
+            "restored from the backup"
+        );
+    }
+    Ok(())
+}
+
+/// A client for every `backup.destinations` entry (nothing is sent yet).
+fn open_backup_destinations(config: &Config) -> Result<Vec<Destination>, MountError> {
+    config
+        .backup
+        .destinations
+        .iter()
+        .map(|entry| Destination::open(entry).map_err(|error| MountError::Usage(error.to_string())))
+        .collect()
 }
 
 /// Binds the listen address `addr` of config key `key` (`:PORT` means every

@@ -434,8 +434,8 @@ fn litefs_keys_that_ltxfs_does_not_support_say_so() {
     let cases: &[(&str, &str, usize)] = &[
         (
             "fuse:\n  dir: /litefs\nbackup:\n  type: litefs-cloud\n  auth-token: x\n",
-            "backup",
-            3,
+            "backup.type",
+            4,
         ),
         (
             "tracing:\n  path: /var/log/litefs/trace.log\n  max-size: 64\n",

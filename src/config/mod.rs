@@ -5,7 +5,7 @@
 //! `litefs.yml` to `ltxfs.yml`. So every key that LiteFS has and ltxfs
 //! supports keeps LiteFS's name, value syntax, default and meaning; the few
 //! deliberate differences are listed below. LiteFS keys that ltxfs does not
-//! support yet (`backup`, `tracing`, the proxy's HTTP timeouts, ...) are
+//! support (LiteFS Cloud's `backup.type`, `tracing`, the proxy's HTTP timeouts, ...) are
 //! rejected with an error that says so, rather than as unknown keys.
 //!
 //! # Reading a file
@@ -42,8 +42,9 @@
 //!
 //! # Differences from LiteFS
 //!
-//! - `lease.type: etcd`, `proxy.mode`, `proxy.db` as a list, and
-//!   `data.max-size` are ltxfs additions.
+//! - `lease.type: etcd`, `proxy.mode`, `proxy.db` as a list,
+//!   `data.max-size` and the `backup` section (object storage; LiteFS's
+//!   was LiteFS Cloud) are ltxfs additions.
 //! - `proxy.max-lag` has no default (LiteFS: 10s); `0` also means no bound.
 //! - There is no `~/litefs.yml`-style search in the home directory.
 //! - `$$` is a literal `$` (Go expands it to an empty string), and malformed
@@ -91,6 +92,12 @@ pub const DEFAULT_CONSUL_LOCK_DELAY: Duration = Duration::from_secs(1);
 pub const DEFAULT_ETCD_TTL: Duration = Duration::from_secs(10);
 /// Default for `http.addr`, as in LiteFS: port 20202 on every interface.
 pub const DEFAULT_HTTP_ADDR: &str = ":20202";
+/// Default for `backup.sync-interval`.
+pub const DEFAULT_BACKUP_SYNC_INTERVAL: Duration = Duration::from_secs(1);
+/// Default for `backup.snapshot-interval`.
+pub const DEFAULT_BACKUP_SNAPSHOT_INTERVAL: Duration = Duration::from_secs(24 * 60 * 60);
+/// Default for `backup.retention`.
+pub const DEFAULT_BACKUP_RETENTION: Duration = Duration::from_secs(72 * 60 * 60);
 /// Default for `proxy.primary-redirect-timeout`, as in LiteFS.
 pub const DEFAULT_PRIMARY_REDIRECT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -132,6 +139,86 @@ pub struct Config {
     pub proxy: ProxyConfig,
     /// `log`: log output.
     pub log: LogConfig,
+    /// `backup` (ltxfs only): continuous backups to object storage.
+    pub backup: BackupConfig,
+}
+
+/// A secret from the config (a key or a password). Its `Debug` form never
+/// shows it, so it stays out of logs and error messages.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret value.
+    pub fn new(value: impl Into<String>) -> Secret {
+        Secret(value.into())
+    }
+
+    /// The secret itself, for the one place that sends it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str("Secret(\"***\")")
+    }
+}
+
+/// The `backup` section: where and how often the primary ships its change sets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackupConfig {
+    /// `backup.destinations`: every destination receives everything. Empty
+    /// means backups are off.
+    pub destinations: Vec<BackupDestination>,
+    /// `backup.sync-interval`: the most a committed transaction waits before
+    /// its upload starts. Default 1 second.
+    pub sync_interval: Duration,
+    /// `backup.snapshot-interval`: how often a full snapshot is uploaded.
+    /// Default 24 hours.
+    pub snapshot_interval: Duration,
+    /// `backup.retention`: the point-in-time restore window; older objects
+    /// are deleted. Default 72 hours.
+    pub retention: Duration,
+    /// `backup.restore-on-boot`: a primary with no data anywhere restores the
+    /// backup before it accepts writes. Default `false`.
+    pub restore_on_boot: bool,
+}
+
+impl Default for BackupConfig {
+    fn default() -> Self {
+        Self {
+            destinations: Vec::new(),
+            sync_interval: DEFAULT_BACKUP_SYNC_INTERVAL,
+            snapshot_interval: DEFAULT_BACKUP_SNAPSHOT_INTERVAL,
+            retention: DEFAULT_BACKUP_RETENTION,
+            restore_on_boot: false,
+        }
+    }
+}
+
+/// One entry of `backup.destinations`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BackupDestination {
+    /// `url`: `s3://bucket/prefix`, `gs://bucket/prefix`,
+    /// `az://container/prefix` or `file:///absolute/path`. Required.
+    pub url: String,
+    /// `endpoint`: an S3-compatible service's URL (Tigris, MinIO, ...).
+    pub endpoint: Option<String>,
+    /// `region`: the S3 region.
+    pub region: Option<String>,
+    /// `access-key-id` (S3); else `AWS_ACCESS_KEY_ID`.
+    pub access_key_id: Option<Secret>,
+    /// `secret-access-key` (S3); else `AWS_SECRET_ACCESS_KEY`.
+    pub secret_access_key: Option<Secret>,
+    /// `service-account` (GCS): a service account key file; else
+    /// `GOOGLE_APPLICATION_CREDENTIALS`.
+    pub service_account: Option<PathBuf>,
+    /// `account-name` (Azure); else `AZURE_STORAGE_ACCOUNT_NAME`.
+    pub account_name: Option<String>,
+    /// `account-key` (Azure); else `AZURE_STORAGE_ACCOUNT_KEY`.
+    pub account_key: Option<Secret>,
 }
 
 /// One command of `exec`.
@@ -456,6 +543,7 @@ impl Default for Config {
             replication: ReplicationConfig::default(),
             proxy: ProxyConfig::default(),
             log: LogConfig::default(),
+            backup: BackupConfig::default(),
         }
     }
 }
@@ -711,6 +799,7 @@ impl RawConfig {
         let replication = self.replication.unwrap_or_default();
         let proxy = self.proxy.unwrap_or_default();
         let log = self.log.unwrap_or_default();
+        let backup = self.backup.unwrap_or_default();
 
         Config {
             exit_on_error: flag_or(self.exit_on_error, defaults.exit_on_error),
@@ -776,6 +865,30 @@ impl RawConfig {
                 format: choice_or(log.format, defaults.log.format),
                 debug: flag_or(log.debug, defaults.log.debug),
                 timestamp: flag_or(log.timestamp, defaults.log.timestamp),
+            },
+            backup: BackupConfig {
+                destinations: backup
+                    .destinations
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|destination| BackupDestination {
+                        url: destination.url.unwrap_or_default(),
+                        endpoint: non_empty(destination.endpoint),
+                        region: non_empty(destination.region),
+                        access_key_id: non_empty(destination.access_key_id).map(Secret),
+                        secret_access_key: non_empty(destination.secret_access_key).map(Secret),
+                        service_account: non_empty(destination.service_account).map(PathBuf::from),
+                        account_name: non_empty(destination.account_name),
+                        account_key: non_empty(destination.account_key).map(Secret),
+                    })
+                    .collect(),
+                sync_interval: duration_or(backup.sync_interval, defaults.backup.sync_interval),
+                snapshot_interval: duration_or(
+                    backup.snapshot_interval,
+                    defaults.backup.snapshot_interval,
+                ),
+                retention: duration_or(backup.retention, defaults.backup.retention),
+                restore_on_boot: flag_or(backup.restore_on_boot, defaults.backup.restore_on_boot),
             },
         }
     }

@@ -28,8 +28,25 @@ pub(crate) const LITEFS_ONLY_MARKER: &str = "ltxfs-internal: LiteFS-only key";
 /// each. Any value under these keys is rejected with a specific message.
 pub(crate) const LITEFS_ONLY_KEYS: &[(&str, &str)] = &[
     (
-        "backup",
-        "ltxfs has no backup service integration; back the databases up separately.",
+        "backup.type",
+        "LiteFS Cloud is gone; ltxfs backs up to object storage itself: list them under `backup.destinations` (see docs/backup.md).",
+    ),
+    (
+        "backup.auth-token",
+        "LiteFS Cloud is gone; give object-storage credentials under `backup.destinations` instead.",
+    ),
+    (
+        "backup.path",
+        "write the destination as `backup.destinations: [{url: \"file:///abs/path\"}]`.",
+    ),
+    (
+        "backup.url",
+        "write the destination as `backup.destinations: [{url: ...}]`.",
+    ),
+    ("backup.delay", "ltxfs uses `backup.sync-interval`."),
+    (
+        "backup.full-sync-interval",
+        "ltxfs uses `backup.snapshot-interval`.",
     ),
     (
         "tracing",
@@ -60,8 +77,7 @@ pub(crate) struct RawConfig {
     pub replication: Option<RawReplication>,
     pub proxy: Option<RawProxy>,
     pub log: Option<RawLog>,
-    #[serde(default, rename = "backup")]
-    pub _backup: LiteFsOnly,
+    pub backup: Option<RawBackup>,
     #[serde(default, rename = "tracing")]
     pub _tracing: LiteFsOnly,
 }
@@ -152,6 +168,41 @@ pub(crate) struct RawProxy {
     pub _write_timeout: LiteFsOnly,
     #[serde(default, rename = "idle-timeout")]
     pub _idle_timeout: LiteFsOnly,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub(crate) struct RawBackup {
+    pub destinations: Option<Vec<RawDestination>>,
+    pub sync_interval: Option<GoDuration>,
+    pub snapshot_interval: Option<GoDuration>,
+    pub retention: Option<GoDuration>,
+    pub restore_on_boot: Option<Flag>,
+    #[serde(default, rename = "type")]
+    pub _type: LiteFsOnly,
+    #[serde(default, rename = "auth-token")]
+    pub _auth_token: LiteFsOnly,
+    #[serde(default, rename = "path")]
+    pub _path: LiteFsOnly,
+    #[serde(default, rename = "url")]
+    pub _url: LiteFsOnly,
+    #[serde(default, rename = "delay")]
+    pub _delay: LiteFsOnly,
+    #[serde(default, rename = "full-sync-interval")]
+    pub _full_sync_interval: LiteFsOnly,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub(crate) struct RawDestination {
+    pub url: Option<String>,
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<String>,
+    pub service_account: Option<String>,
+    pub account_name: Option<String>,
+    pub account_key: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -37,6 +37,81 @@ pub(crate) fn first_problem(config: &Config) -> Option<Problem> {
         .or_else(|| check_lease(config))
         .or_else(|| check_http(config))
         .or_else(|| check_proxy(config))
+        .or_else(|| check_backup(config))
+}
+
+/// The URL schemes `backup.destinations[].url` accepts.
+pub(crate) const BACKUP_SCHEMES: &[&str] = &["s3", "gs", "az", "file"];
+
+fn check_backup(config: &Config) -> Option<Problem> {
+    let backup = &config.backup;
+    for (index, destination) in backup.destinations.iter().enumerate() {
+        let key = format!("backup.destinations[{index}].url");
+        let url = &destination.url;
+        if url.is_empty() {
+            return Some(problem(
+                key,
+                "is required: `s3://bucket/prefix`, `gs://bucket/prefix`, \
+                 `az://container/prefix` or `file:///absolute/path`",
+            ));
+        }
+        let Some((scheme, rest)) = url.split_once("://") else {
+            return Some(problem(
+                key,
+                format!("`{url}` is not a URL; write `s3://bucket/prefix` or `file:///path`"),
+            ));
+        };
+        if !BACKUP_SCHEMES.contains(&scheme) {
+            return Some(problem(
+                key,
+                format!("unknown scheme `{scheme}://`; use one of s3://, gs://, az:// or file://"),
+            ));
+        }
+        if scheme == "file" {
+            if !rest.starts_with('/') {
+                return Some(problem(
+                    key,
+                    format!("`{url}` must name an absolute path, as in `file:///var/backups/db`"),
+                ));
+            }
+        } else if rest.split('/').next().unwrap_or("").is_empty() {
+            return Some(problem(
+                key,
+                format!("`{url}` names no bucket; write `{scheme}://BUCKET/prefix`"),
+            ));
+        }
+        if let Some(endpoint) = &destination.endpoint
+            && let Some(problem) =
+                check_http_url(&format!("backup.destinations[{index}].endpoint"), endpoint)
+        {
+            return Some(problem);
+        }
+    }
+    if backup.sync_interval.is_zero() {
+        return Some(problem(
+            "backup.sync-interval",
+            "must be longer than zero; the default is `1s`",
+        ));
+    }
+    if backup.snapshot_interval.is_zero() {
+        return Some(problem(
+            "backup.snapshot-interval",
+            "must be longer than zero; the default is `24h`",
+        ));
+    }
+    if backup.retention < backup.sync_interval {
+        return Some(problem(
+            "backup.retention",
+            "must be at least `backup.sync-interval`; the default is `72h`",
+        ));
+    }
+    if backup.restore_on_boot && backup.destinations.is_empty() {
+        return Some(problem(
+            "backup.restore-on-boot",
+            "needs at least one entry in `backup.destinations` to restore from",
+        ));
+    }
+    None
 }
 
 fn check_exec(config: &Config) -> Option<Problem> {

@@ -23,6 +23,7 @@ pub mod locks;
 pub mod log;
 mod names;
 mod replica;
+pub mod seed;
 mod wal;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -727,6 +728,11 @@ impl Store {
     /// Sets the lease epoch stored in the change sets this node captures from now on.
     pub fn set_epoch(&self, epoch: u64) {
         self.shared.epoch.store(epoch, Ordering::Release);
+    }
+
+    /// The lease epoch change sets are stamped with (0 before the first).
+    pub fn epoch(&self) -> u64 {
+        self.shared.epoch()
     }
 
     /// Every database that has a position, with it, ordered by name.

@@ -1,0 +1,467 @@
+//! The remote layout: object names, the framing inside an object, and which
+//! objects a restore reads. Pure: no I/O.
+//!
+//! Every object of a database lives under `<prefix>/<database>/` and is named
+//! by everything a restore needs to plan with a listing alone:
+//!
+//! ```text
+//! <database>/<kind>/<min txid>-<max txid>_<epoch>_<pre>_<post>_<time>_<sha256>.ltx
+//! ```
+//!
+//! `kind` is `changes` (the change sets of one sync interval) or `snapshots`
+//! (the whole database); TXIDs, the lease epoch, the pre- and post-apply
+//! checksums and the commit time of the last transaction (Unix milliseconds)
+//! are 16 hex digits; `sha256` is the object's SHA-256 in 64 hex digits. The
+//! listing is the manifest: names are immutable (written with conditional
+//! puts) and each one carries its object's digest.
+//!
+//! An object is a sequence of records, each a big-endian `u64` length and
+//! one LTX file, oldest first: a restore can stop after any transaction, not
+//! only at object boundaries. A snapshot object holds one snapshot record.
+//!
+//! Invariants: names parse back to what formatted them; a restore plan is a
+//! chain where each object starts at the TXID after the previous one's end
+//! with a pre-apply checksum equal to its post-apply checksum, and the lease
+//! epoch never goes down along it (a fenced old primary's late objects lose
+//! to its successor's).
+
+use std::fmt;
+
+use crate::ltx::{Checksum, TxId};
+
+/// The two kinds of object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ObjectKind {
+    /// The change sets committed during one sync interval.
+    Changes,
+    /// A snapshot of the whole database.
+    Snapshot,
+}
+
+impl ObjectKind {
+    /// The folder of this kind under a database.
+    pub fn folder(self) -> &'static str {
+        match self {
+            ObjectKind::Changes => "changes",
+            ObjectKind::Snapshot => "snapshots",
+        }
+    }
+
+    fn from_folder(folder: &str) -> Option<ObjectKind> {
+        match folder {
+            "changes" => Some(ObjectKind::Changes),
+            "snapshots" => Some(ObjectKind::Snapshot),
+            _ => None,
+        }
+    }
+}
+
+/// Everything an object's name says about it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ObjectName {
+    /// The database it belongs to.
+    pub database: String,
+    /// Changes or snapshot.
+    pub kind: ObjectKind,
+    /// The first TXID it holds (1 for a snapshot).
+    pub min_txid: TxId,
+    /// The last TXID it holds.
+    pub max_txid: TxId,
+    /// The lease epoch of the primary that wrote it.
+    pub epoch: u64,
+    /// The database checksum before its first transaction (zero for a
+    /// snapshot).
+    pub pre_apply: Checksum,
+    /// The database checksum after its last transaction.
+    pub post_apply: Checksum,
+    /// The commit time of its last transaction, Unix milliseconds.
+    pub timestamp_ms: u64,
+    /// The SHA-256 of the whole object.
+    pub sha256: [u8; 32],
+}
+
+/// Why a name is not an object name of this layout.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("`{name}` is not a backup object name: {reason}")]
+pub struct NameError {
+    /// The name as found.
+    pub name: String,
+    /// What is wrong with it.
+    pub reason: &'static str,
+}
+
+impl ObjectName {
+    /// The object's path relative to the destination's prefix.
+    pub fn path(&self) -> String {
+        format!(
+            "{}/{}/{:016x}-{:016x}_{:016x}_{:016x}_{:016x}_{:016x}_{}.ltx",
+            self.database,
+            self.kind.folder(),
+            self.min_txid.0,
+            self.max_txid.0,
+            self.epoch,
+            self.pre_apply.0,
+            self.post_apply.0,
+            self.timestamp_ms,
+            hex(&self.sha256)
+        )
+    }
+
+    /// Parses a path made by [`ObjectName::path`].
+    pub fn parse(path: &str) -> Result<ObjectName, NameError> {
+        let error = |reason| NameError {
+            name: path.to_string(),
+            reason,
+        };
+        let mut parts = path.rsplitn(3, '/');
+        let file = parts.next().ok_or_else(|| error("no file name"))?;
+        let folder = parts.next().ok_or_else(|| error("no kind folder"))?;
+        let database = parts.next().ok_or_else(|| error("no database folder"))?;
+        if database.is_empty() || database.contains('/') {
+            return Err(error("the database folder is empty or nested"));
+        }
+        let kind = ObjectKind::from_folder(folder)
+            .ok_or_else(|| error("the kind folder is neither `changes` nor `snapshots`"))?;
+        let stem = file
+            .strip_suffix(".ltx")
+            .ok_or_else(|| error("it does not end in `.ltx`"))?;
+        let fields: Vec<&str> = stem.split('_').collect();
+        let [range, epoch, pre, post, time, sha] = fields[..] else {
+            return Err(error("it does not have six `_`-separated fields"));
+        };
+        let (min, max) = range
+            .split_once('-')
+            .ok_or_else(|| error("the TXID range has no `-`"))?;
+        let number = |text: &str| {
+            if text.len() != 16 {
+                return Err(error("a number is not 16 hex digits"));
+            }
+            u64::from_str_radix(text, 16).map_err(|_| error("a number is not hexadecimal"))
+        };
+        let sha256 = parse_hex_32(sha).ok_or_else(|| error("the SHA-256 is not 64 hex digits"))?;
+        let name = ObjectName {
+            database: database.to_string(),
+            kind,
+            min_txid: TxId(number(min)?),
+            max_txid: TxId(number(max)?),
+            epoch: number(epoch)?,
+            pre_apply: Checksum(number(pre)?),
+            post_apply: Checksum(number(post)?),
+            timestamp_ms: number(time)?,
+            sha256,
+        };
+        if name.min_txid.0 == 0 || name.min_txid > name.max_txid {
+            return Err(error("the TXID range is empty or starts at zero"));
+        }
+        if (kind == ObjectKind::Snapshot) != (name.min_txid.0 == 1) {
+            return Err(error("snapshots, and only they, start at TXID 1"));
+        }
+        Ok(name)
+    }
+}
+
+impl fmt::Display for ObjectName {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.write_str(&self.path())
+    }
+}
+
+/// Lower-case hex of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
+fn parse_hex_32(text: &str) -> Option<[u8; 32]> {
+    if text.len() != 64 || !text.bytes().all(|byte| byte.is_ascii_hexdigit()) {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (index, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&text[index * 2..index * 2 + 2], 16).ok()?;
+    }
+    Some(out)
+}
+
+/// The framing of records inside an object: a big-endian `u64` length, then
+/// that many bytes of one LTX file.
+pub const RECORD_LENGTH_BYTES: usize = 8;
+
+/// Appends one framed record to `out`.
+pub fn frame_record(out: &mut Vec<u8>, ltx: &[u8]) {
+    out.extend_from_slice(&(ltx.len() as u64).to_be_bytes());
+    out.extend_from_slice(ltx);
+}
+
+/// What a restore asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// The newest state.
+    Latest,
+    /// The state right after this TXID.
+    TxId(TxId),
+    /// The state after the last transaction committed at or before this
+    /// time (Unix milliseconds).
+    Time(u64),
+}
+
+/// Objects to read, in order, and where to stop.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RestorePlan {
+    /// A snapshot, then change objects, each following the previous one.
+    pub objects: Vec<ObjectName>,
+    /// The target, for the last object (which may be applied only in part).
+    pub target: Target,
+}
+
+/// Why no plan reaches the target.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PlanError {
+    /// The database has no snapshot to start from.
+    #[error("the backup of `{0}` has no snapshot to start from")]
+    NoSnapshot(String),
+    /// No chain reaches the target.
+    #[error("the backup of `{database}` cannot reach {target}: {detail}")]
+    Unreachable {
+        /// The database.
+        database: String,
+        /// The target, in words.
+        target: String,
+        /// The restorable range, in words.
+        detail: String,
+    },
+}
+
+/// The chain from `snapshot` on: at each step the object that follows with the
+/// highest epoch (never lower than the chain's), then the longest.
+pub fn chain_from<'a>(snapshot: &'a ObjectName, changes: &'a [ObjectName]) -> Vec<&'a ObjectName> {
+    let mut chain = vec![snapshot];
+    let mut current = snapshot;
+    loop {
+        let next = changes
+            .iter()
+            .filter(|object| {
+                object.min_txid.0 == current.max_txid.0 + 1
+                    && object.pre_apply == current.post_apply
+                    && object.epoch >= current.epoch
+            })
+            .max_by_key(|object| (object.epoch, object.max_txid));
+        match next {
+            Some(object) => {
+                chain.push(object);
+                current = object;
+            }
+            None => return chain,
+        }
+    }
+}
+
+/// The restorable chains of one database's objects: one per snapshot, as far
+/// as it goes. Ordered so the best end comes last: the highest epoch, then
+/// the latest commit (a history that started again from TXID 1 in the same
+/// epoch, as after a data dir was lost, is newer than the one it replaced),
+/// then the highest TXID, then the fewest objects.
+pub fn chains(objects: &[ObjectName]) -> Vec<Vec<&ObjectName>> {
+    let changes: Vec<ObjectName> = objects
+        .iter()
+        .filter(|object| object.kind == ObjectKind::Changes)
+        .cloned()
+        .collect();
+    let mut chains: Vec<Vec<&ObjectName>> = objects
+        .iter()
+        .filter(|object| object.kind == ObjectKind::Snapshot)
+        .map(|snapshot| {
+            chain_from(snapshot, &changes)
+                .into_iter()
+                .map(|link| {
+                    objects
+                        .iter()
+                        .find(|object| *object == link)
+                        .expect("every link is one of the objects")
+                })
+                .collect()
+        })
+        .collect();
+    chains.sort_by_key(|chain| {
+        let end = chain.last().expect("a chain starts with its snapshot");
+        (
+            end.epoch,
+            end.timestamp_ms,
+            end.max_txid,
+            std::cmp::Reverse(chain.len()),
+        )
+    });
+    chains
+}
+
+/// Plans a restore of one database's objects (all of one database) to
+/// `target`: the shortest chain from a snapshot that reaches it.
+pub fn plan(
+    database: &str,
+    objects: &[ObjectName],
+    target: Target,
+) -> Result<RestorePlan, PlanError> {
+    let chains = chains(objects);
+    if chains.is_empty() {
+        return Err(PlanError::NoSnapshot(database.to_string()));
+    }
+    let unreachable = |target: String| {
+        let best = chains.last().expect("not empty");
+        let (first, last) = (best[0], best[best.len() - 1]);
+        PlanError::Unreachable {
+            database: database.to_string(),
+            target,
+            detail: format!(
+                "restorable are TXIDs {} to {} (commit times {} to {})",
+                first.max_txid,
+                last.max_txid,
+                crate::ltx::format_timestamp_millis(first.timestamp_ms),
+                crate::ltx::format_timestamp_millis(last.timestamp_ms)
+            ),
+        }
+    };
+    let cut = |chain: &[&ObjectName], keep: usize| RestorePlan {
+        objects: chain[..keep]
+            .iter()
+            .map(|object| (*object).clone())
+            .collect(),
+        target,
+    };
+    match target {
+        Target::Latest => {
+            let best = chains.last().expect("not empty");
+            Ok(cut(best, best.len()))
+        }
+        Target::TxId(txid) => {
+            // The best chain that holds the TXID, from its newest snapshot at
+            // or before it.
+            chains
+                .iter()
+                .rev()
+                .filter(|chain| chain[0].max_txid <= txid)
+                .filter_map(|chain| {
+                    let keep = chain.iter().position(|object| object.max_txid >= txid)? + 1;
+                    Some((chain, keep))
+                })
+                .max_by_key(|(chain, _)| (chain[0].max_txid, chain.last().map(|o| o.epoch)))
+                .map(|(chain, keep)| cut(chain, keep))
+                .ok_or_else(|| unreachable(format!("TXID {txid}")))
+        }
+        Target::Time(millis) => chains
+            .iter()
+            .rev()
+            .filter(|chain| chain[0].timestamp_ms <= millis)
+            .map(|chain| {
+                // Every object up to the first that ends after the time; that
+                // one is applied only up to the time.
+                let keep = chain
+                    .iter()
+                    .position(|object| object.timestamp_ms > millis)
+                    .map_or(chain.len(), |index| index + 1);
+                (chain, keep)
+            })
+            .max_by_key(|(chain, _)| (chain[0].timestamp_ms, chain.last().map(|o| o.epoch)))
+            .map(|(chain, keep)| cut(chain, keep))
+            .ok_or_else(|| unreachable(crate::ltx::format_timestamp_millis(millis).to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn object(kind: ObjectKind, range: (u64, u64), epoch: u64, pre: u64, post: u64) -> ObjectName {
+        ObjectName {
+            database: "app.db".into(),
+            kind,
+            min_txid: TxId(range.0),
+            max_txid: TxId(range.1),
+            epoch,
+            pre_apply: Checksum(pre),
+            post_apply: Checksum(post),
+            timestamp_ms: range.1 * 1000,
+            sha256: [7; 32],
+        }
+    }
+
+    const C: u64 = 1 << 63;
+
+    #[test]
+    fn names_round_trip_and_bad_names_say_why() {
+        let name = object(ObjectKind::Changes, (5, 9), 3, C | 1, C | 2);
+        assert_eq!(ObjectName::parse(&name.path()).unwrap(), name);
+        let snapshot = object(ObjectKind::Snapshot, (1, 9), 3, 0, C | 2);
+        assert_eq!(ObjectName::parse(&snapshot.path()).unwrap(), snapshot);
+        for bad in [
+            "app.db/changes/x.ltx",
+            "app.db/other/0000000000000001-0000000000000001_0_0_0_0_00.ltx",
+            "changes/0000000000000001-0000000000000001.ltx",
+            &object(ObjectKind::Changes, (1, 9), 3, 0, C).path(),
+            &name.path().replace(".ltx", ".bin"),
+            &name.path().replace("_0707", "_z707"),
+        ] {
+            assert!(ObjectName::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_latest_plan_follows_checksums_and_prefers_the_newer_epoch() {
+        let objects = vec![
+            object(ObjectKind::Snapshot, (1, 10), 1, 0, C | 10),
+            object(ObjectKind::Changes, (11, 12), 1, C | 10, C | 12),
+            // An old primary, cut off, kept uploading after 12...
+            object(ObjectKind::Changes, (13, 20), 1, C | 12, C | 99),
+            // ...while its successor went on from 12 under epoch 2.
+            object(ObjectKind::Changes, (13, 14), 2, C | 12, C | 14),
+            object(ObjectKind::Changes, (15, 15), 2, C | 14, C | 15),
+            // Does not follow: wrong checksum.
+            object(ObjectKind::Changes, (16, 16), 2, C | 1, C | 16),
+        ];
+        let plan = plan("app.db", &objects, Target::Latest).unwrap();
+        let ends: Vec<(u64, u64)> = plan
+            .objects
+            .iter()
+            .map(|o| (o.max_txid.0, o.epoch))
+            .collect();
+        assert_eq!(ends, vec![(10, 1), (12, 1), (14, 2), (15, 2)]);
+    }
+
+    #[test]
+    fn txid_and_time_plans_stop_at_the_object_that_holds_the_target() {
+        let objects = vec![
+            object(ObjectKind::Snapshot, (1, 10), 1, 0, C | 10),
+            object(ObjectKind::Changes, (11, 15), 1, C | 10, C | 15),
+            object(ObjectKind::Changes, (16, 20), 1, C | 15, C | 20),
+            object(ObjectKind::Snapshot, (1, 20), 1, 0, C | 20),
+            object(ObjectKind::Changes, (21, 30), 1, C | 20, C | 30),
+        ];
+        let plan_for = |target| {
+            plan("app.db", &objects, target)
+                .unwrap()
+                .objects
+                .iter()
+                .map(|o| (o.min_txid.0, o.max_txid.0))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(plan_for(Target::TxId(TxId(13))), vec![(1, 10), (11, 15)]);
+        assert_eq!(plan_for(Target::TxId(TxId(25))), vec![(1, 20), (21, 30)]);
+        assert_eq!(
+            plan_for(Target::Time(17_500)),
+            vec![(1, 10), (11, 15), (16, 20)]
+        );
+        // The object after the snapshot may hold commits up to the time; the
+        // restore reads it and applies none that came later.
+        assert_eq!(plan_for(Target::Time(20_000)), vec![(1, 20), (21, 30)]);
+        assert!(matches!(
+            plan("app.db", &objects, Target::TxId(TxId(31))),
+            Err(PlanError::Unreachable { .. })
+        ));
+        assert!(matches!(
+            plan("app.db", &objects, Target::Time(5_000)),
+            Err(PlanError::Unreachable { .. })
+        ));
+        assert_eq!(
+            plan("app.db", &objects[1..3], Target::Latest),
+            Err(PlanError::NoSnapshot("app.db".into()))
+        );
+    }
+}

@@ -1,0 +1,428 @@
+//! Rebuilds a database from a destination's objects, at the newest state, a
+//! TXID or a time, with no node running.
+//!
+//! Each object of the plan is downloaded to a spool file (its SHA-256 checked
+//! against its name as it arrives), then its records are applied page by page
+//! to a temporary file beside the output, keeping one checksum per page: each
+//! record's pre-apply checksum must equal the database's, and after it the
+//! database's checksum must equal its post-apply checksum. Only a database
+//! that passed every check is renamed to the output. Memory is one page and
+//! one download chunk, whatever the database's size.
+
+use std::fs::File;
+use std::io::{BufReader, Read, Seek, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use futures_util::StreamExt;
+use sha2::{Digest, Sha256};
+
+use super::layout::{self, ObjectName, RECORD_LENGTH_BYTES, Target};
+use super::{BackupError, Destination};
+use crate::ltx::{self, Checksum, DatabaseChecksum, Decoder, Header, TxId};
+
+/// What a restore wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Restored {
+    /// The TXID of the last transaction applied.
+    pub txid: TxId,
+    /// Its commit time, Unix milliseconds.
+    pub timestamp_ms: u64,
+    /// The database's LTX checksum, as the backup recorded it for that TXID.
+    pub checksum: Checksum,
+    /// The database's size in bytes.
+    pub bytes: u64,
+}
+
+/// Progress callbacks (for a terminal): called after each object with the
+/// objects done and in all.
+pub type Progress<'a> = &'a mut (dyn FnMut(usize, usize) + Send);
+
+/// Restores `database` from `destination` to `target` into `output` (which
+/// is replaced). Temporary files go beside `output`.
+pub async fn restore(
+    destination: &Destination,
+    database: &str,
+    target: Target,
+    output: &Path,
+    progress: Progress<'_>,
+) -> Result<Restored, BackupError> {
+    let objects: Vec<ObjectName> = destination
+        .list(Some(database))
+        .await?
+        .into_iter()
+        .map(|listed| listed.name)
+        .collect();
+    if objects.is_empty() {
+        return Err(BackupError::NoBackup(database.to_string()));
+    }
+    let plan = layout::plan(database, &objects, target)?;
+    let dir = spool_dir_for(output);
+    let partial = tempfile::Builder::new()
+        .prefix(".ltxfs-restore-")
+        .tempfile_in(&dir)
+        .map_err(|error| {
+            BackupError::local(format!("create a file in {}", dir.display()), error)
+        })?;
+    let mut builder = Builder::new(
+        partial
+            .as_file()
+            .try_clone()
+            .map_err(|error| BackupError::local("open the restored file", error))?,
+    );
+    let total = plan.objects.len();
+    for (index, object) in plan.objects.iter().enumerate() {
+        let spool = download(destination, object, &dir).await?;
+        let object_owned = object.clone();
+        builder = tokio::task::spawn_blocking(move || {
+            let mut builder = builder;
+            builder.apply_object(&object_owned, spool, target)?;
+            Ok::<_, BackupError>(builder)
+        })
+        .await
+        .map_err(|error| BackupError::local("apply an object", std::io::Error::other(error)))??;
+        progress(index + 1, total);
+        if builder.reached(target) {
+            break;
+        }
+    }
+    if let Target::TxId(txid) = target
+        && builder.txid != txid
+    {
+        return Err(BackupError::Plan(layout::PlanError::Unreachable {
+            database: database.to_string(),
+            target: format!("TXID {txid}"),
+            detail: format!("the objects end at TXID {}", builder.txid),
+        }));
+    }
+    let restored = tokio::task::spawn_blocking(move || builder.finish())
+        .await
+        .map_err(|error| {
+            BackupError::local("finish the restore", std::io::Error::other(error))
+        })??;
+    partial.persist(output).map_err(|error| {
+        BackupError::local(format!("rename into {}", output.display()), error.error)
+    })?;
+    if let Ok(directory) = File::open(&dir) {
+        let _ = directory.sync_all();
+    }
+    Ok(restored)
+}
+
+/// Downloads `object` to an unnamed file in `dir`, checking its SHA-256.
+pub(super) async fn download(
+    destination: &Destination,
+    object: &ObjectName,
+    dir: &Path,
+) -> Result<File, BackupError> {
+    let mut file = tempfile::tempfile_in(dir).map_err(|error| {
+        BackupError::local(format!("create a file in {}", dir.display()), error)
+    })?;
+    let mut stream = destination.get(object).await?;
+    let mut digest = Sha256::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk?;
+        digest.update(&chunk);
+        file.write_all(&chunk)
+            .map_err(|error| BackupError::local("write a downloaded object", error))?;
+    }
+    let sha = digest.finalize();
+    if sha.as_slice() != object.sha256 {
+        return Err(BackupError::bad_object(
+            object,
+            format!(
+                "its SHA-256 is {} but its name says {}",
+                layout::hex(&sha),
+                layout::hex(&object.sha256)
+            ),
+        ));
+    }
+    file.rewind()
+        .map_err(|error| BackupError::local("read a downloaded object", error))?;
+    Ok(file)
+}
+
+/// Reads the records of an object file one at a time.
+pub(super) struct Records {
+    reader: BufReader<File>,
+}
+
+impl Records {
+    pub(super) fn new(file: File) -> Records {
+        Records {
+            reader: BufReader::new(file),
+        }
+    }
+
+    /// The next record's bytes as a reader ending where the record ends, or
+    /// `None` at the end of the object.
+    pub(super) fn next_record(
+        &mut self,
+        object: &ObjectName,
+    ) -> Result<Option<std::io::Take<&mut BufReader<File>>>, BackupError> {
+        let mut length = [0u8; RECORD_LENGTH_BYTES];
+        let mut filled = 0;
+        while filled < length.len() {
+            match self.reader.read(&mut length[filled..]) {
+                Ok(0) if filled == 0 => return Ok(None),
+                Ok(0) => {
+                    return Err(BackupError::bad_object(
+                        object,
+                        "it ends inside a record's length",
+                    ));
+                }
+                Ok(count) => filled += count,
+                Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(error) => return Err(BackupError::local("read a downloaded object", error)),
+            }
+        }
+        Ok(Some((&mut self.reader).take(u64::from_be_bytes(length))))
+    }
+}
+
+/// A database being rebuilt in a file, with a checksum per page.
+struct Builder {
+    file: File,
+    page_size: u32,
+    commit: u32,
+    txid: TxId,
+    timestamp_ms: u64,
+    /// The checksum of each page `1..=commit` (index `pgno - 1`).
+    pages: Vec<Checksum>,
+    checksum: Option<DatabaseChecksum>,
+    /// Set once the target is passed: nothing more is applied.
+    done: bool,
+}
+
+impl Builder {
+    fn new(file: File) -> Builder {
+        Builder {
+            file,
+            page_size: 0,
+            commit: 0,
+            txid: TxId(0),
+            timestamp_ms: 0,
+            pages: Vec::new(),
+            checksum: None,
+            done: false,
+        }
+    }
+
+    fn reached(&self, target: Target) -> bool {
+        match target {
+            Target::Latest => false,
+            Target::TxId(txid) => self.txid >= txid,
+            Target::Time(_) => self.done,
+        }
+    }
+
+    fn apply_object(
+        &mut self,
+        object: &ObjectName,
+        file: File,
+        target: Target,
+    ) -> Result<(), BackupError> {
+        let mut records = Records::new(file);
+        let mut first = true;
+        while let Some(record) = records.next_record(object)? {
+            let mut decoder =
+                Decoder::new(record).map_err(|error| BackupError::bad_ltx(object, error))?;
+            let header = *decoder.header();
+            if first && header.pre_apply_checksum != object.pre_apply {
+                return Err(BackupError::bad_object(
+                    object,
+                    "its first record's pre-apply checksum differs from its name's",
+                ));
+            }
+            first = false;
+            let stop = match target {
+                Target::Latest => false,
+                Target::TxId(txid) => header.min_txid > txid,
+                Target::Time(millis) => header.timestamp > millis && self.txid.0 > 0,
+            };
+            if stop {
+                self.done = true;
+                return Ok(());
+            }
+            if let Target::TxId(txid) = target
+                && header.max_txid > txid
+            {
+                return Err(BackupError::bad_object(
+                    object,
+                    format!(
+                        "its record {} holds TXIDs {} to {} together, so TXID {txid} alone cannot be restored",
+                        header.filename(),
+                        header.min_txid,
+                        header.max_txid
+                    ),
+                ));
+            }
+            self.apply_record(object, &header, &mut decoder)?;
+        }
+        if self.txid != object.max_txid {
+            return Err(BackupError::bad_object(
+                object,
+                format!(
+                    "its records end at TXID {} but its name says {}",
+                    self.txid, object.max_txid
+                ),
+            ));
+        }
+        if self.checksum.map(|checksum| checksum.value()) != Some(object.post_apply) {
+            return Err(BackupError::bad_object(
+                object,
+                "the database's checksum after it differs from its name's post-apply checksum",
+            ));
+        }
+        Ok(())
+    }
+
+    fn apply_record<R: Read>(
+        &mut self,
+        object: &ObjectName,
+        header: &Header,
+        decoder: &mut Decoder<R>,
+    ) -> Result<(), BackupError> {
+        let snapshot = header.is_snapshot();
+        if snapshot {
+            self.page_size = header.page_size;
+            self.pages.clear();
+            self.commit = 0;
+            self.checksum = Some(
+                DatabaseChecksum::new(header.page_size)
+                    .map_err(|error| BackupError::bad_ltx(object, error))?,
+            );
+        } else {
+            if self.txid.0 + 1 != header.min_txid.0 {
+                return Err(BackupError::bad_object(
+                    object,
+                    format!(
+                        "record {} does not follow TXID {}",
+                        header.filename(),
+                        self.txid
+                    ),
+                ));
+            }
+            let current = self.checksum.map(|checksum| checksum.value());
+            if current != Some(header.pre_apply_checksum) || header.page_size != self.page_size {
+                return Err(BackupError::bad_object(
+                    object,
+                    format!(
+                        "record {} expects checksum {} (page size {}) but the database has {} (page size {}): the chain is broken here",
+                        header.filename(),
+                        header.pre_apply_checksum,
+                        header.page_size,
+                        current.unwrap_or(Checksum(0)),
+                        self.page_size
+                    ),
+                ));
+            }
+        }
+        let checksum = self.checksum.as_mut().expect("set by the snapshot");
+        let page_size = u64::from(header.page_size);
+        let mut page = vec![0u8; header.page_size as usize];
+        while let Some(pgno) = decoder
+            .next_page_into(&mut page)
+            .map_err(|error| BackupError::bad_ltx(object, error))?
+        {
+            let index = pgno as usize - 1;
+            if self.pages.len() <= index {
+                self.pages.resize(index + 1, Checksum(0));
+            }
+            let old = self.pages[index];
+            if old.0 != 0 {
+                checksum.remove_page_checksum(pgno, old);
+            }
+            let new = ltx::page_checksum(pgno, &page);
+            checksum.add_page_checksum(pgno, new);
+            self.pages[index] = new;
+            self.file
+                .write_all_at(&page, (u64::from(pgno) - 1) * page_size)
+                .map_err(|error| BackupError::local("write the restored database", error))?;
+        }
+        let trailer = decoder
+            .finish()
+            .map_err(|error| BackupError::bad_ltx(object, error))?;
+        if (header.commit as usize) < self.pages.len() {
+            for (index, old) in self.pages.drain(header.commit as usize..).enumerate() {
+                if old.0 != 0 {
+                    checksum.remove_page_checksum(header.commit + 1 + index as u32, old);
+                }
+            }
+        }
+        self.commit = header.commit;
+        if checksum.value() != trailer.post_apply_checksum {
+            return Err(BackupError::bad_object(
+                object,
+                format!(
+                    "after record {} the database's checksum is {} but the record says {}",
+                    header.filename(),
+                    checksum.value(),
+                    trailer.post_apply_checksum
+                ),
+            ));
+        }
+        self.txid = header.max_txid;
+        self.timestamp_ms = header.timestamp;
+        Ok(())
+    }
+
+    fn finish(self) -> Result<Restored, BackupError> {
+        let bytes = u64::from(self.commit) * u64::from(self.page_size);
+        self.file
+            .set_len(bytes)
+            .map_err(|error| BackupError::local("size the restored database", error))?;
+        self.file
+            .sync_all()
+            .map_err(|error| BackupError::local("sync the restored database", error))?;
+        Ok(Restored {
+            txid: self.txid,
+            timestamp_ms: self.timestamp_ms,
+            checksum: self
+                .checksum
+                .map_or(Checksum::EMPTY_DATABASE, |checksum| checksum.value()),
+            bytes,
+        })
+    }
+}
+
+/// Restores every database `destination` holds, at its newest state, into the
+/// empty data dir `data_dir` (restore-on-boot), before the store opens it.
+/// Returns what was restored, by database.
+pub async fn restore_into_data_dir(
+    destination: &Destination,
+    data_dir: &Path,
+) -> Result<Vec<(String, Restored)>, BackupError> {
+    let mut names: Vec<String> = destination
+        .list(None)
+        .await?
+        .into_iter()
+        .map(|listed| listed.name.database)
+        .collect();
+    names.dedup();
+    let seed_dir = crate::store::seed::seed_dir(data_dir)?;
+    let mut restored = Vec::new();
+    for name in names {
+        let output = seed_dir.join(format!(".restoring-{name}"));
+        let database = restore(destination, &name, Target::Latest, &output, &mut |_, _| {}).await?;
+        crate::store::seed::seed_database(
+            data_dir,
+            &name,
+            &output,
+            database.txid,
+            database.checksum,
+            database.timestamp_ms,
+        )?;
+        restored.push((name, database));
+    }
+    Ok(restored)
+}
+
+/// The directory temporary files of a restore go to: beside `output`.
+pub fn spool_dir_for(output: &Path) -> PathBuf {
+    output
+        .parent()
+        .filter(|parent| !parent.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+        .to_path_buf()
+}

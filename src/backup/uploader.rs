@@ -1,0 +1,483 @@
+//! The primary's uploader: one task per destination that, every
+//! `backup.sync-interval` while this node's store is the primary, ships each
+//! database's change sets since the destination's position as one object, or
+//! a snapshot when the destination has nothing this log can follow from or a
+//! snapshot is due, then deletes what `backup.retention` no longer needs.
+//!
+//! Invariants: the store is only read on the blocking pool, never on an async
+//! thread, so commits never wait for a destination; the destination's position
+//! is learnt from a listing whenever this node (re)becomes the primary or its
+//! lease epoch changes, so a new primary continues the same history; a failed
+//! round changes nothing remote that a later round depends on (objects are
+//! immutable and named by their content), and is retried with backoff; a
+//! failure is logged when the destination's state changes, not every round.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use sha2::{Digest, Sha256};
+use tokio_util::sync::CancellationToken;
+
+use super::layout::{self, ObjectKind, ObjectName, RECORD_LENGTH_BYTES, Target, frame_record};
+use super::{BackupError, Destination};
+use crate::config::BackupConfig;
+use crate::ltx::{self, Checksum, Header, Trailer, TxId};
+use crate::store::cluster::unix_now_ms;
+use crate::store::{CatchUp, Database, Position, Role, Store};
+
+/// The most change-set bytes one object takes; a longer backlog goes out in
+/// several objects, one per round.
+pub const MAX_OBJECT_CHANGE_BYTES: u64 = 64 * 1024 * 1024;
+/// The longest wait between two attempts at a failing destination.
+pub const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(10);
+
+/// What the uploaders report, per destination and database, for `ltxfs
+/// status` and `/metrics`.
+#[derive(Debug, Default)]
+pub struct BackupStatus {
+    destinations: Mutex<BTreeMap<String, DestinationStatus>>,
+}
+
+/// One destination's state.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DestinationStatus {
+    /// Per database: the newest TXID stored there and its commit time.
+    pub databases: BTreeMap<String, (TxId, u64)>,
+    /// Rounds that failed since start.
+    pub errors: u64,
+    /// Whether the last round failed.
+    pub failing: bool,
+}
+
+impl BackupStatus {
+    /// A copy of every destination's state, by URL.
+    pub fn snapshot(&self) -> BTreeMap<String, DestinationStatus> {
+        self.lock().clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, DestinationStatus>> {
+        self.destinations
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn update(&self, destination: &Destination, change: impl FnOnce(&mut DestinationStatus)) {
+        change(self.lock().entry(destination.to_string()).or_default());
+    }
+}
+
+/// The uploaders of every destination.
+pub struct Uploader {
+    /// The node's store.
+    pub store: Arc<Store>,
+    /// Where backups go.
+    pub destinations: Vec<Destination>,
+    /// `backup.*`.
+    pub config: BackupConfig,
+    /// Where snapshots are spooled before upload (the data dir).
+    pub spool_dir: PathBuf,
+    /// Shared with status and metrics.
+    pub status: Arc<BackupStatus>,
+}
+
+impl Uploader {
+    /// Starts one task per destination on the current runtime; they end when
+    /// `shutdown` is cancelled.
+    pub fn spawn(self, shutdown: &CancellationToken) -> Vec<tokio::task::JoinHandle<()>> {
+        self.destinations
+            .iter()
+            .map(|destination| {
+                let round = DestinationLoop {
+                    destination: destination.clone(),
+                    store: self.store.clone(),
+                    config: self.config.clone(),
+                    spool_dir: self.spool_dir.clone(),
+                    status: self.status.clone(),
+                    remote: None,
+                };
+                tokio::spawn(round.run(shutdown.clone()))
+            })
+            .collect()
+    }
+}
+
+/// What this node knows a destination holds of one database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Remote {
+    /// Where its newest chain ends.
+    position: Position,
+    /// When its newest snapshot was taken.
+    last_snapshot_ms: u64,
+}
+
+/// The destination's state as learnt by this node while primary under
+/// `epoch`.
+struct Known {
+    epoch: u64,
+    databases: HashMap<String, Remote>,
+}
+
+struct DestinationLoop {
+    destination: Destination,
+    store: Arc<Store>,
+    config: BackupConfig,
+    spool_dir: PathBuf,
+    status: Arc<BackupStatus>,
+    remote: Option<Known>,
+}
+
+impl DestinationLoop {
+    async fn run(mut self, shutdown: CancellationToken) {
+        let mut wait = self.config.sync_interval;
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(wait) => {}
+            }
+            if self.store.cluster().role() != Role::Primary {
+                // Fenced: a node that is not the primary uploads nothing, and
+                // learns the destination again when it is.
+                self.remote = None;
+                wait = self.config.sync_interval;
+                continue;
+            }
+            let result = tokio::select! {
+                () = shutdown.cancelled() => return,
+                result = self.round() => result,
+            };
+            match result {
+                Ok(()) => {
+                    let mut recovered = false;
+                    self.status.update(&self.destination, |status| {
+                        recovered = status.failing;
+                        status.failing = false;
+                    });
+                    if recovered {
+                        tracing::info!(destination = %self.destination, "backups reach the destination again");
+                    }
+                    wait = self.config.sync_interval;
+                }
+                Err(error) => {
+                    let mut first = false;
+                    self.status.update(&self.destination, |status| {
+                        first = !status.failing;
+                        status.failing = true;
+                        status.errors += 1;
+                    });
+                    if first {
+                        tracing::warn!(%error, "backup failed; retrying with backoff (commits go on)");
+                    } else {
+                        tracing::debug!(%error, "backup failed again");
+                    }
+                    // The destination may have changed meanwhile (a partly
+                    // finished round): learn it again.
+                    self.remote = None;
+                    wait = (wait * 2).clamp(self.config.sync_interval, MAX_RETRY_BACKOFF);
+                }
+            }
+        }
+    }
+
+    /// One round: every database that moved (or needs a snapshot) is uploaded.
+    async fn round(&mut self) -> Result<(), BackupError> {
+        let epoch = self.store.epoch();
+        if self
+            .remote
+            .as_ref()
+            .is_none_or(|known| known.epoch != epoch)
+        {
+            let databases = learn(&self.destination).await?;
+            for (name, remote) in &databases {
+                self.status.update(&self.destination, |status| {
+                    status.databases.insert(
+                        name.clone(),
+                        (remote.position.txid, remote.last_snapshot_ms),
+                    );
+                });
+            }
+            self.remote = Some(Known { epoch, databases });
+        }
+        for (name, position) in self.store.positions() {
+            if position.txid.0 == 0 {
+                continue;
+            }
+            let known = self.remote.as_ref().expect("learnt above");
+            let remote = known.databases.get(&name).copied();
+            let now = unix_now_ms();
+            let snapshot_due = remote.is_some_and(|remote| {
+                now.saturating_sub(remote.last_snapshot_ms)
+                    >= self.config.snapshot_interval.as_millis() as u64
+            });
+            if remote.is_some_and(|remote| remote.position == position) && !snapshot_due {
+                continue;
+            }
+            let Some(database) = self.store.database(&name) else {
+                continue;
+            };
+            let from = remote.map(|remote| remote.position);
+            let spool_dir = self.spool_dir.clone();
+            let batch = tokio::task::spawn_blocking(move || {
+                read_batch(&database, from, snapshot_due, &spool_dir)
+            })
+            .await
+            .map_err(|error| {
+                BackupError::local("read change sets", std::io::Error::other(error))
+            })??;
+            let uploaded = self.upload(batch).await?;
+            let mut remote = remote.unwrap_or(Remote {
+                position: Position::UNKNOWN,
+                last_snapshot_ms: 0,
+            });
+            remote.position = Position {
+                txid: uploaded.max_txid,
+                checksum: uploaded.post_apply,
+            };
+            if uploaded.kind == ObjectKind::Snapshot {
+                remote.last_snapshot_ms = uploaded.timestamp_ms;
+            }
+            self.status.update(&self.destination, |status| {
+                status
+                    .databases
+                    .insert(name.clone(), (uploaded.max_txid, uploaded.timestamp_ms));
+            });
+            self.remote
+                .as_mut()
+                .expect("learnt above")
+                .databases
+                .insert(name.clone(), remote);
+            if uploaded.kind == ObjectKind::Snapshot {
+                self.enforce_retention(&name).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn upload(&self, batch: Batch) -> Result<ObjectName, BackupError> {
+        match batch {
+            Batch::Changes(name, bytes) => {
+                self.destination.put_new(&name, bytes).await?;
+                tracing::debug!(object = %name, "uploaded change sets");
+                Ok(name)
+            }
+            Batch::Snapshot(name, file, size) => {
+                if size <= super::destination::SINGLE_PUT_MAX_BYTES {
+                    let bytes = tokio::task::spawn_blocking(move || {
+                        let mut file = file;
+                        let mut bytes = Vec::with_capacity(size as usize);
+                        file.read_to_end(&mut bytes).map(|_| bytes)
+                    })
+                    .await
+                    .map_err(|error| {
+                        BackupError::local("read a spooled snapshot", std::io::Error::other(error))
+                    })?
+                    .map_err(|error| BackupError::local("read a spooled snapshot", error))?;
+                    self.destination.put_new(&name, Bytes::from(bytes)).await?;
+                } else {
+                    self.destination.put_file(&name, file).await?;
+                }
+                tracing::info!(destination = %self.destination, object = %name, bytes = size, "uploaded a snapshot");
+                Ok(name)
+            }
+        }
+    }
+
+    /// Deletes the objects of `database` that no restore within
+    /// `backup.retention` needs: everything before the newest snapshot taken
+    /// before the window.
+    async fn enforce_retention(&self, database: &str) -> Result<(), BackupError> {
+        let objects = self.destination.list(Some(database)).await?;
+        let cutoff = unix_now_ms().saturating_sub(self.config.retention.as_millis() as u64);
+        let Some(base) = objects
+            .iter()
+            .map(|listed| &listed.name)
+            .filter(|name| name.kind == ObjectKind::Snapshot && name.timestamp_ms <= cutoff)
+            .max_by_key(|name| (name.max_txid, name.epoch))
+        else {
+            return Ok(());
+        };
+        let mut deleted = 0usize;
+        for listed in &objects {
+            let name = &listed.name;
+            if name != base
+                && name.max_txid <= base.max_txid
+                && name.timestamp_ms <= base.timestamp_ms
+            {
+                self.destination.delete(name).await?;
+                deleted += 1;
+            }
+        }
+        if deleted > 0 {
+            tracing::info!(destination = %self.destination, database, deleted, "deleted backup objects older than backup.retention");
+        }
+        Ok(())
+    }
+}
+
+/// Where every database's newest chain ends at `destination`, and when its
+/// newest snapshot was taken.
+async fn learn(destination: &Destination) -> Result<HashMap<String, Remote>, BackupError> {
+    let listed = destination.list(None).await?;
+    let mut by_database: BTreeMap<String, Vec<ObjectName>> = BTreeMap::new();
+    for object in listed {
+        by_database
+            .entry(object.name.database.clone())
+            .or_default()
+            .push(object.name);
+    }
+    let mut databases = HashMap::new();
+    for (name, objects) in by_database {
+        let last_snapshot_ms = objects
+            .iter()
+            .filter(|object| object.kind == ObjectKind::Snapshot)
+            .map(|object| object.timestamp_ms)
+            .max();
+        let (Ok(plan), Some(last_snapshot_ms)) = (
+            layout::plan(&name, &objects, Target::Latest),
+            last_snapshot_ms,
+        ) else {
+            continue;
+        };
+        let end = plan.objects.last().expect("a plan has its snapshot");
+        databases.insert(
+            name,
+            Remote {
+                position: Position {
+                    txid: end.max_txid,
+                    checksum: end.post_apply,
+                },
+                last_snapshot_ms,
+            },
+        );
+    }
+    Ok(databases)
+}
+
+/// One object ready to upload.
+enum Batch {
+    /// Change sets, framed, in memory.
+    Changes(ObjectName, Bytes),
+    /// A snapshot in a spool file (rewound), with its size.
+    Snapshot(ObjectName, File, u64),
+}
+
+/// Reads what follows `from` in `database`'s log (at most
+/// [`MAX_OBJECT_CHANGE_BYTES`]), or a snapshot when there is no `from`, the
+/// log cannot follow from it, or `snapshot_due`. Blocking.
+fn read_batch(
+    database: &Database,
+    from: Option<Position>,
+    snapshot_due: bool,
+    spool_dir: &std::path::Path,
+) -> Result<Batch, BackupError> {
+    if let (Some(from), false) = (from, snapshot_due) {
+        match database.catch_up(from, &[], MAX_OBJECT_CHANGE_BYTES)? {
+            CatchUp::ChangeSets(change_sets) if !change_sets.is_empty() => {
+                return changes_object(database.name(), &change_sets);
+            }
+            CatchUp::ChangeSets(_) => {}
+            CatchUp::Snapshot { reason, .. } => {
+                tracing::info!(database = database.name(), reason, "uploading a snapshot");
+            }
+        }
+    }
+    snapshot_object(database, spool_dir)
+}
+
+/// Frames `change_sets` (consecutive, as logged) into one object.
+fn changes_object(database: &str, change_sets: &[Vec<u8>]) -> Result<Batch, BackupError> {
+    let header = |bytes: &[u8]| Header::decode(bytes.get(..ltx::HEADER_SIZE).unwrap_or(bytes));
+    let trailer =
+        |bytes: &[u8]| Trailer::decode(&bytes[bytes.len().saturating_sub(ltx::TRAILER_SIZE)..]);
+    let logged = |error: ltx::LtxError| {
+        BackupError::Store(crate::store::StoreError::Capture {
+            database: database.to_string(),
+            message: format!("a logged change set does not decode: {error}"),
+        })
+    };
+    let first = header(&change_sets[0]).map_err(logged)?;
+    let last_bytes = change_sets.last().expect("not empty");
+    let last = header(last_bytes).map_err(logged)?;
+    let post = trailer(last_bytes).map_err(logged)?.post_apply_checksum;
+    let mut epoch = 0;
+    let mut bytes = Vec::with_capacity(
+        change_sets
+            .iter()
+            .map(|set| set.len() + RECORD_LENGTH_BYTES)
+            .sum(),
+    );
+    for change_set in change_sets {
+        epoch = epoch.max(header(change_set).map_err(logged)?.node_id);
+        frame_record(&mut bytes, change_set);
+    }
+    let name = ObjectName {
+        database: database.to_string(),
+        kind: if first.is_snapshot() {
+            ObjectKind::Snapshot
+        } else {
+            ObjectKind::Changes
+        },
+        min_txid: first.min_txid,
+        max_txid: last.max_txid,
+        epoch,
+        pre_apply: first.pre_apply_checksum,
+        post_apply: post,
+        timestamp_ms: last.timestamp,
+        sha256: Sha256::digest(&bytes).into(),
+    };
+    Ok(Batch::Changes(name, Bytes::from(bytes)))
+}
+
+/// Writes a snapshot of `database` to a spool file in `spool_dir`, framed as
+/// one record, and names it.
+fn snapshot_object(database: &Database, spool_dir: &std::path::Path) -> Result<Batch, BackupError> {
+    let spool_error = |error| BackupError::local("spool a snapshot", error);
+    let mut file = tempfile::tempfile_in(spool_dir).map_err(spool_error)?;
+    file.write_all(&[0u8; RECORD_LENGTH_BYTES])
+        .map_err(spool_error)?;
+    let mut writer = BufWriter::new(file);
+    let position = database.write_snapshot(&mut writer)?;
+    let mut file = writer
+        .into_inner()
+        .map_err(|error| spool_error(error.into_error()))?;
+    let size = file.stream_position().map_err(spool_error)?;
+    let length = size - RECORD_LENGTH_BYTES as u64;
+    file.seek(SeekFrom::Start(0)).map_err(spool_error)?;
+    file.write_all(&length.to_be_bytes()).map_err(spool_error)?;
+    file.seek(SeekFrom::Start(0)).map_err(spool_error)?;
+    let mut digest = Sha256::new();
+    let mut header_bytes = [0u8; RECORD_LENGTH_BYTES + ltx::HEADER_SIZE];
+    file.read_exact(&mut header_bytes).map_err(spool_error)?;
+    digest.update(header_bytes);
+    let header = Header::decode(&header_bytes[RECORD_LENGTH_BYTES..]).map_err(|error| {
+        BackupError::Store(crate::store::StoreError::Capture {
+            database: database.name().to_string(),
+            message: format!("a snapshot does not decode: {error}"),
+        })
+    })?;
+    let mut chunk = vec![0u8; 1 << 20];
+    loop {
+        let count = file.read(&mut chunk).map_err(spool_error)?;
+        if count == 0 {
+            break;
+        }
+        digest.update(&chunk[..count]);
+    }
+    file.seek(SeekFrom::Start(0)).map_err(spool_error)?;
+    let name = ObjectName {
+        database: database.name().to_string(),
+        kind: ObjectKind::Snapshot,
+        min_txid: TxId(1),
+        max_txid: position.txid,
+        epoch: header.node_id,
+        pre_apply: Checksum(0),
+        post_apply: position.checksum,
+        timestamp_ms: header.timestamp,
+        sha256: digest.finalize().into(),
+    };
+    Ok(Batch::Snapshot(name, file, size))
+}

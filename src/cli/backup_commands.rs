@@ -1,0 +1,168 @@
+//! `ltxfs restore` and `ltxfs backup list|verify`: argument checks, a runtime
+//! for the call, and what is printed. The work is in `backup`.
+
+use std::io::IsTerminal;
+use std::path::Path;
+
+use super::{EXIT_FAILURE, EXIT_USAGE, fail};
+use crate::backup::{self, BackupError, Destination, Target};
+use crate::config::BackupDestination;
+use crate::ltx::{TxId, format_timestamp_millis};
+
+/// Opens the destination and runs `call` on a runtime of its own; usage
+/// problems exit 2, failures 1.
+fn with_destination<T>(
+    config: &Result<BackupDestination, i32>,
+    call: impl AsyncFnOnce(&Destination) -> Result<T, BackupError>,
+) -> Result<T, i32> {
+    let config = config.as_ref().map_err(|code| *code)?;
+    let destination = Destination::open(config).map_err(|error| fail(EXIT_USAGE, &error))?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|error| fail(EXIT_FAILURE, &error))?;
+    runtime
+        .block_on(call(&destination))
+        .map_err(|error| match error {
+            BackupError::InvalidDestination { .. } => fail(EXIT_USAGE, &error),
+            error => fail(EXIT_FAILURE, &error),
+        })
+}
+
+/// Parses `--txid`: 16 hex digits as ltxfs prints TXIDs, `0x` and hex, or decimal.
+fn parse_txid(text: &str) -> Option<TxId> {
+    let parsed = if let Some(hex) = text.strip_prefix("0x") {
+        u64::from_str_radix(hex, 16).ok()
+    } else if text.len() == 16 {
+        u64::from_str_radix(text, 16).ok()
+    } else {
+        text.parse().ok()
+    };
+    parsed.filter(|txid| *txid > 0).map(TxId)
+}
+
+pub(super) fn run_restore(
+    config: &Result<BackupDestination, i32>,
+    name: &str,
+    output: &Path,
+    txid: Option<&str>,
+    timestamp: Option<&str>,
+    if_not_exists: bool,
+) -> i32 {
+    if if_not_exists && output.exists() {
+        println!("{} exists; nothing restored", output.display());
+        return 0;
+    }
+    let target = match (txid, timestamp) {
+        (Some(text), _) => match parse_txid(text) {
+            Some(txid) => Target::TxId(txid),
+            None => {
+                eprintln!(
+                    "ltxfs: error: --txid {text:?} is not a TXID (decimal, 0x-hex, or 16 hex digits)"
+                );
+                return EXIT_USAGE;
+            }
+        },
+        (None, Some(text)) => match chrono::DateTime::parse_from_rfc3339(text) {
+            Ok(time) if time.timestamp_millis() >= 0 => {
+                Target::Time(time.timestamp_millis() as u64)
+            }
+            _ => {
+                eprintln!(
+                    "ltxfs: error: --timestamp {text:?} is not an RFC 3339 time such as 2026-12-06T10:00:00Z"
+                );
+                return EXIT_USAGE;
+            }
+        },
+        (None, None) => Target::Latest,
+    };
+    let on_terminal = std::io::stderr().is_terminal();
+    let mut progress = |done: usize, total: usize| {
+        if on_terminal && total > 1 {
+            eprint!("\rrestoring {name}: {done}/{total} objects");
+            if done == total {
+                eprintln!();
+            }
+        }
+    };
+    let restored = with_destination(config, async |destination| {
+        backup::restore(destination, name, target, output, &mut progress).await
+    });
+    match restored {
+        Ok(restored) => {
+            println!(
+                "restored {name} to TXID {} ({}), checksum {}, {} bytes, into {}",
+                restored.txid,
+                format_timestamp_millis(restored.timestamp_ms),
+                restored.checksum,
+                restored.bytes,
+                output.display()
+            );
+            0
+        }
+        Err(code) => code,
+    }
+}
+
+pub(super) fn run_list(
+    config: &Result<BackupDestination, i32>,
+    name: Option<&str>,
+    json: bool,
+) -> i32 {
+    let summaries = match with_destination(config, async |destination| {
+        backup::inspect::list(destination, name).await
+    }) {
+        Ok(summaries) => summaries,
+        Err(code) => return code,
+    };
+    if json {
+        match serde_json::to_string_pretty(&summaries) {
+            Ok(text) => println!("{text}"),
+            Err(error) => return fail(EXIT_FAILURE, &error),
+        }
+        return 0;
+    }
+    let time = |millis: Option<u64>| millis.map_or("-".to_string(), format_timestamp_millis);
+    let txid = |txid: Option<u64>| txid.map_or("-".to_string(), |txid| TxId(txid).to_string());
+    println!(
+        "{:<24} {:<16} {:<24} {:<16} {:<24} {:>8} {:>12}  DESTINATION",
+        "DATABASE",
+        "EARLIEST TXID",
+        "EARLIEST TIME",
+        "LATEST TXID",
+        "LATEST TIME",
+        "OBJECTS",
+        "BYTES"
+    );
+    for summary in &summaries {
+        println!(
+            "{:<24} {:<16} {:<24} {:<16} {:<24} {:>8} {:>12}  {}",
+            summary.database,
+            txid(summary.earliest_txid),
+            time(summary.earliest_time_ms),
+            txid(summary.latest_txid),
+            time(summary.latest_time_ms),
+            summary.objects,
+            summary.bytes,
+            summary.destination
+        );
+    }
+    0
+}
+
+pub(super) fn run_verify(config: &Result<BackupDestination, i32>, name: Option<&str>) -> i32 {
+    let scratch = std::env::temp_dir();
+    match with_destination(config, async |destination| {
+        backup::inspect::verify(destination, name, &scratch).await
+    }) {
+        Ok(verified) => {
+            println!(
+                "ok: {} objects of {} databases are sound",
+                verified.objects, verified.databases
+            );
+            0
+        }
+        Err(code) => code,
+    }
+}

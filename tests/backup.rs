@@ -1,0 +1,397 @@
+//! Backups to object storage, end to end: a real mount backs up to a local
+//! directory (`file://`) and to a real S3 server (moto, started by the test),
+//! and `ltxfs restore`, `ltxfs backup list` and `ltxfs backup verify` run as
+//! separate processes with no node. Restored databases are checked against the
+//! mount's `-pos` checksum, recomputed here from the restored file's pages.
+
+mod common;
+
+#[allow(dead_code)]
+#[path = "support/s3.rs"]
+mod s3;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use common::*;
+use ltxfs::ltx::{Checksum, checksum_database};
+
+/// How long a backup may take to reach the destination in these tests.
+const BACKUP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// `<mount>/<name>-pos` as (TXID, checksum).
+fn position(mount: &Mount, name: &str) -> (u64, Checksum) {
+    let text = fs::read_to_string(mount.path().join(format!("{name}-pos"))).expect("read -pos");
+    let (txid, checksum) = text.trim_end().split_once('/').expect("TXID/checksum");
+    (
+        u64::from_str_radix(txid, 16).expect("hex TXID"),
+        Checksum(u64::from_str_radix(checksum, 16).expect("hex checksum")),
+    )
+}
+
+/// Runs `ltxfs ARGS...` to completion.
+fn ltxfs(args: &[&str]) -> Output {
+    ltxfs_command().args(args).output().expect("run ltxfs")
+}
+
+fn text(output: &Output) -> String {
+    format!(
+        "status {}\nstdout:\n{}\nstderr:\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+/// The latest TXID `ltxfs backup list --json` reports for `name`.
+fn backed_up_txid(source: &[&str], name: &str) -> Option<u64> {
+    let mut args = vec!["backup", "list", "--json", "--name", name];
+    args.extend_from_slice(source);
+    let output = ltxfs(&args);
+    assert!(output.status.success(), "{}", text(&output));
+    let list: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON");
+    list.as_array()?.first()?.get("latest_txid")?.as_u64()
+}
+
+/// Waits until the destination holds `name` up to `txid`.
+fn wait_for_backup(source: &[&str], name: &str, txid: u64, mount: &Mount) {
+    let deadline = Instant::now() + BACKUP_TIMEOUT;
+    while backed_up_txid(source, name) != Some(txid) {
+        assert!(
+            Instant::now() < deadline,
+            "the backup of {name} did not reach TXID {txid} (it is at {:?}); ltxfs stderr:\n{}",
+            backed_up_txid(source, name),
+            mount.stderr_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The database checksum of a plain SQLite file, page by page.
+fn file_checksum(path: &Path) -> Checksum {
+    let bytes = fs::read(path).expect("read restored file");
+    let page_size = match u16::from_be_bytes([bytes[16], bytes[17]]) {
+        1 => 65536,
+        size => u32::from(size),
+    };
+    let pages = (bytes.len() / page_size as usize) as u32;
+    checksum_database(&bytes[..], page_size, pages).expect("checksum")
+}
+
+fn count_rows(path: &Path) -> i64 {
+    let connection = rusqlite::Connection::open(path).expect("open restored database");
+    let check: String = connection
+        .query_row("PRAGMA integrity_check", [], |row| row.get(0))
+        .expect("integrity_check");
+    assert_eq!(check, "ok");
+    connection
+        .query_row("SELECT count(*) FROM t", [], |row| row.get(0))
+        .expect("count rows")
+}
+
+/// Restores `name` from `source` into `output` with `extra` arguments;
+/// panics unless it succeeds.
+fn restore(source: &[&str], name: &str, output: &Path, extra: &[&str]) -> String {
+    let output_text = output.to_string_lossy().to_string();
+    let mut args = vec!["restore", "--name", name];
+    args.extend_from_slice(source);
+    args.extend_from_slice(extra);
+    args.push(&output_text);
+    let result = ltxfs(&args);
+    assert!(result.status.success(), "{}", text(&result));
+    String::from_utf8_lossy(&result.stdout).to_string()
+}
+
+fn backup_yaml(url: &str, more: &str) -> String {
+    format!(
+        "backup:\n  sync-interval: 100ms\n  destinations:\n    - url: {}\n{more}",
+        yaml_str(url)
+    )
+}
+
+/// One transaction of one row per call; returns (TXID, checksum) after it.
+fn insert(connection: &rusqlite::Connection, mount: &Mount, value: i64) -> (u64, Checksum) {
+    connection
+        .execute("INSERT INTO t(v) VALUES (?1)", [value])
+        .expect("insert");
+    position(mount, "app.db")
+}
+
+/// A mount backing up to a new local directory, with table `t` created in
+/// `app.db` (in `journal_mode`) and backed up: every later TXID is
+/// restorable.
+struct FileBackup {
+    mount: Mount,
+    url: String,
+    connection: rusqlite::Connection,
+    dir: tempfile::TempDir,
+}
+
+impl FileBackup {
+    fn start(journal_mode: &str) -> FileBackup {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("file://{}", dir.path().display());
+        let mount = Mount::start(MountOptions {
+            extra_yaml: backup_yaml(&url, ""),
+            ..MountOptions::default()
+        });
+        let connection = rusqlite::Connection::open(mount.db_path("app.db")).expect("open");
+        connection
+            .execute_batch(&format!(
+                "PRAGMA journal_mode={journal_mode}; \
+                 CREATE TABLE t(id INTEGER PRIMARY KEY, v INTEGER);"
+            ))
+            .expect("schema");
+        let (schema_txid, _) = position(&mount, "app.db");
+        wait_for_backup(&["--url", &url], "app.db", schema_txid, &mount);
+        FileBackup {
+            mount,
+            url,
+            connection,
+            dir,
+        }
+    }
+
+    fn source(&self) -> [&str; 2] {
+        ["--url", self.url.as_str()]
+    }
+}
+
+#[test]
+fn a_file_backup_restores_the_latest_state_a_txid_and_a_time() {
+    let backup = FileBackup::start("WAL");
+    let (mount, connection, source) = (&backup.mount, &backup.connection, backup.source());
+    let url = backup.url.clone();
+    let mut history = Vec::new();
+    for round in 0..6 {
+        for value in 0..5 {
+            history.push((
+                insert(connection, mount, round * 10 + value),
+                Instant::now(),
+            ));
+        }
+        // Let a sync interval pass, so the rows span several objects and
+        // commit times.
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let (latest_txid, latest_checksum) = position(mount, "app.db");
+    wait_for_backup(&source, "app.db", latest_txid, mount);
+
+    let scratch = mount.root().join("restored");
+    fs::create_dir(&scratch).expect("scratch dir");
+    let latest = scratch.join("latest.db");
+    let printed = restore(&source, "app.db", &latest, &[]);
+    assert!(
+        printed.contains(&format!("{latest_txid:016x}")),
+        "{printed}"
+    );
+    assert_eq!(file_checksum(&latest), latest_checksum);
+    assert_eq!(count_rows(&latest), 30);
+
+    // Each TXID of the history restores to exactly its rows.
+    for (index, ((txid, checksum), _)) in history.iter().enumerate().step_by(7) {
+        let output = scratch.join(format!("txid-{txid}.db"));
+        restore(&source, "app.db", &output, &["--txid", &txid.to_string()]);
+        assert_eq!(file_checksum(&output), *checksum, "TXID {txid}");
+        assert_eq!(count_rows(&output), index as i64 + 1, "TXID {txid}");
+    }
+
+    // A time between two rounds restores the rows committed before it.
+    let system_now = std::time::SystemTime::now();
+    let instant_now = Instant::now();
+    let (_, middle) = history[14];
+    let middle_time: chrono::DateTime<chrono::Utc> =
+        (system_now - instant_now.duration_since(middle) + Duration::from_millis(120)).into();
+    let at_time = scratch.join("at-time.db");
+    restore(
+        &source,
+        "app.db",
+        &at_time,
+        &["--timestamp", &middle_time.to_rfc3339()],
+    );
+    assert_eq!(count_rows(&at_time), 15);
+
+    // --if-not-exists leaves an existing file alone.
+    fs::write(&at_time, b"keep").expect("overwrite");
+    let printed = restore(&source, "app.db", &at_time, &["--if-not-exists"]);
+    assert!(printed.contains("nothing restored"), "{printed}");
+    assert_eq!(fs::read(&at_time).unwrap(), b"keep");
+
+    // A TXID past the end is refused with the restorable range.
+    let beyond = (latest_txid + 100).to_string();
+    let output = ltxfs(&[
+        "restore",
+        "--name",
+        "app.db",
+        "--url",
+        &url,
+        "--txid",
+        &beyond,
+        &scratch.join("beyond.db").to_string_lossy(),
+    ]);
+    assert_eq!(output.status.code(), Some(1), "{}", text(&output));
+    assert!(
+        text(&output).contains("restorable are TXIDs"),
+        "{}",
+        text(&output)
+    );
+    assert!(!scratch.join("beyond.db").exists());
+}
+
+/// Every object file under `dir`, recursively.
+fn object_files(dir: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    for entry in fs::read_dir(dir).expect("read_dir") {
+        let path = entry.expect("entry").path();
+        if path.is_dir() {
+            found.extend(object_files(&path));
+        } else if path.extension().is_some_and(|ext| ext == "ltx") {
+            found.push(path);
+        }
+    }
+    found.sort();
+    found
+}
+
+#[test]
+fn verify_and_restore_name_a_damaged_object() {
+    let backup = FileBackup::start("DELETE");
+    let (mount, connection, source) = (&backup.mount, &backup.connection, backup.source());
+    let url = backup.url.clone();
+    for value in 0..20 {
+        insert(connection, mount, value);
+    }
+    let (txid, _) = position(mount, "app.db");
+    wait_for_backup(&source, "app.db", txid, mount);
+    let output = ltxfs(&["backup", "verify", "--url", &url]);
+    assert!(output.status.success(), "{}", text(&output));
+    assert!(text(&output).contains("are sound"), "{}", text(&output));
+
+    // Flip one byte in the middle of the newest object.
+    let objects = object_files(backup.dir.path());
+    let victim = objects
+        .iter()
+        .filter(|path| path.to_string_lossy().contains("/changes/"))
+        .max()
+        .expect("a changes object")
+        .clone();
+    let mut bytes = fs::read(&victim).expect("read object");
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x40;
+    fs::write(&victim, &bytes).expect("damage object");
+    let victim_name = victim.file_name().unwrap().to_string_lossy().to_string();
+
+    let output = ltxfs(&["backup", "verify", "--url", &url]);
+    assert_eq!(output.status.code(), Some(1), "{}", text(&output));
+    assert!(text(&output).contains(&victim_name), "{}", text(&output));
+
+    let restored = mount.root().join("restored.db");
+    let output = ltxfs(&[
+        "restore",
+        "--name",
+        "app.db",
+        "--url",
+        &url,
+        &restored.to_string_lossy(),
+    ]);
+    assert_eq!(output.status.code(), Some(1), "{}", text(&output));
+    assert!(text(&output).contains(&victim_name), "{}", text(&output));
+    assert!(!restored.exists(), "a wrong database was written");
+}
+
+#[test]
+fn an_s3_backup_rides_out_an_outage_and_restores_every_commit() {
+    let server = s3::S3Server::start();
+    server.create_bucket("backups");
+    let destination = format!(
+        "      endpoint: {}\n      region: us-east-1\n      access-key-id: testing\n      secret-access-key: testing\n",
+        yaml_str(server.endpoint())
+    );
+    let mount = Mount::start(MountOptions {
+        extra_yaml: backup_yaml("s3://backups/prod", &destination),
+        ..MountOptions::default()
+    });
+    let config = mount.config_path().to_string_lossy().to_string();
+    let source = ["--config", config.as_str()];
+    let connection = rusqlite::Connection::open(mount.db_path("app.db")).expect("open");
+    connection
+        .execute_batch("CREATE TABLE t(id INTEGER PRIMARY KEY, v INTEGER);")
+        .expect("schema");
+    for value in 0..10 {
+        insert(&connection, &mount, value);
+    }
+    let (txid, _) = position(&mount, "app.db");
+    wait_for_backup(&source, "app.db", txid, &mount);
+
+    // The destination stops answering: commits go on, at local speed.
+    server.pause();
+    let started = Instant::now();
+    for value in 10..60 {
+        insert(&connection, &mount, value);
+    }
+    let during_outage = started.elapsed();
+    assert!(
+        during_outage < Duration::from_secs(5),
+        "50 commits took {during_outage:?} while the destination was down"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    server.resume();
+    let (txid, checksum) = position(&mount, "app.db");
+    wait_for_backup(&source, "app.db", txid, &mount);
+    let restored = mount.root().join("restored.db");
+    restore(&source, "app.db", &restored, &[]);
+    assert_eq!(file_checksum(&restored), checksum);
+    assert_eq!(count_rows(&restored), 60);
+    let output = ltxfs(&["backup", "verify", "--config", &config]);
+    assert!(output.status.success(), "{}", text(&output));
+    assert!(
+        !mount.stderr_text().contains("testing\""),
+        "a secret reached the log:\n{}",
+        mount.stderr_text()
+    );
+}
+
+#[test]
+fn a_destination_that_cannot_work_stops_the_mount_before_it_starts() {
+    let server = s3::S3Server::start();
+    let (_dir, root) = temp_root("ltxfs-backup-bad-");
+    let mnt = root.join("mnt");
+    let data = root.join("data");
+    let config = root.join("ltxfs.yml");
+    let destination = format!(
+        "      endpoint: {}\n      region: us-east-1\n      access-key-id: testing\n      secret-access-key: hunter2-secret\n",
+        yaml_str(server.endpoint())
+    );
+    // The bucket does not exist.
+    write_config(
+        &config,
+        &data,
+        Some(&mnt),
+        &backup_yaml("s3://missing-bucket/x", &destination),
+    );
+    let output = ltxfs_command()
+        .args(["mount", "--config", &config.to_string_lossy()])
+        .output()
+        .expect("run ltxfs mount");
+    assert_eq!(output.status.code(), Some(2), "{}", text(&output));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("s3://missing-bucket/x"), "{stderr}");
+    assert!(!stderr.contains("hunter2-secret"), "{stderr}");
+    assert!(!is_mounted(&mnt));
+    assert!(!data.exists(), "the data dir was created");
+
+    // An unknown scheme is a config error naming the key.
+    write_config(&config, &data, Some(&mnt), &backup_yaml("ftp://host/x", ""));
+    let output = ltxfs_command()
+        .args(["mount", "--config", &config.to_string_lossy()])
+        .output()
+        .expect("run ltxfs mount");
+    assert_eq!(output.status.code(), Some(2), "{}", text(&output));
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("backup.destinations[0].url"),
+        "{}",
+        text(&output)
+    );
+}
