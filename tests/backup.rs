@@ -10,106 +10,17 @@ mod common;
 #[path = "support/s3.rs"]
 mod s3;
 
+#[allow(dead_code)]
+#[path = "support/backup_check.rs"]
+mod backup_check;
+
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::Output;
 use std::time::{Duration, Instant};
 
+use backup_check::*;
 use common::*;
-use ltxfs::ltx::{Checksum, checksum_database};
-
-/// How long a backup may take to reach the destination in these tests.
-const BACKUP_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// `<mount>/<name>-pos` as (TXID, checksum).
-fn position(mount: &Mount, name: &str) -> (u64, Checksum) {
-    let text = fs::read_to_string(mount.path().join(format!("{name}-pos"))).expect("read -pos");
-    let (txid, checksum) = text.trim_end().split_once('/').expect("TXID/checksum");
-    (
-        u64::from_str_radix(txid, 16).expect("hex TXID"),
-        Checksum(u64::from_str_radix(checksum, 16).expect("hex checksum")),
-    )
-}
-
-/// Runs `ltxfs ARGS...` to completion.
-fn ltxfs(args: &[&str]) -> Output {
-    ltxfs_command().args(args).output().expect("run ltxfs")
-}
-
-fn text(output: &Output) -> String {
-    format!(
-        "status {}\nstdout:\n{}\nstderr:\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
-}
-
-/// The latest TXID `ltxfs backup list --json` reports for `name`.
-fn backed_up_txid(source: &[&str], name: &str) -> Option<u64> {
-    let mut args = vec!["backup", "list", "--json", "--name", name];
-    args.extend_from_slice(source);
-    let output = ltxfs(&args);
-    assert!(output.status.success(), "{}", text(&output));
-    let list: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON");
-    list.as_array()?.first()?.get("latest_txid")?.as_u64()
-}
-
-/// Waits until the destination holds `name` up to `txid`.
-fn wait_for_backup(source: &[&str], name: &str, txid: u64, mount: &Mount) {
-    let deadline = Instant::now() + BACKUP_TIMEOUT;
-    while backed_up_txid(source, name) != Some(txid) {
-        assert!(
-            Instant::now() < deadline,
-            "the backup of {name} did not reach TXID {txid} (it is at {:?}); ltxfs stderr:\n{}",
-            backed_up_txid(source, name),
-            mount.stderr_text()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// The database checksum of a plain SQLite file, page by page.
-fn file_checksum(path: &Path) -> Checksum {
-    let bytes = fs::read(path).expect("read restored file");
-    let page_size = match u16::from_be_bytes([bytes[16], bytes[17]]) {
-        1 => 65536,
-        size => u32::from(size),
-    };
-    let pages = (bytes.len() / page_size as usize) as u32;
-    checksum_database(&bytes[..], page_size, pages).expect("checksum")
-}
-
-fn count_rows(path: &Path) -> i64 {
-    let connection = rusqlite::Connection::open(path).expect("open restored database");
-    let check: String = connection
-        .query_row("PRAGMA integrity_check", [], |row| row.get(0))
-        .expect("integrity_check");
-    assert_eq!(check, "ok");
-    connection
-        .query_row("SELECT count(*) FROM t", [], |row| row.get(0))
-        .expect("count rows")
-}
-
-/// Restores `name` from `source` into `output` with `extra` arguments;
-/// panics unless it succeeds.
-fn restore(source: &[&str], name: &str, output: &Path, extra: &[&str]) -> String {
-    let output_text = output.to_string_lossy().to_string();
-    let mut args = vec!["restore", "--name", name];
-    args.extend_from_slice(source);
-    args.extend_from_slice(extra);
-    args.push(&output_text);
-    let result = ltxfs(&args);
-    assert!(result.status.success(), "{}", text(&result));
-    String::from_utf8_lossy(&result.stdout).to_string()
-}
-
-fn backup_yaml(url: &str, more: &str) -> String {
-    format!(
-        "backup:\n  sync-interval: 100ms\n  destinations:\n    - url: {}\n{more}",
-        yaml_str(url)
-    )
-}
+use ltxfs::ltx::Checksum;
 
 /// One transaction of one row per call; returns (TXID, checksum) after it.
 fn insert(connection: &rusqlite::Connection, mount: &Mount, value: i64) -> (u64, Checksum) {

@@ -443,9 +443,16 @@ mod tests {
         assert!(!text.contains("`databases`"), "{text}");
 
         let top = parse_error("tracing_enabled: true\n").to_string();
+        assert!(!top.contains("`tracing`,"), "{top}");
+        assert!(top.contains("`backup`"), "{top}");
+        let backup = parse_error("backup:\n  sync_interval: 1s\n").to_string();
         assert!(
-            !top.contains("`backup`") && !top.contains("`tracing`,"),
-            "{top}"
+            backup.contains("(did you mean `sync-interval`?)"),
+            "{backup}"
+        );
+        assert!(
+            !backup.contains("`auth-token`") && !backup.contains("`full-sync-interval`"),
+            "{backup}"
         );
     }
 

@@ -118,8 +118,14 @@ impl HttpClient {
         connector.set_nodelay(true);
         // The TLS connector hands `https` to rustls and passes `http` through.
         connector.enforce_http(false);
+        // The provider is named: the object_store clients of backups bring
+        // rustls's aws-lc-rs provider too, and with two built in rustls has no
+        // process-wide default.
         let connector = HttpsConnectorBuilder::new()
-            .with_webpki_roots()
+            .with_provider_and_webpki_roots(std::sync::Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .expect("ring's provider supports TLS 1.2 and 1.3")
             .https_or_http()
             .enable_http1()
             .wrap_connector(connector);

@@ -1,0 +1,239 @@
+//! Backups across a node's life: restore-on-boot before the `exec` command
+//! starts, a destination that fails for a while and comes back, and a
+//! failover (real etcd) after which the new primary continues the same
+//! history in the same place.
+
+mod common;
+
+#[allow(dead_code)]
+#[path = "support/backup_check.rs"]
+mod backup_check;
+
+#[allow(dead_code)]
+#[path = "support/cluster.rs"]
+mod cluster;
+
+#[allow(dead_code)]
+#[path = "support/etcd.rs"]
+mod etcd;
+
+#[allow(dead_code)]
+#[path = "support/history.rs"]
+mod history;
+
+use std::fs;
+use std::path::Path;
+use std::time::Duration;
+
+use backup_check::*;
+use common::*;
+
+/// How long the `exec` command of a restore-on-boot mount may run.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
+
+fn file_url(dir: &Path) -> String {
+    format!("file://{}", dir.display())
+}
+
+/// Starts a mount that backs up to `url`, creates table `t` in `app.db` and
+/// inserts `rows` rows, one transaction each; returns once the backup holds
+/// all of it.
+fn mount_with_rows(url: &str, rows: i64) -> Mount {
+    let mount = Mount::start(MountOptions {
+        extra_yaml: backup_yaml(url, ""),
+        ..MountOptions::default()
+    });
+    let connection = rusqlite::Connection::open(mount.db_path("app.db")).expect("open");
+    connection
+        .execute_batch("CREATE TABLE t(id INTEGER PRIMARY KEY, v INTEGER);")
+        .expect("schema");
+    for value in 0..rows {
+        connection
+            .execute("INSERT INTO t(v) VALUES (?1)", [value])
+            .expect("insert");
+    }
+    let (txid, _) = position(&mount, "app.db");
+    wait_for_backup(&["--url", url], "app.db", txid, &mount);
+    mount
+}
+
+#[test]
+fn restore_on_boot_fills_an_empty_node_before_exec_and_never_restores_over_data() {
+    let backup_dir = tempfile::tempdir().expect("tempdir");
+    let url = file_url(backup_dir.path());
+    let mut first = mount_with_rows(&url, 25);
+    let backed_up = fs::read_to_string(first.db_path("app.db-pos")).expect("-pos");
+    first.stop();
+
+    // A new node with an empty data dir: the exec command must see the data.
+    let (_dir, root) = temp_root("ltxfs-boot-");
+    let mnt = root.join("mnt");
+    let data = root.join("data");
+    let config = root.join("ltxfs.yml");
+    let seen = root.join("seen.txt");
+    write_config(
+        &config,
+        &data,
+        Some(&mnt),
+        &backup_yaml(&url, "  restore-on-boot: true\n"),
+    );
+    let script = format!(
+        "cat {mnt}/app.db-pos > {seen} && sqlite3 {mnt}/app.db 'SELECT count(*) FROM t; \
+         INSERT INTO t(v) VALUES (1000);' >> {seen}",
+        mnt = mnt.display(),
+        seen = seen.display()
+    );
+    let run = |script: &str| {
+        let mut child = ltxfs_command()
+            .args([
+                "mount",
+                "--config",
+                &config.to_string_lossy(),
+                "--",
+                "sh",
+                "-c",
+                script,
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn ltxfs mount");
+        let status = wait_timeout(&mut child, BOOT_TIMEOUT);
+        let mut stderr = String::new();
+        if let Some(mut pipe) = child.stderr.take() {
+            use std::io::Read;
+            let _ = pipe.read_to_string(&mut stderr);
+        }
+        match status {
+            Some(status) => (status, stderr),
+            None => {
+                reap_after_kill(&mut child);
+                panic!("ltxfs mount did not finish; stderr:\n{stderr}");
+            }
+        }
+    };
+    let (status, stderr) = run(&script);
+    assert!(status.success(), "{status}; stderr:\n{stderr}");
+    assert!(stderr.contains("restored from the backup"), "{stderr}");
+    let seen_text = fs::read_to_string(&seen).expect("the exec command ran");
+    // The same position as the backed-up node: the history continues.
+    assert_eq!(
+        seen_text.lines().next(),
+        Some(backed_up.trim_end()),
+        "{seen_text}"
+    );
+    assert_eq!(seen_text.lines().nth(1), Some("25"), "{seen_text}");
+
+    // Started again with data in its data dir, it keeps its own (26 rows),
+    // even though the backup may not have the last one yet.
+    let count = format!(
+        "sqlite3 {mnt}/app.db 'SELECT count(*) FROM t' > {seen}",
+        mnt = mnt.display(),
+        seen = seen.display()
+    );
+    let (status, stderr) = run(&count);
+    assert!(status.success(), "{status}; stderr:\n{stderr}");
+    assert!(!stderr.contains("restored from the backup"), "{stderr}");
+    assert_eq!(fs::read_to_string(&seen).unwrap().trim(), "26");
+}
+
+#[test]
+fn a_failing_destination_delays_only_the_backup_and_is_logged_once() {
+    let backup_dir = tempfile::tempdir().expect("tempdir");
+    let root = backup_dir.path().join("dest");
+    fs::create_dir(&root).expect("destination dir");
+    let url = file_url(&root);
+    let mount = mount_with_rows(&url, 5);
+
+    // The destination breaks: its directory becomes a plain file.
+    let away = backup_dir.path().join("away");
+    fs::rename(&root, &away).expect("move the destination away");
+    fs::write(&root, b"not a directory").expect("block the destination");
+    let connection = rusqlite::Connection::open(mount.db_path("app.db")).expect("open");
+    for value in 0..40 {
+        connection
+            .execute("INSERT INTO t(v) VALUES (?1)", [value])
+            .expect("a commit while the destination is down");
+    }
+    wait_until("the failure to be logged", BACKUP_TIMEOUT, || {
+        mount.stderr_text().contains("backup failed")
+    });
+    // Several rounds fail meanwhile (backoff starts at the sync interval).
+    std::thread::sleep(Duration::from_millis(800));
+
+    fs::remove_file(&root).expect("unblock the destination");
+    fs::rename(&away, &root).expect("bring the destination back");
+    let (txid, checksum) = position(&mount, "app.db");
+    wait_for_backup(&["--url", &url], "app.db", txid, &mount);
+    wait_until("the recovery to be logged", BACKUP_TIMEOUT, || {
+        mount
+            .stderr_text()
+            .contains("backups reach the destination again")
+    });
+    let log = mount.stderr_text();
+    assert_eq!(log.matches("backup failed").count(), 1, "{log}");
+    let restored = mount.root().join("restored.db");
+    restore(&["--url", &url], "app.db", &restored, &[]);
+    assert_eq!(file_checksum(&restored), checksum);
+    assert_eq!(count_rows(&restored), 45);
+}
+
+#[test]
+fn after_a_failover_the_new_primary_continues_the_same_backup() {
+    let etcd = etcd::Etcd::start();
+    let backup_dir = tempfile::tempdir().expect("tempdir");
+    let url = file_url(backup_dir.path());
+    let node_yaml = |hostname: &str| {
+        format!(
+            "lease:\n  type: etcd\n  candidate: true\n  hostname: {hostname}\n  reconnect-delay: 300ms\n  \
+             etcd:\n    endpoints: [\"{}\"]\n    key: \"ltxfs-backup/primary\"\n    ttl: 2s\n{}",
+            etcd.url(),
+            backup_yaml(&url, "")
+        )
+    };
+    let mut node_a = Mount::start(MountOptions {
+        extra_yaml: node_yaml("node-a"),
+        ..MountOptions::default()
+    });
+    cluster::wait_until_primary(&node_a);
+    let node_b = Mount::start(MountOptions {
+        extra_yaml: node_yaml("node-b"),
+        ..MountOptions::default()
+    });
+    let nodes = [("node-a", &node_a), ("node-b", &node_b)];
+    assert_eq!(cluster::wait_for_primary(&nodes), "node-a");
+    let connection = open_db(&node_a.db_path(cluster::DB));
+    connection
+        .execute_batch("CREATE TABLE t(seq INTEGER PRIMARY KEY)")
+        .expect("schema");
+    drop(connection);
+    cluster::insert(&node_a.db_path(cluster::DB), 0, 50);
+    cluster::wait_converged(&node_a, &[&node_b]);
+    let (txid, _) = position(&node_a, cluster::DB);
+    wait_for_backup(&["--url", &url], cluster::DB, txid, &node_a);
+
+    node_a.kill9();
+    wait_until("node-b to take over", cluster::CLUSTER_TIMEOUT, || {
+        cluster::accepts_writes(&node_b)
+    });
+    cluster::insert(&node_b.db_path(cluster::DB), 50, 30);
+    let (txid, checksum) = position(&node_b, cluster::DB);
+    wait_for_backup(&["--url", &url], cluster::DB, txid, &node_b);
+
+    let restored = node_b.root().join("restored.db");
+    restore(&["--url", &url], cluster::DB, &restored, &[]);
+    assert_eq!(file_checksum(&restored), checksum);
+    let connection = rusqlite::Connection::open(&restored).expect("open restored");
+    assert_eq!(query_i64(&connection, "SELECT count(*) FROM t"), 80);
+    // The new primary went on from where the old one stopped: one snapshot,
+    // and change objects from both epochs.
+    let listing = ltxfs(&["backup", "verify", "--url", &url]);
+    assert!(listing.status.success(), "{}", text(&listing));
+    let snapshots = fs::read_dir(backup_dir.path().join(cluster::DB).join("snapshots"))
+        .expect("snapshots")
+        .count();
+    assert_eq!(
+        snapshots, 1,
+        "the new primary uploaded a snapshot instead of continuing"
+    );
+}
