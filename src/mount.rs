@@ -452,13 +452,14 @@ pub fn run(request: MountRequest) -> Result<i32, MountError> {
         }
     })
     .map_err(|error| MountError::runtime("start the lock reaper", error))?;
+    let backup_status = Arc::new(BackupStatus::default());
     let replication = ReplicationTasks::start(
         &runtime,
         &request.config,
         &store,
         &plan.data_dir,
-        listener,
-        proxy_listener,
+        (listener, proxy_listener),
+        backup_status.clone(),
     )?;
     let backup_shutdown = CancellationToken::new();
     let backup_tasks = {
@@ -468,7 +469,7 @@ pub fn run(request: MountRequest) -> Result<i32, MountError> {
             destinations: backup_destinations,
             config: request.config.backup.clone(),
             spool_dir: plan.data_dir.clone(),
-            status: Arc::new(BackupStatus::default()),
+            status: backup_status,
         }
         .spawn(&backup_shutdown)
     };
@@ -691,8 +692,8 @@ impl ReplicationTasks {
         config: &Config,
         store: &Arc<Store>,
         data_dir: &Path,
-        listener: std::net::TcpListener,
-        proxy_listener: Option<std::net::TcpListener>,
+        (listener, proxy_listener): (std::net::TcpListener, Option<std::net::TcpListener>),
+        backups: Arc<BackupStatus>,
     ) -> Result<ReplicationTasks, MountError> {
         let _context = runtime.enter();
         let listener = tokio::net::TcpListener::from_std(listener)
@@ -750,6 +751,7 @@ impl ReplicationTasks {
             handoffs: handoffs.clone(),
             proxy_url,
             synchronous: config.replication.synchronous,
+            backups,
         });
         if config.replication.synchronous {
             store.set_commit_hold(handoffs.clone());

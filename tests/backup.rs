@@ -15,6 +15,7 @@ mod s3;
 mod backup_check;
 
 use std::fs;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -89,6 +90,7 @@ fn a_file_backup_restores_the_latest_state_a_txid_and_a_time() {
     }
     let (latest_txid, latest_checksum) = position(mount, "app.db");
     wait_for_backup(&source, "app.db", latest_txid, mount);
+    check_status_and_metrics(mount, &url, latest_txid);
 
     let scratch = mount.root().join("restored");
     fs::create_dir(&scratch).expect("scratch dir");
@@ -149,6 +151,39 @@ fn a_file_backup_restores_the_latest_state_a_txid_and_a_time() {
         text(&output)
     );
     assert!(!scratch.join("beyond.db").exists());
+}
+
+/// `ltxfs status` and `/metrics` report the backed-up TXID per destination,
+/// once the node has seen that the destination holds `txid`.
+fn check_status_and_metrics(mount: &Mount, url: &str, txid: u64) {
+    let address = mount.listen_addr();
+    let node_url = format!("http://{address}");
+    let mut status = serde_json::Value::Null;
+    wait_until("status to show the backup", BACKUP_TIMEOUT, || {
+        let output = ltxfs(&["status", "--json", "--url", &node_url]);
+        assert!(output.status.success(), "{}", text(&output));
+        status = serde_json::from_slice(&output.stdout).expect("JSON");
+        status["backups"][0]["txid"] == txid
+    });
+    let backup = &status["backups"][0];
+    assert_eq!(backup["destination"], url, "{status}");
+    assert_eq!(backup["database"], "app.db", "{status}");
+    assert_eq!(backup["lag_ms"], 0, "{status}");
+    assert_eq!(backup["failing"], false, "{status}");
+
+    let mut stream = std::net::TcpStream::connect(&address).expect("connect");
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: node\r\nConnection: close\r\n\r\n")
+        .expect("ask for metrics");
+    let mut metrics = String::new();
+    stream.read_to_string(&mut metrics).expect("read metrics");
+    let sample = format!("ltxfs_backup_txid{{db=\"app.db\",destination=\"{url}\"}} {txid}");
+    assert!(metrics.contains(&sample), "{sample} not in:\n{metrics}");
+    assert!(metrics.contains("ltxfs_backup_lag_seconds{"), "{metrics}");
+    assert!(
+        metrics.contains(&format!("ltxfs_backup_errors{{destination=\"{url}\"}} 0")),
+        "{metrics}"
+    );
 }
 
 /// Every object file under `dir`, recursively.

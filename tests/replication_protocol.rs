@@ -138,6 +138,7 @@ async fn start_node_with(
         handoffs: handoffs.clone(),
         proxy_url: None,
         synchronous,
+        backups: Default::default(),
     });
     if synchronous {
         store.set_commit_hold(handoffs.clone());

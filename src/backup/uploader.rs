@@ -36,8 +36,8 @@ pub const MAX_OBJECT_CHANGE_BYTES: u64 = 64 * 1024 * 1024;
 /// The longest wait between two attempts at a failing destination.
 pub const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(10);
 
-/// What the uploaders report, per destination and database, for `ltxfs
-/// status` and `/metrics`.
+/// What the uploaders report, per destination (by URL) and database, for
+/// `ltxfs status` and `/metrics`.
 #[derive(Debug, Default)]
 pub struct BackupStatus {
     destinations: Mutex<BTreeMap<String, DestinationStatus>>,
@@ -46,12 +46,33 @@ pub struct BackupStatus {
 /// One destination's state.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DestinationStatus {
-    /// Per database: the newest TXID stored there and its commit time.
-    pub databases: BTreeMap<String, (TxId, u64)>,
+    /// Per database.
+    pub databases: BTreeMap<String, DatabaseBackup>,
     /// Rounds that failed since start.
     pub errors: u64,
     /// Whether the last round failed.
     pub failing: bool,
+}
+
+/// How far one database's backup at one destination is.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DatabaseBackup {
+    /// The newest TXID stored there.
+    pub txid: TxId,
+    /// When this node first saw a commit the destination does not have yet
+    /// (Unix ms); `None` while the destination has everything seen.
+    pub behind_since_ms: Option<u64>,
+}
+
+impl DatabaseBackup {
+    /// The backup lag at `now_ms`: how long the oldest commit not yet stored
+    /// has waited (as seen once per sync interval); zero when caught up.
+    pub fn lag(&self, now_ms: u64) -> Duration {
+        Duration::from_millis(
+            self.behind_since_ms
+                .map_or(0, |since| now_ms.saturating_sub(since)),
+        )
+    }
 }
 
 impl BackupStatus {
@@ -68,6 +89,17 @@ impl BackupStatus {
 
     fn update(&self, destination: &Destination, change: impl FnOnce(&mut DestinationStatus)) {
         change(self.lock().entry(destination.to_string()).or_default());
+    }
+
+    fn update_database(
+        &self,
+        destination: &Destination,
+        database: &str,
+        change: impl FnOnce(&mut DatabaseBackup),
+    ) {
+        self.update(destination, |status| {
+            change(status.databases.entry(database.to_string()).or_default())
+        });
     }
 }
 
@@ -193,12 +225,10 @@ impl DestinationLoop {
         {
             let databases = learn(&self.destination).await?;
             for (name, remote) in &databases {
-                self.status.update(&self.destination, |status| {
-                    status.databases.insert(
-                        name.clone(),
-                        (remote.position.txid, remote.last_snapshot_ms),
-                    );
-                });
+                self.status
+                    .update_database(&self.destination, name, |backup| {
+                        backup.txid = remote.position.txid;
+                    });
             }
             self.remote = Some(Known { epoch, databases });
         }
@@ -216,6 +246,12 @@ impl DestinationLoop {
             if remote.is_some_and(|remote| remote.position == position) && !snapshot_due {
                 continue;
             }
+            self.status
+                .update_database(&self.destination, &name, |backup| {
+                    if backup.txid != position.txid {
+                        backup.behind_since_ms.get_or_insert(now);
+                    }
+                });
             let Some(database) = self.store.database(&name) else {
                 continue;
             };
@@ -240,11 +276,13 @@ impl DestinationLoop {
             if uploaded.kind == ObjectKind::Snapshot {
                 remote.last_snapshot_ms = uploaded.timestamp_ms;
             }
-            self.status.update(&self.destination, |status| {
-                status
-                    .databases
-                    .insert(name.clone(), (uploaded.max_txid, uploaded.timestamp_ms));
-            });
+            self.status
+                .update_database(&self.destination, &name, |backup| {
+                    backup.txid = uploaded.max_txid;
+                    if uploaded.max_txid >= position.txid {
+                        backup.behind_since_ms = None;
+                    }
+                });
             self.remote
                 .as_mut()
                 .expect("learnt above")

@@ -125,6 +125,7 @@ fn serve_primary(
         handoffs: Arc::new(Handoffs::new().0),
         proxy_url: None,
         synchronous: false,
+        backups: Default::default(),
     });
     tokio::spawn(serve(listener, node, shutdown.clone()))
 }

@@ -197,6 +197,8 @@ pub struct NodeContext {
     /// then asked to acknowledge what they apply. The store's commit hold must be
     /// `handoffs`.
     pub synchronous: bool,
+    /// What the backup uploaders report, for status and metrics.
+    pub backups: Arc<crate::backup::BackupStatus>,
 }
 
 /// Everything that can go wrong in replication.

@@ -858,6 +858,7 @@ mod tests {
                 handoffs: Arc::new(Handoffs::new().0),
                 proxy_url: None,
                 synchronous: false,
+                backups: Default::default(),
             }),
             shutdown: CancellationToken::new(),
         };
@@ -900,6 +901,7 @@ mod tests {
                 handoffs: Arc::new(Handoffs::new().0),
                 proxy_url: None,
                 synchronous: false,
+                backups: Default::default(),
             }),
             shutdown: CancellationToken::new(),
         };

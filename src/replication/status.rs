@@ -31,6 +31,25 @@ pub struct NodeStatus {
     pub databases: Vec<DatabaseStatus>,
     /// Whether the node replicates synchronously (`replication.synchronous`).
     pub synchronous: bool,
+    /// Per backup destination and database (the primary's uploaders).
+    pub backups: Vec<BackupState>,
+}
+
+/// How far one database's backup at one destination is.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct BackupState {
+    /// The destination's URL.
+    pub destination: String,
+    /// The database's name.
+    pub database: String,
+    /// The newest TXID stored there.
+    pub txid: u64,
+    /// How long the oldest commit not yet stored there has waited.
+    pub lag_ms: u64,
+    /// Upload rounds that failed since the node started.
+    pub errors: u64,
+    /// Whether the last round failed.
+    pub failing: bool,
 }
 
 /// One database's position and lag.
@@ -53,6 +72,7 @@ struct JsonStatus<'a> {
     primary: Option<&'a str>,
     synchronous: bool,
     databases: Vec<JsonDatabase<'a>>,
+    backups: &'a [BackupState],
 }
 
 #[derive(serde::Serialize)]
@@ -83,6 +103,7 @@ impl NodeStatus {
                     lag_ms: database.lag.map(|lag| lag.as_millis() as u64),
                 })
                 .collect(),
+            backups: &self.backups,
         };
         // Serializing strings, numbers and options cannot fail.
         serde_json::to_string(&json).unwrap_or_default()
@@ -109,7 +130,8 @@ impl fmt::Display for NodeStatus {
             }
         )?;
         if self.databases.is_empty() {
-            return write!(f, "no databases");
+            write!(f, "no databases")?;
+            return self.fmt_backups(f);
         }
         let width = self
             .databases
@@ -135,6 +157,29 @@ impl fmt::Display for NodeStatus {
                 database.name, database.position.txid.0, database.position.checksum
             )?;
         }
+        self.fmt_backups(f)
+    }
+}
+
+impl NodeStatus {
+    /// The backup table, when the node backs up.
+    fn fmt_backups(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.backups.is_empty() {
+            return Ok(());
+        }
+        write!(f, "\n\nBACKUP DATABASE  TXID  LAG  ERRORS  DESTINATION")?;
+        for backup in &self.backups {
+            write!(
+                f,
+                "\n{}  {}  {} ms  {}{}  {}",
+                backup.database,
+                backup.txid,
+                backup.lag_ms,
+                backup.errors,
+                if backup.failing { " (failing)" } else { "" },
+                backup.destination
+            )?;
+        }
         Ok(())
     }
 }
@@ -149,11 +194,31 @@ pub(super) fn local_status(node: &NodeContext) -> NodeStatus {
         Role::Replica => cluster.primary(),
     };
     let lag = cluster.lag();
+    let now = crate::store::cluster::unix_now_ms();
+    let backups = node
+        .backups
+        .snapshot()
+        .into_iter()
+        .flat_map(|(destination, status)| {
+            status
+                .databases
+                .into_iter()
+                .map(move |(database, backup)| BackupState {
+                    destination: destination.clone(),
+                    database,
+                    txid: backup.txid.0,
+                    lag_ms: backup.lag(now).as_millis() as u64,
+                    errors: status.errors,
+                    failing: status.failing,
+                })
+        })
+        .collect();
     NodeStatus {
         role,
         hostname: node.hostname.clone(),
         primary,
         synchronous: node.synchronous,
+        backups,
         databases: node
             .store
             .positions()
@@ -198,13 +263,7 @@ pub(super) fn local_metrics(node: &NodeContext) -> String {
         "Replicas streaming change sets from this node.",
         unlabelled(node.handoffs.stream_count().to_string()),
     );
-    // Label values escape backslashes and quotes.
-    let label = |name: &str| {
-        format!(
-            "{{db=\"{}\"}}",
-            name.replace('\\', "\\\\").replace('"', "\\\"")
-        )
-    };
+    let label = |name: &str| format!("{{db=\"{}\"}}", escape_label(name));
     metric(
         "ltxfs_db_txid",
         "The TXID of the database's last transaction.",
@@ -214,7 +273,61 @@ pub(super) fn local_metrics(node: &NodeContext) -> String {
             .map(|database| (label(&database.name), database.position.txid.0.to_string()))
             .collect(),
     );
+    let backup_label = |backup: &BackupState| {
+        format!(
+            "{{db=\"{}\",destination=\"{}\"}}",
+            escape_label(&backup.database),
+            escape_label(&backup.destination)
+        )
+    };
+    metric(
+        "ltxfs_backup_txid",
+        "The newest TXID of the database stored at the backup destination.",
+        status
+            .backups
+            .iter()
+            .map(|backup| (backup_label(backup), backup.txid.to_string()))
+            .collect(),
+    );
+    metric(
+        "ltxfs_backup_lag_seconds",
+        "How long the oldest commit not yet stored at the backup destination has waited.",
+        status
+            .backups
+            .iter()
+            .map(|backup| {
+                (
+                    backup_label(backup),
+                    format!("{:.3}", backup.lag_ms as f64 / 1000.0),
+                )
+            })
+            .collect(),
+    );
+    let mut destinations: Vec<(&str, u64, bool)> = status
+        .backups
+        .iter()
+        .map(|backup| (backup.destination.as_str(), backup.errors, backup.failing))
+        .collect();
+    destinations.dedup();
+    metric(
+        "ltxfs_backup_errors",
+        "Backup upload rounds that failed since the node started.",
+        destinations
+            .iter()
+            .map(|(destination, errors, _)| {
+                (
+                    format!("{{destination=\"{}\"}}", escape_label(destination)),
+                    errors.to_string(),
+                )
+            })
+            .collect(),
+    );
     text
+}
+
+/// A Prometheus label value with backslashes and quotes escaped.
+fn escape_label(value: &str) -> String {
+    value.replace('\\', "\\\\").replace('"', "\\\"")
 }
 
 /// The wire form of a status.
@@ -232,6 +345,18 @@ pub(super) fn to_proto(status: &NodeStatus) -> proto::StatusResponse {
                 txid: database.position.txid.0,
                 checksum: database.position.checksum.0,
                 lag_ms: database.lag.map(|lag| lag.as_millis() as u64),
+            })
+            .collect(),
+        backups: status
+            .backups
+            .iter()
+            .map(|backup| proto::BackupStatus {
+                destination: backup.destination.clone(),
+                database: backup.database.clone(),
+                txid: backup.txid,
+                lag_ms: backup.lag_ms,
+                errors: backup.errors,
+                failing: backup.failing,
             })
             .collect(),
     }
@@ -265,12 +390,25 @@ fn from_proto(response: proto::StatusResponse) -> Result<NodeStatus, Replication
             })
         })
         .collect::<Result<_, ReplicationError>>()?;
+    let backups = response
+        .backups
+        .into_iter()
+        .map(|backup| BackupState {
+            destination: backup.destination,
+            database: backup.database,
+            txid: backup.txid,
+            lag_ms: backup.lag_ms,
+            errors: backup.errors,
+            failing: backup.failing,
+        })
+        .collect();
     Ok(NodeStatus {
         role,
         hostname: wire::parse_hostname(MESSAGE, response.hostname)?,
         primary,
         databases,
         synchronous: response.synchronous,
+        backups,
     })
 }
 
@@ -313,6 +451,14 @@ mod tests {
                     lag: None,
                 },
             ],
+            backups: vec![BackupState {
+                destination: "s3://bucket/prod".into(),
+                database: "app.db".into(),
+                txid: 40,
+                lag_ms: 900,
+                errors: 2,
+                failing: true,
+            }],
         }
     }
 
@@ -363,7 +509,10 @@ mod tests {
              \n\
              DATABASE                     TXID  CHECKSUM          LAG\n\
              app.db                         42  80000000000000ff  3 ms\n\
-             a-much-longer-name.db           7  8000000000000000  unknown"
+             a-much-longer-name.db           7  8000000000000000  unknown\n\
+             \n\
+             BACKUP DATABASE  TXID  LAG  ERRORS  DESTINATION\n\
+             app.db  40  900 ms  2 (failing)  s3://bucket/prod"
         );
     }
 
@@ -382,5 +531,8 @@ mod tests {
         assert_eq!(json["databases"][0]["checksum"], "80000000000000ff");
         assert_eq!(json["databases"][0]["lag_ms"], 3);
         assert!(json["databases"][1]["lag_ms"].is_null());
+        assert_eq!(json["backups"][0]["destination"], "s3://bucket/prod");
+        assert_eq!(json["backups"][0]["lag_ms"], 900);
+        assert_eq!(json["backups"][0]["failing"], true);
     }
 }
