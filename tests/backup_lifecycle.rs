@@ -237,3 +237,55 @@ fn after_a_failover_the_new_primary_continues_the_same_backup() {
         "the new primary uploaded a snapshot instead of continuing"
     );
 }
+
+#[test]
+fn compaction_merges_objects_and_every_txid_stays_restorable() {
+    let backup_dir = tempfile::tempdir().expect("tempdir");
+    let url = file_url(backup_dir.path());
+    let mount = Mount::start(MountOptions {
+        extra_yaml: backup_yaml(&url, "  compaction-windows: [400ms, 1600ms]\n"),
+        ..MountOptions::default()
+    });
+    let connection = rusqlite::Connection::open(mount.db_path("app.db")).expect("open");
+    connection
+        .execute_batch("CREATE TABLE t(id INTEGER PRIMARY KEY, v INTEGER);")
+        .expect("schema");
+    let (schema_txid, _) = position(&mount, "app.db");
+    wait_for_backup(&["--url", &url], "app.db", schema_txid, &mount);
+    let mut history = Vec::new();
+    for value in 0..40 {
+        connection
+            .execute("INSERT INTO t(v) VALUES (?1)", [value])
+            .expect("insert");
+        history.push(position(&mount, "app.db"));
+        std::thread::sleep(Duration::from_millis(60));
+    }
+    let (txid, _) = position(&mount, "app.db");
+    wait_for_backup(&["--url", &url], "app.db", txid, &mount);
+    let objects = |folder: &str| {
+        fs::read_dir(backup_dir.path().join("app.db").join(folder))
+            .map(|entries| entries.count())
+            .unwrap_or(0)
+    };
+    // Every 1.6 s window that has passed holds one level-2 object.
+    wait_until("level-2 objects to appear", BACKUP_TIMEOUT, || {
+        objects("changes2") >= 1 && objects("changes") + objects("changes1") <= 6
+    });
+    let total = objects("changes") + objects("changes1") + objects("changes2");
+    assert!(total < 10, "{total} change objects for 40 transactions");
+    let scratch = mount.root().join("restored");
+    fs::create_dir(&scratch).expect("scratch");
+    for (index, (txid, checksum)) in history.iter().enumerate().step_by(3) {
+        let output = scratch.join(format!("{txid}.db"));
+        restore(
+            &["--url", &url],
+            "app.db",
+            &output,
+            &["--txid", &txid.to_string()],
+        );
+        assert_eq!(file_checksum(&output), *checksum, "TXID {txid}");
+        assert_eq!(count_rows(&output), index as i64 + 1, "TXID {txid}");
+    }
+    let output = ltxfs(&["backup", "verify", "--url", &url]);
+    assert!(output.status.success(), "{}", text(&output));
+}

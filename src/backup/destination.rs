@@ -35,7 +35,7 @@ const CLIENT_RETRIES: usize = 2;
 const CLIENT_RETRY_TIMEOUT: Duration = Duration::from_secs(15);
 /// Objects up to this size go in one conditional put; larger ones (snapshots
 /// of large databases) in parts, read from their spool file.
-pub const SINGLE_PUT_MAX_BYTES: u64 = 16 * 1024 * 1024;
+const SINGLE_PUT_MAX_BYTES: u64 = 16 * 1024 * 1024;
 /// The size of one part of a multipart upload; at most
 /// [`MULTIPART_CONCURRENCY`] are in memory at once.
 const MULTIPART_PART_BYTES: usize = 8 * 1024 * 1024;
@@ -231,14 +231,32 @@ impl Destination {
         }
     }
 
-    /// Uploads a large object from `file` in parts, holding at most
-    /// `MULTIPART_PART_BYTES * MULTIPART_CONCURRENCY` in memory. Reading the
-    /// file is blocking but bounded to one part per call.
-    pub async fn put_file(
+    /// Uploads an object spooled in `file` (rewound) of `size` bytes: in one
+    /// conditional put when it is small, in parts otherwise.
+    pub async fn put_spooled(
         &self,
         name: &ObjectName,
         file: std::fs::File,
+        size: u64,
     ) -> Result<(), BackupError> {
+        if size > SINGLE_PUT_MAX_BYTES {
+            return self.put_file(name, file).await;
+        }
+        let bytes = tokio::task::spawn_blocking(move || {
+            let mut file = file;
+            let mut bytes = Vec::with_capacity(size as usize);
+            file.read_to_end(&mut bytes).map(|_| bytes)
+        })
+        .await
+        .map_err(|error| BackupError::local("read a spooled object", std::io::Error::other(error)))?
+        .map_err(|error| BackupError::local("read a spooled object", error))?;
+        self.put_new(name, Bytes::from(bytes)).await
+    }
+
+    /// Uploads a large object from `file` in parts, holding at most
+    /// `MULTIPART_PART_BYTES * MULTIPART_CONCURRENCY` in memory. Reading the
+    /// file is blocking but bounded to one part per call.
+    async fn put_file(&self, name: &ObjectName, file: std::fs::File) -> Result<(), BackupError> {
         let path = self.object_path(name);
         let upload = self
             .store

@@ -8,7 +8,8 @@
 //! <database>/<kind>/<min txid>-<max txid>_<epoch>_<pre>_<post>_<time>_<sha256>.ltx
 //! ```
 //!
-//! `kind` is `changes` (the change sets of one sync interval) or `snapshots`
+//! `kind` is `changes` (the change sets of one sync interval), `changes1` to
+//! `changes9` (objects merged by compaction, level by level) or `snapshots`
 //! (the whole database); TXIDs, the lease epoch, the pre- and post-apply
 //! checksums and the commit time of the last transaction (Unix milliseconds)
 //! are 16 hex digits; `sha256` is the object's SHA-256 in 64 hex digits. The
@@ -32,26 +33,36 @@ use crate::ltx::{Checksum, TxId};
 /// The two kinds of object.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum ObjectKind {
-    /// The change sets committed during one sync interval.
+    /// Consecutive change sets: those of one sync interval (level 0), or
+    /// several such objects merged by compaction (levels 1 to
+    /// [`MAX_LEVEL`]).
     Changes,
     /// A snapshot of the whole database.
     Snapshot,
 }
 
-impl ObjectKind {
-    /// The folder of this kind under a database.
-    pub fn folder(self) -> &'static str {
-        match self {
-            ObjectKind::Changes => "changes",
-            ObjectKind::Snapshot => "snapshots",
-        }
-    }
+/// The highest compaction level.
+pub const MAX_LEVEL: u8 = crate::config::MAX_BACKUP_COMPACTION_WINDOWS as u8;
 
-    fn from_folder(folder: &str) -> Option<ObjectKind> {
-        match folder {
-            "changes" => Some(ObjectKind::Changes),
-            "snapshots" => Some(ObjectKind::Snapshot),
-            _ => None,
+/// The folder of objects of `kind` at `level` under a database: `snapshots`,
+/// `changes` (level 0) or `changes1` to `changes9`.
+fn folder(kind: ObjectKind, level: u8) -> String {
+    match (kind, level) {
+        (ObjectKind::Snapshot, _) => "snapshots".to_string(),
+        (ObjectKind::Changes, 0) => "changes".to_string(),
+        (ObjectKind::Changes, level) => format!("changes{level}"),
+    }
+}
+
+fn from_folder(folder: &str) -> Option<(ObjectKind, u8)> {
+    match folder {
+        "snapshots" => Some((ObjectKind::Snapshot, 0)),
+        "changes" => Some((ObjectKind::Changes, 0)),
+        _ => {
+            let level: u8 = folder.strip_prefix("changes")?.parse().ok()?;
+            (1..=MAX_LEVEL)
+                .contains(&level)
+                .then_some((ObjectKind::Changes, level))
         }
     }
 }
@@ -63,6 +74,8 @@ pub struct ObjectName {
     pub database: String,
     /// Changes or snapshot.
     pub kind: ObjectKind,
+    /// The compaction level of a changes object (0 for snapshots).
+    pub level: u8,
     /// The first TXID it holds (1 for a snapshot).
     pub min_txid: TxId,
     /// The last TXID it holds.
@@ -96,7 +109,7 @@ impl ObjectName {
         format!(
             "{}/{}/{:016x}-{:016x}_{:016x}_{:016x}_{:016x}_{:016x}_{}.ltx",
             self.database,
-            self.kind.folder(),
+            folder(self.kind, self.level),
             self.min_txid.0,
             self.max_txid.0,
             self.epoch,
@@ -120,8 +133,9 @@ impl ObjectName {
         if database.is_empty() || database.contains('/') {
             return Err(error("the database folder is empty or nested"));
         }
-        let kind = ObjectKind::from_folder(folder)
-            .ok_or_else(|| error("the kind folder is neither `changes` nor `snapshots`"))?;
+        let (kind, level) = from_folder(folder).ok_or_else(|| {
+            error("the kind folder is not `snapshots`, `changes` or `changes1` to `changes9`")
+        })?;
         let stem = file
             .strip_suffix(".ltx")
             .ok_or_else(|| error("it does not end in `.ltx`"))?;
@@ -142,6 +156,7 @@ impl ObjectName {
         let name = ObjectName {
             database: database.to_string(),
             kind,
+            level,
             min_txid: TxId(number(min)?),
             max_txid: TxId(number(max)?),
             epoch: number(epoch)?,
@@ -373,6 +388,7 @@ mod tests {
         ObjectName {
             database: "app.db".into(),
             kind,
+            level: 0,
             min_txid: TxId(range.0),
             max_txid: TxId(range.1),
             epoch,
@@ -391,12 +407,20 @@ mod tests {
         assert_eq!(ObjectName::parse(&name.path()).unwrap(), name);
         let snapshot = object(ObjectKind::Snapshot, (1, 9), 3, 0, C | 2);
         assert_eq!(ObjectName::parse(&snapshot.path()).unwrap(), snapshot);
+        let compacted = ObjectName {
+            level: 3,
+            ..name.clone()
+        };
+        assert!(compacted.path().contains("/changes3/"));
+        assert_eq!(ObjectName::parse(&compacted.path()).unwrap(), compacted);
         for bad in [
             "app.db/changes/x.ltx",
             "app.db/other/0000000000000001-0000000000000001_0_0_0_0_00.ltx",
             "changes/0000000000000001-0000000000000001.ltx",
             &object(ObjectKind::Changes, (1, 9), 3, 0, C).path(),
             &name.path().replace(".ltx", ".bin"),
+            &name.path().replace("/changes/", "/changes0/"),
+            &name.path().replace("/changes/", "/changes10/"),
             &name.path().replace("_0707", "_z707"),
         ] {
             assert!(ObjectName::parse(bad).is_err(), "{bad}");

@@ -19,6 +19,7 @@
 //! Depends on: `store` (positions, change sets, snapshots), `ltx`, `config`,
 //! `object_store`.
 
+pub mod compaction;
 pub mod destination;
 pub mod inspect;
 pub mod layout;

@@ -118,11 +118,28 @@ pub(super) async fn download(
     let mut file = tempfile::tempfile_in(dir).map_err(|error| {
         BackupError::local(format!("create a file in {}", dir.display()), error)
     })?;
+    append_object(destination, object, &mut file, None).await?;
+    file.rewind()
+        .map_err(|error| BackupError::local("read a downloaded object", error))?;
+    Ok(file)
+}
+
+/// Appends `object` to `file`, checking its SHA-256, and feeds its bytes to
+/// `whole` too when given (the digest of a merged object).
+pub(super) async fn append_object(
+    destination: &Destination,
+    object: &ObjectName,
+    file: &mut File,
+    mut whole: Option<&mut Sha256>,
+) -> Result<(), BackupError> {
     let mut stream = destination.get(object).await?;
     let mut digest = Sha256::new();
     while let Some(chunk) = stream.next().await {
         let chunk = chunk?;
         digest.update(&chunk);
+        if let Some(whole) = whole.as_deref_mut() {
+            whole.update(&chunk);
+        }
         file.write_all(&chunk)
             .map_err(|error| BackupError::local("write a downloaded object", error))?;
     }
@@ -137,9 +154,7 @@ pub(super) async fn download(
             ),
         ));
     }
-    file.rewind()
-        .map_err(|error| BackupError::local("read a downloaded object", error))?;
-    Ok(file)
+    Ok(())
 }
 
 /// Reads the records of an object file one at a time.

@@ -24,7 +24,7 @@ use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
 use super::layout::{self, ObjectKind, ObjectName, RECORD_LENGTH_BYTES, Target, frame_record};
-use super::{BackupError, Destination};
+use super::{BackupError, Destination, compaction};
 use crate::config::BackupConfig;
 use crate::ltx::{self, Checksum, Header, Trailer, TxId};
 use crate::store::cluster::unix_now_ms;
@@ -131,6 +131,7 @@ impl Uploader {
                     spool_dir: self.spool_dir.clone(),
                     status: self.status.clone(),
                     remote: None,
+                    next_compaction_ms: 0,
                 };
                 tokio::spawn(round.run(shutdown.clone()))
             })
@@ -161,6 +162,8 @@ struct DestinationLoop {
     spool_dir: PathBuf,
     status: Arc<BackupStatus>,
     remote: Option<Known>,
+    /// When compaction runs next (Unix ms); 0 runs it in the first round.
+    next_compaction_ms: u64,
 }
 
 impl DestinationLoop {
@@ -215,7 +218,8 @@ impl DestinationLoop {
         }
     }
 
-    /// One round: every database that moved (or needs a snapshot) is uploaded.
+    /// One round: every database that moved is uploaded, then a snapshot of
+    /// each one whose snapshot is due, then compaction once a window passed.
     async fn round(&mut self) -> Result<(), BackupError> {
         let epoch = self.store.epoch();
         if self
@@ -236,61 +240,104 @@ impl DestinationLoop {
             if position.txid.0 == 0 {
                 continue;
             }
-            let known = self.remote.as_ref().expect("learnt above");
-            let remote = known.databases.get(&name).copied();
-            let now = unix_now_ms();
-            let snapshot_due = remote.is_some_and(|remote| {
-                now.saturating_sub(remote.last_snapshot_ms)
-                    >= self.config.snapshot_interval.as_millis() as u64
-            });
-            if remote.is_some_and(|remote| remote.position == position) && !snapshot_due {
-                continue;
-            }
-            self.status
-                .update_database(&self.destination, &name, |backup| {
-                    if backup.txid != position.txid {
-                        backup.behind_since_ms.get_or_insert(now);
-                    }
-                });
             let Some(database) = self.store.database(&name) else {
                 continue;
             };
-            let from = remote.map(|remote| remote.position);
-            let spool_dir = self.spool_dir.clone();
-            let batch = tokio::task::spawn_blocking(move || {
-                read_batch(&database, from, snapshot_due, &spool_dir)
-            })
+            let remote = self.known(&name);
+            if remote.is_none_or(|remote| remote.position != position) {
+                let now = unix_now_ms();
+                self.status
+                    .update_database(&self.destination, &name, |backup| {
+                        backup.behind_since_ms.get_or_insert(now);
+                    });
+                let from = remote.map(|remote| remote.position);
+                self.ship(&name, &database, from, position).await?;
+            }
+            let snapshot_due = self.known(&name).is_some_and(|remote| {
+                unix_now_ms().saturating_sub(remote.last_snapshot_ms)
+                    >= self.config.snapshot_interval.as_millis() as u64
+            });
+            if snapshot_due {
+                self.ship(&name, &database, None, position).await?;
+            }
+        }
+        let now = unix_now_ms();
+        if now >= self.next_compaction_ms {
+            let names: Vec<String> = self
+                .remote
+                .as_ref()
+                .map(|known| known.databases.keys().cloned().collect())
+                .unwrap_or_default();
+            for name in names {
+                compaction::compact(
+                    &self.destination,
+                    &name,
+                    &self.config.compaction_windows,
+                    self.config.sync_interval * 2,
+                    &self.spool_dir,
+                )
+                .await?;
+            }
+            self.next_compaction_ms = compaction::next_run_ms(
+                now,
+                &self.config.compaction_windows,
+                self.config.sync_interval * 2,
+            );
+        }
+        Ok(())
+    }
+
+    /// What this node knows the destination holds of `database`.
+    fn known(&self, database: &str) -> Option<Remote> {
+        self.remote
+            .as_ref()
+            .and_then(|known| known.databases.get(database).copied())
+    }
+
+    /// Uploads what follows `from` in `database` (a snapshot when `from` is
+    /// `None` or the log cannot follow from it) and records where the
+    /// destination now stands; `position` is the database's position when
+    /// the round began.
+    async fn ship(
+        &mut self,
+        name: &str,
+        database: &Arc<Database>,
+        from: Option<Position>,
+        position: Position,
+    ) -> Result<(), BackupError> {
+        let spool_dir = self.spool_dir.clone();
+        let database = database.clone();
+        let batch = tokio::task::spawn_blocking(move || read_batch(&database, from, &spool_dir))
             .await
             .map_err(|error| {
                 BackupError::local("read change sets", std::io::Error::other(error))
             })??;
-            let uploaded = self.upload(batch).await?;
-            let mut remote = remote.unwrap_or(Remote {
-                position: Position::UNKNOWN,
-                last_snapshot_ms: 0,
+        let uploaded = self.upload(batch).await?;
+        let mut remote = self.known(name).unwrap_or(Remote {
+            position: Position::UNKNOWN,
+            last_snapshot_ms: 0,
+        });
+        remote.position = Position {
+            txid: uploaded.max_txid,
+            checksum: uploaded.post_apply,
+        };
+        if uploaded.kind == ObjectKind::Snapshot {
+            remote.last_snapshot_ms = uploaded.timestamp_ms;
+        }
+        self.status
+            .update_database(&self.destination, name, |backup| {
+                backup.txid = uploaded.max_txid;
+                if uploaded.max_txid >= position.txid {
+                    backup.behind_since_ms = None;
+                }
             });
-            remote.position = Position {
-                txid: uploaded.max_txid,
-                checksum: uploaded.post_apply,
-            };
-            if uploaded.kind == ObjectKind::Snapshot {
-                remote.last_snapshot_ms = uploaded.timestamp_ms;
-            }
-            self.status
-                .update_database(&self.destination, &name, |backup| {
-                    backup.txid = uploaded.max_txid;
-                    if uploaded.max_txid >= position.txid {
-                        backup.behind_since_ms = None;
-                    }
-                });
-            self.remote
-                .as_mut()
-                .expect("learnt above")
-                .databases
-                .insert(name.clone(), remote);
-            if uploaded.kind == ObjectKind::Snapshot {
-                self.enforce_retention(&name).await?;
-            }
+        self.remote
+            .as_mut()
+            .expect("learnt at the start of the round")
+            .databases
+            .insert(name.to_string(), remote);
+        if uploaded.kind == ObjectKind::Snapshot {
+            self.enforce_retention(name).await?;
         }
         Ok(())
     }
@@ -303,21 +350,7 @@ impl DestinationLoop {
                 Ok(name)
             }
             Batch::Snapshot(name, file, size) => {
-                if size <= super::destination::SINGLE_PUT_MAX_BYTES {
-                    let bytes = tokio::task::spawn_blocking(move || {
-                        let mut file = file;
-                        let mut bytes = Vec::with_capacity(size as usize);
-                        file.read_to_end(&mut bytes).map(|_| bytes)
-                    })
-                    .await
-                    .map_err(|error| {
-                        BackupError::local("read a spooled snapshot", std::io::Error::other(error))
-                    })?
-                    .map_err(|error| BackupError::local("read a spooled snapshot", error))?;
-                    self.destination.put_new(&name, Bytes::from(bytes)).await?;
-                } else {
-                    self.destination.put_file(&name, file).await?;
-                }
+                self.destination.put_spooled(&name, file, size).await?;
                 tracing::info!(destination = %self.destination, object = %name, bytes = size, "uploaded a snapshot");
                 Ok(name)
             }
@@ -404,15 +437,14 @@ enum Batch {
 }
 
 /// Reads what follows `from` in `database`'s log (at most
-/// [`MAX_OBJECT_CHANGE_BYTES`]), or a snapshot when there is no `from`, the
-/// log cannot follow from it, or `snapshot_due`. Blocking.
+/// [`MAX_OBJECT_CHANGE_BYTES`]), or a snapshot when there is no `from` or the
+/// log cannot follow from it. Blocking.
 fn read_batch(
     database: &Database,
     from: Option<Position>,
-    snapshot_due: bool,
     spool_dir: &std::path::Path,
 ) -> Result<Batch, BackupError> {
-    if let (Some(from), false) = (from, snapshot_due) {
+    if let Some(from) = from {
         match database.catch_up(from, &[], MAX_OBJECT_CHANGE_BYTES)? {
             CatchUp::ChangeSets(change_sets) if !change_sets.is_empty() => {
                 return changes_object(database.name(), &change_sets);
@@ -459,6 +491,7 @@ fn changes_object(database: &str, change_sets: &[Vec<u8>]) -> Result<Batch, Back
         } else {
             ObjectKind::Changes
         },
+        level: 0,
         min_txid: first.min_txid,
         max_txid: last.max_txid,
         epoch,
@@ -509,6 +542,7 @@ fn snapshot_object(database: &Database, spool_dir: &std::path::Path) -> Result<B
     let name = ObjectName {
         database: database.name().to_string(),
         kind: ObjectKind::Snapshot,
+        level: 0,
         min_txid: TxId(1),
         max_txid: position.txid,
         epoch: header.node_id,

@@ -96,6 +96,14 @@ pub const DEFAULT_HTTP_ADDR: &str = ":20202";
 pub const DEFAULT_BACKUP_SYNC_INTERVAL: Duration = Duration::from_secs(1);
 /// Default for `backup.snapshot-interval`.
 pub const DEFAULT_BACKUP_SNAPSHOT_INTERVAL: Duration = Duration::from_secs(24 * 60 * 60);
+/// The most compaction levels `backup.compaction-windows` may name.
+pub const MAX_BACKUP_COMPACTION_WINDOWS: usize = 9;
+/// Default for `backup.compaction-windows`.
+pub const DEFAULT_BACKUP_COMPACTION_WINDOWS: [Duration; 3] = [
+    Duration::from_secs(30),
+    Duration::from_secs(5 * 60),
+    Duration::from_secs(60 * 60),
+];
 /// Default for `backup.retention`.
 pub const DEFAULT_BACKUP_RETENTION: Duration = Duration::from_secs(72 * 60 * 60);
 /// Default for `proxy.primary-redirect-timeout`, as in LiteFS.
@@ -178,6 +186,11 @@ pub struct BackupConfig {
     /// `backup.snapshot-interval`: how often a full snapshot is uploaded.
     /// Default 24 hours.
     pub snapshot_interval: Duration,
+    /// `backup.compaction-windows`: the time windows of the compaction
+    /// levels, shortest first. Once a window of level N has passed, the
+    /// objects of lower levels whose last commit falls in it are merged into
+    /// one, so a restore reads few objects. Default `[30s, 5m, 1h]`.
+    pub compaction_windows: Vec<Duration>,
     /// `backup.retention`: the point-in-time restore window; older objects
     /// are deleted. Default 72 hours.
     pub retention: Duration,
@@ -192,6 +205,7 @@ impl Default for BackupConfig {
             destinations: Vec::new(),
             sync_interval: DEFAULT_BACKUP_SYNC_INTERVAL,
             snapshot_interval: DEFAULT_BACKUP_SNAPSHOT_INTERVAL,
+            compaction_windows: DEFAULT_BACKUP_COMPACTION_WINDOWS.to_vec(),
             retention: DEFAULT_BACKUP_RETENTION,
             restore_on_boot: false,
         }
@@ -887,6 +901,11 @@ impl RawConfig {
                     backup.snapshot_interval,
                     defaults.backup.snapshot_interval,
                 ),
+                compaction_windows: backup
+                    .compaction_windows
+                    .map_or(defaults.backup.compaction_windows, |windows| {
+                        windows.into_iter().map(|window| window.0).collect()
+                    }),
                 retention: duration_or(backup.retention, defaults.backup.retention),
                 restore_on_boot: flag_or(backup.restore_on_boot, defaults.backup.restore_on_boot),
             },

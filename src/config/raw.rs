@@ -176,6 +176,7 @@ pub(crate) struct RawBackup {
     pub destinations: Option<Vec<RawDestination>>,
     pub sync_interval: Option<GoDuration>,
     pub snapshot_interval: Option<GoDuration>,
+    pub compaction_windows: Option<Vec<GoDuration>>,
     pub retention: Option<GoDuration>,
     pub restore_on_boot: Option<Flag>,
     #[serde(default, rename = "type")]

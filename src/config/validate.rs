@@ -99,6 +99,22 @@ fn check_backup(config: &Config) -> Option<Problem> {
             "must be longer than zero; the default is `24h`",
         ));
     }
+    let windows = &backup.compaction_windows;
+    if windows.len() > super::MAX_BACKUP_COMPACTION_WINDOWS
+        || windows
+            .first()
+            .is_some_and(|first| *first <= backup.sync_interval)
+        || windows.windows(2).any(|pair| pair[0] >= pair[1])
+    {
+        return Some(problem(
+            "backup.compaction-windows",
+            format!(
+                "must be at most {} windows, each longer than the one before and the first \
+                 longer than `backup.sync-interval`; the default is `[30s, 5m, 1h]`",
+                super::MAX_BACKUP_COMPACTION_WINDOWS
+            ),
+        ));
+    }
     if backup.retention < backup.sync_interval {
         return Some(problem(
             "backup.retention",
