@@ -428,6 +428,7 @@ pub fn run(request: MountRequest) -> Result<i32, MountError> {
     let policy = RetentionPolicy {
         max_age: request.config.data.retention,
         max_bytes: request.config.data.max_size,
+        keep_after: None,
     };
     let retention_store = store.clone();
     let retention = PeriodicTask::start(
@@ -452,7 +453,10 @@ pub fn run(request: MountRequest) -> Result<i32, MountError> {
         }
     })
     .map_err(|error| MountError::runtime("start the lock reaper", error))?;
-    let backup_status = Arc::new(BackupStatus::default());
+    let backup_status = Arc::new(BackupStatus::for_destinations(&backup_destinations));
+    if !request.config.backup.destinations.is_empty() {
+        store.set_retention_pins(backup_status.clone());
+    }
     let replication = ReplicationTasks::start(
         &runtime,
         &request.config,

@@ -7,6 +7,10 @@
 mod common;
 
 #[allow(dead_code)]
+#[path = "support/emulator.rs"]
+mod emulator;
+
+#[allow(dead_code)]
 #[path = "support/s3.rs"]
 mod s3;
 
@@ -21,15 +25,6 @@ use std::time::{Duration, Instant};
 
 use backup_check::*;
 use common::*;
-use ltxfs::ltx::Checksum;
-
-/// One transaction of one row per call; returns (TXID, checksum) after it.
-fn insert(connection: &rusqlite::Connection, mount: &Mount, value: i64) -> (u64, Checksum) {
-    connection
-        .execute("INSERT INTO t(v) VALUES (?1)", [value])
-        .expect("insert");
-    position(mount, "app.db")
-}
 
 /// A mount backing up to a new local directory, with table `t` created in
 /// `app.db` (in `journal_mode`) and backed up: every later TXID is
@@ -134,16 +129,12 @@ fn a_file_backup_restores_the_latest_state_a_txid_and_a_time() {
 
     // A TXID past the end is refused with the restorable range.
     let beyond = (latest_txid + 100).to_string();
-    let output = ltxfs(&[
-        "restore",
-        "--name",
+    let output = try_restore(
+        &source,
         "app.db",
-        "--url",
-        &url,
-        "--txid",
-        &beyond,
-        &scratch.join("beyond.db").to_string_lossy(),
-    ]);
+        &scratch.join("beyond.db"),
+        &["--txid", &beyond],
+    );
     assert_eq!(output.status.code(), Some(1), "{}", text(&output));
     assert!(
         text(&output).contains("restorable are TXIDs"),
@@ -234,14 +225,7 @@ fn verify_and_restore_name_a_damaged_object() {
     assert!(text(&output).contains(&victim_name), "{}", text(&output));
 
     let restored = mount.root().join("restored.db");
-    let output = ltxfs(&[
-        "restore",
-        "--name",
-        "app.db",
-        "--url",
-        &url,
-        &restored.to_string_lossy(),
-    ]);
+    let output = try_restore(&source, "app.db", &restored, &[]);
     assert_eq!(output.status.code(), Some(1), "{}", text(&output));
     assert!(text(&output).contains(&victim_name), "{}", text(&output));
     assert!(!restored.exists(), "a wrong database was written");
@@ -303,38 +287,18 @@ fn an_s3_backup_rides_out_an_outage_and_restores_every_commit() {
 fn a_destination_that_cannot_work_stops_the_mount_before_it_starts() {
     let server = s3::S3Server::start();
     let (_dir, root) = temp_root("ltxfs-backup-bad-");
-    let mnt = root.join("mnt");
-    let data = root.join("data");
-    let config = root.join("ltxfs.yml");
     let destination = format!(
         "      endpoint: {}\n      region: us-east-1\n      access-key-id: testing\n      secret-access-key: hunter2-secret\n",
         yaml_str(server.endpoint())
     );
     // The bucket does not exist.
-    write_config(
-        &config,
-        &data,
-        Some(&mnt),
-        &backup_yaml("s3://missing-bucket/x", &destination),
-    );
-    let output = ltxfs_command()
-        .args(["mount", "--config", &config.to_string_lossy()])
-        .output()
-        .expect("run ltxfs mount");
-    assert_eq!(output.status.code(), Some(2), "{}", text(&output));
+    let output = refused_mount(&root, &backup_yaml("s3://missing-bucket/x", &destination));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("s3://missing-bucket/x"), "{stderr}");
     assert!(!stderr.contains("hunter2-secret"), "{stderr}");
-    assert!(!is_mounted(&mnt));
-    assert!(!data.exists(), "the data dir was created");
 
     // An unknown scheme is a config error naming the key.
-    write_config(&config, &data, Some(&mnt), &backup_yaml("ftp://host/x", ""));
-    let output = ltxfs_command()
-        .args(["mount", "--config", &config.to_string_lossy()])
-        .output()
-        .expect("run ltxfs mount");
-    assert_eq!(output.status.code(), Some(2), "{}", text(&output));
+    let output = refused_mount(&root, &backup_yaml("ftp://host/x", ""));
     assert!(
         String::from_utf8_lossy(&output.stderr).contains("backup.destinations[0].url"),
         "{}",

@@ -35,22 +35,29 @@ fn file_url(dir: &Path) -> String {
     format!("file://{}", dir.display())
 }
 
-/// Starts a mount that backs up to `url`, creates table `t` in `app.db` and
-/// inserts `rows` rows, one transaction each; returns once the backup holds
-/// all of it.
-fn mount_with_rows(url: &str, rows: i64) -> Mount {
+/// Starts a mount that backs up to `url` (with `more` of the `backup:`
+/// section), creates table `t` in `app.db` and waits until the backup holds
+/// it: every later TXID is restorable.
+fn backed_up_mount(url: &str, more: &str) -> (Mount, rusqlite::Connection) {
     let mount = Mount::start(MountOptions {
-        extra_yaml: backup_yaml(url, ""),
+        extra_yaml: backup_yaml(url, more),
         ..MountOptions::default()
     });
     let connection = rusqlite::Connection::open(mount.db_path("app.db")).expect("open");
     connection
         .execute_batch("CREATE TABLE t(id INTEGER PRIMARY KEY, v INTEGER);")
         .expect("schema");
+    let (txid, _) = position(&mount, "app.db");
+    wait_for_backup(&["--url", url], "app.db", txid, &mount);
+    (mount, connection)
+}
+
+/// [`backed_up_mount`] with `rows` rows inserted, one transaction each;
+/// returns once the backup holds all of it.
+fn mount_with_rows(url: &str, rows: i64) -> Mount {
+    let (mount, connection) = backed_up_mount(url, "");
     for value in 0..rows {
-        connection
-            .execute("INSERT INTO t(v) VALUES (?1)", [value])
-            .expect("insert");
+        insert(&connection, &mount, value);
     }
     let (txid, _) = position(&mount, "app.db");
     wait_for_backup(&["--url", url], "app.db", txid, &mount);
@@ -138,28 +145,43 @@ fn restore_on_boot_fills_an_empty_node_before_exec_and_never_restores_over_data(
 }
 
 #[test]
-fn a_failing_destination_delays_only_the_backup_and_is_logged_once() {
+fn a_failing_destination_delays_only_the_backup_and_keeps_its_change_sets() {
     let backup_dir = tempfile::tempdir().expect("tempdir");
     let root = backup_dir.path().join("dest");
     fs::create_dir(&root).expect("destination dir");
     let url = file_url(&root);
-    let mount = mount_with_rows(&url, 5);
+    let mut mount = mount_with_rows(&url, 5);
+    // Retention that would merge the change sets of the outage within it.
+    fs::write(
+        mount.config_path(),
+        format!(
+            "data:\n  dir: {}\n  retention: 500ms\n  retention-monitor-interval: 100ms\n\
+             http:\n  addr: \"127.0.0.1:0\"\n{}",
+            yaml_str(&mount.data_dir().to_string_lossy()),
+            backup_yaml(&url, "")
+        ),
+    )
+    .expect("rewrite ltxfs.yml");
+    mount.restart();
 
     // The destination breaks: its directory becomes a plain file.
     let away = backup_dir.path().join("away");
     fs::rename(&root, &away).expect("move the destination away");
     fs::write(&root, b"not a directory").expect("block the destination");
     let connection = rusqlite::Connection::open(mount.db_path("app.db")).expect("open");
+    let mut during = Vec::new();
     for value in 0..40 {
         connection
             .execute("INSERT INTO t(v) VALUES (?1)", [value])
             .expect("a commit while the destination is down");
+        during.push(position(&mount, "app.db"));
     }
     wait_until("the failure to be logged", BACKUP_TIMEOUT, || {
         mount.stderr_text().contains("backup failed")
     });
-    // Several rounds fail meanwhile (backoff starts at the sync interval).
-    std::thread::sleep(Duration::from_millis(800));
+    // Several rounds fail meanwhile (backoff starts at the sync interval), and
+    // retention runs several times past its period.
+    std::thread::sleep(Duration::from_millis(1500));
 
     fs::remove_file(&root).expect("unblock the destination");
     fs::rename(&away, &root).expect("bring the destination back");
@@ -176,6 +198,24 @@ fn a_failing_destination_delays_only_the_backup_and_is_logged_once() {
     restore(&["--url", &url], "app.db", &restored, &[]);
     assert_eq!(file_checksum(&restored), checksum);
     assert_eq!(count_rows(&restored), 45);
+    // The change sets of the outage were kept for the destination: each of
+    // them is restorable, and no snapshot replaced them.
+    let (txid, checksum) = during[17];
+    restore(
+        &["--url", &url],
+        "app.db",
+        &restored,
+        &["--txid", &txid.to_string()],
+    );
+    assert_eq!(file_checksum(&restored), checksum);
+    assert_eq!(count_rows(&restored), 5 + 18);
+    let snapshots = fs::read_dir(root.join("app.db").join("snapshots"))
+        .expect("snapshots")
+        .count();
+    assert_eq!(
+        snapshots, 1,
+        "a snapshot replaced the change sets of the outage"
+    );
 }
 
 #[test]
@@ -242,16 +282,7 @@ fn after_a_failover_the_new_primary_continues_the_same_backup() {
 fn compaction_merges_objects_and_every_txid_stays_restorable() {
     let backup_dir = tempfile::tempdir().expect("tempdir");
     let url = file_url(backup_dir.path());
-    let mount = Mount::start(MountOptions {
-        extra_yaml: backup_yaml(&url, "  compaction-windows: [400ms, 1600ms]\n"),
-        ..MountOptions::default()
-    });
-    let connection = rusqlite::Connection::open(mount.db_path("app.db")).expect("open");
-    connection
-        .execute_batch("CREATE TABLE t(id INTEGER PRIMARY KEY, v INTEGER);")
-        .expect("schema");
-    let (schema_txid, _) = position(&mount, "app.db");
-    wait_for_backup(&["--url", &url], "app.db", schema_txid, &mount);
+    let (mount, connection) = backed_up_mount(&url, "  compaction-windows: [400ms, 1600ms]\n");
     let mut history = Vec::new();
     for value in 0..40 {
         connection
@@ -288,4 +319,52 @@ fn compaction_merges_objects_and_every_txid_stays_restorable() {
     }
     let output = ltxfs(&["backup", "verify", "--url", &url]);
     assert!(output.status.success(), "{}", text(&output));
+}
+
+/// Regression: `backup verify` and `restore` list the objects, then read them;
+/// the primary's compaction deletes merged objects meanwhile. Both must plan
+/// again (or skip what went away) instead of failing on the missing object.
+#[test]
+fn verify_and_restore_succeed_while_compaction_deletes_objects() {
+    let backup_dir = tempfile::tempdir().expect("tempdir");
+    let url = file_url(backup_dir.path());
+    let (mount, _schema_connection) =
+        backed_up_mount(&url, "  compaction-windows: [200ms, 600ms]\n");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (stop, db) = (stop.clone(), mount.db_path("app.db"));
+        std::thread::spawn(move || {
+            let connection = rusqlite::Connection::open(db).expect("open");
+            let mut value = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                connection
+                    .execute("INSERT INTO t(v) VALUES (?1)", [value])
+                    .expect("insert");
+                value += 1;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    let restored = mount.root().join("restored.db");
+    let merged = || {
+        fs::read_dir(backup_dir.path().join("app.db").join("changes2"))
+            .map(|entries| entries.count())
+            .unwrap_or(0)
+    };
+    // Until compaction has merged several windows, and at least 20 rounds.
+    let deadline = std::time::Instant::now() + BACKUP_TIMEOUT;
+    let mut rounds = 0;
+    while rounds < 20 || merged() < 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "compaction did not run"
+        );
+        let output = ltxfs(&["backup", "verify", "--url", &url]);
+        assert!(output.status.success(), "{}", text(&output));
+        restore(&["--url", &url], "app.db", &restored, &[]);
+        count_rows(&restored);
+        rounds += 1;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.join().expect("writer");
 }

@@ -97,6 +97,17 @@ impl BackupError {
         BackupError::bad_object(object, error.to_string())
     }
 
+    /// Whether the destination answered that an object is not there.
+    pub fn is_not_found(&self) -> bool {
+        matches!(
+            self,
+            BackupError::Remote {
+                not_found: true,
+                ..
+            }
+        )
+    }
+
     fn local(context: impl Into<String>, source: std::io::Error) -> BackupError {
         BackupError::Local {
             context: context.into(),

@@ -47,6 +47,31 @@ pub async fn restore(
     output: &Path,
     progress: Progress<'_>,
 ) -> Result<Restored, BackupError> {
+    let mut attempt = 1;
+    loop {
+        match restore_once(destination, database, target, output, &mut *progress).await {
+            Err(error) if error.is_not_found() && attempt < RESTORE_ATTEMPTS => {
+                // Compaction or retention deleted a planned object after the
+                // listing; the objects that replaced it hold the same records.
+                tracing::debug!(%error, "an object went away during the restore; planning again");
+                attempt += 1;
+            }
+            result => return result,
+        }
+    }
+}
+
+/// How many times a restore plans again when an object it planned to read was
+/// deleted meanwhile (by the primary's compaction or retention).
+const RESTORE_ATTEMPTS: usize = 3;
+
+async fn restore_once(
+    destination: &Destination,
+    database: &str,
+    target: Target,
+    output: &Path,
+    progress: Progress<'_>,
+) -> Result<Restored, BackupError> {
     let objects: Vec<ObjectName> = destination
         .list(Some(database))
         .await?

@@ -28,7 +28,7 @@ use super::{BackupError, Destination, compaction};
 use crate::config::BackupConfig;
 use crate::ltx::{self, Checksum, Header, Trailer, TxId};
 use crate::store::cluster::unix_now_ms;
-use crate::store::{CatchUp, Database, Position, Role, Store};
+use crate::store::{CatchUp, Database, Position, RetentionPins, Role, Store};
 
 /// The most change-set bytes one object takes; a longer backlog goes out in
 /// several objects, one per round.
@@ -52,6 +52,9 @@ pub struct DestinationStatus {
     pub errors: u64,
     /// Whether the last round failed.
     pub failing: bool,
+    /// Whether this node has listed the destination since it became the
+    /// primary (until then, what it holds is unknown).
+    pub learnt: bool,
 }
 
 /// How far one database's backup at one destination is.
@@ -76,6 +79,18 @@ impl DatabaseBackup {
 }
 
 impl BackupStatus {
+    /// The status of `destinations`, none of them learnt yet.
+    pub fn for_destinations(destinations: &[Destination]) -> BackupStatus {
+        BackupStatus {
+            destinations: Mutex::new(
+                destinations
+                    .iter()
+                    .map(|destination| (destination.to_string(), DestinationStatus::default()))
+                    .collect(),
+            ),
+        }
+    }
+
     /// A copy of every destination's state, by URL.
     pub fn snapshot(&self) -> BTreeMap<String, DestinationStatus> {
         self.lock().clone()
@@ -100,6 +115,23 @@ impl BackupStatus {
         self.update(destination, |status| {
             change(status.databases.entry(database.to_string()).or_default())
         });
+    }
+}
+
+impl RetentionPins for BackupStatus {
+    /// The oldest TXID of `database` any destination stores: what follows it
+    /// must stay in the log until every destination has it. A destination not
+    /// listed yet (after a start, or while it fails) keeps everything; one
+    /// that has nothing of the database needs a snapshot anyway.
+    fn keep_after(&self, database: &str) -> Option<TxId> {
+        self.lock()
+            .values()
+            .filter_map(|status| match status.databases.get(database) {
+                _ if !status.learnt => Some(TxId(0)),
+                Some(backup) => Some(backup.txid),
+                None => None,
+            })
+            .min()
     }
 }
 
@@ -234,6 +266,8 @@ impl DestinationLoop {
                         backup.txid = remote.position.txid;
                     });
             }
+            self.status
+                .update(&self.destination, |status| status.learnt = true);
             self.remote = Some(Known { epoch, databases });
         }
         for (name, position) in self.store.positions() {

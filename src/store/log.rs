@@ -17,7 +17,7 @@ use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use crate::ltx::{self, Header, Trailer};
+use crate::ltx::{self, Header, Trailer, TxId};
 
 use super::{StoreError, WRITE_PIECE_BYTES, write_all_at_in_pieces};
 
@@ -636,7 +636,15 @@ pub struct RetentionPolicy {
     pub max_age: std::time::Duration,
     /// When the log is larger than this, the oldest change sets are merged too.
     pub max_bytes: Option<u64>,
+    /// Change sets after this TXID are not merged for their age (a backup
+    /// destination does not have them yet), while the log stays within
+    /// `max_bytes`, or [`DEFAULT_PINNED_LOG_BYTES`] without it.
+    pub keep_after: Option<TxId>,
 }
+
+/// How large the log may grow to keep change sets a backup destination does
+/// not have yet, when `data.max-size` does not say.
+pub const DEFAULT_PINNED_LOG_BYTES: u64 = 1 << 30;
 
 impl ChangeLog {
     /// The log's size in bytes.
@@ -677,11 +685,29 @@ impl ChangeLog {
         now_millis: u64,
     ) -> Result<Option<CompactionPlan>, StoreError> {
         let cutoff = now_millis.saturating_sub(policy.max_age.as_millis() as u64);
-        let too_old = self
+        let mut too_old = self
             .records
             .iter()
             .take_while(|record| record.header.timestamp < cutoff)
             .count();
+        if let Some(keep_after) = policy.keep_after {
+            let unpinned = self
+                .records
+                .iter()
+                .take_while(|record| record.header.max_txid <= keep_after)
+                .count();
+            if self.len <= policy.max_bytes.unwrap_or(DEFAULT_PINNED_LOG_BYTES) {
+                too_old = too_old.min(unpinned);
+            } else if too_old > unpinned {
+                tracing::warn!(
+                    log = %self.path.display(),
+                    bytes = self.len,
+                    backed_up_txid = %keep_after,
+                    "the log outgrew its bound while a backup destination is behind: \
+                     merging change sets it does not have; it will get a snapshot instead"
+                );
+            }
+        }
         let mut too_large = 0;
         if let Some(max_bytes) = policy.max_bytes {
             let mut remaining = self.len;
@@ -884,7 +910,7 @@ pub fn read_change_sets(path: &Path) -> io::Result<Vec<Vec<u8>>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ltx::{Checksum, Encoder, TxId, page_checksum};
+    use crate::ltx::{Checksum, Encoder, page_checksum};
 
     const PAGE_SIZE: u32 = 512;
 
@@ -1029,6 +1055,7 @@ mod tests {
     const BEFORE_4000_MS: RetentionPolicy = RetentionPolicy {
         max_age: std::time::Duration::from_secs(2),
         max_bytes: None,
+        keep_after: None,
     };
 
     fn txid_ranges(log: &ChangeLog) -> Vec<(u64, u64)> {
@@ -1088,6 +1115,7 @@ mod tests {
         let small = RetentionPolicy {
             max_age: BEFORE_4000_MS.max_age,
             max_bytes: Some(100),
+            keep_after: None,
         };
         assert!(log.enforce(small, 6000, false).unwrap() > 0);
         assert_eq!(txid_ranges(&log)[0].0, 1);
@@ -1157,12 +1185,14 @@ mod tests {
         let keep_all = RetentionPolicy {
             max_age: std::time::Duration::from_secs(3600),
             max_bytes: None,
+            keep_after: None,
         };
         assert_eq!(log.enforce(keep_all, 6000, false).unwrap(), 0);
         // Change sets stamped before 4000 ms (TXIDs 1-3) are older than 2 s at 6000 ms.
         let by_age = RetentionPolicy {
             max_age: std::time::Duration::from_secs(2),
             max_bytes: None,
+            keep_after: None,
         };
         assert_eq!(log.enforce(by_age, 6000, false).unwrap(), 2);
         let ranges: Vec<_> = log
@@ -1175,6 +1205,7 @@ mod tests {
         let by_size = RetentionPolicy {
             max_age: std::time::Duration::from_secs(3600),
             max_bytes: Some(1),
+            keep_after: None,
         };
         log.enforce(by_size, 6000, false).unwrap();
         let ranges: Vec<_> = log
@@ -1186,5 +1217,32 @@ mod tests {
         let (reopened, tail) = ChangeLog::open(&dir.path().join("log")).unwrap();
         assert_eq!(reopened.records().len(), 1);
         assert_eq!(tail.unwrap().header.max_txid, TxId(6));
+    }
+
+    #[test]
+    fn change_sets_a_backup_lacks_are_kept_until_the_size_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = log_with(dir.path(), 6);
+        let ranges = |log: &ChangeLog| -> Vec<(u64, u64)> {
+            log.records()
+                .iter()
+                .map(|r| (r.header.min_txid.0, r.header.max_txid.0))
+                .collect()
+        };
+        // Everything is old, but a destination has only TXID 2.
+        let pinned = RetentionPolicy {
+            max_age: std::time::Duration::ZERO,
+            max_bytes: None,
+            keep_after: Some(TxId(2)),
+        };
+        assert_eq!(log.enforce(pinned, 60_000, false).unwrap(), 1);
+        assert_eq!(ranges(&log), vec![(1, 2), (3, 3), (4, 4), (5, 5), (6, 6)]);
+        // Past the size bound, the pin gives way.
+        let over_bound = RetentionPolicy {
+            max_bytes: Some(log.len() - 1),
+            ..pinned
+        };
+        log.enforce(over_bound, 60_000, false).unwrap();
+        assert_eq!(ranges(&log), vec![(1, 6)]);
     }
 }

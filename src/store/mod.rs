@@ -490,6 +490,14 @@ struct Namespace {
     by_id: HashMap<NodeId, Arc<Node>>,
 }
 
+/// What change sets the log must keep for a backup: retention does not merge
+/// away, for their age, the change sets after this TXID (a destination does
+/// not have them yet). Implemented by the backup uploaders.
+pub trait RetentionPins: Send + Sync {
+    /// The TXID after which `database`'s change sets must be kept, if any.
+    fn keep_after(&self, database: &str) -> Option<TxId>;
+}
+
 /// The set of databases under one data dir.
 pub struct Store {
     dbs_dir: PathBuf,
@@ -499,6 +507,7 @@ pub struct Store {
     kernel_cache: RwLock<Option<Arc<dyn KernelCache>>>,
     /// Synchronous replication's hold on commits, when it is on.
     commit_hold: RwLock<Option<Arc<dyn CommitHold>>>,
+    retention_pins: RwLock<Option<Arc<dyn RetentionPins>>>,
     shared: Arc<Shared>,
     cluster: ClusterView,
     /// Held by the one change set being applied on a replica.
@@ -543,6 +552,7 @@ impl Store {
             databases: Mutex::new(BTreeMap::new()),
             kernel_cache: RwLock::new(None),
             commit_hold: RwLock::new(None),
+            retention_pins: RwLock::new(None),
             shared: Arc::new(Shared::default()),
             cluster: ClusterView::new(role),
             applying: Mutex::new(()),
@@ -657,6 +667,14 @@ impl Store {
                 txid: TxId(captured),
                 reason,
             })
+    }
+
+    /// Sets what retention must keep for backups.
+    pub fn set_retention_pins(&self, pins: Arc<dyn RetentionPins>) {
+        *self
+            .retention_pins
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = Some(pins);
     }
 
     /// Sets who hears about new positions (replaces any earlier listener).
@@ -824,15 +842,32 @@ impl Store {
     /// others are still handled.
     pub fn enforce_retention(&self, policy: log::RetentionPolicy) -> usize {
         let databases = self.all_databases();
+        // Only the primary uploads backups, so only its log keeps change sets
+        // for them.
+        let pins = self
+            .retention_pins
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .filter(|_| self.cluster.role() == Role::Primary);
         databases
             .iter()
-            .map(|database| match database.enforce_retention(policy) {
-                Ok(merged) => merged,
-                Err(error) => {
-                    tracing::error!(database = %database.name(), %error, "retention failed");
-                    0
-                }
+            .map(|database| log::RetentionPolicy {
+                keep_after: pins
+                    .as_ref()
+                    .and_then(|pins| pins.keep_after(database.name())),
+                ..policy
             })
+            .zip(&databases)
+            .map(
+                |(policy, database)| match database.enforce_retention(policy) {
+                    Ok(merged) => merged,
+                    Err(error) => {
+                        tracing::error!(database = %database.name(), %error, "retention failed");
+                        0
+                    }
+                },
+            )
             .sum()
     }
 

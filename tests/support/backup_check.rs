@@ -1,18 +1,29 @@
-//! What the backup tests share: running `ltxfs` commands against a
-//! destination, waiting until a backup reaches a TXID, and checking a
-//! restored file (its LTX checksum recomputed from its pages, its rows, its
-//! integrity) against the mount it came from.
+//! What the backup tests share: committing rows to `app.db` on a mount,
+//! running `ltxfs` commands against a destination, waiting until a backup
+//! reaches a TXID, checking a restored file (its LTX checksum recomputed from
+//! its pages, its rows, its integrity) against the mount it came from, and
+//! checking that a mount with a destination it cannot use exits before it
+//! mounts.
 
 use std::fs;
 use std::path::Path;
 use std::process::Output;
 use std::time::{Duration, Instant};
 
-use crate::common::{Mount, ltxfs_command, yaml_str};
+use crate::common::{Mount, is_mounted, ltxfs_command, write_config, yaml_str};
 use ltxfs::ltx::{Checksum, checksum_database};
 
 /// How long a backup may take to reach the destination in these tests.
 pub const BACKUP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// One transaction of one row in `app.db`'s table `t(id, v)`; returns (TXID,
+/// checksum) after it.
+pub fn insert(connection: &rusqlite::Connection, mount: &Mount, value: i64) -> (u64, Checksum) {
+    connection
+        .execute("INSERT INTO t(v) VALUES (?1)", [value])
+        .expect("insert");
+    position(mount, "app.db")
+}
 
 /// `<mount>/<name>-pos` as (TXID, checksum).
 pub fn position(mount: &Mount, name: &str) -> (u64, Checksum) {
@@ -84,17 +95,38 @@ pub fn count_rows(path: &Path) -> i64 {
         .expect("count rows")
 }
 
-/// Restores `name` from `source` into `output` with `extra` arguments;
-/// panics unless it succeeds.
-pub fn restore(source: &[&str], name: &str, output: &Path, extra: &[&str]) -> String {
+/// Runs `ltxfs restore` of `name` from `source` into `output` with `extra`
+/// arguments, whatever its outcome.
+pub fn try_restore(source: &[&str], name: &str, output: &Path, extra: &[&str]) -> Output {
     let output_text = output.to_string_lossy().to_string();
     let mut args = vec!["restore", "--name", name];
     args.extend_from_slice(source);
     args.extend_from_slice(extra);
     args.push(&output_text);
-    let result = ltxfs(&args);
+    ltxfs(&args)
+}
+
+/// Restores `name` from `source` into `output` with `extra` arguments;
+/// panics unless it succeeds. Returns what it printed.
+pub fn restore(source: &[&str], name: &str, output: &Path, extra: &[&str]) -> String {
+    let result = try_restore(source, name, output, extra);
     assert!(result.status.success(), "{}", text(&result));
     String::from_utf8_lossy(&result.stdout).to_string()
+}
+
+/// Writes `<root>/ltxfs.yml` (data dir `<root>/data`, mount point `<root>/mnt`)
+/// with `extra_yaml` and runs `ltxfs mount` with it, which must exit 2 without
+/// mounting or creating the data dir. Returns its output.
+pub fn refused_mount(root: &Path, extra_yaml: &str) -> Output {
+    let mnt = root.join("mnt");
+    let data = root.join("data");
+    let config = root.join("ltxfs.yml");
+    write_config(&config, &data, Some(&mnt), extra_yaml);
+    let output = ltxfs(&["mount", "--config", &config.to_string_lossy()]);
+    assert_eq!(output.status.code(), Some(2), "{}", text(&output));
+    assert!(!is_mounted(&mnt));
+    assert!(!data.exists(), "the data dir was created");
+    output
 }
 
 pub fn backup_yaml(url: &str, more: &str) -> String {

