@@ -104,6 +104,10 @@ enum Command {
         /// Do nothing when OUTPUT already exists.
         #[arg(long)]
         if_not_exists: bool,
+        /// An age identity file to open encrypted objects with (default:
+        /// backup.encryption.age-identity-file of --config).
+        #[arg(long)]
+        age_identity: Option<PathBuf>,
     },
     /// Show or check what a backup destination holds.
     Backup {
@@ -168,6 +172,9 @@ enum BackupCommand {
         /// Only this database.
         #[arg(long)]
         name: Option<String>,
+        /// An age identity file, to check the contents of encrypted objects too.
+        #[arg(long)]
+        age_identity: Option<PathBuf>,
     },
 }
 
@@ -258,20 +265,27 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> i32 {
             txid,
             timestamp,
             if_not_exists,
+            age_identity,
         } => backup_commands::run_restore(
-            &source_destination(source),
+            &source_destination(source, age_identity),
             &name,
             &output,
-            txid.as_deref(),
-            timestamp.as_deref(),
+            (txid.as_deref(), timestamp.as_deref()),
             if_not_exists,
         ),
         Command::Backup {
             command: BackupCommand::List { source, name, json },
-        } => backup_commands::run_list(&source_destination(source), name.as_deref(), json),
+        } => backup_commands::run_list(&source_destination(source, None), name.as_deref(), json),
         Command::Backup {
-            command: BackupCommand::Verify { source, name },
-        } => backup_commands::run_verify(&source_destination(source), name.as_deref()),
+            command:
+                BackupCommand::Verify {
+                    source,
+                    name,
+                    age_identity,
+                },
+        } => {
+            backup_commands::run_verify(&source_destination(source, age_identity), name.as_deref())
+        }
         Command::Export { name, path, mount } => run_tool(mount, |mount_dir| {
             tools::export(mount_dir, &name, &path).map(|summary| summary.to_string())
         }),
@@ -319,19 +333,33 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> i32 {
 }
 
 /// The destination `--url` names, or the first of `--config`'s (or the default
-/// config file's) `backup.destinations`.
-fn source_destination(source: BackupSource) -> Result<BackupDestination, i32> {
+/// config file's) `backup.destinations`, with the age identity file to open
+/// encrypted objects with: `--age-identity`, else the config's.
+fn source_destination(
+    source: BackupSource,
+    age_identity: Option<PathBuf>,
+) -> Result<backup_commands::Source, i32> {
     if let Some(url) = source.url {
-        return Ok(BackupDestination {
-            url,
-            ..BackupDestination::default()
+        return Ok(backup_commands::Source {
+            destination: BackupDestination {
+                url,
+                ..BackupDestination::default()
+            },
+            age_identity,
         });
     }
     let loaded =
         config::load(source.config.as_deref(), true).map_err(|error| fail(EXIT_USAGE, &error))?;
-    loaded.config.backup.destinations.into_iter().next().ok_or_else(|| {
-        eprintln!("ltxfs: error: no backup destination: pass --url URL, or --config FILE with backup.destinations");
+    let backup = loaded.config.backup;
+    let destination = backup.destinations.into_iter().next().ok_or_else(|| {
+        eprintln!(
+            "ltxfs: error: no backup destination: pass --url URL, or --config FILE with backup.destinations"
+        );
         EXIT_USAGE
+    })?;
+    Ok(backup_commands::Source {
+        destination,
+        age_identity: age_identity.or(backup.encryption.age_identity_file),
     })
 }
 

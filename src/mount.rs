@@ -23,6 +23,7 @@ use std::sync::Arc;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
+use crate::backup::encryption::{Identities, Recipients};
 use crate::backup::{BackupStatus, Destination, Uploader};
 use crate::bridge::CommitBridge;
 use crate::lease::consul::ConsulLease;
@@ -474,6 +475,7 @@ pub fn run(request: MountRequest) -> Result<i32, MountError> {
             config: request.config.backup.clone(),
             spool_dir: plan.data_dir.clone(),
             status: backup_status,
+            recipients: backup_recipients(&request.config)?,
         }
         .spawn(&backup_shutdown)
     };
@@ -519,6 +521,7 @@ fn check_backup_destinations(config: &Config) -> Result<(), MountError> {
         .map_err(|error| {
             MountError::runtime("start a runtime to check backup destinations", error)
         })?;
+    backup_recipients(config)?;
     for destination in open_backup_destinations(config)? {
         runtime
             .block_on(destination.check())
@@ -546,10 +549,17 @@ fn restore_on_boot(config: &Config, data_dir: &Path) -> Result<(), MountError> {
         .enable_all()
         .build()
         .map_err(|error| MountError::runtime("start a runtime to restore", error))?;
+    let identities = match &config.backup.encryption.age_identity_file {
+        Some(path) => Some(
+            Identities::from_file(path).map_err(|error| MountError::Usage(error.to_string()))?,
+        ),
+        None => None,
+    };
     let restored = runtime
         .block_on(crate::backup::restore::restore_into_data_dir(
             &destination,
             data_dir,
+            identities.as_ref(),
         ))
         .map_err(|error| MountError::runtime("restore from the backup", io::Error::other(error)))?;
     if restored.is_empty() {
@@ -565,6 +575,17 @@ fn restore_on_boot(config: &Config, data_dir: &Path) -> Result<(), MountError> {
         );
     }
     Ok(())
+}
+
+/// The age recipients backups are encrypted to, if any.
+fn backup_recipients(config: &Config) -> Result<Option<Recipients>, MountError> {
+    let keys = &config.backup.encryption.age_recipients;
+    if keys.is_empty() {
+        return Ok(None);
+    }
+    Recipients::parse(keys)
+        .map(Some)
+        .map_err(|error| MountError::Usage(error.to_string()))
 }
 
 /// A client for every `backup.destinations` entry (nothing is sent yet).

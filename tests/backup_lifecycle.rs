@@ -368,3 +368,110 @@ fn verify_and_restore_succeed_while_compaction_deletes_objects() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     writer.join().expect("writer");
 }
+
+#[test]
+fn encrypted_backups_hide_the_pages_and_open_only_with_the_identity() {
+    use age::secrecy::ExposeSecret;
+    let backup_dir = tempfile::tempdir().expect("tempdir");
+    let url = file_url(backup_dir.path());
+    let keys = tempfile::tempdir().expect("keys dir");
+    let identity = age::x25519::Identity::generate();
+    let key_file = keys.path().join("backup.key");
+    fs::write(&key_file, identity.to_string().expose_secret()).expect("write key");
+    let wrong_key_file = keys.path().join("other.key");
+    fs::write(
+        &wrong_key_file,
+        age::x25519::Identity::generate()
+            .to_string()
+            .expose_secret(),
+    )
+    .expect("write key");
+    let encryption = format!(
+        "  compaction-windows: [300ms, 900ms]\n  encryption:\n    age-recipients: [\"{}\"]\n",
+        identity.to_public()
+    );
+    let (mount, connection) = backed_up_mount(&url, &encryption);
+    connection
+        .execute_batch("CREATE TABLE s(x TEXT);")
+        .expect("schema");
+    for n in 0..30 {
+        connection
+            .execute("INSERT INTO s(x) VALUES (?1)", [format!("TOPSECRET-{n}")])
+            .expect("insert");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (txid, checksum) = position(&mount, "app.db");
+    wait_for_backup(&["--url", &url], "app.db", txid, &mount);
+    let compacted = backup_dir.path().join("app.db").join("changes1");
+    wait_until("sealed objects to be merged", BACKUP_TIMEOUT, || {
+        fs::read_dir(&compacted).is_ok_and(|mut entries| entries.next().is_some())
+    });
+    for folder in fs::read_dir(backup_dir.path().join("app.db")).expect("folders") {
+        for object in fs::read_dir(folder.expect("folder").path()).expect("objects") {
+            let bytes = fs::read(object.expect("object").path()).expect("read object");
+            for plain in [&b"TOPSECRET"[..], b"SQLite format 3", b"LTX1"] {
+                assert!(
+                    !bytes.windows(plain.len()).any(|window| window == plain),
+                    "an object holds {:?} in the clear",
+                    String::from_utf8_lossy(plain)
+                );
+            }
+        }
+    }
+
+    let key = key_file.to_string_lossy().to_string();
+    let output = ltxfs(&["backup", "verify", "--url", &url]);
+    assert!(output.status.success(), "{}", text(&output));
+    assert!(text(&output).contains("SHA-256 only"), "{}", text(&output));
+    let output = ltxfs(&["backup", "verify", "--url", &url, "--age-identity", &key]);
+    assert!(output.status.success(), "{}", text(&output));
+    assert!(
+        text(&output).contains("of 1 databases restores"),
+        "{}",
+        text(&output)
+    );
+
+    let restored = mount.root().join("restored.db");
+    restore(
+        &["--url", &url],
+        "app.db",
+        &restored,
+        &["--age-identity", &key],
+    );
+    assert_eq!(file_checksum(&restored), checksum);
+    let secrets = rusqlite::Connection::open(&restored).expect("open restored");
+    assert_eq!(
+        query_i64(
+            &secrets,
+            "SELECT count(*) FROM s WHERE x LIKE 'TOPSECRET-%'"
+        ),
+        30
+    );
+
+    let refused = mount.root().join("refused.db");
+    let refused_text = refused.to_string_lossy().to_string();
+    let output = ltxfs(&["restore", "--name", "app.db", "--url", &url, &refused_text]);
+    assert_eq!(output.status.code(), Some(1), "{}", text(&output));
+    assert!(
+        text(&output).contains("--age-identity"),
+        "{}",
+        text(&output)
+    );
+    let wrong = wrong_key_file.to_string_lossy().to_string();
+    let output = ltxfs(&[
+        "restore",
+        "--name",
+        "app.db",
+        "--url",
+        &url,
+        "--age-identity",
+        &wrong,
+        &refused_text,
+    ]);
+    assert_eq!(output.status.code(), Some(1), "{}", text(&output));
+    assert!(text(&output).contains("wrong key"), "{}", text(&output));
+    assert!(
+        !refused.exists(),
+        "a restore with the wrong key wrote a file"
+    );
+}

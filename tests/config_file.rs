@@ -1039,3 +1039,66 @@ fn a_litefs_yml_without_ltxfs_yml_is_reported() {
             .is_empty()
     );
 }
+
+#[test]
+fn the_backup_section_has_defaults_and_names_what_is_wrong() {
+    let config = parse_without_env(
+        "backup:\n  destinations:\n    - url: s3://bucket/prod\n      endpoint: https://fly.storage.tigris.dev\n      region: auto\n      secret-access-key: hunter2\n",
+    )
+    .unwrap();
+    let backup = &config.backup;
+    assert_eq!(backup.destinations.len(), 1);
+    assert_eq!(backup.destinations[0].url, "s3://bucket/prod");
+    assert_eq!(backup.sync_interval, Duration::from_secs(1));
+    assert_eq!(backup.snapshot_interval, Duration::from_secs(24 * 3600));
+    assert_eq!(backup.retention, Duration::from_secs(72 * 3600));
+    assert_eq!(backup.compaction_windows.len(), 3);
+    assert!(!backup.restore_on_boot);
+    assert!(
+        !format!("{config:?}").contains("hunter2"),
+        "a secret is shown by Debug"
+    );
+
+    let cases: &[(&str, &str, &str)] = &[
+        (
+            "backup:\n  destinations:\n    - url: ftp://host/x\n",
+            "backup.destinations[0].url",
+            "unknown scheme",
+        ),
+        (
+            "backup:\n  destinations:\n    - url: s3:///prefix\n",
+            "backup.destinations[0].url",
+            "names no bucket",
+        ),
+        (
+            "backup:\n  destinations:\n    - url: file://relative/path\n",
+            "backup.destinations[0].url",
+            "absolute path",
+        ),
+        (
+            "backup:\n  destinations:\n    - url: s3://b\n  compaction-windows: [5m, 30s]\n",
+            "backup.compaction-windows",
+            "longer than the one before",
+        ),
+        (
+            "backup:\n  destinations:\n    - url: s3://b\n  encryption:\n    age-recipients: [\"ssh-ed25519 AAAA\"]\n",
+            "backup.encryption.age-recipients[0]",
+            "age-keygen",
+        ),
+        (
+            "backup:\n  restore-on-boot: true\n",
+            "backup.restore-on-boot",
+            "backup.destinations",
+        ),
+        (
+            "backup:\n  sync-interval: 0\n",
+            "backup.sync-interval",
+            "longer than zero",
+        ),
+    ];
+    for (text, key, fragment) in cases {
+        let error = parse_err(text);
+        assert_eq!(error.key(), Some(*key), "{error}");
+        assert!(error.to_string().contains(fragment), "{error}");
+    }
+}

@@ -12,8 +12,9 @@ use std::path::Path;
 
 use serde::Serialize;
 
+use super::encryption::Identities;
 use super::layout::{self, ObjectKind, ObjectName};
-use super::restore::{Records, download};
+use super::restore::{Opening, Records, download};
 use super::{BackupError, Destination, Target};
 use crate::ltx::{Checksum, Decoder, TxId};
 
@@ -78,6 +79,9 @@ pub async fn list(
 pub struct Verified {
     /// Objects read and found sound.
     pub objects: usize,
+    /// Databases whose objects are encrypted and were checked by digest only
+    /// (no identity was given).
+    pub sealed_databases: usize,
     /// Databases whose newest state was restored and checked.
     pub databases: usize,
 }
@@ -88,7 +92,12 @@ pub async fn verify(
     destination: &Destination,
     database: Option<&str>,
     scratch: &Path,
+    identities: Option<&Identities>,
 ) -> Result<Verified, BackupError> {
+    let opening = Opening {
+        identities: identities.cloned(),
+        spool_dir: scratch.to_path_buf(),
+    };
     let listed = destination.list(database).await?;
     if let Some(wanted) = database
         && listed.is_empty()
@@ -97,6 +106,7 @@ pub async fn verify(
     }
     let mut databases: BTreeMap<String, Vec<ObjectName>> = BTreeMap::new();
     let mut checked = 0;
+    let mut sealed = std::collections::BTreeSet::new();
     for object in &listed {
         let file = match download(destination, &object.name, scratch).await {
             // Merged or expired by the primary since the listing: what
@@ -106,32 +116,54 @@ pub async fn verify(
         };
         checked += 1;
         let name = object.name.clone();
-        tokio::task::spawn_blocking(move || check_object(&name, file))
-            .await
-            .map_err(|error| {
-                BackupError::local("verify an object", std::io::Error::other(error))
-            })??;
+        let opening = opening.clone();
+        let checked_records =
+            tokio::task::spawn_blocking(move || check_object(&name, file, &opening))
+                .await
+                .map_err(|error| {
+                    BackupError::local("verify an object", std::io::Error::other(error))
+                })?;
+        match checked_records {
+            Ok(()) => {}
+            // Without the key only the digest is checked.
+            Err(BackupError::Sealed { .. }) => {
+                sealed.insert(object.name.database.clone());
+            }
+            Err(error) => return Err(error),
+        }
         databases
             .entry(object.name.database.clone())
             .or_default()
             .push(object.name.clone());
     }
-    for name in databases.keys() {
+    for name in databases.keys().filter(|name| !sealed.contains(*name)) {
         let output = scratch.join(format!(".ltxfs-verify-{name}"));
-        let result =
-            super::restore(destination, name, Target::Latest, &output, &mut |_, _| {}).await;
+        let result = super::restore(
+            destination,
+            name,
+            Target::Latest,
+            &output,
+            identities,
+            &mut |_, _| {},
+        )
+        .await;
         let _ = std::fs::remove_file(&output);
         result?;
     }
     Ok(Verified {
         objects: checked,
-        databases: databases.len(),
+        sealed_databases: sealed.len(),
+        databases: databases.len() - sealed.len(),
     })
 }
 
 /// Checks one downloaded object's records against each other and its name.
-fn check_object(name: &ObjectName, file: std::fs::File) -> Result<(), BackupError> {
-    let mut records = Records::new(file);
+fn check_object(
+    name: &ObjectName,
+    file: std::fs::File,
+    opening: &Opening,
+) -> Result<(), BackupError> {
+    let mut records = Records::new(file, opening);
     let mut previous: Option<(TxId, Checksum)> = None;
     let mut first_pre = None;
     let mut epoch = 0;

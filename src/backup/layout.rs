@@ -246,8 +246,11 @@ pub enum PlanError {
     },
 }
 
-/// The chain from `snapshot` on: at each step the object that follows with the
-/// highest epoch (never lower than the chain's), then the longest.
+/// The chain from `snapshot` on: at each step, of the objects that follow, the
+/// one of the highest epoch, then the longest. Where two primaries wrote
+/// different objects after the same point, the later lease wins; an object of
+/// a lower epoch is followed only when nothing else follows (a history
+/// restored into a cluster whose lease counts from 1 again continues it).
 pub fn chain_from<'a>(snapshot: &'a ObjectName, changes: &'a [ObjectName]) -> Vec<&'a ObjectName> {
     let mut chain = vec![snapshot];
     let mut current = snapshot;
@@ -257,7 +260,6 @@ pub fn chain_from<'a>(snapshot: &'a ObjectName, changes: &'a [ObjectName]) -> Ve
             .filter(|object| {
                 object.min_txid.0 == current.max_txid.0 + 1
                     && object.pre_apply == current.post_apply
-                    && object.epoch >= current.epoch
             })
             .max_by_key(|object| (object.epoch, object.max_txid));
         match next {
@@ -447,6 +449,13 @@ mod tests {
             .map(|o| (o.max_txid.0, o.epoch))
             .collect();
         assert_eq!(ends, vec![(10, 1), (12, 1), (14, 2), (15, 2)]);
+
+        // Restored into a cluster whose lease counts from 1 again: the lower
+        // epoch continues the chain, since nothing else follows.
+        let mut restored = objects.clone();
+        restored.push(object(ObjectKind::Changes, (16, 18), 1, C | 15, C | 18));
+        let continued = super::plan("app.db", &restored, Target::Latest).unwrap();
+        assert_eq!(continued.objects.last().unwrap().max_txid, TxId(18));
     }
 
     #[test]

@@ -21,6 +21,7 @@
 
 pub mod compaction;
 pub mod destination;
+pub mod encryption;
 pub mod inspect;
 pub mod layout;
 pub mod restore;
@@ -76,6 +77,14 @@ pub enum BackupError {
         object: String,
         /// What is wrong with it.
         reason: String,
+    },
+    /// An object is encrypted and no age identity was given.
+    #[error(
+        "backup object {object} is encrypted: pass --age-identity FILE (or set backup.encryption.age-identity-file)"
+    )]
+    Sealed {
+        /// The object's path under the destination.
+        object: String,
     },
     /// No restore reaches what was asked for.
     #[error(transparent)]

@@ -10,13 +10,14 @@
 //! one download chunk, whatever the database's size.
 
 use std::fs::File;
-use std::io::{BufReader, Read, Seek, Write};
+use std::io::{BufReader, Cursor, Read, Seek, Take, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use futures_util::StreamExt;
 use sha2::{Digest, Sha256};
 
+use super::encryption::{AGE_MAGIC, Identities};
 use super::layout::{self, ObjectName, RECORD_LENGTH_BYTES, Target};
 use super::{BackupError, Destination};
 use crate::ltx::{self, Checksum, DatabaseChecksum, Decoder, Header, TxId};
@@ -45,11 +46,21 @@ pub async fn restore(
     database: &str,
     target: Target,
     output: &Path,
+    identities: Option<&Identities>,
     progress: Progress<'_>,
 ) -> Result<Restored, BackupError> {
     let mut attempt = 1;
     loop {
-        match restore_once(destination, database, target, output, &mut *progress).await {
+        match restore_once(
+            destination,
+            database,
+            target,
+            output,
+            identities,
+            &mut *progress,
+        )
+        .await
+        {
             Err(error) if error.is_not_found() && attempt < RESTORE_ATTEMPTS => {
                 // Compaction or retention deleted a planned object after the
                 // listing; the objects that replaced it hold the same records.
@@ -70,6 +81,7 @@ async fn restore_once(
     database: &str,
     target: Target,
     output: &Path,
+    identities: Option<&Identities>,
     progress: Progress<'_>,
 ) -> Result<Restored, BackupError> {
     let objects: Vec<ObjectName> = destination
@@ -89,11 +101,16 @@ async fn restore_once(
         .map_err(|error| {
             BackupError::local(format!("create a file in {}", dir.display()), error)
         })?;
+    let opening = Opening {
+        identities: identities.cloned(),
+        spool_dir: dir.clone(),
+    };
     let mut builder = Builder::new(
         partial
             .as_file()
             .try_clone()
             .map_err(|error| BackupError::local("open the restored file", error))?,
+        opening,
     );
     let total = plan.objects.len();
     for (index, object) in plan.objects.iter().enumerate() {
@@ -182,15 +199,47 @@ pub(super) async fn append_object(
     Ok(())
 }
 
-/// Reads the records of an object file one at a time.
-pub(super) struct Records {
-    reader: BufReader<File>,
+/// How sealed frames are opened: the identities (none: sealed objects are
+/// refused) and where their plaintext is spooled.
+#[derive(Debug, Clone)]
+pub struct Opening {
+    /// The age identities, if any were given.
+    pub identities: Option<Identities>,
+    /// A directory for temporary files.
+    pub spool_dir: PathBuf,
 }
 
-impl Records {
-    pub(super) fn new(file: File) -> Records {
+/// One record's bytes: what was read to recognise it, then the rest.
+pub(super) type Record<'r> = std::io::Chain<Cursor<Vec<u8>>, Take<&'r mut BufReader<File>>>;
+
+/// Reads the records of an object file one at a time, opening sealed frames.
+pub(super) struct Records<'a> {
+    outer: BufReader<File>,
+    /// The plaintext of the sealed frame being read, if any.
+    inner: Option<BufReader<File>>,
+    opening: &'a Opening,
+}
+
+/// Which reader the next frame comes from.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Source {
+    Outer,
+    Inner,
+}
+
+impl<'a> Records<'a> {
+    pub(super) fn new(file: File, opening: &'a Opening) -> Records<'a> {
         Records {
-            reader: BufReader::new(file),
+            outer: BufReader::new(file),
+            inner: None,
+            opening,
+        }
+    }
+
+    fn reader(&mut self, source: Source) -> &mut BufReader<File> {
+        match (source, self.inner.as_mut()) {
+            (Source::Inner, Some(inner)) => inner,
+            _ => &mut self.outer,
         }
     }
 
@@ -199,30 +248,99 @@ impl Records {
     pub(super) fn next_record(
         &mut self,
         object: &ObjectName,
-    ) -> Result<Option<std::io::Take<&mut BufReader<File>>>, BackupError> {
-        let mut length = [0u8; RECORD_LENGTH_BYTES];
-        let mut filled = 0;
-        while filled < length.len() {
-            match self.reader.read(&mut length[filled..]) {
-                Ok(0) if filled == 0 => return Ok(None),
-                Ok(0) => {
+    ) -> Result<Option<Record<'_>>, BackupError> {
+        loop {
+            let source = if self.inner.is_some() {
+                Source::Inner
+            } else {
+                Source::Outer
+            };
+            let Some(length) = read_length(self.reader(source), object)? else {
+                match source {
+                    Source::Inner => {
+                        self.inner = None;
+                        continue;
+                    }
+                    Source::Outer => return Ok(None),
+                }
+            };
+            let mut prefix = vec![0u8; AGE_MAGIC.len().min(length as usize)];
+            self.reader(source)
+                .read_exact(&mut prefix)
+                .map_err(|_| BackupError::bad_object(object, "it ends inside a record"))?;
+            if prefix.starts_with(AGE_MAGIC) {
+                if source == Source::Inner {
                     return Err(BackupError::bad_object(
                         object,
-                        "it ends inside a record's length",
+                        "a sealed frame holds another",
                     ));
                 }
-                Ok(count) => filled += count,
-                Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(error) => return Err(BackupError::local("read a downloaded object", error)),
+                let plain = self.open_sealed(object, prefix, length)?;
+                self.inner = Some(BufReader::new(plain));
+                continue;
             }
+            let rest = length - prefix.len() as u64;
+            return Ok(Some(
+                Cursor::new(prefix).chain(self.reader(source).take(rest)),
+            ));
         }
-        Ok(Some((&mut self.reader).take(u64::from_be_bytes(length))))
     }
+
+    /// Decrypts the sealed frame of `length` bytes that starts with `prefix`
+    /// into a spool file.
+    fn open_sealed(
+        &mut self,
+        object: &ObjectName,
+        prefix: Vec<u8>,
+        length: u64,
+    ) -> Result<File, BackupError> {
+        let Some(identities) = &self.opening.identities else {
+            return Err(BackupError::Sealed {
+                object: object.path(),
+            });
+        };
+        let mut plain = tempfile::tempfile_in(&self.opening.spool_dir)
+            .map_err(|error| BackupError::local("spool a decrypted object", error))?;
+        let rest = length - prefix.len() as u64;
+        let mut sealed = Cursor::new(prefix).chain((&mut self.outer).take(rest));
+        identities.open(&mut sealed, &mut plain).map_err(|reason| {
+            BackupError::bad_object(object, format!("cannot decrypt it: {reason}"))
+        })?;
+        plain
+            .rewind()
+            .map_err(|error| BackupError::local("read a decrypted object", error))?;
+        Ok(plain)
+    }
+}
+
+/// Reads a frame's length, or `None` at the end of the input.
+fn read_length(
+    reader: &mut BufReader<File>,
+    object: &ObjectName,
+) -> Result<Option<u64>, BackupError> {
+    let mut length = [0u8; RECORD_LENGTH_BYTES];
+    let mut filled = 0;
+    while filled < length.len() {
+        match reader.read(&mut length[filled..]) {
+            Ok(0) if filled == 0 => return Ok(None),
+            Ok(0) => {
+                return Err(BackupError::bad_object(
+                    object,
+                    "it ends inside a record's length",
+                ));
+            }
+            Ok(count) => filled += count,
+            Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(error) => return Err(BackupError::local("read a downloaded object", error)),
+        }
+    }
+    Ok(Some(u64::from_be_bytes(length)))
 }
 
 /// A database being rebuilt in a file, with a checksum per page.
 struct Builder {
     file: File,
+    opening: Opening,
     page_size: u32,
     commit: u32,
     txid: TxId,
@@ -235,9 +353,10 @@ struct Builder {
 }
 
 impl Builder {
-    fn new(file: File) -> Builder {
+    fn new(file: File, opening: Opening) -> Builder {
         Builder {
             file,
+            opening,
             page_size: 0,
             commit: 0,
             txid: TxId(0),
@@ -262,7 +381,8 @@ impl Builder {
         file: File,
         target: Target,
     ) -> Result<(), BackupError> {
-        let mut records = Records::new(file);
+        let opening = self.opening.clone();
+        let mut records = Records::new(file, &opening);
         let mut first = true;
         while let Some(record) = records.next_record(object)? {
             let mut decoder =
@@ -432,6 +552,7 @@ impl Builder {
 pub async fn restore_into_data_dir(
     destination: &Destination,
     data_dir: &Path,
+    identities: Option<&Identities>,
 ) -> Result<Vec<(String, Restored)>, BackupError> {
     let mut names: Vec<String> = destination
         .list(None)
@@ -444,7 +565,15 @@ pub async fn restore_into_data_dir(
     let mut restored = Vec::new();
     for name in names {
         let output = seed_dir.join(format!(".restoring-{name}"));
-        let database = restore(destination, &name, Target::Latest, &output, &mut |_, _| {}).await?;
+        let database = restore(
+            destination,
+            &name,
+            Target::Latest,
+            &output,
+            identities,
+            &mut |_, _| {},
+        )
+        .await?;
         crate::store::seed::seed_database(
             data_dir,
             &name,

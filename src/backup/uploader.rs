@@ -14,7 +14,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
-use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -23,6 +24,7 @@ use bytes::Bytes;
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
+use super::encryption::Recipients;
 use super::layout::{self, ObjectKind, ObjectName, RECORD_LENGTH_BYTES, Target, frame_record};
 use super::{BackupError, Destination, compaction};
 use crate::config::BackupConfig;
@@ -147,6 +149,8 @@ pub struct Uploader {
     pub spool_dir: PathBuf,
     /// Shared with status and metrics.
     pub status: Arc<BackupStatus>,
+    /// Whom objects are encrypted to (`backup.encryption.age-recipients`).
+    pub recipients: Option<Recipients>,
 }
 
 impl Uploader {
@@ -162,6 +166,7 @@ impl Uploader {
                     config: self.config.clone(),
                     spool_dir: self.spool_dir.clone(),
                     status: self.status.clone(),
+                    recipients: self.recipients.clone(),
                     remote: None,
                     next_compaction_ms: 0,
                 };
@@ -193,6 +198,7 @@ struct DestinationLoop {
     config: BackupConfig,
     spool_dir: PathBuf,
     status: Arc<BackupStatus>,
+    recipients: Option<Recipients>,
     remote: Option<Known>,
     /// When compaction runs next (Unix ms); 0 runs it in the first round.
     next_compaction_ms: u64,
@@ -341,11 +347,12 @@ impl DestinationLoop {
     ) -> Result<(), BackupError> {
         let spool_dir = self.spool_dir.clone();
         let database = database.clone();
-        let batch = tokio::task::spawn_blocking(move || read_batch(&database, from, &spool_dir))
-            .await
-            .map_err(|error| {
-                BackupError::local("read change sets", std::io::Error::other(error))
-            })??;
+        let recipients = self.recipients.clone();
+        let batch = tokio::task::spawn_blocking(move || {
+            read_batch(&database, from, &spool_dir, recipients.as_ref())
+        })
+        .await
+        .map_err(|error| BackupError::local("read change sets", std::io::Error::other(error)))??;
         let uploaded = self.upload(batch).await?;
         let mut remote = self.known(name).unwrap_or(Remote {
             position: Position::UNKNOWN,
@@ -477,11 +484,12 @@ fn read_batch(
     database: &Database,
     from: Option<Position>,
     spool_dir: &std::path::Path,
+    recipients: Option<&Recipients>,
 ) -> Result<Batch, BackupError> {
     if let Some(from) = from {
         match database.catch_up(from, &[], MAX_OBJECT_CHANGE_BYTES)? {
             CatchUp::ChangeSets(change_sets) if !change_sets.is_empty() => {
-                return changes_object(database.name(), &change_sets);
+                return changes_object(database.name(), &change_sets, recipients);
             }
             CatchUp::ChangeSets(_) => {}
             CatchUp::Snapshot { reason, .. } => {
@@ -489,11 +497,16 @@ fn read_batch(
             }
         }
     }
-    snapshot_object(database, spool_dir)
+    snapshot_object(database, spool_dir, recipients)
 }
 
-/// Frames `change_sets` (consecutive, as logged) into one object.
-fn changes_object(database: &str, change_sets: &[Vec<u8>]) -> Result<Batch, BackupError> {
+/// Frames `change_sets` (consecutive, as logged) into one object, sealed to
+/// `recipients` when given.
+fn changes_object(
+    database: &str,
+    change_sets: &[Vec<u8>],
+    recipients: Option<&Recipients>,
+) -> Result<Batch, BackupError> {
     let header = |bytes: &[u8]| Header::decode(bytes.get(..ltx::HEADER_SIZE).unwrap_or(bytes));
     let trailer =
         |bytes: &[u8]| Trailer::decode(&bytes[bytes.len().saturating_sub(ltx::TRAILER_SIZE)..]);
@@ -532,14 +545,31 @@ fn changes_object(database: &str, change_sets: &[Vec<u8>]) -> Result<Batch, Back
         pre_apply: first.pre_apply_checksum,
         post_apply: post,
         timestamp_ms: last.timestamp,
+        sha256: [0; 32],
+    };
+    let bytes = match recipients {
+        Some(recipients) => {
+            let mut sealed = std::io::Cursor::new(Vec::with_capacity(bytes.len() + 1024));
+            seal_frame(recipients, &mut &bytes[..], &mut sealed)
+                .map_err(|error| BackupError::local("encrypt change sets", error))?;
+            sealed.into_inner()
+        }
+        None => bytes,
+    };
+    let name = ObjectName {
         sha256: Sha256::digest(&bytes).into(),
+        ..name
     };
     Ok(Batch::Changes(name, Bytes::from(bytes)))
 }
 
 /// Writes a snapshot of `database` to a spool file in `spool_dir`, framed as
-/// one record, and names it.
-fn snapshot_object(database: &Database, spool_dir: &std::path::Path) -> Result<Batch, BackupError> {
+/// one record (sealed to `recipients` when given), and names it.
+fn snapshot_object(
+    database: &Database,
+    spool_dir: &std::path::Path,
+    recipients: Option<&Recipients>,
+) -> Result<Batch, BackupError> {
     let spool_error = |error| BackupError::local("spool a snapshot", error);
     let mut file = tempfile::tempfile_in(spool_dir).map_err(spool_error)?;
     file.write_all(&[0u8; RECORD_LENGTH_BYTES])
@@ -550,29 +580,24 @@ fn snapshot_object(database: &Database, spool_dir: &std::path::Path) -> Result<B
         .into_inner()
         .map_err(|error| spool_error(error.into_error()))?;
     let size = file.stream_position().map_err(spool_error)?;
-    let length = size - RECORD_LENGTH_BYTES as u64;
-    file.seek(SeekFrom::Start(0)).map_err(spool_error)?;
-    file.write_all(&length.to_be_bytes()).map_err(spool_error)?;
-    file.seek(SeekFrom::Start(0)).map_err(spool_error)?;
-    let mut digest = Sha256::new();
-    let mut header_bytes = [0u8; RECORD_LENGTH_BYTES + ltx::HEADER_SIZE];
-    file.read_exact(&mut header_bytes).map_err(spool_error)?;
-    digest.update(header_bytes);
-    let header = Header::decode(&header_bytes[RECORD_LENGTH_BYTES..]).map_err(|error| {
+    file.write_all_at(&(size - RECORD_LENGTH_BYTES as u64).to_be_bytes(), 0)
+        .map_err(spool_error)?;
+    let mut header_bytes = [0u8; ltx::HEADER_SIZE];
+    file.read_exact_at(&mut header_bytes, RECORD_LENGTH_BYTES as u64)
+        .map_err(spool_error)?;
+    let header = Header::decode(&header_bytes).map_err(|error| {
         BackupError::Store(crate::store::StoreError::Capture {
             database: database.name().to_string(),
             message: format!("a snapshot does not decode: {error}"),
         })
     })?;
-    let mut chunk = vec![0u8; 1 << 20];
-    loop {
-        let count = file.read(&mut chunk).map_err(spool_error)?;
-        if count == 0 {
-            break;
-        }
-        digest.update(&chunk[..count]);
+    if let Some(recipients) = recipients {
+        file.rewind().map_err(spool_error)?;
+        let mut sealed = tempfile::tempfile_in(spool_dir).map_err(spool_error)?;
+        seal_frame(recipients, &mut BufReader::new(file), &mut sealed).map_err(spool_error)?;
+        file = sealed;
     }
-    file.seek(SeekFrom::Start(0)).map_err(spool_error)?;
+    let (sha256, size) = digest_file(&mut file).map_err(spool_error)?;
     let name = ObjectName {
         database: database.name().to_string(),
         kind: ObjectKind::Snapshot,
@@ -583,7 +608,36 @@ fn snapshot_object(database: &Database, spool_dir: &std::path::Path) -> Result<B
         pre_apply: Checksum(0),
         post_apply: position.checksum,
         timestamp_ms: header.timestamp,
-        sha256: digest.finalize().into(),
+        sha256,
     };
     Ok(Batch::Snapshot(name, file, size))
+}
+
+/// Writes what `plain` yields, sealed to `recipients`, to `out` as one frame.
+fn seal_frame<W: Write + Seek>(
+    recipients: &Recipients,
+    plain: &mut dyn Read,
+    out: &mut W,
+) -> std::io::Result<()> {
+    let start = out.stream_position()?;
+    out.write_all(&[0u8; RECORD_LENGTH_BYTES])?;
+    {
+        let mut writer = BufWriter::new(&mut *out);
+        recipients.seal(plain, &mut writer)?;
+        writer.flush()?;
+    }
+    let end = out.stream_position()?;
+    out.seek(SeekFrom::Start(start))?;
+    out.write_all(&(end - start - RECORD_LENGTH_BYTES as u64).to_be_bytes())?;
+    out.seek(SeekFrom::Start(end))?;
+    Ok(())
+}
+
+/// The SHA-256 and size of `file`, which is left rewound.
+fn digest_file(file: &mut File) -> std::io::Result<([u8; 32], u64)> {
+    file.rewind()?;
+    let mut digest = Sha256::new();
+    let size = std::io::copy(file, &mut digest)?;
+    file.rewind()?;
+    Ok((digest.finalize().into(), size))
 }

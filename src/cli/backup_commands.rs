@@ -5,25 +5,40 @@ use std::io::IsTerminal;
 use std::path::Path;
 
 use super::{EXIT_FAILURE, EXIT_USAGE, fail};
+use crate::backup::encryption::Identities;
 use crate::backup::{self, BackupError, Destination, Target};
 use crate::config::BackupDestination;
 use crate::ltx::{TxId, format_timestamp_millis};
 
-/// Opens the destination and runs `call` on a runtime of its own; usage
-/// problems exit 2, failures 1.
+/// Where a command reads: the destination, and the age identity file that
+/// opens encrypted objects.
+pub(super) struct Source {
+    /// The destination and its credentials.
+    pub destination: BackupDestination,
+    /// `--age-identity`, or `backup.encryption.age-identity-file`.
+    pub age_identity: Option<std::path::PathBuf>,
+}
+
+/// Opens the destination (and the identity file) and runs `call` on a runtime
+/// of its own; usage problems exit 2, failures 1.
 fn with_destination<T>(
-    config: &Result<BackupDestination, i32>,
-    call: impl AsyncFnOnce(&Destination) -> Result<T, BackupError>,
+    source: &Result<Source, i32>,
+    call: impl AsyncFnOnce(&Destination, Option<&Identities>) -> Result<T, BackupError>,
 ) -> Result<T, i32> {
-    let config = config.as_ref().map_err(|code| *code)?;
-    let destination = Destination::open(config).map_err(|error| fail(EXIT_USAGE, &error))?;
+    let source = source.as_ref().map_err(|code| *code)?;
+    let destination =
+        Destination::open(&source.destination).map_err(|error| fail(EXIT_USAGE, &error))?;
+    let identities = match &source.age_identity {
+        Some(path) => Some(Identities::from_file(path).map_err(|error| fail(EXIT_USAGE, &error))?),
+        None => None,
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .map_err(|error| fail(EXIT_FAILURE, &error))?;
     runtime
-        .block_on(call(&destination))
+        .block_on(call(&destination, identities.as_ref()))
         .map_err(|error| match error {
             BackupError::InvalidDestination { .. } => fail(EXIT_USAGE, &error),
             error => fail(EXIT_FAILURE, &error),
@@ -43,11 +58,10 @@ fn parse_txid(text: &str) -> Option<TxId> {
 }
 
 pub(super) fn run_restore(
-    config: &Result<BackupDestination, i32>,
+    source: &Result<Source, i32>,
     name: &str,
     output: &Path,
-    txid: Option<&str>,
-    timestamp: Option<&str>,
+    (txid, timestamp): (Option<&str>, Option<&str>),
     if_not_exists: bool,
 ) -> i32 {
     if if_not_exists && output.exists() {
@@ -86,8 +100,8 @@ pub(super) fn run_restore(
             }
         }
     };
-    let restored = with_destination(config, async |destination| {
-        backup::restore(destination, name, target, output, &mut progress).await
+    let restored = with_destination(source, async |destination, identities| {
+        backup::restore(destination, name, target, output, identities, &mut progress).await
     });
     match restored {
         Ok(restored) => {
@@ -105,12 +119,8 @@ pub(super) fn run_restore(
     }
 }
 
-pub(super) fn run_list(
-    config: &Result<BackupDestination, i32>,
-    name: Option<&str>,
-    json: bool,
-) -> i32 {
-    let summaries = match with_destination(config, async |destination| {
+pub(super) fn run_list(source: &Result<Source, i32>, name: Option<&str>, json: bool) -> i32 {
+    let summaries = match with_destination(source, async |destination, _| {
         backup::inspect::list(destination, name).await
     }) {
         Ok(summaries) => summaries,
@@ -151,16 +161,23 @@ pub(super) fn run_list(
     0
 }
 
-pub(super) fn run_verify(config: &Result<BackupDestination, i32>, name: Option<&str>) -> i32 {
+pub(super) fn run_verify(source: &Result<Source, i32>, name: Option<&str>) -> i32 {
     let scratch = std::env::temp_dir();
-    match with_destination(config, async |destination| {
-        backup::inspect::verify(destination, name, &scratch).await
+    match with_destination(source, async |destination, identities| {
+        backup::inspect::verify(destination, name, &scratch, identities).await
     }) {
         Ok(verified) => {
             println!(
-                "ok: {} objects of {} databases are sound",
+                "ok: {} objects are sound; the newest state of {} databases restores",
                 verified.objects, verified.databases
             );
+            if verified.sealed_databases > 0 {
+                println!(
+                    "{} databases are encrypted and were checked by SHA-256 only; pass \
+                     --age-identity FILE to check their contents",
+                    verified.sealed_databases
+                );
+            }
             0
         }
         Err(code) => code,

@@ -197,6 +197,19 @@ pub struct BackupConfig {
     /// `backup.restore-on-boot`: a primary with no data anywhere restores the
     /// backup before it accepts writes. Default `false`.
     pub restore_on_boot: bool,
+    /// `backup.encryption`: client-side encryption of the objects.
+    pub encryption: BackupEncryption,
+}
+
+/// The `backup.encryption` section.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BackupEncryption {
+    /// `age-recipients`: age X25519 public keys (`age1...`) every object is
+    /// encrypted to. Empty means objects are not encrypted.
+    pub age_recipients: Vec<String>,
+    /// `age-identity-file`: the private keys restore-on-boot (and `ltxfs
+    /// restore --config`) open objects with.
+    pub age_identity_file: Option<PathBuf>,
 }
 
 impl Default for BackupConfig {
@@ -208,6 +221,7 @@ impl Default for BackupConfig {
             compaction_windows: DEFAULT_BACKUP_COMPACTION_WINDOWS.to_vec(),
             retention: DEFAULT_BACKUP_RETENTION,
             restore_on_boot: false,
+            encryption: BackupEncryption::default(),
         }
     }
 }
@@ -908,6 +922,17 @@ impl RawConfig {
                     }),
                 retention: duration_or(backup.retention, defaults.backup.retention),
                 restore_on_boot: flag_or(backup.restore_on_boot, defaults.backup.restore_on_boot),
+                encryption: {
+                    let encryption = backup.encryption.unwrap_or_default();
+                    BackupEncryption {
+                        age_recipients: encryption
+                            .age_recipients
+                            .map(|list| list.0)
+                            .unwrap_or_default(),
+                        age_identity_file: non_empty(encryption.age_identity_file)
+                            .map(PathBuf::from),
+                    }
+                },
             },
         }
     }

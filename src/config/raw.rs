@@ -179,6 +179,7 @@ pub(crate) struct RawBackup {
     pub compaction_windows: Option<Vec<GoDuration>>,
     pub retention: Option<GoDuration>,
     pub restore_on_boot: Option<Flag>,
+    pub encryption: Option<RawEncryption>,
     #[serde(default, rename = "type")]
     pub _type: LiteFsOnly,
     #[serde(default, rename = "auth-token")]
@@ -191,6 +192,13 @@ pub(crate) struct RawBackup {
     pub _delay: LiteFsOnly,
     #[serde(default, rename = "full-sync-interval")]
     pub _full_sync_interval: LiteFsOnly,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub(crate) struct RawEncryption {
+    pub age_recipients: Option<OneOrMany>,
+    pub age_identity_file: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -121,6 +121,18 @@ fn check_backup(config: &Config) -> Option<Problem> {
             "must be at least `backup.sync-interval`; the default is `72h`",
         ));
     }
+    if let Some(index) = backup
+        .encryption
+        .age_recipients
+        .iter()
+        .position(|key| !key.trim().starts_with("age1"))
+    {
+        return Some(problem(
+            format!("backup.encryption.age-recipients[{index}]"),
+            "is not an age X25519 public key; make one with `age-keygen` and give the \
+             `age1...` line it prints",
+        ));
+    }
     if backup.restore_on_boot && backup.destinations.is_empty() {
         return Some(problem(
             "backup.restore-on-boot",
