@@ -232,6 +232,55 @@ fn verify_and_restore_name_a_damaged_object() {
 }
 
 #[test]
+fn verify_and_restore_name_the_object_after_a_missing_one() {
+    let backup = FileBackup::start("WAL");
+    let (mount, connection, source) = (&backup.mount, &backup.connection, backup.source());
+    let url = backup.url.clone();
+    // Three rounds, so there are three change objects.
+    let mut ends = Vec::new();
+    for round in 0..3 {
+        for value in 0..5 {
+            insert(connection, mount, round * 10 + value);
+        }
+        let end = position(mount, "app.db");
+        wait_for_backup(&source, "app.db", end.0, mount);
+        ends.push(end);
+    }
+    let changes: Vec<PathBuf> = object_files(backup.dir.path())
+        .into_iter()
+        .filter(|path| path.to_string_lossy().contains("/changes/"))
+        .collect();
+    assert_eq!(changes.len(), 3, "{changes:?}");
+    fs::remove_file(&changes[1]).expect("lose the middle object");
+    let after_gap = changes[2]
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .to_string();
+
+    let output = ltxfs(&["backup", "verify", "--url", &url]);
+    assert_eq!(output.status.code(), Some(1), "{}", text(&output));
+    assert!(text(&output).contains(&after_gap), "{}", text(&output));
+    assert!(
+        text(&output).contains("missing an object"),
+        "{}",
+        text(&output)
+    );
+    let restored = mount.root().join("restored.db");
+    let output = try_restore(&source, "app.db", &restored, &[]);
+    assert_eq!(output.status.code(), Some(1), "{}", text(&output));
+    assert!(text(&output).contains(&after_gap), "{}", text(&output));
+    assert!(
+        !restored.exists(),
+        "an older state was written as the latest"
+    );
+    // What comes before the gap is still restorable.
+    let (txid, checksum) = ends[0];
+    restore(&source, "app.db", &restored, &["--txid", &txid.to_string()]);
+    assert_eq!(file_checksum(&restored), checksum);
+}
+
+#[test]
 fn an_s3_backup_rides_out_an_outage_and_restores_every_commit() {
     let server = s3::S3Server::start();
     server.create_bucket("backups");

@@ -475,3 +475,47 @@ fn encrypted_backups_hide_the_pages_and_open_only_with_the_identity() {
         "a restore with the wrong key wrote a file"
     );
 }
+
+#[test]
+fn after_a_sigkill_the_backup_resumes_without_a_gap() {
+    let backup_dir = tempfile::tempdir().expect("tempdir");
+    let url = file_url(backup_dir.path());
+    let (mut mount, connection) = backed_up_mount(&url, "");
+    let mut history = Vec::new();
+    for value in 0..200 {
+        history.push(insert(&connection, &mount, value));
+        if value == 120 {
+            // Killed while rounds upload (every 100 ms) and commits go on.
+            drop(connection);
+            mount.kill9();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    mount.restart();
+    let (txid, checksum) = position(&mount, "app.db");
+    assert!(txid >= history.last().unwrap().0, "the mount lost commits");
+    wait_for_backup(&["--url", &url], "app.db", txid, &mount);
+    let output = ltxfs(&["backup", "verify", "--url", &url]);
+    assert!(output.status.success(), "{}", text(&output));
+    let restored = mount.root().join("restored.db");
+    restore(&["--url", &url], "app.db", &restored, &[]);
+    assert_eq!(file_checksum(&restored), checksum);
+    // No gap: every TXID of the run is restorable, and no snapshot was needed.
+    for (txid, checksum) in history.iter().step_by(17) {
+        restore(
+            &["--url", &url],
+            "app.db",
+            &restored,
+            &["--txid", &txid.to_string()],
+        );
+        assert_eq!(file_checksum(&restored), *checksum, "TXID {txid}");
+    }
+    let snapshots = fs::read_dir(backup_dir.path().join("app.db").join("snapshots"))
+        .expect("snapshots")
+        .count();
+    assert_eq!(
+        snapshots, 1,
+        "the restart uploaded a snapshot instead of resuming"
+    );
+}

@@ -234,6 +234,20 @@ pub enum PlanError {
     /// The database has no snapshot to start from.
     #[error("the backup of `{0}` has no snapshot to start from")]
     NoSnapshot(String),
+    /// An object the newest history needs is missing: one after the chain's
+    /// end follows no object.
+    #[error(
+        "the backup of `{database}` is missing an object after TXID {after}: nothing leads to {object} \
+         (restorable up to TXID {after}; pass --txid {after} to restore that)"
+    )]
+    Gap {
+        /// The database.
+        database: String,
+        /// Where the restorable history ends.
+        after: TxId,
+        /// The first object that follows nothing.
+        object: String,
+    },
     /// No chain reaches the target.
     #[error("the backup of `{database}` cannot reach {target}: {detail}")]
     Unreachable {
@@ -343,10 +357,23 @@ pub fn plan(
             .collect(),
         target,
     };
+    let gap = |chain: &[&ObjectName]| {
+        let end = chain.last().expect("a chain starts with its snapshot");
+        first_orphan(objects)
+            .filter(|orphan| orphan.min_txid > end.max_txid)
+            .map(|orphan| PlanError::Gap {
+                database: database.to_string(),
+                after: end.max_txid,
+                object: orphan.path(),
+            })
+    };
     match target {
         Target::Latest => {
             let best = chains.last().expect("not empty");
-            Ok(cut(best, best.len()))
+            match gap(best) {
+                Some(error) => Err(error),
+                None => Ok(cut(best, best.len())),
+            }
         }
         Target::TxId(txid) => {
             // The best chain that holds the TXID, from its newest snapshot at
@@ -377,9 +404,40 @@ pub fn plan(
                 (chain, keep)
             })
             .max_by_key(|(chain, _)| (chain[0].timestamp_ms, chain.last().map(|o| o.epoch)))
-            .map(|(chain, keep)| cut(chain, keep))
-            .ok_or_else(|| unreachable(crate::ltx::format_timestamp_millis(millis).to_string())),
+            .ok_or_else(|| unreachable(crate::ltx::format_timestamp_millis(millis).to_string()))
+            .and_then(|(chain, keep)| {
+                let ends_before = chain.last().is_some_and(|end| end.timestamp_ms <= millis);
+                match gap(chain) {
+                    // The chain ends before the time, and later objects exist
+                    // past a missing one.
+                    Some(error) if ends_before => Err(error),
+                    _ => Ok(cut(chain, keep)),
+                }
+            }),
     }
+}
+
+/// The first changes object (by TXID) that follows no other object and no
+/// snapshot: one before it is missing. Objects that start at or before the
+/// oldest snapshot's end are not counted, since retention deletes what came
+/// before a snapshot.
+pub fn first_orphan(objects: &[ObjectName]) -> Option<&ObjectName> {
+    let oldest_snapshot_end = objects
+        .iter()
+        .filter(|object| object.kind == ObjectKind::Snapshot)
+        .map(|object| object.max_txid)
+        .min()?;
+    objects
+        .iter()
+        .filter(|object| {
+            object.kind == ObjectKind::Changes && object.min_txid > oldest_snapshot_end
+        })
+        .filter(|object| {
+            !objects.iter().any(|before| {
+                before.max_txid.0 + 1 == object.min_txid.0 && before.post_apply == object.pre_apply
+            })
+        })
+        .min_by_key(|object| object.min_txid)
 }
 
 #[cfg(test)]
@@ -439,8 +497,6 @@ mod tests {
             // ...while its successor went on from 12 under epoch 2.
             object(ObjectKind::Changes, (13, 14), 2, C | 12, C | 14),
             object(ObjectKind::Changes, (15, 15), 2, C | 14, C | 15),
-            // Does not follow: wrong checksum.
-            object(ObjectKind::Changes, (16, 16), 2, C | 1, C | 16),
         ];
         let plan = plan("app.db", &objects, Target::Latest).unwrap();
         let ends: Vec<(u64, u64)> = plan
@@ -496,5 +552,26 @@ mod tests {
             plan("app.db", &objects[1..3], Target::Latest),
             Err(PlanError::NoSnapshot("app.db".into()))
         );
+        // Object 16-20 is lost: the newest state cannot be restored, and the
+        // error names the first object past the gap; earlier TXIDs still can.
+        let mut damaged = objects.clone();
+        damaged.retain(|object| object.min_txid != TxId(16));
+        damaged.retain(|object| object.max_txid != TxId(20) || object.kind != ObjectKind::Snapshot);
+        match plan("app.db", &damaged, Target::Latest) {
+            Err(PlanError::Gap { after, object, .. }) => {
+                assert_eq!(after, TxId(15));
+                assert!(
+                    object.contains("0000000000000015-000000000000001e"),
+                    "{object}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            plan("app.db", &damaged, Target::Time(40_000)),
+            Err(PlanError::Gap { .. })
+        ));
+        assert!(plan("app.db", &damaged, Target::TxId(TxId(14))).is_ok());
+        assert!(plan("app.db", &damaged, Target::Time(12_000)).is_ok());
     }
 }
