@@ -6,10 +6,15 @@
 //! elect a new primary that accepts writes. After the heal node-a rejoins as a
 //! replica of the new primary; the transactions it accepted after the partition
 //! that never reached the others are discarded (replication is asynchronous) and
-//! counted.
+//! counted. Every node backs up to one destination: node-a keeps uploading while
+//! it is cut off (the destination is not), and the backup's newest state is still
+//! the new primary's.
 
 mod common;
 // Shared with the failover tests.
+#[allow(dead_code)]
+#[path = "support/backup_check.rs"]
+mod backup_check;
 #[path = "support/cluster.rs"]
 mod cluster;
 #[allow(dead_code)]
@@ -64,6 +69,7 @@ fn node_yaml(
     etcd_url: &str,
     advertise: Option<(&str, SocketAddr)>,
     synchronous: bool,
+    backup_url: &str,
 ) -> String {
     let (advertise_url, http) = match advertise {
         Some((url, addr)) => (
@@ -73,8 +79,9 @@ fn node_yaml(
         None => (String::new(), String::new()),
     };
     format!(
-        "lease:\n  candidate: true\n  hostname: {hostname}\n  reconnect-delay: 300ms\n{advertise_url}  type: etcd\n  etcd:\n    endpoints: [\"{etcd_url}\"]\n    key: \"ltxfs-partition/primary\"\n    ttl: {}s\n{http}replication:\n  synchronous: {synchronous}\n",
-        TTL.as_secs()
+        "lease:\n  candidate: true\n  hostname: {hostname}\n  reconnect-delay: 300ms\n{advertise_url}  type: etcd\n  etcd:\n    endpoints: [\"{etcd_url}\"]\n    key: \"ltxfs-partition/primary\"\n    ttl: {}s\n{http}replication:\n  synchronous: {synchronous}\n{}",
+        TTL.as_secs(),
+        backup_check::backup_yaml(backup_url, "")
     )
 }
 
@@ -129,6 +136,8 @@ fn a_partitioned_synchronous_primary_loses_no_acknowledged_write() {
 
 fn partition(synchronous: bool) {
     let etcd = etcd::Etcd::start();
+    let backup_dir = tempfile::tempdir().expect("tempdir");
+    let backup_url = format!("file://{}", backup_dir.path().display());
     // Everything between node-a and the rest goes through the two proxies.
     let etcd_proxy = TcpProxy::start(loopback_address(etcd.url()));
     let a_http = etcd::free_loopback_address();
@@ -139,6 +148,7 @@ fn partition(synchronous: bool) {
             &etcd_proxy.url(),
             Some((&a_proxy.url(), a_http)),
             synchronous,
+            &backup_url,
         ),
         ..MountOptions::default()
     });
@@ -146,7 +156,7 @@ fn partition(synchronous: bool) {
     create_table_when_writable(&node_a);
     let start = |hostname: &str| {
         Mount::start(MountOptions {
-            extra_yaml: node_yaml(hostname, etcd.url(), None, synchronous),
+            extra_yaml: node_yaml(hostname, etcd.url(), None, synchronous, &backup_url),
             ..MountOptions::default()
         })
     };
@@ -338,6 +348,51 @@ fn partition(synchronous: bool) {
         .unwrap_err();
     assert!(refusal.to_string().contains("readonly"), "{refusal}");
     check_history(&nodes);
+
+    // The backup's newest state is the new primary's, whatever node-a uploaded
+    // while it was cut off.
+    let (txid, checksum) = backup_check::position(new_mount, DB);
+    let source = ["--url", backup_url.as_str()];
+    backup_check::wait_for_backup(&source, DB, txid, new_mount);
+    let restored = new_mount.root().join("restored.db");
+    backup_check::restore(&source, DB, &restored, &[]);
+    assert_eq!(backup_check::file_checksum(&restored), checksum);
+    let conn = rusqlite::Connection::open(&restored).unwrap();
+    let restored_seqs: BTreeSet<i64> = conn
+        .prepare("SELECT seq FROM t")
+        .unwrap()
+        .query_map([], |row| row.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(
+        restored_seqs, on_new_primary,
+        "the backup's newest state is not the new primary's"
+    );
+    let verified = backup_check::ltxfs(&["backup", "verify", "--url", &backup_url]);
+    assert!(
+        verified.status.success(),
+        "{}",
+        backup_check::text(&verified)
+    );
+    let objects_by_epoch = std::fs::read_dir(backup_dir.path().join(DB).join("changes"))
+        .map(|entries| {
+            let mut epochs = std::collections::BTreeMap::<String, usize>::new();
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().to_string();
+                if let Some(epoch) = name.split('_').nth(1) {
+                    *epochs
+                        .entry(epoch.trim_start_matches('0').to_string())
+                        .or_default() += 1;
+                }
+            }
+            epochs
+        })
+        .unwrap_or_default();
+    report(format!(
+        "partition (synchronous: {synchronous}): level-0 backup objects by lease epoch (hex): \
+         {objects_by_epoch:?}; the restored newest state is the new primary's"
+    ));
     report(format!(
         "partition (synchronous: {synchronous}): after the heal node-a followed {new_primary} and caught up in \
          {rejoined_after:?}; of the {} rows node-a acknowledged, {} were discarded (the last \
