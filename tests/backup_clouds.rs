@@ -118,9 +118,10 @@ fn back_up_restore_and_verify(
     }
 }
 
-/// `ltxfs mount` with a destination whose bucket or container does not exist
-/// exits 2 before mounting, naming the URL and not `secret` (if any).
-fn a_missing_bucket_stops_the_mount(url: &str, destination: &str, secret: Option<&str>) {
+/// `ltxfs mount` with a destination whose bucket or container does not exist,
+/// or whose credentials are refused, exits 2 before mounting, naming the URL
+/// and not `secret` (if any).
+fn an_unusable_destination_stops_the_mount(url: &str, destination: &str, secret: Option<&str>) {
     let (_dir, root) = temp_root("ltxfs-backup-clouds-missing-");
     let output = refused_mount(&root, &backup_yaml(url, destination));
     let stderr = String::from_utf8_lossy(&output.stderr);
@@ -141,7 +142,7 @@ fn a_gcs_backup_restores_and_verifies() {
     );
     // The emulator's key file holds no secret.
     back_up_restore_and_verify("gs://backups/prod", &destination, None, &|| server.log());
-    a_missing_bucket_stops_the_mount("gs://missing-bucket/prod", &destination, None);
+    an_unusable_destination_stops_the_mount("gs://missing-bucket/prod", &destination, None);
 }
 
 #[test]
@@ -160,9 +161,19 @@ fn an_azure_backup_restores_and_verifies() {
         Some(azure::ACCOUNT_KEY),
         &|| server.log(),
     );
-    a_missing_bucket_stops_the_mount(
+    an_unusable_destination_stops_the_mount(
         "az://missing-container/prod",
         &destination,
         Some(azure::ACCOUNT_KEY),
     );
+    // Azurite checks signatures: a wrong key is refused at start too, and the
+    // message names the destination, not the key.
+    let wrong_key = "d3JvbmcgYWNjb3VudCBrZXkgZm9yIHRoZSB0ZXN0cyBvZiBsdHhmcw==";
+    let wrong = format!(
+        "      endpoint: {}\n      account-name: {}\n      account-key: {}\n",
+        yaml_str(server.endpoint()),
+        yaml_str(azure::ACCOUNT),
+        yaml_str(wrong_key)
+    );
+    an_unusable_destination_stops_the_mount("az://backups/prod", &wrong, Some(wrong_key));
 }
