@@ -213,9 +213,13 @@ impl DestinationLoop {
                 () = tokio::time::sleep(wait) => {}
             }
             if self.store.cluster().role() != Role::Primary {
-                // Fenced: a node that is not the primary uploads nothing, and
-                // learns the destination again when it is.
+                // Fenced: a node that is not the primary uploads nothing, shows
+                // no backup figures, and learns the destination again when it
+                // is the primary.
                 self.remote = None;
+                self.status.update(&self.destination, |status| {
+                    *status = DestinationStatus::default();
+                });
                 wait = self.config.sync_interval;
                 continue;
             }
@@ -243,9 +247,9 @@ impl DestinationLoop {
                         status.errors += 1;
                     });
                     if first {
-                        tracing::warn!(%error, "backup failed; retrying with backoff (commits go on)");
+                        tracing::warn!(destination = %self.destination, %error, "backup failed; retrying with backoff (commits go on)");
                     } else {
-                        tracing::debug!(%error, "backup failed again");
+                        tracing::debug!(destination = %self.destination, %error, "backup failed again");
                     }
                     // The destination may have changed meanwhile (a partly
                     // finished round): learn it again.
