@@ -114,15 +114,7 @@ async fn restore_once(
     );
     let total = plan.objects.len();
     for (index, object) in plan.objects.iter().enumerate() {
-        let spool = download(destination, object, &dir).await?;
-        let object_owned = object.clone();
-        builder = tokio::task::spawn_blocking(move || {
-            let mut builder = builder;
-            builder.apply_object(&object_owned, spool, target)?;
-            Ok::<_, BackupError>(builder)
-        })
-        .await
-        .map_err(|error| BackupError::local("apply an object", std::io::Error::other(error)))??;
+        builder = stream_object(destination, object, builder, target).await?;
         progress(index + 1, total);
         if builder.reached(target) {
             break;
@@ -149,6 +141,111 @@ async fn restore_once(
         let _ = directory.sync_all();
     }
     Ok(restored)
+}
+
+/// How many downloaded chunks may wait for the thread that applies them.
+const CHUNKS_IN_FLIGHT: usize = 16;
+
+/// Applies `object` to `builder` as it downloads: the chunks go through a
+/// bounded channel to a blocking thread that decodes and writes the pages, so
+/// the download and the writes overlap and memory stays at a few chunks. The
+/// SHA-256 is checked at the end; a mismatch fails the restore (the partial
+/// file is never renamed) and is reported before any decoding error it caused.
+async fn stream_object(
+    destination: &Destination,
+    object: &ObjectName,
+    builder: Builder,
+    target: Target,
+) -> Result<Builder, BackupError> {
+    let mut stream = destination.get(object).await?;
+    let (chunks, received) = tokio::sync::mpsc::channel(CHUNKS_IN_FLIGHT);
+    let applied = {
+        let object = object.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut builder = builder;
+            let reader = ChannelReader {
+                chunks: received,
+                current: bytes::Bytes::new(),
+            };
+            builder
+                .apply_object(&object, reader, target)
+                .map(|()| builder)
+        })
+    };
+    let mut digest = Sha256::new();
+    let mut download_error = None;
+    while let Some(chunk) = stream.next().await {
+        match chunk {
+            Ok(chunk) => {
+                digest.update(&chunk);
+                // The applying thread stopped early (an error, or the target
+                // reached): the rest is not needed to apply.
+                if chunks.send(chunk).await.is_err() {
+                    break;
+                }
+            }
+            Err(error) => {
+                download_error = Some(error);
+                break;
+            }
+        }
+    }
+    drop(chunks);
+    let applied = applied
+        .await
+        .map_err(|error| BackupError::local("apply an object", std::io::Error::other(error)))?;
+    if let Some(error) = download_error {
+        return Err(error);
+    }
+    match applied {
+        // Stopped at the target inside the object: what was applied passed
+        // the LTX checksums, and the rest is not read.
+        Ok(builder) if builder.done => Ok(builder),
+        result => {
+            // The whole object, for its digest; a damaged object is named by
+            // its digest rather than by the decoding error it caused.
+            while let Some(chunk) = stream.next().await {
+                digest.update(&chunk?);
+            }
+            let sha = digest.finalize();
+            if sha.as_slice() != object.sha256 {
+                return Err(sha_mismatch(object, &sha));
+            }
+            result
+        }
+    }
+}
+
+/// The error of an object whose digest is not the one its name records.
+fn sha_mismatch(object: &ObjectName, sha: &[u8]) -> BackupError {
+    BackupError::bad_object(
+        object,
+        format!(
+            "its SHA-256 is {} but its name says {}",
+            layout::hex(sha),
+            layout::hex(&object.sha256)
+        ),
+    )
+}
+
+/// A blocking reader over the chunks a download task sends.
+struct ChannelReader {
+    chunks: tokio::sync::mpsc::Receiver<bytes::Bytes>,
+    current: bytes::Bytes,
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.current.is_empty() {
+            match self.chunks.blocking_recv() {
+                Some(chunk) => self.current = chunk,
+                None => return Ok(0),
+            }
+        }
+        let count = buf.len().min(self.current.len());
+        buf[..count].copy_from_slice(&self.current.split_to(count));
+        Ok(count)
+    }
 }
 
 /// Downloads `object` to an unnamed file in `dir`, checking its SHA-256.
@@ -187,14 +284,7 @@ pub(super) async fn append_object(
     }
     let sha = digest.finalize();
     if sha.as_slice() != object.sha256 {
-        return Err(BackupError::bad_object(
-            object,
-            format!(
-                "its SHA-256 is {} but its name says {}",
-                layout::hex(&sha),
-                layout::hex(&object.sha256)
-            ),
-        ));
+        return Err(sha_mismatch(object, &sha));
     }
     Ok(())
 }
@@ -210,11 +300,11 @@ pub struct Opening {
 }
 
 /// One record's bytes: what was read to recognise it, then the rest.
-pub(super) type Record<'r> = std::io::Chain<Cursor<Vec<u8>>, Take<&'r mut BufReader<File>>>;
+pub(super) type Record<'r> = std::io::Chain<Cursor<Vec<u8>>, Take<&'r mut dyn Read>>;
 
 /// Reads the records of an object file one at a time, opening sealed frames.
 pub(super) struct Records<'a> {
-    outer: BufReader<File>,
+    outer: BufReader<Box<dyn Read + 'a>>,
     /// The plaintext of the sealed frame being read, if any.
     inner: Option<BufReader<File>>,
     opening: &'a Opening,
@@ -228,15 +318,15 @@ enum Source {
 }
 
 impl<'a> Records<'a> {
-    pub(super) fn new(file: File, opening: &'a Opening) -> Records<'a> {
+    pub(super) fn new(object: impl Read + 'a, opening: &'a Opening) -> Records<'a> {
         Records {
-            outer: BufReader::new(file),
+            outer: BufReader::new(Box::new(object)),
             inner: None,
             opening,
         }
     }
 
-    fn reader(&mut self, source: Source) -> &mut BufReader<File> {
+    fn reader(&mut self, source: Source) -> &mut dyn Read {
         match (source, self.inner.as_mut()) {
             (Source::Inner, Some(inner)) => inner,
             _ => &mut self.outer,
@@ -314,10 +404,7 @@ impl<'a> Records<'a> {
 }
 
 /// Reads a frame's length, or `None` at the end of the input.
-fn read_length(
-    reader: &mut BufReader<File>,
-    object: &ObjectName,
-) -> Result<Option<u64>, BackupError> {
+fn read_length(reader: &mut dyn Read, object: &ObjectName) -> Result<Option<u64>, BackupError> {
     let mut length = [0u8; RECORD_LENGTH_BYTES];
     let mut filled = 0;
     while filled < length.len() {
@@ -378,11 +465,11 @@ impl Builder {
     fn apply_object(
         &mut self,
         object: &ObjectName,
-        file: File,
+        bytes: impl Read,
         target: Target,
     ) -> Result<(), BackupError> {
         let opening = self.opening.clone();
-        let mut records = Records::new(file, &opening);
+        let mut records = Records::new(bytes, &opening);
         let mut first = true;
         while let Some(record) = records.next_record(object)? {
             let mut decoder =
