@@ -121,6 +121,23 @@ fn a_file_backup_restores_the_latest_state_a_txid_and_a_time() {
     );
     assert_eq!(count_rows(&at_time), 15);
 
+    // On a terminal, a restore of several objects shows its progress (`script`
+    // gives it one).
+    let on_terminal = scratch.join("on-terminal.db");
+    let command = format!(
+        "{} restore --name app.db --url {url} {}",
+        env!("CARGO_BIN_EXE_ltxfs"),
+        on_terminal.display()
+    );
+    let output = std::process::Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .output()
+        .expect("run script");
+    let shown = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{shown}");
+    assert!(shown.contains("restoring app.db: 1/"), "{shown}");
+    assert_eq!(file_checksum(&on_terminal), latest_checksum);
+
     // --if-not-exists leaves an existing file alone.
     fs::write(&at_time, b"keep").expect("overwrite");
     let printed = restore(&source, "app.db", &at_time, &["--if-not-exists"]);
