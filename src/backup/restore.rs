@@ -648,10 +648,10 @@ pub async fn restore_into_data_dir(
         .map(|listed| listed.name.database)
         .collect();
     names.dedup();
-    let seed_dir = crate::store::seed::seed_dir(data_dir)?;
+    let seeding = crate::store::seed::Seeding::begin(data_dir)?;
     let mut restored = Vec::new();
     for name in names {
-        let output = seed_dir.join(format!(".restoring-{name}"));
+        let output = seeding.dir().join(format!(".restoring-{name}"));
         let database = restore(
             destination,
             &name,
@@ -661,8 +661,7 @@ pub async fn restore_into_data_dir(
             &mut |_, _| {},
         )
         .await?;
-        crate::store::seed::seed_database(
-            data_dir,
+        seeding.add(
             &name,
             &output,
             database.txid,
@@ -671,6 +670,7 @@ pub async fn restore_into_data_dir(
         )?;
         restored.push((name, database));
     }
+    seeding.finish()?;
     Ok(restored)
 }
 
