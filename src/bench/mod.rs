@@ -31,8 +31,10 @@
 //! `ltxfs bench handoff` (the `handoff` module) times handing the primary role
 //! from one candidate to another with the same working directory and nodes;
 //! `ltxfs bench proxy` (the `proxy` module) measures what the write-forwarding
-//! proxy adds to a read.
+//! proxy adds to a read; `ltxfs bench backup` (the `backup` module) measures
+//! backups to a local S3 server: lag, cost to commits, restore.
 
+mod backup;
 mod handoff;
 mod machine;
 mod mount;
@@ -45,6 +47,10 @@ mod workload;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+pub use backup::{
+    BackupBenchError, BackupLag, BackupOptions, BackupReport, BackupThroughput, RestoreResult,
+    run as run_backup,
+};
 pub use handoff::{
     GOAL_FIRST_WRITE, HandoffBenchError, HandoffOptions, HandoffReport, HandoffRound, LEASE_TTL,
     Percentiles, run as run_handoff,
