@@ -11,7 +11,7 @@
 
 use std::fs::File;
 use std::io::{BufReader, Cursor, Read, Seek, Take, Write};
-use std::os::unix::fs::FileExt;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use futures_util::StreamExt;
@@ -437,6 +437,55 @@ struct Builder {
     checksum: Option<DatabaseChecksum>,
     /// Set once the target is passed: nothing more is applied.
     done: bool,
+    /// Bytes written since the kernel was last asked to start writing back.
+    unsynced: u64,
+}
+
+/// The most bytes of consecutive pages written with one call.
+const PAGE_RUN_BYTES: usize = 1 << 20;
+/// How many written bytes make the kernel start writing back (without
+/// waiting), so the final `fsync` has little left to do.
+const WRITEBACK_EVERY_BYTES: u64 = 32 << 20;
+
+/// Consecutive pages waiting to be written in one call.
+#[derive(Default)]
+struct PageRun {
+    start: u64,
+    bytes: Vec<u8>,
+}
+
+impl PageRun {
+    /// Whether a page at `offset` continues the run.
+    fn extends(&self, offset: u64) -> bool {
+        !self.bytes.is_empty() && self.start + self.bytes.len() as u64 == offset
+    }
+
+    /// Writes the run (if any) and empties it; every
+    /// `WRITEBACK_EVERY_BYTES`, starts the kernel's writeback of `file`.
+    fn write(&mut self, file: &File, unsynced: &mut u64) -> Result<(), BackupError> {
+        if self.bytes.is_empty() {
+            return Ok(());
+        }
+        crate::store::write_all_at_in_pieces(file, &self.bytes, self.start)
+            .map_err(|error| BackupError::local("write the restored database", error))?;
+        *unsynced += self.bytes.len() as u64;
+        self.bytes.clear();
+        if *unsynced >= WRITEBACK_EVERY_BYTES {
+            *unsynced = 0;
+            // SAFETY: the descriptor is open for the whole call; the flag only
+            // starts writeback and waits for nothing.
+            let rc = unsafe {
+                libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE)
+            };
+            if rc != 0 {
+                return Err(BackupError::local(
+                    "start writing the restored database back",
+                    std::io::Error::last_os_error(),
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Builder {
@@ -451,6 +500,7 @@ impl Builder {
             pages: Vec::new(),
             checksum: None,
             done: false,
+            unsynced: 0,
         }
     }
 
@@ -568,6 +618,7 @@ impl Builder {
         let checksum = self.checksum.as_mut().expect("set by the snapshot");
         let page_size = u64::from(header.page_size);
         let mut page = vec![0u8; header.page_size as usize];
+        let mut run = PageRun::default();
         while let Some(pgno) = decoder
             .next_page_into(&mut page)
             .map_err(|error| BackupError::bad_ltx(object, error))?
@@ -583,10 +634,14 @@ impl Builder {
             let new = ltx::page_checksum(pgno, &page);
             checksum.add_page_checksum(pgno, new);
             self.pages[index] = new;
-            self.file
-                .write_all_at(&page, (u64::from(pgno) - 1) * page_size)
-                .map_err(|error| BackupError::local("write the restored database", error))?;
+            let offset = (u64::from(pgno) - 1) * page_size;
+            if !run.extends(offset) || run.bytes.len() >= PAGE_RUN_BYTES {
+                run.write(&self.file, &mut self.unsynced)?;
+                run.start = offset;
+            }
+            run.bytes.extend_from_slice(&page);
         }
+        run.write(&self.file, &mut self.unsynced)?;
         let trailer = decoder
             .finish()
             .map_err(|error| BackupError::bad_ltx(object, error))?;
