@@ -304,6 +304,25 @@ fn verify_and_restore_name_the_object_after_a_missing_one() {
         .expect("the first object ends at a TXID of the run");
     restore(&source, "app.db", &restored, &["--txid", &txid.to_string()]);
     assert_eq!(file_checksum(&restored), checksum);
+
+    // The primary, started again, finds the gap and uploads a snapshot: the
+    // newest state restores again.
+    let FileBackup {
+        mut mount,
+        connection,
+        dir: _dir,
+        ..
+    } = backup;
+    drop(connection);
+    mount.restart();
+    let (txid, checksum) = position(&mount, "app.db");
+    wait_until("a new snapshot to heal the gap", BACKUP_TIMEOUT, || {
+        try_restore(&["--url", &url], "app.db", &restored, &[])
+            .status
+            .success()
+    });
+    assert_eq!(file_checksum(&restored), checksum, "TXID {txid}");
+    assert!(mount.stderr_text().contains("uploading a new snapshot"));
 }
 
 #[test]

@@ -452,10 +452,16 @@ async fn learn(destination: &Destination) -> Result<HashMap<String, Remote>, Bac
             .filter(|object| object.kind == ObjectKind::Snapshot)
             .map(|object| object.timestamp_ms)
             .max();
-        let (Ok(plan), Some(last_snapshot_ms)) = (
-            layout::plan(&name, &objects, Target::Latest),
-            last_snapshot_ms,
-        ) else {
+        let plan = match layout::plan(&name, &objects, Target::Latest) {
+            Ok(plan) => plan,
+            Err(error) => {
+                // A gap or no snapshot: a new snapshot starts a chain the
+                // newest state restores from.
+                tracing::warn!(destination = %destination, %error, "uploading a new snapshot");
+                continue;
+            }
+        };
+        let Some(last_snapshot_ms) = last_snapshot_ms else {
             continue;
         };
         let end = plan.objects.last().expect("a plan has its snapshot");
