@@ -172,12 +172,22 @@ async fn stream_object(
                 .map(|()| builder)
         })
     };
-    let mut digest = Sha256::new();
+    // The digest is computed on a thread of its own, beside the one applying.
+    let (to_digest, digest_chunks) = tokio::sync::mpsc::channel::<bytes::Bytes>(CHUNKS_IN_FLIGHT);
+    let digest = tokio::task::spawn_blocking(move || {
+        let mut chunks = digest_chunks;
+        let mut digest = Sha256::new();
+        while let Some(chunk) = chunks.blocking_recv() {
+            digest.update(&chunk);
+        }
+        digest.finalize()
+    });
     let mut download_error = None;
     while let Some(chunk) = stream.next().await {
         match chunk {
             Ok(chunk) => {
-                digest.update(&chunk);
+                // The digest thread ends only when the sender is dropped.
+                let _ = to_digest.send(chunk.clone()).await;
                 // The applying thread stopped early (an error, or the target
                 // reached): the rest is not needed to apply.
                 if chunks.send(chunk).await.is_err() {
@@ -205,9 +215,12 @@ async fn stream_object(
             // The whole object, for its digest; a damaged object is named by
             // its digest rather than by the decoding error it caused.
             while let Some(chunk) = stream.next().await {
-                digest.update(&chunk?);
+                let _ = to_digest.send(chunk?).await;
             }
-            let sha = digest.finalize();
+            drop(to_digest);
+            let sha = digest.await.map_err(|error| {
+                BackupError::local("compute a digest", std::io::Error::other(error))
+            })?;
             if sha.as_slice() != object.sha256 {
                 return Err(sha_mismatch(object, &sha));
             }
