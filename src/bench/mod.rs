@@ -35,6 +35,7 @@
 //! backups to a local S3 server: lag, cost to commits, restore.
 
 mod backup;
+mod cpu;
 mod handoff;
 mod machine;
 mod mount;
@@ -51,6 +52,7 @@ pub use backup::{
     BackupBenchError, BackupLag, BackupOptions, BackupReport, BackupThroughput, RestoreResult,
     run as run_backup,
 };
+pub use cpu::CpuUse;
 pub use handoff::{
     GOAL_FIRST_WRITE, HandoffBenchError, HandoffOptions, HandoffReport, HandoffRound, LEASE_TTL,
     Percentiles, run as run_handoff,
@@ -60,8 +62,8 @@ pub use proxy::{
     GOAL_ADDED_P50, Latencies, ProxyBenchError, ProxyOptions, ProxyReport, run as run_proxy,
 };
 pub use replication::{
-    CpuUse, LagResult, ReplicationBenchError, ReplicationOptions, ReplicationReport,
-    SnapshotResult, ThroughputResult, run as run_replication,
+    LagResult, ReplicationBenchError, ReplicationOptions, ReplicationReport, SnapshotResult,
+    ThroughputResult, run as run_replication,
 };
 pub use report::{BenchReport, RestartResult, TargetResult, WorkloadResult};
 pub use round_trip::RoundTrip;

@@ -272,6 +272,95 @@ pub(super) fn write_table(f: &mut fmt::Formatter<'_>, rows: &[Vec<String>]) -> f
     Ok(())
 }
 
+/// One row of a benchmark's table of goals: what was measured, the figure, the
+/// goal and whether it was met (`None` when there is no goal).
+pub(super) struct GoalRow {
+    pub(super) measurement: String,
+    pub(super) figure: String,
+    pub(super) goal: String,
+    pub(super) met: Option<bool>,
+}
+
+impl GoalRow {
+    /// A row without a goal.
+    pub(super) fn info(measurement: impl Into<String>, figure: String) -> GoalRow {
+        GoalRow {
+            measurement: measurement.into(),
+            figure,
+            goal: String::new(),
+            met: None,
+        }
+    }
+
+    /// A row judged against `goal`.
+    pub(super) fn judged(
+        measurement: impl Into<String>,
+        figure: String,
+        goal: String,
+        met: bool,
+    ) -> GoalRow {
+        GoalRow {
+            measurement: measurement.into(),
+            figure,
+            goal,
+            met: Some(met),
+        }
+    }
+}
+
+/// Writes `rows` as a table with columns measurement, figure, goal and met.
+pub(super) fn write_goal_table(f: &mut fmt::Formatter<'_>, rows: Vec<GoalRow>) -> fmt::Result {
+    let mut table = vec![vec![
+        "measurement".to_string(),
+        "figure".to_string(),
+        "goal".to_string(),
+        "met".to_string(),
+    ]];
+    for row in rows {
+        table.push(vec![
+            row.measurement,
+            row.figure,
+            if row.goal.is_empty() {
+                "-".to_string()
+            } else {
+                row.goal
+            },
+            match row.met {
+                Some(true) => "yes".to_string(),
+                Some(false) => "NO".to_string(),
+                None => "-".to_string(),
+            },
+        ]);
+    }
+    write_table(f, &table)
+}
+
+/// Writes `heading`, then per target the CPU time each process used per
+/// transaction.
+pub(super) fn write_cpu_per_transaction(
+    f: &mut fmt::Formatter<'_>,
+    heading: &str,
+    targets: &[TargetResult],
+    cpu: &[Vec<super::CpuUse>],
+) -> fmt::Result {
+    writeln!(f, "{heading}")?;
+    for (target, uses) in targets.iter().zip(cpu) {
+        let uses = uses
+            .iter()
+            .map(|used| {
+                format!(
+                    "{} {:.0} us",
+                    used.process,
+                    used.per_transaction.as_secs_f64() * 1e6
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        writeln!(f, "  {}: {uses}", target.target)?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,7 +10,7 @@ use super::restore::{
 };
 use super::throughput::{BackupThroughput, THROUGHPUT_GOAL};
 use super::{LAG_RATE, LEAD_IN, POLL_INTERVAL};
-use crate::bench::report::write_table;
+use crate::bench::report::{GoalRow, write_cpu_per_transaction, write_goal_table};
 use crate::bench::{MachineInfo, write_verdict};
 
 /// Everything one run of `ltxfs bench backup` measured. `Display` renders it.
@@ -38,70 +38,44 @@ pub struct BackupReport {
     pub warnings: Vec<String>,
 }
 
-/// One row of the table: what was measured, the figure, the goal and whether
-/// it was met (`None` when there is no goal).
-struct Row {
-    measurement: String,
-    figure: String,
-    goal: String,
-    met: Option<bool>,
-}
-
-impl Row {
-    fn info(measurement: impl Into<String>, figure: String) -> Row {
-        Row {
-            measurement: measurement.into(),
-            figure,
-            goal: String::new(),
-            met: None,
-        }
-    }
-
-    fn judged(measurement: impl Into<String>, figure: String, goal: String, met: bool) -> Row {
-        Row {
-            measurement: measurement.into(),
-            figure,
-            goal,
-            met: Some(met),
-        }
-    }
-}
-
 impl BackupReport {
     /// The rows of the table, in the order measured.
-    fn rows(&self) -> Vec<Row> {
+    fn rows(&self) -> Vec<GoalRow> {
         let mut rows = Vec::new();
         let lag = &self.lag;
         let (p50_goal, p99_goal) = lag::goals();
         // A figure is only meaningful when every transaction was listed.
         let complete = lag.missing == 0;
         let label = format!("lag at {} tx/s", lag.rate);
-        rows.push(Row::info(
+        rows.push(GoalRow::info(
             format!("{label}: rate achieved"),
             format!("{:.0} tx/s", lag.achieved_rate),
         ));
-        rows.push(Row::judged(
+        rows.push(GoalRow::judged(
             format!("{label}: p50"),
             milliseconds(lag.p50),
             format!("<= {} ms", p50_goal.as_millis()),
             complete && lag.p50 <= p50_goal,
         ));
-        rows.push(Row::judged(
+        rows.push(GoalRow::judged(
             format!("{label}: p99"),
             milliseconds(lag.p99),
             format!("<= {} ms", p99_goal.as_millis()),
             complete && lag.p99 <= p99_goal,
         ));
-        rows.push(Row::info(format!("{label}: max"), milliseconds(lag.max)));
-        rows.push(Row::info(
+        rows.push(GoalRow::info(
+            format!("{label}: max"),
+            milliseconds(lag.max),
+        ));
+        rows.push(GoalRow::info(
             format!("{label}: objects listed"),
             format!("{}", lag.objects),
         ));
-        rows.push(Row::info(
+        rows.push(GoalRow::info(
             format!("{label}: time between listings"),
             milliseconds(lag.poll_period),
         ));
-        rows.push(Row::info(
+        rows.push(GoalRow::info(
             format!("{label}: time between uploads, mean / max"),
             format!(
                 "{} / {}",
@@ -110,7 +84,7 @@ impl BackupReport {
             ),
         ));
         if !complete {
-            rows.push(Row::judged(
+            rows.push(GoalRow::judged(
                 format!("{label}: never listed"),
                 format!("{} of {} tx", lag.missing, lag.transactions),
                 "0".to_string(),
@@ -120,13 +94,13 @@ impl BackupReport {
 
         let result = &self.throughput.result;
         for target in &result.targets {
-            rows.push(Row::info(
+            rows.push(GoalRow::info(
                 format!("inserts, {}", target.target),
                 format!("{:.0} tx/s", target.median),
             ));
         }
         let ratio = result.ratio(1);
-        rows.push(Row::judged(
+        rows.push(GoalRow::judged(
             "with backup / without",
             ratio.map_or("-".to_string(), |ratio| format!("{ratio:.2}")),
             format!(">= {THROUGHPUT_GOAL:.2}"),
@@ -141,7 +115,7 @@ impl BackupReport {
                     mib(restore.object_bytes) / duration.as_secs_f64().max(1e-9)
                 )
             };
-            rows.push(Row::info(
+            rows.push(GoalRow::info(
                 format!(
                     "GET of the {} objects ({:.1} MiB)",
                     restore.objects,
@@ -149,25 +123,25 @@ impl BackupReport {
                 ),
                 rate(restore.get_median()),
             ));
-            rows.push(Row::info(
+            rows.push(GoalRow::info(
                 format!("ltxfs restore of {:.1} MiB", mib(restore.db_bytes)),
                 rate(restore.restore_median()),
             ));
-            rows.push(Row::judged(
+            rows.push(GoalRow::judged(
                 "restore / GET",
                 format!("{:.2}", restore.ratio()),
                 format!("<= {RESTORE_RATIO_GOAL:.2}"),
                 restore.ratio() <= RESTORE_RATIO_GOAL,
             ));
-            rows.push(Row::info(
+            rows.push(GoalRow::info(
                 "fsync of the downloaded bytes, after the GETs",
                 format!("{:.2} s", restore.get_fsync_median().as_secs_f64()),
             ));
-            rows.push(Row::info(
+            rows.push(GoalRow::info(
                 "restore CPU time (user + system)",
                 format!("{:.2} s", restore.restore_cpu_median().as_secs_f64()),
             ));
-            rows.push(Row::judged(
+            rows.push(GoalRow::judged(
                 "restore memory above idle",
                 format!(
                     "{:.1} MiB (peak {:.1}, idle {:.1})",
@@ -178,11 +152,11 @@ impl BackupReport {
                 format!("<= {:.0} MiB", mib(MEMORY_GOAL_BYTES)),
                 restore.restore_memory() <= MEMORY_GOAL_BYTES,
             ));
-            rows.push(Row::info(
+            rows.push(GoalRow::info(
                 "snapshot upload, from restart to stored",
                 format!("{:.2} s", restore.snapshot_upload.as_secs_f64()),
             ));
-            rows.push(Row::judged(
+            rows.push(GoalRow::judged(
                 "snapshot upload: mount memory above start",
                 format!(
                     "{:.1} MiB (peak {:.1}, start {:.1})",
@@ -287,54 +261,14 @@ impl fmt::Display for BackupReport {
         }
         writeln!(f)?;
 
-        let mut table = vec![vec![
-            "measurement".to_string(),
-            "figure".to_string(),
-            "goal".to_string(),
-            "met".to_string(),
-        ]];
-        for row in self.rows() {
-            table.push(vec![
-                row.measurement,
-                row.figure,
-                if row.goal.is_empty() {
-                    "-".to_string()
-                } else {
-                    row.goal
-                },
-                match row.met {
-                    Some(true) => "yes".to_string(),
-                    Some(false) => "NO".to_string(),
-                    None => "-".to_string(),
-                },
-            ]);
-        }
-        write_table(f, &table)?;
+        write_goal_table(f, self.rows())?;
         writeln!(f)?;
-        writeln!(
+        write_cpu_per_transaction(
             f,
-            "CPU time per transaction in the throughput rounds (user + system, including lead-ins and catching up):"
+            "CPU time per transaction in the throughput rounds (user + system, including lead-ins and catching up):",
+            &self.throughput.result.targets,
+            &self.throughput.cpu,
         )?;
-        for (target, uses) in self
-            .throughput
-            .result
-            .targets
-            .iter()
-            .zip(&self.throughput.cpu)
-        {
-            let uses = uses
-                .iter()
-                .map(|used| {
-                    format!(
-                        "{} {:.0} us",
-                        used.process,
-                        used.per_transaction.as_secs_f64() * 1e6
-                    )
-                })
-                .collect::<Vec<_>>()
-                .join(", ");
-            writeln!(f, "  {}: {uses}", target.target)?;
-        }
         writeln!(f)?;
         write_verdict(f, self.all_goals_met(), &self.warnings)
     }

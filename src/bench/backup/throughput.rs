@@ -23,6 +23,7 @@ use tokio::runtime::Runtime;
 use super::s3::Moto;
 use super::{BackupBenchError, LEAD_IN, require_position, wait_backed_up};
 use crate::backup::Destination;
+use crate::bench::cpu::{CpuMeter, Process};
 use crate::bench::mount::MountGuard;
 use crate::bench::workload::{ReadDatabase, Session};
 use crate::bench::{CpuUse, Plan, Target, TargetResult, Workload, WorkloadResult};
@@ -93,11 +94,22 @@ pub(super) fn compare(
     let mut meters: Vec<CpuMeter> = mounts
         .iter()
         .map(|mount| {
-            CpuMeter::new(vec![
-                ("ltxfs mount".to_string(), mount.pid()),
-                ("moto".to_string(), Some(moto.pid())),
-                ("benchmark".to_string(), Some(std::process::id())),
-            ])
+            let processes = [
+                ("ltxfs mount", mount.pid()),
+                ("moto", Some(moto.pid())),
+                ("benchmark", Some(std::process::id())),
+            ];
+            CpuMeter::new(
+                processes
+                    .into_iter()
+                    .filter_map(|(name, pid)| {
+                        pid.map(|pid| Process {
+                            name: name.to_string(),
+                            pid,
+                        })
+                    })
+                    .collect(),
+            )
         })
         .collect();
     let mut rounds = vec![Vec::with_capacity(plan.rounds); targets.len()];
@@ -136,82 +148,4 @@ pub(super) fn compare(
         catch_up: caught_up,
         cpu,
     })
-}
-
-/// Sums the CPU time of some processes over several intervals.
-struct CpuMeter {
-    /// Name, pid (if known), the CPU time at the start of the current
-    /// interval (if it could be read), and the total so far.
-    processes: Vec<(String, Option<u32>, Option<Duration>, Duration)>,
-}
-
-impl CpuMeter {
-    fn new(processes: Vec<(String, Option<u32>)>) -> CpuMeter {
-        CpuMeter {
-            processes: processes
-                .into_iter()
-                .map(|(name, pid)| (name, pid, None, Duration::ZERO))
-                .collect(),
-        }
-    }
-
-    fn start(&mut self) {
-        for (_, pid, start, _) in &mut self.processes {
-            *start = pid.and_then(cpu_time);
-        }
-    }
-
-    fn stop(&mut self) {
-        for (_, pid, start, total) in &mut self.processes {
-            if let (Some(start), Some(end)) = (start.take(), pid.and_then(cpu_time)) {
-                *total += end.saturating_sub(start);
-            }
-        }
-    }
-
-    fn per_transaction(&self, transactions: f64) -> Vec<CpuUse> {
-        self.processes
-            .iter()
-            .map(|(name, _, _, total)| CpuUse {
-                process: name.clone(),
-                per_transaction: if transactions > 0.0 {
-                    total.div_f64(transactions)
-                } else {
-                    Duration::ZERO
-                },
-            })
-            .collect()
-    }
-}
-
-/// A process's user plus system CPU time, from `/proc/<pid>/stat`.
-fn cpu_time(pid: u32) -> Option<Duration> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // SAFETY: sysconf has no preconditions.
-    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    parse_cpu_ticks(&stat).map(|used| Duration::from_secs_f64(used as f64 / ticks.max(1) as f64))
-}
-
-/// utime + stime (fields 14 and 15) of a `/proc/<pid>/stat` line, in clock
-/// ticks. The command name (field 2) may hold spaces, so fields are counted
-/// from its closing parenthesis.
-fn parse_cpu_ticks(stat: &str) -> Option<u64> {
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let utime: u64 = fields.get(11)?.parse().ok()?;
-    let stime: u64 = fields.get(12)?.parse().ok()?;
-    Some(utime + stime)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn cpu_ticks_are_counted_after_the_command_name() {
-        let stat = "4242 (moto server) S 1 4242 4242 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 3 0";
-        assert_eq!(parse_cpu_ticks(stat), Some(300));
-        assert_eq!(parse_cpu_ticks("garbage"), None);
-        assert!(cpu_time(std::process::id()).is_some());
-    }
 }

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use super::ReplicationBenchError;
-use super::cpu::Process;
+use crate::bench::cpu::Process;
 use crate::bench::mount::MountGuard;
 
 /// How long a node may take to log its replication address once mounted.

@@ -35,7 +35,6 @@
 //! before each measurement starts.
 
 mod cluster;
-mod cpu;
 mod lag;
 mod placement;
 mod report;
@@ -45,7 +44,6 @@ mod throughput;
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub use cpu::CpuUse;
 pub use lag::LagResult;
 pub(in crate::bench) use lag::percentile;
 pub use report::ReplicationReport;

@@ -13,7 +13,7 @@
 use std::io;
 use std::path::Path;
 
-use super::cpu::Process;
+use crate::bench::cpu::Process;
 
 /// The CPU of the application's side: the benchmark's SQLite thread and the
 /// primaries' FUSE workers.

@@ -6,7 +6,7 @@ use std::time::Duration;
 use super::lag::LagResult;
 use super::snapshot::SnapshotResult;
 use super::throughput::ThroughputResult;
-use crate::bench::report::write_table;
+use crate::bench::report::{GoalRow, write_cpu_per_transaction, write_goal_table};
 use crate::bench::{MachineInfo, TargetResult};
 
 /// The goal for the median lag at the paced rate, from the issue.
@@ -43,18 +43,9 @@ pub struct ReplicationReport {
     pub warnings: Vec<String>,
 }
 
-/// One row of the table: what was measured, the figure, the goal and whether
-/// it was met (`None` when there is no goal).
-struct Row {
-    measurement: String,
-    figure: String,
-    goal: String,
-    met: Option<bool>,
-}
-
 impl ReplicationReport {
     /// The rows of the table, in the order measured.
-    fn rows(&self) -> Vec<Row> {
+    fn rows(&self) -> Vec<GoalRow> {
         let mut rows = Vec::new();
         for lag in &self.lags {
             let label = match lag.rate {
@@ -73,38 +64,38 @@ impl ReplicationReport {
             };
             let (p50_goal, p50_met) = goal(LAG_P50_GOAL, lag.p50);
             let (p99_goal, p99_met) = goal(LAG_P99_GOAL, lag.p99);
-            rows.push(Row {
+            rows.push(GoalRow {
                 measurement: format!("{label}: rate achieved"),
                 figure: format!("{:.0} tx/s", lag.achieved_rate),
                 goal: String::new(),
                 met: None,
             });
-            rows.push(Row {
+            rows.push(GoalRow {
                 measurement: format!("{label}: p50"),
                 figure: milliseconds(lag.p50),
                 goal: p50_goal,
                 met: p50_met,
             });
-            rows.push(Row {
+            rows.push(GoalRow {
                 measurement: format!("{label}: p99"),
                 figure: milliseconds(lag.p99),
                 goal: p99_goal,
                 met: p99_met,
             });
-            rows.push(Row {
+            rows.push(GoalRow {
                 measurement: format!("{label}: max"),
                 figure: milliseconds(lag.max),
                 goal: String::new(),
                 met: None,
             });
-            rows.push(Row {
+            rows.push(GoalRow {
                 measurement: format!("{label}: time between reads"),
                 figure: milliseconds(lag.poll_period),
                 goal: String::new(),
                 met: None,
             });
             if !complete {
-                rows.push(Row {
+                rows.push(GoalRow {
                     measurement: format!("{label}: never visible"),
                     figure: format!("{} of {} tx", lag.invisible, lag.transactions),
                     goal: "0".to_string(),
@@ -113,7 +104,7 @@ impl ReplicationReport {
             }
         }
         if let Some(snapshot) = &self.snapshot {
-            rows.push(Row {
+            rows.push(GoalRow {
                 measurement: format!(
                     "snapshot bootstrap of {:.1} MiB",
                     snapshot.db_bytes as f64 / (1024.0 * 1024.0)
@@ -125,7 +116,7 @@ impl ReplicationReport {
         }
         let result = &self.throughput.result;
         for target in &result.targets {
-            rows.push(Row {
+            rows.push(GoalRow {
                 measurement: format!("primary inserts, {}", target.target),
                 figure: format!("{:.0} tx/s", target.median),
                 goal: String::new(),
@@ -135,7 +126,7 @@ impl ReplicationReport {
         let shown =
             |ratio: Option<f64>| ratio.map_or("-".to_string(), |ratio| format!("{ratio:.2}"));
         let ratio = result.ratio(1);
-        rows.push(Row {
+        rows.push(GoalRow {
             measurement: "with replicas / without".to_string(),
             figure: shown(ratio),
             goal: format!(">= {REPLICA_THROUGHPUT_GOAL:.2}"),
@@ -144,7 +135,7 @@ impl ReplicationReport {
         // Synchronous replication trades throughput for losing nothing; it has
         // no goal.
         if result.targets.len() > 2 {
-            rows.push(Row {
+            rows.push(GoalRow {
                 measurement: "synchronous with replicas / without".to_string(),
                 figure: shown(result.ratio(2)),
                 goal: String::new(),
@@ -155,14 +146,14 @@ impl ReplicationReport {
         // every CPU; these show what is left when they do not.
         if let Some(placed) = &self.throughput.placed {
             for target in &placed.targets {
-                rows.push(Row {
+                rows.push(GoalRow {
                     measurement: format!("primary inserts, {}, {PLACED}", target.target),
                     figure: format!("{:.0} tx/s", target.median),
                     goal: String::new(),
                     met: None,
                 });
             }
-            rows.push(Row {
+            rows.push(GoalRow {
                 measurement: format!("with replicas / without, {PLACED}"),
                 figure: shown(placed.ratio(1)),
                 goal: String::new(),
@@ -265,54 +256,14 @@ impl fmt::Display for ReplicationReport {
         }
         writeln!(f)?;
 
-        let mut table = vec![vec![
-            "measurement".to_string(),
-            "figure".to_string(),
-            "goal".to_string(),
-            "met".to_string(),
-        ]];
-        for row in self.rows() {
-            table.push(vec![
-                row.measurement,
-                row.figure,
-                if row.goal.is_empty() {
-                    "-".to_string()
-                } else {
-                    row.goal
-                },
-                match row.met {
-                    Some(true) => "yes".to_string(),
-                    Some(false) => "NO".to_string(),
-                    None => "-".to_string(),
-                },
-            ]);
-        }
-        write_table(f, &table)?;
+        write_goal_table(f, self.rows())?;
         writeln!(f)?;
-        writeln!(
+        write_cpu_per_transaction(
             f,
-            "CPU time per transaction in the throughput rounds (user + system, including catching up):"
+            "CPU time per transaction in the throughput rounds (user + system, including catching up):",
+            &self.throughput.result.targets,
+            &self.throughput.cpu,
         )?;
-        for (target, uses) in self
-            .throughput
-            .result
-            .targets
-            .iter()
-            .zip(&self.throughput.cpu)
-        {
-            let uses = uses
-                .iter()
-                .map(|used| {
-                    format!(
-                        "{} {:.0} us",
-                        used.process,
-                        used.per_transaction.as_secs_f64() * 1e6
-                    )
-                })
-                .collect::<Vec<_>>()
-                .join(", ");
-            writeln!(f, "  {}: {uses}", target.target)?;
-        }
         writeln!(f)?;
         // No newline after the last line, so that `println!` adds exactly one.
         write!(

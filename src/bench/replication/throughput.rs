@@ -20,8 +20,8 @@ use std::time::Duration;
 
 use super::ReplicationBenchError;
 use super::cluster::{self, Node};
-use super::cpu::{CpuMeter, CpuUse, Process};
 use super::placement::Placement;
+use crate::bench::cpu::{CpuMeter, CpuUse, Process};
 use crate::bench::workload::{ReadDatabase, Session};
 use crate::bench::{Plan, Target, TargetResult, Workload, WorkloadResult};
 

@@ -1,15 +1,16 @@
 //! CPU time used by processes, from `/proc/<pid>/stat`, to show where the time of
-//! a transaction goes: the primary, each replica, or the benchmark's own SQLite.
+//! a transaction goes: ltxfs processes, a storage server, or the benchmark's own
+//! SQLite. Shared by `ltxfs bench replication` and `ltxfs bench backup`.
 
 use std::time::Duration;
 
 /// One process whose CPU time is measured.
 #[derive(Debug, Clone)]
-pub(super) struct Process {
+pub(crate) struct Process {
     /// The name shown in the report.
-    pub(super) name: String,
+    pub(crate) name: String,
     /// The process id.
-    pub(super) pid: u32,
+    pub(crate) pid: u32,
 }
 
 /// The CPU time a process used per transaction.
@@ -23,7 +24,7 @@ pub struct CpuUse {
 
 /// Sums the CPU time processes use over several intervals.
 #[derive(Debug)]
-pub(super) struct CpuMeter {
+pub(crate) struct CpuMeter {
     processes: Vec<Process>,
     /// Per process: the CPU time at the start of the current interval, if it
     /// could be read, and the total over the intervals so far.
@@ -31,7 +32,7 @@ pub(super) struct CpuMeter {
 }
 
 impl CpuMeter {
-    pub(super) fn new(processes: Vec<Process>) -> CpuMeter {
+    pub(crate) fn new(processes: Vec<Process>) -> CpuMeter {
         let readings = vec![(None, Duration::ZERO); processes.len()];
         CpuMeter {
             processes,
@@ -40,14 +41,14 @@ impl CpuMeter {
     }
 
     /// Starts an interval.
-    pub(super) fn start(&mut self) {
+    pub(crate) fn start(&mut self) {
         for (process, reading) in self.processes.iter().zip(&mut self.readings) {
             reading.0 = cpu_time(process.pid);
         }
     }
 
     /// Ends the interval that [`CpuMeter::start`] began and adds it to the totals.
-    pub(super) fn stop(&mut self) {
+    pub(crate) fn stop(&mut self) {
         for (process, reading) in self.processes.iter().zip(&mut self.readings) {
             if let (Some(start), Some(end)) = (reading.0.take(), cpu_time(process.pid)) {
                 reading.1 += end.saturating_sub(start);
@@ -56,7 +57,7 @@ impl CpuMeter {
     }
 
     /// Each process's total CPU time divided by `transactions`.
-    pub(super) fn per_transaction(&self, transactions: f64) -> Vec<CpuUse> {
+    pub(crate) fn per_transaction(&self, transactions: f64) -> Vec<CpuUse> {
         self.processes
             .iter()
             .zip(&self.readings)
