@@ -331,19 +331,6 @@ fn wait_backed_up(
     }
 }
 
-/// The ltxfs executable: `LTXFS_BIN` if set, otherwise the running executable
-/// (as for the mounts).
-fn ltxfs_binary() -> Result<PathBuf, BenchError> {
-    if let Some(binary) = std::env::var_os("LTXFS_BIN") {
-        return Ok(PathBuf::from(binary));
-    }
-    std::env::current_exe().map_err(|cause| BenchError::Io {
-        action: "find the running executable",
-        path: PathBuf::from("/proc/self/exe"),
-        cause,
-    })
-}
-
 /// A `kB` field of `/proc/<pid>/status` (e.g. `VmRSS`, `VmHWM`), in bytes.
 fn status_bytes(pid: u32, field: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;

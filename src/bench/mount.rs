@@ -225,7 +225,7 @@ impl Drop for MountGuard {
 }
 
 /// The ltxfs executable: `LTXFS_BIN` if set, otherwise the running executable.
-fn ltxfs_binary() -> Result<PathBuf, BenchError> {
+pub(super) fn ltxfs_binary() -> Result<PathBuf, BenchError> {
     if let Some(binary) = std::env::var_os("LTXFS_BIN") {
         return Ok(PathBuf::from(binary));
     }

@@ -37,12 +37,13 @@ use tokio::runtime::Runtime;
 
 use super::s3::Moto;
 use super::{
-    BUCKET, BackupBenchError, backup_section, ltxfs_binary, open_destination, require_position,
-    status_bytes, wait_backed_up,
+    BUCKET, BackupBenchError, backup_section, open_destination, require_position, status_bytes,
+    wait_backed_up,
 };
 use crate::backup::layout::{self, Target};
 use crate::bench::BenchError;
-use crate::bench::mount::{MountGuard, exit_with_parent};
+use crate::bench::mount::{MountGuard, exit_with_parent, ltxfs_binary};
+use crate::bench::replication::fill;
 use crate::bench::replication::percentile;
 use crate::bench::workload::{INSERT, PAYLOAD_BYTES, create_database, sql_error};
 
@@ -54,8 +55,6 @@ const TINY_DB: &str = "tiny.db";
 const SOURCE_MOUNT: &str = "restore-source";
 const PREFIX: &str = "restore";
 /// The fill: rows of random blobs, many per transaction.
-const ROW_BYTES: u64 = 100_000;
-const ROWS_PER_TRANSACTION: u64 = 100;
 /// The history after the snapshot: small transactions, paced so that they
 /// span several sync intervals (several objects).
 pub const HISTORY_TRANSACTIONS: u64 = 3000;
@@ -263,23 +262,6 @@ pub(super) fn measure(
         mount_idle_rss,
         mount_peak_rss,
     })
-}
-
-/// Creates `path` (WAL) and fills it with random blobs to `size_mb` MiB, then
-/// checkpoints.
-fn fill(path: &Path, size_mb: u64) -> Result<(), BenchError> {
-    let conn = create_database(path, "wal")?;
-    let transactions = (size_mb * 1024 * 1024).div_ceil(ROW_BYTES * ROWS_PER_TRANSACTION);
-    let fill = format!(
-        "BEGIN; WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {ROWS_PER_TRANSACTION}) \
-         INSERT INTO t(v) SELECT randomblob({ROW_BYTES}) FROM n; COMMIT;"
-    );
-    for _ in 0..transactions {
-        conn.execute_batch(&fill)
-            .map_err(|cause| sql_error("fill the database", path, cause))?;
-    }
-    conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
-        .map_err(|cause| sql_error("checkpoint", path, cause))
 }
 
 /// Commits [`HISTORY_TRANSACTIONS`] single-row inserts into a table of their

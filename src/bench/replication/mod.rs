@@ -48,6 +48,7 @@ pub use lag::LagResult;
 pub(in crate::bench) use lag::percentile;
 pub use report::ReplicationReport;
 pub use snapshot::SnapshotResult;
+pub(in crate::bench) use snapshot::fill;
 pub use throughput::ThroughputResult;
 
 use super::{BenchError, BenchOptions, MachineInfo, Plan, Workspace};

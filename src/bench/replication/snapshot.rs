@@ -86,8 +86,9 @@ pub(super) fn measure(
 }
 
 /// Creates the database at `path` with at least `size_mb` MiB of random rows,
-/// checkpoints it, and returns the database file's size.
-fn fill(path: &Path, size_mb: u64) -> Result<u64, BenchError> {
+/// checkpoints it, and returns the database file's size. `ltxfs bench backup`
+/// builds its restore database with it too.
+pub(in crate::bench) fn fill(path: &Path, size_mb: u64) -> Result<u64, BenchError> {
     let conn = create_database(path, "wal")?;
     let transactions = size_mb
         .saturating_mul(1024 * 1024)
