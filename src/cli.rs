@@ -10,7 +10,8 @@ use clap::{Parser, Subcommand};
 use crate::config::{self, BackupDestination, ExecCommand, LogConfig, LogFormat};
 use crate::ltx;
 use crate::mount::{self, MountError, MountRequest};
-use crate::replication::{self, ReplicationError};
+use crate::mountinfo;
+use crate::replication::{self, ClientCredentials, ClusterKeys, ReplicationError};
 use crate::tools;
 
 mod backup_commands;
@@ -19,9 +20,6 @@ mod backup_commands;
 pub const EXIT_USAGE: i32 = 2;
 /// Exit status for failures while running.
 pub const EXIT_FAILURE: i32 = 1;
-
-/// Where `ltxfs status` asks by default: the local node's replication address.
-pub const DEFAULT_STATUS_URL: &str = "http://127.0.0.1:20202";
 
 /// ltxfs: replicated SQLite over FUSE.
 #[derive(Debug, Parser)]
@@ -72,9 +70,8 @@ enum Command {
     },
     /// Show a node's role, its primary, and every database's TXID, checksum and lag.
     Status {
-        /// The node's replication address (http.addr, or lease.advertise-url).
-        #[arg(long, default_value = DEFAULT_STATUS_URL)]
-        url: String,
+        #[command(flatten)]
+        node: NodeSelection,
         /// Print one JSON object instead of a table.
         #[arg(long)]
         json: bool,
@@ -82,9 +79,8 @@ enum Command {
     /// Make this candidate replica the primary: the primary hands its role over
     /// (no write it accepted is lost) and becomes a replica.
     Promote {
-        /// The replica's replication address (http.addr, or lease.advertise-url).
-        #[arg(long, default_value = DEFAULT_STATUS_URL)]
-        url: String,
+        #[command(flatten)]
+        node: NodeSelection,
     },
     /// Rebuild a database from its backup (no running node needed).
     Restore {
@@ -230,10 +226,28 @@ enum BenchMode {
 /// Which running mount a tool works through.
 #[derive(Debug, clap::Args)]
 struct MountSelection {
-    /// The mount (default: fuse.dir from the config).
+    /// The mount (default: fuse.dir from the config, else the current directory
+    /// when it is an ltxfs mount).
     #[arg(long)]
     mount: Option<PathBuf>,
     /// The config file that names the mount.
+    #[arg(long, short = 'c')]
+    config: Option<PathBuf>,
+}
+
+/// Which node a command asks, and how it proves the cluster secret.
+#[derive(Debug, clap::Args)]
+struct NodeSelection {
+    /// The node's API URL (default: the URL the node of the mount recorded in
+    /// its data dir).
+    #[arg(long)]
+    url: Option<String>,
+    /// The mount whose node to ask (default: fuse.dir from the config, else the
+    /// current directory when it is an ltxfs mount).
+    #[arg(long, conflicts_with = "url")]
+    mount: Option<PathBuf>,
+    /// The config file: the mount, its data dir, http.secret and http.tls
+    /// (default: ./ltxfs.yml, then /etc/ltxfs.yml; LTXFS_SECRET also works).
     #[arg(long, short = 'c')]
     config: Option<PathBuf>,
 }
@@ -269,8 +283,8 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> i32 {
             no_capture,
             command,
         } => run_mount(mount_point, config, !no_expand_env, !no_capture, command),
-        Command::Status { url, json } => run_status(&url, json),
-        Command::Promote { url } => run_promote(&url),
+        Command::Status { node, json } => run_status(node, json),
+        Command::Promote { node } => run_promote(node),
         Command::Ltx { command } => run_ltx(command),
         Command::Restore {
             name,
@@ -407,25 +421,21 @@ fn run_bench<R: std::fmt::Display, E: std::error::Error>(
     }
 }
 
-/// Runs a tool against the mount named by `--mount` or by the config's fuse.dir.
+/// Runs a tool against the mount named by `--mount`, the config's fuse.dir, or
+/// the current directory.
 fn run_tool(
     selection: MountSelection,
     tool: impl FnOnce(&std::path::Path) -> Result<String, tools::ToolError>,
 ) -> i32 {
-    let mount_dir = match selection.mount {
-        Some(dir) => dir,
-        None => match config::load(selection.config.as_deref(), true) {
-            Ok(loaded) => match loaded.config.fuse.dir {
-                Some(dir) => dir,
-                None => {
-                    eprintln!(
-                        "ltxfs: error: no mount given: pass --mount DIR or set fuse.dir in ltxfs.yml"
-                    );
-                    return EXIT_USAGE;
-                }
-            },
-            Err(error) => return fail(EXIT_USAGE, &error),
-        },
+    let config = match config::load(selection.config.as_deref(), true) {
+        Ok(loaded) => loaded.config,
+        Err(error) => return fail(EXIT_USAGE, &error),
+    };
+    let Some(mount_dir) = selected_mount(selection.mount, &config) else {
+        eprintln!(
+            "ltxfs: error: no mount given: pass --mount DIR, set fuse.dir in ltxfs.yml, or run in the mount"
+        );
+        return EXIT_USAGE;
     };
     match tool(&mount_dir) {
         Ok(summary) => {
@@ -433,6 +443,57 @@ fn run_tool(
             0
         }
         Err(error) => fail(EXIT_FAILURE, &error),
+    }
+}
+
+/// The mount a command works through: `--mount`, the config's fuse.dir, or the
+/// current directory when it is an ltxfs mount.
+fn selected_mount(explicit: Option<PathBuf>, config: &config::Config) -> Option<PathBuf> {
+    explicit.or_else(|| config.fuse.dir.clone()).or_else(|| {
+        let here = std::env::current_dir().ok()?;
+        mountinfo::find(&here)
+            .ok()
+            .flatten()
+            .filter(mountinfo::MountEntry::is_ltxfs)
+            .map(|_| here)
+    })
+}
+
+/// The URL and credentials of the node `selection` names.
+fn selected_node(selection: NodeSelection) -> Result<(String, ClientCredentials), i32> {
+    let config = config::load(selection.config.as_deref(), true)
+        .map_err(|error| fail(EXIT_USAGE, &error))?
+        .config;
+    let credentials = ClientCredentials::new(
+        ClusterKeys::new(config.http.secrets.clone()),
+        config.http.tls.as_ref(),
+    )
+    .map_err(|error| fail(EXIT_USAGE, &error))?;
+    if let Some(url) = selection.url {
+        return Ok((url, credentials));
+    }
+    let Some(mount_dir) = selected_mount(selection.mount, &config) else {
+        eprintln!(
+            "ltxfs: error: no node given: pass --url URL or --mount DIR, set fuse.dir in ltxfs.yml, or run in the mount"
+        );
+        return Err(EXIT_USAGE);
+    };
+    let mount_dir = std::path::absolute(&mount_dir).unwrap_or(mount_dir);
+    let data_dir = match &config.data.dir {
+        Some(dir) => dir.clone(),
+        None => mount::default_data_dir(&mount_dir),
+    };
+    let recorded = data_dir.join(config::API_URL_FILE);
+    match std::fs::read_to_string(&recorded) {
+        Ok(url) if !url.trim().is_empty() => Ok((url.trim().to_string(), credentials)),
+        _ => {
+            eprintln!(
+                "ltxfs: error: no node API URL recorded in {}: is ltxfs running on {}? Pass --url URL otherwise",
+                recorded.display(),
+                mount_dir.display()
+            );
+            Err(EXIT_USAGE)
+        }
     }
 }
 
@@ -448,9 +509,13 @@ fn call_node<T>(call: impl Future<Output = Result<T, ReplicationError>>) -> Resu
     })
 }
 
-fn run_promote(url: &str) -> i32 {
+fn run_promote(selection: NodeSelection) -> i32 {
+    let (url, credentials) = match selected_node(selection) {
+        Ok(node) => node,
+        Err(status) => return status,
+    };
     let started = std::time::Instant::now();
-    match call_node(replication::request_promote(url)) {
+    match call_node(replication::request_promote(&url, &credentials)) {
         Ok(previous) => {
             println!(
                 "this node is the primary; it took over from {previous} in {} ms",
@@ -462,8 +527,12 @@ fn run_promote(url: &str) -> i32 {
     }
 }
 
-fn run_status(url: &str, json: bool) -> i32 {
-    match call_node(replication::fetch_status(url)) {
+fn run_status(selection: NodeSelection, json: bool) -> i32 {
+    let (url, credentials) = match selected_node(selection) {
+        Ok(node) => node,
+        Err(status) => return status,
+    };
+    match call_node(replication::fetch_status(&url, &credentials)) {
         Ok(status) if json => {
             println!("{}", status.to_json());
             0

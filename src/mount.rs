@@ -32,7 +32,9 @@ use crate::lease::static_lease::StaticLease;
 use crate::lease::{Lease, LeaseHolder};
 use crate::node::{self, NodeSettings};
 use crate::proxy::{self, ProxyNode, ProxySettings, WriteGate};
-use crate::replication::{self, Handoffs, NodeContext};
+use crate::replication::{
+    self, ClientCredentials, ClusterKeys, Handoffs, NodeContext, ReplicationError, ServerSettings,
+};
 
 use crate::config::{Config, ExecCommand, LeaseType};
 use crate::fs::Fs;
@@ -366,6 +368,7 @@ pub fn run(request: MountRequest) -> Result<i32, MountError> {
         compress: request.config.data.compress,
         strict_verify: request.config.strict_verify,
     };
+    let security = node_api_security(&request.config)?;
     let listener = bind_address("http.addr", &request.config.http.addr)?;
     let proxy_listener = match &request.config.proxy.addr {
         Some(addr) if request.config.proxy.is_enabled() => Some(bind_address("proxy.addr", addr)?),
@@ -464,6 +467,7 @@ pub fn run(request: MountRequest) -> Result<i32, MountError> {
         &store,
         &plan.data_dir,
         (listener, proxy_listener),
+        security,
         backup_status.clone(),
     )?;
     let backup_shutdown = CancellationToken::new();
@@ -616,6 +620,49 @@ fn bind_address(key: &str, addr: &str) -> Result<std::net::TcpListener, MountErr
     Ok(listener)
 }
 
+/// The node API's TLS and secret settings, read before anything is mounted so
+/// that unusable files are a configuration error.
+fn node_api_security(config: &Config) -> Result<(ServerSettings, ClientCredentials), MountError> {
+    let keys = ClusterKeys::new(config.http.secrets.clone());
+    let usage = |error: ReplicationError| MountError::Usage(error.to_string());
+    let tls = config
+        .http
+        .tls
+        .as_ref()
+        .map(replication::server_tls)
+        .transpose()
+        .map_err(usage)?;
+    let credentials =
+        ClientCredentials::new(keys.clone(), config.http.tls.as_ref()).map_err(usage)?;
+    let settings = ServerSettings {
+        keys,
+        tls,
+        metrics_secret: config.http.metrics_secret,
+    };
+    Ok((settings, credentials))
+}
+
+/// Records in the data dir the URL local tools (`ltxfs status`, `promote`) reach
+/// this node's API at: the loopback address when the API listens on every
+/// interface or on loopback, or `own_url` with TLS (whose certificate names the
+/// host, not the loopback address).
+fn record_api_url(data_dir: &Path, scheme: &str, address: std::net::SocketAddr, own_url: &str) {
+    let url = if scheme == "https" {
+        own_url.to_string()
+    } else if address.ip().is_unspecified() {
+        format!("http://127.0.0.1:{}", address.port())
+    } else {
+        format!("http://{address}")
+    };
+    let path = data_dir.join(crate::config::API_URL_FILE);
+    let staging = data_dir.join(format!("{}.new", crate::config::API_URL_FILE));
+    let written = std::fs::write(&staging, format!("{url}\n"))
+        .and_then(|()| std::fs::rename(&staging, &path));
+    if let Err(error) = written {
+        tracing::warn!(path = %path.display(), %error, "could not record the node API's URL; local tools need --url");
+    }
+}
+
 /// Waits for every task.
 async fn join_all(tasks: Vec<tokio::task::JoinHandle<()>>) {
     for task in tasks {
@@ -718,6 +765,7 @@ impl ReplicationTasks {
         store: &Arc<Store>,
         data_dir: &Path,
         (listener, proxy_listener): (std::net::TcpListener, Option<std::net::TcpListener>),
+        (server_settings, credentials): (ServerSettings, ClientCredentials),
         backups: Arc<BackupStatus>,
     ) -> Result<ReplicationTasks, MountError> {
         let _context = runtime.enter();
@@ -733,11 +781,25 @@ impl ReplicationTasks {
             .map_err(|error| MountError::runtime("read the node's address", error))?;
         // Without lease.advertise-url others reach this node at the address it is
         // bound to, or by its hostname when it listens on every interface.
-        let own_url = if address.ip().is_unspecified() {
-            format!("http://{hostname}:{}", address.port())
+        let scheme = if config.http.tls.is_some() {
+            "https"
         } else {
-            format!("http://{address}")
+            "http"
         };
+        let own_url = if address.ip().is_unspecified() {
+            format!("{scheme}://{hostname}:{}", address.port())
+        } else {
+            format!("{scheme}://{address}")
+        };
+        record_api_url(data_dir, scheme, address, &own_url);
+        if config.names_other_nodes() && !server_settings.keys.is_enabled() {
+            tracing::warn!(
+                %address,
+                "the node API is open: anyone who can reach this address can read every \
+                 database and take the primary role; set the same http.secret (or \
+                 LTXFS_SECRET) on every node to close it (docs/security.md)"
+            );
+        }
         // With the static lease, advertise-url names the primary on every node;
         // with a coordinator it is how others reach this node.
         let me = LeaseHolder {
@@ -785,7 +847,9 @@ impl ReplicationTasks {
         let mut servers = vec![runtime.spawn({
             let shutdown = server_shutdown.clone();
             async move {
-                if let Err(error) = replication::serve(listener, node, shutdown).await {
+                if let Err(error) =
+                    replication::serve(listener, node, server_settings, shutdown).await
+                {
                     tracing::error!(%error, "the replication server stopped");
                 }
             }
@@ -830,6 +894,7 @@ impl ReplicationTasks {
             handoffs,
             control,
             writes,
+            credentials,
         };
         let failed = CancellationToken::new();
         let node_shutdown = CancellationToken::new();

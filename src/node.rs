@@ -32,8 +32,8 @@ use tokio_util::sync::CancellationToken;
 use crate::lease::{HeldLease, Lease, LeaseError, LeaseHolder, LeaseState};
 use crate::proxy::WriteGate;
 use crate::replication::{
-    self, ControlRequest, FollowSettings, FollowerState, HANDOFF_TIMEOUT, HandoffPhase, Handoffs,
-    KnownPeers, LastHeard, PRESUMED_GONE_AFTER, ReplicationError,
+    self, ClientCredentials, ControlRequest, FollowSettings, FollowerState, HANDOFF_TIMEOUT,
+    HandoffPhase, Handoffs, KnownPeers, LastHeard, PRESUMED_GONE_AFTER, ReplicationError,
 };
 use crate::store::{Role, Store};
 
@@ -71,6 +71,8 @@ pub struct NodeSettings {
     /// Where the replication client runs: a runtime that runs nothing else, since
     /// the client applies small change sets on its own thread.
     pub replica_runtime: tokio::runtime::Handle,
+    /// How calls to other nodes connect (TLS) and prove the cluster secret.
+    pub credentials: ClientCredentials,
 }
 
 /// Why the role loop stopped the node.
@@ -93,17 +95,28 @@ pub enum NodeError {
 /// A new random cluster ID: 16 lower-case hex digits.
 fn new_cluster_id() -> String {
     let mut bytes = [0u8; 8];
+    fill_random(&mut bytes);
+    format!("{:016x}", u64::from_be_bytes(bytes))
+}
+
+/// Fills `bytes` from the kernel's random pool (cluster IDs, call nonces).
+pub(crate) fn fill_random(bytes: &mut [u8]) {
     // SAFETY: the buffer is writable for its whole length.
     let filled = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
     if filled != bytes.len() as isize {
-        // getrandom cannot fail for 8 bytes once the kernel's pool is ready; fall
-        // back to the clock rather than refusing to start.
+        // getrandom cannot fail for up to 256 bytes once the kernel's pool is
+        // ready; fall back to the clock and a counter (unique, if predictable)
+        // rather than refusing to work.
+        static FALLBACKS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |elapsed| elapsed.as_nanos() as u64);
-        bytes = (nanos ^ u64::from(std::process::id())).to_be_bytes();
+        let count = FALLBACKS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let seed = [nanos ^ u64::from(std::process::id()), count];
+        for (at, byte) in bytes.iter_mut().enumerate() {
+            *byte = seed[(at / 8) % 2].to_be_bytes()[at % 8];
+        }
     }
-    format!("{:016x}", u64::from_be_bytes(bytes))
 }
 
 /// The replication client following one primary.
@@ -240,6 +253,8 @@ struct Node {
     recheck_at: Option<Instant>,
     /// The replicas the last primary named, kept across streams.
     known_peers: Arc<KnownPeers>,
+    /// How this node's calls to other nodes connect and prove themselves.
+    credentials: ClientCredentials,
 }
 
 impl Node {
@@ -256,6 +271,7 @@ impl Node {
             control,
             writes,
             replica_runtime,
+            credentials,
         } = settings;
         let node = Node {
             store,
@@ -274,6 +290,7 @@ impl Node {
             handoff_call: None,
             recheck_at: None,
             known_peers: Arc::new(KnownPeers::default()),
+            credentials,
         };
         (node, cluster_id_path)
     }
@@ -389,9 +406,10 @@ impl Node {
                 } else if let Some(following) = &self.following {
                     if self.handoff_call.is_none() {
                         let (url, hostname) = (following.url.clone(), self.me.hostname.clone());
+                        let credentials = self.credentials.clone();
                         tracing::info!(primary = %url, "asking the primary to hand its role to this node");
                         self.handoff_call = Some(tokio::spawn(async move {
-                            replication::request_handoff(&url, &hostname).await
+                            replication::request_handoff(&url, &credentials, &hostname).await
                         }));
                     }
                     None
@@ -486,7 +504,12 @@ impl Node {
         let started = Instant::now();
         let catch_up = tokio::time::timeout(
             PEER_CATCH_UP_TIMEOUT,
-            replication::catch_up_from_peers(&self.store, &self.me.hostname, &peers),
+            replication::catch_up_from_peers(
+                &self.store,
+                &self.credentials,
+                &self.me.hostname,
+                &peers,
+            ),
         );
         let mut catch_up = std::pin::pin!(catch_up);
         loop {
@@ -656,8 +679,9 @@ impl Node {
                 reconnect_delay: self.reconnect_delay,
                 last_heard: last_heard.clone(),
                 advertise_url: Some(self.me.advertise_url.clone())
-                    .filter(|url| url.starts_with("http://")),
+                    .filter(|url| url.starts_with("http://") || url.starts_with("https://")),
                 known_peers: self.known_peers.clone(),
+                credentials: self.credentials.clone(),
             },
             state,
             stop.clone(),
@@ -875,6 +899,7 @@ mod tests {
             control,
             writes: Arc::new(WriteGate::new()),
             replica_runtime: tokio::runtime::Handle::current(),
+            credentials: ClientCredentials::default(),
         }
     }
 

@@ -341,7 +341,11 @@ fn defaults_are_a_single_node_primary_with_litefs_defaults() {
     assert_eq!(config.lease.consul.ttl, Duration::from_secs(10));
     assert_eq!(config.lease.consul.lock_delay, Duration::from_secs(1));
     assert_eq!(config.lease.etcd.ttl, Duration::from_secs(10));
-    assert_eq!(config.http.addr, ":20202");
+    // A node that names no other node listens only on loopback, on a free port.
+    assert_eq!(config.http.addr, "127.0.0.1:0");
+    assert!(config.http.secrets.is_empty());
+    assert_eq!(config.http.tls, None);
+    assert!(!config.http.metrics_secret);
     assert!(!config.replication.synchronous);
     assert!(!config.proxy.is_enabled());
     assert_eq!(config.proxy.max_lag, None);
@@ -778,7 +782,7 @@ fn validation_errors_name_the_key_line_and_remedy() {
             "itself",
         ),
         (
-            "proxy:\n  addr: ':20202'\n  target: localhost:8081\n  db: db\n",
+            "proxy:\n  addr: ':20202'\n  target: localhost:8081\n  db: db\nlease:\n  type: static\n  candidate: false\n  advertise-url: http://primary:20202\n",
             "proxy.addr",
             2,
             "same port",
@@ -1100,5 +1104,83 @@ fn the_backup_section_has_defaults_and_names_what_is_wrong() {
         let error = parse_err(text);
         assert_eq!(error.key(), Some(*key), "{error}");
         assert!(error.to_string().contains(fragment), "{error}");
+    }
+}
+
+#[test]
+fn http_defaults_to_every_interface_only_when_the_config_names_other_nodes() {
+    let multi_node = [
+        "lease:\n  type: etcd\n  etcd:\n    endpoints: http://e:2379\n    key: k\n",
+        "lease:\n  type: static\n  advertise-url: http://primary:20202\n",
+        "lease:\n  type: static\n  candidate: false\n  advertise-url: http://primary:20202\n",
+    ];
+    for text in multi_node {
+        assert_eq!(
+            parse_without_env(text).unwrap().http.addr,
+            ":20202",
+            "{text}"
+        );
+    }
+    let explicit = parse_without_env("http:\n  addr: 127.0.0.1:9000\n").unwrap();
+    assert_eq!(explicit.http.addr, "127.0.0.1:9000");
+}
+
+#[test]
+fn the_cluster_secret_tls_and_metrics_settings_are_read_and_checked() {
+    let config = parse_without_env(
+        "http:\n  secret: 0123456789abcdef0123\n  metrics-secret: true\n  tls:\n    cert: /c.pem\n    key: /k.pem\n    ca: /ca.pem\n",
+    )
+    .unwrap();
+    assert_eq!(config.http.secrets.len(), 1);
+    assert_eq!(config.http.secrets[0].expose(), "0123456789abcdef0123");
+    assert!(
+        !format!("{config:?}").contains("0123456789abcdef0123"),
+        "secrets stay out of logs"
+    );
+    assert!(config.http.metrics_secret);
+    let tls = config.http.tls.unwrap();
+    assert_eq!(tls.cert, Path::new("/c.pem"));
+    assert_eq!(tls.ca.as_deref(), Some(Path::new("/ca.pem")));
+    let rotating =
+        parse_without_env("http:\n  secrets: [new-secret-0123456789, old-secret-0123456789]\n")
+            .unwrap();
+    let secrets: Vec<&str> = rotating.http.secrets.iter().map(|s| s.expose()).collect();
+    assert_eq!(secrets, ["new-secret-0123456789", "old-secret-0123456789"]);
+
+    for (text, key, line, remedy) in [
+        (
+            "http:\n  secret: short\n",
+            "http.secret",
+            2,
+            "at least 16 characters",
+        ),
+        (
+            "http:\n  secrets: [long-enough-secret-0123, short]\n",
+            "http.secrets[1]",
+            2,
+            "at least 16",
+        ),
+        (
+            "http:\n  secret: 0123456789abcdef0123\n  secrets: [0123456789abcdef0123]\n",
+            "http.secrets",
+            3,
+            "not both",
+        ),
+        (
+            "http:\n  tls:\n    cert: /c.pem\n",
+            "http.tls",
+            2,
+            "both `cert` and `key`",
+        ),
+        (
+            "http:\n  metrics-secret: true\n",
+            "http.metrics-secret",
+            2,
+            "needs a cluster secret",
+        ),
+    ] {
+        let error = parse_err(text);
+        assert_names(&error, key, line);
+        assert!(error.to_string().contains(remedy), "{error}");
     }
 }

@@ -143,7 +143,12 @@ async fn start_node_with(
     if synchronous {
         store.set_commit_hold(handoffs.clone());
     }
-    let server = tokio::spawn(replication::serve(listener, context, shutdown.clone()));
+    let server = tokio::spawn(replication::serve(
+        listener,
+        context,
+        Default::default(),
+        shutdown.clone(),
+    ));
     Node {
         store,
         url,
@@ -202,6 +207,7 @@ fn follow_as(
         last_heard: Default::default(),
         advertise_url: Some(replica.url.clone()),
         known_peers: known_peers.clone(),
+        credentials: Default::default(),
     };
     let (state, receiver) = watch::channel(FollowerState::default());
     let task = tokio::spawn(replication::follow(settings, state, shutdown.clone()));
@@ -285,12 +291,16 @@ async fn a_replica_follows_the_primary_and_both_report_their_status() {
     let lag = replica.store.cluster().lag().unwrap();
     assert!(lag <= replication::HEARTBEAT_INTERVAL * 2, "lag {lag:?}");
 
-    let status = replication::fetch_status(&primary.url).await.unwrap();
+    let status = replication::fetch_status(&primary.url, &Default::default())
+        .await
+        .unwrap();
     assert_eq!(status.role, Role::Primary);
     assert_eq!(status.primary.as_deref(), Some("node-a"));
     let names: Vec<_> = status.databases.iter().map(|d| d.name.as_str()).collect();
     assert_eq!(names, ["app.db", "other.db"]);
-    let status = replication::fetch_status(&replica.url).await.unwrap();
+    let status = replication::fetch_status(&replica.url, &Default::default())
+        .await
+        .unwrap();
     assert_eq!(status.role, Role::Replica);
     assert_eq!(status.hostname, "node-b");
     assert_eq!(status.primary.as_deref(), Some("node-a"));
@@ -503,7 +513,9 @@ async fn a_node_taking_over_catches_up_from_the_peer_that_is_ahead() {
         hostname: "node-gone".into(),
         url: "http://127.0.0.1:1".into(),
     });
-    let report = replication::catch_up_from_peers(&node_b.store, "node-b", &peers).await;
+    let report =
+        replication::catch_up_from_peers(&node_b.store, &Default::default(), "node-b", &peers)
+            .await;
     assert_eq!(report.caught_up_from, ["node-c"]);
     assert_eq!(report.unreachable, ["node-gone"]);
     assert!(
@@ -511,7 +523,9 @@ async fn a_node_taking_over_catches_up_from_the_peer_that_is_ahead() {
         "node-b differs from the old primary"
     );
     // Nothing more to fetch: asking again catches up from nobody.
-    let again = replication::catch_up_from_peers(&node_b.store, "node-b", &peers[..2]).await;
+    let again =
+        replication::catch_up_from_peers(&node_b.store, &Default::default(), "node-b", &peers[..2])
+            .await;
     assert_eq!(again, PeerCatchUp::default());
     shutdown.cancel();
 }
@@ -693,9 +707,11 @@ async fn status_of_a_node_that_is_not_listening_names_the_url() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     drop(listener);
-    let error = replication::fetch_status(&url).await.unwrap_err();
+    let error = replication::fetch_status(&url, &Default::default())
+        .await
+        .unwrap_err();
     assert!(error.to_string().contains(&url), "{error}");
-    let error = replication::fetch_status("127.0.0.1:20202")
+    let error = replication::fetch_status("127.0.0.1:20202", &Default::default())
         .await
         .unwrap_err();
     assert!(

@@ -45,7 +45,7 @@ use super::replication::{Node, ReplicationBenchError, percentile, wait_converged
 use super::workload::{INSERT, PAYLOAD_BYTES, create_database, sql_error};
 use super::{BenchError, MachineInfo, Workspace, write_verdict};
 use crate::lease::http::HttpClient;
-use crate::replication::{ReplicationError, request_promote};
+use crate::replication::{ClientCredentials, ReplicationError, request_promote};
 
 /// The goal from the issue: at most this long from the start of a handoff until
 /// the new primary accepts writes, on loopback.
@@ -605,7 +605,7 @@ fn hand_over(
     shared.handoff_started.store(true, Ordering::Release);
     let started = Instant::now();
     let previous = runtime
-        .block_on(request_promote(to_url))
+        .block_on(request_promote(to_url, &ClientCredentials::default()))
         .map_err(|source| HandoffBenchError::Promote {
             round,
             node: to.name().to_string(),

@@ -90,8 +90,22 @@ pub const DEFAULT_CONSUL_TTL: Duration = Duration::from_secs(10);
 pub const DEFAULT_CONSUL_LOCK_DELAY: Duration = Duration::from_secs(1);
 /// Default for `lease.etcd.ttl`, chosen to match the Consul default.
 pub const DEFAULT_ETCD_TTL: Duration = Duration::from_secs(10);
-/// Default for `http.addr`, as in LiteFS: port 20202 on every interface.
+/// Default for `http.addr` when the config names other nodes (a coordinator's
+/// lease, `lease.advertise-url`, or a node that is not a candidate), as in
+/// LiteFS: port 20202 on every interface.
 pub const DEFAULT_HTTP_ADDR: &str = ":20202";
+/// Default for `http.addr` of a single node (no other node named): the loopback
+/// interface on a port the kernel picks, recorded in the data dir's
+/// [`API_URL_FILE`], so nothing off the machine can reach it and two such
+/// mounts never collide.
+pub const DEFAULT_LOCAL_HTTP_ADDR: &str = "127.0.0.1:0";
+/// The file in the data dir where a running node records its API's URL.
+pub const API_URL_FILE: &str = "api-url";
+/// The environment variable that sets the cluster secret when the config
+/// names none (`http.secret`).
+pub const SECRET_ENV: &str = "LTXFS_SECRET";
+/// The fewest characters a cluster secret may have.
+pub const MIN_SECRET_LEN: usize = 16;
 /// Default for `backup.sync-interval`.
 pub const DEFAULT_BACKUP_SYNC_INTERVAL: Duration = Duration::from_secs(1);
 /// Default for `backup.snapshot-interval`.
@@ -428,15 +442,53 @@ impl Default for EtcdConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HttpConfig {
     /// `http.addr`: the API server's listen address, `[host]:port`. Default
-    /// `:20202`.
+    /// [`DEFAULT_HTTP_ADDR`] when the config names other nodes, else
+    /// [`DEFAULT_LOCAL_HTTP_ADDR`].
     pub addr: String,
+    /// `http.secret`, or `http.secrets` (for a rotation), or the
+    /// [`SECRET_ENV`] variable: the cluster secret every call of the node API
+    /// proves it knows. The first signs; all are accepted. Empty: the API is
+    /// open.
+    pub secrets: Vec<Secret>,
+    /// `http.tls`: serve the node API over TLS (mutual with `ca`).
+    pub tls: Option<TlsFiles>,
+    /// `http.metrics-secret`: `GET /metrics` needs `Authorization: Bearer
+    /// <secret>` too. Default false.
+    pub metrics_secret: bool,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
         Self {
-            addr: DEFAULT_HTTP_ADDR.to_owned(),
+            addr: DEFAULT_LOCAL_HTTP_ADDR.to_owned(),
+            secrets: Vec::new(),
+            tls: None,
+            metrics_secret: false,
         }
+    }
+}
+
+/// `http.tls`: the node's certificate and key, and the CA of its peers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// `http.tls.cert`: PEM certificate chain of this node (server and client).
+    pub cert: PathBuf,
+    /// `http.tls.key`: PEM private key of this node.
+    pub key: PathBuf,
+    /// `http.tls.ca`: PEM CA certificates. Peers must present a certificate
+    /// signed by one (mutual TLS), and nodes verify the primary against them.
+    /// Without it, clients verify servers with the web's public roots and the
+    /// server asks for no client certificate.
+    pub ca: Option<PathBuf>,
+}
+
+impl Config {
+    /// Whether the config names other nodes: a coordinator's lease, an
+    /// advertised URL, or a node that is not a candidate (a static replica).
+    pub fn names_other_nodes(&self) -> bool {
+        self.lease.lease_type != LeaseType::Static
+            || self.lease.advertise_url.is_some()
+            || !self.lease.candidate
     }
 }
 
@@ -666,7 +718,29 @@ pub fn parse_with_env(text: &str, env: Option<&EnvLookup>) -> Result<Config, Con
     // `Option` makes a document that is only `~` or `null` mean "no settings".
     let raw: Option<RawConfig> = serde_norway::from_str(&expanded.text)
         .map_err(|error| parse_error_from_serde(&error, &expanded))?;
-    let config = raw.unwrap_or_default().into_config();
+    let raw = raw.unwrap_or_default();
+    if let Some(http) = &raw.http
+        && http.secret.is_some()
+        && http.secrets.is_some()
+    {
+        return Err(ConfigError::Invalid {
+            file: None,
+            line: locate::locate_key(&expanded.text, "http.secrets")
+                .map(|line| expanded.original_line(line)),
+            key: "http.secrets".to_string(),
+            message: "set either http.secret or http.secrets (a list, for a rotation), not both"
+                .to_string(),
+        });
+    }
+    let mut config = raw.into_config();
+    if config.http.addr.is_empty() {
+        config.http.addr = if config.names_other_nodes() {
+            DEFAULT_HTTP_ADDR
+        } else {
+            DEFAULT_LOCAL_HTTP_ADDR
+        }
+        .to_string();
+    }
 
     if let Some(problem) = validate::first_problem(&config) {
         let line = locate::locate_key(&expanded.text, &problem.key)
@@ -741,12 +815,14 @@ pub fn load_from(
                 }
             }
         })?;
-        return parse_file(path, &text, expand_env);
+        return parse_file(path, &text, expand_env).and_then(with_secret_from_env);
     }
 
     for candidate in search_paths {
         match std::fs::read_to_string(candidate) {
-            Ok(text) => return parse_file(candidate, &text, expand_env),
+            Ok(text) => {
+                return parse_file(candidate, &text, expand_env).and_then(with_secret_from_env);
+            }
             Err(error) if error.kind() == io::ErrorKind::NotFound => continue,
             Err(source) => {
                 return Err(ConfigError::Read {
@@ -757,11 +833,29 @@ pub fn load_from(
         }
     }
 
-    Ok(LoadedConfig {
+    with_secret_from_env(LoadedConfig {
         config: Config::default(),
         path: None,
         warnings: litefs_file_warnings(search_paths),
     })
+}
+
+/// Takes the cluster secret from [`SECRET_ENV`] when the config names none.
+fn with_secret_from_env(mut loaded: LoadedConfig) -> Result<LoadedConfig, ConfigError> {
+    if loaded.config.http.secrets.is_empty()
+        && let Some(secret) = process_env(SECRET_ENV).filter(|value| !value.is_empty())
+    {
+        loaded.config.http.secrets = vec![Secret(secret)];
+        if let Some(problem) = validate::check_secrets(&loaded.config) {
+            return Err(ConfigError::Invalid {
+                file: None,
+                line: None,
+                key: SECRET_ENV.to_string(),
+                message: problem.message,
+            });
+        }
+    }
+    Ok(loaded)
 }
 
 fn absolute(path: &Path) -> PathBuf {
@@ -870,7 +964,18 @@ impl RawConfig {
                 },
             },
             http: HttpConfig {
-                addr: non_empty(http.addr).unwrap_or(defaults.http.addr),
+                addr: non_empty(http.addr).unwrap_or_default(),
+                secrets: match (non_empty(http.secret), http.secrets) {
+                    (Some(secret), _) => vec![Secret(secret)],
+                    (None, Some(list)) => list.into_iter().map(Secret).collect(),
+                    (None, None) => Vec::new(),
+                },
+                tls: http.tls.map(|tls| TlsFiles {
+                    cert: PathBuf::from(tls.cert.unwrap_or_default()),
+                    key: PathBuf::from(tls.key.unwrap_or_default()),
+                    ca: non_empty(tls.ca).map(PathBuf::from),
+                }),
+                metrics_secret: flag_or(http.metrics_secret, defaults.http.metrics_secret),
             },
             replication: ReplicationConfig {
                 synchronous: flag_or(replication.synchronous, defaults.replication.synchronous),

@@ -138,8 +138,20 @@ pub(crate) struct RawEtcd {
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub(crate) struct RawHttp {
     pub addr: Option<String>,
+    pub secret: Option<String>,
+    pub secrets: Option<Vec<String>>,
+    pub tls: Option<RawHttpTls>,
+    pub metrics_secret: Option<Flag>,
     #[serde(default, rename = "snapshot-timeout")]
     pub _snapshot_timeout: LiteFsOnly,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub(crate) struct RawHttpTls {
+    pub cert: Option<String>,
+    pub key: Option<String>,
+    pub ca: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

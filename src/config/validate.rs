@@ -351,7 +351,48 @@ fn check_listen_address(key: &str, address: &str) -> Option<Problem> {
 }
 
 fn check_http(config: &Config) -> Option<Problem> {
-    check_listen_address("http.addr", &config.http.addr)
+    let http = &config.http;
+    check_listen_address("http.addr", &http.addr)
+        .or_else(|| check_secrets(config))
+        .or_else(|| {
+            let tls = http.tls.as_ref()?;
+            if tls.cert.as_os_str().is_empty() || tls.key.as_os_str().is_empty() {
+                return Some(problem(
+                    "http.tls",
+                    "http.tls needs both `cert` and `key` (PEM files); `ca` makes it mutual TLS",
+                ));
+            }
+            None
+        })
+        .or_else(|| {
+            (http.metrics_secret && http.secrets.is_empty()).then(|| {
+                problem(
+                    "http.metrics-secret",
+                    "http.metrics-secret: true needs a cluster secret (http.secret or LTXFS_SECRET)",
+                )
+            })
+        })
+}
+
+/// Cluster secrets must be long enough not to be guessed.
+pub(crate) fn check_secrets(config: &Config) -> Option<Problem> {
+    let short = config
+        .http
+        .secrets
+        .iter()
+        .position(|secret| secret.expose().chars().count() < super::MIN_SECRET_LEN)?;
+    let key = if config.http.secrets.len() > 1 {
+        format!("http.secrets[{short}]")
+    } else {
+        "http.secret".to_string()
+    };
+    Some(problem(
+        key,
+        format!(
+            "a cluster secret needs at least {} characters; make one with `openssl rand -hex 32`",
+            super::MIN_SECRET_LEN
+        ),
+    ))
 }
 
 /// Hosts that mean "this machine" when two addresses are compared.

@@ -15,10 +15,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-#[path = "../../tests/support/logs.rs"]
-mod logs;
-
-use logs::Logs;
+use super::test_logs::Logs;
 use tempfile::TempDir;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
@@ -108,16 +105,11 @@ fn primary_store(dir: &Path) -> Arc<Store> {
     Arc::new(Store::open(dir, CaptureOptions::default(), Role::Primary).unwrap())
 }
 
-/// Serves replication for the primary `store` on `listener`.
-fn serve_primary(
-    store: &Arc<Store>,
-    dir: &Path,
-    listener: TcpListener,
-    shutdown: &CancellationToken,
-) -> JoinHandle<Result<(), super::ReplicationError>> {
+/// The node `node-a` of the primary `store`, spooling to `dir`.
+pub(super) fn primary_node(store: &Arc<Store>, dir: &Path) -> Arc<NodeContext> {
     let commits = Arc::new(CommitBridge::new());
     store.set_commit_listener(commits.clone());
-    let node = Arc::new(NodeContext {
+    Arc::new(NodeContext {
         store: store.clone(),
         hostname: "node-a".into(),
         commits,
@@ -126,8 +118,18 @@ fn serve_primary(
         proxy_url: None,
         synchronous: false,
         backups: Default::default(),
-    });
-    tokio::spawn(serve(listener, node, shutdown.clone()))
+    })
+}
+
+/// Serves replication for the primary `store` on `listener`.
+fn serve_primary(
+    store: &Arc<Store>,
+    dir: &Path,
+    listener: TcpListener,
+    shutdown: &CancellationToken,
+) -> JoinHandle<Result<(), super::ReplicationError>> {
+    let node = primary_node(store, dir);
+    tokio::spawn(serve(listener, node, Default::default(), shutdown.clone()))
 }
 
 /// Follows the primary at `url` as the replica `node-b` until `shutdown`.
@@ -145,6 +147,7 @@ fn follow_as_node_b(
         last_heard: Default::default(),
         advertise_url: None,
         known_peers: Default::default(),
+        credentials: Default::default(),
     };
     let (state, _) = watch::channel(FollowerState::default());
     tokio::spawn(follow(settings, state, shutdown.clone()))

@@ -74,8 +74,8 @@ use super::proto;
 use super::spool::{ArrivedChangeSet, IncomingSpool};
 use super::wire::{self, DatabaseName, PrimaryMessage, StreamAsker};
 use super::{
-    MAX_CHANGE_SET_BYTES, MAX_CHANGE_SET_IN_MEMORY, PRIMARY_SILENCE_TIMEOUT, ReplicationError,
-    blocking, remote_error,
+    Client, ClientCredentials, MAX_CHANGE_SET_BYTES, MAX_CHANGE_SET_IN_MEMORY,
+    PRIMARY_SILENCE_TIMEOUT, ReplicationError, blocking, remote_error,
 };
 
 /// The first reconnect delay; it doubles after each failed attempt.
@@ -102,6 +102,8 @@ pub struct FollowSettings {
     pub advertise_url: Option<String>,
     /// Where the client keeps the peers the primary names.
     pub known_peers: Arc<KnownPeers>,
+    /// The TLS settings and cluster secret the client connects with.
+    pub credentials: ClientCredentials,
 }
 
 /// Follows the primary until `shutdown` is cancelled: applies its change sets,
@@ -124,6 +126,7 @@ pub async fn follow(
         state,
         last_heard: settings.last_heard,
         known_peers: settings.known_peers,
+        credentials: settings.credentials,
     };
     // The last failure logged as a warning: the same failure again (the primary
     // is still down) is only logged at debug level.
@@ -340,6 +343,7 @@ struct Replica {
     state: watch::Sender<FollowerState>,
     last_heard: Arc<LastHeard>,
     known_peers: Arc<KnownPeers>,
+    credentials: ClientCredentials,
 }
 
 impl Replica {
@@ -357,7 +361,8 @@ impl Replica {
             candidate: self.candidate,
             advertise_url: self.advertise_url.as_deref(),
         };
-        let (client, mut stream) = open_stream(&self.store, &self.url, asker, None).await?;
+        let (client, mut stream) =
+            open_stream(&self.store, &self.credentials, &self.url, asker, None).await?;
         // Sends acknowledgements while the stream lasts, if the primary wants them.
         let mut acknowledger = None;
         loop {
@@ -453,6 +458,7 @@ impl Replica {
 /// peer's `Ready`. `peer` is its hostname, for the logs; `hostname` this node's.
 pub(super) async fn catch_up_from(
     store: &Arc<Store>,
+    credentials: &ClientCredentials,
     peer: &str,
     url: &str,
     hostname: &str,
@@ -463,7 +469,7 @@ pub(super) async fn catch_up_from(
         candidate: true,
         advertise_url: None,
     };
-    let (_, mut stream) = open_stream(store, url, asker, Some(databases)).await?;
+    let (_, mut stream) = open_stream(store, credentials, url, asker, Some(databases)).await?;
     let source = format!("peer {peer}");
     let mut session = Session::new(MAX_CHANGE_SET_BYTES);
     let mut spool = IncomingSpool::new(store.clone());
@@ -493,11 +499,12 @@ pub(super) async fn catch_up_from(
 /// client too, for other calls on the same connection.
 async fn open_stream(
     store: &Arc<Store>,
+    credentials: &ClientCredentials,
     url: &str,
     asker: StreamAsker<'_>,
     catch_up: Option<Vec<String>>,
 ) -> Result<(Client, tonic::Streaming<proto::StreamMessage>), ReplicationError> {
-    let mut client = super::connect(url, None).await?;
+    let mut client = super::connect(url, credentials, None).await?;
     let store = store.clone();
     let only = catch_up.clone();
     let (positions, histories) = blocking(move || {
@@ -526,8 +533,6 @@ async fn open_stream(
         .into_inner();
     Ok((client, stream))
 }
-
-type Client = proto::replication_client::ReplicationClient<tonic::transport::Channel>;
 
 /// How long a replica waits before it sends an acknowledgement again after one
 /// failed.

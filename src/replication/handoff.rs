@@ -47,7 +47,7 @@ use crate::store::{CommitHold, Position};
 use super::peers::{MAX_PEERS, Peer};
 use super::proto;
 use super::wire::parse_hostname;
-use super::{ReplicationError, connect, remote_error};
+use super::{ClientCredentials, ReplicationError, connect, remote_error};
 
 /// How many control requests may wait for the role loop.
 pub const CONTROL_REQUESTS: usize = 4;
@@ -393,8 +393,12 @@ pub const HANDOFF_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Asks the primary at `primary_url` to hand the lease to the candidate replica
 /// `hostname`; returns once that replica holds it.
-pub async fn request_handoff(primary_url: &str, hostname: &str) -> Result<(), ReplicationError> {
-    let mut client = connect(primary_url, Some(REQUEST_TIMEOUT)).await?;
+pub async fn request_handoff(
+    primary_url: &str,
+    credentials: &ClientCredentials,
+    hostname: &str,
+) -> Result<(), ReplicationError> {
+    let mut client = connect(primary_url, credentials, Some(REQUEST_TIMEOUT)).await?;
     client
         .handoff(proto::HandoffRequest {
             hostname: hostname.to_string(),
@@ -406,8 +410,11 @@ pub async fn request_handoff(primary_url: &str, hostname: &str) -> Result<(), Re
 
 /// Asks the candidate replica at `url` to become the primary; returns the
 /// previous primary's hostname once it is the primary.
-pub async fn request_promote(url: &str) -> Result<String, ReplicationError> {
-    let mut client = connect(url, Some(REQUEST_TIMEOUT)).await?;
+pub async fn request_promote(
+    url: &str,
+    credentials: &ClientCredentials,
+) -> Result<String, ReplicationError> {
+    let mut client = connect(url, credentials, Some(REQUEST_TIMEOUT)).await?;
     let response = client
         .promote(proto::PromoteRequest {})
         .await

@@ -79,6 +79,9 @@
 //! Errors: [`ReplicationError`] is the one error type; `status_from_error` is
 //! the one place a `tonic::Status` is made from it.
 
+mod auth;
+#[cfg(test)]
+mod auth_tests;
 #[cfg(test)]
 mod bad_input_tests;
 mod chunk;
@@ -90,6 +93,11 @@ mod precise_timer;
 mod server;
 mod spool;
 mod status;
+/// The log capture the in-process tests share with the integration tests.
+#[cfg(test)]
+#[path = "../../tests/support/logs.rs"]
+mod test_logs;
+mod transport;
 mod wire;
 
 use std::path::PathBuf;
@@ -102,6 +110,7 @@ use crate::bridge::CommitBridge;
 use crate::ltx::{LtxError, TxId};
 use crate::store::{Position, Store, StoreError};
 
+pub use auth::{AUTH_HEADER, AUTH_REPLY_HEADER, ClusterKeys, MAX_CLOCK_SKEW};
 pub use client::{FollowSettings, follow};
 pub use handoff::{
     ControlRequest, FollowerState, HANDOFF_TIMEOUT, HandoffPhase, HandoffSeen, Handoffs, LastHeard,
@@ -109,7 +118,11 @@ pub use handoff::{
 };
 pub use peers::{KnownPeers, Peer, PeerCatchUp, catch_up_from_peers};
 pub use server::serve;
+pub use server::{MAX_STREAMS, MAX_STREAMS_PER_ADDRESS, ServerSettings};
 pub use status::{DatabaseStatus, NodeStatus, fetch_status};
+pub use transport::{
+    ClientCredentials, HANDSHAKE_TIMEOUT, MAX_CONNECTIONS, MAX_CONNECTIONS_PER_ADDRESS, server_tls,
+};
 
 /// The code generated from the schema; private to this module.
 #[allow(clippy::all, clippy::pedantic)]
@@ -224,6 +237,27 @@ pub enum ReplicationError {
     /// The replication server failed.
     #[error("replication server failed")]
     Serve(#[source] tonic::transport::Error),
+    /// The peer refused this node's call for want of the cluster secret, or did
+    /// not prove it knows it.
+    #[error("{url} is not trusted or does not trust this node: {message}")]
+    Unauthenticated {
+        /// The peer's URL.
+        url: String,
+        /// Why.
+        message: String,
+    },
+    /// `http.tls` names a file that cannot be used.
+    #[error("http.tls: {}: {reason}", .path.display())]
+    Tls {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The node already serves as many streams as it allows (in total, or to
+    /// the caller's address).
+    #[error("too many replication streams: {0}")]
+    TooManyStreams(String),
     /// The peer answered with a gRPC error.
     #[error("{url} answered {code:?}: {message}")]
     Remote {
@@ -474,6 +508,7 @@ fn status_from_error(error: &ReplicationError) -> tonic::Status {
     use ReplicationError as E;
     let code = match error {
         E::NotPrimary { .. } | E::HandoffRefused(_) => tonic::Code::FailedPrecondition,
+        E::TooManyStreams(_) => tonic::Code::ResourceExhausted,
         E::ProtocolVersion { .. } => tonic::Code::FailedPrecondition,
         E::MissingField { .. }
         | E::InvalidDatabaseName { .. }
@@ -485,17 +520,29 @@ fn status_from_error(error: &ReplicationError) -> tonic::Status {
     tonic::Status::new(code, error.to_string())
 }
 
-/// The connection settings for the node at `url` (plain `http://` only).
-fn endpoint(url: &str) -> Result<tonic::transport::Endpoint, ReplicationError> {
+/// The connection settings for the node at `url`: `http://`, or `https://` with
+/// `credentials`' TLS settings.
+fn endpoint(
+    url: &str,
+    credentials: &ClientCredentials,
+) -> Result<tonic::transport::Endpoint, ReplicationError> {
     let invalid = |reason: String| ReplicationError::InvalidUrl {
         url: url.to_string(),
         reason,
     };
-    if !url.starts_with("http://") {
-        return Err(invalid("it must start with http://".to_string()));
+    let https = url.starts_with("https://");
+    if !https && !url.starts_with("http://") {
+        return Err(invalid(
+            "it must start with http:// or https://".to_string(),
+        ));
     }
-    let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
+    let mut endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
         .map_err(|error| invalid(error.to_string()))?;
+    if https {
+        endpoint = endpoint
+            .tls_config(credentials.tls_for_https())
+            .map_err(|error| invalid(error.to_string()))?;
+    }
     Ok(endpoint
         .connect_timeout(CONNECT_TIMEOUT)
         .tcp_nodelay(true)
@@ -503,13 +550,17 @@ fn endpoint(url: &str) -> Result<tonic::transport::Endpoint, ReplicationError> {
         .initial_connection_window_size(RECEIVE_WINDOW_BYTES))
 }
 
+/// A client of the node API over a connection that signs every call.
+type Client = proto::replication_client::ReplicationClient<auth::Signed<Channel>>;
+
 /// A client of the node at `url`. With `call_timeout`, each call fails after it
 /// (for calls with one answer; a stream must not be cut off).
 async fn connect(
     url: &str,
+    credentials: &ClientCredentials,
     call_timeout: Option<Duration>,
-) -> Result<proto::replication_client::ReplicationClient<Channel>, ReplicationError> {
-    let mut endpoint = endpoint(url)?;
+) -> Result<Client, ReplicationError> {
+    let mut endpoint = endpoint(url, credentials)?;
     if let Some(timeout) = call_timeout {
         endpoint = endpoint.timeout(timeout);
     }
@@ -520,12 +571,23 @@ async fn connect(
             url: url.to_string(),
             source,
         })?;
-    Ok(proto::replication_client::ReplicationClient::new(channel)
-        .max_decoding_message_size(MAX_MESSAGE_BYTES))
+    Ok(
+        proto::replication_client::ReplicationClient::new(auth::Signed::new(
+            channel,
+            credentials.keys.clone(),
+        ))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES),
+    )
 }
 
 /// The error for a gRPC status a peer at `url` answered with.
 fn remote_error(url: &str, status: &tonic::Status) -> ReplicationError {
+    if status.code() == tonic::Code::Unauthenticated {
+        return ReplicationError::Unauthenticated {
+            url: url.to_string(),
+            message: status.message().to_string(),
+        };
+    }
     if status.code() == tonic::Code::Unimplemented {
         return ReplicationError::UnsupportedProtocol {
             url: url.to_string(),

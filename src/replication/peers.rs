@@ -44,7 +44,7 @@ use crate::ltx::TxId;
 use crate::store::Store;
 
 use super::status::fetch_status;
-use super::{ReplicationError, blocking, client};
+use super::{ClientCredentials, ReplicationError, blocking, client};
 
 /// The most peers a primary names, and a new primary asks.
 pub const MAX_PEERS: usize = 256;
@@ -93,6 +93,7 @@ pub struct PeerCatchUp {
 /// peer that cannot be reached is reported in [`PeerCatchUp::unreachable`].
 pub async fn catch_up_from_peers(
     store: &Arc<Store>,
+    credentials: &ClientCredentials,
     hostname: &str,
     peers: &[Peer],
 ) -> PeerCatchUp {
@@ -104,8 +105,11 @@ pub async fn catch_up_from_peers(
         .take(MAX_PEERS)
     {
         let peer = peer.clone();
+        let credentials = credentials.clone();
         asking.spawn(async move {
-            let answer = tokio::time::timeout(PEER_STATUS_TIMEOUT, fetch_status(&peer.url)).await;
+            let answer =
+                tokio::time::timeout(PEER_STATUS_TIMEOUT, fetch_status(&peer.url, &credentials))
+                    .await;
             (peer, answer)
         });
     }
@@ -157,7 +161,16 @@ pub async fn catch_up_from_peers(
             continue;
         }
         tracing::info!(peer = %peer.hostname, databases = ?behind, "catching up from a peer that is ahead of this node before accepting writes");
-        match client::catch_up_from(store, &peer.hostname, &peer.url, hostname, behind).await {
+        match client::catch_up_from(
+            store,
+            credentials,
+            &peer.hostname,
+            &peer.url,
+            hostname,
+            behind,
+        )
+        .await
+        {
             Ok(()) => report.caught_up_from.push(peer.hostname),
             Err(error) => {
                 let error: &dyn std::error::Error = &error;

@@ -46,17 +46,18 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::codegen::http;
 use tonic::service::Routes;
 use tonic::transport::Server;
-use tonic::transport::server::TcpIncoming;
 
 use crate::ltx::{HEADER_SIZE, Header, TRAILER_SIZE, Trailer, TxId};
 use crate::store::cluster::unix_now_ms;
 use crate::store::{CatchUp, Position, Role};
 
+use super::auth::{self, ClusterKeys, ReplayGuard, ServerAuth};
 use super::chunk::Pieces;
 use super::crc::ChangeSetCrc;
 use super::handoff::{ControlRequest, HandoffPhase, RegisteredStream};
@@ -67,6 +68,7 @@ use super::proto::{
     AcknowledgeRequest, AcknowledgeResponse, HandoffRequest, HandoffResponse, PromoteRequest,
     PromoteResponse, StatusRequest, StatusResponse, StreamMessage, StreamRequest,
 };
+use super::transport::{self, AddressSlots, Slot};
 use super::wire;
 use super::{
     CHUNK_SIZE, HEARTBEAT_INTERVAL, LIVE_BATCH_INTERVAL, MAX_CATCH_UP_BYTES,
@@ -90,33 +92,73 @@ const FAILURE_REPORT_TIMEOUT: Duration = Duration::from_secs(5);
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// The most replication streams a node serves at once.
+pub const MAX_STREAMS: usize = 256;
+/// The most replication streams a node serves to one IP address.
+pub const MAX_STREAMS_PER_ADDRESS: usize = 8;
+/// The most calls a node serves at once on one connection.
+const MAX_CALLS_PER_CONNECTION: u32 = 64;
+
+/// How the node API is served: TLS, and the secret calls must prove.
+#[derive(Clone, Default)]
+pub struct ServerSettings {
+    /// The cluster's secrets; none: calls are not checked.
+    pub keys: ClusterKeys,
+    /// TLS (`http.tls`), mutual when it verifies client certificates.
+    pub tls: Option<TlsAcceptor>,
+    /// `GET /metrics` needs the secret as a bearer token too.
+    pub metrics_secret: bool,
+}
+
 /// Serves replication on `listener` until `shutdown` is cancelled.
 pub async fn serve(
     listener: TcpListener,
     node: Arc<NodeContext>,
+    settings: ServerSettings,
     shutdown: CancellationToken,
 ) -> Result<(), ReplicationError> {
     if let Ok(address) = listener.local_addr() {
-        tracing::info!(%address, hostname = %node.hostname, "serving replication");
+        tracing::info!(
+            %address,
+            hostname = %node.hostname,
+            tls = settings.tls.is_some(),
+            authenticated = settings.keys.is_enabled(),
+            "serving replication"
+        );
     }
     let service = ReplicationService {
         node,
         shutdown: shutdown.clone(),
+        streams: AddressSlots::new(MAX_STREAMS, MAX_STREAMS_PER_ADDRESS),
     };
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let incoming = transport::accept(listener, settings.tls.clone(), shutdown.clone());
     let metrics_node = service.node.clone();
     let grpc = ReplicationServer::new(service)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let routes = Routes::new(grpc).into_axum_router().route(
-        METRICS_PATH,
-        axum::routing::get(move || metrics(metrics_node.clone())),
-    );
+    let server_auth = ServerAuth {
+        keys: settings.keys.clone(),
+        replays: Arc::new(ReplayGuard::default()),
+    };
+    let metrics_keys = settings.metrics_secret.then(|| settings.keys.clone());
+    let routes = Routes::new(grpc)
+        .into_axum_router()
+        .layer(axum::middleware::from_fn_with_state(
+            server_auth,
+            auth::authenticate,
+        ))
+        .route(
+            METRICS_PATH,
+            axum::routing::get(move |headers: http::HeaderMap| {
+                metrics(metrics_node.clone(), metrics_keys.clone(), headers)
+            }),
+        );
     Server::builder()
         // Plain HTTP/1.1 for `GET /metrics`; gRPC uses HTTP/2 on the same port.
         .accept_http1(true)
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .max_concurrent_streams(Some(MAX_CALLS_PER_CONNECTION))
         .add_routes(Routes::from(routes))
         .serve_with_incoming_shutdown(incoming, shutdown.cancelled())
         .await
@@ -126,25 +168,49 @@ pub async fn serve(
 /// Where the node's Prometheus metrics are served.
 pub const METRICS_PATH: &str = "/metrics";
 
-/// Answers `GET /metrics` (see `status::local_metrics`).
-async fn metrics(node: Arc<NodeContext>) -> impl axum::response::IntoResponse {
+/// Answers `GET /metrics` (see `status::local_metrics`); with `keys`, only to a
+/// bearer of the cluster secret.
+async fn metrics(
+    node: Arc<NodeContext>,
+    keys: Option<ClusterKeys>,
+    headers: http::HeaderMap,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    if let Some(keys) = keys {
+        let token = headers
+            .get(http::header::AUTHORIZATION)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.strip_prefix("Bearer "));
+        if !token.is_some_and(|token| keys.accepts_bearer(token)) {
+            return (
+                http::StatusCode::UNAUTHORIZED,
+                [(http::header::WWW_AUTHENTICATE, "Bearer")],
+                "metrics need `Authorization: Bearer <cluster secret>` (http.metrics-secret)\n",
+            )
+                .into_response();
+        }
+    }
     match blocking(move || Ok(status::local_metrics(&node))).await {
         Ok(text) => (
             http::StatusCode::OK,
             [(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
             text,
-        ),
+        )
+            .into_response(),
         Err(error) => (
             http::StatusCode::INTERNAL_SERVER_ERROR,
             [(http::header::CONTENT_TYPE, "text/plain")],
             error.to_string(),
-        ),
+        )
+            .into_response(),
     }
 }
 
 struct ReplicationService {
     node: Arc<NodeContext>,
     shutdown: CancellationToken,
+    /// The streams open, bounded in total and per address.
+    streams: Arc<AddressSlots>,
 }
 
 type MessageSender = mpsc::Sender<Result<StreamMessage, tonic::Status>>;
@@ -157,10 +223,8 @@ impl Replication for ReplicationService {
         &self,
         request: tonic::Request<StreamRequest>,
     ) -> Result<tonic::Response<Self::StreamStream>, tonic::Status> {
-        let peer = request
-            .remote_addr()
-            .map_or_else(|| "an unknown address".to_string(), |addr| addr.to_string());
-        self.open_stream(request.into_inner(), peer)
+        let address = request.remote_addr();
+        self.open_stream(request.into_inner(), address)
             .map(tonic::Response::new)
             .map_err(|error| status_from_error(&error))
     }
@@ -239,8 +303,15 @@ impl ReplicationService {
     fn open_stream(
         &self,
         request: StreamRequest,
-        peer: String,
+        address: Option<std::net::SocketAddr>,
     ) -> Result<ReceiverStream<Result<StreamMessage, tonic::Status>>, ReplicationError> {
+        let peer =
+            address.map_or_else(|| "an unknown address".to_string(), |addr| addr.to_string());
+        let ip = address.map_or(std::net::IpAddr::from([0, 0, 0, 0]), |addr| addr.ip());
+        let slot = AddressSlots::take(&self.streams, ip).map_err(|reason| {
+            tracing::warn!(%peer, "refused a replication stream: too many streams ({reason})");
+            ReplicationError::TooManyStreams(reason)
+        })?;
         let open = match wire::parse_stream_request(request) {
             Ok(open) => open,
             Err(error) => {
@@ -290,6 +361,7 @@ impl ReplicationService {
             histories: open.histories,
             sent: BTreeMap::new(),
             last_sent: Instant::now(),
+            _slot: slot,
         };
         tokio::spawn(producer.run(self.shutdown.clone()));
         Ok(ReceiverStream::new(receiver))
@@ -375,6 +447,8 @@ struct Producer {
     sent: BTreeMap<String, Position>,
     /// When the last message was queued.
     last_sent: Instant,
+    /// The stream's place in the limits, given back when the stream ends.
+    _slot: Slot,
 }
 
 impl Producer {
@@ -861,6 +935,7 @@ mod tests {
                 backups: Default::default(),
             }),
             shutdown: CancellationToken::new(),
+            streams: AddressSlots::new(MAX_STREAMS, MAX_STREAMS_PER_ADDRESS),
         };
         let request = tonic::Request::new(wire::stream_request(
             &wire::test_asker("node-c", false),
@@ -904,6 +979,7 @@ mod tests {
                 backups: Default::default(),
             }),
             shutdown: CancellationToken::new(),
+            streams: AddressSlots::new(MAX_STREAMS, MAX_STREAMS_PER_ADDRESS),
         };
         let mut request = wire::stream_request(&wire::test_asker("node-c", false), &[], &[], &[]);
         request

@@ -12,7 +12,7 @@ use crate::store::{Position, Role};
 
 use super::proto::{self, StatusRequest};
 use super::wire;
-use super::{NodeContext, ReplicationError, connect, remote_error};
+use super::{ClientCredentials, NodeContext, ReplicationError, connect, remote_error};
 
 /// How long `ltxfs status` waits for an answer.
 const STATUS_TIMEOUT: Duration = Duration::from_secs(5);
@@ -413,8 +413,11 @@ fn from_proto(response: proto::StatusResponse) -> Result<NodeStatus, Replication
 }
 
 /// Asks the node at `url` (such as `http://127.0.0.1:20202`) for its status.
-pub async fn fetch_status(url: &str) -> Result<NodeStatus, ReplicationError> {
-    let mut client = connect(url, Some(STATUS_TIMEOUT)).await?;
+pub async fn fetch_status(
+    url: &str,
+    credentials: &ClientCredentials,
+) -> Result<NodeStatus, ReplicationError> {
+    let mut client = connect(url, credentials, Some(STATUS_TIMEOUT)).await?;
     let response = client
         .status(StatusRequest {})
         .await

@@ -559,7 +559,7 @@ pub(super) fn parse_hostname(
 }
 
 /// Validates a node's URL (`field` of a `message`): empty for none, else an
-/// `http://` URL of at most 2048 bytes without whitespace.
+/// `http://` or `https://` URL of at most 2048 bytes without whitespace.
 fn parse_node_url(
     message: &str,
     field: &str,
@@ -575,8 +575,11 @@ fn parse_node_url(
     if url.len() > 2048 {
         return Err(invalid("is longer than 2048 bytes"));
     }
-    if !url.starts_with("http://") || url.len() == "http://".len() {
-        return Err(invalid("is not an http:// URL with a host"));
+    let host = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"));
+    if host.is_none_or(str::is_empty) {
+        return Err(invalid("is not an http:// or https:// URL with a host"));
     }
     if url.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return Err(invalid("contains whitespace or a control character"));
@@ -666,7 +669,13 @@ mod tests {
             with_proxy,
             PrimaryMessage::Hello { proxy_url: Some(url), .. } if url == "http://a:8080"
         ));
-        for bad in ["ftp://a", "http://", "http://a b"] {
+        let with_tls =
+            parse_primary_message(hello("node-a", 1, Some("https://a:8080"), None)).unwrap();
+        assert!(matches!(
+            with_tls,
+            PrimaryMessage::Hello { proxy_url: Some(url), .. } if url == "https://a:8080"
+        ));
+        for bad in ["ftp://a", "http://", "https://", "http://a b"] {
             assert!(matches!(
                 parse_primary_message(hello("node-a", 1, Some(bad), None)).unwrap_err(),
                 ReplicationError::InvalidUrl { .. }
@@ -789,7 +798,7 @@ mod tests {
             }
         ));
         assert!(matches!(
-            parse_primary_message(peers(&[peer("node-b", "https://b")])).unwrap_err(),
+            parse_primary_message(peers(&[peer("node-b", "ftp://b")])).unwrap_err(),
             ReplicationError::InvalidUrl { .. }
         ));
         let many = vec![peer("node-b", "http://b"); MAX_PEERS + 1];
