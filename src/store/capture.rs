@@ -843,8 +843,16 @@ impl Database {
             state.checksum_xor = 0;
             state.page_size = page_size;
         }
+        // Pages past the recorded size that were not written (a file SQLite grew
+        // by writing only its last page holds zeros there) are new content too.
+        let lock_page = ltx::lock_page_number(page_size);
+        let recorded = state.page_checksums.len() as u32;
+        let mut candidates: BTreeSet<u32> = candidates.iter().copied().collect();
+        if !full {
+            candidates.extend((recorded + 1..=commit).filter(|&pgno| pgno != lock_page));
+        }
         let mut changed: Vec<(u32, Vec<u8>)> = Vec::new();
-        for &pgno in candidates {
+        for pgno in candidates {
             let mut page = vec![0u8; page_size as usize];
             state.read_logical_page(pgno, page_size, &mut page)?;
             let checksum = ltx::page_checksum(pgno, &page).0;
@@ -962,16 +970,22 @@ impl Database {
         let Some((page_size, commit)) = state.logical_size()? else {
             return Ok(());
         };
-        let xor = state
-            .page_checksums_of_content(page_size, commit)?
-            .iter()
-            .fold(0, |acc, c| acc ^ c);
+        let checksums = state.page_checksums_of_content(page_size, commit)?;
+        let xor = checksums.iter().fold(0, |acc, c| acc ^ c);
         let actual = Checksum(xor | Checksum::FLAG);
         if actual != state.position.checksum || commit != state.commit {
+            let stale: Vec<usize> = checksums
+                .iter()
+                .zip(&state.page_checksums)
+                .enumerate()
+                .filter(|(_, (actual, recorded))| actual != recorded)
+                .map(|(index, _)| index + 1)
+                .take(16)
+                .collect();
             return Err(StoreError::Capture {
                 database: self.name.clone(),
                 message: format!(
-                    "strict-verify: after TXID {} the position checksum is {} over {} pages but the database gives {} over {} pages",
+                    "strict-verify: after TXID {} the position checksum is {} over {} pages but the database gives {} over {} pages; pages whose recorded checksum differs: {stale:?}",
                     state.position.txid, state.position.checksum, state.commit, actual, commit
                 ),
             });
