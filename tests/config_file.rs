@@ -1183,4 +1183,10 @@ fn the_cluster_secret_tls_and_metrics_settings_are_read_and_checked() {
         assert_names(&error, key, line);
         assert!(error.to_string().contains(remedy), "{error}");
     }
+
+    // The secret may come from LTXFS_SECRET alone, also for metrics-secret.
+    let env =
+        |name: &str| (name == "LTXFS_SECRET").then(|| "from-the-environment-0123".to_string());
+    let config = parse_with_env("http:\n  metrics-secret: true\n", Some(&env)).unwrap();
+    assert_eq!(config.http.secrets[0].expose(), "from-the-environment-0123");
 }

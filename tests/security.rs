@@ -28,6 +28,7 @@ struct Http {
     addr: String,
     secrets: Vec<&'static str>,
     tls: Option<(PathBuf, PathBuf, PathBuf)>,
+    metrics_secret: bool,
 }
 
 impl Http {
@@ -43,8 +44,16 @@ impl Http {
         self
     }
 
+    fn with_metrics_secret(mut self) -> Http {
+        self.metrics_secret = true;
+        self
+    }
+
     fn yaml(&self) -> String {
         let mut yaml = format!("http:\n  addr: \"{}\"\n", self.addr);
+        if self.metrics_secret {
+            yaml.push_str("  metrics-secret: true\n");
+        }
         if !self.secrets.is_empty() {
             let list: Vec<String> = self.secrets.iter().map(|s| format!("\"{s}\"")).collect();
             yaml.push_str(&format!("  secrets: [{}]\n", list.join(", ")));
@@ -291,9 +300,8 @@ fn mutual_tls_lets_certified_nodes_follow_and_refuses_another_ca() {
     let (dir, root) = temp_root("ltxfs-tls-");
     let ca = TestCa::new("cluster CA");
     let http = |name: &str, ca: &TestCa| Http {
-        addr: "127.0.0.1:0".to_string(),
-        secrets: vec![SECRET],
         tls: Some(ca.node_files(&root, name)),
+        ..Http::on("127.0.0.1:0").secrets(&[SECRET])
     };
     let (primary, addr) = start_primary("primary", http("primary", &ca));
     let url = format!("https://{addr}");
@@ -612,4 +620,42 @@ fn zero_config_mounts_listen_only_on_loopback_and_run_side_by_side() {
     );
     drop((first, second));
     drop(dir);
+}
+
+/// `GET /metrics` on `addr` with an optional bearer token; returns the status line.
+fn get_metrics(addr: &str, token: Option<&str>) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(READY_TIMEOUT)).unwrap();
+    let authorization = token.map_or(String::new(), |token| {
+        format!("Authorization: Bearer {token}\r\n")
+    });
+    write!(
+        stream,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\n{authorization}Connection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    response.lines().next().unwrap_or_default().to_string()
+}
+
+#[test]
+fn metrics_stay_readable_unless_metrics_secret_is_set() {
+    let (open_metrics, addr) = start_primary("primary", Http::on("127.0.0.1:0").secrets(&[SECRET]));
+    assert!(
+        get_metrics(&addr, None).contains(" 200 "),
+        "metrics are open by default"
+    );
+    drop(open_metrics);
+
+    let (_closed, addr) = start_primary(
+        "primary",
+        Http::on("127.0.0.1:0")
+            .secrets(&[SECRET])
+            .with_metrics_secret(),
+    );
+    assert!(get_metrics(&addr, None).contains(" 401 "));
+    assert!(get_metrics(&addr, Some(OTHER_SECRET)).contains(" 401 "));
+    assert!(get_metrics(&addr, Some(SECRET)).contains(" 200 "));
 }

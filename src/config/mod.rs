@@ -733,6 +733,15 @@ pub fn parse_with_env(text: &str, env: Option<&EnvLookup>) -> Result<Config, Con
         });
     }
     let mut config = raw.into_config();
+    // The secret may come from the environment alone; taken before validation,
+    // which checks the settings that need one.
+    if config.http.secrets.is_empty()
+        && let Some(secret) = env
+            .and_then(|lookup| lookup(SECRET_ENV))
+            .filter(|value| !value.is_empty())
+    {
+        config.http.secrets = vec![Secret(secret)];
+    }
     if config.http.addr.is_empty() {
         config.http.addr = if config.names_other_nodes() {
             DEFAULT_HTTP_ADDR

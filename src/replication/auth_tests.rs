@@ -239,3 +239,62 @@ async fn a_node_without_the_secret_is_not_trusted_by_a_client_with_it() {
         shutdown.cancel();
     }
 }
+
+#[tokio::test]
+async fn a_peer_that_connects_and_sends_nothing_is_disconnected() {
+    use tokio::io::AsyncReadExt;
+    let shutdown = CancellationToken::new();
+    let dir = tempfile::tempdir().unwrap();
+    let url = serve_primary(dir.path(), &[SECRET], &shutdown).await;
+    let address = url.trim_start_matches("http://").to_string();
+    let mut idle = tokio::net::TcpStream::connect(&address).await.unwrap();
+    let started = std::time::Instant::now();
+    let mut byte = [0u8; 1];
+    let read = tokio::time::timeout(super::HANDSHAKE_TIMEOUT * 2, idle.read(&mut byte))
+        .await
+        .expect("the server closes an idle connection");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    assert!(started.elapsed() >= super::HANDSHAKE_TIMEOUT - std::time::Duration::from_secs(1));
+    shutdown.cancel();
+}
+
+#[tokio::test]
+async fn streams_from_one_address_are_bounded() {
+    let (logs, _guard) = Logs::capture();
+    let shutdown = CancellationToken::new();
+    let dir = tempfile::tempdir().unwrap();
+    let url = serve_primary(dir.path(), &[SECRET], &shutdown).await;
+    let mut open = Vec::new();
+    for _ in 0..super::MAX_STREAMS_PER_ADDRESS {
+        let mut client = signed_client(&url, &[SECRET]).await;
+        let mut stream = client.stream(stream_request()).await.unwrap().into_inner();
+        assert!(stream.message().await.unwrap().is_some());
+        open.push((client, stream));
+    }
+    let mut client = signed_client(&url, &[SECRET]).await;
+    let refused = client.stream(stream_request()).await.unwrap_err();
+    assert_eq!(
+        refused.code(),
+        tonic::Code::ResourceExhausted,
+        "{refused:?}"
+    );
+    logs.wait_for("WARN", &["refused a replication stream: too many streams"])
+        .await;
+    // A stream that ends gives its place back.
+    drop(open.pop());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match client.stream(stream_request()).await {
+            Ok(_) => break,
+            Err(status) if status.code() == tonic::Code::ResourceExhausted => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the place was not given back"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            Err(status) => panic!("{status:?}"),
+        }
+    }
+    shutdown.cancel();
+}
