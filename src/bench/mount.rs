@@ -60,8 +60,14 @@ impl MountGuard {
         let config_path = base.join(format!("{name}.yml"));
         let log_path = base.join(format!("{name}.log"));
         super::create_dir(&mount_point)?;
+        // A free loopback port, unless `extra_config` has an `http` section.
+        let http = if extra_config.lines().any(|line| line.starts_with("http:")) {
+            ""
+        } else {
+            "http:\n  addr: \"127.0.0.1:0\"\n"
+        };
         let config = format!(
-            "data:\n  dir: {}\nhttp:\n  addr: \"127.0.0.1:0\"\n{extra_config}",
+            "data:\n  dir: {}\n{http}{extra_config}",
             yaml_quote(&base.join(format!("{name}-data")))
         );
         std::fs::write(&config_path, config).map_err(|cause| BenchError::Io {
@@ -343,7 +349,7 @@ fn force_unmount(mount_point: &Path) -> Result<(), String> {
 }
 
 /// Quotes a path as a YAML double-quoted scalar.
-fn yaml_quote(path: &Path) -> String {
+pub(super) fn yaml_quote(path: &Path) -> String {
     let mut quoted = String::from("\"");
     for character in path.to_string_lossy().chars() {
         match character {

@@ -15,8 +15,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use super::ReplicationBenchError;
+use crate::bench::BenchError;
 use crate::bench::cpu::Process;
-use crate::bench::mount::MountGuard;
+use crate::bench::mount::{MountGuard, yaml_quote};
 
 /// How long a node may take to log its replication address once mounted.
 const ADDRESS_TIMEOUT: Duration = Duration::from_secs(10);
@@ -54,20 +55,24 @@ impl Node {
         base: &Path,
         name: &str,
     ) -> Result<(Node, String), ReplicationBenchError> {
-        Node::start_primary_with(base, name, "")
+        Node::start_primary_with(base, name, "", &NodeApi::open())
     }
 
-    /// [`Node::start_primary`] with `more_config` added to its config.
+    /// [`Node::start_primary`] with `more_config` added to its config, serving
+    /// the node API as `api` says.
     pub(super) fn start_primary_with(
         base: &Path,
         name: &str,
         more_config: &str,
+        api: &NodeApi,
     ) -> Result<(Node, String), ReplicationBenchError> {
-        let lease =
-            format!("lease:\n  type: static\n  candidate: true\n  hostname: {name}\n{more_config}");
-        let node = Node::start(base, name, &lease)?;
-        let url = node.wait_for_url()?;
-        Ok((node, url))
+        let config = format!(
+            "lease:\n  type: static\n  candidate: true\n  hostname: {name}\n{more_config}{}",
+            api.http
+        );
+        let node = Node::start(base, name, &config)?;
+        let address = node.wait_for_address()?;
+        Ok((node, format!("{}://{address}", api.scheme)))
     }
 
     /// Starts a replica named `name` under `base` that follows the primary at
@@ -77,10 +82,21 @@ impl Node {
         name: &str,
         primary_url: &str,
     ) -> Result<Node, ReplicationBenchError> {
-        let lease = format!(
-            "lease:\n  type: static\n  candidate: false\n  hostname: {name}\n  advertise-url: {primary_url}\n"
+        Node::start_replica_with(base, name, primary_url, &NodeApi::open())
+    }
+
+    /// [`Node::start_replica`] calling the primary as `api` says.
+    pub(super) fn start_replica_with(
+        base: &Path,
+        name: &str,
+        primary_url: &str,
+        api: &NodeApi,
+    ) -> Result<Node, ReplicationBenchError> {
+        let config = format!(
+            "lease:\n  type: static\n  candidate: false\n  hostname: {name}\n  advertise-url: {primary_url}\n{}",
+            api.http
         );
-        Node::start(base, name, &lease)
+        Node::start(base, name, &config)
     }
 
     /// The node's name, which is also its `lease.hostname`.
@@ -125,12 +141,18 @@ impl Node {
     /// Waits until the node's log names the address it serves replication on,
     /// and returns the URL other nodes (and `ltxfs promote`) reach it at.
     pub(in crate::bench) fn wait_for_url(&self) -> Result<String, ReplicationBenchError> {
+        self.wait_for_address()
+            .map(|address| format!("http://{address}"))
+    }
+
+    /// The `host:port` the node's log names as where it serves the node API.
+    fn wait_for_address(&self) -> Result<String, ReplicationBenchError> {
         let started = Instant::now();
         loop {
             // The log may not exist or be readable yet; that is the same as no line.
             let log = std::fs::read_to_string(self.mount.log_path()).unwrap_or_default();
             if let Some(address) = serving_address(&log) {
-                return Ok(format!("http://{address}"));
+                return Ok(address.to_string());
             }
             if started.elapsed() >= ADDRESS_TIMEOUT {
                 return Err(ReplicationBenchError::NoAddress {
@@ -189,6 +211,64 @@ pub(super) fn wait_for_position(
             });
         }
         std::thread::sleep(POSITION_POLL_INTERVAL);
+    }
+}
+
+/// How a cluster's nodes serve and call the node API: its `http` section and the
+/// scheme of its URLs.
+pub(super) struct NodeApi {
+    http: String,
+    scheme: &'static str,
+}
+
+impl NodeApi {
+    /// Plain HTTP on a free loopback port, without a secret.
+    pub(super) fn open() -> NodeApi {
+        NodeApi {
+            http: "http:\n  addr: \"127.0.0.1:0\"\n".to_string(),
+            scheme: "http",
+        }
+    }
+
+    /// A cluster secret and mutual TLS with a CA made for the run, whose
+    /// certificate and key every node shares; the files are written in `base`.
+    pub(super) fn secret_and_mutual_tls(base: &Path) -> Result<NodeApi, ReplicationBenchError> {
+        let failed = |error: rcgen::Error| ReplicationBenchError::Certificates(error.to_string());
+        let ca_key = rcgen::KeyPair::generate().map_err(failed)?;
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).map_err(failed)?;
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = ca_params.self_signed(&ca_key).map_err(failed)?;
+        let issuer = rcgen::Issuer::new(ca_params, ca_key);
+        let node_key = rcgen::KeyPair::generate().map_err(failed)?;
+        let node = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+            .and_then(|params| params.signed_by(&node_key, &issuer))
+            .map_err(failed)?;
+        let files = [
+            ("ca.pem", ca.pem()),
+            ("node.pem", node.pem()),
+            ("node-key.pem", node_key.serialize_pem()),
+        ];
+        for (name, pem) in &files {
+            let path = base.join(name);
+            std::fs::write(&path, pem).map_err(|cause| BenchError::Io {
+                action: "write a certificate",
+                path,
+                cause,
+            })?;
+        }
+        let mut secret = [0u8; 32];
+        crate::node::fill_random(&mut secret);
+        let secret: String = secret.iter().map(|byte| format!("{byte:02x}")).collect();
+        let file = |name: &str| yaml_quote(&base.join(name));
+        Ok(NodeApi {
+            http: format!(
+                "http:\n  addr: \"127.0.0.1:0\"\n  secret: \"{secret}\"\n  tls:\n    cert: {}\n    key: {}\n    ca: {}\n",
+                file("node.pem"),
+                file("node-key.pem"),
+                file("ca.pem")
+            ),
+            scheme: "https",
+        })
     }
 }
 

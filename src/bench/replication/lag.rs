@@ -44,6 +44,8 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// What one lag measurement does.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct LagRun<'a> {
+    /// The cluster measured, for the report ("" for the plain one).
+    pub(super) cluster: &'a str,
     /// The database created on the primary for this run.
     pub(super) database: &'a str,
     /// Transactions per second, or `None` for as fast as the primary allows.
@@ -53,6 +55,8 @@ pub(super) struct LagRun<'a> {
 /// The figures of one lag measurement.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LagResult {
+    /// The cluster measured ("" for the plain one).
+    pub cluster: String,
     /// The paced rate, or `None` for the primary's maximum rate.
     pub rate: Option<u32>,
     /// Transactions committed in the measured interval.
@@ -116,6 +120,7 @@ pub(super) fn measure(
     lags.sort_unstable();
     let transactions = written.commits.len() - written.measured_from;
     Ok(LagResult {
+        cluster: run.cluster.to_string(),
         rate: run.rate,
         transactions,
         achieved_rate: transactions as f64 / written.measured.as_secs_f64(),

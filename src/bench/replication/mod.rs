@@ -52,12 +52,16 @@ pub(in crate::bench) use snapshot::fill;
 pub use throughput::ThroughputResult;
 
 use super::{BenchError, BenchOptions, MachineInfo, Plan, Workspace};
+use cluster::NodeApi;
 pub(in crate::bench) use cluster::{Node, wait_converged};
 use lag::LagRun;
 use throughput::Followed;
 
 /// What the synchronous primary of the throughput comparison adds to its config.
 const SYNCHRONOUS_CONFIG: &str = "replication:\n  synchronous: true\n";
+
+/// The name of the cluster whose nodes use the cluster secret and mutual TLS.
+const TLS_CLUSTER: &str = "secret + mutual TLS";
 
 /// The paced rate of the first lag measurement, in transactions per second.
 pub const PACED_RATE: u32 = 1000;
@@ -129,6 +133,9 @@ pub enum ReplicationBenchError {
     /// A measuring thread panicked.
     #[error("the {0} thread panicked")]
     ThreadPanicked(&'static str),
+    /// The certificates of the TLS cluster could not be made.
+    #[error("make the TLS cluster's certificates: {0}")]
+    Certificates(String),
 }
 
 /// Runs the whole replication benchmark. Every node is stopped before this
@@ -151,32 +158,42 @@ pub fn run(options: &ReplicationOptions) -> Result<ReplicationReport, Replicatio
     let (alone, alone_url) = Node::start_primary(&base, "alone")?;
     let followers: Vec<&Node> = replicas.iter().collect();
     let (synchronous, synchronous_url) =
-        Node::start_primary_with(&base, "synchronous", SYNCHRONOUS_CONFIG)?;
+        Node::start_primary_with(&base, "synchronous", SYNCHRONOUS_CONFIG, &NodeApi::open())?;
     let synchronous_replicas = [
         Node::start_replica(&base, "synchronous-replica-1", &synchronous_url)?,
         Node::start_replica(&base, "synchronous-replica-2", &synchronous_url)?,
     ];
+    // The same cluster as `primary`'s, with the cluster secret and mutual TLS.
+    let secured = NodeApi::secret_and_mutual_tls(&base)?;
+    let (tls_primary, tls_url) = Node::start_primary_with(&base, "tls", "", &secured)?;
+    let tls_replicas = [
+        Node::start_replica_with(&base, "tls-replica-1", &tls_url, &secured)?,
+        Node::start_replica_with(&base, "tls-replica-2", &tls_url, &secured)?,
+    ];
+    let tls_followers: Vec<&Node> = tls_replicas.iter().collect();
 
     let measured = plan.round * plan.rounds as u32;
     let mut lags = Vec::with_capacity(2);
-    for run in [
-        LagRun {
-            database: "lag-paced.db",
-            rate: Some(PACED_RATE),
-        },
-        LagRun {
-            database: "lag-max.db",
-            rate: None,
-        },
+    for (cluster, nodes) in [
+        ("", (&primary, &followers)),
+        (TLS_CLUSTER, (&tls_primary, &tls_followers)),
     ] {
-        lags.push(lag::measure(
-            &primary,
-            &followers,
-            &replicas[0],
-            run,
-            plan.warm_up,
-            measured,
-        )?);
+        for (database, rate) in [("lag-paced.db", Some(PACED_RATE)), ("lag-max.db", None)] {
+            let run = LagRun {
+                cluster,
+                database,
+                rate,
+            };
+            let (writer, followers) = nodes;
+            lags.push(lag::measure(
+                writer,
+                followers,
+                followers[0],
+                run,
+                plan.warm_up,
+                measured,
+            )?);
+        }
     }
 
     let mut warnings = Vec::new();
@@ -203,16 +220,21 @@ pub fn run(options: &ReplicationOptions) -> Result<ReplicationReport, Replicatio
                 primary: &synchronous,
                 replicas: synchronous_replicas.iter().collect(),
             },
+            Followed {
+                name: format!("{} replicas, {TLS_CLUSTER}", tls_replicas.len()),
+                primary: &tls_primary,
+                replicas: tls_followers.clone(),
+            },
         ],
         &plan,
     )?;
 
-    drop(followers);
-    for node in
-        replicas
-            .into_iter()
-            .chain(synchronous_replicas)
-            .chain([primary, synchronous, alone])
+    drop((followers, tls_followers));
+    for node in replicas
+        .into_iter()
+        .chain(synchronous_replicas)
+        .chain(tls_replicas)
+        .chain([primary, synchronous, tls_primary, alone])
     {
         if let Err(error) = node.stop() {
             warnings.push(error.to_string());

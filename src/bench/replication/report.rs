@@ -48,9 +48,13 @@ impl ReplicationReport {
     fn rows(&self) -> Vec<GoalRow> {
         let mut rows = Vec::new();
         for lag in &self.lags {
-            let label = match lag.rate {
+            let rate = match lag.rate {
                 Some(rate) => format!("lag at {rate} tx/s"),
                 None => "lag at the maximum rate".to_string(),
+            };
+            let label = match lag.cluster.as_str() {
+                "" => rate,
+                cluster => format!("{cluster}: {rate}"),
             };
             let paced = lag.rate.is_some();
             // A figure is only meaningful when every transaction became visible.
@@ -287,6 +291,7 @@ mod tests {
 
     fn lag(rate: Option<u32>, p50_ms: u64, invisible: usize) -> LagResult {
         LagResult {
+            cluster: String::new(),
             rate,
             transactions: 5000,
             achieved_rate: 1000.0,
