@@ -465,7 +465,8 @@ fn selected_node(selection: NodeSelection) -> Result<(String, ClientCredentials)
         .map_err(|error| fail(EXIT_USAGE, &error))?
         .config;
     let credentials = ClientCredentials::new(
-        ClusterKeys::new(config.http.secrets.clone()),
+        ClusterKeys::new(config.http.secrets.clone())
+            .accepting_unsigned(config.http.accept_unsigned),
         config.http.tls.as_ref(),
     )
     .map_err(|error| fail(EXIT_USAGE, &error))?;

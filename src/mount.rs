@@ -623,7 +623,14 @@ fn bind_address(key: &str, addr: &str) -> Result<std::net::TcpListener, MountErr
 /// The node API's TLS and secret settings, read before anything is mounted so
 /// that unusable files are a configuration error.
 fn node_api_security(config: &Config) -> Result<(ServerSettings, ClientCredentials), MountError> {
-    let keys = ClusterKeys::new(config.http.secrets.clone());
+    let keys = ClusterKeys::new(config.http.secrets.clone())
+        .accepting_unsigned(config.http.accept_unsigned);
+    if config.http.accept_unsigned {
+        tracing::warn!(
+            "http.accept-unsigned is on: calls without the cluster secret are still accepted; \
+             turn it off once every node has the secret (docs/security.md)"
+        );
+    }
     let usage = |error: ReplicationError| MountError::Usage(error.to_string());
     let tls = config
         .http

@@ -1178,6 +1178,12 @@ fn the_cluster_secret_tls_and_metrics_settings_are_read_and_checked() {
             2,
             "needs a cluster secret",
         ),
+        (
+            "http:\n  accept-unsigned: true\n",
+            "http.accept-unsigned",
+            2,
+            "set http.secret",
+        ),
     ] {
         let error = parse_err(text);
         assert_names(&error, key, line);

@@ -455,6 +455,9 @@ pub struct HttpConfig {
     /// `http.metrics-secret`: `GET /metrics` needs `Authorization: Bearer
     /// <secret>` too. Default false.
     pub metrics_secret: bool,
+    /// `http.accept-unsigned`: while a rolling deploy turns the secret on (or
+    /// off), also accept calls and answers of nodes without it. Default false.
+    pub accept_unsigned: bool,
 }
 
 impl Default for HttpConfig {
@@ -464,6 +467,7 @@ impl Default for HttpConfig {
             secrets: Vec::new(),
             tls: None,
             metrics_secret: false,
+            accept_unsigned: false,
         }
     }
 }
@@ -985,6 +989,7 @@ impl RawConfig {
                     ca: non_empty(tls.ca).map(PathBuf::from),
                 }),
                 metrics_secret: flag_or(http.metrics_secret, defaults.http.metrics_secret),
+                accept_unsigned: flag_or(http.accept_unsigned, defaults.http.accept_unsigned),
             },
             replication: ReplicationConfig {
                 synchronous: flag_or(replication.synchronous, defaults.replication.synchronous),

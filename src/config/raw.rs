@@ -142,6 +142,7 @@ pub(crate) struct RawHttp {
     pub secrets: Option<Vec<String>>,
     pub tls: Option<RawHttpTls>,
     pub metrics_secret: Option<Flag>,
+    pub accept_unsigned: Option<Flag>,
     #[serde(default, rename = "snapshot-timeout")]
     pub _snapshot_timeout: LiteFsOnly,
 }

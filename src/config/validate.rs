@@ -372,6 +372,14 @@ fn check_http(config: &Config) -> Option<Problem> {
                 )
             })
         })
+        .or_else(|| {
+            (http.accept_unsigned && http.secrets.is_empty()).then(|| {
+                problem(
+                    "http.accept-unsigned",
+                    "http.accept-unsigned: true is for turning a cluster secret on; set http.secret (or LTXFS_SECRET) too",
+                )
+            })
+        })
 }
 
 /// Cluster secrets must be long enough not to be guessed.

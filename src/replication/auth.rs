@@ -61,6 +61,10 @@ const REPLY_CONTEXT: &[u8] = b"ltxfs node API v1 reply\0";
 #[derive(Clone, Default)]
 pub struct ClusterKeys {
     keys: Arc<Vec<Secret>>,
+    /// While the secret is turned on (or off) across a cluster: calls without
+    /// a proof are accepted and answers without one trusted; a wrong proof is
+    /// still refused.
+    accept_unsigned: bool,
 }
 
 impl fmt::Debug for ClusterKeys {
@@ -74,7 +78,15 @@ impl ClusterKeys {
     pub fn new(secrets: Vec<Secret>) -> ClusterKeys {
         ClusterKeys {
             keys: Arc::new(secrets),
+            accept_unsigned: false,
         }
+    }
+
+    /// With `accept`, also accepts calls and answers of nodes that have no
+    /// secret yet (`http.accept-unsigned`).
+    pub fn accepting_unsigned(mut self, accept: bool) -> ClusterKeys {
+        self.accept_unsigned = accept;
+        self
     }
 
     /// Whether calls are signed and checked at all.
@@ -356,6 +368,10 @@ pub async fn authenticate(
             response.headers_mut().insert(AUTH_REPLY_HEADER, reply);
             response
         }
+        Err(AuthFailure::Missing) if auth.keys.accept_unsigned => {
+            let request = axum::extract::Request::from_parts(parts, axum::body::Body::from(body));
+            next.run(request).await
+        }
         Err(failure) => {
             tracing::warn!(peer = %peer, %path, reason = %failure, "refused a call to the node API");
             let code = match failure {
@@ -452,9 +468,11 @@ where
                 .headers()
                 .get("grpc-status")
                 .is_some_and(|status| status != "0");
-            match verify_reply(&keys, &header, response.headers().get(AUTH_REPLY_HEADER)) {
+            let reply = response.headers().get(AUTH_REPLY_HEADER);
+            let unsigned_accepted = reply.is_none() && keys.accept_unsigned;
+            match verify_reply(&keys, &header, reply) {
                 Ok(()) => Ok(response),
-                Err(_) if refused => Ok(response),
+                Err(_) if refused || unsigned_accepted => Ok(response),
                 Err(failure) => Ok(refusal_response(&failure)),
             }
         })
@@ -569,6 +587,23 @@ mod tests {
                 "{malformed:?}"
             );
         }
+    }
+
+    #[test]
+    fn accepting_unsigned_lets_calls_without_a_proof_through_but_never_a_wrong_one() {
+        let guard = ReplayGuard::default();
+        let server = keys(&["the cluster secret"]).accepting_unsigned(true);
+        // `authenticate` passes a Missing proof through when accepting unsigned
+        // calls; a wrong proof is refused as ever.
+        assert_eq!(
+            verify_request(&server, &guard, None, PATH, b"", NOW).map(|_| ()),
+            Err(AuthFailure::Missing)
+        );
+        let wrong = signed("not the cluster secret", 1, NOW, b"");
+        assert_eq!(
+            verify_request(&server, &guard, Some(&wrong), PATH, b"", NOW).map(|_| ()),
+            Err(AuthFailure::WrongSecret)
+        );
     }
 
     #[test]

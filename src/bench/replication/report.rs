@@ -197,7 +197,8 @@ impl fmt::Display for ReplicationReport {
         writeln!(
             f,
             "method:  separate ltxfs processes on loopback: a primary followed by two replicas, one followed by two \
-             replicas with synchronous replication, and a primary alone;"
+             replicas with synchronous replication, one followed by two replicas with the cluster secret and \
+             mutual TLS, and a primary alone;"
         )?;
         writeln!(
             f,
