@@ -234,7 +234,8 @@ impl ReplayGuard {
         state.seen.insert(nonce);
         // Calls arrive roughly in time order, so the queue stays nearly sorted; a
         // nonce kept a little longer than needed is harmless.
-        let expiry = time_ms.saturating_add(MAX_CLOCK_SKEW.as_millis() as u64);
+        // Kept until the call's time is too old to pass the skew check.
+        let expiry = time_ms.saturating_add(MAX_CLOCK_SKEW.as_millis() as u64 + 1);
         state.expiries.push_back((expiry, nonce));
         Ok(())
     }
@@ -343,6 +344,18 @@ pub async fn authenticate(
     let peer = peer_address(&request);
     let (parts, body) = request.into_parts();
     let path = parts.uri.path().to_string();
+    let refuse = |failure: AuthFailure| {
+        tracing::warn!(peer = %peer, %path, reason = %failure, "refused a call to the node API");
+        let code = match failure {
+            AuthFailure::TooManyCalls => tonic::Code::ResourceExhausted,
+            _ => tonic::Code::Unauthenticated,
+        };
+        refusal(code, &format!("this node refused the call: {failure}"))
+    };
+    // A call without a proof is refused before its body is read.
+    if !parts.headers.contains_key(AUTH_HEADER) && !auth.keys.accept_unsigned {
+        return refuse(AuthFailure::Missing);
+    }
     let body = match Limited::new(body, MAX_SIGNED_BODY_BYTES).collect().await {
         Ok(collected) => collected.to_bytes(),
         Err(error) => {
@@ -372,14 +385,7 @@ pub async fn authenticate(
             let request = axum::extract::Request::from_parts(parts, axum::body::Body::from(body));
             next.run(request).await
         }
-        Err(failure) => {
-            tracing::warn!(peer = %peer, %path, reason = %failure, "refused a call to the node API");
-            let code = match failure {
-                AuthFailure::TooManyCalls => tonic::Code::ResourceExhausted,
-                _ => tonic::Code::Unauthenticated,
-            };
-            refusal(code, &format!("this node refused the call: {failure}"))
-        }
+        Err(failure) => refuse(failure),
     }
 }
 
@@ -614,8 +620,16 @@ mod tests {
             guard.admit([1; 16], NOW, NOW + 59_000),
             Err(AuthFailure::Replayed)
         );
-        let expired = NOW + MAX_CLOCK_SKEW.as_millis() as u64;
-        guard.admit([2; 16], expired, expired).unwrap();
+        // At the last moment the skew check accepts the call, its nonce is
+        // still remembered; a moment later it is forgotten.
+        let last_accepted = NOW + MAX_CLOCK_SKEW.as_millis() as u64;
+        assert_eq!(
+            guard.admit([1; 16], NOW, last_accepted),
+            Err(AuthFailure::Replayed)
+        );
+        guard
+            .admit([2; 16], last_accepted + 1, last_accepted + 1)
+            .unwrap();
         assert_eq!(
             guard.state.lock().unwrap().seen.len(),
             1,
