@@ -149,6 +149,9 @@ struct CaptureState {
     /// (start-up found a hot journal that SQLite has yet to roll back).
     needs_rescan: bool,
     wal: WalTracker,
+    /// The log lost its history (it was damaged and set aside): the next change
+    /// set is a snapshot of every page, whatever its TXID.
+    snapshot_next: bool,
     database_file: Option<Arc<File>>,
     /// Page size in the database file's header, as last written (0 when empty).
     file_page_size: u32,
@@ -184,16 +187,22 @@ impl Database {
         position_file_id: NodeId,
         shared: Arc<Shared>,
     ) -> Result<Database, StoreError> {
-        let (log, tail) = ChangeLog::open(&dir.join("log"))?;
-        let position = tail
-            .map(|tail| Position {
+        let (mut log, tail) = ChangeLog::open(&dir.join("log"))?;
+        // A log damaged in the middle was set aside: the content is recorded
+        // again as a snapshot after every TXID the old log used, so no TXID is
+        // ever reused for other content.
+        let damage = log.take_damage();
+        let position = match (&damage, tail) {
+            (Some(damage), _) => Position {
+                txid: damage.last_txid,
+                checksum: Checksum(0),
+            },
+            (None, Some(tail)) => Position {
                 txid: tail.header.max_txid,
                 checksum: tail.trailer.post_apply_checksum,
-            })
-            .unwrap_or(Position {
-                txid: TxId(0),
-                checksum: Checksum(0),
-            });
+            },
+            (None, None) => Position::UNKNOWN,
+        };
         let state = CaptureState {
             log,
             position,
@@ -207,6 +216,7 @@ impl Database {
             needs_rescan: true,
             unsynced_outside_wal: false,
             wal: WalTracker::default(),
+            snapshot_next: damage.is_some(),
             database_file: None,
             file_page_size: 0,
             wal_file: None,
@@ -565,7 +575,7 @@ impl Database {
             state.refresh_wal_mode()?;
             return Ok(());
         }
-        if state.position.txid.0 > 0 {
+        if state.position.txid.0 > 0 && !state.snapshot_next {
             if self.replay_wal_transactions(state)? {
                 return Ok(());
             }
@@ -706,7 +716,7 @@ impl Database {
             return Ok(());
         };
         let lock_page = ltx::lock_page_number(page_size);
-        if page_size != state.page_size || state.position.txid.0 == 0 {
+        if page_size != state.page_size || state.position.txid.0 == 0 || state.snapshot_next {
             let all_pages: Vec<u32> = (1..=commit).filter(|&p| p != lock_page).collect();
             self.emit_pages(state, page_size, commit, &all_pages, None)?;
         } else {
@@ -837,20 +847,20 @@ impl Database {
         candidates: &[u32],
         wal_span: Option<WalSpan>,
     ) -> Result<(), StoreError> {
-        let full = page_size != state.page_size || state.position.txid.0 == 0;
+        let full =
+            page_size != state.page_size || state.position.txid.0 == 0 || state.snapshot_next;
         if full {
             state.page_checksums.clear();
             state.checksum_xor = 0;
             state.page_size = page_size;
         }
-        // Pages past the recorded size that were not written (a file SQLite grew
-        // by writing only its last page holds zeros there) are new content too.
+        // Pages past the recorded size are new content, written or not (a file
+        // SQLite grew by writing only its last page holds zeros there); after a
+        // full reset nothing is recorded, so that is every page.
         let lock_page = ltx::lock_page_number(page_size);
         let recorded = state.page_checksums.len() as u32;
         let mut candidates: BTreeSet<u32> = candidates.iter().copied().collect();
-        if !full {
-            candidates.extend((recorded + 1..=commit).filter(|&pgno| pgno != lock_page));
-        }
+        candidates.extend((recorded + 1..=commit).filter(|&pgno| pgno != lock_page));
         let mut changed: Vec<(u32, Vec<u8>)> = Vec::new();
         for pgno in candidates {
             let mut page = vec![0u8; page_size as usize];
@@ -900,7 +910,7 @@ impl Database {
             state.checksum_xor = 0;
         }
         let txid = TxId(state.position.txid.0 + 1);
-        let snapshot = txid.0 == 1;
+        let snapshot = txid.0 == 1 || state.snapshot_next;
         let post_apply = Checksum(state.checksum_xor | Checksum::FLAG);
         let header = Header {
             flags: if self.options.compress {
@@ -910,7 +920,7 @@ impl Database {
             },
             page_size,
             commit,
-            min_txid: txid,
+            min_txid: if snapshot { TxId(1) } else { txid },
             max_txid: txid,
             timestamp: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -956,6 +966,7 @@ impl Database {
             txid,
             checksum: post_apply,
         };
+        state.snapshot_next = false;
         state.commit = commit;
         state.page_size = page_size;
         if self.options.strict_verify {

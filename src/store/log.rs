@@ -221,6 +221,66 @@ pub struct LogTail {
     pub trailer: Trailer,
 }
 
+/// What opening a log found when it was damaged in the middle (not a torn tail).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogDamage {
+    /// Where the damaged log was moved to.
+    pub set_aside: PathBuf,
+    /// The highest TXID any readable change set of the damaged log reached.
+    pub last_txid: TxId,
+}
+
+/// The highest TXID of the readable change sets that start after `from` (past
+/// the unreadable record there), found by their LTX magic behind a plausible
+/// length; `None` when nothing readable follows.
+fn later_records_max_txid(
+    file: &File,
+    from: u64,
+    file_len: u64,
+) -> Result<Option<TxId>, StoreError> {
+    let read_error = |source| StoreError::Io {
+        context: "read the change-set log".to_string(),
+        source,
+    };
+    let mut buffer = vec![0u8; 64 * 1024];
+    let mut header_bytes = [0u8; ltx::HEADER_SIZE];
+    let mut prefix = [0u8; LENGTH_PREFIX as usize];
+    // The unreadable record's own magic is at `from + LENGTH_PREFIX`.
+    let mut at = from + LENGTH_PREFIX + 1;
+    let mut found: Option<TxId> = None;
+    while at + ltx::MAGIC.len() as u64 <= file_len {
+        let chunk = (file_len - at).min(buffer.len() as u64) as usize;
+        file.read_exact_at(&mut buffer[..chunk], at)
+            .map_err(read_error)?;
+        let mut next = at + chunk.saturating_sub(ltx::MAGIC.len() - 1).max(1) as u64;
+        for index in 0..chunk.saturating_sub(ltx::MAGIC.len() - 1) {
+            if buffer[index..index + ltx::MAGIC.len()] != ltx::MAGIC {
+                continue;
+            }
+            let start = at + index as u64;
+            if start < LENGTH_PREFIX || start + ltx::HEADER_SIZE as u64 > file_len {
+                continue;
+            }
+            file.read_exact_at(&mut prefix, start - LENGTH_PREFIX)
+                .map_err(read_error)?;
+            let len = u64::from_be_bytes(prefix);
+            file.read_exact_at(&mut header_bytes, start)
+                .map_err(read_error)?;
+            let plausible = len >= (ltx::HEADER_SIZE + ltx::TRAILER_SIZE) as u64
+                && len <= MAX_RECORD_SIZE
+                && start + len <= file_len;
+            if let (true, Ok(header)) = (plausible, Header::decode(&header_bytes)) {
+                found = Some(found.map_or(header.max_txid, |txid| txid.max(header.max_txid)));
+                // The next record, if any, starts right after this one.
+                next = start + len;
+                break;
+            }
+        }
+        at = next;
+    }
+    Ok(found)
+}
+
 /// An open change-set log.
 #[derive(Debug)]
 pub struct ChangeLog {
@@ -231,6 +291,8 @@ pub struct ChangeLog {
     allocated: u64,
     unsynced: bool,
     records: Vec<RecordInfo>,
+    /// Set when opening found damage in the middle and started a new log.
+    damage: Option<LogDamage>,
 }
 
 impl ChangeLog {
@@ -296,6 +358,7 @@ impl ChangeLog {
             allocated: file_len,
             unsynced: false,
             records,
+            damage: None,
         };
         // Only the newest records can be torn; verify from the end until one is whole.
         let tail = loop {
@@ -325,6 +388,11 @@ impl ChangeLog {
             }
         };
         if log.len != file_len && !log.tail_is_zero(file_len)? {
+            // Change sets after the unreadable one: damage in the middle, not a
+            // tail a crash tore. Cutting them off would silently lose them.
+            if let Some(later) = later_records_max_txid(&log.file, log.len, file_len)? {
+                return ChangeLog::set_aside(log, tail, later);
+            }
             tracing::warn!(log = %path.display(), kept = log.len, size = file_len, "cutting off an incomplete tail of the change-set log");
             log.file
                 .set_len(log.len)
@@ -332,6 +400,51 @@ impl ChangeLog {
             log.allocated = log.len;
         }
         Ok((log, tail))
+    }
+
+    /// Moves a log damaged in the middle aside and starts an empty one in its
+    /// place; the caller records the database anew, after the highest TXID seen.
+    fn set_aside(
+        damaged: ChangeLog,
+        tail: Option<LogTail>,
+        later_txid: TxId,
+    ) -> Result<(ChangeLog, Option<LogTail>), StoreError> {
+        let path = damaged.path.clone();
+        let kept_txid = tail.map_or(TxId(0), |tail| tail.header.max_txid);
+        let last_txid = kept_txid.max(later_txid);
+        let millis = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |elapsed| elapsed.as_millis());
+        let file_name = path.file_name().map_or_else(
+            || "log".to_string(),
+            |name| name.to_string_lossy().into_owned(),
+        );
+        let set_aside = path.with_file_name(format!("{file_name}.damaged-{millis}"));
+        let damaged_at = damaged.len;
+        drop(damaged);
+        std::fs::rename(&path, &set_aside).map_err(|source| StoreError::Io {
+            context: format!("set the damaged log {} aside", path.display()),
+            source,
+        })?;
+        tracing::error!(
+            log = %path.display(),
+            set_aside = %set_aside.display(),
+            damaged_at,
+            readable_until = %kept_txid,
+            last_txid = %last_txid,
+            "the change-set log is damaged in the middle: change sets follow one that cannot be read; it was set aside and this database's history starts again from its current content, as a snapshot after the last TXID (replicas get that snapshot)"
+        );
+        let (mut log, _) = ChangeLog::open(&path)?;
+        log.damage = Some(LogDamage {
+            set_aside,
+            last_txid,
+        });
+        Ok((log, None))
+    }
+
+    /// What opening found when the log was damaged in the middle, once.
+    pub fn take_damage(&mut self) -> Option<LogDamage> {
+        self.damage.take()
     }
 
     /// Appends one encoded change set.
@@ -576,6 +689,7 @@ impl ChangeLog {
             allocated: len,
             unsynced: false,
             records,
+            damage: None,
         };
     }
 
@@ -1036,6 +1150,36 @@ mod tests {
         let (log, tail) = ChangeLog::open(&dir.path().join("log")).unwrap();
         assert_eq!(log.records().len(), 4);
         assert_eq!(tail.unwrap().header.max_txid, TxId(4));
+    }
+
+    #[test]
+    fn a_record_damaged_in_the_middle_sets_the_log_aside_instead_of_cutting_it() {
+        for damage_at in [0u64, LENGTH_PREFIX] {
+            let dir = tempfile::tempdir().unwrap();
+            let log = log_with(dir.path(), 4);
+            let second = log.records()[1];
+            // Damage the second record's length or its magic: what follows it can
+            // no longer be reached by walking the records.
+            log.file
+                .write_all_at(&[0xee; 2], second.offset - LENGTH_PREFIX + damage_at)
+                .unwrap();
+            drop(log);
+            let (mut log, tail) = ChangeLog::open(&dir.path().join("log")).unwrap();
+            assert_eq!(tail, None, "the new log starts empty");
+            assert!(log.records().is_empty());
+            let damage = log.take_damage().expect("the damage is reported");
+            assert_eq!(
+                damage.last_txid,
+                TxId(4),
+                "the TXIDs after the damage are known"
+            );
+            assert!(damage.set_aside.exists(), "the damaged log is kept");
+            assert_eq!(log.take_damage(), None, "reported once");
+            drop(log);
+            // Opened again, the new log is an ordinary empty one.
+            let (mut log, tail) = ChangeLog::open(&dir.path().join("log")).unwrap();
+            assert_eq!((tail, log.take_damage()), (None, None));
+        }
     }
 
     #[test]

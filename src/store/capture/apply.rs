@@ -294,6 +294,8 @@ impl Database {
         } else {
             state.log.append(header, received.bytes.as_log_bytes())?;
         }
+        // The primary's history replaces whatever this log lost.
+        state.snapshot_next = false;
         Ok(LoggedChangeSet {
             received,
             xor,
