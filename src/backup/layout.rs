@@ -444,6 +444,28 @@ pub fn first_orphan(objects: &[ObjectName]) -> Option<&ObjectName> {
 mod tests {
     use super::*;
 
+    proptest::proptest! {
+        /// Any object name, and any valid one with a character replaced, parses
+        /// or is refused, never a panic; what parses names itself the same way.
+        #[test]
+        fn prop_any_object_name_parses_or_is_refused(
+            path in "\\PC{0,160}",
+            at in proptest::prelude::any::<proptest::sample::Index>(),
+            replacement in proptest::prelude::any::<char>(),
+        ) {
+            let valid = object(ObjectKind::Changes, (5, 9), 3, 11, 12).path();
+            let mut chars: Vec<char> = valid.chars().collect();
+            let index = at.index(chars.len());
+            chars[index] = replacement;
+            let mutated: String = chars.into_iter().collect();
+            for candidate in [path, mutated] {
+                if let Ok(name) = ObjectName::parse(&candidate) {
+                    proptest::prop_assert_eq!(ObjectName::parse(&name.to_string()), Ok(name));
+                }
+            }
+        }
+    }
+
     fn object(kind: ObjectKind, range: (u64, u64), epoch: u64, pre: u64, post: u64) -> ObjectName {
         ObjectName {
             database: "app.db".into(),

@@ -620,6 +620,28 @@ mod tests {
         })
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 256, ..Default::default() })]
+
+        /// Whatever bytes a peer sends, decoding and validating them ends in a
+        /// message or an error, never a panic.
+        #[test]
+        fn prop_any_bytes_from_a_peer_are_refused_or_accepted_cleanly(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512),
+        ) {
+            use prost::Message;
+            if let Ok(message) = proto::StreamMessage::decode(bytes.as_slice()) {
+                let _ = parse_primary_message(message);
+            }
+            if let Ok(request) = proto::StreamRequest::decode(bytes.as_slice()) {
+                let _ = parse_stream_request(request);
+            }
+            if let Ok(acknowledgement) = proto::AcknowledgeRequest::decode(bytes.as_slice()) {
+                let _ = parse_acknowledgement(acknowledgement);
+            }
+        }
+    }
+
     #[test]
     fn a_stream_request_round_trips() {
         let positions = vec![

@@ -1152,6 +1152,42 @@ mod tests {
         assert_eq!(tail.unwrap().header.max_txid, TxId(4));
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 64, ..Default::default() })]
+
+        /// Any bytes as a log open cleanly or fail with an error; what opens
+        /// holds only records inside the file.
+        #[test]
+        fn prop_a_log_of_any_bytes_opens_or_fails_cleanly(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..2048),
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::write(dir.path().join("log"), &bytes).unwrap();
+            if let Ok((log, _)) = ChangeLog::open(&dir.path().join("log")) {
+                for record in log.records() {
+                    proptest::prop_assert!(record.offset + record.len <= log.len());
+                }
+            }
+        }
+
+        /// A valid log with a run of bytes overwritten anywhere opens without a
+        /// panic, and never with more records than it had.
+        #[test]
+        fn prop_a_damaged_log_never_panics(
+            run in proptest::collection::vec(proptest::prelude::any::<u8>(), 1..64),
+            at in proptest::prelude::any::<proptest::sample::Index>(),
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let log = log_with(dir.path(), 3);
+            let offset = at.index(log.len() as usize) as u64;
+            log.file.write_all_at(&run, offset).unwrap();
+            drop(log);
+            if let Ok((log, _)) = ChangeLog::open(&dir.path().join("log")) {
+                proptest::prop_assert!(log.records().len() <= 3);
+            }
+        }
+    }
+
     #[test]
     fn a_record_damaged_in_the_middle_sets_the_log_aside_instead_of_cutting_it() {
         for damage_at in [0u64, LENGTH_PREFIX] {
