@@ -1004,6 +1004,12 @@ impl Database {
         Ok(())
     }
 
+    /// Holds the capture lock, as a long commit would (tests only).
+    #[cfg(test)]
+    pub(super) fn hold_capture_lock(&self) -> MutexGuard<'_, impl Sized> {
+        self.lock()
+    }
+
     fn lock(&self) -> MutexGuard<'_, CaptureState> {
         self.state
             .lock()

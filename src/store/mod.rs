@@ -952,14 +952,16 @@ impl Store {
     /// Removes the file `name`; handles that have it open keep working.
     pub fn unlink(&self, name: &str) -> Result<Arc<Node>, StoreError> {
         let parsed = parse_name(name)?;
+        let not_found = || StoreError::NotFound(name.to_string());
+        // Syncing the log before a WAL goes away can wait on a commit and an
+        // fsync: done before the namespace lock, so lookups never wait for it.
+        let node = self.lookup(name).ok_or_else(not_found)?;
+        node.database.before_change(&node.kind, None)?;
         let mut namespace = self.write_namespace();
-        let node = namespace
-            .by_name
-            .get(name)
-            .cloned()
-            .ok_or_else(|| StoreError::NotFound(name.to_string()))?;
+        let node = namespace.by_name.get(name).cloned().ok_or_else(not_found)?;
         let db_dir = self.dbs_dir.join(&parsed.database);
         let backing = db_dir.join(parsed.kind.backing_name());
+        // Cheap unless a commit came in meanwhile (or the name is a new file).
         node.database.before_change(&node.kind, None)?;
         std::fs::remove_file(&backing)
             .map_err(|source| StoreError::io(format!("remove {}", backing.display()), source))?;
@@ -1108,6 +1110,39 @@ mod tests {
             file.read_exact_at(&mut back, 5).unwrap();
             assert_eq!(back, bytes, "{len} bytes");
         }
+    }
+
+    /// Regression: unlinking a WAL syncs the database's log first, which waits
+    /// for the database's capture lock; it did so holding the namespace lock, so
+    /// a slow commit or fsync stalled every lookup on the mount.
+    #[test]
+    fn unlinking_a_wal_does_not_hold_up_lookups_while_it_waits() {
+        let dir = tempfile::tempdir().unwrap();
+        let store =
+            Arc::new(Store::open(dir.path(), CaptureOptions::default(), Role::Primary).unwrap());
+        let db = store.create("app.db").unwrap();
+        db.write_at(0, &page_one(512)).unwrap();
+        store.create("app.db-wal").unwrap();
+        store.create("other.db").unwrap();
+        let held = db.database().hold_capture_lock();
+        let unlinking = std::thread::spawn({
+            let store = store.clone();
+            move || store.unlink("app.db-wal").map(|_| ())
+        });
+        // The unlink is now waiting for the capture lock.
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let (found, answered) = std::sync::mpsc::channel();
+        std::thread::spawn({
+            let store = store.clone();
+            move || {
+                let _ = found.send(store.lookup("other.db").is_some());
+            }
+        });
+        let lookup = answered.recv_timeout(std::time::Duration::from_secs(5));
+        drop(held);
+        assert_eq!(lookup, Ok(true), "a lookup waited for the unlink");
+        unlinking.join().unwrap().unwrap();
+        assert!(store.lookup("app.db-wal").is_none());
     }
 
     #[test]
