@@ -589,16 +589,8 @@ impl Producer {
     /// where this stream left it; says whether that brought every database to
     /// where it stood when the round began.
     async fn round(&mut self, only: Option<&BTreeMap<String, Position>>) -> Result<Round, Stop> {
-        let store = self.node.store.clone();
-        // Reading the positions here saves each commit a trip to the blocking
-        // pool; only while a capture lock is held are they read there.
-        let current = match store.try_positions() {
-            Some(current) => current,
-            None => {
-                self.beating(blocking(move || Ok(store.positions())))
-                    .await?
-            }
-        };
+        // The positions are published without the capture lock: read here.
+        let current = self.node.store.positions();
         let mut progressed = false;
         let mut behind = false;
         for (name, position) in current {

@@ -116,6 +116,10 @@ pub struct Database {
     captured_txid: AtomicU64,
     /// Held while retention compacts the log, without the capture lock.
     compacting: Mutex<()>,
+    /// A copy of `CaptureState::position`, set with it, so that the position is
+    /// read without the capture lock, which a commit, an apply or a snapshot
+    /// holds for long (async code must never wait on the store).
+    published: std::sync::RwLock<Position>,
 }
 
 impl std::fmt::Debug for Database {
@@ -228,6 +232,7 @@ impl Database {
             position_file_id,
             options,
             shared,
+            published: std::sync::RwLock::new(state.position),
             state: Mutex::new(state),
             captured_txid: AtomicU64::new(0),
             compacting: Mutex::new(()),
@@ -249,21 +254,16 @@ impl Database {
         self.position_file_id
     }
 
-    /// The last change set's TXID and checksum.
+    /// The last change set's TXID and checksum. Never waits for a commit, an
+    /// apply or a snapshot.
     pub fn position(&self) -> Position {
-        self.lock().position
+        *self.published.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The position, without waiting: `None` while a commit, an apply or a
-    /// snapshot holds the capture lock.
-    pub fn try_position(&self) -> Option<Position> {
-        match self.state.try_lock() {
-            Ok(state) => Some(state.position),
-            Err(std::sync::TryLockError::Poisoned(poisoned)) => {
-                Some(poisoned.into_inner().position)
-            }
-            Err(std::sync::TryLockError::WouldBlock) => None,
-        }
+    /// Moves the position, and the copy [`Database::position`] reads.
+    fn set_position(&self, state: &mut CaptureState, position: Position) {
+        state.position = position;
+        *self.published.write().unwrap_or_else(|p| p.into_inner()) = position;
     }
 
     /// Brings the state in line with the files after they were all attached at
@@ -962,10 +962,13 @@ impl Database {
         if wal_span.is_none() {
             state.unsynced_outside_wal = true;
         }
-        state.position = Position {
-            txid,
-            checksum: post_apply,
-        };
+        self.set_position(
+            state,
+            Position {
+                txid,
+                checksum: post_apply,
+            },
+        );
         state.snapshot_next = false;
         state.commit = commit;
         state.page_size = page_size;

@@ -753,32 +753,14 @@ impl Store {
         self.shared.epoch()
     }
 
-    /// Every database that has a position, with it, ordered by name.
+    /// Every database that has a position, with it, ordered by name. Never
+    /// waits for a commit, an apply or a snapshot (see [`Database::position`]).
     pub fn positions(&self) -> Vec<(String, Position)> {
-        self.positions_read_by(|database| Some(database.position()))
-            .unwrap_or_default()
-    }
-
-    /// [`Store::positions`] without waiting: `None` when a database's capture
-    /// lock is held (then [`Store::positions`] must be asked off async threads).
-    pub fn try_positions(&self) -> Option<Vec<(String, Position)>> {
-        self.positions_read_by(Database::try_position)
-    }
-
-    /// The positions `read` gives, leaving out databases without one; `None` as
-    /// soon as `read` gives none.
-    fn positions_read_by(
-        &self,
-        read: impl Fn(&Database) -> Option<Position>,
-    ) -> Option<Vec<(String, Position)>> {
-        let mut positions = Vec::new();
-        for database in self.all_databases() {
-            let position = read(&database)?;
-            if position.txid.0 > 0 {
-                positions.push((database.name().to_string(), position));
-            }
-        }
-        Some(positions)
+        self.all_databases()
+            .into_iter()
+            .map(|database| (database.name().to_string(), database.position()))
+            .filter(|(_, position)| position.txid.0 > 0)
+            .collect()
     }
 
     /// Per database with a position, where its newest change sets (at most
@@ -1143,6 +1125,37 @@ mod tests {
         assert_eq!(lookup, Ok(true), "a lookup waited for the unlink");
         unlinking.join().unwrap().unwrap();
         assert!(store.lookup("app.db-wal").is_none());
+    }
+
+    /// Regression: positions were read under the capture lock, which a commit,
+    /// an apply or a snapshot for a new replica holds for long, so async code
+    /// reading them (the proxy's `__txid`, replication streams) stalled the
+    /// runtime that also renews the lease.
+    #[test]
+    fn positions_are_read_while_the_capture_lock_is_held() {
+        let dir = tempfile::tempdir().unwrap();
+        let store =
+            Arc::new(Store::open(dir.path(), CaptureOptions::default(), Role::Primary).unwrap());
+        let db = store.create("app.db").unwrap();
+        db.write_at(0, &page_one(512)).unwrap();
+        let journal = store.create("app.db-journal").unwrap();
+        journal
+            .write_at(0, &[0xd9, 0xd5, 0x05, 0xf9, 0x20, 0xa1, 0x63, 0xd7])
+            .unwrap();
+        store.unlink("app.db-journal").unwrap();
+        let position = db.database().position();
+        assert_eq!(position.txid.0, 1);
+        let held = db.database().hold_capture_lock();
+        let (read, answered) = std::sync::mpsc::channel();
+        std::thread::spawn({
+            let store = store.clone();
+            move || {
+                let _ = read.send(store.positions());
+            }
+        });
+        let positions = answered.recv_timeout(std::time::Duration::from_secs(5));
+        drop(held);
+        assert_eq!(positions, Ok(vec![("app.db".to_string(), position)]));
     }
 
     #[test]

@@ -279,7 +279,7 @@ impl Database {
         if reached != received.post_apply {
             // The database and its bookkeeping disagree with the primary's history:
             // forget the position so that the next connection asks for a snapshot.
-            state.position = Position::UNKNOWN;
+            self.set_position(&mut state, Position::UNKNOWN);
             return Err(rejected(format!(
                 "change set {} would lead to checksum {} instead of {}",
                 header.filename(),
@@ -314,7 +314,7 @@ impl Database {
         } = logged;
         let header = received.header;
         if let Err(error) = write_pages(&state, &self.name, &received) {
-            state.position = Position::UNKNOWN;
+            self.set_position(&mut state, Position::UNKNOWN);
             return Err(error);
         }
         let wal_mode = match (header.commit, received.wal_mode_after()) {
@@ -323,10 +323,13 @@ impl Database {
             (_, None) => state.wal_mode,
         };
         update_page_checksums(&mut state, &received, full, xor);
-        state.position = Position {
-            txid: header.max_txid,
-            checksum: received.post_apply,
-        };
+        self.set_position(
+            &mut state,
+            Position {
+                txid: header.max_txid,
+                checksum: received.post_apply,
+            },
+        );
         // The page checksums now describe the content exactly (the change set
         // verified against them), so a promotion captures without rereading it.
         state.needs_rescan = false;
@@ -388,7 +391,7 @@ impl Database {
             return Ok(());
         }
         let Some(last) = state.log.records().last().copied() else {
-            state.position = Position::UNKNOWN;
+            self.set_position(&mut state, Position::UNKNOWN);
             return Ok(());
         };
         let (file, offset, len) = state.log.record_in_file(&last)?;
@@ -407,7 +410,7 @@ impl Database {
             tracing::warn!(database = %self.name, txid = %state.position.txid, "finished applying a change set a crash interrupted");
         } else {
             tracing::warn!(database = %self.name, "the database does not match its log; it will be replaced by a snapshot from the primary");
-            state.position = Position::UNKNOWN;
+            self.set_position(&mut state, Position::UNKNOWN);
         }
         state.refresh_wal_mode()?;
         Ok(())
