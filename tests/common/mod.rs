@@ -349,6 +349,8 @@ pub struct MountOptions {
     pub extra_yaml: String,
     /// After this long the watchdog SIGKILLs ltxfs (see module docs).
     pub deadline: Duration,
+    /// Puts the data dir on a tmpfs of this many bytes, to fill it.
+    pub data_tmpfs_bytes: Option<u64>,
 }
 
 impl Default for MountOptions {
@@ -356,6 +358,7 @@ impl Default for MountOptions {
         MountOptions {
             extra_yaml: String::new(),
             deadline: Duration::from_secs(150),
+            data_tmpfs_bytes: None,
         }
     }
 }
@@ -382,6 +385,15 @@ impl Mount {
         let data = root.join("data");
         let config = root.join("ltxfs.yml");
         fs::create_dir(&mnt).expect("create mount point");
+        if let Some(bytes) = options.data_tmpfs_bytes {
+            fs::create_dir(&data).expect("create the data dir");
+            let status = Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
+                .arg(&data)
+                .status()
+                .expect("run mount");
+            assert!(status.success(), "mount a tmpfs on {}", data.display());
+        }
         write_config(&config, &data, None, &options.extra_yaml);
         let label = format!(
             "test {:?}",
@@ -640,6 +652,10 @@ impl Drop for Mount {
         }
         self.watchdog.cancel();
         force_unmount(&self.mnt);
+        // A tmpfs under the data dir (`MountOptions::data_tmpfs_bytes`).
+        if anything_mounted(&self.data) {
+            force_unmount(&self.data);
+        }
     }
 }
 

@@ -1,0 +1,184 @@
+//! Faults a production node meets: its data dir's filesystem fills up, on the
+//! primary and on a replica.
+
+mod common;
+
+use std::fs;
+use std::fs::OpenOptions;
+
+use common::*;
+use ltxfs::ltx;
+
+/// Applies every change set in `data_dir`'s log of `name` to a fresh file and
+/// returns the position reached, as a replica would.
+fn replay(data_dir: &std::path::Path, name: &str, into: &std::path::Path) -> String {
+    let sets = ltxfs::store::log::read_change_sets(&data_dir.join("dbs").join(name).join("log"))
+        .expect("the log reads");
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(into)
+        .unwrap();
+    let mut position = None;
+    for set in &sets {
+        let expected = position.map(|(_, checksum, _, _)| checksum);
+        let outcome = ltx::apply(set.as_slice(), &file, expected).expect("the log applies");
+        position = Some((
+            outcome.max_txid,
+            outcome.post_apply_checksum,
+            outcome.page_size,
+            outcome.commit,
+        ));
+    }
+    let (txid, checksum, page_size, commit) = position.expect("something was captured");
+    ltx::verify_database_checksum(&file, page_size, commit, checksum)
+        .expect("the replayed database has the logged checksum");
+    format!("{:016x}/{:016x}\n", txid.0, checksum.0)
+}
+
+#[test]
+fn a_full_data_dir_fails_writes_cleanly_and_they_resume_once_space_is_freed() {
+    let mut mount = Mount::start(MountOptions {
+        data_tmpfs_bytes: Some(24 << 20),
+        ..MountOptions::default()
+    });
+    // Room to free later.
+    let filler = mount.data_dir().join("filler");
+    fs::write(&filler, vec![7u8; 6 << 20]).unwrap();
+    let name = "full.db";
+    let conn = open_db(&mount.db_path(name));
+    set_journal_mode(&conn, "WAL");
+    conn.execute_batch("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
+        .unwrap();
+    let mut committed = 0;
+    let failure = loop {
+        match conn.execute("INSERT INTO t(v) VALUES (randomblob(32768))", []) {
+            Ok(_) => committed += 1,
+            Err(error) => break error,
+        }
+        assert!(committed < 10_000, "the data dir never filled up");
+    };
+    assert!(committed > 10, "only {committed} rows fit");
+    report(format!(
+        "full data dir: {committed} rows of 32 KiB committed, then: {failure}"
+    ));
+    let code = failure.sqlite_error_code();
+    assert!(
+        matches!(
+            code,
+            Some(rusqlite::ErrorCode::DiskFull | rusqlite::ErrorCode::SystemIoFailure)
+        ),
+        "a full disk gave {failure}"
+    );
+    assert!(mount.is_running(), "ltxfs exited:\n{}", mount.stderr_text());
+    assert_eq!(integrity_check(&conn), "ok");
+    let rows: i64 = conn
+        .query_row("SELECT count(*) FROM t", [], |row| row.get(0))
+        .unwrap();
+    assert!(rows >= committed, "{rows} rows, {committed} committed");
+
+    // Space comes back: writes resume, and the log still replays to the
+    // database the mount shows.
+    fs::remove_file(&filler).unwrap();
+    for _ in 0..20 {
+        conn.execute("INSERT INTO t(v) VALUES (randomblob(1000))", [])
+            .unwrap_or_else(|e| {
+                panic!(
+                    "a write after space was freed: {e}\n{}",
+                    mount.stderr_text()
+                )
+            });
+    }
+    conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+        .unwrap();
+    assert_eq!(integrity_check(&conn), "ok");
+    let replayed = replay(mount.data_dir(), name, &mount.root().join("replayed.db"));
+    let pos = fs::read_to_string(mount.db_path(&format!("{name}-pos"))).unwrap();
+    assert_eq!(
+        replayed, pos,
+        "the log replays to the position the mount shows"
+    );
+    drop(conn);
+    let live = fs::read(mount.db_path(name)).unwrap();
+    let copy = fs::read(mount.root().join("replayed.db")).unwrap();
+    assert!(
+        live == copy,
+        "the replayed database differs from the live one"
+    );
+    assert!(mount.stop().success());
+}
+
+fn node_yaml(hostname: &str, candidate: bool, primary_url: Option<&str>) -> String {
+    let mut yaml = format!(
+        "lease:\n  type: static\n  candidate: {candidate}\n  hostname: {hostname}\n  reconnect-delay: 300ms\n"
+    );
+    if let Some(url) = primary_url {
+        yaml.push_str(&format!("  advertise-url: {url}\n"));
+    }
+    yaml
+}
+
+fn position(mount: &Mount, name: &str) -> Option<String> {
+    fs::read_to_string(mount.db_path(&format!("{name}-pos"))).ok()
+}
+
+#[test]
+fn a_replica_whose_disk_fills_catches_up_once_space_is_freed() {
+    let primary = Mount::start(MountOptions {
+        extra_yaml: node_yaml("primary", true, None),
+        ..MountOptions::default()
+    });
+    let url = format!("http://{}", primary.listen_addr());
+    let mut replica = Mount::start(MountOptions {
+        extra_yaml: node_yaml("replica", false, Some(&url)),
+        data_tmpfs_bytes: Some(128 << 20),
+        ..MountOptions::default()
+    });
+    // 32 MiB are left: not enough for the database and its log.
+    let filler = replica.data_dir().join("filler");
+    fs::write(&filler, vec![7u8; 96 << 20]).unwrap();
+    let name = "big.db";
+    let conn = open_db(&primary.db_path(name));
+    set_journal_mode(&conn, "WAL");
+    conn.execute_batch("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
+        .unwrap();
+    // More than the replica can hold beside the filler.
+    for _ in 0..700 {
+        conn.execute("INSERT INTO t(v) VALUES (randomblob(32768))", [])
+            .unwrap();
+    }
+    let target = position(&primary, name).unwrap();
+    wait_until(
+        "the replica to fail for want of space",
+        READY_TIMEOUT,
+        || {
+            let log = replica.stderr_text();
+            log.contains("No space left") || log.contains("os error 28")
+        },
+    );
+    assert!(
+        replica.is_running(),
+        "the replica exited:\n{}",
+        replica.stderr_text()
+    );
+    assert_ne!(position(&replica, name), Some(target.clone()));
+
+    fs::remove_file(&filler).unwrap();
+    wait_until(
+        "the replica to catch up",
+        std::time::Duration::from_secs(60),
+        || position(&replica, name).as_deref() == Some(target.as_str()),
+    );
+    let copy = rusqlite::Connection::open_with_flags(
+        replica.db_path(name),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .unwrap();
+    assert_eq!(integrity_check(&copy), "ok");
+    let rows: i64 = copy
+        .query_row("SELECT count(*) FROM t", [], |row| row.get(0))
+        .unwrap();
+    assert_eq!(rows, 700);
+}
