@@ -182,3 +182,105 @@ fn a_replica_whose_disk_fills_catches_up_once_space_is_freed() {
         .unwrap();
     assert_eq!(rows, 700);
 }
+
+/// The resident memory of process `pid`, in bytes.
+fn resident_bytes(pid: u32) -> u64 {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|number| number.parse().ok())
+        .expect("VmRSS in /proc/<pid>/status");
+    kib * 1024
+}
+
+/// Commits single-row transactions on `conn` for `seconds`; returns how many.
+fn write_for(conn: &rusqlite::Connection, seconds: f64) -> u64 {
+    let started = std::time::Instant::now();
+    let mut count = 0;
+    while started.elapsed().as_secs_f64() < seconds {
+        conn.execute("INSERT INTO t(v) VALUES (randomblob(16000))", [])
+            .unwrap();
+        count += 1;
+    }
+    count
+}
+
+/// A replica that stops reading (SIGSTOP) must neither grow the primary's
+/// memory without bound nor hold up its commits: asynchronously the primary
+/// does not wait, and synchronously the other replica's acknowledgement
+/// suffices. Once it runs again it catches up.
+fn a_stalled_replica(synchronous: bool) {
+    let extra = if synchronous {
+        "replication:\n  synchronous: true\n"
+    } else {
+        ""
+    };
+    let primary = Mount::start(MountOptions {
+        extra_yaml: format!("{}{extra}", node_yaml("primary", true, None)),
+        ..MountOptions::default()
+    });
+    let url = format!("http://{}", primary.listen_addr());
+    let replicas: Vec<Mount> = ["replica-1", "replica-2"]
+        .iter()
+        .map(|name| {
+            Mount::start(MountOptions {
+                extra_yaml: format!("{}{extra}", node_yaml(name, false, Some(&url))),
+                ..MountOptions::default()
+            })
+        })
+        .collect();
+    let name = "stall.db";
+    let conn = open_db(&primary.db_path(name));
+    set_journal_mode(&conn, "WAL");
+    conn.execute_batch("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
+        .unwrap();
+    let target = position(&primary, name).unwrap();
+    for replica in &replicas {
+        wait_until("the replicas to follow", READY_TIMEOUT, || {
+            position(replica, name).as_deref() == Some(target.as_str())
+        });
+    }
+    let before = write_for(&conn, 1.0);
+    let primary_pid = primary.pid().unwrap();
+    let memory_before = resident_bytes(primary_pid);
+
+    let stalled = replicas[0].pid().unwrap();
+    send_signal(stalled, libc::SIGSTOP);
+    let during = write_for(&conn, 3.0) as f64 / 3.0;
+    let growth = resident_bytes(primary_pid).saturating_sub(memory_before);
+    send_signal(stalled, libc::SIGCONT);
+    report(format!(
+        "stalled replica (synchronous: {synchronous}): {before} tx/s before, {during:.0} tx/s ({:.0} MiB) while it was stopped; the primary's memory grew {} KiB",
+        during * 3.0 * 16000.0 / f64::from(1 << 20),
+        growth / 1024
+    ));
+    assert!(
+        during >= before as f64 * 0.3,
+        "commits slowed from {before} to {during:.0} tx/s while a replica was stopped"
+    );
+    assert!(
+        growth < 64 << 20,
+        "the primary's memory grew {growth} bytes while a replica was stopped"
+    );
+
+    let target = position(&primary, name).unwrap();
+    for replica in &replicas {
+        wait_until(
+            "the replicas to catch up",
+            std::time::Duration::from_secs(60),
+            || position(replica, name).as_deref() == Some(target.as_str()),
+        );
+    }
+}
+
+#[test]
+fn a_stalled_replica_neither_grows_the_primary_nor_holds_up_its_commits() {
+    a_stalled_replica(false);
+}
+
+#[test]
+fn a_stalled_replica_of_a_synchronous_primary_is_covered_by_the_other() {
+    a_stalled_replica(true);
+}
