@@ -284,3 +284,56 @@ fn a_stalled_replica_neither_grows_the_primary_nor_holds_up_its_commits() {
 fn a_stalled_replica_of_a_synchronous_primary_is_covered_by_the_other() {
     a_stalled_replica(true);
 }
+
+/// With synchronous replication and one replica, a stalled replica holds the
+/// primary's commits only until the primary drops its stream (HTTP/2 pings
+/// unanswered), then the primary commits alone, as with no replica.
+#[test]
+fn a_synchronous_primary_whose_only_replica_stalls_waits_a_bounded_time() {
+    let extra = "replication:\n  synchronous: true\n";
+    let primary = Mount::start(MountOptions {
+        extra_yaml: format!("{}{extra}", node_yaml("primary", true, None)),
+        ..MountOptions::default()
+    });
+    let url = format!("http://{}", primary.listen_addr());
+    let replica = Mount::start(MountOptions {
+        extra_yaml: format!("{}{extra}", node_yaml("replica", false, Some(&url))),
+        ..MountOptions::default()
+    });
+    let name = "only.db";
+    let conn = open_db(&primary.db_path(name));
+    conn.execute_batch("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
+        .unwrap();
+    let target = position(&primary, name).unwrap();
+    wait_until("the replica to follow", READY_TIMEOUT, || {
+        position(&replica, name).as_deref() == Some(target.as_str())
+    });
+    let stalled = replica.pid().unwrap();
+    send_signal(stalled, libc::SIGSTOP);
+    let started = std::time::Instant::now();
+    conn.execute("INSERT INTO t(v) VALUES ('held')", [])
+        .unwrap();
+    let held = started.elapsed();
+    // The next commits stand on the primary alone.
+    let alone = std::time::Instant::now();
+    for _ in 0..10 {
+        conn.execute("INSERT INTO t(v) VALUES ('alone')", [])
+            .unwrap();
+    }
+    let after = alone.elapsed();
+    send_signal(stalled, libc::SIGCONT);
+    report(format!(
+        "synchronous primary, only replica stopped: the first commit waited {held:?}, the next ten took {after:?}"
+    ));
+    assert!(
+        held < std::time::Duration::from_secs(45),
+        "a commit waited {held:?} for a stopped replica"
+    );
+    assert!(after < std::time::Duration::from_secs(5), "{after:?}");
+    let target = position(&primary, name).unwrap();
+    wait_until(
+        "the replica to catch up",
+        std::time::Duration::from_secs(60),
+        || position(&replica, name).as_deref() == Some(target.as_str()),
+    );
+}
