@@ -102,13 +102,24 @@ pub fn server_tls(files: &TlsFiles) -> Result<TlsAcceptor, ReplicationError> {
 }
 
 /// How a node's client connects: TLS settings for `https://` URLs and the
-/// cluster secret it signs calls with.
-#[derive(Debug, Clone, Default)]
+/// cluster secret it signs calls with. Its `Debug` shows neither the secrets nor
+/// the private key.
+#[derive(Clone, Default)]
 pub struct ClientCredentials {
     /// Signs every call and checks every answer (nothing when empty).
     pub keys: ClusterKeys,
     /// For `https://` URLs; `None` verifies servers with the web's public roots.
     pub tls: Option<tonic::transport::ClientTlsConfig>,
+}
+
+impl std::fmt::Debug for ClientCredentials {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("ClientCredentials")
+            .field("keys", &self.keys)
+            .field("tls", &self.tls.is_some())
+            .finish()
+    }
 }
 
 impl ClientCredentials {
@@ -368,5 +379,37 @@ async fn handshake(stream: TcpStream, tls: Option<TlsAcceptor>) -> io::Result<St
             }
             Ok(Stream::Plain(stream))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_never_show_the_secret_or_the_key_in_debug_output() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let files = TlsFiles {
+            cert: dir.path().join("cert.pem"),
+            key: dir.path().join("key.pem"),
+            ca: None,
+        };
+        std::fs::write(&files.cert, cert.pem()).unwrap();
+        std::fs::write(&files.key, key.serialize_pem()).unwrap();
+        let secret = "a secret that must stay hidden";
+        let credentials = ClientCredentials::new(
+            ClusterKeys::new(vec![crate::config::Secret::new(secret)]),
+            Some(&files),
+        )
+        .unwrap();
+        let shown = format!("{credentials:?}");
+        assert!(!shown.contains(secret), "{shown}");
+        assert!(!shown.contains("PRIVATE KEY"), "{shown}");
+        assert!(!shown.contains(&key.serialize_pem()[40..80]), "{shown}");
     }
 }
