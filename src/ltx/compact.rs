@@ -301,9 +301,25 @@ fn fold_input<R: Read>(
 /// Those of [`compact`], and [`LtxError::InvalidArgument`] when the first
 /// input is not a snapshot.
 pub fn compact_onto_snapshot<S: Read, R: Read>(
+    open_base: impl FnMut() -> std::io::Result<S>,
+    rest: impl IntoIterator<Item = R>,
+    compress: bool,
+    out: impl Write,
+) -> Result<Header, LtxError> {
+    compact_onto_snapshot_stamped(open_base, rest, compress, None, out)
+}
+
+/// [`compact_onto_snapshot`], with the output's node ID (the lease epoch a
+/// snapshot is sent under) at least `node_id` when it is given.
+///
+/// # Errors
+///
+/// Those of [`compact_onto_snapshot`].
+pub fn compact_onto_snapshot_stamped<S: Read, R: Read>(
     mut open_base: impl FnMut() -> std::io::Result<S>,
     rest: impl IntoIterator<Item = R>,
     compress: bool,
+    node_id: Option<u64>,
     out: impl Write,
 ) -> Result<Header, LtxError> {
     let open = |open_base: &mut dyn FnMut() -> std::io::Result<S>| {
@@ -331,11 +347,14 @@ pub fn compact_onto_snapshot<S: Read, R: Read>(
     for (i, reader) in rest.into_iter().enumerate() {
         base_replaced |= fold_input(&mut chain, i + 2, reader)?.is_snapshot();
     }
-    let Some(chain) = chain else {
+    let Some(mut chain) = chain else {
         return Err(LtxError::InvalidArgument(
             "compaction lost its chain; this is a bug in compaction".to_owned(),
         ));
     };
+    if let Some(node_id) = node_id {
+        chain.last.node_id = chain.last.node_id.max(node_id);
+    }
     if base_replaced {
         // A later snapshot holds every page since, all of them in `chain`.
         return write_output(&chain, compress, out);

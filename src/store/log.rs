@@ -442,6 +442,30 @@ impl ChangeLog {
         Ok((log, None))
     }
 
+    /// The change sets up to and including the one ending at `txid`, to be read
+    /// without the database's lock; `None` unless the log starts with a
+    /// snapshot and holds a change set ending exactly there.
+    pub fn history_until(&self, txid: TxId) -> Result<Option<LoggedHistory>, StoreError> {
+        let Some(first) = self.records.first() else {
+            return Ok(None);
+        };
+        let end = self
+            .records
+            .iter()
+            .position(|record| record.header.max_txid == txid);
+        let (true, Some(end)) = (first.header.is_snapshot(), end) else {
+            return Ok(None);
+        };
+        let source = self.file.try_clone().map_err(|source| StoreError::Io {
+            context: format!("open {} again", self.path.display()),
+            source,
+        })?;
+        Ok(Some(LoggedHistory {
+            source,
+            records: self.records[..=end].to_vec(),
+        }))
+    }
+
     /// What opening found when the log was damaged in the middle, once.
     pub fn take_damage(&mut self) -> Option<LogDamage> {
         self.damage.take()
@@ -930,6 +954,53 @@ pub struct CompactionPlan {
     /// newer ones are appended.
     source: File,
     merged: Vec<RecordInfo>,
+}
+
+/// The log's change sets up to some position, read without any lock: records
+/// never change once written (appends go after them, and replacements are new
+/// files renamed over the log, while this holds the old one open).
+#[derive(Debug)]
+pub struct LoggedHistory {
+    source: File,
+    records: Vec<RecordInfo>,
+}
+
+impl LoggedHistory {
+    /// Writes one snapshot of everything the change sets record to `out`, its
+    /// pages streamed from the base snapshot under the later change sets' pages
+    /// (see [`ltx::compact_onto_snapshot`]), stamped with at least lease epoch
+    /// `epoch`; returns its header.
+    pub fn write_snapshot(
+        &self,
+        compress: bool,
+        epoch: u64,
+        out: &mut dyn Write,
+    ) -> Result<Header, StoreError> {
+        let reader = |record: &RecordInfo| {
+            io::BufReader::with_capacity(
+                COPY_BUFFER as usize,
+                FileRangeReader::new(&self.source, record.offset, record.len),
+            )
+        };
+        let (base, rest) = self
+            .records
+            .split_first()
+            .ok_or_else(|| StoreError::Capture {
+                database: String::new(),
+                message: "a snapshot from an empty log".to_string(),
+            })?;
+        ltx::compact_onto_snapshot_stamped(
+            || Ok(reader(base)),
+            rest.iter().map(reader),
+            compress,
+            Some(epoch),
+            out,
+        )
+        .map_err(|error| StoreError::Capture {
+            database: String::new(),
+            message: format!("could not write a snapshot from the log: {error}"),
+        })
+    }
 }
 
 /// The merged change set, written beside the log after room for its length,

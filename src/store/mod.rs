@@ -1158,6 +1158,94 @@ mod tests {
         assert_eq!(positions, Ok(vec![("app.db".to_string(), position)]));
     }
 
+    /// Blocks in its first write until told to go on, after saying so.
+    struct GateWriter {
+        entered: Option<std::sync::mpsc::Sender<()>>,
+        release: std::sync::mpsc::Receiver<()>,
+        written: Vec<u8>,
+    }
+
+    impl io::Write for GateWriter {
+        fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+            if let Some(entered) = self.entered.take() {
+                let _ = entered.send(());
+                let _ = self.release.recv();
+            }
+            self.written.extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Regression: a snapshot for a new replica (or a backup) was encoded under
+    /// the database's capture lock, so commits waited for the whole database to
+    /// be read and written out.
+    #[test]
+    fn commits_go_on_while_a_snapshot_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let store =
+            Arc::new(Store::open(dir.path(), CaptureOptions::default(), Role::Primary).unwrap());
+        let db = store.create("app.db").unwrap();
+        let commit = {
+            let (store, db) = (store.clone(), db.clone());
+            move |fill: u8| {
+                let journal = store.create("app.db-journal").unwrap();
+                journal
+                    .write_at(0, &[0xd9, 0xd5, 0x05, 0xf9, 0x20, 0xa1, 0x63, 0xd7])
+                    .unwrap();
+                let mut page = page_one(512);
+                page[200] = fill;
+                db.write_at(0, &page).unwrap();
+                db.write_at(512, &[fill; 512]).unwrap();
+                store.unlink("app.db-journal").unwrap();
+            }
+        };
+        commit(1);
+        commit(2);
+        let before = db.database().position();
+        let (entered, writing) = std::sync::mpsc::channel();
+        let (release, released) = std::sync::mpsc::channel();
+        let snapshot = std::thread::spawn({
+            let database = db.database().clone();
+            move || {
+                let mut out = GateWriter {
+                    entered: Some(entered),
+                    release: released,
+                    written: Vec::new(),
+                };
+                let position = database.write_snapshot(&mut out).unwrap();
+                (position, out.written)
+            }
+        });
+        writing.recv().unwrap();
+        // The snapshot is being written out: a commit must not wait for it.
+        let (committed, done) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            commit(3);
+            let _ = committed.send(());
+        });
+        let result = done.recv_timeout(std::time::Duration::from_secs(5));
+        release.send(()).unwrap();
+        let (position, bytes) = snapshot.join().unwrap();
+        assert_eq!(result, Ok(()), "a commit waited for a snapshot");
+        assert_eq!(
+            position, before,
+            "the snapshot is of the position it started at"
+        );
+        let mut decoder = crate::ltx::Decoder::new(bytes.as_slice()).unwrap();
+        assert!(decoder.header().is_snapshot());
+        assert_eq!(decoder.header().max_txid, before.txid);
+        let mut page = vec![0u8; 512];
+        while decoder.next_page_into(&mut page).unwrap().is_some() {}
+        assert_eq!(
+            decoder.finish().unwrap().post_apply_checksum,
+            before.checksum
+        );
+    }
+
     #[test]
     fn database_writes_must_be_sqlite_pages() {
         let dir = tempfile::tempdir().unwrap();

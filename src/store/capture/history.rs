@@ -154,9 +154,33 @@ impl Database {
 
     /// Writes a snapshot of the current content (every page, TXID range 1 to the
     /// current TXID) to `out` and returns the position it brings a replica to.
-    /// Holds the database's capture lock while it reads, so commits wait; memory
-    /// use is one page.
+    ///
+    /// Made from the log when it starts with a snapshot (it always replays to the
+    /// content): the capture lock is held only to note the position and the
+    /// records, so commits go on while the snapshot is written. Otherwise (a
+    /// log that lost its start) the content is read under the lock, so commits
+    /// wait; memory use is then one page.
     pub fn write_snapshot(&self, out: &mut dyn Write) -> Result<Position, StoreError> {
+        let history = {
+            let state = self.lock();
+            state
+                .log
+                .history_until(state.position.txid)?
+                .map(|history| (history, state.position))
+        };
+        if let Some((history, position)) = history {
+            let header = history
+                .write_snapshot(self.options.compress, self.shared.epoch(), out)
+                .map_err(|error| match error {
+                    StoreError::Capture { message, .. } => StoreError::Capture {
+                        database: self.name.clone(),
+                        message,
+                    },
+                    error => error,
+                })?;
+            debug_assert_eq!(header.max_txid, position.txid);
+            return Ok(position);
+        }
         let state = self.lock();
         self.encode_snapshot(&state, out)?;
         Ok(state.position)
