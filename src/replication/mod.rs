@@ -62,10 +62,11 @@
 //! snapshot is read back from its spool file, plus the one message tonic is
 //! encoding, HTTP/2's send buffer (hyper's default, 400 KiB) and what is in flight within the replica's receive window
 //! (`RECEIVE_WINDOW_BYTES`, 4 MiB). Snapshots are spooled to an unnamed file in
-//! [`NodeContext::spool_dir`] rather than streamed straight from the database,
-//! because writing a snapshot holds the database's capture lock: a slow replica
-//! must never hold up commits on the primary. The stream reads the spool file
-//! while it is still being written, so spooling and sending overlap.
+//! [`NodeContext::spool_dir`] rather than streamed straight from the database's
+//! log, so that a slow replica holds nothing of the primary's but a file (and,
+//! when the log does not start with a snapshot, the snapshot is read under the
+//! capture lock, which a slow replica must never hold). The stream reads the
+//! spool file while it is still being written, so spooling and sending overlap.
 //!
 //! On a replica, one change set is reassembled before it is applied (the store
 //! applies whole change sets): in memory up to [`MAX_CHANGE_SET_IN_MEMORY`] bytes,
