@@ -306,22 +306,41 @@ pub fn compact_onto_snapshot<S: Read, R: Read>(
     compress: bool,
     out: impl Write,
 ) -> Result<Header, LtxError> {
-    compact_onto_snapshot_stamped(open_base, rest, compress, None, out)
+    let options = OntoSnapshot {
+        compress,
+        ..OntoSnapshot::default()
+    };
+    compact_onto_snapshot_with(open_base, rest, options, out)
 }
 
-/// [`compact_onto_snapshot`], with the output's node ID (the lease epoch a
-/// snapshot is sent under) at least `node_id` when it is given.
+/// How [`compact_onto_snapshot_with`] compacts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OntoSnapshot {
+    /// LZ4-compress the output's page block.
+    pub compress: bool,
+    /// The output's node ID is at least this (the lease epoch a snapshot is
+    /// sent under).
+    pub min_node_id: u64,
+    /// The base's post-apply checksum, when the caller knows the base is intact
+    /// (a log it wrote itself): the base is then read once, and its pages are
+    /// checked as the output is written, by the output's post-apply checksum,
+    /// instead of before. A damaged base then fails the compaction at its end
+    /// with the output incomplete, as the second reading may anyway.
+    pub trusted_base: Option<super::Checksum>,
+}
+
+/// [`compact_onto_snapshot`] with [`OntoSnapshot`]'s options.
 ///
 /// # Errors
 ///
 /// Those of [`compact_onto_snapshot`].
-pub fn compact_onto_snapshot_stamped<S: Read, R: Read>(
+pub fn compact_onto_snapshot_with<S: Read, R: Read>(
     mut open_base: impl FnMut() -> std::io::Result<S>,
     rest: impl IntoIterator<Item = R>,
-    compress: bool,
-    node_id: Option<u64>,
+    options: OntoSnapshot,
     out: impl Write,
 ) -> Result<Header, LtxError> {
+    let compress = options.compress;
     let open = |open_base: &mut dyn FnMut() -> std::io::Result<S>| {
         open_base()
             .map_err(|e| in_input(LtxError::io("opening", e), 1, None))
@@ -337,9 +356,15 @@ pub fn compact_onto_snapshot_stamped<S: Read, R: Read>(
             describe_input(1, Some(&base_header))
         )));
     }
-    let trailer = base
-        .finish()
-        .map_err(|e| in_input(e, 1, Some(&base_header)))?;
+    let trailer = match options.trusted_base {
+        Some(post_apply_checksum) => Trailer {
+            post_apply_checksum,
+            ..Trailer::default()
+        },
+        None => base
+            .finish()
+            .map_err(|e| in_input(e, 1, Some(&base_header)))?,
+    };
     let mut chain = Chain::start(base_header, true);
     chain.last_trailer = trailer;
     let mut chain = Some(chain);
@@ -352,14 +377,16 @@ pub fn compact_onto_snapshot_stamped<S: Read, R: Read>(
             "compaction lost its chain; this is a bug in compaction".to_owned(),
         ));
     };
-    if let Some(node_id) = node_id {
-        chain.last.node_id = chain.last.node_id.max(node_id);
-    }
+    chain.last.node_id = chain.last.node_id.max(options.min_node_id);
     if base_replaced {
         // A later snapshot holds every page since, all of them in `chain`.
         return write_output(&chain, compress, out);
     }
-    let base = open(&mut open_base)?;
+    let base = match options.trusted_base {
+        // Not read yet: its pages are still ahead of the decoder.
+        Some(_) => base,
+        None => open(&mut open_base)?,
+    };
     write_output_onto(&chain, base, compress, out)
 }
 
@@ -578,6 +605,68 @@ mod tests {
 
     fn map(pgnos: &[u32]) -> BTreeMap<u32, Vec<u8>> {
         pgnos.iter().map(|&p| (p, Vec::new())).collect()
+    }
+
+    #[test]
+    fn a_trusted_base_is_read_once_and_still_caught_when_damaged() {
+        let base = file(
+            (1, 1),
+            3,
+            Checksum(0),
+            &[(1, 1), (2, 2), (3, 3)],
+            db_checksum(&[1, 2, 3]),
+        );
+        let later = file(
+            (2, 2),
+            3,
+            db_checksum(&[1, 2, 3]),
+            &[(2, 9)],
+            db_checksum(&[1, 9, 3]),
+        );
+        let compact_with = |base: &[u8], options: OntoSnapshot| {
+            let mut opened = 0;
+            let mut out = Vec::new();
+            let result = compact_onto_snapshot_with(
+                || {
+                    opened += 1;
+                    Ok(base)
+                },
+                [later.as_slice()],
+                options,
+                &mut out,
+            );
+            (result.map(|header| (header, out)), opened)
+        };
+        let (verified, opened_verified) = compact_with(&base, OntoSnapshot::default());
+        let trusted_options = OntoSnapshot {
+            min_node_id: 7,
+            trusted_base: Some(db_checksum(&[1, 2, 3])),
+            ..OntoSnapshot::default()
+        };
+        let (trusted, opened_trusted) = compact_with(&base, trusted_options);
+        let ((verified_header, verified_bytes), (trusted_header, trusted_bytes)) =
+            (verified.unwrap(), trusted.unwrap());
+        assert_eq!((opened_verified, opened_trusted), (2, 1));
+        assert_eq!(
+            trusted_header.node_id, 7,
+            "stamped with the epoch asked for"
+        );
+        assert_eq!(
+            Header {
+                node_id: 7,
+                ..verified_header
+            },
+            trusted_header,
+            "the same output but for the node ID"
+        );
+        assert_eq!(verified_bytes.len(), trusted_bytes.len());
+
+        // A damaged page of a trusted base fails the compaction at its end.
+        let mut damaged = base.clone();
+        let at = damaged.len() - 200;
+        damaged[at] ^= 0xff;
+        let (result, _) = compact_with(&damaged, trusted_options);
+        assert!(result.is_err(), "a damaged base went unnoticed");
     }
 
     #[test]

@@ -64,8 +64,8 @@
 //! (`RECEIVE_WINDOW_BYTES`, 4 MiB). Snapshots are spooled to an unnamed file in
 //! [`NodeContext::spool_dir`] rather than streamed straight from the database's
 //! log, so that a slow replica holds nothing of the primary's but a file (and,
-//! when the log does not start with a snapshot, the snapshot is read under the
-//! capture lock, which a slow replica must never hold). The stream reads the
+//! when the log's history is long, the snapshot is read under the capture lock,
+//! which a slow replica must never hold). The stream reads the
 //! spool file while it is still being written, so spooling and sending overlap.
 //!
 //! On a replica, one change set is reassembled before it is applied (the store

@@ -22,6 +22,14 @@ use crate::ltx::{self, Header, Trailer, TxId};
 use super::{StoreError, WRITE_PIECE_BYTES, write_all_at_in_pieces};
 
 const LENGTH_PREFIX: u64 = 8;
+/// The most bytes of change sets after the log's base snapshot that a snapshot
+/// is compacted from ([`ChangeLog::history_until`]); with more, the snapshot is
+/// read from the database under its capture lock instead. Compaction holds the
+/// pages those change sets touched in memory and decodes every one of them, so
+/// a long history would cost memory and time proportional to it, not to the
+/// database (measured in docs/benchmarks.md).
+pub const MAX_HISTORY_FOR_SNAPSHOT: u64 = 16 << 20;
+
 /// The log grows in zero-filled chunks of this size, so that appending overwrites
 /// blocks that already exist and syncing it flushes data without a metadata commit.
 /// A length prefix of zero marks the end of the records.
@@ -456,11 +464,18 @@ impl ChangeLog {
         let (true, Some(end)) = (first.header.is_snapshot(), end) else {
             return Ok(None);
         };
+        // Compaction holds the pages the later change sets touched: only a short
+        // history after the base is worth it (see `MAX_HISTORY_FOR_SNAPSHOT`).
+        let later: u64 = self.records[1..=end].iter().map(|record| record.len).sum();
+        if later > MAX_HISTORY_FOR_SNAPSHOT {
+            return Ok(None);
+        }
         let source = self.file.try_clone().map_err(|source| StoreError::Io {
             context: format!("open {} again", self.path.display()),
             source,
         })?;
         Ok(Some(LoggedHistory {
+            path: self.path.clone(),
             source,
             records: self.records[..=end].to_vec(),
         }))
@@ -719,20 +734,7 @@ impl ChangeLog {
 
     /// The post-apply checksum in a record's trailer.
     pub fn post_apply_checksum(&self, record: &RecordInfo) -> Result<ltx::Checksum, StoreError> {
-        let mut trailer = [0u8; ltx::TRAILER_SIZE];
-        let at = record.offset + record.len - ltx::TRAILER_SIZE as u64;
-        self.file
-            .read_exact_at(&mut trailer, at)
-            .map_err(|source| StoreError::Io {
-                context: format!("read {}", self.path.display()),
-                source,
-            })?;
-        Trailer::decode(&trailer)
-            .map(|trailer| trailer.post_apply_checksum)
-            .map_err(|error| StoreError::Capture {
-                database: self.path.display().to_string(),
-                message: format!("a logged change set has a bad trailer: {error}"),
-            })
+        post_apply_checksum(&self.file, &self.path, record)
     }
 
     /// The records, oldest first.
@@ -956,11 +958,33 @@ pub struct CompactionPlan {
     merged: Vec<RecordInfo>,
 }
 
+/// The post-apply checksum in the trailer of `record` of the log `file` at `path`.
+fn post_apply_checksum(
+    file: &File,
+    path: &Path,
+    record: &RecordInfo,
+) -> Result<ltx::Checksum, StoreError> {
+    let mut trailer = [0u8; ltx::TRAILER_SIZE];
+    let at = record.offset + record.len - ltx::TRAILER_SIZE as u64;
+    file.read_exact_at(&mut trailer, at)
+        .map_err(|source| StoreError::Io {
+            context: format!("read {}", path.display()),
+            source,
+        })?;
+    Trailer::decode(&trailer)
+        .map(|trailer| trailer.post_apply_checksum)
+        .map_err(|error| StoreError::Capture {
+            database: path.display().to_string(),
+            message: format!("a logged change set has a bad trailer: {error}"),
+        })
+}
+
 /// The log's change sets up to some position, read without any lock: records
 /// never change once written (appends go after them, and replacements are new
 /// files renamed over the log, while this holds the old one open).
 #[derive(Debug)]
 pub struct LoggedHistory {
+    path: PathBuf,
     source: File,
     records: Vec<RecordInfo>,
 }
@@ -989,17 +1013,19 @@ impl LoggedHistory {
                 database: String::new(),
                 message: "a snapshot from an empty log".to_string(),
             })?;
-        ltx::compact_onto_snapshot_stamped(
-            || Ok(reader(base)),
-            rest.iter().map(reader),
+        // The log's records were verified when they were written or received:
+        // the base is read once, checked by the output's checksum as it goes.
+        let base_post_apply = post_apply_checksum(&self.source, &self.path, base)?;
+        let options = ltx::OntoSnapshot {
             compress,
-            Some(epoch),
-            out,
-        )
-        .map_err(|error| StoreError::Capture {
-            database: String::new(),
-            message: format!("could not write a snapshot from the log: {error}"),
-        })
+            min_node_id: epoch,
+            trusted_base: Some(base_post_apply),
+        };
+        ltx::compact_onto_snapshot_with(|| Ok(reader(base)), rest.iter().map(reader), options, out)
+            .map_err(|error| StoreError::Capture {
+                database: String::new(),
+                message: format!("could not write a snapshot from the log: {error}"),
+            })
     }
 }
 

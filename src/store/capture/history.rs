@@ -155,11 +155,11 @@ impl Database {
     /// Writes a snapshot of the current content (every page, TXID range 1 to the
     /// current TXID) to `out` and returns the position it brings a replica to.
     ///
-    /// Made from the log when it starts with a snapshot (it always replays to the
-    /// content): the capture lock is held only to note the position and the
-    /// records, so commits go on while the snapshot is written. Otherwise (a
-    /// log that lost its start) the content is read under the lock, so commits
-    /// wait; memory use is then one page.
+    /// Made from the log when it starts with a snapshot followed by a short
+    /// history (it always replays to the content): the capture lock is held only
+    /// to note the position and the records, so commits go on while the
+    /// snapshot is written. Otherwise the content is read under the lock, so
+    /// commits wait; memory use is then one page.
     pub fn write_snapshot(&self, out: &mut dyn Write) -> Result<Position, StoreError> {
         let history = {
             let state = self.lock();
