@@ -450,10 +450,14 @@ impl ChangeLog {
         Ok((log, None))
     }
 
-    /// The change sets up to and including the one ending at `txid`, to be read
-    /// without the database's lock; `None` unless the log starts with a
-    /// snapshot and holds a change set ending exactly there.
-    pub fn history_until(&self, txid: TxId) -> Result<Option<LoggedHistory>, StoreError> {
+    /// The change sets up to and including the one ending at `txid` with
+    /// `checksum`, to be read without the database's lock; `None` unless the
+    /// log starts with a snapshot and holds a change set ending exactly there.
+    pub fn history_until(
+        &self,
+        txid: TxId,
+        checksum: ltx::Checksum,
+    ) -> Result<Option<LoggedHistory>, StoreError> {
         let Some(first) = self.records.first() else {
             return Ok(None);
         };
@@ -464,6 +468,9 @@ impl ChangeLog {
         let (true, Some(end)) = (first.header.is_snapshot(), end) else {
             return Ok(None);
         };
+        if self.post_apply_checksum(&self.records[end])? != checksum {
+            return Ok(None);
+        }
         // Compaction holds the pages the later change sets touched: only a short
         // history after the base is worth it (see `MAX_HISTORY_FOR_SNAPSHOT`).
         let later: u64 = self.records[1..=end].iter().map(|record| record.len).sum();

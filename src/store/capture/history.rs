@@ -165,7 +165,7 @@ impl Database {
             let state = self.lock();
             state
                 .log
-                .history_until(state.position.txid)?
+                .history_until(state.position.txid, state.position.checksum)?
                 .map(|history| (history, state.position))
         };
         if let Some((history, position)) = history {
