@@ -370,6 +370,10 @@ pub fn run(request: MountRequest) -> Result<i32, MountError> {
     };
     let security = node_api_security(&request.config)?;
     let listener = bind_address("http.addr", &request.config.http.addr)?;
+    let address = listener
+        .local_addr()
+        .map_err(|error| MountError::runtime("read the node's address", error))?;
+    record_api_url(&plan.data_dir, &request.config, address);
     let proxy_listener = match &request.config.proxy.addr {
         Some(addr) if request.config.proxy.is_enabled() => Some(bind_address("proxy.addr", addr)?),
         _ => None,
@@ -649,13 +653,29 @@ fn node_api_security(config: &Config) -> Result<(ServerSettings, ClientCredentia
     Ok((settings, credentials))
 }
 
+/// Where others reach this node's API when no `lease.advertise-url` says so: at
+/// the address it is bound to, or by its hostname when it listens on every
+/// interface.
+fn own_url(config: &Config, address: std::net::SocketAddr) -> String {
+    let scheme = if config.http.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    if address.ip().is_unspecified() {
+        format!("{scheme}://{}:{}", node_hostname(config), address.port())
+    } else {
+        format!("{scheme}://{address}")
+    }
+}
+
 /// Records in the data dir the URL local tools (`ltxfs status`, `promote`) reach
-/// this node's API at: the loopback address when the API listens on every
-/// interface or on loopback, or `own_url` with TLS (whose certificate names the
-/// host, not the loopback address).
-fn record_api_url(data_dir: &Path, scheme: &str, address: std::net::SocketAddr, own_url: &str) {
-    let url = if scheme == "https" {
-        own_url.to_string()
+/// this node's API at, before the mount appears: the loopback address when the
+/// API listens on every interface or on loopback, or [`own_url`] with TLS (whose
+/// certificate names the host, not the loopback address).
+fn record_api_url(data_dir: &Path, config: &Config, address: std::net::SocketAddr) {
+    let url = if config.http.tls.is_some() {
+        own_url(config, address)
     } else if address.ip().is_unspecified() {
         format!("http://127.0.0.1:{}", address.port())
     } else {
@@ -786,19 +806,7 @@ impl ReplicationTasks {
         let address = listener
             .local_addr()
             .map_err(|error| MountError::runtime("read the node's address", error))?;
-        // Without lease.advertise-url others reach this node at the address it is
-        // bound to, or by its hostname when it listens on every interface.
-        let scheme = if config.http.tls.is_some() {
-            "https"
-        } else {
-            "http"
-        };
-        let own_url = if address.ip().is_unspecified() {
-            format!("{scheme}://{hostname}:{}", address.port())
-        } else {
-            format!("{scheme}://{address}")
-        };
-        record_api_url(data_dir, scheme, address, &own_url);
+        let own_url = own_url(config, address);
         if config.names_other_nodes() && !server_settings.keys.is_enabled() {
             tracing::warn!(
                 %address,
