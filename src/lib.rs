@@ -9,6 +9,7 @@ pub mod cli;
 pub mod config;
 pub mod fs;
 pub mod fuse;
+pub mod hex;
 pub mod lease;
 pub mod ltx;
 pub mod mount;

@@ -116,7 +116,7 @@ impl ObjectName {
             self.pre_apply.0,
             self.post_apply.0,
             self.timestamp_ms,
-            hex(&self.sha256)
+            crate::hex::encode(&self.sha256)
         )
     }
 
@@ -152,7 +152,9 @@ impl ObjectName {
             }
             u64::from_str_radix(text, 16).map_err(|_| error("a number is not hexadecimal"))
         };
-        let sha256 = parse_hex_32(sha).ok_or_else(|| error("the SHA-256 is not 64 hex digits"))?;
+        let sha256 = crate::hex::decode(sha)
+            .and_then(|bytes| <[u8; 32]>::try_from(bytes).ok())
+            .ok_or_else(|| error("the SHA-256 is not 64 hex digits"))?;
         let name = ObjectName {
             database: database.to_string(),
             kind,
@@ -179,22 +181,6 @@ impl fmt::Display for ObjectName {
     fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
         formatter.write_str(&self.path())
     }
-}
-
-/// Lower-case hex of `bytes`.
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
-}
-
-fn parse_hex_32(text: &str) -> Option<[u8; 32]> {
-    if text.len() != 64 || !text.bytes().all(|byte| byte.is_ascii_hexdigit()) {
-        return None;
-    }
-    let mut out = [0u8; 32];
-    for (index, byte) in out.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(&text[index * 2..index * 2 + 2], 16).ok()?;
-    }
-    Some(out)
 }
 
 /// The framing of records inside an object: a big-endian `u64` length, then

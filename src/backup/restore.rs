@@ -235,8 +235,8 @@ fn sha_mismatch(object: &ObjectName, sha: &[u8]) -> BackupError {
         object,
         format!(
             "its SHA-256 is {} but its name says {}",
-            layout::hex(sha),
-            layout::hex(&object.sha256)
+            crate::hex::encode(sha),
+            crate::hex::encode(&object.sha256)
         ),
     )
 }

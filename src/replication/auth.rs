@@ -37,6 +37,7 @@ use tonic::codegen::Service;
 use tonic::codegen::http::{self, HeaderValue};
 
 use crate::config::Secret;
+use crate::hex;
 use crate::store::cluster::unix_now_ms;
 
 type HmacSha256 = Hmac<Sha256>;
@@ -154,7 +155,11 @@ pub(super) fn sign_request(
     let digest = Sha256::digest(body);
     let time = now_ms.to_be_bytes();
     let mac = hmac(key, &request_message(path, &time, &nonce, &digest)).finalize();
-    format!("{now_ms}.{}.{}", hex(&nonce), hex(&mac.into_bytes()))
+    format!(
+        "{now_ms}.{}.{}",
+        hex::encode(&nonce),
+        hex::encode(&mac.into_bytes())
+    )
 }
 
 /// The reply header's MAC over the call's MAC.
@@ -259,10 +264,10 @@ pub fn verify_request(
         return Err(AuthFailure::Malformed);
     };
     let time_ms: u64 = time.parse().map_err(|_| AuthFailure::Malformed)?;
-    let nonce: [u8; 16] = unhex(nonce)
+    let nonce: [u8; 16] = hex::decode(nonce)
         .and_then(|bytes| bytes.try_into().ok())
         .ok_or(AuthFailure::Malformed)?;
-    let mac = unhex(mac)
+    let mac = hex::decode(mac)
         .filter(|mac| mac.len() == 32)
         .ok_or(AuthFailure::Malformed)?;
     let digest = Sha256::digest(body);
@@ -275,7 +280,7 @@ pub fn verify_request(
         return Err(AuthFailure::Stale { skew_ms });
     }
     guard.admit(nonce, time_ms, now_ms)?;
-    HeaderValue::from_str(&hex(&reply_mac(key, &mac))).map_err(|_| AuthFailure::Malformed)
+    HeaderValue::from_str(&hex::encode(&reply_mac(key, &mac))).map_err(|_| AuthFailure::Malformed)
 }
 
 /// Checks an answer's reply header against the MAC of the call it answers.
@@ -287,29 +292,15 @@ fn verify_reply(
     let request_mac = request_header
         .rsplit('.')
         .next()
-        .and_then(unhex)
+        .and_then(hex::decode)
         .ok_or(AuthFailure::Malformed)?;
     let reply = reply
         .and_then(|value| value.to_str().ok())
-        .and_then(unhex)
+        .and_then(hex::decode)
         .ok_or(AuthFailure::UnprovenAnswer)?;
     keys.verifying_key(&[REPLY_CONTEXT, &request_mac], &reply)
         .map(|_| ())
         .ok_or(AuthFailure::UnprovenAnswer)
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn unhex(text: &str) -> Option<Vec<u8>> {
-    if text.len() % 2 != 0 {
-        return None;
-    }
-    (0..text.len())
-        .step_by(2)
-        .map(|at| u8::from_str_radix(text.get(at..at + 2)?, 16).ok())
-        .collect()
 }
 
 fn random_nonce() -> [u8; 16] {

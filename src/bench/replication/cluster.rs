@@ -258,7 +258,7 @@ impl NodeApi {
         }
         let mut secret = [0u8; 32];
         crate::node::fill_random(&mut secret);
-        let secret: String = secret.iter().map(|byte| format!("{byte:02x}")).collect();
+        let secret = crate::hex::encode(&secret);
         let file = |name: &str| yaml_quote(&base.join(name));
         Ok(NodeApi {
             http: format!(
