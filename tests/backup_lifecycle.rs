@@ -319,6 +319,20 @@ fn compaction_merges_objects_and_every_txid_stays_restorable() {
     }
     let output = ltxfs(&["backup", "verify", "--url", &url]);
     assert!(output.status.success(), "{}", text(&output));
+
+    // Once the last window of 1.6 s has passed, one cumulative object spans
+    // everything since the snapshot: the newest state restores from two
+    // objects, and its pages give the mount's checksum.
+    let (_, checksum) = position(&mount, "app.db");
+    let latest = scratch.join("latest.db");
+    let mut printed = String::new();
+    wait_until("a restore from two objects", BACKUP_TIMEOUT, || {
+        printed = restore(&["--url", &url], "app.db", &latest, &[]);
+        printed.contains("(from 2 objects)")
+    });
+    assert_eq!(file_checksum(&latest), checksum, "{printed}");
+    assert_eq!(count_rows(&latest), 40);
+    assert!(objects("cumulative2") >= 1);
 }
 
 /// Regression: `backup verify` and `restore` list the objects, then read them;
@@ -402,10 +416,25 @@ fn encrypted_backups_hide_the_pages_and_open_only_with_the_identity() {
     }
     let (txid, checksum) = position(&mount, "app.db");
     wait_for_backup(&["--url", &url], "app.db", txid, &mount);
-    let compacted = backup_dir.path().join("app.db").join("changes1");
+    let key = key_file.to_string_lossy().to_string();
+    let restored = mount.root().join("restored.db");
+    // Change objects merged, and a cumulative object (built on the primary,
+    // which holds no identity) over everything since the snapshot.
+    let merged = |level: &str| {
+        fs::read_dir(backup_dir.path().join("app.db").join(level))
+            .is_ok_and(|mut entries| entries.next().is_some())
+    };
+    let mut printed = String::new();
     wait_until("sealed objects to be merged", BACKUP_TIMEOUT, || {
-        fs::read_dir(&compacted).is_ok_and(|mut entries| entries.next().is_some())
+        printed = restore(
+            &["--url", &url],
+            "app.db",
+            &restored,
+            &["--age-identity", &key],
+        );
+        printed.contains("(from 2 objects)") && (merged("changes1") || merged("changes2"))
     });
+    assert_eq!(file_checksum(&restored), checksum, "{printed}");
     for folder in fs::read_dir(backup_dir.path().join("app.db")).expect("folders") {
         for object in fs::read_dir(folder.expect("folder").path()).expect("objects") {
             let bytes = fs::read(object.expect("object").path()).expect("read object");
@@ -419,7 +448,6 @@ fn encrypted_backups_hide_the_pages_and_open_only_with_the_identity() {
         }
     }
 
-    let key = key_file.to_string_lossy().to_string();
     let output = ltxfs(&["backup", "verify", "--url", &url]);
     assert!(output.status.success(), "{}", text(&output));
     assert!(text(&output).contains("SHA-256 only"), "{}", text(&output));
@@ -431,14 +459,6 @@ fn encrypted_backups_hide_the_pages_and_open_only_with_the_identity() {
         text(&output)
     );
 
-    let restored = mount.root().join("restored.db");
-    restore(
-        &["--url", &url],
-        "app.db",
-        &restored,
-        &["--age-identity", &key],
-    );
-    assert_eq!(file_checksum(&restored), checksum);
     let secrets = rusqlite::Connection::open(&restored).expect("open restored");
     assert_eq!(
         query_i64(

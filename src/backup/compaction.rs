@@ -8,80 +8,146 @@
 //! Objects are sequences of whole records, so the merged object still lets a
 //! restore stop after any of its transactions.
 //!
+//! Cumulative objects (`backup::cumulative`) are built by the uploader; here
+//! those no restore can use any more are deleted.
+//!
 //! Invariants: only runs of objects that follow each other (TXIDs and
 //! checksums) are merged, so objects of a fenced old primary are never mixed
-//! in; sources are deleted only after the merged object is stored, and a
+//! in; no merged object spans the end of a snapshot, so every snapshot stays
+//! the start of a chain; sources are deleted only after the merged object is stored, and a
 //! restore prefers the longer object, so a crash in between leaves a
 //! restorable destination (the next run merges the leftovers again, to the
 //! same name).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::io::{Seek, SeekFrom};
 use std::path::Path;
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
-use super::layout::{ObjectKind, ObjectName};
+use super::layout::{self, ObjectKind, ObjectName, Point};
 use super::restore::append_object;
 use super::{BackupError, Destination};
 use crate::store::cluster::unix_now_ms;
 
-/// Merges what the windows that passed allow; returns how many merged objects
-/// were written.
+/// Merges what the windows that passed allow, and deletes the cumulative
+/// objects no restore can use; returns the database's objects as they are
+/// now.
 pub async fn compact(
     destination: &Destination,
     database: &str,
     windows: &[Duration],
     grace: Duration,
     spool_dir: &Path,
-) -> Result<usize, BackupError> {
+) -> Result<Vec<ObjectName>, BackupError> {
     let mut objects: Vec<ObjectName> = destination
         .list(Some(database))
         .await?
         .into_iter()
         .map(|listed| listed.name)
-        .filter(|name| name.kind == ObjectKind::Changes)
         .collect();
     let now = unix_now_ms();
-    let grace_ms = grace.as_millis() as u64;
     let mut merged_objects = 0;
     for (index, window) in windows.iter().enumerate() {
         let level = index as u8 + 1;
-        let window_ms = (window.as_millis() as u64).max(1);
-        let mut slots: BTreeMap<u64, Vec<ObjectName>> = BTreeMap::new();
-        for object in objects.iter().filter(|object| object.level < level) {
-            slots
-                .entry(object.timestamp_ms / window_ms)
-                .or_default()
-                .push(object.clone());
-        }
-        for (slot, mut group) in slots {
-            if group.len() < 2 || (slot + 1) * window_ms + grace_ms > now {
-                continue;
-            }
-            group.sort_by_key(|object| object.min_txid);
-            if !follow_each_other(&group) {
-                tracing::debug!(
-                    database,
-                    level,
-                    "not merging objects that do not follow each other"
-                );
-                continue;
-            }
-            let merged = merge(destination, &group, level, spool_dir).await?;
-            for source in &group {
+        for run in runs_to_merge(&objects, level, *window, grace, now) {
+            let merged = merge(destination, &run, level, spool_dir).await?;
+            for source in &run {
                 destination.delete(source).await?;
             }
-            objects.retain(|object| !group.contains(object));
+            objects.retain(|object| !run.contains(object));
             objects.push(merged);
             merged_objects += 1;
         }
     }
-    if merged_objects > 0 {
-        tracing::debug!(destination = %destination, database, merged_objects, "compacted backup objects");
+    let unusable = unusable_cumulatives(&objects);
+    for object in &unusable {
+        destination.delete(object).await?;
     }
-    Ok(merged_objects)
+    objects.retain(|object| !unusable.contains(object));
+    if merged_objects > 0 || !unusable.is_empty() {
+        tracing::debug!(destination = %destination, database, merged_objects, deleted_cumulatives = unusable.len(), "compacted backup objects");
+    }
+    Ok(objects)
+}
+
+/// The runs of change objects below `level` that a level-`level` object of
+/// `window` replaces now (Unix milliseconds `now_ms`): those whose last commit
+/// falls in one window that ended at least `grace` ago, that follow each
+/// other, split where a snapshot ends (so every snapshot stays the start of
+/// a chain), each of at least two objects. Pure.
+pub fn runs_to_merge(
+    objects: &[ObjectName],
+    level: u8,
+    window: Duration,
+    grace: Duration,
+    now_ms: u64,
+) -> Vec<Vec<ObjectName>> {
+    let window_ms = (window.as_millis() as u64).max(1);
+    let grace_ms = grace.as_millis() as u64;
+    let snapshot_ends: HashSet<Point> = objects
+        .iter()
+        .filter(|object| object.kind == ObjectKind::Snapshot)
+        .map(ObjectName::end)
+        .collect();
+    let mut slots: BTreeMap<u64, Vec<ObjectName>> = BTreeMap::new();
+    for object in objects
+        .iter()
+        .filter(|object| object.kind == ObjectKind::Changes && object.level < level)
+    {
+        slots
+            .entry(object.timestamp_ms / window_ms)
+            .or_default()
+            .push(object.clone());
+    }
+    let mut runs = Vec::new();
+    for (slot, mut group) in slots {
+        if group.len() < 2 || (slot + 1) * window_ms + grace_ms > now_ms {
+            continue;
+        }
+        group.sort_by_key(|object| object.min_txid);
+        if !follow_each_other(&group) {
+            tracing::debug!(level, "not merging objects that do not follow each other");
+            continue;
+        }
+        let mut run: Vec<ObjectName> = Vec::new();
+        for object in group {
+            if run
+                .last()
+                .is_some_and(|last| snapshot_ends.contains(&last.end()))
+            {
+                runs.push(std::mem::take(&mut run));
+            }
+            run.push(object);
+        }
+        runs.push(run);
+    }
+    runs.retain(|run| run.len() >= 2);
+    runs
+}
+
+/// The cumulative objects no restore can use any more: those that do not
+/// start and end where links of some chain end (compaction merged their
+/// end's neighbours, or they belong to a history that lost), and those with
+/// the same end as one that starts earlier. Pure.
+pub fn unusable_cumulatives(objects: &[ObjectName]) -> Vec<ObjectName> {
+    let ends: HashSet<Point> = layout::chains(objects)
+        .iter()
+        .flatten()
+        .map(|link| link.end())
+        .collect();
+    let (usable, mut unusable): (Vec<&ObjectName>, Vec<&ObjectName>) = objects
+        .iter()
+        .filter(|object| object.kind == ObjectKind::Cumulative)
+        .partition(|object| ends.contains(&object.start()) && ends.contains(&object.end()));
+    unusable.extend(usable.iter().filter(|object| {
+        usable.iter().any(|other| {
+            other.end() == object.end()
+                && (other.min_txid, other.level) < (object.min_txid, object.level)
+        })
+    }));
+    unusable.into_iter().cloned().collect()
 }
 
 /// When compaction should look again after a run at `now_ms`: once the next
@@ -141,6 +207,7 @@ async fn merge(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ltx::TxId;
 
     #[test]
     fn the_next_run_is_after_the_next_boundary_of_the_shortest_window() {
@@ -149,5 +216,72 @@ mod tests {
         assert_eq!(next_run_ms(61_000, &windows, grace), 92_000);
         assert_eq!(next_run_ms(90_000, &windows, grace), 122_000);
         assert_eq!(next_run_ms(5, &[], grace), u64::MAX);
+    }
+
+    fn object(kind: ObjectKind, range: (u64, u64), timestamp_ms: u64) -> ObjectName {
+        layout::sample_object(kind, 0, range, timestamp_ms)
+    }
+
+    /// Regression: a merged object that spanned a snapshot's end left the
+    /// snapshot the start of a chain of nothing, so once retention deleted
+    /// the snapshot before it, the newest state restored only up to that
+    /// snapshot.
+    #[test]
+    fn no_merged_object_spans_the_end_of_a_snapshot() {
+        let mut objects = vec![
+            object(ObjectKind::Snapshot, (1, 10), 10_000),
+            object(ObjectKind::Changes, (11, 12), 11_000),
+            object(ObjectKind::Changes, (13, 14), 12_000),
+            object(ObjectKind::Snapshot, (1, 14), 12_500),
+            object(ObjectKind::Changes, (15, 16), 13_000),
+            object(ObjectKind::Changes, (17, 18), 14_000),
+        ];
+        let runs = runs_to_merge(&objects, 1, Duration::from_secs(30), Duration::ZERO, 60_000);
+        let ranges: Vec<Vec<(u64, u64)>> = runs
+            .iter()
+            .map(|run| run.iter().map(|o| (o.min_txid.0, o.max_txid.0)).collect())
+            .collect();
+        assert_eq!(
+            ranges,
+            vec![vec![(11, 12), (13, 14)], vec![(15, 16), (17, 18)]]
+        );
+        for run in runs {
+            objects.retain(|object| !run.contains(object));
+            objects.push(ObjectName {
+                level: 1,
+                ..object(
+                    ObjectKind::Changes,
+                    (run[0].min_txid.0, run[run.len() - 1].max_txid.0),
+                    run[run.len() - 1].timestamp_ms,
+                )
+            });
+        }
+        // Retention deletes the first snapshot and what it alone needed.
+        objects.retain(|object| {
+            object.max_txid.0 > 14 || object.min_txid.0 == 1 && object.max_txid.0 == 14
+        });
+        let plan = layout::plan("app.db", &objects, layout::Target::Latest).unwrap();
+        assert_eq!(plan.objects.last().unwrap().max_txid, TxId(18));
+    }
+
+    #[test]
+    fn cumulative_objects_off_every_chain_or_superseded_are_unusable() {
+        let cumulative = |range, level| ObjectName {
+            level,
+            ..object(ObjectKind::Cumulative, range, 0)
+        };
+        let mut objects = vec![
+            object(ObjectKind::Snapshot, (1, 10), 10_000),
+            object(ObjectKind::Changes, (11, 20), 20_000),
+            object(ObjectKind::Changes, (21, 30), 30_000),
+            object(ObjectKind::Changes, (31, 40), 40_000),
+        ];
+        let kept = cumulative((11, 30), 3);
+        let superseded = cumulative((21, 30), 1);
+        let inside = cumulative((11, 25), 2);
+        objects.extend([kept.clone(), superseded.clone(), inside.clone()]);
+        let unusable = unusable_cumulatives(&objects);
+        assert_eq!(unusable.len(), 2, "{unusable:?}");
+        assert!(unusable.contains(&superseded) && unusable.contains(&inside));
     }
 }

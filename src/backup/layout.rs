@@ -26,6 +26,7 @@
 //! epoch never goes down along it (a fenced old primary's late objects lose
 //! to its successor's).
 
+use std::collections::HashMap;
 use std::fmt;
 
 use crate::ltx::{Checksum, TxId};
@@ -39,31 +40,42 @@ pub enum ObjectKind {
     Changes,
     /// A snapshot of the whole database.
     Snapshot,
+    /// The pages a run of transactions changed, merged into one record (the
+    /// newest version of each page): a restore applies it whole to jump from
+    /// its first TXID to its last. Level N (1 to [`MAX_LEVEL`]) ends where a
+    /// window of `backup.compaction-windows[N-1]` ended and starts where the
+    /// enclosing window of the next level began (the snapshot, for the
+    /// highest level); see `backup::cumulative`.
+    Cumulative,
 }
 
 /// The highest compaction level.
 pub const MAX_LEVEL: u8 = crate::config::MAX_BACKUP_COMPACTION_WINDOWS as u8;
 
 /// The folder of objects of `kind` at `level` under a database: `snapshots`,
-/// `changes` (level 0) or `changes1` to `changes9`.
+/// `changes` (level 0), `changes1` to `changes9`, or `cumulative1` to
+/// `cumulative9`.
 fn folder(kind: ObjectKind, level: u8) -> String {
     match (kind, level) {
         (ObjectKind::Snapshot, _) => "snapshots".to_string(),
         (ObjectKind::Changes, 0) => "changes".to_string(),
         (ObjectKind::Changes, level) => format!("changes{level}"),
+        (ObjectKind::Cumulative, level) => format!("cumulative{level}"),
     }
 }
 
 fn from_folder(folder: &str) -> Option<(ObjectKind, u8)> {
+    let leveled = |kind, digits: &str| {
+        let level: u8 = digits.parse().ok()?;
+        (1..=MAX_LEVEL).contains(&level).then_some((kind, level))
+    };
     match folder {
         "snapshots" => Some((ObjectKind::Snapshot, 0)),
         "changes" => Some((ObjectKind::Changes, 0)),
-        _ => {
-            let level: u8 = folder.strip_prefix("changes")?.parse().ok()?;
-            (1..=MAX_LEVEL)
-                .contains(&level)
-                .then_some((ObjectKind::Changes, level))
-        }
+        _ => match folder.strip_prefix("cumulative") {
+            Some(digits) => leveled(ObjectKind::Cumulative, digits),
+            None => leveled(ObjectKind::Changes, folder.strip_prefix("changes")?),
+        },
     }
 }
 
@@ -72,7 +84,7 @@ fn from_folder(folder: &str) -> Option<(ObjectKind, u8)> {
 pub struct ObjectName {
     /// The database it belongs to.
     pub database: String,
-    /// Changes or snapshot.
+    /// Changes, cumulative or snapshot.
     pub kind: ObjectKind,
     /// The compaction level of a changes object (0 for snapshots).
     pub level: u8,
@@ -134,7 +146,10 @@ impl ObjectName {
             return Err(error("the database folder is empty or nested"));
         }
         let (kind, level) = from_folder(folder).ok_or_else(|| {
-            error("the kind folder is not `snapshots`, `changes` or `changes1` to `changes9`")
+            error(
+                "the kind folder is not `snapshots`, `changes`, `changes1` to `changes9` \
+                 or `cumulative1` to `cumulative9`",
+            )
         })?;
         let stem = file
             .strip_suffix(".ltx")
@@ -174,6 +189,23 @@ impl ObjectName {
             return Err(error("snapshots, and only they, start at TXID 1"));
         }
         Ok(name)
+    }
+}
+
+/// A point in a database's history: a TXID and the database's checksum right
+/// after it.
+pub type Point = (TxId, Checksum);
+
+impl ObjectName {
+    /// The point it applies to: the TXID before its first one and the
+    /// checksum there (TXID 0 and a zero checksum for a snapshot).
+    pub fn start(&self) -> Point {
+        (TxId(self.min_txid.0 - 1), self.pre_apply)
+    }
+
+    /// The point it leaves the database at.
+    pub fn end(&self) -> Point {
+        (self.max_txid, self.post_apply)
     }
 }
 
@@ -272,6 +304,55 @@ pub fn chain_from<'a>(snapshot: &'a ObjectName, changes: &'a [ObjectName]) -> Ve
     }
 }
 
+/// The fewest objects that take a database from the end of `chain[0]` (its
+/// snapshot) to the end of `chain[upto]`: links of the chain, and cumulative
+/// objects of `objects` that start and end where links of the chain end.
+/// Where a cumulative object saves nothing, the chain's links are taken.
+pub fn shortest_path<'a>(
+    chain: &[&'a ObjectName],
+    upto: usize,
+    objects: &'a [ObjectName],
+) -> Vec<&'a ObjectName> {
+    let node: HashMap<Point, usize> = chain[..=upto]
+        .iter()
+        .enumerate()
+        .map(|(index, link)| (link.end(), index))
+        .collect();
+    let mut jumps: HashMap<usize, Vec<(usize, &ObjectName)>> = HashMap::new();
+    for object in objects
+        .iter()
+        .filter(|object| object.kind == ObjectKind::Cumulative)
+    {
+        if let (Some(&from), Some(&to)) = (node.get(&object.start()), node.get(&object.end()))
+            && from < to
+        {
+            jumps.entry(to).or_default().push((from, object));
+        }
+    }
+    // `best[i]`: the fewest objects after the snapshot that reach node i, and
+    // the step that does it last.
+    let mut best: Vec<(usize, usize, &ObjectName)> = vec![(0, 0, chain[0])];
+    for index in 1..=upto {
+        let mut step = (best[index - 1].0 + 1, index - 1, chain[index]);
+        for &(from, object) in jumps.get(&index).into_iter().flatten() {
+            if best[from].0 + 1 < step.0 {
+                step = (best[from].0 + 1, from, object);
+            }
+        }
+        best.push(step);
+    }
+    let mut path = Vec::with_capacity(best[upto].0 + 1);
+    let mut index = upto;
+    while index > 0 {
+        let (_, from, object) = best[index];
+        path.push(object);
+        index = from;
+    }
+    path.push(chain[0]);
+    path.reverse();
+    path
+}
+
 /// The restorable chains of one database's objects: one per snapshot, as far
 /// as it goes. Ordered so the best end comes last: the highest epoch, then
 /// the latest commit (a history that started again from TXID 1 in the same
@@ -336,12 +417,27 @@ pub fn plan(
             ),
         }
     };
-    let cut = |chain: &[&ObjectName], keep: usize| RestorePlan {
-        objects: chain[..keep]
-            .iter()
-            .map(|object| (*object).clone())
-            .collect(),
-        target,
+    // The first `keep` links of `chain`, by the shortest path: the last link
+    // is applied whole unless the target lies inside it, and then it must be
+    // read, since only its records can stop short of its end.
+    let cut = |chain: &[&ObjectName], keep: usize| {
+        let last = chain[keep - 1];
+        let whole = match target {
+            Target::Latest => true,
+            Target::TxId(txid) => last.max_txid == txid,
+            Target::Time(millis) => last.timestamp_ms <= millis,
+        };
+        let path = if whole || keep == 1 {
+            shortest_path(chain, keep - 1, objects)
+        } else {
+            let mut path = shortest_path(chain, keep - 2, objects);
+            path.push(last);
+            path
+        };
+        RestorePlan {
+            objects: path.into_iter().cloned().collect(),
+            target,
+        }
     };
     let gap = |chain: &[&ObjectName]| {
         let end = chain.last().expect("a chain starts with its snapshot");
@@ -420,10 +516,36 @@ pub fn first_orphan(objects: &[ObjectName]) -> Option<&ObjectName> {
         })
         .filter(|object| {
             !objects.iter().any(|before| {
-                before.max_txid.0 + 1 == object.min_txid.0 && before.post_apply == object.pre_apply
+                before.kind != ObjectKind::Cumulative && before.end() == object.start()
             })
         })
         .min_by_key(|object| object.min_txid)
+}
+
+/// An object of a history whose checksum after TXID `n` is `n`, for tests.
+#[cfg(test)]
+pub(crate) fn sample_object(
+    kind: ObjectKind,
+    level: u8,
+    range: (u64, u64),
+    timestamp_ms: u64,
+) -> ObjectName {
+    ObjectName {
+        database: "app.db".into(),
+        kind,
+        level,
+        min_txid: TxId(range.0),
+        max_txid: TxId(range.1),
+        epoch: 1,
+        pre_apply: Checksum(if kind == ObjectKind::Snapshot {
+            0
+        } else {
+            range.0 - 1
+        }),
+        post_apply: Checksum(range.1),
+        timestamp_ms,
+        sha256: [0; 32],
+    }
 }
 
 #[cfg(test)]
@@ -581,5 +703,63 @@ mod tests {
         ));
         assert!(plan("app.db", &damaged, Target::TxId(TxId(14))).is_ok());
         assert!(plan("app.db", &damaged, Target::Time(12_000)).is_ok());
+    }
+
+    #[test]
+    fn cumulative_objects_shorten_plans_where_they_start_and_end_on_the_chain() {
+        let mut objects = vec![object(ObjectKind::Snapshot, (1, 10), 1, 0, C | 10)];
+        for start in [11, 21, 31, 41] {
+            objects.push(object(
+                ObjectKind::Changes,
+                (start, start + 9),
+                1,
+                C | (start - 1),
+                C | (start + 9),
+            ));
+        }
+        let jump = ObjectName {
+            kind: ObjectKind::Cumulative,
+            level: 2,
+            ..object(ObjectKind::Changes, (11, 40), 1, C | 10, C | 40)
+        };
+        // Another history's jump: it ends at a checksum the chain never had.
+        let stray = ObjectName {
+            kind: ObjectKind::Cumulative,
+            level: 3,
+            ..object(ObjectKind::Changes, (11, 50), 1, C | 10, C | 999)
+        };
+        objects.push(jump.clone());
+        objects.push(stray);
+        let ranges = |target| {
+            plan("app.db", &objects, target)
+                .unwrap()
+                .objects
+                .iter()
+                .map(|o| (o.kind, o.min_txid.0, o.max_txid.0))
+                .collect::<Vec<_>>()
+        };
+        let snapshot = (ObjectKind::Snapshot, 1, 10);
+        let jumped = (ObjectKind::Cumulative, 11, 40);
+        let last = (ObjectKind::Changes, 41, 50);
+        assert_eq!(ranges(Target::Latest), vec![snapshot, jumped, last]);
+        assert_eq!(ranges(Target::TxId(TxId(45))), vec![snapshot, jumped, last]);
+        assert_eq!(ranges(Target::TxId(TxId(40))), vec![snapshot, jumped]);
+        assert_eq!(ranges(Target::Time(47_000)), vec![snapshot, jumped, last]);
+        // A target inside the jump's range needs the records that hold it.
+        assert_eq!(
+            ranges(Target::TxId(TxId(35))),
+            vec![
+                snapshot,
+                (ObjectKind::Changes, 11, 20),
+                (ObjectKind::Changes, 21, 30),
+                (ObjectKind::Changes, 31, 40)
+            ]
+        );
+        // A jump is never the start of a chain, nor what marks a gap filled.
+        objects.retain(|object| object.min_txid != TxId(31) || object.kind != ObjectKind::Changes);
+        assert!(matches!(
+            plan("app.db", &objects, Target::Latest),
+            Err(PlanError::Gap { after, .. }) if after == TxId(30)
+        ));
     }
 }

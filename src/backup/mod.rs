@@ -20,6 +20,7 @@
 //! `object_store`.
 
 pub mod compaction;
+pub mod cumulative;
 pub mod destination;
 pub mod encryption;
 pub mod inspect;

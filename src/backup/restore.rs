@@ -33,6 +33,8 @@ pub struct Restored {
     pub checksum: Checksum,
     /// The database's size in bytes.
     pub bytes: u64,
+    /// How many objects it read.
+    pub objects: usize,
 }
 
 /// Progress callbacks (for a terminal): called after each object with the
@@ -113,9 +115,11 @@ async fn restore_once(
         opening,
     );
     let total = plan.objects.len();
-    for (index, object) in plan.objects.iter().enumerate() {
+    let mut read = 0;
+    for object in &plan.objects {
         builder = stream_object(destination, object, builder, target).await?;
-        progress(index + 1, total);
+        read += 1;
+        progress(read, total);
         if builder.reached(target) {
             break;
         }
@@ -134,6 +138,10 @@ async fn restore_once(
         .map_err(|error| {
             BackupError::local("finish the restore", std::io::Error::other(error))
         })??;
+    let restored = Restored {
+        objects: read,
+        ..restored
+    };
     partial.persist(output).map_err(|error| {
         BackupError::local(format!("rename into {}", output.display()), error.error)
     })?;
@@ -691,6 +699,7 @@ impl Builder {
             .sync_all()
             .map_err(|error| BackupError::local("sync the restored database", error))?;
         Ok(Restored {
+            objects: 0,
             txid: self.txid,
             timestamp_ms: self.timestamp_ms,
             checksum: self

@@ -12,7 +12,7 @@
 //! immutable and named by their content), and is retried with backoff; a
 //! failure is logged when the destination's state changes, not every round.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
@@ -25,8 +25,10 @@ use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
 use super::encryption::Recipients;
-use super::layout::{self, ObjectKind, ObjectName, RECORD_LENGTH_BYTES, Target, frame_record};
-use super::{BackupError, Destination, compaction};
+use super::layout::{
+    self, ObjectKind, ObjectName, Point, RECORD_LENGTH_BYTES, Target, frame_record,
+};
+use super::{BackupError, Destination, compaction, cumulative};
 use crate::config::BackupConfig;
 use crate::ltx::{self, Checksum, Header, Trailer, TxId};
 use crate::store::cluster::unix_now_ms;
@@ -169,6 +171,7 @@ impl Uploader {
                     recipients: self.recipients.clone(),
                     remote: None,
                     next_compaction_ms: 0,
+                    cumulatives: HashMap::new(),
                 };
                 tokio::spawn(round.run(shutdown.clone()))
             })
@@ -193,6 +196,8 @@ struct Known {
 }
 
 struct DestinationLoop {
+    /// Per database, what cumulative objects are built from.
+    cumulatives: HashMap<String, cumulative::Builder>,
     destination: Destination,
     store: Arc<Store>,
     config: BackupConfig,
@@ -313,7 +318,7 @@ impl DestinationLoop {
                 .map(|known| known.databases.keys().cloned().collect())
                 .unwrap_or_default();
             for name in names {
-                compaction::compact(
+                let objects = compaction::compact(
                     &self.destination,
                     &name,
                     &self.config.compaction_windows,
@@ -321,12 +326,101 @@ impl DestinationLoop {
                     &self.spool_dir,
                 )
                 .await?;
+                self.extend_cumulatives(&name, &objects).await?;
             }
             self.next_compaction_ms = compaction::next_run_ms(
                 now,
                 &self.config.compaction_windows,
                 self.config.sync_interval * 2,
             );
+        }
+        Ok(())
+    }
+
+    /// Builds and uploads the cumulative objects that the newest chain of
+    /// `database` (whose objects are `objects`) lacks. When this node cannot
+    /// build one, the next round uploads a snapshot, from which new ones
+    /// start.
+    async fn extend_cumulatives(
+        &mut self,
+        name: &str,
+        objects: &[ObjectName],
+    ) -> Result<(), BackupError> {
+        let Some(database) = self.store.database(name) else {
+            return Ok(());
+        };
+        let needed = cumulative::needed(
+            objects,
+            &self.config.compaction_windows,
+            self.config.sync_interval * 2,
+            unix_now_ms(),
+        );
+        let mut builder = self.cumulatives.remove(name).unwrap_or_else(|| {
+            cumulative::Builder::new(self.spool_dir.clone(), self.recipients.clone())
+        });
+        let starts: HashSet<Point> = layout::chains(objects)
+            .iter()
+            .flatten()
+            .map(|link| link.end())
+            .collect();
+        builder.retain(&starts);
+        if needed.is_empty() {
+            self.cumulatives.insert(name.to_string(), builder);
+            return Ok(());
+        }
+        let (builder, built, unbuildable) = tokio::task::spawn_blocking(move || {
+            let mut built = Vec::new();
+            for wanted in &needed {
+                if builder.failed_before(wanted) {
+                    continue;
+                }
+                match builder.build(&database, wanted) {
+                    Ok(Ok(object)) => built.push(object),
+                    Ok(Err(why)) => return (builder, Ok(built), Some((wanted.clone(), why))),
+                    Err(error) => return (builder, Err(error), None),
+                }
+            }
+            (builder, Ok(built), None)
+        })
+        .await
+        .map_err(|error| {
+            BackupError::local("build cumulative objects", std::io::Error::other(error))
+        })?;
+        self.cumulatives.insert(name.to_string(), builder);
+        for object in built? {
+            self.destination
+                .put_spooled(&object.name, object.file, object.size)
+                .await?;
+            tracing::debug!(object = %object.name, "uploaded a cumulative object");
+        }
+        let Some((wanted, why)) = unbuildable else {
+            return Ok(());
+        };
+        // A snapshot restarts the cumulative objects from a point this node
+        // holds; at most one per window of the highest level, so a database
+        // that changes too much for them is not snapshotted every round.
+        let top_window_ms = self
+            .config
+            .compaction_windows
+            .last()
+            .map_or(0, |window| window.as_millis() as u64);
+        let Some(remote) = self
+            .remote
+            .as_mut()
+            .and_then(|known| known.databases.get_mut(name))
+        else {
+            return Ok(());
+        };
+        if unix_now_ms().saturating_sub(remote.last_snapshot_ms) >= top_window_ms {
+            tracing::info!(
+                destination = %self.destination,
+                database = name,
+                from_txid = %wanted.start.0,
+                to_txid = %wanted.end.0,
+                reason = ?why,
+                "uploading a snapshot: this node cannot build a cumulative object"
+            );
+            remote.last_snapshot_ms = 0;
         }
         Ok(())
     }
@@ -624,7 +718,7 @@ fn snapshot_object(
 }
 
 /// Writes what `plain` yields, sealed to `recipients`, to `out` as one frame.
-fn seal_frame<W: Write + Seek>(
+pub(super) fn seal_frame<W: Write + Seek>(
     recipients: &Recipients,
     plain: &mut dyn Read,
     out: &mut W,
@@ -644,7 +738,7 @@ fn seal_frame<W: Write + Seek>(
 }
 
 /// The SHA-256 and size of `file`, which is left rewound.
-fn digest_file(file: &mut File) -> std::io::Result<([u8; 32], u64)> {
+pub(super) fn digest_file(file: &mut File) -> std::io::Result<([u8; 32], u64)> {
     file.rewind()?;
     let mut digest = Sha256::new();
     let size = std::io::copy(file, &mut digest)?;

@@ -106,12 +106,13 @@ pub(super) fn run_restore(
     match restored {
         Ok(restored) => {
             println!(
-                "restored {name} to TXID {} ({}), checksum {}, {} bytes, into {}",
+                "restored {name} to TXID {} ({}), checksum {}, {} bytes, into {} (from {} objects)",
                 restored.txid,
                 format_timestamp_millis(restored.timestamp_ms),
                 restored.checksum,
                 restored.bytes,
-                output.display()
+                output.display(),
+                restored.objects
             );
             0
         }

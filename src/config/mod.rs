@@ -114,7 +114,7 @@ pub const DEFAULT_BACKUP_SNAPSHOT_INTERVAL: Duration = Duration::from_secs(24 * 
 pub const MAX_BACKUP_COMPACTION_WINDOWS: usize = 9;
 /// Default for `backup.compaction-windows`.
 pub const DEFAULT_BACKUP_COMPACTION_WINDOWS: [Duration; 3] = [
-    Duration::from_secs(30),
+    Duration::from_secs(10),
     Duration::from_secs(5 * 60),
     Duration::from_secs(60 * 60),
 ];
@@ -203,7 +203,7 @@ pub struct BackupConfig {
     /// `backup.compaction-windows`: the time windows of the compaction
     /// levels, shortest first. Once a window of level N has passed, the
     /// objects of lower levels whose last commit falls in it are merged into
-    /// one, so a restore reads few objects. Default `[30s, 5m, 1h]`.
+    /// one, so a restore reads few objects. Default `[10s, 5m, 1h]`.
     pub compaction_windows: Vec<Duration>,
     /// `backup.retention`: the point-in-time restore window; older objects
     /// are deleted. Default 72 hours.

@@ -110,7 +110,7 @@ fn check_backup(config: &Config) -> Option<Problem> {
             "backup.compaction-windows",
             format!(
                 "must be at most {} windows, each longer than the one before and the first \
-                 longer than `backup.sync-interval`; the default is `[30s, 5m, 1h]`",
+                 longer than `backup.sync-interval`; the default is `[10s, 5m, 1h]`",
                 super::MAX_BACKUP_COMPACTION_WINDOWS
             ),
         ));

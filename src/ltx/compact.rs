@@ -98,7 +98,23 @@ pub fn compact<R: Read>(
     compress: bool,
     out: impl Write,
 ) -> Result<Header, LtxError> {
-    let chain = read_chain(inputs)?;
+    compact_within(inputs, compress, usize::MAX, out)
+}
+
+/// [`compact`], refusing with [`LtxError::TooManyPages`] as soon as the run
+/// touched more than `max_pages` distinct pages, which bounds its memory.
+/// Nothing is written to `out` then.
+///
+/// # Errors
+///
+/// Those of [`compact`], and [`LtxError::TooManyPages`].
+pub fn compact_within<R: Read>(
+    inputs: impl IntoIterator<Item = R>,
+    compress: bool,
+    max_pages: usize,
+    out: impl Write,
+) -> Result<Header, LtxError> {
+    let chain = read_chain(inputs, max_pages)?;
     write_output(&chain, compress, out)
 }
 
@@ -238,10 +254,19 @@ fn check_follows(chain: &Chain, next: &Header, index: usize) -> Result<(), LtxEr
 }
 
 /// Reads and verifies every input, folding their pages into one [`Chain`].
-fn read_chain<R: Read>(inputs: impl IntoIterator<Item = R>) -> Result<Chain, LtxError> {
+fn read_chain<R: Read>(
+    inputs: impl IntoIterator<Item = R>,
+    max_pages: usize,
+) -> Result<Chain, LtxError> {
     let mut chain: Option<Chain> = None;
     for (i, reader) in inputs.into_iter().enumerate() {
         fold_input(&mut chain, i + 1, reader)?;
+        if chain
+            .as_ref()
+            .is_some_and(|chain| chain.pages.len() > max_pages)
+        {
+            return Err(LtxError::TooManyPages { limit: max_pages });
+        }
     }
     chain.ok_or_else(|| {
         LtxError::InvalidArgument("compaction needs at least one input file".to_owned())
@@ -750,7 +775,7 @@ mod tests {
             file((2, 2), 1, s1, &[], s2),
             file((3, 3), 3, s2, &[(3, 3)], s3),
         ];
-        let chain = read_chain(files.iter().map(|f| &f[..])).unwrap();
+        let chain = read_chain(files.iter().map(|f| &f[..]), usize::MAX).unwrap();
         assert!(chain.full);
         assert_eq!(chain.floor, 1);
         assert_eq!(chain.pages.keys().copied().collect::<Vec<_>>(), [1, 3]);

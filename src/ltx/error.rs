@@ -123,6 +123,13 @@ pub enum LtxError {
         message: String,
     },
 
+    /// A compaction would hold more distinct pages than its caller allows.
+    #[error("compaction would hold more than {limit} distinct pages")]
+    TooManyPages {
+        /// The caller's bound.
+        limit: usize,
+    },
+
     /// A caller passed an argument that cannot be valid, or called a method
     /// in the wrong state (for example, encoding a page after `finish`).
     #[error("ltx: {0}")]

@@ -89,7 +89,9 @@ mod pages;
 
 pub use apply::{ApplyOutcome, apply, verify_database_checksum};
 pub use checksum::{Checksum, DatabaseChecksum, checksum_database, crc64, page_checksum};
-pub use compact::{OntoSnapshot, compact, compact_onto_snapshot, compact_onto_snapshot_with};
+pub use compact::{
+    OntoSnapshot, compact, compact_onto_snapshot, compact_onto_snapshot_with, compact_within,
+};
 pub use decoder::Decoder;
 pub use encoder::Encoder;
 pub use error::LtxError;
