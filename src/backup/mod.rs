@@ -12,9 +12,9 @@
 //! Invariants: commits never wait for object storage (the uploader reads the
 //! store on the blocking pool and uploads from memory or a spool file); only
 //! a node whose store is the primary uploads; every object name carries the
-//! writer's lease epoch and the object's SHA-256, and restores check both
-//! the digest and the LTX checksum chain, so a wrong database is never
-//! written.
+//! writer's lease epoch and the object's SHA-256 (which `verify` checks), and
+//! restores check the LTX checksum chain of every record they apply, so a
+//! wrong database is never written.
 //!
 //! Depends on: `store` (positions, change sets, snapshots), `ltx`, `config`,
 //! `object_store`.

@@ -156,9 +156,14 @@ const CHUNKS_IN_FLIGHT: usize = 16;
 
 /// Applies `object` to `builder` as it downloads: the chunks go through a
 /// bounded channel to a blocking thread that decodes and writes the pages, so
-/// the download and the writes overlap and memory stays at a few chunks. The
-/// SHA-256 is checked at the end; a mismatch fails the restore (the partial
-/// file is never renamed) and is reported before any decoding error it caused.
+/// the download and the writes overlap and memory stays at a few chunks.
+///
+/// What is applied is checked by the LTX checksums (each record's file
+/// checksum, the page checksums against every pre- and post-apply checksum,
+/// the name's), which catch any damaged byte; the SHA-256 of a sound object
+/// is therefore not computed here (`ltxfs backup verify` checks it). When an
+/// object fails to apply, it is read again for its digest, so a damaged
+/// object is named by its digest rather than by the decoding error it caused.
 async fn stream_object(
     destination: &Destination,
     object: &ObjectName,
@@ -180,22 +185,10 @@ async fn stream_object(
                 .map(|()| builder)
         })
     };
-    // The digest is computed on a thread of its own, beside the one applying.
-    let (to_digest, digest_chunks) = tokio::sync::mpsc::channel::<bytes::Bytes>(CHUNKS_IN_FLIGHT);
-    let digest = tokio::task::spawn_blocking(move || {
-        let mut chunks = digest_chunks;
-        let mut digest = Sha256::new();
-        while let Some(chunk) = chunks.blocking_recv() {
-            digest.update(&chunk);
-        }
-        digest.finalize()
-    });
     let mut download_error = None;
     while let Some(chunk) = stream.next().await {
         match chunk {
             Ok(chunk) => {
-                // The digest thread ends only when the sender is dropped.
-                let _ = to_digest.send(chunk.clone()).await;
                 // The applying thread stopped early (an error, or the target
                 // reached): the rest is not needed to apply.
                 if chunks.send(chunk).await.is_err() {
@@ -216,23 +209,18 @@ async fn stream_object(
         return Err(error);
     }
     match applied {
-        // Stopped at the target inside the object: what was applied passed
-        // the LTX checksums, and the rest is not read.
-        Ok(builder) if builder.done => Ok(builder),
-        result => {
-            // The whole object, for its digest; a damaged object is named by
-            // its digest rather than by the decoding error it caused.
+        Ok(builder) => Ok(builder),
+        Err(error) => {
+            let mut stream = destination.get(object).await?;
+            let mut digest = Sha256::new();
             while let Some(chunk) = stream.next().await {
-                let _ = to_digest.send(chunk?).await;
+                digest.update(&chunk?);
             }
-            drop(to_digest);
-            let sha = digest.await.map_err(|error| {
-                BackupError::local("compute a digest", std::io::Error::other(error))
-            })?;
+            let sha = digest.finalize();
             if sha.as_slice() != object.sha256 {
                 return Err(sha_mismatch(object, &sha));
             }
-            result
+            Err(error)
         }
     }
 }
