@@ -19,8 +19,10 @@ use std::os::fd::AsRawFd;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::signal::unix::{SignalKind, signal};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::backup::encryption::{Identities, Recipients};
@@ -388,9 +390,16 @@ pub fn run(request: MountRequest) -> Result<i32, MountError> {
     } else {
         Role::Replica
     };
-    if request.config.backup.restore_on_boot && request.config.lease.candidate {
-        restore_on_boot(&request.config, &plan.data_dir)?;
-    }
+    let restored_on_boot = request.config.backup.restore_on_boot
+        && request.config.lease.candidate
+        && restore_on_boot(&request.config, &plan.data_dir)?;
+    // A node that restored its data from a backup leaves a free lease, for
+    // one lease TTL, to candidates that kept their own: they may hold
+    // transactions the backup had not received yet.
+    let campaign_from = restored_on_boot
+        .then(|| lease_ttl(&request.config))
+        .flatten()
+        .map(|ttl| Instant::now() + ttl);
     let store = Store::open(&plan.data_dir, capture, role)
         .map_err(|error| MountError::runtime("open the data dir", io::Error::other(error)))?;
     if static_primary {
@@ -472,7 +481,7 @@ pub fn run(request: MountRequest) -> Result<i32, MountError> {
         &plan.data_dir,
         (listener, proxy_listener),
         security,
-        backup_status.clone(),
+        (backup_status.clone(), campaign_from),
     )?;
     let backup_shutdown = CancellationToken::new();
     let backup_tasks = {
@@ -538,19 +547,29 @@ fn check_backup_destinations(config: &Config) -> Result<(), MountError> {
     Ok(())
 }
 
+/// The time-to-live of the configured coordinator's lease; `None` for the
+/// static lease, which no other node campaigns for.
+fn lease_ttl(config: &Config) -> Option<Duration> {
+    match config.lease.lease_type {
+        LeaseType::Static => None,
+        LeaseType::Consul => Some(config.lease.consul.ttl),
+        LeaseType::Etcd => Some(config.lease.etcd.ttl),
+    }
+}
+
 /// `backup.restore-on-boot`: when the data dir holds no database, restores
 /// every database of the first destination into it, before the store opens
-/// and so before any write or `exec` command. A data dir with data is never
-/// restored over.
-fn restore_on_boot(config: &Config, data_dir: &Path) -> Result<(), MountError> {
+/// and so before any write or `exec` command; says whether it restored
+/// any. A data dir with data is never restored over.
+fn restore_on_boot(config: &Config, data_dir: &Path) -> Result<bool, MountError> {
     let empty = crate::store::seed::data_dir_is_empty(data_dir)
         .map_err(|error| MountError::runtime("read the data dir", io::Error::other(error)))?;
     if !empty {
         tracing::info!("the data dir has databases; not restoring from the backup");
-        return Ok(());
+        return Ok(false);
     }
     let Some(destination) = open_backup_destinations(config)?.into_iter().next() else {
-        return Ok(());
+        return Ok(false);
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -573,6 +592,7 @@ fn restore_on_boot(config: &Config, data_dir: &Path) -> Result<(), MountError> {
     if restored.is_empty() {
         tracing::info!(destination = %destination, "the backup holds no database; starting empty");
     }
+    let any = !restored.is_empty();
     for (name, database) in restored {
         tracing::info!(
             database = name,
@@ -582,7 +602,7 @@ fn restore_on_boot(config: &Config, data_dir: &Path) -> Result<(), MountError> {
             "restored from the backup"
         );
     }
-    Ok(())
+    Ok(any)
 }
 
 /// The age recipients backups are encrypted to, if any.
@@ -793,7 +813,7 @@ impl ReplicationTasks {
         data_dir: &Path,
         (listener, proxy_listener): (std::net::TcpListener, Option<std::net::TcpListener>),
         (server_settings, credentials): (ServerSettings, ClientCredentials),
-        backups: Arc<BackupStatus>,
+        (backups, campaign_from): (Arc<BackupStatus>, Option<Instant>),
     ) -> Result<ReplicationTasks, MountError> {
         let _context = runtime.enter();
         let listener = tokio::net::TcpListener::from_std(listener)
@@ -910,6 +930,7 @@ impl ReplicationTasks {
             control,
             writes,
             credentials,
+            campaign_from,
         };
         let failed = CancellationToken::new();
         let node_shutdown = CancellationToken::new();

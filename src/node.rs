@@ -73,6 +73,9 @@ pub struct NodeSettings {
     pub replica_runtime: tokio::runtime::Handle,
     /// How calls to other nodes connect (TLS) and prove the cluster secret.
     pub credentials: ClientCredentials,
+    /// Before this moment the node takes no free lease: it restored its data
+    /// from a backup, and candidates that kept their own data go first.
+    pub campaign_from: Option<Instant>,
 }
 
 /// Why the role loop stopped the node.
@@ -251,6 +254,8 @@ struct Node {
     /// When a free lease this node declined (its stream was still open) should
     /// be looked at again: when the stream will have been silent long enough.
     recheck_at: Option<Instant>,
+    /// See [`NodeSettings::campaign_from`].
+    campaign_from: Option<Instant>,
     /// The replicas the last primary named, kept across streams.
     known_peers: Arc<KnownPeers>,
     /// How this node's calls to other nodes connect and prove themselves.
@@ -272,6 +277,7 @@ impl Node {
             writes,
             replica_runtime,
             credentials,
+            campaign_from,
         } = settings;
         let node = Node {
             store,
@@ -289,6 +295,7 @@ impl Node {
             promotions: Vec::new(),
             handoff_call: None,
             recheck_at: None,
+            campaign_from,
             known_peers: Arc::new(KnownPeers::default()),
             credentials,
         };
@@ -443,6 +450,10 @@ impl Node {
             Some((holder, _)) => holder == &self.me,
         };
         if !self.candidate || !free {
+            return None;
+        }
+        if let Some(at) = self.campaign_from.filter(|at| *at > Instant::now()) {
+            self.recheck_at = Some(at);
             return None;
         }
         if !self.may_take_free_lease() {
@@ -900,6 +911,7 @@ mod tests {
             writes: Arc::new(WriteGate::new()),
             replica_runtime: tokio::runtime::Handle::current(),
             credentials: ClientCredentials::default(),
+            campaign_from: None,
         }
     }
 

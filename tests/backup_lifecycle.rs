@@ -144,6 +144,85 @@ fn restore_on_boot_fills_an_empty_node_before_exec_and_never_restores_over_data(
     assert_eq!(fs::read_to_string(&seen).unwrap().trim(), "26");
 }
 
+/// Regression: a candidate that restored its data at boot took a free lease
+/// at once, before a candidate that kept its own data (which may hold
+/// transactions the backup never received) had restarted; that candidate
+/// then joined as a replica and its newer transactions were replaced. A
+/// restored node now leaves the lease to such peers for one lease TTL.
+#[test]
+fn a_restored_node_leaves_the_lease_to_a_peer_that_kept_newer_data() {
+    let etcd = etcd::Etcd::start();
+    let backup_dir = tempfile::tempdir().expect("tempdir");
+    let (newer, older) = (
+        backup_dir.path().join("newer"),
+        backup_dir.path().join("older"),
+    );
+    fs::create_dir(&newer).expect("backup dir");
+    let node_yaml = |hostname: &str, backup: &Path, more: &str| {
+        format!(
+            "lease:\n  type: etcd\n  candidate: true\n  hostname: {hostname}\n  reconnect-delay: 300ms\n  \
+             etcd:\n    endpoints: [\"{}\"]\n    key: \"ltxfs-restored/primary\"\n    ttl: 5s\n{}",
+            etcd.url(),
+            backup_yaml(&file_url(backup), more)
+        )
+    };
+    // Node B backs up ten rows, then (its backup copied aside as it was)
+    // commits ten more.
+    let mut node_b = Mount::start(MountOptions {
+        extra_yaml: node_yaml("node-b", &newer, ""),
+        ..MountOptions::default()
+    });
+    cluster::wait_until_primary(&node_b);
+    open_db(&node_b.db_path(cluster::DB))
+        .execute_batch("CREATE TABLE t(seq INTEGER PRIMARY KEY)")
+        .expect("schema");
+    cluster::insert(&node_b.db_path(cluster::DB), 0, 10);
+    let (txid, _) = position(&node_b, cluster::DB);
+    wait_for_backup(&["--url", &file_url(&newer)], cluster::DB, txid, &node_b);
+    node_b.stop();
+    let copied = std::process::Command::new("cp")
+        .args(["-a", &newer.to_string_lossy(), &older.to_string_lossy()])
+        .status()
+        .expect("cp");
+    assert!(copied.success());
+    node_b.restart();
+    wait_until(
+        "node-b to take the lease again",
+        cluster::CLUSTER_TIMEOUT,
+        || cluster::accepts_writes(&node_b),
+    );
+    cluster::insert(&node_b.db_path(cluster::DB), 10, 10);
+    let newest = position(&node_b, cluster::DB);
+    node_b.stop();
+
+    // Every node now backs up to the older copy. Node A, on an empty data
+    // dir, restores ten rows; node B comes back with its twenty.
+    let config = fs::read_to_string(node_b.config_path()).expect("config");
+    fs::write(
+        node_b.config_path(),
+        config.replace(&*newer.to_string_lossy(), &older.to_string_lossy()),
+    )
+    .expect("config");
+    let node_a = Mount::start(MountOptions {
+        extra_yaml: node_yaml("node-a", &older, "  restore-on-boot: true\n"),
+        ..MountOptions::default()
+    });
+    assert!(
+        node_a.stderr_text().contains("restored from the backup"),
+        "{}",
+        node_a.stderr_text()
+    );
+    node_b.restart();
+    let nodes = [("node-a", &node_a), ("node-b", &node_b)];
+    assert_eq!(cluster::wait_for_primary(&nodes), "node-b");
+    cluster::wait_converged(&node_b, &[&node_a]);
+    assert_eq!(position(&node_a, cluster::DB), newest);
+    let rows = open_db(&node_a.db_path(cluster::DB))
+        .query_row("SELECT count(*) FROM t", [], |row| row.get::<_, i64>(0))
+        .expect("count");
+    assert_eq!(rows, 20);
+}
+
 #[test]
 fn a_failing_destination_delays_only_the_backup_and_keeps_its_change_sets() {
     let backup_dir = tempfile::tempdir().expect("tempdir");
