@@ -414,6 +414,81 @@ fn compaction_merges_objects_and_every_txid_stays_restorable() {
     assert!(objects("cumulative2") >= 1);
 }
 
+/// The primary keeps the records it builds cumulative objects from in its
+/// data dir: restarted, with a log that retention merged past the snapshot,
+/// it goes on from them instead of uploading a new snapshot.
+#[test]
+fn after_a_restart_cumulative_objects_continue_without_a_new_snapshot() {
+    let backup_dir = tempfile::tempdir().expect("tempdir");
+    let url = file_url(backup_dir.path());
+    let mut mount = Mount::start(MountOptions {
+        extra_yaml: format!(
+            "  retention: 3s\n  retention-monitor-interval: 100ms\n{}",
+            backup_yaml(&url, "  compaction-windows: [300ms, 900ms]\n")
+        ),
+        ..MountOptions::default()
+    });
+    let scratch = mount.root().join("restored.db");
+    let restores_from_two_objects = |mount: &Mount, rows: i64| {
+        let (_, checksum) = position(mount, "app.db");
+        let mut printed = String::new();
+        wait_until("a restore from two objects", BACKUP_TIMEOUT, || {
+            let output = try_restore(&["--url", &url], "app.db", &scratch, &[]);
+            printed = text(&output);
+            output.status.success()
+                && printed.contains("(from 2 objects)")
+                && file_checksum(&scratch) == checksum
+        });
+        assert_eq!(count_rows(&scratch), rows, "{printed}");
+    };
+    {
+        let connection = rusqlite::Connection::open(mount.db_path("app.db")).expect("open");
+        connection
+            .execute_batch("CREATE TABLE t(id INTEGER PRIMARY KEY, v INTEGER);")
+            .expect("schema");
+        // The snapshot first, so the rows go up as change objects.
+        let (txid, _) = position(&mount, "app.db");
+        wait_for_backup(&["--url", &url], "app.db", txid, &mount);
+        // Over several windows, so a cumulative object spans them.
+        for value in 0..10 {
+            insert(&connection, &mount, value);
+            std::thread::sleep(Duration::from_millis(150));
+        }
+    }
+    restores_from_two_objects(&mount, 10);
+
+    mount.stop();
+    mount.restart();
+    let (before, _) = position(&mount, "app.db");
+    let log = mount.data_dir().join("dbs").join("app.db").join("log");
+    wait_until(
+        "retention to merge the log up to the restart",
+        BACKUP_TIMEOUT,
+        || {
+            ltxfs::store::log::read_change_sets(&log).is_ok_and(|sets| {
+                sets.first()
+                    .and_then(|set| {
+                        ltxfs::ltx::Header::decode(&set[..ltxfs::ltx::HEADER_SIZE]).ok()
+                    })
+                    .is_some_and(|base| base.is_snapshot() && base.max_txid.0 == before)
+            })
+        },
+    );
+    let connection = rusqlite::Connection::open(mount.db_path("app.db")).expect("open");
+    for value in 10..20 {
+        insert(&connection, &mount, value);
+        std::thread::sleep(Duration::from_millis(150));
+    }
+    restores_from_two_objects(&mount, 20);
+    let snapshots = fs::read_dir(backup_dir.path().join("app.db").join("snapshots"))
+        .expect("snapshots")
+        .count();
+    assert_eq!(
+        snapshots, 1,
+        "the restarted primary uploaded a new snapshot"
+    );
+}
+
 /// Regression: `backup verify` and `restore` list the objects, then read them;
 /// the primary's compaction deletes merged objects meanwhile. Both must plan
 /// again (or skip what went away) instead of failing on the missing object.

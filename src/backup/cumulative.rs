@@ -14,9 +14,9 @@
 //!
 //! [`needed`] says, from a listing, which cumulative objects the newest chain
 //! lacks (pure). [`Builder`] builds them on the primary from what it holds in
-//! plain text: the cumulative objects it built before (kept in its data dir,
-//! unnamed, for as long as it stays the primary) and its change-set log. When
-//! neither reaches back far enough (a new primary, a restart) or one would
+//! plain text: the cumulative records it built before (kept in its data dir,
+//! so a restart goes on from them) and its change-set log. When neither
+//! reaches back far enough (a new primary) or one would
 //! exceed [`MAX_CUMULATIVE_PAGE_BYTES`], it says so, and the uploader uploads
 //! a snapshot instead (at most once per window of the highest level), from
 //! which new cumulative objects start.
@@ -30,6 +30,8 @@ use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Seek, Write};
 use std::os::unix::fs::FileExt;
+
+use sha2::Digest;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -147,9 +149,12 @@ pub struct Builder {
     spool_dir: PathBuf,
     /// Whom objects are sealed to, if anyone.
     recipients: Option<Recipients>,
-    /// The newest cumulative record built from each start, in plain text
-    /// (one LTX file in an unnamed spool file): its end and the file.
-    built: HashMap<Point, (Point, File)>,
+    /// Where it keeps, in plain text, the newest cumulative record built
+    /// from each start (one LTX file each, named by its TXID range), so a
+    /// restart continues from them.
+    dir: PathBuf,
+    /// Those records by start: their end and file.
+    built: HashMap<Point, (Point, PathBuf)>,
     /// The objects it could not build, not to be tried again.
     failed: HashSet<(Point, Point)>,
 }
@@ -177,14 +182,45 @@ pub struct Built {
 }
 
 impl Builder {
-    /// A builder that spools in `spool_dir` and seals to `recipients`.
-    pub fn new(spool_dir: PathBuf, recipients: Option<Recipients>) -> Builder {
-        Builder {
+    /// A builder that keeps its records in `dir` (created if missing; what
+    /// an earlier run left there is used again), spools objects in
+    /// `spool_dir` and seals them to `recipients`.
+    pub fn open(
+        dir: PathBuf,
+        spool_dir: PathBuf,
+        recipients: Option<Recipients>,
+    ) -> Result<Builder, BackupError> {
+        let dir_error = |error| BackupError::local(format!("read {}", dir.display()), error);
+        std::fs::create_dir_all(&dir).map_err(dir_error)?;
+        let mut built: HashMap<Point, (Point, PathBuf)> = HashMap::new();
+        for entry in std::fs::read_dir(&dir).map_err(dir_error)? {
+            let path = entry.map_err(dir_error)?.path();
+            let (start, end) = match record_range(&path) {
+                Some(range) => range,
+                None => {
+                    // Not a whole record: an interrupted write, or damage.
+                    let _ = std::fs::remove_file(&path);
+                    continue;
+                }
+            };
+            match built.get(&start) {
+                Some((kept, _)) if kept.0 >= end.0 => {
+                    let _ = std::fs::remove_file(&path);
+                }
+                _ => {
+                    if let Some((_, older)) = built.insert(start, (end, path)) {
+                        let _ = std::fs::remove_file(older);
+                    }
+                }
+            }
+        }
+        Ok(Builder {
+            dir,
             spool_dir,
             recipients,
-            built: HashMap::new(),
+            built,
             failed: HashSet::new(),
-        }
+        })
     }
 
     /// Whether building `needed` failed before.
@@ -218,12 +254,10 @@ impl Builder {
         let mut change_sets = Vec::new();
         let mut at = needed.start;
         while at != needed.end {
-            if let Some((end, file)) = self.built.get(&at)
+            if let Some((end, path)) = self.built.get(&at)
                 && end.0 <= needed.end.0
             {
-                let mut file = file.try_clone().map_err(spool_error)?;
-                file.rewind().map_err(spool_error)?;
-                kept.push(file);
+                kept.push(File::open(path).map_err(spool_error)?);
                 at = *end;
                 continue;
             }
@@ -246,7 +280,8 @@ impl Builder {
         }
         let page_size = Header::decode(&first_header).map_or(4096, |header| header.page_size);
         let max_pages = (MAX_CUMULATIVE_PAGE_BYTES / u64::from(page_size.max(512))) as usize;
-        let mut plain = tempfile::tempfile_in(spool_dir).map_err(spool_error)?;
+        let mut record = tempfile::NamedTempFile::new_in(&self.dir).map_err(spool_error)?;
+        let plain = record.as_file_mut();
         let inputs = kept
             .into_iter()
             .map(|file| Box::new(BufReader::new(file)) as Box<dyn std::io::Read>)
@@ -255,7 +290,7 @@ impl Builder {
                     .iter()
                     .map(|set| Box::new(&set[..]) as Box<dyn std::io::Read>),
             );
-        let mut writer = BufWriter::new(&mut plain);
+        let mut writer = BufWriter::new(&mut *plain);
         let header =
             match ltx::compact_within(inputs, true, max_pages, &mut writer).and_then(|header| {
                 writer
@@ -275,7 +310,8 @@ impl Builder {
                     }));
                 }
             };
-        let object = frame(&mut plain, spool_dir, self.recipients.as_ref()).map_err(spool_error)?;
+        plain.sync_data().map_err(spool_error)?;
+        let object = frame(plain, spool_dir, self.recipients.as_ref()).map_err(spool_error)?;
         let name = ObjectName {
             database: database.name().to_string(),
             kind: ObjectKind::Cumulative,
@@ -288,7 +324,19 @@ impl Builder {
             timestamp_ms: header.timestamp,
             sha256: object.1,
         };
-        self.built.insert(needed.start, (needed.end, plain));
+        let path = self.dir.join(format!(
+            "{:016x}-{:016x}.ltx",
+            needed.start.0.0 + 1,
+            needed.end.0.0
+        ));
+        record
+            .persist(&path)
+            .map_err(|error| spool_error(error.error))?;
+        if let Some((_, older)) = self.built.insert(needed.start, (needed.end, path.clone()))
+            && older != path
+        {
+            let _ = std::fs::remove_file(older);
+        }
         Ok(Ok(Built {
             name,
             file: object.0,
@@ -299,9 +347,46 @@ impl Builder {
     /// Forgets what starts at points not in `starts` (points no chain
     /// reaches any more).
     pub fn retain(&mut self, starts: &HashSet<Point>) {
-        self.built.retain(|start, _| starts.contains(start));
+        self.built.retain(|start, (_, path)| {
+            let keep = starts.contains(start);
+            if !keep {
+                let _ = std::fs::remove_file(path);
+            }
+            keep
+        });
         self.failed.retain(|(start, _)| starts.contains(start));
     }
+}
+
+/// The folder in the data dir `data_dir` where the builder of `database`'s
+/// cumulative objects for the destination at `url` keeps its records.
+pub fn state_dir(data_dir: &Path, url: &str, database: &str) -> PathBuf {
+    let digest = sha2::Sha256::digest(url.as_bytes());
+    data_dir
+        .join(STATE_DIR)
+        .join(crate::hex::encode(&digest[..8]))
+        .join(database)
+}
+
+/// The folder of the data dir that holds the builders' records.
+pub const STATE_DIR: &str = "backup-cumulative";
+
+/// Where the record in the file at `path` starts and ends, from its header
+/// and trailer; `None` when it is not a whole LTX file.
+fn record_range(path: &Path) -> Option<(Point, Point)> {
+    let file = File::open(path).ok()?;
+    let size = file.metadata().ok()?.len();
+    let mut header = [0u8; ltx::HEADER_SIZE];
+    let mut trailer = [0u8; ltx::TRAILER_SIZE];
+    file.read_exact_at(&mut header, 0).ok()?;
+    file.read_exact_at(&mut trailer, size.checked_sub(ltx::TRAILER_SIZE as u64)?)
+        .ok()?;
+    let header = Header::decode(&header).ok()?;
+    let trailer = ltx::Trailer::decode(&trailer).ok()?;
+    (header.min_txid.0 > 1).then_some((
+        (TxId(header.min_txid.0 - 1), header.pre_apply_checksum),
+        (header.max_txid, trailer.post_apply_checksum),
+    ))
 }
 
 /// The change sets from `from` to `to` in `database`'s log, or `None` when

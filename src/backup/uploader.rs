@@ -355,9 +355,14 @@ impl DestinationLoop {
             self.config.sync_interval * 2,
             unix_now_ms(),
         );
-        let mut builder = self.cumulatives.remove(name).unwrap_or_else(|| {
-            cumulative::Builder::new(self.spool_dir.clone(), self.recipients.clone())
-        });
+        let mut builder = match self.cumulatives.remove(name) {
+            Some(builder) => builder,
+            None => cumulative::Builder::open(
+                cumulative::state_dir(&self.spool_dir, &self.destination.to_string(), name),
+                self.spool_dir.clone(),
+                self.recipients.clone(),
+            )?,
+        };
         let starts: HashSet<Point> = layout::chains(objects)
             .iter()
             .flatten()
