@@ -224,7 +224,7 @@ fn clean_stale_mount(mount_point: &Path) -> Result<(), MountError> {
     if !is_ours {
         return Ok(());
     }
-    match std::fs::metadata(mount_point) {
+    match statfs(mount_point) {
         Err(error) if error.raw_os_error() == Some(libc::ENOTCONN) => {
             fuse::detach(mount_point).map_err(|error| {
                 MountError::runtime(
@@ -239,6 +239,23 @@ fn clean_stale_mount(mount_point: &Path) -> Result<(), MountError> {
             "{} is already mounted by a running ltxfs: stop it first, or choose another mount point",
             mount_point.display()
         ))),
+    }
+}
+
+/// `statfs(2)` of `path`. On a FUSE mount the kernel always asks the daemon
+/// (a `stat` may be answered from cached attributes), so a mount whose ltxfs
+/// died answers `ENOTCONN` at once.
+fn statfs(path: &Path) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a NUL byte in the path"))?;
+    // SAFETY: an all-zero statfs is a valid value of this plain C struct.
+    let mut stats: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `path` is NUL-terminated and `stats` is a live local.
+    if unsafe { libc::statfs(path.as_ptr(), &mut stats) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 

@@ -6,6 +6,7 @@
 //! [`CASE_TIMEOUT`]; waits are on events (a watch returning, a call answering),
 //! except where time passing is what is tested (renewing past the TTL).
 
+#[allow(dead_code)]
 #[path = "support/etcd.rs"]
 mod etcd_server;
 

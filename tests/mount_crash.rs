@@ -225,3 +225,18 @@ fn client_sigkill_wal() {
 fn client_sigkill_delete() {
     client_kill_rounds("delete");
 }
+
+/// Regression: a restart right after a SIGKILL, while the kernel still held
+/// the mount root's attributes (1 s), took the stale mount for a live one
+/// (`stat` answered from the cache) and exited 2 "already mounted by a
+/// running ltxfs". The fault suite found it.
+#[test]
+fn a_restart_at_once_after_sigkill_cleans_the_stale_mount() {
+    let mut mount = Mount::start(MountOptions::default());
+    for _ in 0..3 {
+        std::fs::metadata(mount.path()).expect("stat the mount root");
+        mount.kill9();
+        mount.restart();
+        assert!(is_mounted(mount.path()));
+    }
+}

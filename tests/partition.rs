@@ -33,7 +33,6 @@ use std::time::{Duration, Instant};
 use cluster::*;
 use common::*;
 use ltxfs::replication::PRESUMED_GONE_AFTER;
-use rusqlite::OpenFlags;
 use tcp_proxy::TcpProxy;
 
 /// The lease TTL the nodes use.
@@ -100,26 +99,6 @@ fn create_table_when_writable(mount: &Mount) {
                 .execute_batch("CREATE TABLE IF NOT EXISTS t(seq INTEGER PRIMARY KEY)")
                 .is_ok()
     });
-}
-
-/// Every row in the node's table.
-fn seqs(mount: &Mount) -> BTreeSet<i64> {
-    let conn =
-        rusqlite::Connection::open_with_flags(mount.db_path(DB), OpenFlags::SQLITE_OPEN_READ_ONLY)
-            .unwrap();
-    conn.busy_timeout(BUSY_TIMEOUT).unwrap();
-    let mut statement = conn.prepare("SELECT seq FROM t").unwrap();
-    statement
-        .query_map([], |row| row.get(0))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect()
-}
-
-fn loopback_address(url: &str) -> SocketAddr {
-    url.strip_prefix("http://")
-        .and_then(|address| address.parse().ok())
-        .unwrap_or_else(|| panic!("not an http://address URL: {url}"))
 }
 
 #[test]

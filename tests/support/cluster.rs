@@ -228,3 +228,24 @@ impl Writer {
         }
     }
 }
+
+/// Every row in the node's table.
+pub fn seqs(mount: &Mount) -> std::collections::BTreeSet<i64> {
+    let conn =
+        rusqlite::Connection::open_with_flags(mount.db_path(DB), OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .unwrap();
+    conn.busy_timeout(BUSY_TIMEOUT).unwrap();
+    let mut statement = conn.prepare("SELECT seq FROM t").unwrap();
+    statement
+        .query_map([], |row| row.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect()
+}
+
+/// The address of an `http://address` URL.
+pub fn loopback_address(url: &str) -> std::net::SocketAddr {
+    url.strip_prefix("http://")
+        .and_then(|address| address.parse().ok())
+        .unwrap_or_else(|| panic!("not an http://address URL: {url}"))
+}

@@ -12,10 +12,9 @@
 //! A machine without `etcd` makes every test that needs one fail with a message
 //! saying how to install it (whether or not `CI` is set): they never pass silently.
 
-use std::fs::File;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -32,6 +31,33 @@ const START_ATTEMPTS: usize = 5;
 /// The bound on one HTTP exchange with etcd from the tests.
 const HTTP_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Spawns etcd with its data in `dir`, listening on `url` for clients and
+/// `peer_url` for peers, logging (appending) to `log`.
+fn spawn(dir: &Path, url: &str, peer_url: &str, log: &Path) -> Child {
+    let log_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .expect("open etcd's log");
+    Command::new("etcd")
+        .arg("--name=test")
+        .arg(format!("--data-dir={}", dir.join("data").display()))
+        .arg(format!("--listen-client-urls={url}"))
+        .arg(format!("--advertise-client-urls={url}"))
+        .arg(format!("--listen-peer-urls={peer_url}"))
+        .arg(format!("--initial-advertise-peer-urls={peer_url}"))
+        .arg(format!("--initial-cluster=test={peer_url}"))
+        .arg("--heartbeat-interval=25")
+        .arg("--election-timeout=250")
+        .arg("--logger=zap")
+        .arg("--log-level=warn")
+        .stdin(Stdio::null())
+        .stdout(log_file.try_clone().expect("clone etcd's log"))
+        .stderr(log_file)
+        .spawn()
+        .expect("spawn etcd")
+}
+
 /// A running etcd, killed on drop.
 pub struct Etcd {
     /// The etcd process.
@@ -40,6 +66,8 @@ pub struct Etcd {
     url: String,
     /// Its client address.
     address: SocketAddr,
+    /// Its peer address.
+    peer: SocketAddr,
     /// Where its log goes.
     log: PathBuf,
     /// Its data dir and log, removed on drop (after the process is gone).
@@ -74,38 +102,42 @@ impl Etcd {
         let url = format!("http://{client}");
         let peer_url = format!("http://{peer}");
         let log = dir.path().join("etcd.log");
-        let log_file = File::create(&log).expect("create etcd's log");
-        let child = Command::new("etcd")
-            .arg("--name=test")
-            .arg(format!("--data-dir={}", dir.path().join("data").display()))
-            .arg(format!("--listen-client-urls={url}"))
-            .arg(format!("--advertise-client-urls={url}"))
-            .arg(format!("--listen-peer-urls={peer_url}"))
-            .arg(format!("--initial-advertise-peer-urls={peer_url}"))
-            .arg(format!("--initial-cluster=test={peer_url}"))
-            .arg("--heartbeat-interval=25")
-            .arg("--election-timeout=250")
-            .arg("--logger=zap")
-            .arg("--log-level=warn")
-            .stdin(Stdio::null())
-            .stdout(log_file.try_clone().expect("clone etcd's log"))
-            .stderr(log_file)
-            .spawn()
-            .expect("spawn etcd");
+        let child = spawn(dir.path(), &url, &peer_url, &log);
         let mut etcd = Etcd {
             child,
             url,
             address: client,
+            peer,
             log,
             _dir: dir,
         };
+        etcd.wait_ready()?;
+        Ok(etcd)
+    }
+
+    /// Stops etcd (SIGKILL), waits `down`, and starts it again on the same
+    /// data dir and addresses; waits until it answers.
+    pub fn restart(&mut self, down: Duration) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        thread::sleep(down);
+        let peer_url = format!("http://{}", self.peer);
+        self.child = spawn(self._dir.path(), &self.url, &peer_url, &self.log);
+        if let Err(log) = self.wait_ready() {
+            panic!("etcd did not start again: {log}");
+        }
+    }
+
+    /// Waits until etcd answers: `Err` with its log when it exited first.
+    fn wait_ready(&mut self) -> Result<(), String> {
+        let etcd = self;
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
             if let Some(status) = etcd.child.try_wait().expect("check on etcd") {
                 return Err(format!("etcd exited with {status}:\n{}", etcd.log_text()));
             }
             if matches!(etcd.post("/v3/kv/range", r#"{"key":"AA=="}"#), Ok(200)) {
-                return Ok(etcd);
+                return Ok(());
             }
             if Instant::now() > deadline {
                 panic!(

@@ -138,6 +138,10 @@ impl BackupReport {
                 format!("{:.2} s", restore.get_fsync_median().as_secs_f64()),
             ));
             rows.push(GoalRow::info(
+                "restore / (GET + fsync)",
+                format!("{:.2}", restore.durable_ratio()),
+            ));
+            rows.push(GoalRow::info(
                 "restore CPU time (user + system)",
                 format!("{:.2} s", restore.restore_cpu_median().as_secs_f64()),
             ));

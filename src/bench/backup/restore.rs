@@ -133,6 +133,16 @@ impl RestoreResult {
         self.restore_median().as_secs_f64() / self.get_median().as_secs_f64().max(1e-9)
     }
 
+    /// The median restore against the median GETs plus the median fsync
+    /// after them: against downloading the bytes and making them durable,
+    /// which a restore must also do.
+    pub fn durable_ratio(&self) -> f64 {
+        self.restore_median().as_secs_f64()
+            / (self.get_median() + self.get_fsync_median())
+                .as_secs_f64()
+                .max(1e-9)
+    }
+
     /// The restore's peak memory above idle.
     pub fn restore_memory(&self) -> u64 {
         self.restore_peak_rss.saturating_sub(self.idle_rss)
