@@ -487,6 +487,43 @@ fn after_a_restart_cumulative_objects_continue_without_a_new_snapshot() {
         snapshots, 1,
         "the restarted primary uploaded a new snapshot"
     );
+
+    // A kept record damaged while the node was down: it is dropped, with a
+    // warning, and a snapshot restarts the cumulative objects (the rounds do
+    // not fail on it forever).
+    drop(connection);
+    mount.stop();
+    let kept = mount.data_dir().join("backup-cumulative");
+    let mut damaged = 0;
+    for destination in fs::read_dir(&kept).expect("kept records") {
+        for record in fs::read_dir(destination.unwrap().path().join("app.db")).unwrap() {
+            let path = record.unwrap().path();
+            let mut bytes = fs::read(&path).unwrap();
+            let middle = bytes.len() / 2;
+            bytes[middle] ^= 0xff;
+            fs::write(&path, bytes).unwrap();
+            damaged += 1;
+        }
+    }
+    assert!(damaged > 0, "no record was kept");
+    mount.restart();
+    let connection = rusqlite::Connection::open(mount.db_path("app.db")).expect("open");
+    for value in 20..30 {
+        insert(&connection, &mount, value);
+        std::thread::sleep(Duration::from_millis(150));
+    }
+    wait_until("a new snapshot", BACKUP_TIMEOUT, || {
+        fs::read_dir(backup_dir.path().join("app.db").join("snapshots"))
+            .is_ok_and(|entries| entries.count() == 2)
+    });
+    restores_from_two_objects(&mount, 30);
+    assert!(
+        mount
+            .stderr_text()
+            .contains("a kept cumulative record is damaged"),
+        "{}",
+        mount.stderr_text()
+    );
 }
 
 /// Regression: `backup verify` and `restore` list the objects, then read them;

@@ -251,6 +251,7 @@ impl Builder {
         let spool_dir = self.spool_dir.as_path();
         let spool_error = |error| BackupError::local("spool a cumulative object", error);
         let mut kept = Vec::new();
+        let mut kept_starts = Vec::new();
         let mut change_sets = Vec::new();
         let mut at = needed.start;
         while at != needed.end {
@@ -258,6 +259,7 @@ impl Builder {
                 && end.0 <= needed.end.0
             {
                 kept.push(File::open(path).map_err(spool_error)?);
+                kept_starts.push(at);
                 at = *end;
                 continue;
             }
@@ -303,6 +305,28 @@ impl Builder {
                     header
                 }
                 Err(LtxError::TooManyPages { .. }) => return Ok(Err(Unbuildable::TooLarge)),
+                Err(error @ LtxError::Io { .. }) => {
+                    return Err(BackupError::local(
+                        "write a cumulative record",
+                        std::io::Error::other(error),
+                    ));
+                }
+                Err(error) if !kept_starts.is_empty() => {
+                    // A record kept in the data dir is damaged: forget the
+                    // ones this build read, and start again from a snapshot.
+                    tracing::warn!(
+                        database = database.name(),
+                        dir = %self.dir.display(),
+                        %error,
+                        "a kept cumulative record is damaged; dropping it"
+                    );
+                    for start in kept_starts {
+                        if let Some((_, path)) = self.built.remove(&start) {
+                            let _ = std::fs::remove_file(path);
+                        }
+                    }
+                    return Ok(Err(Unbuildable::NotInLog));
+                }
                 Err(error) => {
                     return Err(BackupError::Store(crate::store::StoreError::Capture {
                         database: database.name().to_string(),
