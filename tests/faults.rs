@@ -2,6 +2,9 @@
 //! primary and on a replica.
 
 mod common;
+#[allow(dead_code)]
+#[path = "support/etcd.rs"]
+mod etcd;
 
 use std::fs;
 use std::fs::OpenOptions;
@@ -337,3 +340,93 @@ fn a_synchronous_primary_whose_only_replica_stalls_waits_a_bounded_time() {
         || position(&replica, name).as_deref() == Some(target.as_str()),
     );
 }
+
+/// A replica bootstraps a large database (a snapshot of every page) from a
+/// primary whose lease lives 2 s: the primary must keep its lease, and its
+/// node API (positions, status) must keep answering, while the snapshot is
+/// read and sent.
+#[test]
+fn a_primary_keeps_its_lease_while_a_replica_bootstraps_a_large_database() {
+    let etcd = etcd::Etcd::start();
+    let yaml = |hostname: &str| {
+        format!(
+            "lease:\n  type: etcd\n  candidate: true\n  hostname: {hostname}\n  reconnect-delay: 300ms\n  \
+             etcd:\n    endpoints: [\"{}\"]\n    key: \"ltxfs-bootstrap/primary\"\n    ttl: 2s\n",
+            etcd.url()
+        )
+    };
+    let primary = Mount::start(MountOptions {
+        extra_yaml: yaml("node-a"),
+        ..MountOptions::default()
+    });
+    wait_until("node-a to become the primary", READY_TIMEOUT, || {
+        primary.stderr_text().contains("this node is the primary")
+    });
+    let db = primary.db_path("big.db");
+    {
+        let conn = rusqlite::Connection::open(&db).expect("open");
+        conn.execute_batch(
+            "PRAGMA journal_mode=wal; CREATE TABLE blobs(id INTEGER PRIMARY KEY, data BLOB);",
+        )
+        .expect("schema");
+        // 256 MiB of incompressible pages, in transactions of 8 MiB.
+        let mut seed = 0x1234_5678_9abc_def0_u64;
+        for _ in 0..32 {
+            let tx = conn.unchecked_transaction().expect("begin");
+            for _ in 0..64 {
+                let blob: Vec<u8> = (0..128 * 1024)
+                    .map(|_| {
+                        seed ^= seed << 13;
+                        seed ^= seed >> 7;
+                        seed ^= seed << 17;
+                        seed as u8
+                    })
+                    .collect();
+                tx.execute("INSERT INTO blobs(data) VALUES (?1)", [blob])
+                    .expect("insert");
+            }
+            tx.commit().expect("commit");
+        }
+    }
+    let pos = position(&primary, "big.db").expect("-pos");
+    let url = format!("http://{}", primary.listen_addr());
+    let replica = Mount::start(MountOptions {
+        extra_yaml: yaml("node-b"),
+        ..MountOptions::default()
+    });
+    let mut slowest = std::time::Duration::ZERO;
+    let mut answers = 0;
+    wait_until("node-b to bootstrap big.db", BOOTSTRAP_TIMEOUT, || {
+        let asked = std::time::Instant::now();
+        let status = ltxfs_command()
+            .args(["status", "--url", &url])
+            .output()
+            .expect("ltxfs status");
+        assert!(
+            status.status.success(),
+            "ltxfs status failed during the bootstrap: {}",
+            String::from_utf8_lossy(&status.stderr)
+        );
+        slowest = slowest.max(asked.elapsed());
+        answers += 1;
+        position(&replica, "big.db").as_deref() == Some(pos.as_str())
+    });
+    report(format!(
+        "bootstrap of 256 MiB: {answers} status calls to the primary, the slowest {slowest:?}"
+    ));
+    let log = primary.stderr_text();
+    assert!(
+        !log.contains("no longer accepting writes"),
+        "the primary lost its lease during the bootstrap:\n{log}"
+    );
+    assert!(
+        slowest < std::time::Duration::from_secs(2),
+        "the primary's node API took {slowest:?} to answer during the bootstrap"
+    );
+    let conn = rusqlite::Connection::open(&db).expect("open");
+    conn.execute("INSERT INTO blobs(data) VALUES (x'00')", [])
+        .expect("the primary still accepts writes");
+}
+
+/// The bound on a replica's bootstrap of 256 MiB in a debug build.
+const BOOTSTRAP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
