@@ -355,25 +355,25 @@ impl DestinationLoop {
             self.config.sync_interval * 2,
             unix_now_ms(),
         );
-        let mut builder = match self.cumulatives.remove(name) {
-            Some(builder) => builder,
-            None => cumulative::Builder::open(
-                cumulative::state_dir(&self.spool_dir, &self.destination.to_string(), name),
-                self.spool_dir.clone(),
-                self.recipients.clone(),
-            )?,
-        };
+        let builder = self.cumulatives.remove(name);
         let starts: HashSet<Point> = layout::chains(objects)
             .iter()
             .flatten()
             .map(|link| link.end())
             .collect();
-        builder.retain(&starts);
-        if needed.is_empty() {
-            self.cumulatives.insert(name.to_string(), builder);
-            return Ok(());
-        }
+        let state_dir = cumulative::state_dir(&self.spool_dir, &self.destination.to_string(), name);
+        let (spool_dir, recipients) = (self.spool_dir.clone(), self.recipients.clone());
+        // Reading and writing the kept records is file I/O: on the blocking
+        // pool, like the builds.
         let (builder, built, unbuildable) = tokio::task::spawn_blocking(move || {
+            let mut builder = match builder {
+                Some(builder) => builder,
+                None => match cumulative::Builder::open(state_dir, spool_dir, recipients) {
+                    Ok(builder) => builder,
+                    Err(error) => return (None, Err(error), None),
+                },
+            };
+            builder.retain(&starts);
             let mut built = Vec::new();
             for wanted in &needed {
                 if builder.failed_before(wanted) {
@@ -381,17 +381,21 @@ impl DestinationLoop {
                 }
                 match builder.build(&database, wanted) {
                     Ok(Ok(object)) => built.push(object),
-                    Ok(Err(why)) => return (builder, Ok(built), Some((wanted.clone(), why))),
-                    Err(error) => return (builder, Err(error), None),
+                    Ok(Err(why)) => {
+                        return (Some(builder), Ok(built), Some((wanted.clone(), why)));
+                    }
+                    Err(error) => return (Some(builder), Err(error), None),
                 }
             }
-            (builder, Ok(built), None)
+            (Some(builder), Ok(built), None)
         })
         .await
         .map_err(|error| {
             BackupError::local("build cumulative objects", std::io::Error::other(error))
         })?;
-        self.cumulatives.insert(name.to_string(), builder);
+        if let Some(builder) = builder {
+            self.cumulatives.insert(name.to_string(), builder);
+        }
         for object in built? {
             self.destination
                 .put_spooled(&object.name, object.file, object.size)
