@@ -76,7 +76,7 @@ pub async fn compact(
 /// `window` replaces now (Unix milliseconds `now_ms`): those whose last commit
 /// falls in one window that ended at least `grace` ago, that follow each
 /// other, split where a snapshot ends (so every snapshot stays the start of
-/// a chain), each of at least two objects. Pure.
+/// a chain), each of at least two objects. No I/O (it only logs).
 pub fn runs_to_merge(
     objects: &[ObjectName],
     level: u8,
