@@ -148,6 +148,10 @@ impl Following {
 enum HoldEnd {
     /// A renewal failed or did not succeed by the renewal deadline.
     Lost,
+    /// A commit of this term was not replicated (it was held past the renewal
+    /// deadline, which a renewal then beat by a hair): changes fail until the
+    /// role changes, so the node steps down and frees the lease.
+    StepDown,
     /// A candidate replica connected to this primary asked for the role.
     HandOffTo {
         target: String,
@@ -205,6 +209,18 @@ pub async fn run(settings: NodeSettings, shutdown: CancellationToken) -> Result<
                 }
             }
         };
+        // What SQLite reads must be what the log says before local writes
+        // resume (a commit that was not replicated is in the log only).
+        let store = node.store.clone();
+        let folded = tokio::task::spawn_blocking(move || store.fold_wals_before_leading())
+            .await
+            .map_err(|error| error.to_string())
+            .and_then(|folded| folded.map_err(|error| error.to_string()));
+        if let Err(error) = folded {
+            tracing::error!(%error, "could not move the WAL's transactions into the database file; giving the lease up");
+            node.release(&held).await;
+            continue;
+        }
         node.promote(&held);
         let end = tokio::select! {
             () = shutdown.cancelled() => None,
@@ -212,6 +228,10 @@ pub async fn run(settings: NodeSettings, shutdown: CancellationToken) -> Result<
         };
         match end {
             Some(HoldEnd::Lost) => node.demote().await,
+            Some(HoldEnd::StepDown) => {
+                node.demote().await;
+                node.release(&held).await;
+            }
             Some(HoldEnd::HandOffTo { target, reply }) => {
                 let outcome = node.hand_off(&held, &target).await;
                 let _ = reply.send(outcome);
@@ -563,8 +583,17 @@ impl Node {
                 }
             }
             match renew(self.lease.as_ref(), held).await {
-                Some(renewed) => held = renewed,
+                Some(renewed) => {
+                    self.store.set_lease_deadline(renewed.renew_by);
+                    held = renewed;
+                }
                 None => return HoldEnd::Lost,
+            }
+            if self.store.commit_failed_in_term() {
+                tracing::warn!(
+                    "a commit of this term was not replicated; stepping down so that writes are accepted again"
+                );
+                return HoldEnd::StepDown;
             }
         }
     }
@@ -652,6 +681,7 @@ impl Node {
         // A later takeover asks the peers the next primary names.
         self.known_peers.replace(Vec::new());
         self.store.set_epoch(held.epoch.0);
+        self.store.set_lease_deadline(held.renew_by);
         self.writes.open();
         self.store.set_role(Role::Primary);
         tracing::info!(epoch = held.epoch.0, positions = ?self.store.positions(), "this node is the primary");
@@ -988,6 +1018,37 @@ mod tests {
         let lost_at = StdInstant::now();
         wait_for_role(&store, Role::Replica).await;
         assert!(lost_at.elapsed() < TTL / 2 + Duration::from_millis(100));
+        shutdown.cancel();
+        node.await.unwrap().unwrap();
+    }
+
+    /// A commit that failed while the lease was still renewed (its hold saw the
+    /// renewal deadline pass just before the renewal's answer moved it) would
+    /// fail every change of the term: the node steps down, frees the lease, and
+    /// accepts writes again under a new epoch.
+    #[tokio::test]
+    async fn a_primary_with_a_commit_that_was_not_replicated_steps_down_and_frees_the_lease() {
+        let dir = tempfile::tempdir().unwrap();
+        let (lease, store, shutdown, node) = start_primary(dir.path()).await;
+        store.set_commit_hold(Arc::new(crate::store::testing::NoReplica));
+        let first_epoch = lease.state.lock().unwrap().epoch;
+        let db = store.create("app.db").unwrap();
+        store.set_lease_deadline(StdInstant::now());
+        let mark = crate::store::testing::commit_once(&store, &db, 1);
+        assert!(store.hold_commit(db.database(), mark).is_err());
+        assert!(store.commit_failed_in_term());
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while lease.state.lock().unwrap().epoch == first_epoch
+                || store.cluster().role() != Role::Primary
+            {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("the node stepped down and took the lease again");
+        assert!(!store.commit_failed_in_term());
+        let mark = crate::store::testing::commit_once(&store, &db, 2);
+        store.hold_commit(db.database(), mark).unwrap();
         shutdown.cancel();
         node.await.unwrap().unwrap();
     }

@@ -1,7 +1,8 @@
 //! The fault suite: three candidates elect their primary with a real etcd,
-//! with `replication.synchronous: true`, under a workload of writer threads
-//! (each retries on whichever node accepts its write) and reader processes
-//! (`sqlite3` on every node), while faults hit one node at a time at random
+//! with `replication.synchronous: true`, under a workload of writer processes
+//! (each retries on whichever node accepts its write; one that dies of SIGBUS
+//! when a killed node's mount vanishes under SQLite's mapped `-shm` is replaced)
+//! and reader processes (`sqlite3` on every node), while faults hit one node at a time at random
 //! moments: SIGKILL and restart, SIGSTOP and SIGCONT, a partition from etcd and
 //! from the other nodes (TCP proxies), an etcd restart, and a full disk on the
 //! node whose data dir is a small tmpfs. After each fault heals, the cluster
@@ -27,7 +28,8 @@ mod history;
 #[path = "support/tcp_proxy.rs"]
 mod tcp_proxy;
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
+use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -111,19 +113,89 @@ fn start_node(name: &'static str, etcd: &etcd::Etcd, small_disk: bool) -> Node {
     }
 }
 
-/// What the writers saw acknowledged, and how often a write was refused.
-#[derive(Default)]
+/// What the writers saw acknowledged (each row with the node that acknowledged
+/// it and when), how often a write was refused, and how often a writer process
+/// died (SIGBUS: a node's mount vanished under SQLite's mapped `-shm`).
 struct Acknowledged {
-    rows: Mutex<BTreeSet<i64>>,
+    rows: Mutex<BTreeMap<i64, (usize, Duration)>>,
     refused: AtomicU64,
+    writers_died: AtomicU64,
+    started: Instant,
 }
 
-/// Inserts rows on whichever node accepts them, one transaction each, until
-/// `stop`; a refused or failed write moves on to the next node.
-fn write(writer: i64, dbs: Vec<PathBuf>, stop: Arc<AtomicBool>, acked: Arc<Acknowledged>) {
+/// Runs writer processes ([`worker_chaos_writer`]) one after another until
+/// `stop`, each starting past every row the last one tried, and records what
+/// they report. `pid` is the running writer's, for the caller to stop it.
+fn supervise_writer(
+    writer: i64,
+    dbs: Vec<PathBuf>,
+    stop: Arc<AtomicBool>,
+    acked: Arc<Acknowledged>,
+    pid: Arc<AtomicU64>,
+) {
+    use std::io::BufRead;
     let mut next = writer * WRITER_SPAN;
     let mut node = 0;
     while !stop.load(Ordering::Acquire) {
+        let job = Job::new()
+            .with(
+                "dbs",
+                dbs.iter()
+                    .map(|db| db.to_string_lossy().into_owned())
+                    .collect::<Vec<_>>()
+                    .join("\t"),
+            )
+            .with("first", next)
+            .with("node", node);
+        let mut child = spawn_worker("worker_chaos_writer", &job);
+        pid.store(u64::from(child.id()), Ordering::Release);
+        let stdout = std::io::BufReader::new(child.stdout.take().expect("piped stdout"));
+        for line in stdout.lines().map_while(Result::ok) {
+            let mut words = line
+                .split_whitespace()
+                .skip_while(|word| !matches!(*word, "attempt" | "acked" | "refused"));
+            let (Some(what), Some(seq)) = (words.next(), words.next()) else {
+                continue;
+            };
+            let seq: i64 = seq.parse().expect("a row number");
+            match what {
+                // The row may or may not be committed: never reuse it.
+                "attempt" => next = seq + 1,
+                "acked" => {
+                    node = words.next().and_then(|n| n.parse().ok()).expect("a node");
+                    let at = acked.started.elapsed();
+                    acked.rows.lock().unwrap().insert(seq, (node, at));
+                }
+                _ => {
+                    acked.refused.fetch_add(1, Ordering::Relaxed);
+                    node = (node + 1) % dbs.len();
+                }
+            }
+        }
+        let status = child.wait().expect("wait for the writer");
+        pid.store(0, Ordering::Release);
+        if !stop.load(Ordering::Acquire) {
+            assert!(
+                status.signal() == Some(libc::SIGBUS),
+                "a writer process ended with {status}"
+            );
+            acked.writers_died.fetch_add(1, Ordering::Relaxed);
+            node = (node + 1) % dbs.len();
+        }
+    }
+}
+
+/// A writer process: inserts rows from `first` on whichever node accepts them,
+/// one transaction each, saying `attempt N` before and `acked N NODE` or
+/// `refused N` after each; a refused or failed write moves on to the next node.
+#[test]
+fn worker_chaos_writer() {
+    let Some(job) = worker_job() else { return };
+    let dbs: Vec<PathBuf> = job.get("dbs").split('\t').map(PathBuf::from).collect();
+    let mut next: i64 = job.parse("first");
+    let mut node: usize = job.parse("node");
+    loop {
+        println!("attempt {next}");
         // Without SQLITE_OPEN_CREATE: while a killed node's mount is gone, a
         // create would put a new database in the bare mount point, which
         // ltxfs then refuses to mount over.
@@ -133,18 +205,14 @@ fn write(writer: i64, dbs: Vec<PathBuf>, stop: Arc<AtomicBool>, acked: Arc<Ackno
             conn.execute("INSERT INTO t(seq) VALUES (?1)", [next])
         });
         match attempt {
-            Ok(_) => {
-                acked.rows.lock().unwrap().insert(next);
-                next += 1;
-            }
+            Ok(_) => println!("acked {next} {node}"),
             Err(_) => {
-                // The row may or may not have been committed: never reuse it.
-                next += 1;
-                acked.refused.fetch_add(1, Ordering::Relaxed);
+                println!("refused {next}");
                 node = (node + 1) % dbs.len();
                 thread::sleep(Duration::from_millis(20));
             }
         }
+        next += 1;
     }
 }
 
@@ -194,15 +262,32 @@ fn mounts(nodes: &[Node]) -> Vec<(&str, &Mount)> {
     nodes.iter().map(|node| (node.name, &node.mount)).collect()
 }
 
+/// Why the node refuses a write transaction now (rolled back), if it does.
+/// Waits for a writer holding the write lock, so that only a refusal counts.
+fn write_refused(mount: &Mount) -> Option<String> {
+    let attempt = rusqlite::Connection::open_with_flags(
+        mount.db_path(DB),
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .and_then(|conn| {
+        conn.busy_timeout(BUSY_TIMEOUT)?;
+        conn.execute_batch("BEGIN IMMEDIATE; INSERT INTO t(seq) VALUES(-7); ROLLBACK;")
+    });
+    attempt.err().map(|error| error.to_string())
+}
+
 /// Waits until the nodes agree on a primary that accepts writes and every
 /// node has caught up with it; the primary's index.
 fn recover(nodes: &[Node]) -> usize {
     let named = mounts(nodes);
     let started = Instant::now();
+    let mut last_refusal = None;
     loop {
         if let Some(primary) = agreed_primary(&named) {
             let index = nodes.iter().position(|node| node.name == primary).unwrap();
-            if accepts_writes(&nodes[index].mount) {
+            last_refusal =
+                write_refused(&nodes[index].mount).map(|why| format!("{primary}: {why}"));
+            if last_refusal.is_none() {
                 let others: Vec<&Mount> = nodes
                     .iter()
                     .filter(|node| node.name != primary)
@@ -214,15 +299,45 @@ fn recover(nodes: &[Node]) -> usize {
         }
         assert!(
             started.elapsed() < RECOVERY,
-            "the cluster did not recover within {RECOVERY:?}; logs:\n{}",
+            "the cluster did not recover within {RECOVERY:?} (last write refused: {last_refusal:?}); \
+             {}\nthreads:\n{}",
+            logs(nodes),
             nodes
                 .iter()
-                .map(|node| format!("{}:\n{}", node.name, node.mount.stderr_text()))
+                .map(|node| format!(
+                    "{}:\n{}",
+                    node.name,
+                    node.mount.pid().map(threads).unwrap_or_default()
+                ))
                 .collect::<Vec<_>>()
                 .join("\n")
+                + "\nthis test's threads:\n"
+                + &threads(std::process::id())
         );
         thread::sleep(POLL);
     }
+}
+
+/// Where each thread of process `pid` waits in the kernel (its name, wait
+/// channel and stack), to tell a stuck request from a slow one.
+fn threads(pid: u32) -> String {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return String::new();
+    };
+    tasks
+        .flatten()
+        .map(|task| {
+            let read =
+                |file: &str| std::fs::read_to_string(task.path().join(file)).unwrap_or_default();
+            format!(
+                "thread {} ({}) waits in {}:\n{}",
+                task.file_name().to_string_lossy(),
+                read("comm").trim(),
+                read("wchan"),
+                read("stack")
+            )
+        })
+        .collect()
 }
 
 #[test]
@@ -264,12 +379,19 @@ fn the_cluster_survives_random_faults_one_node_at_a_time() {
 
     let dbs: Vec<PathBuf> = nodes.iter().map(|node| node.mount.db_path(DB)).collect();
     let stop = Arc::new(AtomicBool::new(false));
-    let acked = Arc::new(Acknowledged::default());
+    let acked = Arc::new(Acknowledged {
+        rows: Mutex::default(),
+        refused: AtomicU64::new(0),
+        writers_died: AtomicU64::new(0),
+        started: Instant::now(),
+    });
+    let writer_pids: Vec<Arc<AtomicU64>> = (0..WRITERS).map(|_| Arc::default()).collect();
     let (answered, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let mut workers: Vec<_> = (0..WRITERS)
         .map(|writer| {
             let (dbs, stop, acked) = (dbs.clone(), stop.clone(), acked.clone());
-            thread::spawn(move || write(writer, dbs, stop, acked))
+            let pid = writer_pids[writer as usize].clone();
+            thread::spawn(move || supervise_writer(writer, dbs, stop, acked, pid))
         })
         .collect();
     workers.push(thread::spawn({
@@ -279,7 +401,7 @@ fn the_cluster_survives_random_faults_one_node_at_a_time() {
     }));
 
     let mut injected: Vec<Fault> = Vec::new();
-    let chaos_started = Instant::now();
+    let chaos_started = acked.started;
     while chaos_started.elapsed() < Duration::from_secs(seconds) {
         thread::sleep(rng.millis(200, 1_500));
         let fault = FAULTS[rng.below(FAULTS.len() as u64) as usize];
@@ -331,6 +453,15 @@ fn the_cluster_survives_random_faults_one_node_at_a_time() {
         recover(&nodes);
     }
     stop.store(true, Ordering::Release);
+    while !workers.iter().all(thread::JoinHandle::is_finished) {
+        for pid in &writer_pids {
+            match pid.load(Ordering::Acquire) {
+                0 => {}
+                pid => send_signal(pid as u32, libc::SIGKILL),
+            }
+        }
+        thread::sleep(POLL);
+    }
     for worker in workers {
         worker.join().expect("a workload thread panicked");
     }
@@ -353,31 +484,55 @@ fn the_cluster_survives_random_faults_one_node_at_a_time() {
         let check: String = conn
             .query_row("PRAGMA integrity_check", [], |row| row.get(0))
             .expect("integrity_check");
-        assert_eq!(check, "ok", "{}", node.name);
+        assert_eq!(check, "ok", "{}; {}", node.name, logs(&nodes));
     }
     check_history(&named);
     let present = seqs(&nodes[primary].mount);
     let acked_rows = acked.rows.lock().unwrap();
-    let lost: Vec<&i64> = acked_rows.difference(&present).take(10).collect();
+    let lost: Vec<String> = acked_rows
+        .iter()
+        .filter(|(row, _)| !present.contains(row))
+        .map(|(row, (node, at))| {
+            format!("{row} ({} at {:.3} s)", nodes[*node].name, at.as_secs_f64())
+        })
+        .collect();
     let mut counts = std::collections::BTreeMap::new();
     for fault in &injected {
         *counts.entry(format!("{fault:?}")).or_insert(0) += 1;
     }
     report(format!(
-        "chaos: seed {seed}: {} faults ({counts:?}); {} writes acknowledged, {} refused; \
-         {} reads answered, {} failed; acknowledged rows missing: {}",
+        "chaos: seed {seed}: {} faults ({counts:?}); {} writes acknowledged, {} refused, \
+         {} writer processes killed by SIGBUS; {} reads answered, {} failed; \
+         acknowledged rows missing: {}",
         injected.len(),
         acked_rows.len(),
         acked.refused.load(Ordering::Relaxed),
+        acked.writers_died.load(Ordering::Relaxed),
         answered.load(Ordering::Relaxed),
         failed.load(Ordering::Relaxed),
-        acked_rows.difference(&present).count()
+        lost.len()
     ));
     assert!(
         lost.is_empty(),
-        "acknowledged rows are missing, e.g. {lost:?}"
+        "acknowledged rows are missing: {}; {}",
+        lost.join(", "),
+        logs(&nodes)
     );
     assert!(!acked_rows.is_empty(), "no write was acknowledged");
+}
+
+/// Every node's log, kept in a directory named in the answer (CI shows only
+/// the end of a failing test's output) and following it.
+fn logs(nodes: &[Node]) -> String {
+    let dir = std::env::temp_dir().join(format!("ltxfs-chaos-logs-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("create the log directory");
+    let mut text = format!("the nodes' logs are in {}\n", dir.display());
+    for node in nodes {
+        let log = node.mount.stderr_text();
+        std::fs::write(dir.join(format!("{}.log", node.name)), &log).expect("keep a log");
+        text.push_str(&format!("{} log:\n{log}\n", node.name));
+    }
+    text
 }
 
 /// Fills the filesystem of `path` with one file, up to the last block.

@@ -341,6 +341,79 @@ fn a_killed_synchronous_primary_loses_no_acknowledged_write(journal_mode: &str) 
     assert_eq!(rows(&node_c.db_path(DB)), before + 5);
 }
 
+/// A primary stopped (SIGSTOP) past its lease while a commit waits for a replica:
+/// a candidate takes over, the replicas leave the old primary's streams, and when
+/// it resumes, that commit must not be acknowledged as standing alone (its lease
+/// is gone even before its role loop notices). Three rounds, each stopping the
+/// current primary, since the resumed node's threads race each other.
+#[test]
+fn with_synchronous_replication_a_primary_resumed_after_losing_its_lease_acknowledges_nothing_more()
+{
+    let etcd = etcd::Etcd::start();
+    let [node_a, node_b, node_c] = start_a_with_b_and_follower_c(etcd.url(), SYNCHRONOUS);
+    create_table(&node_a);
+    wait_converged(&node_a, &[&node_b, &node_c]);
+    let named = [
+        ("node-a", &node_a),
+        ("node-b", &node_b),
+        ("node-c", &node_c),
+    ];
+    let acknowledged: Arc<std::sync::Mutex<Vec<i64>>> = Arc::default();
+    let (mut primary, mut other) = (&node_a, &node_b);
+    for round in 0..3_i64 {
+        let writer = thread::spawn({
+            let (db, acknowledged) = (primary.db_path(DB), acknowledged.clone());
+            move || {
+                let conn = open_db(&db);
+                for seq in round * 1_000_000.. {
+                    if conn
+                        .execute("INSERT INTO t(seq) VALUES(?1)", params![seq])
+                        .is_err()
+                    {
+                        return;
+                    }
+                    acknowledged.lock().unwrap().push(seq);
+                }
+            }
+        });
+        wait_until("rows this round", CLUSTER_TIMEOUT, || {
+            acknowledged.lock().unwrap().len() as i64 >= 20 * (round + 1)
+        });
+        let frozen = Frozen::freeze(primary);
+        let survivors: Vec<(&str, &Mount)> = named
+            .iter()
+            .copied()
+            .filter(|(_, mount)| !std::ptr::eq(*mount, primary))
+            .collect();
+        wait_until("the other candidate to take over", TAKEOVER_TIMEOUT, || {
+            agreed_primary(&survivors).is_some()
+        });
+        wait_writable(other);
+        drop(frozen);
+        writer.join().unwrap();
+        wait_converged(other, &[primary, &node_c]);
+        let present = seqs(other);
+        let lost: Vec<i64> = acknowledged
+            .lock()
+            .unwrap()
+            .iter()
+            .copied()
+            .filter(|seq| !present.contains(seq))
+            .collect();
+        assert!(
+            lost.is_empty(),
+            "round {round}: acknowledged rows are missing: {lost:?}\n{}",
+            named
+                .iter()
+                .map(|(name, mount)| format!("{name} log:\n{}", mount.stderr_text()))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        std::mem::swap(&mut primary, &mut other);
+    }
+    check_history(&named);
+}
+
 #[test]
 fn a_clean_shutdown_releases_the_lease_at_once() {
     let etcd = etcd::Etcd::start();

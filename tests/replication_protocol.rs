@@ -537,12 +537,10 @@ fn commit_and_hold(
     name: &str,
     pages: impl IntoIterator<Item = (u32, u8)>,
 ) -> Result<TxId, ltxfs::store::StoreError> {
-    let before = store
-        .database(name)
-        .map_or(0, |database| database.captured_txid());
+    let mark = store.commit_mark(store.database(name).as_deref());
     commit(store, name, pages);
     let database = store.database(name).unwrap();
-    store.hold_commit(&database, before)?;
+    store.hold_commit(&database, mark)?;
     Ok(database.position().txid)
 }
 

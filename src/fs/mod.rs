@@ -384,12 +384,12 @@ impl Fs {
         match (self.resolve(ino, handle)?, size) {
             (Opened::File(node), size) => {
                 if let Some(size) = size {
-                    let captured = node.database().captured_txid();
+                    let mark = self.store.commit_mark(Some(node.database()));
                     {
                         let _permit = self.store.permit_change(node.name(), node.kind())?;
                         node.truncate(size)?;
                     }
-                    self.store.hold_commit(node.database(), captured)?;
+                    self.store.hold_commit(node.database(), mark)?;
                 }
                 node_attr(&node)
             }
@@ -501,12 +501,12 @@ impl Fs {
     pub fn write(&self, handle: u64, offset: u64, data: &[u8]) -> Result<u32, FsError> {
         let open_file = self.handle(handle)?;
         let node = open_file.node()?;
-        let captured = node.database().captured_txid();
+        let mark = self.store.commit_mark(Some(node.database()));
         {
             let _permit = self.store.permit_change(node.name(), node.kind())?;
             node.write_at(offset, data)?;
         }
-        self.store.hold_commit(node.database(), captured)?;
+        self.store.hold_commit(node.database(), mark)?;
         Ok(data.len() as u32)
     }
 
@@ -559,14 +559,12 @@ impl Fs {
             return Err(FsError::ReadOnlyGenerated);
         }
         let database = self.store.lookup(name).map(|node| node.database().clone());
-        let captured = database
-            .as_ref()
-            .map_or(0, |database| database.captured_txid());
+        let mark = self.store.commit_mark(database.as_deref());
         let node = {
             let _permit = self.store.permit_change(name, &parse_name(name)?.kind)?;
             self.store.unlink(name)?
         };
-        self.store.hold_commit(node.database(), captured)?;
+        self.store.hold_commit(node.database(), mark)?;
         Ok(node.id())
     }
 
@@ -590,7 +588,7 @@ impl Fs {
         };
         let Some(kind) = call.kind else {
             // An unlock ends a transaction of a journal-less mode (MEMORY, OFF).
-            let captured = node.database().captured_txid();
+            let mark = self.store.commit_mark(Some(node.database()));
             let unlocked = ByteRange::new(call.start, call.end)
                 .ok_or(FsError::BadLockRange {
                     start: call.start,
@@ -599,7 +597,7 @@ impl Fs {
                 .map(|range| node.unlock(call.owner, range));
             return completion(unlocked.and_then(|()| {
                 self.store
-                    .hold_commit(node.database(), captured)
+                    .hold_commit(node.database(), mark)
                     .map_err(FsError::from)
             }));
         };

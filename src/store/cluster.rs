@@ -6,11 +6,14 @@
 //! replication client updates it; nothing here does I/O.
 //!
 //! Invariants: `primary` is `Some` only while a replica is connected to a primary
-//! (so `.primary` is never stale); a primary never has one.
+//! (so `.primary` is never stale); a primary never has one. A primary whose
+//! lease deadline passed does not [hold the role](ClusterView::holds_primary),
+//! even before the role loop has demoted it (a stopped or cut-off process may
+//! resume with its FUSE workers ahead of the role loop).
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Whether local processes may write this node's databases.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,6 +44,12 @@ pub struct ClusterView {
     primary_proxy_url: Mutex<Option<String>>,
     /// The primary's clock (Unix ms) in its last message; 0 before the first.
     last_primary_timestamp_ms: AtomicU64,
+    /// When the lease this node holds as primary must have been renewed by
+    /// (`None`: no lease bounds the role, as in a store without a role loop).
+    lease_deadline: Mutex<Option<Instant>>,
+    /// Counts role changes: a change made in one term is not acknowledged in
+    /// another.
+    term: AtomicU64,
 }
 
 impl ClusterView {
@@ -50,6 +59,8 @@ impl ClusterView {
             primary: Mutex::new(None),
             primary_proxy_url: Mutex::new(None),
             last_primary_timestamp_ms: AtomicU64::new(0),
+            lease_deadline: Mutex::new(None),
+            term: AtomicU64::new(0),
         }
     }
 
@@ -62,8 +73,34 @@ impl ClusterView {
         }
     }
 
-    /// Changes this node's role; a primary follows no one.
+    /// Whether this node is the primary and its lease is still certainly its
+    /// own: after the lease's renewal deadline another node may hold it.
+    pub fn holds_primary(&self) -> bool {
+        self.role() == Role::Primary
+            && self
+                .lease_deadline
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_none_or(|deadline| Instant::now() < deadline)
+    }
+
+    /// Records when the lease this node holds (or is about to hold) as primary
+    /// must be renewed by.
+    pub(super) fn set_lease_deadline(&self, deadline: Instant) {
+        *self
+            .lease_deadline
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(deadline);
+    }
+
+    /// How many times the role was set: the term changes are made in.
+    pub fn term(&self) -> u64 {
+        self.term.load(Ordering::Acquire)
+    }
+
+    /// Changes this node's role and starts a new term; a primary follows no one.
     pub(super) fn set_role(&self, role: Role) {
+        self.term.fetch_add(1, Ordering::AcqRel);
         self.role.store(role as u8, Ordering::Release);
         if role == Role::Primary {
             self.set_primary(None);
@@ -147,5 +184,19 @@ mod tests {
         view.set_role(Role::Primary);
         assert_eq!(view.primary(), None);
         assert_eq!(view.lag(), Some(Duration::ZERO));
+    }
+
+    #[test]
+    fn a_primary_past_its_lease_deadline_no_longer_holds_the_role() {
+        let view = ClusterView::new(Role::Primary);
+        assert!(view.holds_primary(), "no lease bounds the role");
+        view.set_lease_deadline(Instant::now() + Duration::from_secs(60));
+        assert!(view.holds_primary());
+        view.set_lease_deadline(Instant::now() - Duration::from_millis(1));
+        assert!(!view.holds_primary());
+        assert_eq!(view.role(), Role::Primary, "the role loop demotes it later");
+        view.set_lease_deadline(Instant::now() + Duration::from_secs(60));
+        view.set_role(Role::Replica);
+        assert!(!view.holds_primary());
     }
 }

@@ -168,6 +168,24 @@ pub trait KernelCache: Send + Sync {
     fn invalidate_entry(&self, name: &str);
 }
 
+/// Where a database stood before a local change: what [`Store::hold_commit`]
+/// compares with after it.
+#[derive(Debug, Clone, Copy)]
+pub struct CommitMark {
+    /// The TXID captured last.
+    captured: u64,
+    /// The role's term ([`ClusterView::term`]).
+    term: u64,
+}
+
+/// A commit no replica acknowledged.
+#[derive(Debug, Clone)]
+struct Unreplicated {
+    database: String,
+    txid: TxId,
+    term: u64,
+}
+
 /// Permission to make one local change under the current role; a role change
 /// waits until it is dropped.
 #[must_use = "hold the permit while the change is made"]
@@ -507,6 +525,10 @@ pub struct Store {
     kernel_cache: RwLock<Option<Arc<dyn KernelCache>>>,
     /// Synchronous replication's hold on commits, when it is on.
     commit_hold: RwLock<Option<Arc<dyn CommitHold>>>,
+    /// The first commit no replica acknowledged, with the term it was made in:
+    /// every later change of that term fails with it, so a retried write
+    /// cannot pass a commit that failed.
+    unreplicated: Mutex<Option<Unreplicated>>,
     retention_pins: RwLock<Option<Arc<dyn RetentionPins>>>,
     shared: Arc<Shared>,
     cluster: ClusterView,
@@ -557,6 +579,7 @@ impl Store {
             cluster: ClusterView::new(role),
             applying: Mutex::new(()),
             role_gate: RwLock::new(()),
+            unreplicated: Mutex::new(None),
             next_id: AtomicU64::new(FIRST_NODE_ID),
             dirty_dirs: Mutex::new(BTreeSet::new()),
         };
@@ -642,16 +665,28 @@ impl Store {
         *self.commit_hold.write().unwrap_or_else(|p| p.into_inner()) = Some(hold);
     }
 
+    /// Marks where `database` (if the change touches one) stands before a local
+    /// change, for [`Store::hold_commit`] after it.
+    pub fn commit_mark(&self, database: Option<&Database>) -> CommitMark {
+        CommitMark {
+            captured: database.map_or(0, Database::captured_txid),
+            term: self.cluster.term(),
+        }
+    }
+
     /// After a local change to one of `database`'s files, made while its
     /// [`WritePermit`] was held and finished now that the permit is dropped (a
     /// role change must not wait for a replica): when the change committed a
-    /// transaction (the captured TXID moved from `captured_before`), waits until
-    /// a replica has it, if synchronous replication is on.
-    pub fn hold_commit(&self, database: &Database, captured_before: u64) -> Result<(), StoreError> {
-        let captured = database.captured_txid();
-        if captured == captured_before {
-            return Ok(());
-        }
+    /// transaction (the captured TXID moved from `mark`'s), waits until a
+    /// replica has it, if synchronous replication is on. The wait fails once
+    /// this node is no longer certainly the primary of `mark`'s term.
+    ///
+    /// Once a commit was not replicated, [`Store::permit_change`] refuses every
+    /// later change of its term, before it is made. The kernel may split a
+    /// write into several requests and reports a short write when a later one
+    /// fails; SQLite writes the rest again, and that request commits nothing
+    /// new, so it would succeed and SQLite would report the commit done.
+    pub fn hold_commit(&self, database: &Database, mark: CommitMark) -> Result<(), StoreError> {
         let hold = self
             .commit_hold
             .read()
@@ -660,13 +695,41 @@ impl Store {
         let Some(hold) = hold else {
             return Ok(());
         };
-        let still_primary = || self.cluster.role() == Role::Primary;
-        hold.wait_replicated(database.name(), TxId(captured), &still_primary)
-            .map_err(|reason| StoreError::NotReplicated {
-                database: database.name().to_string(),
-                txid: TxId(captured),
-                reason,
+        let captured = database.captured_txid();
+        if captured == mark.captured {
+            return Ok(());
+        }
+        let still_primary = || self.cluster.holds_primary() && self.cluster.term() == mark.term;
+        let txid = TxId(captured);
+        hold.wait_replicated(database.name(), txid, &still_primary)
+            .map_err(|reason| {
+                tracing::warn!(database = %database.name(), %txid, %reason, "a commit was not replicated; the application got an I/O error");
+                let mut failed = self.unreplicated();
+                if failed.as_ref().is_none_or(|failed| failed.term < mark.term) {
+                    *failed = Some(Unreplicated {
+                        database: database.name().to_string(),
+                        txid,
+                        term: mark.term,
+                    });
+                }
+                StoreError::NotReplicated {
+                    database: database.name().to_string(),
+                    txid,
+                    reason,
+                }
             })
+    }
+
+    /// Whether a commit of the current term was not replicated: changes fail
+    /// until the role changes, so the role loop steps down.
+    pub fn commit_failed_in_term(&self) -> bool {
+        self.unreplicated()
+            .as_ref()
+            .is_some_and(|failed| failed.term == self.cluster.term())
+    }
+
+    fn unreplicated(&self) -> std::sync::MutexGuard<'_, Option<Unreplicated>> {
+        self.unreplicated.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Sets what retention must keep for backups.
@@ -684,6 +747,12 @@ impl Store {
             .listener
             .write()
             .unwrap_or_else(|p| p.into_inner()) = Some(listener);
+    }
+
+    /// Records when the lease this node holds as primary must be renewed by: a
+    /// commit held for synchronous replication is not acknowledged after it.
+    pub fn set_lease_deadline(&self, deadline: std::time::Instant) {
+        self.cluster.set_lease_deadline(deadline);
     }
 
     /// Records that this replica is (`Some`) or is no longer (`None`) connected to
@@ -707,16 +776,38 @@ impl Store {
     }
 
     /// Permission to change (write, truncate or unlink) a file: refused on a
-    /// replica for every file but `-shm`. The permit must be held while the change
-    /// is made, so that a role change waits for it.
+    /// replica for every file but `-shm`, and likewise on a primary once a commit
+    /// of the current term was not replicated (SQLite was told that commit failed
+    /// but its WAL frames are in the log; a later write would overwrite them
+    /// before the WAL is folded into the database file at the next role change).
+    /// The permit must be held while the change is made, so that a role change
+    /// waits for it.
     pub fn permit_change(
         &self,
         name: &str,
         kind: &FileKind,
     ) -> Result<WritePermit<'_>, StoreError> {
         let gate = self.role_gate.read().unwrap_or_else(|p| p.into_inner());
-        self.check_role(name, *kind == FileKind::Shm)?;
+        let shm = *kind == FileKind::Shm;
+        self.check_role(name, shm)?;
+        if !shm {
+            self.check_no_failed_commit(self.cluster.term())?;
+        }
         Ok(WritePermit { _gate: gate })
+    }
+
+    /// Fails with the commit of term `term` that was not replicated, if any.
+    fn check_no_failed_commit(&self, term: u64) -> Result<(), StoreError> {
+        match self.unreplicated().as_ref() {
+            Some(failed) if failed.term == term => Err(StoreError::NotReplicated {
+                database: failed.database.clone(),
+                txid: failed.txid,
+                reason: "an earlier commit was not replicated, and this node is giving up the \
+                         primary role"
+                    .to_string(),
+            }),
+            _ => Ok(()),
+        }
     }
 
     fn check_role(&self, name: &str, allowed_on_a_replica: bool) -> Result<(), StoreError> {
@@ -1059,11 +1150,12 @@ fn read_page_size(file: &File, name: &str) -> Result<u32, StoreError> {
     })
 }
 
+/// What tests of the store and of its users share.
 #[cfg(test)]
-mod tests {
+pub(crate) mod testing {
     use super::*;
 
-    fn page_one(page_size: u32) -> Vec<u8> {
+    pub(crate) fn page_one(page_size: u32) -> Vec<u8> {
         let mut page = vec![0u8; page_size as usize];
         page[..16].copy_from_slice(SQLITE_HEADER_MAGIC);
         let encoded = if page_size == 65536 {
@@ -1074,6 +1166,46 @@ mod tests {
         page[16..18].copy_from_slice(&encoded.to_be_bytes());
         page
     }
+
+    /// Synchronous replication with no replica connected: a commit stands
+    /// alone while this node is the primary, and fails once it is not.
+    pub(crate) struct NoReplica;
+
+    impl CommitHold for NoReplica {
+        fn wait_replicated(
+            &self,
+            _database: &str,
+            _txid: TxId,
+            still_primary: &dyn Fn() -> bool,
+        ) -> Result<(), String> {
+            if still_primary() {
+                Ok(())
+            } else {
+                Err("no longer the primary".to_string())
+            }
+        }
+    }
+
+    /// Commits a transaction in DELETE mode that writes `byte` into page 1;
+    /// returns the mark taken before.
+    pub(crate) fn commit_once(store: &Store, db: &Arc<Node>, byte: u8) -> CommitMark {
+        let mark = store.commit_mark(Some(db.database()));
+        let mut page = page_one(512);
+        page[200] = byte;
+        db.write_at(0, &page).unwrap();
+        let journal = store.create("app.db-journal").unwrap();
+        journal
+            .write_at(0, &[0xd9, 0xd5, 0x05, 0xf9, 0x20, 0xa1, 0x63, 0xd7])
+            .unwrap();
+        store.unlink("app.db-journal").unwrap();
+        mark
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::*;
+    use super::*;
 
     #[test]
     fn writes_in_pieces_land_whole() {
@@ -1156,6 +1288,69 @@ mod tests {
         let positions = answered.recv_timeout(std::time::Duration::from_secs(5));
         drop(held);
         assert_eq!(positions, Ok(vec![("app.db".to_string(), position)]));
+    }
+
+    fn not_replicated(result: Result<(), StoreError>) -> Option<TxId> {
+        match result {
+            Err(StoreError::NotReplicated { txid, .. }) => Some(txid),
+            _ => None,
+        }
+    }
+
+    /// Regression: a primary resumed after its lease ran out (a stopped
+    /// process) acknowledged a commit as standing alone before its role loop
+    /// demoted it; and when the kernel had split the commit's write, SQLite's
+    /// retry of the rest committed nothing new and succeeded, so the
+    /// application was told the failed commit was done.
+    #[test]
+    fn a_commit_past_the_lease_deadline_fails_and_so_does_every_later_change_of_its_term() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), CaptureOptions::default(), Role::Primary).unwrap();
+        store.set_commit_hold(Arc::new(NoReplica));
+        let db = store.create("app.db").unwrap();
+        let later = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        store.set_lease_deadline(later);
+        let mark = commit_once(&store, &db, 1);
+        store.hold_commit(db.database(), mark).unwrap();
+
+        store.set_lease_deadline(std::time::Instant::now());
+        let mark = commit_once(&store, &db, 2);
+        let failed = TxId(db.database().captured_txid());
+        assert_eq!(
+            not_replicated(store.hold_commit(db.database(), mark)),
+            Some(failed)
+        );
+        // A later change, even with the lease renewed in the meantime, is
+        // refused before it is made, but for the wal-index's.
+        store.set_lease_deadline(later);
+        let refused = store.permit_change("app.db-wal", &FileKind::Wal).map(drop);
+        assert_eq!(not_replicated(refused), Some(failed));
+        drop(store.permit_change("app.db-shm", &FileKind::Shm).unwrap());
+        // Changes of a later term are not.
+        store.set_role(Role::Replica);
+        store.set_role(Role::Primary);
+        let mark = store.commit_mark(Some(db.database()));
+        store.hold_commit(db.database(), mark).unwrap();
+        drop(store.permit_change("app.db-wal", &FileKind::Wal).unwrap());
+    }
+
+    /// Regression: a commit held while the node was demoted and promoted again
+    /// waited for an acknowledgement of the earlier term, which replicas that
+    /// already had the transaction never send, so it kept SQLite's write lock.
+    #[test]
+    fn a_commit_of_an_earlier_term_is_not_acknowledged_in_a_later_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), CaptureOptions::default(), Role::Primary).unwrap();
+        store.set_commit_hold(Arc::new(NoReplica));
+        let db = store.create("app.db").unwrap();
+        let mark = commit_once(&store, &db, 1);
+        store.set_role(Role::Replica);
+        store.set_role(Role::Primary);
+        let committed = TxId(db.database().captured_txid());
+        assert_eq!(
+            not_replicated(store.hold_commit(db.database(), mark)),
+            Some(committed)
+        );
     }
 
     /// Blocks in its first write until told to go on, after saying so.

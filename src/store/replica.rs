@@ -236,6 +236,48 @@ impl Store {
             .map(TryApply::Applied)
     }
 
+    /// Before this node leads: moves each database's WAL transactions, as this
+    /// node captured them, into the database file, so that what SQLite reads is
+    /// what the log says. The two differ after a commit that was not replicated:
+    /// SQLite was told it failed and does not count its WAL frames, while the log
+    /// (and maybe a replica) has the transaction; the next transaction would
+    /// overwrite those frames and leave the log describing pages SQLite never
+    /// had. Called while this node is still a replica, so nothing writes
+    /// meanwhile.
+    pub fn fold_wals_before_leading(&self) -> Result<(), StoreError> {
+        let _one_at_a_time = self.applying.lock().unwrap_or_else(|p| p.into_inner());
+        for (name, _) in self.positions() {
+            if let (Some(database_node), Some(index_node)) =
+                (self.lookup(&name), self.lookup(&format!("{name}-shm")))
+            {
+                self.fold_own_wal(&name, &database_node, &index_node)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves the WAL transactions this node committed as the primary into the
+    /// database file, with readers kept out, and tells readers through the
+    /// wal-index; nothing when the WAL holds none.
+    fn fold_own_wal(
+        &self,
+        name: &str,
+        database_node: &Arc<Node>,
+        index_node: &Arc<Node>,
+    ) -> Result<(), StoreError> {
+        let database = database_node.database();
+        if !database.has_wal_transactions() {
+            return Ok(());
+        }
+        let _readers_out = HeldByLtxfs::take(index_node.clone(), WAL_INDEX_LOCKS);
+        if let Some(folded) = database.fold_wal()? {
+            self.drop_cached_pages(database_node, &folded);
+            self.invalidate(&format!("{name}-wal"));
+            self.advance_wal_index(index_node, &folded)?;
+        }
+        Ok(())
+    }
+
     /// Applies a change set [`Store::try_apply_change_set`] handed back, waiting as
     /// [`Store::apply_change_set`] does.
     pub fn apply_pending_change_set(
@@ -270,19 +312,10 @@ impl Store {
         let _one_at_a_time = self.applying.lock().unwrap_or_else(|p| p.into_inner());
         let target = self.create_target(name, &received)?;
         let database = target.database_node.database().clone();
-        if let Some(index_node) = target
-            .index_node
-            .as_ref()
-            .filter(|_| database.has_wal_transactions())
-        {
+        if let Some(index_node) = &target.index_node {
             // This node wrote in WAL mode as the primary: its own transactions move
             // into the database file before the primary's are written there.
-            let _readers_out = HeldByLtxfs::take(index_node.clone(), WAL_INDEX_LOCKS);
-            if let Some(folded) = database.fold_wal()? {
-                self.drop_cached_pages(&target.database_node, &folded);
-                self.invalidate(&format!("{name}-wal"));
-                self.advance_wal_index(index_node, &folded)?;
-            }
+            self.fold_own_wal(name, &target.database_node, index_node)?;
         }
         // The log first, before readers are kept out (a snapshot's log is synced).
         // Nothing that can fail comes between this and writing the pages.

@@ -354,9 +354,10 @@ impl Database {
     }
 
     /// Copies the WAL's committed transactions into the database file and empties
-    /// the WAL, so change sets from the primary can be applied to the file; what
-    /// was done, when there was anything to fold. Needed once when a primary that
-    /// wrote in WAL mode becomes a replica. The caller must keep every reader out
+    /// the WAL, so change sets from the primary can be applied to the file, or so
+    /// SQLite reads what the log says before this node leads; what was done, when
+    /// there was anything to fold. Needed once when a primary that wrote in WAL
+    /// mode becomes a replica, and at each promotion. The caller must keep every reader out
     /// (the wal-index locks) and then advance the wal-index, as for an apply.
     pub(in crate::store) fn fold_wal(&self) -> Result<Option<AppliedChangeSet>, StoreError> {
         let mut state = self.lock();
@@ -459,7 +460,7 @@ impl CaptureState {
             .map_err(|source| io_error("empty the WAL", source))?;
         self.wal.reset();
         self.file_page_size = page_size;
-        tracing::info!(database = %name, "moved the WAL's transactions into the database file before following the primary");
+        tracing::info!(database = %name, "moved the WAL's transactions into the database file");
         Ok(Some(folded))
     }
 
