@@ -113,6 +113,85 @@ fn a_full_data_dir_fails_writes_cleanly_and_they_resume_once_space_is_freed() {
     assert!(mount.stop().success());
 }
 
+/// When the WAL has room (SQLite reuses its file after a restart) but the log
+/// cannot grow, commits fail; SQLite then writes later transactions, of other
+/// pages, over the failed commits' frames, and the log must still replay to
+/// the live database.
+#[test]
+fn a_commit_whose_change_set_cannot_be_logged_leaves_the_log_true_to_the_database() {
+    let mut mount = Mount::start(MountOptions {
+        data_tmpfs_bytes: Some(64 << 20),
+        ..MountOptions::default()
+    });
+    let name = "log-full.db";
+    let conn = open_db(&mount.db_path(name));
+    set_journal_mode(&conn, "WAL");
+    conn.execute_batch(
+        "PRAGMA wal_autocheckpoint=0; CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)",
+    )
+    .unwrap();
+    // A WAL of about 10 MiB, then a checkpoint that lets the next writer start
+    // it over: its frames go into space the file already has, while the log
+    // (preallocated 4 MiB at a time) soon needs more.
+    for _ in 0..500 {
+        conn.execute("INSERT INTO t(v) VALUES (randomblob(20000))", [])
+            .unwrap();
+    }
+    conn.query_row("PRAGMA wal_checkpoint(RESTART)", [], |_| Ok(()))
+        .unwrap();
+    let filler = mount.data_dir().join("filler");
+    fill(&filler);
+    let (mut committed, mut failed) = (0, 0);
+    while failed < 5 && committed < 200 {
+        match conn.execute("UPDATE t SET v = randomblob(3000) WHERE id % 41 = 0", []) {
+            Ok(_) => committed += 1,
+            Err(_) => failed += 1,
+        }
+    }
+    assert!(failed > 0, "no commit failed while the log could not grow");
+    fs::remove_file(&filler).unwrap();
+    // Other pages than the failed commits wrote, into the same frames.
+    for _ in 0..20 {
+        conn.execute("UPDATE t SET v = randomblob(2000) WHERE id % 43 = 1", [])
+            .unwrap_or_else(|e| {
+                panic!(
+                    "a write after space was freed: {e}\n{}",
+                    mount.stderr_text()
+                )
+            });
+    }
+    conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+        .unwrap();
+    assert_eq!(integrity_check(&conn), "ok");
+    report(format!(
+        "log full, WAL not: {committed} commits, then {failed} failed"
+    ));
+    let replayed = replay(mount.data_dir(), name, &mount.root().join("replayed.db"));
+    let pos = fs::read_to_string(mount.db_path(&format!("{name}-pos"))).unwrap();
+    assert_eq!(
+        replayed, pos,
+        "the log replays to the position the mount shows"
+    );
+    drop(conn);
+    let live = fs::read(mount.db_path(name)).unwrap();
+    let copy = fs::read(mount.root().join("replayed.db")).unwrap();
+    assert!(
+        live == copy,
+        "the replayed database differs from the live one:\n{}",
+        mount.stderr_text()
+    );
+    assert!(mount.stop().success());
+}
+
+/// Fills the filesystem of `path` with one file, up to the last block.
+fn fill(path: &std::path::Path) {
+    use std::io::Write;
+    let mut file = fs::File::create(path).expect("create the filler");
+    let block = vec![0u8; 1 << 20];
+    while file.write(&block).is_ok_and(|written| written > 0) {}
+    while file.write(&[0u8; 4096]).is_ok_and(|written| written > 0) {}
+}
+
 fn node_yaml(hostname: &str, candidate: bool, primary_url: Option<&str>) -> String {
     let mut yaml = format!(
         "lease:\n  type: static\n  candidate: {candidate}\n  hostname: {hostname}\n  reconnect-delay: 300ms\n"

@@ -52,6 +52,10 @@ pub const MAX_PEERS: usize = 256;
 /// How long a node taking over waits for each peer's status.
 pub const PEER_STATUS_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// How many times a catch-up from one peer is tried before the node gives up
+/// on what that peer holds.
+const CATCH_UP_ATTEMPTS: u32 = 3;
+
 /// A replica of the same primary, as that primary named it.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Peer {
@@ -161,22 +165,36 @@ pub async fn catch_up_from_peers(
             continue;
         }
         tracing::info!(peer = %peer.hostname, databases = ?behind, "catching up from a peer that is ahead of this node before accepting writes");
-        match client::catch_up_from(
-            store,
-            credentials,
-            &peer.hostname,
-            &peer.url,
-            hostname,
-            behind,
-        )
-        .await
-        {
-            Ok(()) => report.caught_up_from.push(peer.hostname),
-            Err(error) => {
-                let error: &dyn std::error::Error = &error;
-                tracing::warn!(peer = %peer.hostname, url = %peer.url, error, "could not catch up from a peer; it may hold change sets this node lacks");
-                report.unreachable.push(peer.hostname);
+        let mut attempt = 1;
+        loop {
+            let caught_up = client::catch_up_from(
+                store,
+                credentials,
+                &peer.hostname,
+                &peer.url,
+                hostname,
+                behind.clone(),
+            )
+            .await;
+            let error = match caught_up {
+                Ok(()) => {
+                    report.caught_up_from.push(peer.hostname);
+                    break;
+                }
+                Err(error) => error,
+            };
+            let error: &dyn std::error::Error = &error;
+            if attempt < CATCH_UP_ATTEMPTS {
+                // A change set refused because this node moved meanwhile (an
+                // apply of the last primary's stream finishing late) is sent
+                // again from the new position.
+                tracing::warn!(peer = %peer.hostname, url = %peer.url, error, attempt, "catching up from a peer failed; trying again");
+                attempt += 1;
+                continue;
             }
+            tracing::warn!(peer = %peer.hostname, url = %peer.url, error, "could not catch up from a peer; it may hold change sets this node lacks");
+            report.unreachable.push(peer.hostname);
+            break;
         }
     }
     if let Ok(local) = local_txids(store).await {

@@ -310,6 +310,14 @@ impl Store {
         received: ReceivedChangeSet,
     ) -> Result<AppliedChangeSet, StoreError> {
         let _one_at_a_time = self.applying.lock().unwrap_or_else(|p| p.into_inner());
+        // A stream cancelled at a promotion may hand its last change set to the
+        // blocking pool; it must not land once this node leads.
+        if self.cluster.role() != Role::Replica {
+            return Err(StoreError::ChangeSetRejected {
+                database: name.to_string(),
+                reason: "this node is the primary".to_string(),
+            });
+        }
         let target = self.create_target(name, &received)?;
         let database = target.database_node.database().clone();
         if let Some(index_node) = &target.index_node {
@@ -956,6 +964,24 @@ mod tests {
             ),
             Err(StoreError::ChangeSetRejected { .. })
         ));
+    }
+
+    /// Regression: a change set a replica's stream handed to the blocking pool
+    /// (an apply that would wait) was applied after the stream was cancelled
+    /// and the node promoted, moving a new primary's position under it.
+    #[test]
+    fn a_change_set_handed_back_before_a_promotion_is_refused_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = replica(dir.path());
+        let mut history = History::new();
+        let first = history.commit(&[(1, 1)], 1);
+        let pending = try_apply(&store, &first).expect("a new database is created on the pool");
+        store.set_role(Role::Primary);
+        assert!(matches!(
+            store.apply_pending_change_set(pending),
+            Err(StoreError::ChangeSetRejected { .. })
+        ));
+        assert!(store.lookup("app.db").is_none());
     }
 
     /// Tries to apply `change_set`; returns whether it was applied. One that was
