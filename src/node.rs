@@ -217,8 +217,12 @@ pub async fn run(settings: NodeSettings, shutdown: CancellationToken) -> Result<
             .map_err(|error| error.to_string())
             .and_then(|folded| folded.map_err(|error| error.to_string()));
         if let Err(error) = folded {
-            tracing::error!(%error, "could not move the WAL's transactions into the database file; giving the lease up");
+            tracing::error!(%error, retry_in = ?COORDINATOR_RETRY, "could not move the WAL's transactions into the database file; giving the lease up");
             node.release(&held).await;
+            tokio::select! {
+                () = shutdown.cancelled() => {}
+                () = tokio::time::sleep(COORDINATOR_RETRY) => {}
+            }
             continue;
         }
         node.promote(&held);
