@@ -1334,9 +1334,10 @@ mod tests {
         drop(store.permit_change("app.db-wal", &FileKind::Wal).unwrap());
     }
 
-    /// Regression: a commit held while the node was demoted and promoted again
-    /// waited for an acknowledgement of the earlier term, which replicas that
-    /// already had the transaction never send, so it kept SQLite's write lock.
+    /// A commit held while the node is demoted and promoted again would wait
+    /// for an acknowledgement of the earlier term, which replicas that already
+    /// have the transaction never send, keeping SQLite's write lock (the likely
+    /// cause of a fault-suite run whose cluster stopped accepting writes).
     #[test]
     fn a_commit_of_an_earlier_term_is_not_acknowledged_in_a_later_one() {
         let dir = tempfile::tempdir().unwrap();

@@ -966,9 +966,9 @@ mod tests {
         ));
     }
 
-    /// Regression: a change set a replica's stream handed to the blocking pool
-    /// (an apply that would wait) was applied after the stream was cancelled
-    /// and the node promoted, moving a new primary's position under it.
+    /// A change set a replica's stream handed to the blocking pool (an apply
+    /// that would wait) may finish after the stream was cancelled and the node
+    /// promoted; it must not move a new primary's position under it.
     #[test]
     fn a_change_set_handed_back_before_a_promotion_is_refused_after_it() {
         let dir = tempfile::tempdir().unwrap();
