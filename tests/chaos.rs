@@ -589,20 +589,3 @@ fn logs(nodes: &[Node]) -> String {
     }
     text
 }
-
-/// Fills the filesystem of `path` with one file, up to the last block.
-fn fill(path: &std::path::Path) {
-    use std::io::Write;
-    let mut file = std::fs::File::create(path).expect("create the filler");
-    let block = vec![0u8; 1 << 20];
-    loop {
-        match file.write(&block) {
-            Ok(0) => break,
-            Ok(_) => {}
-            Err(error) if error.raw_os_error() == Some(libc::ENOSPC) => break,
-            Err(error) => panic!("fill {}: {error}", path.display()),
-        }
-    }
-    // The last partial block.
-    while file.write(&[0u8; 4096]).is_ok_and(|written| written > 0) {}
-}

@@ -94,23 +94,7 @@ fn a_full_data_dir_fails_writes_cleanly_and_they_resume_once_space_is_freed() {
                 )
             });
     }
-    conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
-        .unwrap();
-    assert_eq!(integrity_check(&conn), "ok");
-    let replayed = replay(mount.data_dir(), name, &mount.root().join("replayed.db"));
-    let pos = fs::read_to_string(mount.db_path(&format!("{name}-pos"))).unwrap();
-    assert_eq!(
-        replayed, pos,
-        "the log replays to the position the mount shows"
-    );
-    drop(conn);
-    let live = fs::read(mount.db_path(name)).unwrap();
-    let copy = fs::read(mount.root().join("replayed.db")).unwrap();
-    assert!(
-        live == copy,
-        "the replayed database differs from the live one"
-    );
-    assert!(mount.stop().success());
+    assert_log_replays_to_the_live_database(&mut mount, conn, name);
 }
 
 /// When the WAL has room (SQLite reuses its file after a restart) but the log
@@ -160,12 +144,23 @@ fn a_commit_whose_change_set_cannot_be_logged_leaves_the_log_true_to_the_databas
                 )
             });
     }
-    conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
-        .unwrap();
-    assert_eq!(integrity_check(&conn), "ok");
     report(format!(
         "log full, WAL not: {committed} commits, then {failed} failed"
     ));
+    assert_log_replays_to_the_live_database(&mut mount, conn, name);
+}
+
+/// Checkpoints `name` through `conn`, checks its integrity, and checks that its
+/// log replays to the position the mount shows and to the very bytes of the
+/// live database; then stops the mount.
+fn assert_log_replays_to_the_live_database(
+    mount: &mut Mount,
+    conn: rusqlite::Connection,
+    name: &str,
+) {
+    conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+        .unwrap();
+    assert_eq!(integrity_check(&conn), "ok");
     let replayed = replay(mount.data_dir(), name, &mount.root().join("replayed.db"));
     let pos = fs::read_to_string(mount.db_path(&format!("{name}-pos"))).unwrap();
     assert_eq!(
@@ -181,15 +176,6 @@ fn a_commit_whose_change_set_cannot_be_logged_leaves_the_log_true_to_the_databas
         mount.stderr_text()
     );
     assert!(mount.stop().success());
-}
-
-/// Fills the filesystem of `path` with one file, up to the last block.
-fn fill(path: &std::path::Path) {
-    use std::io::Write;
-    let mut file = fs::File::create(path).expect("create the filler");
-    let block = vec![0u8; 1 << 20];
-    while file.write(&block).is_ok_and(|written| written > 0) {}
-    while file.write(&[0u8; 4096]).is_ok_and(|written| written > 0) {}
 }
 
 fn node_yaml(hostname: &str, candidate: bool, primary_url: Option<&str>) -> String {

@@ -179,7 +179,7 @@ pub struct CommitMark {
 }
 
 /// A commit no replica acknowledged.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct Unreplicated {
     database: String,
     txid: TxId,

@@ -1268,3 +1268,19 @@ pub fn fnv64(text: &str) -> u64 {
     }
     h
 }
+
+/// Fills the filesystem of `path` with one file, up to the last block.
+pub fn fill(path: &Path) {
+    let mut file = File::create(path).expect("create the filler");
+    let block = vec![0u8; 1 << 20];
+    loop {
+        match file.write(&block) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(error) if error.raw_os_error() == Some(libc::ENOSPC) => break,
+            Err(error) => panic!("fill {}: {error}", path.display()),
+        }
+    }
+    // The last partial block.
+    while file.write(&[0u8; 4096]).is_ok_and(|written| written > 0) {}
+}
