@@ -21,7 +21,7 @@ use object_store::{
 };
 
 use super::BackupError;
-use super::layout::ObjectName;
+use super::layout::{self, ObjectName};
 use crate::config::BackupDestination;
 
 /// How long one request may take before it fails (and the upload loop
@@ -49,6 +49,10 @@ pub struct Destination {
     store: Arc<dyn ObjectStore>,
     /// The prefix every object name is under (may be empty).
     prefix: String,
+    /// Whether one listing returns keys in byte order (S3, GCS and Azure do;
+    /// a local directory does not), and so visits the folders in
+    /// [`layout::folders_in_listing_order`] by itself.
+    lists_in_key_order: bool,
 }
 
 impl fmt::Display for Destination {
@@ -169,6 +173,7 @@ impl Destination {
             url: url.clone(),
             store,
             prefix: prefix.to_string(),
+            lists_in_key_order: scheme != "file",
         })
     }
 
@@ -185,10 +190,44 @@ impl Destination {
 
     /// Every object of every database (or of `database`), with names that
     /// parse; anything else under the prefix is skipped with a warning.
+    /// Folders are visited in [`layout::folders_in_listing_order`], so
+    /// compaction or retention running meanwhile hides no TXID.
     pub async fn list(&self, database: Option<&str>) -> Result<Vec<Listed>, BackupError> {
-        let prefix = self.full_path(database.unwrap_or(""));
-        let mut listing = self.store.list(prefix.as_ref());
         let mut found = Vec::new();
+        let prefix = self.full_path(database.unwrap_or(""));
+        if self.lists_in_key_order {
+            self.list_under(prefix.as_ref(), database, &mut found)
+                .await?;
+        } else {
+            let database_prefixes = match prefix {
+                Some(prefix) if database.is_some() => vec![prefix],
+                _ => self.database_prefixes().await?,
+            };
+            for database_prefix in &database_prefixes {
+                for folder in layout::folders_in_listing_order() {
+                    let folder = database_prefix.clone().join(folder.as_str());
+                    self.list_under(Some(&folder), database, &mut found).await?;
+                }
+            }
+        }
+        found.sort_by_key(|listed| {
+            (
+                listed.name.database.clone(),
+                listed.name.max_txid,
+                listed.name.kind,
+            )
+        });
+        Ok(found)
+    }
+
+    /// Adds the objects under `prefix` (of `database`, if given) to `found`.
+    async fn list_under(
+        &self,
+        prefix: Option<&ObjectPath>,
+        database: Option<&str>,
+        found: &mut Vec<Listed>,
+    ) -> Result<(), BackupError> {
+        let mut listing = self.store.list(prefix);
         while let Some(meta) = listing.next().await {
             let meta = meta.map_err(|error| self.error("list", error))?;
             let relative = self.relative(meta.location.as_ref());
@@ -203,14 +242,17 @@ impl Destination {
                 Err(error) => tracing::warn!(destination = %self, %error, "skipping an object"),
             }
         }
-        found.sort_by_key(|listed| {
-            (
-                listed.name.database.clone(),
-                listed.name.max_txid,
-                listed.name.kind,
-            )
-        });
-        Ok(found)
+        Ok(())
+    }
+
+    /// The folder of each database with objects at this destination.
+    async fn database_prefixes(&self) -> Result<Vec<ObjectPath>, BackupError> {
+        let listing = self
+            .store
+            .list_with_delimiter(self.full_path("").as_ref())
+            .await
+            .map_err(|error| self.error("list", error))?;
+        Ok(listing.common_prefixes)
     }
 
     /// Puts a small object once. An object of that name already there is
@@ -376,5 +418,205 @@ fn redact(error: &object_store::Error) -> String {
     match text.find("?sig=").or_else(|| text.find("&sig=")) {
         Some(index) => format!("{}…", &text[..index]),
         None => text,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use futures_util::stream::BoxStream;
+    use object_store::local::LocalFileSystem;
+    use object_store::{
+        CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta,
+        PutMultipartOptions, PutResult,
+    };
+
+    use super::*;
+    use crate::backup::layout::{self, ObjectKind, Target};
+    use crate::ltx::{Checksum, TxId};
+
+    type Race = Box<dyn FnOnce() + Send>;
+
+    /// Interleaving points of the listings through a [`RacingStore`]: the
+    /// race runs once, at point `at`.
+    struct Points {
+        seen: usize,
+        at: usize,
+        race: Option<Race>,
+    }
+
+    impl Points {
+        fn pass(points: &Mutex<Points>) {
+            let mut points = points.lock().unwrap();
+            if points.seen == points.at
+                && let Some(race) = points.race.take()
+            {
+                race();
+            }
+            points.seen += 1;
+        }
+    }
+
+    /// A local store whose listings let a race run before each listing and
+    /// after each object listed.
+    struct RacingStore {
+        inner: Arc<LocalFileSystem>,
+        points: Arc<Mutex<Points>>,
+    }
+
+    impl fmt::Display for RacingStore {
+        fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+            write!(formatter, "RacingStore({})", self.inner)
+        }
+    }
+
+    impl fmt::Debug for RacingStore {
+        fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+            fmt::Display::fmt(self, formatter)
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl ObjectStore for RacingStore {
+        async fn put_opts(
+            &self,
+            location: &ObjectPath,
+            payload: PutPayload,
+            options: PutOptions,
+        ) -> object_store::Result<PutResult> {
+            self.inner.put_opts(location, payload, options).await
+        }
+
+        async fn put_multipart_opts(
+            &self,
+            location: &ObjectPath,
+            options: PutMultipartOptions,
+        ) -> object_store::Result<Box<dyn MultipartUpload>> {
+            self.inner.put_multipart_opts(location, options).await
+        }
+
+        async fn get_opts(
+            &self,
+            location: &ObjectPath,
+            options: GetOptions,
+        ) -> object_store::Result<GetResult> {
+            self.inner.get_opts(location, options).await
+        }
+
+        fn delete_stream(
+            &self,
+            locations: BoxStream<'static, object_store::Result<ObjectPath>>,
+        ) -> BoxStream<'static, object_store::Result<ObjectPath>> {
+            self.inner.delete_stream(locations)
+        }
+
+        fn list(
+            &self,
+            prefix: Option<&ObjectPath>,
+        ) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+            Points::pass(&self.points);
+            let points = self.points.clone();
+            self.inner
+                .list(prefix)
+                .map(move |listed| {
+                    Points::pass(&points);
+                    listed
+                })
+                .boxed()
+        }
+
+        async fn list_with_delimiter(
+            &self,
+            prefix: Option<&ObjectPath>,
+        ) -> object_store::Result<ListResult> {
+            self.inner.list_with_delimiter(prefix).await
+        }
+
+        async fn copy_opts(
+            &self,
+            from: &ObjectPath,
+            to: &ObjectPath,
+            options: CopyOptions,
+        ) -> object_store::Result<()> {
+            self.inner.copy_opts(from, to, options).await
+        }
+    }
+
+    fn object(kind: ObjectKind, level: u8, txids: (u64, u64), pre: u64, post: u64) -> ObjectName {
+        ObjectName {
+            database: "app.db".into(),
+            kind,
+            level,
+            min_txid: TxId(txids.0),
+            max_txid: TxId(txids.1),
+            epoch: 1,
+            pre_apply: Checksum(pre),
+            post_apply: Checksum(post),
+            timestamp_ms: txids.1 * 1000,
+            sha256: [7; 32],
+        }
+    }
+
+    /// Compaction storing a merged object and deleting its sources while a
+    /// restore lists the destination hides none of their TXIDs from the
+    /// listing, wherever the race falls (a local directory lists its
+    /// folders in no particular order unless told).
+    #[tokio::test]
+    async fn a_listing_while_compaction_merges_objects_still_reaches_the_newest_txid() {
+        const C: u64 = 1 << 63;
+        let snapshot = object(ObjectKind::Snapshot, 0, (1, 1), 0, C | 1);
+        let sources = [
+            object(ObjectKind::Changes, 0, (2, 2), C | 1, C | 2),
+            object(ObjectKind::Changes, 0, (3, 3), C | 2, C | 3),
+        ];
+        let merged = object(ObjectKind::Changes, 1, (2, 3), C | 1, C | 3);
+        for database in [Some("app.db"), None] {
+            for at in 0.. {
+                let dir = tempfile::tempdir().unwrap();
+                let root = dir.path().to_path_buf();
+                let write = |root: &std::path::Path, name: &ObjectName| {
+                    let path = root.join(name.path());
+                    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+                    std::fs::write(path, b"records").unwrap();
+                };
+                for name in std::iter::once(&snapshot).chain(&sources) {
+                    write(&root, name);
+                }
+                let (race_root, race_sources, race_merged) =
+                    (root.clone(), sources.clone(), merged.clone());
+                let race: Race = Box::new(move || {
+                    write(&race_root, &race_merged);
+                    for source in &race_sources {
+                        std::fs::remove_file(race_root.join(source.path())).unwrap();
+                    }
+                });
+                let points = Arc::new(Mutex::new(Points {
+                    seen: 0,
+                    at,
+                    race: Some(race),
+                }));
+                let destination = Destination {
+                    url: format!("file://{}", root.display()),
+                    store: Arc::new(RacingStore {
+                        inner: Arc::new(LocalFileSystem::new_with_prefix(&root).unwrap()),
+                        points: points.clone(),
+                    }),
+                    prefix: String::new(),
+                    lists_in_key_order: false,
+                };
+                let listed = destination.list(database).await.unwrap();
+                let names: Vec<ObjectName> = listed.into_iter().map(|listed| listed.name).collect();
+                let plan = layout::plan("app.db", &names, Target::Latest).unwrap();
+                assert_eq!(
+                    plan.objects.last().unwrap().max_txid,
+                    TxId(3),
+                    "race at point {at} of a listing of {database:?}: {names:?}"
+                );
+                if points.lock().unwrap().race.is_some() {
+                    break;
+                }
+            }
+        }
     }
 }

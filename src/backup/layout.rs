@@ -64,6 +64,22 @@ fn folder(kind: ObjectKind, level: u8) -> String {
     }
 }
 
+/// The folders of one database's objects in the order a listing visits
+/// them: change objects level by level, then cumulative objects, then
+/// snapshots. Compaction deletes change objects only after storing the
+/// object that merges them one level up, and retention deletes objects only
+/// behind a snapshot, so an object deleted while a listing runs was replaced
+/// before in a folder visited later: the listing holds every TXID the
+/// destination held when it began. The names also sort in this order (as
+/// S3, GCS and Azure list keys).
+pub fn folders_in_listing_order() -> impl Iterator<Item = String> {
+    let changes = (0..=MAX_LEVEL).map(|level| folder(ObjectKind::Changes, level));
+    let cumulative = (1..=MAX_LEVEL).map(|level| folder(ObjectKind::Cumulative, level));
+    changes
+        .chain(cumulative)
+        .chain(std::iter::once(folder(ObjectKind::Snapshot, 0)))
+}
+
 fn from_folder(folder: &str) -> Option<(ObjectKind, u8)> {
     let leveled = |kind, digits: &str| {
         let level: u8 = digits.parse().ok()?;
@@ -590,6 +606,26 @@ mod tests {
     }
 
     const C: u64 = 1 << 63;
+
+    #[test]
+    fn folders_are_listed_after_those_whose_objects_they_replace_and_sort_so() {
+        let folders: Vec<String> = folders_in_listing_order().collect();
+        assert_eq!(folders.len(), 2 * MAX_LEVEL as usize + 2);
+        let position = |kind, level| {
+            let wanted = folder(kind, level);
+            folders.iter().position(|name| *name == wanted).unwrap()
+        };
+        for level in 1..=MAX_LEVEL {
+            assert!(
+                position(ObjectKind::Changes, level - 1) < position(ObjectKind::Changes, level)
+            );
+        }
+        assert_eq!(folders.last().unwrap(), "snapshots");
+        let mut keys: Vec<String> = folders.iter().map(|name| format!("{name}/")).collect();
+        keys.sort();
+        let in_order: Vec<String> = folders.iter().map(|name| format!("{name}/")).collect();
+        assert_eq!(keys, in_order, "key order differs from listing order");
+    }
 
     #[test]
     fn names_round_trip_and_bad_names_say_why() {
