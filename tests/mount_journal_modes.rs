@@ -95,7 +95,23 @@ fn fill_blobs(conn: &Connection, rows: i64, size: i64) {
 // Workers
 // ---------------------------------------------------------------------------------
 
-/// `count` transactions `BEGIN IMMEDIATE; INSERT; UPDATE counter; COMMIT`.
+/// `BEGIN IMMEDIATE; INSERT; UPDATE counter; COMMIT` for `worker`'s `seq`.
+fn counted_insert(conn: &Connection, worker: i64, seq: i64) {
+    let step = |sql: &str| {
+        conn.execute_batch(sql)
+            .unwrap_or_else(|e| panic!("worker {worker} seq {seq}: {sql}: {e}"))
+    };
+    step("BEGIN IMMEDIATE");
+    conn.execute(
+        "INSERT INTO t(worker, seq, payload) VALUES(?1, ?2, randomblob(?3))",
+        params![worker, seq, 50 + (seq * 37 + worker * 11) % 700],
+    )
+    .unwrap_or_else(|e| panic!("worker {worker} seq {seq}: insert: {e}"));
+    step("UPDATE counter SET n = n + 1");
+    step("COMMIT");
+}
+
+/// `count` counted inserts through one connection.
 #[test]
 fn worker_txn_loop() {
     let Some(job) = worker_job() else { return };
@@ -105,18 +121,23 @@ fn worker_txn_loop() {
     let conn = open_db(&db);
     set_journal_mode(&conn, job.get("mode"));
     for seq in 0..count {
-        let step = |sql: &str| {
-            conn.execute_batch(sql)
-                .unwrap_or_else(|e| panic!("worker {worker} seq {seq}: {sql}: {e}"))
-        };
-        step("BEGIN IMMEDIATE");
-        conn.execute(
-            "INSERT INTO t(worker, seq, payload) VALUES(?1, ?2, randomblob(?3))",
-            params![worker, seq, 50 + (seq * 37 + worker * 11) % 700],
-        )
-        .unwrap_or_else(|e| panic!("worker {worker} seq {seq}: insert: {e}"));
-        step("UPDATE counter SET n = n + 1");
-        step("COMMIT");
+        counted_insert(&conn, worker, seq);
+    }
+    report(format!("DONE {count}"));
+}
+
+/// `count` counted inserts, each through a connection of its own that is
+/// closed after the commit (as a web app that connects per request).
+#[test]
+fn worker_txn_per_connection() {
+    let Some(job) = worker_job() else { return };
+    let db = PathBuf::from(job.get("db"));
+    let worker: i64 = job.parse("worker");
+    let count: i64 = job.parse("count");
+    for seq in 0..count {
+        let conn = open_db(&db);
+        counted_insert(&conn, worker, seq);
+        conn.close().expect("close");
     }
     report(format!("DONE {count}"));
 }
@@ -421,6 +442,27 @@ fn concurrent_writers_memory() {
 #[test]
 fn concurrent_writers_wal() {
     concurrent_transactions("wal");
+}
+
+/// Processes that open a connection per transaction: each connection takes
+/// its locks through a new handle while the kernel may still be releasing
+/// the process's previous one, and the last connection to close checkpoints
+/// and deletes the WAL and `-shm`. A release that dropped the new handle's
+/// locks let another process delete them under a live connection, which
+/// then committed into the deleted WAL (acknowledged, then lost).
+#[test]
+fn wal_writers_connecting_per_transaction_lose_nothing() {
+    const PROCESSES: usize = 2;
+    const PER_PROCESS: usize = 2500;
+    let mount = Mount::start(MountOptions::default());
+    let db = mount.db_path("app.db");
+    create_counter_schema(&db, "wal");
+    let jobs = txn_jobs(&db, "wal", PROCESSES, PER_PROCESS);
+    wait_all(
+        spawn_workers("worker_txn_per_connection", &jobs),
+        WORKER_TIMEOUT,
+    );
+    verify_counter(&db, PROCESSES, PER_PROCESS);
 }
 
 /// journal_mode=OFF has no rollback, so concurrent writers are unsafe by SQLite's

@@ -283,14 +283,6 @@ impl OpenFile {
             Opened::Position(_) | Opened::Status(_) => Err(FsError::ReadOnlyGenerated),
         }
     }
-
-    fn ino(&self) -> u64 {
-        match &self.opened {
-            Opened::File(node) => node.id().0,
-            Opened::Position(database) => database.position_file_id().0,
-            Opened::Status(file) => file.ino(),
-        }
-    }
 }
 
 /// Whether the kernel may keep a file's pages cached across opens.
@@ -510,30 +502,34 @@ impl Fs {
         Ok(data.len() as u32)
     }
 
-    /// A descriptor of an open file was closed by `owner`: drop its POSIX locks.
+    /// A descriptor of an open file was closed by `owner` (a process): drop its
+    /// POSIX locks on the file, and forget it as an owner of this handle.
     pub fn flush(&self, handle: u64, owner: LockOwner) -> Result<(), FsError> {
-        if let Opened::File(node) = &self.handle(handle)?.opened {
+        let open_file = self.handle(handle)?;
+        if let Opened::File(node) = &open_file.opened {
+            let mut owners = lock_owners(&open_file);
+            owners.remove(&owner);
             node.unlock_all(owner);
         }
         Ok(())
     }
 
-    /// The last reference to an open file description went away.
+    /// The last reference to an open file description went away: drop the
+    /// locks of the owners that locked through it and never closed it, which
+    /// are its OFD locks (a process's POSIX locks went at its `flush`). The
+    /// kernel sends this after the close returned, so the process may hold
+    /// new locks through another handle by now; those stay.
     pub fn release(&self, handle: u64) -> Result<(), FsError> {
-        let mut handles = self.handles.write().unwrap_or_else(|p| p.into_inner());
-        let released = handles.remove(&handle).ok_or(FsError::BadHandle(handle))?;
-        let owners = std::mem::take(&mut *lock_owners(&released));
-        // An owner that also locked through another open handle of the same file is a
-        // process with the file open elsewhere; its locks stay until that closes.
-        let still_used: BTreeSet<LockOwner> = handles
-            .values()
-            .filter(|other| other.ino() == released.ino())
-            .flat_map(|other| lock_owners(other).clone())
-            .collect();
-        drop(handles);
+        let released = self
+            .handles
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&handle)
+            .ok_or(FsError::BadHandle(handle))?;
         if let Opened::File(node) = &released.opened {
-            for owner in owners.difference(&still_used) {
-                node.release_owner(*owner);
+            let owners = std::mem::take(&mut *lock_owners(&released));
+            for owner in owners {
+                node.release_owner(owner);
             }
         }
         Ok(())
@@ -888,6 +884,23 @@ mod tests {
             fs.getlk(first, call(10, 0, Some(LockKind::Write)))
                 .unwrap()
                 .is_none()
+        );
+    }
+
+    #[test]
+    fn a_late_release_keeps_the_locks_its_process_took_since_through_another_handle() {
+        let (_dir, fs) = new_fs();
+        let (attr, first) = fs.create(ROOT_INO, OsStr::new("app.db")).unwrap();
+        setlk_now(&fs, first, call(10, 0, Some(LockKind::Read))).unwrap();
+        fs.flush(first, 10).unwrap();
+        let second = fs.open(attr.ino, true).unwrap().0;
+        setlk_now(&fs, second, call(10, 0, Some(LockKind::Read))).unwrap();
+        fs.release(first).unwrap();
+        assert!(
+            fs.getlk(second, call(20, 0, Some(LockKind::Write)))
+                .unwrap()
+                .is_some(),
+            "the release of a closed handle dropped a lock held through another"
         );
     }
 
