@@ -142,6 +142,18 @@ fn a_gcs_backup_restores_and_verifies() {
     );
     // The emulator's key file holds no secret.
     back_up_restore_and_verify("gs://backups/prod", &destination, None, &|| server.log());
+    // fake-gcs-server does not enforce the precondition; every upload must
+    // carry it, so that GCS refuses to overwrite an object of that name.
+    let uploads = server.uploads();
+    assert!(!uploads.is_empty(), "no upload passed the front");
+    for upload in &uploads {
+        assert_eq!(
+            upload.generation_match.as_deref(),
+            Some("0"),
+            "{} was uploaded without x-goog-if-generation-match: 0",
+            upload.object
+        );
+    }
     an_unusable_destination_stops_the_mount("gs://missing-bucket/prod", &destination, None);
 }
 

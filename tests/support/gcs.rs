@@ -22,7 +22,9 @@
 //! request through unchanged. Each request gets its own connection (`Connection:
 //! close`). Request bodies must have a `Content-Length` (object_store always
 //! sends one). fake-gcs-server v1.54.0 does not check `ifGenerationMatch` on
-//! media uploads (v1.56 does), so a conditional put there overwrites.
+//! media uploads (v1.56 does), so a conditional put there overwrites; the
+//! front records each upload's precondition instead ([`GcsServer::uploads`]),
+//! so tests can check that every one is conditional.
 //!
 //! fake-gcs-server checks no credentials: a service account file with
 //! `"disable_oauth": true` ([`GcsServer::service_account`]) makes object_store
@@ -39,8 +41,8 @@ use std::ffi::OsString;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
@@ -65,6 +67,16 @@ const FAKE_GCS_SERVER: Program = Program {
 };
 /// The header of the JSON API's requests.
 const JSON: (&str, &str) = ("Content-Type", "application/json");
+
+/// One single-request upload that passed the front.
+#[derive(Debug, Clone)]
+pub struct Upload {
+    /// The object's name in its bucket.
+    pub object: String,
+    /// Its `x-goog-if-generation-match` header, if it had one (`0`: only if
+    /// no object has that name).
+    pub generation_match: Option<String>,
+}
 
 /// A running fake-gcs-server behind its front, both stopped on drop.
 pub struct GcsServer {
@@ -129,6 +141,15 @@ impl GcsServer {
     pub fn log(&self) -> String {
         self.emulator.log()
     }
+
+    /// The single-request uploads so far, in the order they arrived.
+    pub fn uploads(&self) -> Vec<Upload> {
+        self.front
+            .uploads
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
 }
 
 /// fake-gcs-server's arguments: in memory, plain HTTP, its host and port.
@@ -161,6 +182,7 @@ fn fake_gcs_server_ready(address: SocketAddr) -> bool {
 /// thread of its own (one request each), stopped and joined on drop.
 struct Front {
     address: SocketAddr,
+    uploads: Arc<Mutex<Vec<Upload>>>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
@@ -171,19 +193,23 @@ impl Front {
         let address = listener.local_addr().expect("the GCS front's address");
         let stop = Arc::new(AtomicBool::new(false));
         let stopping = Arc::clone(&stop);
+        let uploads = Arc::new(Mutex::new(Vec::new()));
+        let recorded = Arc::clone(&uploads);
         let thread = thread::spawn(move || {
             for client in listener.incoming() {
                 if stopping.load(Ordering::SeqCst) {
                     break;
                 }
                 if let Ok(client) = client {
+                    let recorded = Arc::clone(&recorded);
                     // Each exchange is bounded by FRONT_TIMEOUT, so these end.
-                    thread::spawn(move || serve(client, upstream));
+                    thread::spawn(move || serve(client, upstream, &recorded));
                 }
             }
         });
         Front {
             address,
+            uploads,
             stop,
             thread: Some(thread),
         }
@@ -202,8 +228,8 @@ impl Drop for Front {
 }
 
 /// One request from `client`, through the front to `upstream`, and its answer.
-fn serve(mut client: TcpStream, upstream: SocketAddr) {
-    let answer = match exchange(&mut client, upstream) {
+fn serve(mut client: TcpStream, upstream: SocketAddr, uploads: &Mutex<Vec<Upload>>) {
+    let answer = match exchange(&mut client, upstream, uploads) {
         Ok(answer) => answer,
         Err(error) => {
             let message = format!("the GCS test front failed: {error}");
@@ -220,14 +246,28 @@ fn serve(mut client: TcpStream, upstream: SocketAddr) {
 }
 
 /// Reads one request from `client`, sends it upstream (an XML API upload as the
-/// JSON API's media upload) and returns the answer to give the client.
-fn exchange(client: &mut TcpStream, upstream: SocketAddr) -> io::Result<Vec<u8>> {
+/// JSON API's media upload, recorded in `uploads`) and returns the answer to
+/// give the client.
+fn exchange(
+    client: &mut TcpStream,
+    upstream: SocketAddr,
+    uploads: &Mutex<Vec<Upload>>,
+) -> io::Result<Vec<u8>> {
     client.set_read_timeout(Some(FRONT_TIMEOUT))?;
     client.set_write_timeout(Some(FRONT_TIMEOUT))?;
     let request = read_request(client)?;
     let upload = xml_upload(&request);
     let (method, target) = match &upload {
         Some((bucket, object)) => {
+            uploads
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .push(Upload {
+                    object: object.clone(),
+                    generation_match: request
+                        .header("x-goog-if-generation-match")
+                        .map(str::to_owned),
+                });
             let mut target =
                 format!("/upload/storage/v1/b/{bucket}/o?uploadType=media&name={object}");
             if let Some(generation) = request.header("x-goog-if-generation-match") {
