@@ -12,10 +12,11 @@
 //! writer saw acknowledged present. The seed is printed, and
 //! `LTXFS_CHAOS_SEED` replays it; `LTXFS_CHAOS_SECONDS` (default 60) sets how
 //! long faults are injected (`scripts/chaos` runs it longer).
-//! `LTXFS_CHAOS_WRITERS` is `threads` (the default: both writers in this
-//! process, which a SIGBUS would end) or `processes` (each writer a process of its own, so their locks
+//! `LTXFS_CHAOS_WRITERS` is `processes` (the default: each writer a process
+//! of its own, opening a connection per write as web apps do, so their locks
 //! are arbitrated between processes; one that dies of SIGBUS when a killed
-//! node's mount vanishes under SQLite's mapped `-shm` is replaced).
+//! node's mount vanishes under SQLite's mapped `-shm` is replaced) or
+//! `threads` (both writers in this process, which a SIGBUS would end).
 
 #[allow(dead_code)]
 #[path = "support/cluster.rs"]
@@ -391,8 +392,8 @@ fn the_cluster_survives_random_faults_one_node_at_a_time() {
         .and_then(|seconds| seconds.parse().ok())
         .unwrap_or(60);
     let writer_processes = match std::env::var("LTXFS_CHAOS_WRITERS").as_deref() {
-        Ok("processes") => true,
-        Ok("threads") | Err(_) => false,
+        Ok("processes") | Err(_) => true,
+        Ok("threads") => false,
         Ok(other) => panic!("LTXFS_CHAOS_WRITERS is {other:?}, not \"threads\" or \"processes\""),
     };
     report(format!(
