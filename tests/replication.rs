@@ -257,11 +257,15 @@ fn replicas_follow_while_readers_read(mode: &str) {
         "node-a\n"
     );
     assert!(!primary.path().join(".primary").exists());
-    let lag: u64 = fs::read_to_string(replica_b.path().join(".lag"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    // LiteFS's format: `%+010d\n`, 11 bytes.
+    let lag_text = fs::read_to_string(replica_b.path().join(".lag")).unwrap();
+    assert_eq!(lag_text.len(), 11, "{lag_text:?}");
+    assert!(lag_text.starts_with('+'), "{lag_text:?}");
+    let lag: u64 = lag_text.trim().parse().unwrap();
+    assert_eq!(
+        fs::read_to_string(primary.path().join(".lag")).unwrap(),
+        "+000000000\n"
+    );
     assert!(lag < 60_000, "lag {lag} ms");
 
     let stop = primary.root().join("stop-readers");

@@ -230,8 +230,8 @@ enum StatusFile {
     /// a primary; absent on the primary and on a replica that knows no primary
     /// (LiteFS's convention, which write-redirecting middleware relies on).
     Primary,
-    /// `.lag`: milliseconds since the primary's last timestamp and a newline (0 on
-    /// the primary); absent on a replica that has not heard from a primary.
+    /// `.lag`: milliseconds since the primary's last timestamp, in LiteFS's
+    /// fixed 11 bytes (see [`lag_text`]).
     Lag,
 }
 
@@ -265,9 +265,22 @@ impl StatusFile {
         let cluster = store.cluster();
         match self {
             StatusFile::Primary => cluster.primary().map(|hostname| format!("{hostname}\n")),
-            StatusFile::Lag => cluster.lag().map(|lag| format!("{}\n", lag.as_millis())),
+            StatusFile::Lag => Some(lag_text(cluster.lag())),
         }
     }
+}
+
+/// `.lag` as LiteFS writes it: `%+010d\n` of the lag in milliseconds (0 on the
+/// primary, `i32::MAX` before a replica has heard from a primary), cut to 11
+/// bytes, the size LiteFS gives the file.
+fn lag_text(lag: Option<std::time::Duration>) -> String {
+    const LAG_BYTES: usize = 11;
+    let millis = lag.map_or(i32::MAX as u128, |lag| {
+        lag.as_millis().min(i32::MAX as u128)
+    });
+    let mut text = format!("{millis:+010}\n");
+    text.truncate(LAG_BYTES);
+    text
 }
 
 struct OpenFile {
@@ -659,6 +672,15 @@ impl Fs {
         let content = file
             .content(&self.store)
             .ok_or_else(|| StoreError::NotFound(file.name().to_string()))?;
+        // `.lag`'s time is the primary's last timestamp, as in LiteFS (the
+        // epoch on the primary and before a replica heard one).
+        let mtime = match file {
+            StatusFile::Primary => self.root_time,
+            StatusFile::Lag => {
+                let millis = self.store.cluster().last_primary_timestamp_ms();
+                std::time::UNIX_EPOCH + std::time::Duration::from_millis(millis.unwrap_or(0))
+            }
+        };
         Ok(Attr {
             ino: file.ino(),
             size: content.len() as u64,
@@ -666,9 +688,9 @@ impl Fs {
             perm: 0o444,
             uid: self.uid,
             gid: self.gid,
-            atime: self.root_time,
-            mtime: self.root_time,
-            ctime: self.root_time,
+            atime: mtime,
+            mtime,
+            ctime: mtime,
         })
     }
 
@@ -885,6 +907,19 @@ mod tests {
                 .unwrap()
                 .is_none()
         );
+    }
+
+    #[test]
+    fn lag_is_eleven_bytes_as_litefs_writes_it() {
+        let millis = std::time::Duration::from_millis;
+        assert_eq!(lag_text(Some(millis(0))), "+000000000\n");
+        assert_eq!(lag_text(Some(millis(1234))), "+000001234\n");
+        assert_eq!(lag_text(None), "+2147483647");
+        assert_eq!(lag_text(Some(millis(u64::MAX))), "+2147483647");
+        let (_dir, fs) = new_fs();
+        let lag = fs.lookup(ROOT_INO, OsStr::new(".lag")).unwrap();
+        assert_eq!(lag.size, 11);
+        assert_eq!(lag.mtime, std::time::UNIX_EPOCH, "the primary's .lag time");
     }
 
     #[test]

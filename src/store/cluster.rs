@@ -148,6 +148,15 @@ impl ClusterView {
             .fetch_max(unix_ms, Ordering::AcqRel);
     }
 
+    /// The primary's last timestamp this replica heard, in Unix milliseconds;
+    /// `None` on the primary and before a replica has heard one.
+    pub fn last_primary_timestamp_ms(&self) -> Option<u64> {
+        if self.role() == Role::Primary {
+            return None;
+        }
+        Some(self.last_primary_timestamp_ms.load(Ordering::Acquire)).filter(|&ms| ms != 0)
+    }
+
     /// How far this node is behind the primary: zero on the primary, the time
     /// since the primary's last timestamp on a replica, `None` on a replica that
     /// has not heard from a primary yet.
