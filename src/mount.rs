@@ -438,11 +438,13 @@ pub fn run(request: MountRequest) -> Result<i32, MountError> {
         Signals::listen()?
     };
     let backup_destinations = open_backup_destinations(&request.config)?;
+    let unmounted = CancellationToken::new();
     let session = MountedSession::start(
         fs,
         &plan.mount_point,
         request.config.fuse.allow_other,
         FUSE_WORKER_THREADS,
+        unmounted.clone(),
     )
     .map_err(|error| MountError::runtime(format!("mount {}", plan.mount_point.display()), error))?;
     tracing::info!(
@@ -519,6 +521,11 @@ pub fn run(request: MountRequest) -> Result<i32, MountError> {
             exit_code = supervise(commands, signals, &plan.mount_point, &store) => exit_code,
             () = failed.cancelled() => Err(MountError::Usage(
                 "this node cannot join the cluster (see the error above)".to_string(),
+            )),
+            // A node with nothing mounted must not stay primary or serve.
+            () = unmounted.cancelled() => Err(MountError::runtime(
+                format!("serve {}", plan.mount_point.display()),
+                io::Error::other("another process unmounted it; stopping"),
             )),
         }
     });

@@ -28,7 +28,8 @@ impl Mounted {
             .unwrap(),
         );
         let fs = Arc::new(Fs::new(store.clone(), 0, 0));
-        let session = MountedSession::start(fs, &dir.path().join("mnt"), false, 2)
+        let ended = tokio_util::sync::CancellationToken::new();
+        let session = MountedSession::start(fs, &dir.path().join("mnt"), false, 2, ended)
             .unwrap_or_else(|e| panic!("cannot mount (tests need /dev/fuse and root): {e}"));
         Mounted {
             dir,

@@ -7,7 +7,7 @@ mod common;
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::*;
@@ -584,4 +584,23 @@ fn missing_dev_fuse_is_a_usage_error() {
         .unwrap();
     assert_usage_error(out.status.code(), &out.stderr, &["/dev/fuse"]);
     assert!(!data.exists() && !mnt.exists(), "nothing may be created");
+}
+
+/// An unmount by another process (an operator's `umount`) stops ltxfs with
+/// an error: a node with nothing mounted must not go on holding the lease.
+#[test]
+fn an_unmount_by_another_process_stops_ltxfs_with_an_error() {
+    let mut mount = Mount::start(MountOptions::default());
+    let status = Command::new("umount")
+        .arg(mount.path())
+        .status()
+        .expect("run umount");
+    assert!(status.success(), "umount {}", mount.path().display());
+    let exit = mount.wait_for_exit();
+    assert_eq!(exit.code(), Some(1), "{}", mount.stderr_text());
+    assert!(
+        mount.stderr_text().contains("another process unmounted it"),
+        "{}",
+        mount.stderr_text()
+    );
 }

@@ -23,6 +23,8 @@ use fuser::{
     WriteFlags,
 };
 
+use tokio_util::sync::CancellationToken;
+
 use crate::fs::{Attr, CachePolicy, Fs, FsError, LockCall, NodeType, ROOT_INO};
 use crate::store::locks::LockKind;
 use crate::store::{KernelCache, NodeId};
@@ -34,16 +36,19 @@ const CACHE_TTL: Duration = Duration::from_secs(1);
 pub struct MountedSession {
     session: fuser::BackgroundSession,
     mount_point: PathBuf,
+    ended: CancellationToken,
 }
 
 impl MountedSession {
     /// Mounts `fs` at `mount_point` and serves it on `threads` threads. The store
     /// gets a [`KernelCache`] so the core can invalidate what the kernel cached.
+    /// `ended` is cancelled when the session ends, whoever unmounted it.
     pub fn start(
         fs: Arc<Fs>,
         mount_point: &Path,
         allow_other: bool,
         threads: usize,
+        ended: CancellationToken,
     ) -> std::io::Result<MountedSession> {
         let mut options = fuser::Config::default();
         options.mount_options = vec![
@@ -57,13 +62,18 @@ impl MountedSession {
         options.n_threads = Some(threads);
         options.clone_fd = true;
         let store = fs.store().clone();
-        let session = fuser::Session::new(FuseAdapter::new(fs), mount_point, &options)?.spawn()?;
+        let adapter = FuseAdapter {
+            fs,
+            ended: ended.clone(),
+        };
+        let session = fuser::Session::new(adapter, mount_point, &options)?.spawn()?;
         store.set_kernel_cache(Arc::new(KernelNotifier {
             notifier: session.notifier(),
         }));
         Ok(MountedSession {
             session,
             mount_point: mount_point.to_path_buf(),
+            ended,
         })
     }
 
@@ -71,6 +81,11 @@ impl MountedSession {
     /// open, detaches the mount instead (the kernel finishes once it is closed).
     pub fn unmount(self) {
         let mount_point = self.mount_point;
+        if self.ended.is_cancelled() {
+            // Unmounted already, by another process.
+            let _ = self.session.join();
+            return;
+        }
         if let Err(error) = self.session.umount_and_join() {
             tracing::warn!(%error, "unmount failed; detaching the mount lazily");
             if let Err(error) = detach(&mount_point) {
@@ -133,14 +148,11 @@ impl KernelCache for KernelNotifier {
 /// The FUSE callbacks of an ltxfs mount.
 struct FuseAdapter {
     fs: Arc<Fs>,
+    /// Cancelled when the session ends.
+    ended: CancellationToken,
 }
 
 impl FuseAdapter {
-    /// An adapter serving `fs`.
-    fn new(fs: Arc<Fs>) -> FuseAdapter {
-        FuseAdapter { fs }
-    }
-
     /// How long the kernel may keep the attributes it is given now.
     fn attr_ttl(&self) -> Duration {
         if self.fs.attributes_may_be_cached() {
@@ -238,6 +250,10 @@ pub(crate) fn request_posix_locks(config: &mut KernelConfig) -> std::io::Result<
 impl fuser::Filesystem for FuseAdapter {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         request_posix_locks(config)
+    }
+
+    fn destroy(&mut self) {
+        self.ended.cancel();
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {

@@ -502,6 +502,18 @@ impl Mount {
         self.reap(STOP_TIMEOUT);
     }
 
+    /// Waits at most 10 s for ltxfs to exit by itself; returns its status.
+    /// Panics (with stderr) if it does not exit in time.
+    pub fn wait_for_exit(&mut self) -> ExitStatus {
+        match self.reap(STOP_TIMEOUT) {
+            Some(status) => status,
+            None => panic!(
+                "ltxfs did not exit within {STOP_TIMEOUT:?}; stderr:\n{}",
+                self.stderr_text()
+            ),
+        }
+    }
+
     /// Sends SIGTERM and waits at most 10 s for ltxfs to exit; returns its status.
     /// Panics (with stderr) if it does not exit in time.
     pub fn stop(&mut self) -> ExitStatus {
