@@ -520,8 +520,7 @@ impl Fs {
     pub fn flush(&self, handle: u64, owner: LockOwner) -> Result<(), FsError> {
         let open_file = self.handle(handle)?;
         if let Opened::File(node) = &open_file.opened {
-            let mut owners = lock_owners(&open_file);
-            owners.remove(&owner);
+            lock_owners(&open_file).remove(&owner);
             node.unlock_all(owner);
         }
         Ok(())
