@@ -1,7 +1,8 @@
 //! The fault suite: three candidates elect their primary with a real etcd,
-//! with `replication.synchronous: true`, under a workload of two writers (each
-//! retries on whichever node accepts its write) and reader processes (`sqlite3`
-//! on every node), while faults hit one node at a time at random
+//! with `replication.synchronous: true`, under a workload of writer processes
+//! (each retries on whichever node accepts its write; one that dies of SIGBUS
+//! when a killed node's mount vanishes under SQLite's mapped `-shm` is replaced)
+//! and reader processes (`sqlite3` on every node), while faults hit one node at a time at random
 //! moments: SIGKILL and restart, SIGSTOP and SIGCONT, a partition from etcd and
 //! from the other nodes (TCP proxies), an etcd restart, and a full disk on the
 //! node whose data dir is a small tmpfs. After each fault heals, the cluster
@@ -12,11 +13,6 @@
 //! writer saw acknowledged present. The seed is printed, and
 //! `LTXFS_CHAOS_SEED` replays it; `LTXFS_CHAOS_SECONDS` (default 60) sets how
 //! long faults are injected (`scripts/chaos` runs it longer).
-//! `LTXFS_CHAOS_WRITERS` is `processes` (the default: each writer a process
-//! of its own, opening a connection per write as web apps do, so their locks
-//! are arbitrated between processes; one that dies of SIGBUS when a killed
-//! node's mount vanishes under SQLite's mapped `-shm` is replaced) or
-//! `threads` (both writers in this process, which a SIGBUS would end).
 
 #[allow(dead_code)]
 #[path = "support/cluster.rs"]
@@ -189,46 +185,6 @@ fn supervise_writer(
     }
 }
 
-/// A writer thread: inserts rows on whichever node accepts them, one
-/// transaction each, until `stop`; a refused or failed write moves on to the
-/// next node.
-fn write_in_thread(
-    writer: i64,
-    dbs: Vec<PathBuf>,
-    stop: Arc<AtomicBool>,
-    acked: Arc<Acknowledged>,
-) {
-    let mut next = writer * WRITER_SPAN;
-    let mut node = 0;
-    while !stop.load(Ordering::Acquire) {
-        match insert_once(&dbs[node], next) {
-            Ok(()) => {
-                let at = acked.started.elapsed();
-                acked.rows.lock().unwrap().insert(next, (node, at));
-            }
-            Err(_) => {
-                acked.refused.fetch_add(1, Ordering::Relaxed);
-                node = (node + 1) % dbs.len();
-                thread::sleep(Duration::from_millis(20));
-            }
-        }
-        // A failed row may or may not be committed: never reuse it.
-        next += 1;
-    }
-}
-
-/// Inserts row `seq` into `db` in a transaction of its own.
-fn insert_once(db: &std::path::Path, seq: i64) -> rusqlite::Result<()> {
-    // Without SQLITE_OPEN_CREATE: while a killed node's mount is gone, a create
-    // would put a new database in the bare mount point, which ltxfs then
-    // refuses to mount over.
-    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-    let conn = rusqlite::Connection::open_with_flags(db, flags)?;
-    conn.busy_timeout(Duration::from_secs(2))?;
-    conn.execute("INSERT INTO t(seq) VALUES (?1)", [seq])?;
-    Ok(())
-}
-
 /// A writer process: inserts rows from `first` on whichever node accepts them,
 /// one transaction each, saying `attempt N` before and `acked N NODE` or
 /// `refused N` after each; a refused or failed write moves on to the next node.
@@ -240,7 +196,15 @@ fn worker_chaos_writer() {
     let mut node: usize = job.parse("node");
     loop {
         println!("attempt {next}");
-        match insert_once(&dbs[node], next) {
+        // Without SQLITE_OPEN_CREATE: while a killed node's mount is gone, a
+        // create would put a new database in the bare mount point, which
+        // ltxfs then refuses to mount over.
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let attempt = rusqlite::Connection::open_with_flags(&dbs[node], flags).and_then(|conn| {
+            conn.busy_timeout(Duration::from_secs(2))?;
+            conn.execute("INSERT INTO t(seq) VALUES (?1)", [next])
+        });
+        match attempt {
             Ok(_) => println!("acked {next} {node}"),
             Err(_) => {
                 println!("refused {next}");
@@ -391,18 +355,8 @@ fn the_cluster_survives_random_faults_one_node_at_a_time() {
         .ok()
         .and_then(|seconds| seconds.parse().ok())
         .unwrap_or(60);
-    let writer_processes = match std::env::var("LTXFS_CHAOS_WRITERS").as_deref() {
-        Ok("processes") | Err(_) => true,
-        Ok("threads") => false,
-        Ok(other) => panic!("LTXFS_CHAOS_WRITERS is {other:?}, not \"threads\" or \"processes\""),
-    };
     report(format!(
-        "chaos: seed {seed} (LTXFS_CHAOS_SEED replays it), {seconds} s of faults, writers in {}",
-        if writer_processes {
-            "processes"
-        } else {
-            "threads"
-        }
+        "chaos: seed {seed} (LTXFS_CHAOS_SEED replays it), {seconds} s of faults"
     ));
     let mut rng = Rng::new(seed);
 
@@ -437,11 +391,7 @@ fn the_cluster_survives_random_faults_one_node_at_a_time() {
         .map(|writer| {
             let (dbs, stop, acked) = (dbs.clone(), stop.clone(), acked.clone());
             let pid = writer_pids[writer as usize].clone();
-            if writer_processes {
-                thread::spawn(move || supervise_writer(writer, dbs, stop, acked, pid))
-            } else {
-                thread::spawn(move || write_in_thread(writer, dbs, stop, acked))
-            }
+            thread::spawn(move || supervise_writer(writer, dbs, stop, acked, pid))
         })
         .collect();
     workers.push(thread::spawn({
@@ -550,20 +500,14 @@ fn the_cluster_survives_random_faults_one_node_at_a_time() {
     for fault in &injected {
         *counts.entry(format!("{fault:?}")).or_insert(0) += 1;
     }
-    let writers = if writer_processes {
-        format!(
-            "writers in processes ({} killed by SIGBUS)",
-            acked.writers_died.load(Ordering::Relaxed)
-        )
-    } else {
-        "writers in threads".to_string()
-    };
     report(format!(
-        "chaos: seed {seed}: {} faults ({counts:?}), {writers}; {} writes acknowledged, \
-         {} refused; {} reads answered, {} failed; acknowledged rows missing: {}",
+        "chaos: seed {seed}: {} faults ({counts:?}); {} writes acknowledged, {} refused, \
+         {} writer processes killed by SIGBUS; {} reads answered, {} failed; \
+         acknowledged rows missing: {}",
         injected.len(),
         acked_rows.len(),
         acked.refused.load(Ordering::Relaxed),
+        acked.writers_died.load(Ordering::Relaxed),
         answered.load(Ordering::Relaxed),
         failed.load(Ordering::Relaxed),
         lost.len()
