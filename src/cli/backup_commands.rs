@@ -106,13 +106,14 @@ pub(super) fn run_restore(
     match restored {
         Ok(restored) => {
             println!(
-                "restored {name} to TXID {} ({}), checksum {}, {} bytes, into {} (from {} objects)",
+                "restored {name} to TXID {} ({}), checksum {}, {} bytes, into {} (from {} object{})",
                 restored.txid,
                 format_timestamp_millis(restored.timestamp_ms),
                 restored.checksum,
                 restored.bytes,
                 output.display(),
-                restored.objects
+                restored.objects,
+                if restored.objects == 1 { "" } else { "s" }
             );
             0
         }

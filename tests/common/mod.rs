@@ -269,10 +269,18 @@ pub fn run_bounded<T: Send + 'static>(
 
 /// Polls `cond` every 10 ms until it is true; panics with `what` after `timeout`.
 pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    wait_for(what, timeout, || {
+        if cond() { Ok(()) } else { Err(String::new()) }
+    });
+}
+
+/// Polls `check` every 10 ms until it is `Ok`; panics after `timeout` with
+/// `what` and the last reason `check` gave.
+pub fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> Result<(), String>) {
     let deadline = Instant::now() + timeout;
-    while !cond() {
+    while let Err(reason) = check() {
         if Instant::now() >= deadline {
-            panic!("timed out after {timeout:?} waiting for {what}");
+            panic!("timed out after {timeout:?} waiting for {what}; last: {reason}");
         }
         thread::sleep(POLL);
     }
