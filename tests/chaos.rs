@@ -103,7 +103,11 @@ fn start_node(name: &'static str, etcd: &etcd::Etcd, small_disk: bool) -> Node {
     let mount = Mount::start(MountOptions {
         extra_yaml,
         deadline: Duration::from_secs(1_800),
-        data_tmpfs_bytes: small_disk.then_some(SMALL_DISK_BYTES),
+        data_dir: if small_disk {
+            DataDir::Tmpfs(SMALL_DISK_BYTES)
+        } else {
+            DataDir::Plain
+        },
     });
     Node {
         name,

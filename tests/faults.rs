@@ -44,7 +44,7 @@ fn replay(data_dir: &std::path::Path, name: &str, into: &std::path::Path) -> Str
 #[test]
 fn a_full_data_dir_fails_writes_cleanly_and_they_resume_once_space_is_freed() {
     let mut mount = Mount::start(MountOptions {
-        data_tmpfs_bytes: Some(24 << 20),
+        data_dir: DataDir::Tmpfs(24 << 20),
         ..MountOptions::default()
     });
     // Room to free later.
@@ -104,7 +104,7 @@ fn a_full_data_dir_fails_writes_cleanly_and_they_resume_once_space_is_freed() {
 #[test]
 fn a_commit_whose_change_set_cannot_be_logged_leaves_the_log_true_to_the_database() {
     let mut mount = Mount::start(MountOptions {
-        data_tmpfs_bytes: Some(64 << 20),
+        data_dir: DataDir::Tmpfs(64 << 20),
         ..MountOptions::default()
     });
     let name = "log-full.db";
@@ -147,6 +147,72 @@ fn a_commit_whose_change_set_cannot_be_logged_leaves_the_log_true_to_the_databas
     report(format!(
         "log full, WAL not: {committed} commits, then {failed} failed"
     ));
+    assert_log_replays_to_the_live_database(&mut mount, conn, name);
+}
+
+/// The data dir's disk fails writes while SQLite commits in WAL mode: the
+/// fsync after each commit frame fails, SQLite fails the commit and writes the
+/// next transaction over its frames. ltxfs captured those commits at their
+/// commit frame (and may have sent them to replicas), so it must record that
+/// they were retracted: the log, and every replica, stay true to what SQLite
+/// reads.
+#[test]
+fn commits_whose_wal_fsync_fails_are_recorded_as_retracted() {
+    let mut mount = Mount::start(MountOptions {
+        data_dir: DataDir::FailingDisk(48 << 20),
+        ..MountOptions::default()
+    });
+    let name = "failing.db";
+    let conn = open_db(&mount.db_path(name));
+    set_journal_mode(&conn, "WAL");
+    conn.execute_batch("PRAGMA synchronous=FULL; CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
+        .unwrap();
+    for _ in 0..100 {
+        conn.execute("INSERT INTO t(v) VALUES (randomblob(3000))", [])
+            .unwrap();
+    }
+    let filler = mount.disk_backing().join("filler");
+    fill(&filler);
+    // Each failed update changes a row's page that no later transaction
+    // touches: had it stayed in the log, the log would replay to that row.
+    let (mut committed, mut failed) = (0, 0);
+    while failed < 5 && committed < 200 {
+        match conn.execute("UPDATE t SET v = randomblob(3000) WHERE id = 5", []) {
+            Ok(_) => committed += 1,
+            Err(error) => {
+                assert!(
+                    matches!(
+                        error.sqlite_error_code(),
+                        Some(rusqlite::ErrorCode::SystemIoFailure | rusqlite::ErrorCode::DiskFull)
+                    ),
+                    "a failing disk gave {error}"
+                );
+                failed += 1;
+            }
+        }
+    }
+    assert!(failed > 0, "no commit failed on a disk that fails writes");
+    assert!(mount.is_running(), "ltxfs exited:\n{}", mount.stderr_text());
+    fs::remove_file(&filler).unwrap();
+    for _ in 0..20 {
+        conn.execute("INSERT INTO t(v) VALUES (randomblob(3000))", [])
+            .unwrap_or_else(|e| {
+                panic!(
+                    "a write after the disk recovered: {e}\n{}",
+                    mount.stderr_text()
+                )
+            });
+    }
+    report(format!(
+        "failing disk: {committed} commits, then {failed} failed"
+    ));
+    assert!(
+        mount
+            .stderr_text()
+            .contains("SQLite did not commit the last captured WAL transactions"),
+        "{}",
+        mount.stderr_text()
+    );
     assert_log_replays_to_the_live_database(&mut mount, conn, name);
 }
 
@@ -201,7 +267,7 @@ fn a_replica_whose_disk_fills_catches_up_once_space_is_freed() {
     let url = format!("http://{}", primary.listen_addr());
     let mut replica = Mount::start(MountOptions {
         extra_yaml: node_yaml("replica", false, Some(&url)),
-        data_tmpfs_bytes: Some(128 << 20),
+        data_dir: DataDir::Tmpfs(128 << 20),
         ..MountOptions::default()
     });
     // 32 MiB are left: not enough for the database and its log.

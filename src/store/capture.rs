@@ -7,6 +7,8 @@
 //!   `locking_mode=EXCLUSIVE`). Without a journal (MEMORY, OFF) the transaction
 //!   ends when the writer drops its RESERVED lock and no hot journal exists.
 //! - WAL: a frame whose header has a non-zero commit size has been written.
+//!   SQLite may still give such a transaction up (its fsync failed): it then
+//!   writes the next frame over it, and a change set restores what it changed.
 //!
 //! Pages written to the database file since the last commit are remembered; at the
 //! commit they are read back and compared with their checksums, so pages SQLite
@@ -758,6 +760,9 @@ impl Database {
         if end <= wal::WAL_HEADER_SIZE {
             return Ok(());
         }
+        if offset < state.wal.committed_end {
+            self.retract_wal_commits(state, &header, offset)?;
+        }
         let first = (offset.max(wal::WAL_HEADER_SIZE) - wal::WAL_HEADER_SIZE) / frame_size;
         let last = (end - wal::WAL_HEADER_SIZE - 1) / frame_size;
         for index in first..=last {
@@ -777,6 +782,58 @@ impl Database {
             }
         }
         Ok(())
+    }
+
+    /// SQLite writes a frame before the end of what was captured as committed
+    /// in this WAL generation only when, for it, those transactions never
+    /// committed: the fsync after their commit frame failed, or their writer
+    /// died before publishing them in the wal-index. The captured transactions
+    /// from `offset` on are already logged (and maybe replicated), so their
+    /// pages' content before them is recorded as a change set of its own: the
+    /// log again replays to what SQLite reads.
+    fn retract_wal_commits(
+        &self,
+        state: &mut MutexGuard<'_, CaptureState>,
+        header: &WalHeader,
+        offset: u64,
+    ) -> Result<(), StoreError> {
+        let Some(wal_file) = state.wal_file.clone() else {
+            return Ok(());
+        };
+        let mut committed = wal::read_committed(&wal_file)
+            .map_err(|source| io_error(&self.name, "read the WAL", source))?;
+        committed
+            .transactions
+            .retain(|transaction| transaction.end <= offset);
+        let kept_end = committed.end();
+        let commit = match committed.commit() {
+            Some(commit) => commit,
+            None => state.database_file_size()?.map_or(0, |(_, pages)| pages),
+        };
+        let lock_page = ltx::lock_page_number(header.page_size);
+        let reverted: Vec<u32> = state
+            .wal
+            .committed
+            .iter()
+            .filter(|&(&pgno, &page_offset)| {
+                page_offset >= kept_end && pgno <= commit && pgno != lock_page
+            })
+            .map(|(&pgno, _)| pgno)
+            .collect();
+        tracing::warn!(
+            database = %self.name,
+            txid = %state.position.txid,
+            wal_offset = kept_end,
+            "SQLite did not commit the last captured WAL transactions (their fsync \
+             failed, or their writer died before publishing them); recording the \
+             content they changed as it was before them"
+        );
+        state.wal.committed = committed.pages();
+        state.wal.committed_end = kept_end;
+        state.wal.transaction.clear();
+        let frame_size = FRAME_HEADER_SIZE + u64::from(header.page_size);
+        state.wal.frames_written = (kept_end - wal::WAL_HEADER_SIZE) / frame_size;
+        self.emit_pages(state, header.page_size, commit, &reverted, None)
     }
 
     fn note_wal_frame(

@@ -179,6 +179,30 @@ pub fn force_unmount(path: &Path) {
     }
 }
 
+/// Mounts a tmpfs of `bytes` on `path`.
+fn mount_tmpfs(path: &Path, bytes: u64) {
+    run_ok(
+        Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
+            .arg(path),
+    );
+}
+
+/// Runs `command`, panicking with its output unless it succeeds.
+fn run_ok(command: &mut Command) {
+    let output = command
+        .output()
+        .unwrap_or_else(|e| panic!("run {command:?}: {e}"));
+    assert!(
+        output.status.success(),
+        "{command:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// The folder under a mount's root that holds a [`DataDir::FailingDisk`]'s image.
+const DISK_BACKING: &str = "disk-backing";
+
 /// Sends `signal` to the process `pid`.
 pub fn send_signal(pid: u32, signal: libc::c_int) {
     // SAFETY: kill(2) has no memory-safety preconditions.
@@ -357,8 +381,23 @@ pub struct MountOptions {
     pub extra_yaml: String,
     /// After this long the watchdog SIGKILLs ltxfs (see module docs).
     pub deadline: Duration,
-    /// Puts the data dir on a tmpfs of this many bytes, to fill it.
-    pub data_tmpfs_bytes: Option<u64>,
+    /// Where the data dir lives.
+    pub data_dir: DataDir,
+}
+
+/// Where a test mount's data dir lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DataDir {
+    /// In the test's temporary directory.
+    Plain,
+    /// On a tmpfs of this many bytes, to fill it.
+    Tmpfs(u64),
+    /// On an ext4 filesystem (no journal) in a loop device whose sparse
+    /// image lives on a tmpfs of this many bytes ([`Mount::disk_backing`]).
+    /// Filling that tmpfs makes the disk fail writes: the kernel reports the
+    /// error at writeback, so `fsync` fails while the filesystem still shows
+    /// free space, as on a failing disk.
+    FailingDisk(u64),
 }
 
 impl Default for MountOptions {
@@ -366,7 +405,7 @@ impl Default for MountOptions {
         MountOptions {
             extra_yaml: String::new(),
             deadline: Duration::from_secs(150),
-            data_tmpfs_bytes: None,
+            data_dir: DataDir::Plain,
         }
     }
 }
@@ -393,14 +432,33 @@ impl Mount {
         let data = root.join("data");
         let config = root.join("ltxfs.yml");
         fs::create_dir(&mnt).expect("create mount point");
-        if let Some(bytes) = options.data_tmpfs_bytes {
-            fs::create_dir(&data).expect("create the data dir");
-            let status = Command::new("mount")
-                .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
-                .arg(&data)
-                .status()
-                .expect("run mount");
-            assert!(status.success(), "mount a tmpfs on {}", data.display());
+        match options.data_dir {
+            DataDir::Plain => {}
+            DataDir::Tmpfs(bytes) => {
+                fs::create_dir(&data).expect("create the data dir");
+                mount_tmpfs(&data, bytes);
+            }
+            DataDir::FailingDisk(backing_bytes) => {
+                let backing = root.join(DISK_BACKING);
+                fs::create_dir(&backing).expect("create the disk's backing dir");
+                mount_tmpfs(&backing, backing_bytes);
+                let image = backing.join("disk.img");
+                File::create(&image)
+                    .and_then(|file| file.set_len(4 * backing_bytes))
+                    .expect("create the disk image");
+                run_ok(
+                    Command::new("mkfs.ext4")
+                        .args(["-q", "-O", "^has_journal"])
+                        .arg(&image),
+                );
+                fs::create_dir(&data).expect("create the data dir");
+                run_ok(
+                    Command::new("mount")
+                        .args(["-o", "loop,errors=continue"])
+                        .arg(&image)
+                        .arg(&data),
+                );
+            }
         }
         write_config(&config, &data, None, &options.extra_yaml);
         let label = format!(
@@ -435,6 +493,12 @@ impl Mount {
     /// and logs. Tests may put their own scratch files here.
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// Where a [`DataDir::FailingDisk`]'s image lives: fill it to make the
+    /// disk fail writes.
+    pub fn disk_backing(&self) -> PathBuf {
+        self.root.join(DISK_BACKING)
     }
 
     /// The data directory of ltxfs.
@@ -672,9 +736,11 @@ impl Drop for Mount {
         }
         self.watchdog.cancel();
         force_unmount(&self.mnt);
-        // A tmpfs under the data dir (`MountOptions::data_tmpfs_bytes`).
-        if anything_mounted(&self.data) {
-            force_unmount(&self.data);
+        // What `MountOptions::data_dir` mounted, the data dir first.
+        for path in [self.data.clone(), self.root.join(DISK_BACKING)] {
+            if anything_mounted(&path) {
+                force_unmount(&path);
+            }
         }
     }
 }
