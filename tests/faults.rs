@@ -173,11 +173,13 @@ fn commits_whose_wal_fsync_fails_are_recorded_as_retracted() {
     }
     let filler = mount.disk_backing().join("filler");
     fill(&filler);
-    // Each failed update changes a row's page that no later transaction
-    // touches: had it stayed in the log, the log would replay to that row.
+    // The failed updates change pages that no later transaction touches: had
+    // they stayed in the log, the log would replay to their rows. Their change
+    // sets soon need more log than was preallocated, so the log's own fsync
+    // fails too.
     let (mut committed, mut failed) = (0, 0);
-    while failed < 5 && committed < 200 {
-        match conn.execute("UPDATE t SET v = randomblob(3000) WHERE id = 5", []) {
+    while failed < 12 && committed < 200 {
+        match conn.execute("UPDATE t SET v = randomblob(3000) WHERE id <= 60", []) {
             Ok(_) => committed += 1,
             Err(error) => {
                 assert!(
@@ -211,6 +213,15 @@ fn commits_whose_wal_fsync_fails_are_recorded_as_retracted() {
             .stderr_text()
             .contains("SQLite did not commit the last captured WAL transactions"),
         "{}",
+        mount.stderr_text()
+    );
+    // The log's own fsync failed too (its preallocated space ran into the
+    // failing part of the disk): that commit failed just as cleanly.
+    assert!(
+        mount
+            .stderr_text()
+            .contains("/log: No space left on device"),
+        "the log's fsync never failed:\n{}",
         mount.stderr_text()
     );
     assert_log_replays_to_the_live_database(&mut mount, conn, name);
