@@ -221,7 +221,7 @@ pub(super) fn local_status(node: &NodeContext) -> NodeStatus {
         backups,
         databases: node
             .store
-            .positions()
+            .existing_positions()
             .into_iter()
             .map(|(name, position)| DatabaseStatus {
                 name,

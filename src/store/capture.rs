@@ -118,10 +118,11 @@ pub struct Database {
     captured_txid: AtomicU64,
     /// Held while retention compacts the log, without the capture lock.
     compacting: Mutex<()>,
-    /// A copy of `CaptureState::position`, set with it, so that the position is
-    /// read without the capture lock, which a commit, an apply or a snapshot
-    /// holds for long (async code must never wait on the store).
-    published: std::sync::RwLock<Position>,
+    /// A copy of `CaptureState::position` and `commit`, set with the
+    /// position, so that they are read without the capture lock, which a
+    /// commit, an apply or a snapshot holds for long (async code must never
+    /// wait on the store).
+    published: std::sync::RwLock<(Position, u32)>,
 }
 
 impl std::fmt::Debug for Database {
@@ -234,7 +235,7 @@ impl Database {
             position_file_id,
             options,
             shared,
-            published: std::sync::RwLock::new(state.position),
+            published: std::sync::RwLock::new((state.position, state.commit)),
             state: Mutex::new(state),
             captured_txid: AtomicU64::new(0),
             compacting: Mutex::new(()),
@@ -259,13 +260,21 @@ impl Database {
     /// The last change set's TXID and checksum. Never waits for a commit, an
     /// apply or a snapshot.
     pub fn position(&self) -> Position {
-        *self.published.read().unwrap_or_else(|p| p.into_inner())
+        self.published.read().unwrap_or_else(|p| p.into_inner()).0
     }
 
-    /// Moves the position, and the copy [`Database::position`] reads.
+    /// False once the last change set deleted the database (or before the
+    /// first). Never waits, like [`Database::position`].
+    pub fn exists(&self) -> bool {
+        let (position, commit) = *self.published.read().unwrap_or_else(|p| p.into_inner());
+        position.txid.0 > 0 && commit > 0
+    }
+
+    /// Moves the position, and the copy [`Database::position`] reads (with
+    /// the size in pages the state has by then).
     fn set_position(&self, state: &mut CaptureState, position: Position) {
         state.position = position;
-        *self.published.write().unwrap_or_else(|p| p.into_inner()) = position;
+        *self.published.write().unwrap_or_else(|p| p.into_inner()) = (position, state.commit);
     }
 
     /// Brings the state in line with the files after they were all attached at
@@ -1019,6 +1028,7 @@ impl Database {
         if wal_span.is_none() {
             state.unsynced_outside_wal = true;
         }
+        state.commit = commit;
         self.set_position(
             state,
             Position {
@@ -1027,7 +1037,6 @@ impl Database {
             },
         );
         state.snapshot_next = false;
-        state.commit = commit;
         state.page_size = page_size;
         if self.options.strict_verify {
             self.verify_strictly(state)?;

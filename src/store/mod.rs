@@ -854,6 +854,17 @@ impl Store {
             .collect()
     }
 
+    /// Like [`Store::positions`], without the databases that were deleted
+    /// (whose last change set has no pages): what status output and metrics
+    /// show. Never waits.
+    pub fn existing_positions(&self) -> Vec<(String, Position)> {
+        self.all_databases()
+            .into_iter()
+            .filter(|database| database.exists())
+            .map(|database| (database.name().to_string(), database.position()))
+            .collect()
+    }
+
     /// Per database with a position, where its newest change sets (at most
     /// `limit`) end, newest first: what a replica shows the primary so that,
     /// when their histories diverged, it can say where.
@@ -1257,6 +1268,38 @@ mod tests {
         assert_eq!(lookup, Ok(true), "a lookup waited for the unlink");
         unlinking.join().unwrap().unwrap();
         assert!(store.lookup("app.db-wal").is_none());
+    }
+
+    /// Status output and metrics list the databases that exist: a deleted one
+    /// keeps its position (replicas still need its last change set) but is
+    /// left out, and shows up again when it is created anew.
+    #[test]
+    fn deleted_databases_are_left_out_of_existing_positions() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), CaptureOptions::default(), Role::Primary).unwrap();
+        let names = |positions: Vec<(String, Position)>| -> Vec<String> {
+            positions.into_iter().map(|(name, _)| name).collect()
+        };
+        // A database created in one DELETE-mode transaction.
+        let create = |name: &str| {
+            let db = store.create(name).unwrap();
+            db.write_at(0, &page_one(512)).unwrap();
+            let journal = format!("{name}-journal");
+            store
+                .create(&journal)
+                .unwrap()
+                .write_at(0, &[0xd9, 0xd5, 0x05, 0xf9, 0x20, 0xa1, 0x63, 0xd7])
+                .unwrap();
+            store.unlink(&journal).unwrap();
+        };
+        create("app.db");
+        create("gone.db");
+        assert_eq!(names(store.existing_positions()), ["app.db", "gone.db"]);
+        store.unlink("gone.db").unwrap();
+        assert_eq!(names(store.positions()), ["app.db", "gone.db"]);
+        assert_eq!(names(store.existing_positions()), ["app.db"]);
+        create("gone.db");
+        assert_eq!(names(store.existing_positions()), ["app.db", "gone.db"]);
     }
 
     /// Regression: positions were read under the capture lock, which a commit,

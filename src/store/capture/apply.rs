@@ -323,6 +323,7 @@ impl Database {
             (_, None) => state.wal_mode,
         };
         update_page_checksums(&mut state, &received, full, xor);
+        state.commit = header.commit;
         self.set_position(
             &mut state,
             Position {
@@ -334,7 +335,6 @@ impl Database {
         // verified against them), so a promotion captures without rereading it.
         state.needs_rescan = false;
         state.page_size = header.page_size;
-        state.commit = header.commit;
         state.file_page_size = if header.commit == 0 {
             0
         } else {
