@@ -604,3 +604,79 @@ fn an_unmount_by_another_process_stops_ltxfs_with_an_error() {
         mount.stderr_text()
     );
 }
+
+/// Databases keep the mode, owner and group they are created or changed
+/// with, SQLite gives their journals and WALs the same (as in a plain
+/// directory), an application running as another user creates databases it
+/// owns, and all of it survives a restart.
+#[test]
+fn files_keep_their_mode_and_owner_and_companions_follow_the_database() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    const NOBODY: u32 = 65534;
+    let mut mount = Mount::start(MountOptions {
+        extra_yaml: "fuse:\n  allow-other: true\n".to_string(),
+        ..MountOptions::default()
+    });
+    let mode = |path: &Path| fs::metadata(path).unwrap().permissions().mode() & 0o7777;
+    let owner = |path: &Path| {
+        let metadata = fs::metadata(path).unwrap();
+        (metadata.uid(), metadata.gid())
+    };
+
+    // A database made private: its persistent journal and its WAL and
+    // wal-index are private too.
+    let private = mount.db_path("private.db");
+    let conn = open_db(&private);
+    conn.execute_batch("CREATE TABLE t(x)").unwrap();
+    fs::set_permissions(&private, fs::Permissions::from_mode(0o600)).unwrap();
+    assert_eq!(mode(&private), 0o600);
+    conn.execute_batch("PRAGMA journal_mode=PERSIST; INSERT INTO t VALUES (1)")
+        .unwrap();
+    assert_eq!(mode(&mount.db_path("private.db-journal")), 0o600);
+    set_journal_mode(&conn, "WAL");
+    conn.execute_batch("INSERT INTO t VALUES (2)").unwrap();
+    assert_eq!(mode(&mount.db_path("private.db-wal")), 0o600);
+    assert_eq!(mode(&mount.db_path("private.db-shm")), 0o600);
+    drop(conn);
+
+    // A database given to another user: SQLite (running as root here) gives
+    // its new WAL the same owner.
+    let given = mount.db_path("given.db");
+    let conn = open_db(&given);
+    conn.execute_batch("CREATE TABLE t(x)").unwrap();
+    std::os::unix::fs::chown(&given, Some(NOBODY), Some(NOBODY)).unwrap();
+    set_journal_mode(&conn, "WAL");
+    conn.execute_batch("INSERT INTO t VALUES (1)").unwrap();
+    assert_eq!(owner(&given), (NOBODY, NOBODY));
+    assert_eq!(owner(&mount.db_path("given.db-wal")), (NOBODY, NOBODY));
+    drop(conn);
+
+    // An application running as nobody (allowed on the mount by
+    // `fuse.allow-other`) creates and writes a database of its own.
+    fs::set_permissions(mount.root(), fs::Permissions::from_mode(0o755)).unwrap();
+    let app = mount.db_path("app.db");
+    let output = Command::new("setpriv")
+        .args([
+            &format!("--reuid={NOBODY}"),
+            &format!("--regid={NOBODY}"),
+            "--clear-groups",
+            "sqlite3",
+        ])
+        .arg(&app)
+        .arg("PRAGMA journal_mode=WAL; CREATE TABLE t(x); INSERT INTO t VALUES (1); SELECT count(*) FROM t;")
+        .output()
+        .expect("run sqlite3 as nobody");
+    assert!(
+        output.status.success(),
+        "sqlite3 as nobody: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "wal\n1");
+    assert_eq!(owner(&app), (NOBODY, NOBODY));
+
+    mount.stop();
+    mount.restart();
+    assert_eq!(mode(&private), 0o600);
+    assert_eq!(owner(&given), (NOBODY, NOBODY));
+    assert_eq!(owner(&app), (NOBODY, NOBODY));
+}

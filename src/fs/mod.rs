@@ -34,6 +34,31 @@ const PRIMARY_INO: u64 = 2;
 /// The inode of `.lag`.
 const LAG_INO: u64 = 3;
 
+/// What a `setattr` changes; `None` keeps a field.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AttrChange {
+    /// New length (`truncate`).
+    pub size: Option<u64>,
+    /// New permission bits (`chmod`).
+    pub mode: Option<u32>,
+    /// New owner (`chown`).
+    pub uid: Option<u32>,
+    /// New group (`chown`).
+    pub gid: Option<u32>,
+}
+
+/// Who creates a file, with the permission bits it asked for (the umask
+/// already applied).
+#[derive(Debug, Clone, Copy)]
+pub struct Creator {
+    /// Permission bits.
+    pub mode: u32,
+    /// The creating process's user.
+    pub uid: u32,
+    /// The creating process's group.
+    pub gid: u32,
+}
+
 /// Errors of filesystem operations, each mapped to one errno by [`FsError::errno`].
 #[derive(Debug, thiserror::Error)]
 pub enum FsError {
@@ -381,13 +406,29 @@ impl Fs {
         &self,
         ino: u64,
         handle: Option<u64>,
-        size: Option<u64>,
+        change: AttrChange,
     ) -> Result<Attr, FsError> {
         if ino == ROOT_INO {
             return Ok(self.root_attr());
         }
+        let AttrChange {
+            size,
+            mode,
+            uid,
+            gid,
+        } = change;
+        let changes_metadata = mode.is_some() || uid.is_some() || gid.is_some();
         match (self.resolve(ino, handle)?, size) {
+            (Opened::Position(_) | Opened::Status(_), _) if changes_metadata => {
+                Err(FsError::ReadOnlyGenerated)
+            }
             (Opened::File(node), size) => {
+                if let Some(mode) = mode {
+                    node.set_mode(mode)?;
+                }
+                if uid.is_some() || gid.is_some() {
+                    node.set_owner(uid, gid)?;
+                }
                 if let Some(size) = size {
                     let mark = self.store.commit_mark(Some(node.database()));
                     {
@@ -454,16 +495,35 @@ impl Fs {
         Ok(entries)
     }
 
-    /// Creates (or opens, when it exists) a file and opens it.
-    pub fn create(&self, parent: u64, name: &OsStr) -> Result<(Attr, u64), FsError> {
+    /// Creates (or opens, when it exists) a file and opens it. A new file gets
+    /// `creator`'s permission bits and, when this process may give it away,
+    /// its owner and group.
+    pub fn create(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        creator: Creator,
+    ) -> Result<(Attr, u64), FsError> {
         let name = root_child_name(parent, name)?;
         if StatusFile::from_name(name).is_some() {
             return Err(FsError::ReadOnlyGenerated);
         }
-        if self.store.lookup(name).is_none() {
+        let new = self.store.lookup(name).is_none();
+        if new {
             self.store.check_openable(name, &parse_name(name)?.kind)?;
         }
         let node = self.store.create(name)?;
+        if new {
+            node.set_mode(creator.mode)?;
+            if (creator.uid, creator.gid) != (self.uid, self.gid) {
+                match node.set_owner(Some(creator.uid), Some(creator.gid)) {
+                    // Not root: the file stays this process's, as ltxfs's own.
+                    Err(StoreError::Io { source, .. })
+                        if source.raw_os_error() == Some(libc::EPERM) => {}
+                    result => result?,
+                }
+            }
+        }
         let attr = node_attr(&node)?;
         Ok((attr, self.add_handle(Opened::File(node))))
     }
@@ -835,6 +895,53 @@ mod tests {
         (dir, Fs::new(store, 0, 0))
     }
 
+    /// The files' creator in these tests: the user `new_fs` mounts as.
+    const CREATOR: Creator = Creator {
+        mode: 0o644,
+        uid: 0,
+        gid: 0,
+    };
+
+    /// A new file takes its creator's mode; `chmod` changes it, and
+    /// `chown` to the owner it has is allowed to anyone.
+    #[test]
+    fn files_keep_the_mode_they_are_created_or_changed_with() {
+        let (_dir, fs) = new_fs();
+        let creator = Creator {
+            mode: 0o600,
+            ..CREATOR
+        };
+        let (attr, _handle) = fs.create(ROOT_INO, OsStr::new("app.db"), creator).unwrap();
+        assert_eq!(attr.perm, 0o600);
+        let change = AttrChange {
+            mode: Some(0o640),
+            ..AttrChange::default()
+        };
+        assert_eq!(fs.setattr(attr.ino, None, change).unwrap().perm, 0o640);
+        assert_eq!(fs.getattr(attr.ino, None).unwrap().perm, 0o640);
+        // SAFETY: getuid and getgid cannot fail.
+        let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+        let change = AttrChange {
+            uid: Some(uid),
+            gid: Some(gid),
+            ..AttrChange::default()
+        };
+        let attr = fs.setattr(attr.ino, None, change).unwrap();
+        assert_eq!((attr.uid, attr.gid), (uid, gid));
+        // Opening it again keeps its mode.
+        let (attr, _handle) = fs.create(ROOT_INO, OsStr::new("app.db"), CREATOR).unwrap();
+        assert_eq!(attr.perm, 0o640);
+        let position = fs.lookup(ROOT_INO, OsStr::new("app.db-pos")).unwrap();
+        let change = AttrChange {
+            mode: Some(0o600),
+            ..AttrChange::default()
+        };
+        assert!(matches!(
+            fs.setattr(position.ino, None, change),
+            Err(FsError::ReadOnlyGenerated)
+        ));
+    }
+
     fn call(owner: LockOwner, start: u64, kind: Option<LockKind>) -> LockCall {
         LockCall {
             owner,
@@ -859,7 +966,7 @@ mod tests {
     #[test]
     fn only_the_root_is_a_directory() {
         let (_dir, fs) = new_fs();
-        let (attr, _handle) = fs.create(ROOT_INO, OsStr::new("app.db")).unwrap();
+        let (attr, _handle) = fs.create(ROOT_INO, OsStr::new("app.db"), CREATOR).unwrap();
         assert!(matches!(
             fs.lookup(attr.ino, OsStr::new("x")),
             Err(FsError::NotADirectory)
@@ -884,7 +991,7 @@ mod tests {
     #[test]
     fn flush_drops_posix_locks_and_release_drops_ofd_locks() {
         let (_dir, fs) = new_fs();
-        let (attr, first) = fs.create(ROOT_INO, OsStr::new("app.db")).unwrap();
+        let (attr, first) = fs.create(ROOT_INO, OsStr::new("app.db"), CREATOR).unwrap();
         let second = fs.open(attr.ino, true).unwrap().0;
         setlk_now(&fs, first, call(10, 0, Some(LockKind::Write))).unwrap();
         assert!(matches!(
@@ -924,7 +1031,7 @@ mod tests {
     #[test]
     fn a_late_release_keeps_the_locks_its_process_took_since_through_another_handle() {
         let (_dir, fs) = new_fs();
-        let (attr, first) = fs.create(ROOT_INO, OsStr::new("app.db")).unwrap();
+        let (attr, first) = fs.create(ROOT_INO, OsStr::new("app.db"), CREATOR).unwrap();
         setlk_now(&fs, first, call(10, 0, Some(LockKind::Read))).unwrap();
         fs.flush(first, 10).unwrap();
         let second = fs.open(attr.ino, true).unwrap().0;
@@ -941,7 +1048,7 @@ mod tests {
     #[test]
     fn blocking_lock_completes_when_the_holder_closes() {
         let (_dir, fs) = new_fs();
-        let (attr, holder) = fs.create(ROOT_INO, OsStr::new("app.db")).unwrap();
+        let (attr, holder) = fs.create(ROOT_INO, OsStr::new("app.db"), CREATOR).unwrap();
         let waiter = fs.open(attr.ino, true).unwrap().0;
         setlk_now(&fs, holder, call(1, 5, Some(LockKind::Write))).unwrap();
         let (sender, receiver) = mpsc::channel();
@@ -971,7 +1078,9 @@ mod tests {
     #[test]
     fn unlinked_open_file_keeps_its_attributes() {
         let (_dir, fs) = new_fs();
-        let (attr, handle) = fs.create(ROOT_INO, OsStr::new("app.db-journal")).unwrap();
+        let (attr, handle) = fs
+            .create(ROOT_INO, OsStr::new("app.db-journal"), CREATOR)
+            .unwrap();
         fs.write(handle, 0, b"abc").unwrap();
         fs.unlink(ROOT_INO, OsStr::new("app.db-journal")).unwrap();
         assert_eq!(fs.getattr(attr.ino, Some(handle)).unwrap().size, 3);
@@ -987,7 +1096,7 @@ mod tests {
     fn position_file_is_read_only_and_follows_commits() {
         let (_dir, fs) = new_fs();
         assert!(fs.lookup(ROOT_INO, OsStr::new("app.db-pos")).is_err());
-        let (_attr, _handle) = fs.create(ROOT_INO, OsStr::new("app.db")).unwrap();
+        let (_attr, _handle) = fs.create(ROOT_INO, OsStr::new("app.db"), CREATOR).unwrap();
         let attr = fs.lookup(ROOT_INO, OsStr::new("app.db-pos")).unwrap();
         assert_eq!(attr.size, 34);
         assert_eq!(attr.perm, 0o444);
@@ -1010,14 +1119,20 @@ mod tests {
     #[test]
     fn refusals_map_to_clear_errnos() {
         let (_dir, fs) = new_fs();
-        let (_attr, handle) = fs.create(ROOT_INO, OsStr::new("notes.txt")).unwrap();
+        let (_attr, handle) = fs
+            .create(ROOT_INO, OsStr::new("notes.txt"), CREATOR)
+            .unwrap();
         let error = fs.write(handle, 0, b"hello").unwrap_err();
         assert_eq!(error.errno(), libc::EINVAL);
         assert!(error.is_refusal());
         assert!(error.to_string().contains("SQLite header"), "{error}");
-        let error = fs.create(ROOT_INO, OsStr::new(".primary")).unwrap_err();
+        let error = fs
+            .create(ROOT_INO, OsStr::new(".primary"), CREATOR)
+            .unwrap_err();
         assert_eq!(error.errno(), libc::EACCES);
-        let error = fs.create(ROOT_INO, OsStr::new(".other")).unwrap_err();
+        let error = fs
+            .create(ROOT_INO, OsStr::new(".other"), CREATOR)
+            .unwrap_err();
         assert_eq!(error.errno(), libc::EINVAL);
     }
 }

@@ -25,7 +25,9 @@ use fuser::{
 
 use tokio_util::sync::CancellationToken;
 
-use crate::fs::{Attr, CachePolicy, Fs, FsError, LockCall, NodeType, ROOT_INO};
+use crate::fs::{
+    Attr, AttrChange, CachePolicy, Creator, Fs, FsError, LockCall, NodeType, ROOT_INO,
+};
 use crate::store::locks::LockKind;
 use crate::store::{KernelCache, NodeId};
 
@@ -282,9 +284,9 @@ impl fuser::Filesystem for FuseAdapter {
         &self,
         _req: &Request,
         ino: INodeNo,
-        _mode: Option<u32>,
-        _uid: Option<u32>,
-        _gid: Option<u32>,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
         size: Option<u64>,
         _atime: Option<fuser::TimeOrNow>,
         _mtime: Option<fuser::TimeOrNow>,
@@ -296,9 +298,15 @@ impl fuser::Filesystem for FuseAdapter {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        match self.fs.setattr(ino.0, fh.map(|fh| fh.0), size) {
+        let change = AttrChange {
+            size,
+            mode,
+            uid,
+            gid,
+        };
+        match self.fs.setattr(ino.0, fh.map(|fh| fh.0), change) {
             Ok(attr) => reply.attr(&CACHE_TTL, &file_attr(&attr)),
-            Err(error) => reply.error(errno("truncate", error)),
+            Err(error) => reply.error(errno("setattr", error)),
         }
     }
 
@@ -556,15 +564,20 @@ impl fuser::Filesystem for FuseAdapter {
 
     fn create(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
         name: &OsStr,
-        _mode: u32,
+        mode: u32,
         _umask: u32,
         _flags: i32,
         reply: ReplyCreate,
     ) {
-        match self.fs.create(parent.0, name) {
+        let creator = Creator {
+            mode: mode & 0o7777,
+            uid: req.uid(),
+            gid: req.gid(),
+        };
+        match self.fs.create(parent.0, name, creator) {
             Ok((attr, handle)) => reply.created(
                 &CACHE_TTL,
                 &file_attr(&attr),

@@ -341,6 +341,21 @@ impl Node {
             .map_err(|source| StoreError::io(format!("stat {}", self.name), source))
     }
 
+    /// Sets the backing file's permission bits (`chmod`); they are kept
+    /// across restarts with the file.
+    pub fn set_mode(&self, mode: u32) -> Result<(), StoreError> {
+        use std::os::unix::fs::PermissionsExt;
+        self.file
+            .set_permissions(std::fs::Permissions::from_mode(mode & 0o7777))
+            .map_err(|source| StoreError::io(format!("chmod {}", self.name), source))
+    }
+
+    /// Sets the backing file's owner and group (`chown`); `None` keeps one.
+    pub fn set_owner(&self, uid: Option<u32>, gid: Option<u32>) -> Result<(), StoreError> {
+        std::os::unix::fs::fchown(self.file.as_ref(), uid, gid)
+            .map_err(|source| StoreError::io(format!("chown {}", self.name), source))
+    }
+
     /// Reads up to `size` bytes at `offset`; shorter only at the end of the file.
     pub fn read_at(&self, offset: u64, size: usize) -> Result<Vec<u8>, StoreError> {
         let mut buffer = vec![0u8; size];
