@@ -680,3 +680,41 @@ fn files_keep_their_mode_and_owner_and_companions_follow_the_database() {
     assert_eq!(owner(&given), (NOBODY, NOBODY));
     assert_eq!(owner(&app), (NOBODY, NOBODY));
 }
+
+/// Copying or deleting a database with its companions by a glob works as in
+/// a plain directory: `-pos` files are not listed (they still open by
+/// name), so `app.db*` matches only SQLite's files.
+#[test]
+fn globs_over_a_database_and_its_companions_copy_and_delete_it() {
+    let mount = Mount::start(MountOptions::default());
+    let conn = open_db(&mount.db_path("app.db"));
+    set_journal_mode(&conn, "WAL");
+    conn.execute_batch("CREATE TABLE t(x); INSERT INTO t VALUES (1), (2);")
+        .unwrap();
+    assert!(fs::read_to_string(mount.db_path("app.db-pos")).is_ok());
+    let saved = mount.root().join("saved");
+    fs::create_dir(&saved).unwrap();
+    let shell = |script: &str| {
+        let output = Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .current_dir(mount.path())
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{script}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    };
+    // As SQLite's own tests save and restore a database (tester.tcl's
+    // db_save and db_restore), with the connection still open.
+    shell(&format!("cp app.db* {}/", saved.display()));
+    drop(conn);
+    shell("rm -f app.db*");
+    assert_eq!(list_dir(mount.path()), vec![".lag"]);
+    shell(&format!("cp {}/app.db* .", saved.display()));
+    let conn = open_db(&mount.db_path("app.db"));
+    assert_eq!(query_i64(&conn, "SELECT count(*) FROM t"), 2);
+    assert_eq!(integrity_check(&conn), "ok");
+}

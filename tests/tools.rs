@@ -272,7 +272,7 @@ fn export_replaces_an_existing_file_and_refuses_bad_destinations() {
     // A destination inside the mount.
     let err = export_bounded(mount.path(), "app.db", &mount.db_path("copy.db")).unwrap_err();
     assert!(err.to_string().contains("inside the mount"), "{err}");
-    assert_eq!(list_dir(mount.path()), vec![".lag", "app.db", "app.db-pos"]);
+    assert_eq!(list_dir(mount.path()), vec![".lag", "app.db"]);
 
     // A destination with a leftover WAL beside it is refused and left alone.
     let other = mount.root().join("other.db");
@@ -470,7 +470,7 @@ fn import_refuses_files_that_are_not_valid_databases() {
         );
     }
     assert_eq!(pos_text(&mount, "app.db"), pos);
-    assert_eq!(list_dir(mount.path()), vec![".lag", "app.db", "app.db-pos"]);
+    assert_eq!(list_dir(mount.path()), vec![".lag", "app.db"]);
 
     // The good file still imports.
     let summary = import_bounded(mount.path(), "app.db", &good).expect("import good.db");

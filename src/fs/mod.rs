@@ -23,9 +23,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::SystemTime;
 
 use crate::store::locks::{ByteRange, HeldLock, LockError, LockKind, LockOwner, LockRequest};
-use crate::store::{
-    Database, LAG_FILE, Node, NodeId, POSITION_SUFFIX, PRIMARY_FILE, Store, StoreError, parse_name,
-};
+use crate::store::{Database, LAG_FILE, Node, NodeId, PRIMARY_FILE, Store, StoreError, parse_name};
 
 /// The inode number of the mount root.
 pub const ROOT_INO: u64 = 1;
@@ -471,17 +469,10 @@ impl Fs {
                 });
             }
         }
+        // `-pos` files open by name but are not listed, so that a glob such
+        // as `app.db*` (copying or deleting a database with its companions)
+        // matches only SQLite's files.
         for node in self.store.list() {
-            if let Some(database) = self
-                .store
-                .position_file(&format!("{}{POSITION_SUFFIX}", node.name()))
-            {
-                entries.push(DirEntry {
-                    ino: database.position_file_id().0,
-                    node_type: NodeType::File,
-                    name: format!("{}{POSITION_SUFFIX}", node.name()),
-                });
-            }
             entries.push(DirEntry {
                 ino: node.id().0,
                 node_type: NodeType::File,
@@ -985,7 +976,7 @@ mod tests {
             .into_iter()
             .map(|e| e.name)
             .collect();
-        assert_eq!(names, vec![".", "..", ".lag", "app.db", "app.db-pos"]);
+        assert_eq!(names, vec![".", "..", ".lag", "app.db"]);
     }
 
     #[test]
@@ -1113,7 +1104,7 @@ mod tests {
             .into_iter()
             .map(|e| e.name)
             .collect();
-        assert_eq!(names, vec![".", "..", ".lag", "app.db", "app.db-pos"]);
+        assert_eq!(names, vec![".", "..", ".lag", "app.db"]);
     }
 
     #[test]
