@@ -48,15 +48,6 @@ use rusqlite::{Connection, OpenFlags};
 use crate::mountinfo;
 use crate::store::{FileKind, POSITION_SUFFIX, SQLITE_HEADER_MAGIC, StoreError, parse_name};
 
-/// Pages copied per backup step of an export. Between steps the source is unlocked,
-/// so that in rollback mode writers are held up for one step at a time (until the
-/// copy falls back to one step because the database keeps changing).
-pub const EXPORT_STEP_PAGES: i32 = 1024;
-
-/// How much copying an export may redo because of restarts (as a multiple of the
-/// database's size) before it copies the rest in one step.
-const EXPORT_RESTART_FACTOR: i64 = 3;
-
 /// How long a tool keeps retrying when SQLite reports the database busy or locked.
 pub const LOCK_WAIT_LIMIT: Duration = Duration::from_secs(30);
 
@@ -140,6 +131,16 @@ pub enum ToolError {
         /// How long it waited.
         waited: Duration,
     },
+    /// An export's pages do not give the checksum `-pos` showed for their TXID.
+    #[error("the copy of {name} does not match TXID {txid:016x}: {reason}")]
+    CopyMismatch {
+        /// The database.
+        name: String,
+        /// The TXID the copy was taken at.
+        txid: u64,
+        /// What differed.
+        reason: String,
+    },
     /// A `-pos` file could not be read or parsed.
     #[error("cannot read the position of {name} from {}: {reason}", path.display())]
     Position {
@@ -191,31 +192,24 @@ pub struct ExportSummary {
     pub destination: PathBuf,
     /// Pages in the copy.
     pub pages: u64,
-    /// The database's TXID read just before the copy started.
-    pub txid_before: u64,
-    /// The database's TXID read just after the copy completed. The copy holds the
-    /// database as of a transaction between the two.
-    pub txid_after: u64,
+    /// The TXID the copy holds the database at.
+    pub txid: u64,
+    /// The database's LTX checksum at that TXID, which the copy has (as `-pos`
+    /// showed it).
+    pub checksum: u64,
 }
 
 impl fmt::Display for ExportSummary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "exported {} pages of {} to {} ",
+            "exported {} pages of {} to {} at TXID {:016x}, checksum {:016x}",
             self.pages,
             self.name,
-            self.destination.display()
-        )?;
-        if self.txid_before == self.txid_after {
-            write!(f, "at TXID {:016x}", self.txid_after)
-        } else {
-            write!(
-                f,
-                "between TXID {:016x} and {:016x}",
-                self.txid_before, self.txid_after
-            )
-        }
+            self.destination.display(),
+            self.txid,
+            self.checksum
+        )
     }
 }
 
@@ -242,13 +236,14 @@ impl fmt::Display for ImportSummary {
     }
 }
 
-/// Writes a consistent copy of database `name` on the mount at `mount_dir` to
-/// `destination`, while applications keep writing to it.
+/// Writes a copy of database `name` on the mount at `mount_dir` to
+/// `destination`, while applications keep writing to it: exactly the pages the
+/// database has at one TXID, so its LTX checksum is the one `-pos` showed for
+/// that TXID (checked before the copy is kept).
 ///
 /// `destination` is replaced atomically, and only once the copy is complete and
-/// synced. The copy is a standalone database in journal mode DELETE. Refuses when a
-/// `-wal`, `-journal` or `-shm` file sits beside `destination`, since SQLite would
-/// apply it to the new file.
+/// synced. Refuses when a `-wal`, `-journal` or `-shm` file sits beside
+/// `destination`, since SQLite would apply it to the new file.
 pub fn export(
     mount_dir: &Path,
     name: &str,
@@ -300,10 +295,8 @@ pub fn export(
         .busy_timeout(BUSY_TIMEOUT)
         .map_err(ToolError::sqlite("cannot set the busy timeout"))?;
 
-    let txid_before = read_txid(&mount, name)?;
     let temp = TempFile::create_beside(&destination)?;
-    let pages = copy_stepwise(&source, name, &temp.path)?;
-    let txid_after = read_txid(&mount, name)?;
+    let (pages, (txid, checksum)) = copy_pages_at_one_position(&source, &mount, name, &temp.path)?;
     drop(source);
 
     temp.persist(&destination)?;
@@ -312,8 +305,8 @@ pub fn export(
         name: name.to_string(),
         destination,
         pages,
-        txid_before,
-        txid_after,
+        txid,
+        checksum,
     })
 }
 
@@ -658,77 +651,105 @@ fn is_busy(error: &rusqlite::Error) -> bool {
     )
 }
 
-/// Copies `source` into the empty file at `temp` in steps, then makes the copy a
-/// standalone DELETE-mode database. Returns the number of pages copied.
-fn copy_stepwise(source: &Connection, name: &str, temp: &Path) -> Result<u64, ToolError> {
+/// Writes the pages of `name` (open as `source`), exactly as of one TXID, to
+/// the empty file at `temp`; returns how many, and the TXID and
+/// checksum from `-pos`, which the copy is checked against.
+///
+/// The pages are read in one read transaction. Its TXID is known when `-pos`
+/// reads the same just before the transaction starts and just after: no
+/// commit came in between. In WAL mode writers go on meanwhile; in rollback
+/// modes they wait until the pages are read.
+fn copy_pages_at_one_position(
+    source: &Connection,
+    mount: &Path,
+    name: &str,
+    temp: &Path,
+) -> Result<(u64, (u64, u64)), ToolError> {
     let what = format!("copying {name} to {}", temp.display());
-    let mut copy = Connection::open_with_flags(
-        temp,
-        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )
-    .map_err(ToolError::sqlite(format!("cannot open {}", temp.display())))?;
-    // The file is synced once, as a whole, before it is renamed into place.
-    copy.execute_batch("PRAGMA synchronous=OFF")
-        .map_err(ToolError::sqlite(format!(
-            "cannot configure {}",
-            temp.display()
-        )))?;
-
-    let pages = {
-        let backup = Backup::new(source, &mut copy)
-            .map_err(ToolError::sqlite(format!("cannot start {what}")))?;
-        // The backup restarts from page 1 when another connection changes the
-        // database between steps. After copying the database EXPORT_RESTART_FACTOR
-        // times over, the rest is copied in one step (one read transaction), which
-        // cannot be restarted.
-        let mut stepped: i64 = 0;
-        let mut step_pages = EXPORT_STEP_PAGES;
-        loop {
-            let result = step_with_retry(&backup, step_pages, &what)?;
-            if result == StepResult::Done {
-                break;
-            }
-            stepped += i64::from(step_pages);
-            let total = i64::from(backup.progress().pagecount);
-            if step_pages > 0 && stepped > EXPORT_RESTART_FACTOR * total + i64::from(step_pages) {
-                tracing::debug!(
-                    name,
-                    stepped,
-                    total,
-                    "export keeps restarting; copying the rest in one step"
-                );
-                step_pages = -1;
-            }
-        }
-        page_count(&backup)
-    };
-
-    // A copy of a WAL-mode database carries WAL-mode format bytes. Reading the schema
-    // makes the connection notice that, so that switching to DELETE rewrites them.
-    copy.query_row("SELECT count(*) FROM sqlite_master", [], |row| {
-        row.get::<_, i64>(0)
-    })
-    .map_err(ToolError::sqlite(format!(
-        "cannot read the copy {}",
-        temp.display()
-    )))?;
-    let mode: String = copy
-        .query_row("PRAGMA journal_mode=DELETE", [], |row| row.get(0))
-        .map_err(ToolError::sqlite(format!(
-            "cannot set journal mode DELETE on {}",
-            temp.display()
-        )))?;
-    if !mode.eq_ignore_ascii_case("delete") {
-        return Err(ToolError::InvalidDestination {
-            path: temp.to_path_buf(),
-            reason: format!("SQLite kept journal mode {mode} instead of DELETE"),
+    let sqlite = |error| ToolError::sqlite(format!("failed {what}"))(error);
+    let started = Instant::now();
+    loop {
+        let before = read_position(mount, name)?;
+        source.execute_batch("BEGIN").map_err(sqlite)?;
+        let snapshot = source.query_row("SELECT count(*) FROM sqlite_master", [], |row| {
+            row.get::<_, i64>(0)
         });
+        let consistent = match snapshot {
+            Ok(_) => read_position(mount, name)? == before,
+            Err(error) if is_busy(&error) => false,
+            Err(error) => return Err(sqlite(error)),
+        };
+        if !consistent {
+            source.execute_batch("ROLLBACK").map_err(sqlite)?;
+            let waited = started.elapsed();
+            if waited >= LOCK_WAIT_LIMIT {
+                return Err(ToolError::Busy { what, waited });
+            }
+            thread::sleep(RETRY_PAUSE);
+            continue;
+        }
+        let copied = write_pages(source, temp);
+        source.execute_batch("ROLLBACK").map_err(sqlite)?;
+        let (file, pages, page_size) = copied.map_err(|error| match error {
+            PageCopyError::Sqlite(error) => sqlite(error),
+            PageCopyError::Io(source) => ToolError::Io {
+                context: format!("cannot write {}", temp.display()),
+                source,
+            },
+        })?;
+        let (txid, checksum) = before;
+        if pages > 0 {
+            let commit = u32::try_from(pages).unwrap_or(u32::MAX);
+            crate::ltx::verify_database_checksum(
+                &file,
+                page_size,
+                commit,
+                crate::ltx::Checksum(checksum),
+            )
+            .map_err(|error| ToolError::CopyMismatch {
+                name: name.to_string(),
+                txid,
+                reason: error.to_string(),
+            })?;
+        }
+        return Ok((pages, before));
     }
-    copy.close().map_err(|(_, error)| ToolError::Sqlite {
-        context: format!("cannot close {}", temp.display()),
-        source: error,
-    })?;
-    Ok(pages)
+}
+
+/// Why [`write_pages`] failed.
+enum PageCopyError {
+    Sqlite(rusqlite::Error),
+    Io(io::Error),
+}
+
+/// Writes every page `source`'s read transaction sees, from `sqlite_dbpage`,
+/// to `temp`; returns the file, the number of pages and the page size.
+fn write_pages(source: &Connection, temp: &Path) -> Result<(File, u64, u32), PageCopyError> {
+    use std::os::unix::fs::FileExt;
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .truncate(true)
+        .open(temp)
+        .map_err(PageCopyError::Io)?;
+    let mut statement = source
+        .prepare("SELECT pgno, data FROM sqlite_dbpage")
+        .map_err(PageCopyError::Sqlite)?;
+    let mut rows = statement.query([]).map_err(PageCopyError::Sqlite)?;
+    let (mut pages, mut page_size) = (0u64, 0u32);
+    while let Some(row) = rows.next().map_err(PageCopyError::Sqlite)? {
+        let pgno: i64 = row.get(0).map_err(PageCopyError::Sqlite)?;
+        let pgno = u64::try_from(pgno).unwrap_or(0).max(1);
+        let data = row
+            .get_ref(1)
+            .and_then(|value| value.as_blob().map_err(Into::into))
+            .map_err(PageCopyError::Sqlite)?;
+        page_size = u32::try_from(data.len()).unwrap_or(0);
+        file.write_all_at(data, (pgno - 1) * data.len() as u64)
+            .map_err(PageCopyError::Io)?;
+        pages = pages.max(pgno);
+    }
+    Ok((file, pages, page_size))
 }
 
 /// Runs one backup step, retrying while SQLite reports busy or locked, for at most
@@ -768,6 +789,11 @@ fn page_count(backup: &Backup<'_, '_>) -> u64 {
 
 /// Reads the TXID from `<mount>/<name>-pos` (`%016x/%016x\n`).
 fn read_txid(mount: &Path, name: &str) -> Result<u64, ToolError> {
+    read_position(mount, name).map(|(txid, _)| txid)
+}
+
+/// Reads the TXID and checksum from `<mount>/<name>-pos` (`%016x/%016x\n`).
+fn read_position(mount: &Path, name: &str) -> Result<(u64, u64), ToolError> {
     let path = mount.join(format!("{name}{POSITION_SUFFIX}"));
     let failed = |reason: String| ToolError::Position {
         name: name.to_string(),
@@ -775,13 +801,15 @@ fn read_txid(mount: &Path, name: &str) -> Result<u64, ToolError> {
         reason,
     };
     let text = fs::read_to_string(&path).map_err(|error| failed(error.to_string()))?;
-    let txid = text
-        .trim_end_matches('\n')
+    let hex = |field: &str| {
+        (field.len() == 16)
+            .then(|| u64::from_str_radix(field, 16).ok())
+            .flatten()
+    };
+    text.trim_end_matches('\n')
         .split_once('/')
-        .filter(|(txid, checksum)| txid.len() == 16 && checksum.len() == 16)
-        .and_then(|(txid, _)| u64::from_str_radix(txid, 16).ok())
-        .ok_or_else(|| failed(format!("unexpected content {text:?}")))?;
-    Ok(txid)
+        .and_then(|(txid, checksum)| Some((hex(txid)?, hex(checksum)?)))
+        .ok_or_else(|| failed(format!("unexpected content {text:?}")))
 }
 
 /// True when both paths exist and are the same file (same device and inode).
@@ -856,7 +884,6 @@ impl TempFile {
 
     /// Syncs the file, renames it to `destination` and syncs the directory.
     fn persist(mut self, destination: &Path) -> Result<(), ToolError> {
-        check_standalone_header(&self.path)?;
         File::open(&self.path)
             .and_then(|file| file.sync_all())
             .map_err(ToolError::io(format!(
@@ -889,20 +916,4 @@ impl Drop for TempFile {
             let _ = fs::remove_file(companion_path(&self.path, suffix));
         }
     }
-}
-
-/// Checks that a finished copy starts with the SQLite header and has the file-format
-/// bytes of a rollback-journal database (1, 1), so that it is standalone.
-fn check_standalone_header(path: &Path) -> Result<(), ToolError> {
-    let mut header = Vec::with_capacity(20);
-    File::open(path)
-        .and_then(|file| file.take(20).read_to_end(&mut header))
-        .map_err(ToolError::io(format!("cannot read {}", path.display())))?;
-    if header.len() < 20 || header[..16] != SQLITE_HEADER_MAGIC[..] || header[18..20] != [1, 1] {
-        return Err(ToolError::InvalidDestination {
-            path: path.to_path_buf(),
-            reason: "the finished copy is not a standalone rollback-journal database".to_string(),
-        });
-    }
-    Ok(())
 }

@@ -14,6 +14,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::*;
+use ltxfs::ltx;
 use ltxfs::tools::{self, ToolError};
 
 /// The longest a tool call may take in these tests.
@@ -187,18 +188,24 @@ fn export_while_writing(mode: &str) {
          {committed} commits in all)"
     );
 
-    // The copy is a standalone DELETE-mode database, alone in its directory.
+    // The copy holds the database's very pages at the TXID it names: its
+    // checksum is the one -pos showed, and it keeps the database's format
+    // bytes.
     assert_eq!(list_dir(dest.parent().unwrap()), vec!["copy.db"]);
     let header = fs::read(&dest).expect("read copy");
     assert_eq!(&header[..16], b"SQLite format 3\0");
-    assert_eq!(
-        &header[18..20],
-        &[1, 1],
-        "file format bytes of a rollback database"
-    );
+    let format = if mode == "wal" { [2, 2] } else { [1, 1] };
+    assert_eq!(&header[18..20], &format, "file format bytes");
+    let page_size = u32::from(u16::from_be_bytes([header[16], header[17]]));
+    ltx::verify_database_checksum(
+        &fs::File::open(&dest).unwrap(),
+        page_size,
+        (header.len() / page_size as usize) as u32,
+        ltx::Checksum(summary.checksum),
+    )
+    .expect("the copy has the checksum of its TXID");
     let copy = open_db(&dest);
     assert_eq!(integrity_check(&copy), "ok");
-    assert_eq!(query_string(&copy, "PRAGMA journal_mode"), "delete");
     let exported = query_i64(&copy, "SELECT count(*) FROM t");
     assert!(
         (before..=after).contains(&exported),
@@ -212,8 +219,7 @@ fn export_while_writing(mode: &str) {
     assert_eq!(summary.name, "app.db");
     assert_eq!(summary.destination, dest);
     assert_eq!(summary.pages, pages);
-    assert!(summary.txid_before <= summary.txid_after, "{summary:?}");
-    assert!(summary.txid_after <= pos_txid(&mount, "app.db"));
+    assert!(summary.txid <= pos_txid(&mount, "app.db"), "{summary:?}");
     let line = summary.to_string();
     assert!(
         line.starts_with(&format!(
@@ -246,12 +252,15 @@ fn export_replaces_an_existing_file_and_refuses_bad_destinations() {
     fs::write(&dest, b"old content").unwrap();
 
     let summary = export_bounded(mount.path(), "app.db", &dest).expect("export");
-    assert_eq!(summary.txid_before, summary.txid_after);
-    assert_eq!(summary.txid_after, pos_txid(&mount, "app.db"));
+    assert_eq!(
+        format!("{:016x}/{:016x}\n", summary.txid, summary.checksum),
+        pos_text(&mount, "app.db")
+    );
     assert!(
-        summary
-            .to_string()
-            .ends_with(&format!("at TXID {:016x}", summary.txid_after)),
+        summary.to_string().ends_with(&format!(
+            "at TXID {:016x}, checksum {:016x}",
+            summary.txid, summary.checksum
+        )),
         "{summary}"
     );
     assert_eq!(dump_of(&dest), dump_of(&mount.db_path("app.db")));
