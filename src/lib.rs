@@ -18,4 +18,5 @@ pub mod node;
 pub mod proxy;
 pub mod replication;
 pub mod store;
+pub mod sync;
 pub mod tools;

@@ -33,6 +33,7 @@ use crate::config::BackupConfig;
 use crate::ltx::{self, Checksum, Header, Trailer, TxId};
 use crate::store::cluster::unix_now_ms;
 use crate::store::{CatchUp, Database, Position, RetentionPins, Role, Store};
+use crate::sync::LockUnpoisoned;
 
 /// The most change-set bytes one object takes; a longer backlog goes out in
 /// several objects, one per round.
@@ -101,9 +102,7 @@ impl BackupStatus {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, DestinationStatus>> {
-        self.destinations
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.destinations.lock_unpoisoned()
     }
 
     fn update(&self, destination: &Destination, change: impl FnOnce(&mut DestinationStatus)) {

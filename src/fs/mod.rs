@@ -24,6 +24,7 @@ use std::time::SystemTime;
 
 use crate::store::locks::{ByteRange, HeldLock, LockError, LockKind, LockOwner, LockRequest};
 use crate::store::{Database, LAG_FILE, Node, NodeId, PRIMARY_FILE, Store, StoreError, parse_name};
+use crate::sync::{LockUnpoisoned, RwLockUnpoisoned};
 
 /// The inode number of the mount root.
 pub const ROOT_INO: u64 = 1;
@@ -585,8 +586,7 @@ impl Fs {
     pub fn release(&self, handle: u64) -> Result<(), FsError> {
         let released = self
             .handles
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
+            .write_unpoisoned()
             .remove(&handle)
             .ok_or(FsError::BadHandle(handle))?;
         if let Opened::File(node) = &released.opened {
@@ -750,17 +750,13 @@ impl Fs {
             opened,
             lock_owners: Mutex::new(BTreeSet::new()),
         });
-        self.handles
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(handle, open_file);
+        self.handles.write_unpoisoned().insert(handle, open_file);
         handle
     }
 
     fn handle(&self, handle: u64) -> Result<Arc<OpenFile>, FsError> {
         self.handles
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
+            .read_unpoisoned()
             .get(&handle)
             .cloned()
             .ok_or(FsError::BadHandle(handle))
@@ -802,8 +798,7 @@ impl Fs {
             return Ok(node);
         }
         self.handles
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
+            .read_unpoisoned()
             .values()
             .find_map(|open_file| open_node(open_file))
             .ok_or(FsError::NoSuchInode(ino))
@@ -821,10 +816,7 @@ fn slice_of(text: String, offset: u64, size: u32) -> Vec<u8> {
 }
 
 fn lock_owners(open_file: &OpenFile) -> std::sync::MutexGuard<'_, BTreeSet<LockOwner>> {
-    open_file
-        .lock_owners
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
+    open_file.lock_owners.lock_unpoisoned()
 }
 
 fn lock_request(call: LockCall, kind: LockKind) -> Result<LockRequest, FsError> {

@@ -11,6 +11,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::sync::LockUnpoisoned;
 use tokio::sync::watch;
 
 /// Counts the writes in the application and refuses new ones while closed.
@@ -83,7 +84,7 @@ impl WriteGate {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, GateState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        self.state.lock_unpoisoned()
     }
 }
 

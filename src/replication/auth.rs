@@ -39,6 +39,7 @@ use tonic::codegen::http::{self, HeaderValue};
 use crate::config::Secret;
 use crate::hex;
 use crate::store::cluster::unix_now_ms;
+use crate::sync::LockUnpoisoned;
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -222,7 +223,7 @@ struct ReplayState {
 impl ReplayGuard {
     /// Records `nonce` of a call made at `time_ms`; fails when it was seen before.
     fn admit(&self, nonce: [u8; 16], time_ms: u64, now_ms: u64) -> Result<(), AuthFailure> {
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut state = self.state.lock_unpoisoned();
         while let Some(&(expiry, old)) = state.expiries.front() {
             if expiry > now_ms {
                 break;

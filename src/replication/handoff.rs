@@ -48,6 +48,7 @@ use super::peers::{MAX_PEERS, Peer};
 use super::proto;
 use super::wire::parse_hostname;
 use super::{ClientCredentials, ReplicationError, connect, remote_error};
+use crate::sync::LockUnpoisoned;
 
 /// How many control requests may wait for the role loop.
 pub const CONTROL_REQUESTS: usize = 4;
@@ -151,7 +152,7 @@ impl Handoffs {
     /// the commits waiting for it. An acknowledgement for a stream that has
     /// closed is ignored.
     pub(super) fn acknowledge(&self, stream_id: u64, positions: &[(String, Position)]) {
-        let mut streams = self.streams.lock().unwrap_or_else(|p| p.into_inner());
+        let mut streams = self.streams.lock_unpoisoned();
         if let Some(entry) = streams.get_mut(&stream_id) {
             for (name, position) in positions {
                 let acknowledged = entry.acknowledged.entry(name.clone()).or_default();
@@ -191,7 +192,7 @@ impl Handoffs {
     /// The candidate replica that will be ready soonest: the one whose stream has
     /// been sent the most; `None` when no candidate is connected.
     pub fn most_caught_up_candidate(&self) -> Option<String> {
-        let streams = self.streams.lock().unwrap_or_else(|p| p.into_inner());
+        let streams = self.streams.lock_unpoisoned();
         streams
             .values()
             .filter(|entry| entry.candidate)
@@ -201,12 +202,12 @@ impl Handoffs {
 
     /// How many streams are open.
     pub fn stream_count(&self) -> usize {
-        self.streams.lock().unwrap_or_else(|p| p.into_inner()).len()
+        self.streams.lock_unpoisoned().len()
     }
 
     /// Whether a candidate called `hostname` has a stream open.
     pub fn candidate_connected(&self, hostname: &str) -> bool {
-        let streams = self.streams.lock().unwrap_or_else(|p| p.into_inner());
+        let streams = self.streams.lock_unpoisoned();
         streams
             .values()
             .any(|entry| entry.candidate && entry.replica == hostname)
@@ -225,20 +226,17 @@ impl Handoffs {
         advertise_url: Option<String>,
     ) -> RegisteredStream {
         let id = self.next_stream.fetch_add(1, Ordering::Relaxed);
-        self.streams
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(
-                id,
-                StreamEntry {
-                    replica: replica.to_string(),
-                    candidate,
-                    advertise_url,
-                    caught_up: false,
-                    acknowledged: BTreeMap::new(),
-                    sent: BTreeMap::new(),
-                },
-            );
+        self.streams.lock_unpoisoned().insert(
+            id,
+            StreamEntry {
+                replica: replica.to_string(),
+                candidate,
+                advertise_url,
+                caught_up: false,
+                acknowledged: BTreeMap::new(),
+                sent: BTreeMap::new(),
+            },
+        );
         RegisteredStream {
             handoffs: self.clone(),
             id,
@@ -277,10 +275,7 @@ impl RegisteredStream {
     }
 
     fn streams(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, StreamEntry>> {
-        self.handoffs
-            .streams
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        self.handoffs.streams.lock_unpoisoned()
     }
 }
 
@@ -310,7 +305,7 @@ impl CommitHold for Handoffs {
         txid: TxId,
         still_primary: &dyn Fn() -> bool,
     ) -> Result<(), String> {
-        let mut streams = self.streams.lock().unwrap_or_else(|p| p.into_inner());
+        let mut streams = self.streams.lock_unpoisoned();
         loop {
             let mut replicas = streams.values().filter(|entry| entry.caught_up).peekable();
             let alone = replicas.peek().is_none();
@@ -358,12 +353,12 @@ pub struct LastHeard(Mutex<Option<Instant>>);
 impl LastHeard {
     /// Notes that a message arrived now.
     pub fn record(&self) {
-        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+        *self.0.lock_unpoisoned() = Some(Instant::now());
     }
 
     /// When the last message arrived, if one did.
     pub fn at(&self) -> Option<Instant> {
-        *self.0.lock().unwrap_or_else(|p| p.into_inner())
+        *self.0.lock_unpoisoned()
     }
 }
 

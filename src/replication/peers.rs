@@ -45,6 +45,7 @@ use crate::store::Store;
 
 use super::status::fetch_status;
 use super::{ClientCredentials, ReplicationError, blocking, client};
+use crate::sync::LockUnpoisoned;
 
 /// The most peers a primary names, and a new primary asks.
 pub const MAX_PEERS: usize = 256;
@@ -73,12 +74,12 @@ pub struct KnownPeers(Mutex<Vec<Peer>>);
 impl KnownPeers {
     /// Replaces the list with the one the primary just sent.
     pub fn replace(&self, peers: Vec<Peer>) {
-        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = peers;
+        *self.0.lock_unpoisoned() = peers;
     }
 
     /// The peers last named.
     pub fn get(&self) -> Vec<Peer> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.0.lock_unpoisoned().clone()
     }
 }
 

@@ -33,6 +33,7 @@ use tonic::transport::server::{Connected, TcpConnectInfo};
 use super::ReplicationError;
 use super::auth::ClusterKeys;
 use crate::config::TlsFiles;
+use crate::sync::LockUnpoisoned;
 
 /// The most connections the node API keeps open.
 pub const MAX_CONNECTIONS: usize = 512;
@@ -261,7 +262,7 @@ impl AddressSlots {
 
     /// Takes a place for `address`, or says which limit is reached.
     pub fn take(slots: &Arc<AddressSlots>, address: IpAddr) -> Result<Slot, String> {
-        let mut per_address = slots.per_address.lock().unwrap_or_else(|p| p.into_inner());
+        let mut per_address = slots.per_address.lock_unpoisoned();
         let total: usize = per_address.values().sum();
         if total >= slots.total_limit {
             return Err(format!("{total} open, the most this node allows"));
@@ -282,11 +283,7 @@ impl AddressSlots {
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        let mut per_address = self
-            .slots
-            .per_address
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut per_address = self.slots.per_address.lock_unpoisoned();
         if let Some(count) = per_address.get_mut(&self.address) {
             *count -= 1;
             if *count == 0 {

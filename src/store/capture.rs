@@ -44,6 +44,7 @@ use crate::ltx::{self, Checksum, Encoder, Header, TxId};
 use super::log::{ChangeLog, LtxBytes, RetentionPolicy};
 use super::wal::{self, FRAME_HEADER_SIZE, FrameHeader, WalHeader};
 use super::{FileKind, NodeId, Shared, StoreError, page_size_from_header};
+use crate::sync::{LockUnpoisoned, RwLockUnpoisoned};
 
 /// The first eight bytes of a valid rollback journal header.
 const JOURNAL_MAGIC: [u8; 8] = [0xd9, 0xd5, 0x05, 0xf9, 0x20, 0xa1, 0x63, 0xd7];
@@ -260,13 +261,13 @@ impl Database {
     /// The last change set's TXID and checksum. Never waits for a commit, an
     /// apply or a snapshot.
     pub fn position(&self) -> Position {
-        self.published.read().unwrap_or_else(|p| p.into_inner()).0
+        self.published.read_unpoisoned().0
     }
 
     /// False once the last change set deleted the database (or before the
     /// first). Never waits, like [`Database::position`].
     pub fn exists(&self) -> bool {
-        let (position, commit) = *self.published.read().unwrap_or_else(|p| p.into_inner());
+        let (position, commit) = *self.published.read_unpoisoned();
         position.txid.0 > 0 && commit > 0
     }
 
@@ -274,7 +275,7 @@ impl Database {
     /// the size in pages the state has by then).
     fn set_position(&self, state: &mut CaptureState, position: Position) {
         state.position = position;
-        *self.published.write().unwrap_or_else(|p| p.into_inner()) = (position, state.commit);
+        *self.published.write_unpoisoned() = (position, state.commit);
     }
 
     /// Brings the state in line with the files after they were all attached at
@@ -494,7 +495,7 @@ impl Database {
         // One compaction at a time; commits wait for the database's lock only
         // while the plan is made and while the merged change set is put in place,
         // not while it is merged (the whole database, for a base snapshot).
-        let _one_at_a_time = self.compacting.lock().unwrap_or_else(|p| p.into_inner());
+        let _one_at_a_time = self.compacting.lock_unpoisoned();
         let Some(plan) = self.lock().log.plan_compaction(policy, now)? else {
             return Ok(0);
         };
@@ -1080,9 +1081,7 @@ impl Database {
     }
 
     fn lock(&self) -> MutexGuard<'_, CaptureState> {
-        self.state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state.lock_unpoisoned()
     }
 }
 

@@ -11,6 +11,7 @@
 //! even before the role loop has demoted it (a stopped or cut-off process may
 //! resume with its FUSE workers ahead of the role loop).
 
+use crate::sync::LockUnpoisoned;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -79,18 +80,14 @@ impl ClusterView {
         self.role() == Role::Primary
             && self
                 .lease_deadline
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
+                .lock_unpoisoned()
                 .is_none_or(|deadline| Instant::now() < deadline)
     }
 
     /// Records when the lease this node holds (or is about to hold) as primary
     /// must be renewed by.
     pub(super) fn set_lease_deadline(&self, deadline: Instant) {
-        *self
-            .lease_deadline
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = Some(deadline);
+        *self.lease_deadline.lock_unpoisoned() = Some(deadline);
     }
 
     /// How many times the role was set: the term changes are made in.
@@ -109,10 +106,7 @@ impl ClusterView {
 
     /// The hostname of the primary this replica is connected to, if any.
     pub fn primary(&self) -> Option<String> {
-        self.primary
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.primary.lock_unpoisoned().clone()
     }
 
     /// Records that this replica is (`Some`) or is no longer (`None`) connected to
@@ -121,25 +115,19 @@ impl ClusterView {
         if hostname.is_none() {
             self.set_primary_proxy_url(None);
         }
-        *self.primary.lock().unwrap_or_else(|p| p.into_inner()) = hostname;
+        *self.primary.lock_unpoisoned() = hostname;
     }
 
     /// The URL of the primary's write-forwarding proxy, when this replica is
     /// connected to a primary that runs one.
     pub fn primary_proxy_url(&self) -> Option<String> {
-        self.primary_proxy_url
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.primary_proxy_url.lock_unpoisoned().clone()
     }
 
     /// Records the primary's proxy URL (from its `Hello`); set before the primary
     /// itself, and forgotten with it.
     pub fn set_primary_proxy_url(&self, url: Option<String>) {
-        *self
-            .primary_proxy_url
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = url;
+        *self.primary_proxy_url.lock_unpoisoned() = url;
     }
 
     /// Records the primary's clock from a message it sent.

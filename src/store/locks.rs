@@ -13,6 +13,7 @@
 //!   that runs, on whichever thread released the conflicting lock, once it is granted.
 //! - Callbacks always run after the table's mutex is released, so they may re-enter.
 
+use crate::sync::LockUnpoisoned;
 use std::collections::VecDeque;
 use std::sync::Mutex;
 
@@ -287,9 +288,7 @@ impl LockTable {
     fn lock_state(&self) -> std::sync::MutexGuard<'_, LockState> {
         // A panic while holding this mutex cannot leave the lock list half-edited in a
         // way that matters more than losing every lock, so recover the data.
-        self.state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state.lock_unpoisoned()
     }
 }
 

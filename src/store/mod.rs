@@ -43,6 +43,7 @@ pub use names::{FileKind, ParsedName, parse_name};
 pub use replica::{ChangeSetSpool, LTXFS_LOCK_OWNER, PendingChangeSet, TryApply};
 
 use crate::ltx::TxId;
+use crate::sync::{LockUnpoisoned, RwLockUnpoisoned};
 use locks::{ByteRange, LockOwner, LockTable};
 
 /// SQLite's PENDING lock byte; RESERVED is the byte after it. A write lock on
@@ -248,10 +249,7 @@ impl Shared {
     }
 
     fn listener(&self) -> Option<Arc<dyn CommitListener>> {
-        self.listener
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.listener.read_unpoisoned().clone()
     }
 }
 
@@ -644,7 +642,7 @@ impl Store {
 
     /// The capture state of `name`, opened (and recovered) on first use.
     fn open_database(&self, name: &str) -> Result<Arc<Database>, StoreError> {
-        let mut databases = self.databases.lock().unwrap_or_else(|p| p.into_inner());
+        let mut databases = self.databases.lock_unpoisoned();
         if let Some(database) = databases.get(name) {
             return Ok(database.clone());
         }
@@ -662,11 +660,7 @@ impl Store {
 
     /// The capture state of database `name`, if it was ever created.
     pub fn database(&self, name: &str) -> Option<Arc<Database>> {
-        self.databases
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(name)
-            .cloned()
+        self.databases.lock_unpoisoned().get(name).cloned()
     }
 
     /// This node's role and its view of the primary.
@@ -677,7 +671,7 @@ impl Store {
     /// Turns synchronous replication on: every local change that commits a
     /// transaction waits in [`Store::hold_commit`] for `hold`.
     pub fn set_commit_hold(&self, hold: Arc<dyn CommitHold>) {
-        *self.commit_hold.write().unwrap_or_else(|p| p.into_inner()) = Some(hold);
+        *self.commit_hold.write_unpoisoned() = Some(hold);
     }
 
     /// Marks where `database` (if the change touches one) stands before a local
@@ -702,11 +696,7 @@ impl Store {
     /// fails; SQLite writes the rest again, and that request commits nothing
     /// new, so it would succeed and SQLite would report the commit done.
     pub fn hold_commit(&self, database: &Database, mark: CommitMark) -> Result<(), StoreError> {
-        let hold = self
-            .commit_hold
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let hold = self.commit_hold.read_unpoisoned().clone();
         let Some(hold) = hold else {
             return Ok(());
         };
@@ -744,24 +734,17 @@ impl Store {
     }
 
     fn unreplicated(&self) -> std::sync::MutexGuard<'_, Option<Unreplicated>> {
-        self.unreplicated.lock().unwrap_or_else(|p| p.into_inner())
+        self.unreplicated.lock_unpoisoned()
     }
 
     /// Sets what retention must keep for backups.
     pub fn set_retention_pins(&self, pins: Arc<dyn RetentionPins>) {
-        *self
-            .retention_pins
-            .write()
-            .unwrap_or_else(|p| p.into_inner()) = Some(pins);
+        *self.retention_pins.write_unpoisoned() = Some(pins);
     }
 
     /// Sets who hears about new positions (replaces any earlier listener).
     pub fn set_commit_listener(&self, listener: Arc<dyn CommitListener>) {
-        *self
-            .shared
-            .listener
-            .write()
-            .unwrap_or_else(|p| p.into_inner()) = Some(listener);
+        *self.shared.listener.write_unpoisoned() = Some(listener);
     }
 
     /// Records when the lease this node holds as primary must be renewed by: a
@@ -802,7 +785,7 @@ impl Store {
         name: &str,
         kind: &FileKind,
     ) -> Result<WritePermit<'_>, StoreError> {
-        let gate = self.role_gate.read().unwrap_or_else(|p| p.into_inner());
+        let gate = self.role_gate.read_unpoisoned();
         let shm = *kind == FileKind::Shm;
         self.check_role(name, shm)?;
         if !shm {
@@ -840,7 +823,7 @@ impl Store {
     /// positions are final when this returns.
     pub fn set_role(&self, role: Role) {
         {
-            let _gate = self.role_gate.write().unwrap_or_else(|p| p.into_inner());
+            let _gate = self.role_gate.write_unpoisoned();
             self.cluster.set_role(role);
         }
         self.shared.notify_cluster_change();
@@ -893,14 +876,11 @@ impl Store {
 
     /// Connects the store to the kernel's cache of the mount.
     pub fn set_kernel_cache(&self, cache: Arc<dyn KernelCache>) {
-        *self.kernel_cache.write().unwrap_or_else(|p| p.into_inner()) = Some(cache);
+        *self.kernel_cache.write_unpoisoned() = Some(cache);
     }
 
     fn kernel_cache(&self) -> Option<Arc<dyn KernelCache>> {
-        self.kernel_cache
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.kernel_cache.read_unpoisoned().clone()
     }
 
     /// Makes the kernel forget what it cached of file `name` (its pages, attributes
@@ -927,8 +907,7 @@ impl Store {
     pub fn position_file_by_id(&self, id: NodeId) -> Option<Arc<Database>> {
         let database = self
             .databases
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .lock_unpoisoned()
             .values()
             .find(|database| database.position_file_id() == id)
             .cloned()?;
@@ -945,8 +924,7 @@ impl Store {
         // for them.
         let pins = self
             .retention_pins
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
+            .read_unpoisoned()
             .clone()
             .filter(|_| self.cluster.role() == Role::Primary);
         databases
@@ -985,12 +963,7 @@ impl Store {
 
     /// Every database's capture state (a snapshot of the list).
     fn all_databases(&self) -> Vec<Arc<Database>> {
-        self.databases
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
-            .collect()
+        self.databases.lock_unpoisoned().values().cloned().collect()
     }
 
     /// Flushes every log and saves checksums so the next start is fast.
@@ -1081,7 +1054,7 @@ impl Store {
         for database in databases {
             database.before_sync()?;
         }
-        let dirs = std::mem::take(&mut *self.dirty_dirs.lock().unwrap_or_else(|p| p.into_inner()));
+        let dirs = std::mem::take(&mut *self.dirty_dirs.lock_unpoisoned());
         for dir in dirs.iter().rev() {
             File::open(dir)
                 .and_then(|handle| handle.sync_all())
@@ -1140,18 +1113,15 @@ impl Store {
     }
 
     fn mark_dir_dirty(&self, dir: &Path) {
-        self.dirty_dirs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(dir.to_path_buf());
+        self.dirty_dirs.lock_unpoisoned().insert(dir.to_path_buf());
     }
 
     fn read_namespace(&self) -> std::sync::RwLockReadGuard<'_, Namespace> {
-        self.namespace.read().unwrap_or_else(|p| p.into_inner())
+        self.namespace.read_unpoisoned()
     }
 
     fn write_namespace(&self) -> std::sync::RwLockWriteGuard<'_, Namespace> {
-        self.namespace.write().unwrap_or_else(|p| p.into_inner())
+        self.namespace.write_unpoisoned()
     }
 }
 

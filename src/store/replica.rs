@@ -23,6 +23,7 @@ use super::{
     AppliedChangeSet, ChangeSetBytes, FileKind, LoggedChangeSet, Node, PENDING_BYTE,
     POSITION_SUFFIX, ReceivedChangeSet, Role, Store, StoreError, parse_name,
 };
+use crate::sync::LockUnpoisoned;
 
 /// The lock owner ltxfs itself uses. Kernel lock owners are hashed pointers, so
 /// this value does not collide with an application's.
@@ -245,7 +246,7 @@ impl Store {
     /// had. Called while this node is still a replica, so nothing writes
     /// meanwhile.
     pub fn fold_wals_before_leading(&self) -> Result<(), StoreError> {
-        let _one_at_a_time = self.applying.lock().unwrap_or_else(|p| p.into_inner());
+        let _one_at_a_time = self.applying.lock_unpoisoned();
         for (name, _) in self.positions() {
             if let (Some(database_node), Some(index_node)) =
                 (self.lookup(&name), self.lookup(&format!("{name}-shm")))
@@ -309,7 +310,7 @@ impl Store {
         name: &str,
         received: ReceivedChangeSet,
     ) -> Result<AppliedChangeSet, StoreError> {
-        let _one_at_a_time = self.applying.lock().unwrap_or_else(|p| p.into_inner());
+        let _one_at_a_time = self.applying.lock_unpoisoned();
         // A stream cancelled at a promotion may hand its last change set to the
         // blocking pool; it must not land once this node leads.
         if self.cluster.role() != Role::Replica {
