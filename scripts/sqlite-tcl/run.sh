@@ -12,8 +12,18 @@
 #   LABEL         name for logs (default: basename of DIR)
 #   TEST_TIMEOUT  seconds per test file (default 300)
 #   LOG_DIR       default /tmp/tcl-work/logs; output goes to LOG_DIR/LABEL-NAME.log
+#   TESTFIXTURE_ARGS  extra tester.tcl options (e.g. --verbose=0)
+#   HELPERS_OUTSIDE  if 1, the harness's own helper scripts (relative names
+#                 ending in .tcl, e.g. tf_main.tcl of launch_testfixture,
+#                 crash.tcl of crashsql, test2-script.tcl; and cmds.txt) are
+#                 written to and run from LOG_DIR/side-LABEL instead of DIR:
+#                 ltxfs takes every file that is not a journal/wal/shm for a
+#                 database and refuses non-SQLite content in it (EINVAL).
+#                 It runs the test file through a small wrapper
+#                 script (LOG_DIR/.wrap-LABEL.tcl) that overrides glob / open /
+#                 exec in the test process; the test files are unchanged.
 #   REQUIRE_MOUNT if 1, check before each file that DIR is still a mount point
-#                 and stop with "MOUNT-GONE" rows when it is not
+#                 and give "mount-gone" rows when it is not
 #
 # Copies nothing into DIR. Files a test leaves behind in DIR are removed after
 # it (only names that were not there before it started), so each file starts
@@ -48,6 +58,53 @@ summary="$LOG_DIR/$LABEL-summary.tsv"
 
 list_dir() { (cd "$DIR" && LC_ALL=C ls -A 2>/dev/null); }
 
+wrapper=""
+if [[ "${HELPERS_OUTSIDE:-0}" == 1 ]]; then
+  wrapper="$LOG_DIR/.wrap-$LABEL.tcl"
+  side="$LOG_DIR/side-$LABEL"
+  mkdir -p "$side"
+  {
+    echo "# written by run.sh (HELPERS_OUTSIDE=${HELPERS_OUTSIDE:-0})"
+    if [[ "${HELPERS_OUTSIDE:-0}" == 1 ]]; then
+      printf 'set ::ltxfs_side {%s}\n' "$side"
+      cat <<'TCL'
+proc ::ltxfs_map {name} {
+  # helper scripts the harness writes to and runs from the cwd:
+  # tf_main.tcl, tf_main2.tcl, crash.tcl, test2-script.tcl, cmds.txt, ...
+  if {[regexp {^(\./)?([^/]+\.tcl|cmds\.txt)$} $name -> _ base]} {
+    return [file join $::ltxfs_side $base]
+  }
+  return $name
+}
+rename open ::ltxfs_real_open
+proc open {name args} {
+  if {[string index $name 0] eq "|"} {
+    if {![catch {llength [string range $name 1 end]}]} {
+      set cmd {}
+      foreach x [string range $name 1 end] { lappend cmd [::ltxfs_map $x] }
+      set name "|$cmd"
+    }
+  } else {
+    set name [::ltxfs_map $name]
+  }
+  uplevel 1 [list ::ltxfs_real_open $name {*}$args]
+}
+rename exec ::ltxfs_real_exec
+proc exec {args} {
+  set a {}
+  foreach x $args { lappend a [::ltxfs_map $x] }
+  uplevel 1 [list ::ltxfs_real_exec {*}$a]
+}
+TCL
+    fi
+    cat <<'TCL'
+set argv0 [lindex $argv 0]
+set argv [lrange $argv 1 end]
+source $argv0
+TCL
+  } > "$wrapper"
+fi
+
 overall=0
 for t in "$@"; do
   name=${t%.test}
@@ -65,9 +122,12 @@ for t in "$@"; do
 
   before=$(list_dir)
   start=$(date +%s.%N)
-  # testfixture sources tester.tcl from its own test/ dir; cwd is where the
-  # test databases (test.db, test.db-journal, ...) are made.
-  (cd "$DIR" && exec timeout -k 10 "$TEST_TIMEOUT" "$TESTFIXTURE" "$file") \
+  # testfixture sources tester.tcl from its own test/ dir. By default
+  # tester.tcl makes a subdirectory "testdir" of the cwd and works there;
+  # --testdir= (empty) keeps it in DIR itself, where the test databases
+  # (test.db, test.db-journal, ...) are made (ltxfs has no subdirectories).
+  # shellcheck disable=SC2086
+  (cd "$DIR" && exec timeout -k 10 "$TEST_TIMEOUT" "$TESTFIXTURE" ${wrapper:+"$wrapper"} "$file" --testdir= ${TESTFIXTURE_ARGS:-}) \
     </dev/null >"$log" 2>&1
   rc=$?
   secs=$(awk -v s="$start" -v e="$(date +%s.%N)" 'BEGIN{printf "%.1f", e-s}')
@@ -81,7 +141,7 @@ for t in "$@"; do
   sumline=$(grep -aE '^[0-9]+ errors out of [0-9]+ tests' "$log" | tail -n1)
   errors=$(sed -nE 's/^([0-9]+) errors out of.*/\1/p' <<<"$sumline")
   tests=$(sed -nE 's/^[0-9]+ errors out of ([0-9]+) tests.*/\1/p' <<<"$sumline")
-  failed=$(grep -a '^Failures on these tests:' "$log" | tail -n1 | sed 's/^Failures on these tests: *//')
+  failed=$(grep -aE '^!?Failures on these tests:' "$log" | tail -n1 | sed -E 's/^!?Failures on these tests: *//')
   if [[ -z "$failed" ]]; then
     failed=$(grep -aE '^! [^ ]+ ' "$log" | awk '{print $2}' | awk '!seen[$0]++' | tr '\n' ' ')
   fi
