@@ -391,6 +391,44 @@ fn retention_merges_old_change_sets_and_the_log_still_replays() {
     assert_eq!(dump(&conn), replica.dump());
 }
 
+/// Regression: a VACUUM that changes the page size is captured as a change set
+/// of every page at the new size; retention refused to merge it with the
+/// change sets before it ("only a snapshot may change the page size"), so the
+/// log kept growing and logged an error every round.
+#[test]
+fn retention_merges_past_a_change_of_page_size() {
+    let mount = Mount::start(MountOptions {
+        extra_yaml: "  retention: 1s\n  retention-monitor-interval: 100ms\n".to_string(),
+        ..MountOptions::default()
+    });
+    let conn = open_db(&mount.db_path("resized.db"));
+    conn.execute_batch(
+        "PRAGMA page_size=1024; CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB);
+         INSERT INTO t(v) VALUES (randomblob(3000));
+         PRAGMA page_size=4096; VACUUM;
+         INSERT INTO t(v) VALUES (randomblob(3000));",
+    )
+    .unwrap();
+    let log = mount.data_dir().join("dbs").join("resized.db").join("log");
+    common::wait_until(
+        "retention to merge the change sets around the page size change",
+        std::time::Duration::from_secs(20),
+        || ltxfs::store::log::read_change_sets(&log).unwrap().len() == 1,
+    );
+    let sets = ltxfs::store::log::read_change_sets(&log).unwrap();
+    let header = *ltx::Decoder::new(sets[0].as_slice()).unwrap().header();
+    assert_eq!((header.min_txid.0, header.page_size), (1, 4096));
+    assert!(
+        !mount.stderr_text().contains("retention failed"),
+        "{}",
+        mount.stderr_text()
+    );
+    let mut replica = Replica::new(&mount, "resized.db");
+    replica.catch_up();
+    replica.verify_position(&mount.db_path("resized.db-pos"));
+    assert_eq!(dump(&conn), replica.dump());
+}
+
 /// Regression: a WAL transaction larger than the page cache spills frames, and when
 /// it writes a spilled page again SQLite overwrites that frame in place, writes the
 /// following frames with zero salts and rewrites their headers at the commit. Such

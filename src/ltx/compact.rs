@@ -241,15 +241,6 @@ fn check_follows(chain: &Chain, next: &Header, index: usize) -> Result<(), LtxEr
             ),
         });
     }
-    if next.page_size != prev.page_size {
-        return Err(LtxError::InvalidHeader {
-            field: "page_size",
-            message: format!(
-                "{next_desc} has page size {} but {prev_desc} has page size {}; only a snapshot may change the page size",
-                next.page_size, prev.page_size
-            ),
-        });
-    }
     Ok(())
 }
 
@@ -274,20 +265,26 @@ fn read_chain<R: Read>(
 }
 
 /// Reads and verifies input number `index` (1-based), folding its pages into
-/// `chain` (starting it with the first input); returns the input's header.
+/// `chain` (starting it with the first input); says whether the input replaced
+/// everything before it: a snapshot, or a change set that changes the page
+/// size (which must then hold every page, as capture writes it).
 fn fold_input<R: Read>(
     chain: &mut Option<Chain>,
     index: usize,
     reader: R,
-) -> Result<Header, LtxError> {
+) -> Result<bool, LtxError> {
     let mut decoder = Decoder::new(BufReader::new(reader)).map_err(|e| in_input(e, index, None))?;
     let header = *decoder.header();
+    let mut resized_from = None;
     let chain = match chain.as_mut() {
         None => chain.insert(Chain::start(header, header.is_snapshot())),
         Some(c) => {
             check_follows(c, &header, index)?;
-            if header.is_snapshot() {
-                // A snapshot in the middle of the run replaces everything
+            if header.page_size != c.last.page_size && !header.is_snapshot() {
+                resized_from = Some(c.last.page_size);
+            }
+            if header.is_snapshot() || resized_from.is_some() {
+                // Such an input in the middle of the run replaces everything
                 // before it, but the output still starts where the run does.
                 let first = c.first;
                 *c = Chain::start(header, true);
@@ -299,6 +296,18 @@ fn fold_input<R: Read>(
         }
     };
     read_pages(&mut decoder, &mut chain.pages).map_err(|e| in_input(e, index, Some(&header)))?;
+    if let Some(previous) = resized_from
+        && check_complete(&chain.pages, header.commit, header.commit, header.page_size).is_err()
+    {
+        return Err(LtxError::InvalidHeader {
+            field: "page_size",
+            message: format!(
+                "{} changes the page size from {previous} to {} without holding every page",
+                describe_input(index, Some(&header)),
+                header.page_size
+            ),
+        });
+    }
     let trailer = decoder
         .finish()
         .map_err(|e| in_input(e, index, Some(&header)))?;
@@ -309,7 +318,7 @@ fn fold_input<R: Read>(
     }
     chain.last = header;
     chain.last_trailer = trailer;
-    Ok(header)
+    Ok(header.is_snapshot() || resized_from.is_some())
 }
 
 /// Compacts a run whose first input is a snapshot, like [`compact`], without
@@ -395,7 +404,7 @@ pub fn compact_onto_snapshot_with<S: Read, R: Read>(
     let mut chain = Some(chain);
     let mut base_replaced = false;
     for (i, reader) in rest.into_iter().enumerate() {
-        base_replaced |= fold_input(&mut chain, i + 2, reader)?.is_snapshot();
+        base_replaced |= fold_input(&mut chain, i + 2, reader)?;
     }
     let Some(mut chain) = chain else {
         return Err(LtxError::InvalidArgument(
@@ -404,7 +413,7 @@ pub fn compact_onto_snapshot_with<S: Read, R: Read>(
     };
     chain.last.node_id = chain.last.node_id.max(options.min_node_id);
     if base_replaced {
-        // A later snapshot holds every page since, all of them in `chain`.
+        // A later input holds every page since, all of them in `chain`.
         return write_output(&chain, compress, out);
     }
     let base = match options.trusted_base {
