@@ -113,6 +113,11 @@ struct StreamEntry {
 pub struct Handoffs {
     phase: watch::Sender<HandoffPhase>,
     streams: Mutex<BTreeMap<u64, StreamEntry>>,
+    /// Per database, the highest TXID a caught-up replica acknowledged on a
+    /// stream that has closed since: a replica that leaves right after its
+    /// last acknowledgement (a handoff) still counts for the commits held
+    /// for it. Locked after `streams`, never before.
+    departed_acknowledged: Mutex<BTreeMap<String, TxId>>,
     /// Signalled when a replica acknowledges, or a stream opens or closes: what
     /// commits held for synchronous replication wait on.
     streams_changed: Condvar,
@@ -130,6 +135,7 @@ impl Handoffs {
         let handoffs = Handoffs {
             phase: watch::Sender::new(HandoffPhase::Idle),
             streams: Mutex::new(BTreeMap::new()),
+            departed_acknowledged: Mutex::new(BTreeMap::new()),
             streams_changed: Condvar::new(),
             peers: watch::Sender::new(Vec::new()),
             next_stream: AtomicU64::new(1),
@@ -282,7 +288,15 @@ impl RegisteredStream {
 impl Drop for RegisteredStream {
     fn drop(&mut self) {
         let mut streams = self.streams();
-        streams.remove(&self.id);
+        if let Some(entry) = streams.remove(&self.id)
+            && entry.caught_up
+        {
+            let mut departed = self.handoffs.departed_acknowledged.lock_unpoisoned();
+            for (name, txid) in entry.acknowledged {
+                let kept = departed.entry(name).or_default();
+                *kept = (*kept).max(txid);
+            }
+        }
         self.handoffs.publish_peers(&streams);
         self.handoffs.streams_changed.notify_all();
     }
@@ -309,7 +323,9 @@ impl CommitHold for Handoffs {
         loop {
             let mut replicas = streams.values().filter(|entry| entry.caught_up).peekable();
             let alone = replicas.peek().is_none();
-            if replicas.any(|entry| entry.acknowledged.get(database) >= Some(&txid)) {
+            if replicas.any(|entry| entry.acknowledged.get(database) >= Some(&txid))
+                || self.departed_acknowledged.lock_unpoisoned().get(database) >= Some(&txid)
+            {
                 return Ok(());
             }
             // Demotion ends the streams too: it is looked at before their
