@@ -46,7 +46,9 @@ use rusqlite::backup::{Backup, StepResult};
 use rusqlite::{Connection, OpenFlags};
 
 use crate::mountinfo;
-use crate::store::{FileKind, POSITION_SUFFIX, SQLITE_HEADER_MAGIC, StoreError, parse_name};
+use crate::store::{
+    FileKind, POSITION_SUFFIX, Position, SQLITE_HEADER_MAGIC, StoreError, parse_name,
+};
 
 /// How long a tool keeps retrying when SQLite reports the database busy or locked.
 pub const LOCK_WAIT_LIMIT: Duration = Duration::from_secs(30);
@@ -296,7 +298,7 @@ pub fn export(
         .map_err(ToolError::sqlite("cannot set the busy timeout"))?;
 
     let temp = TempFile::create_beside(&destination)?;
-    let (pages, (txid, checksum)) = copy_pages_at_one_position(&source, &mount, name, &temp.path)?;
+    let (pages, position) = copy_pages_at_one_position(&source, &mount, name, &temp.path)?;
     drop(source);
 
     temp.persist(&destination)?;
@@ -305,8 +307,8 @@ pub fn export(
         name: name.to_string(),
         destination,
         pages,
-        txid,
-        checksum,
+        txid: position.txid.0,
+        checksum: position.checksum.0,
     })
 }
 
@@ -664,7 +666,7 @@ fn copy_pages_at_one_position(
     mount: &Path,
     name: &str,
     temp: &Path,
-) -> Result<(u64, (u64, u64)), ToolError> {
+) -> Result<(u64, Position), ToolError> {
     let what = format!("copying {name} to {}", temp.display());
     let sqlite = |error| ToolError::sqlite(format!("failed {what}"))(error);
     let started = Instant::now();
@@ -697,20 +699,14 @@ fn copy_pages_at_one_position(
                 source,
             },
         })?;
-        let (txid, checksum) = before;
         if pages > 0 {
             let commit = u32::try_from(pages).unwrap_or(u32::MAX);
-            crate::ltx::verify_database_checksum(
-                &file,
-                page_size,
-                commit,
-                crate::ltx::Checksum(checksum),
-            )
-            .map_err(|error| ToolError::CopyMismatch {
-                name: name.to_string(),
-                txid,
-                reason: error.to_string(),
-            })?;
+            crate::ltx::verify_database_checksum(&file, page_size, commit, before.checksum)
+                .map_err(|error| ToolError::CopyMismatch {
+                    name: name.to_string(),
+                    txid: before.txid.0,
+                    reason: error.to_string(),
+                })?;
         }
         return Ok((pages, before));
     }
@@ -789,11 +785,11 @@ fn page_count(backup: &Backup<'_, '_>) -> u64 {
 
 /// Reads the TXID from `<mount>/<name>-pos` (`%016x/%016x\n`).
 fn read_txid(mount: &Path, name: &str) -> Result<u64, ToolError> {
-    read_position(mount, name).map(|(txid, _)| txid)
+    read_position(mount, name).map(|position| position.txid.0)
 }
 
-/// Reads the TXID and checksum from `<mount>/<name>-pos` (`%016x/%016x\n`).
-fn read_position(mount: &Path, name: &str) -> Result<(u64, u64), ToolError> {
+/// Reads the position in `<mount>/<name>-pos`.
+fn read_position(mount: &Path, name: &str) -> Result<Position, ToolError> {
     let path = mount.join(format!("{name}{POSITION_SUFFIX}"));
     let failed = |reason: String| ToolError::Position {
         name: name.to_string(),
@@ -801,15 +797,7 @@ fn read_position(mount: &Path, name: &str) -> Result<(u64, u64), ToolError> {
         reason,
     };
     let text = fs::read_to_string(&path).map_err(|error| failed(error.to_string()))?;
-    let hex = |field: &str| {
-        (field.len() == 16)
-            .then(|| u64::from_str_radix(field, 16).ok())
-            .flatten()
-    };
-    text.trim_end_matches('\n')
-        .split_once('/')
-        .and_then(|(txid, checksum)| Some((hex(txid)?, hex(checksum)?)))
-        .ok_or_else(|| failed(format!("unexpected content {text:?}")))
+    Position::from_pos_file(&text).ok_or_else(|| failed(format!("unexpected content {text:?}")))
 }
 
 /// True when both paths exist and are the same file (same device and inode).

@@ -51,6 +51,7 @@ use super::mount::MountGuard;
 use super::{BenchError, BenchOptions, MachineInfo, Plan, Workspace};
 use crate::backup::{BackupError, Destination};
 use crate::config::{BackupDestination, Secret};
+use crate::store::Position;
 use s3::Moto;
 
 /// `backup.sync-interval` of every mount with backups.
@@ -275,10 +276,7 @@ fn position(mount_point: &Path, database: &str) -> Option<(u64, String)> {
 }
 
 fn parse_position(text: &str) -> Option<(u64, String)> {
-    let (txid, checksum) = text.trim().split_once('/')?;
-    let txid = u64::from_str_radix(txid, 16).ok()?;
-    (checksum.len() == 16 && checksum.bytes().all(|byte| byte.is_ascii_hexdigit()))
-        .then(|| (txid, checksum.to_string()))
+    Position::from_pos_file(text).map(|position| (position.txid.0, position.checksum.to_string()))
 }
 
 /// The position of `database` on `mount`, or an error naming it.

@@ -71,6 +71,21 @@ impl Position {
     pub fn to_pos_file(&self) -> String {
         format!("{:016x}/{:016x}\n", self.txid.0, self.checksum.0)
     }
+
+    /// Parses what [`Position::to_pos_file`] writes (the newline optional);
+    /// `None` for anything else.
+    pub fn from_pos_file(text: &str) -> Option<Position> {
+        let hex = |field: &str| {
+            (field.len() == 16)
+                .then(|| u64::from_str_radix(field, 16).ok())
+                .flatten()
+        };
+        let (txid, checksum) = text.strip_suffix('\n').unwrap_or(text).split_once('/')?;
+        Some(Position {
+            txid: TxId(hex(txid)?),
+            checksum: Checksum(hex(checksum)?),
+        })
+    }
 }
 
 /// Where a change set's transaction sits in the WAL (LTX header fields), so that

@@ -1255,6 +1255,25 @@ mod tests {
         assert!(store.lookup("app.db-wal").is_none());
     }
 
+    #[test]
+    fn pos_file_text_parses_back_and_nothing_else_does() {
+        let position = Position {
+            txid: TxId(0x1d),
+            checksum: crate::ltx::Checksum(0x8000_0000_0000_00ff),
+        };
+        let text = position.to_pos_file();
+        assert_eq!(Position::from_pos_file(&text), Some(position));
+        assert_eq!(Position::from_pos_file(text.trim_end()), Some(position));
+        for bad in [
+            "",
+            "1d/ff\n",
+            "000000000000001d\n",
+            "000000000000001d/zz00000000000000\n",
+        ] {
+            assert_eq!(Position::from_pos_file(bad), None, "{bad:?}");
+        }
+    }
+
     /// Status output and metrics list the databases that exist: a deleted one
     /// keeps its position (replicas still need its last change set) but is
     /// left out, and shows up again when it is created anew.
