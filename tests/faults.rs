@@ -265,6 +265,19 @@ fn node_yaml(hostname: &str, candidate: bool, primary_url: Option<&str>) -> Stri
     yaml
 }
 
+/// Asks the node at `url` for its status; panics unless it answers.
+fn assert_status_answers(url: &str, when: &str) {
+    let status = ltxfs_command()
+        .args(["status", "--url", url])
+        .output()
+        .expect("ltxfs status");
+    assert!(
+        status.status.success(),
+        "ltxfs status failed {when}: {}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+}
+
 fn position(mount: &Mount, name: &str) -> Option<String> {
     fs::read_to_string(mount.db_path(&format!("{name}-pos"))).ok()
 }
@@ -540,15 +553,7 @@ fn a_primary_keeps_its_lease_while_a_replica_bootstraps_a_large_database() {
     let mut answers = 0;
     wait_until("node-b to bootstrap big.db", BOOTSTRAP_TIMEOUT, || {
         let asked = std::time::Instant::now();
-        let status = ltxfs_command()
-            .args(["status", "--url", &url])
-            .output()
-            .expect("ltxfs status");
-        assert!(
-            status.status.success(),
-            "ltxfs status failed during the bootstrap: {}",
-            String::from_utf8_lossy(&status.stderr)
-        );
+        assert_status_answers(&url, "during the bootstrap");
         slowest = slowest.max(asked.elapsed());
         answers += 1;
         position(&replica, "big.db").as_deref() == Some(pos.as_str())
@@ -572,3 +577,142 @@ fn a_primary_keeps_its_lease_while_a_replica_bootstraps_a_large_database() {
 
 /// The bound on a replica's bootstrap of 256 MiB in a debug build.
 const BOOTSTRAP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// The primary's data dir fails under it (`fault`) while an application
+/// writes and a replica follows: the application gets errors, ltxfs keeps
+/// running and says what failed, the replica keeps every acknowledged row;
+/// once an operator has repaired the disk and restarted ltxfs, the database
+/// and its log agree, writes resume and the replica follows again.
+fn a_failing_data_dir(fault: DiskFault) {
+    let api = etcd::free_loopback_address();
+    let url = format!("http://{api}");
+    let mut primary = Mount::start(MountOptions {
+        extra_yaml: format!(
+            "{}http:\n  addr: \"{api}\"\n",
+            node_yaml("primary", true, Some(&url))
+        ),
+        data_dir: DataDir::Ext4(64 << 20),
+        ..MountOptions::default()
+    });
+    let replica = Mount::start(MountOptions {
+        extra_yaml: node_yaml("replica", false, Some(&url)),
+        ..MountOptions::default()
+    });
+    let name = "app.db";
+    let conn = open_db(&primary.db_path(name));
+    set_journal_mode(&conn, "WAL");
+    conn.execute_batch("PRAGMA synchronous=FULL; CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)")
+        .unwrap();
+    let insert = |conn: &rusqlite::Connection, id: i64| {
+        conn.execute(
+            "INSERT INTO t(id, v) VALUES (?1, hex(randomblob(512)))",
+            [id],
+        )
+    };
+    let acknowledged = 50;
+    for id in 1..=acknowledged {
+        insert(&conn, id).unwrap();
+    }
+    let before = position(&primary, name).unwrap();
+    wait_until("the replica to follow", READY_TIMEOUT, || {
+        position(&replica, name).as_deref() == Some(before.as_str())
+    });
+
+    primary.fail_data_disk(fault);
+    let mut refused = 0;
+    for id in acknowledged + 1..=acknowledged + 20 {
+        match insert(&conn, id) {
+            Ok(_) => panic!("a write succeeded on a failed disk ({fault:?})"),
+            Err(rusqlite::Error::SqliteFailure(error, _)) => {
+                // After one I/O error on a disk that reads nothing, SQLite
+                // reports its cached pages as malformed: it does the same on
+                // such a disk without ltxfs.
+                let corrupt_allowed = fault == DiskFault::Shutdown;
+                assert!(
+                    matches!(
+                        error.code,
+                        rusqlite::ErrorCode::SystemIoFailure
+                            | rusqlite::ErrorCode::ReadOnly
+                            | rusqlite::ErrorCode::CannotOpen
+                    ) || (corrupt_allowed && error.code == rusqlite::ErrorCode::DatabaseCorrupt),
+                    "a write on a failed disk gave {error:?}"
+                );
+                refused += 1;
+            }
+            Err(other) => panic!("a write on a failed disk gave {other}"),
+        }
+    }
+    assert_eq!(refused, 20);
+    // Reads answer with what was committed, or fail cleanly where the disk
+    // cannot be read at all.
+    match conn.query_row("SELECT count(*) FROM t", [], |row| row.get::<_, i64>(0)) {
+        Ok(rows) => assert_eq!(rows, acknowledged),
+        Err(error) => assert_eq!(
+            fault,
+            DiskFault::Shutdown,
+            "a read on a read-only disk failed: {error}"
+        ),
+    }
+    assert!(
+        primary.is_running(),
+        "ltxfs exited on a failed disk:\n{}",
+        primary.stderr_text()
+    );
+    let what_failed = match fault {
+        DiskFault::ReadOnly => "Read-only file system",
+        DiskFault::Shutdown => "Input/output error",
+    };
+    let log = primary.stderr_text();
+    assert!(
+        log.lines()
+            .any(|line| line.contains("ERROR") && line.contains(what_failed)),
+        "no error names the fault ({what_failed}):\n{log}"
+    );
+    assert!(!log.contains("panicked"), "ltxfs panicked:\n{log}");
+    assert_status_answers(&url, "on a failed disk");
+    assert_eq!(position(&primary, name).as_deref(), Some(before.as_str()));
+    assert_eq!(position(&replica, name).as_deref(), Some(before.as_str()));
+    let on_replica = open_db(&replica.db_path(name));
+    assert_eq!(
+        query_i64(&on_replica, "SELECT count(*) FROM t"),
+        acknowledged
+    );
+    drop(on_replica);
+
+    drop(conn);
+    let stopped = primary.stop();
+    report(format!(
+        "ltxfs on a failed disk ({fault:?}) exited with {stopped}"
+    ));
+    primary.repair_data_disk();
+    primary.restart();
+    let conn = open_db(&primary.db_path(name));
+    assert_eq!(integrity_check(&conn), "ok");
+    assert_eq!(query_i64(&conn, "SELECT count(*) FROM t"), acknowledged);
+    for id in acknowledged + 1..=acknowledged + 20 {
+        insert(&conn, id).unwrap();
+    }
+    let after = position(&primary, name).unwrap();
+    wait_until(
+        "the replica to follow the restarted primary",
+        READY_TIMEOUT,
+        || position(&replica, name).as_deref() == Some(after.as_str()),
+    );
+    let on_replica = open_db(&replica.db_path(name));
+    assert_eq!(
+        query_i64(&on_replica, "SELECT count(*) FROM t"),
+        acknowledged + 20
+    );
+    assert_eq!(integrity_check(&on_replica), "ok");
+    assert_log_replays_to_the_live_database(&mut primary, conn, name);
+}
+
+#[test]
+fn a_data_dir_that_turns_read_only_fails_writes_and_keeps_serving_reads() {
+    a_failing_data_dir(DiskFault::ReadOnly);
+}
+
+#[test]
+fn a_data_dir_whose_disk_fails_every_io_fails_cleanly_and_recovers_after_repair() {
+    a_failing_data_dir(DiskFault::Shutdown);
+}

@@ -203,6 +203,19 @@ fn run_ok(command: &mut Command) {
 /// The folder under a mount's root that holds a [`DataDir::FailingDisk`]'s image.
 const DISK_BACKING: &str = "disk-backing";
 
+/// The image file of a [`DataDir::Ext4`] data dir, under a mount's root.
+const EXT4_IMAGE: &str = "ext4.img";
+
+/// Mounts the ext4 `image` on `path` through a loop device, read-only on error.
+fn mount_ext4_image(image: &Path, path: &Path) {
+    run_ok(
+        Command::new("mount")
+            .args(["-o", "loop,errors=remount-ro"])
+            .arg(image)
+            .arg(path),
+    );
+}
+
 /// Sends `signal` to the process `pid`.
 pub fn send_signal(pid: u32, signal: libc::c_int) {
     // SAFETY: kill(2) has no memory-safety preconditions.
@@ -398,6 +411,19 @@ pub enum DataDir {
     /// error at writeback, so `fsync` fails while the filesystem still shows
     /// free space, as on a failing disk.
     FailingDisk(u64),
+    /// On a journalled ext4 filesystem of this many bytes in a loop device
+    /// (`errors=remount-ro`), for [`Mount::fail_data_disk`].
+    Ext4(u64),
+}
+
+/// A fault of the filesystem under a [`DataDir::Ext4`] data dir.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskFault {
+    /// An ext4 error: the filesystem turns read-only, reads still work.
+    ReadOnly,
+    /// A forced shutdown (`EXT4_IOC_SHUTDOWN`): every read and write fails
+    /// with EIO, as when the device under it is gone.
+    Shutdown,
 }
 
 impl Default for MountOptions {
@@ -459,6 +485,15 @@ impl Mount {
                         .arg(&data),
                 );
             }
+            DataDir::Ext4(bytes) => {
+                let image = root.join(EXT4_IMAGE);
+                File::create(&image)
+                    .and_then(|file| file.set_len(bytes))
+                    .expect("create the disk image");
+                run_ok(Command::new("mkfs.ext4").arg("-q").arg(&image));
+                fs::create_dir(&data).expect("create the data dir");
+                mount_ext4_image(&image, &data);
+            }
         }
         write_config(&config, &data, None, &options.extra_yaml);
         let label = format!(
@@ -499,6 +534,67 @@ impl Mount {
     /// disk fail writes.
     pub fn disk_backing(&self) -> PathBuf {
         self.root.join(DISK_BACKING)
+    }
+
+    /// Makes the [`DataDir::Ext4`] filesystem under the data dir fail as
+    /// `fault` says, until [`Mount::repair_data_disk`].
+    pub fn fail_data_disk(&self, fault: DiskFault) {
+        match fault {
+            DiskFault::ReadOnly => {
+                let source = ltxfs::mountinfo::find(&self.data)
+                    .expect("read /proc/self/mountinfo")
+                    .expect("the data dir is a mount")
+                    .source;
+                let device = Path::new(&source)
+                    .file_name()
+                    .expect("a loop device")
+                    .to_owned();
+                let trigger = Path::new("/sys/fs/ext4")
+                    .join(device)
+                    .join("trigger_fs_error");
+                fs::write(&trigger, "ltxfs test: a disk error\n")
+                    .unwrap_or_else(|e| panic!("write {}: {e}", trigger.display()));
+            }
+            DiskFault::Shutdown => {
+                /// `EXT4_IOC_SHUTDOWN`, `_IOR('X', 125, __u32)`.
+                const EXT4_IOC_SHUTDOWN: libc::c_ulong = 0x8004_587D;
+                /// Flush the journal first, as a device failing after a commit would.
+                const EXT4_GOING_FLAGS_LOGFLUSH: u32 = 1;
+                let dir = File::open(&self.data).expect("open the data dir");
+                let flags = EXT4_GOING_FLAGS_LOGFLUSH;
+                // SAFETY: the ioctl reads one u32 through a pointer to a live local.
+                let rc = unsafe {
+                    libc::ioctl(
+                        std::os::fd::AsRawFd::as_raw_fd(&dir),
+                        EXT4_IOC_SHUTDOWN,
+                        &flags as *const u32,
+                    )
+                };
+                assert_eq!(rc, 0, "EXT4_IOC_SHUTDOWN: {}", io::Error::last_os_error());
+            }
+        }
+    }
+
+    /// Ends a [`Mount::fail_data_disk`] fault as an operator would, with ltxfs
+    /// stopped: unmounts the filesystem, checks and repairs it, and mounts it
+    /// again.
+    pub fn repair_data_disk(&self) {
+        assert!(self.child.is_none(), "stop ltxfs before repairing its disk");
+        run_ok(Command::new("umount").arg(&self.data));
+        let image = self.root.join(EXT4_IMAGE);
+        let status = Command::new("e2fsck")
+            .args(["-f", "-y"])
+            .arg(&image)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("run e2fsck");
+        // 0: nothing to fix; 1: errors fixed.
+        assert!(
+            matches!(status.code(), Some(0 | 1)),
+            "e2fsck could not repair the disk: {status}"
+        );
+        mount_ext4_image(&image, &self.data);
     }
 
     /// The data directory of ltxfs.
