@@ -600,6 +600,14 @@ fn restore_on_boot(config: &Config, data_dir: &Path) -> Result<bool, MountError>
         .enable_all()
         .build()
         .map_err(|error| MountError::runtime("start a runtime to restore", error))?;
+    if let Some(primary) = runtime.block_on(live_primary(config))? {
+        tracing::info!(
+            primary = primary.hostname,
+            url = primary.advertise_url,
+            "a primary holds the lease; this node gets its data from it instead of restoring the backup"
+        );
+        return Ok(false);
+    }
     let identities = match &config.backup.encryption.age_identity_file {
         Some(path) => Some(
             Identities::from_file(path).map_err(|error| MountError::Usage(error.to_string()))?,
@@ -627,6 +635,37 @@ fn restore_on_boot(config: &Config, data_dir: &Path) -> Result<bool, MountError>
         );
     }
     Ok(any)
+}
+
+/// The node that holds the coordinator's lease, other than this one, if any:
+/// a node with data that a node starting empty follows rather than restoring
+/// over. When the coordinator cannot be asked, says so and answers `None`:
+/// a restored node leaves the lease to the others for one TTL anyway.
+async fn live_primary(config: &Config) -> Result<Option<LeaseHolder>, MountError> {
+    let Some(lease) = coordinator(config)? else {
+        return Ok(None);
+    };
+    let asked = tokio::time::timeout(lease.ttl(), lease.watch(None, Duration::ZERO)).await;
+    let state = match asked {
+        Ok(Ok(state)) => state,
+        Ok(Err(error)) => {
+            let error: &dyn std::error::Error = &error;
+            tracing::warn!(
+                error,
+                "cannot ask the lease whether a primary holds data; restoring the backup"
+            );
+            return Ok(None);
+        }
+        Err(_) => {
+            tracing::warn!(timeout = ?lease.ttl(), "the lease did not say in time whether a primary holds data; restoring the backup");
+            return Ok(None);
+        }
+    };
+    let me = node_hostname(config);
+    Ok(state
+        .holder
+        .map(|(holder, _)| holder)
+        .filter(|holder| holder.hostname != me))
 }
 
 /// The age recipients backups are encrypted to, if any.

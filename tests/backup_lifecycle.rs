@@ -35,6 +35,43 @@ fn file_url(dir: &Path) -> String {
     format!("file://{}", dir.display())
 }
 
+/// The config of candidate `hostname` in a cluster whose lease is
+/// `<key_prefix>/primary` in `etcd` with `ttl`, backing up to `url` (with
+/// `more` of the `backup:` section).
+fn etcd_node_yaml(
+    etcd: &etcd::Etcd,
+    hostname: &str,
+    key_prefix: &str,
+    ttl: &str,
+    url: &str,
+    more: &str,
+) -> String {
+    format!(
+        "lease:\n  type: etcd\n  candidate: true\n  hostname: {hostname}\n  reconnect-delay: 300ms\n  \
+         etcd:\n    endpoints: [\"{}\"]\n    key: \"{key_prefix}/primary\"\n    ttl: {ttl}\n{}",
+        etcd.url(),
+        backup_yaml(url, more)
+    )
+}
+
+/// Starts a candidate with `yaml`, waits until it is the primary, and commits
+/// ten rows to table `t` of [`cluster::DB`]; returns once the backup at `url`
+/// holds them.
+fn primary_with_ten_backed_up_rows(yaml: String, url: &str) -> Mount {
+    let node = Mount::start(MountOptions {
+        extra_yaml: yaml,
+        ..MountOptions::default()
+    });
+    cluster::wait_until_primary(&node);
+    open_db(&node.db_path(cluster::DB))
+        .execute_batch("CREATE TABLE t(seq INTEGER PRIMARY KEY)")
+        .expect("schema");
+    cluster::insert(&node.db_path(cluster::DB), 0, 10);
+    let (txid, _) = position(&node, cluster::DB);
+    wait_for_backup(&["--url", url], cluster::DB, txid, &node);
+    node
+}
+
 /// Starts a mount that backs up to `url` (with `more` of the `backup:`
 /// section), creates table `t` in `app.db` and waits until the backup holds
 /// it: every later TXID is restorable.
@@ -159,26 +196,19 @@ fn a_restored_node_leaves_the_lease_to_a_peer_that_kept_newer_data() {
     );
     fs::create_dir(&newer).expect("backup dir");
     let node_yaml = |hostname: &str, backup: &Path, more: &str| {
-        format!(
-            "lease:\n  type: etcd\n  candidate: true\n  hostname: {hostname}\n  reconnect-delay: 300ms\n  \
-             etcd:\n    endpoints: [\"{}\"]\n    key: \"ltxfs-restored/primary\"\n    ttl: 5s\n{}",
-            etcd.url(),
-            backup_yaml(&file_url(backup), more)
+        etcd_node_yaml(
+            &etcd,
+            hostname,
+            "ltxfs-restored",
+            "5s",
+            &file_url(backup),
+            more,
         )
     };
     // Node B backs up ten rows, then (its backup copied aside as it was)
     // commits ten more.
-    let mut node_b = Mount::start(MountOptions {
-        extra_yaml: node_yaml("node-b", &newer, ""),
-        ..MountOptions::default()
-    });
-    cluster::wait_until_primary(&node_b);
-    open_db(&node_b.db_path(cluster::DB))
-        .execute_batch("CREATE TABLE t(seq INTEGER PRIMARY KEY)")
-        .expect("schema");
-    cluster::insert(&node_b.db_path(cluster::DB), 0, 10);
-    let (txid, _) = position(&node_b, cluster::DB);
-    wait_for_backup(&["--url", &file_url(&newer)], cluster::DB, txid, &node_b);
+    let mut node_b =
+        primary_with_ten_backed_up_rows(node_yaml("node-b", &newer, ""), &file_url(&newer));
     node_b.stop();
     let copied = std::process::Command::new("cp")
         .args(["-a", &newer.to_string_lossy(), &older.to_string_lossy()])
@@ -221,6 +251,45 @@ fn a_restored_node_leaves_the_lease_to_a_peer_that_kept_newer_data() {
         .query_row("SELECT count(*) FROM t", [], |row| row.get::<_, i64>(0))
         .expect("count");
     assert_eq!(rows, 20);
+}
+
+/// A candidate that starts empty while a primary holds the lease follows that
+/// primary: it does not download the backup, which may be older than the
+/// primary's data, and it need not wait a lease TTL before it serves.
+#[test]
+fn an_empty_node_joining_a_live_primary_follows_it_instead_of_restoring() {
+    let etcd = etcd::Etcd::start();
+    let backup_dir = tempfile::tempdir().expect("tempdir");
+    let url = file_url(backup_dir.path());
+    let node_yaml = |hostname: &str| {
+        etcd_node_yaml(
+            &etcd,
+            hostname,
+            "ltxfs-joining",
+            "5s",
+            &url,
+            "  restore-on-boot: true\n",
+        )
+    };
+    let node_b = primary_with_ten_backed_up_rows(node_yaml("node-b"), &url);
+
+    let node_a = Mount::start(MountOptions {
+        extra_yaml: node_yaml("node-a"),
+        ..MountOptions::default()
+    });
+    let log = node_a.stderr_text();
+    assert!(
+        log.contains("a primary holds the lease; this node gets its data from it"),
+        "{log}"
+    );
+    assert!(!log.contains("restored from the backup"), "{log}");
+    cluster::wait_converged(&node_b, &[&node_a]);
+    let nodes = [("node-a", &node_a), ("node-b", &node_b)];
+    assert_eq!(cluster::wait_for_primary(&nodes), "node-b");
+    let rows = open_db(&node_a.db_path(cluster::DB))
+        .query_row("SELECT count(*) FROM t", [], |row| row.get::<_, i64>(0))
+        .expect("count");
+    assert_eq!(rows, 10);
 }
 
 #[test]
@@ -302,14 +371,8 @@ fn after_a_failover_the_new_primary_continues_the_same_backup() {
     let etcd = etcd::Etcd::start();
     let backup_dir = tempfile::tempdir().expect("tempdir");
     let url = file_url(backup_dir.path());
-    let node_yaml = |hostname: &str| {
-        format!(
-            "lease:\n  type: etcd\n  candidate: true\n  hostname: {hostname}\n  reconnect-delay: 300ms\n  \
-             etcd:\n    endpoints: [\"{}\"]\n    key: \"ltxfs-backup/primary\"\n    ttl: 2s\n{}",
-            etcd.url(),
-            backup_yaml(&url, "")
-        )
-    };
+    let node_yaml =
+        |hostname: &str| etcd_node_yaml(&etcd, hostname, "ltxfs-backup", "2s", &url, "");
     let mut node_a = Mount::start(MountOptions {
         extra_yaml: node_yaml("node-a"),
         ..MountOptions::default()
