@@ -13,20 +13,18 @@
 //! writer saw acknowledged present. The seed is printed, and
 //! `LTXFS_CHAOS_SEED` replays it; `LTXFS_CHAOS_SECONDS` (default 60) sets how
 //! long faults are injected (`scripts/chaos` runs it longer).
+//!
+//! A binary of its own, not a module of `tests/it`: its minute of faults runs
+//! alone, as `scripts/chaos` runs it for longer, rather than beside other tests
+//! whose timing it would disturb and which would disturb its recovery deadlines.
 
+// The fault suite uses part of the harness `tests/it` shares.
 #[allow(dead_code)]
-#[path = "support/cluster.rs"]
-mod cluster;
+#[path = "it/common.rs"]
 mod common;
 #[allow(dead_code)]
-#[path = "support/etcd.rs"]
-mod etcd;
-#[allow(dead_code)]
-#[path = "support/history.rs"]
-mod history;
-#[allow(dead_code)]
-#[path = "support/tcp_proxy.rs"]
-mod tcp_proxy;
+#[path = "it/support/mod.rs"]
+mod support;
 
 use std::collections::BTreeMap;
 use std::os::unix::process::ExitStatusExt;
@@ -36,10 +34,12 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use cluster::*;
-use common::*;
 use rusqlite::OpenFlags;
-use tcp_proxy::TcpProxy;
+
+use common::*;
+use support::cluster::*;
+use support::etcd;
+use support::tcp_proxy::TcpProxy;
 
 /// The lease TTL the nodes use.
 const TTL: Duration = Duration::from_secs(2);
@@ -151,7 +151,7 @@ fn supervise_writer(
             )
             .with("first", next)
             .with("node", node);
-        let mut child = spawn_worker("worker_chaos_writer", &job);
+        let mut child = spawn_worker(&worker!(worker_chaos_writer), &job);
         pid.store(u64::from(child.id()), Ordering::Release);
         let stdout = std::io::BufReader::new(child.stdout.take().expect("piped stdout"));
         for line in stdout.lines().map_while(Result::ok) {

@@ -96,7 +96,7 @@ mod spool;
 mod status;
 /// The log capture the in-process tests share with the integration tests.
 #[cfg(test)]
-#[path = "../../tests/support/logs.rs"]
+#[path = "../../tests/it/support/logs.rs"]
 mod test_logs;
 mod transport;
 mod wire;

@@ -2,7 +2,7 @@
 //! requests the benchmark makes to it itself: create the bucket, GET an object.
 //!
 //! moto's server mode (`moto_server`, from the PyPI package `moto[server]`,
-//! which `.ci/run` installs into `target/s3-venv`, as for tests/support/s3.rs)
+//! which `.ci/run` installs into `target/s3-venv`, as for tests/it/support/s3.rs)
 //! runs on a loopback port that was free a moment before, its output going to
 //! `<dir>/moto.log`, and is ready once it answers S3's `ListBuckets`
 //! (`GET /`); it is started again on another port when it exits at once

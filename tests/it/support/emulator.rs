@@ -1,5 +1,5 @@
-//! What the object-storage emulators of the backup tests (tests/support/s3.rs,
-//! gcs.rs, azure.rs) share: starting a server process, and talking HTTP to it.
+//! What the object-storage emulators of the backup tests (`s3`, `gcs`, `azure`)
+//! share: starting a server process, and talking HTTP to it.
 //!
 //! [`Emulator::start`] runs a [`Program`] on a loopback port that was free a
 //! moment before, its output going to a log in a private temporary dir (which
@@ -15,8 +15,6 @@
 //!
 //! [`request`] sends one request with a one-shot HTTP/1.1 connection, for the
 //! readiness checks and for what the tests set up through an emulator's API.
-//! Tests that use only part of this module include it with
-//! `#[allow(dead_code)]`.
 
 use std::ffi::OsString;
 use std::fs::File;

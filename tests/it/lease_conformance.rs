@@ -9,7 +9,7 @@
 //!
 //! Backends, one module of tests each:
 //! - `fake_consul_expiring_at_ttl` and `fake_consul_expiring_at_twice_ttl`: the fake
-//!   Consul of `tests/support/fake_consul.rs`, invalidating unrenewed sessions at
+//!   Consul of `tests/it/support/fake_consul.rs`, invalidating unrenewed sessions at
 //!   the two ends of what Consul allows.
 //! - `real_consul_when_consul_http_addr_is_set`: a real Consul at
 //!   `CONSUL_HTTP_ADDR` (`host:port` or `http://host:port`; token from
@@ -24,9 +24,6 @@
 //! `fn(&str) -> Option<YourBackend>` (the argument is the case's name, for a
 //! `NOT RUN` line when the backend is unavailable).
 
-#[path = "support/fake_consul.rs"]
-mod fake_consul;
-
 use std::io::Write as _;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -37,7 +34,8 @@ use ltxfs::lease::consul::ConsulLease;
 use ltxfs::lease::http::{HttpClient, HttpResponse};
 use ltxfs::lease::{Epoch, HeldLease, Lease, LeaseError, LeaseHolder, LeaseState};
 
-use fake_consul::FakeConsul;
+use crate::support::fake_consul;
+use crate::support::fake_consul::FakeConsul;
 
 /// Extra time allowed over any bound, for a loaded 2-core machine.
 const SLACK: Duration = Duration::from_secs(2);

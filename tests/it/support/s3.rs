@@ -6,8 +6,7 @@
 //! [`Emulator`]: on a free loopback port, logging to a private temporary dir,
 //! restarted on another port when its port was taken, and ready once it answers
 //! S3's `ListBuckets` (`GET /`). moto keeps everything in memory and checks no
-//! signatures: any credentials do, and [`credentials`] gives the ones the tests
-//! set on the processes they start. Requests use path-style URLs
+//! signatures: any credentials do. Requests use path-style URLs
 //! (`<endpoint>/<bucket>/<key>`). Dropping an [`S3Server`] kills the process
 //! (paused or not) and removes its log.
 //!
@@ -17,15 +16,13 @@
 //!
 //! A machine without `target/s3-venv/bin/moto_server` makes every test that needs
 //! one fail with a message saying how to install it (whether or not `CI` is set):
-//! they never pass silently. Tests that use only part of this module include it
-//! with `#[allow(dead_code)]`; they include tests/support/emulator.rs too, as
-//! `emulator`.
+//! they never pass silently.
 
 use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::Path;
 
-use crate::emulator::{Emulator, Program, request};
+use crate::support::emulator::{Emulator, Program, request};
 
 /// moto's server, where `.ci/run` installs it.
 const MOTO_SERVER: Program = Program {
@@ -93,16 +90,6 @@ impl S3Server {
     pub fn log(&self) -> String {
         self.emulator.log()
     }
-}
-
-/// The environment the tests set on the processes that talk to an
-/// [`S3Server`]: moto accepts any credentials, but the S3 client wants some.
-pub fn credentials() -> [(&'static str, &'static str); 3] {
-    [
-        ("AWS_ACCESS_KEY_ID", "testing"),
-        ("AWS_SECRET_ACCESS_KEY", "testing"),
-        ("AWS_REGION", "us-east-1"),
-    ]
 }
 
 /// moto_server's arguments: its host and port.

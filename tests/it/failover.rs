@@ -4,22 +4,10 @@
 //! SIGTERM, or asked by `ltxfs promote`, hands its role to a candidate without
 //! losing a write it acknowledged.
 //!
-//! Clients are worker processes (see `tests/common/mod.rs`); the `worker_*` test
+//! Clients are worker processes (see `tests/it/common.rs`); the `worker_*` test
 //! does nothing in a normal run.
 
-mod common;
 // Shared with the partition test, which uses more of it.
-#[allow(dead_code)]
-#[path = "support/cluster.rs"]
-mod cluster;
-#[allow(dead_code)]
-#[path = "support/etcd.rs"]
-mod etcd;
-#[allow(dead_code)]
-#[path = "support/fake_consul.rs"]
-mod fake_consul;
-#[path = "support/history.rs"]
-mod history;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -27,8 +15,9 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use cluster::*;
-use common::*;
+use crate::common::*;
+use crate::support::cluster::*;
+use crate::support::{etcd, fake_consul, history};
 use rusqlite::{OpenFlags, params};
 
 /// The lease TTL the nodes use (etcd's minimum with the test etcd's timings is 1 s).

@@ -1,15 +1,11 @@
 //! Faults a production node meets: its data dir's filesystem fills up, on the
 //! primary and on a replica.
 
-mod common;
-#[allow(dead_code)]
-#[path = "support/etcd.rs"]
-mod etcd;
-
 use std::fs;
 use std::fs::OpenOptions;
 
-use common::*;
+use crate::common::*;
+use crate::support::etcd;
 use ltxfs::ltx;
 
 /// Applies every change set in `data_dir`'s log of `name` to a fresh file and

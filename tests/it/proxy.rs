@@ -5,11 +5,6 @@
 //! node-a starts as the primary; node-b is a candidate whose proxy forwards
 //! writes; node-c is a replica whose proxy answers writes with `fly-replay`.
 
-mod common;
-#[allow(dead_code)]
-#[path = "support/etcd.rs"]
-mod etcd;
-
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -18,8 +13,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::*;
-use etcd::free_loopback_address;
+use crate::common::*;
+use crate::support::etcd;
+use crate::support::etcd::free_loopback_address;
 use hyper::body::Bytes;
 use ltxfs::lease::http::{HttpClient, HttpResponse};
 

@@ -6,13 +6,12 @@
 //!
 //! 30 trials by default; set `LTXFS_CRASH_TRIALS` for more.
 
-mod common;
-
 use std::fs::OpenOptions;
 use std::time::Duration;
 
-use common::{
-    Job, Mount, MountOptions, StreamingWorker, dump, integrity_check, open_db, send_signal,
+use crate::common::{
+    self, Job, Mount, MountOptions, StreamingWorker, dump, integrity_check, open_db, send_signal,
+    worker,
 };
 use ltxfs::ltx::{self, Checksum};
 use rusqlite::Connection;
@@ -118,7 +117,7 @@ fn sigkill_during_writes_loses_nothing_and_the_log_replays() {
         };
         let db = mount.db_path(name);
         let mut worker = StreamingWorker::spawn(
-            "worker_crash_writer",
+            &worker!(worker_crash_writer),
             &Job::new().with("db", db.display()).with("mode", mode),
         );
         seed ^= seed << 13;
@@ -196,7 +195,7 @@ fn a_client_killed_mid_transaction_produces_no_change_set() {
     let before = ltxfs::store::log::read_change_sets(&log).unwrap().len();
     let pos_before = std::fs::read_to_string(mount.db_path(&format!("{name}-pos"))).unwrap();
     let mut worker = StreamingWorker::spawn(
-        "worker_spill_then_hang",
+        &worker!(worker_spill_then_hang),
         &Job::new().with("db", db.display()),
     );
     worker.expect_marker_ctx("SPILLED", Duration::from_secs(30), || mount.stderr_text());

@@ -67,6 +67,7 @@ pub struct Etcd {
     /// Its client address.
     address: SocketAddr,
     /// Its peer address.
+    #[allow(dead_code)] // read by `restart`
     peer: SocketAddr,
     /// Where its log goes.
     log: PathBuf,
@@ -117,6 +118,7 @@ impl Etcd {
 
     /// Stops etcd (SIGKILL), waits `down`, and starts it again on the same
     /// data dir and addresses; waits until it answers.
+    #[allow(dead_code)] // used by tests/chaos.rs only
     pub fn restart(&mut self, down: Duration) {
         let _ = self.child.kill();
         let _ = self.child.wait();

@@ -5,12 +5,10 @@
 //! `<db>-pos` file shows and the same content as the live database. At the end the
 //! replica must be byte-identical to the database file.
 
-mod common;
-
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
 
-use common::{Mount, MountOptions, dump, first_difference, open_db, set_journal_mode};
+use crate::common::{self, Mount, MountOptions, dump, first_difference, open_db, set_journal_mode};
 use ltxfs::ltx::{self, Checksum, TxId};
 use rusqlite::Connection;
 

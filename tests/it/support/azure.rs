@@ -19,9 +19,7 @@
 //!
 //! A machine without `target/azurite/node_modules/.bin/azurite-blob` makes every
 //! test that needs one fail with a message saying how to install it (whether or
-//! not `CI` is set): they never pass silently. Tests that use only part of this
-//! module include it with `#[allow(dead_code)]`; they include
-//! tests/support/emulator.rs too, as `emulator`.
+//! not `CI` is set): they never pass silently.
 
 use std::ffi::OsString;
 use std::net::SocketAddr;
@@ -32,7 +30,7 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use sha2::{Digest, Sha256};
 
-use crate::emulator::{Emulator, Program, request};
+use crate::support::emulator::{Emulator, Program, request};
 
 /// Azurite's well-known development account.
 pub const ACCOUNT: &str = "devstoreaccount1";

@@ -10,30 +10,18 @@
 //! it is cut off (the destination is not), and the backup's newest state is still
 //! the new primary's.
 
-mod common;
 // Shared with the failover tests.
-#[allow(dead_code)]
-#[path = "support/backup_check.rs"]
-mod backup_check;
-#[path = "support/cluster.rs"]
-mod cluster;
-#[allow(dead_code)]
-#[path = "support/etcd.rs"]
-mod etcd;
-#[path = "support/history.rs"]
-mod history;
-#[path = "support/tcp_proxy.rs"]
-mod tcp_proxy;
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use cluster::*;
-use common::*;
+use crate::common::*;
+use crate::support::cluster::*;
+use crate::support::tcp_proxy::TcpProxy;
+use crate::support::{backup_check, etcd};
 use ltxfs::replication::PRESUMED_GONE_AFTER;
-use tcp_proxy::TcpProxy;
 
 /// The lease TTL the nodes use.
 const TTL: Duration = Duration::from_secs(2);

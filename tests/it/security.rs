@@ -4,8 +4,6 @@
 //! a CA made in the test, and the zero-config default that listens only on
 //! loopback (checked from another network namespace).
 
-mod common;
-
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -14,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use rusqlite::params;
 
 const DB: &str = "app.db";

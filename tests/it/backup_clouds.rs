@@ -1,7 +1,7 @@
 //! Backups to Google Cloud Storage (`gs://`) and Azure Blob Storage (`az://`),
 //! end to end, against emulators the tests start on free loopback ports:
 //! fake-gcs-server (behind a front that adapts the one XML API request it lacks,
-//! the single-request upload: see tests/support/gcs.rs) and Azurite. A real mount
+//! the single-request upload: see tests/it/support/gcs.rs) and Azurite. A real mount
 //! backs up with the emulator's endpoint and credentials as the destination's
 //! config keys (GCS: `endpoint` and `service-account`, a key file with
 //! `"disable_oauth": true`; Azure: `endpoint`, `account-name` and `account-key`);
@@ -11,29 +11,12 @@
 //! pages, and with `PRAGMA integrity_check`. A bucket or container that does not
 //! exist stops a mount before it starts, with no credential in its message.
 
-mod common;
-
-#[allow(dead_code)]
-#[path = "support/backup_check.rs"]
-mod backup_check;
-
-#[allow(dead_code)]
-#[path = "support/emulator.rs"]
-mod emulator;
-
-#[allow(dead_code)]
-#[path = "support/gcs.rs"]
-mod gcs;
-
-#[allow(dead_code)]
-#[path = "support/azure.rs"]
-mod azure;
-
 use std::fs;
 use std::time::Duration;
 
-use backup_check::*;
-use common::*;
+use crate::common::*;
+use crate::support::backup_check::*;
+use crate::support::{azure, gcs};
 
 /// Rounds of commits, a sync interval apart, so the rows span several objects.
 const ROUNDS: i64 = 4;

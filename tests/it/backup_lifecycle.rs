@@ -3,30 +3,13 @@
 //! failover (real etcd) after which the new primary continues the same
 //! history in the same place.
 
-mod common;
-
-#[allow(dead_code)]
-#[path = "support/backup_check.rs"]
-mod backup_check;
-
-#[allow(dead_code)]
-#[path = "support/cluster.rs"]
-mod cluster;
-
-#[allow(dead_code)]
-#[path = "support/etcd.rs"]
-mod etcd;
-
-#[allow(dead_code)]
-#[path = "support/history.rs"]
-mod history;
-
 use std::fs;
 use std::path::Path;
 use std::time::Duration;
 
-use backup_check::*;
-use common::*;
+use crate::common::*;
+use crate::support::backup_check::*;
+use crate::support::{cluster, etcd};
 
 /// How long the `exec` command of a restore-on-boot mount may run.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(60);

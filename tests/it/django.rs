@@ -7,18 +7,13 @@
 //! from the Python interpreter named by `LTXFS_DJANGO_PYTHON`. Without either the
 //! test fails and says how to create it; it never passes silently.
 
-mod common;
-#[allow(dead_code)]
-#[path = "support/etcd.rs"]
-mod etcd;
-
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::*;
-use etcd::free_loopback_address;
+use crate::common::*;
+use crate::support::etcd::free_loopback_address;
 use hyper::body::Bytes;
 use ltxfs::lease::http::{HttpClient, HttpResponse};
 

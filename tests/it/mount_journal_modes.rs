@@ -1,16 +1,14 @@
 //! SQLite journal modes, WAL shared memory, page sizes, VACUUM, exclusive locking,
 //! multi-database transactions and POSIX byte-range locks on an ltxfs mount.
 //!
-//! Concurrent clients are worker processes (see `tests/common/mod.rs`): the
+//! Concurrent clients are worker processes (see `tests/it/common.rs`): the
 //! `worker_*` tests below do nothing in a normal run.
-
-mod common;
 
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use rusqlite::{Connection, ErrorCode, params};
 
 const WORKERS: usize = 4;
@@ -413,7 +411,10 @@ fn concurrent_transactions(mode: &str) {
     let db = mount.db_path("app.db");
     create_counter_schema(&db, mode);
     let jobs = txn_jobs(&db, mode, WORKERS, TXNS);
-    wait_all(spawn_workers("worker_txn_loop", &jobs), WORKER_TIMEOUT);
+    wait_all(
+        spawn_workers(&worker!(worker_txn_loop), &jobs),
+        WORKER_TIMEOUT,
+    );
     verify_counter(&db, WORKERS, TXNS);
     mount.restart();
     verify_counter(&db, WORKERS, TXNS);
@@ -459,7 +460,7 @@ fn wal_writers_connecting_per_transaction_lose_nothing() {
     create_counter_schema(&db, "wal");
     let jobs = txn_jobs(&db, "wal", PROCESSES, PER_PROCESS);
     wait_all(
-        spawn_workers("worker_txn_per_connection", &jobs),
+        spawn_workers(&worker!(worker_txn_per_connection), &jobs),
         WORKER_TIMEOUT,
     );
     verify_counter(&db, PROCESSES, PER_PROCESS);
@@ -473,7 +474,10 @@ fn journal_mode_off_single_process() {
     let db = mount.db_path("off.db");
     create_counter_schema(&db, "off");
     let jobs = txn_jobs(&db, "off", 1, TXNS);
-    wait_all(spawn_workers("worker_txn_loop", &jobs), WORKER_TIMEOUT);
+    wait_all(
+        spawn_workers(&worker!(worker_txn_loop), &jobs),
+        WORKER_TIMEOUT,
+    );
     verify_counter(&db, 1, TXNS);
     mount.restart();
     verify_counter(&db, 1, TXNS);
@@ -493,11 +497,12 @@ fn wal_checkpoints_while_processes_share_shm() {
         .with("db", db.display())
         .with("stop", stop.display());
     // Reader and checkpointer run before, during and after the writers.
-    let mut reader = StreamingWorker::spawn("worker_wal_reader", &side.clone().with("mmap", 1));
-    let mut checkpointer = StreamingWorker::spawn("worker_checkpointer", &side);
+    let mut reader =
+        StreamingWorker::spawn(&worker!(worker_wal_reader), &side.clone().with("mmap", 1));
+    let mut checkpointer = StreamingWorker::spawn(&worker!(worker_checkpointer), &side);
     reader.expect_marker("STARTED", Duration::from_secs(30));
     checkpointer.expect_marker("STARTED", Duration::from_secs(30));
-    let writers = spawn_workers("worker_txn_loop", &txn_jobs(&db, "wal", 2, 150));
+    let writers = spawn_workers(&worker!(worker_txn_loop), &txn_jobs(&db, "wal", 2, 150));
     let written = wait_all(writers, WORKER_TIMEOUT);
     assert!(written.iter().all(|o| o.marker("DONE").is_some()));
     fs::write(&stop, "stop").unwrap();
@@ -578,7 +583,7 @@ fn mmap_reads(mode: &str) {
     // Another process, reading with mmap, sees the same bytes.
     let job = Job::new().with("db", db.display()).with("mmap", 1);
     let out = wait_all(
-        spawn_workers("worker_dump_hash", &[job]),
+        spawn_workers(&worker!(worker_dump_hash), &[job]),
         Duration::from_secs(60),
     );
     assert_eq!(
@@ -784,7 +789,7 @@ fn page_size_change_by_vacuum_in_rollback_mode() {
 fn probe(db: &Path) -> String {
     let job = Job::new().with("db", db.display()).with("busy_ms", 300);
     let out = wait_all(
-        spawn_workers("worker_probe_read", &[job]),
+        spawn_workers(&worker!(worker_probe_read), &[job]),
         Duration::from_secs(60),
     );
     out[0].marker("PROBE ").expect("probe report")
@@ -908,7 +913,7 @@ fn multi_database_transaction_is_atomic() {
             .with("a", a.display())
             .with("b", b.display())
             .with("start", next);
-        let mut worker = StreamingWorker::spawn("worker_multi_db", &job);
+        let mut worker = StreamingWorker::spawn(&worker!(worker_multi_db), &job);
         for _ in 0..target {
             worker.expect_marker("COMMITTED ", Duration::from_secs(60));
         }
@@ -956,7 +961,10 @@ fn posix_locks_across_processes() {
         .unwrap();
     let path = db.display().to_string();
 
-    let mut holder = StreamingWorker::spawn("worker_lock_holder", &Job::new().with("path", &path));
+    let mut holder = StreamingWorker::spawn(
+        &worker!(worker_lock_holder),
+        &Job::new().with("path", &path),
+    );
     let holder_pid = holder.expect_marker("LOCKED ", Duration::from_secs(30));
     assert_eq!(holder_pid, holder.pid().to_string());
 
@@ -964,7 +972,7 @@ fn posix_locks_across_processes() {
         .with("path", &path)
         .with("holder_pid", &holder_pid);
     let out = wait_all(
-        spawn_workers("worker_lock_prober", &[prober]),
+        spawn_workers(&worker!(worker_lock_prober), &[prober]),
         Duration::from_secs(60),
     );
     assert!(out[0].marker("PROBE OK").is_some(), "{out:?}");
@@ -984,7 +992,7 @@ fn posix_locks_across_processes() {
 
     // Nobody holds the range any more.
     let out = wait_all(
-        spawn_workers("worker_lock_try", &[Job::new().with("path", &path)]),
+        spawn_workers(&worker!(worker_lock_try), &[Job::new().with("path", &path)]),
         Duration::from_secs(30),
     );
     assert_eq!(out[0].marker("TRY ").as_deref(), Some("OK"), "{out:?}");
@@ -1001,7 +1009,10 @@ fn posix_lock_waiter_killed_while_blocked() {
         .execute_batch("CREATE TABLE x(a); INSERT INTO x VALUES(1);")
         .unwrap();
     let path = db.display().to_string();
-    let mut holder = StreamingWorker::spawn("worker_lock_holder", &Job::new().with("path", &path));
+    let mut holder = StreamingWorker::spawn(
+        &worker!(worker_lock_holder),
+        &Job::new().with("path", &path),
+    );
     holder.expect_marker("LOCKED ", Duration::from_secs(30));
 
     let mut doomed = start_blocked_waiter(&path);
@@ -1026,7 +1037,7 @@ fn posix_lock_waiter_killed_while_blocked() {
     let (status, _, stderr) = holder.finish(Duration::from_secs(20));
     assert!(status.is_some_and(|s| s.success()), "holder: {stderr}");
     let out = wait_all(
-        spawn_workers("worker_lock_try", &[Job::new().with("path", &path)]),
+        spawn_workers(&worker!(worker_lock_try), &[Job::new().with("path", &path)]),
         Duration::from_secs(30),
     );
     assert_eq!(
@@ -1038,7 +1049,8 @@ fn posix_lock_waiter_killed_while_blocked() {
 
 /// Spawns a `worker_lock_waiter` and waits until it is blocked in F_SETLKW.
 fn start_blocked_waiter(path: &str) -> StreamingWorker {
-    let mut waiter = StreamingWorker::spawn("worker_lock_waiter", &Job::new().with("path", path));
+    let mut waiter =
+        StreamingWorker::spawn(&worker!(worker_lock_waiter), &Job::new().with("path", path));
     waiter.expect_marker("WAITING", Duration::from_secs(30));
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while !in_fcntl(waiter.pid()) {

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use rusqlite::{OpenFlags, params};
 
 use crate::common::{BUSY_TIMEOUT, Mount, POLL, open_db, report, wait_until};
-use crate::history;
+use crate::support::history;
 
 /// The database every cluster test uses.
 pub const DB: &str = "app.db";

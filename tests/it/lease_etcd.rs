@@ -6,13 +6,9 @@
 //! [`CASE_TIMEOUT`]; waits are on events (a watch returning, a call answering),
 //! except where time passing is what is tested (renewing past the TTL).
 
-#[allow(dead_code)]
-#[path = "support/etcd.rs"]
-mod etcd_server;
-
 use std::time::{Duration, Instant};
 
-use etcd_server::{Etcd, free_loopback_address};
+use crate::support::etcd::{Etcd, free_loopback_address};
 use ltxfs::config::EtcdConfig;
 use ltxfs::lease::etcd::{EtcdLease, cluster_id_key};
 use ltxfs::lease::{Epoch, HeldLease, Lease, LeaseError};

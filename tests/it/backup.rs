@@ -4,27 +4,14 @@
 //! separate processes with no node. Restored databases are checked against the
 //! mount's `-pos` checksum, recomputed here from the restored file's pages.
 
-mod common;
-
-#[allow(dead_code)]
-#[path = "support/emulator.rs"]
-mod emulator;
-
-#[allow(dead_code)]
-#[path = "support/s3.rs"]
-mod s3;
-
-#[allow(dead_code)]
-#[path = "support/backup_check.rs"]
-mod backup_check;
-
 use std::fs;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use backup_check::*;
-use common::*;
+use crate::common::*;
+use crate::support::backup_check::*;
+use crate::support::s3;
 
 /// A mount backing up to a new local directory, with table `t` created in
 /// `app.db` (in `journal_mode`) and backed up: every later TXID is

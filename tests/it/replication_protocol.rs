@@ -19,10 +19,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-#[path = "support/logs.rs"]
-mod logs;
-
-use logs::Logs;
+use crate::support::logs::Logs;
 use ltxfs::bridge::CommitBridge;
 use ltxfs::ltx::TxId;
 use ltxfs::replication::{

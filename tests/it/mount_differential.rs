@@ -3,11 +3,9 @@
 //! give the same result and the databases the same dump, in DELETE and WAL modes,
 //! before and after a remount.
 
-mod common;
-
 use std::path::Path;
 
-use common::*;
+use crate::common::*;
 use rusqlite::Connection;
 
 const OPS: usize = 400;

@@ -3,8 +3,6 @@
 //! replaces a database as exactly one change set; bad input is refused with an error
 //! naming the file and nothing on the mount changes.
 
-mod common;
-
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -13,7 +11,7 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use ltxfs::ltx;
 use ltxfs::tools::{self, ToolError};
 
@@ -615,7 +613,7 @@ fn import_waits_for_a_transaction_in_progress() {
         let txid_before = pos_txid(&mount, "app.db");
 
         let job = Job::new().with("db", mount.db_path("app.db").display());
-        let mut holder = StreamingWorker::spawn("worker_hold_write_transaction", &job);
+        let mut holder = StreamingWorker::spawn(&worker!(worker_hold_write_transaction), &job);
         holder.expect_marker("HELD", Duration::from_secs(30));
         let (mnt, src) = (mount.path().to_path_buf(), source.clone());
         let (tx, rx) = mpsc::channel();

@@ -33,9 +33,7 @@
 //!
 //! A machine without `target/gcs-venv/bin/fake-gcs-server` makes every test that
 //! needs one fail with a message saying how to install it (whether or not `CI` is
-//! set): they never pass silently. Tests that use only part of this module
-//! include it with `#[allow(dead_code)]`; they include tests/support/emulator.rs
-//! too, as `emulator`.
+//! set): they never pass silently.
 
 use std::ffi::OsString;
 use std::io::{self, Read, Write};
@@ -46,7 +44,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
-use crate::emulator::{Answer, Emulator, Program, request};
+use crate::support::emulator::{Answer, Emulator, Program, request};
 
 /// The bound on one HTTP exchange through the front, with the client or the
 /// server.

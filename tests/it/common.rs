@@ -1,4 +1,4 @@
-//! Shared harness for the mount tests (`tests/mount_*.rs`).
+//! Shared harness of the tests that mount ltxfs.
 //!
 //! # Mounts
 //!
@@ -26,6 +26,7 @@
 //! clients are fresh processes: the test binary runs *itself* (`/proc/self/exe`, the
 //! running file even if a concurrent build replaced it) with `--exact <worker> --nocapture --test-threads=1`
 //! and the job in the environment variable [`WORKER_ENV`] (`LTXFS_WORKER_JOB`).
+//! `<worker>` is the test's full name in its binary, which [`worker!`] gives.
 //!
 //! A worker is an ordinary `#[test]` function whose name starts with `worker_` and
 //! whose first line is
@@ -41,8 +42,6 @@
 //! which makes the process exit non-zero.
 //!
 //! Every wait in this module is bounded in time.
-
-#![allow(dead_code)]
 
 use std::collections::BTreeMap;
 use std::fmt::Display;
@@ -911,11 +910,30 @@ pub fn worker_job() -> Option<Job> {
     std::env::var(WORKER_ENV).ok().map(|s| Job::decode(&s))
 }
 
-/// Spawns one worker: this test binary running only the test `worker` with `job`.
-/// stdin, stdout and stderr are pipes.
+/// The name libtest knows the worker test `$worker` (a `worker_*` function in
+/// scope) by: its module path without the crate's name, as [`spawn_worker`]
+/// needs it. Naming the function makes a renamed worker a compile error.
+macro_rules! worker {
+    ($worker:ident) => {{
+        let _: fn() = $worker;
+        $crate::common::test_name(module_path!(), stringify!($worker))
+    }};
+}
+pub(crate) use worker;
+
+/// `function`'s test name in a binary, given its `module_path!()`.
+pub fn test_name(module_path: &str, function: &str) -> String {
+    match module_path.split_once("::") {
+        Some((_crate, module)) => format!("{module}::{function}"),
+        None => function.to_string(),
+    }
+}
+
+/// Spawns one worker: this test binary running only the test `worker` (a name
+/// from [`worker!`]) with `job`. stdin, stdout and stderr are pipes.
 pub fn spawn_worker(worker: &str, job: &Job) -> Child {
     assert!(
-        worker.starts_with("worker_"),
+        worker.rsplit("::").next().unwrap().starts_with("worker_"),
         "worker tests are named worker_*"
     );
     // /proc/self/exe, not current_exe(): another cargo building in the same target
@@ -1186,11 +1204,6 @@ impl StreamingWorker {
                 Err(_) => return std::mem::take(&mut self.seen),
             }
         }
-    }
-
-    /// Everything printed on stdout and consumed so far.
-    pub fn seen(&self) -> &[String] {
-        &self.seen
     }
 }
 

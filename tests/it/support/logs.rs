@@ -1,5 +1,5 @@
 //! Captures one test thread's log events, shared by the in-crate replication
-//! tests and the protocol integration tests (included with `#[path]`).
+//! tests (through `#[path]`) and the protocol integration tests.
 
 use std::io::Write;
 use std::sync::{Arc, Mutex};

@@ -2,10 +2,8 @@
 //! replicas with the static lease, continuous writes and reads, late joiners,
 //! restarts, and a relay that damages the bytes between nodes.
 //!
-//! Clients are worker processes (see `tests/common/mod.rs`); the `worker_*` tests do
+//! Clients are worker processes (see `tests/it/common.rs`); the `worker_*` tests do
 //! nothing in a normal run.
-
-mod common;
 
 use std::fs;
 use std::io::{Read, Write};
@@ -16,7 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use rusqlite::{OpenFlags, params};
 
 const WORKER_TIMEOUT: Duration = Duration::from_secs(120);
@@ -158,7 +156,7 @@ fn reader_job(db: &Path, stop: &Path) -> Job {
 fn run_writer(db: &Path, mode: &str, first: u64, count: u64) {
     let outputs = wait_all(
         vec![spawn_worker(
-            "worker_writer",
+            &worker!(worker_writer),
             &writer_job(db, mode, first, count),
         )],
         WORKER_TIMEOUT,
@@ -272,7 +270,12 @@ fn replicas_follow_while_readers_read(mode: &str) {
     let readers: Vec<_> = [&replica_b, &replica_c]
         .iter()
         .flat_map(|replica| {
-            (0..2).map(|_| spawn_worker("worker_reader", &reader_job(&replica.db_path(DB), &stop)))
+            (0..2).map(|_| {
+                spawn_worker(
+                    &worker!(worker_reader),
+                    &reader_job(&replica.db_path(DB), &stop),
+                )
+            })
         })
         .collect();
     run_writer(&primary.db_path(DB), mode, 0, 300);

@@ -2,15 +2,13 @@
 //! nothing changed on disk), signals, `-- CMD` exec, stale mounts, and what the mount
 //! refuses (non-SQLite content, subdirectories).
 
-mod common;
-
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 const EXIT_TIMEOUT: Duration = Duration::from_secs(20);
 

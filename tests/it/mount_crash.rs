@@ -2,12 +2,10 @@
 //! transaction whose COMMIT returned before the kill must be there after a restart,
 //! and the database must be intact. WAL and DELETE journal modes.
 
-mod common;
-
 use std::path::Path;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 /// Committed rows to wait for before each kill (varied, bounded).
 const ROUNDS: [usize; 5] = [25, 300, 1, 120, 60];
@@ -82,7 +80,7 @@ fn crash_rounds(mode: &str) {
             .with("db", db.display())
             .with("mode", mode)
             .with("start", next);
-        let mut worker = StreamingWorker::spawn("worker_sequential_inserts", &job);
+        let mut worker = StreamingWorker::spawn(&worker!(worker_sequential_inserts), &job);
         for _ in 0..target {
             worker.expect_marker_ctx("COMMITTED ", Duration::from_secs(60), || {
                 format!("{mode} round {round}; {}", mount.stderr_text())
@@ -171,7 +169,7 @@ fn client_kill_rounds(mode: &str) {
             .with("db", db.display())
             .with("mode", mode)
             .with("start", next);
-        let mut worker = StreamingWorker::spawn("worker_sequential_inserts", &job);
+        let mut worker = StreamingWorker::spawn(&worker!(worker_sequential_inserts), &job);
         for _ in 0..target {
             worker.expect_marker_ctx("COMMITTED ", Duration::from_secs(60), || {
                 format!("{mode} round {round}; {}", mount.stderr_text())
@@ -191,7 +189,7 @@ fn client_kill_rounds(mode: &str) {
             .with("start", 0)
             .with("limit", 1);
         let out = wait_all(
-            spawn_workers("worker_sequential_inserts", &[probe]),
+            spawn_workers(&worker!(worker_sequential_inserts), &[probe]),
             Duration::from_secs(60),
         );
         assert!(
