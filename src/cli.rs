@@ -116,23 +116,11 @@ enum Command {
         command: LtxCommand,
     },
     /// Compare SQLite on the mount against a plain directory on the same disk.
-    #[command(args_conflicts_with_subcommands = true)]
+    #[command(disable_help_flag = true)]
     Bench {
-        /// Measure something else than SQLite on the mount.
-        #[command(subcommand)]
-        mode: Option<BenchMode>,
-        /// Where to put the benchmark's files (default: a new directory here).
-        #[arg(long)]
-        dir: Option<PathBuf>,
-        /// Seconds to measure each workload on each target.
-        #[arg(long, default_value_t = 5)]
-        seconds: u64,
-        /// Size of the database for the point-read workload, in MB.
-        #[arg(long, default_value_t = 100)]
-        read_db_mb: u64,
-        /// Also time a clean restart with a database of this many MB (0: skip).
-        #[arg(long, default_value_t = 0)]
-        restart_db_mb: u64,
+        /// The benchmark's arguments (`ltxfs bench --help` lists them).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
     },
 }
 
@@ -171,55 +159,6 @@ enum BackupCommand {
         /// An age identity file, to check the contents of encrypted objects too.
         #[arg(long)]
         age_identity: Option<PathBuf>,
-    },
-}
-
-/// The other benchmarks of `ltxfs bench`.
-#[derive(Debug, Subcommand)]
-enum BenchMode {
-    /// Measure replication between ltxfs processes on loopback: lag, snapshot
-    /// bootstrap, and what two replicas cost the primary.
-    Replication {
-        /// Where to put the benchmark's files (default: a new directory here).
-        #[arg(long)]
-        dir: Option<PathBuf>,
-        /// Seconds to measure each lag and each primary's throughput.
-        #[arg(long, default_value_t = 5)]
-        seconds: u64,
-        /// Size of the database a new replica bootstraps from, in MB (0: skip).
-        #[arg(long, default_value_t = 200)]
-        snapshot_db_mb: u64,
-    },
-    /// Measure backups to a local S3 server (moto, from target/s3-venv): backup
-    /// lag, what backups cost commit throughput, and restore time and memory.
-    Backup {
-        /// Where to put the benchmark's files (default: a new directory here).
-        #[arg(long)]
-        dir: Option<PathBuf>,
-        /// Seconds to measure the lag; the throughput comparison runs each mount
-        /// for half as long.
-        #[arg(long, default_value_t = 20)]
-        seconds: u64,
-        /// Size of the database restored, in MB (0: skip).
-        #[arg(long, default_value_t = 1024)]
-        restore_db_mb: u64,
-    },
-    /// Measure handing the primary role between two candidate ltxfs processes
-    /// with an etcd lease on loopback: time until the new primary accepts writes.
-    Handoff {
-        /// Where to put the benchmark's files (default: a new directory here).
-        #[arg(long)]
-        dir: Option<PathBuf>,
-        /// Handoffs to measure; the direction alternates.
-        #[arg(long, default_value_t = 20)]
-        rounds: usize,
-    },
-    /// Measure the latency the proxy adds to a read against calling the
-    /// application directly.
-    Proxy {
-        /// Requests measured per path.
-        #[arg(long, default_value_t = 20_000)]
-        requests: usize,
     },
 }
 
@@ -268,12 +207,9 @@ enum LtxCommand {
 
 /// Parses `args` and runs the command; returns the exit status.
 pub fn run(args: impl IntoIterator<Item = OsString>) -> i32 {
-    let cli = match Cli::try_parse_from(args) {
+    let cli: Cli = match parse_args(args) {
         Ok(cli) => cli,
-        Err(error) => {
-            let _ = error.print();
-            return if error.use_stderr() { EXIT_USAGE } else { 0 };
-        }
+        Err(status) => return status,
     };
     match cli.command {
         Command::Mount {
@@ -320,59 +256,17 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> i32 {
         Command::Import { name, path, mount } => run_tool(mount, |mount_dir| {
             tools::import(mount_dir, &name, &path).map(|summary| summary.to_string())
         }),
-        Command::Bench {
-            mode:
-                Some(BenchMode::Replication {
-                    dir,
-                    seconds,
-                    snapshot_db_mb,
-                }),
-            ..
-        } => run_bench(|| {
-            crate::bench::run_replication(&crate::bench::ReplicationOptions {
-                dir,
-                seconds,
-                snapshot_db_mb,
-            })
-        }),
-        Command::Bench {
-            mode:
-                Some(BenchMode::Backup {
-                    dir,
-                    seconds,
-                    restore_db_mb,
-                }),
-            ..
-        } => run_bench(|| {
-            crate::bench::run_backup(&crate::bench::BackupOptions {
-                dir,
-                seconds,
-                restore_db_mb,
-            })
-        }),
-        Command::Bench {
-            mode: Some(BenchMode::Handoff { dir, rounds }),
-            ..
-        } => run_bench(|| crate::bench::run_handoff(&crate::bench::HandoffOptions { dir, rounds })),
-        Command::Bench {
-            mode: Some(BenchMode::Proxy { requests }),
-            ..
-        } => run_bench(|| crate::bench::run_proxy(&crate::bench::ProxyOptions { requests })),
-        Command::Bench {
-            mode: None,
-            dir,
-            seconds,
-            read_db_mb,
-            restart_db_mb,
-        } => run_bench(|| {
-            crate::bench::run(&crate::bench::BenchOptions {
-                dir,
-                seconds,
-                read_db_mb,
-                restart_db_mb,
-            })
-        }),
+        Command::Bench { args } => run_bench(args),
     }
+}
+
+/// Parses `args` as `P`. For `--help`, or a usage error, prints what clap says
+/// and gives the exit status (0, or [`EXIT_USAGE`]).
+pub fn parse_args<P: Parser>(args: impl IntoIterator<Item = OsString>) -> Result<P, i32> {
+    P::try_parse_from(args).map_err(|error| {
+        let _ = error.print();
+        if error.use_stderr() { EXIT_USAGE } else { 0 }
+    })
 }
 
 /// The destination `--url` names, or the first of `--config`'s (or the default
@@ -406,19 +300,38 @@ fn source_destination(
     })
 }
 
-/// Runs one of the `ltxfs bench` benchmarks with logging to stderr, and prints
-/// its report on stdout.
-fn run_bench<R: std::fmt::Display, E: std::error::Error>(
-    bench: impl FnOnce() -> Result<R, E>,
-) -> i32 {
-    init_logging(&LogConfig::default(), false);
-    match bench() {
-        Ok(report) => {
-            println!("{report}");
-            0
-        }
-        Err(error) => fail(EXIT_FAILURE, &error),
+/// The program `ltxfs bench` runs: the benchmarks, built from `bench/` in
+/// ltxfs's workspace.
+const BENCH_PROGRAM: &str = "ltxfs-bench";
+
+/// Runs `ltxfs-bench` with `args` in place of this process: the one beside
+/// this executable, else the one on PATH. Its mounts run this executable
+/// (`LTXFS_BIN`, unless set already). Returns only when it cannot run.
+fn run_bench(args: Vec<OsString>) -> i32 {
+    use std::os::unix::process::CommandExt;
+    let this = std::env::current_exe().ok();
+    let beside = this
+        .as_deref()
+        .and_then(std::path::Path::parent)
+        .map(|dir| dir.join(BENCH_PROGRAM))
+        .filter(|program| program.is_file());
+    let program = beside.unwrap_or_else(|| PathBuf::from(BENCH_PROGRAM));
+    let mut command = std::process::Command::new(&program);
+    command.arg0("ltxfs bench").args(args);
+    if let Some(this) = this.filter(|_| std::env::var_os("LTXFS_BIN").is_none()) {
+        command.env("LTXFS_BIN", this);
     }
+    let error = command.exec();
+    if error.kind() == std::io::ErrorKind::NotFound {
+        eprintln!(
+            "ltxfs: error: `ltxfs bench` runs {BENCH_PROGRAM}, which is neither beside this \
+             executable nor on PATH: build it with `cargo build --release -p {BENCH_PROGRAM}` \
+             (without --release beside a debug build of ltxfs)"
+        );
+        return EXIT_FAILURE;
+    }
+    eprintln!("ltxfs: error: could not run {}: {error}", program.display());
+    EXIT_FAILURE
 }
 
 /// Runs a tool against the mount named by `--mount`, the config's fuse.dir, or
@@ -599,7 +512,7 @@ fn run_mount(
     }
 }
 
-pub(crate) fn fail(code: i32, error: &dyn std::error::Error) -> i32 {
+pub fn fail(code: i32, error: &dyn std::error::Error) -> i32 {
     let mut message = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {
@@ -622,7 +535,7 @@ fn cause_source<'a>(
 /// Sets up logging to stderr as `log.*` says. `LTXFS_LOG` (an `EnvFilter`
 /// directive such as `ltxfs=debug`) overrides the level; `fuse.debug` adds the
 /// FUSE request trace.
-fn init_logging(log: &LogConfig, fuse_debug: bool) {
+pub fn init_logging(log: &LogConfig, fuse_debug: bool) {
     let level = if log.debug { "debug" } else { "info" };
     let fuser_level = if fuse_debug { "debug" } else { "warn" };
     let filter = tracing_subscriber::EnvFilter::try_from_env("LTXFS_LOG").unwrap_or_else(|_| {
@@ -638,66 +551,4 @@ fn init_logging(log: &LogConfig, fuse_debug: bool) {
         (LogFormat::Text, true) => builder.try_init(),
         (LogFormat::Text, false) => builder.without_time().try_init(),
     };
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn bench_replication_is_a_mode_of_bench() {
-        let cli = Cli::try_parse_from(["ltxfs", "bench", "replication", "--seconds", "2"])
-            .expect("parses");
-        assert!(matches!(
-            cli.command,
-            Command::Bench {
-                mode: Some(BenchMode::Replication {
-                    seconds: 2,
-                    snapshot_db_mb: 200,
-                    ..
-                }),
-                ..
-            }
-        ));
-        let cli = Cli::try_parse_from(["ltxfs", "bench", "--seconds", "2"]).expect("parses");
-        assert!(matches!(
-            cli.command,
-            Command::Bench {
-                mode: None,
-                seconds: 2,
-                ..
-            }
-        ));
-        // The SQLite benchmark's options do not apply to the replication benchmark.
-        assert!(
-            Cli::try_parse_from(["ltxfs", "bench", "--read-db-mb", "5", "replication"]).is_err()
-        );
-    }
-
-    #[test]
-    fn bench_handoff_takes_rounds_and_a_dir() {
-        let cli = Cli::try_parse_from(["ltxfs", "bench", "handoff"]).expect("parses");
-        assert!(matches!(
-            cli.command,
-            Command::Bench {
-                mode: Some(BenchMode::Handoff {
-                    rounds: 20,
-                    dir: None
-                }),
-                ..
-            }
-        ));
-        let cli = Cli::try_parse_from(["ltxfs", "bench", "handoff", "--rounds", "4", "--dir", "x"])
-            .expect("parses");
-        assert!(matches!(
-            cli.command,
-            Command::Bench {
-                mode: Some(BenchMode::Handoff {
-                    rounds: 4,
-                    dir: Some(_)
-                }),
-                ..
-            }
-        ));
-    }
 }

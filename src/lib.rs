@@ -3,7 +3,6 @@
 //! See `ARCHITECTURE.md` for the code map.
 
 pub mod backup;
-pub mod bench;
 pub mod bridge;
 pub mod cli;
 pub mod config;

@@ -47,7 +47,7 @@ use crate::store::{CaptureOptions, Role, Store};
 
 /// How many threads read and answer FUSE requests. More than the core count, so a
 /// slow `fsync` on one thread never stalls reads and lock calls on the others.
-pub(crate) const FUSE_WORKER_THREADS: usize = 8;
+pub const FUSE_WORKER_THREADS: usize = 8;
 
 /// Threads of the async runtime (signals, exec, replication). Applying change sets
 /// and reading logs run on its blocking pool, not on these.

@@ -103,7 +103,7 @@ fn new_cluster_id() -> String {
 }
 
 /// Fills `bytes` from the kernel's random pool (cluster IDs, call nonces).
-pub(crate) fn fill_random(bytes: &mut [u8]) {
+pub fn fill_random(bytes: &mut [u8]) {
     // SAFETY: the buffer is writable for its whole length.
     let filled = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
     if filled != bytes.len() as isize {

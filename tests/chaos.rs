@@ -89,7 +89,7 @@ struct Node {
 
 fn start_node(name: &'static str, etcd: &etcd::Etcd, small_disk: bool) -> Node {
     let etcd_proxy = TcpProxy::start(loopback_address(etcd.url()));
-    let http = etcd::free_loopback_address();
+    let http = free_loopback_address();
     let http_proxy = TcpProxy::start(http);
     let extra_yaml = format!(
         "lease:\n  candidate: true\n  hostname: {name}\n  reconnect-delay: 300ms\n  \
@@ -364,7 +364,7 @@ fn the_cluster_survives_random_faults_one_node_at_a_time() {
     ));
     let mut rng = Rng::new(seed);
 
-    let mut etcd = etcd::Etcd::start();
+    let mut etcd = etcd::start();
     let mut nodes = vec![start_node("node-a", &etcd, false)];
     wait_until_primary(&nodes[0].mount);
     wait_until("node-a to accept the schema", CLUSTER_TIMEOUT, || {
@@ -444,7 +444,7 @@ fn the_cluster_survives_random_faults_one_node_at_a_time() {
                 node.http_proxy.heal();
             }
             Fault::EtcdRestart => {
-                etcd.restart(hold);
+                etcd.restart(hold).expect("restart etcd");
             }
             Fault::FullDisk => {
                 let filler = node.mount.data_dir().join("filler");

@@ -242,7 +242,7 @@ fn lock_type(kind: LockKind) -> i32 {
 
 /// Asks the kernel to send POSIX lock calls to the filesystem (ltxfs serves
 /// them itself, see the module docs); fails the mount if the kernel cannot.
-pub(crate) fn request_posix_locks(config: &mut KernelConfig) -> std::io::Result<()> {
+pub fn request_posix_locks(config: &mut KernelConfig) -> std::io::Result<()> {
     config
         .add_capabilities(InitFlags::FUSE_POSIX_LOCKS)
         .map_err(|_| std::io::Error::other("the kernel does not offer FUSE_POSIX_LOCKS"))?;

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use crate::common::*;
 use crate::support::backup_check::*;
 use crate::support::s3;
+use test_support::yaml_quote;
 
 /// A mount backing up to a new local directory, with table `t` created in
 /// `app.db` (in `journal_mode`) and backed up: every later TXID is
@@ -320,7 +321,7 @@ fn an_s3_backup_rides_out_an_outage_and_restores_every_commit() {
     server.create_bucket("backups");
     let destination = format!(
         "      endpoint: {}\n      region: us-east-1\n      access-key-id: testing\n      secret-access-key: testing\n",
-        yaml_str(server.endpoint())
+        yaml_quote(server.endpoint())
     );
     let mount = Mount::start(MountOptions {
         extra_yaml: backup_yaml("s3://backups/prod", &destination),
@@ -372,7 +373,7 @@ fn a_destination_that_cannot_work_stops_the_mount_before_it_starts() {
     let (_dir, root) = temp_root("ltxfs-backup-bad-");
     let destination = format!(
         "      endpoint: {}\n      region: us-east-1\n      access-key-id: testing\n      secret-access-key: hunter2-secret\n",
-        yaml_str(server.endpoint())
+        yaml_quote(server.endpoint())
     );
     // The bucket does not exist.
     let output = refused_mount(&root, &backup_yaml("s3://missing-bucket/x", &destination));

@@ -17,6 +17,7 @@ use std::time::Duration;
 use crate::common::*;
 use crate::support::backup_check::*;
 use crate::support::{azure, gcs};
+use test_support::yaml_quote;
 
 /// Rounds of commits, a sync interval apart, so the rows span several objects.
 const ROUNDS: i64 = 4;
@@ -120,8 +121,8 @@ fn a_gcs_backup_restores_and_verifies() {
     server.create_bucket("backups");
     let destination = format!(
         "      endpoint: {}\n      service-account: {}\n",
-        yaml_str(server.endpoint()),
-        yaml_str(&server.service_account().to_string_lossy())
+        yaml_quote(server.endpoint()),
+        yaml_quote(&server.service_account().to_string_lossy())
     );
     // The emulator's key file holds no secret.
     back_up_restore_and_verify("gs://backups/prod", &destination, None, &|| server.log());
@@ -146,9 +147,9 @@ fn an_azure_backup_restores_and_verifies() {
     server.create_container("backups");
     let destination = format!(
         "      endpoint: {}\n      account-name: {}\n      account-key: {}\n",
-        yaml_str(server.endpoint()),
-        yaml_str(azure::ACCOUNT),
-        yaml_str(azure::ACCOUNT_KEY)
+        yaml_quote(server.endpoint()),
+        yaml_quote(azure::ACCOUNT),
+        yaml_quote(azure::ACCOUNT_KEY)
     );
     back_up_restore_and_verify(
         "az://backups/prod",
@@ -166,9 +167,9 @@ fn an_azure_backup_restores_and_verifies() {
     let wrong_key = "d3JvbmcgYWNjb3VudCBrZXkgZm9yIHRoZSB0ZXN0cyBvZiBsdHhmcw==";
     let wrong = format!(
         "      endpoint: {}\n      account-name: {}\n      account-key: {}\n",
-        yaml_str(server.endpoint()),
-        yaml_str(azure::ACCOUNT),
-        yaml_str(wrong_key)
+        yaml_quote(server.endpoint()),
+        yaml_quote(azure::ACCOUNT),
+        yaml_quote(wrong_key)
     );
     an_unusable_destination_stops_the_mount("az://backups/prod", &wrong, Some(wrong_key));
 }

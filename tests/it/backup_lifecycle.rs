@@ -10,6 +10,7 @@ use std::time::Duration;
 use crate::common::*;
 use crate::support::backup_check::*;
 use crate::support::{cluster, etcd};
+use test_support::{write_config, yaml_quote};
 
 /// How long the `exec` command of a restore-on-boot mount may run.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -103,7 +104,8 @@ fn restore_on_boot_fills_an_empty_node_before_exec_and_never_restores_over_data(
         &data,
         Some(&mnt),
         &backup_yaml(&url, "  restore-on-boot: true\n"),
-    );
+    )
+    .expect("write ltxfs.yml");
     let script = format!(
         "cat {mnt}/app.db-pos > {seen} && sqlite3 {mnt}/app.db 'SELECT count(*) FROM t; \
          INSERT INTO t(v) VALUES (1000);' >> {seen}",
@@ -171,7 +173,7 @@ fn restore_on_boot_fills_an_empty_node_before_exec_and_never_restores_over_data(
 /// restored node now leaves the lease to such peers for one lease TTL.
 #[test]
 fn a_restored_node_leaves_the_lease_to_a_peer_that_kept_newer_data() {
-    let etcd = etcd::Etcd::start();
+    let etcd = etcd::start();
     let backup_dir = tempfile::tempdir().expect("tempdir");
     let (newer, older) = (
         backup_dir.path().join("newer"),
@@ -241,7 +243,7 @@ fn a_restored_node_leaves_the_lease_to_a_peer_that_kept_newer_data() {
 /// primary's data, and it need not wait a lease TTL before it serves.
 #[test]
 fn an_empty_node_joining_a_live_primary_follows_it_instead_of_restoring() {
-    let etcd = etcd::Etcd::start();
+    let etcd = etcd::start();
     let backup_dir = tempfile::tempdir().expect("tempdir");
     let url = file_url(backup_dir.path());
     let node_yaml = |hostname: &str| {
@@ -288,7 +290,7 @@ fn a_failing_destination_delays_only_the_backup_and_keeps_its_change_sets() {
         format!(
             "data:\n  dir: {}\n  retention: 500ms\n  retention-monitor-interval: 100ms\n\
              http:\n  addr: \"127.0.0.1:0\"\n{}",
-            yaml_str(&mount.data_dir().to_string_lossy()),
+            yaml_quote(&mount.data_dir().to_string_lossy()),
             backup_yaml(&url, "")
         ),
     )
@@ -351,7 +353,7 @@ fn a_failing_destination_delays_only_the_backup_and_keeps_its_change_sets() {
 
 #[test]
 fn after_a_failover_the_new_primary_continues_the_same_backup() {
-    let etcd = etcd::Etcd::start();
+    let etcd = etcd::start();
     let backup_dir = tempfile::tempdir().expect("tempdir");
     let url = file_url(backup_dir.path());
     let node_yaml =

@@ -47,8 +47,7 @@ use std::collections::BTreeMap;
 use std::fmt::Display;
 use std::fs::{self, File};
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::MetadataExt;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
 use std::str::FromStr;
@@ -59,6 +58,7 @@ use std::time::{Duration, Instant};
 
 use rusqlite::Connection;
 use rusqlite::types::ValueRef;
+use test_support::{NotMounted, force_unmount, write_config};
 
 /// How long a mount may take to become ready.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(20);
@@ -113,43 +113,16 @@ pub fn temp_root(prefix: &str) -> (tempfile::TempDir, PathBuf) {
     (dir, path)
 }
 
-/// Quotes a string for YAML (double-quoted style).
-pub fn yaml_str(s: &str) -> String {
-    let mut out = String::from("\"");
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            _ => out.push(c),
-        }
-    }
-    out.push('"');
-    out
-}
-
-/// Writes an `ltxfs.yml` with `data.dir` and, if given, `fuse.dir`, plus `extra`
-/// (raw top-level YAML appended as is). Unless `extra` has an `http` section, the
-/// node listens on a free loopback port, so tests running at once never collide
-/// on the default port.
-pub fn write_config(path: &Path, data_dir: &Path, fuse_dir: Option<&Path>, extra: &str) {
-    let mut text = format!("data:\n  dir: {}\n", yaml_str(&data_dir.to_string_lossy()));
-    if let Some(fuse_dir) = fuse_dir {
-        text.push_str(&format!(
-            "fuse:\n  dir: {}\n",
-            yaml_str(&fuse_dir.to_string_lossy())
-        ));
-    }
-    text.push_str(extra);
-    if !extra.lines().any(|line| line.starts_with("http:")) {
-        text.push_str("http:\n  addr: \"127.0.0.1:0\"\n");
-    }
-    fs::write(path, text).expect("write ltxfs.yml");
-}
-
 /// True when `path` is currently an ltxfs mount point (panics if the mount table
 /// cannot be read).
 pub fn is_mounted(path: &Path) -> bool {
     ltxfs::mountinfo::is_ltxfs_mount(path).expect("read /proc/self/mountinfo")
+}
+
+/// A loopback address whose port was free a moment ago.
+pub fn free_loopback_address() -> SocketAddr {
+    let [address] = test_support::free_loopback_addresses().expect("find a free loopback port");
+    address
 }
 
 /// True when anything at all is mounted on `path`.
@@ -157,25 +130,6 @@ pub fn anything_mounted(path: &Path) -> bool {
     ltxfs::mountinfo::find(path)
         .expect("read /proc/self/mountinfo")
         .is_some()
-}
-
-/// Lazily unmounts everything stacked on `path` (best effort, bounded).
-pub fn force_unmount(path: &Path) {
-    for _ in 0..5 {
-        if !ltxfs::mountinfo::find(path)
-            .map(|e| e.is_some())
-            .unwrap_or(false)
-        {
-            return;
-        }
-        let _ = Command::new("umount")
-            .arg("-l")
-            .arg(path)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-    }
 }
 
 /// Mounts a tmpfs of `bytes` on `path`.
@@ -230,18 +184,12 @@ pub fn send_signal(pid: u32, signal: libc::c_int) {
 /// Waits for `child` at most `timeout`; on timeout SIGKILLs and reaps it and returns
 /// `None`.
 pub fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            return Some(status);
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = reap_after_kill(child);
-            return None;
-        }
-        thread::sleep(POLL);
+    let status = test_support::wait_timeout(child, timeout).expect("try_wait");
+    if status.is_none() {
+        let _ = child.kill();
+        let _ = reap_after_kill(child);
     }
+    status
 }
 
 /// After SIGKILL, waits at most 10 s for `child` to go. A process stuck in an
@@ -287,20 +235,6 @@ pub fn process_state(pid: u32) -> String {
         ));
     }
     states.join(", ")
-}
-
-/// Runs `f` on a helper thread and waits at most `timeout` for its result. A call
-/// that hangs (e.g. a system call into a wedged mount) is abandoned; the thread is
-/// released when the mount goes away.
-pub fn run_bounded<T: Send + 'static>(
-    timeout: Duration,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> Option<T> {
-    let (tx, rx) = mpsc::channel();
-    thread::spawn(move || {
-        let _ = tx.send(f());
-    });
-    rx.recv_timeout(timeout).ok()
 }
 
 /// Polls `cond` every 10 ms until it is true; panics with `what` after `timeout`.
@@ -494,7 +428,7 @@ impl Mount {
                 mount_ext4_image(&image, &data);
             }
         }
-        write_config(&config, &data, None, &options.extra_yaml);
+        write_config(&config, &data, None, &options.extra_yaml).expect("write ltxfs.yml");
         let label = format!(
             "test {:?}",
             thread::current().name().unwrap_or("<unnamed>").to_string()
@@ -752,70 +686,25 @@ impl Mount {
         self.wait_ready();
     }
 
-    /// Ready = the mount point is an ltxfs mount in the mount table *and* listing it
-    /// works (a stale mount of a killed run is in the table too but answers ENOTCONN).
+    /// Ready: the mount serves (see [`test_support::wait_until_mounted`]).
     fn wait_ready(&mut self) {
-        let deadline = Instant::now() + READY_TIMEOUT;
-        loop {
-            let exited = self
-                .child
-                .as_mut()
-                .expect("child")
-                .try_wait()
-                .expect("try_wait");
-            if let Some(status) = exited {
+        let child = self.child.as_mut().expect("child");
+        let problem = match test_support::wait_until_mounted(child, &self.mnt, READY_TIMEOUT) {
+            Ok(()) => return,
+            Err(NotMounted::Exited(status)) => {
                 self.child = None;
                 self.watchdog.set_pid(0);
-                panic!(
-                    "ltxfs exited ({status}) before {} was mounted; stderr:\n{}",
-                    self.mnt.display(),
-                    self.stderr_text()
-                );
+                format!("ltxfs exited ({status}) before it served")
             }
-            if is_mounted(&self.mnt) {
-                let mnt = self.mnt.clone();
-                let parent_dev = fs::metadata(&self.root).expect("stat temp root").dev();
-                let left = deadline.saturating_duration_since(Instant::now());
-                let answered =
-                    run_bounded(left.max(POLL), move || answers_as_mount(&mnt, parent_dev));
-                match answered {
-                    Some(true) if is_mounted(&self.mnt) => return,
-                    Some(_) => {}
-                    None => panic!(
-                        "listing the mount {} hung for {READY_TIMEOUT:?}; stderr:\n{}",
-                        self.mnt.display(),
-                        self.stderr_text()
-                    ),
-                }
-            }
-            if Instant::now() >= deadline {
-                panic!(
-                    "{} was not an ltxfs mount after {READY_TIMEOUT:?}; stderr:\n{}",
-                    self.mnt.display(),
-                    self.stderr_text()
-                );
-            }
-            thread::sleep(POLL);
-        }
+            Err(NotMounted::TimedOut) => format!("it did not serve within {READY_TIMEOUT:?}"),
+            Err(NotMounted::Io(error)) => format!("checking on it failed: {error}"),
+        };
+        panic!(
+            "mounting {}: {problem}; stderr:\n{}",
+            self.mnt.display(),
+            self.stderr_text()
+        );
     }
-}
-
-/// True when `mnt` is the root of a live mount: opening it gives a directory on
-/// another device than its parent, and listing *that* directory (through
-/// `/proc/self/fd`, so a concurrent unmount cannot redirect the listing to the
-/// underlying directory) works. A stale mount fails with `ENOTCONN`.
-fn answers_as_mount(mnt: &Path, parent_dev: u64) -> bool {
-    let Ok(dir) = File::open(mnt) else {
-        return false;
-    };
-    match dir.metadata() {
-        Ok(meta) if meta.is_dir() && meta.dev() != parent_dev => {}
-        _ => return false,
-    }
-    let fd_path = format!("/proc/self/fd/{}", dir.as_raw_fd());
-    fs::read_dir(fd_path)
-        .and_then(|it| it.collect::<io::Result<Vec<_>>>())
-        .is_ok()
 }
 
 impl Drop for Mount {
@@ -830,11 +719,10 @@ impl Drop for Mount {
             }
         }
         self.watchdog.cancel();
-        force_unmount(&self.mnt);
-        // What `MountOptions::data_dir` mounted, the data dir first.
-        for path in [self.data.clone(), self.root.join(DISK_BACKING)] {
-            if anything_mounted(&path) {
-                force_unmount(&path);
+        // What `MountOptions::data_dir` mounted too, the data dir first.
+        for path in [&self.mnt, &self.data, &self.root.join(DISK_BACKING)] {
+            if let Err(problem) = force_unmount(path) {
+                eprintln!("{problem}");
             }
         }
     }

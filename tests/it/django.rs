@@ -13,7 +13,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use crate::common::*;
-use crate::support::etcd::free_loopback_address;
 use hyper::body::Bytes;
 use ltxfs::lease::http::{HttpClient, HttpResponse};
 

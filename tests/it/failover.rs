@@ -80,7 +80,7 @@ fn rows(db: &Path) -> i64 {
 
 #[test]
 fn a_candidate_takes_over_from_a_killed_primary_and_the_old_one_rejoins() {
-    let etcd = etcd::Etcd::start();
+    let etcd = etcd::start();
     let mut node_a = start_node("node-a", etcd.url());
     wait_until_primary(&node_a);
     let node_b = start_node("node-b", etcd.url());
@@ -175,7 +175,7 @@ impl Drop for Frozen {
 
 #[test]
 fn a_candidate_behind_another_replica_catches_up_from_it_before_taking_writes() {
-    let etcd = etcd::Etcd::start();
+    let etcd = etcd::start();
     // node-b is the only other candidate, so it takes over; node-c only follows.
     let [mut node_a, node_b, node_c] = start_a_with_b_and_follower_c(etcd.url(), "");
     let conn = open_db(&node_a.db_path(DB));
@@ -259,7 +259,7 @@ fn with_synchronous_replication_a_killed_primary_loses_no_acknowledged_write_in_
 }
 
 fn a_killed_synchronous_primary_loses_no_acknowledged_write(journal_mode: &str) {
-    let etcd = etcd::Etcd::start();
+    let etcd = etcd::start();
     let [mut node_a, node_b, node_c] = start_a_with_b_and_follower_c(etcd.url(), SYNCHRONOUS);
     let conn = open_db(&node_a.db_path(DB));
     set_journal_mode(&conn, journal_mode);
@@ -338,7 +338,7 @@ fn a_killed_synchronous_primary_loses_no_acknowledged_write(journal_mode: &str) 
 #[test]
 fn with_synchronous_replication_a_primary_resumed_after_losing_its_lease_acknowledges_nothing_more()
 {
-    let etcd = etcd::Etcd::start();
+    let etcd = etcd::start();
     let [node_a, node_b, node_c] = start_a_with_b_and_follower_c(etcd.url(), SYNCHRONOUS);
     create_table(&node_a);
     wait_converged(&node_a, &[&node_b, &node_c]);
@@ -405,7 +405,7 @@ fn with_synchronous_replication_a_primary_resumed_after_losing_its_lease_acknowl
 
 #[test]
 fn a_clean_shutdown_releases_the_lease_at_once() {
-    let etcd = etcd::Etcd::start();
+    let etcd = etcd::start();
     let mut node_a = start_node("node-a", etcd.url());
     wait_until_primary(&node_a);
     let node_b = start_node("node-b", etcd.url());
@@ -469,7 +469,7 @@ fn create_table(mount: &Mount) {
 
 #[test]
 fn sigterm_hands_the_role_to_the_candidate_without_losing_an_acknowledged_write() {
-    let etcd = etcd::Etcd::start();
+    let etcd = etcd::start();
     sigterm_hands_the_role_over(etcd.url());
 }
 
@@ -548,7 +548,7 @@ fn sigterm_hands_the_role_over(coordinator_url: &str) {
 
 #[test]
 fn promote_moves_the_role_to_a_replica_and_the_old_primary_follows_it() {
-    let etcd = etcd::Etcd::start();
+    let etcd = etcd::start();
     let [node_a, node_b, node_c] = start_a_with_b_and_follower_c(etcd.url(), "");
     let nodes = [
         ("node-a", &node_a),
@@ -747,7 +747,7 @@ fn open_primary(mount: &Path) -> Option<rusqlite::Connection> {
 
 #[test]
 fn a_rolling_restart_of_every_node_loses_no_acknowledged_write() {
-    let etcd = etcd::Etcd::start();
+    let etcd = etcd::start();
     let mut node_a = start_node("node-a", etcd.url());
     wait_until_primary(&node_a);
     let mut node_b = start_node("node-b", etcd.url());

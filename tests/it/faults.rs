@@ -498,7 +498,7 @@ fn a_synchronous_primary_whose_only_replica_stalls_waits_a_bounded_time() {
 /// read and sent.
 #[test]
 fn a_primary_keeps_its_lease_while_a_replica_bootstraps_a_large_database() {
-    let etcd = etcd::Etcd::start();
+    let etcd = etcd::start();
     let yaml = |hostname: &str| {
         format!(
             "lease:\n  type: etcd\n  candidate: true\n  hostname: {hostname}\n  reconnect-delay: 300ms\n  \
@@ -580,7 +580,7 @@ const BOOTSTRAP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(12
 /// once an operator has repaired the disk and restarted ltxfs, the database
 /// and its log agree, writes resume and the replica follows again.
 fn a_failing_data_dir(fault: DiskFault) {
-    let api = etcd::free_loopback_address();
+    let api = free_loopback_address();
     let url = format!("http://{api}");
     let mut primary = Mount::start(MountOptions {
         extra_yaml: format!(

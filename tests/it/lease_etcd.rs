@@ -1,14 +1,18 @@
 //! The etcd lease against a real etcd: the backend-independent conformance cases
 //! (module [`cases`]) and etcd-specific faults.
 //!
-//! Every test starts its own etcd on loopback ([`etcd_server::Etcd`]) and uses a
+//! Every test starts its own etcd on loopback ([`etcd_server::start`]) and uses a
 //! two-second TTL, so the file runs in seconds. Each case is bounded by
 //! [`CASE_TIMEOUT`]; waits are on events (a watch returning, a call answering),
 //! except where time passing is what is tested (renewing past the TTL).
 
 use std::time::{Duration, Instant};
 
-use crate::support::etcd::{Etcd, free_loopback_address};
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+
+use crate::common::free_loopback_address;
+use crate::support::etcd::{self as etcd_server, Etcd};
 use ltxfs::config::EtcdConfig;
 use ltxfs::lease::etcd::{EtcdLease, cluster_id_key};
 use ltxfs::lease::{Epoch, HeldLease, Lease, LeaseError};
@@ -41,6 +45,35 @@ async fn bounded(case: impl Future<Output = ()>) {
         .unwrap_or_else(|_| panic!("the case took longer than {CASE_TIMEOUT:?}"));
 }
 
+/// Stores `value` under `key` in `etcd` directly, bypassing the lease code.
+fn put(etcd: &Etcd, key: &str, value: &[u8]) {
+    let body = format!(
+        r#"{{"key":"{}","value":"{}"}}"#,
+        BASE64.encode(key),
+        BASE64.encode(value)
+    );
+    post(etcd, "/v3/kv/put", &body);
+}
+
+/// Compacts `etcd`'s history up to `revision`: older revisions can no longer
+/// be watched.
+fn compact(etcd: &Etcd, revision: u64) {
+    post(
+        etcd,
+        "/v3/kv/compaction",
+        &format!(r#"{{"revision":"{revision}","physical":true}}"#),
+    );
+}
+
+/// POSTs `body` to etcd's JSON gateway at `path`; panics unless it answers 200.
+fn post(etcd: &Etcd, path: &str, body: &str) {
+    let headers = [("Content-Type", "application/json")];
+    match test_support::http::request(etcd.address(), "POST", path, &headers, body) {
+        Ok(answer) if answer.status == 200 => {}
+        other => panic!("POST {path} {body} to etcd failed: {other:?}"),
+    }
+}
+
 /// A lease handle of the etcd format, for calls that must fail before reaching
 /// etcd's lease logic.
 fn some_handle() -> HeldLease {
@@ -53,61 +86,61 @@ fn some_handle() -> HeldLease {
 
 #[tokio::test]
 async fn acquire() {
-    let etcd = Etcd::start();
+    let etcd = etcd_server::start();
     bounded(cases::acquire(|| client(&[etcd.url()]))).await;
 }
 
 #[tokio::test]
 async fn renew() {
-    let etcd = Etcd::start();
+    let etcd = etcd_server::start();
     bounded(cases::renew(|| client(&[etcd.url()]))).await;
 }
 
 #[tokio::test]
 async fn contention() {
-    let etcd = Etcd::start();
+    let etcd = etcd_server::start();
     bounded(cases::contention(|| client(&[etcd.url()]))).await;
 }
 
 #[tokio::test]
 async fn expiry() {
-    let etcd = Etcd::start();
+    let etcd = etcd_server::start();
     bounded(cases::expiry(|| client(&[etcd.url()]))).await;
 }
 
 #[tokio::test]
 async fn release() {
-    let etcd = Etcd::start();
+    let etcd = etcd_server::start();
     bounded(cases::release(|| client(&[etcd.url()]))).await;
 }
 
 #[tokio::test]
 async fn handoff() {
-    let etcd = Etcd::start();
+    let etcd = etcd_server::start();
     bounded(cases::handoff(|| client(&[etcd.url()]))).await;
 }
 
 #[tokio::test]
 async fn watch() {
-    let etcd = Etcd::start();
+    let etcd = etcd_server::start();
     bounded(cases::watch(|| client(&[etcd.url()]))).await;
 }
 
 #[tokio::test]
 async fn malformed_values_are_rejected() {
-    let etcd = Etcd::start();
+    let etcd = etcd_server::start();
     bounded(async {
         cases::malformed_value(
             || client(&[etcd.url()]),
             |value| {
-                etcd.put(KEY, value);
+                put(&etcd, KEY, value);
                 std::future::ready(())
             },
         )
         .await;
         // A candidate is not misled either: it reports the value instead of
         // waiting for a holder that does not exist.
-        etcd.put(KEY, b"{\"hostname\": 1}");
+        put(&etcd, KEY, b"{\"hostname\": 1}");
         let attempt = client(&[etcd.url()])
             .try_acquire(&cases::node("a"))
             .await;
@@ -117,7 +150,7 @@ async fn malformed_values_are_rejected() {
         );
         // A malformed cluster ID is reported under its own key.
         let cluster_key = cluster_id_key(KEY);
-        etcd.put(&cluster_key, b"\xff\xfe");
+        put(&etcd, &cluster_key, b"\xff\xfe");
         let checked = client(&[etcd.url()]).check_cluster_id("c1").await;
         assert!(
             matches!(checked, Err(LeaseError::MalformedValue { ref key, .. }) if *key == cluster_key),
@@ -129,7 +162,7 @@ async fn malformed_values_are_rejected() {
 
 #[tokio::test]
 async fn cluster_id_mismatch() {
-    let etcd = Etcd::start();
+    let etcd = etcd_server::start();
     bounded(cases::cluster_id(|| client(&[etcd.url()]))).await;
 }
 
@@ -169,7 +202,7 @@ async fn silent_etcd_is_unavailable_within_the_request_bound() {
 
 #[tokio::test]
 async fn endpoints_are_tried_in_order() {
-    let etcd = Etcd::start();
+    let etcd = etcd_server::start();
     let nobody = format!("http://{}", free_loopback_address());
     bounded(async {
         cases::acquire(|| client(&[&nobody, etcd.url()])).await;
@@ -187,7 +220,7 @@ async fn endpoints_are_tried_in_order() {
 
 #[tokio::test]
 async fn a_watch_fails_promptly_when_etcd_stops() {
-    let etcd = Etcd::start();
+    let etcd = etcd_server::start();
     let watcher = client(&[etcd.url()]);
     bounded(async {
         let since = watcher
@@ -216,7 +249,7 @@ async fn a_watch_fails_promptly_when_etcd_stops() {
 
 #[tokio::test]
 async fn a_watch_from_a_position_etcd_cannot_watch_answers_at_once() {
-    let etcd = Etcd::start();
+    let etcd = etcd_server::start();
     bounded(async {
         let a = client(&[etcd.url()]);
         let first = a.watch(None, Duration::ZERO).await.expect("read").index;
@@ -234,7 +267,7 @@ async fn a_watch_from_a_position_etcd_cannot_watch_answers_at_once() {
             .expect("acquire")
             .expect("a free lease");
         let now = a.watch(None, Duration::ZERO).await.expect("read");
-        etcd.compact(now.index);
+        compact(&etcd, now.index);
         // The changes after `first` are compacted away, and a position ahead of the
         // store (a restored or new etcd) will never be reached: both answer at once
         // with the current state instead of waiting.
@@ -257,7 +290,7 @@ async fn a_watch_from_a_position_etcd_cannot_watch_answers_at_once() {
 
 #[tokio::test]
 async fn an_old_holder_cannot_renew_after_its_key_is_replaced() {
-    let etcd = Etcd::start();
+    let etcd = etcd_server::start();
     bounded(async {
         let a = client(&[etcd.url()]);
         let held = a
@@ -267,7 +300,8 @@ async fn an_old_holder_cannot_renew_after_its_key_is_replaced() {
             .expect("a free lease");
         // Someone overwrites the key by hand: the etcd lease lives on, the key is
         // no longer bound to it.
-        etcd.put(
+        put(
+            &etcd,
             KEY,
             br#"{"hostname":"intruder","advertise-url":"http://intruder:20202"}"#,
         );

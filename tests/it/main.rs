@@ -9,6 +9,7 @@ mod support;
 mod backup;
 mod backup_clouds;
 mod backup_lifecycle;
+mod bench_command;
 mod capture;
 mod capture_crash;
 mod config_file;

@@ -9,6 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use crate::common::*;
+use test_support::{force_unmount, run_bounded, write_config, yaml_quote};
 
 const EXIT_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -32,7 +33,7 @@ impl Scratch {
     /// Writes `ltxfs.yml` with `data.dir` = `data` and returns its path.
     fn config(&self, data: &Path, fuse_dir: Option<&Path>, extra: &str) -> PathBuf {
         let path = self.path("ltxfs.yml");
-        write_config(&path, data, fuse_dir, extra);
+        write_config(&path, data, fuse_dir, extra).expect("write ltxfs.yml");
         path
     }
 
@@ -61,8 +62,8 @@ impl Scratch {
 
 impl Drop for Scratch {
     fn drop(&mut self) {
-        force_unmount(&self.path("mnt"));
-        force_unmount(&self.path("mnt2"));
+        let _ = force_unmount(&self.path("mnt"));
+        let _ = force_unmount(&self.path("mnt2"));
     }
 }
 
@@ -136,7 +137,7 @@ fn invalid_config_unknown_nested_key() {
         &config,
         format!(
             "data:\n  dir: {}\n  bogus_nested: true\n",
-            yaml_str(&data.to_string_lossy())
+            yaml_quote(&data.to_string_lossy())
         ),
     )
     .unwrap();

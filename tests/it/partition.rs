@@ -102,12 +102,12 @@ fn a_partitioned_synchronous_primary_loses_no_acknowledged_write() {
 }
 
 fn partition(synchronous: bool) {
-    let etcd = etcd::Etcd::start();
+    let etcd = etcd::start();
     let backup_dir = tempfile::tempdir().expect("tempdir");
     let backup_url = format!("file://{}", backup_dir.path().display());
     // Everything between node-a and the rest goes through the two proxies.
     let etcd_proxy = TcpProxy::start(loopback_address(etcd.url()));
-    let a_http = etcd::free_loopback_address();
+    let a_http = free_loopback_address();
     let a_proxy = TcpProxy::start(a_http);
     let node_a = Mount::start(MountOptions {
         extra_yaml: node_yaml(

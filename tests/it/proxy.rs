@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 
 use crate::common::*;
 use crate::support::etcd;
-use crate::support::etcd::free_loopback_address;
 use hyper::body::Bytes;
 use ltxfs::lease::http::{HttpClient, HttpResponse};
 
@@ -145,7 +144,7 @@ fn position(node: &Node) -> Option<String> {
 
 #[test]
 fn the_proxy_sends_writes_to_the_primary_and_reads_see_them() {
-    let etcd = etcd::Etcd::start();
+    let etcd = etcd::start();
     let node_a = Node::start("node-a", true, "forward", etcd.url());
     wait_until("node-a to be the primary", TIMEOUT, || is_primary(&node_a));
     let created = request("POST", &node_a.url("/items"), &[], "first");

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use crate::common::*;
 use rusqlite::{OpenFlags, params};
+use test_support::{run_bounded, write_config};
 
 const WORKER_TIMEOUT: Duration = Duration::from_secs(120);
 const CONVERGE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -49,7 +50,8 @@ fn start_primary(hostname: &str) -> (Mount, String) {
         primary.data_dir(),
         None,
         &node_yaml(hostname, true, &addr, None),
-    );
+    )
+    .expect("write ltxfs.yml");
     (primary, format!("http://{addr}"))
 }
 

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use crate::common::*;
 use rusqlite::params;
+use test_support::{force_unmount, run_bounded, write_config, yaml_quote};
 
 const DB: &str = "app.db";
 const CONVERGE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -63,9 +64,9 @@ impl Http {
         if let Some((cert, key, ca)) = &self.tls {
             yaml.push_str(&format!(
                 "  tls:\n    cert: {}\n    key: {}\n    ca: {}\n",
-                yaml_str(&cert.to_string_lossy()),
-                yaml_str(&key.to_string_lossy()),
-                yaml_str(&ca.to_string_lossy())
+                yaml_quote(&cert.to_string_lossy()),
+                yaml_quote(&key.to_string_lossy()),
+                yaml_quote(&ca.to_string_lossy())
             ));
         }
         yaml
@@ -100,7 +101,8 @@ fn start_primary(hostname: &str, http: Http) -> (Mount, String) {
         primary.data_dir(),
         None,
         &node_yaml(hostname, true, None, &http),
-    );
+    )
+    .expect("write ltxfs.yml");
     (primary, addr)
 }
 
@@ -393,13 +395,15 @@ fn turning_the_secret_on_and_rotating_it_across_rolling_restarts_loses_no_write(
         };
         for (replica, name) in replicas.iter_mut().zip(["replica-1", "replica-2"]) {
             let yaml = node_yaml(name, false, Some(&url), &http("127.0.0.1:0"));
-            write_config(replica.config_path(), replica.data_dir(), None, &yaml);
+            write_config(replica.config_path(), replica.data_dir(), None, &yaml)
+                .expect("write ltxfs.yml");
             replica.restart();
         }
         {
             let _paused = pause.lock().unwrap();
             let yaml = node_yaml("primary", true, None, &http(&addr));
-            write_config(primary.config_path(), primary.data_dir(), None, &yaml);
+            write_config(primary.config_path(), primary.data_dir(), None, &yaml)
+                .expect("write ltxfs.yml");
             primary.restart();
         }
         // Every node follows under the new settings before the next step.
@@ -487,7 +491,7 @@ impl Drop for ZeroConfigMount {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
-        force_unmount(&self.mount_point);
+        let _ = force_unmount(&self.mount_point);
     }
 }
 

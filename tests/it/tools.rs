@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use crate::common::*;
 use ltxfs::ltx;
 use ltxfs::tools::{self, ToolError};
+use test_support::run_bounded;
 
 /// The longest a tool call may take in these tests.
 const TOOL_TIMEOUT: Duration = Duration::from_secs(90);

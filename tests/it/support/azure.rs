@@ -30,7 +30,8 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use sha2::{Digest, Sha256};
 
-use crate::support::emulator::{Emulator, Program, request};
+use crate::support::emulator::{Emulator, Program};
+use test_support::http::request;
 
 /// Azurite's well-known development account.
 pub const ACCOUNT: &str = "devstoreaccount1";

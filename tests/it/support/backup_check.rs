@@ -10,8 +10,9 @@ use std::path::Path;
 use std::process::Output;
 use std::time::{Duration, Instant};
 
-use crate::common::{Mount, is_mounted, ltxfs_command, write_config, yaml_str};
+use crate::common::{Mount, is_mounted, ltxfs_command};
 use ltxfs::ltx::{Checksum, checksum_database};
+use test_support::{write_config, yaml_quote};
 
 /// How long a backup may take to reach the destination in these tests.
 pub const BACKUP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -121,7 +122,7 @@ pub fn refused_mount(root: &Path, extra_yaml: &str) -> Output {
     let mnt = root.join("mnt");
     let data = root.join("data");
     let config = root.join("ltxfs.yml");
-    write_config(&config, &data, Some(&mnt), extra_yaml);
+    write_config(&config, &data, Some(&mnt), extra_yaml).expect("write ltxfs.yml");
     let output = ltxfs(&["mount", "--config", &config.to_string_lossy()]);
     assert_eq!(output.status.code(), Some(2), "{}", text(&output));
     assert!(!is_mounted(&mnt));
@@ -132,6 +133,6 @@ pub fn refused_mount(root: &Path, extra_yaml: &str) -> Output {
 pub fn backup_yaml(url: &str, more: &str) -> String {
     format!(
         "backup:\n  sync-interval: 100ms\n  destinations:\n    - url: {}\n{more}",
-        yaml_str(url)
+        yaml_quote(url)
     )
 }

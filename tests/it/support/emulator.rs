@@ -13,13 +13,11 @@
 //! with a message saying how to install it (whether or not `CI` is set): they
 //! never pass silently.
 //!
-//! [`request`] sends one request with a one-shot HTTP/1.1 connection, for the
-//! readiness checks and for what the tests set up through an emulator's API.
 
 use std::ffi::OsString;
 use std::fs::File;
-use std::io::{self, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::io;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::thread;
@@ -34,8 +32,6 @@ const POLL: Duration = Duration::from_millis(50);
 /// How many times a start is retried when the process exits at once (its port
 /// was taken).
 const START_ATTEMPTS: usize = 5;
-/// The bound on one HTTP exchange with an emulator from the tests.
-const HTTP_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// An emulator's server program and how to run it.
 pub struct Program {
@@ -102,7 +98,7 @@ impl Emulator {
             .prefix(program.dir_prefix)
             .tempdir()
             .unwrap_or_else(|error| panic!("create a temporary dir for {name}: {error}"));
-        let address = free_loopback_address();
+        let address = crate::common::free_loopback_address();
         let log = dir.path().join(program.log_name);
         let log_file =
             File::create(&log).unwrap_or_else(|error| panic!("create {name}'s log: {error}"));
@@ -185,78 +181,6 @@ impl Drop for Emulator {
     }
 }
 
-/// An HTTP answer, as text.
-#[derive(Debug)]
-pub struct Answer {
-    /// The status code.
-    pub status: u16,
-    /// The status line and the headers.
-    pub head: String,
-    /// The rest of the bytes after the head (the answers read here are
-    /// `Connection: close` and small, so not chunked).
-    pub body: String,
-}
-
-impl Answer {
-    /// Parses a whole answer.
-    pub fn parse(answer: &[u8]) -> io::Result<Answer> {
-        let head_end = answer
-            .windows(4)
-            .position(|window| window == b"\r\n\r\n")
-            .ok_or_else(|| io::Error::other("an HTTP answer with no end of head"))?;
-        let head = String::from_utf8_lossy(&answer[..head_end]).into_owned();
-        let status = head
-            .strip_prefix("HTTP/1.1 ")
-            .or_else(|| head.strip_prefix("HTTP/1.0 "))
-            .and_then(|rest| rest.get(..3))
-            .and_then(|code| code.parse().ok())
-            .ok_or_else(|| io::Error::other(format!("not an HTTP answer: {head:?}")))?;
-        Ok(Answer {
-            status,
-            head,
-            body: String::from_utf8_lossy(&answer[head_end + 4..]).into_owned(),
-        })
-    }
-
-    /// The value of the header `name` (case-insensitive), if any.
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.head
-            .split("\r\n")
-            .skip(1)
-            .filter_map(|line| line.split_once(':'))
-            .find(|(header, _)| header.trim().eq_ignore_ascii_case(name))
-            .map(|(_, value)| value.trim())
-    }
-}
-
-/// Sends `method path` with `headers` and `body` (after a `Content-Length`,
-/// empty or not) to `address` with a one-shot HTTP/1.1 connection, and returns
-/// the answer.
-pub fn request(
-    address: SocketAddr,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &str,
-) -> io::Result<Answer> {
-    let mut stream = TcpStream::connect_timeout(&address, HTTP_TIMEOUT)?;
-    stream.set_read_timeout(Some(HTTP_TIMEOUT))?;
-    stream.set_write_timeout(Some(HTTP_TIMEOUT))?;
-    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {address}\r\n");
-    for (name, value) in headers {
-        head.push_str(&format!("{name}: {value}\r\n"));
-    }
-    head.push_str(&format!(
-        "Content-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    ));
-    stream.write_all(head.as_bytes())?;
-    stream.write_all(body.as_bytes())?;
-    let mut answer = Vec::new();
-    stream.read_to_end(&mut answer)?;
-    Answer::parse(&answer)
-}
-
 /// Panics with installation advice when `binary`, the path of `program`'s, is
 /// missing.
 fn require(program: &Program, binary: &Path) {
@@ -275,11 +199,4 @@ fn require(program: &Program, binary: &Path) {
             "Refusing to pass silently.".to_owned()
         }
     );
-}
-
-/// A loopback address whose port was free a moment ago.
-fn free_loopback_address() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .expect("find a free loopback port")
 }

@@ -44,7 +44,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
-use crate::support::emulator::{Answer, Emulator, Program, request};
+use crate::support::emulator::{Emulator, Program};
+use test_support::http::{Answer, request};
 
 /// The bound on one HTTP exchange through the front, with the client or the
 /// server.

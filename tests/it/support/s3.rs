@@ -22,7 +22,8 @@ use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::Path;
 
-use crate::support::emulator::{Emulator, Program, request};
+use crate::support::emulator::{Emulator, Program};
+use test_support::http::request;
 
 /// moto's server, where `.ci/run` installs it.
 const MOTO_SERVER: Program = Program {

@@ -21,9 +21,9 @@ use std::time::Duration;
 use super::ReplicationBenchError;
 use super::cluster::{self, Node};
 use super::placement::Placement;
-use crate::bench::cpu::{CpuMeter, CpuUse, Process};
-use crate::bench::workload::{ReadDatabase, Session};
-use crate::bench::{Plan, Target, TargetResult, Workload, WorkloadResult};
+use crate::cpu::{CpuMeter, CpuUse, Process};
+use crate::workload::{ReadDatabase, Session};
+use crate::{Plan, Target, TargetResult, Workload, WorkloadResult};
 
 /// The workload measured.
 const WORKLOAD: Workload = Workload::InsertWalNormal;

@@ -44,16 +44,13 @@ mod throughput;
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub use lag::LagResult;
-pub(in crate::bench) use lag::percentile;
+pub(crate) use lag::percentile;
 pub use report::ReplicationReport;
-pub use snapshot::SnapshotResult;
-pub(in crate::bench) use snapshot::fill;
-pub use throughput::ThroughputResult;
+pub(crate) use snapshot::fill;
 
 use super::{BenchError, BenchOptions, MachineInfo, Plan, Workspace};
 use cluster::NodeApi;
-pub(in crate::bench) use cluster::{Node, wait_converged};
+pub(crate) use cluster::{Node, wait_converged};
 use lag::LagRun;
 use throughput::Followed;
 

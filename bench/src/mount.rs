@@ -1,15 +1,19 @@
 //! Starts and stops the ltxfs mount the benchmark measures, as a child process.
 //!
-//! The mount runs in a separate `ltxfs mount` process (the same binary, or the one
-//! named by `LTXFS_BIN`) so that the benchmark measures what users get, and so that a
-//! crash of the filesystem cannot take the benchmark down with it.
+//! The mount runs in a separate `ltxfs mount` process (the `ltxfs` beside this
+//! program, or the one named by `LTXFS_BIN`) so that the benchmark measures what
+//! users get, and so that a crash of the filesystem cannot take the benchmark
+//! down with it.
 
 use std::fs::File;
 use std::io::Read;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use test_support::{
+    NotMounted, exit_with_parent, force_unmount, wait_timeout, wait_until_mounted, write_config,
+};
 
 use super::{BenchError, ltxfs_mounted};
 
@@ -17,8 +21,6 @@ use super::{BenchError, ltxfs_mounted};
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long ltxfs may take to exit after SIGTERM before it is killed.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
-/// How often the mount table and the child are checked while waiting.
-const POLL_INTERVAL: Duration = Duration::from_millis(10);
 /// How much of the end of ltxfs's output goes into error messages.
 const OUTPUT_TAIL_BYTES: u64 = 4096;
 
@@ -41,7 +43,7 @@ pub(super) struct MountGuard {
 
 impl MountGuard {
     /// Writes the configuration under `base` (an absolute path), starts ltxfs and
-    /// waits until the kernel lists the mount.
+    /// waits until the mount serves.
     /// `name` names the mount point and its files under `base`; `capture` off
     /// mounts with `--no-capture`, to measure what change capture costs.
     pub(super) fn start(base: &Path, name: &str, capture: bool) -> Result<MountGuard, BenchError> {
@@ -60,17 +62,13 @@ impl MountGuard {
         let config_path = base.join(format!("{name}.yml"));
         let log_path = base.join(format!("{name}.log"));
         super::create_dir(&mount_point)?;
-        // A free loopback port, unless `extra_config` has an `http` section.
-        let http = if extra_config.lines().any(|line| line.starts_with("http:")) {
-            ""
-        } else {
-            "http:\n  addr: \"127.0.0.1:0\"\n"
-        };
-        let config = format!(
-            "data:\n  dir: {}\n{http}{extra_config}",
-            yaml_quote(&base.join(format!("{name}-data")))
-        );
-        std::fs::write(&config_path, config).map_err(|cause| BenchError::Io {
+        write_config(
+            &config_path,
+            &base.join(format!("{name}-data")),
+            None,
+            extra_config,
+        )
+        .map_err(|cause| BenchError::Io {
             action: "write the configuration",
             path: config_path.clone(),
             cause,
@@ -127,36 +125,23 @@ impl MountGuard {
     }
 
     fn wait_until_ready(&mut self) -> Result<(), BenchError> {
-        let started = Instant::now();
-        let max_polls = READY_TIMEOUT.as_millis() / POLL_INTERVAL.as_millis() + 1;
-        for _ in 0..max_polls {
-            if let Some(status) = self.try_wait()? {
+        let child = self.child.as_mut().expect("started and not stopped yet");
+        match wait_until_mounted(child, &self.mount_point, READY_TIMEOUT) {
+            Ok(()) => Ok(()),
+            Err(NotMounted::Exited(status)) => {
                 self.child = None;
-                return Err(BenchError::MountExited {
+                Err(BenchError::MountExited {
                     mount_point: self.mount_point.clone(),
                     status: status.to_string(),
                     output: self.output_tail(),
-                });
+                })
             }
-            if ltxfs_mounted(&self.mount_point)? {
-                return Ok(());
-            }
-            if started.elapsed() >= READY_TIMEOUT {
-                break;
-            }
-            std::thread::sleep(POLL_INTERVAL);
-        }
-        Err(BenchError::MountTimeout {
-            mount_point: self.mount_point.clone(),
-            timeout: READY_TIMEOUT,
-            output: self.output_tail(),
-        })
-    }
-
-    fn try_wait(&mut self) -> Result<Option<ExitStatus>, BenchError> {
-        match self.child.as_mut() {
-            None => Ok(None),
-            Some(child) => child.try_wait().map_err(|cause| BenchError::Io {
+            Err(NotMounted::TimedOut) => Err(BenchError::MountTimeout {
+                mount_point: self.mount_point.clone(),
+                timeout: READY_TIMEOUT,
+                output: self.output_tail(),
+            }),
+            Err(NotMounted::Io(cause)) => Err(BenchError::Io {
                 action: "check on the ltxfs process for",
                 path: self.mount_point.clone(),
                 cause,
@@ -230,55 +215,23 @@ impl Drop for MountGuard {
     }
 }
 
-/// The ltxfs executable: `LTXFS_BIN` if set, otherwise the running executable.
-pub(super) fn ltxfs_binary() -> Result<PathBuf, BenchError> {
+/// The ltxfs executable: `LTXFS_BIN` if set (`ltxfs bench` sets it to itself),
+/// otherwise the `ltxfs` beside this program.
+pub(crate) fn ltxfs_binary() -> Result<PathBuf, BenchError> {
     if let Some(binary) = std::env::var_os("LTXFS_BIN") {
         return Ok(PathBuf::from(binary));
     }
-    std::env::current_exe().map_err(|cause| BenchError::Io {
+    let this = std::env::current_exe().map_err(|cause| BenchError::Io {
         action: "find the running executable",
         path: PathBuf::from("/proc/self/exe"),
         cause,
-    })
-}
-
-/// Makes the kernel send SIGTERM to the child when the thread that spawns it ends
-/// (with the benchmark, if it dies without running its destructors, e.g. on
-/// SIGINT or SIGKILL), so ltxfs unmounts itself rather than staying behind.
-pub(super) fn exit_with_parent(command: &mut Command) {
-    // SAFETY: `getpid` has no preconditions.
-    let parent = unsafe { libc::getpid() };
-    // SAFETY: the closure runs in the child between fork and exec; it only makes
-    // the async-signal-safe system calls `prctl` and `getppid` and builds errors
-    // from error numbers, which does not allocate.
-    unsafe {
-        command.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            // The benchmark may have died before the request took effect.
-            if libc::getppid() != parent {
-                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
-            }
-            Ok(())
-        });
+    })?;
+    let binary = this.with_file_name("ltxfs");
+    if binary.is_file() {
+        Ok(binary)
+    } else {
+        Err(BenchError::NoLtxfs { beside: this })
     }
-}
-
-/// Waits for the child to exit, polling, for at most `timeout`.
-fn wait_with_timeout(child: &mut Child, timeout: Duration) -> std::io::Result<Option<ExitStatus>> {
-    let started = Instant::now();
-    let max_polls = timeout.as_millis() / POLL_INTERVAL.as_millis() + 1;
-    for _ in 0..max_polls {
-        if let Some(status) = child.try_wait()? {
-            return Ok(Some(status));
-        }
-        if started.elapsed() >= timeout {
-            break;
-        }
-        std::thread::sleep(POLL_INTERVAL);
-    }
-    child.try_wait()
 }
 
 /// Asks the child to exit with SIGTERM and waits up to `STOP_TIMEOUT`, then kills it.
@@ -292,7 +245,7 @@ fn stop_child(mut child: Child, problems: &mut Vec<String>) {
         },
         Err(_) => problems.push(format!("pid {} does not fit a pid_t", child.id())),
     }
-    match wait_with_timeout(&mut child, STOP_TIMEOUT) {
+    match wait_timeout(&mut child, STOP_TIMEOUT) {
         Ok(Some(status)) if status.success() => {}
         Ok(Some(status)) => problems.push(format!("ltxfs exited with {status} after SIGTERM")),
         Ok(None) => {
@@ -313,63 +266,5 @@ fn stop_child(mut child: Child, problems: &mut Vec<String>) {
 fn kill(child: &mut Child, problems: &mut Vec<String>) {
     if let Err(error) = child.kill().and_then(|()| child.wait().map(drop)) {
         problems.push(format!("could not kill ltxfs: {error}"));
-    }
-}
-
-/// Detaches a mount whose process is gone. `umount -l` needs root; unprivileged
-/// users get the same effect from `fusermount3 -uz` or `fusermount -uz`.
-fn force_unmount(mount_point: &Path) -> Result<(), String> {
-    let attempts: [(&str, &[&str]); 3] = [
-        ("umount", &["-l"]),
-        ("fusermount3", &["-u", "-z"]),
-        ("fusermount", &["-u", "-z"]),
-    ];
-    let mut failures = Vec::new();
-    for (program, args) in attempts {
-        let outcome = Command::new(program)
-            .args(args)
-            .arg(mount_point)
-            .stdin(Stdio::null())
-            .output();
-        match outcome {
-            Ok(output) if output.status.success() => return Ok(()),
-            Ok(output) => failures.push(format!(
-                "{program} failed ({}): {}",
-                output.status,
-                String::from_utf8_lossy(&output.stderr).trim()
-            )),
-            Err(error) => failures.push(format!("could not run {program}: {error}")),
-        }
-    }
-    Err(format!(
-        "could not unmount {}: {}",
-        mount_point.display(),
-        failures.join("; ")
-    ))
-}
-
-/// Quotes a path as a YAML double-quoted scalar.
-pub(super) fn yaml_quote(path: &Path) -> String {
-    let mut quoted = String::from("\"");
-    for character in path.to_string_lossy().chars() {
-        match character {
-            '"' => quoted.push_str("\\\""),
-            '\\' => quoted.push_str("\\\\"),
-            '\n' => quoted.push_str("\\n"),
-            '\t' => quoted.push_str("\\t"),
-            other => quoted.push(other),
-        }
-    }
-    quoted.push('"');
-    quoted
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn yaml_quote_escapes_quotes_and_backslashes() {
-        assert_eq!(yaml_quote(Path::new("/a b/\"c\"\\d")), r#""/a b/\"c\"\\d""#);
     }
 }

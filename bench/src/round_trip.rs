@@ -171,7 +171,7 @@ impl NullMount {
         let mut config = fuser::Config::default();
         config.mount_options = vec![fuser::MountOption::FSName("ltxfs-bench-null".to_string())];
         // Served like ltxfs's mount: several threads, each with its own descriptor.
-        config.n_threads = Some(crate::mount::FUSE_WORKER_THREADS);
+        config.n_threads = Some(ltxfs::mount::FUSE_WORKER_THREADS);
         config.clone_fd = true;
         let session = fuser::Session::new(NullFs, mount_point, &config)
             .and_then(fuser::Session::spawn)
@@ -194,7 +194,7 @@ impl Drop for NullMount {
         {
             // As ltxfs's own mount does: detach it, so none is left behind.
             tracing::warn!(%error, mount_point = %self.mount_point.display(), "could not unmount the null FUSE filesystem; detaching it");
-            if let Err(error) = crate::fuse::detach(&self.mount_point) {
+            if let Err(error) = ltxfs::fuse::detach(&self.mount_point) {
                 tracing::error!(%error, mount_point = %self.mount_point.display(), "could not detach the null FUSE filesystem");
             }
         }
@@ -233,7 +233,7 @@ impl NullFs {
 
 impl fuser::Filesystem for NullFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
-        crate::fuse::request_posix_locks(config)
+        ltxfs::fuse::request_posix_locks(config)
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {

@@ -40,12 +40,13 @@ use super::{
     BUCKET, BackupBenchError, backup_section, open_destination, require_position, status_bytes,
     wait_backed_up,
 };
-use crate::backup::layout::{self, Target};
-use crate::bench::BenchError;
-use crate::bench::mount::{MountGuard, exit_with_parent, ltxfs_binary};
-use crate::bench::replication::fill;
-use crate::bench::replication::percentile;
-use crate::bench::workload::{INSERT, PAYLOAD_BYTES, create_database, sql_error};
+use crate::BenchError;
+use crate::mount::{MountGuard, ltxfs_binary};
+use crate::replication::fill;
+use crate::replication::percentile;
+use crate::workload::{INSERT, PAYLOAD_BYTES, create_database, sql_error};
+use ltxfs::backup::layout::{self, Target};
+use test_support::exit_with_parent;
 
 /// The restored database.
 pub const RESTORE_DB: &str = "restore.db";
@@ -207,7 +208,7 @@ pub(super) fn measure(
     let listed = runtime.block_on(destination.list(Some(RESTORE_DB)))?;
     let names: Vec<_> = listed.iter().map(|object| object.name.clone()).collect();
     let plan = layout::plan(RESTORE_DB, &names, Target::Latest)
-        .map_err(|error| BackupBenchError::Backup(crate::backup::BackupError::Plan(error)))?;
+        .map_err(|error| BackupBenchError::Backup(ltxfs::backup::BackupError::Plan(error)))?;
     let objects: Vec<(String, u64)> = plan
         .objects
         .iter()

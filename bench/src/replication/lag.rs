@@ -25,8 +25,8 @@ use rusqlite::Connection;
 
 use super::ReplicationBenchError;
 use super::cluster::{self, Node};
-use crate::bench::BenchError;
-use crate::bench::workload::{INSERT, PAYLOAD_BYTES, create_database, sql_error};
+use crate::BenchError;
+use crate::workload::{INSERT, PAYLOAD_BYTES, create_database, sql_error};
 
 /// How long the replicas may take to catch up before and after a run.
 const CONVERGE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -333,7 +333,7 @@ fn lags(commits: &[(i64, Instant)], seen: &[(i64, Instant)]) -> (Vec<Duration>, 
 
 /// The `p`th percentile of sorted figures by the nearest-rank method, or zero
 /// when there are none.
-pub(in crate::bench) fn percentile(sorted: &[Duration], p: usize) -> Duration {
+pub(crate) fn percentile(sorted: &[Duration], p: usize) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
     }

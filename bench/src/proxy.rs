@@ -3,7 +3,7 @@
 //!
 //! The application is a minimal HTTP/1.1 server in this process that answers
 //! every request with a short body. The proxy is the real one
-//! ([`crate::proxy::serve`]) in front of it, over a store (in a temporary
+//! ([`ltxfs::proxy::serve`]) in front of it, over a store (in a temporary
 //! directory) that is the primary, so a read goes straight through, as it does
 //! on any node for a request without a read-your-writes cookie. One client keeps
 //! one connection to each side and sends `GET /` one request at a time; rounds
@@ -29,10 +29,10 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::bridge::CommitBridge;
-use crate::lease::http::HttpClient;
-use crate::proxy::{self, ProxyNode, ProxySettings, WriteGate};
-use crate::store::{CaptureOptions, Role, Store};
+use ltxfs::bridge::CommitBridge;
+use ltxfs::lease::http::HttpClient;
+use ltxfs::proxy::{self, ProxyNode, ProxySettings, WriteGate};
+use ltxfs::store::{CaptureOptions, Role, Store};
 
 use super::MachineInfo;
 use super::replication::percentile;

@@ -30,22 +30,18 @@
 //! primary can hand its role to.
 
 use std::fmt;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use hyper::Method;
-use hyper::body::Bytes;
 use rusqlite::{Connection, OpenFlags};
 use tokio::runtime::Runtime;
 
 use super::replication::{Node, ReplicationBenchError, percentile, wait_converged};
 use super::workload::{INSERT, PAYLOAD_BYTES, create_database, sql_error};
 use super::{BenchError, MachineInfo, Workspace, write_verdict};
-use crate::lease::http::HttpClient;
-use crate::replication::{ClientCredentials, ReplicationError, request_promote};
+use ltxfs::replication::{ClientCredentials, ReplicationError, request_promote};
+use test_support::{Etcd, EtcdError};
 
 /// The goal from the issue: at most this long from the start of a handoff until
 /// the new primary accepts writes, on loopback.
@@ -68,17 +64,6 @@ const HANDED_OVER_LINE: &str = "handed the primary role over";
 /// The node names; `NODES[0]` starts first and is the first primary.
 const NODES: [&str; 2] = ["node-a", "node-b"];
 
-/// How often etcd is started with new ports when it exits at once (another
-/// process took a port between the benchmark finding it free and etcd binding it).
-const ETCD_START_ATTEMPTS: usize = 5;
-/// How long etcd may take to answer `GET /health` after it starts.
-const ETCD_READY_TIMEOUT: Duration = Duration::from_secs(20);
-/// How long one health request may take.
-const ETCD_REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
-/// How often etcd's health is checked while it starts.
-const ETCD_POLL_INTERVAL: Duration = Duration::from_millis(20);
-/// How much of the end of etcd's output goes into error messages.
-const ETCD_OUTPUT_TAIL_CHARS: usize = 2000;
 /// How long the first node may take to hold the lease and accept the database.
 const PRIMARY_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a replica may take to reach the primary's position.
@@ -133,29 +118,10 @@ pub enum HandoffBenchError {
     /// Starting a node, learning its address or waiting for a replica failed.
     #[error(transparent)]
     Cluster(#[from] ReplicationBenchError),
-    /// There is no `etcd` executable to run.
-    #[error(
-        "`etcd` is not on PATH; the handoff benchmark runs a private etcd for the nodes' lease \
-         (Debian: `apt-get install etcd-server`)"
-    )]
-    EtcdNotOnPath,
-    /// `etcd` exists but could not be started.
-    #[error("could not start etcd: {cause}")]
-    EtcdSpawn {
-        /// The error reported by the operating system.
-        cause: std::io::Error,
-    },
-    /// etcd exited at once on every attempt, or did not become healthy in time.
-    #[error("etcd did not become ready ({problem}); see {}; it said: {output}", log.display())]
-    EtcdNotReady {
-        /// What happened on the last attempt.
-        problem: String,
-        /// etcd's log.
-        log: PathBuf,
-        /// The end of etcd's log.
-        output: String,
-    },
-    /// The runtime that makes the calls to etcd and the nodes could not start.
+    /// The private etcd the nodes' lease lives in could not be started.
+    #[error("the handoff benchmark runs a private etcd for the nodes' lease: {0}")]
+    Etcd(#[from] EtcdError),
+    /// The runtime that makes the calls to the nodes could not start.
     #[error("could not start the async runtime: {0}")]
     Runtime(std::io::Error),
     /// The first node did not accept the database in time.
@@ -363,7 +329,7 @@ pub fn run(options: &HandoffOptions) -> Result<HandoffReport, HandoffBenchError>
 
     // Declared after the workspace and before the nodes, so on an early return
     // the nodes stop first, then etcd, then the workspace is removed.
-    let etcd = Etcd::start(&base, &runtime)?;
+    let etcd = Etcd::start_in(&base)?;
     let [name_a, name_b] = NODES;
     let node_a = Node::start(&base, name_a, &lease_section(name_a, etcd.url()))?;
     create_database_on_primary(&node_a)?;
@@ -771,181 +737,6 @@ fn parse_debug_duration(text: &str) -> Option<Duration> {
     Some(Duration::from_nanos(u64::try_from(nanos).ok()?))
 }
 
-/// A private etcd on loopback. Dropping it kills the process.
-struct Etcd {
-    child: Child,
-    url: String,
-}
-
-impl Etcd {
-    /// Starts etcd with its data in `<base>/etcd-data` and waits until it is
-    /// healthy, retrying with new ports when it exits at once.
-    fn start(base: &Path, runtime: &Runtime) -> Result<Etcd, HandoffBenchError> {
-        let log = base.join("etcd.log");
-        let mut problem = String::new();
-        for _ in 0..ETCD_START_ATTEMPTS {
-            match Etcd::try_start(base, &log, runtime)? {
-                Ok(etcd) => return Ok(etcd),
-                Err(attempt) => problem = attempt,
-            }
-        }
-        Err(HandoffBenchError::EtcdNotReady {
-            problem: format!("{problem}, on each of {ETCD_START_ATTEMPTS} attempts"),
-            output: log_tail(&log),
-            log,
-        })
-    }
-
-    /// One attempt: the outer error is fatal, the inner one says why this
-    /// attempt failed in a way another attempt may not.
-    fn try_start(
-        base: &Path,
-        log: &Path,
-        runtime: &Runtime,
-    ) -> Result<Result<Etcd, String>, HandoffBenchError> {
-        let data = base.join("etcd-data");
-        // Data left by an earlier attempt or run names other ports.
-        match std::fs::remove_dir_all(&data) {
-            Ok(()) => {}
-            Err(cause) if cause.kind() == std::io::ErrorKind::NotFound => {}
-            Err(cause) => {
-                return Err(BenchError::Io {
-                    action: "remove etcd's old data",
-                    path: data,
-                    cause,
-                }
-                .into());
-            }
-        }
-        let (client_port, peer_port) = free_ports().map_err(|cause| BenchError::Io {
-            action: "find free loopback ports for etcd in",
-            path: base.to_path_buf(),
-            cause,
-        })?;
-        let url = format!("http://127.0.0.1:{client_port}");
-        let peer_url = format!("http://127.0.0.1:{peer_port}");
-        let log_error = |cause| BenchError::Io {
-            action: "create the log file",
-            path: log.to_path_buf(),
-            cause,
-        };
-        let stdout = std::fs::File::create(log).map_err(log_error)?;
-        let stderr = stdout.try_clone().map_err(log_error)?;
-        let mut command = Command::new("etcd");
-        // etcd ends with the benchmark, even when the benchmark is killed.
-        super::mount::exit_with_parent(&mut command);
-        let spawned = command
-            .arg("--name=bench")
-            .arg(format!("--data-dir={}", data.display()))
-            .arg(format!("--listen-client-urls={url}"))
-            .arg(format!("--advertise-client-urls={url}"))
-            .arg(format!("--listen-peer-urls={peer_url}"))
-            .arg(format!("--initial-advertise-peer-urls={peer_url}"))
-            .arg(format!("--initial-cluster=bench={peer_url}"))
-            // Short raft timings: ready in about 0.1 s, and leases as short as
-            // 1.5 election timeouts are granted.
-            .arg("--heartbeat-interval=25")
-            .arg("--election-timeout=250")
-            .arg("--logger=zap")
-            .arg("--log-level=warn")
-            .stdin(Stdio::null())
-            .stdout(stdout)
-            .stderr(stderr)
-            .spawn();
-        let child = match spawned {
-            Ok(child) => child,
-            Err(cause) if cause.kind() == std::io::ErrorKind::NotFound => {
-                return Err(HandoffBenchError::EtcdNotOnPath);
-            }
-            Err(cause) => return Err(HandoffBenchError::EtcdSpawn { cause }),
-        };
-        // From here on, an early return drops the `Etcd`, which kills the process.
-        let mut etcd = Etcd { child, url };
-        let started = Instant::now();
-        let client = HttpClient::new();
-        let health = format!("{}/health", etcd.url);
-        loop {
-            match etcd.child.try_wait() {
-                Ok(Some(status)) => return Ok(Err(format!("etcd exited with {status}"))),
-                Ok(None) => {}
-                Err(cause) => {
-                    return Err(BenchError::Io {
-                        action: "check on the etcd process writing to",
-                        path: log.to_path_buf(),
-                        cause,
-                    }
-                    .into());
-                }
-            }
-            let answer = runtime.block_on(client.request(
-                Method::GET,
-                &health,
-                &[],
-                Bytes::new(),
-                ETCD_REQUEST_TIMEOUT,
-            ));
-            if answer.is_ok_and(|answer| answer.status == 200 && healthy(&answer.body)) {
-                return Ok(Ok(etcd));
-            }
-            if started.elapsed() >= ETCD_READY_TIMEOUT {
-                return Err(HandoffBenchError::EtcdNotReady {
-                    problem: format!(
-                        "no healthy answer from {health} within {} s",
-                        ETCD_READY_TIMEOUT.as_secs()
-                    ),
-                    output: log_tail(log),
-                    log: log.to_path_buf(),
-                });
-            }
-            std::thread::sleep(ETCD_POLL_INTERVAL);
-        }
-    }
-
-    /// The client URL, for `lease.etcd.endpoints`.
-    fn url(&self) -> &str {
-        &self.url
-    }
-}
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        // Its data is the benchmark's alone, so there is nothing to shut down
-        // cleanly; errors mean the process is already gone.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Two loopback ports that were free a moment ago (held together, so they differ).
-fn free_ports() -> std::io::Result<(u16, u16)> {
-    let client = TcpListener::bind("127.0.0.1:0")?;
-    let peer = TcpListener::bind("127.0.0.1:0")?;
-    Ok((client.local_addr()?.port(), peer.local_addr()?.port()))
-}
-
-/// Whether the body of etcd's `GET /health` says it is healthy.
-fn healthy(body: &[u8]) -> bool {
-    let text = String::from_utf8_lossy(body);
-    let compact: String = text.chars().filter(|c| !c.is_whitespace()).collect();
-    compact.contains("\"health\":\"true\"")
-}
-
-/// The end of a log file, for error messages.
-fn log_tail(path: &Path) -> String {
-    match std::fs::read(path) {
-        Err(error) => format!("(could not read {}: {error})", path.display()),
-        Ok(bytes) => {
-            let text = String::from_utf8_lossy(&bytes);
-            let text = text.trim();
-            let skip = text.chars().count().saturating_sub(ETCD_OUTPUT_TAIL_CHARS);
-            match text.chars().skip(skip).collect::<String>() {
-                tail if tail.is_empty() => "(nothing)".to_string(),
-                tail => tail,
-            }
-        }
-    }
-}
-
 /// A duration in milliseconds with one decimal.
 fn ms(duration: Duration) -> String {
     format!("{:.1} ms", duration.as_secs_f64() * 1000.0)
@@ -1092,14 +883,6 @@ mod tests {
             logged_elapsed("INFO ltxfs::node: handed the primary role over to=node-b"),
             None
         );
-    }
-
-    #[test]
-    fn etcd_health_needs_true() {
-        assert!(healthy(br#"{"health":"true","reason":""}"#));
-        assert!(healthy(br#"{"health": "true"}"#));
-        assert!(!healthy(br#"{"health":"false","reason":"RAFT NO LEADER"}"#));
-        assert!(!healthy(b""));
     }
 
     #[test]

@@ -35,6 +35,7 @@
 //! backups to a local S3 server: lag, cost to commits, restore.
 
 mod backup;
+mod cli;
 mod cpu;
 mod handoff;
 mod machine;
@@ -48,28 +49,16 @@ mod workload;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-pub use backup::{
-    BackupBenchError, BackupLag, BackupOptions, BackupReport, BackupThroughput, RestoreResult,
-    run as run_backup,
-};
-pub use cpu::CpuUse;
-pub use handoff::{
-    GOAL_FIRST_WRITE, HandoffBenchError, HandoffOptions, HandoffReport, HandoffRound, LEASE_TTL,
-    Percentiles, run as run_handoff,
-};
-pub use machine::MachineInfo;
-pub use proxy::{
-    GOAL_ADDED_P50, Latencies, ProxyBenchError, ProxyOptions, ProxyReport, run as run_proxy,
-};
-pub use replication::{
-    LagResult, ReplicationBenchError, ReplicationOptions, ReplicationReport, SnapshotResult,
-    ThroughputResult, run as run_replication,
-};
-pub use report::{BenchReport, RestartResult, TargetResult, WorkloadResult};
-pub use round_trip::RoundTrip;
-pub use workload::Workload;
+use cpu::CpuUse;
+use machine::MachineInfo;
+use report::{BenchReport, RestartResult, TargetResult, WorkloadResult};
+use workload::Workload;
 
 use mount::MountGuard;
+
+fn main() {
+    std::process::exit(cli::run(std::env::args_os()));
+}
 
 /// How many rounds each workload runs per target; the report gives their median.
 pub const ROUNDS: usize = 3;
@@ -180,6 +169,15 @@ pub enum BenchError {
         problem: String,
         /// The end of what the child wrote to stdout and stderr.
         output: String,
+    },
+    /// There is no ltxfs executable to mount with.
+    #[error(
+        "no ltxfs beside {}: build it there (`cargo build --release`) or name one in LTXFS_BIN",
+        beside.display()
+    )]
+    NoLtxfs {
+        /// This program.
+        beside: PathBuf,
     },
     /// The kernel's mount table could not be read.
     #[error("could not read /proc/self/mountinfo: {0}")]
@@ -522,7 +520,7 @@ fn create_dir(path: &Path) -> Result<(), BenchError> {
 }
 
 fn ltxfs_mounted(path: &Path) -> Result<bool, BenchError> {
-    crate::mountinfo::is_ltxfs_mount(path).map_err(BenchError::MountTable)
+    ltxfs::mountinfo::is_ltxfs_mount(path).map_err(BenchError::MountTable)
 }
 
 #[cfg(test)]

@@ -81,7 +81,7 @@ fn parse_mem_total(meminfo: &str) -> Option<u64> {
 /// The filesystem type of the mount that contains `dir`: the entry with the longest
 /// mount point that is a prefix of `dir`, the last one if several are equally long.
 fn fs_type_of(mount_table: &str, dir: &Path) -> Option<String> {
-    crate::mountinfo::parse(mount_table)
+    ltxfs::mountinfo::parse(mount_table)
         .into_iter()
         .filter(|entry| dir.starts_with(&entry.mount_point))
         .max_by_key(|entry| entry.mount_point.components().count())

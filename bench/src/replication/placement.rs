@@ -13,7 +13,7 @@
 use std::io;
 use std::path::Path;
 
-use crate::bench::cpu::Process;
+use crate::cpu::Process;
 
 /// The CPU of the application's side: the benchmark's SQLite thread and the
 /// primaries' FUSE workers.

@@ -15,9 +15,10 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use super::ReplicationBenchError;
-use crate::bench::BenchError;
-use crate::bench::cpu::Process;
-use crate::bench::mount::{MountGuard, yaml_quote};
+use crate::BenchError;
+use crate::cpu::Process;
+use crate::mount::MountGuard;
+use test_support::yaml_quote;
 
 /// How long a node may take to log its replication address once mounted.
 const ADDRESS_TIMEOUT: Duration = Duration::from_secs(10);
@@ -30,7 +31,7 @@ const POSITION_POLL_INTERVAL: Duration = Duration::from_millis(1);
 const SERVING_LINE: &str = "serving replication";
 
 /// One running `ltxfs mount` process of the cluster.
-pub(in crate::bench) struct Node {
+pub(crate) struct Node {
     name: String,
     mount: MountGuard,
 }
@@ -38,7 +39,7 @@ pub(in crate::bench) struct Node {
 impl Node {
     /// Starts a node named `name` under `base` with `lease` (a whole `lease:`
     /// YAML section whose `hostname` is `name`) and returns once it is mounted.
-    pub(in crate::bench) fn start(
+    pub(crate) fn start(
         base: &Path,
         name: &str,
         lease: &str,
@@ -100,7 +101,7 @@ impl Node {
     }
 
     /// The node's name, which is also its `lease.hostname`.
-    pub(in crate::bench) fn name(&self) -> &str {
+    pub(crate) fn name(&self) -> &str {
         &self.name
     }
 
@@ -118,29 +119,29 @@ impl Node {
     }
 
     /// The path of database `database` in this node's mount.
-    pub(in crate::bench) fn db_path(&self, database: &str) -> PathBuf {
+    pub(crate) fn db_path(&self, database: &str) -> PathBuf {
         self.mount.mount_point().join(database)
     }
 
     /// The content of the database's `-pos` file (`TXID/checksum`, both 16 hex
     /// digits), or `None` while the node does not have the database.
-    pub(in crate::bench) fn position(&self, database: &str) -> Option<String> {
+    pub(crate) fn position(&self, database: &str) -> Option<String> {
         std::fs::read_to_string(self.db_path(&format!("{database}-pos"))).ok()
     }
 
     /// The file that receives everything the node prints.
-    pub(in crate::bench) fn log_path(&self) -> &Path {
+    pub(crate) fn log_path(&self) -> &Path {
         self.mount.log_path()
     }
 
     /// Stops the process and checks that the mount is gone.
-    pub(in crate::bench) fn stop(mut self) -> Result<(), ReplicationBenchError> {
+    pub(crate) fn stop(mut self) -> Result<(), ReplicationBenchError> {
         Ok(self.mount.stop()?)
     }
 
     /// Waits until the node's log names the address it serves replication on,
     /// and returns the URL other nodes (and `ltxfs promote`) reach it at.
-    pub(in crate::bench) fn wait_for_url(&self) -> Result<String, ReplicationBenchError> {
+    pub(crate) fn wait_for_url(&self) -> Result<String, ReplicationBenchError> {
         self.wait_for_address()
             .map(|address| format!("http://{address}"))
     }
@@ -168,7 +169,7 @@ impl Node {
 
 /// Waits until every replica's position of `database` equals the primary's, and
 /// returns how long that took.
-pub(in crate::bench) fn wait_converged(
+pub(crate) fn wait_converged(
     primary: &Node,
     replicas: &[&Node],
     database: &str,
@@ -257,9 +258,9 @@ impl NodeApi {
             })?;
         }
         let mut secret = [0u8; 32];
-        crate::node::fill_random(&mut secret);
-        let secret = crate::hex::encode(&secret);
-        let file = |name: &str| yaml_quote(&base.join(name));
+        ltxfs::node::fill_random(&mut secret);
+        let secret = ltxfs::hex::encode(&secret);
+        let file = |name: &str| yaml_quote(&base.join(name).to_string_lossy());
         Ok(NodeApi {
             http: format!(
                 "http:\n  addr: \"127.0.0.1:0\"\n  secret: \"{secret}\"\n  tls:\n    cert: {}\n    key: {}\n    ca: {}\n",

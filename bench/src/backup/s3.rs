@@ -23,10 +23,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use super::BackupBenchError;
-use crate::bench::BenchError;
-use crate::bench::mount::exit_with_parent;
+use crate::BenchError;
+use test_support::exit_with_parent;
 
-/// Where `.ci/run` installs moto's server, relative to the crate's root.
+/// Where `.ci/run` installs moto's server, relative to the workspace's root.
 const MOTO_SERVER: &str = "target/s3-venv/bin/moto_server";
 /// How often moto is started on a new port when it exits at once.
 const START_ATTEMPTS: usize = 5;
@@ -193,7 +193,11 @@ fn s3_error(method: &str, path: &str, problem: String) -> BackupBenchError {
 fn moto_binary() -> Result<PathBuf, BackupBenchError> {
     let path = std::env::var_os("LTXFS_MOTO_SERVER")
         .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(MOTO_SERVER));
+        .unwrap_or_else(|| {
+            // This crate is `bench/` in the workspace.
+            let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent();
+            workspace.unwrap_or(Path::new("/")).join(MOTO_SERVER)
+        });
     if path.is_file() {
         Ok(path)
     } else {
@@ -263,12 +267,7 @@ fn request(
 
 /// The status and `Content-Length` (if any) of an answer's head.
 fn parse_head(head: &str) -> io::Result<(u16, Option<u64>)> {
-    let status = head
-        .strip_prefix("HTTP/1.1 ")
-        .or_else(|| head.strip_prefix("HTTP/1.0 "))
-        .and_then(|rest| rest.get(..3))
-        .and_then(|code| code.parse().ok())
-        .ok_or_else(|| io::Error::other(format!("not an HTTP answer: {head:?}")))?;
+    let status = test_support::http::status(head)?;
     let mut length = None;
     for (name, value) in head.lines().skip(1).filter_map(|line| line.split_once(':')) {
         let value = value.trim();

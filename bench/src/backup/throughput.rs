@@ -22,11 +22,11 @@ use tokio::runtime::Runtime;
 
 use super::s3::Moto;
 use super::{BackupBenchError, LEAD_IN, require_position, wait_backed_up};
-use crate::backup::Destination;
-use crate::bench::cpu::{CpuMeter, Process};
-use crate::bench::mount::MountGuard;
-use crate::bench::workload::{ReadDatabase, Session};
-use crate::bench::{CpuUse, Plan, Target, TargetResult, Workload, WorkloadResult};
+use crate::cpu::{CpuMeter, Process};
+use crate::mount::MountGuard;
+use crate::workload::{ReadDatabase, Session};
+use crate::{CpuUse, Plan, Target, TargetResult, Workload, WorkloadResult};
+use ltxfs::backup::Destination;
 
 /// The workload measured.
 const WORKLOAD: Workload = Workload::InsertWalNormal;

@@ -30,11 +30,11 @@ use tokio::runtime::Runtime;
 use super::{
     BackupBenchError, LAG_RATE, POLL_INTERVAL, SYNC_INTERVAL, require_position, wait_backed_up,
 };
-use crate::backup::Destination;
-use crate::bench::BenchError;
-use crate::bench::mount::MountGuard;
-use crate::bench::replication::percentile;
-use crate::bench::workload::{INSERT, PAYLOAD_BYTES, create_database, sql_error};
+use crate::BenchError;
+use crate::mount::MountGuard;
+use crate::replication::percentile;
+use crate::workload::{INSERT, PAYLOAD_BYTES, create_database, sql_error};
+use ltxfs::backup::Destination;
 
 /// The database the lag is measured on.
 const LAG_DB: &str = "lag.db";

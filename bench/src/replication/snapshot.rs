@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 
 use super::ReplicationBenchError;
 use super::cluster::{self, Node};
-use crate::bench::BenchError;
-use crate::bench::workload::{create_database, sql_error};
+use crate::BenchError;
+use crate::workload::{create_database, sql_error};
 
 /// The database the snapshot carries.
 pub(super) const SNAPSHOT_DB: &str = "snapshot.db";
@@ -88,7 +88,7 @@ pub(super) fn measure(
 /// Creates the database at `path` with at least `size_mb` MiB of random rows,
 /// checkpoints it, and returns the database file's size. `ltxfs bench backup`
 /// builds its restore database with it too.
-pub(in crate::bench) fn fill(path: &Path, size_mb: u64) -> Result<u64, BenchError> {
+pub(crate) fn fill(path: &Path, size_mb: u64) -> Result<u64, BenchError> {
     let conn = create_database(path, "wal")?;
     let transactions = size_mb
         .saturating_mul(1024 * 1024)

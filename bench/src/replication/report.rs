@@ -6,8 +6,8 @@ use std::time::Duration;
 use super::lag::LagResult;
 use super::snapshot::SnapshotResult;
 use super::throughput::ThroughputResult;
-use crate::bench::report::{GoalRow, write_cpu_per_transaction, write_goal_table};
-use crate::bench::{MachineInfo, TargetResult};
+use crate::report::{GoalRow, write_cpu_per_transaction, write_goal_table};
+use crate::{MachineInfo, TargetResult};
 
 /// The goal for the median lag at the paced rate, from the issue.
 pub const LAG_P50_GOAL: Duration = Duration::from_millis(2);
@@ -288,7 +288,7 @@ mod tests {
     use std::path::PathBuf;
 
     use super::*;
-    use crate::bench::{CpuUse, TargetResult, Workload, WorkloadResult};
+    use crate::{CpuUse, TargetResult, Workload, WorkloadResult};
 
     fn lag(rate: Option<u32>, p50_ms: u64, invisible: usize) -> LagResult {
         LagResult {

@@ -42,16 +42,13 @@ use std::time::{Duration, Instant};
 
 use tokio::runtime::Runtime;
 
-pub use lag::BackupLag;
 pub use report::BackupReport;
-pub use restore::RestoreResult;
-pub use throughput::BackupThroughput;
 
 use super::mount::MountGuard;
 use super::{BenchError, BenchOptions, MachineInfo, Plan, Workspace};
-use crate::backup::{BackupError, Destination};
-use crate::config::{BackupDestination, Secret};
-use crate::store::Position;
+use ltxfs::backup::{BackupError, Destination};
+use ltxfs::config::{BackupDestination, Secret};
+use ltxfs::store::Position;
 use s3::Moto;
 
 /// `backup.sync-interval` of every mount with backups.

@@ -10,8 +10,8 @@ use super::restore::{
 };
 use super::throughput::{BackupThroughput, THROUGHPUT_GOAL};
 use super::{LAG_RATE, LEAD_IN, POLL_INTERVAL};
-use crate::bench::report::{GoalRow, write_cpu_per_transaction, write_goal_table};
-use crate::bench::{MachineInfo, write_verdict};
+use crate::report::{GoalRow, write_cpu_per_transaction, write_goal_table};
+use crate::{MachineInfo, write_verdict};
 
 /// Everything one run of `ltxfs bench backup` measured. `Display` renders it.
 #[derive(Debug, Clone, PartialEq)]
@@ -283,7 +283,7 @@ mod tests {
     use std::path::PathBuf;
 
     use super::*;
-    use crate::bench::{CpuUse, TargetResult, Workload, WorkloadResult};
+    use crate::{CpuUse, TargetResult, Workload, WorkloadResult};
 
     fn report(p50_ms: u64, with_backup_tx: f64, restore_ms: u64) -> BackupReport {
         BackupReport {

@@ -3,7 +3,8 @@
 use std::fmt;
 use std::time::Duration;
 
-use super::{MachineInfo, RoundTrip, Workload};
+use super::{MachineInfo, Workload};
+use crate::round_trip::RoundTrip;
 
 /// Everything one benchmark run measured. `Display` renders it as a table.
 #[derive(Debug, Clone, PartialEq)]
