@@ -1038,8 +1038,7 @@ mod tests {
         let first_epoch = lease.state.lock().unwrap().epoch;
         let db = store.create("app.db").unwrap();
         store.set_lease_deadline(StdInstant::now());
-        let mark = crate::store::testing::commit_once(&store, &db, 1);
-        assert!(store.hold_commit(db.database(), mark).is_err());
+        assert!(crate::store::testing::commit_and_hold(&store, &db, 1).is_err());
         assert!(store.commit_failed_in_term());
         tokio::time::timeout(Duration::from_secs(5), async {
             while lease.state.lock().unwrap().epoch == first_epoch
@@ -1051,8 +1050,7 @@ mod tests {
         .await
         .expect("the node stepped down and took the lease again");
         assert!(!store.commit_failed_in_term());
-        let mark = crate::store::testing::commit_once(&store, &db, 2);
-        store.hold_commit(db.database(), mark).unwrap();
+        crate::store::testing::commit_and_hold(&store, &db, 2).unwrap();
         shutdown.cancel();
         node.await.unwrap().unwrap();
     }

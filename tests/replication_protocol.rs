@@ -29,7 +29,7 @@ use ltxfs::replication::{
     self, CHUNK_SIZE, FollowSettings, FollowerState, HandoffPhase, Handoffs, KnownPeers,
     NodeContext, Peer, PeerCatchUp,
 };
-use ltxfs::store::{CaptureOptions, Position, Role, SQLITE_HEADER_MAGIC, Store};
+use ltxfs::store::{CaptureOptions, Change, FileKind, Position, Role, SQLITE_HEADER_MAGIC, Store};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -537,10 +537,20 @@ fn commit_and_hold(
     name: &str,
     pages: impl IntoIterator<Item = (u32, u8)>,
 ) -> Result<TxId, ltxfs::store::StoreError> {
-    let mark = store.commit_mark(store.database(name).as_deref());
-    commit(store, name, pages);
-    let database = store.database(name).unwrap();
-    store.hold_commit(&database, mark)?;
+    let database = store
+        .lookup(name)
+        .unwrap_or_else(|| store.create(name).unwrap())
+        .database()
+        .clone();
+    let journal = format!("{name}-journal");
+    let change = Change::File {
+        name: &journal,
+        kind: &FileKind::Journal,
+    };
+    store.make_change(&database, change, || {
+        commit(store, name, pages);
+        Ok::<_, ltxfs::store::StoreError>(())
+    })?;
     Ok(database.position().txid)
 }
 

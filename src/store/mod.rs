@@ -190,8 +190,24 @@ struct Unreplicated {
 /// Permission to make one local change under the current role; a role change
 /// waits until it is dropped.
 #[must_use = "hold the permit while the change is made"]
-pub struct WritePermit<'a> {
+struct WritePermit<'a> {
     _gate: RwLockReadGuard<'a, ()>,
+}
+
+/// A local change to a database's files, as [`Store::make_change`] makes it.
+#[derive(Debug, Clone, Copy)]
+pub enum Change<'a> {
+    /// A write, truncation or unlink of file `name`: allowed only under a
+    /// role that may change it (see [`Store::make_change`]).
+    File {
+        /// The file's name in the mount root.
+        name: &'a str,
+        /// What the file is to its database.
+        kind: &'a FileKind,
+    },
+    /// The release of a lock, which may end a journal-less transaction:
+    /// always allowed.
+    Unlock,
 }
 
 /// Hears about every new position of every database: a change set captured on the
@@ -674,11 +690,35 @@ impl Store {
         *self.commit_hold.write_unpoisoned() = Some(hold);
     }
 
-    /// Marks where `database` (if the change touches one) stands before a local
-    /// change, for [`Store::hold_commit`] after it.
-    pub fn commit_mark(&self, database: Option<&Database>) -> CommitMark {
+    /// Makes a local change to one of `database`'s files (`make`), the one
+    /// way every write, truncation, unlink and unlock of the mount is made:
+    /// marks where the database stands, makes the change under a
+    /// [`WritePermit`] (but an unlock, which needs none), drops the permit so
+    /// that a role change never waits for a replica, then holds until a
+    /// replica has what the change committed ([`Store::hold_commit`]).
+    pub fn make_change<T, E: From<StoreError>>(
+        &self,
+        database: &Database,
+        change: Change<'_>,
+        make: impl FnOnce() -> Result<T, E>,
+    ) -> Result<T, E> {
+        let mark = self.commit_mark(database);
+        let made = match change {
+            Change::File { name, kind } => {
+                let _permit = self.permit_change(name, kind)?;
+                make()?
+            }
+            Change::Unlock => make()?,
+        };
+        self.hold_commit(database, mark)?;
+        Ok(made)
+    }
+
+    /// Marks where `database` stands before a local change, for
+    /// [`Store::hold_commit`] after it.
+    fn commit_mark(&self, database: &Database) -> CommitMark {
         CommitMark {
-            captured: database.map_or(0, Database::captured_txid),
+            captured: database.captured_txid(),
             term: self.cluster.term(),
         }
     }
@@ -695,7 +735,7 @@ impl Store {
     /// write into several requests and reports a short write when a later one
     /// fails; SQLite writes the rest again, and that request commits nothing
     /// new, so it would succeed and SQLite would report the commit done.
-    pub fn hold_commit(&self, database: &Database, mark: CommitMark) -> Result<(), StoreError> {
+    fn hold_commit(&self, database: &Database, mark: CommitMark) -> Result<(), StoreError> {
         let hold = self.commit_hold.read_unpoisoned().clone();
         let Some(hold) = hold else {
             return Ok(());
@@ -780,11 +820,7 @@ impl Store {
     /// before the WAL is folded into the database file at the next role change).
     /// The permit must be held while the change is made, so that a role change
     /// waits for it.
-    pub fn permit_change(
-        &self,
-        name: &str,
-        kind: &FileKind,
-    ) -> Result<WritePermit<'_>, StoreError> {
+    fn permit_change(&self, name: &str, kind: &FileKind) -> Result<WritePermit<'_>, StoreError> {
         let gate = self.role_gate.read_unpoisoned();
         let shm = *kind == FileKind::Shm;
         self.check_role(name, shm)?;
@@ -1185,7 +1221,7 @@ pub(crate) mod testing {
     /// Commits a transaction in DELETE mode that writes `byte` into page 1;
     /// returns the mark taken before.
     pub(crate) fn commit_once(store: &Store, db: &Arc<Node>, byte: u8) -> CommitMark {
-        let mark = store.commit_mark(Some(db.database()));
+        let mark = store.commit_mark(db.database());
         let mut page = page_one(512);
         page[200] = byte;
         db.write_at(0, &page).unwrap();
@@ -1195,6 +1231,16 @@ pub(crate) mod testing {
             .unwrap();
         store.unlink("app.db-journal").unwrap();
         mark
+    }
+
+    /// [`commit_once`], then the hold that follows every commit of the mount.
+    pub(crate) fn commit_and_hold(
+        store: &Store,
+        db: &Arc<Node>,
+        byte: u8,
+    ) -> Result<(), StoreError> {
+        let mark = commit_once(store, db, byte);
+        store.hold_commit(db.database(), mark)
     }
 }
 
@@ -1357,16 +1403,12 @@ mod tests {
         let db = store.create("app.db").unwrap();
         let later = std::time::Instant::now() + std::time::Duration::from_secs(60);
         store.set_lease_deadline(later);
-        let mark = commit_once(&store, &db, 1);
-        store.hold_commit(db.database(), mark).unwrap();
+        commit_and_hold(&store, &db, 1).unwrap();
 
         store.set_lease_deadline(std::time::Instant::now());
-        let mark = commit_once(&store, &db, 2);
+        let held = commit_and_hold(&store, &db, 2);
         let failed = TxId(db.database().captured_txid());
-        assert_eq!(
-            not_replicated(store.hold_commit(db.database(), mark)),
-            Some(failed)
-        );
+        assert_eq!(not_replicated(held), Some(failed));
         // A later change, even with the lease renewed in the meantime, is
         // refused before it is made, but for the wal-index's.
         store.set_lease_deadline(later);
@@ -1376,7 +1418,7 @@ mod tests {
         // Changes of a later term are not.
         store.set_role(Role::Replica);
         store.set_role(Role::Primary);
-        let mark = store.commit_mark(Some(db.database()));
+        let mark = store.commit_mark(db.database());
         store.hold_commit(db.database(), mark).unwrap();
         drop(store.permit_change("app.db-wal", &FileKind::Wal).unwrap());
     }
