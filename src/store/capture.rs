@@ -27,7 +27,7 @@
 //!   holding every page, so the log always replays to the database.
 
 mod apply;
-mod history;
+pub(super) mod history;
 
 pub use apply::{AppliedChangeSet, ChangeSetBytes, LoggedChangeSet, ReceivedChangeSet};
 pub use history::CatchUp;
@@ -1200,10 +1200,33 @@ impl CaptureState {
         page_size: u32,
         page: &mut [u8],
     ) -> Result<(), StoreError> {
-        let wal_offset = self
-            .wal
-            .transaction
-            .get(&pgno)
+        let in_transaction = self.wal.transaction.get(&pgno).copied();
+        self.read_page(pgno, page_size, page, in_transaction)
+    }
+
+    /// Page `pgno` as the last committed WAL transaction left it (the frames of
+    /// one being written are not read), or from the database file; zeros past
+    /// its end.
+    fn read_committed_page(
+        &self,
+        pgno: u32,
+        page_size: u32,
+        page: &mut [u8],
+    ) -> Result<(), StoreError> {
+        self.read_page(pgno, page_size, page, None)
+    }
+
+    /// Reads page `pgno` from the WAL at `wal_offset`, else from the committed
+    /// WAL frames, else from the database file.
+    fn read_page(
+        &self,
+        pgno: u32,
+        page_size: u32,
+        page: &mut [u8],
+        wal_offset: Option<u64>,
+    ) -> Result<(), StoreError> {
+        let wal_offset = wal_offset
+            .as_ref()
             .or_else(|| self.wal.committed.get(&pgno));
         let (file, offset) = match (wal_offset, &self.wal_file) {
             (Some(&offset), Some(wal_file)) => (wal_file, offset),

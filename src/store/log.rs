@@ -24,7 +24,8 @@ use super::{StoreError, WRITE_PIECE_BYTES, write_all_at_in_pieces};
 const LENGTH_PREFIX: u64 = 8;
 /// The most bytes of change sets after the log's base snapshot that a snapshot
 /// is compacted from ([`ChangeLog::history_until`]); with more, the snapshot is
-/// read from the database under its capture lock instead. Compaction holds the
+/// copied from the database a few pages per hold of its capture lock instead
+/// (`Database::write_snapshot`). Compaction holds the
 /// pages those change sets touched in memory and decodes every one of them, so
 /// a long history would cost memory and time proportional to it, not to the
 /// database (measured in docs/benchmarks.md).
@@ -453,10 +454,13 @@ impl ChangeLog {
     /// The change sets up to and including the one ending at `txid` with
     /// `checksum`, to be read without the database's lock; `None` unless the
     /// log starts with a snapshot and holds a change set ending exactly there.
+    /// At most `max_history` bytes of change sets may follow the base snapshot
+    /// (see [`MAX_HISTORY_FOR_SNAPSHOT`]).
     pub fn history_until(
         &self,
         txid: TxId,
         checksum: ltx::Checksum,
+        max_history: u64,
     ) -> Result<Option<LoggedHistory>, StoreError> {
         let Some(first) = self.records.first() else {
             return Ok(None);
@@ -472,9 +476,9 @@ impl ChangeLog {
             return Ok(None);
         }
         // Compaction holds the pages the later change sets touched: only a short
-        // history after the base is worth it (see `MAX_HISTORY_FOR_SNAPSHOT`).
+        // history after the base is worth it.
         let later: u64 = self.records[1..=end].iter().map(|record| record.len).sum();
-        if later > MAX_HISTORY_FOR_SNAPSHOT {
+        if later > max_history {
             return Ok(None);
         }
         let source = self.file.try_clone().map_err(|source| StoreError::Io {

@@ -1470,6 +1470,13 @@ mod tests {
     /// be read and written out.
     #[test]
     fn commits_go_on_while_a_snapshot_is_written() {
+        // Compacted from the log's short history, and copied from the content.
+        for max_history in [log::MAX_HISTORY_FOR_SNAPSHOT, 0] {
+            commits_go_on_while_a_snapshot_is_written_with(max_history);
+        }
+    }
+
+    fn commits_go_on_while_a_snapshot_is_written_with(max_history: u64) {
         let dir = tempfile::tempdir().unwrap();
         let store =
             Arc::new(Store::open(dir.path(), CaptureOptions::default(), Role::Primary).unwrap());
@@ -1501,7 +1508,9 @@ mod tests {
                     release: released,
                     written: Vec::new(),
                 };
-                let position = database.write_snapshot(&mut out).unwrap();
+                let position = database
+                    .write_snapshot_with(&mut out, max_history, &mut || {})
+                    .unwrap();
                 (position, out.written)
             }
         });
@@ -1529,6 +1538,106 @@ mod tests {
             decoder.finish().unwrap().post_apply_checksum,
             before.checksum
         );
+    }
+
+    /// Regression: a snapshot of a database with a long history was read under
+    /// the capture lock from the first page to the last, so commits (and, on
+    /// async threads, everything that read a position) waited for it. It is now
+    /// copied a chunk at a time; what is committed between chunks, a database
+    /// that grows, and a transaction still in flight at the end are taken in.
+    #[test]
+    fn a_snapshot_copied_in_chunks_takes_in_what_was_committed_meanwhile() {
+        const PAGE: u32 = 512;
+        let dir = tempfile::tempdir().unwrap();
+        let store =
+            Arc::new(Store::open(dir.path(), CaptureOptions::default(), Role::Primary).unwrap());
+        let db = store.create("app.db").unwrap();
+        let write = |pgno: u32, fill: u8| {
+            let page = if pgno == 1 {
+                let mut page = page_one(PAGE);
+                page[200] = fill;
+                page
+            } else {
+                vec![fill; PAGE as usize]
+            };
+            db.write_at(u64::from(pgno - 1) * u64::from(PAGE), &page)
+                .unwrap();
+        };
+        let begin = || {
+            store
+                .create("app.db-journal")
+                .unwrap()
+                .write_at(0, &[0xd9, 0xd5, 0x05, 0xf9, 0x20, 0xa1, 0x63, 0xd7])
+                .unwrap();
+        };
+        let commit = || {
+            store.unlink("app.db-journal").unwrap();
+        };
+        let pages = 3 * capture::history::SNAPSHOT_CHUNK_PAGES - 24;
+        begin();
+        for pgno in 1..=pages {
+            write(pgno, 1);
+        }
+        commit();
+        // A history after the log's base snapshot, which the snapshot does not
+        // compact from (`max_history` 0).
+        begin();
+        write(2, 5);
+        commit();
+        let mut chunks_copied = 0;
+        let mut in_flight = None;
+        let mut encoded = Vec::new();
+        let position = db
+            .database()
+            .write_snapshot_with(&mut encoded, 0, &mut || {
+                chunks_copied += 1;
+                match chunks_copied {
+                    // Pages already copied and pages not yet copied change.
+                    1 => {
+                        begin();
+                        for pgno in [1, 3, pages - 10] {
+                            write(pgno, 2);
+                        }
+                        commit();
+                    }
+                    // The database grows.
+                    2 => {
+                        begin();
+                        for pgno in pages + 1..=pages + 100 {
+                            write(pgno, 3);
+                        }
+                        commit();
+                    }
+                    // A transaction that changes an already copied page is
+                    // still in flight when the last chunk is copied; it
+                    // commits a little later.
+                    _ => {
+                        begin();
+                        write(3, 4);
+                        let store = store.clone();
+                        in_flight = Some(std::thread::spawn(move || {
+                            std::thread::sleep(std::time::Duration::from_millis(100));
+                            store.unlink("app.db-journal").unwrap();
+                        }));
+                    }
+                }
+            })
+            .unwrap();
+        in_flight.expect("a third chunk").join().unwrap();
+        assert_eq!(chunks_copied, 3);
+        assert_eq!(position, db.database().position());
+
+        let copy = tempfile::tempfile().unwrap();
+        let applied = crate::ltx::apply(encoded.as_slice(), &copy, None).unwrap();
+        assert_eq!(applied.post_apply_checksum, position.checksum);
+        let mut content = vec![0u8; ((pages + 100) * PAGE) as usize];
+        copy.read_exact_at(&mut content, 0).unwrap();
+        assert!(
+            content == db.read_at(0, content.len()).unwrap(),
+            "the snapshot differs from the database"
+        );
+        assert_eq!(content[PAGE as usize], 5);
+        assert_eq!(content[2 * PAGE as usize], 4);
     }
 
     #[test]
