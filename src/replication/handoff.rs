@@ -42,7 +42,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use crate::ltx::TxId;
-use crate::store::{CommitHold, Position};
+use crate::store::{CommitHold, Position, Unacknowledged};
 
 use super::peers::{MAX_PEERS, Peer};
 use super::proto;
@@ -318,7 +318,7 @@ impl CommitHold for Handoffs {
         database: &str,
         txid: TxId,
         still_primary: &dyn Fn() -> bool,
-    ) -> Result<(), String> {
+    ) -> Result<(), Unacknowledged> {
         let mut streams = self.streams.lock_unpoisoned();
         loop {
             let mut replicas = streams.values().filter(|entry| entry.caught_up).peekable();
@@ -333,10 +333,7 @@ impl CommitHold for Handoffs {
             // its streams stay until their replicas have acknowledged it.
             let handing_off = *self.phase.borrow() != HandoffPhase::Idle;
             if !still_primary() && (alone || !handing_off) {
-                return Err(
-                    "this node stopped being the primary before a replica acknowledged it"
-                        .to_string(),
-                );
+                return Err(Unacknowledged::NoLongerPrimary);
             }
             if alone {
                 return Ok(());

@@ -128,7 +128,7 @@ pub enum StoreError {
         /// The transaction.
         txid: TxId,
         /// Why.
-        reason: String,
+        reason: Unacknowledged,
     },
     /// Local processes may not change databases on a replica.
     #[error("{name:?} is read-only on a replica; write on the primary")]
@@ -221,20 +221,31 @@ pub trait CommitListener: Send + Sync {
     fn cluster_changed(&self) {}
 }
 
+/// Why a commit was not replicated ([`StoreError::NotReplicated`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Unacknowledged {
+    /// The node stopped being the primary before a replica acknowledged it.
+    #[error("this node stopped being the primary before a replica acknowledged it")]
+    NoLongerPrimary,
+    /// An earlier commit of the same term was not replicated, and the node is
+    /// giving up the primary role.
+    #[error("an earlier commit was not replicated, and this node is giving up the primary role")]
+    EarlierCommitNotReplicated,
+}
+
 /// Holds a local change that committed a transaction until a replica has the
 /// transaction (synchronous replication). Called on a FUSE worker thread with no
 /// store lock held, so it may block; it must return once it is no use waiting.
 pub trait CommitHold: Send + Sync {
     /// Blocks until a replica has `database` up to `txid` (`Ok`), or no replica
     /// is there to wait for (`Ok`: the commit stands on this node alone), or no
-    /// replica will acknowledge it now that `still_primary` turned false (`Err`
-    /// saying why the commit was not replicated).
+    /// replica will acknowledge it now that `still_primary` turned false (`Err`).
     fn wait_replicated(
         &self,
         database: &str,
         txid: TxId,
         still_primary: &dyn Fn() -> bool,
-    ) -> Result<(), String>;
+    ) -> Result<(), Unacknowledged>;
 }
 
 /// What the store shares with every database: the [`CommitListener`] and the
@@ -836,9 +847,7 @@ impl Store {
             Some(failed) if failed.term == term => Err(StoreError::NotReplicated {
                 database: failed.database.clone(),
                 txid: failed.txid,
-                reason: "an earlier commit was not replicated, and this node is giving up the \
-                         primary role"
-                    .to_string(),
+                reason: Unacknowledged::EarlierCommitNotReplicated,
             }),
             _ => Ok(()),
         }
@@ -1209,11 +1218,11 @@ pub(crate) mod testing {
             _database: &str,
             _txid: TxId,
             still_primary: &dyn Fn() -> bool,
-        ) -> Result<(), String> {
+        ) -> Result<(), Unacknowledged> {
             if still_primary() {
                 Ok(())
             } else {
-                Err("no longer the primary".to_string())
+                Err(Unacknowledged::NoLongerPrimary)
             }
         }
     }
