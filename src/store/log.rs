@@ -302,6 +302,9 @@ pub struct ChangeLog {
     records: Vec<RecordInfo>,
     /// Set when opening found damage in the middle and started a new log.
     damage: Option<LogDamage>,
+    /// Appends fail as on a full disk (tests of what a failed append leaves).
+    #[cfg(test)]
+    pub(crate) fail_appends: bool,
 }
 
 impl ChangeLog {
@@ -368,6 +371,8 @@ impl ChangeLog {
             unsynced: false,
             records,
             damage: None,
+            #[cfg(test)]
+            fail_appends: false,
         };
         // Only the newest records can be torn; verify from the end until one is whole.
         let tail = loop {
@@ -499,6 +504,13 @@ impl ChangeLog {
 
     /// Appends one encoded change set.
     pub fn append(&mut self, header: Header, ltx: LtxBytes<'_>) -> Result<(), StoreError> {
+        #[cfg(test)]
+        if self.fail_appends {
+            return Err(StoreError::Io {
+                context: format!("append to {} (failed by a test)", self.path.display()),
+                source: io::Error::from_raw_os_error(libc::ENOSPC),
+            });
+        }
         let ltx_len = ltx.size();
         let record_len = LENGTH_PREFIX + ltx_len;
         self.preallocate(self.len + record_len + LENGTH_PREFIX)?;
@@ -740,6 +752,8 @@ impl ChangeLog {
             unsynced: false,
             records,
             damage: None,
+            #[cfg(test)]
+            fail_appends: false,
         };
     }
 

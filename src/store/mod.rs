@@ -1649,6 +1649,55 @@ mod tests {
         assert_eq!(content[2 * PAGE as usize], 4);
     }
 
+    /// Regression (found by the fault suite, on a primary whose disk filled):
+    /// a change set that could not be logged left its pages' checksums in the
+    /// page checksums, so the next change set left those pages out while its
+    /// checksum counted them, and every replica refused it.
+    #[test]
+    fn a_change_set_that_cannot_be_logged_leaves_the_next_one_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), CaptureOptions::default(), Role::Primary).unwrap();
+        let db = store.create("app.db").unwrap();
+        let commit = |pages: &[(u32, u8)]| {
+            let journal = store.create("app.db-journal").unwrap();
+            journal
+                .write_at(0, &[0xd9, 0xd5, 0x05, 0xf9, 0x20, 0xa1, 0x63, 0xd7])
+                .unwrap();
+            for &(pgno, fill) in pages {
+                let page = if pgno == 1 {
+                    let mut page = page_one(512);
+                    page[200] = fill;
+                    page
+                } else {
+                    vec![fill; 512]
+                };
+                db.write_at(u64::from(pgno - 1) * 512, &page).unwrap();
+            }
+            store.unlink("app.db-journal")
+        };
+        commit(&[(1, 1), (2, 1), (3, 1)]).unwrap();
+        db.database().fail_log_appends(true);
+        assert!(commit(&[(2, 2)]).is_err(), "the change set was logged");
+        db.database().fail_log_appends(false);
+        commit(&[(3, 3)]).unwrap();
+
+        let copy = tempfile::tempfile().unwrap();
+        let mut checksum = None;
+        let log = dir.path().join("dbs/app.db/log");
+        for set in log::read_change_sets(&log).unwrap() {
+            checksum = Some(
+                crate::ltx::apply(set.as_slice(), &copy, checksum)
+                    .expect("every logged change set applies")
+                    .post_apply_checksum,
+            );
+        }
+        assert_eq!(checksum, Some(db.database().position().checksum));
+        let mut content = vec![0u8; 3 * 512];
+        copy.read_exact_at(&mut content, 0).unwrap();
+        assert!(content == db.read_at(0, 3 * 512).unwrap());
+        assert_eq!((content[512], content[1024]), (2, 3));
+    }
+
     #[test]
     fn database_writes_must_be_sqlite_pages() {
         let dir = tempfile::tempdir().unwrap();
