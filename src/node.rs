@@ -699,6 +699,13 @@ impl Node {
     /// Stops accepting local writes, waiting for changes being made.
     async fn demote(&mut self) {
         if self.store.cluster().role() == Role::Primary {
+            // A later takeover asks this node's replicas: the next primary
+            // may name none to it (a replica hears the peers only once its
+            // stream has caught up, which a snapshot delays).
+            let replicas = self.handoffs.peers();
+            if !replicas.is_empty() {
+                self.known_peers.replace(replicas);
+            }
             let store = self.store.clone();
             let _ = tokio::task::spawn_blocking(move || store.set_role(Role::Replica)).await;
             tracing::info!("this node is a replica");
@@ -978,6 +985,27 @@ mod tests {
         .unwrap_or_else(|_| panic!("the node did not become {}", role.as_str()));
     }
 
+    /// Regression (found by the fault suite): a demoted primary that followed
+    /// the next primary only as far as a snapshot had heard no peers from it,
+    /// so when that primary failed it took over without asking the replica
+    /// that held the failed primary's acknowledged transactions.
+    #[tokio::test]
+    async fn a_demoted_primary_knows_its_replicas_as_peers() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = settings(dir.path(), Arc::new(MemoryLease::default()));
+        let handoffs = settings.handoffs.clone();
+        let (mut node, _) = Node::new(settings);
+        node.store.set_role(Role::Primary);
+        let stream = handoffs.register("node-a", true, Some("http://127.0.0.1:2".into()));
+        let peer = crate::replication::Peer {
+            hostname: "node-a".into(),
+            url: "http://127.0.0.1:2".into(),
+        };
+        stream.caught_up();
+        node.demote().await;
+        assert_eq!(node.known_peers.get(), vec![peer]);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_stream_silent_for_two_heartbeats_no_longer_holds_a_candidate_back() {
         let dir = tempfile::tempdir().unwrap();
@@ -1038,8 +1066,7 @@ mod tests {
         let first_epoch = lease.state.lock().unwrap().epoch;
         let db = store.create("app.db").unwrap();
         store.set_lease_deadline(StdInstant::now());
-        let mark = crate::store::testing::commit_once(&store, &db, 1);
-        assert!(store.hold_commit(db.database(), mark).is_err());
+        assert!(crate::store::testing::commit_and_hold(&store, &db, 1).is_err());
         assert!(store.commit_failed_in_term());
         tokio::time::timeout(Duration::from_secs(5), async {
             while lease.state.lock().unwrap().epoch == first_epoch
@@ -1051,8 +1078,7 @@ mod tests {
         .await
         .expect("the node stepped down and took the lease again");
         assert!(!store.commit_failed_in_term());
-        let mark = crate::store::testing::commit_once(&store, &db, 2);
-        store.hold_commit(db.database(), mark).unwrap();
+        crate::store::testing::commit_and_hold(&store, &db, 2).unwrap();
         shutdown.cancel();
         node.await.unwrap().unwrap();
     }

@@ -23,7 +23,9 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::SystemTime;
 
 use crate::store::locks::{ByteRange, HeldLock, LockError, LockKind, LockOwner, LockRequest};
-use crate::store::{Database, LAG_FILE, Node, NodeId, PRIMARY_FILE, Store, StoreError, parse_name};
+use crate::store::{
+    Change, Database, LAG_FILE, Node, NodeId, PRIMARY_FILE, Store, StoreError, parse_name,
+};
 use crate::sync::{LockUnpoisoned, RwLockUnpoisoned};
 
 /// The inode number of the mount root.
@@ -429,12 +431,8 @@ impl Fs {
                     node.set_owner(uid, gid)?;
                 }
                 if let Some(size) = size {
-                    let mark = self.store.commit_mark(Some(node.database()));
-                    {
-                        let _permit = self.store.permit_change(node.name(), node.kind())?;
-                        node.truncate(size)?;
-                    }
-                    self.store.hold_commit(node.database(), mark)?;
+                    self.store
+                        .make_change(node.database(), file_change(&node), || node.truncate(size))?;
                 }
                 node_attr(&node)
             }
@@ -558,22 +556,26 @@ impl Fs {
     pub fn write(&self, handle: u64, offset: u64, data: &[u8]) -> Result<u32, FsError> {
         let open_file = self.handle(handle)?;
         let node = open_file.node()?;
-        let mark = self.store.commit_mark(Some(node.database()));
-        {
-            let _permit = self.store.permit_change(node.name(), node.kind())?;
-            node.write_at(offset, data)?;
-        }
-        self.store.hold_commit(node.database(), mark)?;
+        self.store
+            .make_change(node.database(), file_change(node), || {
+                node.write_at(offset, data)
+            })?;
         Ok(data.len() as u32)
     }
 
     /// A descriptor of an open file was closed by `owner` (a process): drop its
-    /// POSIX locks on the file, and forget it as an owner of this handle.
+    /// POSIX locks on the file, and forget it as an owner of this handle. Like
+    /// an unlock, that may end a journal-less transaction, and the close
+    /// returns once it is replicated.
     pub fn flush(&self, handle: u64, owner: LockOwner) -> Result<(), FsError> {
         let open_file = self.handle(handle)?;
         if let Opened::File(node) = &open_file.opened {
             lock_owners(&open_file).remove(&owner);
-            node.unlock_all(owner);
+            self.store
+                .make_change(node.database(), Change::Unlock, || {
+                    node.unlock_all(owner);
+                    Ok::<_, StoreError>(())
+                })?;
         }
         Ok(())
     }
@@ -582,7 +584,8 @@ impl Fs {
     /// locks of the owners that locked through it and never closed it, which
     /// are its OFD locks (a process's POSIX locks went at its `flush`). The
     /// kernel sends this after the close returned, so the process may hold
-    /// new locks through another handle by now; those stay.
+    /// new locks through another handle by now; those stay. Nothing waits for
+    /// this answer, so a transaction it ends is not held for replicas.
     pub fn release(&self, handle: u64) -> Result<(), FsError> {
         let released = self
             .handles
@@ -617,14 +620,16 @@ impl Fs {
         if StatusFile::from_name(name).is_some() {
             return Err(FsError::ReadOnlyGenerated);
         }
-        let database = self.store.lookup(name).map(|node| node.database().clone());
-        let mark = self.store.commit_mark(database.as_deref());
-        let node = {
-            let _permit = self.store.permit_change(name, &parse_name(name)?.kind)?;
-            self.store.unlink(name)?
-        };
-        self.store.hold_commit(node.database(), mark)?;
-        Ok(node.id())
+        let node = self
+            .store
+            .lookup(name)
+            .ok_or_else(|| StoreError::NotFound(name.to_string()))?;
+        let unlinked = self
+            .store
+            .make_change(node.database(), file_change(&node), || {
+                self.store.unlink(name)
+            })?;
+        Ok(unlinked.id())
     }
 
     /// Reports the first lock that conflicts with `call` (`F_GETLK`).
@@ -647,18 +652,15 @@ impl Fs {
         };
         let Some(kind) = call.kind else {
             // An unlock ends a transaction of a journal-less mode (MEMORY, OFF).
-            let mark = self.store.commit_mark(Some(node.database()));
-            let unlocked = ByteRange::new(call.start, call.end)
-                .ok_or(FsError::BadLockRange {
+            let unlocked = self.store.make_change(node.database(), Change::Unlock, || {
+                let range = ByteRange::new(call.start, call.end).ok_or(FsError::BadLockRange {
                     start: call.start,
                     end: call.end,
-                })
-                .map(|range| node.unlock(call.owner, range));
-            return completion(unlocked.and_then(|()| {
-                self.store
-                    .hold_commit(node.database(), mark)
-                    .map_err(FsError::from)
-            }));
+                })?;
+                node.unlock(call.owner, range);
+                Ok(())
+            });
+            return completion(unlocked);
         };
         let locks = node.locks();
         let request = match lock_request(call, kind) {
@@ -817,6 +819,14 @@ fn slice_of(text: String, offset: u64, size: u32) -> Vec<u8> {
 
 fn lock_owners(open_file: &OpenFile) -> std::sync::MutexGuard<'_, BTreeSet<LockOwner>> {
     open_file.lock_owners.lock_unpoisoned()
+}
+
+/// The change a write, truncation or unlink of `node` is.
+fn file_change(node: &Node) -> Change<'_> {
+    Change::File {
+        name: node.name(),
+        kind: node.kind(),
+    }
 }
 
 fn lock_request(call: LockCall, kind: LockKind) -> Result<LockRequest, FsError> {

@@ -42,7 +42,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use crate::ltx::TxId;
-use crate::store::{CommitHold, Position};
+use crate::store::{CommitHold, Position, Unacknowledged};
 
 use super::peers::{MAX_PEERS, Peer};
 use super::proto;
@@ -173,6 +173,12 @@ impl Handoffs {
         self.peers.subscribe()
     }
 
+    /// The replicas whose streams have caught up and said where they can be
+    /// reached, now.
+    pub fn peers(&self) -> Vec<Peer> {
+        self.peers.borrow().clone()
+    }
+
     /// Publishes the peers `streams` make up, when they changed.
     fn publish_peers(&self, streams: &BTreeMap<u64, StreamEntry>) {
         let peers: BTreeSet<Peer> = streams
@@ -225,7 +231,7 @@ impl Handoffs {
     }
 
     /// Records a new stream; it is forgotten when the returned guard drops.
-    pub(super) fn register(
+    pub(crate) fn register(
         self: &Arc<Self>,
         replica: &str,
         candidate: bool,
@@ -251,7 +257,7 @@ impl Handoffs {
 }
 
 /// A stream known to [`Handoffs`] while this lives.
-pub(super) struct RegisteredStream {
+pub(crate) struct RegisteredStream {
     handoffs: Arc<Handoffs>,
     id: u64,
 }
@@ -264,7 +270,7 @@ impl RegisteredStream {
 
     /// Records that the stream has sent `Ready`: its replica is now a peer, and
     /// one that synchronous commits wait for.
-    pub(super) fn caught_up(&self) {
+    pub(crate) fn caught_up(&self) {
         let mut streams = self.streams();
         if let Some(entry) = streams.get_mut(&self.id) {
             entry.caught_up = true;
@@ -318,7 +324,7 @@ impl CommitHold for Handoffs {
         database: &str,
         txid: TxId,
         still_primary: &dyn Fn() -> bool,
-    ) -> Result<(), String> {
+    ) -> Result<(), Unacknowledged> {
         let mut streams = self.streams.lock_unpoisoned();
         loop {
             let mut replicas = streams.values().filter(|entry| entry.caught_up).peekable();
@@ -333,10 +339,7 @@ impl CommitHold for Handoffs {
             // its streams stay until their replicas have acknowledged it.
             let handing_off = *self.phase.borrow() != HandoffPhase::Idle;
             if !still_primary() && (alone || !handing_off) {
-                return Err(
-                    "this node stopped being the primary before a replica acknowledged it"
-                        .to_string(),
-                );
+                return Err(Unacknowledged::NoLongerPrimary);
             }
             if alone {
                 return Ok(());

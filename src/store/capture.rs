@@ -27,7 +27,7 @@
 //!   holding every page, so the log always replays to the database.
 
 mod apply;
-mod history;
+pub(super) mod history;
 
 pub use apply::{AppliedChangeSet, ChangeSetBytes, LoggedChangeSet, ReceivedChangeSet};
 pub use history::CatchUp;
@@ -931,6 +931,19 @@ impl Database {
     ) -> Result<(), StoreError> {
         let full =
             page_size != state.page_size || state.position.txid.0 == 0 || state.snapshot_next;
+        let mut undo = ChecksumsUndo {
+            txid: state.position.txid,
+            all: (full || commit == 0).then(|| state.page_checksums.clone()),
+            len: state.page_checksums.len(),
+            cut: state
+                .page_checksums
+                .get(commit as usize..)
+                .map(<[u64]>::to_vec)
+                .unwrap_or_default(),
+            xor: state.checksum_xor,
+            page_size: state.page_size,
+            changed: Vec::new(),
+        };
         if full {
             state.page_checksums.clear();
             state.checksum_xor = 0;
@@ -971,10 +984,17 @@ impl Database {
         for (pgno, page) in &changed {
             let slot = *pgno as usize - 1;
             let checksum = ltx::page_checksum(*pgno, page).0;
+            undo.changed.push((slot, state.page_checksums[slot]));
             state.checksum_xor ^= state.page_checksums[slot] ^ checksum;
             state.page_checksums[slot] = checksum;
         }
-        self.emit(state, page_size, commit, &changed, wal_span)
+        let emitted = self.emit(state, page_size, commit, &changed, wal_span);
+        if emitted.is_err() && state.position.txid == undo.txid {
+            // Nothing was logged: the checksums go back to the logged content,
+            // which the next change set is computed against.
+            undo.restore(state);
+        }
+        emitted
     }
 
     /// Encodes and appends one change set whose pages are already folded into the
@@ -1089,6 +1109,12 @@ impl Database {
         Ok(())
     }
 
+    /// Makes appends to the log fail, as on a full disk (tests only).
+    #[cfg(test)]
+    pub(super) fn fail_log_appends(&self, fail: bool) {
+        self.lock().log.fail_appends = fail;
+    }
+
     /// Holds the capture lock, as a long commit would (tests only).
     #[cfg(test)]
     pub(super) fn hold_capture_lock(&self) -> MutexGuard<'_, impl Sized> {
@@ -1097,6 +1123,40 @@ impl Database {
 
     fn lock(&self) -> MutexGuard<'_, CaptureState> {
         self.state.lock_unpoisoned()
+    }
+}
+
+/// What [`Database::emit_pages`] changed in the page checksums before it tried
+/// to log the change set, to put back when that fails.
+struct ChecksumsUndo {
+    /// The position before.
+    txid: TxId,
+    /// Every checksum, when all were replaced (a full change set, a deletion).
+    all: Option<Vec<u64>>,
+    /// How many checksums there were.
+    len: usize,
+    /// The checksums of the pages a shrink cut off.
+    cut: Vec<u64>,
+    xor: u64,
+    page_size: u32,
+    /// Each changed slot and its checksum before.
+    changed: Vec<(usize, u64)>,
+}
+
+impl ChecksumsUndo {
+    fn restore(self, state: &mut CaptureState) {
+        if let Some(all) = self.all {
+            state.page_checksums = all;
+        } else {
+            for &(slot, old) in self.changed.iter().rev() {
+                state.page_checksums[slot] = old;
+            }
+            let kept = self.len - self.cut.len();
+            state.page_checksums.truncate(kept);
+            state.page_checksums.extend_from_slice(&self.cut);
+        }
+        state.checksum_xor = self.xor;
+        state.page_size = self.page_size;
     }
 }
 
@@ -1200,10 +1260,33 @@ impl CaptureState {
         page_size: u32,
         page: &mut [u8],
     ) -> Result<(), StoreError> {
-        let wal_offset = self
-            .wal
-            .transaction
-            .get(&pgno)
+        let in_transaction = self.wal.transaction.get(&pgno).copied();
+        self.read_page(pgno, page_size, page, in_transaction)
+    }
+
+    /// Page `pgno` as the last committed WAL transaction left it (the frames of
+    /// one being written are not read), or from the database file; zeros past
+    /// its end.
+    fn read_committed_page(
+        &self,
+        pgno: u32,
+        page_size: u32,
+        page: &mut [u8],
+    ) -> Result<(), StoreError> {
+        self.read_page(pgno, page_size, page, None)
+    }
+
+    /// Reads page `pgno` from the WAL at `wal_offset`, else from the committed
+    /// WAL frames, else from the database file.
+    fn read_page(
+        &self,
+        pgno: u32,
+        page_size: u32,
+        page: &mut [u8],
+        wal_offset: Option<u64>,
+    ) -> Result<(), StoreError> {
+        let wal_offset = wal_offset
+            .as_ref()
             .or_else(|| self.wal.committed.get(&pgno));
         let (file, offset) = match (wal_offset, &self.wal_file) {
             (Some(&offset), Some(wal_file)) => (wal_file, offset),

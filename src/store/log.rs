@@ -24,7 +24,8 @@ use super::{StoreError, WRITE_PIECE_BYTES, write_all_at_in_pieces};
 const LENGTH_PREFIX: u64 = 8;
 /// The most bytes of change sets after the log's base snapshot that a snapshot
 /// is compacted from ([`ChangeLog::history_until`]); with more, the snapshot is
-/// read from the database under its capture lock instead. Compaction holds the
+/// copied from the database a few pages per hold of its capture lock instead
+/// (`Database::write_snapshot`). Compaction holds the
 /// pages those change sets touched in memory and decodes every one of them, so
 /// a long history would cost memory and time proportional to it, not to the
 /// database (measured in docs/benchmarks.md).
@@ -301,6 +302,9 @@ pub struct ChangeLog {
     records: Vec<RecordInfo>,
     /// Set when opening found damage in the middle and started a new log.
     damage: Option<LogDamage>,
+    /// Appends fail as on a full disk (tests of what a failed append leaves).
+    #[cfg(test)]
+    pub(crate) fail_appends: bool,
 }
 
 impl ChangeLog {
@@ -367,6 +371,8 @@ impl ChangeLog {
             unsynced: false,
             records,
             damage: None,
+            #[cfg(test)]
+            fail_appends: false,
         };
         // Only the newest records can be torn; verify from the end until one is whole.
         let tail = loop {
@@ -453,10 +459,13 @@ impl ChangeLog {
     /// The change sets up to and including the one ending at `txid` with
     /// `checksum`, to be read without the database's lock; `None` unless the
     /// log starts with a snapshot and holds a change set ending exactly there.
+    /// At most `max_history` bytes of change sets may follow the base snapshot
+    /// (see [`MAX_HISTORY_FOR_SNAPSHOT`]).
     pub fn history_until(
         &self,
         txid: TxId,
         checksum: ltx::Checksum,
+        max_history: u64,
     ) -> Result<Option<LoggedHistory>, StoreError> {
         let Some(first) = self.records.first() else {
             return Ok(None);
@@ -472,9 +481,9 @@ impl ChangeLog {
             return Ok(None);
         }
         // Compaction holds the pages the later change sets touched: only a short
-        // history after the base is worth it (see `MAX_HISTORY_FOR_SNAPSHOT`).
+        // history after the base is worth it.
         let later: u64 = self.records[1..=end].iter().map(|record| record.len).sum();
-        if later > MAX_HISTORY_FOR_SNAPSHOT {
+        if later > max_history {
             return Ok(None);
         }
         let source = self.file.try_clone().map_err(|source| StoreError::Io {
@@ -495,6 +504,13 @@ impl ChangeLog {
 
     /// Appends one encoded change set.
     pub fn append(&mut self, header: Header, ltx: LtxBytes<'_>) -> Result<(), StoreError> {
+        #[cfg(test)]
+        if self.fail_appends {
+            return Err(StoreError::Io {
+                context: format!("append to {} (failed by a test)", self.path.display()),
+                source: io::Error::from_raw_os_error(libc::ENOSPC),
+            });
+        }
         let ltx_len = ltx.size();
         let record_len = LENGTH_PREFIX + ltx_len;
         self.preallocate(self.len + record_len + LENGTH_PREFIX)?;
@@ -736,6 +752,8 @@ impl ChangeLog {
             unsynced: false,
             records,
             damage: None,
+            #[cfg(test)]
+            fail_appends: false,
         };
     }
 

@@ -128,7 +128,7 @@ pub enum StoreError {
         /// The transaction.
         txid: TxId,
         /// Why.
-        reason: String,
+        reason: Unacknowledged,
     },
     /// Local processes may not change databases on a replica.
     #[error("{name:?} is read-only on a replica; write on the primary")]
@@ -190,8 +190,24 @@ struct Unreplicated {
 /// Permission to make one local change under the current role; a role change
 /// waits until it is dropped.
 #[must_use = "hold the permit while the change is made"]
-pub struct WritePermit<'a> {
+struct WritePermit<'a> {
     _gate: RwLockReadGuard<'a, ()>,
+}
+
+/// A local change to a database's files, as [`Store::make_change`] makes it.
+#[derive(Debug, Clone, Copy)]
+pub enum Change<'a> {
+    /// A write, truncation or unlink of file `name`: allowed only under a
+    /// role that may change it (see [`Store::make_change`]).
+    File {
+        /// The file's name in the mount root.
+        name: &'a str,
+        /// What the file is to its database.
+        kind: &'a FileKind,
+    },
+    /// The release of a lock, which may end a journal-less transaction:
+    /// always allowed.
+    Unlock,
 }
 
 /// Hears about every new position of every database: a change set captured on the
@@ -205,20 +221,31 @@ pub trait CommitListener: Send + Sync {
     fn cluster_changed(&self) {}
 }
 
+/// Why a commit was not replicated ([`StoreError::NotReplicated`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Unacknowledged {
+    /// The node stopped being the primary before a replica acknowledged it.
+    #[error("this node stopped being the primary before a replica acknowledged it")]
+    NoLongerPrimary,
+    /// An earlier commit of the same term was not replicated, and the node is
+    /// giving up the primary role.
+    #[error("an earlier commit was not replicated, and this node is giving up the primary role")]
+    EarlierCommitNotReplicated,
+}
+
 /// Holds a local change that committed a transaction until a replica has the
 /// transaction (synchronous replication). Called on a FUSE worker thread with no
 /// store lock held, so it may block; it must return once it is no use waiting.
 pub trait CommitHold: Send + Sync {
     /// Blocks until a replica has `database` up to `txid` (`Ok`), or no replica
     /// is there to wait for (`Ok`: the commit stands on this node alone), or no
-    /// replica will acknowledge it now that `still_primary` turned false (`Err`
-    /// saying why the commit was not replicated).
+    /// replica will acknowledge it now that `still_primary` turned false (`Err`).
     fn wait_replicated(
         &self,
         database: &str,
         txid: TxId,
         still_primary: &dyn Fn() -> bool,
-    ) -> Result<(), String>;
+    ) -> Result<(), Unacknowledged>;
 }
 
 /// What the store shares with every database: the [`CommitListener`] and the
@@ -674,11 +701,35 @@ impl Store {
         *self.commit_hold.write_unpoisoned() = Some(hold);
     }
 
-    /// Marks where `database` (if the change touches one) stands before a local
-    /// change, for [`Store::hold_commit`] after it.
-    pub fn commit_mark(&self, database: Option<&Database>) -> CommitMark {
+    /// Makes a local change to one of `database`'s files (`make`), the one
+    /// way every write, truncation, unlink and unlock of the mount is made:
+    /// marks where the database stands, makes the change under a
+    /// [`WritePermit`] (but an unlock, which needs none), drops the permit so
+    /// that a role change never waits for a replica, then holds until a
+    /// replica has what the change committed ([`Store::hold_commit`]).
+    pub fn make_change<T, E: From<StoreError>>(
+        &self,
+        database: &Database,
+        change: Change<'_>,
+        make: impl FnOnce() -> Result<T, E>,
+    ) -> Result<T, E> {
+        let mark = self.commit_mark(database);
+        let made = match change {
+            Change::File { name, kind } => {
+                let _permit = self.permit_change(name, kind)?;
+                make()?
+            }
+            Change::Unlock => make()?,
+        };
+        self.hold_commit(database, mark)?;
+        Ok(made)
+    }
+
+    /// Marks where `database` stands before a local change, for
+    /// [`Store::hold_commit`] after it.
+    fn commit_mark(&self, database: &Database) -> CommitMark {
         CommitMark {
-            captured: database.map_or(0, Database::captured_txid),
+            captured: database.captured_txid(),
             term: self.cluster.term(),
         }
     }
@@ -695,7 +746,7 @@ impl Store {
     /// write into several requests and reports a short write when a later one
     /// fails; SQLite writes the rest again, and that request commits nothing
     /// new, so it would succeed and SQLite would report the commit done.
-    pub fn hold_commit(&self, database: &Database, mark: CommitMark) -> Result<(), StoreError> {
+    fn hold_commit(&self, database: &Database, mark: CommitMark) -> Result<(), StoreError> {
         let hold = self.commit_hold.read_unpoisoned().clone();
         let Some(hold) = hold else {
             return Ok(());
@@ -780,11 +831,7 @@ impl Store {
     /// before the WAL is folded into the database file at the next role change).
     /// The permit must be held while the change is made, so that a role change
     /// waits for it.
-    pub fn permit_change(
-        &self,
-        name: &str,
-        kind: &FileKind,
-    ) -> Result<WritePermit<'_>, StoreError> {
+    fn permit_change(&self, name: &str, kind: &FileKind) -> Result<WritePermit<'_>, StoreError> {
         let gate = self.role_gate.read_unpoisoned();
         let shm = *kind == FileKind::Shm;
         self.check_role(name, shm)?;
@@ -800,9 +847,7 @@ impl Store {
             Some(failed) if failed.term == term => Err(StoreError::NotReplicated {
                 database: failed.database.clone(),
                 txid: failed.txid,
-                reason: "an earlier commit was not replicated, and this node is giving up the \
-                         primary role"
-                    .to_string(),
+                reason: Unacknowledged::EarlierCommitNotReplicated,
             }),
             _ => Ok(()),
         }
@@ -1173,11 +1218,11 @@ pub(crate) mod testing {
             _database: &str,
             _txid: TxId,
             still_primary: &dyn Fn() -> bool,
-        ) -> Result<(), String> {
+        ) -> Result<(), Unacknowledged> {
             if still_primary() {
                 Ok(())
             } else {
-                Err("no longer the primary".to_string())
+                Err(Unacknowledged::NoLongerPrimary)
             }
         }
     }
@@ -1185,7 +1230,7 @@ pub(crate) mod testing {
     /// Commits a transaction in DELETE mode that writes `byte` into page 1;
     /// returns the mark taken before.
     pub(crate) fn commit_once(store: &Store, db: &Arc<Node>, byte: u8) -> CommitMark {
-        let mark = store.commit_mark(Some(db.database()));
+        let mark = store.commit_mark(db.database());
         let mut page = page_one(512);
         page[200] = byte;
         db.write_at(0, &page).unwrap();
@@ -1195,6 +1240,16 @@ pub(crate) mod testing {
             .unwrap();
         store.unlink("app.db-journal").unwrap();
         mark
+    }
+
+    /// [`commit_once`], then the hold that follows every commit of the mount.
+    pub(crate) fn commit_and_hold(
+        store: &Store,
+        db: &Arc<Node>,
+        byte: u8,
+    ) -> Result<(), StoreError> {
+        let mark = commit_once(store, db, byte);
+        store.hold_commit(db.database(), mark)
     }
 }
 
@@ -1357,16 +1412,12 @@ mod tests {
         let db = store.create("app.db").unwrap();
         let later = std::time::Instant::now() + std::time::Duration::from_secs(60);
         store.set_lease_deadline(later);
-        let mark = commit_once(&store, &db, 1);
-        store.hold_commit(db.database(), mark).unwrap();
+        commit_and_hold(&store, &db, 1).unwrap();
 
         store.set_lease_deadline(std::time::Instant::now());
-        let mark = commit_once(&store, &db, 2);
+        let held = commit_and_hold(&store, &db, 2);
         let failed = TxId(db.database().captured_txid());
-        assert_eq!(
-            not_replicated(store.hold_commit(db.database(), mark)),
-            Some(failed)
-        );
+        assert_eq!(not_replicated(held), Some(failed));
         // A later change, even with the lease renewed in the meantime, is
         // refused before it is made, but for the wal-index's.
         store.set_lease_deadline(later);
@@ -1376,7 +1427,7 @@ mod tests {
         // Changes of a later term are not.
         store.set_role(Role::Replica);
         store.set_role(Role::Primary);
-        let mark = store.commit_mark(Some(db.database()));
+        let mark = store.commit_mark(db.database());
         store.hold_commit(db.database(), mark).unwrap();
         drop(store.permit_change("app.db-wal", &FileKind::Wal).unwrap());
     }
@@ -1428,6 +1479,13 @@ mod tests {
     /// be read and written out.
     #[test]
     fn commits_go_on_while_a_snapshot_is_written() {
+        // Compacted from the log's short history, and copied from the content.
+        for max_history in [log::MAX_HISTORY_FOR_SNAPSHOT, 0] {
+            commits_go_on_while_a_snapshot_is_written_with(max_history);
+        }
+    }
+
+    fn commits_go_on_while_a_snapshot_is_written_with(max_history: u64) {
         let dir = tempfile::tempdir().unwrap();
         let store =
             Arc::new(Store::open(dir.path(), CaptureOptions::default(), Role::Primary).unwrap());
@@ -1459,7 +1517,9 @@ mod tests {
                     release: released,
                     written: Vec::new(),
                 };
-                let position = database.write_snapshot(&mut out).unwrap();
+                let position = database
+                    .write_snapshot_with(&mut out, max_history, &mut || {})
+                    .unwrap();
                 (position, out.written)
             }
         });
@@ -1487,6 +1547,155 @@ mod tests {
             decoder.finish().unwrap().post_apply_checksum,
             before.checksum
         );
+    }
+
+    /// Regression: a snapshot of a database with a long history was read under
+    /// the capture lock from the first page to the last, so commits (and, on
+    /// async threads, everything that read a position) waited for it. It is now
+    /// copied a chunk at a time; what is committed between chunks, a database
+    /// that grows, and a transaction still in flight at the end are taken in.
+    #[test]
+    fn a_snapshot_copied_in_chunks_takes_in_what_was_committed_meanwhile() {
+        const PAGE: u32 = 512;
+        let dir = tempfile::tempdir().unwrap();
+        let store =
+            Arc::new(Store::open(dir.path(), CaptureOptions::default(), Role::Primary).unwrap());
+        let db = store.create("app.db").unwrap();
+        let write = |pgno: u32, fill: u8| {
+            let page = if pgno == 1 {
+                let mut page = page_one(PAGE);
+                page[200] = fill;
+                page
+            } else {
+                vec![fill; PAGE as usize]
+            };
+            db.write_at(u64::from(pgno - 1) * u64::from(PAGE), &page)
+                .unwrap();
+        };
+        let begin = || {
+            store
+                .create("app.db-journal")
+                .unwrap()
+                .write_at(0, &[0xd9, 0xd5, 0x05, 0xf9, 0x20, 0xa1, 0x63, 0xd7])
+                .unwrap();
+        };
+        let commit = || {
+            store.unlink("app.db-journal").unwrap();
+        };
+        let pages = 3 * capture::history::SNAPSHOT_CHUNK_PAGES - 24;
+        begin();
+        for pgno in 1..=pages {
+            write(pgno, 1);
+        }
+        commit();
+        // A history after the log's base snapshot, which the snapshot does not
+        // compact from (`max_history` 0).
+        begin();
+        write(2, 5);
+        commit();
+        let mut chunks_copied = 0;
+        let mut in_flight = None;
+        let mut encoded = Vec::new();
+        let position = db
+            .database()
+            .write_snapshot_with(&mut encoded, 0, &mut || {
+                chunks_copied += 1;
+                match chunks_copied {
+                    // Pages already copied and pages not yet copied change.
+                    1 => {
+                        begin();
+                        for pgno in [1, 3, pages - 10] {
+                            write(pgno, 2);
+                        }
+                        commit();
+                    }
+                    // The database grows.
+                    2 => {
+                        begin();
+                        for pgno in pages + 1..=pages + 100 {
+                            write(pgno, 3);
+                        }
+                        commit();
+                    }
+                    // A transaction that changes an already copied page is
+                    // still in flight when the last chunk is copied; it
+                    // commits a little later.
+                    _ => {
+                        begin();
+                        write(3, 4);
+                        let store = store.clone();
+                        in_flight = Some(std::thread::spawn(move || {
+                            std::thread::sleep(std::time::Duration::from_millis(100));
+                            store.unlink("app.db-journal").unwrap();
+                        }));
+                    }
+                }
+            })
+            .unwrap();
+        in_flight.expect("a third chunk").join().unwrap();
+        assert_eq!(chunks_copied, 3);
+        assert_eq!(position, db.database().position());
+
+        let copy = tempfile::tempfile().unwrap();
+        let applied = crate::ltx::apply(encoded.as_slice(), &copy, None).unwrap();
+        assert_eq!(applied.post_apply_checksum, position.checksum);
+        let mut content = vec![0u8; ((pages + 100) * PAGE) as usize];
+        copy.read_exact_at(&mut content, 0).unwrap();
+        assert!(
+            content == db.read_at(0, content.len()).unwrap(),
+            "the snapshot differs from the database"
+        );
+        assert_eq!(content[PAGE as usize], 5);
+        assert_eq!(content[2 * PAGE as usize], 4);
+    }
+
+    /// Regression (found by the fault suite, on a primary whose disk filled):
+    /// a change set that could not be logged left its pages' checksums in the
+    /// page checksums, so the next change set left those pages out while its
+    /// checksum counted them, and every replica refused it.
+    #[test]
+    fn a_change_set_that_cannot_be_logged_leaves_the_next_one_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), CaptureOptions::default(), Role::Primary).unwrap();
+        let db = store.create("app.db").unwrap();
+        let commit = |pages: &[(u32, u8)]| {
+            let journal = store.create("app.db-journal").unwrap();
+            journal
+                .write_at(0, &[0xd9, 0xd5, 0x05, 0xf9, 0x20, 0xa1, 0x63, 0xd7])
+                .unwrap();
+            for &(pgno, fill) in pages {
+                let page = if pgno == 1 {
+                    let mut page = page_one(512);
+                    page[200] = fill;
+                    page
+                } else {
+                    vec![fill; 512]
+                };
+                db.write_at(u64::from(pgno - 1) * 512, &page).unwrap();
+            }
+            store.unlink("app.db-journal")
+        };
+        commit(&[(1, 1), (2, 1), (3, 1)]).unwrap();
+        db.database().fail_log_appends(true);
+        assert!(commit(&[(2, 2)]).is_err(), "the change set was logged");
+        db.database().fail_log_appends(false);
+        commit(&[(3, 3)]).unwrap();
+
+        let copy = tempfile::tempfile().unwrap();
+        let mut checksum = None;
+        let log = dir.path().join("dbs/app.db/log");
+        for set in log::read_change_sets(&log).unwrap() {
+            checksum = Some(
+                crate::ltx::apply(set.as_slice(), &copy, checksum)
+                    .expect("every logged change set applies")
+                    .post_apply_checksum,
+            );
+        }
+        assert_eq!(checksum, Some(db.database().position().checksum));
+        let mut content = vec![0u8; 3 * 512];
+        copy.read_exact_at(&mut content, 0).unwrap();
+        assert!(content == db.read_at(0, 3 * 512).unwrap());
+        assert_eq!((content[512], content[1024]), (2, 3));
     }
 
     #[test]

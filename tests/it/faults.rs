@@ -7,6 +7,7 @@ use std::fs::OpenOptions;
 use crate::common::*;
 use crate::support::etcd;
 use ltxfs::ltx;
+use test_support::run_bounded;
 
 /// Applies every change set in `data_dir`'s log of `name` to a fresh file and
 /// returns the position reached, as a replica would.
@@ -278,8 +279,11 @@ fn position(mount: &Mount, name: &str) -> Option<String> {
     fs::read_to_string(mount.db_path(&format!("{name}-pos"))).ok()
 }
 
-#[test]
-fn a_replica_whose_disk_fills_catches_up_once_space_is_freed() {
+/// A replica's data dir fills up while it follows a primary that inserts
+/// `rows` rows of `blob` (an SQL expression of 32 KiB). While it is full, the
+/// replica stays exactly at the position its `-pos` names and keeps answering
+/// reads; once space is freed, it catches up.
+fn a_replica_whose_disk_fills(blob: &str, rows: i64, failure: &str) {
     let primary = Mount::start(MountOptions {
         extra_yaml: node_yaml("primary", true, None),
         ..MountOptions::default()
@@ -298,9 +302,21 @@ fn a_replica_whose_disk_fills_catches_up_once_space_is_freed() {
     set_journal_mode(&conn, "WAL");
     conn.execute_batch("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
         .unwrap();
+    let created = position(&primary, name).unwrap();
+    wait_until("the replica to follow", READY_TIMEOUT, || {
+        position(&replica, name).as_deref() == Some(created.as_str())
+    });
+    // An application's connection on the replica, open throughout.
+    let reader = rusqlite::Connection::open_with_flags(
+        replica.db_path(name),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .unwrap();
+    reader.busy_timeout(BUSY_TIMEOUT).unwrap();
+    assert_eq!(query_i64(&reader, "SELECT count(*) FROM t"), 0);
     // More than the replica can hold beside the filler.
-    for _ in 0..700 {
-        conn.execute("INSERT INTO t(v) VALUES (randomblob(32768))", [])
+    for _ in 0..rows {
+        conn.execute(&format!("INSERT INTO t(v) VALUES ({blob})"), [])
             .unwrap();
     }
     let target = position(&primary, name).unwrap();
@@ -317,7 +333,14 @@ fn a_replica_whose_disk_fills_catches_up_once_space_is_freed() {
         "the replica exited:\n{}",
         replica.stderr_text()
     );
-    assert_ne!(position(&replica, name), Some(target.clone()));
+    assert!(
+        replica.stderr_text().contains(failure),
+        "the replica did not fail to {failure:?}:\n{}",
+        replica.stderr_text()
+    );
+    let pos = position(&replica, name).unwrap();
+    assert_ne!(pos, target);
+    assert_replica_is_at(&replica, name, &pos, &reader, rows);
 
     fs::remove_file(&filler).unwrap();
     wait_until(
@@ -325,16 +348,95 @@ fn a_replica_whose_disk_fills_catches_up_once_space_is_freed() {
         std::time::Duration::from_secs(60),
         || position(&replica, name).as_deref() == Some(target.as_str()),
     );
-    let copy = rusqlite::Connection::open_with_flags(
-        replica.db_path(name),
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-    )
-    .unwrap();
-    assert_eq!(integrity_check(&copy), "ok");
-    let rows: i64 = copy
-        .query_row("SELECT count(*) FROM t", [], |row| row.get(0))
-        .unwrap();
-    assert_eq!(rows, 700);
+    assert_eq!(integrity_check(&reader), "ok");
+    assert_eq!(query_i64(&reader, "SELECT count(*) FROM t"), rows);
+}
+
+/// Checks that `name` on `replica` is exactly at `pos`, its `-pos`, and not
+/// half-applied: its backing file has the checksum `pos` names, `ltxfs export`
+/// copies it through the mount at that position, SQLite finds it whole, and
+/// `reader` reads every row the copy has.
+fn assert_replica_is_at(
+    replica: &Mount,
+    name: &str,
+    pos: &str,
+    reader: &rusqlite::Connection,
+    rows: i64,
+) {
+    let parsed =
+        ltxfs::store::Position::from_pos_file(pos).unwrap_or_else(|| panic!("-pos reads {pos:?}"));
+    assert_ne!(
+        parsed.txid.0,
+        0,
+        "the replica forgot its position:\n{}",
+        replica.stderr_text()
+    );
+    let backing = replica.data_dir().join("dbs").join(name).join("database");
+    let file = fs::File::open(&backing).unwrap();
+    let mut header = [0u8; 32];
+    std::os::unix::fs::FileExt::read_exact_at(&file, &mut header, 0).unwrap();
+    let page_size = match u16::from_be_bytes([header[16], header[17]]) {
+        1 => 65536,
+        size => u32::from(size),
+    };
+    let commit = u32::from_be_bytes(header[28..32].try_into().unwrap());
+    ltx::verify_database_checksum(&file, page_size, commit, parsed.checksum)
+        .unwrap_or_else(|e| panic!("the replica's database is not at {pos:?}: {e}"));
+
+    let copy = replica.root().join("export.db");
+    let mut export = ltxfs_command();
+    export
+        .arg("export")
+        .args(["--name", name, "--mount"])
+        .arg(replica.path())
+        .arg("--config")
+        .arg(replica.config_path())
+        .arg(&copy);
+    let output = run_bounded(READY_TIMEOUT, move || export.output())
+        .expect("ltxfs export finished in time")
+        .expect("ltxfs export ran");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "ltxfs export failed: {}{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr),
+        replica.stderr_text()
+    );
+    let exported = stdout
+        .trim_end()
+        .rsplit_once(" at TXID ")
+        .and_then(|(_, at)| at.split_once(", checksum "))
+        .map(|(txid, checksum)| format!("{txid}/{checksum}\n"))
+        .unwrap_or_else(|| panic!("ltxfs export printed {stdout:?}"));
+    assert_eq!(exported, pos, "the export is not at the replica's -pos");
+    assert_eq!(position(replica, name).as_deref(), Some(pos));
+
+    assert_eq!(integrity_check(reader), "ok");
+    let read = query_i64(reader, "SELECT count(*) FROM t");
+    assert!(0 < read && read < rows, "{read} of {rows} rows");
+    assert_eq!(
+        query_i64(reader, "SELECT sum(length(v)) FROM t"),
+        read * 32768
+    );
+    let exported_rows = query_i64(&open_db(&copy), "SELECT count(*) FROM t");
+    assert_eq!(read, exported_rows);
+    report(format!(
+        "a replica with a full disk stays at {}: {read} of {rows} rows",
+        pos.trim_end()
+    ));
+}
+
+/// Incompressible rows: the log, preallocated 4 MiB at a time, cannot grow.
+#[test]
+fn a_replica_whose_log_cannot_grow_stays_whole_and_catches_up_once_space_is_freed() {
+    a_replica_whose_disk_fills("randomblob(32768)", 700, "/log: No space left on device");
+}
+
+/// Rows that compress to almost nothing: the log has room for their change
+/// sets but the database file cannot grow by their pages.
+#[test]
+fn a_replica_whose_database_cannot_grow_stays_whole_and_catches_up_once_space_is_freed() {
+    a_replica_whose_disk_fills("zeroblob(32768)", 1100, " big.db: No space left on device");
 }
 
 /// The resident memory of process `pid`, in bytes.
@@ -538,6 +640,10 @@ fn a_primary_keeps_its_lease_while_a_replica_bootstraps_a_large_database() {
             }
             tx.commit().expect("commit");
         }
+        // SQLite's own checkpoint of the 256 MiB is not what the commits
+        // below measure.
+        conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+            .expect("checkpoint");
     }
     let pos = position(&primary, "big.db").expect("-pos");
     let url = format!("http://{}", primary.listen_addr());
@@ -545,17 +651,25 @@ fn a_primary_keeps_its_lease_while_a_replica_bootstraps_a_large_database() {
         extra_yaml: yaml("node-b"),
         ..MountOptions::default()
     });
+    let txid = |position: &str| u64::from_str_radix(&position[..16], 16).expect("a TXID");
+    let conn = rusqlite::Connection::open(&db).expect("open");
     let mut slowest = std::time::Duration::ZERO;
+    let mut slowest_commit = std::time::Duration::ZERO;
     let mut answers = 0;
     wait_until("node-b to bootstrap big.db", BOOTSTRAP_TIMEOUT, || {
         let asked = std::time::Instant::now();
         assert_status_answers(&url, "during the bootstrap");
         slowest = slowest.max(asked.elapsed());
         answers += 1;
-        position(&replica, "big.db").as_deref() == Some(pos.as_str())
+        let committing = std::time::Instant::now();
+        conn.execute("INSERT INTO blobs(data) VALUES (x'01')", [])
+            .expect("a commit during the bootstrap");
+        slowest_commit = slowest_commit.max(committing.elapsed());
+        position(&replica, "big.db").is_some_and(|at| txid(&at) >= txid(&pos))
     });
     report(format!(
-        "bootstrap of 256 MiB: {answers} status calls to the primary, the slowest {slowest:?}"
+        "bootstrap of 256 MiB: {answers} status calls to the primary and commits to big.db, \
+         the slowest call {slowest:?}, the slowest commit {slowest_commit:?}"
     ));
     let log = primary.stderr_text();
     assert!(
@@ -566,9 +680,14 @@ fn a_primary_keeps_its_lease_while_a_replica_bootstraps_a_large_database() {
         slowest < std::time::Duration::from_secs(2),
         "the primary's node API took {slowest:?} to answer during the bootstrap"
     );
-    let conn = rusqlite::Connection::open(&db).expect("open");
-    conn.execute("INSERT INTO blobs(data) VALUES (x'00')", [])
-        .expect("the primary still accepts writes");
+    assert!(
+        slowest_commit < std::time::Duration::from_secs(2),
+        "a commit to the database being copied took {slowest_commit:?}"
+    );
+    let primary_at = position(&primary, "big.db").expect("-pos");
+    wait_until("node-b to follow the commits", READY_TIMEOUT, || {
+        position(&replica, "big.db").as_deref() == Some(primary_at.as_str())
+    });
 }
 
 /// The bound on a replica's bootstrap of 256 MiB in a debug build.

@@ -26,7 +26,10 @@ use ltxfs::replication::{
     self, CHUNK_SIZE, FollowSettings, FollowerState, HandoffPhase, Handoffs, KnownPeers,
     NodeContext, Peer, PeerCatchUp,
 };
-use ltxfs::store::{CaptureOptions, Position, Role, SQLITE_HEADER_MAGIC, Store};
+use ltxfs::store::locks::{ByteRange, LockKind, LockRequest};
+use ltxfs::store::{
+    CaptureOptions, Change, ChangeSetBytes, FileKind, Position, Role, SQLITE_HEADER_MAGIC, Store,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -527,6 +530,141 @@ async fn a_node_taking_over_catches_up_from_the_peer_that_is_ahead() {
     shutdown.cancel();
 }
 
+/// SQLite's SHARED lock range on a database file, which every rollback-mode
+/// reader holds while it reads (after the PENDING and RESERVED bytes).
+const SHARED_RANGE: ByteRange = ByteRange {
+    start: 0x4000_0002,
+    end: 0x4000_01ff,
+};
+
+/// A reader's lock on SQLite's SHARED range of a database file, released when
+/// dropped (also when the test fails, so no apply waits for it forever).
+struct SharedLock {
+    node: Arc<ltxfs::store::Node>,
+    owner: u64,
+}
+
+impl SharedLock {
+    /// Takes the lock for `owner`, or `None` when another lock or a waiting
+    /// apply stands in its way.
+    fn try_take(node: &Arc<ltxfs::store::Node>, owner: u64) -> Option<SharedLock> {
+        let request = LockRequest {
+            owner,
+            pid: 1,
+            range: SHARED_RANGE,
+            kind: LockKind::Read,
+        };
+        node.locks().try_lock(request).ok()?;
+        Some(SharedLock {
+            node: node.clone(),
+            owner,
+        })
+    }
+}
+
+impl Drop for SharedLock {
+    fn drop(&mut self) {
+        self.node.locks().unlock(self.owner, SHARED_RANGE);
+    }
+}
+
+/// Regression (commit 1727619): a node taking over asks a peer that is ahead
+/// for what follows its position, but an apply of the last primary's change
+/// set, waiting for a reader, lands after the question, so the peer's first
+/// change set no longer follows. The node asks that peer again, from its new
+/// position, and gets the rest.
+#[tokio::test]
+async fn a_node_taking_over_asks_a_peer_again_when_its_position_moved_meanwhile() {
+    let (logs, _guard) = Logs::capture();
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let shutdown = CancellationToken::new();
+    // The last primary's history: five transactions.
+    let primary = Store::open(dirs[0].path(), CaptureOptions::default(), Role::Primary).unwrap();
+    for value in 1..=5u8 {
+        commit(
+            &primary,
+            "app.db",
+            [(1, value), (u32::from(value) + 1, value)],
+        );
+    }
+    let primary_state = state(&primary);
+    let sets = ltxfs::store::log::read_change_sets(&dirs[0].path().join("dbs/app.db/log")).unwrap();
+    assert_eq!(sets.len(), 5);
+    let node_b = start_node(dirs[1].path(), Role::Replica, "node-b", &shutdown).await;
+    let node_c = start_node(dirs[2].path(), Role::Replica, "node-c", &shutdown).await;
+    let apply = |store: Arc<Store>, ltx: Vec<u8>| {
+        tokio::task::spawn_blocking(move || {
+            store.apply_change_set("app.db", ChangeSetBytes::InMemory(ltx))
+        })
+    };
+    // node-c received all of it.
+    for set in &sets {
+        apply(node_c.store.clone(), set.clone())
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    assert!(state(&node_c.store) == primary_state);
+
+    // node-b applied TXID 1; TXID 2 waits for a reader of node-b.
+    apply(node_b.store.clone(), sets[0].clone())
+        .await
+        .unwrap()
+        .unwrap();
+    let database = node_b.store.lookup("app.db").unwrap();
+    let reader = SharedLock::try_take(&database, 1).unwrap();
+    let late = apply(node_b.store.clone(), sets[1].clone());
+    // Once the apply waits for the reader, other readers wait behind it.
+    eventually("the late apply to wait for the reader", || {
+        SharedLock::try_take(&database, 2).is_none()
+    })
+    .await;
+    assert_eq!(
+        node_b.store.database("app.db").unwrap().position().txid,
+        TxId(1)
+    );
+
+    let peers = vec![Peer {
+        hostname: "node-c".into(),
+        url: node_c.url.clone(),
+    }];
+    let store = node_b.store.clone();
+    let taking_over = tokio::spawn(async move {
+        replication::catch_up_from_peers(&store, &Default::default(), "node-b", &peers).await
+    });
+    // node-c has node-b's question, from TXID 1: the late apply lands.
+    logs.wait_for(
+        "INFO",
+        &["a node taking over as the primary catches up from this one"],
+    )
+    .await;
+    drop(reader);
+    let landed = late.await.unwrap().unwrap();
+    assert_eq!(landed.position.txid, TxId(2));
+
+    let report = taking_over.await.unwrap();
+    assert_eq!(report.caught_up_from, ["node-c"], "{}", logs.text());
+    assert!(report.unreachable.is_empty(), "{}", logs.text());
+    assert!(
+        state(&node_b.store) == primary_state,
+        "node-b differs from the old primary"
+    );
+    logs.wait_for(
+        "WARN",
+        &[
+            "refused a change set from peer node-c",
+            "does not follow TXID 0000000000000002",
+        ],
+    )
+    .await;
+    logs.wait_for(
+        "WARN",
+        &["catching up from a peer failed; trying again", "attempt=1"],
+    )
+    .await;
+    shutdown.cancel();
+}
+
 /// Commits like [`commit`], then holds the commit as the filesystem does after
 /// a change (on the calling thread: it may block); returns the TXID committed.
 fn commit_and_hold(
@@ -534,10 +672,20 @@ fn commit_and_hold(
     name: &str,
     pages: impl IntoIterator<Item = (u32, u8)>,
 ) -> Result<TxId, ltxfs::store::StoreError> {
-    let mark = store.commit_mark(store.database(name).as_deref());
-    commit(store, name, pages);
-    let database = store.database(name).unwrap();
-    store.hold_commit(&database, mark)?;
+    let database = store
+        .lookup(name)
+        .unwrap_or_else(|| store.create(name).unwrap())
+        .database()
+        .clone();
+    let journal = format!("{name}-journal");
+    let change = Change::File {
+        name: &journal,
+        kind: &FileKind::Journal,
+    };
+    store.make_change(&database, change, || {
+        commit(store, name, pages);
+        Ok::<_, ltxfs::store::StoreError>(())
+    })?;
     Ok(database.position().txid)
 }
 

@@ -5,6 +5,9 @@
 //! - Nothing is written unless the change set follows the position (TXID and
 //!   pre-apply checksum) and the checksum it leads to, computed from the page
 //!   checksums before any write, equals its post-apply checksum.
+//! - The room the database file needs past its end is allocated before the change
+//!   set is logged, so a full disk refuses it whole rather than cutting its pages
+//!   short (where the filesystem has `fallocate`).
 //! - The change set is in the log before its pages reach the database file, so a
 //!   crash part-way through is repaired at start-up by applying it again (a change
 //!   set holds whole pages, so applying it twice gives the same content).
@@ -287,6 +290,7 @@ impl Database {
                 received.post_apply
             )));
         }
+        reserve_growth(&state, &self.name, &header)?;
         if snapshot {
             state
                 .log
@@ -520,6 +524,49 @@ fn update_page_checksums(
         state.page_checksums[*pgno as usize - 1] = *checksum;
     }
     state.checksum_xor = xor;
+}
+
+/// Allocates the blocks the database file of `database` needs past its end
+/// for the change set of `header`, without changing its size, so that a full
+/// disk refuses the change set before it is logged instead of cutting its
+/// pages short. Filesystems without `fallocate` are written to as before.
+fn reserve_growth(state: &CaptureState, database: &str, header: &Header) -> Result<(), StoreError> {
+    use std::os::fd::AsRawFd;
+    let Some(file) = &state.database_file else {
+        return Ok(());
+    };
+    let io_error = |source| StoreError::Io {
+        context: format!(
+            "make room for change set {} in {database}",
+            header.filename()
+        ),
+        source,
+    };
+    let len = file.metadata().map_err(io_error)?.len();
+    let size = u64::from(header.commit) * u64::from(header.page_size);
+    if size <= len {
+        return Ok(());
+    }
+    loop {
+        // SAFETY: the descriptor is open for the call.
+        let result = unsafe {
+            libc::fallocate(
+                file.as_raw_fd(),
+                libc::FALLOC_FL_KEEP_SIZE,
+                len as libc::off_t,
+                (size - len) as libc::off_t,
+            )
+        };
+        if result == 0 {
+            return Ok(());
+        }
+        let error = std::io::Error::last_os_error();
+        match error.raw_os_error() {
+            Some(libc::EINTR) => {}
+            Some(libc::EOPNOTSUPP | libc::ENOSYS) => return Ok(()),
+            _ => return Err(io_error(error)),
+        }
+    }
 }
 
 /// Writes the pages of `received` into the database file of `database` and

@@ -5,13 +5,17 @@
 //! them); a position is followed from only when the log holds the change set that
 //! ends there with the same checksum, otherwise the answer is a snapshot.
 
+use std::fs::File;
 use std::io::Write;
+use std::os::unix::fs::FileExt;
 use std::sync::MutexGuard;
+use std::time::Duration;
 
 use crate::ltx::{self, Checksum, Encoder, Header, TxId};
 
 use super::{CaptureState, Database, Position};
-use crate::store::StoreError;
+use crate::store::log::MAX_HISTORY_FOR_SNAPSHOT;
+use crate::store::{StoreError, write_all_at_in_pieces};
 
 /// What a replica at some position needs next.
 #[derive(Debug, PartialEq, Eq)]
@@ -154,45 +158,139 @@ impl Database {
 
     /// Writes a snapshot of the current content (every page, TXID range 1 to the
     /// current TXID) to `out` and returns the position it brings a replica to.
+    /// Commits go on while it is made:
     ///
-    /// Made from the log when it starts with a snapshot followed by a short
-    /// history (it always replays to the content): the capture lock is held only
-    /// to note the position and the records, so commits go on while the
-    /// snapshot is written. Otherwise the content is read under the lock, so
-    /// commits wait; memory use is then one page.
+    /// - from the log, when it starts with a snapshot followed by a short
+    ///   history (it always replays to the content): the capture lock is held
+    ///   only to note the position and the records;
+    /// - otherwise copied from the content into an unnamed spool file,
+    ///   [`SNAPSHOT_CHUNK_PAGES`] pages per hold of the capture lock, then made
+    ///   whole under the lock by copying again the pages whose checksum no
+    ///   longer matches what was copied, and encoded from the spool without
+    ///   the lock.
     pub fn write_snapshot(&self, out: &mut dyn Write) -> Result<Position, StoreError> {
+        self.write_snapshot_with(out, MAX_HISTORY_FOR_SNAPSHOT, &mut || {})
+    }
+
+    /// [`Database::write_snapshot`], compacting from the log up to `max_history`
+    /// bytes of change sets, and calling `between_chunks` each time the capture
+    /// lock is let go while the content is copied.
+    pub(in crate::store) fn write_snapshot_with(
+        &self,
+        out: &mut dyn Write,
+        max_history: u64,
+        between_chunks: &mut dyn FnMut(),
+    ) -> Result<Position, StoreError> {
         let history = {
             let state = self.lock();
             state
                 .log
-                .history_until(state.position.txid, state.position.checksum)?
+                .history_until(state.position.txid, state.position.checksum, max_history)?
                 .map(|history| (history, state.position))
         };
         if let Some((history, position)) = history {
             let header = history
                 .write_snapshot(self.options.compress, self.shared.epoch(), out)
-                .map_err(|error| match error {
-                    StoreError::Capture { message, .. } => StoreError::Capture {
-                        database: self.name.clone(),
-                        message,
-                    },
-                    error => error,
-                })?;
+                .map_err(|error| self.named(error))?;
             debug_assert_eq!(header.max_txid, position.txid);
             return Ok(position);
         }
-        let state = self.lock();
-        self.encode_snapshot(&state, out)?;
-        Ok(state.position)
+        let copy = self.copy_content(between_chunks)?;
+        self.encode_copy(&copy, out)?;
+        Ok(copy.position)
     }
 
-    fn encode_snapshot(
-        &self,
-        state: &MutexGuard<'_, CaptureState>,
-        out: &mut dyn Write,
-    ) -> Result<(), StoreError> {
-        let position = state.position;
-        let page_size = state.page_size.max(512);
+    /// A copy of the logical content at one position, made without holding the
+    /// capture lock for more than [`SNAPSHOT_CHUNK_PAGES`] pages at a time (but
+    /// for the final pass over the pages that changed meanwhile).
+    fn copy_content(&self, between_chunks: &mut dyn FnMut()) -> Result<ContentCopy, StoreError> {
+        let io = |what: &str, source| StoreError::Io {
+            context: format!("{what} for a snapshot of {}", self.name),
+            source,
+        };
+        let spool =
+            tempfile::tempfile_in(&self.dir).map_err(|source| io("create a spool", source))?;
+        let mut attempts = 0;
+        'copy: loop {
+            let page_size = self.lock().page_size.max(512);
+            let lock_page = ltx::lock_page_number(page_size);
+            let mut page = vec![0u8; page_size as usize];
+            let offset = |pgno: u32| u64::from(pgno - 1) * u64::from(page_size);
+            // The checksum of each page as copied, index `pgno - 1`.
+            let mut copied: Vec<u64> = Vec::new();
+            loop {
+                {
+                    let state = self.lock();
+                    if state.page_size.max(512) != page_size {
+                        continue 'copy;
+                    }
+                    let first = copied.len() as u32 + 1;
+                    let last = state
+                        .commit
+                        .min(first.saturating_add(SNAPSHOT_CHUNK_PAGES - 1));
+                    for pgno in first..=last {
+                        if pgno == lock_page {
+                            copied.push(0);
+                            continue;
+                        }
+                        state.read_committed_page(pgno, page_size, &mut page)?;
+                        copied.push(ltx::page_checksum(pgno, &page).0);
+                        write_all_at_in_pieces(&spool, &page, offset(pgno))
+                            .map_err(|source| io("write a spool", source))?;
+                    }
+                    if last >= state.commit {
+                        break;
+                    }
+                }
+                between_chunks();
+            }
+            loop {
+                let state = self.lock();
+                if state.page_size.max(512) != page_size {
+                    continue 'copy;
+                }
+                let changed: Vec<u32> = (1..=state.commit)
+                    .filter(|&pgno| pgno != lock_page)
+                    .filter(|&pgno| {
+                        copied.get(pgno as usize - 1) != state.page_checksums.get(pgno as usize - 1)
+                    })
+                    .collect();
+                // A rollback-mode transaction in flight holds uncommitted pages in
+                // the database file: copy those once it has ended.
+                let in_flight = state.needs_rescan
+                    || state.truncated
+                    || changed.iter().any(|pgno| state.dirty_pages.contains(pgno));
+                if !in_flight {
+                    for &pgno in &changed {
+                        state.read_committed_page(pgno, page_size, &mut page)?;
+                        write_all_at_in_pieces(&spool, &page, offset(pgno))
+                            .map_err(|source| io("write a spool", source))?;
+                    }
+                    return Ok(ContentCopy {
+                        spool,
+                        position: state.position,
+                        page_size,
+                        commit: state.commit,
+                    });
+                }
+                drop(state);
+                attempts += 1;
+                if attempts > SNAPSHOT_SETTLE_ATTEMPTS {
+                    return Err(StoreError::Capture {
+                        database: self.name.clone(),
+                        message: format!(
+                            "could not write a snapshot: a transaction stayed in flight for {:?}",
+                            SNAPSHOT_SETTLE_WAIT * SNAPSHOT_SETTLE_ATTEMPTS
+                        ),
+                    });
+                }
+                std::thread::sleep(SNAPSHOT_SETTLE_WAIT);
+            }
+        }
+    }
+
+    /// Encodes `copy` as a snapshot to `out`.
+    fn encode_copy(&self, copy: &ContentCopy, out: &mut dyn Write) -> Result<(), StoreError> {
         let encode_error = |error: ltx::LtxError| StoreError::Capture {
             database: self.name.clone(),
             message: format!("could not write a snapshot: {error}"),
@@ -203,25 +301,62 @@ impl Database {
             } else {
                 0
             },
-            page_size,
-            commit: state.commit,
+            page_size: copy.page_size,
+            commit: copy.commit,
             min_txid: TxId(1),
-            max_txid: position.txid,
+            max_txid: copy.position.txid,
             timestamp: crate::store::cluster::unix_now_ms(),
             pre_apply_checksum: Checksum(0),
             node_id: self.shared.epoch(),
             ..Header::default()
         };
         let mut encoder = Encoder::new(out, header).map_err(encode_error)?;
-        let lock_page = ltx::lock_page_number(page_size);
-        let mut page = vec![0u8; page_size as usize];
-        for pgno in (1..=state.commit).filter(|&pgno| pgno != lock_page) {
-            state.read_logical_page(pgno, page_size, &mut page)?;
+        let lock_page = ltx::lock_page_number(copy.page_size);
+        let mut page = vec![0u8; copy.page_size as usize];
+        for pgno in (1..=copy.commit).filter(|&pgno| pgno != lock_page) {
+            copy.spool
+                .read_exact_at(&mut page, u64::from(pgno - 1) * u64::from(copy.page_size))
+                .map_err(|source| StoreError::Io {
+                    context: format!("read the spool of a snapshot of {}", self.name),
+                    source,
+                })?;
             encoder.encode_page(pgno, &page).map_err(encode_error)?;
         }
-        encoder.finish(position.checksum).map_err(encode_error)?;
+        encoder
+            .finish(copy.position.checksum)
+            .map_err(encode_error)?;
         Ok(())
     }
+
+    /// `error` with this database's name where it names none.
+    fn named(&self, error: StoreError) -> StoreError {
+        match error {
+            StoreError::Capture { message, .. } => StoreError::Capture {
+                database: self.name.clone(),
+                message,
+            },
+            error => error,
+        }
+    }
+}
+
+/// Pages a snapshot copies per hold of the database's capture lock.
+pub const SNAPSHOT_CHUNK_PAGES: u32 = 256;
+
+/// How many times, [`SNAPSHOT_SETTLE_WAIT`] apart, a snapshot waits for a
+/// rollback-mode transaction in flight to end before it gives up.
+const SNAPSHOT_SETTLE_ATTEMPTS: u32 = 500;
+
+/// See [`SNAPSHOT_SETTLE_ATTEMPTS`].
+const SNAPSHOT_SETTLE_WAIT: Duration = Duration::from_millis(10);
+
+/// The logical content of a database at one position, page `n` at offset
+/// `(n - 1) * page_size` of an unnamed file.
+struct ContentCopy {
+    spool: File,
+    position: Position,
+    page_size: u32,
+    commit: u32,
 }
 
 /// The newest point of `replica_history` (newest first) that this log shares: a
