@@ -56,6 +56,10 @@ pub const LOCK_WAIT_LIMIT: Duration = Duration::from_secs(30);
 /// The busy timeout of the tools' connections: one attempt's wait for a lock.
 /// Retries beyond it are counted against [`LOCK_WAIT_LIMIT`].
 const BUSY_TIMEOUT: Duration = Duration::from_millis(200);
+/// How many times an export copies a database whose copy does not match the
+/// checksum `-pos` showed, before it reports the mismatch: a commit slips in
+/// only within microseconds of SQLite's own (see `copy_pages_at_one_position`).
+const COPY_ATTEMPTS: u32 = 3;
 
 /// The pause before retrying a busy or locked step.
 const RETRY_PAUSE: Duration = Duration::from_millis(10);
@@ -657,10 +661,14 @@ fn is_busy(error: &rusqlite::Error) -> bool {
 /// the empty file at `temp`; returns how many, and the TXID and
 /// checksum from `-pos`, which the copy is checked against.
 ///
-/// The pages are read in one read transaction. Its TXID is known when `-pos`
-/// reads the same just before the transaction starts and just after: no
-/// commit came in between. In WAL mode writers go on meanwhile; in rollback
-/// modes they wait until the pages are read.
+/// The pages are read in one read transaction. `-pos` shows the position
+/// every read transaction begun after it sees at least, so when it reads the
+/// same just before the transaction starts and just after, the transaction
+/// holds that TXID, unless a WAL writer published a commit in the wal-index
+/// and had not yet ended its write transaction: the copy is checked against
+/// the checksum, and taken again (up to [`COPY_ATTEMPTS`] times) when it
+/// differs. In WAL mode writers go on meanwhile; in rollback modes they wait
+/// until the pages are read.
 fn copy_pages_at_one_position(
     source: &Connection,
     mount: &Path,
@@ -670,6 +678,7 @@ fn copy_pages_at_one_position(
     let what = format!("copying {name} to {}", temp.display());
     let sqlite = |error| ToolError::sqlite(format!("failed {what}"))(error);
     let started = Instant::now();
+    let mut attempts = 0;
     loop {
         let before = read_position(mount, name)?;
         source.execute_batch("BEGIN").map_err(sqlite)?;
@@ -701,12 +710,20 @@ fn copy_pages_at_one_position(
         })?;
         if pages > 0 {
             let commit = u32::try_from(pages).unwrap_or(u32::MAX);
-            crate::ltx::verify_database_checksum(&file, page_size, commit, before.checksum)
-                .map_err(|error| ToolError::CopyMismatch {
-                    name: name.to_string(),
-                    txid: before.txid.0,
-                    reason: error.to_string(),
-                })?;
+            let verified =
+                crate::ltx::verify_database_checksum(&file, page_size, commit, before.checksum);
+            attempts += 1;
+            match verified {
+                Ok(()) => {}
+                Err(_) if attempts < COPY_ATTEMPTS => continue,
+                Err(error) => {
+                    return Err(ToolError::CopyMismatch {
+                        name: name.to_string(),
+                        txid: before.txid.0,
+                        reason: format!("{error} ({attempts} copies)"),
+                    });
+                }
+            }
         }
         return Ok((pages, before));
     }

@@ -541,9 +541,11 @@ impl Fs {
     pub fn read(&self, handle: u64, offset: u64, size: u32) -> Result<Vec<u8>, FsError> {
         match &self.handle(handle)?.opened {
             Opened::File(node) => Ok(node.read_at(offset, size as usize)?),
-            Opened::Position(database) => {
-                Ok(slice_of(database.position().to_pos_file(), offset, size))
-            }
+            Opened::Position(database) => Ok(slice_of(
+                database.visible_position().to_pos_file(),
+                offset,
+                size,
+            )),
             Opened::Status(file) => Ok(slice_of(
                 file.content(&self.store).unwrap_or_default(),
                 offset,
@@ -709,7 +711,7 @@ impl Fs {
     fn position_attr(&self, database: &Database) -> Attr {
         Attr {
             ino: database.position_file_id().0,
-            size: database.position().to_pos_file().len() as u64,
+            size: database.visible_position().to_pos_file().len() as u64,
             node_type: NodeType::File,
             perm: 0o444,
             uid: self.uid,

@@ -139,7 +139,34 @@ pub struct Database {
     /// commit, an apply or a snapshot holds for long (async code must never
     /// wait on the store).
     published: std::sync::RwLock<(Position, u32)>,
+    /// What the `-pos` file shows: the position every read transaction begun
+    /// from now on sees at least, which trails a WAL commit's capture until
+    /// SQLite has published it in the wal-index.
+    visibility: Mutex<Visibility>,
 }
+
+/// The position readers can see, next to a WAL commit they may not see yet.
+///
+/// SQLite writes a WAL transaction's commit frame (the moment of capture),
+/// syncs the WAL, writes the wal-index header that readers begin from, and
+/// only then releases the WAL write lock (byte [`WAL_WRITE_LOCK`] of `-shm`).
+/// A captured WAL commit is therefore visible once no connection holds that
+/// lock; every other position is visible when it is set (a rollback-mode
+/// writer keeps readers out until its commit is done, and a replica applies
+/// with readers kept out).
+#[derive(Debug, Clone, Copy)]
+struct Visibility {
+    visible: Position,
+    /// The newest captured WAL commit not yet known to be visible.
+    pending: Option<Position>,
+}
+
+/// The byte of `-shm` SQLite's WAL writer locks for the whole of a write
+/// transaction (`WALINDEX_LOCK_OFFSET`, SQLite's `WAL_WRITE_LOCK`).
+pub(super) const WAL_WRITE_LOCK: super::locks::ByteRange = super::locks::ByteRange {
+    start: 120,
+    end: 120,
+};
 
 impl std::fmt::Debug for Database {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -252,6 +279,10 @@ impl Database {
             options,
             shared,
             published: std::sync::RwLock::new((state.position, state.commit)),
+            visibility: Mutex::new(Visibility {
+                visible: state.position,
+                pending: None,
+            }),
             state: Mutex::new(state),
             captured_txid: AtomicU64::new(0),
             compacting: Mutex::new(()),
@@ -286,11 +317,58 @@ impl Database {
         position.txid.0 > 0 && commit > 0
     }
 
-    /// Moves the position, and the copy [`Database::position`] reads (with
-    /// the size in pages the state has by then).
+    /// The position every read transaction begun from now on sees at least:
+    /// what the `-pos` file shows. It trails [`Database::position`] while a
+    /// WAL writer is between capture and the end of its commit. Never waits,
+    /// like [`Database::position`].
+    pub fn visible_position(&self) -> Position {
+        self.visibility.lock_unpoisoned().visible
+    }
+
+    /// Moves the position, and the copies read without the capture lock:
+    /// [`Database::position`] (with the size in pages the state has by then)
+    /// and [`Database::visible_position`].
     fn set_position(&self, state: &mut CaptureState, position: Position) {
+        self.move_position(state, position);
+        *self.visibility.lock_unpoisoned() = Visibility {
+            visible: position,
+            pending: None,
+        };
+    }
+
+    /// [`Database::set_position`] for a commit captured from a WAL frame, which
+    /// readers see once [`Database::publish_wal_commit`] says so.
+    fn set_wal_commit_position(&self, state: &mut CaptureState, position: Position) {
+        self.move_position(state, position);
+        self.visibility.lock_unpoisoned().pending = Some(position);
+    }
+
+    fn move_position(&self, state: &mut CaptureState, position: Position) {
         state.position = position;
         *self.published.write_unpoisoned() = (position, state.commit);
+    }
+
+    /// Whether a captured WAL commit waits for [`Database::publish_wal_commit`].
+    pub(super) fn has_unpublished_wal_commit(&self) -> bool {
+        self.visibility.lock_unpoisoned().pending.is_some()
+    }
+
+    /// Makes the captured WAL commits visible when no connection holds the WAL
+    /// write lock in `shm_locks`, the lock table of the database's `-shm`
+    /// (`None` when it has none, as with `locking_mode=EXCLUSIVE`, where no
+    /// other connection can read). Checked under the visibility lock, which a
+    /// capture takes after its writer took the WAL write lock, so a commit
+    /// captured meanwhile is never published early.
+    pub(super) fn publish_wal_commit(&self, shm_locks: Option<&super::locks::LockTable>) {
+        let mut visibility = self.visibility.lock_unpoisoned();
+        if visibility.pending.is_none()
+            || shm_locks.is_some_and(|locks| locks.is_write_locked(WAL_WRITE_LOCK))
+        {
+            return;
+        }
+        if let Some(position) = visibility.pending.take() {
+            visibility.visible = position;
+        }
     }
 
     /// Brings the state in line with the files after they were all attached at
@@ -312,6 +390,9 @@ impl Database {
         } else {
             self.rescan(&mut state)?;
         }
+        // No connection is open at start-up: WAL commits replayed from the
+        // WAL are what readers will see.
+        self.publish_wal_commit(None);
         Ok(())
     }
 
@@ -1065,13 +1146,15 @@ impl Database {
             state.unsynced_outside_wal = true;
         }
         state.commit = commit;
-        self.set_position(
-            state,
-            Position {
-                txid,
-                checksum: post_apply,
-            },
-        );
+        let position = Position {
+            txid,
+            checksum: post_apply,
+        };
+        if wal_span.is_some() {
+            self.set_wal_commit_position(state, position);
+        } else {
+            self.set_position(state, position);
+        }
         state.snapshot_next = false;
         state.page_size = page_size;
         if self.options.strict_verify {

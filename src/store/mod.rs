@@ -344,8 +344,13 @@ impl Node {
         self.after_unlock();
     }
 
-    /// A released database lock may end a transaction of a journal-less mode.
+    /// A released database lock may end a transaction of a journal-less mode;
+    /// a released `-shm` lock may end a WAL commit, which readers then see.
     fn after_unlock(&self) {
+        if self.kind == FileKind::Shm {
+            self.database.publish_wal_commit(Some(&self.locks));
+            return;
+        }
         if self.kind != FileKind::Database {
             return;
         }
@@ -721,6 +726,12 @@ impl Store {
             }
             Change::Unlock => make()?,
         };
+        if database.has_unpublished_wal_commit() {
+            // Without WAL-index locks (`locking_mode=EXCLUSIVE`) no unlock
+            // of `-shm` will publish the commit.
+            let shm = self.lookup(&format!("{}-shm", database.name()));
+            database.publish_wal_commit(shm.as_deref().map(Node::locks));
+        }
         self.hold_commit(database, mark)?;
         Ok(made)
     }
@@ -1255,6 +1266,7 @@ pub(crate) mod testing {
 
 #[cfg(test)]
 mod tests {
+    use super::locks::{LockKind, LockRequest};
     use super::testing::*;
     use super::*;
 
@@ -1275,6 +1287,88 @@ mod tests {
             file.read_exact_at(&mut back, 5).unwrap();
             assert_eq!(back, bytes, "{len} bytes");
         }
+    }
+
+    /// A WAL-mode `app.db` of one page, with its WAL begun (salts `salts`).
+    fn wal_database(store: &Store, salts: (u32, u32)) -> Arc<Node> {
+        let db = store.create("app.db").unwrap();
+        db.write_at(0, &wal_mode_page_one(0)).unwrap();
+        db.unlock_all(1);
+        let wal = store.create("app.db-wal").unwrap();
+        wal.write_at(0, &wal::testing::header(512, salts)).unwrap();
+        db
+    }
+
+    fn wal_mode_page_one(byte: u8) -> Vec<u8> {
+        let mut page = page_one(512);
+        page[18..20].copy_from_slice(&[2, 2]);
+        page[200] = byte;
+        page
+    }
+
+    /// Writes, as the mount does, a WAL frame committing a changed page 1;
+    /// returns the position before and after.
+    fn commit_wal_frame(store: &Store, db: &Node, salts: (u32, u32)) -> (Position, Position) {
+        let before = db.database().position();
+        let frame = wal::testing::frame(1, 1, salts, &wal_mode_page_one(1));
+        let wal = store.lookup("app.db-wal").unwrap();
+        let change = Change::File {
+            name: "app.db-wal",
+            kind: &FileKind::Wal,
+        };
+        store
+            .make_change(db.database(), change, || {
+                wal.write_at(wal::WAL_HEADER_SIZE, &frame)
+            })
+            .unwrap();
+        let captured = db.database().position();
+        assert!(captured.txid > before.txid, "{captured:?}");
+        (before, captured)
+    }
+
+    /// Regression: `-pos` showed a WAL commit from the moment its commit
+    /// frame was written, before SQLite put it in the wal-index, so a reader
+    /// that read `-pos` and then began a transaction could see the one before
+    /// (`ltxfs export` then failed its checksum).
+    #[test]
+    fn a_wal_commit_is_visible_once_its_writer_releases_the_wal_write_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), CaptureOptions::default(), Role::Primary).unwrap();
+        let salts = (11, 12);
+        let db = wal_database(&store, salts);
+        let shm = store.create("app.db-shm").unwrap();
+        let lock = |owner, range, kind| LockRequest {
+            owner,
+            pid: 1,
+            range,
+            kind,
+        };
+        let writer = lock(7, capture::WAL_WRITE_LOCK, LockKind::Write);
+        shm.locks().try_lock(writer).unwrap();
+        let (before, captured) = commit_wal_frame(&store, &db, salts);
+        assert_eq!(db.database().visible_position(), before);
+
+        // A reader's lock coming and going publishes nothing while the
+        // writer holds its lock.
+        let reader = lock(8, ByteRange::new(123, 123).unwrap(), LockKind::Read);
+        shm.locks().try_lock(reader).unwrap();
+        shm.unlock(8, reader.range);
+        assert_eq!(db.database().visible_position(), before);
+
+        shm.unlock(7, capture::WAL_WRITE_LOCK);
+        assert_eq!(db.database().visible_position(), captured);
+    }
+
+    /// Without WAL-index locks (`locking_mode=EXCLUSIVE`) a WAL commit is
+    /// visible as soon as it is captured: no other connection can read.
+    #[test]
+    fn a_wal_commit_without_wal_index_locks_is_visible_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), CaptureOptions::default(), Role::Primary).unwrap();
+        let salts = (21, 22);
+        let db = wal_database(&store, salts);
+        let (_, captured) = commit_wal_frame(&store, &db, salts);
+        assert_eq!(db.database().visible_position(), captured);
     }
 
     /// Regression: unlinking a WAL syncs the database's log first, which waits

@@ -291,6 +291,43 @@ pub fn read_exact_at(file: &File, buffer: &mut [u8], offset: u64) -> std::io::Re
     }
 }
 
+/// WAL bytes as SQLite writes them, for tests of what reads them.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+
+    /// A valid little-endian WAL header of a generation with salts `salts`.
+    pub(crate) fn header(page_size: u32, salts: (u32, u32)) -> Vec<u8> {
+        let mut header = Vec::with_capacity(WAL_HEADER_SIZE as usize);
+        for word in [
+            WAL_MAGIC_LITTLE_ENDIAN,
+            3_007_000,
+            page_size,
+            0,
+            salts.0,
+            salts.1,
+        ] {
+            header.extend_from_slice(&word.to_be_bytes());
+        }
+        let (s0, s1) = wal_checksum(false, (0, 0), &header);
+        header.extend_from_slice(&s0.to_be_bytes());
+        header.extend_from_slice(&s1.to_be_bytes());
+        header
+    }
+
+    /// A frame holding `page` as page `pgno`; `commit` is the database size
+    /// after its transaction when it ends one, else 0. Capture reads frames
+    /// by their salts, so the checksum is left zero.
+    pub(crate) fn frame(pgno: u32, commit: u32, salts: (u32, u32), page: &[u8]) -> Vec<u8> {
+        let mut frame = Vec::with_capacity(FRAME_HEADER_SIZE as usize + page.len());
+        for word in [pgno, commit, salts.0, salts.1, 0, 0] {
+            frame.extend_from_slice(&word.to_be_bytes());
+        }
+        frame.extend_from_slice(page);
+        frame
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
