@@ -22,7 +22,7 @@
 //!    newest state against downloading the same objects with plain GETs, and the
 //!    restore process's peak memory (see `restore`).
 //!
-//! The goals are those of issue 18 (see `report`).
+//! The goals are in `report`.
 //!
 //! Invariants: moto and every mount are owned by [`run`] (or, for the restore's
 //! source mount, by `restore::measure`), declared so that the mounts stop

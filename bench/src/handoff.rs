@@ -43,8 +43,8 @@ use super::{BenchError, MachineInfo, Workspace, write_verdict};
 use ltxfs::replication::{ClientCredentials, ReplicationError, request_promote};
 use test_support::{Etcd, EtcdError};
 
-/// The goal from the issue: at most this long from the start of a handoff until
-/// the new primary accepts writes, on loopback.
+/// At most this long from the start of a handoff until the new primary accepts
+/// writes, on loopback.
 pub const GOAL_FIRST_WRITE: Duration = Duration::from_millis(100);
 /// The lease's time to live: short, as a deployment that wants quick failover
 /// would set it; a handoff does not wait for it to expire.

@@ -23,8 +23,8 @@
 //! noise of a shared machine, each workload first warms up on every target, then runs
 //! in rounds in which the targets take turns (the order alternates between rounds);
 //! the report gives, per target, the median over the rounds, and the ratio of each
-//! target to the baseline. A ratio of 1.0 means "as fast as a plain directory"; the
-//! goals (`Workload::goal`) come from the issue that asked for this benchmark.
+//! target to the baseline. A ratio of 1.0 means "as fast as a plain directory"
+//! (goals: `Workload::goal`).
 //!
 //! `ltxfs bench replication` (the `replication` module) measures replication
 //! instead, with the same working directory, mounts and table rendering;

@@ -43,7 +43,7 @@ pub struct RestartResult {
     pub ready: Duration,
 }
 
-/// The goal for a clean restart, from the issue: under 2 seconds for 1 GB.
+/// The goal for a clean restart: under 2 seconds for 1 GB.
 pub const RESTART_GOAL: Duration = Duration::from_secs(2);
 
 /// The figures of one workload on every target.

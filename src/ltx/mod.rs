@@ -5,21 +5,12 @@
 //! ltxfs writes one for every committed transaction and ships them to replicas,
 //! which apply them in transaction-ID order.  The layout is the one LiteFS
 //! writes (the `ltx` v0.3 line), so files are interchangeable with LiteFS;
-//! `docs/ltx.md` describes it in full.
+//! `docs/ltx.md` describes it byte by byte.
 //!
 //! This module depends on nothing else in the crate. Encoding, decoding and
 //! [`compact`] do no I/O beyond the [`std::io::Read`] and [`std::io::Write`] values
 //! handed to them; [`apply`] and [`verify_database_checksum`] work on a database
 //! [`std::fs::File`], and [`dump_file`]/[`verify_file`] open the file they inspect.
-//!
-//! # Layout
-//!
-//! * a 100-byte [`Header`] (magic `LTX1`, flags, page size, commit size,
-//!   TXID range, timestamp, pre-apply checksum, WAL position, node ID, zero padding);
-//! * the page block: for each changed page, in strictly increasing page-number
-//!   order, a big-endian `u32` page number and the page bytes, then a `u32`
-//!   zero; with [`FLAG_COMPRESS_LZ4`] the whole page block is one LZ4 frame;
-//! * a 16-byte [`Trailer`]: the post-apply database checksum and the file checksum.
 //!
 //! # Invariants
 //!
@@ -40,12 +31,6 @@
 //!
 //! Malformed input never panics; every problem is an [`LtxError`] whose
 //! message names the field or byte offset at fault.
-//!
-//! # Checksums
-//!
-//! See [`page_checksum`], [`DatabaseChecksum`] (the incremental database
-//! checksum callers keep so they never reread a database per transaction),
-//! [`checksum_database`] and [`crc64`].
 //!
 //! # Example
 //!

@@ -63,10 +63,9 @@
 //! encoding, HTTP/2's send buffer (hyper's default, 400 KiB) and what is in flight within the replica's receive window
 //! (`RECEIVE_WINDOW_BYTES`, 4 MiB). Snapshots are spooled to an unnamed file in
 //! [`NodeContext::spool_dir`] rather than streamed straight from the database's
-//! log, so that a slow replica holds nothing of the primary's but a file (and,
-//! when the log's history is long, the snapshot is read under the capture lock,
-//! which a slow replica must never hold). The stream reads the
-//! spool file while it is still being written, so spooling and sending overlap.
+//! log, so that a slow replica holds nothing of the primary's but a file. The
+//! stream reads the spool file while it is still being written, so spooling and
+//! sending overlap.
 //!
 //! On a replica, one change set is reassembled before it is applied (the store
 //! applies whole change sets): in memory up to [`MAX_CHANGE_SET_IN_MEMORY`] bytes,
@@ -158,8 +157,7 @@ pub const MAX_INLINE_CATCH_UP_BYTES: u64 = 64 * 1024;
 /// How long a live stream waits after its last send before it sends the commits
 /// that came since. Commits that follow each other closely then reach a replica
 /// together, so the primary's stream and the replica wake once for all of them
-/// rather than once each, which on two shared cores was most of what replicas
-/// cost the primary (`docs/benchmarks.md`). A commit that comes later than this
+/// rather than once each (what that saves: `docs/benchmarks.md`). A commit that comes later than this
 /// after the last send goes out at once; one that comes sooner waits at most
 /// this long (timed by a `timerfd`, since tokio's timers round up to whole
 /// milliseconds). Streams of a synchronous primary never wait: each held commit

@@ -25,10 +25,9 @@ const LENGTH_PREFIX: u64 = 8;
 /// The most bytes of change sets after the log's base snapshot that a snapshot
 /// is compacted from ([`ChangeLog::history_until`]); with more, the snapshot is
 /// copied from the database a few pages per hold of its capture lock instead
-/// (`Database::write_snapshot`). Compaction holds the
-/// pages those change sets touched in memory and decodes every one of them, so
-/// a long history would cost memory and time proportional to it, not to the
-/// database (measured in docs/benchmarks.md).
+/// (`Database::write_snapshot`). Compaction holds the pages those change sets
+/// touched in memory and decodes every one of them, so a long history would
+/// cost memory and time proportional to it, not to the database.
 pub const MAX_HISTORY_FOR_SNAPSHOT: u64 = 16 << 20;
 
 /// The log grows in zero-filled chunks of this size, so that appending overwrites

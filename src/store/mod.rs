@@ -59,12 +59,9 @@ pub const SQLITE_HEADER_MAGIC: &[u8; 16] = b"SQLite format 3\0";
 /// The most bytes ltxfs writes with one system call into the files it fills in
 /// bulk: the change-set log, snapshot spools, and the runs of pages a replica
 /// writes into a database file; larger writes are split. The kernel sizes the
-/// page cache's folios after the writes that create them. Large folios were slow
-/// to get on this VM: a 201 MiB snapshot bootstrap ran at 108–177 MiB/s with
-/// 1 MiB writes and 177–361 MiB/s with 64 KiB ones. And every later small write
-/// into a large folio does work for all of it: appending a small change set cost
-/// about 5 µs after a 4 MiB write of zeros, and about 1 µs after 64 KiB ones
-/// (see `docs/benchmarks.md`).
+/// page cache's folios after the writes that create them; large folios are slow
+/// to get, and every later small write into one does work for all of it
+/// (figures in `docs/benchmarks.md`).
 pub const WRITE_PIECE_BYTES: usize = 64 << 10;
 
 /// Writes all of `bytes` into `file` at `offset`, at most [`WRITE_PIECE_BYTES`]
@@ -455,7 +452,6 @@ impl Node {
     /// Flushes the backing file to stable storage.
     pub fn sync(&self, data_only: bool) -> Result<(), StoreError> {
         // The log first: a change set is durable no later than its transaction.
-        // (Syncing both at once on two threads measured slower on this VM.)
         self.database.before_sync()?;
         let result = if data_only {
             self.file.sync_data()
