@@ -6,6 +6,7 @@ pub mod backup;
 pub mod bridge;
 pub mod cli;
 pub mod config;
+pub mod error_chain;
 pub mod fs;
 pub mod fuse;
 pub mod hex;

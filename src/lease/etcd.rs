@@ -901,6 +901,8 @@ mod http {
     use hyper_util::rt::{TokioExecutor, TokioTimer};
     use serde::de::DeserializeOwned;
 
+    use crate::error_chain::error_chain;
+
     /// The most bytes an answer, or one object of a streamed answer, may have.
     const MAX_ANSWER_BYTES: usize = 4 * 1024 * 1024;
     /// How long an unused connection stays open.
@@ -1007,18 +1009,6 @@ mod http {
         tokio::time::timeout(timeout, work)
             .await
             .unwrap_or_else(|_| Err(format!("no answer within {timeout:?}")))
-    }
-
-    /// An error and its causes on one line.
-    fn error_chain(error: &dyn std::error::Error) -> String {
-        let mut text = error.to_string();
-        let mut cause = error.source();
-        while let Some(error) = cause {
-            text.push_str(": ");
-            text.push_str(&error.to_string());
-            cause = error.source();
-        }
-        text
     }
 
     /// A streamed answer made of concatenated JSON objects, as the gateway sends

@@ -33,6 +33,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use super::LeaseError;
+use crate::error_chain::error_chain;
 
 /// The largest response body accepted. Coordinators' answers about one key are a
 /// few hundred bytes (Consul caps a value at 512 KiB).
@@ -205,19 +206,6 @@ fn build_request(
         request.headers_mut().append(name, value);
     }
     Ok(request)
-}
-
-/// An error and its sources on one line, so "connection refused" is not hidden
-/// behind "client error (Connect)".
-pub(crate) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]

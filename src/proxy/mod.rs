@@ -56,7 +56,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::bridge::CommitBridge;
 use crate::config::{ProxyConfig, ProxyMode};
-use crate::lease::http::error_chain;
+use crate::error_chain::error_chain;
 use crate::store::{Role, Store};
 
 pub use gate::{WriteGate, WritePass};
