@@ -10,6 +10,7 @@ pub mod error_chain;
 pub mod fs;
 pub mod fuse;
 pub mod hex;
+pub mod http_pool;
 pub mod lease;
 pub mod ltx;
 pub mod mount;
