@@ -46,6 +46,7 @@
 //! An `https://` URL (Fly.io's `FLY_CONSUL_URL`) is reached over TLS, verified
 //! against the built-in root certificates (see `http`).
 
+use std::borrow::Cow;
 use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -53,6 +54,8 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use hyper::body::Bytes;
 use hyper::{Method, StatusCode};
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_decode_str, utf8_percent_encode};
+use url::Url;
 
 use super::http::{HttpClient, HttpResponse};
 use super::{Epoch, HeldLease, Lease, LeaseError, LeaseHolder, LeaseState};
@@ -648,35 +651,32 @@ struct ParsedUrl {
 }
 
 /// Splits `http[s]://[user[:password]@]host[:port][/prefix]`.
-fn parse_url(url: &str) -> Result<ParsedUrl, String> {
-    let Some((scheme, rest)) = ["http://", "https://"]
-        .into_iter()
-        .find_map(|scheme| Some((scheme, url.strip_prefix(scheme)?)))
-    else {
+fn parse_url(text: &str) -> Result<ParsedUrl, String> {
+    let url = Url::parse(text).map_err(|error| match error {
+        url::ParseError::RelativeUrlWithoutBase => {
+            "expected an http:// or https:// URL".to_string()
+        }
+        url::ParseError::EmptyHost => "the URL has no host".to_string(),
+        error => format!("not a usable URL: {error}"),
+    })?;
+    if !matches!(url.scheme(), "http" | "https") {
         return Err("expected an http:// or https:// URL".to_string());
-    };
-    if rest.contains(['?', '#']) {
+    }
+    if url.query().is_some() || url.fragment().is_some() {
         return Err("a query or fragment is not allowed".to_string());
     }
-    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-    let (userinfo, host) = match authority.rsplit_once('@') {
-        Some((userinfo, host)) => (Some(userinfo), host),
-        None => (None, authority),
+    let host = match url.host_str() {
+        Some(host) if !host.is_empty() => host,
+        _ => return Err("the URL has no host".to_string()),
     };
-    if host.is_empty() {
-        return Err("the URL has no host".to_string());
-    }
-    let base = format!("{scheme}{host}");
-    base.parse::<hyper::Uri>()
-        .map_err(|error| format!("bad host {host:?}: {error}"))?;
-    let password = match userinfo.and_then(|userinfo| userinfo.split_once(':')) {
-        Some((_, password)) => Some(percent_decode(password)?),
-        None => None,
+    let base = match url.port() {
+        Some(port) => format!("{}://{host}:{port}", url.scheme()),
+        None => format!("{}://{host}", url.scheme()),
     };
     Ok(ParsedUrl {
         base,
-        password,
-        prefix: percent_decode(path)?,
+        password: url.password().map(percent_decode).transpose()?,
+        prefix: percent_decode(url.path())?,
     })
 }
 
@@ -694,37 +694,32 @@ fn redact_url(url: &str) -> String {
 
 /// Decodes `%XX` escapes; a `%` not followed by two hex digits is an error.
 fn percent_decode(text: &str) -> Result<String, String> {
-    let bytes = text.as_bytes();
-    let mut decoded = Vec::with_capacity(bytes.len());
-    let mut at = 0;
-    while at < bytes.len() {
-        if bytes[at] == b'%' {
-            let hex = bytes
-                .get(at + 1..at + 3)
-                .and_then(|hex| std::str::from_utf8(hex).ok())
-                .and_then(|hex| u8::from_str_radix(hex, 16).ok())
-                .ok_or_else(|| format!("bad percent escape in {text:?}"))?;
-            decoded.push(hex);
-            at += 3;
-        } else {
-            decoded.push(bytes[at]);
-            at += 1;
-        }
+    let malformed = text.split('%').skip(1).any(|after| {
+        after
+            .get(..2)
+            .is_none_or(|hex| !hex.bytes().all(|byte| byte.is_ascii_hexdigit()))
+    });
+    if malformed {
+        return Err(format!("bad percent escape in {text:?}"));
     }
-    String::from_utf8(decoded).map_err(|_| format!("{text:?} is not UTF-8 once decoded"))
+    percent_decode_str(text)
+        .decode_utf8()
+        .map(Cow::into_owned)
+        .map_err(|_| format!("{text:?} is not UTF-8 once decoded"))
 }
+
+/// What [`encode`] escapes: everything but RFC 3986's unreserved characters and
+/// `/`.
+const KEY_ESCAPES: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~')
+    .remove(b'/');
 
 /// Percent-encodes everything but RFC 3986's unreserved characters and `/`.
 fn encode(text: &str) -> String {
-    let mut encoded = String::with_capacity(text.len());
-    for byte in text.bytes() {
-        if byte.is_ascii_alphanumeric() || b"-._~/".contains(&byte) {
-            encoded.push(char::from(byte));
-        } else {
-            encoded.push_str(&format!("%{byte:02X}"));
-        }
-    }
-    encoded
+    utf8_percent_encode(text, KEY_ESCAPES).to_string()
 }
 
 /// The KV API path of `key`.
@@ -782,10 +777,14 @@ mod tests {
             ParsedUrl {
                 base: "http://127.0.0.1:8500".to_string(),
                 password: None,
-                prefix: String::new(),
+                prefix: "/".to_string(),
             }
         );
-        assert_eq!(parse_url("https://h:443/p").unwrap().base, "https://h:443");
+        assert_eq!(
+            parse_url("https://h:8443/p").unwrap().base,
+            "https://h:8443"
+        );
+        assert_eq!(parse_url("https://h:443/p").unwrap().base, "https://h");
         assert!(parse_url("ftp://h").unwrap_err().contains("https://"));
         assert!(parse_url("consul:8500").is_err());
         assert!(parse_url("http://h/x?y").is_err());
