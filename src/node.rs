@@ -829,7 +829,8 @@ mod tests {
     use std::time::Instant as StdInstant;
 
     use super::*;
-    use crate::lease::Epoch;
+    use crate::lease::http::HttpError;
+    use crate::lease::{Epoch, Unavailability};
     use crate::store::CaptureOptions;
 
     /// An in-memory lease with the trait's semantics, whose renewals can be made
@@ -884,7 +885,7 @@ mod tests {
                 return Err(LeaseError::Unavailable {
                     coordinator: "memory",
                     url: "memory:".into(),
-                    reason: "no answer".into(),
+                    reason: Unavailability::NoAnswer(HttpError::Timeout(TTL)),
                 });
             }
             state.renewals += 1;

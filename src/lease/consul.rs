@@ -58,7 +58,7 @@ use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_decode_str, utf8_perc
 use url::Url;
 
 use super::http::{HttpClient, HttpResponse};
-use super::{Epoch, HeldLease, Lease, LeaseError, LeaseHolder, LeaseState};
+use super::{Epoch, HeldLease, Lease, LeaseError, LeaseHolder, LeaseState, Unavailability};
 use crate::config::ConsulConfig;
 
 /// The coordinator's name in [`LeaseError::Unavailable`].
@@ -359,9 +359,9 @@ impl Lease for ConsulLease {
         Err(LeaseError::Unavailable {
             coordinator: COORDINATOR,
             url: format!("{}{}", api.base, kv_path(&api.cluster_id_key)),
-            reason: format!(
-                "the cluster ID key kept disappearing ({CLUSTER_ID_ATTEMPTS} attempts)"
-            ),
+            reason: Unavailability::KeyKeptDisappearing {
+                attempts: CLUSTER_ID_ATTEMPTS,
+            },
         })
     }
 }
@@ -404,7 +404,10 @@ impl ConsulApi {
         LeaseError::Unavailable {
             coordinator: COORDINATOR,
             url: format!("{}{path}", self.base),
-            reason: format!("HTTP {}: {}", response.status, response.body_excerpt()),
+            reason: Unavailability::Status {
+                status: response.status,
+                body: response.body_excerpt(),
+            },
         }
     }
 
@@ -419,10 +422,10 @@ impl ConsulApi {
             _ => Err(LeaseError::Unavailable {
                 coordinator: COORDINATOR,
                 url: format!("{}{path}", self.base),
-                reason: format!(
+                reason: Unavailability::BadAnswer(format!(
                     "expected `true` or `false`, got {:?}",
                     response.body_excerpt()
-                ),
+                )),
             }),
         }
     }
@@ -453,7 +456,10 @@ impl ConsulApi {
             _ => Err(LeaseError::Unavailable {
                 coordinator: COORDINATOR,
                 url: format!("{}{path}", self.base),
-                reason: format!("no session ID in {:?}", response.body_excerpt()),
+                reason: Unavailability::BadAnswer(format!(
+                    "no session ID in {:?}",
+                    response.body_excerpt()
+                )),
             }),
         }
     }
@@ -510,7 +516,9 @@ impl ConsulApi {
             .ok_or_else(|| LeaseError::Unavailable {
                 coordinator: COORDINATOR,
                 url: format!("{}{path}", self.base),
-                reason: "the answer has no valid X-Consul-Index header".to_string(),
+                reason: Unavailability::BadAnswer(
+                    "the answer has no valid X-Consul-Index header".to_string(),
+                ),
             })?;
         Ok((entry, index))
     }

@@ -70,11 +70,12 @@ use serde::de::{DeserializeOwned, Error as _, IgnoredAny};
 use serde::{Deserialize, Deserializer};
 use serde_json::{Value, json};
 
-use super::http::{HttpClient, HttpError, HttpResponse, Opened, build_request};
-use super::{Epoch, HeldLease, Lease, LeaseError, LeaseHolder, LeaseState};
+use super::http::{HttpClient, HttpError, HttpResponse, Opened, build_request, excerpt};
+use super::{Epoch, HeldLease, Lease, LeaseError, LeaseHolder, LeaseState, Unavailability};
 use crate::config::EtcdConfig;
 use crate::http_pool::Schemes;
 use stream::JsonStream;
+pub use stream::StreamReadError;
 
 /// The coordinator's name in [`LeaseError::Unavailable`].
 const COORDINATOR: &str = "etcd";
@@ -205,7 +206,7 @@ impl EtcdLease {
             let endpoint = &self.endpoints[index];
             let url = format!("{endpoint}{path}");
             let failure = match self.post(&url, body).await {
-                Err(error) => error.to_string(),
+                Err(error) => Unavailability::NoAnswer(error),
                 Ok(answer) => match interpret::<T>(answer.status, &answer.body) {
                     Answer::Done(value) => {
                         self.preferred.store(index, Ordering::Relaxed);
@@ -219,15 +220,15 @@ impl EtcdLease {
                             message,
                         });
                     }
-                    Answer::Refused { code, message } => format!("{message} (gRPC code {code})"),
+                    Answer::Refused { code, message } => Unavailability::Refused { code, message },
                     Answer::Garbled(reason) => reason,
                 },
             };
-            failures.push(format!("{endpoint}: {failure}"));
+            failures.push((endpoint.clone(), failure));
         }
         Err(CallError::Unreachable {
             url: self.endpoints.join(", "),
-            reason: failures.join("; "),
+            failures,
         })
     }
 
@@ -245,7 +246,7 @@ impl EtcdLease {
             let endpoint = &self.endpoints[index];
             let url = format!("{endpoint}{path}");
             let failure = match self.open(&url, body).await {
-                Err(error) => error.to_string(),
+                Err(error) => Unavailability::NoAnswer(error),
                 Ok(Opened::Stream(body)) => {
                     self.preferred.store(index, Ordering::Relaxed);
                     return Ok((JsonStream::new(body), endpoint.clone()));
@@ -263,17 +264,20 @@ impl EtcdLease {
                             });
                         }
                         Answer::Refused { code, message } => {
-                            format!("{message} (gRPC code {code})")
+                            Unavailability::Refused { code, message }
                         }
-                        Answer::Done(_) | Answer::Garbled(_) => format!("HTTP status {status}"),
+                        Answer::Done(_) | Answer::Garbled(_) => Unavailability::Status {
+                            status,
+                            body: answer.body_excerpt(),
+                        },
                     }
                 }
             };
-            failures.push(format!("{endpoint}: {failure}"));
+            failures.push((endpoint.clone(), failure));
         }
         Err(CallError::Unreachable {
             url: self.endpoints.join(", "),
-            reason: failures.join("; "),
+            failures,
         })
     }
 
@@ -309,7 +313,7 @@ impl EtcdLease {
         LeaseError::Unavailable {
             coordinator: COORDINATOR,
             url: self.endpoints[index].clone(),
-            reason: format!("etcd answered nonsense: {reason}"),
+            reason: Unavailability::BadAnswer(format!("etcd answered nonsense: {reason}")),
         }
     }
 
@@ -444,28 +448,33 @@ impl EtcdLease {
             }
         });
         let (mut stream, url) = self.open_stream("/v3/watch", &request).await?;
-        let unavailable = |reason: String| LeaseError::Unavailable {
+        let unavailable = |reason: Unavailability| LeaseError::Unavailable {
             coordinator: COORDINATOR,
             url: url.clone(),
             reason,
         };
         loop {
-            let envelope = match tokio::time::timeout_at(until, stream.next::<WatchEnvelope>())
-                .await
-            {
-                Err(_elapsed) => return Ok(()),
-                Ok(Err(reason)) => return Err(unavailable(format!("the watch failed: {reason}"))),
-                Ok(Ok(None)) => return Err(unavailable("etcd ended the watch".to_string())),
-                Ok(Ok(Some(envelope))) => envelope,
-            };
+            let envelope =
+                match tokio::time::timeout_at(until, stream.next::<WatchEnvelope>()).await {
+                    Err(_elapsed) => return Ok(()),
+                    Ok(Err(error)) => return Err(unavailable(Unavailability::Watch(error))),
+                    Ok(Ok(None)) => {
+                        return Err(unavailable(Unavailability::BadAnswer(
+                            "etcd ended the watch".to_string(),
+                        )));
+                    }
+                    Ok(Ok(Some(envelope))) => envelope,
+                };
             if let Some(error) = envelope.error {
-                return Err(unavailable(format!(
-                    "the watch failed: {} (gRPC code {})",
-                    error.message, error.grpc_code
-                )));
+                return Err(unavailable(Unavailability::Refused {
+                    code: error.grpc_code,
+                    message: error.message,
+                }));
             }
             let Some(response) = envelope.result else {
-                return Err(unavailable("a watch answer without a result".to_string()));
+                return Err(unavailable(Unavailability::BadAnswer(
+                    "a watch answer without a result".to_string(),
+                )));
             };
             if response.canceled || response.compact_revision != 0 {
                 // The position is compacted away (or etcd gave up on the watch): the
@@ -707,7 +716,7 @@ enum CallError {
         /// The endpoints tried.
         url: String,
         /// What went wrong with each.
-        reason: String,
+        failures: Vec<(String, Unavailability)>,
     },
 }
 
@@ -717,12 +726,12 @@ impl From<CallError> for LeaseError {
             CallError::Refused { url, code, message } => LeaseError::Unavailable {
                 coordinator: COORDINATOR,
                 url,
-                reason: format!("etcd refused the request: {message} (gRPC code {code})"),
+                reason: Unavailability::Refused { code, message },
             },
-            CallError::Unreachable { url, reason } => LeaseError::Unavailable {
+            CallError::Unreachable { url, failures } => LeaseError::Unavailable {
                 coordinator: COORDINATOR,
                 url,
-                reason,
+                reason: Unavailability::AllEndpoints(failures),
             },
         }
     }
@@ -740,7 +749,7 @@ enum Answer<T> {
         message: String,
     },
     /// An answer that is not etcd's.
-    Garbled(String),
+    Garbled(Unavailability),
 }
 
 /// Decodes one endpoint's answer.
@@ -748,7 +757,9 @@ fn interpret<T: DeserializeOwned>(status: hyper::StatusCode, bytes: &[u8]) -> An
     if status.is_success() {
         return match serde_json::from_slice(bytes) {
             Ok(value) => Answer::Done(value),
-            Err(error) => Answer::Garbled(format!("an unreadable answer: {error}")),
+            Err(error) => Answer::Garbled(Unavailability::BadAnswer(format!(
+                "an unreadable answer: {error}"
+            ))),
         };
     }
     match serde_json::from_slice::<GatewayError>(bytes) {
@@ -756,7 +767,10 @@ fn interpret<T: DeserializeOwned>(status: hyper::StatusCode, bytes: &[u8]) -> An
             code: error.code,
             message: error.message,
         },
-        _ => Answer::Garbled(format!("HTTP status {status}")),
+        _ => Answer::Garbled(Unavailability::Status {
+            status,
+            body: excerpt(bytes),
+        }),
     }
 }
 
@@ -935,7 +949,7 @@ mod stream {
 
     /// Why a streamed answer could not be read.
     #[derive(Debug, thiserror::Error)]
-    pub(super) enum StreamReadError {
+    pub enum StreamReadError {
         /// One object is larger than [`MAX_BODY`].
         #[error("a streamed object is over {MAX_BODY} bytes")]
         TooLarge,

@@ -30,7 +30,7 @@ use hyper::body::{Bytes, Incoming};
 use hyper::header::{HeaderMap, HeaderName, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode, Uri};
 
-use super::LeaseError;
+use super::{LeaseError, Unavailability};
 use crate::error_chain::error_chain;
 use crate::http_pool::{PooledClient, Schemes, pooled_client};
 
@@ -73,12 +73,18 @@ impl HttpResponse {
     /// The body as text for error messages: lossy UTF-8, trimmed, at most 200
     /// characters.
     pub fn body_excerpt(&self) -> String {
-        let text = String::from_utf8_lossy(&self.body);
-        let text = text.trim();
-        match text.char_indices().nth(200) {
-            Some((end, _)) => format!("{}…", &text[..end]),
-            None => text.to_string(),
-        }
+        excerpt(&self.body)
+    }
+}
+
+/// `body` as text for error messages: lossy UTF-8, trimmed, at most 200
+/// characters.
+pub fn excerpt(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    let text = text.trim();
+    match text.char_indices().nth(200) {
+        Some((end, _)) => format!("{}…", &text[..end]),
+        None => text.to_string(),
     }
 }
 
@@ -106,7 +112,7 @@ impl HttpError {
         LeaseError::Unavailable {
             coordinator,
             url: url.to_string(),
-            reason: self.to_string(),
+            reason: Unavailability::NoAnswer(self),
         }
     }
 }
