@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 use crate::config::{self, BackupDestination, ExecCommand, LogConfig, LogFormat};
+use crate::error_chain::error_chain;
 use crate::ltx;
 use crate::mount::{self, MountError, MountRequest};
 use crate::mountinfo;
@@ -513,23 +514,8 @@ fn run_mount(
 }
 
 pub fn fail(code: i32, error: &dyn std::error::Error) -> i32 {
-    let mut message = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let cause = cause.to_string();
-        if !message.contains(&cause) {
-            message = format!("{message}: {cause}");
-        }
-        source = cause_source(source);
-    }
-    eprintln!("ltxfs: error: {}", message.replace('\n', " "));
+    eprintln!("ltxfs: error: {}", error_chain(error).replace('\n', " "));
     code
-}
-
-fn cause_source<'a>(
-    error: Option<&'a (dyn std::error::Error + 'static)>,
-) -> Option<&'a (dyn std::error::Error + 'static)> {
-    error.and_then(|error| error.source())
 }
 
 /// Sets up logging to stderr as `log.*` says. `LTXFS_LOG` (an `EnvFilter`

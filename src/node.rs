@@ -34,6 +34,7 @@ use crate::proxy::WriteGate;
 use crate::replication::{
     self, ClientCredentials, ControlRequest, FollowSettings, FollowerState, HANDOFF_TIMEOUT,
     HandoffPhase, Handoffs, KnownPeers, LastHeard, PRESUMED_GONE_AFTER, ReplicationError,
+    RoleRefusal,
 };
 use crate::store::{Role, Store};
 
@@ -155,7 +156,7 @@ enum HoldEnd {
     /// A candidate replica connected to this primary asked for the role.
     HandOffTo {
         target: String,
-        reply: oneshot::Sender<Result<(), String>>,
+        reply: oneshot::Sender<Result<(), RoleRefusal>>,
     },
 }
 
@@ -164,7 +165,7 @@ enum Event {
     Lease(Result<LeaseState, LeaseError>),
     FollowerChanged,
     Control(ControlRequest),
-    HandoffCallEnded(Result<(), String>),
+    HandoffCallEnded(Result<(), RoleRefusal>),
     /// The moment to look at a free lease again has come.
     Recheck,
 }
@@ -184,7 +185,7 @@ pub async fn run(settings: NodeSettings, shutdown: CancellationToken) -> Result<
         };
         let Some(held) = held else {
             node.stop_following().await;
-            node.answer_promotions(Err("this node is shutting down".to_string()));
+            node.answer_promotions(Err(RoleRefusal::ShuttingDown));
             return Ok(());
         };
         // A handoff to this node brought it everything the last primary
@@ -204,7 +205,7 @@ pub async fn run(settings: NodeSettings, shutdown: CancellationToken) -> Result<
                 Some(None) => continue,
                 None => {
                     node.release(&held).await;
-                    node.answer_promotions(Err("this node is shutting down".to_string()));
+                    node.answer_promotions(Err(RoleRefusal::ShuttingDown));
                     return Ok(());
                 }
             }
@@ -272,7 +273,7 @@ struct Node {
     /// The hostname of the last primary seen in the lease.
     primary: Option<String>,
     /// `Promote` requests waiting for this node to become the primary.
-    promotions: Vec<oneshot::Sender<Result<String, String>>>,
+    promotions: Vec<oneshot::Sender<Result<String, RoleRefusal>>>,
     /// The request to the primary for a handoff to this node, while it runs.
     handoff_call: Option<JoinHandle<Result<(), ReplicationError>>>,
     /// When a free lease this node declined (its stream was still open) should
@@ -405,8 +406,8 @@ impl Node {
                     continue;
                 }
                 Event::HandoffCallEnded(outcome) => {
-                    if let Err(reason) = outcome {
-                        self.answer_promotions(Err(reason));
+                    if let Err(refusal) = outcome {
+                        self.answer_promotions(Err(refusal));
                     }
                     continue;
                 }
@@ -429,11 +430,11 @@ impl Node {
     fn answer_as_replica(&mut self, request: ControlRequest) {
         match request {
             ControlRequest::HandOffTo { reply, .. } => {
-                let _ = reply.send(Err("this node is not the primary".to_string()));
+                let _ = reply.send(Err(RoleRefusal::NotPrimary));
             }
             ControlRequest::Promote { reply } => {
                 let refusal = if !self.candidate {
-                    Some("this node is not a candidate (lease.candidate is false)".to_string())
+                    Some(RoleRefusal::NotCandidate)
                 } else if let Some(following) = &self.following {
                     if self.handoff_call.is_none() {
                         let (url, hostname) = (following.url.clone(), self.me.hostname.clone());
@@ -445,11 +446,11 @@ impl Node {
                     }
                     None
                 } else {
-                    Some("this node follows no primary to take over from".to_string())
+                    Some(RoleRefusal::NoPrimary)
                 };
                 match refusal {
-                    Some(reason) => {
-                        let _ = reply.send(Err(reason));
+                    Some(refusal) => {
+                        let _ = reply.send(Err(refusal));
                     }
                     None => self.promotions.push(reply),
                 }
@@ -458,7 +459,7 @@ impl Node {
     }
 
     /// Answers every waiting `Promote` request.
-    fn answer_promotions(&mut self, outcome: Result<String, String>) {
+    fn answer_promotions(&mut self, outcome: Result<String, RoleRefusal>) {
         for reply in self.promotions.drain(..) {
             let _ = reply.send(outcome.clone());
         }
@@ -575,12 +576,10 @@ impl Node {
                             if self.handoffs.candidate_connected(&hostname) {
                                 return HoldEnd::HandOffTo { target: hostname, reply };
                             }
-                            let _ = reply.send(Err(format!(
-                                "{hostname} is not a candidate replica connected to this primary"
-                            )));
+                            let _ = reply.send(Err(RoleRefusal::NotConnectedCandidate(hostname)));
                         }
                         ControlRequest::Promote { reply } => {
-                            let _ = reply.send(Err("this node is already the primary".to_string()));
+                            let _ = reply.send(Err(RoleRefusal::AlreadyPrimary));
                         }
                     }
                     continue;
@@ -606,7 +605,7 @@ impl Node {
     /// writes, sends every stream up to the final positions and a `Handoff`,
     /// releases the lease, and waits for `target` to take it. This node is a
     /// replica without the lease afterwards, whatever the outcome.
-    async fn hand_off(&mut self, held: &HeldLease, target: &str) -> Result<(), String> {
+    async fn hand_off(&mut self, held: &HeldLease, target: &str) -> Result<(), RoleRefusal> {
         let target = target.to_string();
         let started = Instant::now();
         tracing::info!(to = %target, "handing the primary role over");
@@ -634,20 +633,23 @@ impl Node {
                 tracing::info!(to = %target, elapsed = ?started.elapsed(), "handed the primary role over");
                 Ok(())
             }
-            Err(reason) => {
-                tracing::warn!(to = %target, %reason, "the handoff did not complete");
-                Err(reason)
+            Err(refusal) => {
+                tracing::warn!(to = %target, reason = %refusal, "the handoff did not complete");
+                Err(refusal)
             }
         }
     }
 
     /// Waits (at most [`HANDOFF_TIMEOUT`]) until `hostname` holds the lease.
-    async fn wait_for_holder(&mut self, hostname: &str) -> Result<(), String> {
+    async fn wait_for_holder(&mut self, hostname: &str) -> Result<(), RoleRefusal> {
         let deadline = Instant::now() + HANDOFF_TIMEOUT;
         let mut index = None;
         loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
-            let late = || format!("{hostname} did not take the lease within {HANDOFF_TIMEOUT:?}");
+            let late = || RoleRefusal::NotTaken {
+                hostname: hostname.to_string(),
+                timeout: HANDOFF_TIMEOUT,
+            };
             if remaining.is_zero() {
                 return Err(late());
             }
@@ -808,14 +810,14 @@ async fn sleep_until(at: Option<Instant>) {
 /// when none runs.
 async fn call_ended(
     call: &mut Option<JoinHandle<Result<(), ReplicationError>>>,
-) -> Result<(), String> {
+) -> Result<(), RoleRefusal> {
     let Some(handle) = call else {
         return std::future::pending().await;
     };
     let outcome = match handle.await {
         Ok(Ok(())) => Ok(()),
-        Ok(Err(error)) => Err(error.to_string()),
-        Err(error) => Err(format!("the handoff request failed: {error}")),
+        Ok(Err(error)) => Err(RoleRefusal::HandoffFailed(Arc::new(error))),
+        Err(error) => Err(RoleRefusal::HandoffAborted(Arc::new(error))),
     };
     *call = None;
     outcome
@@ -827,7 +829,8 @@ mod tests {
     use std::time::Instant as StdInstant;
 
     use super::*;
-    use crate::lease::Epoch;
+    use crate::lease::http::HttpError;
+    use crate::lease::{Epoch, Unavailability};
     use crate::store::CaptureOptions;
 
     /// An in-memory lease with the trait's semantics, whose renewals can be made
@@ -882,7 +885,7 @@ mod tests {
                 return Err(LeaseError::Unavailable {
                     coordinator: "memory",
                     url: "memory:".into(),
-                    reason: "no answer".into(),
+                    reason: Unavailability::NoAnswer(HttpError::Timeout(TTL)),
                 });
             }
             state.renewals += 1;
@@ -1100,7 +1103,7 @@ mod tests {
         assert!(handoffs.request(request).await);
         let refusal = answer.await.unwrap().unwrap_err();
         assert!(
-            refusal.contains("nobody is not a candidate replica"),
+            matches!(&refusal, RoleRefusal::NotConnectedCandidate(hostname) if hostname == "nobody"),
             "{refusal}"
         );
         // Still the primary, renewing, after longer than the lease lasts.

@@ -46,6 +46,7 @@
 //! An `https://` URL (Fly.io's `FLY_CONSUL_URL`) is reached over TLS, verified
 //! against the built-in root certificates (see `http`).
 
+use std::borrow::Cow;
 use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -53,9 +54,11 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use hyper::body::Bytes;
 use hyper::{Method, StatusCode};
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_decode_str, utf8_percent_encode};
+use url::Url;
 
 use super::http::{HttpClient, HttpResponse};
-use super::{Epoch, HeldLease, Lease, LeaseError, LeaseHolder, LeaseState};
+use super::{Epoch, HeldLease, Lease, LeaseError, LeaseHolder, LeaseState, Unavailability};
 use crate::config::ConsulConfig;
 
 /// The coordinator's name in [`LeaseError::Unavailable`].
@@ -356,9 +359,9 @@ impl Lease for ConsulLease {
         Err(LeaseError::Unavailable {
             coordinator: COORDINATOR,
             url: format!("{}{}", api.base, kv_path(&api.cluster_id_key)),
-            reason: format!(
-                "the cluster ID key kept disappearing ({CLUSTER_ID_ATTEMPTS} attempts)"
-            ),
+            reason: Unavailability::KeyKeptDisappearing {
+                attempts: CLUSTER_ID_ATTEMPTS,
+            },
         })
     }
 }
@@ -401,7 +404,10 @@ impl ConsulApi {
         LeaseError::Unavailable {
             coordinator: COORDINATOR,
             url: format!("{}{path}", self.base),
-            reason: format!("HTTP {}: {}", response.status, response.body_excerpt()),
+            reason: Unavailability::Status {
+                status: response.status,
+                body: response.body_excerpt(),
+            },
         }
     }
 
@@ -416,10 +422,10 @@ impl ConsulApi {
             _ => Err(LeaseError::Unavailable {
                 coordinator: COORDINATOR,
                 url: format!("{}{path}", self.base),
-                reason: format!(
+                reason: Unavailability::BadAnswer(format!(
                     "expected `true` or `false`, got {:?}",
                     response.body_excerpt()
-                ),
+                )),
             }),
         }
     }
@@ -450,7 +456,10 @@ impl ConsulApi {
             _ => Err(LeaseError::Unavailable {
                 coordinator: COORDINATOR,
                 url: format!("{}{path}", self.base),
-                reason: format!("no session ID in {:?}", response.body_excerpt()),
+                reason: Unavailability::BadAnswer(format!(
+                    "no session ID in {:?}",
+                    response.body_excerpt()
+                )),
             }),
         }
     }
@@ -507,7 +516,9 @@ impl ConsulApi {
             .ok_or_else(|| LeaseError::Unavailable {
                 coordinator: COORDINATOR,
                 url: format!("{}{path}", self.base),
-                reason: "the answer has no valid X-Consul-Index header".to_string(),
+                reason: Unavailability::BadAnswer(
+                    "the answer has no valid X-Consul-Index header".to_string(),
+                ),
             })?;
         Ok((entry, index))
     }
@@ -648,35 +659,32 @@ struct ParsedUrl {
 }
 
 /// Splits `http[s]://[user[:password]@]host[:port][/prefix]`.
-fn parse_url(url: &str) -> Result<ParsedUrl, String> {
-    let Some((scheme, rest)) = ["http://", "https://"]
-        .into_iter()
-        .find_map(|scheme| Some((scheme, url.strip_prefix(scheme)?)))
-    else {
+fn parse_url(text: &str) -> Result<ParsedUrl, String> {
+    let url = Url::parse(text).map_err(|error| match error {
+        url::ParseError::RelativeUrlWithoutBase => {
+            "expected an http:// or https:// URL".to_string()
+        }
+        url::ParseError::EmptyHost => "the URL has no host".to_string(),
+        error => format!("not a usable URL: {error}"),
+    })?;
+    if !matches!(url.scheme(), "http" | "https") {
         return Err("expected an http:// or https:// URL".to_string());
-    };
-    if rest.contains(['?', '#']) {
+    }
+    if url.query().is_some() || url.fragment().is_some() {
         return Err("a query or fragment is not allowed".to_string());
     }
-    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-    let (userinfo, host) = match authority.rsplit_once('@') {
-        Some((userinfo, host)) => (Some(userinfo), host),
-        None => (None, authority),
+    let host = match url.host_str() {
+        Some(host) if !host.is_empty() => host,
+        _ => return Err("the URL has no host".to_string()),
     };
-    if host.is_empty() {
-        return Err("the URL has no host".to_string());
-    }
-    let base = format!("{scheme}{host}");
-    base.parse::<hyper::Uri>()
-        .map_err(|error| format!("bad host {host:?}: {error}"))?;
-    let password = match userinfo.and_then(|userinfo| userinfo.split_once(':')) {
-        Some((_, password)) => Some(percent_decode(password)?),
-        None => None,
+    let base = match url.port() {
+        Some(port) => format!("{}://{host}:{port}", url.scheme()),
+        None => format!("{}://{host}", url.scheme()),
     };
     Ok(ParsedUrl {
         base,
-        password,
-        prefix: percent_decode(path)?,
+        password: url.password().map(percent_decode).transpose()?,
+        prefix: percent_decode(url.path())?,
     })
 }
 
@@ -694,37 +702,32 @@ fn redact_url(url: &str) -> String {
 
 /// Decodes `%XX` escapes; a `%` not followed by two hex digits is an error.
 fn percent_decode(text: &str) -> Result<String, String> {
-    let bytes = text.as_bytes();
-    let mut decoded = Vec::with_capacity(bytes.len());
-    let mut at = 0;
-    while at < bytes.len() {
-        if bytes[at] == b'%' {
-            let hex = bytes
-                .get(at + 1..at + 3)
-                .and_then(|hex| std::str::from_utf8(hex).ok())
-                .and_then(|hex| u8::from_str_radix(hex, 16).ok())
-                .ok_or_else(|| format!("bad percent escape in {text:?}"))?;
-            decoded.push(hex);
-            at += 3;
-        } else {
-            decoded.push(bytes[at]);
-            at += 1;
-        }
+    let malformed = text.split('%').skip(1).any(|after| {
+        after
+            .get(..2)
+            .is_none_or(|hex| !hex.bytes().all(|byte| byte.is_ascii_hexdigit()))
+    });
+    if malformed {
+        return Err(format!("bad percent escape in {text:?}"));
     }
-    String::from_utf8(decoded).map_err(|_| format!("{text:?} is not UTF-8 once decoded"))
+    percent_decode_str(text)
+        .decode_utf8()
+        .map(Cow::into_owned)
+        .map_err(|_| format!("{text:?} is not UTF-8 once decoded"))
 }
+
+/// What [`encode`] escapes: everything but RFC 3986's unreserved characters and
+/// `/`.
+const KEY_ESCAPES: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~')
+    .remove(b'/');
 
 /// Percent-encodes everything but RFC 3986's unreserved characters and `/`.
 fn encode(text: &str) -> String {
-    let mut encoded = String::with_capacity(text.len());
-    for byte in text.bytes() {
-        if byte.is_ascii_alphanumeric() || b"-._~/".contains(&byte) {
-            encoded.push(char::from(byte));
-        } else {
-            encoded.push_str(&format!("%{byte:02X}"));
-        }
-    }
-    encoded
+    utf8_percent_encode(text, KEY_ESCAPES).to_string()
 }
 
 /// The KV API path of `key`.
@@ -782,10 +785,14 @@ mod tests {
             ParsedUrl {
                 base: "http://127.0.0.1:8500".to_string(),
                 password: None,
-                prefix: String::new(),
+                prefix: "/".to_string(),
             }
         );
-        assert_eq!(parse_url("https://h:443/p").unwrap().base, "https://h:443");
+        assert_eq!(
+            parse_url("https://h:8443/p").unwrap().base,
+            "https://h:8443"
+        );
+        assert_eq!(parse_url("https://h:443/p").unwrap().base, "https://h");
         assert!(parse_url("ftp://h").unwrap_err().contains("https://"));
         assert!(parse_url("consul:8500").is_err());
         assert!(parse_url("http://h/x?y").is_err());

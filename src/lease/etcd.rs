@@ -64,12 +64,18 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
+use hyper::Method;
+use hyper::body::Bytes;
 use serde::de::{DeserializeOwned, Error as _, IgnoredAny};
 use serde::{Deserialize, Deserializer};
 use serde_json::{Value, json};
 
-use super::{Epoch, HeldLease, Lease, LeaseError, LeaseHolder, LeaseState};
+use super::http::{HttpClient, HttpError, HttpResponse, Opened, build_request, excerpt};
+use super::{Epoch, HeldLease, Lease, LeaseError, LeaseHolder, LeaseState, Unavailability};
 use crate::config::EtcdConfig;
+use crate::http_pool::Schemes;
+use stream::JsonStream;
+pub use stream::StreamReadError;
 
 /// The coordinator's name in [`LeaseError::Unavailable`].
 const COORDINATOR: &str = "etcd";
@@ -89,6 +95,8 @@ const GRPC_NOT_FOUND: i64 = 5;
 /// gRPC codes after which another endpoint may answer (CANCELLED,
 /// DEADLINE_EXCEEDED, UNAVAILABLE: e.g. a member without a leader).
 const GRPC_TRY_ELSEWHERE: [i64; 3] = [1, 4, 14];
+/// The headers of every request.
+const JSON_HEADERS: [(&str, &str); 1] = [("content-type", "application/json")];
 /// How many bytes of a malformed value an error message quotes.
 const QUOTED_VALUE_BYTES: usize = 80;
 
@@ -138,7 +146,7 @@ pub struct EtcdLease {
     /// The bound on one request to one endpoint.
     request_timeout: Duration,
     /// The HTTP client.
-    http: http::Client,
+    http: HttpClient,
 }
 
 impl fmt::Debug for EtcdLease {
@@ -181,7 +189,10 @@ impl EtcdLease {
             cluster_id_key,
             ttl,
             request_timeout,
-            http: http::Client::new(request_timeout.min(MAX_CONNECT_TIMEOUT)),
+            http: HttpClient::reaching(
+                Schemes::Http,
+                Some(request_timeout.min(MAX_CONNECT_TIMEOUT)),
+            ),
         })
     }
 
@@ -194,9 +205,9 @@ impl EtcdLease {
         for index in (0..count).map(|i| (first + i) % count) {
             let endpoint = &self.endpoints[index];
             let url = format!("{endpoint}{path}");
-            let failure = match self.http.post(&url, body, self.request_timeout).await {
-                Err(reason) => reason,
-                Ok((status, bytes)) => match interpret::<T>(status, &bytes) {
+            let failure = match self.post(&url, body).await {
+                Err(error) => Unavailability::NoAnswer(error),
+                Ok(answer) => match interpret::<T>(answer.status, &answer.body) {
                     Answer::Done(value) => {
                         self.preferred.store(index, Ordering::Relaxed);
                         return Ok(value);
@@ -209,15 +220,15 @@ impl EtcdLease {
                             message,
                         });
                     }
-                    Answer::Refused { code, message } => format!("{message} (gRPC code {code})"),
+                    Answer::Refused { code, message } => Unavailability::Refused { code, message },
                     Answer::Garbled(reason) => reason,
                 },
             };
-            failures.push(format!("{endpoint}: {failure}"));
+            failures.push((endpoint.clone(), failure));
         }
         Err(CallError::Unreachable {
             url: self.endpoints.join(", "),
-            reason: failures.join("; "),
+            failures,
         })
     }
 
@@ -227,21 +238,22 @@ impl EtcdLease {
         &self,
         path: &str,
         body: &Value,
-    ) -> Result<(http::JsonStream, String), CallError> {
+    ) -> Result<(JsonStream, String), CallError> {
         let count = self.endpoints.len();
         let first = self.preferred.load(Ordering::Relaxed) % count;
         let mut failures = Vec::new();
         for index in (0..count).map(|i| (first + i) % count) {
             let endpoint = &self.endpoints[index];
             let url = format!("{endpoint}{path}");
-            let failure = match self.http.open(&url, body, self.request_timeout).await {
-                Err(reason) => reason,
-                Ok(http::Opened::Stream(stream)) => {
+            let failure = match self.open(&url, body).await {
+                Err(error) => Unavailability::NoAnswer(error),
+                Ok(Opened::Stream(body)) => {
                     self.preferred.store(index, Ordering::Relaxed);
-                    return Ok((stream, endpoint.clone()));
+                    return Ok((JsonStream::new(body), endpoint.clone()));
                 }
-                Ok(http::Opened::Answer(status, bytes)) => {
-                    match interpret::<IgnoredAny>(status, &bytes) {
+                Ok(Opened::Answer(answer)) => {
+                    let status = answer.status;
+                    match interpret::<IgnoredAny>(status, &answer.body) {
                         Answer::Refused { code, message }
                             if !GRPC_TRY_ELSEWHERE.contains(&code) =>
                         {
@@ -252,18 +264,46 @@ impl EtcdLease {
                             });
                         }
                         Answer::Refused { code, message } => {
-                            format!("{message} (gRPC code {code})")
+                            Unavailability::Refused { code, message }
                         }
-                        Answer::Done(_) | Answer::Garbled(_) => format!("HTTP status {status}"),
+                        Answer::Done(_) | Answer::Garbled(_) => Unavailability::Status {
+                            status,
+                            body: answer.body_excerpt(),
+                        },
                     }
                 }
             };
-            failures.push(format!("{endpoint}: {failure}"));
+            failures.push((endpoint.clone(), failure));
         }
         Err(CallError::Unreachable {
             url: self.endpoints.join(", "),
-            reason: failures.join("; "),
+            failures,
         })
+    }
+
+    /// POSTs `body` to `url` and reads the whole answer within the request timeout.
+    async fn post(&self, url: &str, body: &Value) -> Result<HttpResponse, HttpError> {
+        self.http
+            .request(
+                Method::POST,
+                url,
+                &JSON_HEADERS,
+                Bytes::from(body.to_string()),
+                self.request_timeout,
+            )
+            .await
+    }
+
+    /// POSTs `body` to `url` and waits, within the request timeout, for the head
+    /// of the answer.
+    async fn open(&self, url: &str, body: &Value) -> Result<Opened, HttpError> {
+        let request = build_request(
+            Method::POST,
+            url,
+            &JSON_HEADERS,
+            Bytes::from(body.to_string()),
+        )?;
+        self.http.open(request, self.request_timeout).await
     }
 
     /// An [`LeaseError::Unavailable`] for an answer that makes no sense, naming the
@@ -273,7 +313,7 @@ impl EtcdLease {
         LeaseError::Unavailable {
             coordinator: COORDINATOR,
             url: self.endpoints[index].clone(),
-            reason: format!("etcd answered nonsense: {reason}"),
+            reason: Unavailability::BadAnswer(format!("etcd answered nonsense: {reason}")),
         }
     }
 
@@ -408,28 +448,33 @@ impl EtcdLease {
             }
         });
         let (mut stream, url) = self.open_stream("/v3/watch", &request).await?;
-        let unavailable = |reason: String| LeaseError::Unavailable {
+        let unavailable = |reason: Unavailability| LeaseError::Unavailable {
             coordinator: COORDINATOR,
             url: url.clone(),
             reason,
         };
         loop {
-            let envelope = match tokio::time::timeout_at(until, stream.next::<WatchEnvelope>())
-                .await
-            {
-                Err(_elapsed) => return Ok(()),
-                Ok(Err(reason)) => return Err(unavailable(format!("the watch failed: {reason}"))),
-                Ok(Ok(None)) => return Err(unavailable("etcd ended the watch".to_string())),
-                Ok(Ok(Some(envelope))) => envelope,
-            };
+            let envelope =
+                match tokio::time::timeout_at(until, stream.next::<WatchEnvelope>()).await {
+                    Err(_elapsed) => return Ok(()),
+                    Ok(Err(error)) => return Err(unavailable(Unavailability::Watch(error))),
+                    Ok(Ok(None)) => {
+                        return Err(unavailable(Unavailability::BadAnswer(
+                            "etcd ended the watch".to_string(),
+                        )));
+                    }
+                    Ok(Ok(Some(envelope))) => envelope,
+                };
             if let Some(error) = envelope.error {
-                return Err(unavailable(format!(
-                    "the watch failed: {} (gRPC code {})",
-                    error.message, error.grpc_code
-                )));
+                return Err(unavailable(Unavailability::Refused {
+                    code: error.grpc_code,
+                    message: error.message,
+                }));
             }
             let Some(response) = envelope.result else {
-                return Err(unavailable("a watch answer without a result".to_string()));
+                return Err(unavailable(Unavailability::BadAnswer(
+                    "a watch answer without a result".to_string(),
+                )));
             };
             if response.canceled || response.compact_revision != 0 {
                 // The position is compacted away (or etcd gave up on the watch): the
@@ -671,7 +716,7 @@ enum CallError {
         /// The endpoints tried.
         url: String,
         /// What went wrong with each.
-        reason: String,
+        failures: Vec<(String, Unavailability)>,
     },
 }
 
@@ -681,12 +726,12 @@ impl From<CallError> for LeaseError {
             CallError::Refused { url, code, message } => LeaseError::Unavailable {
                 coordinator: COORDINATOR,
                 url,
-                reason: format!("etcd refused the request: {message} (gRPC code {code})"),
+                reason: Unavailability::Refused { code, message },
             },
-            CallError::Unreachable { url, reason } => LeaseError::Unavailable {
+            CallError::Unreachable { url, failures } => LeaseError::Unavailable {
                 coordinator: COORDINATOR,
                 url,
-                reason,
+                reason: Unavailability::AllEndpoints(failures),
             },
         }
     }
@@ -704,7 +749,7 @@ enum Answer<T> {
         message: String,
     },
     /// An answer that is not etcd's.
-    Garbled(String),
+    Garbled(Unavailability),
 }
 
 /// Decodes one endpoint's answer.
@@ -712,7 +757,9 @@ fn interpret<T: DeserializeOwned>(status: hyper::StatusCode, bytes: &[u8]) -> An
     if status.is_success() {
         return match serde_json::from_slice(bytes) {
             Ok(value) => Answer::Done(value),
-            Err(error) => Answer::Garbled(format!("an unreadable answer: {error}")),
+            Err(error) => Answer::Garbled(Unavailability::BadAnswer(format!(
+                "an unreadable answer: {error}"
+            ))),
         };
     }
     match serde_json::from_slice::<GatewayError>(bytes) {
@@ -720,7 +767,10 @@ fn interpret<T: DeserializeOwned>(status: hyper::StatusCode, bytes: &[u8]) -> An
             code: error.code,
             message: error.message,
         },
-        _ => Answer::Garbled(format!("HTTP status {status}")),
+        _ => Answer::Garbled(Unavailability::Status {
+            status,
+            body: excerpt(bytes),
+        }),
     }
 }
 
@@ -888,137 +938,30 @@ struct WatchResponse {
     events: Vec<IgnoredAny>,
 }
 
-/// A minimal HTTP/1.1 client over hyper for etcd's JSON gateway: bounded answers,
-/// deadlines, connection reuse. Kept apart so it can merge with other backends'.
-mod http {
-    use std::time::Duration;
-
-    use http_body_util::{BodyExt as _, Full, Limited};
-    use hyper::body::{Bytes, Incoming};
-    use hyper::{Request, Response, StatusCode, header};
-    use hyper_util::client::legacy::Client as Pool;
-    use hyper_util::client::legacy::connect::HttpConnector;
-    use hyper_util::rt::{TokioExecutor, TokioTimer};
+/// The gateway's streamed answers: concatenated JSON objects.
+mod stream {
+    use http_body_util::BodyExt as _;
+    use hyper::body::Incoming;
     use serde::de::DeserializeOwned;
 
-    /// The most bytes an answer, or one object of a streamed answer, may have.
-    const MAX_ANSWER_BYTES: usize = 4 * 1024 * 1024;
-    /// How long an unused connection stays open.
-    const IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
+    use crate::error_chain::error_chain;
+    use crate::lease::http::MAX_BODY;
 
-    /// A pool of HTTP/1.1 connections.
-    pub(super) struct Client {
-        /// hyper's pooled client.
-        pool: Pool<HttpConnector, Full<Bytes>>,
-    }
-
-    /// The start of an answer that may be streamed.
-    pub(super) enum Opened {
-        /// A successful answer, to be read as a stream of JSON objects.
-        Stream(JsonStream),
-        /// An unsuccessful answer, read whole.
-        Answer(StatusCode, Bytes),
-    }
-
-    impl Client {
-        /// A client that gives up connecting after `connect_timeout`.
-        pub(super) fn new(connect_timeout: Duration) -> Client {
-            let mut connector = HttpConnector::new();
-            connector.set_connect_timeout(Some(connect_timeout));
-            connector.set_nodelay(true);
-            let pool = Pool::builder(TokioExecutor::new())
-                .pool_timer(TokioTimer::new())
-                .pool_idle_timeout(IDLE_CONNECTION_TIMEOUT)
-                .build(connector);
-            Client { pool }
-        }
-
-        /// POSTs `body` to `url` and reads the whole answer within `timeout`.
-        pub(super) async fn post(
-            &self,
-            url: &str,
-            body: &serde_json::Value,
-            timeout: Duration,
-        ) -> Result<(StatusCode, Bytes), String> {
-            within(timeout, async {
-                let response = self.send(url, body).await?;
-                let status = response.status();
-                Ok((status, read_whole(response.into_body()).await?))
-            })
-            .await
-        }
-
-        /// POSTs `body` to `url` and waits, within `timeout`, for the answer's
-        /// head (and, when unsuccessful, its body).
-        pub(super) async fn open(
-            &self,
-            url: &str,
-            body: &serde_json::Value,
-            timeout: Duration,
-        ) -> Result<Opened, String> {
-            within(timeout, async {
-                let response = self.send(url, body).await?;
-                let status = response.status();
-                if status.is_success() {
-                    return Ok(Opened::Stream(JsonStream {
-                        body: response.into_body(),
-                        buffer: Vec::new(),
-                    }));
-                }
-                Ok(Opened::Answer(
-                    status,
-                    read_whole(response.into_body()).await?,
-                ))
-            })
-            .await
-        }
-
-        /// Sends the request and waits for the answer's head.
-        async fn send(
-            &self,
-            url: &str,
-            body: &serde_json::Value,
-        ) -> Result<Response<Incoming>, String> {
-            let request = Request::post(url)
-                .header(header::CONTENT_TYPE, "application/json")
-                .body(Full::new(Bytes::from(body.to_string())))
-                .map_err(|error| format!("cannot make a request to {url}: {error}"))?;
-            self.pool
-                .request(request)
-                .await
-                .map_err(|error| error_chain(&error))
-        }
-    }
-
-    /// Reads a whole body of at most [`MAX_ANSWER_BYTES`].
-    async fn read_whole(body: Incoming) -> Result<Bytes, String> {
-        Limited::new(body, MAX_ANSWER_BYTES)
-            .collect()
-            .await
-            .map(|collected| collected.to_bytes())
-            .map_err(|error| format!("reading the answer failed: {error}"))
-    }
-
-    /// Runs `work`, failing when it takes longer than `timeout`.
-    async fn within<T>(
-        timeout: Duration,
-        work: impl Future<Output = Result<T, String>>,
-    ) -> Result<T, String> {
-        tokio::time::timeout(timeout, work)
-            .await
-            .unwrap_or_else(|_| Err(format!("no answer within {timeout:?}")))
-    }
-
-    /// An error and its causes on one line.
-    fn error_chain(error: &dyn std::error::Error) -> String {
-        let mut text = error.to_string();
-        let mut cause = error.source();
-        while let Some(error) = cause {
-            text.push_str(": ");
-            text.push_str(&error.to_string());
-            cause = error.source();
-        }
-        text
+    /// Why a streamed answer could not be read.
+    #[derive(Debug, thiserror::Error)]
+    pub enum StreamReadError {
+        /// One object is larger than [`MAX_BODY`].
+        #[error("a streamed object is over {MAX_BODY} bytes")]
+        TooLarge,
+        /// The answer ended in the middle of an object.
+        #[error("the answer ended inside a JSON object")]
+        Truncated,
+        /// Receiving failed.
+        #[error("{}", error_chain(.0))]
+        Transport(hyper::Error),
+        /// An object is not what was expected.
+        #[error("a malformed streamed answer: {0}")]
+        Malformed(serde_json::Error),
     }
 
     /// A streamed answer made of concatenated JSON objects, as the gateway sends
@@ -1031,22 +974,30 @@ mod http {
     }
 
     impl JsonStream {
+        /// The stream of the objects in `body`.
+        pub(super) fn new(body: Incoming) -> JsonStream {
+            JsonStream {
+                body,
+                buffer: Vec::new(),
+            }
+        }
+
         /// The next object; `None` when the answer ends cleanly. Waits as long as
         /// the server sends nothing: callers bound it.
-        pub(super) async fn next<T: DeserializeOwned>(&mut self) -> Result<Option<T>, String> {
+        pub(super) async fn next<T: DeserializeOwned>(
+            &mut self,
+        ) -> Result<Option<T>, StreamReadError> {
             loop {
                 if let Some(value) = take_object(&mut self.buffer)? {
                     return Ok(Some(value));
                 }
-                if self.buffer.len() > MAX_ANSWER_BYTES {
-                    return Err(format!(
-                        "a streamed object is over {MAX_ANSWER_BYTES} bytes"
-                    ));
+                if self.buffer.len() > MAX_BODY {
+                    return Err(StreamReadError::TooLarge);
                 }
                 match self.body.frame().await {
                     None if self.buffer.iter().all(u8::is_ascii_whitespace) => return Ok(None),
-                    None => return Err("the answer ended inside a JSON object".to_string()),
-                    Some(Err(error)) => return Err(error_chain(&error)),
+                    None => return Err(StreamReadError::Truncated),
+                    Some(Err(error)) => return Err(StreamReadError::Transport(error)),
                     Some(Ok(frame)) => {
                         // Trailers carry nothing needed here.
                         if let Ok(data) = frame.into_data() {
@@ -1062,12 +1013,12 @@ mod http {
     /// `None` when the buffer holds only part of one (or nothing).
     pub(super) fn take_object<T: DeserializeOwned>(
         buffer: &mut Vec<u8>,
-    ) -> Result<Option<T>, String> {
+    ) -> Result<Option<T>, StreamReadError> {
         let mut objects = serde_json::Deserializer::from_slice(buffer).into_iter::<T>();
         match objects.next() {
             None => Ok(None),
             Some(Err(error)) if error.is_eof() => Ok(None),
-            Some(Err(error)) => Err(format!("a malformed streamed answer: {error}")),
+            Some(Err(error)) => Err(StreamReadError::Malformed(error)),
             Some(Ok(value)) => {
                 let used = objects.byte_offset();
                 buffer.drain(..used);
@@ -1203,7 +1154,8 @@ mod tests {
             let mut seen = Vec::new();
             for chunk in [&stream[..cut], &stream[cut..]] {
                 buffer.extend_from_slice(chunk);
-                while let Some(envelope) = http::take_object::<WatchEnvelope>(&mut buffer).unwrap()
+                while let Some(envelope) =
+                    stream::take_object::<WatchEnvelope>(&mut buffer).unwrap()
                 {
                     let result = envelope.result.unwrap();
                     seen.push((result.created, result.events.len()));
@@ -1213,6 +1165,6 @@ mod tests {
             assert!(buffer.iter().all(u8::is_ascii_whitespace));
         }
         let mut bad = b"{\"result\":}".to_vec();
-        assert!(http::take_object::<WatchEnvelope>(&mut bad).is_err());
+        assert!(stream::take_object::<WatchEnvelope>(&mut bad).is_err());
     }
 }

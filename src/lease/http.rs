@@ -1,21 +1,23 @@
-//! A small HTTP/1.1 client for the coordinators' HTTP APIs (Consul's, and any
-//! other coordinator that speaks plain HTTP with JSON).
+//! A small HTTP/1.1 client for the coordinators' HTTP APIs (Consul's, and etcd's
+//! JSON gateway).
 //!
-//! One [`HttpClient`] keeps a pool of keep-alive connections; [`HttpClient::request`]
-//! sends one request and reads the whole answer.
+//! One [`HttpClient`] keeps a pool of keep-alive connections (built by
+//! [`crate::http_pool`]); [`HttpClient::request`] sends one request and reads the
+//! whole answer, [`HttpClient::open`] waits for the head of an answer whose body
+//! is streamed.
 //!
 //! Invariants:
 //! - Every request is bounded in time: connecting, sending and reading the whole
-//!   body must finish within the caller's `timeout`, or the request fails with
+//!   body (for [`HttpClient::open`], the head of a successful answer) must finish
+//!   within the caller's `timeout`, or the request fails with
 //!   [`HttpError::Timeout`] and its connection is dropped.
-//! - Every answer is bounded in size ([`MAX_BODY`]): a larger body is an error, not
-//!   an allocation the peer controls.
+//! - Every answer read whole is bounded in size ([`MAX_BODY`]): a larger body is
+//!   an error, not an allocation the peer controls.
 //! - Nothing here panics on what the network sends; HTTP status codes are returned
 //!   to the caller, who decides what they mean.
 //! - Dropping the future of a request cancels it (its connection is closed).
-//! - `http://` and `https://` URLs. TLS (rustls) verifies the server's
-//!   certificate against the Mozilla root certificates built in (webpki-roots), so
-//!   it works in containers without a system certificate store, as Fly.io's Consul
+//! - `http://` and `https://` URLs ([`HttpClient::new`]). TLS verifies the
+//!   server's certificate against built-in root certificates, as Fly.io's Consul
 //!   (`FLY_CONSUL_URL`, an `https://` URL) needs.
 //!
 //! A client's pooled connections belong to the tokio runtime that made them, so a
@@ -24,27 +26,31 @@
 use std::time::Duration;
 
 use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::Bytes;
+use hyper::body::{Bytes, Incoming};
 use hyper::header::{HeaderMap, HeaderName, HeaderValue};
-use hyper::{Method, Request, StatusCode, Uri};
-use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper::{Method, Request, Response, StatusCode, Uri};
 
-use super::LeaseError;
+use super::{LeaseError, Unavailability};
+use crate::error_chain::error_chain;
+use crate::http_pool::{PooledClient, Schemes, pooled_client};
 
 /// The largest response body accepted. Coordinators' answers about one key are a
 /// few hundred bytes (Consul caps a value at 512 KiB).
 pub const MAX_BODY: usize = 4 * 1024 * 1024;
 
-/// How long an idle pooled connection is kept.
-const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
-
 /// An HTTP/1.1 client with a connection pool. Cloning it shares the pool.
 #[derive(Debug, Clone)]
 pub struct HttpClient {
-    inner: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    inner: PooledClient<Full<Bytes>>,
+}
+
+/// The start of an answer whose body may be streamed.
+#[derive(Debug)]
+pub enum Opened {
+    /// A successful (2xx) answer: its body, still to be read.
+    Stream(Incoming),
+    /// An unsuccessful answer, read whole.
+    Answer(HttpResponse),
 }
 
 /// A complete answer.
@@ -67,12 +73,18 @@ impl HttpResponse {
     /// The body as text for error messages: lossy UTF-8, trimmed, at most 200
     /// characters.
     pub fn body_excerpt(&self) -> String {
-        let text = String::from_utf8_lossy(&self.body);
-        let text = text.trim();
-        match text.char_indices().nth(200) {
-            Some((end, _)) => format!("{}…", &text[..end]),
-            None => text.to_string(),
-        }
+        excerpt(&self.body)
+    }
+}
+
+/// `body` as text for error messages: lossy UTF-8, trimmed, at most 200
+/// characters.
+pub fn excerpt(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    let text = text.trim();
+    match text.char_indices().nth(200) {
+        Some((end, _)) => format!("{}…", &text[..end]),
+        None => text.to_string(),
     }
 }
 
@@ -100,7 +112,7 @@ impl HttpError {
         LeaseError::Unavailable {
             coordinator,
             url: url.to_string(),
-            reason: self.to_string(),
+            reason: Unavailability::NoAnswer(self),
         }
     }
 }
@@ -112,28 +124,18 @@ impl Default for HttpClient {
 }
 
 impl HttpClient {
-    /// A client with an empty pool. Needs no runtime until the first request.
+    /// A client of `http://` and `https://` URLs with an empty pool. Needs no
+    /// runtime until the first request.
     pub fn new() -> HttpClient {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        // The TLS connector hands `https` to rustls and passes `http` through.
-        connector.enforce_http(false);
-        // The provider is named: the object_store clients of backups bring
-        // rustls's aws-lc-rs provider too, and with two built in rustls has no
-        // process-wide default.
-        let connector = HttpsConnectorBuilder::new()
-            .with_provider_and_webpki_roots(std::sync::Arc::new(
-                rustls::crypto::ring::default_provider(),
-            ))
-            .expect("ring's provider supports TLS 1.2 and 1.3")
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(connector);
-        let inner = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-            .pool_timer(TokioTimer::new())
-            .build(connector);
-        HttpClient { inner }
+        HttpClient::reaching(Schemes::HttpAndHttps, None)
+    }
+
+    /// A client of `schemes` that gives up connecting after `connect_timeout`
+    /// (when given).
+    pub fn reaching(schemes: Schemes, connect_timeout: Option<Duration>) -> HttpClient {
+        HttpClient {
+            inner: pooled_client(schemes, connect_timeout),
+        }
     }
 
     /// Sends `method url` with `headers` and `body`, and reads the whole answer,
@@ -148,38 +150,73 @@ impl HttpClient {
         timeout: Duration,
     ) -> Result<HttpResponse, HttpError> {
         let request = build_request(method, url, headers, body)?;
-        let exchange = async {
-            let response = self
-                .inner
-                .request(request)
-                .await
-                .map_err(|error| HttpError::Transport(error_chain(&error)))?;
-            let (parts, body) = response.into_parts();
-            let body = Limited::new(body, MAX_BODY)
-                .collect()
-                .await
-                .map_err(|error| {
-                    if error.is::<http_body_util::LengthLimitError>() {
-                        HttpError::BodyTooLarge
-                    } else {
-                        HttpError::Transport(error_chain(error.as_ref()))
-                    }
-                })?
-                .to_bytes();
-            Ok(HttpResponse {
-                status: parts.status,
-                headers: parts.headers,
-                body,
-            })
-        };
-        tokio::time::timeout(timeout, exchange)
+        within(timeout, async {
+            read_whole(self.send(request).await?).await
+        })
+        .await
+    }
+
+    /// Sends `request` (from [`build_request`]) and waits, within `timeout`, for
+    /// the head of the answer; an unsuccessful answer is read whole, a successful
+    /// one's body is left to the caller, who bounds its reading.
+    pub async fn open(
+        &self,
+        request: Request<Full<Bytes>>,
+        timeout: Duration,
+    ) -> Result<Opened, HttpError> {
+        within(timeout, async {
+            let response = self.send(request).await?;
+            if response.status().is_success() {
+                return Ok(Opened::Stream(response.into_body()));
+            }
+            Ok(Opened::Answer(read_whole(response).await?))
+        })
+        .await
+    }
+
+    /// Sends `request` and waits for the head of the answer.
+    async fn send(&self, request: Request<Full<Bytes>>) -> Result<Response<Incoming>, HttpError> {
+        self.inner
+            .request(request)
             .await
-            .map_err(|_| HttpError::Timeout(timeout))?
+            .map_err(|error| HttpError::Transport(error_chain(&error)))
     }
 }
 
+/// Runs `exchange`, failing with [`HttpError::Timeout`] when it takes longer than
+/// `timeout`.
+async fn within<T>(
+    timeout: Duration,
+    exchange: impl Future<Output = Result<T, HttpError>>,
+) -> Result<T, HttpError> {
+    tokio::time::timeout(timeout, exchange)
+        .await
+        .map_err(|_| HttpError::Timeout(timeout))?
+}
+
+/// Reads the whole of `response`, at most [`MAX_BODY`] bytes of body.
+async fn read_whole(response: Response<Incoming>) -> Result<HttpResponse, HttpError> {
+    let (parts, body) = response.into_parts();
+    let body = Limited::new(body, MAX_BODY)
+        .collect()
+        .await
+        .map_err(|error| {
+            if error.is::<http_body_util::LengthLimitError>() {
+                HttpError::BodyTooLarge
+            } else {
+                HttpError::Transport(error_chain(error.as_ref()))
+            }
+        })?
+        .to_bytes();
+    Ok(HttpResponse {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    })
+}
+
 /// Checks the URL and headers and assembles the request.
-fn build_request(
+pub fn build_request(
     method: Method,
     url: &str,
     headers: &[(&str, &str)],
@@ -205,19 +242,6 @@ fn build_request(
         request.headers_mut().append(name, value);
     }
     Ok(request)
-}
-
-/// An error and its sources on one line, so "connection refused" is not hidden
-/// behind "client error (Connect)".
-pub(crate) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]

@@ -22,6 +22,10 @@ pub mod static_lease;
 
 use std::time::{Duration, Instant};
 
+use hyper::StatusCode;
+
+use http::HttpError;
+
 /// The node that holds, or asks for, the lease: what replicas need to reach it.
 /// Stored in the coordinator as JSON `{"hostname": ..., "advertise-url": ...}`
 /// (LiteFS's format).
@@ -71,7 +75,7 @@ pub enum LeaseError {
         /// Where it was asked.
         url: String,
         /// What went wrong.
-        reason: String,
+        reason: Unavailability,
     },
     /// The lease this node held is gone (expired, or taken after expiry).
     #[error("the lease was lost: {0}")]
@@ -97,6 +101,56 @@ pub enum LeaseError {
     /// The operation is not possible with this kind of lease.
     #[error("{0}")]
     Unsupported(&'static str),
+}
+
+/// Why a coordinator gave no usable answer.
+#[derive(Debug, thiserror::Error)]
+pub enum Unavailability {
+    /// No complete answer: connecting, sending or receiving failed, or took too
+    /// long.
+    #[error(transparent)]
+    NoAnswer(HttpError),
+    /// An HTTP status other than the success the coordinator's API documents.
+    #[error("HTTP {status}: {body}")]
+    Status {
+        /// The status.
+        status: StatusCode,
+        /// The start of the answer's body, as the coordinator wrote it.
+        body: String,
+    },
+    /// The coordinator refused the request with a gRPC status (etcd).
+    #[error("etcd refused the request: {message} (gRPC code {code})")]
+    Refused {
+        /// The gRPC status code.
+        code: i64,
+        /// The coordinator's message.
+        message: String,
+    },
+    /// An answer that is not what the coordinator's API documents.
+    #[error("{0}")]
+    BadAnswer(String),
+    /// The streamed answer of a watch broke off (etcd).
+    #[error("the watch failed: {0}")]
+    Watch(etcd::StreamReadError),
+    /// Every endpoint failed (etcd tries each in turn): each one's failure, in
+    /// the order tried.
+    #[error("{}", endpoint_failures(.0))]
+    AllEndpoints(Vec<(String, Unavailability)>),
+    /// The cluster ID key vanished after each attempt to create it.
+    #[error("the cluster ID key kept disappearing ({attempts} attempts)")]
+    KeyKeptDisappearing {
+        /// How many attempts were made.
+        attempts: usize,
+    },
+}
+
+/// `endpoint: failure` for each endpoint, joined by `; `.
+fn endpoint_failures(failures: &[(String, Unavailability)]) -> String {
+    failures
+        .iter()
+        .map(|(endpoint, failure)| format!("{endpoint}: {failure}"))
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// A coordinator that decides which node is the primary.

@@ -47,16 +47,15 @@ use hyper::header::{HeaderValue, SET_COOKIE};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode, Uri};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::bridge::CommitBridge;
 use crate::config::{ProxyConfig, ProxyMode};
-use crate::lease::http::error_chain;
+use crate::error_chain::error_chain;
+use crate::http_pool::{PooledClient, Schemes, pooled_client};
 use crate::store::{Role, Store};
 
 pub use gate::{WriteGate, WritePass};
@@ -72,8 +71,6 @@ pub const FORWARDED_HEADER: &str = "ltxfs-forwarded";
 /// How many times a write may be forwarded (the primary can move while it
 /// travels).
 pub const MAX_FORWARDS: u32 = 3;
-/// How long an idle connection to the application or another proxy is kept.
-const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// The pause after a failed accept (for example, out of file descriptors).
 const ACCEPT_RETRY: Duration = Duration::from_millis(50);
 
@@ -140,7 +137,7 @@ type ProxyBody = BoxBody<Bytes, hyper::Error>;
 struct Proxy {
     settings: ProxySettings,
     node: ProxyNode,
-    client: Client<HttpConnector, Incoming>,
+    client: PooledClient<Incoming>,
 }
 
 /// Serves the proxy on `listener` until `shutdown` is cancelled; connections
@@ -154,16 +151,10 @@ pub async fn serve(
     if let Ok(address) = listener.local_addr() {
         tracing::info!(%address, target = %settings.target, mode = ?settings.mode, "serving the proxy");
     }
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    let client = Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-        .pool_timer(TokioTimer::new())
-        .build(connector);
     let proxy = Arc::new(Proxy {
         settings,
         node,
-        client,
+        client: pooled_client(Schemes::Http, None),
     });
     loop {
         let (stream, peer) = tokio::select! {

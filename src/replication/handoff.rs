@@ -80,14 +80,53 @@ pub enum ControlRequest {
         /// The replica's hostname.
         hostname: String,
         /// The outcome: an error says why the handoff did not happen.
-        reply: oneshot::Sender<Result<(), String>>,
+        reply: oneshot::Sender<Result<(), RoleRefusal>>,
     },
     /// The operator asks this replica to become the primary. Answered with the
     /// previous primary's hostname once this node is the primary.
     Promote {
         /// The outcome: an error says why this node did not become the primary.
-        reply: oneshot::Sender<Result<String, String>>,
+        reply: oneshot::Sender<Result<String, RoleRefusal>>,
     },
+}
+
+/// Why the role loop did not hand the primary role over, or take it, as a
+/// [`ControlRequest`] asked.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RoleRefusal {
+    /// A handoff was asked of a replica.
+    #[error("this node is not the primary")]
+    NotPrimary,
+    /// A promotion was asked of the primary.
+    #[error("this node is already the primary")]
+    AlreadyPrimary,
+    /// The replica that asked for the role has no candidate stream from this
+    /// primary.
+    #[error("{0} is not a candidate replica connected to this primary")]
+    NotConnectedCandidate(String),
+    /// A promotion was asked of a replica that may not be the primary.
+    #[error("this node is not a candidate (lease.candidate is false)")]
+    NotCandidate,
+    /// A promotion was asked of a replica that follows nobody.
+    #[error("this node follows no primary to take over from")]
+    NoPrimary,
+    /// The role loop stopped before answering.
+    #[error("this node is shutting down")]
+    ShuttingDown,
+    /// The lease was released, but the replica did not take it in time.
+    #[error("{hostname} did not take the lease within {timeout:?}")]
+    NotTaken {
+        /// The replica the role was handed to.
+        hostname: String,
+        /// How long it had.
+        timeout: Duration,
+    },
+    /// The primary did not hand its role over to this replica.
+    #[error(transparent)]
+    HandoffFailed(Arc<ReplicationError>),
+    /// The task asking the primary for the role ended without an answer.
+    #[error("the handoff request failed: {0}")]
+    HandoffAborted(Arc<tokio::task::JoinError>),
 }
 
 /// One open stream, as the handoff sees it.

@@ -114,7 +114,7 @@ pub use auth::{AUTH_HEADER, AUTH_REPLY_HEADER, ClusterKeys, MAX_CLOCK_SKEW};
 pub use client::{FollowSettings, follow};
 pub use handoff::{
     ControlRequest, FollowerState, HANDOFF_TIMEOUT, HandoffPhase, HandoffSeen, Handoffs, LastHeard,
-    PRESUMED_GONE_AFTER, request_handoff, request_promote,
+    PRESUMED_GONE_AFTER, RoleRefusal, request_handoff, request_promote,
 };
 pub use peers::{KnownPeers, Peer, PeerCatchUp, catch_up_from_peers};
 pub use server::serve;
@@ -457,8 +457,8 @@ pub enum ReplicationError {
         to: String,
     },
     /// A handoff or promotion was asked for and did not happen.
-    #[error("{0}")]
-    HandoffRefused(String),
+    #[error(transparent)]
+    HandoffRefused(#[from] RoleRefusal),
     /// The primary's own change set ends before a position it claims.
     #[error("database {database:?}: the change set after TXID {after} ends at TXID {max_txid}")]
     NoProgress {

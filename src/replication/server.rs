@@ -60,7 +60,7 @@ use crate::store::{CatchUp, Position, Role};
 use super::auth::{self, ClusterKeys, ReplayGuard, ServerAuth};
 use super::chunk::Pieces;
 use super::crc::ChangeSetCrc;
-use super::handoff::{ControlRequest, HandoffPhase, RegisteredStream};
+use super::handoff::{ControlRequest, HandoffPhase, RegisteredStream, RoleRefusal};
 use super::peers::Peer;
 use super::precise_timer::PreciseTimer;
 use super::proto::replication_server::{Replication, ReplicationServer};
@@ -285,16 +285,15 @@ impl ReplicationService {
     async fn ask_role_loop<T>(
         &self,
         request: ControlRequest,
-        answer: oneshot::Receiver<Result<T, String>>,
+        answer: oneshot::Receiver<Result<T, RoleRefusal>>,
     ) -> Result<T, tonic::Status> {
-        let stopped = || ReplicationError::HandoffRefused("this node is shutting down".to_string());
         if !self.node.handoffs.request(request).await {
-            return Err(status_from_error(&stopped()));
+            return Err(status_from_error(&RoleRefusal::ShuttingDown.into()));
         }
         match answer.await {
             Ok(Ok(value)) => Ok(value),
-            Ok(Err(reason)) => Err(status_from_error(&ReplicationError::HandoffRefused(reason))),
-            Err(_) => Err(status_from_error(&stopped())),
+            Ok(Err(refusal)) => Err(status_from_error(&refusal.into())),
+            Err(_) => Err(status_from_error(&RoleRefusal::ShuttingDown.into())),
         }
     }
 }
