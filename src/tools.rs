@@ -47,7 +47,7 @@ use rusqlite::{Connection, OpenFlags};
 
 use crate::mountinfo;
 use crate::store::{
-    FileKind, POSITION_SUFFIX, Position, SQLITE_HEADER_MAGIC, StoreError, parse_name,
+    FileKind, HeaderError, POSITION_SUFFIX, Position, StoreError, page_size_from_header, parse_name,
 };
 
 /// How long a tool keeps retrying when SQLite reports the database busy or locked.
@@ -513,28 +513,19 @@ fn check_source_file(path: &Path) -> Result<u32, ToolError> {
     File::open(path)
         .and_then(|file| file.take(100).read_to_end(&mut header))
         .map_err(|error| invalid(format!("cannot read it: {error}")))?;
-    if header.len() < SQLITE_HEADER_MAGIC.len() || header[..16] != SQLITE_HEADER_MAGIC[..] {
-        return Err(invalid(
-            "it is not a SQLite database (it does not start with the header \
-             \"SQLite format 3\\0\")"
+    let page_size = page_size_from_header(&header).map_err(|error| {
+        invalid(match error {
+            HeaderError::NotSqlite => "it is not a SQLite database (it does not start with the \
+                                       header \"SQLite format 3\\0\")"
                 .to_string(),
-        ));
-    }
-    if header.len() < 100 {
-        return Err(invalid(format!(
-            "it is truncated: {} bytes, shorter than the 100-byte SQLite header",
-            header.len()
-        )));
-    }
-    let page_size = match u16::from_be_bytes([header[16], header[17]]) {
-        1 => 65536,
-        size => u32::from(size),
-    };
-    if !(512..=65536).contains(&page_size) || !page_size.is_power_of_two() {
-        return Err(invalid(format!(
-            "it is corrupt: the header declares an invalid page size {page_size}"
-        )));
-    }
+            HeaderError::Truncated(len) => {
+                format!("it is truncated: {len} bytes, shorter than the 100-byte SQLite header")
+            }
+            HeaderError::InvalidPageSize(size) => {
+                format!("it is corrupt: the header declares an invalid page size {size}")
+            }
+        })
+    })?;
     // With a WAL beside it, the file may legitimately lag behind its header (a
     // checkpoint was interrupted), and the WAL holds the rest; quick_check decides.
     if fs::symlink_metadata(companion_path(path, "-wal")).is_err() {

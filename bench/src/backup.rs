@@ -49,7 +49,7 @@ use super::{BenchError, BenchOptions, MachineInfo, Plan, Workspace};
 use ltxfs::backup::{BackupError, Destination};
 use ltxfs::config::{BackupDestination, Secret};
 use ltxfs::store::Position;
-use s3::Moto;
+use test_support::{Moto, MotoError};
 
 /// `backup.sync-interval` of every mount with backups.
 pub const SYNC_INTERVAL: Duration = Duration::from_secs(1);
@@ -109,23 +109,9 @@ pub enum BackupBenchError {
     /// Something the benchmarks share failed: options, files, SQLite, a mount.
     #[error(transparent)]
     Bench(#[from] BenchError),
-    /// There is no moto server to run.
-    #[error(
-        "moto_server not found at {}: run `bash .ci/run` (it installs moto[server] into target/s3-venv), \
-         or set LTXFS_MOTO_SERVER to a moto_server executable", path.display()
-    )]
-    MotoMissing {
-        /// Where it was looked for.
-        path: PathBuf,
-    },
-    /// moto exited at once on every attempt, or did not answer in time.
-    #[error("moto did not become ready ({problem}); see {}", log.display())]
-    MotoNotReady {
-        /// What went wrong.
-        problem: String,
-        /// moto's log.
-        log: PathBuf,
-    },
+    /// moto could not be started, or refused the bucket.
+    #[error(transparent)]
+    Moto(#[from] MotoError),
     /// A request the benchmark made to moto itself failed.
     #[error("S3 request {request} failed: {problem}")]
     S3 {
@@ -191,7 +177,7 @@ pub fn run(options: &BackupOptions) -> Result<BackupReport, BackupBenchError> {
 
     // Declared after the workspace and before the mounts, so dropped after
     // the mounts and before the workspace is removed.
-    let moto = Moto::start(&base)?;
+    let moto = Moto::start_in(&base)?;
     moto.create_bucket(BUCKET)?;
     let mut plain = MountGuard::start(&base, PLAIN_MOUNT, true)?;
     let mut backed = MountGuard::start_configured(

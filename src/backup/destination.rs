@@ -19,6 +19,8 @@ use object_store::{
     ClientOptions, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, RetryConfig,
     WriteMultipart,
 };
+use percent_encoding::percent_decode_str;
+use url::Url;
 
 use super::BackupError;
 use super::layout::{self, ObjectName};
@@ -86,13 +88,13 @@ impl Destination {
             url: url.clone(),
             reason,
         };
-        let (scheme, rest) = url
-            .split_once("://")
-            .ok_or_else(|| invalid("it is not a URL".into()))?;
-        let (bucket, prefix) = match rest.split_once('/') {
-            Some((bucket, prefix)) => (bucket, prefix.trim_matches('/')),
-            None => (rest, ""),
-        };
+        let parsed = Url::parse(&url).map_err(|_| invalid("it is not a URL".into()))?;
+        let scheme = parsed.scheme();
+        let bucket = parsed.host_str().unwrap_or("");
+        let path = percent_decode_str(parsed.path())
+            .decode_utf8()
+            .map_err(|_| invalid("its path is not UTF-8 once decoded".into()))?;
+        let prefix = path.trim_matches('/');
         let options = ClientOptions::new()
             .with_timeout(REQUEST_TIMEOUT)
             .with_connect_timeout(CONNECT_TIMEOUT)
@@ -154,11 +156,13 @@ impl Destination {
                 builder.build().map(|store| Arc::new(store) as _)
             }
             "file" => {
-                let root = std::path::Path::new(rest);
-                std::fs::create_dir_all(root).map_err(|error| {
+                let root = parsed.to_file_path().map_err(|()| {
+                    invalid("it must name an absolute path, as in `file:///var/backups/db`".into())
+                })?;
+                std::fs::create_dir_all(&root).map_err(|error| {
                     invalid(format!("cannot create {}: {error}", root.display()))
                 })?;
-                object_store::local::LocalFileSystem::new_with_prefix(root)
+                object_store::local::LocalFileSystem::new_with_prefix(&root)
                     .map(|store| Arc::new(store.with_automatic_cleanup(true)) as _)
             }
             other => {

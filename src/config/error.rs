@@ -3,12 +3,12 @@
 //! and the full dotted key.
 //!
 //! serde_norway reports `path.to.key: message at line N column M`, with the
-//! line counted in the text after `${...}` expansion and, for a mapping
-//! value, pointing at the value's first inner line. This module strips the
-//! position, maps the line back to the original text, moves the line to the
-//! key itself where serde points elsewhere, and rewrites the messages that
-//! users meet most (unknown keys, duplicate keys, LiteFS-only keys) into
-//! ones that say what to do.
+//! line (also given by `Error::location`) counted in the text after `${...}`
+//! expansion and, for a mapping value, pointing at the value's first inner
+//! line. This module removes that position from the text, maps the line back
+//! to the original text, moves the line to the key itself where serde points
+//! elsewhere, and rewrites the messages that users meet most (unknown keys,
+//! duplicate keys, LiteFS-only keys) into ones that say what to do.
 
 use std::fmt;
 use std::io;
@@ -187,36 +187,19 @@ pub(crate) fn with_unset_variable_note(
     )
 }
 
-/// Removes serde_norway's ` at line N column M` and ` at position N`
-/// fragments; the line is reported separately, mapped to the original text.
-fn without_positions(message: &str) -> String {
-    let mut output = String::with_capacity(message.len());
-    let mut rest = message;
-    while let Some(start) = rest.find(" at ") {
-        output.push_str(&rest[..start]);
-        let after = &rest[start + " at ".len()..];
-        if let Some(skipped) = skip_position(after) {
-            rest = skipped;
-        } else {
-            output.push_str(" at ");
-            rest = after;
-        }
+/// serde_norway's message without the ` at line N column M` it appends for
+/// the error's own location ([`serde_norway::Error::location`]); the line is
+/// reported separately, mapped to the original text.
+fn message_without_location(error: &serde_norway::Error) -> String {
+    let message = error.to_string();
+    let Some(location) = error.location() else {
+        return message;
+    };
+    let position = format!(" at line {} column {}", location.line(), location.column());
+    match message.split_once(&position) {
+        Some((before, after)) => format!("{before}{after}"),
+        None => message,
     }
-    output.push_str(rest);
-    output
-}
-
-/// Skips `line N column M` or `position N` at the start of `text`.
-fn skip_position(text: &str) -> Option<&str> {
-    fn skip_number(text: &str) -> Option<&str> {
-        let digits = text.bytes().take_while(u8::is_ascii_digit).count();
-        (digits > 0).then(|| &text[digits..])
-    }
-    if let Some(rest) = text.strip_prefix("line ") {
-        let rest = skip_number(rest)?;
-        return skip_number(rest.strip_prefix(" column ")?);
-    }
-    skip_number(text.strip_prefix("position ")?)
 }
 
 /// Replaces serde's "struct RawLease" (an internal type name) with words.
@@ -335,7 +318,7 @@ pub(crate) fn parse_error_from_serde(
 ) -> ConfigError {
     let serde_line = error.location().map(|location| location.line());
     let mut line = serde_line.map(|line| expanded.original_line(line));
-    let full_message = without_internal_type_names(&without_positions(&error.to_string()));
+    let full_message = without_internal_type_names(&message_without_location(error));
     let (section, rest) = split_key_prefix(&full_message);
 
     if rest == LITEFS_ONLY_MARKER {
@@ -403,14 +386,14 @@ mod tests {
     }
 
     #[test]
-    fn positions_are_removed_from_serde_messages() {
-        assert_eq!(
-            without_positions("a: bad at line 3 column 4, while x at line 2 column 1"),
-            "a: bad, while x"
-        );
-        assert_eq!(without_positions("bad at position 7"), "bad");
-        assert_eq!(without_positions("look at this"), "look at this");
-        assert_eq!(without_positions("at line"), "at line");
+    fn locations_are_removed_from_serde_messages() {
+        for text in ["lease:\n  type: [\n", "lease: 3\n", "lease:\n  bogus: 1\n"] {
+            let error =
+                serde_norway::from_str::<super::super::raw::RawConfig>(text).expect_err(text);
+            assert!(error.location().is_some(), "{text}: {error}");
+            let message = message_without_location(&error);
+            assert!(!message.contains(" column "), "{text}: {message}");
+        }
     }
 
     #[test]

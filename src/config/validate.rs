@@ -9,6 +9,8 @@
 use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
+use url::Url;
+
 use super::{Config, LeaseType};
 
 /// One validation problem: the key it is about and what to do.
@@ -55,12 +57,13 @@ fn check_backup(config: &Config) -> Option<Problem> {
                  `az://container/prefix` or `file:///absolute/path`",
             ));
         }
-        let Some((scheme, rest)) = url.split_once("://") else {
+        let Ok(parsed) = Url::parse(url) else {
             return Some(problem(
                 key,
                 format!("`{url}` is not a URL; write `s3://bucket/prefix` or `file:///path`"),
             ));
         };
+        let scheme = parsed.scheme();
         if !BACKUP_SCHEMES.contains(&scheme) {
             return Some(problem(
                 key,
@@ -68,13 +71,13 @@ fn check_backup(config: &Config) -> Option<Problem> {
             ));
         }
         if scheme == "file" {
-            if !rest.starts_with('/') {
+            if parsed.to_file_path().is_err() {
                 return Some(problem(
                     key,
                     format!("`{url}` must name an absolute path, as in `file:///var/backups/db`"),
                 ));
             }
-        } else if rest.split('/').next().unwrap_or("").is_empty() {
+        } else if parsed.host_str().unwrap_or("").is_empty() {
             return Some(problem(
                 key,
                 format!("`{url}` names no bucket; write `{scheme}://BUCKET/prefix`"),

@@ -4,8 +4,8 @@
 //!   durations that way: `10s`, `5m`, `1h30m`, `250ms`, `1.5h`, `0`.
 //! - Byte sizes (`data.max-size`) are an ltxfs addition: `512MiB`, `1GB`, or a
 //!   plain number of bytes.
-//! - Command lines (`exec`) are split into an argument vector with a small,
-//!   documented subset of POSIX shell quoting. No shell is ever run.
+//! - Command lines (`exec`) are split into an argument vector with POSIX shell
+//!   quoting. No shell is ever run.
 //!
 //! Every parser returns a [`ValueError`] whose message quotes the rejected
 //! text and says how to write it correctly; none of them panics on any input.
@@ -216,97 +216,34 @@ pub fn parse_byte_size(text: &str) -> Result<u64, ValueError> {
 /// Splits a command line into an argument vector, the way `exec: "..."` is
 /// read.
 ///
-/// The rules are a small subset of POSIX shell quoting; no shell runs, and
-/// nothing is expanded (environment variables were already expanded in the
-/// whole file, before YAML parsing):
+/// The words are split with POSIX shell quoting rules (the `shell-words`
+/// crate): whitespace separates arguments, `'...'` and `"..."` quote, a
+/// backslash escapes, and an unquoted `#` at the start of a word begins a
+/// comment. No shell runs and nothing is expanded (environment variables were
+/// already expanded in the whole file, before YAML parsing).
 ///
-/// - Unquoted whitespace separates arguments.
-/// - `'...'` keeps everything inside literally; there are no escapes in it.
-/// - `"..."` keeps everything inside, except that a backslash before `"`,
-///   `\`, `$` or `` ` `` stands for that character, and a backslash before a
-///   line break removes both. Before any other character the backslash is
-///   kept.
-/// - Outside quotes, a backslash makes the next character literal, and a
-///   backslash before a line break removes both.
-/// - Quoted parts join the surrounding word: `--name="a b"` is one argument,
-///   and `''` is one empty argument.
-/// - Unquoted `|`, `&`, `;`, `<`, `>` and `` ` `` are rejected, because they
-///   would do something in a shell but not here. Quote them to pass them as
-///   text, or run `sh -c '...'` when a shell is really wanted.
+/// An argument made only of `|`, `&`, `;`, `<` and `>` is rejected, quoted or
+/// not, because it would be an operator in a shell but is passed as text here;
+/// run `sh -c '...'` when a shell is really wanted.
 ///
-/// An unterminated quote or a trailing backslash is an error.
+/// An unterminated quote is an error; a trailing backslash stays as it is.
 pub fn split_command_line(line: &str) -> Result<Vec<String>, ValueError> {
     let invalid = |why: &str| {
         ValueError(format!(
             "cannot split command `{line}` into arguments: {why}"
         ))
     };
-
-    let mut arguments = Vec::new();
-    let mut current = String::new();
-    let mut in_argument = false;
-    let mut chars = line.chars();
-
-    while let Some(c) = chars.next() {
-        match c {
-            c if c.is_whitespace() => {
-                if in_argument {
-                    arguments.push(std::mem::take(&mut current));
-                    in_argument = false;
-                }
-            }
-            '\'' => {
-                in_argument = true;
-                loop {
-                    match chars.next() {
-                        Some('\'') => break,
-                        Some(inner) => current.push(inner),
-                        None => return Err(invalid("a single quote (') is never closed")),
-                    }
-                }
-            }
-            '"' => {
-                in_argument = true;
-                loop {
-                    match chars.next() {
-                        Some('"') => break,
-                        Some('\\') => match chars.next() {
-                            Some(escaped @ ('"' | '\\' | '$' | '`')) => current.push(escaped),
-                            Some('\n') => {}
-                            Some(other) => {
-                                current.push('\\');
-                                current.push(other);
-                            }
-                            None => return Err(invalid("a double quote (\") is never closed")),
-                        },
-                        Some(inner) => current.push(inner),
-                        None => return Err(invalid("a double quote (\") is never closed")),
-                    }
-                }
-            }
-            '\\' => match chars.next() {
-                Some('\n') => {}
-                Some(escaped) => {
-                    in_argument = true;
-                    current.push(escaped);
-                }
-                None => return Err(invalid("it ends with a backslash")),
-            },
-            '|' | '&' | ';' | '<' | '>' | '`' => {
-                return Err(invalid(&format!(
-                    "`{c}` is shell syntax, but exec runs the program directly without a shell; \
-                     quote it to pass it as text, list several commands under `exec`, \
-                     or use `sh -c '...'`"
-                )));
-            }
-            other => {
-                in_argument = true;
-                current.push(other);
-            }
-        }
-    }
-    if in_argument {
-        arguments.push(current);
+    let arguments = shell_words::split(line).map_err(|_| invalid("a quote is never closed"))?;
+    if let Some(operator) = arguments.iter().find(|argument| {
+        !argument.is_empty()
+            && argument
+                .chars()
+                .all(|c| matches!(c, '|' | '&' | ';' | '<' | '>'))
+    }) {
+        return Err(invalid(&format!(
+            "`{operator}` is shell syntax, but exec runs the program directly without a shell; \
+             list several commands under `exec`, or use `sh -c '...'`"
+        )));
     }
     Ok(arguments)
 }
@@ -417,9 +354,12 @@ mod tests {
             (r#"app --name="a b" c"#, &["app", "--name=a b", "c"]),
             (r#"echo "say \"hi\" \n""#, &["echo", r#"say "hi" \n"#]),
             (r"echo a\ b \'q\'", &["echo", "a b", "'q'"]),
+            ("echo 'a|b' \"x && y\"", &["echo", "a|b", "x && y"]),
+            ("app #comment", &["app"]),
             ("echo '' x", &["echo", "", "x"]),
             ("echo 'a'\"b\"c", &["echo", "abc"]),
             ("echo \\\nnext", &["echo", "next"]),
+            ("echo \\", &["echo", "\\"]),
             ("", &[]),
         ];
         for (line, expected) in table {
@@ -433,13 +373,15 @@ mod tests {
         for line in [
             "echo 'open",
             "echo \"open",
-            "echo \\",
             "migrate && serve",
             "a | b",
             "a > f",
+            "a ; b",
+            "echo '&&'",
         ] {
             assert!(split_command_line(line).is_err(), "{line}");
         }
-        assert!(split_command_line("echo '&&'").is_ok());
+        let operator = split_command_line("migrate && serve").unwrap_err().0;
+        assert!(operator.contains("`&&` is shell syntax"), "{operator}");
     }
 }

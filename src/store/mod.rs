@@ -42,7 +42,7 @@ pub use cluster::{ClusterView, Role};
 pub use names::{FileKind, ParsedName, parse_name};
 pub use replica::{ChangeSetSpool, LTXFS_LOCK_OWNER, PendingChangeSet, TryApply};
 
-use crate::ltx::TxId;
+use crate::ltx::{TxId, is_valid_page_size};
 use crate::sync::{LockUnpoisoned, RwLockUnpoisoned};
 use locks::{ByteRange, LockOwner, LockTable};
 
@@ -470,7 +470,10 @@ impl Node {
         let whole_pages =
             |size: u32| size != 0 && offset % u64::from(size) == 0 && len % u64::from(size) == 0;
         let declared = if offset == 0 {
-            Some(page_size_from_header(data).map_err(|reason| self.not_sqlite(reason))?)
+            Some(
+                page_size_from_header(data)
+                    .map_err(|reason| self.not_sqlite(reason.to_string()))?,
+            )
         } else {
             None
         };
@@ -525,20 +528,37 @@ fn process_is_gone(pid: u32) -> bool {
 
 /// True when a write could be one page of some valid SQLite page size.
 fn is_plausible_page(offset: u64, len: usize) -> bool {
-    (512..=65536).contains(&len) && len.is_power_of_two() && offset % len as u64 == 0
+    u32::try_from(len).is_ok_and(is_valid_page_size) && offset % len as u64 == 0
+}
+
+/// Why the start of page 1 is not a SQLite database header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum HeaderError {
+    /// The first 16 bytes are not [`SQLITE_HEADER_MAGIC`].
+    #[error("page 1 does not start with the SQLite header")]
+    NotSqlite,
+    /// The magic is there but the 100-byte header is cut short.
+    #[error("page 1 is {0} bytes, shorter than the 100-byte SQLite header")]
+    Truncated(usize),
+    /// The page size field holds no valid page size.
+    #[error("page 1 declares an invalid page size {0}")]
+    InvalidPageSize(u32),
 }
 
 /// Reads the page size from the start of page 1, checking the SQLite header.
-pub(crate) fn page_size_from_header(page_one: &[u8]) -> Result<u32, String> {
-    if page_one.len() < 100 || &page_one[..16] != SQLITE_HEADER_MAGIC {
-        return Err("page 1 does not start with the SQLite header".to_string());
+pub(crate) fn page_size_from_header(page_one: &[u8]) -> Result<u32, HeaderError> {
+    if !page_one.starts_with(SQLITE_HEADER_MAGIC) {
+        return Err(HeaderError::NotSqlite);
+    }
+    if page_one.len() < 100 {
+        return Err(HeaderError::Truncated(page_one.len()));
     }
     let page_size = match u16::from_be_bytes([page_one[16], page_one[17]]) {
         1 => 65536,
         size => u32::from(size),
     };
-    if !(512..=65536).contains(&page_size) || !page_size.is_power_of_two() {
-        return Err(format!("page 1 declares an invalid page size {page_size}"));
+    if !is_valid_page_size(page_size) {
+        return Err(HeaderError::InvalidPageSize(page_size));
     }
     Ok(page_size)
 }

@@ -47,7 +47,7 @@ impl WalHeader {
             1 => 65536,
             size => size,
         };
-        if !(512..=65536).contains(&page_size) || !page_size.is_power_of_two() {
+        if !crate::ltx::is_valid_page_size(page_size) {
             return None;
         }
         let checksum = wal_checksum(big_endian_checksums, (0, 0), &header[..24]);

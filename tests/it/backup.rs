@@ -11,8 +11,7 @@ use std::time::{Duration, Instant};
 
 use crate::common::*;
 use crate::support::backup_check::*;
-use crate::support::s3;
-use test_support::yaml_quote;
+use test_support::{Moto, yaml_quote};
 
 /// A mount backing up to a new local directory, with table `t` created in
 /// `app.db` (in `journal_mode`) and backed up: every later TXID is
@@ -315,13 +314,23 @@ fn verify_and_restore_name_the_object_after_a_missing_one() {
     assert!(mount.stderr_text().contains("uploading a new snapshot"));
 }
 
+/// Starts a moto S3 server logging into a temporary dir; panics, saying how
+/// to install it, when it cannot.
+fn start_moto() -> (tempfile::TempDir, Moto) {
+    let (dir, root) = temp_root("ltxfs-s3-");
+    let moto = Moto::start_in(&root).unwrap_or_else(|error| panic!("{error}"));
+    (dir, moto)
+}
+
 #[test]
 fn an_s3_backup_rides_out_an_outage_and_restores_every_commit() {
-    let server = s3::S3Server::start();
-    server.create_bucket("backups");
+    let (_moto_dir, server) = start_moto();
+    server
+        .create_bucket("backups")
+        .unwrap_or_else(|error| panic!("{error}\n{}", server.log()));
     let destination = format!(
         "      endpoint: {}\n      region: us-east-1\n      access-key-id: testing\n      secret-access-key: testing\n",
-        yaml_quote(server.endpoint())
+        yaml_quote(&server.endpoint())
     );
     let mount = Mount::start(MountOptions {
         extra_yaml: backup_yaml("s3://backups/prod", &destination),
@@ -340,7 +349,7 @@ fn an_s3_backup_rides_out_an_outage_and_restores_every_commit() {
     wait_for_backup(&source, "app.db", txid, &mount);
 
     // The destination stops answering: commits go on, at local speed.
-    server.pause();
+    server.pause().expect("pause moto");
     let started = Instant::now();
     for value in 10..60 {
         insert(&connection, &mount, value);
@@ -351,7 +360,7 @@ fn an_s3_backup_rides_out_an_outage_and_restores_every_commit() {
         "50 commits took {during_outage:?} while the destination was down"
     );
     std::thread::sleep(Duration::from_millis(500));
-    server.resume();
+    server.resume().expect("resume moto");
     let (txid, checksum) = position(&mount, "app.db");
     wait_for_backup(&source, "app.db", txid, &mount);
     let restored = mount.root().join("restored.db");
@@ -369,11 +378,11 @@ fn an_s3_backup_rides_out_an_outage_and_restores_every_commit() {
 
 #[test]
 fn a_destination_that_cannot_work_stops_the_mount_before_it_starts() {
-    let server = s3::S3Server::start();
+    let (_moto_dir, server) = start_moto();
     let (_dir, root) = temp_root("ltxfs-backup-bad-");
     let destination = format!(
         "      endpoint: {}\n      region: us-east-1\n      access-key-id: testing\n      secret-access-key: hunter2-secret\n",
-        yaml_quote(server.endpoint())
+        yaml_quote(&server.endpoint())
     );
     // The bucket does not exist.
     let output = refused_mount(&root, &backup_yaml("s3://missing-bucket/x", &destination));

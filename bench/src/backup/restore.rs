@@ -35,7 +35,6 @@ use std::time::{Duration, Instant};
 
 use tokio::runtime::Runtime;
 
-use super::s3::Moto;
 use super::{
     BUCKET, BackupBenchError, backup_section, open_destination, require_position, status_bytes,
     wait_backed_up,
@@ -46,7 +45,7 @@ use crate::replication::fill;
 use crate::replication::percentile;
 use crate::workload::{INSERT, PAYLOAD_BYTES, create_database, sql_error};
 use ltxfs::backup::layout::{self, Target};
-use test_support::exit_with_parent;
+use test_support::{Moto, exit_with_parent};
 
 /// The restored database.
 pub const RESTORE_DB: &str = "restore.db";
@@ -321,7 +320,7 @@ fn get_all(
     let mut file =
         BufWriter::with_capacity(1 << 20, File::create(path).map_err(io_error("create"))?);
     for (key, size) in objects {
-        let got = moto.get(BUCKET, key, &mut file)?;
+        let got = super::s3::get(moto, BUCKET, key, &mut file)?;
         if got != *size {
             return Err(BackupBenchError::S3 {
                 request: format!("GET /{BUCKET}/{key}"),

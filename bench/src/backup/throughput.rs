@@ -20,13 +20,13 @@ use std::time::Duration;
 
 use tokio::runtime::Runtime;
 
-use super::s3::Moto;
 use super::{BackupBenchError, LEAD_IN, require_position, wait_backed_up};
 use crate::cpu::{CpuMeter, Process};
 use crate::mount::MountGuard;
 use crate::workload::{ReadDatabase, Session};
 use crate::{CpuUse, Plan, Target, TargetResult, Workload, WorkloadResult};
 use ltxfs::backup::Destination;
+use test_support::Moto;
 
 /// The workload measured.
 const WORKLOAD: Workload = Workload::InsertWalNormal;

@@ -1,4 +1,4 @@
-//! What the object-storage emulators of the backup tests (`s3`, `gcs`, `azure`)
+//! What the object-storage emulators of the backup tests (`gcs`, `azure`)
 //! share: starting a server process, and talking HTTP to it.
 //!
 //! [`Emulator::start`] runs a [`Program`] on a loopback port that was free a
@@ -6,8 +6,8 @@
 //! the program's arguments may also use). It waits, at most [`READY_TIMEOUT`],
 //! until the program's readiness check passes, retrying with a new port (up to
 //! [`START_ATTEMPTS`] times) when the process exits first, as it does when
-//! another process took its port. Dropping an [`Emulator`] kills the process
-//! (paused or not), reaps it and removes its dir.
+//! another process took its port. Dropping an [`Emulator`] kills the process,
+//! reaps it and removes its dir.
 //!
 //! A machine without the program's binary makes every test that needs it fail
 //! with a message saying how to install it (whether or not `CI` is set): they
@@ -16,15 +16,14 @@
 
 use std::ffi::OsString;
 use std::fs::File;
-use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-/// How long an emulator may take to answer after it starts (importing moto or
-/// loading Azurite takes a second or two on an idle machine, more while the
+/// How long an emulator may take to answer after it starts (loading Azurite
+/// takes a second or two on an idle machine, more while the
 /// tests compile and run; fake-gcs-server well under a second).
 pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often readiness is checked.
@@ -61,8 +60,6 @@ pub struct Emulator {
     child: Child,
     /// Its address.
     address: SocketAddr,
-    /// Its name, for messages.
-    name: &'static str,
     /// Where its output goes.
     log: PathBuf,
     /// Its dir (its log and what its arguments name), removed on drop (after
@@ -116,7 +113,6 @@ impl Emulator {
         let mut emulator = Emulator {
             child,
             address,
-            name,
             log,
             dir,
         };
@@ -156,26 +152,10 @@ impl Emulator {
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_else(|error| format!("(no log: {error})"))
     }
-
-    /// Sends `signal` (called `signal_name` in messages) to the process.
-    pub fn signal(&self, signal: libc::c_int, signal_name: &str) {
-        let name = self.name;
-        let pid = libc::pid_t::try_from(self.child.id())
-            .unwrap_or_else(|_| panic!("{name}'s pid fits pid_t"));
-        // SAFETY: kill(2) only sends a signal; the pid is our own child's, which
-        // has not been waited for (that happens on drop), so it was not reused.
-        if unsafe { libc::kill(pid, signal) } != 0 {
-            panic!(
-                "sending {signal_name} to {name} ({pid}) failed: {}",
-                io::Error::last_os_error()
-            );
-        }
-    }
 }
 
 impl Drop for Emulator {
     fn drop(&mut self) {
-        // SIGKILL ends a stopped process too.
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

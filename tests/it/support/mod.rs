@@ -9,5 +9,4 @@ pub mod fake_consul;
 pub mod gcs;
 pub mod history;
 pub mod logs;
-pub mod s3;
 pub mod tcp_proxy;
