@@ -82,6 +82,9 @@ pub struct NodeSettings {
 /// Why the role loop stopped the node.
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
+    /// The operating system gave no random bytes for a new cluster ID.
+    #[error("cannot make a cluster ID: no random bytes from the operating system: {0}")]
+    Random(getrandom::Error),
     /// The data dir belongs to another cluster than the coordinator's.
     #[error("{0}")]
     ClusterMismatch(LeaseError),
@@ -97,30 +100,10 @@ pub enum NodeError {
 }
 
 /// A new random cluster ID: 16 lower-case hex digits.
-fn new_cluster_id() -> String {
+fn new_cluster_id() -> Result<String, NodeError> {
     let mut bytes = [0u8; 8];
-    fill_random(&mut bytes);
-    format!("{:016x}", u64::from_be_bytes(bytes))
-}
-
-/// Fills `bytes` from the kernel's random pool (cluster IDs, call nonces).
-pub fn fill_random(bytes: &mut [u8]) {
-    // SAFETY: the buffer is writable for its whole length.
-    let filled = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
-    if filled != bytes.len() as isize {
-        // getrandom cannot fail for up to 256 bytes once the kernel's pool is
-        // ready; fall back to the clock and a counter (unique, if predictable)
-        // rather than refusing to work.
-        static FALLBACKS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |elapsed| elapsed.as_nanos() as u64);
-        let count = FALLBACKS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let seed = [nanos ^ u64::from(std::process::id()), count];
-        for (at, byte) in bytes.iter_mut().enumerate() {
-            *byte = seed[(at / 8) % 2].to_be_bytes()[at % 8];
-        }
-    }
+    getrandom::fill(&mut bytes).map_err(NodeError::Random)?;
+    Ok(format!("{:016x}", u64::from_be_bytes(bytes)))
 }
 
 /// The replication client following one primary.
@@ -340,7 +323,10 @@ impl Node {
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => None,
             Err(error) => return Err(file_error(error)),
         };
-        let proposed = local.clone().unwrap_or_else(new_cluster_id);
+        let proposed = match &local {
+            Some(id) => id.clone(),
+            None => new_cluster_id()?,
+        };
         let mut failures = 0u32;
         let stored = loop {
             match self.lease.check_cluster_id(&proposed).await {

@@ -304,10 +304,10 @@ fn verify_reply(
         .ok_or(AuthFailure::UnprovenAnswer)
 }
 
-fn random_nonce() -> [u8; 16] {
+fn random_nonce() -> Result<[u8; 16], getrandom::Error> {
     let mut nonce = [0u8; 16];
-    crate::node::fill_random(&mut nonce);
-    nonce
+    getrandom::fill(&mut nonce)?;
+    Ok(nonce)
 }
 
 // ---------------------------------------------------------------------------------
@@ -454,7 +454,7 @@ where
                 .collect()
                 .await?
                 .to_bytes();
-            let header = sign_request(key, parts.uri.path(), unix_now_ms(), random_nonce(), &body);
+            let header = sign_request(key, parts.uri.path(), unix_now_ms(), random_nonce()?, &body);
             parts
                 .headers
                 .insert(AUTH_HEADER, HeaderValue::from_str(&header)?);

@@ -258,7 +258,11 @@ impl NodeApi {
             })?;
         }
         let mut secret = [0u8; 32];
-        ltxfs::node::fill_random(&mut secret);
+        getrandom::fill(&mut secret).map_err(|cause| BenchError::Io {
+            action: "draw a cluster secret",
+            path: base.to_path_buf(),
+            cause: cause.into(),
+        })?;
         let secret = ltxfs::hex::encode(&secret);
         let file = |name: &str| yaml_quote(&base.join(name).to_string_lossy());
         Ok(NodeApi {
