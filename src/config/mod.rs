@@ -49,8 +49,8 @@
 //! - There is no `~/litefs.yml`-style search in the home directory.
 //! - `$$` is a literal `$` (Go expands it to an empty string), and malformed
 //!   `${...}` references are errors instead of being dropped silently.
-//! - `exec` command lines reject unquoted shell operators (`&&`, `|`, `>`,
-//!   ...) instead of silently ignoring the rest of the line.
+//! - `exec` command lines reject arguments that are shell operators (`&&`,
+//!   `|`, `>`, ...) instead of passing them to the program as text.
 
 mod env;
 mod error;

@@ -7,22 +7,8 @@
 //! the rest of the module works with, and a message that does not validate is a
 //! [`ReplicationError`] naming what was wrong.
 //!
-//! - `server` (the primary): [`serve`] answers `Stream` with a `Hello`, the
-//!   change sets (or a snapshot) each database needs from the replica's position,
-//!   `Ready`, then live change sets and heartbeats; `Status` answers on every node.
-//! - `client` (a replica): [`follow`] keeps one stream open to the primary and
-//!   applies what arrives, reconnecting with backoff.
-//! - `chunk`: how a change set is split into `LtxChunk` messages and put back
-//!   together, with the limits on both.
-//! - `crc`: the CRC-64 on each change set's last chunk that binds the change set
-//!   to its database.
-//! - `status`: the node status behind `ltxfs status`.
-//! - `handoff`: what the server, the client and the node's role loop share to
-//!   move the primary role (open streams, the handoff phase, control requests,
-//!   the follower's state), and the `Handoff` and `Promote` calls.
-//! - `peers`: the replicas a primary names to each other, and how a candidate
-//!   that takes over after its primary failed catches up from them before it
-//!   accepts writes.
+//! `server` is the primary's side, `client` the replica's; ARCHITECTURE.md
+//! maps the other submodules.
 //!
 //! # Bad input
 //!
