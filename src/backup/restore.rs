@@ -1,13 +1,15 @@
 //! Rebuilds a database from a destination's objects, at the newest state, a
 //! TXID or a time, with no node running.
 //!
-//! Each object of the plan is downloaded to a spool file (its SHA-256 checked
-//! against its name as it arrives), then its records are applied page by page
-//! to a temporary file beside the output, keeping one checksum per page: each
-//! record's pre-apply checksum must equal the database's, and after it the
-//! database's checksum must equal its post-apply checksum. Only a database
-//! that passed every check is renamed to the output. Memory is one page and
-//! one download chunk, whatever the database's size.
+//! Each object of the plan streams from the destination to a thread that
+//! applies its records page by page to a temporary file beside the output,
+//! keeping one checksum per page: each record's pre-apply checksum must equal
+//! the database's, and after it the database's checksum must equal its
+//! post-apply checksum. An object that fails these checks is read again for
+//! its SHA-256, so that a damaged object is named as such. Only a database
+//! that passed every check is renamed to the output. Memory is a few batches
+//! of download chunks and 8 bytes per page, whatever the database's size;
+//! sealed (encrypted) frames are decrypted into a spool file first.
 
 use std::collections::VecDeque;
 use std::fs::File;
