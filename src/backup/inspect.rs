@@ -144,7 +144,7 @@ pub async fn verify(
             Target::Latest,
             &output,
             identities,
-            &mut |_, _| {},
+            &mut |_| {},
         )
         .await;
         let _ = std::fs::remove_file(&output);

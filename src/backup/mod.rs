@@ -30,7 +30,7 @@ pub mod uploader;
 
 pub use destination::Destination;
 pub use layout::{ObjectName, Target};
-pub use restore::{Restored, restore};
+pub use restore::{RestoreProgress, Restored, restore};
 pub use uploader::{BackupStatus, Uploader};
 
 use crate::ltx::LtxError;

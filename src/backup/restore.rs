@@ -40,9 +40,36 @@ pub struct Restored {
     pub objects: usize,
 }
 
-/// Progress callbacks (for a terminal): called after each object with the
-/// objects done and in all.
-pub type Progress<'a> = &'a mut (dyn FnMut(usize, usize) + Send);
+/// How far a restore has come.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RestoreProgress {
+    /// Objects read to their end.
+    pub objects_done: usize,
+    /// Objects the restore plans to read.
+    pub objects: usize,
+    /// Bytes downloaded, of every object so far.
+    pub bytes_done: u64,
+    /// The planned objects' bytes, as listed.
+    pub bytes: u64,
+}
+
+impl RestoreProgress {
+    /// Whole percent of the planned bytes downloaded (100 when there are none).
+    pub fn percent(&self) -> u64 {
+        if self.bytes == 0 {
+            100
+        } else {
+            let percent =
+                u128::from(self.bytes_done.min(self.bytes)) * 100 / u128::from(self.bytes);
+            percent as u64
+        }
+    }
+}
+
+/// Progress callbacks (for a terminal or a log): called as each batch of a
+/// download is handed over and after each object. A restore that plans
+/// again (an object went away) starts over from zero.
+pub type Progress<'a> = &'a mut (dyn FnMut(RestoreProgress) + Send);
 
 /// Restores `database` from `destination` to `target` into `output` (which
 /// is replaced). Temporary files go beside `output`.
@@ -89,16 +116,16 @@ async fn restore_once(
     identities: Option<&Identities>,
     progress: Progress<'_>,
 ) -> Result<Restored, BackupError> {
-    let objects: Vec<ObjectName> = destination
-        .list(Some(database))
-        .await?
-        .into_iter()
-        .map(|listed| listed.name)
-        .collect();
-    if objects.is_empty() {
+    let listed = destination.list(Some(database)).await?;
+    if listed.is_empty() {
         return Err(BackupError::NoBackup(database.to_string()));
     }
+    let objects: Vec<ObjectName> = listed.iter().map(|listed| listed.name.clone()).collect();
     let plan = layout::plan(database, &objects, target)?;
+    let sizes: std::collections::HashMap<&ObjectName, u64> = listed
+        .iter()
+        .map(|listed| (&listed.name, listed.size))
+        .collect();
     let dir = spool_dir_for(output);
     let partial = tempfile::Builder::new()
         .prefix(".ltxfs-restore-")
@@ -117,16 +144,34 @@ async fn restore_once(
             .map_err(|error| BackupError::local("open the restored file", error))?,
         opening,
     );
-    let total = plan.objects.len();
-    let mut read = 0;
+    let mut so_far = RestoreProgress {
+        objects_done: 0,
+        objects: plan.objects.len(),
+        bytes_done: 0,
+        bytes: plan
+            .objects
+            .iter()
+            .map(|object| sizes.get(object).copied().unwrap_or(0))
+            .sum(),
+    };
+    progress(so_far);
     for object in &plan.objects {
-        builder = stream_object(destination, object, builder, target).await?;
-        read += 1;
-        progress(read, total);
+        builder = stream_object(
+            destination,
+            object,
+            builder,
+            target,
+            &mut so_far,
+            &mut *progress,
+        )
+        .await?;
+        so_far.objects_done += 1;
+        progress(so_far);
         if builder.reached(target) {
             break;
         }
     }
+    let read = so_far.objects_done;
     if let Target::TxId(txid) = target
         && builder.txid != txid
     {
@@ -177,6 +222,8 @@ async fn stream_object(
     object: &ObjectName,
     builder: Builder,
     target: Target,
+    so_far: &mut RestoreProgress,
+    progress: Progress<'_>,
 ) -> Result<Builder, BackupError> {
     let mut stream = destination.get(object).await?;
     let (batches, received) = tokio::sync::mpsc::channel(BATCHES_IN_FLIGHT);
@@ -211,6 +258,8 @@ async fn stream_object(
             batch.push(chunk);
         }
         if batch_bytes >= BATCH_BYTES || (end && !batch.is_empty()) {
+            so_far.bytes_done += batch_bytes as u64;
+            progress(*so_far);
             batch_bytes = 0;
             // The applying thread stopped early (an error, or the target
             // reached): the rest is not needed to apply.
@@ -751,7 +800,7 @@ pub async fn restore_into_data_dir(
             Target::Latest,
             &output,
             identities,
-            &mut |_, _| {},
+            &mut progress_log(&name),
         )
         .await?;
         seeding.add(
@@ -767,6 +816,26 @@ pub async fn restore_into_data_dir(
     Ok(restored)
 }
 
+/// A progress callback that logs a restore-on-boot at each tenth of its
+/// bytes, so that an operator sees what keeps a node with a large database
+/// from starting.
+fn progress_log(database: &str) -> impl FnMut(RestoreProgress) + Send + '_ {
+    let mut logged_tenth = None;
+    move |so_far| {
+        let tenth = so_far.percent() / 10;
+        if logged_tenth != Some(tenth) {
+            logged_tenth = Some(tenth);
+            tracing::info!(
+                database,
+                percent = so_far.percent(),
+                mib = so_far.bytes >> 20,
+                objects = so_far.objects,
+                "restoring from the backup"
+            );
+        }
+    }
+}
+
 /// The directory temporary files of a restore go to: beside `output`.
 pub fn spool_dir_for(output: &Path) -> PathBuf {
     output
@@ -774,4 +843,31 @@ pub fn spool_dir_for(output: &Path) -> PathBuf {
         .filter(|parent| !parent.as_os_str().is_empty())
         .unwrap_or(Path::new("."))
         .to_path_buf()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RestoreProgress;
+
+    fn at(bytes_done: u64, bytes: u64) -> u64 {
+        RestoreProgress {
+            objects_done: 0,
+            objects: 1,
+            bytes_done,
+            bytes,
+        }
+        .percent()
+    }
+
+    #[test]
+    fn progress_is_whole_percent_of_the_planned_bytes_and_never_past_100() {
+        assert_eq!(at(0, 1000), 0);
+        assert_eq!(at(999, 1000), 99);
+        assert_eq!(at(1000, 1000), 100);
+        // A listing's size can be smaller than what arrives (an object replaced
+        // meanwhile).
+        assert_eq!(at(5000, 1000), 100);
+        assert_eq!(at(0, 0), 100);
+        assert_eq!(at(u64::MAX, u64::MAX), 100);
+    }
 }

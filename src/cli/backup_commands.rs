@@ -92,17 +92,26 @@ pub(super) fn run_restore(
         (None, None) => Target::Latest,
     };
     let on_terminal = std::io::stderr().is_terminal();
-    let mut progress = |done: usize, total: usize| {
-        if on_terminal && total > 1 {
-            eprint!("\rrestoring {name}: {done}/{total} objects");
-            if done == total {
-                eprintln!();
-            }
+    let mut shown = None;
+    let mut progress = |so_far: backup::RestoreProgress| {
+        let line = (so_far.percent(), so_far.objects_done);
+        if on_terminal && shown != Some(line) {
+            shown = Some(line);
+            eprint!(
+                "\rrestoring {name}: {}% of {:.1} MiB, {}/{} objects",
+                so_far.percent(),
+                so_far.bytes as f64 / f64::from(1 << 20),
+                so_far.objects_done,
+                so_far.objects
+            );
         }
     };
     let restored = with_destination(source, async |destination, identities| {
         backup::restore(destination, name, target, output, identities, &mut progress).await
     });
+    if shown.is_some() {
+        eprintln!();
+    }
     match restored {
         Ok(restored) => {
             println!(

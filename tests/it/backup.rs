@@ -110,8 +110,9 @@ fn a_file_backup_restores_the_latest_state_a_txid_and_a_time() {
     );
     assert_eq!(count_rows(&at_time), 15);
 
-    // On a terminal, a restore of several objects shows its progress (`script`
-    // gives it one).
+    // On a terminal, a restore shows its progress in whole percent of the
+    // bytes it downloads, never going back, ending at 100 % of every object
+    // (`script` gives it a terminal).
     let on_terminal = scratch.join("on-terminal.db");
     let command = format!(
         "{} restore --name app.db --url {url} {}",
@@ -124,7 +125,30 @@ fn a_file_backup_restores_the_latest_state_a_txid_and_a_time() {
         .expect("run script");
     let shown = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "{shown}");
-    assert!(shown.contains("restoring app.db: 1/"), "{shown}");
+    let percents: Vec<u64> = shown
+        .split("restoring app.db: ")
+        .skip(1)
+        .map(|line| {
+            let percent = line.split('%').next().unwrap_or_default();
+            percent
+                .parse()
+                .unwrap_or_else(|_| panic!("{line:?} in {shown}"))
+        })
+        .collect();
+    assert!(percents.len() >= 2, "{shown}");
+    assert!(percents.is_sorted(), "{percents:?} in {shown}");
+    assert_eq!(percents.last(), Some(&100), "{shown}");
+    let last = shown
+        .rsplit("restoring app.db: ")
+        .next()
+        .unwrap_or_default();
+    let (done, planned) = last
+        .split(", ")
+        .nth(1)
+        .and_then(|objects| objects.split(" objects").next())
+        .and_then(|objects| objects.split_once('/'))
+        .unwrap_or_else(|| panic!("{last:?}"));
+    assert_eq!(done, planned, "{last:?}");
     assert_eq!(file_checksum(&on_terminal), latest_checksum);
 
     // --if-not-exists leaves an existing file alone.

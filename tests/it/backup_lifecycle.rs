@@ -144,6 +144,15 @@ fn restore_on_boot_fills_an_empty_node_before_exec_and_never_restores_over_data(
     let (status, stderr) = run(&script);
     assert!(status.success(), "{status}; stderr:\n{stderr}");
     assert!(stderr.contains("restored from the backup"), "{stderr}");
+    // The restore's progress is logged, from its start to its end.
+    for percent in ["percent=0 ", "percent=100 "] {
+        assert!(
+            stderr
+                .lines()
+                .any(|line| line.contains("restoring from the backup") && line.contains(percent)),
+            "no {percent}in:\n{stderr}"
+        );
+    }
     let seen_text = fs::read_to_string(&seen).expect("the exec command ran");
     // The same position as the backed-up node: the history continues.
     assert_eq!(
