@@ -91,27 +91,24 @@ pub(super) fn run_restore(
         },
         (None, None) => Target::Latest,
     };
-    let on_terminal = std::io::stderr().is_terminal();
-    let mut shown = None;
-    let mut progress = |so_far: backup::RestoreProgress| {
-        let line = (so_far.percent(), so_far.objects_done);
-        if on_terminal && shown != Some(line) {
-            shown = Some(line);
-            eprint!(
-                "\rrestoring {name}: {}% of {:.1} MiB, {}/{} objects",
-                so_far.percent(),
-                so_far.bytes as f64 / f64::from(1 << 20),
-                so_far.objects_done,
-                so_far.objects
-            );
-        }
+    let mut terminal = TerminalProgress {
+        name,
+        on_terminal: std::io::stderr().is_terminal(),
+        shown: None,
     };
     let restored = with_destination(source, async |destination, identities| {
-        backup::restore(destination, name, target, output, identities, &mut progress).await
+        let restored = backup::restore(
+            destination,
+            name,
+            target,
+            output,
+            identities,
+            &mut |so_far| terminal.show(so_far),
+        )
+        .await;
+        terminal.end_line();
+        restored
     });
-    if shown.is_some() {
-        eprintln!();
-    }
     match restored {
         Ok(restored) => {
             println!(
@@ -128,6 +125,54 @@ pub(super) fn run_restore(
         }
         Err(code) => code,
     }
+}
+
+/// A restore's progress on one line of a terminal, redrawn as it changes.
+struct TerminalProgress<'a> {
+    name: &'a str,
+    on_terminal: bool,
+    /// The percent and objects done last shown, if anything was.
+    shown: Option<(u64, usize)>,
+}
+
+impl TerminalProgress<'_> {
+    fn show(&mut self, so_far: backup::RestoreProgress) {
+        let line = (so_far.percent(), so_far.objects_done);
+        if self.on_terminal && self.shown != Some(line) {
+            self.shown = Some(line);
+            eprint!(
+                "\rrestoring {}: {}% of {}, {}/{} objects",
+                self.name,
+                so_far.percent(),
+                size_text(so_far.bytes),
+                so_far.objects_done,
+                so_far.objects
+            );
+        }
+    }
+
+    /// Ends the progress line, so that what follows (the result, or an error)
+    /// starts on a line of its own.
+    fn end_line(&mut self) {
+        if self.shown.take().is_some() {
+            eprintln!();
+        }
+    }
+}
+
+/// A size for people: bytes, KiB, MiB or GiB with one decimal.
+fn size_text(bytes: u64) -> String {
+    const UNITS: [&str; 3] = ["KiB", "MiB", "GiB"];
+    if bytes < 1024 {
+        return format!("{bytes} bytes");
+    }
+    let mut value = bytes as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
 }
 
 pub(super) fn run_list(source: &Result<Source, i32>, name: Option<&str>, json: bool) -> i32 {
@@ -192,5 +237,22 @@ pub(super) fn run_verify(source: &Result<Source, i32>, name: Option<&str>) -> i3
             0
         }
         Err(code) => code,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::size_text;
+
+    #[test]
+    fn sizes_are_shown_in_the_largest_unit_below_them() {
+        assert_eq!(size_text(0), "0 bytes");
+        assert_eq!(size_text(1023), "1023 bytes");
+        assert_eq!(size_text(1024), "1.0 KiB");
+        assert_eq!(size_text(8192), "8.0 KiB");
+        assert_eq!(size_text(524_812_288), "500.5 MiB");
+        assert_eq!(size_text(1_085_066_854), "1.0 GiB");
+        assert_eq!(size_text(3 << 30), "3.0 GiB");
+        assert_eq!(size_text(u64::MAX), "17179869184.0 GiB");
     }
 }

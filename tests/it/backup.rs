@@ -114,17 +114,8 @@ fn a_file_backup_restores_the_latest_state_a_txid_and_a_time() {
     // bytes it downloads, never going back, ending at 100 % of every object
     // (`script` gives it a terminal).
     let on_terminal = scratch.join("on-terminal.db");
-    let command = format!(
-        "{} restore --name app.db --url {url} {}",
-        env!("CARGO_BIN_EXE_ltxfs"),
-        on_terminal.display()
-    );
-    let output = std::process::Command::new("script")
-        .args(["-qec", &command, "/dev/null"])
-        .output()
-        .expect("run script");
-    let shown = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "{shown}");
+    let (status, shown) = restore_on_a_terminal(&url, &on_terminal);
+    assert!(status.success(), "{shown}");
     let percents: Vec<u64> = shown
         .split("restoring app.db: ")
         .skip(1)
@@ -222,6 +213,24 @@ fn object_files(dir: &Path) -> Vec<PathBuf> {
     found
 }
 
+/// Runs `ltxfs restore --name app.db --url URL OUTPUT` with a terminal for
+/// its output (`script` gives it one): its exit status and what it showed.
+fn restore_on_a_terminal(url: &str, output: &Path) -> (std::process::ExitStatus, String) {
+    let command = format!(
+        "{} restore --name app.db --url {url} {}",
+        env!("CARGO_BIN_EXE_ltxfs"),
+        output.display()
+    );
+    let ran = std::process::Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .output()
+        .expect("run script");
+    (
+        ran.status,
+        String::from_utf8_lossy(&ran.stdout).into_owned(),
+    )
+}
+
 #[test]
 fn verify_and_restore_name_a_damaged_object() {
     let backup = FileBackup::start("DELETE");
@@ -258,6 +267,17 @@ fn verify_and_restore_name_a_damaged_object() {
     let output = try_restore(&source, "app.db", &restored, &[]);
     assert_eq!(output.status.code(), Some(1), "{}", text(&output));
     assert!(text(&output).contains(&victim_name), "{}", text(&output));
+    assert!(!restored.exists(), "a wrong database was written");
+
+    // On a terminal the error starts a line of its own, after the progress.
+    let (status, shown) = restore_on_a_terminal(&url, &restored);
+    assert!(!status.success(), "{shown}");
+    assert!(shown.contains("restoring app.db: "), "{shown}");
+    let error_line = shown
+        .lines()
+        .find(|line| line.contains("error"))
+        .unwrap_or_else(|| panic!("no error in {shown:?}"));
+    assert!(error_line.starts_with("ltxfs: error"), "{shown:?}");
     assert!(!restored.exists(), "a wrong database was written");
 }
 
