@@ -9,6 +9,7 @@
 
 use std::fmt;
 use std::io::Read;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -55,6 +56,11 @@ pub struct Destination {
     /// a local directory does not), and so visits the folders in
     /// [`layout::folders_in_listing_order`] by itself.
     lists_in_key_order: bool,
+    /// The directory of a `file://` destination. A listing fails while it is
+    /// missing or not a directory, as one of a missing bucket does; a local
+    /// store would list nothing there, and the uploader would take the
+    /// destination for an empty one and replace its history with a snapshot.
+    local_root: Option<PathBuf>,
 }
 
 impl fmt::Display for Destination {
@@ -172,18 +178,23 @@ impl Destination {
             }
         };
         let store = built.map_err(|error| invalid(redact(&error)))?;
+        let local_root = (scheme == "file")
+            .then(|| parsed.to_file_path().ok())
+            .flatten();
         let prefix = if scheme == "file" { "" } else { prefix };
         Ok(Destination {
             url: url.clone(),
             store,
             prefix: prefix.to_string(),
             lists_in_key_order: scheme != "file",
+            local_root,
         })
     }
 
     /// Checks that the destination answers and the credentials work: lists
     /// (at most one page of) the prefix.
     pub async fn check(&self) -> Result<(), BackupError> {
+        self.check_local_root().await?;
         let prefix = self.full_path("");
         let mut listing = self.store.list(prefix.as_ref());
         if let Some(Err(error)) = listing.next().await {
@@ -197,6 +208,7 @@ impl Destination {
     /// Folders are visited in [`layout::folders_in_listing_order`], so
     /// compaction or retention running meanwhile hides no TXID.
     pub async fn list(&self, database: Option<&str>) -> Result<Vec<Listed>, BackupError> {
+        self.check_local_root().await?;
         let mut found = Vec::new();
         let prefix = self.full_path(database.unwrap_or(""));
         if self.lists_in_key_order {
@@ -222,6 +234,22 @@ impl Destination {
             )
         });
         Ok(found)
+    }
+
+    /// Fails unless a `file://` destination's directory is there.
+    async fn check_local_root(&self) -> Result<(), BackupError> {
+        let Some(root) = &self.local_root else {
+            return Ok(());
+        };
+        let context = || format!("list the backup directory {}", root.display());
+        match tokio::fs::metadata(root).await {
+            Ok(metadata) if metadata.is_dir() => Ok(()),
+            Ok(_) => Err(BackupError::local(
+                context(),
+                std::io::Error::new(std::io::ErrorKind::NotADirectory, "it is not a directory"),
+            )),
+            Err(error) => Err(BackupError::local(context(), error)),
+        }
     }
 
     /// Adds the objects under `prefix` (of `database`, if given) to `found`.
@@ -608,6 +636,7 @@ mod tests {
                     }),
                     prefix: String::new(),
                     lists_in_key_order: false,
+                    local_root: None,
                 };
                 let listed = destination.list(database).await.unwrap();
                 let names: Vec<ObjectName> = listed.into_iter().map(|listed| listed.name).collect();
@@ -622,5 +651,34 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A `file://` destination whose directory went away, or became a file,
+    /// fails to list instead of listing nothing; it lists again once back.
+    #[tokio::test]
+    async fn a_missing_backup_directory_fails_to_list() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("dest");
+        let destination = Destination::open(&crate::config::BackupDestination {
+            url: format!("file://{}", root.display()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(destination.list(None).await.unwrap().is_empty());
+        let away = dir.path().join("away");
+        std::fs::rename(&root, &away).unwrap();
+        let error = destination.list(None).await.unwrap_err();
+        assert!(
+            error.to_string().contains("list the backup directory"),
+            "{error}"
+        );
+        assert!(destination.check().await.is_err());
+        std::fs::write(&root, b"not a directory").unwrap();
+        let error = destination.list(Some("app.db")).await.unwrap_err();
+        assert!(error.to_string().contains("not a directory"), "{error}");
+        std::fs::remove_file(&root).unwrap();
+        std::fs::rename(&away, &root).unwrap();
+        assert!(destination.list(None).await.unwrap().is_empty());
+        destination.check().await.unwrap();
     }
 }

@@ -198,21 +198,6 @@ fn check_status_and_metrics(mount: &Mount, url: &str, txid: u64) {
     );
 }
 
-/// Every object file under `dir`, recursively.
-fn object_files(dir: &Path) -> Vec<PathBuf> {
-    let mut found = Vec::new();
-    for entry in fs::read_dir(dir).expect("read_dir") {
-        let path = entry.expect("entry").path();
-        if path.is_dir() {
-            found.extend(object_files(&path));
-        } else if path.extension().is_some_and(|ext| ext == "ltx") {
-            found.push(path);
-        }
-    }
-    found.sort();
-    found
-}
-
 /// Runs `ltxfs restore --name app.db --url URL OUTPUT` with a terminal for
 /// its output (`script` gives it one): its exit status and what it showed.
 fn restore_on_a_terminal(url: &str, output: &Path) -> (std::process::ExitStatus, String) {

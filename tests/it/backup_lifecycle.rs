@@ -306,7 +306,9 @@ fn a_failing_destination_delays_only_the_backup_and_keeps_its_change_sets() {
     .expect("rewrite ltxfs.yml");
     mount.restart();
 
-    // The destination breaks: its directory becomes a plain file.
+    // The destination breaks: its directory becomes a plain file. Rounds meanwhile
+    // must fail, not take it for an empty destination and replace its history
+    // with a snapshot once it is back.
     let away = backup_dir.path().join("away");
     fs::rename(&root, &away).expect("move the destination away");
     fs::write(&root, b"not a directory").expect("block the destination");
@@ -343,11 +345,18 @@ fn a_failing_destination_delays_only_the_backup_and_keeps_its_change_sets() {
     // The change sets of the outage were kept for the destination: each of
     // them is restorable, and no snapshot replaced them.
     let (txid, checksum) = during[17];
-    restore(
+    let output = try_restore(
         &["--url", &url],
         "app.db",
         &restored,
         &["--txid", &txid.to_string()],
+    );
+    assert!(
+        output.status.success(),
+        "{}\nobjects: {:#?}\nlog:\n{}",
+        text(&output),
+        object_files(&root),
+        mount.stderr_text()
     );
     assert_eq!(file_checksum(&restored), checksum);
     assert_eq!(count_rows(&restored), 5 + 18);

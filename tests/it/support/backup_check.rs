@@ -6,7 +6,7 @@
 //! mounts.
 
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::{Duration, Instant};
 
@@ -135,4 +135,19 @@ pub fn backup_yaml(url: &str, more: &str) -> String {
         "backup:\n  sync-interval: 100ms\n  destinations:\n    - url: {}\n{more}",
         yaml_quote(url)
     )
+}
+
+/// Every object file under `dir`, recursively.
+pub fn object_files(dir: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    for entry in fs::read_dir(dir).expect("read_dir") {
+        let path = entry.expect("entry").path();
+        if path.is_dir() {
+            found.extend(object_files(&path));
+        } else if path.extension().is_some_and(|ext| ext == "ltx") {
+            found.push(path);
+        }
+    }
+    found.sort();
+    found
 }
