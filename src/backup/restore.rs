@@ -3,18 +3,19 @@
 //!
 //! Each object of the plan streams from the destination to a thread that
 //! applies its records page by page to a temporary file beside the output,
-//! keeping one checksum per page: each record's pre-apply checksum must equal
-//! the database's, and after it the database's checksum must equal its
+//! keeping the database's checksum: each record's pre-apply checksum must
+//! equal the database's, and after it the database's checksum must equal its
 //! post-apply checksum. An object that fails these checks is read again for
 //! its SHA-256, so that a damaged object is named as such. Only a database
 //! that passed every check is renamed to the output. Memory is a few batches
-//! of download chunks and 8 bytes per page, whatever the database's size;
-//! sealed (encrypted) frames are decrypted into a spool file first.
+//! of download chunks, whatever the database's size; sealed (encrypted)
+//! frames are decrypted into a spool file first.
 
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{BufReader, Cursor, Read, Seek, Take, Write};
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use futures_util::StreamExt;
@@ -510,7 +511,9 @@ fn read_length(reader: &mut dyn Read, object: &ObjectName) -> Result<Option<u64>
     Ok(Some(u64::from_be_bytes(length)))
 }
 
-/// A database being rebuilt in a file, with a checksum per page.
+/// A database being rebuilt in a file. Its checksum is kept as records are
+/// applied: a page a record replaces is read back from the file to take its
+/// checksum out, so no state grows with the database's size.
 struct Builder {
     file: File,
     opening: Opening,
@@ -518,8 +521,6 @@ struct Builder {
     commit: u32,
     txid: TxId,
     timestamp_ms: u64,
-    /// The checksum of each page `1..=commit` (index `pgno - 1`).
-    pages: Vec<Checksum>,
     checksum: Option<DatabaseChecksum>,
     /// Set once the target is passed: nothing more is applied.
     done: bool,
@@ -583,7 +584,6 @@ impl Builder {
             commit: 0,
             txid: TxId(0),
             timestamp_ms: 0,
-            pages: Vec::new(),
             checksum: None,
             done: false,
             unsynced: 0,
@@ -669,7 +669,6 @@ impl Builder {
         let snapshot = header.is_snapshot();
         if snapshot {
             self.page_size = header.page_size;
-            self.pages.clear();
             self.commit = 0;
             self.checksum = Some(
                 DatabaseChecksum::new(header.page_size)
@@ -703,23 +702,31 @@ impl Builder {
         }
         let checksum = self.checksum.as_mut().expect("set by the snapshot");
         let page_size = u64::from(header.page_size);
+        // Pages up to the size before this record are in the file; their
+        // checksums leave the database's as the record replaces or cuts them.
+        let before = self.commit;
         let mut page = vec![0u8; header.page_size as usize];
+        let mut replaced = vec![0u8; header.page_size as usize];
         let mut run = PageRun::default();
         while let Some(pgno) = decoder
             .next_page_into(&mut page)
             .map_err(|error| BackupError::bad_ltx(object, error))?
         {
-            let index = pgno as usize - 1;
-            if self.pages.len() <= index {
-                self.pages.resize(index + 1, Checksum(0));
+            if pgno > header.commit {
+                return Err(BackupError::bad_object(
+                    object,
+                    format!(
+                        "record {} holds page {pgno}, past its database size of {} pages",
+                        header.filename(),
+                        header.commit
+                    ),
+                ));
             }
-            let old = self.pages[index];
-            if old.0 != 0 {
+            if pgno <= before {
+                let old = page_in_file(&self.file, pgno, &mut replaced)?;
                 checksum.remove_page_checksum(pgno, old);
             }
-            let new = ltx::page_checksum(pgno, &page);
-            checksum.add_page_checksum(pgno, new);
-            self.pages[index] = new;
+            checksum.add_page_checksum(pgno, ltx::page_checksum(pgno, &page));
             let offset = (u64::from(pgno) - 1) * page_size;
             if !run.extends(offset) || run.bytes.len() >= PAGE_RUN_BYTES {
                 run.write(&self.file, &mut self.unsynced)?;
@@ -731,12 +738,9 @@ impl Builder {
         let trailer = decoder
             .finish()
             .map_err(|error| BackupError::bad_ltx(object, error))?;
-        if (header.commit as usize) < self.pages.len() {
-            for (index, old) in self.pages.drain(header.commit as usize..).enumerate() {
-                if old.0 != 0 {
-                    checksum.remove_page_checksum(header.commit + 1 + index as u32, old);
-                }
-            }
+        for pgno in header.commit.saturating_add(1)..=before {
+            let old = page_in_file(&self.file, pgno, &mut replaced)?;
+            checksum.remove_page_checksum(pgno, old);
         }
         self.commit = header.commit;
         if checksum.value() != trailer.post_apply_checksum {
@@ -773,6 +777,15 @@ impl Builder {
             bytes,
         })
     }
+}
+
+/// The checksum of page `pgno` of the database being rebuilt in `file`, read
+/// into `buffer` (one page long).
+fn page_in_file(file: &File, pgno: u32, buffer: &mut [u8]) -> Result<Checksum, BackupError> {
+    let offset = (u64::from(pgno) - 1) * buffer.len() as u64;
+    file.read_exact_at(buffer, offset)
+        .map_err(|error| BackupError::local("read back a page of the restored database", error))?;
+    Ok(ltx::page_checksum(pgno, buffer))
 }
 
 /// Restores every database `destination` holds, at its newest state, into the

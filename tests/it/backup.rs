@@ -198,6 +198,49 @@ fn check_status_and_metrics(mount: &Mount, url: &str, txid: u64) {
     );
 }
 
+/// A database that grows, shrinks (VACUUM after a large DELETE) and grows
+/// again restores at each of those TXIDs: the restore takes the checksums of
+/// pages that a record replaces or cuts off from the file it writes.
+#[test]
+fn restores_follow_a_database_that_shrinks_and_grows_again() {
+    let backup = FileBackup::start("DELETE");
+    let (mount, connection, source) = (&backup.mount, &backup.connection, backup.source());
+    connection
+        .execute_batch("ALTER TABLE t ADD COLUMN b BLOB")
+        .expect("alter");
+    let filled = |rows: i64| {
+        connection
+            .execute(
+                "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?1) \
+                 INSERT INTO t(v, b) SELECT i, randomblob(3000) FROM n",
+                [rows],
+            )
+            .expect("insert");
+        position(mount, "app.db")
+    };
+    let grown = filled(300);
+    connection
+        .execute("DELETE FROM t WHERE id > 20", [])
+        .expect("delete");
+    connection.execute_batch("VACUUM").expect("vacuum");
+    let shrunk = position(mount, "app.db");
+    let grown_again = filled(50);
+    wait_for_backup(&source, "app.db", grown_again.0, mount);
+    let pages = |path: &Path| fs::metadata(path).expect("restored").len() / 4096;
+    let output = mount.root().join("restored.db");
+    let mut sizes = Vec::new();
+    for (txid, checksum) in [grown, shrunk, grown_again] {
+        restore(&source, "app.db", &output, &["--txid", &txid.to_string()]);
+        assert_eq!(file_checksum(&output), checksum, "TXID {txid}");
+        sizes.push(pages(&output));
+    }
+    assert!(
+        sizes[1] < sizes[0] / 4,
+        "the VACUUM shrank it: {sizes:?} pages"
+    );
+    assert!(sizes[2] > sizes[1], "{sizes:?} pages");
+}
+
 /// Runs `ltxfs restore --name app.db --url URL OUTPUT` with a terminal for
 /// its output (`script` gives it one): its exit status and what it showed.
 fn restore_on_a_terminal(url: &str, output: &Path) -> (std::process::ExitStatus, String) {
