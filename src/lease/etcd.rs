@@ -199,37 +199,15 @@ impl EtcdLease {
     /// Calls `path` on the endpoints in order until one answers, and decodes the
     /// answer as `T`.
     async fn call<T: DeserializeOwned>(&self, path: &str, body: &Value) -> Result<T, CallError> {
-        let count = self.endpoints.len();
-        let first = self.preferred.load(Ordering::Relaxed) % count;
-        let mut failures = Vec::new();
-        for index in (0..count).map(|i| (first + i) % count) {
-            let endpoint = &self.endpoints[index];
-            let url = format!("{endpoint}{path}");
-            let failure = match self.post(&url, body).await {
-                Err(error) => Unavailability::NoAnswer(error),
-                Ok(answer) => match interpret::<T>(answer.status, &answer.body) {
-                    Answer::Done(value) => {
-                        self.preferred.store(index, Ordering::Relaxed);
-                        return Ok(value);
-                    }
-                    Answer::Refused { code, message } if !GRPC_TRY_ELSEWHERE.contains(&code) => {
-                        self.preferred.store(index, Ordering::Relaxed);
-                        return Err(CallError::Refused {
-                            url: endpoint.clone(),
-                            code,
-                            message,
-                        });
-                    }
-                    Answer::Refused { code, message } => Unavailability::Refused { code, message },
-                    Answer::Garbled(reason) => reason,
-                },
-            };
-            failures.push((endpoint.clone(), failure));
-        }
-        Err(CallError::Unreachable {
-            url: self.endpoints.join(", "),
-            failures,
-        })
+        let (value, _) = self
+            .on_endpoints(path, |url| async move {
+                match self.post(&url, body).await {
+                    Ok(answer) => interpret(answer.status, &answer.body),
+                    Err(error) => Answer::Unusable(Unavailability::NoAnswer(error)),
+                }
+            })
+            .await?;
+        Ok(value)
     }
 
     /// Opens the streamed answer of `path` on the first endpoint (in order) that
@@ -239,39 +217,54 @@ impl EtcdLease {
         path: &str,
         body: &Value,
     ) -> Result<(JsonStream, String), CallError> {
+        self.on_endpoints(path, |url| async move {
+            match self.open(&url, body).await {
+                Err(error) => Answer::Unusable(Unavailability::NoAnswer(error)),
+                Ok(Opened::Stream(body)) => Answer::Done(JsonStream::new(body)),
+                Ok(Opened::Answer(answer)) => {
+                    match interpret::<IgnoredAny>(answer.status, &answer.body) {
+                        Answer::Refused { code, message } => Answer::Refused { code, message },
+                        Answer::Done(_) | Answer::Unusable(_) => {
+                            Answer::Unusable(Unavailability::Status {
+                                status: answer.status,
+                                body: answer.body_excerpt(),
+                            })
+                        }
+                    }
+                }
+            }
+        })
+        .await
+    }
+
+    /// Makes `attempt` with the URL of `path` on each endpoint in turn, from
+    /// the one that answered last, until one answers: a success (returned
+    /// with that endpoint) or a refusal that any endpoint would give.
+    async fn on_endpoints<T, Attempt: Future<Output = Answer<T>>>(
+        &self,
+        path: &str,
+        attempt: impl Fn(String) -> Attempt,
+    ) -> Result<(T, String), CallError> {
         let count = self.endpoints.len();
         let first = self.preferred.load(Ordering::Relaxed) % count;
         let mut failures = Vec::new();
         for index in (0..count).map(|i| (first + i) % count) {
             let endpoint = &self.endpoints[index];
-            let url = format!("{endpoint}{path}");
-            let failure = match self.open(&url, body).await {
-                Err(error) => Unavailability::NoAnswer(error),
-                Ok(Opened::Stream(body)) => {
+            let failure = match attempt(format!("{endpoint}{path}")).await {
+                Answer::Done(value) => {
                     self.preferred.store(index, Ordering::Relaxed);
-                    return Ok((JsonStream::new(body), endpoint.clone()));
+                    return Ok((value, endpoint.clone()));
                 }
-                Ok(Opened::Answer(answer)) => {
-                    let status = answer.status;
-                    match interpret::<IgnoredAny>(status, &answer.body) {
-                        Answer::Refused { code, message }
-                            if !GRPC_TRY_ELSEWHERE.contains(&code) =>
-                        {
-                            return Err(CallError::Refused {
-                                url: endpoint.clone(),
-                                code,
-                                message,
-                            });
-                        }
-                        Answer::Refused { code, message } => {
-                            Unavailability::Refused { code, message }
-                        }
-                        Answer::Done(_) | Answer::Garbled(_) => Unavailability::Status {
-                            status,
-                            body: answer.body_excerpt(),
-                        },
-                    }
+                Answer::Refused { code, message } if !GRPC_TRY_ELSEWHERE.contains(&code) => {
+                    self.preferred.store(index, Ordering::Relaxed);
+                    return Err(CallError::Refused {
+                        url: endpoint.clone(),
+                        code,
+                        message,
+                    });
                 }
+                Answer::Refused { code, message } => Unavailability::Refused { code, message },
+                Answer::Unusable(reason) => reason,
             };
             failures.push((endpoint.clone(), failure));
         }
@@ -748,8 +741,9 @@ enum Answer<T> {
         /// etcd's message.
         message: String,
     },
-    /// An answer that is not etcd's.
-    Garbled(Unavailability),
+    /// No answer this request can use (none, or not etcd's); another
+    /// endpoint may give one.
+    Unusable(Unavailability),
 }
 
 /// Decodes one endpoint's answer.
@@ -757,7 +751,7 @@ fn interpret<T: DeserializeOwned>(status: hyper::StatusCode, bytes: &[u8]) -> An
     if status.is_success() {
         return match serde_json::from_slice(bytes) {
             Ok(value) => Answer::Done(value),
-            Err(error) => Answer::Garbled(Unavailability::BadAnswer(format!(
+            Err(error) => Answer::Unusable(Unavailability::BadAnswer(format!(
                 "an unreadable answer: {error}"
             ))),
         };
@@ -767,7 +761,7 @@ fn interpret<T: DeserializeOwned>(status: hyper::StatusCode, bytes: &[u8]) -> An
             code: error.code,
             message: error.message,
         },
-        _ => Answer::Garbled(Unavailability::Status {
+        _ => Answer::Unusable(Unavailability::Status {
             status,
             body: excerpt(bytes),
         }),
@@ -1141,9 +1135,9 @@ mod tests {
         );
         assert!(matches!(refused, Answer::Refused { code: 5, .. }));
         let proxy = interpret::<IgnoredAny>(hyper::StatusCode::BAD_GATEWAY, b"<html>");
-        assert!(matches!(proxy, Answer::Garbled(_)));
+        assert!(matches!(proxy, Answer::Unusable(_)));
         let garbled = interpret::<RangeResponse>(hyper::StatusCode::OK, b"{\"kvs\": 3}");
-        assert!(matches!(garbled, Answer::Garbled(_)));
+        assert!(matches!(garbled, Answer::Unusable(_)));
     }
 
     #[test]
