@@ -89,17 +89,51 @@ pub fn excerpt(body: &[u8]) -> String {
 }
 
 /// Why a request got no complete answer.
+///
+/// The errors of the HTTP stack are kept whole, and shown with their causes
+/// (hyper's own messages name only the step that failed); they are not
+/// given as sources, so that a caller flattening the chain shows each once.
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
-    /// The request could not be built (bad URL, header or scheme).
-    #[error("invalid request: {0}")]
-    InvalidRequest(String),
+    /// The URL does not parse.
+    #[error("invalid request: URL {url:?}: {error}")]
+    InvalidUrl {
+        /// The URL as given.
+        url: String,
+        /// Why it does not parse.
+        error: hyper::http::uri::InvalidUri,
+    },
+    /// The URL is neither `http://` nor `https://`.
+    #[error("invalid request: URL {url:?}: only http:// and https:// URLs are supported")]
+    UnsupportedScheme {
+        /// The URL as given.
+        url: String,
+    },
+    /// A header name HTTP does not allow.
+    #[error("invalid request: header {name:?}: {error}")]
+    InvalidHeaderName {
+        /// The name as given.
+        name: String,
+        /// Why it is not allowed.
+        error: hyper::header::InvalidHeaderName,
+    },
+    /// A header value HTTP does not allow.
+    #[error("invalid request: value of header {name}: {error}")]
+    InvalidHeaderValue {
+        /// The header's name.
+        name: HeaderName,
+        /// Why the value is not allowed.
+        error: hyper::header::InvalidHeaderValue,
+    },
     /// No complete answer within the timeout.
     #[error("no answer within {0:?}")]
     Timeout(Duration),
-    /// Connecting, sending or receiving failed.
-    #[error("{0}")]
-    Transport(String),
+    /// Connecting or sending failed, or no answer came back.
+    #[error("{}", error_chain(.0))]
+    Transport(hyper_util::client::legacy::Error),
+    /// The answer's body broke off.
+    #[error("{}", error_chain(.0.as_ref()))]
+    Body(Box<dyn std::error::Error + Send + Sync>),
     /// The answer's body is larger than [`MAX_BODY`].
     #[error("the answer is larger than {MAX_BODY} bytes")]
     BodyTooLarge,
@@ -179,7 +213,7 @@ impl HttpClient {
         self.inner
             .request(request)
             .await
-            .map_err(|error| HttpError::Transport(error_chain(&error)))
+            .map_err(HttpError::Transport)
     }
 }
 
@@ -204,7 +238,7 @@ async fn read_whole(response: Response<Incoming>) -> Result<HttpResponse, HttpEr
             if error.is::<http_body_util::LengthLimitError>() {
                 HttpError::BodyTooLarge
             } else {
-                HttpError::Transport(error_chain(error.as_ref()))
+                HttpError::Body(error)
             }
         })?
         .to_bytes();
@@ -222,23 +256,30 @@ pub fn build_request(
     headers: &[(&str, &str)],
     body: Bytes,
 ) -> Result<Request<Full<Bytes>>, HttpError> {
-    let uri: Uri = url
-        .parse()
-        .map_err(|error| HttpError::InvalidRequest(format!("URL {url:?}: {error}")))?;
+    let uri: Uri = url.parse().map_err(|error| HttpError::InvalidUrl {
+        url: url.to_string(),
+        error,
+    })?;
     if !matches!(uri.scheme_str(), Some("http" | "https")) {
-        return Err(HttpError::InvalidRequest(format!(
-            "URL {url:?}: only http:// and https:// URLs are supported"
-        )));
+        return Err(HttpError::UnsupportedScheme {
+            url: url.to_string(),
+        });
     }
     let mut request = Request::new(Full::new(body));
     *request.method_mut() = method;
     *request.uri_mut() = uri;
     for (name, value) in headers {
-        let name = HeaderName::from_bytes(name.as_bytes())
-            .map_err(|error| HttpError::InvalidRequest(format!("header {name:?}: {error}")))?;
-        let value = HeaderValue::from_str(value).map_err(|error| {
-            HttpError::InvalidRequest(format!("value of header {name}: {error}"))
+        let name = HeaderName::from_bytes(name.as_bytes()).map_err(|error| {
+            HttpError::InvalidHeaderName {
+                name: name.to_string(),
+                error,
+            }
         })?;
+        let value =
+            HeaderValue::from_str(value).map_err(|error| HttpError::InvalidHeaderValue {
+                name: name.clone(),
+                error,
+            })?;
         request.headers_mut().append(name, value);
     }
     Ok(request)
@@ -251,13 +292,28 @@ mod tests {
     #[test]
     fn only_http_and_https_urls_are_accepted() {
         let error = build_request(Method::GET, "ftp://h/x", &[], Bytes::new()).unwrap_err();
+        assert!(
+            matches!(error, HttpError::UnsupportedScheme { .. }),
+            "{error}"
+        );
         assert!(error.to_string().contains("https://"), "{error}");
         build_request(Method::GET, "https://h/x", &[], Bytes::new()).unwrap();
         let error = build_request(Method::GET, "not a url", &[], Bytes::new()).unwrap_err();
-        assert!(matches!(error, HttpError::InvalidRequest(_)), "{error}");
+        assert!(matches!(error, HttpError::InvalidUrl { .. }), "{error}");
         let error =
             build_request(Method::GET, "http://h/x", &[("a b", "c")], Bytes::new()).unwrap_err();
-        assert!(error.to_string().contains("header"), "{error}");
+        assert!(
+            matches!(error, HttpError::InvalidHeaderName { .. }),
+            "{error}"
+        );
+        assert!(error.to_string().contains("header \"a b\""), "{error}");
+        let error =
+            build_request(Method::GET, "http://h/x", &[("a", "b\nc")], Bytes::new()).unwrap_err();
+        assert!(
+            matches!(error, HttpError::InvalidHeaderValue { .. }),
+            "{error}"
+        );
+        assert!(error.to_string().contains("value of header a"), "{error}");
         let request = build_request(
             Method::PUT,
             "http://h:1/x?y=z",
