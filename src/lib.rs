@@ -16,6 +16,7 @@ pub mod ltx;
 pub mod mount;
 pub mod mountinfo;
 pub mod node;
+pub mod own_mount;
 pub mod proxy;
 pub mod replication;
 pub mod store;

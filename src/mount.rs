@@ -38,10 +38,11 @@ use crate::replication::{
     self, ClientCredentials, ClusterKeys, Handoffs, NodeContext, ReplicationError, ServerSettings,
 };
 
-use crate::config::{Config, ExecCommand, LeaseType};
+use crate::config::{Config, ExecCommand, FuseLocks, LeaseType};
 use crate::fs::Fs;
 use crate::fuse::{self, MountedSession};
 use crate::mountinfo;
+use crate::store::locks::LockServer;
 use crate::store::log::RetentionPolicy;
 use crate::store::{CaptureOptions, Role, Store};
 
@@ -386,6 +387,10 @@ pub fn run(request: MountRequest) -> Result<i32, MountError> {
         enabled: request.capture,
         compress: request.config.data.compress,
         strict_verify: request.config.strict_verify,
+        locks: match request.config.fuse.locks {
+            FuseLocks::Kernel => LockServer::Kernel,
+            FuseLocks::Ltxfs => LockServer::Ltxfs,
+        },
     };
     let security = node_api_security(&request.config)?;
     let listener = bind_address("http.addr", &request.config.http.addr)?;

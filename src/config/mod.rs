@@ -285,6 +285,27 @@ pub struct FuseConfig {
     pub allow_other: bool,
     /// `fuse.debug`: log every FUSE call (very verbose). Default `false`.
     pub debug: bool,
+    /// `fuse.locks` (ltxfs only): who serves SQLite's file locks on the mount.
+    /// Default [`FuseLocks::Ltxfs`].
+    pub locks: FuseLocks,
+}
+
+/// Who serves the `fcntl` locks SQLite takes on the mount's files
+/// (`fuse.locks`, ltxfs only).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum FuseLocks {
+    /// `kernel`: the kernel arbitrates them, as on any local filesystem; a
+    /// lock call costs what it costs natively.
+    Kernel,
+    /// `ltxfs`: every lock call is a request to ltxfs, which serves it from
+    /// a table of its own.
+    #[default]
+    Ltxfs,
+}
+
+impl Choices for FuseLocks {
+    const CHOICES: &'static [(&'static str, Self)] =
+        &[("kernel", Self::Kernel), ("ltxfs", Self::Ltxfs)];
 }
 
 /// The `data` section.
@@ -945,6 +966,7 @@ impl RawConfig {
                 dir: non_empty(fuse.dir).map(PathBuf::from),
                 allow_other: flag_or(fuse.allow_other, defaults.fuse.allow_other),
                 debug: flag_or(fuse.debug, defaults.fuse.debug),
+                locks: choice_or(fuse.locks, defaults.fuse.locks),
             },
             data: DataConfig {
                 dir: non_empty(data.dir).map(PathBuf::from),

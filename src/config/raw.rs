@@ -18,7 +18,7 @@ use serde::Deserialize;
 use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 
 use super::values::{parse_byte_size, parse_duration, split_command_line};
-use super::{ExecCommand, LeaseType, LogFormat, ProxyMode};
+use super::{ExecCommand, FuseLocks, LeaseType, LogFormat, ProxyMode};
 
 /// The text that marks an error from [`LiteFsOnly`], so that the caller can
 /// turn it into [`ConfigError::UnsupportedLiteFsKey`](super::ConfigError).
@@ -88,6 +88,7 @@ pub(crate) struct RawFuse {
     pub dir: Option<String>,
     pub allow_other: Option<Flag>,
     pub debug: Option<Flag>,
+    pub locks: Option<Choice<FuseLocks>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

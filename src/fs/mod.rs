@@ -519,15 +519,21 @@ impl Fs {
     }
 
     /// Opens a file (for writing too when `write` is true), saying how the kernel
-    /// may cache it.
-    pub fn open(&self, ino: u64, write: bool) -> Result<(u64, CachePolicy), FsError> {
+    /// may cache it. `by_ltxfs`: ltxfs itself opens it, for the locks it takes
+    /// on its own mount, which a replica allows on every file.
+    pub fn open(
+        &self,
+        ino: u64,
+        write: bool,
+        by_ltxfs: bool,
+    ) -> Result<(u64, CachePolicy), FsError> {
         if ino == ROOT_INO {
             return Err(FsError::IsADirectory);
         }
         let opened = self.resolve(ino, None)?;
         let cache = match &opened {
             Opened::File(node) => {
-                if write {
+                if write && !by_ltxfs {
                     self.store.check_openable(node.name(), node.kind())?;
                 }
                 CachePolicy::KeepCache
@@ -542,7 +548,7 @@ impl Fs {
         match &self.handle(handle)?.opened {
             Opened::File(node) => Ok(node.read_at(offset, size as usize)?),
             Opened::Position(database) => Ok(slice_of(
-                database.visible_position().to_pos_file(),
+                self.store.visible_position(database).to_pos_file(),
                 offset,
                 size,
             )),
@@ -606,7 +612,11 @@ impl Fs {
     /// Flushes a file to stable storage.
     pub fn fsync(&self, handle: u64, data_only: bool) -> Result<(), FsError> {
         match &self.handle(handle)?.opened {
-            Opened::File(node) => Ok(node.sync(data_only)?),
+            Opened::File(node) => {
+                Ok(self
+                    .store
+                    .make_change(node.database(), Change::Sync, || node.sync(data_only))?)
+            }
             Opened::Position(_) | Opened::Status(_) => Ok(()),
         }
     }
@@ -711,7 +721,7 @@ impl Fs {
     fn position_attr(&self, database: &Database) -> Attr {
         Attr {
             ino: database.position_file_id().0,
-            size: database.visible_position().to_pos_file().len() as u64,
+            size: self.store.visible_position(database).to_pos_file().len() as u64,
             node_type: NodeType::File,
             perm: 0o444,
             uid: self.uid,
@@ -967,7 +977,7 @@ mod tests {
             Err(FsError::NotADirectory)
         ));
         assert!(matches!(
-            fs.open(ROOT_INO, true),
+            fs.open(ROOT_INO, true, false),
             Err(FsError::IsADirectory)
         ));
         assert_eq!(
@@ -987,7 +997,7 @@ mod tests {
     fn flush_drops_posix_locks_and_release_drops_ofd_locks() {
         let (_dir, fs) = new_fs();
         let (attr, first) = fs.create(ROOT_INO, OsStr::new("app.db"), CREATOR).unwrap();
-        let second = fs.open(attr.ino, true).unwrap().0;
+        let second = fs.open(attr.ino, true, false).unwrap().0;
         setlk_now(&fs, first, call(10, 0, Some(LockKind::Write))).unwrap();
         assert!(matches!(
             setlk_now(&fs, second, call(20, 0, Some(LockKind::Read))),
@@ -1029,7 +1039,7 @@ mod tests {
         let (attr, first) = fs.create(ROOT_INO, OsStr::new("app.db"), CREATOR).unwrap();
         setlk_now(&fs, first, call(10, 0, Some(LockKind::Read))).unwrap();
         fs.flush(first, 10).unwrap();
-        let second = fs.open(attr.ino, true).unwrap().0;
+        let second = fs.open(attr.ino, true, false).unwrap().0;
         setlk_now(&fs, second, call(10, 0, Some(LockKind::Read))).unwrap();
         fs.release(first).unwrap();
         assert!(
@@ -1044,7 +1054,7 @@ mod tests {
     fn blocking_lock_completes_when_the_holder_closes() {
         let (_dir, fs) = new_fs();
         let (attr, holder) = fs.create(ROOT_INO, OsStr::new("app.db"), CREATOR).unwrap();
-        let waiter = fs.open(attr.ino, true).unwrap().0;
+        let waiter = fs.open(attr.ino, true, false).unwrap().0;
         setlk_now(&fs, holder, call(1, 5, Some(LockKind::Write))).unwrap();
         let (sender, receiver) = mpsc::channel();
         fs.setlk(
@@ -1095,7 +1105,7 @@ mod tests {
         let attr = fs.lookup(ROOT_INO, OsStr::new("app.db-pos")).unwrap();
         assert_eq!(attr.size, 34);
         assert_eq!(attr.perm, 0o444);
-        let (handle, cache) = fs.open(attr.ino, true).unwrap();
+        let (handle, cache) = fs.open(attr.ino, true, false).unwrap();
         assert_eq!(cache, CachePolicy::Direct);
         assert_eq!(
             fs.read(handle, 0, 100).unwrap(),

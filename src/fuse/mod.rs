@@ -28,7 +28,8 @@ use tokio_util::sync::CancellationToken;
 use crate::fs::{
     Attr, AttrChange, CachePolicy, Creator, Fs, FsError, LockCall, NodeType, ROOT_INO,
 };
-use crate::store::locks::LockKind;
+use crate::own_mount::{OwnMount, is_own_thread};
+use crate::store::locks::{LockKind, LockServer};
 use crate::store::{KernelCache, NodeId};
 
 /// How long the kernel may trust entries, attributes and negative lookups.
@@ -39,6 +40,8 @@ pub struct MountedSession {
     session: fuser::BackgroundSession,
     mount_point: PathBuf,
     ended: CancellationToken,
+    /// ltxfs's own descriptors of the mount, when the kernel serves the locks.
+    own_mount: Option<Arc<OwnMount>>,
 }
 
 impl MountedSession {
@@ -65,6 +68,7 @@ impl MountedSession {
         options.clone_fd = true;
         let store = fs.store().clone();
         let adapter = FuseAdapter {
+            locks: store.lock_server(),
             fs,
             ended: ended.clone(),
         };
@@ -72,16 +76,28 @@ impl MountedSession {
         store.set_kernel_cache(Arc::new(KernelNotifier {
             notifier: session.notifier(),
         }));
+        let own_mount = match store.lock_server() {
+            LockServer::Kernel => {
+                let own = Arc::new(OwnMount::new(mount_point)?);
+                store.set_kernel_locks(own.clone());
+                Some(own)
+            }
+            LockServer::Ltxfs => None,
+        };
         Ok(MountedSession {
             session,
             mount_point: mount_point.to_path_buf(),
             ended,
+            own_mount,
         })
     }
 
     /// Unmounts and waits for the worker threads; if a process still has a file
     /// open, detaches the mount instead (the kernel finishes once it is closed).
     pub fn unmount(self) {
+        if let Some(own) = &self.own_mount {
+            own.close_all();
+        }
         let mount_point = self.mount_point;
         if self.ended.is_cancelled() {
             // Unmounted already, by another process.
@@ -150,6 +166,8 @@ impl KernelCache for KernelNotifier {
 /// The FUSE callbacks of an ltxfs mount.
 struct FuseAdapter {
     fs: Arc<Fs>,
+    /// Whether the kernel is asked to send lock calls here.
+    locks: LockServer,
     /// Cancelled when the session ends.
     ended: CancellationToken,
 }
@@ -251,7 +269,10 @@ pub fn request_posix_locks(config: &mut KernelConfig) -> std::io::Result<()> {
 
 impl fuser::Filesystem for FuseAdapter {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
-        request_posix_locks(config)
+        match self.locks {
+            LockServer::Ltxfs => request_posix_locks(config),
+            LockServer::Kernel => Ok(()),
+        }
     }
 
     fn destroy(&mut self) {
@@ -385,9 +406,10 @@ impl fuser::Filesystem for FuseAdapter {
         reply.error(errno("link", FsError::Unsupported("a hard link")));
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let write = flags.0 & libc::O_ACCMODE != libc::O_RDONLY;
-        match self.fs.open(ino.0, write) {
+        let by_ltxfs = write && is_own_thread(req.pid());
+        match self.fs.open(ino.0, write, by_ltxfs) {
             Ok((handle, cache)) => reply.opened(FileHandle(handle), fopen_flags(cache)),
             Err(error) => reply.error(errno("open", error)),
         }

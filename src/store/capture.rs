@@ -41,6 +41,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::ltx::{self, Checksum, Encoder, Header, TxId};
 
+use super::locks::LockServer;
 use super::log::{ChangeLog, LtxBytes, RetentionPolicy};
 use super::wal::{self, FRAME_HEADER_SIZE, FrameHeader, WalHeader};
 use super::{FileKind, NodeId, Shared, StoreError, page_size_from_header};
@@ -108,6 +109,9 @@ pub struct CaptureOptions {
     pub compress: bool,
     /// Reread the whole database after each change set and compare checksums.
     pub strict_verify: bool,
+    /// Who serves SQLite's locks, which decides how a transaction of a
+    /// journal-less mode (MEMORY, OFF) is seen to end.
+    pub locks: LockServer,
 }
 
 impl Default for CaptureOptions {
@@ -116,6 +120,7 @@ impl Default for CaptureOptions {
             enabled: true,
             compress: false,
             strict_verify: false,
+            locks: LockServer::default(),
         }
     }
 }
@@ -192,6 +197,11 @@ struct CaptureState {
     dirty_pages: BTreeSet<u32>,
     /// The database file was truncated since the last rollback-mode commit.
     truncated: bool,
+    /// A journal-less transaction was seen to end with the database file's
+    /// fsync (`synchronous` above OFF), so a write of page 1 no longer counts
+    /// as the start of the next one: such a writer may spill page 1 in the
+    /// middle of a transaction.
+    journal_less_commits_sync: bool,
     /// A change set not derived from the WAL was appended since the log was last
     /// synced; such change sets must be on disk before SQLite's next fsync.
     unsynced_outside_wal: bool,
@@ -263,6 +273,7 @@ impl Database {
             wal_mode: false,
             dirty_pages: BTreeSet::new(),
             truncated: false,
+            journal_less_commits_sync: false,
             needs_rescan: true,
             unsynced_outside_wal: false,
             wal: WalTracker::default(),
@@ -353,17 +364,15 @@ impl Database {
         self.visibility.lock_unpoisoned().pending.is_some()
     }
 
-    /// Makes the captured WAL commits visible when no connection holds the WAL
-    /// write lock in `shm_locks`, the lock table of the database's `-shm`
-    /// (`None` when it has none, as with `locking_mode=EXCLUSIVE`, where no
-    /// other connection can read). Checked under the visibility lock, which a
-    /// capture takes after its writer took the WAL write lock, so a commit
-    /// captured meanwhile is never published early.
-    pub(super) fn publish_wal_commit(&self, shm_locks: Option<&super::locks::LockTable>) {
+    /// Makes the captured WAL commits visible unless `writer_holds_lock` says a
+    /// connection holds the WAL write lock of the database's `-shm` (it never
+    /// does without one, as with `locking_mode=EXCLUSIVE`, where no other
+    /// connection can read). Asked under the visibility lock, which a capture
+    /// takes after its writer took the WAL write lock, so a commit captured
+    /// meanwhile is never published early.
+    pub(super) fn publish_wal_commit(&self, writer_holds_lock: impl FnOnce() -> bool) {
         let mut visibility = self.visibility.lock_unpoisoned();
-        if visibility.pending.is_none()
-            || shm_locks.is_some_and(|locks| locks.is_write_locked(WAL_WRITE_LOCK))
-        {
+        if visibility.pending.is_none() || writer_holds_lock() {
             return;
         }
         if let Some(position) = visibility.pending.take() {
@@ -392,7 +401,7 @@ impl Database {
         }
         // No connection is open at start-up: WAL commits replayed from the
         // WAL are what readers will see.
-        self.publish_wal_commit(None);
+        self.publish_wal_commit(|| false);
         Ok(())
     }
 
@@ -449,7 +458,16 @@ impl Database {
                     self.commit_rollback(state)?;
                 }
             }
-            FileKind::Wal => self.note_wal_write(state, offset, data)?,
+            FileKind::Wal => {
+                // A WAL write past the captured commits comes from a writer
+                // that holds the WAL write lock, so the writer of those commits
+                // released it: readers see them. The kernel tells ltxfs of no
+                // unlock when it serves the locks, so this is where they show.
+                if self.options.locks == LockServer::Kernel && offset >= state.wal.committed_end {
+                    self.publish_wal_commit(|| false);
+                }
+                self.note_wal_write(state, offset, data)?;
+            }
             FileKind::Shm | FileKind::SuperJournal(_) => {}
         }
         Ok(())
@@ -467,7 +485,14 @@ impl Database {
                     state.file_page_size = 0;
                 }
                 state.truncated = true;
-                Ok(())
+                // SQLite cuts the file to the database's size after a commit
+                // (VACUUM) or as a journal-less commit's last change; with no
+                // unlock to tell, the truncation ends what it belongs to.
+                if self.ends_journal_less_transaction(&state, kind) {
+                    self.commit_rollback(&mut state)
+                } else {
+                    Ok(())
+                }
             }
             FileKind::Journal if size == 0 => self.commit_rollback(&mut state),
             FileKind::Wal if size == 0 => {
@@ -540,9 +565,18 @@ impl Database {
     }
 
     /// Called before SQLite's fsync of any of the database's files, so change sets
-    /// are durable no later than the transactions they record.
-    pub(super) fn before_sync(&self) -> Result<(), StoreError> {
+    /// are durable no later than the transactions they record. When the kernel
+    /// serves the locks, the database file's fsync while no journal is hot ends
+    /// a transaction of a journal-less mode (MEMORY, OFF): SQLite syncs the
+    /// database once every page of the transaction is written.
+    pub(super) fn before_sync(&self, kind: &FileKind) -> Result<(), StoreError> {
         let mut state = self.lock();
+        if self.ends_journal_less_transaction(&state, kind) {
+            state.journal_less_commits_sync = true;
+            let result = self.commit_rollback(&mut state);
+            state.rescan_after_failure(&result);
+            result?;
+        }
         // Change sets built from WAL frames need no sync here: the WAL that SQLite
         // is making durable holds them, and start-up rebuilds any the log lost
         // (`replay_wal_transactions`). The log is synced before the WAL can lose
@@ -554,6 +588,19 @@ impl Database {
             }
         }
         Ok(())
+    }
+
+    /// Whether a change to the database file of `kind` shows, when the kernel
+    /// serves the locks, that a journal-less transaction's pages are all
+    /// written: no journal is hot, pages were written since the last change
+    /// set, and the database is not in WAL mode.
+    fn ends_journal_less_transaction(&self, state: &CaptureState, kind: &FileKind) -> bool {
+        self.options.enabled
+            && self.options.locks == LockServer::Kernel
+            && *kind == FileKind::Database
+            && !state.wal_mode
+            && (!state.dirty_pages.is_empty() || state.truncated)
+            && !state.hot_journal()
     }
 
     /// Called before a write, truncate or unlink of one of the database's files:
@@ -571,6 +618,21 @@ impl Database {
             return Ok(());
         }
         let mut state = self.lock();
+        // A journal-less transaction writes page 1 first (SQLite writes its
+        // pages in order, and page 1 holds the change counter every
+        // transaction moves), so with the kernel serving the locks and
+        // `synchronous=OFF` a write of page 1 after unrecorded ones begins
+        // the next transaction: the previous one is recorded before page 1 is
+        // overwritten. Not exact: a transaction larger than SQLite's cache
+        // may write page 1 early, and is then recorded in two parts.
+        if write_offset == Some(0)
+            && !state.journal_less_commits_sync
+            && self.ends_journal_less_transaction(&state, kind)
+        {
+            let result = self.commit_rollback(&mut state);
+            state.rescan_after_failure(&result);
+            result?;
+        }
         let destroys_wal_frames = match kind {
             FileKind::Wal => write_offset.is_none_or(|offset| offset == 0),
             FileKind::Database => state.wal_mode,

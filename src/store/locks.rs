@@ -17,6 +17,18 @@ use crate::sync::LockUnpoisoned;
 use std::collections::VecDeque;
 use std::sync::Mutex;
 
+/// Who arbitrates the `fcntl` locks SQLite takes on the mount's files.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum LockServer {
+    /// The kernel: the mount does not ask for `FUSE_POSIX_LOCKS`, so no lock
+    /// call reaches ltxfs, and ltxfs takes the locks it needs itself as open
+    /// file description locks on its own descriptors of the mount.
+    Kernel,
+    /// ltxfs, from the [`LockTable`] of each file.
+    #[default]
+    Ltxfs,
+}
+
 /// The end of a range that reaches to the end of the file (the kernel's `OFFSET_MAX`).
 pub const END_OF_FILE: u64 = i64::MAX as u64;
 

@@ -44,7 +44,7 @@ pub use replica::{ChangeSetSpool, LTXFS_LOCK_OWNER, PendingChangeSet, TryApply};
 
 use crate::ltx::{TxId, is_valid_page_size};
 use crate::sync::{LockUnpoisoned, RwLockUnpoisoned};
-use locks::{ByteRange, LockOwner, LockTable};
+use locks::{ByteRange, LockOwner, LockServer, LockTable};
 
 /// SQLite's PENDING lock byte; RESERVED is the byte after it. A write lock on
 /// either means a writer is in a transaction.
@@ -166,6 +166,27 @@ pub trait KernelCache: Send + Sync {
     fn invalidate_entry(&self, name: &str);
 }
 
+/// What the kernel knows of the locks on the mount's files, when it serves
+/// them ([`LockServer::Kernel`]). The core owns this trait; the FUSE layer
+/// implements it.
+pub trait KernelLocks: Send + Sync {
+    /// Whether any process holds a write lock on part of `range` of file `node`.
+    fn is_write_locked(&self, node: NodeId, range: ByteRange) -> bool;
+    /// Takes, for ltxfs, a write lock on `range` of the mount's file `name`:
+    /// an open file description lock on a descriptor ltxfs keeps open on its
+    /// mount, so the kernel arbitrates it against the applications' locks.
+    /// With `wait`, waits for the processes that hold part of it (so never on
+    /// a FUSE worker or an async thread); without, `Ok(None)` when it is held
+    /// or ltxfs has no descriptor of the file open yet.
+    fn lock(&self, name: &str, range: ByteRange, wait: bool)
+    -> std::io::Result<Option<KernelLock>>;
+    /// Closes ltxfs's descriptor of `name`, whose file is gone.
+    fn forget(&self, name: &str);
+}
+
+/// A lock the kernel holds for ltxfs ([`KernelLocks::lock`]) until dropped.
+pub struct KernelLock(pub Box<dyn Send + Sync>);
+
 /// Where a database stood before a local change: what [`Store::hold_commit`]
 /// compares with after it.
 #[derive(Debug, Clone, Copy)]
@@ -205,6 +226,9 @@ pub enum Change<'a> {
     /// The release of a lock, which may end a journal-less transaction:
     /// always allowed.
     Unlock,
+    /// An fsync of one of the database's files, which ends a journal-less
+    /// transaction when the kernel serves the locks: always allowed.
+    Sync,
 }
 
 /// Hears about every new position of every database: a change set captured on the
@@ -345,7 +369,8 @@ impl Node {
     /// a released `-shm` lock may end a WAL commit, which readers then see.
     fn after_unlock(&self) {
         if self.kind == FileKind::Shm {
-            self.database.publish_wal_commit(Some(&self.locks));
+            self.database
+                .publish_wal_commit(|| self.locks.is_write_locked(capture::WAL_WRITE_LOCK));
             return;
         }
         if self.kind != FileKind::Database {
@@ -452,7 +477,7 @@ impl Node {
     /// Flushes the backing file to stable storage.
     pub fn sync(&self, data_only: bool) -> Result<(), StoreError> {
         // The log first: a change set is durable no later than its transaction.
-        self.database.before_sync()?;
+        self.database.before_sync(&self.kind)?;
         let result = if data_only {
             self.file.sync_data()
         } else {
@@ -584,6 +609,7 @@ pub struct Store {
     namespace: RwLock<Namespace>,
     databases: Mutex<BTreeMap<String, Arc<Database>>>,
     kernel_cache: RwLock<Option<Arc<dyn KernelCache>>>,
+    kernel_locks: RwLock<Option<Arc<dyn KernelLocks>>>,
     /// Synchronous replication's hold on commits, when it is on.
     commit_hold: RwLock<Option<Arc<dyn CommitHold>>>,
     /// The first commit no replica acknowledged, with the term it was made in:
@@ -634,6 +660,7 @@ impl Store {
             namespace: RwLock::new(Namespace::default()),
             databases: Mutex::new(BTreeMap::new()),
             kernel_cache: RwLock::new(None),
+            kernel_locks: RwLock::new(None),
             commit_hold: RwLock::new(None),
             retention_pins: RwLock::new(None),
             shared: Arc::new(Shared::default()),
@@ -711,6 +738,11 @@ impl Store {
         self.databases.lock_unpoisoned().get(name).cloned()
     }
 
+    /// Who serves SQLite's locks on the mount.
+    pub fn lock_server(&self) -> LockServer {
+        self.capture.locks
+    }
+
     /// This node's role and its view of the primary.
     pub fn cluster(&self) -> &ClusterView {
         &self.cluster
@@ -740,16 +772,53 @@ impl Store {
                 let _permit = self.permit_change(name, kind)?;
                 make()?
             }
-            Change::Unlock => make()?,
+            Change::Unlock | Change::Sync => make()?,
         };
-        if database.has_unpublished_wal_commit() {
+        if self.capture.locks == LockServer::Ltxfs {
             // Without WAL-index locks (`locking_mode=EXCLUSIVE`) no unlock
             // of `-shm` will publish the commit.
-            let shm = self.lookup(&format!("{}-shm", database.name()));
-            database.publish_wal_commit(shm.as_deref().map(Node::locks));
+            self.publish_wal_commit(database);
         }
         self.hold_commit(database, mark)?;
         Ok(made)
+    }
+
+    /// Publishes `database`'s captured WAL commit once its writer released
+    /// the WAL write lock of `-shm` (at once when there is no `-shm`).
+    fn publish_wal_commit(&self, database: &Database) {
+        if !database.has_unpublished_wal_commit() {
+            return;
+        }
+        let shm = self.lookup(&format!("{}-shm", database.name()));
+        let Some(shm) = shm else {
+            database.publish_wal_commit(|| false);
+            return;
+        };
+        match self.capture.locks {
+            LockServer::Ltxfs => {
+                database.publish_wal_commit(|| shm.locks.is_write_locked(capture::WAL_WRITE_LOCK))
+            }
+            LockServer::Kernel => {
+                let kernel_locks = self.kernel_locks();
+                database.publish_wal_commit(|| {
+                    // Before the mount, no application holds a lock.
+                    kernel_locks.is_some_and(|locks| {
+                        locks.is_write_locked(shm.id(), capture::WAL_WRITE_LOCK)
+                    })
+                })
+            }
+        }
+    }
+
+    /// The position every read transaction of `database` begun from now on
+    /// sees at least: what its `-pos` file shows.
+    pub fn visible_position(&self, database: &Database) -> Position {
+        if self.capture.locks == LockServer::Kernel {
+            // No unlock reaches ltxfs: whether the last WAL commit's writer is
+            // done is asked when someone looks.
+            self.publish_wal_commit(database);
+        }
+        database.visible_position()
     }
 
     /// Marks where `database` stands before a local change, for
@@ -951,6 +1020,30 @@ impl Store {
         *self.kernel_cache.write_unpoisoned() = Some(cache);
     }
 
+    /// Gives the core the kernel's view of the mount's locks, which it asks
+    /// when the kernel serves them.
+    pub fn set_kernel_locks(&self, locks: Arc<dyn KernelLocks>) {
+        *self.kernel_locks.write_unpoisoned() = Some(locks);
+    }
+
+    /// The kernel's view of the mount's locks, when the kernel serves them
+    /// and the mount is up.
+    fn kernel_locks(&self) -> Option<Arc<dyn KernelLocks>> {
+        match self.capture.locks {
+            LockServer::Kernel => self.kernel_locks.read_unpoisoned().clone(),
+            LockServer::Ltxfs => None,
+        }
+    }
+
+    /// Where a replica apply takes the locks that keep readers out.
+    fn apply_locks(&self) -> replica::ApplyLocks {
+        match (self.capture.locks, self.kernel_locks()) {
+            (LockServer::Ltxfs, _) => replica::ApplyLocks::Table,
+            (LockServer::Kernel, Some(locks)) => replica::ApplyLocks::Kernel(locks),
+            (LockServer::Kernel, None) => replica::ApplyLocks::Unmounted,
+        }
+    }
+
     fn kernel_cache(&self) -> Option<Arc<dyn KernelCache>> {
         self.kernel_cache.read_unpoisoned().clone()
     }
@@ -1124,7 +1217,7 @@ impl Store {
     pub fn sync_directories(&self) -> Result<(), StoreError> {
         let databases = self.all_databases();
         for database in databases {
-            database.before_sync()?;
+            database.before_sync(&FileKind::Shm)?;
         }
         let dirs = std::mem::take(&mut *self.dirty_dirs.lock_unpoisoned());
         for dir in dirs.iter().rev() {
@@ -1326,20 +1419,26 @@ mod tests {
     /// returns the position before and after.
     fn commit_wal_frame(store: &Store, db: &Node, salts: (u32, u32)) -> (Position, Position) {
         let before = db.database().position();
-        let frame = wal::testing::frame(1, 1, salts, &wal_mode_page_one(1));
+        write_wal_frame(store, db, salts, 0, true);
+        let captured = db.database().position();
+        assert!(captured.txid > before.txid, "{captured:?}");
+        (before, captured)
+    }
+
+    /// Writes, as the mount does, frame `index` of the WAL: page 1 changed,
+    /// committing when `commit`.
+    fn write_wal_frame(store: &Store, db: &Node, salts: (u32, u32), index: u64, commit: bool) {
+        let page = wal_mode_page_one(index as u8 + 1);
+        let frame = wal::testing::frame(1, u32::from(commit), salts, &page);
         let wal = store.lookup("app.db-wal").unwrap();
         let change = Change::File {
             name: "app.db-wal",
             kind: &FileKind::Wal,
         };
+        let offset = wal::WAL_HEADER_SIZE + index * frame.len() as u64;
         store
-            .make_change(db.database(), change, || {
-                wal.write_at(wal::WAL_HEADER_SIZE, &frame)
-            })
+            .make_change(db.database(), change, || wal.write_at(offset, &frame))
             .unwrap();
-        let captured = db.database().position();
-        assert!(captured.txid > before.txid, "{captured:?}");
-        (before, captured)
     }
 
     /// Regression: `-pos` showed a WAL commit from the moment its commit
@@ -1373,6 +1472,55 @@ mod tests {
 
         shm.unlock(7, capture::WAL_WRITE_LOCK);
         assert_eq!(db.database().visible_position(), captured);
+    }
+
+    /// The kernel's locks as a test sets them: whether a writer holds the
+    /// WAL write lock.
+    struct FakeKernelLocks(std::sync::atomic::AtomicBool);
+
+    impl KernelLocks for FakeKernelLocks {
+        fn is_write_locked(&self, _node: NodeId, range: ByteRange) -> bool {
+            range == capture::WAL_WRITE_LOCK && self.0.load(Ordering::Acquire)
+        }
+
+        fn lock(&self, _: &str, _: ByteRange, _: bool) -> std::io::Result<Option<KernelLock>> {
+            unreachable!("a primary takes no locks")
+        }
+
+        fn forget(&self, _: &str) {}
+    }
+
+    /// When the kernel serves the locks, no unlock reaches ltxfs: `-pos` asks
+    /// the kernel whether the writer still holds the WAL write lock, and a
+    /// later WAL write (whose writer holds that lock, so the first released
+    /// it) shows the commit too.
+    #[test]
+    fn with_kernel_locks_a_wal_commit_is_visible_once_the_kernel_says_its_writer_is_done() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = CaptureOptions {
+            locks: LockServer::Kernel,
+            ..CaptureOptions::default()
+        };
+        let store = Store::open(dir.path(), options, Role::Primary).unwrap();
+        let kernel = Arc::new(FakeKernelLocks(true.into()));
+        store.set_kernel_locks(kernel.clone());
+        let salts = (31, 32);
+        let db = wal_database(&store, salts);
+        store.create("app.db-shm").unwrap();
+        let (before, captured) = commit_wal_frame(&store, &db, salts);
+        assert_eq!(store.visible_position(db.database()), before);
+        kernel.0.store(false, Ordering::Release);
+        assert_eq!(store.visible_position(db.database()), captured);
+
+        // The next transaction's first frame shows the one before it, even
+        // while its own writer holds the lock.
+        kernel.0.store(true, Ordering::Release);
+        write_wal_frame(&store, &db, salts, 1, true);
+        let second = db.database().position();
+        assert!(second.txid > captured.txid);
+        assert_eq!(store.visible_position(db.database()), captured);
+        write_wal_frame(&store, &db, salts, 2, false);
+        assert_eq!(store.visible_position(db.database()), second);
     }
 
     /// Without WAL-index locks (`locking_mode=EXCLUSIVE`) a WAL commit is

@@ -6,7 +6,10 @@
 //! the SQLite locks every reader needs — in WAL mode the wal-index read marks and
 //! writer locks in `-shm`, in rollback modes the database file's PENDING, RESERVED
 //! and SHARED bytes — with priority over new readers, so a stream of short read
-//! transactions cannot starve it. A reader that finds them taken gets `SQLITE_BUSY`
+//! transactions cannot starve it. The locks are in the files' lock tables, or,
+//! when the kernel serves the locks, the kernel's (`KernelLocks`), where the
+//! priority comes from taking PENDING first as SQLite's writers do; WAL readers'
+//! read marks get no such priority there. A reader that finds them taken gets `SQLITE_BUSY`
 //! and retries within its busy timeout, as it would behind a local writer.
 //!
 //! Before the locks are released the kernel's cached pages of the database are
@@ -20,8 +23,8 @@ use super::locks::{ByteRange, LockKind, LockOwner, LockRequest};
 use super::log::ChangeLog;
 use super::wal::{WAL_INDEX_PREFIX, wal_index_after_apply};
 use super::{
-    AppliedChangeSet, ChangeSetBytes, FileKind, LoggedChangeSet, Node, PENDING_BYTE,
-    POSITION_SUFFIX, ReceivedChangeSet, Role, Store, StoreError, parse_name,
+    AppliedChangeSet, ChangeSetBytes, FileKind, KernelLock, KernelLocks, LoggedChangeSet, Node,
+    PENDING_BYTE, POSITION_SUFFIX, ReceivedChangeSet, Role, Store, StoreError, parse_name,
 };
 use crate::sync::LockUnpoisoned;
 
@@ -44,42 +47,110 @@ const DATABASE_LOCKS: ByteRange = ByteRange {
     end: PENDING_BYTE + 511,
 };
 
-/// A lock ltxfs holds on a file until dropped.
-struct HeldByLtxfs {
-    node: Arc<Node>,
-    range: ByteRange,
+/// A lock ltxfs holds on a file until dropped: in the file's lock table, or
+/// in the kernel's when the kernel serves the locks.
+enum HeldByLtxfs {
+    Table {
+        node: Arc<Node>,
+        range: ByteRange,
+    },
+    Kernel {
+        _lock: KernelLock,
+    },
+    /// The kernel serves the locks but the mount is not up: no process can
+    /// hold any.
+    Unmounted,
 }
 
 impl HeldByLtxfs {
-    /// Blocks until ltxfs holds an exclusive lock on `range` of `node`.
-    fn take(node: Arc<Node>, range: ByteRange) -> HeldByLtxfs {
-        node.locks().lock_with_priority(LockRequest {
-            owner: LTXFS_LOCK_OWNER,
-            pid: 0,
-            range,
-            kind: LockKind::Write,
-        });
-        HeldByLtxfs { node, range }
+    /// Blocks until ltxfs holds an exclusive lock on each of `ranges` of
+    /// `node`, taken in order.
+    fn take(
+        locks: &ApplyLocks,
+        node: &Arc<Node>,
+        ranges: &[ByteRange],
+    ) -> Result<Vec<HeldByLtxfs>, StoreError> {
+        ranges
+            .iter()
+            .map(|&range| match locks {
+                ApplyLocks::Table => {
+                    node.locks().lock_with_priority(LockRequest {
+                        owner: LTXFS_LOCK_OWNER,
+                        pid: 0,
+                        range,
+                        kind: LockKind::Write,
+                    });
+                    Ok(HeldByLtxfs::Table {
+                        node: node.clone(),
+                        range,
+                    })
+                }
+                ApplyLocks::Unmounted => Ok(HeldByLtxfs::Unmounted),
+                ApplyLocks::Kernel(locks) => match locks.lock(node.name(), range, true) {
+                    Ok(Some(held)) => Ok(HeldByLtxfs::Kernel { _lock: held }),
+                    Ok(None) => Err(StoreError::io(
+                        format!("lock {} for an apply", node.name()),
+                        std::io::Error::from(std::io::ErrorKind::WouldBlock),
+                    )),
+                    Err(source) => Err(StoreError::io(
+                        format!("lock {} for an apply", node.name()),
+                        source,
+                    )),
+                },
+            })
+            .collect()
     }
 
-    /// Takes the lock if nobody else holds any part of it and no priority waiter
-    /// is queued for it.
-    fn try_take(node: Arc<Node>, range: ByteRange) -> Option<HeldByLtxfs> {
-        node.locks()
-            .try_lock(LockRequest {
-                owner: LTXFS_LOCK_OWNER,
-                pid: 0,
-                range,
-                kind: LockKind::Write,
+    /// Takes the locks if nobody else holds any part of them, no priority
+    /// waiter is queued for them, and (kernel) ltxfs has a descriptor open.
+    fn try_take(
+        locks: &ApplyLocks,
+        node: &Arc<Node>,
+        ranges: &[ByteRange],
+    ) -> Option<Vec<HeldByLtxfs>> {
+        ranges
+            .iter()
+            .map(|&range| match locks {
+                ApplyLocks::Table => {
+                    node.locks()
+                        .try_lock(LockRequest {
+                            owner: LTXFS_LOCK_OWNER,
+                            pid: 0,
+                            range,
+                            kind: LockKind::Write,
+                        })
+                        .ok()?;
+                    Some(HeldByLtxfs::Table {
+                        node: node.clone(),
+                        range,
+                    })
+                }
+                ApplyLocks::Unmounted => Some(HeldByLtxfs::Unmounted),
+                ApplyLocks::Kernel(locks) => locks
+                    .lock(node.name(), range, false)
+                    .ok()
+                    .flatten()
+                    .map(|held| HeldByLtxfs::Kernel { _lock: held }),
             })
-            .ok()?;
-        Some(HeldByLtxfs { node, range })
+            .collect()
     }
+}
+
+/// Where an apply takes its locks.
+pub(super) enum ApplyLocks {
+    /// In the files' lock tables.
+    Table,
+    /// In the kernel, on ltxfs's own descriptors of the mount.
+    Kernel(Arc<dyn KernelLocks>),
+    /// Nowhere: the kernel serves the locks but the mount is not up.
+    Unmounted,
 }
 
 impl Drop for HeldByLtxfs {
     fn drop(&mut self) {
-        self.node.locks().unlock(LTXFS_LOCK_OWNER, self.range);
+        if let HeldByLtxfs::Table { node, range } = self {
+            node.locks().unlock(LTXFS_LOCK_OWNER, *range);
+        }
     }
 }
 
@@ -118,23 +189,42 @@ impl ApplyTarget {
     /// The locks readers take, waiting for those who hold them: the wal-index's
     /// first, then (when readers use them) the database file's; released in
     /// reverse order when the result is dropped.
-    fn keep_readers_out(&self) -> Vec<HeldByLtxfs> {
-        self.lock_nodes()
-            .map(|(node, range)| HeldByLtxfs::take(node, range))
-            .collect()
+    fn keep_readers_out(&self, locks: &ApplyLocks) -> Result<Vec<HeldByLtxfs>, StoreError> {
+        let mut held = Vec::new();
+        for (node, ranges) in self.lock_nodes(locks) {
+            held.extend(HeldByLtxfs::take(locks, &node, &ranges)?);
+        }
+        Ok(held)
     }
 
     /// The same locks, or none when anyone else holds one of them.
-    fn try_keep_readers_out(&self) -> Option<Vec<HeldByLtxfs>> {
-        self.lock_nodes()
-            .map(|(node, range)| HeldByLtxfs::try_take(node, range))
-            .collect()
+    fn try_keep_readers_out(&self, locks: &ApplyLocks) -> Option<Vec<HeldByLtxfs>> {
+        let mut held = Vec::new();
+        for (node, ranges) in self.lock_nodes(locks) {
+            held.extend(HeldByLtxfs::try_take(locks, &node, &ranges)?);
+        }
+        Some(held)
     }
 
-    fn lock_nodes(&self) -> impl Iterator<Item = (Arc<Node>, ByteRange)> {
-        let index = self.index_node.clone().map(|node| (node, WAL_INDEX_LOCKS));
-        let database = (!self.wal_before).then(|| (self.database_node.clone(), DATABASE_LOCKS));
-        index.into_iter().chain(database)
+    /// The files and the ranges to lock in each, in order. The kernel gives a
+    /// waiting lock no priority, so in the database file ltxfs takes PENDING
+    /// first, as SQLite's writers do: new readers then stay out (SQLite checks
+    /// PENDING before it takes SHARED) while those inside finish.
+    fn lock_nodes(&self, locks: &ApplyLocks) -> Vec<(Arc<Node>, Vec<ByteRange>)> {
+        let index = self
+            .index_node
+            .clone()
+            .map(|node| (node, vec![WAL_INDEX_LOCKS]));
+        let database_ranges = if matches!(locks, ApplyLocks::Kernel(_)) {
+            vec![
+                ByteRange::new(PENDING_BYTE, PENDING_BYTE).expect("one byte"),
+                ByteRange::new(PENDING_BYTE + 1, DATABASE_LOCKS.end).expect("ordered"),
+            ]
+        } else {
+            vec![DATABASE_LOCKS]
+        };
+        let database = (!self.wal_before).then(|| (self.database_node.clone(), database_ranges));
+        index.into_iter().chain(database).collect()
     }
 }
 
@@ -228,7 +318,7 @@ impl Store {
         if target.database_node.database().has_wal_transactions() {
             return would_wait(received);
         }
-        let Some(held) = target.try_keep_readers_out() else {
+        let Some(held) = target.try_keep_readers_out(&self.apply_locks()) else {
             return would_wait(received);
         };
         // Nothing that can fail comes between logging and writing the pages.
@@ -270,7 +360,7 @@ impl Store {
         if !database.has_wal_transactions() {
             return Ok(());
         }
-        let _readers_out = HeldByLtxfs::take(index_node.clone(), WAL_INDEX_LOCKS);
+        let _readers_out = HeldByLtxfs::take(&self.apply_locks(), index_node, &[WAL_INDEX_LOCKS])?;
         if let Some(folded) = database.fold_wal()? {
             self.drop_cached_pages(database_node, &folded);
             self.invalidate(&format!("{name}-wal"));
@@ -329,7 +419,7 @@ impl Store {
         // The log first, before readers are kept out (a snapshot's log is synced).
         // Nothing that can fail comes between this and writing the pages.
         let logged = database.log_received(received)?;
-        let held = target.keep_readers_out();
+        let held = target.keep_readers_out(&self.apply_locks())?;
         self.write_and_publish(target, logged, held)
     }
 
@@ -447,6 +537,9 @@ impl Store {
             .dbs_dir
             .join(&parsed.database)
             .join(parsed.kind.backing_name());
+        if let Some(locks) = self.kernel_locks() {
+            locks.forget(&node.name);
+        }
         {
             let mut namespace = self.write_namespace();
             std::fs::remove_file(&backing).map_err(|source| {

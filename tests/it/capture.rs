@@ -174,9 +174,17 @@ fn random_step(conn: &Connection, rng: &mut Rng, mode: &str, tables: &mut Vec<St
     }
 }
 
+/// `fuse.locks: kernel`: no lock call reaches ltxfs, which detects commits
+/// on the data path alone.
+const KERNEL_LOCKS: &str = "fuse:\n  locks: kernel\n";
+
 fn capture_round_trip(mode: &str, seed: u64) {
+    capture_round_trip_with(mode, seed, "");
+}
+
+fn capture_round_trip_with(mode: &str, seed: u64, extra_yaml: &str) {
     let mount = Mount::start(MountOptions {
-        extra_yaml: "strict-verify: true\n".to_string(),
+        extra_yaml: format!("strict-verify: true\n{extra_yaml}"),
         ..MountOptions::default()
     });
     let name = format!("{}.db", mode.to_lowercase());
@@ -260,6 +268,59 @@ fn capture_round_trip_off() {
 #[test]
 fn capture_round_trip_wal() {
     capture_round_trip("WAL", 6);
+}
+
+#[test]
+fn capture_round_trips_with_kernel_locks() {
+    for (seed, mode) in ["DELETE", "TRUNCATE", "PERSIST", "MEMORY", "OFF", "WAL"]
+        .into_iter()
+        .enumerate()
+    {
+        capture_round_trip_with(mode, 11 + seed as u64, KERNEL_LOCKS);
+    }
+}
+
+/// With the kernel serving the locks and `synchronous=OFF`, a journal-less
+/// transaction shows its end only when the next one writes page 1 or the
+/// writer closes the database: `-pos` trails by one transaction meanwhile,
+/// and never shows part of one.
+#[test]
+fn journal_less_transactions_without_fsync_are_recorded_by_the_next_or_at_close() {
+    let mount = Mount::start(MountOptions {
+        extra_yaml: format!("strict-verify: true\n{KERNEL_LOCKS}"),
+        ..MountOptions::default()
+    });
+    let name = "nosync.db";
+    let conn = open_db(&mount.db_path(name));
+    set_journal_mode(&conn, "MEMORY");
+    conn.execute_batch("PRAGMA synchronous=OFF; CREATE TABLE t(v INTEGER);")
+        .unwrap();
+    let mut replica = Replica::new(&mount, name);
+    let pos_file = mount.db_path(&format!("{name}-pos"));
+    let txid = || {
+        let pos = std::fs::read_to_string(&pos_file).unwrap();
+        u64::from_str_radix(&pos[..16], 16).unwrap()
+    };
+    conn.execute("INSERT INTO t VALUES (1)", []).unwrap();
+    let after_first = txid();
+    for value in 2..=4 {
+        conn.execute("INSERT INTO t VALUES (?1)", [value]).unwrap();
+        assert_eq!(txid(), after_first + value as u64 - 1, "one behind");
+        replica.catch_up();
+        replica.verify_position(&pos_file);
+    }
+    drop(conn);
+    assert_eq!(
+        txid(),
+        after_first + 4,
+        "the close ends the last transaction"
+    );
+    replica.catch_up();
+    replica.verify_position(&pos_file);
+    assert_eq!(
+        std::fs::read(mount.db_path(name)).unwrap(),
+        std::fs::read(&replica.path).unwrap()
+    );
 }
 
 #[test]
@@ -530,8 +591,9 @@ fn pages_a_transaction_grows_the_file_by_without_writing_are_captured() {
         .truncate(true)
         .open(mount.db_path(name))
         .unwrap();
-    // Writes `pages` under SQLite's writer lock; the unlock ends the transaction,
-    // as it does in journal mode MEMORY or OFF.
+    // Writes `pages` under SQLite's writer lock, then syncs and unlocks: the
+    // sync ends the transaction when the kernel serves the locks, the unlock
+    // when ltxfs does, as in journal mode MEMORY or OFF.
     let transaction = |pages: &[(u32, u8)]| {
         set_lock(&file, libc::F_WRLCK as i16, PENDING_BYTE);
         for &(pgno, fill) in pages {
@@ -550,6 +612,7 @@ fn pages_a_transaction_grows_the_file_by_without_writing_are_captured() {
             )
             .unwrap();
         }
+        file.sync_all().unwrap();
         set_lock(&file, libc::F_UNLCK as i16, PENDING_BYTE);
     };
     let mut replica = Replica::new(&mount, name);

@@ -26,7 +26,20 @@ const DB: &str = "app.db";
 // A cluster of ltxfs processes
 // ---------------------------------------------------------------------------------
 
-fn node_yaml(hostname: &str, candidate: bool, addr: &str, primary_url: Option<&str>) -> String {
+/// Who serves SQLite's locks on a node's mount (`fuse.locks`).
+#[derive(Debug, Clone, Copy)]
+enum Locks {
+    Default,
+    Kernel,
+}
+
+fn node_yaml(
+    hostname: &str,
+    candidate: bool,
+    addr: &str,
+    primary_url: Option<&str>,
+    locks: Locks,
+) -> String {
     let mut yaml = format!(
         "lease:\n  type: static\n  candidate: {candidate}\n  hostname: {hostname}\n  reconnect-delay: 500ms\n"
     );
@@ -34,14 +47,21 @@ fn node_yaml(hostname: &str, candidate: bool, addr: &str, primary_url: Option<&s
         yaml.push_str(&format!("  advertise-url: {url}\n"));
     }
     yaml.push_str(&format!("http:\n  addr: {addr}\n"));
+    if let Locks::Kernel = locks {
+        yaml.push_str("fuse:\n  locks: kernel\n");
+    }
     yaml
 }
 
 /// Starts a primary on a free port, then rewrites its config with that port so a
 /// restart listens on the same address.
 fn start_primary(hostname: &str) -> (Mount, String) {
+    start_primary_with(hostname, Locks::Default)
+}
+
+fn start_primary_with(hostname: &str, locks: Locks) -> (Mount, String) {
     let primary = Mount::start(MountOptions {
-        extra_yaml: node_yaml(hostname, true, "127.0.0.1:0", None),
+        extra_yaml: node_yaml(hostname, true, "127.0.0.1:0", None, locks),
         ..MountOptions::default()
     });
     let addr = primary.listen_addr();
@@ -49,15 +69,19 @@ fn start_primary(hostname: &str) -> (Mount, String) {
         primary.config_path(),
         primary.data_dir(),
         None,
-        &node_yaml(hostname, true, &addr, None),
+        &node_yaml(hostname, true, &addr, None, locks),
     )
     .expect("write ltxfs.yml");
     (primary, format!("http://{addr}"))
 }
 
 fn start_replica(hostname: &str, primary_url: &str) -> Mount {
+    start_replica_with(hostname, primary_url, Locks::Default)
+}
+
+fn start_replica_with(hostname: &str, primary_url: &str, locks: Locks) -> Mount {
     Mount::start(MountOptions {
-        extra_yaml: node_yaml(hostname, false, "127.0.0.1:0", Some(primary_url)),
+        extra_yaml: node_yaml(hostname, false, "127.0.0.1:0", Some(primary_url), locks),
         ..MountOptions::default()
     })
 }
@@ -231,7 +255,7 @@ fn worker_reader() {
 // Tests
 // ---------------------------------------------------------------------------------
 
-fn replicas_follow_while_readers_read(mode: &str) {
+fn replicas_follow_while_readers_read(mode: &str, locks: Locks) {
     // One reader cluster at a time. Under heavy load (three copies of the
     // DELETE-mode test at once on two cores) a reader on a replica used to see
     // a transient "database disk image is malformed" in a few percent of runs:
@@ -245,9 +269,9 @@ fn replicas_follow_while_readers_read(mode: &str) {
     let _one_at_a_time = ONE_CLUSTER_AT_A_TIME
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
-    let (primary, url) = start_primary("node-a");
-    let replica_b = start_replica("node-b", &url);
-    let replica_c = start_replica("node-c", &url);
+    let (primary, url) = start_primary_with("node-a", locks);
+    let replica_b = start_replica_with("node-b", &url, locks);
+    let replica_c = start_replica_with("node-c", &url, locks);
     create_schema(&primary.db_path(DB), mode);
     wait_converged(&primary, &[&replica_b, &replica_c], DB);
 
@@ -316,12 +340,96 @@ fn replicas_follow_while_readers_read(mode: &str) {
 
 #[test]
 fn replicas_follow_wal_mode_while_readers_read() {
-    replicas_follow_while_readers_read("wal");
+    replicas_follow_while_readers_read("wal", Locks::Default);
+}
+
+#[test]
+fn replicas_follow_wal_mode_while_readers_read_with_kernel_locks() {
+    replicas_follow_while_readers_read("wal", Locks::Kernel);
+}
+
+#[test]
+fn replicas_follow_delete_mode_while_readers_read_with_kernel_locks() {
+    replicas_follow_while_readers_read("delete", Locks::Kernel);
 }
 
 #[test]
 fn replicas_follow_delete_mode_while_readers_read() {
-    replicas_follow_while_readers_read("delete");
+    replicas_follow_while_readers_read("delete", Locks::Default);
+}
+
+/// In a rollback journal mode, a replica's apply waits for the readers inside
+/// a transaction and turns new ones away meanwhile (SQLite's PENDING lock),
+/// so readers can neither see part of a change set nor starve its apply.
+fn an_apply_waits_for_readers_and_turns_new_ones_away(locks: Locks) {
+    let (primary, url) = start_primary_with("node-a", locks);
+    let replica = start_replica_with("node-b", &url, locks);
+    create_schema(&primary.db_path(DB), "delete");
+    let converged = wait_converged(&primary, &[&replica], DB);
+
+    let inside = open_db(&replica.db_path(DB));
+    inside
+        .execute_batch("BEGIN; SELECT count(*) FROM t;")
+        .unwrap();
+    open_db(&primary.db_path(DB))
+        .execute("INSERT INTO t(seq, payload) VALUES (1, x'01')", [])
+        .unwrap();
+    let count = |conn: &rusqlite::Connection| {
+        conn.query_row("SELECT count(*) FROM t", [], |row| row.get::<_, i64>(0))
+            .unwrap()
+    };
+    // A new reader is another process: SQLite shares one process's locks
+    // among its connections.
+    let newcomer_reads = || {
+        let outputs = wait_all(
+            vec![spawn_worker(
+                &worker!(worker_try_read),
+                &Job::new().with("db", replica.db_path(DB).display()),
+            )],
+            WORKER_TIMEOUT,
+        );
+        outputs[0].marker("read=").unwrap()
+    };
+    wait_until(
+        "a new reader is turned away while the apply waits",
+        CONVERGE_TIMEOUT,
+        || newcomer_reads() == "busy",
+    );
+    assert_eq!(
+        position(&replica, DB).unwrap(),
+        converged,
+        "applied under a reader"
+    );
+    assert_eq!(count(&inside), 0, "the reader's snapshot moved");
+    inside.execute_batch("COMMIT").unwrap();
+    wait_converged(&primary, &[&replica], DB);
+    assert_eq!(newcomer_reads(), "1");
+}
+
+/// Reads the row count once without waiting: prints `read=<count>`, or
+/// `read=busy` when the database is locked.
+#[test]
+fn worker_try_read() {
+    let Some(job) = worker_job() else { return };
+    let conn = open_db(Path::new(job.get("db")));
+    conn.busy_timeout(Duration::ZERO).unwrap();
+    match conn.query_row("SELECT count(*) FROM t", [], |row| row.get::<_, i64>(0)) {
+        Ok(count) => report(format!("read={count}")),
+        Err(error) if error.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseBusy) => {
+            report("read=busy".to_string())
+        }
+        Err(error) => panic!("read: {error}"),
+    }
+}
+
+#[test]
+fn an_apply_waits_for_readers_and_turns_new_ones_away_with_ltxfs_locks() {
+    an_apply_waits_for_readers_and_turns_new_ones_away(Locks::Default);
+}
+
+#[test]
+fn an_apply_waits_for_readers_and_turns_new_ones_away_with_kernel_locks() {
+    an_apply_waits_for_readers_and_turns_new_ones_away(Locks::Kernel);
 }
 
 #[test]
