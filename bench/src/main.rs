@@ -75,6 +75,8 @@ pub struct BenchOptions {
     pub read_db_mb: u64,
     /// The size of the database whose clean restart is timed, in MiB; 0 skips it.
     pub restart_db_mb: u64,
+    /// Mount with `fuse.locks: kernel`, so the kernel serves SQLite's locks.
+    pub kernel_locks: bool,
 }
 
 impl Default for BenchOptions {
@@ -84,6 +86,7 @@ impl Default for BenchOptions {
             seconds: 5,
             read_db_mb: 100,
             restart_db_mb: 0,
+            kernel_locks: false,
         }
     }
 }
@@ -202,16 +205,22 @@ pub fn run(options: &BenchOptions) -> Result<BenchReport, BenchError> {
     };
     create_dir(&native.dir)?;
     let [plain_name, capturing_name] = MOUNT_NAMES;
-    let mut plain = MountGuard::start(workspace.path(), plain_name, false)?;
-    let mut capturing = MountGuard::start(workspace.path(), capturing_name, true)?;
+    let (locks_config, locks_name) = match options.kernel_locks {
+        true => ("fuse:\n  locks: kernel\n", ", kernel locks"),
+        false => ("", ""),
+    };
+    let mut plain =
+        MountGuard::start_configured(workspace.path(), plain_name, false, locks_config)?;
+    let mut capturing =
+        MountGuard::start_configured(workspace.path(), capturing_name, true, locks_config)?;
     let targets = vec![
         native,
         Target {
-            name: "mount, no capture".to_string(),
+            name: format!("mount, no capture{locks_name}"),
             dir: plain.mount_point().to_path_buf(),
         },
         Target {
-            name: "mount".to_string(),
+            name: format!("mount{locks_name}"),
             dir: capturing.mount_point().to_path_buf(),
         },
     ];
