@@ -22,7 +22,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::SystemTime;
 
-use crate::store::locks::{ByteRange, HeldLock, LockError, LockKind, LockOwner, LockRequest};
+use crate::store::locks::{
+    ByteRange, HeldLock, LockError, LockKind, LockOwner, LockRequest, LockServer,
+};
 use crate::store::{
     Change, Database, LAG_FILE, Node, NodeId, PRIMARY_FILE, Store, StoreError, parse_name,
 };
@@ -89,6 +91,12 @@ pub enum FsError {
     /// Extended attributes are not kept.
     #[error("extended attributes are not supported")]
     NoExtendedAttributes,
+    /// The kernel serves the locks, so a close needs no flush: `ENOSYS` tells
+    /// the kernel to send none again. ltxfs itself keeps descriptors of its
+    /// own mount open; a flush at their close, when ltxfs is killed, would
+    /// wait forever for the process that is dying to answer it.
+    #[error("flush is not used when the kernel serves the locks")]
+    NoFlush,
     /// The lock is held by another owner.
     #[error("byte range is locked")]
     WouldBlock,
@@ -127,7 +135,7 @@ impl FsError {
             FsError::IsADirectory => libc::EISDIR,
             FsError::NameNotUtf8(_) => libc::EINVAL,
             FsError::Unsupported(_) => libc::EPERM,
-            FsError::NoExtendedAttributes => libc::ENOSYS,
+            FsError::NoExtendedAttributes | FsError::NoFlush => libc::ENOSYS,
             FsError::WouldBlock => libc::EAGAIN,
             FsError::LockCancelled => libc::EINTR,
             FsError::BadLockRange { .. } => libc::EINVAL,
@@ -576,6 +584,9 @@ impl Fs {
     /// an unlock, that may end a journal-less transaction, and the close
     /// returns once it is replicated.
     pub fn flush(&self, handle: u64, owner: LockOwner) -> Result<(), FsError> {
+        if self.store.lock_server() == LockServer::Kernel {
+            return Err(FsError::NoFlush);
+        }
         let open_file = self.handle(handle)?;
         if let Opened::File(node) = &open_file.opened {
             lock_owners(&open_file).remove(&owner);
@@ -604,6 +615,11 @@ impl Fs {
             let owners = std::mem::take(&mut *lock_owners(&released));
             for owner in owners {
                 node.release_owner(owner);
+            }
+            if self.store.lock_server() == LockServer::Kernel {
+                // No flush comes (`FsError::NoFlush`): the writer's close shows
+                // here, and may end a journal-less transaction.
+                node.closed();
             }
         }
         Ok(())

@@ -365,6 +365,13 @@ impl Node {
         self.after_unlock();
     }
 
+    /// The last descriptor of an open file description of this file was
+    /// closed; with the kernel serving the locks, a writer's close may end a
+    /// transaction of a journal-less mode.
+    pub fn closed(&self) {
+        self.after_unlock();
+    }
+
     /// A released database lock may end a transaction of a journal-less mode;
     /// a released `-shm` lock may end a WAL commit, which readers then see.
     fn after_unlock(&self) {

@@ -422,6 +422,27 @@ fn worker_try_read() {
     }
 }
 
+/// Regression: with kernel locks, a replica keeps descriptors of its own
+/// mount for the locks its applies take. Killed, the kernel closed them
+/// before the FUSE connection and sent ltxfs a flush for each, which nobody
+/// was left to answer: ltxfs hung in D state and the next start found its
+/// mount point busy. ltxfs now asks for no flushes with kernel locks.
+#[test]
+fn a_killed_replica_holding_descriptors_of_its_own_mount_dies_and_restarts() {
+    let (primary, url) = start_primary_with("node-a", Locks::Kernel);
+    let mut replica = start_replica_with("node-b", &url, Locks::Kernel);
+    create_schema(&primary.db_path(DB), "delete");
+    wait_converged(&primary, &[&replica], DB);
+    // Applies in a rollback mode lock the database through ltxfs's own
+    // descriptor of it, which stays open.
+    run_writer(&primary.db_path(DB), "delete", 0, 5);
+    wait_converged(&primary, &[&replica], DB);
+    replica.kill9();
+    replica.restart();
+    run_writer(&primary.db_path(DB), "delete", 5, 5);
+    wait_converged(&primary, &[&replica], DB);
+}
+
 #[test]
 fn an_apply_waits_for_readers_and_turns_new_ones_away_with_ltxfs_locks() {
     an_apply_waits_for_readers_and_turns_new_ones_away(Locks::Default);
