@@ -11,6 +11,7 @@
 #   WORK          scratch dir (default /tmp/tcl-work): WORK/plain, WORK/mnt,
 #                 WORK/data, WORK/ltxfs.yml, WORK/ltxfs.log, WORK/logs/
 #   TESTFIXTURE_DIR, MAKE_JOBS   see build-testfixture.sh
+#   FUSE_LOCKS    the mount's fuse.locks: ltxfs (default) or kernel
 #   TEST_TIMEOUT  seconds per test file and place (default 300)
 #   SKIP_SLOW     if 1 (default), a file that does not finish in the plain dir
 #                 within TEST_TIMEOUT is not run on the mount
@@ -97,6 +98,7 @@ data:
   dir: $DATA
 fuse:
   dir: $MNT
+  locks: ${FUSE_LOCKS:-ltxfs}
 lease:
   type: static
   candidate: true
