@@ -96,6 +96,15 @@ impl KernelLocks for OwnMount {
         Ok(Some(KernelLock(Box::new(OfdLock { file, range }))))
     }
 
+    fn write(&self, name: &str, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let file = self
+            .locks
+            .file(&self.mount_point, name, true)?
+            .expect("opened when missing");
+        file.write_all_at(data, offset)
+    }
+
     fn forget(&self, name: &str) {
         self.locks.files.lock_unpoisoned().remove(name);
     }

@@ -180,6 +180,10 @@ pub trait KernelLocks: Send + Sync {
     /// or ltxfs has no descriptor of the file open yet.
     fn lock(&self, name: &str, range: ByteRange, wait: bool)
     -> std::io::Result<Option<KernelLock>>;
+    /// Writes `data` at `offset` of the mount's file `name` through ltxfs's
+    /// descriptor of it, so that processes which map the file see it at once.
+    /// Makes requests to the mount, like a waiting [`KernelLocks::lock`].
+    fn write(&self, name: &str, offset: u64, data: &[u8]) -> std::io::Result<()>;
     /// Closes ltxfs's descriptor of `name`, whose file is gone.
     fn forget(&self, name: &str);
 }
@@ -1492,6 +1496,10 @@ mod tests {
 
         fn lock(&self, _: &str, _: ByteRange, _: bool) -> std::io::Result<Option<KernelLock>> {
             unreachable!("a primary takes no locks")
+        }
+
+        fn write(&self, _: &str, _: u64, _: &[u8]) -> std::io::Result<()> {
+            unreachable!("a primary writes through SQLite's requests")
         }
 
         fn forget(&self, _: &str) {}

@@ -21,7 +21,7 @@ use std::sync::Arc;
 
 use super::locks::{ByteRange, LockKind, LockOwner, LockRequest};
 use super::log::ChangeLog;
-use super::wal::{WAL_INDEX_PREFIX, wal_index_after_apply};
+use super::wal::{WAL_INDEX_FIRST_IS_INIT, WAL_INDEX_PREFIX, wal_index_after_apply};
 use super::{
     AppliedChangeSet, ChangeSetBytes, FileKind, KernelLock, KernelLocks, LoggedChangeSet, Node,
     PENDING_BYTE, POSITION_SUFFIX, ReceivedChangeSet, Role, Store, StoreError, parse_name,
@@ -37,6 +37,19 @@ pub const LTXFS_LOCK_OWNER: LockOwner = u64::MAX;
 /// after them, which connections hold for as long as they are open, is left alone.
 const WAL_INDEX_LOCKS: ByteRange = ByteRange {
     start: 120,
+    end: 127,
+};
+
+/// The writer, checkpointer and recovery locks of the wal-index, which
+/// readers take only to rebuild the index.
+const WAL_WRITER_LOCKS: ByteRange = ByteRange {
+    start: 120,
+    end: 122,
+};
+
+/// The five read marks, one of which every WAL reader holds while it reads.
+const WAL_READ_MARKS: ByteRange = ByteRange {
+    start: 123,
     end: 127,
 };
 
@@ -187,11 +200,14 @@ struct ApplyTarget {
 
 impl ApplyTarget {
     /// The locks readers take, waiting for those who hold them: the wal-index's
-    /// first, then (when readers use them) the database file's; released in
-    /// reverse order when the result is dropped.
+    /// first ([`keep_wal_readers_out`]), then (when readers use them) the
+    /// database file's; released in reverse order when the result is dropped.
     fn keep_readers_out(&self, locks: &ApplyLocks) -> Result<Vec<HeldByLtxfs>, StoreError> {
         let mut held = Vec::new();
-        for (node, ranges) in self.lock_nodes(locks) {
+        if let Some(index_node) = &self.index_node {
+            held.extend(keep_wal_readers_out(locks, index_node)?);
+        }
+        if let Some((node, ranges)) = self.database_locks(locks) {
             held.extend(HeldByLtxfs::take(locks, &node, &ranges)?);
         }
         Ok(held)
@@ -200,22 +216,29 @@ impl ApplyTarget {
     /// The same locks, or none when anyone else holds one of them.
     fn try_keep_readers_out(&self, locks: &ApplyLocks) -> Option<Vec<HeldByLtxfs>> {
         let mut held = Vec::new();
-        for (node, ranges) in self.lock_nodes(locks) {
+        if let Some(index_node) = &self.index_node {
+            held.extend(HeldByLtxfs::try_take(
+                locks,
+                index_node,
+                &[WAL_INDEX_LOCKS],
+            )?);
+        }
+        if let Some((node, ranges)) = self.database_locks(locks) {
             held.extend(HeldByLtxfs::try_take(locks, &node, &ranges)?);
         }
         Some(held)
     }
 
-    /// The files and the ranges to lock in each, in order. The kernel gives a
-    /// waiting lock no priority, so in the database file ltxfs takes PENDING
-    /// first, as SQLite's writers do: new readers then stay out (SQLite checks
-    /// PENDING before it takes SHARED) while those inside finish.
-    fn lock_nodes(&self, locks: &ApplyLocks) -> Vec<(Arc<Node>, Vec<ByteRange>)> {
-        let index = self
-            .index_node
-            .clone()
-            .map(|node| (node, vec![WAL_INDEX_LOCKS]));
-        let database_ranges = if matches!(locks, ApplyLocks::Kernel(_)) {
+    /// The database file's locks to take, in order, when readers use them
+    /// (rollback modes). The kernel gives a waiting lock no priority, so there
+    /// ltxfs takes PENDING first, as SQLite's writers do: new readers then stay
+    /// out (SQLite checks PENDING before it takes SHARED) while those inside
+    /// finish.
+    fn database_locks(&self, locks: &ApplyLocks) -> Option<(Arc<Node>, Vec<ByteRange>)> {
+        if self.wal_before {
+            return None;
+        }
+        let ranges = if matches!(locks, ApplyLocks::Kernel(_)) {
             vec![
                 ByteRange::new(PENDING_BYTE, PENDING_BYTE).expect("one byte"),
                 ByteRange::new(PENDING_BYTE + 1, DATABASE_LOCKS.end).expect("ordered"),
@@ -223,9 +246,39 @@ impl ApplyTarget {
         } else {
             vec![DATABASE_LOCKS]
         };
-        let database = (!self.wal_before).then(|| (self.database_node.clone(), database_ranges));
-        index.into_iter().chain(database).collect()
+        Some((self.database_node.clone(), ranges))
     }
+}
+
+/// Takes the wal-index locks of `index_node` that every reader needs, waiting
+/// for those who hold them. The kernel gives a waiting lock no priority, and
+/// readers sharing a read mark could hold it forever; so ltxfs first takes the
+/// writer and recovery locks, then marks the index's first header copy
+/// uninitialised, which makes every new reader wait as behind a writer
+/// (`SQLITE_BUSY_RECOVERY`, retried within its busy timeout), and then waits
+/// for the readers inside a transaction to finish. The apply's new header
+/// ([`wal_index_after_apply`]) lets them in again; should the apply fail, the
+/// first reader after it rebuilds the index from the WAL, as SQLite does.
+fn keep_wal_readers_out(
+    locks: &ApplyLocks,
+    index_node: &Arc<Node>,
+) -> Result<Vec<HeldByLtxfs>, StoreError> {
+    let ApplyLocks::Kernel(kernel) = locks else {
+        return HeldByLtxfs::take(locks, index_node, &[WAL_INDEX_LOCKS]);
+    };
+    let mut held = HeldByLtxfs::take(locks, index_node, &[WAL_WRITER_LOCKS])?;
+    if index_node.metadata()?.len() >= WAL_INDEX_PREFIX as u64 {
+        kernel
+            .write(index_node.name(), WAL_INDEX_FIRST_IS_INIT, &[0])
+            .map_err(|source| {
+                StoreError::io(
+                    format!("hold new readers of {} off", index_node.name()),
+                    source,
+                )
+            })?;
+    }
+    held.extend(HeldByLtxfs::take(locks, index_node, &[WAL_READ_MARKS])?);
+    Ok(held)
 }
 
 /// Whether the database of `database_node` is in WAL mode before `received`, and
@@ -360,7 +413,7 @@ impl Store {
         if !database.has_wal_transactions() {
             return Ok(());
         }
-        let _readers_out = HeldByLtxfs::take(&self.apply_locks(), index_node, &[WAL_INDEX_LOCKS])?;
+        let _readers_out = keep_wal_readers_out(&self.apply_locks(), index_node)?;
         if let Some(folded) = database.fold_wal()? {
             self.drop_cached_pages(database_node, &folded);
             self.invalidate(&format!("{name}-wal"));

@@ -111,9 +111,18 @@ impl FrameHeader {
 pub const WAL_INDEX_PREFIX: usize = 136;
 const WAL_INDEX_HEADER_SIZE: usize = 48;
 
+/// The `isInit` byte of the wal-index header's first copy, the copy readers
+/// check first. A reader that finds it 0 takes the index for one being
+/// rebuilt: it waits, as behind a writer, while the WAL write and recovery
+/// locks are held, and rebuilds the index itself otherwise.
+pub const WAL_INDEX_FIRST_IS_INIT: u64 = 12;
+
 /// The start of a wal-index (`-shm` file) after a replica wrote a change set
 /// straight into the database file, or `None` when `prefix` holds no valid
 /// header (SQLite then rebuilds the index, so there is nothing to update).
+/// The header is taken from the second copy, which SQLite writes first, so an
+/// index whose first copy was marked uninitialised
+/// ([`WAL_INDEX_FIRST_IS_INIT`]) is advanced too.
 ///
 /// Readers compare the wal-index header with their own copy at the start of each
 /// read transaction and drop their page cache when it changed, so the change
@@ -122,14 +131,13 @@ const WAL_INDEX_HEADER_SIZE: usize = 48;
 /// are in the host's byte order, as SQLite keeps them in shared memory.
 pub fn wal_index_after_apply(prefix: &[u8], page_size: u32, pages: u32) -> Option<Vec<u8>> {
     let prefix = prefix.get(..WAL_INDEX_PREFIX)?;
-    let header = &prefix[..WAL_INDEX_HEADER_SIZE];
+    let header = &prefix[WAL_INDEX_HEADER_SIZE..2 * WAL_INDEX_HEADER_SIZE];
     let word = |at: usize| {
         u32::from_ne_bytes([header[at], header[at + 1], header[at + 2], header[at + 3]])
     };
     let is_init = header[12] != 0;
     let big_endian_checksums = header[13] != 0;
-    let intact = header == &prefix[WAL_INDEX_HEADER_SIZE..2 * WAL_INDEX_HEADER_SIZE]
-        && wal_checksum(big_endian_checksums, (0, 0), &header[..40]) == (word(40), word(44));
+    let intact = wal_checksum(big_endian_checksums, (0, 0), &header[..40]) == (word(40), word(44));
     if !is_init || !intact {
         return None;
     }
@@ -368,6 +376,21 @@ mod tests {
             (word(40), word(44))
         );
         assert_eq!((word(96), word(100)), (0, 0), "backfill and read mark 0");
+    }
+
+    #[test]
+    fn a_wal_index_whose_first_copy_holds_readers_off_is_advanced_from_the_second() {
+        let mut held_off = wal_index(7, 12, 30);
+        held_off[WAL_INDEX_FIRST_IS_INIT as usize] = 0;
+        let after = wal_index_after_apply(&held_off, 4096, 42).unwrap();
+        assert_eq!(
+            after,
+            wal_index_after_apply(&wal_index(7, 12, 30), 4096, 42).unwrap()
+        );
+        assert_eq!(
+            after[WAL_INDEX_FIRST_IS_INIT as usize], 1,
+            "readers let in again"
+        );
     }
 
     #[test]

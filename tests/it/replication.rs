@@ -358,13 +358,15 @@ fn replicas_follow_delete_mode_while_readers_read() {
     replicas_follow_while_readers_read("delete", Locks::Default);
 }
 
-/// In a rollback journal mode, a replica's apply waits for the readers inside
-/// a transaction and turns new ones away meanwhile (SQLite's PENDING lock),
-/// so readers can neither see part of a change set nor starve its apply.
-fn an_apply_waits_for_readers_and_turns_new_ones_away(locks: Locks) {
+/// A replica's apply waits for the readers inside a transaction and turns
+/// new ones away meanwhile, so readers can neither see part of a change set
+/// nor starve its apply. With kernel locks, new readers stay out behind
+/// SQLite's PENDING lock in a rollback mode and behind a wal-index marked as
+/// being rebuilt in WAL mode.
+fn an_apply_waits_for_readers_and_turns_new_ones_away(mode: &str, locks: Locks) {
     let (primary, url) = start_primary_with("node-a", locks);
     let replica = start_replica_with("node-b", &url, locks);
-    create_schema(&primary.db_path(DB), "delete");
+    create_schema(&primary.db_path(DB), mode);
     let converged = wait_converged(&primary, &[&replica], DB);
 
     let inside = open_db(&replica.db_path(DB));
@@ -445,12 +447,20 @@ fn a_killed_replica_holding_descriptors_of_its_own_mount_dies_and_restarts() {
 
 #[test]
 fn an_apply_waits_for_readers_and_turns_new_ones_away_with_ltxfs_locks() {
-    an_apply_waits_for_readers_and_turns_new_ones_away(Locks::Default);
+    an_apply_waits_for_readers_and_turns_new_ones_away("delete", Locks::Default);
 }
 
 #[test]
 fn an_apply_waits_for_readers_and_turns_new_ones_away_with_kernel_locks() {
-    an_apply_waits_for_readers_and_turns_new_ones_away(Locks::Kernel);
+    an_apply_waits_for_readers_and_turns_new_ones_away("delete", Locks::Kernel);
+}
+
+/// Regression: in WAL mode the kernel gives an apply no priority over the
+/// readers sharing a read mark, so overlapping read transactions held it off
+/// for as long as they went on.
+#[test]
+fn a_wal_apply_with_kernel_locks_turns_new_readers_away() {
+    an_apply_waits_for_readers_and_turns_new_ones_away("wal", Locks::Kernel);
 }
 
 #[test]
