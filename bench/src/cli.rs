@@ -28,9 +28,9 @@ struct Cli {
     /// Also time a clean restart with a database of this many MB (0: skip).
     #[arg(long, default_value_t = 0)]
     restart_db_mb: u64,
-    /// Mount with `fuse.locks: kernel`: the kernel serves SQLite's locks.
+    /// Mount with `fuse.locks: ltxfs`: ltxfs serves SQLite's locks itself.
     #[arg(long)]
-    kernel_locks: bool,
+    ltxfs_locks: bool,
 }
 
 /// The other benchmarks.
@@ -125,7 +125,7 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> i32 {
             seconds: cli.seconds,
             read_db_mb: cli.read_db_mb,
             restart_db_mb: cli.restart_db_mb,
-            kernel_locks: cli.kernel_locks,
+            ltxfs_locks: cli.ltxfs_locks,
         })),
     }
 }

@@ -75,8 +75,9 @@ pub struct BenchOptions {
     pub read_db_mb: u64,
     /// The size of the database whose clean restart is timed, in MiB; 0 skips it.
     pub restart_db_mb: u64,
-    /// Mount with `fuse.locks: kernel`, so the kernel serves SQLite's locks.
-    pub kernel_locks: bool,
+    /// Mount with `fuse.locks: ltxfs`, so ltxfs serves SQLite's locks
+    /// (otherwise the default: the kernel does).
+    pub ltxfs_locks: bool,
 }
 
 impl Default for BenchOptions {
@@ -86,7 +87,7 @@ impl Default for BenchOptions {
             seconds: 5,
             read_db_mb: 100,
             restart_db_mb: 0,
-            kernel_locks: false,
+            ltxfs_locks: false,
         }
     }
 }
@@ -205,8 +206,8 @@ pub fn run(options: &BenchOptions) -> Result<BenchReport, BenchError> {
     };
     create_dir(&native.dir)?;
     let [plain_name, capturing_name] = MOUNT_NAMES;
-    let (locks_config, locks_name) = match options.kernel_locks {
-        true => ("fuse:\n  locks: kernel\n", ", kernel locks"),
+    let (locks_config, locks_name) = match options.ltxfs_locks {
+        true => ("fuse:\n  locks: ltxfs\n", ", ltxfs locks"),
         false => ("", ""),
     };
     let mut plain =

@@ -286,7 +286,7 @@ pub struct FuseConfig {
     /// `fuse.debug`: log every FUSE call (very verbose). Default `false`.
     pub debug: bool,
     /// `fuse.locks` (ltxfs only): who serves SQLite's file locks on the mount.
-    /// Default [`FuseLocks::Ltxfs`].
+    /// Default [`FuseLocks::Kernel`].
     pub locks: FuseLocks,
 }
 
@@ -295,11 +295,11 @@ pub struct FuseConfig {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum FuseLocks {
     /// `kernel`: the kernel arbitrates them, as on any local filesystem; a
-    /// lock call costs what it costs natively.
+    /// lock call costs what it costs natively. The default.
+    #[default]
     Kernel,
     /// `ltxfs`: every lock call is a request to ltxfs, which serves it from
     /// a table of its own.
-    #[default]
     Ltxfs,
 }
 

@@ -120,7 +120,9 @@ impl Default for CaptureOptions {
             enabled: true,
             compress: false,
             strict_verify: false,
-            locks: LockServer::default(),
+            // A store without a mount (the library's own tests and tools)
+            // has no kernel to serve its locks.
+            locks: LockServer::Ltxfs,
         }
     }
 }

@@ -18,14 +18,13 @@ use std::collections::VecDeque;
 use std::sync::Mutex;
 
 /// Who arbitrates the `fcntl` locks SQLite takes on the mount's files.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LockServer {
     /// The kernel: the mount does not ask for `FUSE_POSIX_LOCKS`, so no lock
     /// call reaches ltxfs, and ltxfs takes the locks it needs itself as open
     /// file description locks on its own descriptors of the mount.
     Kernel,
     /// ltxfs, from the [`LockTable`] of each file.
-    #[default]
     Ltxfs,
 }
 

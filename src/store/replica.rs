@@ -8,8 +8,9 @@
 //! and SHARED bytes — with priority over new readers, so a stream of short read
 //! transactions cannot starve it. The locks are in the files' lock tables, or,
 //! when the kernel serves the locks, the kernel's (`KernelLocks`), where the
-//! priority comes from taking PENDING first as SQLite's writers do; WAL readers'
-//! read marks get no such priority there. A reader that finds them taken gets `SQLITE_BUSY`
+//! priority comes from SQLite's own protocol: PENDING taken first in rollback
+//! modes, a wal-index marked as being rebuilt in WAL mode
+//! (`keep_wal_readers_out`). A reader that finds them taken gets `SQLITE_BUSY`
 //! and retries within its busy timeout, as it would behind a local writer.
 //!
 //! Before the locks are released the kernel's cached pages of the database are

@@ -29,8 +29,10 @@ const DB: &str = "app.db";
 /// Who serves SQLite's locks on a node's mount (`fuse.locks`).
 #[derive(Debug, Clone, Copy)]
 enum Locks {
+    /// Whatever the default is.
     Default,
     Kernel,
+    Ltxfs,
 }
 
 fn node_yaml(
@@ -47,8 +49,10 @@ fn node_yaml(
         yaml.push_str(&format!("  advertise-url: {url}\n"));
     }
     yaml.push_str(&format!("http:\n  addr: {addr}\n"));
-    if let Locks::Kernel = locks {
-        yaml.push_str("fuse:\n  locks: kernel\n");
+    match locks {
+        Locks::Default => {}
+        Locks::Kernel => yaml.push_str("fuse:\n  locks: kernel\n"),
+        Locks::Ltxfs => yaml.push_str("fuse:\n  locks: ltxfs\n"),
     }
     yaml
 }
@@ -344,13 +348,13 @@ fn replicas_follow_wal_mode_while_readers_read() {
 }
 
 #[test]
-fn replicas_follow_wal_mode_while_readers_read_with_kernel_locks() {
-    replicas_follow_while_readers_read("wal", Locks::Kernel);
+fn replicas_follow_wal_mode_while_readers_read_with_ltxfs_locks() {
+    replicas_follow_while_readers_read("wal", Locks::Ltxfs);
 }
 
 #[test]
-fn replicas_follow_delete_mode_while_readers_read_with_kernel_locks() {
-    replicas_follow_while_readers_read("delete", Locks::Kernel);
+fn replicas_follow_delete_mode_while_readers_read_with_ltxfs_locks() {
+    replicas_follow_while_readers_read("delete", Locks::Ltxfs);
 }
 
 #[test]
@@ -447,7 +451,7 @@ fn a_killed_replica_holding_descriptors_of_its_own_mount_dies_and_restarts() {
 
 #[test]
 fn an_apply_waits_for_readers_and_turns_new_ones_away_with_ltxfs_locks() {
-    an_apply_waits_for_readers_and_turns_new_ones_away("delete", Locks::Default);
+    an_apply_waits_for_readers_and_turns_new_ones_away("delete", Locks::Ltxfs);
 }
 
 #[test]
