@@ -202,7 +202,7 @@ struct ApplyTarget {
 impl ApplyTarget {
     /// The locks readers take, waiting for those who hold them: the wal-index's
     /// first ([`keep_wal_readers_out`]), then (when readers use them) the
-    /// database file's; released in reverse order when the result is dropped.
+    /// database file's; released in the same order when the result is dropped.
     fn keep_readers_out(&self, locks: &ApplyLocks) -> Result<Vec<HeldByLtxfs>, StoreError> {
         let mut held = Vec::new();
         if let Some(index_node) = &self.index_node {
