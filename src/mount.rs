@@ -483,17 +483,25 @@ pub fn run(request: MountRequest) -> Result<i32, MountError> {
         },
     )
     .map_err(|error| MountError::runtime("start the retention monitor", error))?;
-    let reaper_store = store.clone();
-    let lock_reaper = PeriodicTask::start("lock-reaper", LOCK_REAPER_INTERVAL, move || {
-        let cancelled = reaper_store.cancel_abandoned_lock_waits();
-        if cancelled > 0 {
-            tracing::info!(
-                cancelled,
-                "cancelled lock waits of processes that died while waiting"
-            );
+    // Only ltxfs's lock table has waits for the reaper to cancel.
+    let lock_reaper = match capture.locks {
+        LockServer::Kernel => None,
+        LockServer::Ltxfs => {
+            let reaper_store = store.clone();
+            Some(
+                PeriodicTask::start("lock-reaper", LOCK_REAPER_INTERVAL, move || {
+                    let cancelled = reaper_store.cancel_abandoned_lock_waits();
+                    if cancelled > 0 {
+                        tracing::info!(
+                            cancelled,
+                            "cancelled lock waits of processes that died while waiting"
+                        );
+                    }
+                })
+                .map_err(|error| MountError::runtime("start the lock reaper", error))?,
+            )
         }
-    })
-    .map_err(|error| MountError::runtime("start the lock reaper", error))?;
+    };
     let backup_status = Arc::new(BackupStatus::for_destinations(&backup_destinations));
     if !request.config.backup.destinations.is_empty() {
         store.set_retention_pins(backup_status.clone());
@@ -545,7 +553,9 @@ pub fn run(request: MountRequest) -> Result<i32, MountError> {
     });
     replication.stop(&runtime);
     retention.stop();
-    lock_reaper.stop();
+    if let Some(lock_reaper) = lock_reaper {
+        lock_reaper.stop();
+    }
     session.unmount();
     if let Err(error) = store.shutdown() {
         tracing::error!(%error, "could not save state for a fast restart; the next start rereads the databases");

@@ -952,9 +952,25 @@ fn in_fcntl(pid: u32) -> bool {
     })
 }
 
+/// `fuse.locks: ltxfs`, for the tests of the lock table on a mount (the
+/// default is the kernel's locks).
+const LTXFS_LOCKS: &str = "fuse:\n  locks: ltxfs\n";
+
 #[test]
 fn posix_locks_across_processes() {
-    let mount = Mount::start(MountOptions::default());
+    posix_locks_across_processes_with("");
+}
+
+#[test]
+fn posix_locks_across_processes_with_ltxfs_locks() {
+    posix_locks_across_processes_with(LTXFS_LOCKS);
+}
+
+fn posix_locks_across_processes_with(extra_yaml: &str) {
+    let mount = Mount::start(MountOptions {
+        extra_yaml: extra_yaml.to_string(),
+        ..MountOptions::default()
+    });
     let db = mount.db_path("locks.db");
     open_db(&db)
         .execute_batch("CREATE TABLE x(a); INSERT INTO x VALUES(1);")
@@ -998,12 +1014,25 @@ fn posix_locks_across_processes() {
     assert_eq!(out[0].marker("TRY ").as_deref(), Some("OK"), "{out:?}");
 }
 
-/// A process SIGKILLed while blocked in F_SETLKW dies promptly (the kernel sends
-/// FUSE_INTERRUPT and waits for the server's answer), never gets the lock, and does
-/// not keep it from the next process once the holder releases it.
+/// A process SIGKILLed while blocked in F_SETLKW dies promptly, never gets the
+/// lock, and does not keep it from the next process once the holder releases
+/// it. With ltxfs's lock table that takes its reaper: fuser does not pass on
+/// the kernel's FUSE_INTERRUPT.
 #[test]
 fn posix_lock_waiter_killed_while_blocked() {
-    let mount = Mount::start(MountOptions::default());
+    posix_lock_waiter_killed_while_blocked_with("");
+}
+
+#[test]
+fn posix_lock_waiter_killed_while_blocked_with_ltxfs_locks() {
+    posix_lock_waiter_killed_while_blocked_with(LTXFS_LOCKS);
+}
+
+fn posix_lock_waiter_killed_while_blocked_with(extra_yaml: &str) {
+    let mount = Mount::start(MountOptions {
+        extra_yaml: extra_yaml.to_string(),
+        ..MountOptions::default()
+    });
     let db = mount.db_path("locks.db");
     open_db(&db)
         .execute_batch("CREATE TABLE x(a); INSERT INTO x VALUES(1);")
