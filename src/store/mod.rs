@@ -1228,6 +1228,8 @@ impl Store {
     pub fn sync_directories(&self) -> Result<(), StoreError> {
         let databases = self.all_databases();
         for database in databases {
+            // Any kind but the database file's: a directory's fsync ends no
+            // transaction.
             database.before_sync(&FileKind::Shm)?;
         }
         let dirs = std::mem::take(&mut *self.dirty_dirs.lock_unpoisoned());
