@@ -38,19 +38,16 @@ impl MountLocks {
         self.files.lock_unpoisoned().clear();
     }
 
+    /// ltxfs's descriptor of `name`, if it has one open.
+    fn open_file(&self, name: &str) -> Option<Arc<File>> {
+        self.files.lock_unpoisoned().get(name).cloned()
+    }
+
     /// ltxfs's descriptor of `name`, opened (for writing, which a write lock
-    /// needs) when `open` and there is none yet.
-    fn file(
-        &self,
-        mount_point: &Path,
-        name: &str,
-        open: bool,
-    ) -> std::io::Result<Option<Arc<File>>> {
-        if let Some(file) = self.files.lock_unpoisoned().get(name) {
-            return Ok(Some(file.clone()));
-        }
-        if !open {
-            return Ok(None);
+    /// needs) when there is none yet.
+    fn file(&self, mount_point: &Path, name: &str) -> std::io::Result<Arc<File>> {
+        if let Some(file) = self.open_file(name) {
+            return Ok(file);
         }
         // Opened without the map's lock: the open is a request to this mount.
         let file = Arc::new(
@@ -59,13 +56,12 @@ impl MountLocks {
                 .write(true)
                 .open(mount_point.join(name))?,
         );
-        Ok(Some(
-            self.files
-                .lock_unpoisoned()
-                .entry(name.to_string())
-                .or_insert(file)
-                .clone(),
-        ))
+        Ok(self
+            .files
+            .lock_unpoisoned()
+            .entry(name.to_string())
+            .or_insert(file)
+            .clone())
     }
 }
 
@@ -87,8 +83,12 @@ impl KernelLocks for OwnMount {
         range: ByteRange,
         wait: bool,
     ) -> std::io::Result<Option<KernelLock>> {
-        let Some(file) = self.locks.file(&self.mount_point, name, wait)? else {
-            return Ok(None);
+        let file = match wait {
+            true => self.locks.file(&self.mount_point, name)?,
+            false => match self.locks.open_file(name) {
+                Some(file) => file,
+                None => return Ok(None),
+            },
         };
         if !set_ofd_lock(&file, libc::F_WRLCK, range, wait)? {
             return Ok(None);
@@ -98,11 +98,9 @@ impl KernelLocks for OwnMount {
 
     fn write(&self, name: &str, offset: u64, data: &[u8]) -> std::io::Result<()> {
         use std::os::unix::fs::FileExt;
-        let file = self
-            .locks
-            .file(&self.mount_point, name, true)?
-            .expect("opened when missing");
-        file.write_all_at(data, offset)
+        self.locks
+            .file(&self.mount_point, name)?
+            .write_all_at(data, offset)
     }
 
     fn forget(&self, name: &str) {

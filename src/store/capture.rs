@@ -566,14 +566,15 @@ impl Database {
         result
     }
 
-    /// Called before SQLite's fsync of any of the database's files, so change sets
-    /// are durable no later than the transactions they record. When the kernel
-    /// serves the locks, the database file's fsync while no journal is hot ends
-    /// a transaction of a journal-less mode (MEMORY, OFF): SQLite syncs the
+    /// Called before SQLite's fsync of one of the database's files (`file`, the
+    /// kind of file; `None` for the directory), so change sets are durable no
+    /// later than the transactions they record. When the kernel serves the
+    /// locks, the database file's fsync while no journal is hot ends a
+    /// transaction of a journal-less mode (MEMORY, OFF): SQLite syncs the
     /// database once every page of the transaction is written.
-    pub(super) fn before_sync(&self, kind: &FileKind) -> Result<(), StoreError> {
+    pub(super) fn before_sync(&self, file: Option<&FileKind>) -> Result<(), StoreError> {
         let mut state = self.lock();
-        if self.ends_journal_less_transaction(&state, kind) {
+        if file.is_some_and(|kind| self.ends_journal_less_transaction(&state, kind)) {
             state.journal_less_commits_sync = true;
             let result = self.commit_rollback(&mut state);
             state.rescan_after_failure(&result);

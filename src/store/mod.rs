@@ -488,7 +488,7 @@ impl Node {
     /// Flushes the backing file to stable storage.
     pub fn sync(&self, data_only: bool) -> Result<(), StoreError> {
         // The log first: a change set is durable no later than its transaction.
-        self.database.before_sync(&self.kind)?;
+        self.database.before_sync(Some(&self.kind))?;
         let result = if data_only {
             self.file.sync_data()
         } else {
@@ -1228,9 +1228,7 @@ impl Store {
     pub fn sync_directories(&self) -> Result<(), StoreError> {
         let databases = self.all_databases();
         for database in databases {
-            // Any kind but the database file's: a directory's fsync ends no
-            // transaction.
-            database.before_sync(&FileKind::Shm)?;
+            database.before_sync(None)?;
         }
         let dirs = std::mem::take(&mut *self.dirty_dirs.lock_unpoisoned());
         for dir in dirs.iter().rev() {
