@@ -52,7 +52,7 @@ use std::time::{Duration, Instant};
 use cpu::CpuUse;
 use machine::MachineInfo;
 use report::{BenchReport, RestartResult, TargetResult, WorkloadResult};
-use workload::Workload;
+use workload::{LockServer, Workload};
 
 use mount::MountGuard;
 
@@ -227,8 +227,16 @@ pub fn run(options: &BenchOptions) -> Result<BenchReport, BenchError> {
     ];
 
     let measured = measure(&targets, &plan)?;
-    let round_trip =
-        round_trip::measure(workspace.path(), &targets[0].dir, capturing.mount_point())?;
+    let locks = match options.ltxfs_locks {
+        true => LockServer::Ltxfs,
+        false => LockServer::Kernel,
+    };
+    let round_trip = round_trip::measure(
+        workspace.path(),
+        &targets[0].dir,
+        capturing.mount_point(),
+        locks,
+    )?;
 
     let mut warnings = Vec::new();
     if let Err(error) = plain.stop() {

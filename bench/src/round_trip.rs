@@ -14,9 +14,10 @@
 //!   hand-off to the filesystem process and back, not ltxfs's work.
 //!
 //! From the null filesystem's cost, the native rate of each workload and the
-//! number of FUSE requests the workload makes ([`Workload::fuse_requests`]), the
-//! report derives the best ratio to native any FUSE filesystem serving locks
-//! could reach here.
+//! number of FUSE requests the workload makes on the measured mounts
+//! ([`Workload::fuse_requests`]: fewer when the kernel serves the locks), the
+//! report derives the best ratio to native any FUSE filesystem making those
+//! requests could reach here.
 //!
 //! The null filesystem is mounted inside the benchmark's working directory and
 //! unmounted when [`NullMount`] is dropped, on every return path.
@@ -32,7 +33,7 @@ use fuser::{
     OpenFlags, ReplyAttr, ReplyEmpty, ReplyEntry, ReplyLock, ReplyOpen, Request,
 };
 
-use super::{BenchError, Workload};
+use super::{BenchError, LockServer, Workload};
 
 /// Lock and unlock calls per timed loop; each loop is one sample.
 const CALLS_PER_SAMPLE: u32 = 20_000;
@@ -56,11 +57,14 @@ pub struct RoundTrip {
     pub mount: Duration,
     /// On the null FUSE filesystem.
     pub null_fuse: Duration,
+    /// Who served the locks on the measured mounts, which sets how many
+    /// requests each workload makes.
+    pub locks: LockServer,
 }
 
 impl RoundTrip {
-    /// The highest ratio to native any FUSE filesystem serving locks could reach
-    /// for `workload` here: its native time per operation plus its FUSE requests
+    /// The highest ratio to native any FUSE filesystem could reach for `workload`
+    /// here, making the requests the measured mounts make: its native time per operation plus its FUSE requests
     /// at the null filesystem's cost (less what the same call costs natively).
     pub fn best_possible_ratio(
         &self,
@@ -71,15 +75,20 @@ impl RoundTrip {
             return None;
         }
         let native_op = 1.0 / native_ops_per_second;
-        let added =
-            workload.fuse_requests() * self.null_fuse.saturating_sub(self.native).as_secs_f64();
+        let added = workload.fuse_requests(self.locks)
+            * self.null_fuse.saturating_sub(self.native).as_secs_f64();
         Some(native_op / (native_op + added))
     }
 }
 
 /// Times lock calls on a file in `native_dir`, on `mount_dir` (the ltxfs mount),
 /// and on a null FUSE filesystem mounted at `<base>/mnt-null`, taking turns.
-pub fn measure(base: &Path, native_dir: &Path, mount_dir: &Path) -> Result<RoundTrip, BenchError> {
+pub fn measure(
+    base: &Path,
+    native_dir: &Path,
+    mount_dir: &Path,
+    locks: LockServer,
+) -> Result<RoundTrip, BenchError> {
     let null = NullMount::start(&base.join("mnt-null"))?;
     let paths = [
         native_dir.join("round-trip"),
@@ -108,6 +117,7 @@ pub fn measure(base: &Path, native_dir: &Path, mount_dir: &Path) -> Result<Round
         native,
         mount,
         null_fuse,
+        locks,
     })
 }
 
@@ -301,16 +311,21 @@ mod tests {
 
     #[test]
     fn best_possible_ratio_adds_the_requests_to_the_native_time() {
-        let round_trip = RoundTrip {
+        let mut round_trip = RoundTrip {
             native: Duration::from_micros(1),
             mount: Duration::from_micros(20),
             null_fuse: Duration::from_micros(11),
+            locks: LockServer::Kernel,
         };
-        // 100,000 ops/s natively is 10 µs each; 8 requests add 8 × 10 µs.
-        let ratio = round_trip
-            .best_possible_ratio(Workload::InsertWalNormal, 100_000.0)
-            .unwrap();
-        assert!((ratio - 10.0 / 90.0).abs() < 1e-9, "{ratio}");
+        // 100,000 ops/s natively is 10 µs each; 3 requests add 3 × 10 µs, and
+        // the 6 lock calls ltxfs serves 6 × 10 µs more.
+        for (locks, added) in [(LockServer::Kernel, 30.0), (LockServer::Ltxfs, 90.0)] {
+            round_trip.locks = locks;
+            let ratio = round_trip
+                .best_possible_ratio(Workload::InsertWalNormal, 100_000.0)
+                .unwrap();
+            assert!((ratio - 10.0 / (10.0 + added)).abs() < 1e-9, "{ratio}");
+        }
         assert_eq!(
             round_trip.best_possible_ratio(Workload::InsertWalNormal, 0.0),
             None
@@ -323,7 +338,7 @@ mod tests {
     #[test]
     fn measures_a_real_null_mount_and_unmounts_it() {
         let base = tempfile::tempdir().unwrap();
-        let result = measure(base.path(), base.path(), base.path()).unwrap();
+        let result = measure(base.path(), base.path(), base.path(), LockServer::Ltxfs).unwrap();
         assert!(
             result.null_fuse > result.native,
             "a FUSE round trip measured cheaper than a native lock call: {result:?}"

@@ -71,6 +71,7 @@ impl MountedSession {
             locks: store.lock_server(),
             fs,
             ended: ended.clone(),
+            stateless_directories: false,
         };
         let session = fuser::Session::new(adapter, mount_point, &options)?.spawn()?;
         store.set_kernel_cache(Arc::new(KernelNotifier {
@@ -170,6 +171,9 @@ struct FuseAdapter {
     locks: LockServer,
     /// Cancelled when the session ends.
     ended: CancellationToken,
+    /// Whether the kernel opens directories without asking (set at `init`),
+    /// which saves SQLite's directory syncs two requests each.
+    stateless_directories: bool,
 }
 
 impl FuseAdapter {
@@ -269,6 +273,10 @@ pub fn request_posix_locks(config: &mut KernelConfig) -> std::io::Result<()> {
 
 impl fuser::Filesystem for FuseAdapter {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        // Directory handles hold nothing: `readdir` lists the root by offset.
+        self.stateless_directories = config
+            .add_capabilities(InitFlags::FUSE_NO_OPENDIR_SUPPORT)
+            .is_ok();
         match self.locks {
             LockServer::Ltxfs => request_posix_locks(config),
             LockServer::Kernel => Ok(()),
@@ -410,7 +418,16 @@ impl fuser::Filesystem for FuseAdapter {
         let write = flags.0 & libc::O_ACCMODE != libc::O_RDONLY;
         let by_ltxfs = write && is_own_thread(req.pid());
         match self.fs.open(ino.0, write, by_ltxfs) {
-            Ok((handle, cache)) => reply.opened(FileHandle(handle), fopen_flags(cache)),
+            Ok((handle, cache)) => {
+                let mut flags = fopen_flags(cache);
+                if by_ltxfs {
+                    // Closing ltxfs's own descriptors must not wait for the
+                    // writeback of pages an application mapped: when ltxfs is
+                    // killed, nobody is left to answer it.
+                    flags |= FopenFlags::FOPEN_NOFLUSH;
+                }
+                reply.opened(FileHandle(handle), flags)
+            }
             Err(error) => reply.error(errno("open", error)),
         }
     }
@@ -491,6 +508,15 @@ impl fuser::Filesystem for FuseAdapter {
         match self.fs.fsync(fh.0, datasync) {
             Ok(()) => reply.ok(),
             Err(error) => reply.error(errno("fsync", error)),
+        }
+    }
+
+    fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        if self.stateless_directories {
+            // The kernel then stops sending `opendir` and `releasedir`.
+            reply.error(Errno::ENOSYS);
+        } else {
+            reply.opened(FileHandle(0), FopenFlags::empty());
         }
     }
 

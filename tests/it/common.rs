@@ -213,6 +213,28 @@ pub fn reap_after_kill(child: &mut Child) -> Option<ExitStatus> {
     }
 }
 
+/// The FUSE connection of the filesystem mounted at `mount_point`, in the
+/// kernel's control directory (`/sys/fs/fuse/connections/<minor device>`).
+pub fn fuse_connection(mount_point: &Path) -> PathBuf {
+    use std::os::unix::fs::MetadataExt;
+    let device = fs::metadata(mount_point)
+        .expect("stat the mount point")
+        .dev();
+    let connection = Path::new("/sys/fs/fuse/connections").join(libc::minor(device).to_string());
+    if !connection.exists() {
+        // The control filesystem is not mounted everywhere by default.
+        let mounted = Command::new("mount")
+            .args(["-t", "fusectl", "none", "/sys/fs/fuse/connections"])
+            .status();
+        assert!(
+            connection.exists(),
+            "no {} (mounting fusectl: {mounted:?})",
+            connection.display()
+        );
+    }
+    connection
+}
+
 /// The state of every thread of `pid` from `/proc/<pid>/task/*/status` (e.g.
 /// `1234: D (disk sleep)`), plus its kernel wait channel.
 pub fn process_state(pid: u32) -> String {

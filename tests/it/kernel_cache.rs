@@ -179,3 +179,24 @@ fn a_database_a_replica_receives_or_loses_is_seen_at_once() {
 
     mounted.unmount();
 }
+
+/// The kernel opens the mount's directory without asking ltxfs (SQLite opens it
+/// to sync it after creating a journal): listing and syncing it still work.
+#[test]
+fn the_root_lists_and_syncs_without_opening() {
+    let mounted = Mounted::start();
+    let mount_point = mounted.mount_point();
+    std::fs::write(mount_point.join("listed.db-wal"), b"x").unwrap();
+    for _ in 0..2 {
+        let names: Vec<String> = std::fs::read_dir(&mount_point)
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert!(names.contains(&"listed.db-wal".to_string()), "{names:?}");
+        std::fs::File::open(&mount_point)
+            .unwrap()
+            .sync_all()
+            .unwrap();
+    }
+    mounted.unmount();
+}

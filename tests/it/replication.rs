@@ -449,6 +449,97 @@ fn a_killed_replica_holding_descriptors_of_its_own_mount_dies_and_restarts() {
     wait_converged(&primary, &[&replica], DB);
 }
 
+/// Regression: killed while an application's mapped page of `-shm` was
+/// being written back through the mount, a replica hung in D state for
+/// good: closing its own descriptor of the file at exit waited for that
+/// writeback, which nobody was left to answer. ltxfs's own descriptors are
+/// now opened without flushes (`FOPEN_NOFLUSH`).
+#[test]
+fn a_killed_replica_dies_while_a_mapped_page_is_written_back() {
+    let (primary, url) = start_primary_with("node-a", Locks::Kernel);
+    let mut replica = start_replica_with("node-b", &url, Locks::Kernel);
+    create_schema(&primary.db_path(DB), "wal");
+    run_writer(&primary.db_path(DB), "wal", 0, 5);
+    wait_converged(&primary, &[&replica], DB);
+    // WAL applies write the wal-index through ltxfs's own descriptor of
+    // `-shm`, which a reader has mapped (and sized) too.
+    let reader = open_db(&replica.db_path(DB));
+    assert_eq!(query_i64(&reader, "SELECT count(*) FROM t"), 5);
+    drop(reader);
+    let shm = replica.db_path(&format!("{DB}-shm"));
+    assert!(shm.exists(), "the replica has no {}", shm.display());
+
+    let mut mapper = StreamingWorker::spawn(
+        &worker!(worker_dirty_mapped_page),
+        &Job::new().with("path", shm.display()),
+    );
+    mapper.expect_marker("DIRTY", Duration::from_secs(30));
+    let connection = fuse_connection(shm.parent().unwrap());
+    let pid = replica.pid().expect("the replica runs");
+    send_signal(pid, libc::SIGSTOP);
+    mapper.send_line("sync");
+    let waiting = connection.join("waiting");
+    wait_until(
+        "the page's writeback waits for ltxfs",
+        Duration::from_secs(10),
+        || fs::read_to_string(&waiting).is_ok_and(|n| n.trim() != "0"),
+    );
+
+    replica.kill9();
+    if Path::new(&format!("/proc/{pid}")).exists() {
+        let state = process_state(pid);
+        // Let the machine recover before failing.
+        let _ = fs::write(connection.join("abort"), "1");
+        panic!("the killed replica did not die: {state}");
+    }
+    mapper.expect_marker("SYNCED", Duration::from_secs(30));
+    replica.restart();
+    run_writer(&primary.db_path(DB), "wal", 5, 5);
+    wait_converged(&primary, &[&replica], DB);
+}
+
+/// Maps the first page of `path` shared and dirties it (writing back the
+/// byte it holds), says `DIRTY`, and on a line from stdin syncs the file,
+/// which writes the page back through the mount; then says `SYNCED`.
+#[test]
+fn worker_dirty_mapped_page() {
+    use std::os::fd::AsRawFd;
+    let Some(job) = worker_job() else { return };
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(job.get("path"))
+        .unwrap();
+    // SAFETY: maps one page of an open file; the mapping is only used below,
+    // while `file` is open, and unmapped before the end.
+    let page = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            4096,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            0,
+        )
+    };
+    assert_ne!(
+        page,
+        libc::MAP_FAILED,
+        "mmap: {}",
+        std::io::Error::last_os_error()
+    );
+    let byte = page.cast::<u8>();
+    // SAFETY: offset 100 lies within the mapped page and the file.
+    unsafe { byte.add(100).write_volatile(byte.add(100).read_volatile()) };
+    report("DIRTY");
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line).unwrap();
+    let outcome = file.sync_all();
+    // SAFETY: unmaps the page mapped above.
+    unsafe { libc::munmap(page, 4096) };
+    report(format!("SYNCED {outcome:?}"));
+}
+
 #[test]
 fn an_apply_waits_for_readers_and_turns_new_ones_away_with_ltxfs_locks() {
     an_apply_waits_for_readers_and_turns_new_ones_away("delete", Locks::Ltxfs);
