@@ -57,6 +57,10 @@ const ASYNC_WORKER_THREADS: usize = 2;
 /// How often `exec` checks whether the node is ready to run its commands.
 const READINESS_POLL: std::time::Duration = std::time::Duration::from_millis(20);
 
+/// How long a mount left at the mount point may take to answer `statfs` at
+/// start-up before ltxfs gives up on it.
+const STALE_MOUNT_ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The file in the data dir that keeps the cluster ID.
 const CLUSTER_ID_FILE: &str = "cluster-id";
 
@@ -218,15 +222,16 @@ fn check_fuse_device() -> Result<(), MountError> {
         })
 }
 
-/// Unmounts what a crashed ltxfs left at `mount_point`; refuses a live mount.
+/// Unmounts what a crashed ltxfs left at `mount_point`; refuses a live mount,
+/// and one whose ltxfs does not answer (stopped, or stuck while dying).
 fn clean_stale_mount(mount_point: &Path) -> Result<(), MountError> {
-    let is_ours = mountinfo::is_ltxfs_mount(mount_point)
+    let entry = mountinfo::find(mount_point)
         .map_err(|error| MountError::runtime("read /proc/self/mountinfo", error))?;
-    if !is_ours {
+    let Some(entry) = entry.filter(mountinfo::MountEntry::is_ltxfs) else {
         return Ok(());
-    }
-    match statfs(mount_point) {
-        Err(error) if error.raw_os_error() == Some(libc::ENOTCONN) => {
+    };
+    match statfs_within(mount_point, STALE_MOUNT_ANSWER_TIMEOUT) {
+        Some(Err(error)) if error.raw_os_error() == Some(libc::ENOTCONN) => {
             fuse::detach(mount_point).map_err(|error| {
                 MountError::runtime(
                     format!("unmount the stale mount at {}", mount_point.display()),
@@ -236,16 +241,38 @@ fn clean_stale_mount(mount_point: &Path) -> Result<(), MountError> {
             tracing::warn!(mount_point = %mount_point.display(), "cleaned a stale mount left by an earlier ltxfs that did not exit cleanly");
             Ok(())
         }
-        _ => Err(MountError::Usage(format!(
+        None => {
+            let connection = entry.device.split(':').nth(1).unwrap_or("N");
+            Err(MountError::Usage(format!(
+                "{} is mounted by an ltxfs that has not answered for {} s (stopped, or stuck \
+                 while dying): stop that process, or abort its FUSE connection with \
+                 `echo 1 > /sys/fs/fuse/connections/{connection}/abort`",
+                mount_point.display(),
+                STALE_MOUNT_ANSWER_TIMEOUT.as_secs()
+            )))
+        }
+        Some(_) => Err(MountError::Usage(format!(
             "{} is already mounted by a running ltxfs: stop it first, or choose another mount point",
             mount_point.display()
         ))),
     }
 }
 
-/// `statfs(2)` of `path`. On a FUSE mount the kernel always asks the daemon
-/// (a `stat` may be answered from cached attributes), so a mount whose ltxfs
-/// died answers `ENOTCONN` at once.
+/// `statfs` of `path`, or `None` when it has not returned within `timeout`
+/// (the thread asking is left behind: a FUSE request nobody has read yet ends
+/// when the process exits).
+fn statfs_within(path: &Path, timeout: std::time::Duration) -> Option<io::Result<()>> {
+    let (answer, answered) = std::sync::mpsc::sync_channel(1);
+    let path = path.to_path_buf();
+    std::thread::Builder::new()
+        .name("stale-mount-probe".to_string())
+        .spawn(move || {
+            let _ = answer.send(statfs(&path));
+        })
+        .ok()?;
+    answered.recv_timeout(timeout).ok()
+}
+
 fn statfs(path: &Path) -> io::Result<()> {
     use std::os::unix::ffi::OsStrExt;
     let path = std::ffi::CString::new(path.as_os_str().as_bytes())

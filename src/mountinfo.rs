@@ -19,6 +19,9 @@ pub struct MountEntry {
     pub fs_type: String,
     /// The mount source; ltxfs mounts name themselves [`FS_NAME`].
     pub source: String,
+    /// The filesystem's device, `major:minor`; a FUSE mount's minor names its
+    /// connection in `/sys/fs/fuse/connections`.
+    pub device: String,
 }
 
 impl MountEntry {
@@ -54,7 +57,8 @@ pub fn parse(table: &str) -> Vec<MountEntry> {
 fn parse_line(line: &str) -> Option<MountEntry> {
     // Format (proc(5)): id parent major:minor root mount-point options [optional...] - fstype source super-options
     let mut fields = line.split(' ');
-    let mount_point = fields.nth(4)?;
+    let device = fields.nth(2)?;
+    let mount_point = fields.nth(1)?;
     let mut rest = fields.skip_while(|field| *field != "-");
     rest.next()?;
     let fs_type = rest.next()?;
@@ -63,6 +67,7 @@ fn parse_line(line: &str) -> Option<MountEntry> {
         mount_point: PathBuf::from(unescape(mount_point)),
         fs_type: fs_type.to_string(),
         source: unescape(source),
+        device: device.to_string(),
     })
 }
 
@@ -98,6 +103,7 @@ mod tests {
         assert_eq!(entries.len(), 2);
         assert_eq!(entries[0].mount_point, PathBuf::from("/mnt/my data"));
         assert_eq!(entries[0].fs_type, "fuse.ltxfs");
+        assert_eq!(entries[0].device, "98:0");
         assert!(entries[0].is_ltxfs());
         assert_eq!(entries[1].fs_type, "ext4");
         assert!(!entries[1].is_ltxfs());

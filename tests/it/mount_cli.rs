@@ -414,6 +414,27 @@ fn stale_mount_after_sigkill_is_cleaned() {
     assert!(!anything_mounted(mount.path()));
 }
 
+/// A mount whose ltxfs does not answer (here stopped; in the field, one stuck
+/// while dying) used to hang the next `ltxfs mount` on that mount point for
+/// good, in the `statfs` that tells a stale mount from a live one. It now
+/// gives up after a few seconds and says how to free the mount point.
+#[test]
+fn a_mount_whose_ltxfs_does_not_answer_is_refused_clearly() {
+    let mut first = Mount::start(MountOptions::default());
+    let pid = first.pid().expect("ltxfs runs");
+    send_signal(pid, libc::SIGSTOP);
+
+    let s = Scratch::new();
+    let config = s.config(&s.path("data2"), None, "");
+    let (code, stderr) = run_ltxfs(&[os(first.path()), "--config".as_ref(), os(&config)]);
+    send_signal(pid, libc::SIGCONT);
+
+    assert!(first.is_running(), "the first ltxfs must keep running");
+    assert_eq!(first.stop().code(), Some(0));
+    assert_usage_error(code, &stderr, &["has not answered"]);
+    assert!(stderr.contains("/sys/fs/fuse/connections/"), "{stderr}");
+}
+
 // ---------------------------------------------------------------------------------
 // What the mount refuses
 // ---------------------------------------------------------------------------------
