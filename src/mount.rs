@@ -258,21 +258,27 @@ fn clean_stale_mount(mount_point: &Path) -> Result<(), MountError> {
     }
 }
 
-/// `statfs` of `path`, or `None` when it has not returned within `timeout`
-/// (the thread asking is left behind: a FUSE request nobody has read yet ends
-/// when the process exits).
+/// [`statfs`] of `path`, or `None` when it has not returned within `timeout`.
+/// The thread asking is then left behind: its request, which no ltxfs has
+/// read, is dropped when this process exits.
 fn statfs_within(path: &Path, timeout: std::time::Duration) -> Option<io::Result<()>> {
     let (answer, answered) = std::sync::mpsc::sync_channel(1);
-    let path = path.to_path_buf();
-    std::thread::Builder::new()
+    let probed = path.to_path_buf();
+    let probe = std::thread::Builder::new()
         .name("stale-mount-probe".to_string())
         .spawn(move || {
-            let _ = answer.send(statfs(&path));
-        })
-        .ok()?;
-    answered.recv_timeout(timeout).ok()
+            let _ = answer.send(statfs(&probed));
+        });
+    match probe {
+        Ok(_) => answered.recv_timeout(timeout).ok(),
+        // No thread to spare: ask on this one, without a time limit.
+        Err(_) => Some(statfs(path)),
+    }
 }
 
+/// `statfs(2)` of `path`. On a FUSE mount the kernel always asks the daemon
+/// (a `stat` may be answered from cached attributes), so a mount whose ltxfs
+/// died answers `ENOTCONN` at once.
 fn statfs(path: &Path) -> io::Result<()> {
     use std::os::unix::ffi::OsStrExt;
     let path = std::ffi::CString::new(path.as_os_str().as_bytes())
