@@ -63,9 +63,10 @@ pub struct RoundTrip {
 }
 
 impl RoundTrip {
-    /// The highest ratio to native any FUSE filesystem could reach for `workload`
-    /// here, making the requests the measured mounts make: its native time per operation plus its FUSE requests
-    /// at the null filesystem's cost (less what the same call costs natively).
+    /// The highest ratio to native any FUSE filesystem making the requests the
+    /// measured mounts make could reach for `workload` here: its native time
+    /// per operation plus its FUSE requests at the null filesystem's cost (less
+    /// what the same call costs natively).
     pub fn best_possible_ratio(
         &self,
         workload: Workload,
