@@ -8,7 +8,10 @@
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
 
-use crate::common::{self, Mount, MountOptions, dump, first_difference, open_db, set_journal_mode};
+use crate::common::{
+    self, KERNEL_LOCKS, LTXFS_LOCKS, Mount, MountOptions, dump, first_difference, open_db,
+    set_journal_mode,
+};
 use ltxfs::ltx::{self, Checksum, TxId};
 use rusqlite::Connection;
 
@@ -174,11 +177,6 @@ fn random_step(conn: &Connection, rng: &mut Rng, mode: &str, tables: &mut Vec<St
     }
 }
 
-/// `fuse.locks: kernel` (the default, written out where a test depends on
-/// it): no lock call reaches ltxfs, which detects commits on the data path
-/// alone.
-const KERNEL_LOCKS: &str = "fuse:\n  locks: kernel\n";
-
 fn capture_round_trip(mode: &str, seed: u64) {
     capture_round_trip_with(mode, seed, "");
 }
@@ -277,7 +275,7 @@ fn capture_round_trips_with_ltxfs_locks() {
         .into_iter()
         .enumerate()
     {
-        capture_round_trip_with(mode, 11 + seed as u64, "fuse:\n  locks: ltxfs\n");
+        capture_round_trip_with(mode, 11 + seed as u64, LTXFS_LOCKS);
     }
 }
 

@@ -213,6 +213,12 @@ pub fn reap_after_kill(child: &mut Child) -> Option<ExitStatus> {
     }
 }
 
+/// Config for a mount whose locks the kernel serves (`fuse.locks: kernel`,
+/// the default, written out where a test depends on it).
+pub const KERNEL_LOCKS: &str = "fuse:\n  locks: kernel\n";
+/// Config for a mount whose locks ltxfs serves from its lock table.
+pub const LTXFS_LOCKS: &str = "fuse:\n  locks: ltxfs\n";
+
 /// The FUSE connection of the filesystem mounted at `mount_point`, in the
 /// kernel's control directory (`/sys/fs/fuse/connections/<minor device>`).
 pub fn fuse_connection(mount_point: &Path) -> PathBuf {

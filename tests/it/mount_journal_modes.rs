@@ -952,9 +952,18 @@ fn in_fcntl(pid: u32) -> bool {
     })
 }
 
-/// `fuse.locks: ltxfs`, for the tests of the lock table on a mount (the
-/// default is the kernel's locks).
-const LTXFS_LOCKS: &str = "fuse:\n  locks: ltxfs\n";
+/// A mount configured with `extra_yaml` holding `locks.db`, and that file's path.
+fn mount_with_lock_db(extra_yaml: &str) -> (Mount, String) {
+    let mount = Mount::start(MountOptions {
+        extra_yaml: extra_yaml.to_string(),
+        ..MountOptions::default()
+    });
+    let db = mount.db_path("locks.db");
+    open_db(&db)
+        .execute_batch("CREATE TABLE x(a); INSERT INTO x VALUES(1);")
+        .unwrap();
+    (mount, db.display().to_string())
+}
 
 #[test]
 fn posix_locks_across_processes() {
@@ -967,15 +976,7 @@ fn posix_locks_across_processes_with_ltxfs_locks() {
 }
 
 fn posix_locks_across_processes_with(extra_yaml: &str) {
-    let mount = Mount::start(MountOptions {
-        extra_yaml: extra_yaml.to_string(),
-        ..MountOptions::default()
-    });
-    let db = mount.db_path("locks.db");
-    open_db(&db)
-        .execute_batch("CREATE TABLE x(a); INSERT INTO x VALUES(1);")
-        .unwrap();
-    let path = db.display().to_string();
+    let (_mount, path) = mount_with_lock_db(extra_yaml);
 
     let mut holder = StreamingWorker::spawn(
         &worker!(worker_lock_holder),
@@ -1029,15 +1030,7 @@ fn posix_lock_waiter_killed_while_blocked_with_ltxfs_locks() {
 }
 
 fn posix_lock_waiter_killed_while_blocked_with(extra_yaml: &str) {
-    let mount = Mount::start(MountOptions {
-        extra_yaml: extra_yaml.to_string(),
-        ..MountOptions::default()
-    });
-    let db = mount.db_path("locks.db");
-    open_db(&db)
-        .execute_batch("CREATE TABLE x(a); INSERT INTO x VALUES(1);")
-        .unwrap();
-    let path = db.display().to_string();
+    let (mount, path) = mount_with_lock_db(extra_yaml);
     let mut holder = StreamingWorker::spawn(
         &worker!(worker_lock_holder),
         &Job::new().with("path", &path),

@@ -51,8 +51,8 @@ fn node_yaml(
     yaml.push_str(&format!("http:\n  addr: {addr}\n"));
     match locks {
         Locks::Default => {}
-        Locks::Kernel => yaml.push_str("fuse:\n  locks: kernel\n"),
-        Locks::Ltxfs => yaml.push_str("fuse:\n  locks: ltxfs\n"),
+        Locks::Kernel => yaml.push_str(KERNEL_LOCKS),
+        Locks::Ltxfs => yaml.push_str(LTXFS_LOCKS),
     }
     yaml
 }
