@@ -534,29 +534,63 @@ const PAGE_RUN_BYTES: usize = 1 << 20;
 /// waiting), so the final `fsync` has little left to do.
 const WRITEBACK_EVERY_BYTES: u64 = 32 << 20;
 
-/// Consecutive pages waiting to be written in one call.
-#[derive(Default)]
+/// Consecutive pages waiting to be written in one call. Pages are decoded
+/// straight into its buffer, so a page that continues the run is copied once.
 struct PageRun {
+    /// The file offset of the first page.
     start: u64,
-    bytes: Vec<u8>,
+    /// Room for a full run and one page more, allocated once.
+    buffer: Vec<u8>,
+    /// How many bytes of `buffer` hold the run.
+    len: usize,
 }
 
 impl PageRun {
-    /// Whether a page at `offset` continues the run.
-    fn extends(&self, offset: u64) -> bool {
-        !self.bytes.is_empty() && self.start + self.bytes.len() as u64 == offset
+    fn new(page_size: usize) -> PageRun {
+        PageRun {
+            start: 0,
+            buffer: vec![0; PAGE_RUN_BYTES + page_size],
+            len: 0,
+        }
+    }
+
+    /// Where the next page is decoded: right after the run.
+    fn next_page(&mut self, page_size: usize) -> &mut [u8] {
+        &mut self.buffer[self.len..self.len + page_size]
+    }
+
+    /// Takes the page decoded by [`PageRun::next_page`] for `offset` into the
+    /// run, writing the run before it first if the page does not continue it
+    /// or the run is full; returns the page.
+    fn push(
+        &mut self,
+        offset: u64,
+        page_size: usize,
+        file: &File,
+        unsynced: &mut u64,
+    ) -> Result<&[u8], BackupError> {
+        let continues = self.len > 0 && self.start + self.len as u64 == offset;
+        if !continues || self.len >= PAGE_RUN_BYTES {
+            let decoded = self.len;
+            self.write(file, unsynced)?;
+            self.buffer.copy_within(decoded..decoded + page_size, 0);
+            self.start = offset;
+        }
+        let page = self.len..self.len + page_size;
+        self.len += page_size;
+        Ok(&self.buffer[page])
     }
 
     /// Writes the run (if any) and empties it; every
     /// `WRITEBACK_EVERY_BYTES`, starts the kernel's writeback of `file`.
     fn write(&mut self, file: &File, unsynced: &mut u64) -> Result<(), BackupError> {
-        if self.bytes.is_empty() {
+        if self.len == 0 {
             return Ok(());
         }
-        crate::store::write_all_at_in_pieces(file, &self.bytes, self.start)
+        crate::store::write_all_at_in_pieces(file, &self.buffer[..self.len], self.start)
             .map_err(|error| BackupError::local("write the restored database", error))?;
-        *unsynced += self.bytes.len() as u64;
-        self.bytes.clear();
+        *unsynced += self.len as u64;
+        self.len = 0;
         if *unsynced >= WRITEBACK_EVERY_BYTES {
             *unsynced = 0;
             // SAFETY: the descriptor is open for the whole call; the flag only
@@ -701,15 +735,16 @@ impl Builder {
             }
         }
         let checksum = self.checksum.as_mut().expect("set by the snapshot");
-        let page_size = u64::from(header.page_size);
+        let page_size = header.page_size as usize;
         // Pages up to the size before this record are in the file; their
         // checksums leave the database's as the record replaces or cuts them.
+        // A snapshot's pages are summed by the decoder, which checks them
+        // against its post-apply checksum.
         let before = self.commit;
-        let mut page = vec![0u8; header.page_size as usize];
-        let mut replaced = vec![0u8; header.page_size as usize];
-        let mut run = PageRun::default();
+        let mut replaced = vec![0u8; page_size];
+        let mut run = PageRun::new(page_size);
         while let Some(pgno) = decoder
-            .next_page_into(&mut page)
+            .next_page_into(run.next_page(page_size))
             .map_err(|error| BackupError::bad_ltx(object, error))?
         {
             if pgno > header.commit {
@@ -726,18 +761,21 @@ impl Builder {
                 let old = page_in_file(&self.file, pgno, &mut replaced)?;
                 checksum.remove_page_checksum(pgno, old);
             }
-            checksum.add_page_checksum(pgno, ltx::page_checksum(pgno, &page));
-            let offset = (u64::from(pgno) - 1) * page_size;
-            if !run.extends(offset) || run.bytes.len() >= PAGE_RUN_BYTES {
-                run.write(&self.file, &mut self.unsynced)?;
-                run.start = offset;
+            let offset = (u64::from(pgno) - 1) * page_size as u64;
+            let page = run.push(offset, page_size, &self.file, &mut self.unsynced)?;
+            if !snapshot {
+                checksum.add_page_checksum(pgno, ltx::page_checksum(pgno, page));
             }
-            run.bytes.extend_from_slice(&page);
         }
         run.write(&self.file, &mut self.unsynced)?;
         let trailer = decoder
             .finish()
             .map_err(|error| BackupError::bad_ltx(object, error))?;
+        if snapshot {
+            *checksum =
+                DatabaseChecksum::from_checksum(header.page_size, trailer.post_apply_checksum)
+                    .map_err(|error| BackupError::bad_ltx(object, error))?;
+        }
         for pgno in header.commit.saturating_add(1)..=before {
             let old = page_in_file(&self.file, pgno, &mut replaced)?;
             checksum.remove_page_checksum(pgno, old);

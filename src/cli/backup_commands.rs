@@ -96,6 +96,7 @@ pub(super) fn run_restore(
         on_terminal: std::io::stderr().is_terminal(),
         shown: None,
     };
+    keep_freed_buffers();
     let restored = with_destination(source, async |destination, identities| {
         let restored = backup::restore(
             destination,
@@ -124,6 +125,30 @@ pub(super) fn run_restore(
             0
         }
         Err(code) => code,
+    }
+}
+
+/// Allocations up to this size come from the heap rather than from a
+/// mapping of their own.
+#[cfg(target_env = "gnu")]
+const HEAP_ALLOCATIONS_UP_TO: libc::c_int = 4 << 20;
+/// Freed memory the heap keeps for reuse before it returns any to the kernel.
+#[cfg(target_env = "gnu")]
+const FREED_MEMORY_KEPT: libc::c_int = 64 << 20;
+
+/// A restore downloads into buffers of a few hundred KiB that one thread
+/// fills and another frees. By default glibc hands such freed memory back to
+/// the kernel and faults it in again for the next buffer: about a hundred
+/// thousand page faults per GiB restored. `ltxfs restore` is a process of its
+/// own, so it keeps that memory for reuse instead, within the restore's
+/// memory bound.
+fn keep_freed_buffers() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only sets allocator parameters; it is called before the
+    // runtime's threads start, and a refusal (return 0) leaves the defaults.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, HEAP_ALLOCATIONS_UP_TO);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, FREED_MEMORY_KEPT);
     }
 }
 

@@ -223,7 +223,8 @@ impl<R: Read> Decoder<R> {
     }
 
     /// Reads exactly `buf.len()` page-block bytes and adds them to the file checksum.
-    fn read_block(&mut self, buf: &mut [u8], what: &str) -> Result<(), LtxError> {
+    /// `what` names the bytes for an error message; it runs only on an error.
+    fn read_block(&mut self, buf: &mut [u8], what: impl Fn() -> String) -> Result<(), LtxError> {
         let compressed = self.header.is_compressed();
         match read_full(self.source.block(), buf) {
             Ok(n) if n == buf.len() => {
@@ -233,17 +234,17 @@ impl<R: Read> Decoder<R> {
             }
             Ok(n) if compressed => Err(self.block_error(
                 self.block_len + n as u64,
-                format!("the LZ4 frame or the file ended while reading {what}"),
+                format!("the LZ4 frame or the file ended while reading {}", what()),
             )),
             Ok(n) => Err(LtxError::Truncated {
                 offset: HEADER_SIZE as u64 + self.block_len + n as u64,
-                what: what.to_owned(),
+                what: what(),
             }),
             Err(source) if compressed => Err(LtxError::Lz4 {
                 offset: self.source.count(),
                 source,
             }),
-            Err(source) => Err(LtxError::io(format!("reading {what}"), source)),
+            Err(source) => Err(LtxError::io(format!("reading {}", what()), source)),
         }
     }
 
@@ -251,11 +252,10 @@ impl<R: Read> Decoder<R> {
     fn read_record(&mut self, page: &mut [u8]) -> Result<Option<u32>, LtxError> {
         let record_pos = self.block_len;
         let mut pgno_bytes = [0u8; PAGE_HEADER_SIZE];
-        let what = format!(
-            "the page number of page record {} (or the page block terminator)",
-            self.pages.count() + 1
-        );
-        self.read_block(&mut pgno_bytes, &what)?;
+        let record = self.pages.count() + 1;
+        self.read_block(&mut pgno_bytes, || {
+            format!("the page number of page record {record} (or the page block terminator)")
+        })?;
         let pgno = u32::from_be_bytes(pgno_bytes);
         if pgno == 0 {
             self.end_page_block(record_pos)?;
@@ -264,7 +264,7 @@ impl<R: Read> Decoder<R> {
         if let Err(message) = self.pages.accept(pgno) {
             return Err(self.block_error(record_pos, message));
         }
-        self.read_block(page, &format!("the data of page {pgno}"))?;
+        self.read_block(page, || format!("the data of page {pgno}"))?;
         if let Some(acc) = &mut self.snapshot_checksum {
             acc.add_page(pgno, page);
         }
