@@ -444,10 +444,10 @@ pub(super) fn sql_error(action: &'static str, path: &Path, cause: rusqlite::Erro
 
 /// A small deterministic pseudo-random generator (SplitMix64); good enough to pick
 /// rows and fill payloads, and it keeps the benchmark free of extra dependencies.
-struct Rng(u64);
+pub(crate) struct Rng(u64);
 
 impl Rng {
-    fn new(seed: u64) -> Rng {
+    pub(crate) fn new(seed: u64) -> Rng {
         Rng(seed)
     }
 
@@ -460,7 +460,7 @@ impl Rng {
     }
 
     /// A row id between 1 and `rows` (1 when there are no rows).
-    fn id(&mut self, rows: u64) -> i64 {
+    pub(crate) fn id(&mut self, rows: u64) -> i64 {
         let id = self.next() % rows.max(1) + 1;
         i64::try_from(id).unwrap_or(i64::MAX)
     }

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use super::lag::{self, BackupLag};
 use super::restore::{
-    HISTORY_TRANSACTIONS, MEMORY_GOAL_BYTES, RESTORE_DB, RESTORE_RATIO_GOAL, ROUNDS, RestoreResult,
+    HISTORY, HISTORY_COMPACTION_WINDOWS, MEMORY_GOAL_BYTES, RESTORE_DB, RESTORE_RATIO_GOAL, ROUNDS,
+    RestoreResult,
 };
 use super::throughput::{BackupThroughput, THROUGHPUT_GOAL};
 use super::{LAG_RATE, LEAD_IN, POLL_INTERVAL};
@@ -247,7 +248,11 @@ impl fmt::Display for BackupReport {
             writeln!(
                 f,
                 "         restore: {RESTORE_DB} of random blobs snapshotted by a mount restarted with backup, then \
-                 {HISTORY_TRANSACTIONS} small transactions; the newest state: a snapshot and {} change objects;",
+                 {} transactions rewriting a random row over {} s (compaction windows {HISTORY_COMPACTION_WINDOWS}); \
+                 the newest state: a snapshot, {} cumulative and {} change objects;",
+                restore.history_transactions,
+                HISTORY.as_secs(),
+                restore.cumulative_objects,
                 restore.change_objects
             )?;
             writeln!(
@@ -335,8 +340,10 @@ mod tests {
             },
             restore: Some(RestoreResult {
                 db_bytes: 1 << 30,
-                objects: 4,
-                change_objects: 3,
+                objects: 8,
+                cumulative_objects: 3,
+                change_objects: 4,
+                history_transactions: 450,
                 object_bytes: 1 << 30,
                 get: vec![Duration::from_secs(2)],
                 get_fsync: vec![Duration::from_millis(500)],

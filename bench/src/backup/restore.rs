@@ -7,11 +7,17 @@
 //! (incompressible) to the size asked for, and creates [`TINY_DB`] with one
 //! row; then it is restarted on the same data dir with backups to
 //! `s3://ltxfs-bench/restore`, so its first upload is a snapshot of each
-//! whole database. Once the bucket holds them, the benchmark commits
-//! [`HISTORY_TRANSACTIONS`] small transactions paced at [`HISTORY_RATE`] per
-//! second (several change objects after the snapshot), waits until the bucket
-//! holds the last one, and stops the mount, so that nothing changes the
-//! objects while they are read.
+//! whole database. Once the bucket holds them, the benchmark writes a history
+//! with the shape of a day's: for [`HISTORY`], [`HISTORY_RATE`] transactions a
+//! second each rewrite one random row (about 25 pages spread over the file),
+//! under compaction windows of [`HISTORY_COMPACTION_WINDOWS`] instead of the
+//! default 10 s, 5 min and 1 h, so that it spans several windows of every
+//! level, as a day does under the defaults. A restore of the newest state
+//! then reads what it would a day after a snapshot: the snapshot, cumulative
+//! objects (the pages changed since the snapshot up to the last boundary of
+//! the top level, and so on down) and the change objects of the last window. It waits until the bucket holds the
+//! last transaction, and stops the mount, so that nothing changes the objects
+//! while they are read.
 //!
 //! The objects a restore of the newest state reads come from ltxfs's own plan
 //! (`backup::layout::plan`) over a listing. Then, in [`ROUNDS`] rounds whose
@@ -43,7 +49,7 @@ use crate::BenchError;
 use crate::mount::{MountGuard, ltxfs_binary};
 use crate::replication::fill;
 use crate::replication::percentile;
-use crate::workload::{INSERT, PAYLOAD_BYTES, create_database, sql_error};
+use crate::workload::{INSERT, PAYLOAD_BYTES, Rng, create_database, sql_error};
 use ltxfs::backup::layout::{self, Target};
 use test_support::{Moto, exit_with_parent};
 
@@ -54,15 +60,18 @@ const TINY_DB: &str = "tiny.db";
 /// The source mount, and its destination's prefix.
 const SOURCE_MOUNT: &str = "restore-source";
 const PREFIX: &str = "restore";
-/// The fill: rows of random blobs, many per transaction.
-/// The history after the snapshot: small transactions, paced so that they
-/// span several sync intervals (several objects).
-pub const HISTORY_TRANSACTIONS: u64 = 3000;
-const HISTORY_RATE: u32 = 1000;
+/// How long the history after the snapshot is written: longer than the top
+/// compaction window, so that it holds a boundary of every level.
+pub const HISTORY: Duration = Duration::from_secs(45);
+/// Transactions a second in the history.
+const HISTORY_RATE: u32 = 10;
+/// The source's compaction windows: three levels, as by default, short
+/// enough for [`HISTORY`] to span several windows of the top one.
+pub const HISTORY_COMPACTION_WINDOWS: &str = "[3s, 6s, 12s]";
 /// How long uploading the snapshots may take.
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(900);
 /// How long uploading the history may take.
-const HISTORY_TIMEOUT: Duration = Duration::from_secs(120);
+const HISTORY_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long one restore may take.
 const RESTORE_TIMEOUT: Duration = Duration::from_secs(900);
 /// How often a running restore is checked on.
@@ -82,8 +91,12 @@ pub struct RestoreResult {
     pub db_bytes: u64,
     /// The objects the restore reads.
     pub objects: usize,
-    /// Of which change objects after the snapshot.
+    /// Of which cumulative objects.
+    pub cumulative_objects: usize,
+    /// Of which change objects (merged or not).
     pub change_objects: usize,
+    /// The transactions of the history.
+    pub history_transactions: u64,
     /// The bytes of those objects.
     pub object_bytes: u64,
     /// Each round's time to GET the objects.
@@ -183,7 +196,10 @@ pub(super) fn measure(
         base,
         SOURCE_MOUNT,
         true,
-        &backup_section(&moto.endpoint(), PREFIX),
+        &format!(
+            "{}  compaction-windows: {HISTORY_COMPACTION_WINDOWS}\n",
+            backup_section(&moto.endpoint(), PREFIX)
+        ),
     )?;
     let pid = mount.pid();
     let mount_idle_rss = pid.and_then(|pid| status_bytes(pid, "VmRSS")).unwrap_or(0);
@@ -196,7 +212,7 @@ pub(super) fn measure(
     let mount_peak_rss = pid.and_then(|pid| status_bytes(pid, "VmHWM")).unwrap_or(0);
 
     let path = mount.mount_point().join(RESTORE_DB);
-    write_history(&path)?;
+    let history_transactions = write_history(&path)?;
     let db_bytes = file_size(&path)?;
     let (txid, checksum) = require_position(&mount, RESTORE_DB)?;
     wait_backed_up(runtime, &destination, RESTORE_DB, txid, HISTORY_TIMEOUT)?;
@@ -257,10 +273,23 @@ pub(super) fn measure(
             }
         }
     }
+    let in_folder = |folder: &str| {
+        plan.objects
+            .iter()
+            .filter(|name| {
+                name.path()
+                    .split('/')
+                    .nth(1)
+                    .is_some_and(|dir| dir.starts_with(folder))
+            })
+            .count()
+    };
     Ok(RestoreResult {
         db_bytes,
         objects: objects.len(),
-        change_objects: objects.len().saturating_sub(1),
+        cumulative_objects: in_folder("cumulative"),
+        change_objects: in_folder("changes"),
+        history_transactions,
         object_bytes: objects.iter().map(|(_, size)| size).sum(),
         get,
         get_fsync,
@@ -274,32 +303,38 @@ pub(super) fn measure(
     })
 }
 
-/// Commits [`HISTORY_TRANSACTIONS`] single-row inserts into a table of their
-/// own at [`HISTORY_RATE`] per second.
-fn write_history(path: &Path) -> Result<(), BenchError> {
+/// For [`HISTORY`], commits [`HISTORY_RATE`] transactions a second, each
+/// rewriting one random row of the fill with a new random blob; returns how
+/// many it committed.
+fn write_history(path: &Path) -> Result<u64, BenchError> {
     let sql = |action| move |cause| sql_error(action, path, cause);
     let conn = rusqlite::Connection::open(path).map_err(sql("open the database"))?;
-    conn.execute_batch(
-        "PRAGMA synchronous=NORMAL; CREATE TABLE history(id INTEGER PRIMARY KEY, v BLOB NOT NULL);",
-    )
-    .map_err(sql("create the history table"))?;
-    let mut insert = conn
-        .prepare("INSERT INTO history(v) VALUES (?1)")
-        .map_err(sql("prepare the insert"))?;
-    let payload = [0xa5_u8; PAYLOAD_BYTES];
+    conn.execute_batch("PRAGMA synchronous=NORMAL;")
+        .map_err(sql("set synchronous"))?;
+    let rows: i64 = conn
+        .query_row("SELECT max(id) FROM t", [], |row| row.get(0))
+        .map_err(sql("count the rows"))?;
+    let rows = u64::try_from(rows).unwrap_or(0);
+    let mut update = conn
+        .prepare("UPDATE t SET v = randomblob(length(v)) WHERE id = ?1")
+        .map_err(sql("prepare the update"))?;
+    let mut rng = Rng::new(18);
     let interval = Duration::from_secs(1) / HISTORY_RATE;
-    let mut due = Instant::now();
-    for _ in 0..HISTORY_TRANSACTIONS {
+    let started = Instant::now();
+    let mut due = started;
+    let mut committed = 0;
+    while started.elapsed() < HISTORY {
         let now = Instant::now();
         if due > now {
             std::thread::sleep(due - now);
         }
         due += interval;
-        insert
-            .execute([&payload[..]])
-            .map_err(sql("insert a row"))?;
+        update
+            .execute([rng.id(rows)])
+            .map_err(sql("rewrite a row"))?;
+        committed += 1;
     }
-    Ok(())
+    Ok(committed)
 }
 
 /// GETs `objects` (key and size) from moto one after the other into `path`;
@@ -478,8 +513,10 @@ mod tests {
     fn result(get_ms: [u64; 3], restore_ms: [u64; 3]) -> RestoreResult {
         RestoreResult {
             db_bytes: 1 << 30,
-            objects: 4,
-            change_objects: 3,
+            objects: 8,
+            cumulative_objects: 3,
+            change_objects: 4,
+            history_transactions: 450,
             object_bytes: 1 << 30,
             get: get_ms.into_iter().map(Duration::from_millis).collect(),
             get_fsync: vec![Duration::from_millis(500)],
