@@ -526,6 +526,8 @@ struct Builder {
     done: bool,
     /// Bytes written since the kernel was last asked to start writing back.
     unsynced: u64,
+    /// The pages of the record being applied that wait to be written.
+    run: PageRun,
 }
 
 /// The most bytes of consecutive pages written with one call.
@@ -536,27 +538,25 @@ const WRITEBACK_EVERY_BYTES: u64 = 32 << 20;
 
 /// Consecutive pages waiting to be written in one call. Pages are decoded
 /// straight into its buffer, so a page that continues the run is copied once.
+#[derive(Default)]
 struct PageRun {
     /// The file offset of the first page.
     start: u64,
-    /// Room for a full run and one page more, allocated once.
+    /// The run, then room for the page being decoded; it grows to a full run
+    /// and one page at most, and is kept for the next record.
     buffer: Vec<u8>,
     /// How many bytes of `buffer` hold the run.
     len: usize,
 }
 
 impl PageRun {
-    fn new(page_size: usize) -> PageRun {
-        PageRun {
-            start: 0,
-            buffer: vec![0; PAGE_RUN_BYTES + page_size],
-            len: 0,
-        }
-    }
-
     /// Where the next page is decoded: right after the run.
     fn next_page(&mut self, page_size: usize) -> &mut [u8] {
-        &mut self.buffer[self.len..self.len + page_size]
+        let end = self.len + page_size;
+        if self.buffer.len() < end {
+            self.buffer.resize(end, 0);
+        }
+        &mut self.buffer[self.len..end]
     }
 
     /// Takes the page decoded by [`PageRun::next_page`] for `offset` into the
@@ -621,6 +621,7 @@ impl Builder {
             checksum: None,
             done: false,
             unsynced: 0,
+            run: PageRun::default(),
         }
     }
 
@@ -742,7 +743,7 @@ impl Builder {
         // against its post-apply checksum.
         let before = self.commit;
         let mut replaced = vec![0u8; page_size];
-        let mut run = PageRun::new(page_size);
+        let run = &mut self.run;
         while let Some(pgno) = decoder
             .next_page_into(run.next_page(page_size))
             .map_err(|error| BackupError::bad_ltx(object, error))?
@@ -898,7 +899,8 @@ pub fn spool_dir_for(output: &Path) -> PathBuf {
 
 #[cfg(test)]
 mod tests {
-    use super::RestoreProgress;
+    use super::{PAGE_RUN_BYTES, PageRun, RestoreProgress};
+    use std::os::unix::fs::FileExt;
 
     fn at(bytes_done: u64, bytes: u64) -> u64 {
         RestoreProgress {
@@ -920,5 +922,39 @@ mod tests {
         assert_eq!(at(5000, 1000), 100);
         assert_eq!(at(0, 0), 100);
         assert_eq!(at(u64::MAX, u64::MAX), 100);
+    }
+
+    /// Pages pushed in any order land at their offsets, whether they continue
+    /// the run, start a new one, or overflow a full one; a run kept for the
+    /// next record starts empty.
+    #[test]
+    fn page_runs_write_every_page_at_its_offset() {
+        let page_size = 4096;
+        let file = tempfile::tempfile().unwrap();
+        let mut unsynced = 0;
+        let mut run = PageRun::default();
+        let full_run = (PAGE_RUN_BYTES / page_size) as u32;
+        let mut pages: Vec<u32> = (1..=full_run + 3).collect();
+        pages.extend([full_run + 10, full_run + 11, full_run + 5]);
+        for record in [&pages[..], &[2, 7][..]] {
+            for &pgno in record {
+                run.next_page(page_size).fill((pgno % 251) as u8 + 1);
+                let offset = u64::from(pgno - 1) * page_size as u64;
+                let page = run.push(offset, page_size, &file, &mut unsynced).unwrap();
+                assert!(page.iter().all(|&byte| byte == (pgno % 251) as u8 + 1));
+            }
+            run.write(&file, &mut unsynced).unwrap();
+            assert_eq!(run.len, 0);
+        }
+        for pgno in pages {
+            let mut page = vec![0u8; page_size];
+            file.read_exact_at(&mut page, u64::from(pgno - 1) * page_size as u64)
+                .unwrap();
+            assert!(
+                page.iter().all(|&byte| byte == (pgno % 251) as u8 + 1),
+                "page {pgno}"
+            );
+        }
+        assert!(run.buffer.len() <= PAGE_RUN_BYTES + page_size);
     }
 }
