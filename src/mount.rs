@@ -1088,9 +1088,18 @@ impl ReplicationTasks {
     }
 }
 
+/// How long stopping a [`PeriodicTask`] waits for a run under way. A
+/// retention run can merge a large log for many seconds; shutdown goes on
+/// without it, and the run ends with the process, as at a crash: its
+/// half-written merge is a scratch file that the next start removes.
+const PERIODIC_STOP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// A background thread that runs a task at an interval until it is stopped.
 struct PeriodicTask {
+    name: String,
     stop: std::sync::mpsc::Sender<()>,
+    /// Disconnected once the thread has ended.
+    ended: std::sync::mpsc::Receiver<()>,
     thread: std::thread::JoinHandle<()>,
 }
 
@@ -1101,22 +1110,39 @@ impl PeriodicTask {
         mut task: impl FnMut() + Send + 'static,
     ) -> io::Result<PeriodicTask> {
         let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let (ending, ended) = std::sync::mpsc::channel::<()>();
         let thread = std::thread::Builder::new()
             .name(name.to_string())
             .spawn(move || {
+                let _ending = ending;
                 while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
                     stopped.recv_timeout(interval)
                 {
                     task();
                 }
             })?;
-        Ok(PeriodicTask { stop, thread })
+        Ok(PeriodicTask {
+            name: name.to_string(),
+            stop,
+            ended,
+            thread,
+        })
     }
 
+    /// Stops the task: waits up to [`PERIODIC_STOP_TIMEOUT`] for a run under
+    /// way, then goes on without it.
     fn stop(self) {
         let _ = self.stop.send(());
-        if self.thread.join().is_err() {
-            tracing::error!("a background task panicked");
+        match self.ended.recv_timeout(PERIODIC_STOP_TIMEOUT) {
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => tracing::warn!(
+                task = %self.name,
+                "a background task is still running; shutting down without waiting for it"
+            ),
+            Ok(()) | Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                if self.thread.join().is_err() {
+                    tracing::error!(task = %self.name, "a background task panicked");
+                }
+            }
         }
     }
 }
@@ -1222,5 +1248,58 @@ fn forward_signal(pid: Option<u32>, signal: i32) {
         tracing::info!(pid, signal, "forwarding signal to the exec command");
         // SAFETY: kill has no memory-safety preconditions.
         unsafe { libc::kill(pid as i32, signal) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{PERIODIC_STOP_TIMEOUT, PeriodicTask};
+    use std::sync::mpsc;
+    use std::time::{Duration, Instant};
+
+    /// A retention merge of a large log once held a SIGTERM'd mount past its
+    /// stop timeout: stopping a task waits a bounded time for a run under way.
+    #[test]
+    fn stopping_a_task_does_not_wait_out_a_long_run() {
+        let (entered, run_entered) = mpsc::channel();
+        let (release, released) = mpsc::channel::<()>();
+        let task = PeriodicTask::start("slow", Duration::from_millis(1), move || {
+            let _ = entered.send(());
+            let _ = released.recv_timeout(Duration::from_secs(60));
+        })
+        .unwrap();
+        run_entered.recv_timeout(Duration::from_secs(10)).unwrap();
+        let stopping = Instant::now();
+        task.stop();
+        let took = stopping.elapsed();
+        drop(release);
+        assert!(took >= PERIODIC_STOP_TIMEOUT, "stopped after {took:?}");
+        assert!(
+            took < PERIODIC_STOP_TIMEOUT + Duration::from_secs(5),
+            "stopped after {took:?}"
+        );
+    }
+
+    #[test]
+    fn stopping_an_idle_task_ends_its_thread() {
+        let (ran, runs) = mpsc::channel();
+        let task = PeriodicTask::start("quick", Duration::from_millis(1), move || {
+            let _ = ran.send(());
+        })
+        .unwrap();
+        runs.recv_timeout(Duration::from_secs(10)).unwrap();
+        let stopping = Instant::now();
+        task.stop();
+        assert!(stopping.elapsed() < PERIODIC_STOP_TIMEOUT);
+        // The thread ended: its sender is gone once the queued runs are read.
+        loop {
+            match runs.recv_timeout(Duration::from_secs(10)) {
+                Ok(()) => continue,
+                Err(error) => {
+                    assert_eq!(error, mpsc::RecvTimeoutError::Disconnected);
+                    break;
+                }
+            }
+        }
     }
 }
