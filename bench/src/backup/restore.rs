@@ -15,9 +15,9 @@
 //! level, as a day does under the defaults. A restore of the newest state
 //! then reads what it would a day after a snapshot: the snapshot, cumulative
 //! objects (the pages changed since the snapshot up to the last boundary of
-//! the top level, and so on down) and the change objects of the last window. It waits until the bucket holds the
-//! last transaction, and stops the mount, so that nothing changes the objects
-//! while they are read.
+//! the top level, and so on down) and the change objects of the last window.
+//! The benchmark waits until the bucket holds the last transaction, and stops
+//! the mount, so that nothing changes the objects while they are read.
 //!
 //! The objects a restore of the newest state reads come from ltxfs's own plan
 //! (`backup::layout::plan`) over a listing. Then, in [`ROUNDS`] rounds whose
