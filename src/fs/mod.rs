@@ -576,6 +576,7 @@ impl Fs {
             .make_change(node.database(), file_change(node), || {
                 node.write_at(offset, data)
             })?;
+        self.store.wrote(node, offset, data.len());
         Ok(data.len() as u32)
     }
 

@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use crate::fs::{
     Attr, AttrChange, CachePolicy, Creator, Fs, FsError, LockCall, NodeType, ROOT_INO,
 };
-use crate::own_mount::{OwnMount, is_own_thread};
+use crate::own_mount::{OwnMount, Prefetcher, is_own_thread};
 use crate::store::locks::{LockKind, LockServer};
 use crate::store::{KernelCache, NodeId};
 
@@ -42,6 +42,7 @@ pub struct MountedSession {
     ended: CancellationToken,
     /// ltxfs's own descriptors of the mount, when the kernel serves the locks.
     own_mount: Option<Arc<OwnMount>>,
+    prefetcher: Arc<Prefetcher>,
 }
 
 impl MountedSession {
@@ -74,8 +75,10 @@ impl MountedSession {
             stateless_directories: false,
         };
         let session = fuser::Session::new(adapter, mount_point, &options)?.spawn()?;
+        let prefetcher = Arc::new(Prefetcher::start(mount_point)?);
         store.set_kernel_cache(Arc::new(KernelNotifier {
             notifier: session.notifier(),
+            prefetcher: prefetcher.clone(),
         }));
         let own_mount = match store.lock_server() {
             LockServer::Kernel => {
@@ -90,12 +93,14 @@ impl MountedSession {
             mount_point: mount_point.to_path_buf(),
             ended,
             own_mount,
+            prefetcher,
         })
     }
 
     /// Unmounts and waits for the worker threads; if a process still has a file
     /// open, detaches the mount instead (the kernel finishes once it is closed).
     pub fn unmount(self) {
+        self.prefetcher.stop();
         if let Some(own) = &self.own_mount {
             own.close_all();
         }
@@ -126,9 +131,11 @@ pub fn detach(path: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Tells the kernel to drop what it cached, through FUSE notifications.
+/// Tells the kernel to drop what it cached, through FUSE notifications, and
+/// to read files in, through the [`Prefetcher`].
 struct KernelNotifier {
     notifier: fuser::Notifier,
+    prefetcher: Arc<Prefetcher>,
 }
 
 impl KernelCache for KernelNotifier {
@@ -161,6 +168,10 @@ impl KernelCache for KernelNotifier {
                 tracing::warn!(%error, name, "could not invalidate a cached entry");
             }
         }
+    }
+
+    fn prefetch(&self, name: &str, len: u64) {
+        self.prefetcher.request(name, len);
     }
 }
 
@@ -416,8 +427,8 @@ impl fuser::Filesystem for FuseAdapter {
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let write = flags.0 & libc::O_ACCMODE != libc::O_RDONLY;
-        let by_ltxfs = write && is_own_thread(req.pid());
-        match self.fs.open(ino.0, write, by_ltxfs) {
+        let by_ltxfs = is_own_thread(req.pid());
+        match self.fs.open(ino.0, write, write && by_ltxfs) {
             Ok((handle, cache)) => {
                 let mut flags = fopen_flags(cache);
                 if by_ltxfs {

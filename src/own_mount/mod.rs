@@ -1,7 +1,9 @@
-//! What ltxfs does through its own mount when the kernel serves SQLite's
-//! locks (`fuse.locks: kernel`): the core's [`KernelLocks`], built on
+//! What ltxfs does through its own mount: when the kernel serves SQLite's
+//! locks (`fuse.locks: kernel`), the core's [`KernelLocks`], built on
 //! descriptors of ltxfs's own on the mount, so the kernel arbitrates ltxfs's
-//! locks against the applications' as it does between any two processes.
+//! locks against the applications' as it does between any two processes;
+//! and, whoever serves the locks, the [`Prefetcher`], which reads files into
+//! the kernel's cache.
 //!
 //! Taking a lock here may make requests to the mount, so it runs on the
 //! threads that apply change sets, never on a FUSE worker or an async thread;
@@ -14,10 +16,12 @@
 //! [`KernelLocks::is_write_locked`]: crate::store::KernelLocks::is_write_locked
 
 mod locks;
+mod prefetch;
 
 use std::path::{Path, PathBuf};
 
 pub use locks::is_own_thread;
+pub use prefetch::Prefetcher;
 
 /// ltxfs's own descriptors on one mount.
 pub struct OwnMount {

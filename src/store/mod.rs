@@ -164,6 +164,9 @@ pub trait KernelCache: Send + Sync {
     fn invalidate_pages(&self, node: NodeId, offset: u64, len: u64);
     /// Drops the cached directory entry (positive or negative) for a name.
     fn invalidate_entry(&self, name: &str);
+    /// Asks the kernel to read the first `len` bytes of the mount's file
+    /// `name` into its cache, in the background. Never waits.
+    fn prefetch(&self, name: &str, len: u64);
 }
 
 /// What the kernel knows of the locks on the mount's files, when it serves
@@ -792,6 +795,28 @@ impl Store {
         }
         self.hold_commit(database, mark)?;
         Ok(made)
+    }
+
+    /// After a write of `len` bytes at `offset` of `node`, through the mount.
+    /// A WAL header written over a longer WAL starts the WAL over: SQLite
+    /// writes its frames again from the front. A frame is a 24-byte header
+    /// and then a page, so its page starts mid-page of the kernel's cache, and
+    /// the kernel splits a write where it covers a page it does not hold whole:
+    /// a frame costs three write requests instead of two until the kernel holds
+    /// the WAL's pages. It is asked to read them in (writes keep them whole
+    /// once it does).
+    pub fn wrote(&self, node: &Node, offset: u64, len: usize) {
+        if *node.kind() != FileKind::Wal || offset != 0 || len as u64 != wal::WAL_HEADER_SIZE {
+            return;
+        }
+        let Ok(metadata) = node.file.metadata() else {
+            return;
+        };
+        if metadata.len() > wal::WAL_HEADER_SIZE
+            && let Some(cache) = self.kernel_cache()
+        {
+            cache.prefetch(node.name(), metadata.len());
+        }
     }
 
     /// Publishes `database`'s captured WAL commit once its writer released

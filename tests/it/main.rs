@@ -16,6 +16,7 @@ mod config_file;
 mod django;
 mod failover;
 mod faults;
+mod fuse_requests;
 mod kernel_cache;
 mod lease_conformance;
 mod lease_etcd;
