@@ -232,11 +232,52 @@ struct WalTracker {
     committed: BTreeMap<u32, u64>,
     /// Byte offset just past the last committed frame of this generation.
     committed_end: u64,
+    /// The last frame header written whole by a write of its own, and its
+    /// offset: SQLite writes a frame's header and then its page, so when the
+    /// page's write completes the frame, its header need not be read back.
+    /// Dropped when a later write overlaps it in part.
+    last_frame_header: Option<(u64, [u8; FRAME_HEADER_SIZE as usize])>,
+}
+
+/// The bytes of the write being captured, at their offset in the file.
+#[derive(Clone, Copy)]
+struct Written<'a> {
+    offset: u64,
+    data: &'a [u8],
+}
+
+impl<'a> Written<'a> {
+    /// The bytes of the `len` at `offset` of the file, when this write holds
+    /// them all.
+    fn range(&self, offset: u64, len: u64) -> Option<&'a [u8]> {
+        let start = usize::try_from(offset.checked_sub(self.offset)?).ok()?;
+        let end = start.checked_add(usize::try_from(len).ok()?)?;
+        self.data.get(start..end)
+    }
 }
 
 impl WalTracker {
     fn reset(&mut self) {
         *self = WalTracker::default();
+    }
+
+    /// Keeps a frame header that `written` wrote whole and alone, and drops
+    /// the one kept if `written` overlaps it otherwise.
+    fn note_frame_header_write(&mut self, header: &WalHeader, written: Written<'_>) {
+        let end = written.offset + written.data.len() as u64;
+        if let Some((at, _)) = self.last_frame_header
+            && written.offset < at + FRAME_HEADER_SIZE
+            && at < end
+        {
+            self.last_frame_header = None;
+        }
+        let frame_size = FRAME_HEADER_SIZE + u64::from(header.page_size);
+        let is_frame_header = written.data.len() as u64 == FRAME_HEADER_SIZE
+            && written.offset >= wal::WAL_HEADER_SIZE
+            && (written.offset - wal::WAL_HEADER_SIZE) % frame_size == 0;
+        if is_frame_header && let Ok(bytes) = written.data.try_into() {
+            self.last_frame_header = Some((written.offset, bytes));
+        }
     }
 }
 
@@ -759,7 +800,7 @@ impl Database {
             );
         }
         let all_pages: Vec<u32> = (1..=commit).filter(|&p| p != lock_page).collect();
-        self.emit_pages(state, page_size, commit, &all_pages, None)?;
+        self.emit_pages(state, page_size, commit, &all_pages, None, None)?;
         state.refresh_wal_mode()?;
         Ok(())
     }
@@ -860,6 +901,7 @@ impl Database {
                 transaction.commit,
                 &candidates,
                 Some(span),
+                None,
             )?;
         }
         state.wal.header = Some(header);
@@ -891,13 +933,13 @@ impl Database {
         let lock_page = ltx::lock_page_number(page_size);
         if page_size != state.page_size || state.position.txid.0 == 0 || state.snapshot_next {
             let all_pages: Vec<u32> = (1..=commit).filter(|&p| p != lock_page).collect();
-            self.emit_pages(state, page_size, commit, &all_pages, None)?;
+            self.emit_pages(state, page_size, commit, &all_pages, None, None)?;
         } else {
             let candidates: Vec<u32> = dirty
                 .into_iter()
                 .filter(|&p| p <= commit && p != lock_page)
                 .collect();
-            self.emit_pages(state, page_size, commit, &candidates, None)?;
+            self.emit_pages(state, page_size, commit, &candidates, None, None)?;
         }
         state.refresh_wal_mode()
     }
@@ -934,6 +976,8 @@ impl Database {
         if offset < state.wal.committed_end {
             self.retract_wal_commits(state, &header, offset)?;
         }
+        let written = Written { offset, data };
+        state.wal.note_frame_header_write(&header, written);
         let first = (offset.max(wal::WAL_HEADER_SIZE) - wal::WAL_HEADER_SIZE) / frame_size;
         let last = (end - wal::WAL_HEADER_SIZE - 1) / frame_size;
         for index in first..=last {
@@ -949,7 +993,7 @@ impl Database {
                 state.wal.frames_written = state.wal.frames_written.max(index + 1);
             }
             if completes_frame || rewrites_header {
-                self.note_wal_frame(state, &header, frame_offset)?;
+                self.note_wal_frame(state, &header, frame_offset, written)?;
             }
         }
         Ok(())
@@ -1004,20 +1048,31 @@ impl Database {
         state.wal.transaction.clear();
         let frame_size = FRAME_HEADER_SIZE + u64::from(header.page_size);
         state.wal.frames_written = (kept_end - wal::WAL_HEADER_SIZE) / frame_size;
-        self.emit_pages(state, header.page_size, commit, &reverted, None)
+        self.emit_pages(state, header.page_size, commit, &reverted, None, None)
     }
 
+    /// Notes the frame at `frame_offset`, which `written` (the write being
+    /// captured) completed or whose header it rewrote.
     fn note_wal_frame(
         &self,
         state: &mut MutexGuard<'_, CaptureState>,
         header: &WalHeader,
         frame_offset: u64,
+        written: Written<'_>,
     ) -> Result<(), StoreError> {
         let Some(wal_file) = state.wal_file.clone() else {
             return Ok(());
         };
         let mut frame_header = [0u8; FRAME_HEADER_SIZE as usize];
-        if !wal::read_exact_at(&wal_file, &mut frame_header, frame_offset)
+        if let Some(bytes) = written.range(frame_offset, FRAME_HEADER_SIZE) {
+            frame_header.copy_from_slice(bytes);
+        } else if let Some((_, bytes)) = state
+            .wal
+            .last_frame_header
+            .filter(|&(at, _)| at == frame_offset)
+        {
+            frame_header = bytes;
+        } else if !wal::read_exact_at(&wal_file, &mut frame_header, frame_offset)
             .map_err(|source| io_error(&self.name, "read the WAL", source))?
         {
             return Ok(());
@@ -1051,15 +1106,37 @@ impl Database {
         }
         let commit = frame.commit;
         let lock_page = ltx::lock_page_number(header.page_size);
+        // The commit frame's page is the last frame of its page number in
+        // the transaction, so what the change set holds for that page.
+        let in_hand = written
+            .range(
+                frame_offset + FRAME_HEADER_SIZE,
+                u64::from(header.page_size),
+            )
+            .map(|bytes| (frame.pgno, bytes));
         if header.page_size != state.page_size || state.position.txid.0 == 0 {
             let all_pages: Vec<u32> = (1..=commit).filter(|&p| p != lock_page).collect();
-            self.emit_pages(state, header.page_size, commit, &all_pages, Some(span))?;
+            self.emit_pages(
+                state,
+                header.page_size,
+                commit,
+                &all_pages,
+                Some(span),
+                in_hand,
+            )?;
         } else {
             let candidates: Vec<u32> = transaction
                 .into_keys()
                 .filter(|&p| p <= commit && p != lock_page)
                 .collect();
-            self.emit_pages(state, header.page_size, commit, &candidates, Some(span))?;
+            self.emit_pages(
+                state,
+                header.page_size,
+                commit,
+                &candidates,
+                Some(span),
+                in_hand,
+            )?;
         }
         state.wal_mode = true;
         Ok(())
@@ -1067,6 +1144,7 @@ impl Database {
 
     /// Reads `candidates` (pages that may have changed), keeps those whose checksum
     /// changed, and appends a change set unless nothing changed at all.
+    /// `in_hand`: a page number and its content, which need not be read.
     fn emit_pages(
         &self,
         state: &mut MutexGuard<'_, CaptureState>,
@@ -1074,6 +1152,7 @@ impl Database {
         commit: u32,
         candidates: &[u32],
         wal_span: Option<WalSpan>,
+        in_hand: Option<(u32, &[u8])>,
     ) -> Result<(), StoreError> {
         let full =
             page_size != state.page_size || state.position.txid.0 == 0 || state.snapshot_next;
@@ -1105,7 +1184,14 @@ impl Database {
         let mut changed: Vec<(u32, Vec<u8>)> = Vec::new();
         for pgno in candidates {
             let mut page = vec![0u8; page_size as usize];
-            state.read_logical_page(pgno, page_size, &mut page)?;
+            match in_hand {
+                Some((in_hand_pgno, bytes))
+                    if in_hand_pgno == pgno && bytes.len() == page.len() =>
+                {
+                    page.copy_from_slice(bytes)
+                }
+                _ => state.read_logical_page(pgno, page_size, &mut page)?,
+            }
             let checksum = ltx::page_checksum(pgno, &page).0;
             let old = state
                 .page_checksums
@@ -1491,5 +1577,52 @@ fn io_error(database: &str, what: &str, source: std::io::Error) -> StoreError {
     StoreError::Io {
         context: format!("{what} of {database}"),
         source,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_write_holds_only_the_ranges_it_covers_whole() {
+        let data: Vec<u8> = (0..100).collect();
+        let written = Written {
+            offset: 1000,
+            data: &data,
+        };
+        assert_eq!(written.range(1000, 100), Some(&data[..]));
+        assert_eq!(written.range(1010, 5), Some(&data[10..15]));
+        assert_eq!(written.range(999, 10), None, "starts before the write");
+        assert_eq!(written.range(1095, 10), None, "ends after the write");
+        assert_eq!(written.range(u64::MAX, 2), None);
+    }
+
+    #[test]
+    fn a_frame_header_is_kept_until_a_write_overlaps_it() {
+        let header = WalHeader::parse(&wal::testing::header(512, (7, 8))).unwrap();
+        let frame_bytes: Vec<u8> = (0..FRAME_HEADER_SIZE as u8).collect();
+        let second_frame = header.frame_offset(1);
+        let mut tracker = WalTracker::default();
+
+        // Alone, at a frame's start: kept.
+        let write = |offset, data| Written { offset, data };
+        tracker.note_frame_header_write(&header, write(second_frame, &frame_bytes));
+        assert_eq!(
+            tracker
+                .last_frame_header
+                .map(|(at, bytes)| (at, bytes.to_vec())),
+            Some((second_frame, frame_bytes.clone()))
+        );
+        // The frame's page, after it: the header stays.
+        tracker.note_frame_header_write(
+            &header,
+            write(second_frame + FRAME_HEADER_SIZE, &[0u8; 512]),
+        );
+        assert!(tracker.last_frame_header.is_some());
+        // 24 bytes that are not at a frame's start are not a frame header, and
+        // overlapping the kept one, drop it.
+        tracker.note_frame_header_write(&header, write(second_frame + 4, &frame_bytes));
+        assert_eq!(tracker.last_frame_header, None);
     }
 }
