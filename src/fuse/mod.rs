@@ -74,8 +74,8 @@ impl MountedSession {
             ended: ended.clone(),
             stateless_directories: false,
         };
-        let session = fuser::Session::new(adapter, mount_point, &options)?.spawn()?;
         let prefetcher = Arc::new(Prefetcher::start(mount_point)?);
+        let session = fuser::Session::new(adapter, mount_point, &options)?.spawn()?;
         store.set_kernel_cache(Arc::new(KernelNotifier {
             notifier: session.notifier(),
             prefetcher: prefetcher.clone(),

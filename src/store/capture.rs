@@ -247,8 +247,8 @@ struct Written<'a> {
 }
 
 impl<'a> Written<'a> {
-    /// The bytes of the `len` at `offset` of the file, when this write holds
-    /// them all.
+    /// The `len` bytes at `offset` of the file, when this write holds them
+    /// all.
     fn range(&self, offset: u64, len: u64) -> Option<&'a [u8]> {
         let start = usize::try_from(offset.checked_sub(self.offset)?).ok()?;
         let end = start.checked_add(usize::try_from(len).ok()?)?;
