@@ -514,14 +514,15 @@ mod tests {
         dir: &std::path::Path,
         max_lag: Option<Duration>,
         shutdown: &CancellationToken,
-    ) -> (Arc<Store>, String) {
+    ) -> (Arc<Store>, String, tokio::net::TcpSocket) {
         let store = Arc::new(Store::open(dir, CaptureOptions::default(), Role::Replica).unwrap());
         let commits = Arc::new(CommitBridge::new());
         store.set_commit_listener(commits.clone());
-        // Nothing listens here: reaching the app would be a 502.
-        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        // A port bound but not listening, held by the caller so that no other
+        // socket (the proxy's own among them) gets it: reaching the app is a 502.
+        let closed = tokio::net::TcpSocket::new_v4().unwrap();
+        closed.bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let target = closed.local_addr().unwrap().to_string();
-        drop(closed);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let settings = ProxySettings {
@@ -536,7 +537,7 @@ mod tests {
             writes: Arc::new(WriteGate::new()),
         };
         tokio::spawn(serve(listener, settings, node, shutdown.clone()));
-        (store, url)
+        (store, url, closed)
     }
 
     async fn call(method: Method, url: &str, headers: &[(&str, &str)]) -> (u16, String) {
@@ -636,7 +637,7 @@ mod tests {
     async fn without_a_primary_writes_wait_then_fail_with_503_and_health_says_why() {
         let dir = tempfile::tempdir().unwrap();
         let shutdown = CancellationToken::new();
-        let (_store, url) = replica_proxy(dir.path(), None, &shutdown).await;
+        let (_store, url, _app_port) = replica_proxy(dir.path(), None, &shutdown).await;
         let started = std::time::Instant::now();
         let (status, text) = call(Method::POST, &format!("{url}/items"), &[]).await;
         assert_eq!(status, 503, "{text}");
@@ -658,7 +659,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let shutdown = CancellationToken::new();
         let max_lag = Duration::from_secs(2);
-        let (store, url) = replica_proxy(dir.path(), Some(max_lag), &shutdown).await;
+        let (store, url, _app_port) = replica_proxy(dir.path(), Some(max_lag), &shutdown).await;
         store.set_primary(Some("node-a".into()));
         // The primary was last heard from longer ago than max-lag.
         store
