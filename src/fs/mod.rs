@@ -26,7 +26,7 @@ use crate::store::locks::{
     ByteRange, HeldLock, LockError, LockKind, LockOwner, LockRequest, LockServer,
 };
 use crate::store::{
-    Change, Database, LAG_FILE, Node, NodeId, PRIMARY_FILE, Store, StoreError, parse_name,
+    Change, Database, FileKind, LAG_FILE, Node, NodeId, PRIMARY_FILE, Store, StoreError, parse_name,
 };
 use crate::sync::{LockUnpoisoned, RwLockUnpoisoned};
 
@@ -337,8 +337,22 @@ impl OpenFile {
 pub enum CachePolicy {
     /// Keep cached pages: every change reaches the kernel through the mount.
     KeepCache,
-    /// Never cache: the content is generated on every read (`-pos`).
+    /// Never cache: every read and write is a request. For generated content
+    /// (`-pos`), and for rollback journals ([`Fs::open`]).
     Direct,
+}
+
+/// How the kernel may cache a file of `kind`. SQLite writes a rollback
+/// journal's page record as a 4-byte page number, the page, and a 4-byte
+/// checksum, so each page straddles two pages of the kernel's cache; a journal
+/// is new (or emptied) for each transaction, so the kernel holds neither page
+/// whole and splits the page's write in two requests. Uncached, each of
+/// SQLite's writes is one request. SQLite reads a journal only to roll back.
+fn file_cache_policy(kind: &FileKind) -> CachePolicy {
+    match kind {
+        FileKind::Journal => CachePolicy::Direct,
+        _ => CachePolicy::KeepCache,
+    }
 }
 
 /// The filesystem: the store plus open handles.
@@ -501,7 +515,7 @@ impl Fs {
         parent: u64,
         name: &OsStr,
         creator: Creator,
-    ) -> Result<(Attr, u64), FsError> {
+    ) -> Result<(Attr, u64, CachePolicy), FsError> {
         let name = root_child_name(parent, name)?;
         if StatusFile::from_name(name).is_some() {
             return Err(FsError::ReadOnlyGenerated);
@@ -523,7 +537,8 @@ impl Fs {
             }
         }
         let attr = node_attr(&node)?;
-        Ok((attr, self.add_handle(Opened::File(node))))
+        let cache = file_cache_policy(node.kind());
+        Ok((attr, self.add_handle(Opened::File(node)), cache))
     }
 
     /// Opens a file (for writing too when `write` is true), saying how the kernel
@@ -544,7 +559,7 @@ impl Fs {
                 if write && !by_ltxfs {
                     self.store.check_openable(node.name(), node.kind())?;
                 }
-                CachePolicy::KeepCache
+                file_cache_policy(node.kind())
             }
             Opened::Position(_) | Opened::Status(_) => CachePolicy::Direct,
         };
@@ -933,7 +948,7 @@ mod tests {
             mode: 0o600,
             ..CREATOR
         };
-        let (attr, _handle) = fs.create(ROOT_INO, OsStr::new("app.db"), creator).unwrap();
+        let (attr, _handle, _) = fs.create(ROOT_INO, OsStr::new("app.db"), creator).unwrap();
         assert_eq!(attr.perm, 0o600);
         let change = AttrChange {
             mode: Some(0o640),
@@ -951,7 +966,7 @@ mod tests {
         let attr = fs.setattr(attr.ino, None, change).unwrap();
         assert_eq!((attr.uid, attr.gid), (uid, gid));
         // Opening it again keeps its mode.
-        let (attr, _handle) = fs.create(ROOT_INO, OsStr::new("app.db"), CREATOR).unwrap();
+        let (attr, _handle, _) = fs.create(ROOT_INO, OsStr::new("app.db"), CREATOR).unwrap();
         assert_eq!(attr.perm, 0o640);
         let position = fs.lookup(ROOT_INO, OsStr::new("app.db-pos")).unwrap();
         let change = AttrChange {
@@ -988,7 +1003,7 @@ mod tests {
     #[test]
     fn only_the_root_is_a_directory() {
         let (_dir, fs) = new_fs();
-        let (attr, _handle) = fs.create(ROOT_INO, OsStr::new("app.db"), CREATOR).unwrap();
+        let (attr, _handle, _) = fs.create(ROOT_INO, OsStr::new("app.db"), CREATOR).unwrap();
         assert!(matches!(
             fs.lookup(attr.ino, OsStr::new("x")),
             Err(FsError::NotADirectory)
@@ -1013,7 +1028,7 @@ mod tests {
     #[test]
     fn flush_drops_posix_locks_and_release_drops_ofd_locks() {
         let (_dir, fs) = new_fs();
-        let (attr, first) = fs.create(ROOT_INO, OsStr::new("app.db"), CREATOR).unwrap();
+        let (attr, first, _) = fs.create(ROOT_INO, OsStr::new("app.db"), CREATOR).unwrap();
         let second = fs.open(attr.ino, true, false).unwrap().0;
         setlk_now(&fs, first, call(10, 0, Some(LockKind::Write))).unwrap();
         assert!(matches!(
@@ -1053,7 +1068,7 @@ mod tests {
     #[test]
     fn a_late_release_keeps_the_locks_its_process_took_since_through_another_handle() {
         let (_dir, fs) = new_fs();
-        let (attr, first) = fs.create(ROOT_INO, OsStr::new("app.db"), CREATOR).unwrap();
+        let (attr, first, _) = fs.create(ROOT_INO, OsStr::new("app.db"), CREATOR).unwrap();
         setlk_now(&fs, first, call(10, 0, Some(LockKind::Read))).unwrap();
         fs.flush(first, 10).unwrap();
         let second = fs.open(attr.ino, true, false).unwrap().0;
@@ -1070,7 +1085,7 @@ mod tests {
     #[test]
     fn blocking_lock_completes_when_the_holder_closes() {
         let (_dir, fs) = new_fs();
-        let (attr, holder) = fs.create(ROOT_INO, OsStr::new("app.db"), CREATOR).unwrap();
+        let (attr, holder, _) = fs.create(ROOT_INO, OsStr::new("app.db"), CREATOR).unwrap();
         let waiter = fs.open(attr.ino, true, false).unwrap().0;
         setlk_now(&fs, holder, call(1, 5, Some(LockKind::Write))).unwrap();
         let (sender, receiver) = mpsc::channel();
@@ -1098,9 +1113,28 @@ mod tests {
     }
 
     #[test]
+    fn rollback_journals_alone_are_uncached() {
+        let (_dir, fs) = new_fs();
+        let (_, _, cache) = fs.create(ROOT_INO, OsStr::new("app.db"), CREATOR).unwrap();
+        assert_eq!(cache, CachePolicy::KeepCache);
+        let (journal, _, cache) = fs
+            .create(ROOT_INO, OsStr::new("app.db-journal"), CREATOR)
+            .unwrap();
+        assert_eq!(cache, CachePolicy::Direct);
+        let (_, cache) = fs.open(journal.ino, true, false).unwrap();
+        assert_eq!(cache, CachePolicy::Direct);
+        let (wal, _, cache) = fs
+            .create(ROOT_INO, OsStr::new("app.db-wal"), CREATOR)
+            .unwrap();
+        assert_eq!(cache, CachePolicy::KeepCache);
+        let (_, cache) = fs.open(wal.ino, false, false).unwrap();
+        assert_eq!(cache, CachePolicy::KeepCache);
+    }
+
+    #[test]
     fn unlinked_open_file_keeps_its_attributes() {
         let (_dir, fs) = new_fs();
-        let (attr, handle) = fs
+        let (attr, handle, _) = fs
             .create(ROOT_INO, OsStr::new("app.db-journal"), CREATOR)
             .unwrap();
         fs.write(handle, 0, b"abc").unwrap();
@@ -1118,7 +1152,7 @@ mod tests {
     fn position_file_is_read_only_and_follows_commits() {
         let (_dir, fs) = new_fs();
         assert!(fs.lookup(ROOT_INO, OsStr::new("app.db-pos")).is_err());
-        let (_attr, _handle) = fs.create(ROOT_INO, OsStr::new("app.db"), CREATOR).unwrap();
+        let (_attr, _handle, _) = fs.create(ROOT_INO, OsStr::new("app.db"), CREATOR).unwrap();
         let attr = fs.lookup(ROOT_INO, OsStr::new("app.db-pos")).unwrap();
         assert_eq!(attr.size, 34);
         assert_eq!(attr.perm, 0o444);
@@ -1141,7 +1175,7 @@ mod tests {
     #[test]
     fn refusals_map_to_clear_errnos() {
         let (_dir, fs) = new_fs();
-        let (_attr, handle) = fs
+        let (_attr, handle, _) = fs
             .create(ROOT_INO, OsStr::new("notes.txt"), CREATOR)
             .unwrap();
         let error = fs.write(handle, 0, b"hello").unwrap_err();

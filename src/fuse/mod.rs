@@ -637,12 +637,12 @@ impl fuser::Filesystem for FuseAdapter {
             gid: req.gid(),
         };
         match self.fs.create(parent.0, name, creator) {
-            Ok((attr, handle)) => reply.created(
+            Ok((attr, handle, cache)) => reply.created(
                 &CACHE_TTL,
                 &file_attr(&attr),
                 Generation(0),
                 FileHandle(handle),
-                fopen_flags(CachePolicy::KeepCache),
+                fopen_flags(cache),
             ),
             Err(error) => reply.error(errno("create", error)),
         }

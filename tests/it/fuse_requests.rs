@@ -17,6 +17,22 @@ fn write_requests(text: &str, ino: u64) -> usize {
     text.lines().filter(|line| line.contains(&needle)).count()
 }
 
+/// Write requests to any file per single-row transaction, over [`SAMPLE_TXNS`].
+fn all_writes_per_txn(mount: &Mount, conn: &Connection) -> f64 {
+    let writes = |text: &str| {
+        text.lines()
+            .filter(|line| line.contains(" WRITE fh"))
+            .count()
+    };
+    let before = writes(&mount.stderr_text());
+    for _ in 0..SAMPLE_TXNS {
+        conn.execute("INSERT INTO t(v) VALUES ('row')", [])
+            .expect("insert");
+    }
+    let after = writes(&mount.stderr_text());
+    (after - before) as f64 / SAMPLE_TXNS as f64
+}
+
 /// Write requests to the WAL per single-row transaction, over [`SAMPLE_TXNS`].
 fn wal_writes_per_txn(mount: &Mount, conn: &Connection, wal: &Path) -> f64 {
     let ino = std::fs::metadata(wal).expect("stat the WAL").ino();
@@ -80,6 +96,36 @@ fn a_restarted_wal_costs_two_write_requests_per_frame() {
                 Err(format!("{restarted} per transaction"))
             }
         },
+    );
+    assert_integrity(&db);
+}
+
+/// A rollback journal is not cached, so each of SQLite's writes to it is one
+/// request: a one-row transaction in DELETE mode writes the journal's header,
+/// two page records (page number, page, checksum: three writes each) and the
+/// header again, and two database pages: 10 writes. Cached, the kernel would
+/// split each journaled page at the page of its cache that it straddles: 12.
+#[test]
+fn a_rollback_journal_costs_one_write_request_per_sqlite_write() {
+    let mount = Mount::start(MountOptions {
+        extra_yaml: "fuse:\n  debug: true\n".to_string(),
+        ..MountOptions::default()
+    });
+    let db = mount.db_path("journal.db");
+    let conn = open_db(&db);
+    set_journal_mode(&conn, "delete");
+    conn.execute_batch(
+        "PRAGMA synchronous = FULL;
+         CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT);",
+    )
+    .expect("create the table");
+    conn.execute("INSERT INTO t(v) VALUES ('row')", [])
+        .expect("insert");
+
+    let writes = all_writes_per_txn(&mount, &conn);
+    assert!(
+        (9.9..10.5).contains(&writes),
+        "{writes} write requests per transaction"
     );
     assert_integrity(&db);
 }
