@@ -2,7 +2,6 @@
 //! ltxfs logs with `fuse.debug`.
 
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
 use std::time::Duration;
 
 use crate::common::*;
@@ -11,38 +10,38 @@ use rusqlite::Connection;
 /// Single-row transactions per sample of write requests.
 const SAMPLE_TXNS: usize = 20;
 
-/// Write requests to the file with inode `ino` in the log lines of `text`.
-fn write_requests(text: &str, ino: u64) -> usize {
-    let needle = format!("ino {ino:#018x} WRITE");
-    text.lines().filter(|line| line.contains(&needle)).count()
-}
-
-/// Write requests to any file per single-row transaction, over [`SAMPLE_TXNS`].
-fn all_writes_per_txn(mount: &Mount, conn: &Connection) -> f64 {
-    let writes = |text: &str| {
-        text.lines()
-            .filter(|line| line.contains(" WRITE fh"))
-            .count()
+/// Write requests per single-row transaction, over [`SAMPLE_TXNS`] of them,
+/// to the file with inode `ino`, or to any file.
+fn writes_per_txn(mount: &Mount, conn: &Connection, ino: Option<u64>) -> f64 {
+    let needle = match ino {
+        Some(ino) => format!("ino {ino:#018x} WRITE"),
+        None => " WRITE fh".to_string(),
     };
-    let before = writes(&mount.stderr_text());
+    let writes = |text: String| text.lines().filter(|line| line.contains(&needle)).count();
+    let before = writes(mount.stderr_text());
     for _ in 0..SAMPLE_TXNS {
         conn.execute("INSERT INTO t(v) VALUES ('row')", [])
             .expect("insert");
     }
-    let after = writes(&mount.stderr_text());
+    let after = writes(mount.stderr_text());
     (after - before) as f64 / SAMPLE_TXNS as f64
 }
 
-/// Write requests to the WAL per single-row transaction, over [`SAMPLE_TXNS`].
-fn wal_writes_per_txn(mount: &Mount, conn: &Connection, wal: &Path) -> f64 {
-    let ino = std::fs::metadata(wal).expect("stat the WAL").ino();
-    let before = write_requests(&mount.stderr_text(), ino);
-    for _ in 0..SAMPLE_TXNS {
-        conn.execute("INSERT INTO t(v) VALUES ('row')", [])
-            .expect("insert");
-    }
-    let after = write_requests(&mount.stderr_text(), ino);
-    (after - before) as f64 / SAMPLE_TXNS as f64
+/// A mount that logs every request, and a connection to a new database
+/// `name` on it in journal mode `mode`, with table `t`.
+fn logging_mount(name: &str, mode: &str, synchronous: &str) -> (Mount, Connection) {
+    let mount = Mount::start(MountOptions {
+        extra_yaml: "fuse:\n  debug: true\n".to_string(),
+        ..MountOptions::default()
+    });
+    let conn = open_db(&mount.db_path(name));
+    set_journal_mode(&conn, mode);
+    conn.execute_batch(&format!(
+        "PRAGMA synchronous = {synchronous};
+         CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT);"
+    ))
+    .expect("create the table");
+    (mount, conn)
 }
 
 /// SQLite writes a WAL frame as a 24-byte header and then the page, which
@@ -52,26 +51,17 @@ fn wal_writes_per_txn(mount: &Mount, conn: &Connection, wal: &Path) -> f64 {
 /// kernel read the WAL in, and a one-page transaction costs two.
 #[test]
 fn a_restarted_wal_costs_two_write_requests_per_frame() {
-    let mount = Mount::start(MountOptions {
-        extra_yaml: "fuse:\n  debug: true\n".to_string(),
-        ..MountOptions::default()
-    });
-    let db = mount.db_path("requests.db");
-    let wal = mount.path().join("requests.db-wal");
-    let conn = open_db(&db);
-    set_journal_mode(&conn, "wal");
-    conn.execute_batch(
-        "PRAGMA synchronous = NORMAL;
-         PRAGMA wal_autocheckpoint = 0;
-         CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT);",
-    )
-    .expect("create the table");
+    let (mount, conn) = logging_mount("requests.db", "wal", "NORMAL");
+    conn.execute_batch("PRAGMA wal_autocheckpoint = 0;")
+        .expect("turn automatic checkpoints off");
     for _ in 0..200 {
         conn.execute("INSERT INTO t(v) VALUES ('row')", [])
             .expect("insert");
     }
+    let wal = mount.path().join("requests.db-wal");
+    let wal_ino = || Some(std::fs::metadata(&wal).expect("stat the WAL").ino());
 
-    let growing = wal_writes_per_txn(&mount, &conn, &wal);
+    let growing = writes_per_txn(&mount, &conn, wal_ino());
     assert!(
         (2.9..3.5).contains(&growing),
         "a frame appended to the WAL costs three write requests: {growing} per transaction"
@@ -89,7 +79,7 @@ fn a_restarted_wal_costs_two_write_requests_per_frame() {
         "two write requests per WAL frame after the WAL restarted",
         Duration::from_secs(20),
         || {
-            let restarted = wal_writes_per_txn(&mount, &conn, &wal);
+            let restarted = writes_per_txn(&mount, &conn, wal_ino());
             if restarted < 2.5 {
                 Ok(())
             } else {
@@ -97,7 +87,7 @@ fn a_restarted_wal_costs_two_write_requests_per_frame() {
             }
         },
     );
-    assert_integrity(&db);
+    assert_integrity(&mount.db_path("requests.db"));
 }
 
 /// A rollback journal is not cached, so each of SQLite's writes to it is one
@@ -107,25 +97,14 @@ fn a_restarted_wal_costs_two_write_requests_per_frame() {
 /// split each journaled page at the page of its cache that it straddles: 12.
 #[test]
 fn a_rollback_journal_costs_one_write_request_per_sqlite_write() {
-    let mount = Mount::start(MountOptions {
-        extra_yaml: "fuse:\n  debug: true\n".to_string(),
-        ..MountOptions::default()
-    });
-    let db = mount.db_path("journal.db");
-    let conn = open_db(&db);
-    set_journal_mode(&conn, "delete");
-    conn.execute_batch(
-        "PRAGMA synchronous = FULL;
-         CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT);",
-    )
-    .expect("create the table");
+    let (mount, conn) = logging_mount("journal.db", "delete", "FULL");
     conn.execute("INSERT INTO t(v) VALUES ('row')", [])
         .expect("insert");
 
-    let writes = all_writes_per_txn(&mount, &conn);
+    let writes = writes_per_txn(&mount, &conn, None);
     assert!(
         (9.9..10.5).contains(&writes),
         "{writes} write requests per transaction"
     );
-    assert_integrity(&db);
+    assert_integrity(&mount.db_path("journal.db"));
 }
