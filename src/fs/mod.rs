@@ -347,7 +347,9 @@ pub enum CachePolicy {
 /// checksum, so each page straddles two pages of the kernel's cache; a journal
 /// is new (or emptied) for each transaction, so the kernel holds neither page
 /// whole and splits the page's write in two requests. Uncached, each of
-/// SQLite's writes is one request. SQLite reads a journal only to roll back.
+/// SQLite's writes is one request. SQLite reads a journal little: 8 bytes past
+/// its end before syncing it (a request either way: uncached a read, cached a
+/// `getattr` for the size), and all of it to roll back.
 fn file_cache_policy(kind: &FileKind) -> CachePolicy {
     match kind {
         FileKind::Journal => CachePolicy::Direct,
