@@ -509,9 +509,9 @@ impl Fs {
         Ok(entries)
     }
 
-    /// Creates (or opens, when it exists) a file and opens it. A new file gets
-    /// `creator`'s permission bits and, when this process may give it away,
-    /// its owner and group.
+    /// Creates (or opens, when it exists) a file and opens it, saying how the
+    /// kernel may cache it. A new file gets `creator`'s permission bits and,
+    /// when this process may give it away, its owner and group.
     pub fn create(
         &self,
         parent: u64,
