@@ -12,5 +12,5 @@ mod process;
 
 pub use etcd::{Etcd, EtcdError};
 pub use moto::{Moto, MotoError};
-pub use mount::{NotMounted, force_unmount, wait_until_mounted, write_config, yaml_quote};
+pub use mount::{NotMounted, answers, force_unmount, wait_until_mounted, write_config, yaml_quote};
 pub use process::{exit_with_parent, free_loopback_addresses, run_bounded, wait_timeout};

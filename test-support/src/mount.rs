@@ -103,16 +103,25 @@ pub fn wait_until_mounted(
 }
 
 /// True when `root` is the root of a live mount: opening it gives a directory
-/// on another device than its parent, and listing *that* directory (through
-/// `/proc/self/fd`, so a concurrent unmount cannot redirect the listing to the
-/// directory underneath) works.
-fn answers(root: &Path, parent_dev: u64) -> bool {
+/// on another device than its parent (`parent_dev`), whose filesystem answers
+/// `fstatfs` and lists it. Both go through the opened directory, so a
+/// concurrent unmount cannot redirect them to the directory underneath. The
+/// listing alone is not enough: after its ltxfs was killed, the kernel still
+/// lists a mount's root from its cache, but `statfs` asks the dead ltxfs
+/// (`ENOTCONN`).
+pub fn answers(root: &Path, parent_dev: u64) -> bool {
     let Ok(dir) = File::open(root) else {
         return false;
     };
     match dir.metadata() {
         Ok(meta) if meta.is_dir() && meta.dev() != parent_dev => {}
         _ => return false,
+    }
+    let mut stats = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `dir` is an open descriptor and `stats` is writable memory of
+    // the right size.
+    if unsafe { libc::fstatvfs(dir.as_raw_fd(), stats.as_mut_ptr()) } != 0 {
+        return false;
     }
     std::fs::read_dir(format!("/proc/self/fd/{}", dir.as_raw_fd()))
         .and_then(|entries| entries.collect::<io::Result<Vec<_>>>())

@@ -2,6 +2,7 @@
 //! transaction whose COMMIT returned before the kill must be there after a restart,
 //! and the database must be intact. WAL and DELETE journal modes.
 
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::time::Duration;
 
@@ -222,6 +223,25 @@ fn client_sigkill_wal() {
 #[test]
 fn client_sigkill_delete() {
     client_kill_rounds("delete");
+}
+
+/// Regression: after a SIGKILL the kernel still lists a mount's root from its
+/// cache, and the harness took that for a live mount, so a restart's wait for
+/// its mount could return before the restart had replaced the dead one.
+#[test]
+fn a_killed_mount_does_not_count_as_answering() {
+    let mut mount = Mount::start(MountOptions::default());
+    let parent_dev = std::fs::metadata(mount.root())
+        .expect("stat the mount's parent")
+        .dev();
+    assert_eq!(mount.path().parent(), Some(mount.root()));
+    std::fs::read_dir(mount.path())
+        .expect("list the mount root")
+        .count();
+    assert!(test_support::answers(mount.path(), parent_dev));
+    mount.kill9();
+    assert!(is_mounted(mount.path()), "the dead mount is still there");
+    assert!(!test_support::answers(mount.path(), parent_dev));
 }
 
 /// Regression: a restart right after a SIGKILL, while the kernel still held
