@@ -1117,20 +1117,16 @@ mod tests {
     #[test]
     fn rollback_journals_alone_are_uncached() {
         let (_dir, fs) = new_fs();
-        let (_, _, cache) = fs.create(ROOT_INO, OsStr::new("app.db"), CREATOR).unwrap();
-        assert_eq!(cache, CachePolicy::KeepCache);
-        let (journal, _, cache) = fs
-            .create(ROOT_INO, OsStr::new("app.db-journal"), CREATOR)
-            .unwrap();
-        assert_eq!(cache, CachePolicy::Direct);
-        let (_, cache) = fs.open(journal.ino, true, false).unwrap();
-        assert_eq!(cache, CachePolicy::Direct);
-        let (wal, _, cache) = fs
-            .create(ROOT_INO, OsStr::new("app.db-wal"), CREATOR)
-            .unwrap();
-        assert_eq!(cache, CachePolicy::KeepCache);
-        let (_, cache) = fs.open(wal.ino, false, false).unwrap();
-        assert_eq!(cache, CachePolicy::KeepCache);
+        for (name, expected) in [
+            ("app.db", CachePolicy::KeepCache),
+            ("app.db-journal", CachePolicy::Direct),
+            ("app.db-wal", CachePolicy::KeepCache),
+        ] {
+            let (attr, _, created) = fs.create(ROOT_INO, OsStr::new(name), CREATOR).unwrap();
+            assert_eq!(created, expected, "{name} as created");
+            let (_, opened) = fs.open(attr.ino, true, false).unwrap();
+            assert_eq!(opened, expected, "{name} as opened");
+        }
     }
 
     #[test]
